@@ -1,0 +1,120 @@
+/*
+ * cpu_dispatch.c - CPU token dispatch and combine.  Dispatch is a stable
+ * counting sort of the (token, slot) pairs by expert, so rows of one expert
+ * stay in token order; combine sums each token's slots in slot order with no
+ * atomics, so the output never depends on thread count or batch neighbours.
+ */
+#include "moe_impl.h"
+
+#include <string.h>
+
+moe_status
+moe_cpu_dispatch_count(const moe_dispatch_params *p)
+{
+    const int64_t n = p->n_tokens * p->top_k;
+    int64_t i;
+    int32_t e;
+
+    memset(p->offsets, 0, sizeof(int64_t) * ((size_t)p->n_experts + 1));
+    for (i = 0; i < n; i++) {
+        int32_t id = p->expert_ids[i];
+        if (id == -1) {
+            continue;
+        }
+        if (id < 0 || id >= p->n_experts) {
+            return moe_set_error(MOE_STATUS_INVALID_ARG,
+                                 "expert_ids must be in [0, n_experts=%d) or "
+                                 "-1, got %d at token %lld, slot %lld",
+                                 p->n_experts, id, (long long)(i / p->top_k),
+                                 (long long)(i % p->top_k));
+        }
+        p->offsets[id + 1]++;
+    }
+    for (e = 0; e < p->n_experts; e++) {
+        p->offsets[e + 1] += p->offsets[e];
+    }
+    return MOE_STATUS_OK;
+}
+
+moe_status
+moe_cpu_dispatch_build(const moe_dispatch_params *p)
+{
+    const int64_t n = p->n_tokens * p->top_k;
+    int64_t *cursor, i;
+
+    MOE_TRY(moe_cpu_dispatch_count(p));
+    cursor = moe_alloc((size_t)p->n_experts + 1, sizeof(int64_t));
+    if (cursor == NULL) {
+        return MOE_STATUS_ALLOC;
+    }
+    memcpy(cursor, p->offsets, sizeof(int64_t) * ((size_t)p->n_experts + 1));
+    for (i = 0; i < n; i++) {
+        int32_t id = p->expert_ids[i];
+        if (id == -1) {
+            p->position[i] = -1;
+            continue;
+        }
+        p->position[i] = cursor[id];
+        p->token_index[cursor[id]++] = i / p->top_k;
+    }
+    free(cursor);
+    return MOE_STATUS_OK;
+}
+
+moe_status
+moe_cpu_dispatch_gather(const moe_gather_params *p)
+{
+    int64_t r;
+
+    for (r = 0; r < p->n_rows; r++) {
+        int64_t t = p->token_index[r];
+        if (t < 0 || t >= p->n_tokens) {
+            return moe_set_error(MOE_STATUS_INVALID_ARG,
+                                 "token_index must be in [0, n_tokens=%lld), "
+                                 "got %lld at row %lld",
+                                 (long long)p->n_tokens, (long long)t,
+                                 (long long)r);
+        }
+        memcpy(p->out + r * p->d_model, p->x + t * p->d_model,
+               sizeof(float) * (size_t)p->d_model);
+    }
+    return MOE_STATUS_OK;
+}
+
+moe_status
+moe_cpu_combine(const moe_combine_params *p)
+{
+    const int64_t n = p->n_tokens * p->top_k, d = p->d_model;
+    int64_t t, i;
+    int32_t j;
+
+    for (i = 0; i < n; i++) {
+        if (p->position[i] < -1 || p->position[i] >= p->n_rows) {
+            return moe_set_error(MOE_STATUS_INVALID_ARG,
+                                 "position must be in [0, n_rows=%lld) or -1, "
+                                 "got %lld at token %lld, slot %lld",
+                                 (long long)p->n_rows,
+                                 (long long)p->position[i],
+                                 (long long)(i / p->top_k),
+                                 (long long)(i % p->top_k));
+        }
+    }
+    for (t = 0; t < p->n_tokens; t++) {
+        float *o = p->out + t * d;
+        memset(o, 0, sizeof(float) * (size_t)d);
+        /* Slot order is fixed: the same token always sums the same way. */
+        for (j = 0; j < p->top_k; j++) {
+            int64_t row = p->position[t * p->top_k + j];
+            float w = p->weights[t * p->top_k + j];
+            const float *y;
+            if (row < 0) {
+                continue;
+            }
+            y = p->y + row * d;
+            for (i = 0; i < d; i++) {
+                o[i] += w * y[i];
+            }
+        }
+    }
+    return MOE_STATUS_OK;
+}

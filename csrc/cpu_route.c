@@ -1,0 +1,328 @@
+/*
+ * cpu_route.c - CPU routing: router logits, softmax / sigmoid scores,
+ * selection-only expert bias, group-limited top-k, renormalisation and
+ * scaling, capacity dropping and the load-balancing / z losses.
+ * Scores are computed in float64 so that selection matches the float64
+ * reference; ties always break toward the lower index.
+ */
+#include "moe_impl.h"
+
+#include <math.h>
+#include <string.h>
+
+/* ---- router logits ---------------------------------------------------- */
+
+/*
+ * Eight float64 partial sums per dot product, reduced in a fixed order: the
+ * loop vectorises without -ffast-math and each logit depends only on its own
+ * token, so a batch never changes a token's routing.
+ */
+#define MOE_DOT_LANES 8
+
+static double
+moe_dot_f32_f64(const float *a, const float *b, int64_t n)
+{
+    double acc[MOE_DOT_LANES] = {0};
+    double s;
+    int64_t i = 0;
+    int l;
+
+    for (; i + MOE_DOT_LANES <= n; i += MOE_DOT_LANES) {
+        for (l = 0; l < MOE_DOT_LANES; l++) {
+            acc[l] += (double)a[i + l] * (double)b[i + l];
+        }
+    }
+    for (l = 0; i < n; i++, l++) {
+        acc[l] += (double)a[i] * (double)b[i];
+    }
+    s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) +
+        ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+    return s;
+}
+
+moe_status
+moe_cpu_router_logits(const moe_router_params *p)
+{
+    int64_t t;
+    int32_t e;
+
+    for (t = 0; t < p->n_tokens; t++) {
+        const float *xt = p->x + t * p->d_model;
+        double *lt = p->logits + t * p->n_experts;
+        for (e = 0; e < p->n_experts; e++) {
+            lt[e] = moe_dot_f32_f64(xt, p->weight + (int64_t)e * p->d_model,
+                                    p->d_model);
+        }
+    }
+    return MOE_STATUS_OK;
+}
+
+/* ---- top-k ------------------------------------------------------------ */
+
+/*
+ * Insert candidate i into the descending list ids/vals of length *len (at
+ * most k).  Strict '>' keeps an earlier (lower) index ahead of a later one
+ * with an equal value, which is the tie rule.
+ */
+static void
+moe_topk_insert(int32_t *ids, double *vals, int32_t *len, int32_t k,
+                int32_t i, double v)
+{
+    int32_t pos = *len;
+
+    if (pos == k) {
+        if (!(v > vals[k - 1])) {
+            return;
+        }
+        pos = k - 1;
+    }
+    else {
+        (*len)++;
+    }
+    while (pos > 0 && v > vals[pos - 1]) {
+        ids[pos] = ids[pos - 1];
+        vals[pos] = vals[pos - 1];
+        pos--;
+    }
+    ids[pos] = i;
+    vals[pos] = v;
+}
+
+/* Per-token scratch: scores, selection scores, group state, top-k lists. */
+typedef struct moe_route_scratch {
+    double  *score;   /* (E,) probabilities / sigmoid / logits            */
+    double  *sel;     /* (E,) selection score = score + bias              */
+    double  *gscore;  /* (n_groups,)                                      */
+    uint8_t *allowed; /* (n_groups,)                                      */
+    int32_t *gids;    /* (topk_groups,)                                   */
+    double  *gvals;   /* (topk_groups,)                                   */
+    double  *kvals;   /* (top_k,)                                         */
+} moe_route_scratch;
+
+/*
+ * Route one token: fills ids (k,) and w (k,) (before capacity) and adds the
+ * token's aux-loss probabilities to psum (E,).  Returns log-sum-exp of the
+ * logits for the z-loss.
+ */
+static double
+moe_route_token(const moe_route_params *p, const double *logit,
+                moe_route_scratch *s, int32_t *ids, float *w, double *psum)
+{
+    const int32_t E = p->n_experts, k = p->top_k;
+    const int32_t G = p->n_experts / p->n_groups;
+    double mx = logit[0], sum = 0.0, lse, wsum;
+    double *wd = s->kvals + k; /* kvals holds 2k: top-k values, weights */
+    int32_t e, g, j, len;
+
+    for (e = 1; e < E; e++) {
+        mx = logit[e] > mx ? logit[e] : mx;
+    }
+    for (e = 0; e < E; e++) {
+        sum += exp(logit[e] - mx);
+    }
+    lse = mx + log(sum);
+
+    /* Scores, and the aux-loss probabilities P (unbiased). */
+    if (p->scoring == MOE_SCORING_SIGMOID) {
+        double ssum = 0.0;
+        for (e = 0; e < E; e++) {
+            s->score[e] = 1.0 / (1.0 + exp(-logit[e]));
+            ssum += s->score[e];
+        }
+        for (e = 0; e < E; e++) {
+            psum[e] += s->score[e] / ssum;
+        }
+    }
+    else {
+        for (e = 0; e < E; e++) {
+            double pe = exp(logit[e] - mx) / sum;
+            psum[e] += pe;
+            s->score[e] = p->scoring == MOE_SCORING_SOFTMAX ? pe : logit[e];
+        }
+    }
+    for (e = 0; e < E; e++) {
+        s->sel[e] = s->score[e] + (p->expert_bias ? p->expert_bias[e] : 0.0);
+    }
+
+    /* Group-limited: score groups by the sum of their top-2 selections. */
+    len = 0;
+    if (p->n_groups > 1) {
+        for (g = 0; g < p->n_groups; g++) {
+            const double *sg = s->sel + (int64_t)g * G;
+            double b1 = sg[0], b2 = -INFINITY;
+            for (e = 1; e < G; e++) {
+                if (sg[e] > b1) {
+                    b2 = b1;
+                    b1 = sg[e];
+                }
+                else if (sg[e] > b2) {
+                    b2 = sg[e];
+                }
+            }
+            s->gscore[g] = G >= 2 ? b1 + b2 : b1;
+            s->allowed[g] = 0;
+        }
+        for (g = 0; g < p->n_groups; g++) {
+            moe_topk_insert(s->gids, s->gvals, &len, p->topk_groups, g,
+                            s->gscore[g]);
+        }
+        for (j = 0; j < len; j++) {
+            s->allowed[s->gids[j]] = 1;
+        }
+    }
+
+    len = 0;
+    for (e = 0; e < E; e++) {
+        if (p->n_groups > 1 && !s->allowed[e / G]) {
+            continue;
+        }
+        moe_topk_insert(ids, s->kvals, &len, k, e, s->sel[e]);
+    }
+
+    /* Gate weights from the unbiased scores of the selected experts. */
+    if (p->scoring == MOE_SCORING_SOFTMAX_AFTER_TOPK) {
+        double m = logit[ids[0]];
+        for (j = 1; j < k; j++) {
+            m = logit[ids[j]] > m ? logit[ids[j]] : m;
+        }
+        for (j = 0; j < k; j++) {
+            wd[j] = exp(logit[ids[j]] - m);
+        }
+    }
+    else {
+        for (j = 0; j < k; j++) {
+            wd[j] = s->score[ids[j]];
+        }
+    }
+    wsum = 0.0;
+    for (j = 0; j < k; j++) {
+        wsum += wd[j];
+    }
+    if ((p->renormalize || p->scoring == MOE_SCORING_SOFTMAX_AFTER_TOPK) &&
+        wsum > 0.0) {
+        for (j = 0; j < k; j++) {
+            wd[j] /= wsum;
+        }
+    }
+    for (j = 0; j < k; j++) {
+        w[j] = (float)(wd[j] * p->routed_scaling);
+    }
+    return lse;
+}
+
+moe_status
+moe_cpu_route_topk(const moe_route_params *p)
+{
+    const int64_t T = p->n_tokens;
+    const int32_t E = p->n_experts, k = p->top_k;
+    moe_route_scratch s;
+    double *psum = NULL, zsum = 0.0, aux = 0.0;
+    int64_t *selected = NULL, t, dropped = 0, cap = 0;
+    moe_status st = MOE_STATUS_ALLOC;
+    int32_t e;
+
+    memset(&s, 0, sizeof(s));
+    for (t = 0; t < T * E; t++) {
+        if (!isfinite(p->logits[t])) {
+            return moe_set_error(MOE_STATUS_NONFINITE,
+                                 "logits must be finite, got %g at token %lld,"
+                                 " expert %lld", p->logits[t],
+                                 (long long)(t / E), (long long)(t % E));
+        }
+    }
+    if (p->expert_bias) {
+        for (e = 0; e < E; e++) {
+            if (!isfinite(p->expert_bias[e])) {
+                return moe_set_error(MOE_STATUS_NONFINITE,
+                                     "expert_bias must be finite, got %g at "
+                                     "expert %d", (double)p->expert_bias[e], e);
+            }
+        }
+    }
+
+    s.score = moe_alloc((size_t)E * 2, sizeof(double));
+    s.gscore = moe_alloc((size_t)p->n_groups * 2, sizeof(double));
+    s.allowed = moe_alloc((size_t)p->n_groups, 1);
+    s.gids = moe_alloc((size_t)p->n_groups, sizeof(int32_t));
+    s.kvals = moe_alloc((size_t)k * 2, sizeof(double));
+    psum = moe_alloc((size_t)E, sizeof(double));
+    selected = moe_alloc((size_t)E, sizeof(int64_t));
+    if (!s.score || !s.gscore || !s.allowed || !s.gids || !s.kvals || !psum ||
+        !selected) {
+        goto done;
+    }
+    s.sel = s.score + E;
+    s.gvals = s.gscore + p->n_groups;
+    for (e = 0; e < E; e++) {
+        psum[e] = 0.0;
+        selected[e] = 0;
+        p->counts[e] = 0;
+    }
+
+    for (t = 0; t < T; t++) {
+        double lse = moe_route_token(p, p->logits + t * E, &s,
+                                     p->expert_ids + t * k, p->weights + t * k,
+                                     psum);
+        zsum += lse * lse;
+    }
+
+    /* Capacity: walk (token, slot) pairs in order; overflow is dropped. */
+    if (p->capacity_factor > 0.0) {
+        cap = (int64_t)ceil(p->capacity_factor * (double)T * (double)k /
+                            (double)E);
+    }
+    for (t = 0; t < T * k; t++) {
+        e = p->expert_ids[t];
+        selected[e]++;
+        if (p->capacity_factor > 0.0 && p->counts[e] >= cap) {
+            p->expert_ids[t] = -1;
+            p->weights[t] = 0.0f;
+            dropped++;
+            continue;
+        }
+        p->counts[e]++;
+    }
+
+    if (T > 0) {
+        for (e = 0; e < E; e++) {
+            aux += ((double)selected[e] / ((double)T * k)) * (psum[e] / T);
+        }
+        aux *= E;
+        zsum /= (double)T;
+    }
+    *p->n_dropped = dropped;
+    *p->aux_loss = aux;
+    *p->z_loss = zsum;
+    st = MOE_STATUS_OK;
+done:
+    free(s.score);
+    free(s.gscore);
+    free(s.allowed);
+    free(s.gids);
+    free(s.kvals);
+    free(psum);
+    free(selected);
+    return st;
+}
+
+moe_status
+moe_expert_bias_update(float *bias, const int64_t *counts, int32_t n_experts,
+                       double rate)
+{
+    double mean = 0.0;
+    int32_t e;
+
+    if (n_experts <= 0) {
+        return MOE_STATUS_OK;
+    }
+    for (e = 0; e < n_experts; e++) {
+        mean += (double)counts[e];
+    }
+    mean /= n_experts;
+    for (e = 0; e < n_experts; e++) {
+        double d = mean - (double)counts[e];
+        double sgn = d > 0.0 ? 1.0 : (d < 0.0 ? -1.0 : 0.0);
+        bias[e] = (float)((double)bias[e] + rate * sgn);
+    }
+    return MOE_STATUS_OK;
+}

@@ -1,0 +1,669 @@
+/*
+ * module.c - the moe._C extension: the only file that includes Python.h or
+ * NumPy headers.  It checks every array it is given (type, dtype, layout,
+ * shape) so that no call from Python can reach the core with memory it does
+ * not own, releases the GIL around the core, and maps moe_status to a Python
+ * exception in one helper.  Friendlier conversion lives in moe/_api.py.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#define NPY_NO_DEPRECATED_API NPY_1_7_API_VERSION
+#include <numpy/arrayobject.h>
+
+#include <string.h>
+
+#include "moe.h"
+
+/* ---- errors ------------------------------------------------------------ */
+
+/* The one place a moe_status becomes a Python exception. */
+static PyObject *
+moe_raise(moe_status st)
+{
+    PyObject *type;
+
+    switch (st) {
+    case MOE_STATUS_INVALID_ARG:
+    case MOE_STATUS_NONFINITE:   type = PyExc_ValueError; break;
+    case MOE_STATUS_ALLOC:       type = PyExc_MemoryError; break;
+    case MOE_STATUS_UNSUPPORTED: type = PyExc_NotImplementedError; break;
+    default:                     type = PyExc_RuntimeError; break;
+    }
+    PyErr_Format(type, "%s (%s)", moe_last_error(), moe_status_str(st));
+    return NULL;
+}
+
+/* ---- argument checks --------------------------------------------------- */
+
+/*
+ * Check that obj is a C-contiguous, aligned ndarray of the given type and
+ * rank, and that each dims[i] >= 0 matches; dims[i] < 0 is filled in from the
+ * array.  The error names the argument and the expected shape.  Returns a
+ * borrowed pointer or NULL with an exception set.
+ */
+static PyArrayObject *
+moe_arg(PyObject *obj, const char *name, int typenum, int ndim, npy_intp *dims,
+        int writable)
+{
+    PyArrayObject *arr;
+    int i, ok = 1;
+
+    if (!PyArray_Check(obj)) {
+        PyErr_Format(PyExc_TypeError, "%s must be a numpy.ndarray, got %s",
+                     name, Py_TYPE(obj)->tp_name);
+        return NULL;
+    }
+    arr = (PyArrayObject *)obj;
+    if (PyArray_TYPE(arr) != typenum) {
+        PyArray_Descr *want = PyArray_DescrFromType(typenum);
+        PyErr_Format(PyExc_TypeError, "%s must have dtype %S, got %S", name,
+                     (PyObject *)want, (PyObject *)PyArray_DESCR(arr));
+        Py_XDECREF(want);
+        return NULL;
+    }
+    if (!PyArray_ISCARRAY_RO(arr) || (writable && !PyArray_ISWRITEABLE(arr))) {
+        PyErr_Format(PyExc_ValueError, "%s must be a C-contiguous, aligned%s"
+                     " array", name, writable ? ", writable" : "");
+        return NULL;
+    }
+    if (PyArray_NDIM(arr) != ndim) {
+        PyErr_Format(PyExc_ValueError, "%s must have %d dimensions, got %d",
+                     name, ndim, PyArray_NDIM(arr));
+        return NULL;
+    }
+    for (i = 0; i < ndim; i++) {
+        if (dims[i] >= 0 && dims[i] != PyArray_DIM(arr, i)) {
+            ok = 0;
+        }
+    }
+    if (!ok) {
+        char want[160] = "", got[160] = "";
+        for (i = 0; i < ndim; i++) {
+            size_t n = strlen(want), m = strlen(got);
+            snprintf(want + n, sizeof(want) - n, "%s%lld", i ? ", " : "",
+                     (long long)dims[i]);
+            snprintf(got + m, sizeof(got) - m, "%s%lld", i ? ", " : "",
+                     (long long)PyArray_DIM(arr, i));
+        }
+        PyErr_Format(PyExc_ValueError, "%s must have shape (%s), got (%s)",
+                     name, want, got);
+        return NULL;
+    }
+    for (i = 0; i < ndim; i++) {
+        dims[i] = PyArray_DIM(arr, i);
+    }
+    return arr;
+}
+
+/* Like moe_arg, but None gives a NULL data pointer and is not an error. */
+static int
+moe_opt_arg(PyObject *obj, const char *name, int typenum, int ndim,
+            npy_intp *dims, void **data)
+{
+    PyArrayObject *arr;
+
+    *data = NULL;
+    if (obj == Py_None) {
+        return 0;
+    }
+    arr = moe_arg(obj, name, typenum, ndim, dims, 0);
+    if (arr == NULL) {
+        return -1;
+    }
+    *data = PyArray_DATA(arr);
+    return 0;
+}
+
+static PyArrayObject *
+moe_new(int ndim, npy_intp d0, npy_intp d1, int typenum)
+{
+    npy_intp dims[2] = {d0, d1};
+    return (PyArrayObject *)PyArray_SimpleNew(ndim, dims, typenum);
+}
+
+static int
+moe_check_enum(long value, long n, const char *name)
+{
+    if (value < 0 || value >= n) {
+        PyErr_Format(PyExc_ValueError, "%s code must be in 0..%ld, got %ld",
+                     name, n - 1, value);
+        return -1;
+    }
+    return 0;
+}
+
+#define MOE_DATA(arr, type) ((type *)PyArray_DATA((PyArrayObject *)(arr)))
+
+/* ---- ops ------------------------------------------------------------- */
+
+static PyObject *
+moe_py_router_logits(PyObject *self, PyObject *args)
+{
+    PyObject *x_obj, *w_obj;
+    PyArrayObject *x, *w, *out = NULL;
+    npy_intp xd[2] = {-1, -1}, wd[2] = {-1, -1};
+    moe_router_params p;
+    moe_status st;
+
+    if (!PyArg_ParseTuple(args, "OO", &x_obj, &w_obj)) {
+        return NULL;
+    }
+    if (!(x = moe_arg(x_obj, "x", NPY_FLOAT32, 2, xd, 0))) {
+        return NULL;
+    }
+    wd[1] = xd[1];
+    if (!(w = moe_arg(w_obj, "router_weight", NPY_FLOAT32, 2, wd, 0))) {
+        return NULL;
+    }
+    if (wd[0] > INT32_MAX) {
+        PyErr_SetString(PyExc_ValueError, "router_weight has too many rows");
+        return NULL;
+    }
+    if (!(out = moe_new(2, xd[0], wd[0], NPY_FLOAT64))) {
+        return NULL;
+    }
+    p.x = MOE_DATA(x, float);
+    p.weight = MOE_DATA(w, float);
+    p.n_tokens = xd[0];
+    p.d_model = xd[1];
+    p.n_experts = (int32_t)wd[0];
+    p.logits = MOE_DATA(out, double);
+    Py_BEGIN_ALLOW_THREADS
+    st = moe_router_logits(&p);
+    Py_END_ALLOW_THREADS
+    if (st != MOE_STATUS_OK) {
+        Py_DECREF(out);
+        return moe_raise(st);
+    }
+    return (PyObject *)out;
+}
+
+static PyObject *
+moe_py_route(PyObject *self, PyObject *args)
+{
+    PyObject *logits_obj, *bias_obj;
+    PyArrayObject *logits;
+    PyArrayObject *ids = NULL, *weights = NULL, *counts = NULL;
+    npy_intp ld[2] = {-1, -1}, bd[1];
+    int top_k, scoring, renormalize, n_groups, topk_groups;
+    double routed_scaling, capacity_factor, aux = 0.0, z = 0.0;
+    long long n_dropped_ll;
+    int64_t n_dropped = 0;
+    void *bias;
+    moe_route_params p;
+    moe_status st;
+
+    if (!PyArg_ParseTuple(args, "OiipdOiid", &logits_obj, &top_k, &scoring,
+                          &renormalize, &routed_scaling, &bias_obj, &n_groups,
+                          &topk_groups, &capacity_factor)) {
+        return NULL;
+    }
+    if (!(logits = moe_arg(logits_obj, "logits", NPY_FLOAT64, 2, ld, 0))) {
+        return NULL;
+    }
+    if (moe_check_enum(scoring, 3, "scoring") < 0) {
+        return NULL;
+    }
+    if (ld[1] < 1 || ld[1] > INT32_MAX) {
+        PyErr_Format(PyExc_ValueError, "logits must have 1..2^31-1 experts "
+                     "(columns), got %lld", (long long)ld[1]);
+        return NULL;
+    }
+    bd[0] = ld[1];
+    if (moe_opt_arg(bias_obj, "expert_bias", NPY_FLOAT32, 1, bd, &bias) < 0) {
+        return NULL;
+    }
+    if (top_k < 1 || top_k > ld[1]) {
+        PyErr_Format(PyExc_ValueError, "top_k must be in 1..n_experts=%lld, "
+                     "got %d", (long long)ld[1], top_k);
+        return NULL;
+    }
+    ids = moe_new(2, ld[0], top_k, NPY_INT32);
+    weights = moe_new(2, ld[0], top_k, NPY_FLOAT32);
+    counts = moe_new(1, ld[1], 0, NPY_INT64);
+    if (!ids || !weights || !counts) {
+        goto fail;
+    }
+    p.logits = MOE_DATA(logits, double);
+    p.expert_bias = bias;
+    p.n_tokens = ld[0];
+    p.n_experts = (int32_t)ld[1];
+    p.top_k = top_k;
+    p.n_groups = n_groups;
+    p.topk_groups = topk_groups;
+    p.scoring = (moe_scoring)scoring;
+    p.renormalize = renormalize;
+    p.routed_scaling = routed_scaling;
+    p.capacity_factor = capacity_factor;
+    p.expert_ids = MOE_DATA(ids, int32_t);
+    p.weights = MOE_DATA(weights, float);
+    p.counts = MOE_DATA(counts, int64_t);
+    p.n_dropped = &n_dropped;
+    p.aux_loss = &aux;
+    p.z_loss = &z;
+    Py_BEGIN_ALLOW_THREADS
+    st = moe_route_topk(&p);
+    Py_END_ALLOW_THREADS
+    if (st != MOE_STATUS_OK) {
+        moe_raise(st);
+        goto fail;
+    }
+    n_dropped_ll = (long long)n_dropped;
+    return Py_BuildValue("NNNLdd", ids, weights, counts, n_dropped_ll, aux, z);
+fail:
+    Py_XDECREF(ids);
+    Py_XDECREF(weights);
+    Py_XDECREF(counts);
+    return NULL;
+}
+
+static PyObject *
+moe_py_update_expert_bias(PyObject *self, PyObject *args)
+{
+    PyObject *bias_obj, *counts_obj;
+    PyArrayObject *bias, *counts;
+    npy_intp bd[1] = {-1}, cd[1];
+    double rate;
+
+    if (!PyArg_ParseTuple(args, "OOd", &bias_obj, &counts_obj, &rate)) {
+        return NULL;
+    }
+    if (!(bias = moe_arg(bias_obj, "bias", NPY_FLOAT32, 1, bd, 1))) {
+        return NULL;
+    }
+    cd[0] = bd[0];
+    if (!(counts = moe_arg(counts_obj, "counts", NPY_INT64, 1, cd, 0))) {
+        return NULL;
+    }
+    if (bd[0] > INT32_MAX) {
+        PyErr_SetString(PyExc_ValueError, "bias is too long");
+        return NULL;
+    }
+    moe_expert_bias_update(MOE_DATA(bias, float), MOE_DATA(counts, int64_t),
+                           (int32_t)bd[0], rate);
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+moe_py_dispatch(PyObject *self, PyObject *args)
+{
+    PyObject *x_obj, *ids_obj;
+    PyArrayObject *x, *ids;
+    PyArrayObject *offsets = NULL, *token_index = NULL, *position = NULL;
+    PyArrayObject *xs = NULL;
+    npy_intp xd[2] = {-1, -1}, id[2] = {-1, -1};
+    int n_experts;
+    moe_dispatch_params p;
+    moe_gather_params g;
+    moe_status st;
+
+    if (!PyArg_ParseTuple(args, "OOi", &x_obj, &ids_obj, &n_experts)) {
+        return NULL;
+    }
+    if (!(x = moe_arg(x_obj, "x", NPY_FLOAT32, 2, xd, 0))) {
+        return NULL;
+    }
+    id[0] = xd[0];
+    if (!(ids = moe_arg(ids_obj, "expert_ids", NPY_INT32, 2, id, 0))) {
+        return NULL;
+    }
+    if (n_experts < 1) {
+        PyErr_Format(PyExc_ValueError, "n_experts must be >= 1, got %d",
+                     n_experts);
+        return NULL;
+    }
+    offsets = moe_new(1, (npy_intp)n_experts + 1, 0, NPY_INT64);
+    position = moe_new(2, id[0], id[1], NPY_INT64);
+    if (!offsets || !position) {
+        goto fail;
+    }
+    p.expert_ids = MOE_DATA(ids, int32_t);
+    p.n_tokens = id[0];
+    p.top_k = (int32_t)id[1];
+    p.n_experts = n_experts;
+    p.offsets = MOE_DATA(offsets, int64_t);
+    p.token_index = NULL;
+    p.position = MOE_DATA(position, int64_t);
+    Py_BEGIN_ALLOW_THREADS
+    st = moe_dispatch_count(&p);
+    Py_END_ALLOW_THREADS
+    if (st != MOE_STATUS_OK) {
+        moe_raise(st);
+        goto fail;
+    }
+    token_index = moe_new(1, (npy_intp)p.offsets[n_experts], 0, NPY_INT64);
+    xs = moe_new(2, (npy_intp)p.offsets[n_experts], xd[1], NPY_FLOAT32);
+    if (!token_index || !xs) {
+        goto fail;
+    }
+    p.token_index = MOE_DATA(token_index, int64_t);
+    g.x = MOE_DATA(x, float);
+    g.token_index = p.token_index;
+    g.n_tokens = xd[0];
+    g.n_rows = p.offsets[n_experts];
+    g.d_model = xd[1];
+    g.out = MOE_DATA(xs, float);
+    Py_BEGIN_ALLOW_THREADS
+    st = moe_dispatch_build(&p);
+    if (st == MOE_STATUS_OK) {
+        st = moe_dispatch_gather(&g);
+    }
+    Py_END_ALLOW_THREADS
+    if (st != MOE_STATUS_OK) {
+        moe_raise(st);
+        goto fail;
+    }
+    return Py_BuildValue("NNNN", xs, offsets, token_index, position);
+fail:
+    Py_XDECREF(offsets);
+    Py_XDECREF(token_index);
+    Py_XDECREF(position);
+    Py_XDECREF(xs);
+    return NULL;
+}
+
+static PyObject *
+moe_py_combine(PyObject *self, PyObject *args)
+{
+    PyObject *y_obj, *pos_obj, *w_obj;
+    PyArrayObject *y, *pos, *w, *out;
+    npy_intp yd[2] = {-1, -1}, pd[2] = {-1, -1}, wd[2];
+    moe_combine_params p;
+    moe_status st;
+
+    if (!PyArg_ParseTuple(args, "OOO", &y_obj, &pos_obj, &w_obj)) {
+        return NULL;
+    }
+    if (!(y = moe_arg(y_obj, "y", NPY_FLOAT32, 2, yd, 0)) ||
+        !(pos = moe_arg(pos_obj, "position", NPY_INT64, 2, pd, 0))) {
+        return NULL;
+    }
+    wd[0] = pd[0];
+    wd[1] = pd[1];
+    if (!(w = moe_arg(w_obj, "weights", NPY_FLOAT32, 2, wd, 0))) {
+        return NULL;
+    }
+    if (pd[1] > INT32_MAX) {
+        PyErr_SetString(PyExc_ValueError, "position has too many slots");
+        return NULL;
+    }
+    if (!(out = moe_new(2, pd[0], yd[1], NPY_FLOAT32))) {
+        return NULL;
+    }
+    p.y = MOE_DATA(y, float);
+    p.position = MOE_DATA(pos, int64_t);
+    p.weights = MOE_DATA(w, float);
+    p.n_rows = yd[0];
+    p.n_tokens = pd[0];
+    p.top_k = (int32_t)pd[1];
+    p.d_model = yd[1];
+    p.out = MOE_DATA(out, float);
+    Py_BEGIN_ALLOW_THREADS
+    st = moe_combine(&p);
+    Py_END_ALLOW_THREADS
+    if (st != MOE_STATUS_OK) {
+        Py_DECREF(out);
+        return moe_raise(st);
+    }
+    return (PyObject *)out;
+}
+
+/* w_gate (E, F, d) or None, w_up (E, F, d), w_down (E, d, F); fills dims. */
+static int
+moe_expert_weights(PyObject *g_obj, PyObject *u_obj, PyObject *dn_obj,
+                   const char *prefix, int ndim, npy_intp d_model,
+                   npy_intp *n_experts, npy_intp *d_ff, const float **wg,
+                   const float **wu, const float **wd)
+{
+    char name[64];
+    npy_intp ud[3], dd[3], gd[3];
+    PyArrayObject *arr;
+    int o = ndim == 3 ? 1 : 0;
+
+    ud[0] = *n_experts;
+    ud[o] = -1;
+    ud[o + 1] = d_model;
+    snprintf(name, sizeof(name), "%sw_up", prefix);
+    if (!(arr = moe_arg(u_obj, name, NPY_FLOAT32, ndim, ud, 0))) {
+        return -1;
+    }
+    *wu = MOE_DATA(arr, float);
+    *n_experts = ud[0];
+    *d_ff = ud[o];
+    memcpy(gd, ud, sizeof(gd));
+    snprintf(name, sizeof(name), "%sw_gate", prefix);
+    if (moe_opt_arg(g_obj, name, NPY_FLOAT32, ndim, gd, (void **)wg) < 0) {
+        return -1;
+    }
+    dd[0] = ud[0];
+    dd[o] = d_model;
+    dd[o + 1] = *d_ff;
+    snprintf(name, sizeof(name), "%sw_down", prefix);
+    if (!(arr = moe_arg(dn_obj, name, NPY_FLOAT32, ndim, dd, 0))) {
+        return -1;
+    }
+    *wd = MOE_DATA(arr, float);
+    return 0;
+}
+
+static PyObject *
+moe_py_ffn_grouped(PyObject *self, PyObject *args)
+{
+    PyObject *x_obj, *off_obj, *g_obj, *u_obj, *dn_obj;
+    PyArrayObject *x, *off, *out;
+    npy_intp xd[2] = {-1, -1}, od[1] = {-1}, E, F;
+    int activation;
+    moe_ffn_params p;
+    moe_status st;
+
+    if (!PyArg_ParseTuple(args, "OOOOOi", &x_obj, &off_obj, &g_obj, &u_obj,
+                          &dn_obj, &activation)) {
+        return NULL;
+    }
+    if (moe_check_enum(activation, 7, "activation") < 0) {
+        return NULL;
+    }
+    if (!(x = moe_arg(x_obj, "x", NPY_FLOAT32, 2, xd, 0)) ||
+        !(off = moe_arg(off_obj, "offsets", NPY_INT64, 1, od, 0))) {
+        return NULL;
+    }
+    E = od[0] - 1;
+    if (E < 1 || E > INT32_MAX) {
+        PyErr_SetString(PyExc_ValueError, "offsets must have shape "
+                        "(n_experts + 1,) with n_experts >= 1");
+        return NULL;
+    }
+    if (moe_expert_weights(g_obj, u_obj, dn_obj, "", 3, xd[1], &E, &F,
+                           &p.w_gate, &p.w_up, &p.w_down) < 0) {
+        return NULL;
+    }
+    if (!(out = moe_new(2, xd[0], xd[1], NPY_FLOAT32))) {
+        return NULL;
+    }
+    p.x = MOE_DATA(x, float);
+    p.offsets = MOE_DATA(off, int64_t);
+    p.n_rows = xd[0];
+    p.d_model = xd[1];
+    p.d_ff = F;
+    p.n_experts = (int32_t)E;
+    p.activation = (moe_activation)activation;
+    p.out = MOE_DATA(out, float);
+    Py_BEGIN_ALLOW_THREADS
+    st = moe_ffn_grouped(&p);
+    Py_END_ALLOW_THREADS
+    if (st != MOE_STATUS_OK) {
+        Py_DECREF(out);
+        return moe_raise(st);
+    }
+    return (PyObject *)out;
+}
+
+static PyObject *
+moe_py_layer_forward(PyObject *self, PyObject *args)
+{
+    PyObject *x_obj, *r_obj, *g_obj, *u_obj, *dn_obj, *bias_obj;
+    PyObject *sg_obj, *su_obj, *sd_obj, *sgate_obj;
+    PyArrayObject *x, *r;
+    PyArrayObject *out = NULL, *ids = NULL, *weights = NULL, *counts = NULL;
+    npy_intp xd[2] = {-1, -1}, rd[2] = {-1, -1}, E, F, one = 1, Fs;
+    npy_intp bd[1], gd[1];
+    int top_k, activation, scoring, renormalize, n_groups, topk_groups;
+    double routed_scaling, capacity_factor, aux = 0.0, z = 0.0;
+    int64_t n_dropped = 0;
+    long long n_dropped_ll;
+    void *tmp;
+    moe_layer_params p;
+    moe_status st;
+
+    if (!PyArg_ParseTuple(args, "OOOOOiiOipdiidOOOO", &x_obj, &r_obj, &g_obj,
+                          &u_obj, &dn_obj, &top_k, &activation, &bias_obj,
+                          &scoring, &renormalize, &routed_scaling, &n_groups,
+                          &topk_groups, &capacity_factor, &sg_obj, &su_obj,
+                          &sd_obj, &sgate_obj)) {
+        return NULL;
+    }
+    memset(&p, 0, sizeof(p));
+    if (moe_check_enum(activation, 7, "activation") < 0 ||
+        moe_check_enum(scoring, 3, "scoring") < 0) {
+        return NULL;
+    }
+    if (!(x = moe_arg(x_obj, "x", NPY_FLOAT32, 2, xd, 0))) {
+        return NULL;
+    }
+    rd[1] = xd[1];
+    if (!(r = moe_arg(r_obj, "router_weight", NPY_FLOAT32, 2, rd, 0))) {
+        return NULL;
+    }
+    E = rd[0];
+    if (E < 1 || E > INT32_MAX) {
+        PyErr_SetString(PyExc_ValueError, "router_weight must have "
+                        "1..2^31-1 rows (n_experts)");
+        return NULL;
+    }
+    if (moe_expert_weights(g_obj, u_obj, dn_obj, "", 3, xd[1], &E, &F,
+                           &p.w_gate, &p.w_up, &p.w_down) < 0) {
+        return NULL;
+    }
+    bd[0] = E;
+    if (moe_opt_arg(bias_obj, "expert_bias", NPY_FLOAT32, 1, bd, &tmp) < 0) {
+        return NULL;
+    }
+    p.expert_bias = tmp;
+    if (su_obj != Py_None) {
+        if (moe_expert_weights(sg_obj, su_obj, sd_obj, "shared_", 2, xd[1],
+                               &one, &Fs, &p.shared_w_gate, &p.shared_w_up,
+                               &p.shared_w_down) < 0) {
+            return NULL;
+        }
+        p.shared_d_ff = Fs;
+        gd[0] = xd[1];
+        if (moe_opt_arg(sgate_obj, "shared_gate_weight", NPY_FLOAT32, 1, gd,
+                        &tmp) < 0) {
+            return NULL;
+        }
+        p.shared_gate = tmp;
+        if (Fs > 0 && moe_activation_is_gated((moe_activation)activation) &&
+            p.shared_w_gate == NULL) {
+            PyErr_SetString(PyExc_ValueError, "shared_w_gate is required by "
+                            "a gated activation");
+            return NULL;
+        }
+    }
+    if (top_k < 1 || top_k > E) {
+        PyErr_Format(PyExc_ValueError, "top_k must be in 1..n_experts=%lld, "
+                     "got %d", (long long)E, top_k);
+        return NULL;
+    }
+    out = moe_new(2, xd[0], xd[1], NPY_FLOAT32);
+    ids = moe_new(2, xd[0], top_k, NPY_INT32);
+    weights = moe_new(2, xd[0], top_k, NPY_FLOAT32);
+    counts = moe_new(1, E, 0, NPY_INT64);
+    if (!out || !ids || !weights || !counts) {
+        goto fail;
+    }
+    p.x = MOE_DATA(x, float);
+    p.n_tokens = xd[0];
+    p.d_model = xd[1];
+    p.d_ff = F;
+    p.n_experts = (int32_t)E;
+    p.top_k = top_k;
+    p.activation = (moe_activation)activation;
+    p.router_weight = MOE_DATA(r, float);
+    p.scoring = (moe_scoring)scoring;
+    p.renormalize = renormalize;
+    p.routed_scaling = routed_scaling;
+    p.n_groups = n_groups;
+    p.topk_groups = topk_groups;
+    p.capacity_factor = capacity_factor;
+    p.out = MOE_DATA(out, float);
+    p.expert_ids = MOE_DATA(ids, int32_t);
+    p.weights = MOE_DATA(weights, float);
+    p.counts = MOE_DATA(counts, int64_t);
+    p.n_dropped = &n_dropped;
+    p.aux_loss = &aux;
+    p.z_loss = &z;
+    Py_BEGIN_ALLOW_THREADS
+    st = moe_layer_forward(&p);
+    Py_END_ALLOW_THREADS
+    if (st != MOE_STATUS_OK) {
+        moe_raise(st);
+        goto fail;
+    }
+    n_dropped_ll = (long long)n_dropped;
+    return Py_BuildValue("NNNNLdd", out, ids, weights, counts, n_dropped_ll,
+                         aux, z);
+fail:
+    Py_XDECREF(out);
+    Py_XDECREF(ids);
+    Py_XDECREF(weights);
+    Py_XDECREF(counts);
+    return NULL;
+}
+
+static PyObject *
+moe_py_build_info(PyObject *self, PyObject *noargs)
+{
+    return Py_BuildValue("{s:s,s:s,s:s,s:s,s:O}", "version", MOE_VERSION,
+                         "compiler", moe_build_compiler(), "cpu_features",
+                         moe_cpu_features(), "isa", moe_cpu_isa(), "cuda",
+                         Py_False);
+}
+
+/* ---- module ----------------------------------------------------------- */
+
+static PyMethodDef moe_methods[] = {
+    {"router_logits", moe_py_router_logits, METH_VARARGS,
+     "router_logits(x, router_weight) -> (T, E) float64"},
+    {"route", moe_py_route, METH_VARARGS,
+     "route(logits, top_k, scoring, renormalize, routed_scaling, "
+     "expert_bias, n_groups, topk_groups, capacity_factor)"},
+    {"update_expert_bias", moe_py_update_expert_bias, METH_VARARGS,
+     "update_expert_bias(bias, counts, rate): in place"},
+    {"dispatch", moe_py_dispatch, METH_VARARGS,
+     "dispatch(x, expert_ids, n_experts) -> (x_sorted, offsets, "
+     "token_index, position)"},
+    {"combine", moe_py_combine, METH_VARARGS,
+     "combine(y_sorted, position, weights) -> (T, d)"},
+    {"ffn_grouped", moe_py_ffn_grouped, METH_VARARGS,
+     "ffn_grouped(x_sorted, offsets, w_gate, w_up, w_down, activation)"},
+    {"layer_forward", moe_py_layer_forward, METH_VARARGS,
+     "layer_forward(...) -> (out, ids, weights, counts, n_dropped, aux, z)"},
+    {"build_info", moe_py_build_info, METH_NOARGS, "build information"},
+    {NULL, NULL, 0, NULL}
+};
+
+static struct PyModuleDef moe_module = {
+    PyModuleDef_HEAD_INIT, "moe._C",
+    "C core of the moe package (use the moe package, not this module).", -1,
+    moe_methods, NULL, NULL, NULL, NULL
+};
+
+PyMODINIT_FUNC
+PyInit__C(void)
+{
+    import_array();
+    /* Read cpuid once here, while the GIL serialises first use. */
+    (void)moe_cpu_features();
+    (void)moe_cpu_isa();
+    return PyModule_Create(&moe_module);
+}

@@ -1,0 +1,233 @@
+/*
+ * moe.h - the public C API of the moe core: sparse Mixture-of-Experts routing,
+ * token dispatch/combine and grouped expert FFNs.
+ *
+ * Every entry point returns one moe_status; moe_last_error() holds a
+ * thread-local message with the detail.  Nothing here knows about Python:
+ * csrc/module.c is the only binding file.  Each op takes one params struct by
+ * const pointer; every field carries its shape.  Arrays are dense and
+ * row-major unless a stride field says otherwise.
+ */
+#ifndef MOE_H
+#define MOE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define MOE_VERSION "0.1.0"
+
+/* ---- status ---------------------------------------------------------- */
+
+typedef enum moe_status {
+    MOE_STATUS_OK          = 0,
+    MOE_STATUS_INVALID_ARG = 1, /* a shape, range or option is wrong      */
+    MOE_STATUS_NONFINITE   = 2, /* NaN or Inf where finite values needed  */
+    MOE_STATUS_ALLOC       = 3, /* out of memory                          */
+    MOE_STATUS_UNSUPPORTED = 4, /* valid request this build cannot run    */
+    MOE_STATUS_INTERNAL    = 5  /* a bug: an invariant did not hold       */
+} moe_status;
+
+/* A static name for the status ("MOE_STATUS_OK", ...). */
+const char *moe_status_str(moe_status status);
+
+/* The detail of the last failing call on this thread ("" if none). */
+const char *moe_last_error(void);
+
+/* ---- options --------------------------------------------------------- */
+
+typedef enum moe_scoring {
+    MOE_SCORING_SOFTMAX            = 0, /* softmax over all E, then top-k   */
+    MOE_SCORING_SOFTMAX_AFTER_TOPK = 1, /* top-k of logits, softmax over k  */
+    MOE_SCORING_SIGMOID            = 2  /* independent sigmoid per expert   */
+} moe_scoring;
+
+typedef enum moe_activation {
+    MOE_ACTIVATION_SWIGLU     = 0, /* silu(gate) * up                       */
+    MOE_ACTIVATION_GEGLU      = 1, /* gelu(gate) * up, exact erf gelu       */
+    MOE_ACTIVATION_GEGLU_TANH = 2, /* gelu_tanh(gate) * up                  */
+    MOE_ACTIVATION_GELU       = 3, /* gelu(up); w_gate unused               */
+    MOE_ACTIVATION_GELU_TANH  = 4, /* gelu_tanh(up)                         */
+    MOE_ACTIVATION_RELU       = 5, /* relu(up)                              */
+    MOE_ACTIVATION_SILU       = 6  /* silu(up)                              */
+} moe_activation;
+
+/* Nonzero when the activation multiplies an activated gate by up. */
+int moe_activation_is_gated(moe_activation activation);
+
+/* ---- router logits: logits = x @ w^T, accumulated in float64 --------- */
+
+typedef struct moe_router_params {
+    const float *x;         /* (n_tokens, d_model)                        */
+    const float *weight;    /* (n_experts, d_model)                       */
+    int64_t      n_tokens;
+    int64_t      d_model;
+    int32_t      n_experts;
+    double      *logits;    /* out: (n_tokens, n_experts)                 */
+} moe_router_params;
+
+moe_status moe_router_logits(const moe_router_params *p);
+
+/* ---- routing: logits -> top-k expert ids and gate weights ------------ */
+
+typedef struct moe_route_params {
+    const double *logits;          /* (n_tokens, n_experts); finite        */
+    const float  *expert_bias;     /* (n_experts,) selection-only, or NULL */
+    int64_t       n_tokens;
+    int32_t       n_experts;
+    int32_t       top_k;           /* 1..n_experts                         */
+    int32_t       n_groups;        /* divides n_experts; 1 = no groups     */
+    int32_t       topk_groups;     /* groups kept, 1..n_groups             */
+    moe_scoring   scoring;
+    int32_t       renormalize;     /* selected weights sum to 1            */
+    double        routed_scaling;  /* multiplies the final weights         */
+    double        capacity_factor; /* <= 0: dropless                       */
+
+    int32_t      *expert_ids;      /* out: (n_tokens, top_k); -1 = dropped */
+    float        *weights;         /* out: (n_tokens, top_k); 0 = dropped  */
+    int64_t      *counts;          /* out: (n_experts,) kept assignments   */
+    int64_t      *n_dropped;       /* out: scalar                          */
+    double       *aux_loss;        /* out: Switch loss E * sum f_i P_i     */
+    double       *z_loss;          /* out: mean(logsumexp(logits)^2)       */
+} moe_route_params;
+
+/*
+ * Ties break toward the lower expert index (and the lower group index), so
+ * the result is a pure function of the logits.  With capacity_factor > 0,
+ * each expert keeps its first ceil(capacity_factor * T * k / E) assignments
+ * in (token, slot) order.
+ */
+moe_status moe_route_topk(const moe_route_params *p);
+
+/* bias += rate * sign(mean(counts) - counts), auxiliary-loss-free balancing */
+moe_status moe_expert_bias_update(float *bias, const int64_t *counts,
+                                  int32_t n_experts, double rate);
+
+/* ---- dispatch: stable counting sort of (token, slot) pairs by expert - */
+
+typedef struct moe_dispatch_params {
+    const int32_t *expert_ids;  /* (n_tokens, top_k); -1 = not dispatched  */
+    int64_t        n_tokens;
+    int32_t        top_k;
+    int32_t        n_experts;
+    int64_t       *offsets;     /* out: (n_experts + 1,)                   */
+    int64_t       *token_index; /* out: (offsets[E],) token of sorted row  */
+    int64_t       *position;    /* out: (n_tokens, top_k) sorted row or -1 */
+} moe_dispatch_params;
+
+/* Validates ids and fills offsets only (token_index/position unused). */
+moe_status moe_dispatch_count(const moe_dispatch_params *p);
+/* Fills offsets, token_index and position. */
+moe_status moe_dispatch_build(const moe_dispatch_params *p);
+
+typedef struct moe_gather_params {
+    const float   *x;           /* (n_tokens, d_model)                     */
+    const int64_t *token_index; /* (n_rows,) values in [0, n_tokens)       */
+    int64_t        n_tokens;
+    int64_t        n_rows;
+    int64_t        d_model;
+    float         *out;         /* out: (n_rows, d_model)                  */
+} moe_gather_params;
+
+moe_status moe_dispatch_gather(const moe_gather_params *p);
+
+/* ---- combine: out[t] = sum_j w[t,j] * y[position[t,j]], j in order --- */
+
+typedef struct moe_combine_params {
+    const float   *y;        /* (n_rows, d_model) expert outputs, sorted   */
+    const int64_t *position; /* (n_tokens, top_k) rows of y, -1 = skip     */
+    const float   *weights;  /* (n_tokens, top_k)                          */
+    int64_t        n_rows;
+    int64_t        n_tokens;
+    int32_t        top_k;
+    int64_t        d_model;
+    float         *out;      /* out: (n_tokens, d_model)                   */
+} moe_combine_params;
+
+moe_status moe_combine(const moe_combine_params *p);
+
+/* ---- grouped expert FFN over expert-sorted rows ---------------------- */
+
+typedef struct moe_ffn_params {
+    const float   *x;        /* (n_rows, d_model), rows sorted by expert   */
+    const int64_t *offsets;  /* (n_experts + 1,), offsets[E] == n_rows     */
+    const float   *w_gate;   /* (n_experts, d_ff, d_model); NULL if ungated*/
+    const float   *w_up;     /* (n_experts, d_ff, d_model)                 */
+    const float   *w_down;   /* (n_experts, d_model, d_ff)                 */
+    int64_t        n_rows;
+    int64_t        d_model;
+    int64_t        d_ff;
+    int32_t        n_experts;
+    moe_activation activation;
+    float         *out;      /* out: (n_rows, d_model)                     */
+} moe_ffn_params;
+
+/* Work is O(n_rows * d_ff * d_model): only routed rows are computed. */
+moe_status moe_ffn_grouped(const moe_ffn_params *p);
+
+/* ---- the whole layer ------------------------------------------------- */
+
+typedef struct moe_layer_params {
+    const float *x;               /* (n_tokens, d_model)                   */
+    int64_t      n_tokens;
+    int64_t      d_model;
+    int64_t      d_ff;
+    int32_t      n_experts;
+    int32_t      top_k;
+    moe_activation activation;
+
+    const float *router_weight;   /* (n_experts, d_model)                  */
+    const float *w_gate;          /* (n_experts, d_ff, d_model) or NULL    */
+    const float *w_up;            /* (n_experts, d_ff, d_model)            */
+    const float *w_down;          /* (n_experts, d_model, d_ff)            */
+
+    /* routing options, as in moe_route_params */
+    const float *expert_bias;     /* (n_experts,) or NULL                  */
+    moe_scoring  scoring;
+    int32_t      renormalize;
+    double       routed_scaling;
+    int32_t      n_groups;
+    int32_t      topk_groups;
+    double       capacity_factor;
+
+    /* shared experts, concatenated into one FFN of width shared_d_ff     */
+    int64_t      shared_d_ff;     /* 0 = none                              */
+    const float *shared_w_gate;   /* (shared_d_ff, d_model) or NULL        */
+    const float *shared_w_up;     /* (shared_d_ff, d_model)                */
+    const float *shared_w_down;   /* (d_model, shared_d_ff)                */
+    const float *shared_gate;     /* (d_model,) sigmoid gate, or NULL      */
+
+    float       *out;             /* out: (n_tokens, d_model)              */
+    /* routing outputs, as in moe_route_params (all required) */
+    int32_t     *expert_ids;      /* out: (n_tokens, top_k)                */
+    float       *weights;         /* out: (n_tokens, top_k)                */
+    int64_t     *counts;          /* out: (n_experts,)                     */
+    int64_t     *n_dropped;
+    double      *aux_loss;
+    double      *z_loss;
+} moe_layer_params;
+
+/*
+ * router logits -> route -> dispatch -> grouped FFN -> combine (+ shared
+ * experts).  In dropless mode a token's output is bitwise independent of
+ * the other tokens in the batch.
+ */
+moe_status moe_layer_forward(const moe_layer_params *p);
+
+/* ---- build information ----------------------------------------------- */
+
+/* Compiler that built the core, e.g. "gcc 12.2.0". */
+const char *moe_build_compiler(void);
+/* Space-separated CPU features found by cpuid ("avx2 fma avx512f ..."). */
+const char *moe_cpu_features(void);
+/* The CPU kernel variant in use: "avx512", "avx2" or "scalar". */
+const char *moe_cpu_isa(void);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* MOE_H */

@@ -1,0 +1,41 @@
+/*
+ * moe_impl.h - private helpers shared by the C core: error recording,
+ * checked allocation, and the CPU implementations behind csrc/backend.c.
+ * Not installed; nothing outside csrc/ includes it.
+ */
+#ifndef MOE_IMPL_H
+#define MOE_IMPL_H
+
+#include "moe.h"
+
+#include <stdlib.h>
+
+/* Record a printf-style message as this thread's last error; returns st. */
+moe_status moe_set_error(moe_status st, const char *fmt, ...)
+#if defined(__GNUC__)
+    __attribute__((format(printf, 2, 3)))
+#endif
+    ;
+
+/* Evaluate a moe_status expression and return it from the caller on error. */
+#define MOE_TRY(expr)                                                       \
+    do {                                                                    \
+        moe_status moe_try_st_ = (expr);                                    \
+        if (moe_try_st_ != MOE_STATUS_OK) {                                 \
+            return moe_try_st_;                                             \
+        }                                                                   \
+    } while (0)
+
+/* malloc of count * size bytes with overflow check; NULL sets the error. */
+void *moe_alloc(size_t count, size_t size);
+
+/* CPU implementations (csrc/cpu_*.c); csrc/backend.c picks among backends. */
+moe_status moe_cpu_router_logits(const moe_router_params *p);
+moe_status moe_cpu_route_topk(const moe_route_params *p);
+moe_status moe_cpu_dispatch_count(const moe_dispatch_params *p);
+moe_status moe_cpu_dispatch_build(const moe_dispatch_params *p);
+moe_status moe_cpu_dispatch_gather(const moe_gather_params *p);
+moe_status moe_cpu_combine(const moe_combine_params *p);
+moe_status moe_cpu_ffn_grouped(const moe_ffn_params *p);
+
+#endif /* MOE_IMPL_H */

@@ -1,0 +1,16 @@
+"""moe: sparse Mixture-of-Experts layers with a C core.
+
+Routing (softmax / sigmoid scores, top-k, renormalisation, selection bias, group-limited
+top-k, capacity), dispatch and combine, grouped expert FFNs and a whole layer,
+on NumPy arrays or CPU DLPack tensors.  ``moe.reference`` is the float64 oracle.
+"""
+from . import reference
+from ._api import (ACTIVATIONS, SCORINGS, Dispatch, RoutingResult, combine, cuda_available,
+                   dispatch, expert_ffn, ffn, route, show_config, update_expert_bias)
+from .layer import SparseMoE
+
+__version__ = "0.1.0"
+
+__all__ = ["SparseMoE", "route", "update_expert_bias", "dispatch", "combine", "expert_ffn",
+           "ffn", "RoutingResult", "Dispatch", "show_config", "cuda_available", "reference",
+           "SCORINGS", "ACTIVATIONS", "__version__"]

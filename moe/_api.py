@@ -1,0 +1,338 @@
+"""The functional API: argument checking and conversion, then one call into the C core.
+
+Every public function here accepts NumPy arrays, array-likes, or any CPU object with
+``__dlpack__`` (torch CPU tensors, ...), converts it without a copy when its dtype and
+layout allow, checks shapes and ranges with messages that name the argument, and calls
+``moe._C``.  Outputs are NumPy arrays.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import NamedTuple
+
+import numpy as np
+
+from . import _C
+
+SCORINGS = ("softmax", "softmax-after-topk", "sigmoid")
+ACTIVATIONS = ("swiglu", "geglu", "geglu-tanh", "gelu", "gelu-tanh", "relu", "silu")
+GATED = ("swiglu", "geglu", "geglu-tanh")
+
+
+# ---- conversion helpers ---------------------------------------------------------------
+
+def _as_ndarray(obj, name):
+    if isinstance(obj, np.ndarray):
+        return obj
+    if hasattr(obj, "__dlpack__") and not isinstance(obj, (list, tuple)):
+        try:
+            return np.from_dlpack(obj)
+        except (TypeError, ValueError, RuntimeError, BufferError) as exc:
+            raise TypeError(
+                f"{name}: cannot read this {type(obj).__name__} on the CPU through DLPack "
+                f"({exc}); pass a NumPy array or a CPU tensor (detach() it if it requires grad)"
+            ) from exc
+    try:
+        arr = np.asarray(obj)
+    except Exception as exc:  # ragged lists and the like
+        raise TypeError(f"{name} must be an array, got {type(obj).__name__}: {exc}") from exc
+    if arr.dtype == object:
+        raise TypeError(f"{name} must be a numeric array, got {type(obj).__name__}")
+    return arr
+
+
+def _shape_str(shape):
+    return "(" + ", ".join(str(s) for s in shape) + ("," if len(shape) == 1 else "") + ")"
+
+
+def _check_shape(arr, name, shape):
+    """shape: tuple of ints or (label, int) pairs; None entries match anything."""
+    want = tuple(s[1] if isinstance(s, tuple) else s for s in shape)
+    ok = arr.ndim == len(want) and all(w is None or w == g for w, g in zip(want, arr.shape))
+    if not ok:
+        parts = []
+        for s in shape:
+            if isinstance(s, tuple):
+                parts.append(f"{s[0]}" if s[1] is None else f"{s[0]}={s[1]}")
+            else:
+                parts.append("?" if s is None else str(s))
+        raise ValueError(
+            f"{name} must have shape ({', '.join(parts)}{',' if len(parts) == 1 else ''}), "
+            f"got {_shape_str(arr.shape)}"
+        )
+
+
+def float_array(obj, name, shape=None, dtype=np.float32):
+    """obj as a C-contiguous array of `dtype` (float inputs only), shape-checked."""
+    arr = _as_ndarray(obj, name)
+    if arr.dtype.kind != "f":
+        raise TypeError(f"{name} must be a floating-point array (float16/32/64), got dtype {arr.dtype}")
+    if shape is not None:
+        _check_shape(arr, name, shape)
+    return np.ascontiguousarray(arr, dtype=dtype)
+
+
+def int_array(obj, name, shape=None, dtype=np.int64, low=None, high=None, what=None):
+    """obj as a C-contiguous integer array with every value in [low, high)."""
+    arr = _as_ndarray(obj, name)
+    if arr.dtype.kind not in "iu":
+        raise TypeError(f"{name} must be an integer array, got dtype {arr.dtype}")
+    if shape is not None:
+        _check_shape(arr, name, shape)
+    if arr.size:
+        lo, hi = arr.min(), arr.max()
+        if (low is not None and lo < low) or (high is not None and hi >= high):
+            bad = lo if (low is not None and lo < low) else hi
+            raise ValueError(f"{name} values must be in {what or f'[{low}, {high})'}, got {bad}")
+    return np.ascontiguousarray(arr, dtype=dtype)
+
+
+def check_int(value, name, low=None, high=None):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    value = int(value)
+    if (low is not None and value < low) or (high is not None and value > high):
+        rng = f"{low}..{high}" if high is not None else f">= {low}"
+        raise ValueError(f"{name} must be in {rng}, got {value}")
+    return value
+
+
+def check_float(value, name, positive=False):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value) or (positive and value <= 0):
+        raise ValueError(f"{name} must be a finite{' positive' if positive else ''} number, got {value}")
+    return value
+
+
+def check_choice(value, name, choices):
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(repr(c) for c in choices)}; got {value!r}")
+    return choices.index(value)
+
+
+def check_routing_options(n_experts, top_k, scoring, n_groups, topk_groups, routed_scaling,
+                          capacity_factor):
+    """Validate the routing options against E; returns the C codes/values."""
+    top_k = check_int(top_k, "top_k", 1, n_experts)
+    code = check_choice(scoring, "scoring", SCORINGS)
+    n_groups = check_int(n_groups, "n_groups", 1)
+    if n_experts % n_groups:
+        raise ValueError(f"n_groups must divide n_experts={n_experts}, got {n_groups}")
+    topk_groups = check_int(topk_groups, "topk_groups", 1, n_groups)
+    if topk_groups * (n_experts // n_groups) < top_k:
+        raise ValueError(
+            f"topk_groups * (n_experts / n_groups) must be >= top_k={top_k}, got "
+            f"{topk_groups} * {n_experts // n_groups}"
+        )
+    routed_scaling = check_float(routed_scaling, "routed_scaling")
+    cf = 0.0 if capacity_factor is None else check_float(capacity_factor, "capacity_factor", True)
+    return top_k, code, n_groups, topk_groups, routed_scaling, cf
+
+
+def check_finite(arr, name):
+    if arr.size and not np.isfinite(arr).all():
+        idx = np.argwhere(~np.isfinite(arr))[0]
+        raise ValueError(f"{name} must be finite, got {arr[tuple(idx)]} at index {tuple(int(i) for i in idx)}")
+
+
+# ---- results ------------------------------------------------------------------------
+
+class RoutingResult(NamedTuple):
+    """What routing decided for each token.
+
+    expert_ids: (T, k) int32, the chosen experts, best first; -1 where capacity dropped the slot.
+    weights:    (T, k) float32 gate weights (0 where dropped).
+    counts:     (E,) int64 assignments each expert keeps.
+    n_dropped:  assignments dropped by the capacity limit (0 when dropless).
+    aux_loss:   Switch load-balancing loss E * sum_i f_i * P_i.
+    z_loss:     router z-loss mean(logsumexp(logits)^2).
+    """
+
+    expert_ids: np.ndarray
+    weights: np.ndarray
+    counts: np.ndarray
+    n_dropped: int
+    aux_loss: float
+    z_loss: float
+
+
+class Dispatch(NamedTuple):
+    """Tokens sorted by expert (a stable counting sort of the (token, slot) pairs).
+
+    x_sorted:    (N, d) float32 rows grouped by expert, token order within an expert.
+    offsets:     (E+1,) int64; expert e owns rows offsets[e]:offsets[e+1].
+    token_index: (N,) int64 token of each sorted row.
+    position:    (T, k) int64 sorted row of each (token, slot), -1 if not dispatched.
+    counts:      (E,) int64 rows per expert.
+    """
+
+    x_sorted: np.ndarray
+    offsets: np.ndarray
+    token_index: np.ndarray
+    position: np.ndarray
+    counts: np.ndarray
+
+
+# ---- ops ----------------------------------------------------------------------------
+
+def route(logits, top_k, *, scoring="softmax", renormalize=True, routed_scaling=1.0,
+          expert_bias=None, n_groups=1, topk_groups=1, capacity_factor=None) -> RoutingResult:
+    """Choose top_k experts per token from router logits.
+
+    logits: (T, E) float.  scoring: "softmax" (softmax over E, then top-k),
+    "softmax-after-topk" (top-k of the logits, softmax over the k) or "sigmoid".
+    renormalize: make each token's selected weights sum to 1; routed_scaling multiplies
+    the final weights.  expert_bias: (E,) added to the scores for selection only (the
+    weights use the unbiased scores).  n_groups/topk_groups: group-limited top-k (groups
+    scored by the sum of their top-2 biased scores).  capacity_factor: None = dropless;
+    else each expert keeps its first ceil(capacity_factor * T * k / E) assignments in
+    token order.  Ties go to the lower expert index.  Non-finite logits raise ValueError.
+    """
+    logits = float_array(logits, "logits", (("n_tokens", None), ("n_experts", None)), np.float64)
+    E = logits.shape[1]
+    if E < 1:
+        raise ValueError("logits must have at least one expert (column), got shape "
+                         f"{_shape_str(logits.shape)}")
+    top_k, code, n_groups, topk_groups, routed_scaling, cf = check_routing_options(
+        E, top_k, scoring, n_groups, topk_groups, routed_scaling, capacity_factor)
+    bias = None
+    if expert_bias is not None:
+        bias = float_array(expert_bias, "expert_bias", (("n_experts", E),))
+        check_finite(bias, "expert_bias")
+    ids, w, counts, n_dropped, aux, z = _C.route(logits, top_k, code, bool(renormalize),
+                                                 routed_scaling, bias, n_groups, topk_groups, cf)
+    return RoutingResult(ids, w, counts, int(n_dropped), float(aux), float(z))
+
+
+def update_expert_bias(bias, counts, rate):
+    """Auxiliary-loss-free balancing step, in place: bias += rate * sign(mean(counts) - counts).
+
+    bias: (E,) float ndarray (updated in place and returned); counts: (E,) non-negative ints
+    (e.g. RoutingResult.counts); rate: the step size.
+    """
+    if not isinstance(bias, np.ndarray) or bias.dtype.kind != "f":
+        raise TypeError("bias must be a floating-point numpy.ndarray (it is updated in place)")
+    if not bias.flags.writeable:
+        raise ValueError("bias must be writable (it is updated in place)")
+    _check_shape(bias, "bias", (("n_experts", None),))
+    counts = int_array(counts, "counts", (("n_experts", bias.shape[0]),), low=0,
+                       what="[0, inf)")
+    rate = check_float(rate, "rate")
+    work = np.ascontiguousarray(bias, dtype=np.float32)
+    if work is bias:
+        _C.update_expert_bias(work, counts, rate)
+    else:
+        work = work.copy()
+        _C.update_expert_bias(work, counts, rate)
+        bias[...] = work
+    return bias
+
+
+def _tokens_2d(x, name="x", d=None):
+    x = float_array(x, name)
+    if x.ndim != 2:
+        raise ValueError(f"{name} must have shape (n_tokens, d_model), got {_shape_str(x.shape)}")
+    if d is not None and x.shape[1] != d:
+        raise ValueError(f"{name} must have shape (n_tokens, d_model={d}), got {_shape_str(x.shape)}")
+    return x
+
+
+def dispatch(x, expert_ids, n_experts) -> Dispatch:
+    """Sort (token, slot) pairs by expert and gather their rows.
+
+    x: (T, d) float; expert_ids: (T, k) ints in [0, n_experts) or -1 (not dispatched).
+    Stable: an expert's rows keep token order, then slot order.
+    """
+    n_experts = check_int(n_experts, "n_experts", 1, 2**31 - 1)
+    x = _tokens_2d(x)
+    ids = int_array(expert_ids, "expert_ids", (("n_tokens", x.shape[0]), ("top_k", None)),
+                    np.int32, low=-1, high=n_experts,
+                    what=f"[0, n_experts={n_experts}) or -1")
+    xs, offsets, token_index, position = _C.dispatch(x, ids, n_experts)
+    return Dispatch(xs, offsets, token_index, position, np.diff(offsets))
+
+
+def combine(y_sorted, position, weights):
+    """out[t] = sum_j weights[t, j] * y_sorted[position[t, j]], slots in order, -1 skipped.
+
+    y_sorted: (N, d) float; position: (T, k) ints in [-1, N); weights: (T, k) float.
+    Returns (T, d) float32.
+    """
+    y = _tokens_2d(y_sorted, "y_sorted")
+    pos = int_array(position, "position", (("n_tokens", None), ("top_k", None)), low=-1,
+                    high=y.shape[0], what=f"[0, n_rows={y.shape[0]}) or -1")
+    w = float_array(weights, "weights", (("n_tokens", pos.shape[0]), ("top_k", pos.shape[1])))
+    return _C.combine(y, pos, w)
+
+
+def expert_weights(w_gate, w_up, w_down, activation, d_model, n_experts=None, prefix=""):
+    """Check and convert expert weights in the nn.Linear layout; returns (gate|None, up, down)."""
+    lead = () if n_experts is False else (("n_experts", n_experts),)
+    w_up = float_array(w_up, prefix + "w_up", lead + (("d_ff", None), ("d_model", d_model)))
+    E = w_up.shape[0] if lead else None
+    F = w_up.shape[-2]
+    lead = () if n_experts is False else (("n_experts", E),)
+    if activation in GATED:
+        if w_gate is None:
+            raise ValueError(f"{prefix}w_gate is required by activation {activation!r}")
+        w_gate = float_array(w_gate, prefix + "w_gate", lead + (("d_ff", F), ("d_model", d_model)))
+    else:
+        w_gate = None
+    w_down = float_array(w_down, prefix + "w_down", lead + (("d_model", d_model), ("d_ff", F)))
+    return w_gate, w_up, w_down
+
+
+def expert_ffn(x_sorted, offsets, w_gate, w_up, w_down, activation="swiglu"):
+    """Grouped expert FFN: rows offsets[e]:offsets[e+1] of x_sorted go through expert e.
+
+    x_sorted: (N, d) float; offsets: (E+1,) ints, 0 .. N non-decreasing;
+    w_gate, w_up: (E, F, d); w_down: (E, d, F) (nn.Linear layout; w_gate may be None for
+    non-gated activations).  y = act(x W_gate^T, x W_up^T) W_down^T.  Returns (N, d) float32.
+    """
+    act = check_choice(activation, "activation", ACTIVATIONS)
+    x = _tokens_2d(x_sorted, "x_sorted")
+    offsets = int_array(offsets, "offsets", (("n_experts + 1", None),))
+    if offsets.shape[0] < 2 or offsets[0] != 0 or offsets[-1] != x.shape[0] or \
+            (np.diff(offsets) < 0).any():
+        raise ValueError(f"offsets must be non-decreasing from 0 to n_rows={x.shape[0]} "
+                         f"with shape (n_experts + 1,), got {offsets.tolist()[:8]}")
+    E = offsets.shape[0] - 1
+    w_gate, w_up, w_down = expert_weights(w_gate, w_up, w_down, activation, x.shape[1], E)
+    return _C.ffn_grouped(x, offsets, w_gate, w_up, w_down, act)
+
+
+def ffn(x, w_gate, w_up, w_down, activation="swiglu"):
+    """A dense FFN (one expert) on every row: x (T, d); w_gate, w_up (F, d); w_down (d, F)."""
+    x = _tokens_2d(x)
+    w_gate, w_up, w_down = expert_weights(w_gate, w_up, w_down, activation, x.shape[1], False)
+    offsets = np.array([0, x.shape[0]], dtype=np.int64)
+    return expert_ffn(x, offsets, None if w_gate is None else w_gate[None], w_up[None],
+                      w_down[None], activation)
+
+
+def show_config(file=None):
+    """Print the version, compiler, CPU features, kernel ISA, thread count and CUDA support."""
+    info = _C.build_info()
+    lines = [
+        f"moe {info['version']}",
+        f"  compiler:     {info['compiler']}",
+        f"  cpu features: {info['cpu_features'] or '(none detected)'}",
+        f"  cpu kernels:  {info['isa']} (MOE_ISA=scalar|avx2 lowers it)",
+        "  threads:      1 (the CPU thread pool is not built yet)",
+        f"  cuda:         {'built' if info['cuda'] else 'not built'}",
+        f"  numpy:        {np.__version__}",
+    ]
+    print("\n".join(lines), file=file)
+
+
+def cuda_available() -> bool:
+    """Whether a CUDA device can be used (no CUDA backend is built yet: always False)."""
+    return bool(_C.build_info()["cuda"])
+
+
+__all__ = ["route", "update_expert_bias", "dispatch", "combine", "expert_ffn", "ffn",
+           "RoutingResult", "Dispatch", "show_config", "cuda_available", "SCORINGS",
+           "ACTIVATIONS"]

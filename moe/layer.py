@@ -1,0 +1,166 @@
+"""moe.SparseMoE: a whole sparse Mixture-of-Experts layer on NumPy arrays.
+
+The layer owns its weights as float32 NumPy attributes (nn.Linear layout) and runs
+router -> top-k -> dispatch -> grouped expert FFN -> combine (+ shared experts) in one
+call into the C core.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from . import _C
+from ._api import (ACTIVATIONS, GATED, RoutingResult, _shape_str, check_choice, check_finite,
+                   check_float, check_int, check_routing_options, float_array)
+
+# attribute -> shape template; names are resolved against the layer's sizes
+_WEIGHTS = {
+    "router_weight": ("n_experts", "d_model"),
+    "w_gate": ("n_experts", "d_ff", "d_model"),
+    "w_up": ("n_experts", "d_ff", "d_model"),
+    "w_down": ("n_experts", "d_model", "d_ff"),
+    "expert_bias": ("n_experts",),
+    "shared_w_gate": ("shared_hidden", "d_model"),
+    "shared_w_up": ("shared_hidden", "d_model"),
+    "shared_w_down": ("d_model", "shared_hidden"),
+    "shared_gate_weight": ("one", "d_model"),
+}
+
+
+class SparseMoE:
+    """A sparse MoE layer: y = sum_{e in top-k(x)} g_e(x) FFN_e(x) [+ shared experts].
+
+    Parameters: d_model, d_ff (per routed expert), n_experts, top_k; activation in
+    "swiglu" | "geglu" | "geglu-tanh" | "gelu" | "gelu-tanh" | "relu" | "silu";
+    routing options as in moe.route (scoring, renormalize, routed_scaling, n_groups,
+    topk_groups, capacity_factor, and expert_bias=True for a selection-only bias);
+    n_shared_experts shared experts of width shared_d_ff (default d_ff) on every token,
+    optionally scaled by sigmoid(x @ shared_gate_weight.T) when shared_expert_gate=True
+    (Qwen2-MoE).  seed: weights are drawn from a seeded normal distribution.
+
+    Weights (float32, writable, nn.Linear layout [out, in]):
+      router_weight (E, d); w_gate, w_up (E, F, d); w_down (E, d, F); expert_bias (E,) or
+      None; shared_w_gate, shared_w_up (S*Fs, d); shared_w_down (d, S*Fs);
+      shared_gate_weight (1, d) or None.
+    Assigning an array checks its shape and stores it as float32 C-contiguous (without a
+    copy when it already is); in-place edits of the stored arrays take effect at once.
+    """
+
+    def __init__(self, d_model, d_ff, n_experts, top_k, *, activation="swiglu",
+                 scoring="softmax", renormalize=True, routed_scaling=1.0, n_groups=1,
+                 topk_groups=1, expert_bias=False, n_shared_experts=0, shared_d_ff=None,
+                 shared_expert_gate=False, capacity_factor=None, seed=0):
+        self.d_model = check_int(d_model, "d_model", 1)
+        self.d_ff = check_int(d_ff, "d_ff", 1)
+        self.n_experts = check_int(n_experts, "n_experts", 1, 2**31 - 1)
+        self.activation = activation
+        check_choice(activation, "activation", ACTIVATIONS)
+        check_routing_options(self.n_experts, top_k, scoring, n_groups, topk_groups,
+                              routed_scaling, capacity_factor)
+        self.top_k, self.scoring, self.renormalize = int(top_k), scoring, bool(renormalize)
+        self.routed_scaling = float(routed_scaling)
+        self.n_groups, self.topk_groups = int(n_groups), int(topk_groups)
+        self.capacity_factor = None if capacity_factor is None else float(capacity_factor)
+        self.n_shared_experts = check_int(n_shared_experts, "n_shared_experts", 0)
+        self.shared_d_ff = self.d_ff if shared_d_ff is None else check_int(shared_d_ff,
+                                                                          "shared_d_ff", 1)
+        self.shared_expert_gate = bool(shared_expert_gate)
+        self.use_expert_bias = bool(expert_bias)
+
+        rng = np.random.default_rng(seed)
+        d, F, E = self.d_model, self.d_ff, self.n_experts
+
+        def normal(shape, fan_in):
+            return (rng.standard_normal(shape) / np.sqrt(fan_in)).astype(np.float32)
+
+        gated = activation in GATED
+        self.router_weight = normal((E, d), d)
+        self.w_gate = normal((E, F, d), d) if gated else None
+        self.w_up = normal((E, F, d), d)
+        self.w_down = normal((E, d, F), F)
+        self.expert_bias = np.zeros(E, np.float32) if self.use_expert_bias else None
+        H = self.n_shared_experts * self.shared_d_ff
+        self.shared_w_gate = normal((H, d), d) if H and gated else None
+        self.shared_w_up = normal((H, d), d) if H else None
+        self.shared_w_down = normal((d, H), H) if H else None
+        self.shared_gate_weight = normal((1, d), d) if H and self.shared_expert_gate else None
+
+    # Weight attributes are checked and converted when assigned.
+    def __setattr__(self, name, value):
+        if name in _WEIGHTS and value is not None:
+            sizes = {"n_experts": self.n_experts, "d_model": self.d_model, "d_ff": self.d_ff,
+                     "shared_hidden": self.n_shared_experts * self.shared_d_ff, "one": 1}
+            value = float_array(value, name, tuple((s, sizes[s]) for s in _WEIGHTS[name]))
+        object.__setattr__(self, name, value)
+
+    def _checked_weights(self):
+        """The weights for one call; catches a required weight set to None."""
+        gated = self.activation in GATED
+        if gated and self.w_gate is None:
+            raise ValueError(f"w_gate is required by activation {self.activation!r}")
+        if self.use_expert_bias:
+            if self.expert_bias is None:
+                raise ValueError("expert_bias is None but the layer was built with expert_bias=True")
+            check_finite(self.expert_bias, "expert_bias")
+        shared = (None, None, None, None)
+        if self.n_shared_experts:
+            if self.shared_w_up is None or self.shared_w_down is None or \
+                    (gated and self.shared_w_gate is None):
+                raise ValueError("shared expert weights are missing (set shared_w_up, "
+                                 "shared_w_down and, for gated activations, shared_w_gate)")
+            gate = self.shared_gate_weight
+            if self.shared_expert_gate and gate is None:
+                raise ValueError("shared_gate_weight is None but shared_expert_gate=True")
+            shared = (self.shared_w_gate if gated else None, self.shared_w_up,
+                      self.shared_w_down,
+                      gate.reshape(self.d_model) if self.shared_expert_gate else None)
+        return shared
+
+    def __call__(self, x, return_routing=False):
+        """x: (..., d_model) float32/float64 (float64 is rounded to float32 first).
+
+        Returns (..., d_model) float32; with return_routing=True also a RoutingResult whose
+        (T, k) arrays cover the flattened tokens.
+        """
+        x = float_array(x, "x")
+        if x.ndim < 1 or x.shape[-1] != self.d_model:
+            raise ValueError(f"x must have shape (..., d_model={self.d_model}), got "
+                             f"{_shape_str(x.shape)}")
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.d_model)
+        sg, su, sd, sgate = self._checked_weights()
+        top_k, code, n_groups, topk_groups, scaling, cf = check_routing_options(
+            self.n_experts, self.top_k, self.scoring, self.n_groups, self.topk_groups,
+            self.routed_scaling, self.capacity_factor)
+        act = check_choice(self.activation, "activation", ACTIVATIONS)
+        out, ids, w, counts, n_dropped, aux, z = _C.layer_forward(
+            x2, self.router_weight, self.w_gate if self.activation in GATED else None,
+            self.w_up, self.w_down, top_k, act,
+            self.expert_bias if self.use_expert_bias else None, code, self.renormalize,
+            check_float(scaling, "routed_scaling"), n_groups, topk_groups, cf, sg, su, sd, sgate)
+        out = out.reshape(lead + (self.d_model,))
+        if return_routing:
+            return out, RoutingResult(ids, w, counts, int(n_dropped), float(aux), float(z))
+        return out
+
+    def flops(self, n_tokens):
+        """Multiply-add FLOPs (x2) of one forward pass over n_tokens (dropless)."""
+        mats = 3 if self.activation in GATED else 2
+        routed = 2 * n_tokens * self.top_k * mats * self.d_model * self.d_ff
+        shared = 2 * n_tokens * mats * self.d_model * self.n_shared_experts * self.shared_d_ff
+        return routed + shared + 2 * n_tokens * self.n_experts * self.d_model
+
+    def __repr__(self):
+        opts = [f"d_model={self.d_model}", f"d_ff={self.d_ff}", f"n_experts={self.n_experts}",
+                f"top_k={self.top_k}", f"activation={self.activation!r}",
+                f"scoring={self.scoring!r}"]
+        if self.n_groups > 1:
+            opts.append(f"n_groups={self.n_groups}, topk_groups={self.topk_groups}")
+        if self.routed_scaling != 1.0:
+            opts.append(f"routed_scaling={self.routed_scaling}")
+        if self.use_expert_bias:
+            opts.append("expert_bias=True")
+        if self.n_shared_experts:
+            opts.append(f"n_shared_experts={self.n_shared_experts}, shared_d_ff={self.shared_d_ff}")
+        if self.capacity_factor is not None:
+            opts.append(f"capacity_factor={self.capacity_factor}")
+        return f"SparseMoE({', '.join(opts)})"

@@ -1,0 +1,576 @@
+"""Pure NumPy float64 reference implementation of the sparse Mixture-of-Experts layer.
+
+This module is the test oracle for the C core: every routine here is written for
+clarity rather than speed (plain loops over tokens where that makes the semantics
+obvious) and computes everything in float64. It depends only on ``numpy`` and
+``math`` and deliberately imports nothing from the rest of the ``moe`` package.
+"""
+
+import math
+
+import numpy as np
+
+__all__ = [
+    "ACTIVATIONS",
+    "GATED",
+    "activate",
+    "combine",
+    "dispatch",
+    "expert_ffn",
+    "ffn",
+    "layer_forward",
+    "logsumexp",
+    "route",
+    "sigmoid",
+    "softmax",
+    "sparse_moe",
+    "update_expert_bias",
+]
+
+SCORINGS = ("softmax", "softmax-after-topk", "sigmoid")
+GATED = {"swiglu", "geglu", "geglu-tanh"}
+ACTIVATIONS = ("swiglu", "geglu", "geglu-tanh", "gelu", "gelu-tanh", "relu", "silu")
+
+
+# --------------------------------------------------------------------------- #
+# Numerically stable helpers
+# --------------------------------------------------------------------------- #
+
+def softmax(x, axis=-1):
+    """Stable softmax of ``x`` (any shape, cast to float64) along ``axis``.
+
+    Returns a float64 array of the same shape as ``x``.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    if x.size == 0:
+        return x.copy()
+    m = np.max(x, axis=axis, keepdims=True)
+    m = np.where(np.isfinite(m), m, 0.0)
+    e = np.exp(x - m)
+    return e / np.sum(e, axis=axis, keepdims=True)
+
+
+def sigmoid(x):
+    """Stable logistic function 1 / (1 + exp(-x)), elementwise.
+
+    ``x``: any shape, cast to float64. Returns a float64 array of the same shape
+    (a 0-d array for scalar input).
+    """
+    x = np.asarray(x, dtype=np.float64)
+    out = np.empty_like(x)
+    pos = x >= 0
+    out[pos] = 1.0 / (1.0 + np.exp(-x[pos]))
+    ex = np.exp(x[~pos])
+    out[~pos] = ex / (1.0 + ex)
+    return out
+
+
+def logsumexp(x, axis=-1):
+    """Stable log(sum(exp(x))) along ``axis``.
+
+    ``x``: any shape, cast to float64. Returns a float64 array with ``axis`` removed.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    m = np.max(x, axis=axis, keepdims=True)
+    m = np.where(np.isfinite(m), m, 0.0)
+    s = np.sum(np.exp(x - m), axis=axis, keepdims=True)
+    return np.squeeze(np.log(s) + m, axis=axis)
+
+
+# --------------------------------------------------------------------------- #
+# Routing
+# --------------------------------------------------------------------------- #
+
+def _stable_desc_order(values):
+    """Indices that sort ``values`` descending, ties toward the lower index."""
+    return np.argsort(-np.asarray(values, dtype=np.float64), kind="stable")
+
+
+def route(logits, top_k, *, scoring="softmax", renormalize=True, routed_scaling=1.0,
+          expert_bias=None, n_groups=1, topk_groups=1, capacity_factor=None):
+    """Top-k router: pick experts per token, compute weights, capacity and losses.
+
+    Args:
+      logits: (T, E) router logits (cast to float64; must be finite).
+      top_k: int in 1..E, experts per token.
+      scoring: "softmax", "softmax-after-topk" or "sigmoid".
+      renormalize: divide the k weights by their sum (when the sum is > 0).
+      routed_scaling: float multiplier applied to the weights last.
+      expert_bias: (E,) float or None; added to the scores for *selection only*.
+      n_groups, topk_groups: group-limited top-k (DeepSeek style) when n_groups > 1.
+      capacity_factor: float or None; per-expert capacity
+        ``ceil(capacity_factor * T * top_k / E)``, overflow assignments dropped.
+
+    Returns a dict:
+      "expert_ids": (T, top_k) int32, -1 for dropped assignments;
+      "weights":    (T, top_k) float64, 0.0 for dropped assignments;
+      "counts":     (E,) int64, kept assignments per expert;
+      "n_dropped":  int;
+      "aux_loss":   float, Switch load-balancing loss (counts before dropping);
+      "z_loss":     float, mean over tokens of logsumexp(logits[t])**2;
+      "probs":      (T, E) float64, per-token probabilities used by aux_loss.
+    """
+    logits = np.asarray(logits, dtype=np.float64)
+    if logits.ndim != 2:
+        raise ValueError(f"logits must be 2-D (T, E), got shape {logits.shape}")
+    T, E = logits.shape
+    top_k = int(top_k)
+    n_groups = int(n_groups)
+    topk_groups = int(topk_groups)
+
+    if scoring not in SCORINGS:
+        raise ValueError(f"unknown scoring {scoring!r}; expected one of {SCORINGS}")
+    if not 1 <= top_k <= E:
+        raise ValueError(f"top_k must be in 1..{E}, got {top_k}")
+    if n_groups < 1 or E % n_groups != 0:
+        raise ValueError(f"n_groups={n_groups} does not divide n_experts={E}")
+    G = E // n_groups
+    if n_groups > 1 and topk_groups * G < top_k:
+        raise ValueError(
+            f"topk_groups * (E // n_groups) = {topk_groups * G} < top_k = {top_k}")
+    if not np.all(np.isfinite(logits)):
+        raise ValueError("logits contain non-finite values")
+
+    if expert_bias is None:
+        bias = np.zeros(E, dtype=np.float64)
+    else:
+        bias = np.asarray(expert_bias, dtype=np.float64).reshape(E)
+
+    expert_ids = np.full((T, top_k), -1, dtype=np.int32)
+    weights = np.zeros((T, top_k), dtype=np.float64)
+    probs = np.zeros((T, E), dtype=np.float64)
+
+    for t in range(T):
+        row = logits[t]
+
+        # 1. scores used for selection, and the source of the weights
+        if scoring == "softmax":
+            score = softmax(row)
+            sel = score + bias
+        elif scoring == "softmax-after-topk":
+            score = None  # computed after selection
+            sel = row + bias
+        else:  # "sigmoid"
+            score = sigmoid(row)
+            sel = score + bias
+
+        # 2. group-limited eligibility
+        if n_groups > 1:
+            m = min(2, G)
+            group_scores = np.empty(n_groups, dtype=np.float64)
+            for g in range(n_groups):
+                vals = np.sort(sel[g * G:(g + 1) * G])[::-1]  # descending
+                group_scores[g] = vals[:m].sum()
+            best_groups = _stable_desc_order(group_scores)[:topk_groups]
+            eligible = np.zeros(E, dtype=bool)
+            for g in best_groups:
+                eligible[g * G:(g + 1) * G] = True
+        else:
+            eligible = np.ones(E, dtype=bool)
+
+        # 3. top-k among the eligible experts, sel descending, ties -> lower index
+        cand = np.flatnonzero(eligible)  # ascending expert index
+        order = _stable_desc_order(sel[cand])
+        ids = cand[order[:top_k]]
+
+        # 4. weights
+        if scoring == "softmax-after-topk":
+            w = softmax(row[ids])
+        else:
+            w = score[ids].copy()
+        if renormalize:
+            total = w.sum()
+            if total > 0:
+                w = w / total
+        w = w * routed_scaling
+
+        expert_ids[t] = ids
+        weights[t] = w
+
+        # 6. probabilities for the aux loss (always unbiased)
+        if scoring == "sigmoid":
+            s = sigmoid(row)
+            total = s.sum()
+            probs[t] = s / total if total > 0 else 0.0
+        else:
+            probs[t] = softmax(row)
+
+    # 7. losses (selection counts BEFORE capacity dropping)
+    selected_counts = np.zeros(E, dtype=np.int64)
+    for t in range(T):
+        for j in range(top_k):
+            selected_counts[expert_ids[t, j]] += 1
+    if T > 0:
+        f = selected_counts.astype(np.float64) / (T * top_k)
+        P = probs.mean(axis=0)
+        aux_loss = float(E * np.sum(f * P))
+        lse = logsumexp(logits, axis=-1)
+        z_loss = float(np.mean(lse ** 2))
+    else:
+        aux_loss = 0.0
+        z_loss = 0.0
+
+    # 5. capacity dropping, walking (t, j) in order
+    n_dropped = 0
+    if capacity_factor is not None:
+        cap = math.ceil(capacity_factor * T * top_k / E)
+        kept = np.zeros(E, dtype=np.int64)
+        for t in range(T):
+            for j in range(top_k):
+                e = int(expert_ids[t, j])
+                if kept[e] < cap:
+                    kept[e] += 1
+                else:
+                    expert_ids[t, j] = -1
+                    weights[t, j] = 0.0
+                    n_dropped += 1
+
+    counts = np.zeros(E, dtype=np.int64)
+    for t in range(T):
+        for j in range(top_k):
+            e = int(expert_ids[t, j])
+            if e >= 0:
+                counts[e] += 1
+
+    return {
+        "expert_ids": expert_ids,
+        "weights": weights,
+        "counts": counts,
+        "n_dropped": int(n_dropped),
+        "aux_loss": aux_loss,
+        "z_loss": z_loss,
+        "probs": probs,
+    }
+
+
+def update_expert_bias(bias, counts, rate):
+    """Auxiliary-loss-free balancing step (DeepSeek-V3).
+
+    Args:
+      bias: (E,) float expert bias.
+      counts: (E,) int assignments per expert in the last batch.
+      rate: float update speed.
+
+    Returns a new (E,) float64 array ``bias + rate * sign(mean(counts) - counts)``.
+    """
+    bias = np.asarray(bias, dtype=np.float64)
+    counts = np.asarray(counts, dtype=np.float64)
+    return bias + float(rate) * np.sign(counts.mean() - counts)
+
+
+# --------------------------------------------------------------------------- #
+# Dispatch / combine
+# --------------------------------------------------------------------------- #
+
+def dispatch(x, expert_ids, n_experts):
+    """Group the (token, slot) pairs by expert with a stable counting sort.
+
+    Args:
+      x: (T, d) token activations (cast to float64).
+      expert_ids: (T, k) ints in [0, n_experts), or -1 for "not dispatched".
+      n_experts: int E.
+
+    Returns a dict:
+      "offsets":     (E+1,) int64, expert e owns sorted rows offsets[e]:offsets[e+1];
+      "counts":      (E,) int64, rows per expert;
+      "token_index": (N,) int64, source token of each sorted row (N = #ids != -1);
+      "position":    (T, k) int64, sorted row of pair (t, j), -1 where the id is -1;
+      "x_sorted":    (N, d) float64, x[token_index].
+    Within an expert, rows are in (t, j) order.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    expert_ids = np.asarray(expert_ids)
+    E = int(n_experts)
+    T, k = expert_ids.shape
+    if np.any((expert_ids < -1) | (expert_ids >= E)):
+        raise ValueError(f"expert_ids must be in [-1, {E})")
+
+    # count
+    counts = np.zeros(E, dtype=np.int64)
+    for t in range(T):
+        for j in range(k):
+            e = int(expert_ids[t, j])
+            if e >= 0:
+                counts[e] += 1
+
+    # exclusive prefix sum
+    offsets = np.zeros(E + 1, dtype=np.int64)
+    for e in range(E):
+        offsets[e + 1] = offsets[e] + counts[e]
+    N = int(offsets[E])
+
+    # scatter in (t, j) order -> stable
+    cursor = offsets[:E].copy()
+    token_index = np.zeros(N, dtype=np.int64)
+    position = np.full((T, k), -1, dtype=np.int64)
+    for t in range(T):
+        for j in range(k):
+            e = int(expert_ids[t, j])
+            if e < 0:
+                continue
+            row = cursor[e]
+            cursor[e] += 1
+            token_index[row] = t
+            position[t, j] = row
+
+    x_sorted = x[token_index] if N > 0 else np.zeros((0,) + x.shape[1:], dtype=np.float64)
+    return {
+        "offsets": offsets,
+        "counts": counts,
+        "token_index": token_index,
+        "position": position,
+        "x_sorted": x_sorted,
+    }
+
+
+def combine(y_sorted, position, weights):
+    """Weighted scatter-add of expert outputs back to token order.
+
+    Args:
+      y_sorted: (N, d) expert outputs in dispatch order (cast to float64).
+      position: (T, k) ints, row of y_sorted for pair (t, j), or -1 to skip.
+      weights: (T, k) routing weights (cast to float64).
+
+    Returns (T, d) float64 with
+    ``out[t] = sum_{j=0..k-1, position[t,j] != -1} weights[t, j] * y_sorted[position[t, j]]``
+    accumulated in slot order; zeros for a token with no slots.
+    """
+    y_sorted = np.asarray(y_sorted, dtype=np.float64)
+    position = np.asarray(position)
+    weights = np.asarray(weights, dtype=np.float64)
+    T, k = position.shape
+    d = y_sorted.shape[1]
+    out = np.zeros((T, d), dtype=np.float64)
+    for t in range(T):
+        for j in range(k):
+            p = int(position[t, j])
+            if p < 0:
+                continue
+            out[t] += weights[t, j] * y_sorted[p]
+    return out
+
+
+# --------------------------------------------------------------------------- #
+# Activations and feed-forward networks
+# --------------------------------------------------------------------------- #
+
+_erf = np.vectorize(math.erf, otypes=[np.float64])
+
+
+def _silu(z):
+    return z * sigmoid(z)
+
+
+def _gelu(z):
+    return 0.5 * z * (1.0 + _erf(z / math.sqrt(2.0)))
+
+
+def _gelu_tanh(z):
+    return 0.5 * z * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (z + 0.044715 * z ** 3)))
+
+
+def activate(name, gate, up):
+    """Apply the named (possibly gated) activation elementwise.
+
+    Args:
+      name: one of ACTIVATIONS.
+      gate: array (any shape) for gated activations; ignored (may be None) otherwise.
+      up: array of the same shape as ``gate``.
+
+    Gated: "swiglu" silu(gate)*up, "geglu" gelu(gate)*up, "geglu-tanh"
+    gelu_tanh(gate)*up. Non-gated (applied to ``up``): "gelu", "gelu-tanh",
+    "relu", "silu". Returns float64 of the shape of ``up``.
+    """
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {name!r}; expected one of {ACTIVATIONS}")
+    up = np.asarray(up, dtype=np.float64)
+    if name in GATED:
+        if gate is None:
+            raise ValueError(f"gated activation {name!r} needs a gate input")
+        gate = np.asarray(gate, dtype=np.float64)
+        if name == "swiglu":
+            return _silu(gate) * up
+        if name == "geglu":
+            return _gelu(gate) * up
+        return _gelu_tanh(gate) * up  # "geglu-tanh"
+    if name == "gelu":
+        return _gelu(up)
+    if name == "gelu-tanh":
+        return _gelu_tanh(up)
+    if name == "relu":
+        return np.maximum(up, 0.0)
+    return _silu(up)  # "silu"
+
+
+def ffn(x, w_gate, w_up, w_down, activation="swiglu"):
+    """Dense feed-forward block in the nn.Linear weight layout.
+
+    Args:
+      x: (T, d).
+      w_gate: (F, d), or None for non-gated activations (ignored if non-gated).
+      w_up: (F, d).
+      w_down: (d, F).
+      activation: one of ACTIVATIONS.
+
+    Returns (T, d) float64: activate(activation, x @ w_gate.T, x @ w_up.T) @ w_down.T.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    w_up = np.asarray(w_up, dtype=np.float64)
+    w_down = np.asarray(w_down, dtype=np.float64)
+    if activation in GATED and w_gate is not None:
+        gate = x @ np.asarray(w_gate, dtype=np.float64).T
+    else:
+        gate = None
+    h = activate(activation, gate, x @ w_up.T)
+    return h @ w_down.T
+
+
+def expert_ffn(x_sorted, offsets, w_gate, w_up, w_down, activation="swiglu"):
+    """Run each expert's FFN on its contiguous block of dispatched rows.
+
+    Args:
+      x_sorted: (N, d) rows grouped by expert (output of dispatch).
+      offsets: (E+1,) ints, expert e owns rows offsets[e]:offsets[e+1].
+      w_gate: (E, F, d), or None for non-gated activations.
+      w_up: (E, F, d).
+      w_down: (E, d, F).
+      activation: one of ACTIVATIONS.
+
+    Returns (N, d) float64.
+    """
+    x_sorted = np.asarray(x_sorted, dtype=np.float64)
+    offsets = np.asarray(offsets)
+    w_up = np.asarray(w_up, dtype=np.float64)
+    w_down = np.asarray(w_down, dtype=np.float64)
+    if w_gate is not None:
+        w_gate = np.asarray(w_gate, dtype=np.float64)
+    E = w_up.shape[0]
+    N = x_sorted.shape[0]
+    d_out = w_down.shape[1]
+    out = np.zeros((N, d_out), dtype=np.float64)
+    for e in range(E):
+        lo, hi = int(offsets[e]), int(offsets[e + 1])
+        if hi <= lo:
+            continue
+        g = w_gate[e] if w_gate is not None else None
+        out[lo:hi] = ffn(x_sorted[lo:hi], g, w_up[e], w_down[e], activation)
+    return out
+
+
+# --------------------------------------------------------------------------- #
+# The whole layer
+# --------------------------------------------------------------------------- #
+
+def sparse_moe(x, router_weight, w_gate, w_up, w_down, *, top_k, activation="swiglu",
+               scoring="softmax", renormalize=True, routed_scaling=1.0, n_groups=1,
+               topk_groups=1, expert_bias=None, capacity_factor=None,
+               shared_w_gate=None, shared_w_up=None, shared_w_down=None,
+               shared_gate_weight=None):
+    """Full sparse MoE forward: route, dispatch, expert FFNs, combine, shared experts.
+
+    Args:
+      x: (..., d) input; flattened to (T, d) internally.
+      router_weight: (E, d); logits = x @ router_weight.T.
+      w_gate: (E, F, d) or None (ignored for non-gated activations).
+      w_up: (E, F, d).  w_down: (E, d, F).
+      top_k, scoring, renormalize, routed_scaling, n_groups, topk_groups,
+        expert_bias, capacity_factor: passed to route().
+      shared_w_gate: (H, d) or None; shared_w_up: (H, d) or None (None = no shared
+        experts); shared_w_down: (d, H).
+      shared_gate_weight: (1, d) or (d,) or None; scales the shared output per token
+        by sigmoid(x @ shared_gate_weight).
+
+    Returns (out, routing): out is float64 with the shape of ``x``; routing is the
+    dict from route() plus key "dispatch" holding the dict from dispatch().
+    """
+    x = np.asarray(x, dtype=np.float64)
+    d = x.shape[-1]
+    xf = x.reshape(-1, d)
+    router_weight = np.asarray(router_weight, dtype=np.float64)
+    E = router_weight.shape[0]
+
+    logits = xf @ router_weight.T
+    routing = route(logits, top_k, scoring=scoring, renormalize=renormalize,
+                    routed_scaling=routed_scaling, expert_bias=expert_bias,
+                    n_groups=n_groups, topk_groups=topk_groups,
+                    capacity_factor=capacity_factor)
+    disp = dispatch(xf, routing["expert_ids"], E)
+    gate_w = w_gate if activation in GATED else None
+    y_sorted = expert_ffn(disp["x_sorted"], disp["offsets"], gate_w, w_up, w_down,
+                          activation)
+    out = combine(y_sorted, disp["position"], routing["weights"])
+
+    if shared_w_up is not None:
+        sg = shared_w_gate if activation in GATED else None
+        shared = ffn(xf, sg, shared_w_up, shared_w_down, activation)
+        if shared_gate_weight is not None:
+            gw = np.asarray(shared_gate_weight, dtype=np.float64).reshape(d)
+            shared = shared * sigmoid(xf @ gw)[:, None]
+        out = out + shared
+
+    routing = dict(routing)
+    routing["dispatch"] = disp
+    return out.reshape(x.shape), routing
+
+
+def _is_false(flag):
+    """True only for an explicit boolean False (a missing flag or an array is not)."""
+    return isinstance(flag, (bool, np.bool_)) and not flag
+
+
+def layer_forward(layer, x):
+    """Run sparse_moe() with the parameters and options of a SparseMoE-like object.
+
+    Args:
+      layer: object with attributes router_weight (E, d), w_gate (E, F, d), w_up
+        (E, F, d), w_down (E, d, F), top_k, activation, scoring, renormalize,
+        routed_scaling, n_groups, topk_groups, capacity_factor, expert_bias (E,),
+        shared_w_gate (H, d), shared_w_up (H, d), shared_w_down (d, H),
+        shared_gate_weight (1, d); flags use_expert_bias, n_shared_experts and
+        shared_expert_gate switch the optional parts off. Missing attributes read
+        as None / the sparse_moe defaults.
+      x: (..., d) input.
+
+    Returns the (out, routing) pair of sparse_moe().
+    """
+    def get(name, default=None):
+        value = getattr(layer, name, None)
+        return default if value is None else value
+
+    activation = get("activation", "swiglu")
+
+    expert_bias = get("expert_bias")
+    if _is_false(getattr(layer, "use_expert_bias", None)):
+        expert_bias = None
+
+    shared_w_gate = get("shared_w_gate")
+    shared_w_up = get("shared_w_up")
+    shared_w_down = get("shared_w_down")
+    n_shared = getattr(layer, "n_shared_experts", None)
+    if n_shared is not None and int(n_shared) == 0:
+        shared_w_gate = shared_w_up = shared_w_down = None
+
+    shared_gate_weight = get("shared_gate_weight")
+    if _is_false(getattr(layer, "shared_expert_gate", None)) or shared_w_up is None:
+        shared_gate_weight = None
+
+    w_gate = get("w_gate") if activation in GATED else None
+    if activation not in GATED:
+        shared_w_gate = None
+
+    return sparse_moe(
+        x, get("router_weight"), w_gate, get("w_up"), get("w_down"),
+        top_k=get("top_k"),
+        activation=activation,
+        scoring=get("scoring", "softmax"),
+        renormalize=get("renormalize", True),
+        routed_scaling=get("routed_scaling", 1.0),
+        n_groups=get("n_groups", 1),
+        topk_groups=get("topk_groups", 1),
+        expert_bias=expert_bias,
+        capacity_factor=get("capacity_factor"),
+        shared_w_gate=shared_w_gate,
+        shared_w_up=shared_w_up,
+        shared_w_down=shared_w_down,
+        shared_gate_weight=shared_gate_weight,
+    )

@@ -8,7 +8,7 @@ build:
 	pip install -e . -q
 
 test: build
-	python -m pytest -q tests
+	pytest -q tests
 
 bench: build
 	python -m moe bench

@@ -129,7 +129,8 @@ moe_route_token(const moe_route_params *p, const double *logit,
             s->score[e] = 1.0 / (1.0 + exp(-logit[e]));
             ssum += s->score[e];
         }
-        for (e = 0; e < E; e++) {
+        /* All scores can underflow to 0 for logits below about -745. */
+        for (e = 0; ssum > 0.0 && e < E; e++) {
             psum[e] += s->score[e] / ssum;
         }
     }
@@ -306,7 +307,7 @@ done:
 }
 
 moe_status
-moe_expert_bias_update(float *bias, const int64_t *counts, int32_t n_experts,
+moe_expert_bias_update(double *bias, const int64_t *counts, int32_t n_experts,
                        double rate)
 {
     double mean = 0.0;
@@ -322,7 +323,7 @@ moe_expert_bias_update(float *bias, const int64_t *counts, int32_t n_experts,
     for (e = 0; e < n_experts; e++) {
         double d = mean - (double)counts[e];
         double sgn = d > 0.0 ? 1.0 : (d < 0.0 ? -1.0 : 0.0);
-        bias[e] = (float)((double)bias[e] + rate * sgn);
+        bias[e] += rate * sgn;
     }
     return MOE_STATUS_OK;
 }

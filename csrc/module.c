@@ -268,7 +268,7 @@ moe_py_update_expert_bias(PyObject *self, PyObject *args)
     if (!PyArg_ParseTuple(args, "OOd", &bias_obj, &counts_obj, &rate)) {
         return NULL;
     }
-    if (!(bias = moe_arg(bias_obj, "bias", NPY_FLOAT32, 1, bd, 1))) {
+    if (!(bias = moe_arg(bias_obj, "bias", NPY_FLOAT64, 1, bd, 1))) {
         return NULL;
     }
     cd[0] = bd[0];
@@ -279,7 +279,7 @@ moe_py_update_expert_bias(PyObject *self, PyObject *args)
         PyErr_SetString(PyExc_ValueError, "bias is too long");
         return NULL;
     }
-    moe_expert_bias_update(MOE_DATA(bias, float), MOE_DATA(counts, int64_t),
+    moe_expert_bias_update(MOE_DATA(bias, double), MOE_DATA(counts, int64_t),
                            (int32_t)bd[0], rate);
     Py_RETURN_NONE;
 }

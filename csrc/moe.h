@@ -103,7 +103,7 @@ typedef struct moe_route_params {
 moe_status moe_route_topk(const moe_route_params *p);
 
 /* bias += rate * sign(mean(counts) - counts), auxiliary-loss-free balancing */
-moe_status moe_expert_bias_update(float *bias, const int64_t *counts,
+moe_status moe_expert_bias_update(double *bias, const int64_t *counts,
                                   int32_t n_experts, double rate);
 
 /* ---- dispatch: stable counting sort of (token, slot) pairs by expert - */

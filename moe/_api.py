@@ -70,7 +70,12 @@ def float_array(obj, name, shape=None, dtype=np.float32):
         raise TypeError(f"{name} must be a floating-point array (float16/32/64), got dtype {arr.dtype}")
     if shape is not None:
         _check_shape(arr, name, shape)
-    return np.ascontiguousarray(arr, dtype=dtype)
+    return _c_layout(arr, dtype)
+
+
+def _c_layout(arr, dtype):
+    """arr as an aligned, C-contiguous array of dtype: no copy when it already is one."""
+    return np.require(arr, dtype=dtype, requirements=("C", "A"))
 
 
 def int_array(obj, name, shape=None, dtype=np.int64, low=None, high=None, what=None):
@@ -85,7 +90,7 @@ def int_array(obj, name, shape=None, dtype=np.int64, low=None, high=None, what=N
         if (low is not None and lo < low) or (high is not None and hi >= high):
             bad = lo if (low is not None and lo < low) else hi
             raise ValueError(f"{name} values must be in {what or f'[{low}, {high})'}, got {bad}")
-    return np.ascontiguousarray(arr, dtype=dtype)
+    return _c_layout(arr, dtype)
 
 
 def check_int(value, name, low=None, high=None):
@@ -221,13 +226,10 @@ def update_expert_bias(bias, counts, rate):
     counts = int_array(counts, "counts", (("n_experts", bias.shape[0]),), low=0,
                        what="[0, inf)")
     rate = check_float(rate, "rate")
-    work = np.ascontiguousarray(bias, dtype=np.float32)
-    if work is bias:
-        _C.update_expert_bias(work, counts, rate)
-    else:
-        work = work.copy()
-        _C.update_expert_bias(work, counts, rate)
-        bias[...] = work
+    # The step is taken in float64 and rounded once to the bias's own dtype.
+    work = np.array(bias, dtype=np.float64, order="C")
+    _C.update_expert_bias(work, counts, rate)
+    bias[...] = work
     return bias
 
 

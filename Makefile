@@ -8,7 +8,7 @@ build:
 	pip install -e . -q
 
 test: build
-	pytest -q tests
+	python -m pytest -q tests
 
 bench: build
 	python -m moe bench

@@ -4,6 +4,14 @@ Routing (softmax / sigmoid scores, top-k, renormalisation, selection bias, group
 top-k, capacity), dispatch and combine, grouped expert FFNs and a whole layer,
 on NumPy arrays or CPU DLPack tensors.  ``moe.reference`` is the float64 oracle.
 """
+try:
+    from . import _C  # noqa: F401
+except ImportError as exc:  # a source tree without its built extension
+    raise ImportError(
+        f"moe's C extension is not built next to {__file__}: install with "
+        "`pip install -e .` to use this source tree, or run Python from another directory "
+        f"so it finds the installed package ({exc})"
+    ) from exc
 from . import reference
 from ._api import (ACTIVATIONS, SCORINGS, Dispatch, RoutingResult, combine, cuda_available,
                    dispatch, expert_ffn, ffn, route, show_config, update_expert_bias)

@@ -5,6 +5,7 @@
  * whichever backend runs.
  */
 #include "moe_impl.h"
+#include "cpu_kernels.h"
 
 moe_status
 moe_router_logits(const moe_router_params *p)
@@ -66,17 +67,48 @@ moe_combine(const moe_combine_params *p)
 }
 
 moe_status
+moe_experts_pack(const moe_pack_params *p, moe_experts **out)
+{
+    if (out == NULL || p->w_up == NULL || p->w_down == NULL ||
+        p->n_experts < 1 || p->d_model < 0 || p->d_ff < 0 ||
+        (p->dtype != MOE_DTYPE_F32 && p->dtype != MOE_DTYPE_BF16 &&
+         p->dtype != MOE_DTYPE_F16)) {
+        return moe_set_error(MOE_STATUS_INVALID_ARG, "moe_experts_pack: "
+                             "w_up, w_down, n_experts >= 1, sizes >= 0 and "
+                             "a known dtype are required");
+    }
+    return moe_cpu_experts_pack(p, out);
+}
+
+moe_status
 moe_ffn_grouped(const moe_ffn_params *p)
 {
+    const moe_experts *w = p->experts;
+    int64_t r;
     int32_t e;
 
-    /* Offsets decide which memory is read and written: check them here. */
-    if (p->offsets[0] != 0 || p->offsets[p->n_experts] != p->n_rows) {
+    if (w == NULL) {
+        return moe_set_error(MOE_STATUS_INVALID_ARG, "experts is NULL");
+    }
+    /* A pack is laid out for one kernel set (its panel width). */
+    if (w->nr != moe_cpu_kernels()->nr) {
+        return moe_set_error(MOE_STATUS_UNSUPPORTED, "the experts were packed "
+                             "for another CPU kernel set: pack them again");
+    }
+    if (moe_activation_is_gated(p->activation) != w->gated) {
+        return moe_set_error(MOE_STATUS_INVALID_ARG,
+                             "activation is %sgated but the experts were "
+                             "packed %s w_gate",
+                             w->gated ? "not " : "", w->gated ? "with"
+                                                              : "without");
+    }
+    /* Offsets and token_index decide which memory is read and written. */
+    if (p->offsets[0] != 0 || p->offsets[w->n_experts] != p->n_rows) {
         return moe_set_error(MOE_STATUS_INVALID_ARG,
                              "offsets must start at 0 and end at n_rows=%lld",
                              (long long)p->n_rows);
     }
-    for (e = 0; e < p->n_experts; e++) {
+    for (e = 0; e < w->n_experts; e++) {
         if (p->offsets[e + 1] < p->offsets[e]) {
             return moe_set_error(MOE_STATUS_INVALID_ARG,
                                  "offsets must be non-decreasing, got "
@@ -85,9 +117,19 @@ moe_ffn_grouped(const moe_ffn_params *p)
                                  (long long)p->offsets[e + 1]);
         }
     }
-    if (moe_activation_is_gated(p->activation) && p->w_gate == NULL) {
-        return moe_set_error(MOE_STATUS_INVALID_ARG,
-                             "w_gate is required by a gated activation");
+    if (p->token_index == NULL && p->n_tokens != p->n_rows) {
+        return moe_set_error(MOE_STATUS_INVALID_ARG, "without token_index, x "
+                             "must have n_rows=%lld rows, got %lld",
+                             (long long)p->n_rows, (long long)p->n_tokens);
+    }
+    for (r = 0; p->token_index != NULL && r < p->n_rows; r++) {
+        if (p->token_index[r] < 0 || p->token_index[r] >= p->n_tokens) {
+            return moe_set_error(MOE_STATUS_INVALID_ARG,
+                                 "token_index must be in [0, n_tokens=%lld), "
+                                 "got %lld at row %lld",
+                                 (long long)p->n_tokens,
+                                 (long long)p->token_index[r], (long long)r);
+        }
     }
     return moe_cpu_ffn_grouped(p);
 }

@@ -81,25 +81,19 @@ moe_cpu_dispatch_gather(const moe_gather_params *p)
     return MOE_STATUS_OK;
 }
 
-moe_status
-moe_cpu_combine(const moe_combine_params *p)
+/* Tokens per task of the parallel combine. */
+#define MOE_COMBINE_BLOCK 32
+
+static void
+moe_combine_task(void *ctx, int64_t task)
 {
-    const int64_t n = p->n_tokens * p->top_k, d = p->d_model;
-    int64_t t, i;
+    const moe_combine_params *p = ctx;
+    const int64_t d = p->d_model;
+    int64_t t, i, end = (task + 1) * MOE_COMBINE_BLOCK;
     int32_t j;
 
-    for (i = 0; i < n; i++) {
-        if (p->position[i] < -1 || p->position[i] >= p->n_rows) {
-            return moe_set_error(MOE_STATUS_INVALID_ARG,
-                                 "position must be in [0, n_rows=%lld) or -1, "
-                                 "got %lld at token %lld, slot %lld",
-                                 (long long)p->n_rows,
-                                 (long long)p->position[i],
-                                 (long long)(i / p->top_k),
-                                 (long long)(i % p->top_k));
-        }
-    }
-    for (t = 0; t < p->n_tokens; t++) {
+    end = end < p->n_tokens ? end : p->n_tokens;
+    for (t = task * MOE_COMBINE_BLOCK; t < end; t++) {
         float *o = p->out + t * d;
         memset(o, 0, sizeof(float) * (size_t)d);
         /* Slot order is fixed: the same token always sums the same way. */
@@ -116,5 +110,25 @@ moe_cpu_combine(const moe_combine_params *p)
             }
         }
     }
-    return MOE_STATUS_OK;
+}
+
+moe_status
+moe_cpu_combine(const moe_combine_params *p)
+{
+    const int64_t n = p->n_tokens * p->top_k;
+    int64_t i;
+
+    for (i = 0; i < n; i++) {
+        if (p->position[i] < -1 || p->position[i] >= p->n_rows) {
+            return moe_set_error(MOE_STATUS_INVALID_ARG,
+                                 "position must be in [0, n_rows=%lld) or -1, "
+                                 "got %lld at token %lld, slot %lld",
+                                 (long long)p->n_rows,
+                                 (long long)p->position[i],
+                                 (long long)(i / p->top_k),
+                                 (long long)(i % p->top_k));
+        }
+    }
+    return moe_pool_run((p->n_tokens + MOE_COMBINE_BLOCK - 1) /
+                        MOE_COMBINE_BLOCK, moe_combine_task, (void *)p);
 }

@@ -1,21 +1,27 @@
 /*
- * cpu_ffn.c - the grouped expert FFN on the CPU: for each expert, its rows
- * go through gate/up projections, the activation, and the down projection,
- * in row blocks so the hidden activations stay in cache.  Only routed rows
- * are computed.  The tile kernel comes from cpu_tile_<isa>.c, picked once
- * from cpuid (or forced with MOE_ISA=scalar|avx2|avx512).
+ * cpu_ffn.c - the grouped expert FFN on the CPU: kernel-set choice, weight
+ * packing, and the driver.  Weights are packed once into k-major panels
+ * (gate and up interleaved per panel, so one micro-kernel pass yields both
+ * and the activation is applied before anything is written).  A forward
+ * runs three parallel phases over (expert, row-block, column-block) tasks:
+ *   0. gather the routed rows into activation panels,
+ *   1. h = act(x W_gate^T, x W_up^T), written as panels for phase 2,
+ *   2. y = h W_down^T into the expert-sorted output rows.
+ * Every output element is computed by exactly one task, as one FMA chain
+ * in k order, so results are the same bits for any thread count or batch.
  */
 #include "moe_impl.h"
-#include "cpu_tile.h"
+#include "cpu_kernels.h"
 
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
-/* Rows per block: the (MOE_FFN_ROWS, d_ff) hidden block stays in L2. */
-#define MOE_FFN_ROWS 32
+/* Rows (activation panels) and weight panels per task: see phase 1. */
+#define MOE_TASK_ROWS   192
+#define MOE_TASK_PANELS 4
 
-/* ---- ISA choice ------------------------------------------------------- */
+/* ---- kernel set ------------------------------------------------------- */
 
 static int
 moe_has_feature(const char *name)
@@ -32,52 +38,49 @@ moe_has_feature(const char *name)
     return 0;
 }
 
+/*
+ * The best set this CPU runs, lowered (never raised) by MOE_ISA.  Decided
+ * once: the first call comes from the module's init, under the GIL.
+ */
+const moe_kernels *
+moe_cpu_kernels(void)
+{
+    static const moe_kernels *chosen = NULL;
+    const moe_kernels *best = &moe_kernels_generic;
+    const char *want;
+
+    if (chosen != NULL) {
+        return chosen;
+    }
+#ifdef MOE_HAVE_X86_KERNELS
+    if (moe_has_feature("avx512f") && moe_has_feature("f16c") &&
+        moe_has_feature("fma")) {
+        best = &moe_kernels_avx512;
+    }
+    else if (moe_has_feature("avx2") && moe_has_feature("fma") &&
+             moe_has_feature("f16c")) {
+        best = &moe_kernels_avx2;
+    }
+#endif
+    want = getenv("MOE_ISA");
+    if (want != NULL) {
+        if (strcmp(want, "scalar") == 0 || strcmp(want, "generic") == 0) {
+            best = &moe_kernels_generic;
+        }
+#ifdef MOE_HAVE_X86_KERNELS
+        else if (strcmp(want, "avx2") == 0 && best == &moe_kernels_avx512) {
+            best = &moe_kernels_avx2;
+        }
+#endif
+    }
+    chosen = best;
+    return chosen;
+}
+
 const char *
 moe_cpu_isa(void)
 {
-    static const char *isa = NULL;
-    const char *want, *best = "scalar";
-
-    if (isa != NULL) {
-        return isa;
-    }
-#ifdef MOE_HAVE_X86_TILES
-    if (moe_has_feature("avx512f")) {
-        best = "avx512";
-    }
-    else if (moe_has_feature("avx2") && moe_has_feature("fma")) {
-        best = "avx2";
-    }
-#endif
-    /* MOE_ISA can lower the choice, never raise it past what the CPU has. */
-    want = getenv("MOE_ISA");
-    if (want != NULL) {
-        if (strcmp(want, "scalar") == 0) {
-            best = "scalar";
-        }
-        else if (strcmp(want, "avx2") == 0 && strcmp(best, "avx512") == 0) {
-            best = "avx2";
-        }
-    }
-    isa = best;
-    return isa;
-}
-
-static moe_tile_fn
-moe_cpu_tile(void)
-{
-    const char *isa = moe_cpu_isa();
-
-#ifdef MOE_HAVE_X86_TILES
-    if (strcmp(isa, "avx512") == 0) {
-        return moe_cpu_tile_avx512;
-    }
-    if (strcmp(isa, "avx2") == 0) {
-        return moe_cpu_tile_avx2;
-    }
-#endif
-    (void)isa;
-    return moe_cpu_tile_scalar;
+    return moe_cpu_kernels()->name;
 }
 
 /* ---- activations ------------------------------------------------------ */
@@ -116,114 +119,374 @@ moe_activate(moe_activation act, float gate, float up)
     return 0.0f;
 }
 
-/* ---- one expert, one block of rows ------------------------------------ */
+/* ---- packing ------------------------------------------------------------ */
+
+typedef struct moe_pack_job {
+    const moe_pack_params *p;
+    moe_experts           *w;
+    size_t                 es; /* bytes per element */
+} moe_pack_job;
 
 /*
- * Rows past the end of a tile repeat the last valid row and their results
- * are dropped: each element is computed the same way wherever it falls.
+ * Where column j of a panel row goes: bf16 interleaves the two vectors of a
+ * row (see cpu_gemm.inc), the other types are plain.
  */
-static void
-moe_tile_rows(const float *base, int64_t ld, int64_t i, int64_t n,
-              const float *rows[MOE_TILE_MR])
+static inline int64_t
+moe_pack_col(const moe_experts *w, int j)
 {
-    int r;
+    int vl = w->nr / 2;
+    return w->dtype == MOE_DTYPE_BF16 ? (int64_t)(j % vl) * 2 + j / vl : j;
+}
 
-    for (r = 0; r < MOE_TILE_MR; r++) {
-        int64_t ii = i + r < n ? i + r : n - 1;
-        rows[r] = base + ii * ld;
+/* Copy row `src` (K elements, or NULL for zeros) into panel column j. */
+static void
+moe_pack_column(const moe_experts *w, size_t es, const void *src, int64_t K,
+                void *panel, int j)
+{
+    const int64_t col = moe_pack_col(w, j);
+    int64_t k;
+
+    if (es == 4) {
+        float *dst = (float *)panel + col;
+        const float *s = src;
+        for (k = 0; k < K; k++) {
+            dst[k * w->nr] = s ? s[k] : 0.0f;
+        }
+    }
+    else {
+        uint16_t *dst = (uint16_t *)panel + col;
+        const uint16_t *s = src;
+        for (k = 0; k < K; k++) {
+            dst[k * w->nr] = s ? s[k] : 0;
+        }
     }
 }
 
+/* Task t: one panel (gate/up panels first, then down panels) of one expert. */
 static void
-moe_ffn_block(moe_tile_fn tile, const moe_ffn_params *p, int32_t e,
-              const float *x, int64_t m, float *h, float *y)
+moe_pack_task(void *ctx, int64_t t)
 {
-    const int64_t d = p->d_model, F = p->d_ff;
-    const float *wg = p->w_gate ? p->w_gate + (int64_t)e * F * d : NULL;
-    const float *wu = p->w_up + (int64_t)e * F * d;
-    const float *wd = p->w_down + (int64_t)e * d * F;
-    const int gated = moe_activation_is_gated(p->activation);
-    const float *a[MOE_TILE_MR], *b[MOE_TILE_NR];
-    float out[MOE_TILE_MR][MOE_TILE_NR];
-    int64_t i, f, o;
-    int r, j;
+    const moe_pack_job *job = ctx;
+    const moe_pack_params *p = job->p;
+    const moe_experts *w = job->w;
+    const int64_t per_expert = w->gu_panels + w->down_panels;
+    const int64_t e = t / per_expert, c = t % per_expert;
+    const int64_t d = w->d_model, F = w->d_ff;
+    const size_t es = job->es;
+    int j;
 
-    /* Up (and gate): a gated tile pairs 2 gate rows with the same 2 up rows. */
-    for (f = 0; f < F; f += gated ? 2 : MOE_TILE_NR) {
-        if (gated) {
-            int64_t f1 = f + 1 < F ? f + 1 : f;
-            b[0] = wg + f * d;
-            b[1] = wg + f1 * d;
-            b[2] = wu + f * d;
-            b[3] = wu + f1 * d;
-        }
-        else {
-            moe_tile_rows(wu, d, f, F, b);
-        }
-        for (i = 0; i < m; i += MOE_TILE_MR) {
-            moe_tile_rows(x, d, i, m, a);
-            tile(a, b, d, out);
-            for (r = 0; r < MOE_TILE_MR && i + r < m; r++) {
-                float *hr = h + (i + r) * F;
-                if (gated) {
-                    hr[f] = moe_activate(p->activation, out[r][0], out[r][2]);
-                    if (f + 1 < F) {
-                        hr[f + 1] = moe_activate(p->activation, out[r][1],
-                                                 out[r][3]);
-                    }
-                }
-                else {
-                    for (j = 0; j < MOE_TILE_NR && f + j < F; j++) {
-                        hr[f + j] = moe_activate(p->activation, 0.0f,
-                                                 out[r][j]);
-                    }
-                }
-            }
+    if (c < w->gu_panels) {
+        const int width = w->gated ? w->nr / 2 : w->nr;
+        char *panel = (char *)w->gu + ((e * w->gu_panels + c) * d * w->nr) * es;
+        const char *up = (const char *)p->w_up + (size_t)(e * F * d) * es;
+        const char *gate = p->w_gate
+            ? (const char *)p->w_gate + (size_t)(e * F * d) * es : NULL;
+        for (j = 0; j < w->nr; j++) {
+            int is_up = !w->gated || j >= width;
+            int64_t unit = c * width + (is_up && w->gated ? j - width : j);
+            const char *src = is_up ? up : gate;
+            moe_pack_column(w, es, unit < F ? src + (size_t)(unit * d) * es
+                                            : NULL, d, panel, j);
         }
     }
-    /* Down: y = h @ w_down^T. */
-    for (o = 0; o < d; o += MOE_TILE_NR) {
-        moe_tile_rows(wd, F, o, d, b);
-        for (i = 0; i < m; i += MOE_TILE_MR) {
-            moe_tile_rows(h, F, i, m, a);
-            tile(a, b, F, out);
-            for (r = 0; r < MOE_TILE_MR && i + r < m; r++) {
-                for (j = 0; j < MOE_TILE_NR && o + j < d; j++) {
-                    y[(i + r) * d + o + j] = out[r][j];
-                }
-            }
+    else {
+        const int64_t q = c - w->gu_panels;
+        char *panel = (char *)w->down +
+                      ((e * w->down_panels + q) * F * w->nr) * es;
+        const char *down = (const char *)p->w_down + (size_t)(e * d * F) * es;
+        for (j = 0; j < w->nr; j++) {
+            int64_t row = q * w->nr + j;
+            moe_pack_column(w, es, row < d ? down + (size_t)(row * F) * es
+                                           : NULL, F, panel, j);
         }
     }
 }
 
 moe_status
+moe_cpu_experts_pack(const moe_pack_params *p, moe_experts **out)
+{
+    const moe_kernels *kr = moe_cpu_kernels();
+    moe_experts *w;
+    moe_pack_job job;
+    size_t es = p->dtype == MOE_DTYPE_F32 ? 4 : 2, n_gu, n_down;
+    moe_status st;
+
+    *out = NULL;
+    w = moe_alloc(1, sizeof(*w));
+    if (w == NULL) {
+        return MOE_STATUS_ALLOC;
+    }
+    memset(w, 0, sizeof(*w));
+    w->dtype = p->dtype;
+    w->nr = kr->nr;
+    w->gated = p->w_gate != NULL;
+    w->n_experts = p->n_experts;
+    w->d_model = p->d_model;
+    w->d_ff = p->d_ff;
+    w->gu_panels = (p->d_ff + (w->gated ? kr->nr / 2 : kr->nr) - 1) /
+                   (w->gated ? kr->nr / 2 : kr->nr);
+    w->down_panels = (p->d_model + kr->nr - 1) / kr->nr;
+    n_gu = (size_t)(p->n_experts * w->gu_panels * p->d_model * kr->nr);
+    n_down = (size_t)(p->n_experts * w->down_panels * p->d_ff * kr->nr);
+    w->gu = moe_alloc(n_gu, es);
+    w->down = moe_alloc(n_down, es);
+    if (w->gu == NULL || w->down == NULL) {
+        moe_experts_free(w);
+        return MOE_STATUS_ALLOC;
+    }
+    w->nbytes = (n_gu + n_down) * es + sizeof(*w);
+    job.p = p;
+    job.w = w;
+    job.es = es;
+    st = moe_pool_run(p->n_experts * (w->gu_panels + w->down_panels),
+                      moe_pack_task, &job);
+    if (st != MOE_STATUS_OK) {
+        moe_experts_free(w);
+        return st;
+    }
+    *out = w;
+    return MOE_STATUS_OK;
+}
+
+void
+moe_experts_free(moe_experts *w)
+{
+    if (w != NULL) {
+        free(w->gu);
+        free(w->down);
+        free(w);
+    }
+}
+
+void
+moe_experts_get_info(const moe_experts *w, moe_experts_info *info)
+{
+    info->n_experts = w->n_experts;
+    info->d_model = w->d_model;
+    info->d_ff = w->d_ff;
+    info->gated = w->gated;
+    info->dtype = w->dtype;
+    info->nbytes = w->nbytes;
+}
+
+/* ---- the forward pass ------------------------------------------------- */
+
+/* A block of activation panels of one expert times a block of its weight
+ * panels. */
+typedef struct moe_ffn_task {
+    int32_t e;
+    int64_t p0, p1; /* activation panels [p0, p1) (global numbering)     */
+    int64_t c0, c1; /* weight panels [c0, c1) of expert e                */
+} moe_ffn_task;
+
+typedef struct moe_ffn_job {
+    const moe_kernels    *kr;
+    const moe_ffn_params *p;
+    const moe_experts    *w;
+    int64_t              *panel_off; /* (E+1,) first panel of expert e     */
+    int32_t              *panel_e;   /* (n_panels,) expert of each panel   */
+    int64_t               n_panels;
+    float                *xp;        /* (n_panels, d_model, MR)            */
+    float                *hp;        /* (n_panels, d_ff, MR)               */
+    moe_ffn_task         *tasks;
+    int64_t               n_tasks;
+} moe_ffn_job;
+
+/* First row and number of valid rows of activation panel P. */
+static inline void
+moe_panel_rows(const moe_ffn_job *job, int64_t P, int64_t *r0, int *m)
+{
+    const int32_t e = job->panel_e[P];
+    const int64_t end = job->p->offsets[e + 1];
+
+    *r0 = job->p->offsets[e] + (P - job->panel_off[e]) * job->kr->mr;
+    *m = (int)(end - *r0 < job->kr->mr ? end - *r0 : job->kr->mr);
+}
+
+/* Phase 0: gather the rows of panel P into xp, k-major, zero padded. */
+static void
+moe_ffn_pack_rows(void *ctx, int64_t P)
+{
+    const moe_ffn_job *job = ctx;
+    const moe_ffn_params *p = job->p;
+    const int mr = job->kr->mr;
+    const int64_t d = p->experts->d_model;
+    float *dst = job->xp + P * d * mr;
+    int64_t r0, k;
+    int m, i;
+
+    moe_panel_rows(job, P, &r0, &m);
+    for (i = 0; i < mr; i++) {
+        const float *src = NULL;
+        if (i < m) {
+            int64_t r = r0 + i;
+            src = p->x + (p->token_index ? p->token_index[r] : r) * d;
+        }
+        for (k = 0; k < d; k++) {
+            dst[k * mr + i] = src ? src[k] : 0.0f;
+        }
+    }
+}
+
+/* Phase 1: gate/up panels -> activation -> hidden panels (hp). */
+static void
+moe_ffn_up_task(void *ctx, int64_t t)
+{
+    const moe_ffn_job *job = ctx;
+    const moe_ffn_task *task = &job->tasks[t];
+    const moe_experts *w = job->w;
+    const int mr = job->kr->mr, nr = w->nr;
+    const int width = w->gated ? nr / 2 : nr;
+    const size_t es = w->dtype == MOE_DTYPE_F32 ? 4 : 2;
+    const moe_ukr_fn ukr = job->kr->ukr[w->dtype];
+    const moe_activation act = job->p->activation;
+    const int64_t d = w->d_model, F = w->d_ff;
+    float tile[MOE_MAX_MR * MOE_MAX_NR];
+    int64_t c, P, r0;
+    int m, i, j;
+
+    /* The weight panel outside: it is read from memory once per task and
+     * reused from cache for every activation panel of the block. */
+    for (c = task->c0; c < task->c1; c++) {
+        const char *b = (const char *)w->gu +
+                        ((task->e * w->gu_panels + c) * d * nr) * es;
+        for (P = task->p0; P < task->p1; P++) {
+            float *h = job->hp + P * F * mr;
+            moe_panel_rows(job, P, &r0, &m);
+            ukr(job->xp + P * d * mr, b, d, m, tile);
+            for (i = 0; i < m; i++) {
+                const float *ti = tile + i * nr;
+                for (j = 0; j < width && c * width + j < F; j++) {
+                    float g = w->gated ? ti[j] : 0.0f;
+                    float u = w->gated ? ti[width + j] : ti[j];
+                    h[(c * width + j) * mr + i] = moe_activate(act, g, u);
+                }
+            }
+        }
+    }
+}
+
+/* Phase 2: hidden panels times down panels -> sorted output rows. */
+static void
+moe_ffn_down_task(void *ctx, int64_t t)
+{
+    const moe_ffn_job *job = ctx;
+    const moe_ffn_task *task = &job->tasks[t];
+    const moe_experts *w = job->w;
+    const int mr = job->kr->mr, nr = w->nr;
+    const size_t es = w->dtype == MOE_DTYPE_F32 ? 4 : 2;
+    const moe_ukr_fn ukr = job->kr->ukr[w->dtype];
+    const int64_t d = w->d_model, F = w->d_ff;
+    float tile[MOE_MAX_MR * MOE_MAX_NR];
+    int64_t c, P, r0;
+    int m, i, j;
+
+    for (c = task->c0; c < task->c1; c++) {
+        const char *b = (const char *)w->down +
+                        ((task->e * w->down_panels + c) * F * nr) * es;
+        for (P = task->p0; P < task->p1; P++) {
+            moe_panel_rows(job, P, &r0, &m);
+            ukr(job->hp + P * F * mr, b, F, m, tile);
+            for (i = 0; i < m; i++) {
+                float *y = job->p->out + (r0 + i) * d + c * nr;
+                for (j = 0; j < nr && c * nr + j < d; j++) {
+                    y[j] = tile[i * nr + j];
+                }
+            }
+        }
+    }
+}
+
+/* Cut every expert's (panels x weight panels) grid into tasks. */
+static int64_t
+moe_ffn_plan(moe_ffn_job *job, int64_t col_panels, moe_ffn_task *tasks)
+{
+    const int64_t rows_per = (MOE_TASK_ROWS + job->kr->mr - 1) / job->kr->mr;
+    int64_t n = 0, p0, c0;
+    int32_t e;
+
+    for (e = 0; e < job->w->n_experts; e++) {
+        for (p0 = job->panel_off[e]; p0 < job->panel_off[e + 1];
+             p0 += rows_per) {
+            int64_t p1 = p0 + rows_per < job->panel_off[e + 1]
+                             ? p0 + rows_per : job->panel_off[e + 1];
+            for (c0 = 0; c0 < col_panels; c0 += MOE_TASK_PANELS) {
+                if (tasks != NULL) {
+                    tasks[n].e = e;
+                    tasks[n].p0 = p0;
+                    tasks[n].p1 = p1;
+                    tasks[n].c0 = c0;
+                    tasks[n].c1 = c0 + MOE_TASK_PANELS < col_panels
+                                      ? c0 + MOE_TASK_PANELS : col_panels;
+                }
+                n++;
+            }
+        }
+    }
+    return n;
+}
+
+moe_status
 moe_cpu_ffn_grouped(const moe_ffn_params *p)
 {
-    const moe_tile_fn tile = moe_cpu_tile();
-    float *h;
+    const moe_experts *w = p->experts;
+    moe_ffn_job job;
+    moe_status st = MOE_STATUS_ALLOC;
+    int64_t n_up, n_down, P;
     int32_t e;
 
     if (p->n_rows == 0) {
         return MOE_STATUS_OK;
     }
-    h = moe_alloc((size_t)MOE_FFN_ROWS * (size_t)p->d_ff, sizeof(float));
-    if (h == NULL) {
-        return MOE_STATUS_ALLOC;
+    memset(&job, 0, sizeof(job));
+    job.kr = moe_cpu_kernels();
+    job.p = p;
+    job.w = w;
+    job.panel_off = moe_alloc((size_t)w->n_experts + 1, sizeof(int64_t));
+    if (job.panel_off == NULL) {
+        goto done;
     }
-    for (e = 0; e < p->n_experts; e++) {
-        int64_t r0;
-        for (r0 = p->offsets[e]; r0 < p->offsets[e + 1]; r0 += MOE_FFN_ROWS) {
-            int64_t m = p->offsets[e + 1] - r0;
-            m = m < MOE_FFN_ROWS ? m : MOE_FFN_ROWS;
-            if (p->d_ff == 0) {
-                memset(p->out + r0 * p->d_model, 0,
-                       sizeof(float) * (size_t)(m * p->d_model));
-                continue;
-            }
-            moe_ffn_block(tile, p, e, p->x + r0 * p->d_model, m, h,
-                          p->out + r0 * p->d_model);
+    job.panel_off[0] = 0;
+    for (e = 0; e < w->n_experts; e++) {
+        int64_t rows = p->offsets[e + 1] - p->offsets[e];
+        job.panel_off[e + 1] = job.panel_off[e] +
+                               (rows + job.kr->mr - 1) / job.kr->mr;
+    }
+    job.n_panels = job.panel_off[w->n_experts];
+    n_up = moe_ffn_plan(&job, w->gu_panels, NULL);
+    n_down = moe_ffn_plan(&job, w->down_panels, NULL);
+    job.panel_e = moe_alloc((size_t)job.n_panels, sizeof(int32_t));
+    job.xp = moe_alloc((size_t)(job.n_panels * w->d_model * job.kr->mr),
+                       sizeof(float));
+    job.hp = moe_alloc((size_t)(job.n_panels * w->d_ff * job.kr->mr),
+                       sizeof(float));
+    job.tasks = moe_alloc((size_t)(n_up > n_down ? n_up : n_down),
+                          sizeof(moe_ffn_task));
+    if (!job.panel_e || !job.xp || !job.hp || !job.tasks) {
+        goto done;
+    }
+    for (e = 0; e < w->n_experts; e++) {
+        for (P = job.panel_off[e]; P < job.panel_off[e + 1]; P++) {
+            job.panel_e[P] = e;
         }
     }
-    free(h);
-    return MOE_STATUS_OK;
+
+    if ((st = moe_pool_run(job.n_panels, moe_ffn_pack_rows, &job)) !=
+        MOE_STATUS_OK) {
+        goto done;
+    }
+    job.n_tasks = moe_ffn_plan(&job, w->gu_panels, job.tasks);
+    if ((st = moe_pool_run(job.n_tasks, moe_ffn_up_task, &job)) !=
+        MOE_STATUS_OK) {
+        goto done;
+    }
+    job.n_tasks = moe_ffn_plan(&job, w->down_panels, job.tasks);
+    st = moe_pool_run(job.n_tasks, moe_ffn_down_task, &job);
+done:
+    free(job.panel_off);
+    free(job.panel_e);
+    free(job.xp);
+    free(job.hp);
+    free(job.tasks);
+    return st;
 }

@@ -6,55 +6,48 @@
  * reference; ties always break toward the lower index.
  */
 #include "moe_impl.h"
+#include "cpu_kernels.h"
 
 #include <math.h>
 #include <string.h>
 
 /* ---- router logits ---------------------------------------------------- */
 
+/* Tokens per task of the parallel routing loops. */
+#define MOE_ROUTE_BLOCK 64
+
 /*
- * Eight float64 partial sums per dot product, reduced in a fixed order: the
- * loop vectorises without -ffast-math and each logit depends only on its own
- * token, so a batch never changes a token's routing.
+ * The dot products come from the kernel set (cpu_gemm.inc): float64 partial
+ * sums in a fixed order, so a token's logits never depend on its batch.
  */
-#define MOE_DOT_LANES 8
+typedef struct moe_logits_job {
+    const moe_router_params *p;
+    moe_router_fn            dots;
+} moe_logits_job;
 
-static double
-moe_dot_f32_f64(const float *a, const float *b, int64_t n)
+static void
+moe_logits_task(void *ctx, int64_t t)
 {
-    double acc[MOE_DOT_LANES] = {0};
-    double s;
-    int64_t i = 0;
-    int l;
+    const moe_logits_job *job = ctx;
+    const moe_router_params *p = job->p;
+    int64_t i, end = (t + 1) * MOE_ROUTE_BLOCK;
 
-    for (; i + MOE_DOT_LANES <= n; i += MOE_DOT_LANES) {
-        for (l = 0; l < MOE_DOT_LANES; l++) {
-            acc[l] += (double)a[i + l] * (double)b[i + l];
-        }
+    end = end < p->n_tokens ? end : p->n_tokens;
+    for (i = t * MOE_ROUTE_BLOCK; i < end; i++) {
+        job->dots(p->x + i * p->d_model, p->weight, p->n_experts, p->d_model,
+                  p->logits + i * p->n_experts);
     }
-    for (l = 0; i < n; i++, l++) {
-        acc[l] += (double)a[i] * (double)b[i];
-    }
-    s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) +
-        ((acc[4] + acc[5]) + (acc[6] + acc[7]));
-    return s;
 }
 
 moe_status
 moe_cpu_router_logits(const moe_router_params *p)
 {
-    int64_t t;
-    int32_t e;
+    moe_logits_job job;
 
-    for (t = 0; t < p->n_tokens; t++) {
-        const float *xt = p->x + t * p->d_model;
-        double *lt = p->logits + t * p->n_experts;
-        for (e = 0; e < p->n_experts; e++) {
-            lt[e] = moe_dot_f32_f64(xt, p->weight + (int64_t)e * p->d_model,
-                                    p->d_model);
-        }
-    }
-    return MOE_STATUS_OK;
+    job.p = p;
+    job.dots = moe_cpu_kernels()->router;
+    return moe_pool_run((p->n_tokens + MOE_ROUTE_BLOCK - 1) / MOE_ROUTE_BLOCK,
+                        moe_logits_task, &job);
 }
 
 /* ---- top-k ------------------------------------------------------------ */
@@ -211,18 +204,55 @@ moe_route_token(const moe_route_params *p, const double *logit,
     return lse;
 }
 
+/* Per-task state of the parallel per-token loop. */
+typedef struct moe_route_job {
+    const moe_route_params *p;
+    moe_route_scratch      *scratch; /* one per task                      */
+    double                 *psum;    /* (n_tasks, E) aux-loss P partials  */
+    double                 *zsum;    /* (n_tasks,) z-loss partials        */
+} moe_route_job;
+
+static void
+moe_route_task(void *ctx, int64_t t)
+{
+    const moe_route_job *job = ctx;
+    const moe_route_params *p = job->p;
+    const int32_t E = p->n_experts, k = p->top_k;
+    double *psum = job->psum + t * E, z = 0.0;
+    int64_t i, end = (t + 1) * MOE_ROUTE_BLOCK;
+    int32_t e;
+
+    end = end < p->n_tokens ? end : p->n_tokens;
+    for (e = 0; e < E; e++) {
+        psum[e] = 0.0;
+    }
+    for (i = t * MOE_ROUTE_BLOCK; i < end; i++) {
+        double lse = moe_route_token(p, p->logits + i * E, &job->scratch[t],
+                                     p->expert_ids + i * k,
+                                     p->weights + i * k, psum);
+        z += lse * lse;
+    }
+    job->zsum[t] = z;
+}
+
 moe_status
 moe_cpu_route_topk(const moe_route_params *p)
 {
     const int64_t T = p->n_tokens;
-    const int32_t E = p->n_experts, k = p->top_k;
-    moe_route_scratch s;
-    double *psum = NULL, zsum = 0.0, aux = 0.0;
+    const int32_t E = p->n_experts, k = p->top_k, G = p->n_groups;
+    const int64_t n_tasks = (T + MOE_ROUTE_BLOCK - 1) / MOE_ROUTE_BLOCK;
+    /* doubles of scratch per task: score, sel (E each), gscore, gvals (G
+     * each), kvals (2k); then bytes: allowed (G), gids (G int32) */
+    const size_t nd = (size_t)E * 2 + (size_t)G * 2 + (size_t)k * 2;
+    moe_route_job job;
+    double *dbuf = NULL, zsum = 0.0, aux = 0.0;
+    int32_t *ibuf = NULL;
+    uint8_t *abuf = NULL;
     int64_t *selected = NULL, t, dropped = 0, cap = 0;
     moe_status st = MOE_STATUS_ALLOC;
     int32_t e;
 
-    memset(&s, 0, sizeof(s));
+    memset(&job, 0, sizeof(job));
     for (t = 0; t < T * E; t++) {
         if (!isfinite(p->logits[t])) {
             return moe_set_error(MOE_STATUS_NONFINITE,
@@ -241,33 +271,37 @@ moe_cpu_route_topk(const moe_route_params *p)
         }
     }
 
-    s.score = moe_alloc((size_t)E * 2, sizeof(double));
-    s.gscore = moe_alloc((size_t)p->n_groups * 2, sizeof(double));
-    s.allowed = moe_alloc((size_t)p->n_groups, 1);
-    s.gids = moe_alloc((size_t)p->n_groups, sizeof(int32_t));
-    s.kvals = moe_alloc((size_t)k * 2, sizeof(double));
-    psum = moe_alloc((size_t)E, sizeof(double));
+    job.p = p;
+    job.scratch = moe_alloc((size_t)n_tasks + 1, sizeof(moe_route_scratch));
+    job.psum = moe_alloc((size_t)(n_tasks + 1) * E, sizeof(double));
+    job.zsum = moe_alloc((size_t)n_tasks + 1, sizeof(double));
+    dbuf = moe_alloc((size_t)(n_tasks + 1) * nd, sizeof(double));
+    ibuf = moe_alloc((size_t)(n_tasks + 1) * G, sizeof(int32_t));
+    abuf = moe_alloc((size_t)(n_tasks + 1) * G, 1);
     selected = moe_alloc((size_t)E, sizeof(int64_t));
-    if (!s.score || !s.gscore || !s.allowed || !s.gids || !s.kvals || !psum ||
+    if (!job.scratch || !job.psum || !job.zsum || !dbuf || !ibuf || !abuf ||
         !selected) {
         goto done;
     }
-    s.sel = s.score + E;
-    s.gvals = s.gscore + p->n_groups;
-    for (e = 0; e < E; e++) {
-        psum[e] = 0.0;
-        selected[e] = 0;
-        p->counts[e] = 0;
+    for (t = 0; t < n_tasks; t++) {
+        moe_route_scratch *s = &job.scratch[t];
+        s->score = dbuf + t * nd;
+        s->sel = s->score + E;
+        s->gscore = s->sel + E;
+        s->gvals = s->gscore + G;
+        s->kvals = s->gvals + G;
+        s->gids = ibuf + t * G;
+        s->allowed = abuf + t * G;
     }
-
-    for (t = 0; t < T; t++) {
-        double lse = moe_route_token(p, p->logits + t * E, &s,
-                                     p->expert_ids + t * k, p->weights + t * k,
-                                     psum);
-        zsum += lse * lse;
+    if ((st = moe_pool_run(n_tasks, moe_route_task, &job)) != MOE_STATUS_OK) {
+        goto done;
     }
 
     /* Capacity: walk (token, slot) pairs in order; overflow is dropped. */
+    for (e = 0; e < E; e++) {
+        selected[e] = 0;
+        p->counts[e] = 0;
+    }
     if (p->capacity_factor > 0.0) {
         cap = (int64_t)ceil(p->capacity_factor * (double)T * (double)k /
                             (double)E);
@@ -284,11 +318,19 @@ moe_cpu_route_topk(const moe_route_params *p)
         p->counts[e]++;
     }
 
+    /* Losses: task partials summed in task order (fixed for a given T). */
     if (T > 0) {
         for (e = 0; e < E; e++) {
-            aux += ((double)selected[e] / ((double)T * k)) * (psum[e] / T);
+            double P = 0.0;
+            for (t = 0; t < n_tasks; t++) {
+                P += job.psum[t * E + e];
+            }
+            aux += ((double)selected[e] / ((double)T * k)) * (P / T);
         }
         aux *= E;
+        for (t = 0; t < n_tasks; t++) {
+            zsum += job.zsum[t];
+        }
         zsum /= (double)T;
     }
     *p->n_dropped = dropped;
@@ -296,12 +338,12 @@ moe_cpu_route_topk(const moe_route_params *p)
     *p->z_loss = zsum;
     st = MOE_STATUS_OK;
 done:
-    free(s.score);
-    free(s.gscore);
-    free(s.allowed);
-    free(s.gids);
-    free(s.kvals);
-    free(psum);
+    free(job.scratch);
+    free(job.psum);
+    free(job.zsum);
+    free(dbuf);
+    free(ibuf);
+    free(abuf);
     free(selected);
     return st;
 }

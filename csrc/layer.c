@@ -1,15 +1,15 @@
 /*
  * layer.c - the whole sparse MoE layer composed from the public ops:
- * router logits -> route -> dispatch -> gather -> grouped FFN -> combine,
- * plus shared experts with their optional sigmoid gate.  Backend-neutral:
- * it only calls the entry points of csrc/moe.h.
+ * router logits -> route -> dispatch -> grouped FFN (gathering the routed
+ * rows as it packs them) -> combine, plus shared experts with their
+ * optional sigmoid gate.  Backend-neutral: it only calls csrc/moe.h.
  */
 #include "moe_impl.h"
 
 #include <math.h>
 #include <string.h>
 
-/* The shared experts on every token, times sigmoid(x . gate) if gated. */
+/* out += shared(x) [* sigmoid(x . shared_gate)], token by token. */
 static moe_status
 moe_layer_shared(const moe_layer_params *p, float *tmp)
 {
@@ -17,17 +17,15 @@ moe_layer_shared(const moe_layer_params *p, float *tmp)
     int64_t offsets[2] = {0, T}, t, i;
     moe_ffn_params fp;
     double *g = NULL;
+    moe_status st;
 
     memset(&fp, 0, sizeof(fp));
     fp.x = p->x;
+    fp.token_index = NULL;
+    fp.n_tokens = T;
     fp.offsets = offsets;
-    fp.w_gate = p->shared_w_gate;
-    fp.w_up = p->shared_w_up;
-    fp.w_down = p->shared_w_down;
     fp.n_rows = T;
-    fp.d_model = d;
-    fp.d_ff = p->shared_d_ff;
-    fp.n_experts = 1;
+    fp.experts = p->shared;
     fp.activation = p->activation;
     fp.out = tmp;
     MOE_TRY(moe_ffn_grouped(&fp));
@@ -44,9 +42,9 @@ moe_layer_shared(const moe_layer_params *p, float *tmp)
         rp.d_model = d;
         rp.n_experts = 1;
         rp.logits = g;
-        if (moe_router_logits(&rp) != MOE_STATUS_OK) {
+        if ((st = moe_router_logits(&rp)) != MOE_STATUS_OK) {
             free(g);
-            return MOE_STATUS_INTERNAL;
+            return st;
         }
     }
     for (t = 0; t < T; t++) {
@@ -67,14 +65,21 @@ moe_layer_forward(const moe_layer_params *p)
     moe_router_params rp;
     moe_route_params qp;
     moe_dispatch_params dp;
-    moe_gather_params gp;
     moe_ffn_params fp;
     moe_combine_params cp;
     double *logits = NULL;
     int64_t *offsets = NULL, *token_index = NULL, *position = NULL, n_rows;
-    float *xs = NULL, *ys = NULL, *tmp = NULL;
+    float *ys = NULL, *tmp = NULL;
     moe_status st = MOE_STATUS_ALLOC;
 
+    if (p->experts == NULL || p->experts->n_experts != E ||
+        p->experts->d_model != d ||
+        (p->shared != NULL && (p->shared->n_experts != 1 ||
+                               p->shared->d_model != d))) {
+        return moe_set_error(MOE_STATUS_INVALID_ARG, "the packed experts do "
+                             "not match n_experts=%d, d_model=%lld", E,
+                             (long long)d);
+    }
     logits = moe_alloc((size_t)T * E, sizeof(double));
     offsets = moe_alloc((size_t)E + 1, sizeof(int64_t));
     position = moe_alloc((size_t)T * k, sizeof(int64_t));
@@ -126,9 +131,8 @@ moe_layer_forward(const moe_layer_params *p)
     n_rows = offsets[E];
     st = MOE_STATUS_ALLOC;
     token_index = moe_alloc((size_t)n_rows, sizeof(int64_t));
-    xs = moe_alloc((size_t)n_rows * (size_t)d, sizeof(float));
     ys = moe_alloc((size_t)n_rows * (size_t)d, sizeof(float));
-    if (!token_index || !xs || !ys) {
+    if (!token_index || !ys) {
         goto done;
     }
     dp.token_index = token_index;
@@ -136,25 +140,12 @@ moe_layer_forward(const moe_layer_params *p)
         goto done;
     }
 
-    gp.x = p->x;
-    gp.token_index = token_index;
-    gp.n_tokens = T;
-    gp.n_rows = n_rows;
-    gp.d_model = d;
-    gp.out = xs;
-    if ((st = moe_dispatch_gather(&gp)) != MOE_STATUS_OK) {
-        goto done;
-    }
-
-    fp.x = xs;
+    fp.x = p->x;
+    fp.token_index = token_index;
+    fp.n_tokens = T;
     fp.offsets = offsets;
-    fp.w_gate = p->w_gate;
-    fp.w_up = p->w_up;
-    fp.w_down = p->w_down;
     fp.n_rows = n_rows;
-    fp.d_model = d;
-    fp.d_ff = p->d_ff;
-    fp.n_experts = E;
+    fp.experts = p->experts;
     fp.activation = p->activation;
     fp.out = ys;
     if ((st = moe_ffn_grouped(&fp)) != MOE_STATUS_OK) {
@@ -173,10 +164,10 @@ moe_layer_forward(const moe_layer_params *p)
         goto done;
     }
 
-    if (p->shared_d_ff > 0 && p->shared_w_up != NULL) {
+    if (p->shared != NULL) {
         st = MOE_STATUS_ALLOC;
-        /* The routed buffers are done with: reuse xs when it is big enough. */
-        tmp = n_rows >= T ? xs : moe_alloc((size_t)T * (size_t)d,
+        /* The routed rows are combined: reuse ys when it is big enough. */
+        tmp = n_rows >= T ? ys : moe_alloc((size_t)T * (size_t)d,
                                            sizeof(float));
         if (tmp == NULL) {
             goto done;
@@ -184,14 +175,13 @@ moe_layer_forward(const moe_layer_params *p)
         st = moe_layer_shared(p, tmp);
     }
 done:
-    if (tmp != xs) {
+    if (tmp != ys) {
         free(tmp);
     }
     free(logits);
     free(offsets);
     free(token_index);
     free(position);
-    free(xs);
     free(ys);
     return st;
 }

@@ -14,6 +14,13 @@
 
 #include "moe.h"
 
+#if defined(__linux__)
+#include <signal.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#define MOE_HAVE_SIGINT 1
+#endif
+
 /* ---- errors ------------------------------------------------------------ */
 
 /* The one place a moe_status becomes a Python exception. */
@@ -22,6 +29,14 @@ moe_raise(moe_status st)
 {
     PyObject *type;
 
+    if (st == MOE_STATUS_INTERRUPTED) {
+        /* Python's own SIGINT handler ran too: let it raise. */
+        if (PyErr_CheckSignals() < 0) {
+            return NULL;
+        }
+        PyErr_SetNone(PyExc_KeyboardInterrupt);
+        return NULL;
+    }
     switch (st) {
     case MOE_STATUS_INVALID_ARG:
     case MOE_STATUS_NONFINITE:   type = PyExc_ValueError; break;
@@ -32,6 +47,75 @@ moe_raise(moe_status st)
     PyErr_Format(type, "%s (%s)", moe_last_error(), moe_status_str(st));
     return NULL;
 }
+
+/* ---- Ctrl-C ----------------------------------------------------------------- */
+
+/*
+ * While the main thread computes with the GIL released, Python cannot run
+ * its SIGINT handler.  For the duration of the call we put ours in front:
+ * it asks the core to stop between tasks and then calls Python's (which only
+ * records the signal), so PyErr_CheckSignals() raises KeyboardInterrupt
+ * afterwards.  Other threads leave the handler alone.
+ */
+#ifdef MOE_HAVE_SIGINT
+static struct sigaction moe_prev_sigint;
+
+static void
+moe_on_sigint(int sig, siginfo_t *info, void *uctx)
+{
+    moe_interrupt_request();
+    if (moe_prev_sigint.sa_flags & SA_SIGINFO) {
+        if (moe_prev_sigint.sa_sigaction != NULL) {
+            moe_prev_sigint.sa_sigaction(sig, info, uctx);
+        }
+    }
+    else if (moe_prev_sigint.sa_handler != SIG_DFL &&
+             moe_prev_sigint.sa_handler != SIG_IGN) {
+        moe_prev_sigint.sa_handler(sig);
+    }
+}
+
+static int
+moe_sigint_begin(void)
+{
+    struct sigaction ours, prev;
+
+    if (syscall(SYS_gettid) != getpid()) {
+        return 0; /* not the main thread */
+    }
+    if (sigaction(SIGINT, NULL, &prev) != 0 || prev.sa_handler == SIG_IGN) {
+        return 0;
+    }
+    moe_prev_sigint = prev;
+    moe_interrupt_clear();
+    memset(&ours, 0, sizeof(ours));
+    ours.sa_sigaction = moe_on_sigint;
+    ours.sa_flags = SA_SIGINFO;
+    sigemptyset(&ours.sa_mask);
+    return sigaction(SIGINT, &ours, NULL) == 0;
+}
+
+static void
+moe_sigint_end(int installed)
+{
+    if (installed) {
+        sigaction(SIGINT, &moe_prev_sigint, NULL);
+    }
+}
+#else
+static int moe_sigint_begin(void) { return 0; }
+static void moe_sigint_end(int installed) { (void)installed; }
+#endif
+
+/* Run a core call with the GIL released and Ctrl-C honoured. */
+#define MOE_COMPUTE(st, call)                                               \
+    do {                                                                    \
+        int moe_sig_ = moe_sigint_begin();                                  \
+        Py_BEGIN_ALLOW_THREADS                                              \
+        (st) = (call);                                                      \
+        Py_END_ALLOW_THREADS                                                \
+        moe_sigint_end(moe_sig_);                                           \
+    } while (0)
 
 /* ---- argument checks --------------------------------------------------- */
 
@@ -168,9 +252,7 @@ moe_py_router_logits(PyObject *self, PyObject *args)
     p.d_model = xd[1];
     p.n_experts = (int32_t)wd[0];
     p.logits = MOE_DATA(out, double);
-    Py_BEGIN_ALLOW_THREADS
-    st = moe_router_logits(&p);
-    Py_END_ALLOW_THREADS
+    MOE_COMPUTE(st, moe_router_logits(&p));
     if (st != MOE_STATUS_OK) {
         Py_DECREF(out);
         return moe_raise(st);
@@ -241,9 +323,7 @@ moe_py_route(PyObject *self, PyObject *args)
     p.n_dropped = &n_dropped;
     p.aux_loss = &aux;
     p.z_loss = &z;
-    Py_BEGIN_ALLOW_THREADS
-    st = moe_route_topk(&p);
-    Py_END_ALLOW_THREADS
+    MOE_COMPUTE(st, moe_route_topk(&p));
     if (st != MOE_STATUS_OK) {
         moe_raise(st);
         goto fail;
@@ -324,9 +404,7 @@ moe_py_dispatch(PyObject *self, PyObject *args)
     p.offsets = MOE_DATA(offsets, int64_t);
     p.token_index = NULL;
     p.position = MOE_DATA(position, int64_t);
-    Py_BEGIN_ALLOW_THREADS
-    st = moe_dispatch_count(&p);
-    Py_END_ALLOW_THREADS
+    MOE_COMPUTE(st, moe_dispatch_count(&p));
     if (st != MOE_STATUS_OK) {
         moe_raise(st);
         goto fail;
@@ -343,12 +421,10 @@ moe_py_dispatch(PyObject *self, PyObject *args)
     g.n_rows = p.offsets[n_experts];
     g.d_model = xd[1];
     g.out = MOE_DATA(xs, float);
-    Py_BEGIN_ALLOW_THREADS
-    st = moe_dispatch_build(&p);
+    MOE_COMPUTE(st, moe_dispatch_build(&p));
     if (st == MOE_STATUS_OK) {
-        st = moe_dispatch_gather(&g);
+        MOE_COMPUTE(st, moe_dispatch_gather(&g));
     }
-    Py_END_ALLOW_THREADS
     if (st != MOE_STATUS_OK) {
         moe_raise(st);
         goto fail;
@@ -398,9 +474,7 @@ moe_py_combine(PyObject *self, PyObject *args)
     p.top_k = (int32_t)pd[1];
     p.d_model = yd[1];
     p.out = MOE_DATA(out, float);
-    Py_BEGIN_ALLOW_THREADS
-    st = moe_combine(&p);
-    Py_END_ALLOW_THREADS
+    MOE_COMPUTE(st, moe_combine(&p));
     if (st != MOE_STATUS_OK) {
         Py_DECREF(out);
         return moe_raise(st);
@@ -408,89 +482,144 @@ moe_py_combine(PyObject *self, PyObject *args)
     return (PyObject *)out;
 }
 
-/* w_gate (E, F, d) or None, w_up (E, F, d), w_down (E, d, F); fills dims. */
-static int
-moe_expert_weights(PyObject *g_obj, PyObject *u_obj, PyObject *dn_obj,
-                   const char *prefix, int ndim, npy_intp d_model,
-                   npy_intp *n_experts, npy_intp *d_ff, const float **wg,
-                   const float **wu, const float **wd)
-{
-    char name[64];
-    npy_intp ud[3], dd[3], gd[3];
-    PyArrayObject *arr;
-    int o = ndim == 3 ? 1 : 0;
+/* ---- packed experts ------------------------------------------------------ */
 
-    ud[0] = *n_experts;
-    ud[o] = -1;
-    ud[o + 1] = d_model;
-    snprintf(name, sizeof(name), "%sw_up", prefix);
-    if (!(arr = moe_arg(u_obj, name, NPY_FLOAT32, ndim, ud, 0))) {
-        return -1;
+#define MOE_EXPERTS_CAPSULE "moe.experts"
+
+static void
+moe_experts_capsule_free(PyObject *capsule)
+{
+    moe_experts_free(PyCapsule_GetPointer(capsule, MOE_EXPERTS_CAPSULE));
+}
+
+static const moe_experts *
+moe_experts_arg(PyObject *obj, const char *name)
+{
+    const moe_experts *w;
+
+    if (!PyCapsule_IsValid(obj, MOE_EXPERTS_CAPSULE)) {
+        PyErr_Format(PyExc_TypeError, "%s must be packed experts (from "
+                     "pack_experts), got %s", name, Py_TYPE(obj)->tp_name);
+        return NULL;
     }
-    *wu = MOE_DATA(arr, float);
-    *n_experts = ud[0];
-    *d_ff = ud[o];
+    w = PyCapsule_GetPointer(obj, MOE_EXPERTS_CAPSULE);
+    return w;
+}
+
+static PyObject *
+moe_py_pack_experts(PyObject *self, PyObject *args)
+{
+    PyObject *g_obj, *u_obj, *dn_obj;
+    PyArrayObject *up, *down;
+    npy_intp ud[3] = {-1, -1, -1}, dd[3], gd[3];
+    int dtype, typenum;
+    void *gate;
+    moe_pack_params p;
+    moe_experts *w = NULL;
+    moe_status st;
+    PyObject *capsule;
+
+    if (!PyArg_ParseTuple(args, "OOOi", &g_obj, &u_obj, &dn_obj, &dtype)) {
+        return NULL;
+    }
+    if (moe_check_enum(dtype, 3, "dtype") < 0) {
+        return NULL;
+    }
+    typenum = dtype == MOE_DTYPE_F32 ? NPY_FLOAT32 : NPY_UINT16;
+    if (!(up = moe_arg(u_obj, "w_up", typenum, 3, ud, 0))) {
+        return NULL;
+    }
+    if (ud[0] < 1 || ud[0] > INT32_MAX) {
+        PyErr_SetString(PyExc_ValueError, "w_up must have 1..2^31-1 experts");
+        return NULL;
+    }
     memcpy(gd, ud, sizeof(gd));
-    snprintf(name, sizeof(name), "%sw_gate", prefix);
-    if (moe_opt_arg(g_obj, name, NPY_FLOAT32, ndim, gd, (void **)wg) < 0) {
-        return -1;
+    if (moe_opt_arg(g_obj, "w_gate", typenum, 3, gd, &gate) < 0) {
+        return NULL;
     }
     dd[0] = ud[0];
-    dd[o] = d_model;
-    dd[o + 1] = *d_ff;
-    snprintf(name, sizeof(name), "%sw_down", prefix);
-    if (!(arr = moe_arg(dn_obj, name, NPY_FLOAT32, ndim, dd, 0))) {
-        return -1;
+    dd[1] = ud[2];
+    dd[2] = ud[1];
+    if (!(down = moe_arg(dn_obj, "w_down", typenum, 3, dd, 0))) {
+        return NULL;
     }
-    *wd = MOE_DATA(arr, float);
-    return 0;
+    p.w_gate = gate;
+    p.w_up = PyArray_DATA(up);
+    p.w_down = PyArray_DATA(down);
+    p.dtype = (moe_dtype)dtype;
+    p.n_experts = (int32_t)ud[0];
+    p.d_model = ud[2];
+    p.d_ff = ud[1];
+    MOE_COMPUTE(st, moe_experts_pack(&p, &w));
+    if (st != MOE_STATUS_OK) {
+        return moe_raise(st);
+    }
+    capsule = PyCapsule_New(w, MOE_EXPERTS_CAPSULE, moe_experts_capsule_free);
+    if (capsule == NULL) {
+        moe_experts_free(w);
+    }
+    return capsule;
+}
+
+static PyObject *
+moe_py_experts_info(PyObject *self, PyObject *obj)
+{
+    const moe_experts *w = moe_experts_arg(obj, "experts");
+    moe_experts_info info;
+
+    if (w == NULL) {
+        return NULL;
+    }
+    moe_experts_get_info(w, &info);
+    return Py_BuildValue("{s:i,s:L,s:L,s:i,s:i,s:n}", "n_experts",
+                         (int)info.n_experts, "d_model",
+                         (long long)info.d_model, "d_ff",
+                         (long long)info.d_ff, "gated", (int)info.gated,
+                         "dtype", (int)info.dtype, "nbytes",
+                         (Py_ssize_t)info.nbytes);
 }
 
 static PyObject *
 moe_py_ffn_grouped(PyObject *self, PyObject *args)
 {
-    PyObject *x_obj, *off_obj, *g_obj, *u_obj, *dn_obj;
+    PyObject *x_obj, *ti_obj, *off_obj, *w_obj;
     PyArrayObject *x, *off, *out;
-    npy_intp xd[2] = {-1, -1}, od[1] = {-1}, E, F;
+    npy_intp xd[2] = {-1, -1}, od[1], td[1] = {-1};
+    const moe_experts *w;
+    moe_experts_info info;
     int activation;
+    void *ti;
     moe_ffn_params p;
     moe_status st;
 
-    if (!PyArg_ParseTuple(args, "OOOOOi", &x_obj, &off_obj, &g_obj, &u_obj,
-                          &dn_obj, &activation)) {
+    if (!PyArg_ParseTuple(args, "OOOOi", &x_obj, &ti_obj, &off_obj, &w_obj,
+                          &activation)) {
         return NULL;
     }
-    if (moe_check_enum(activation, 7, "activation") < 0) {
+    if (moe_check_enum(activation, 7, "activation") < 0 ||
+        !(w = moe_experts_arg(w_obj, "experts"))) {
         return NULL;
     }
+    moe_experts_get_info(w, &info);
+    xd[1] = info.d_model;
+    od[0] = (npy_intp)info.n_experts + 1;
     if (!(x = moe_arg(x_obj, "x", NPY_FLOAT32, 2, xd, 0)) ||
-        !(off = moe_arg(off_obj, "offsets", NPY_INT64, 1, od, 0))) {
-        return NULL;
-    }
-    E = od[0] - 1;
-    if (E < 1 || E > INT32_MAX) {
-        PyErr_SetString(PyExc_ValueError, "offsets must have shape "
-                        "(n_experts + 1,) with n_experts >= 1");
-        return NULL;
-    }
-    if (moe_expert_weights(g_obj, u_obj, dn_obj, "", 3, xd[1], &E, &F,
-                           &p.w_gate, &p.w_up, &p.w_down) < 0) {
-        return NULL;
-    }
-    if (!(out = moe_new(2, xd[0], xd[1], NPY_FLOAT32))) {
+        !(off = moe_arg(off_obj, "offsets", NPY_INT64, 1, od, 0)) ||
+        moe_opt_arg(ti_obj, "token_index", NPY_INT64, 1, td, &ti) < 0) {
         return NULL;
     }
     p.x = MOE_DATA(x, float);
+    p.token_index = ti;
+    p.n_tokens = xd[0];
     p.offsets = MOE_DATA(off, int64_t);
-    p.n_rows = xd[0];
-    p.d_model = xd[1];
-    p.d_ff = F;
-    p.n_experts = (int32_t)E;
+    p.n_rows = ti != NULL ? td[0] : xd[0];
+    p.experts = w;
     p.activation = (moe_activation)activation;
+    if (!(out = moe_new(2, p.n_rows, xd[1], NPY_FLOAT32))) {
+        return NULL;
+    }
     p.out = MOE_DATA(out, float);
-    Py_BEGIN_ALLOW_THREADS
-    st = moe_ffn_grouped(&p);
-    Py_END_ALLOW_THREADS
+    MOE_COMPUTE(st, moe_ffn_grouped(&p));
     if (st != MOE_STATUS_OK) {
         Py_DECREF(out);
         return moe_raise(st);
@@ -501,91 +630,73 @@ moe_py_ffn_grouped(PyObject *self, PyObject *args)
 static PyObject *
 moe_py_layer_forward(PyObject *self, PyObject *args)
 {
-    PyObject *x_obj, *r_obj, *g_obj, *u_obj, *dn_obj, *bias_obj;
-    PyObject *sg_obj, *su_obj, *sd_obj, *sgate_obj;
+    PyObject *x_obj, *r_obj, *w_obj, *bias_obj, *sw_obj, *sgate_obj;
     PyArrayObject *x, *r;
     PyArrayObject *out = NULL, *ids = NULL, *weights = NULL, *counts = NULL;
-    npy_intp xd[2] = {-1, -1}, rd[2] = {-1, -1}, E, F, one = 1, Fs;
-    npy_intp bd[1], gd[1];
+    npy_intp xd[2] = {-1, -1}, rd[2], bd[1], gd[1];
     int top_k, activation, scoring, renormalize, n_groups, topk_groups;
     double routed_scaling, capacity_factor, aux = 0.0, z = 0.0;
     int64_t n_dropped = 0;
     long long n_dropped_ll;
     void *tmp;
+    moe_experts_info info;
     moe_layer_params p;
     moe_status st;
 
-    if (!PyArg_ParseTuple(args, "OOOOOiiOipdiidOOOO", &x_obj, &r_obj, &g_obj,
-                          &u_obj, &dn_obj, &top_k, &activation, &bias_obj,
-                          &scoring, &renormalize, &routed_scaling, &n_groups,
-                          &topk_groups, &capacity_factor, &sg_obj, &su_obj,
-                          &sd_obj, &sgate_obj)) {
+    if (!PyArg_ParseTuple(args, "OOOiiOipdiidOO", &x_obj, &r_obj, &w_obj,
+                          &top_k, &activation, &bias_obj, &scoring,
+                          &renormalize, &routed_scaling, &n_groups,
+                          &topk_groups, &capacity_factor, &sw_obj,
+                          &sgate_obj)) {
         return NULL;
     }
     memset(&p, 0, sizeof(p));
     if (moe_check_enum(activation, 7, "activation") < 0 ||
-        moe_check_enum(scoring, 3, "scoring") < 0) {
+        moe_check_enum(scoring, 3, "scoring") < 0 ||
+        !(p.experts = moe_experts_arg(w_obj, "experts"))) {
         return NULL;
     }
+    if (sw_obj != Py_None &&
+        !(p.shared = moe_experts_arg(sw_obj, "shared_experts"))) {
+        return NULL;
+    }
+    moe_experts_get_info(p.experts, &info);
+    xd[1] = info.d_model;
     if (!(x = moe_arg(x_obj, "x", NPY_FLOAT32, 2, xd, 0))) {
         return NULL;
     }
+    rd[0] = info.n_experts;
     rd[1] = xd[1];
     if (!(r = moe_arg(r_obj, "router_weight", NPY_FLOAT32, 2, rd, 0))) {
         return NULL;
     }
-    E = rd[0];
-    if (E < 1 || E > INT32_MAX) {
-        PyErr_SetString(PyExc_ValueError, "router_weight must have "
-                        "1..2^31-1 rows (n_experts)");
-        return NULL;
-    }
-    if (moe_expert_weights(g_obj, u_obj, dn_obj, "", 3, xd[1], &E, &F,
-                           &p.w_gate, &p.w_up, &p.w_down) < 0) {
-        return NULL;
-    }
-    bd[0] = E;
+    bd[0] = rd[0];
+    gd[0] = xd[1];
     if (moe_opt_arg(bias_obj, "expert_bias", NPY_FLOAT32, 1, bd, &tmp) < 0) {
         return NULL;
     }
     p.expert_bias = tmp;
-    if (su_obj != Py_None) {
-        if (moe_expert_weights(sg_obj, su_obj, sd_obj, "shared_", 2, xd[1],
-                               &one, &Fs, &p.shared_w_gate, &p.shared_w_up,
-                               &p.shared_w_down) < 0) {
-            return NULL;
-        }
-        p.shared_d_ff = Fs;
-        gd[0] = xd[1];
-        if (moe_opt_arg(sgate_obj, "shared_gate_weight", NPY_FLOAT32, 1, gd,
-                        &tmp) < 0) {
-            return NULL;
-        }
-        p.shared_gate = tmp;
-        if (Fs > 0 && moe_activation_is_gated((moe_activation)activation) &&
-            p.shared_w_gate == NULL) {
-            PyErr_SetString(PyExc_ValueError, "shared_w_gate is required by "
-                            "a gated activation");
-            return NULL;
-        }
+    if (moe_opt_arg(sgate_obj, "shared_gate_weight", NPY_FLOAT32, 1, gd,
+                    &tmp) < 0) {
+        return NULL;
     }
-    if (top_k < 1 || top_k > E) {
+    p.shared_gate = tmp;
+    if (top_k < 1 || top_k > rd[0]) {
         PyErr_Format(PyExc_ValueError, "top_k must be in 1..n_experts=%lld, "
-                     "got %d", (long long)E, top_k);
+                     "got %d", (long long)rd[0], top_k);
         return NULL;
     }
     out = moe_new(2, xd[0], xd[1], NPY_FLOAT32);
     ids = moe_new(2, xd[0], top_k, NPY_INT32);
     weights = moe_new(2, xd[0], top_k, NPY_FLOAT32);
-    counts = moe_new(1, E, 0, NPY_INT64);
+    counts = moe_new(1, rd[0], 0, NPY_INT64);
     if (!out || !ids || !weights || !counts) {
         goto fail;
     }
     p.x = MOE_DATA(x, float);
     p.n_tokens = xd[0];
     p.d_model = xd[1];
-    p.d_ff = F;
-    p.n_experts = (int32_t)E;
+    p.n_experts = (int32_t)rd[0];
     p.top_k = top_k;
     p.activation = (moe_activation)activation;
     p.router_weight = MOE_DATA(r, float);
@@ -602,9 +713,7 @@ moe_py_layer_forward(PyObject *self, PyObject *args)
     p.n_dropped = &n_dropped;
     p.aux_loss = &aux;
     p.z_loss = &z;
-    Py_BEGIN_ALLOW_THREADS
-    st = moe_layer_forward(&p);
-    Py_END_ALLOW_THREADS
+    MOE_COMPUTE(st, moe_layer_forward(&p));
     if (st != MOE_STATUS_OK) {
         moe_raise(st);
         goto fail;
@@ -621,12 +730,38 @@ fail:
 }
 
 static PyObject *
+moe_py_set_num_threads(PyObject *self, PyObject *arg)
+{
+    long n = PyLong_AsLong(arg);
+    moe_status st;
+
+    if (n == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    if (n < 1 || n > 4096) {
+        PyErr_Format(PyExc_ValueError, "n_threads must be >= 1, got %ld", n);
+        return NULL;
+    }
+    st = moe_set_num_threads((int)n);
+    if (st != MOE_STATUS_OK) {
+        return moe_raise(st);
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+moe_py_get_num_threads(PyObject *self, PyObject *noargs)
+{
+    return PyLong_FromLong(moe_get_num_threads());
+}
+
+static PyObject *
 moe_py_build_info(PyObject *self, PyObject *noargs)
 {
-    return Py_BuildValue("{s:s,s:s,s:s,s:s,s:O}", "version", MOE_VERSION,
+    return Py_BuildValue("{s:s,s:s,s:s,s:s,s:i,s:O}", "version", MOE_VERSION,
                          "compiler", moe_build_compiler(), "cpu_features",
-                         moe_cpu_features(), "isa", moe_cpu_isa(), "cuda",
-                         Py_False);
+                         moe_cpu_features(), "isa", moe_cpu_isa(),
+                         "threads", moe_get_num_threads(), "cuda", Py_False);
 }
 
 /* ---- module ----------------------------------------------------------- */
@@ -644,8 +779,16 @@ static PyMethodDef moe_methods[] = {
      "token_index, position)"},
     {"combine", moe_py_combine, METH_VARARGS,
      "combine(y_sorted, position, weights) -> (T, d)"},
+    {"pack_experts", moe_py_pack_experts, METH_VARARGS,
+     "pack_experts(w_gate, w_up, w_down, dtype) -> packed experts"},
+    {"experts_info", moe_py_experts_info, METH_O,
+     "experts_info(packed) -> dict of sizes"},
     {"ffn_grouped", moe_py_ffn_grouped, METH_VARARGS,
-     "ffn_grouped(x_sorted, offsets, w_gate, w_up, w_down, activation)"},
+     "ffn_grouped(x, token_index, offsets, packed, activation)"},
+    {"set_num_threads", moe_py_set_num_threads, METH_O,
+     "set_num_threads(n)"},
+    {"get_num_threads", moe_py_get_num_threads, METH_NOARGS,
+     "get_num_threads() -> int"},
     {"layer_forward", moe_py_layer_forward, METH_VARARGS,
      "layer_forward(...) -> (out, ids, weights, counts, n_dropped, aux, z)"},
     {"build_info", moe_py_build_info, METH_NOARGS, "build information"},

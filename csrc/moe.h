@@ -28,7 +28,8 @@ typedef enum moe_status {
     MOE_STATUS_NONFINITE   = 2, /* NaN or Inf where finite values needed  */
     MOE_STATUS_ALLOC       = 3, /* out of memory                          */
     MOE_STATUS_UNSUPPORTED = 4, /* valid request this build cannot run    */
-    MOE_STATUS_INTERNAL    = 5  /* a bug: an invariant did not hold       */
+    MOE_STATUS_INTERNAL    = 5, /* a bug: an invariant did not hold       */
+    MOE_STATUS_INTERRUPTED = 6  /* stopped by moe_interrupt_request()     */
 } moe_status;
 
 /* A static name for the status ("MOE_STATUS_OK", ...). */
@@ -57,6 +58,65 @@ typedef enum moe_activation {
 
 /* Nonzero when the activation multiplies an activated gate by up. */
 int moe_activation_is_gated(moe_activation activation);
+
+/* Storage type of expert weights; activations are always float32. */
+typedef enum moe_dtype {
+    MOE_DTYPE_F32  = 0,
+    MOE_DTYPE_BF16 = 1, /* bfloat16 bits in uint16                       */
+    MOE_DTYPE_F16  = 2  /* IEEE half bits in uint16                      */
+} moe_dtype;
+
+/* ---- threads and interrupts ------------------------------------------ */
+
+/*
+ * The CPU thread pool (pthreads) is process-wide; its size comes from
+ * MOE_NUM_THREADS or the CPUs this process may use, and can be changed at
+ * any time.  Results never depend on it.
+ */
+moe_status moe_set_num_threads(int n_threads);
+int        moe_get_num_threads(void);
+
+/*
+ * Ask running ops to stop between tasks (async-signal-safe: a SIGINT
+ * handler may call it); they return MOE_STATUS_INTERRUPTED.  Cleared by
+ * moe_interrupt_clear().
+ */
+void moe_interrupt_request(void);
+void moe_interrupt_clear(void);
+
+/* ---- packed expert weights ------------------------------------------- */
+
+/*
+ * Expert weights re-laid once into the micro-kernels' panel format: gate and
+ * up interleaved by panel (so one pass gives both), and down.  The pack is
+ * made for the kernel set in use (moe_cpu_isa()); it copies the weights,
+ * so the caller's arrays may change afterwards without affecting it.
+ */
+typedef struct moe_experts moe_experts;
+
+typedef struct moe_pack_params {
+    const void *w_gate;    /* (n_experts, d_ff, d_model) or NULL if ungated */
+    const void *w_up;      /* (n_experts, d_ff, d_model)                    */
+    const void *w_down;    /* (n_experts, d_model, d_ff)                    */
+    moe_dtype   dtype;     /* element type of the three arrays and the pack */
+    int32_t     n_experts;
+    int64_t     d_model;
+    int64_t     d_ff;
+} moe_pack_params;
+
+typedef struct moe_experts_info {
+    int32_t   n_experts;
+    int64_t   d_model;
+    int64_t   d_ff;
+    int32_t   gated;   /* packed with w_gate                               */
+    moe_dtype dtype;
+    size_t    nbytes;  /* memory held by the pack                          */
+} moe_experts_info;
+
+moe_status moe_experts_pack(const moe_pack_params *p, moe_experts **out);
+void       moe_experts_free(moe_experts *experts);
+void       moe_experts_get_info(const moe_experts *experts,
+                                moe_experts_info *info);
 
 /* ---- router logits: logits = x @ w^T, accumulated in float64 --------- */
 
@@ -152,17 +212,15 @@ moe_status moe_combine(const moe_combine_params *p);
 /* ---- grouped expert FFN over expert-sorted rows ---------------------- */
 
 typedef struct moe_ffn_params {
-    const float   *x;        /* (n_rows, d_model), rows sorted by expert   */
-    const int64_t *offsets;  /* (n_experts + 1,), offsets[E] == n_rows     */
-    const float   *w_gate;   /* (n_experts, d_ff, d_model); NULL if ungated*/
-    const float   *w_up;     /* (n_experts, d_ff, d_model)                 */
-    const float   *w_down;   /* (n_experts, d_model, d_ff)                 */
-    int64_t        n_rows;
-    int64_t        d_model;
-    int64_t        d_ff;
-    int32_t        n_experts;
-    moe_activation activation;
-    float         *out;      /* out: (n_rows, d_model)                     */
+    const float       *x;           /* (n_tokens, d_model)                  */
+    const int64_t     *token_index; /* (n_rows,) row r is x[token_index[r]];
+                                       NULL: row r is x[r]                  */
+    int64_t            n_tokens;    /* rows of x                            */
+    const int64_t     *offsets;     /* (n_experts + 1,), offsets[E]==n_rows */
+    int64_t            n_rows;
+    const moe_experts *experts;     /* packed weights                       */
+    moe_activation     activation;  /* gated iff the pack has w_gate        */
+    float             *out;         /* out: (n_rows, d_model), sorted rows  */
 } moe_ffn_params;
 
 /* Work is O(n_rows * d_ff * d_model): only routed rows are computed. */
@@ -171,43 +229,36 @@ moe_status moe_ffn_grouped(const moe_ffn_params *p);
 /* ---- the whole layer ------------------------------------------------- */
 
 typedef struct moe_layer_params {
-    const float *x;               /* (n_tokens, d_model)                   */
-    int64_t      n_tokens;
-    int64_t      d_model;
-    int64_t      d_ff;
-    int32_t      n_experts;
-    int32_t      top_k;
-    moe_activation activation;
-
-    const float *router_weight;   /* (n_experts, d_model)                  */
-    const float *w_gate;          /* (n_experts, d_ff, d_model) or NULL    */
-    const float *w_up;            /* (n_experts, d_ff, d_model)            */
-    const float *w_down;          /* (n_experts, d_model, d_ff)            */
+    const float       *x;             /* (n_tokens, d_model)                */
+    int64_t            n_tokens;
+    int64_t            d_model;
+    int32_t            n_experts;
+    int32_t            top_k;
+    moe_activation     activation;
+    const float       *router_weight; /* (n_experts, d_model)               */
+    const moe_experts *experts;       /* packed routed experts              */
 
     /* routing options, as in moe_route_params */
-    const float *expert_bias;     /* (n_experts,) or NULL                  */
-    moe_scoring  scoring;
-    int32_t      renormalize;
-    double       routed_scaling;
-    int32_t      n_groups;
-    int32_t      topk_groups;
-    double       capacity_factor;
+    const float       *expert_bias;   /* (n_experts,) or NULL               */
+    moe_scoring        scoring;
+    int32_t            renormalize;
+    double             routed_scaling;
+    int32_t            n_groups;
+    int32_t            topk_groups;
+    double             capacity_factor;
 
-    /* shared experts, concatenated into one FFN of width shared_d_ff     */
-    int64_t      shared_d_ff;     /* 0 = none                              */
-    const float *shared_w_gate;   /* (shared_d_ff, d_model) or NULL        */
-    const float *shared_w_up;     /* (shared_d_ff, d_model)                */
-    const float *shared_w_down;   /* (d_model, shared_d_ff)                */
-    const float *shared_gate;     /* (d_model,) sigmoid gate, or NULL      */
+    /* shared experts: one packed expert of width n_shared * shared_d_ff   */
+    const moe_experts *shared;        /* NULL = none                        */
+    const float       *shared_gate;   /* (d_model,) sigmoid gate, or NULL   */
 
-    float       *out;             /* out: (n_tokens, d_model)              */
+    float             *out;           /* out: (n_tokens, d_model)           */
     /* routing outputs, as in moe_route_params (all required) */
-    int32_t     *expert_ids;      /* out: (n_tokens, top_k)                */
-    float       *weights;         /* out: (n_tokens, top_k)                */
-    int64_t     *counts;          /* out: (n_experts,)                     */
-    int64_t     *n_dropped;
-    double      *aux_loss;
-    double      *z_loss;
+    int32_t           *expert_ids;    /* out: (n_tokens, top_k)             */
+    float             *weights;       /* out: (n_tokens, top_k)             */
+    int64_t           *counts;        /* out: (n_experts,)                  */
+    int64_t           *n_dropped;
+    double            *aux_loss;
+    double            *z_loss;
 } moe_layer_params;
 
 /*

@@ -29,6 +29,33 @@ moe_status moe_set_error(moe_status st, const char *fmt, ...)
 /* malloc of count * size bytes with overflow check; NULL sets the error. */
 void *moe_alloc(size_t count, size_t size);
 
+/* ---- thread pool (csrc/pool.c) ---- */
+
+/* One task of a parallel job; tasks of a job must be independent. */
+typedef void (*moe_task_fn)(void *ctx, int64_t task);
+
+/*
+ * Run tasks [0, n_tasks) on the pool and the calling thread; returns when
+ * all are done.  MOE_STATUS_INTERRUPTED if moe_interrupt_request() came.
+ */
+moe_status moe_pool_run(int64_t n_tasks, moe_task_fn fn, void *ctx);
+
+/* ---- packed expert weights (csrc/cpu_ffn.c) ---- */
+
+struct moe_experts {
+    moe_dtype dtype;
+    int       nr;          /* panel width of the kernel set packed for     */
+    int       gated;       /* gate and up interleaved in gu panels         */
+    int32_t   n_experts;
+    int64_t   d_model;
+    int64_t   d_ff;
+    int64_t   gu_panels;   /* per expert: ceil(d_ff / (gated ? nr/2 : nr)) */
+    int64_t   down_panels; /* per expert: ceil(d_model / nr)               */
+    void     *gu;          /* (E, gu_panels, d_model, nr) elements         */
+    void     *down;        /* (E, down_panels, d_ff, nr) elements          */
+    size_t    nbytes;
+};
+
 /* CPU implementations (csrc/cpu_*.c); csrc/backend.c picks among backends. */
 moe_status moe_cpu_router_logits(const moe_router_params *p);
 moe_status moe_cpu_route_topk(const moe_route_params *p);
@@ -37,5 +64,6 @@ moe_status moe_cpu_dispatch_build(const moe_dispatch_params *p);
 moe_status moe_cpu_dispatch_gather(const moe_gather_params *p);
 moe_status moe_cpu_combine(const moe_combine_params *p);
 moe_status moe_cpu_ffn_grouped(const moe_ffn_params *p);
+moe_status moe_cpu_experts_pack(const moe_pack_params *p, moe_experts **out);
 
 #endif /* MOE_IMPL_H */

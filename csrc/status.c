@@ -28,6 +28,7 @@ moe_status_str(moe_status status)
     case MOE_STATUS_ALLOC:       return "MOE_STATUS_ALLOC";
     case MOE_STATUS_UNSUPPORTED: return "MOE_STATUS_UNSUPPORTED";
     case MOE_STATUS_INTERNAL:    return "MOE_STATUS_INTERNAL";
+    case MOE_STATUS_INTERRUPTED: return "MOE_STATUS_INTERRUPTED";
     }
     return "MOE_STATUS_UNKNOWN";
 }

@@ -13,12 +13,16 @@ except ImportError as exc:  # a source tree without its built extension
         f"so it finds the installed package ({exc})"
     ) from exc
 from . import reference
-from ._api import (ACTIVATIONS, SCORINGS, Dispatch, RoutingResult, combine, cuda_available,
-                   dispatch, expert_ffn, ffn, route, show_config, update_expert_bias)
+from ._api import (ACTIVATIONS, SCORINGS, WEIGHT_DTYPES, Dispatch, PackedExperts, RoutingResult,
+                   bfloat16_to_float32, combine, cuda_available, dispatch, expert_ffn, ffn,
+                   float32_to_bfloat16, get_num_threads, pack_experts, route, set_num_threads,
+                   show_config, update_expert_bias)
 from .layer import SparseMoE
 
 __version__ = "0.1.0"
 
 __all__ = ["SparseMoE", "route", "update_expert_bias", "dispatch", "combine", "expert_ffn",
-           "ffn", "RoutingResult", "Dispatch", "show_config", "cuda_available", "reference",
-           "SCORINGS", "ACTIVATIONS", "__version__"]
+           "ffn", "pack_experts", "PackedExperts", "set_num_threads", "get_num_threads",
+           "float32_to_bfloat16", "bfloat16_to_float32", "RoutingResult", "Dispatch",
+           "show_config", "cuda_available", "reference", "SCORINGS", "ACTIVATIONS",
+           "WEIGHT_DTYPES", "__version__"]

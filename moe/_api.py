@@ -270,29 +270,154 @@ def combine(y_sorted, position, weights):
     return _C.combine(y, pos, w)
 
 
-def expert_weights(w_gate, w_up, w_down, activation, d_model, n_experts=None, prefix=""):
+WEIGHT_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def float32_to_bfloat16(a):
+    """float array -> bfloat16 bits (uint16), rounded to nearest even; NaN stays NaN."""
+    a = np.ascontiguousarray(a, dtype=np.float32)
+    u = a.view(np.uint32).astype(np.uint64)
+    rounded = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+    nan = np.isnan(a)
+    if nan.any():
+        rounded[nan] = ((u[nan] >> 16) | 0x40).astype(np.uint16)  # keep it a (quiet) NaN
+    return rounded
+
+
+def bfloat16_to_float32(bits):
+    """bfloat16 bits (uint16) -> float32, exactly."""
+    bits = np.ascontiguousarray(bits, dtype=np.uint16)
+    return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+def _bf16_source(obj):
+    """A torch / ml_dtypes / JAX bfloat16 array as its uint16 bits, else None."""
+    dt = getattr(obj, "dtype", None)
+    if dt is None or "bfloat16" not in str(dt):
+        return None
+    if hasattr(obj, "view") and type(obj).__module__.startswith("torch"):
+        import torch
+        return np.from_dlpack(obj.detach().cpu().contiguous().view(torch.int16)).view(np.uint16)
+    return np.asarray(obj).view(np.uint16)
+
+
+def weight_array(obj, name, shape, dtype):
+    """Expert weights as a C-contiguous array for storage type `dtype`.
+
+    dtype "float32": any float array, cast.  "float16": float16 arrays as they are, other
+    floats rounded to half; uint16 arrays are taken as half bits.  "bfloat16": torch /
+    ml_dtypes bfloat16 arrays and uint16 arrays are taken as bfloat16 bits, float arrays
+    rounded to nearest even.  Returns float32 or uint16 arrays (the bits).
+    """
+    check_choice(dtype, "dtype", WEIGHT_DTYPES)
+    bf = _bf16_source(obj)
+    arr = bf if bf is not None else _as_ndarray(obj, name)
+    kind = "bf16" if bf is not None else arr.dtype.kind
+    if kind not in ("f", "bf16") and not (arr.dtype == np.uint16 and dtype != "float32"):
+        raise TypeError(f"{name} must be a floating-point array"
+                        + (" (or uint16 bits for bfloat16/float16)" if dtype != "float32" else "")
+                        + f", got dtype {arr.dtype if bf is None else 'bfloat16'}")
+    _check_shape(arr, name, shape)
+    if dtype == "float32":
+        return _c_layout(bfloat16_to_float32(arr) if kind == "bf16" else arr, np.float32)
+    if dtype == "float16":
+        if kind == "bf16":
+            arr = bfloat16_to_float32(arr)
+        if arr.dtype == np.uint16:
+            return _c_layout(arr, np.uint16)
+        return _c_layout(arr.astype(np.float16, copy=False), np.float16).view(np.uint16)
+    if kind == "bf16" or arr.dtype == np.uint16:
+        return _c_layout(arr, np.uint16)
+    return float32_to_bfloat16(arr)
+
+
+def expert_weights(w_gate, w_up, w_down, activation, d_model, n_experts=None, prefix="",
+                   dtype="float32"):
     """Check and convert expert weights in the nn.Linear layout; returns (gate|None, up, down)."""
     lead = () if n_experts is False else (("n_experts", n_experts),)
-    w_up = float_array(w_up, prefix + "w_up", lead + (("d_ff", None), ("d_model", d_model)))
+    w_up = weight_array(w_up, prefix + "w_up", lead + (("d_ff", None), ("d_model", d_model)),
+                        dtype)
     E = w_up.shape[0] if lead else None
     F = w_up.shape[-2]
     lead = () if n_experts is False else (("n_experts", E),)
     if activation in GATED:
         if w_gate is None:
             raise ValueError(f"{prefix}w_gate is required by activation {activation!r}")
-        w_gate = float_array(w_gate, prefix + "w_gate", lead + (("d_ff", F), ("d_model", d_model)))
+        w_gate = weight_array(w_gate, prefix + "w_gate",
+                              lead + (("d_ff", F), ("d_model", d_model)), dtype)
     else:
         w_gate = None
-    w_down = float_array(w_down, prefix + "w_down", lead + (("d_model", d_model), ("d_ff", F)))
+    w_down = weight_array(w_down, prefix + "w_down", lead + (("d_model", d_model), ("d_ff", F)),
+                          dtype)
     return w_gate, w_up, w_down
 
 
-def expert_ffn(x_sorted, offsets, w_gate, w_up, w_down, activation="swiglu"):
+def _guess_dtype(*weights):
+    """The storage type implied by the given weights: float16 / bfloat16 arrays keep theirs."""
+    for w in weights:
+        if w is None:
+            continue
+        if _bf16_source(w) is not None:
+            return "bfloat16"
+        if getattr(w, "dtype", None) == np.float16:
+            return "float16"
+    return "float32"
+
+
+class PackedExperts:
+    """Expert weights packed once for the CPU kernels (see moe.pack_experts).
+
+    Holds a copy: later changes to the source arrays do not reach it.  Pass it to
+    moe.expert_ffn in place of (w_gate, w_up, w_down) to skip packing on every call.
+    """
+
+    __slots__ = ("capsule", "n_experts", "d_model", "d_ff", "gated", "dtype", "nbytes",
+                 "activation", "isa")
+
+    def __init__(self, capsule, activation):
+        info = _C.experts_info(capsule)
+        self.capsule = capsule
+        self.n_experts, self.d_model, self.d_ff = info["n_experts"], info["d_model"], info["d_ff"]
+        self.gated, self.nbytes = bool(info["gated"]), info["nbytes"]
+        self.dtype = WEIGHT_DTYPES[info["dtype"]]
+        self.activation = activation
+        self.isa = _C.build_info()["isa"]
+
+    def __repr__(self):
+        return (f"PackedExperts(n_experts={self.n_experts}, d_model={self.d_model}, "
+                f"d_ff={self.d_ff}, dtype={self.dtype!r}, gated={self.gated}, "
+                f"{self.nbytes / 2**20:.1f} MiB)")
+
+
+def pack_experts(w_gate, w_up, w_down, activation="swiglu", dtype=None) -> PackedExperts:
+    """Pack expert weights once for the CPU kernels.
+
+    w_gate, w_up: (E, F, d); w_down: (E, d, F) (nn.Linear layout; w_gate None for
+    non-gated activations).  dtype: the storage type, "float32", "bfloat16" or
+    "float16" (default: float16 / bfloat16 inputs keep theirs, anything else float32);
+    compute is always float32 with float32 accumulation.
+    """
+    check_choice(activation, "activation", ACTIVATIONS)
+    dtype = _guess_dtype(w_gate, w_up, w_down) if dtype is None else dtype
+    code = check_choice(dtype, "dtype", WEIGHT_DTYPES)
+    up_probe = _as_ndarray(w_up, "w_up") if _bf16_source(w_up) is None else _bf16_source(w_up)
+    if up_probe.ndim != 3:
+        raise ValueError(f"w_up must have shape (n_experts, d_ff, d_model), got "
+                         f"{_shape_str(up_probe.shape)}")
+    g, u, dn = expert_weights(w_gate, w_up, w_down, activation, up_probe.shape[2], None,
+                              dtype=dtype)
+    return PackedExperts(_C.pack_experts(g, u, dn, code), activation)
+
+
+def expert_ffn(x_sorted, offsets, w_gate, w_up=None, w_down=None, activation="swiglu",
+               dtype=None):
     """Grouped expert FFN: rows offsets[e]:offsets[e+1] of x_sorted go through expert e.
 
     x_sorted: (N, d) float; offsets: (E+1,) ints, 0 .. N non-decreasing;
     w_gate, w_up: (E, F, d); w_down: (E, d, F) (nn.Linear layout; w_gate may be None for
-    non-gated activations).  y = act(x W_gate^T, x W_up^T) W_down^T.  Returns (N, d) float32.
+    non-gated activations) -- or a PackedExperts from moe.pack_experts in place of w_gate
+    (then w_up and w_down are None).  y = act(x W_gate^T, x W_up^T) W_down^T.
+    Returns (N, d) float32.  Without a PackedExperts the weights are packed on each call.
     """
     act = check_choice(activation, "activation", ACTIVATIONS)
     x = _tokens_2d(x_sorted, "x_sorted")
@@ -302,17 +427,47 @@ def expert_ffn(x_sorted, offsets, w_gate, w_up, w_down, activation="swiglu"):
         raise ValueError(f"offsets must be non-decreasing from 0 to n_rows={x.shape[0]} "
                          f"with shape (n_experts + 1,), got {offsets.tolist()[:8]}")
     E = offsets.shape[0] - 1
-    w_gate, w_up, w_down = expert_weights(w_gate, w_up, w_down, activation, x.shape[1], E)
-    return _C.ffn_grouped(x, offsets, w_gate, w_up, w_down, act)
+    if isinstance(w_gate, PackedExperts):
+        packed = w_gate
+        if w_up is not None or w_down is not None:
+            raise ValueError("pass either a PackedExperts or (w_gate, w_up, w_down), not both")
+    else:
+        dtype = _guess_dtype(w_gate, w_up, w_down) if dtype is None else dtype
+        code = check_choice(dtype, "dtype", WEIGHT_DTYPES)
+        g, u, dn = expert_weights(w_gate, w_up, w_down, activation, x.shape[1], E, dtype=dtype)
+        packed = PackedExperts(_C.pack_experts(g, u, dn, code), activation)
+    if packed.n_experts != E or packed.d_model != x.shape[1]:
+        raise ValueError(f"the packed experts have n_experts={packed.n_experts}, d_model="
+                         f"{packed.d_model}; x_sorted and offsets give {E} and {x.shape[1]}")
+    if packed.gated != (activation in GATED):
+        raise ValueError(f"activation {activation!r} does not match experts packed "
+                         f"{'with' if packed.gated else 'without'} w_gate")
+    return _C.ffn_grouped(x, None, offsets, packed.capsule, act)
 
 
-def ffn(x, w_gate, w_up, w_down, activation="swiglu"):
+def ffn(x, w_gate, w_up, w_down, activation="swiglu", dtype=None):
     """A dense FFN (one expert) on every row: x (T, d); w_gate, w_up (F, d); w_down (d, F)."""
     x = _tokens_2d(x)
-    w_gate, w_up, w_down = expert_weights(w_gate, w_up, w_down, activation, x.shape[1], False)
+    dtype = _guess_dtype(w_gate, w_up, w_down) if dtype is None else dtype
+    w_gate, w_up, w_down = expert_weights(w_gate, w_up, w_down, activation, x.shape[1], False,
+                                          dtype=dtype)
     offsets = np.array([0, x.shape[0]], dtype=np.int64)
-    return expert_ffn(x, offsets, None if w_gate is None else w_gate[None], w_up[None],
-                      w_down[None], activation)
+    code = check_choice(dtype, "dtype", WEIGHT_DTYPES)
+    packed = _C.pack_experts(None if w_gate is None else w_gate[None], w_up[None],
+                             w_down[None], code)
+    return _C.ffn_grouped(x, None, offsets, packed, check_choice(activation, "activation",
+                                                                  ACTIVATIONS))
+
+
+def set_num_threads(n: int) -> None:
+    """Use n threads for the CPU kernels (default: MOE_NUM_THREADS, or the CPUs this
+    process may use).  Results are bitwise the same for any n."""
+    _C.set_num_threads(check_int(n, "n", 1, 4096))
+
+
+def get_num_threads() -> int:
+    """The number of threads the CPU kernels use."""
+    return _C.get_num_threads()
 
 
 def show_config(file=None):
@@ -322,8 +477,8 @@ def show_config(file=None):
         f"moe {info['version']}",
         f"  compiler:     {info['compiler']}",
         f"  cpu features: {info['cpu_features'] or '(none detected)'}",
-        f"  cpu kernels:  {info['isa']} (MOE_ISA=scalar|avx2 lowers it)",
-        "  threads:      1 (the CPU thread pool is not built yet)",
+        f"  cpu kernels:  {info['isa']} (MOE_ISA=scalar|avx2 lowers the choice)",
+        f"  threads:      {info['threads']} (MOE_NUM_THREADS / moe.set_num_threads)",
         f"  cuda:         {'built' if info['cuda'] else 'not built'}",
         f"  numpy:        {np.__version__}",
     ]
@@ -336,5 +491,6 @@ def cuda_available() -> bool:
 
 
 __all__ = ["route", "update_expert_bias", "dispatch", "combine", "expert_ffn", "ffn",
-           "RoutingResult", "Dispatch", "show_config", "cuda_available", "SCORINGS",
-           "ACTIVATIONS"]
+           "pack_experts", "PackedExperts", "set_num_threads", "get_num_threads",
+           "float32_to_bfloat16", "bfloat16_to_float32", "RoutingResult", "Dispatch",
+           "show_config", "cuda_available", "SCORINGS", "ACTIVATIONS", "WEIGHT_DTYPES"]

@@ -9,8 +9,9 @@ from __future__ import annotations
 import numpy as np
 
 from . import _C
-from ._api import (ACTIVATIONS, GATED, RoutingResult, _shape_str, check_choice, check_finite,
-                   check_float, check_int, check_routing_options, float_array)
+from ._api import (ACTIVATIONS, GATED, WEIGHT_DTYPES, RoutingResult, _shape_str, check_choice,
+                   check_finite, check_float, check_int, check_routing_options, float_array,
+                   weight_array)
 
 # attribute -> shape template; names are resolved against the layer's sizes
 _WEIGHTS = {
@@ -24,6 +25,8 @@ _WEIGHTS = {
     "shared_w_down": ("d_model", "shared_hidden"),
     "shared_gate_weight": ("one", "d_model"),
 }
+# the FFN weights, stored in the layer's dtype and packed for the kernels
+_EXPERT_WEIGHTS = ("w_gate", "w_up", "w_down", "shared_w_gate", "shared_w_up", "shared_w_down")
 
 
 class SparseMoE:
@@ -37,18 +40,25 @@ class SparseMoE:
     optionally scaled by sigmoid(x @ shared_gate_weight.T) when shared_expert_gate=True
     (Qwen2-MoE).  seed: weights are drawn from a seeded normal distribution.
 
-    Weights (float32, writable, nn.Linear layout [out, in]):
+    dtype: storage of the expert FFN weights: "float32", "bfloat16" (NumPy has no
+    bfloat16: stored as uint16 bits; torch / ml_dtypes bfloat16 arrays are accepted and
+    float arrays are rounded to nearest even) or "float16".  Compute is float32 with float32
+    accumulation either way; bfloat16 halves the memory the kernels stream.
+
+    Weights (writable, nn.Linear layout [out, in]):
       router_weight (E, d); w_gate, w_up (E, F, d); w_down (E, d, F); expert_bias (E,) or
       None; shared_w_gate, shared_w_up (S*Fs, d); shared_w_down (d, S*Fs);
-      shared_gate_weight (1, d) or None.
-    Assigning an array checks its shape and stores it as float32 C-contiguous (without a
-    copy when it already is); in-place edits of the stored arrays take effect at once.
+      shared_gate_weight (1, d) or None.  The FFN weights are in `dtype`, the rest float32.
+    Assigning an array checks its shape and stores it C-contiguous (without a copy when it
+    already is), and the next call repacks the experts.  The kernels run on a packed copy of
+    the FFN weights: after editing them *in place*, call layer.pack() (router_weight,
+    expert_bias and shared_gate_weight are read on every call, edits to them need nothing).
     """
 
     def __init__(self, d_model, d_ff, n_experts, top_k, *, activation="swiglu",
                  scoring="softmax", renormalize=True, routed_scaling=1.0, n_groups=1,
                  topk_groups=1, expert_bias=False, n_shared_experts=0, shared_d_ff=None,
-                 shared_expert_gate=False, capacity_factor=None, seed=0):
+                 shared_expert_gate=False, capacity_factor=None, dtype="float32", seed=0):
         self.d_model = check_int(d_model, "d_model", 1)
         self.d_ff = check_int(d_ff, "d_ff", 1)
         self.n_experts = check_int(n_experts, "n_experts", 1, 2**31 - 1)
@@ -65,6 +75,9 @@ class SparseMoE:
                                                                           "shared_d_ff", 1)
         self.shared_expert_gate = bool(shared_expert_gate)
         self.use_expert_bias = bool(expert_bias)
+        check_choice(dtype, "dtype", WEIGHT_DTYPES)
+        self.dtype = dtype
+        self._packed = None
 
         rng = np.random.default_rng(seed)
         d, F, E = self.d_model, self.d_ff, self.n_experts
@@ -74,6 +87,7 @@ class SparseMoE:
 
         gated = activation in GATED
         self.router_weight = normal((E, d), d)
+        # (weights are drawn in float32 and rounded to `dtype` on assignment)
         self.w_gate = normal((E, F, d), d) if gated else None
         self.w_up = normal((E, F, d), d)
         self.w_down = normal((E, d, F), F)
@@ -89,31 +103,59 @@ class SparseMoE:
         if name in _WEIGHTS and value is not None:
             sizes = {"n_experts": self.n_experts, "d_model": self.d_model, "d_ff": self.d_ff,
                      "shared_hidden": self.n_shared_experts * self.shared_d_ff, "one": 1}
-            value = float_array(value, name, tuple((s, sizes[s]) for s in _WEIGHTS[name]))
+            shape = tuple((s, sizes[s]) for s in _WEIGHTS[name])
+            if name in _EXPERT_WEIGHTS:
+                value = weight_array(value, name, shape, self.dtype)
+                if self.dtype == "float16":
+                    value = value.view(np.float16)
+            else:
+                value = float_array(value, name, shape)
+        if name in _EXPERT_WEIGHTS:
+            object.__setattr__(self, "_packed", None)
         object.__setattr__(self, name, value)
 
-    def _checked_weights(self):
-        """The weights for one call; catches a required weight set to None."""
+    def pack(self):
+        """Pack the expert FFN weights for the kernels now (call after in-place edits).
+
+        Done automatically on the first call and after a weight attribute is assigned.
+        """
         gated = self.activation in GATED
         if gated and self.w_gate is None:
             raise ValueError(f"w_gate is required by activation {self.activation!r}")
-        if self.use_expert_bias:
-            if self.expert_bias is None:
-                raise ValueError("expert_bias is None but the layer was built with expert_bias=True")
-            check_finite(self.expert_bias, "expert_bias")
-        shared = (None, None, None, None)
+        code = WEIGHT_DTYPES.index(self.dtype)
+
+        def bits(a):
+            return None if a is None else (a.view(np.uint16) if a.dtype == np.float16 else a)
+
+        routed = _C.pack_experts(bits(self.w_gate) if gated else None, bits(self.w_up),
+                                 bits(self.w_down), code)
+        shared = None
         if self.n_shared_experts:
             if self.shared_w_up is None or self.shared_w_down is None or \
                     (gated and self.shared_w_gate is None):
                 raise ValueError("shared expert weights are missing (set shared_w_up, "
                                  "shared_w_down and, for gated activations, shared_w_gate)")
-            gate = self.shared_gate_weight
-            if self.shared_expert_gate and gate is None:
+            shared = _C.pack_experts(bits(self.shared_w_gate[None]) if gated else None,
+                                     bits(self.shared_w_up[None]),
+                                     bits(self.shared_w_down[None]), code)
+        object.__setattr__(self, "_packed", (routed, shared, _C.build_info()["isa"]))
+        return self
+
+    def _checked_weights(self):
+        """The packed experts and small weights for one call; repacks when needed."""
+        if self.use_expert_bias:
+            if self.expert_bias is None:
+                raise ValueError("expert_bias is None but the layer was built with expert_bias=True")
+            check_finite(self.expert_bias, "expert_bias")
+        if self._packed is None:
+            self.pack()
+        routed, shared, _ = self._packed
+        gate = None
+        if shared is not None and self.shared_expert_gate:
+            if self.shared_gate_weight is None:
                 raise ValueError("shared_gate_weight is None but shared_expert_gate=True")
-            shared = (self.shared_w_gate if gated else None, self.shared_w_up,
-                      self.shared_w_down,
-                      gate.reshape(self.d_model) if self.shared_expert_gate else None)
-        return shared
+            gate = self.shared_gate_weight.reshape(self.d_model)
+        return routed, shared, gate
 
     def __call__(self, x, return_routing=False):
         """x: (..., d_model) float32/float64 (float64 is rounded to float32 first).
@@ -127,16 +169,15 @@ class SparseMoE:
                              f"{_shape_str(x.shape)}")
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.d_model)
-        sg, su, sd, sgate = self._checked_weights()
+        routed, shared, sgate = self._checked_weights()
         top_k, code, n_groups, topk_groups, scaling, cf = check_routing_options(
             self.n_experts, self.top_k, self.scoring, self.n_groups, self.topk_groups,
             self.routed_scaling, self.capacity_factor)
         act = check_choice(self.activation, "activation", ACTIVATIONS)
         out, ids, w, counts, n_dropped, aux, z = _C.layer_forward(
-            x2, self.router_weight, self.w_gate if self.activation in GATED else None,
-            self.w_up, self.w_down, top_k, act,
+            x2, self.router_weight, routed, top_k, act,
             self.expert_bias if self.use_expert_bias else None, code, self.renormalize,
-            check_float(scaling, "routed_scaling"), n_groups, topk_groups, cf, sg, su, sd, sgate)
+            check_float(scaling, "routed_scaling"), n_groups, topk_groups, cf, shared, sgate)
         out = out.reshape(lead + (self.d_model,))
         if return_routing:
             return out, RoutingResult(ids, w, counts, int(n_dropped), float(aux), float(z))
@@ -163,4 +204,6 @@ class SparseMoE:
             opts.append(f"n_shared_experts={self.n_shared_experts}, shared_d_ff={self.shared_d_ff}")
         if self.capacity_factor is not None:
             opts.append(f"capacity_factor={self.capacity_factor}")
+        if self.dtype != "float32":
+            opts.append(f"dtype={self.dtype!r}")
         return f"SparseMoE({', '.join(opts)})"

@@ -558,8 +558,21 @@ def layer_forward(layer, x):
     if activation not in GATED:
         shared_w_gate = None
 
+    # bfloat16 layers store their FFN weights as uint16 bits (the top half of a float32)
+    if getattr(layer, "dtype", "float32") == "bfloat16":
+        def decode(a):
+            if a is None:
+                return None
+            bits = np.asarray(a, dtype=np.uint16).astype(np.uint32) << 16
+            return bits.view(np.float32).astype(np.float64)
+    else:
+        def decode(a):
+            return a
+    w_gate, shared_w_gate = decode(w_gate), decode(shared_w_gate)
+    shared_w_up, shared_w_down = decode(shared_w_up), decode(shared_w_down)
+
     return sparse_moe(
-        x, get("router_weight"), w_gate, get("w_up"), get("w_down"),
+        x, get("router_weight"), w_gate, decode(get("w_up")), decode(get("w_down")),
         top_k=get("top_k"),
         activation=activation,
         scoring=get("scoring", "softmax"),

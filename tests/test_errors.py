@@ -453,11 +453,15 @@ def _c_calls(make):
         "update_expert_bias": ([f32(E).astype(np.float64), np.arange(E, dtype=np.int64), 0.1], [0, 1]),
         "dispatch": ([f32(T, d), ids, E], [0, 1]),
         "combine": ([f32(N, d), make.rng.integers(-1, N, size=(T, k)), f32(T, k)], [0, 1, 2]),
-        "ffn_grouped": ([f32(N, d), np.array([0, 3, 3, 7, N]), f32(E, F, d), f32(E, F, d),
-                         f32(E, d, F), 0], [0, 1, 2, 3, 4]),
-        "layer_forward": ([f32(T, d), f32(E, d), f32(E, F, d), f32(E, F, d), f32(E, d, F), k,
-                           0, f32(E), 2, True, 1.0, 2, 1, 0.0, f32(F, d), f32(F, d),
-                           f32(d, F), f32(d)], [0, 1, 2, 3, 4, 7, 14, 15, 16, 17]),
+        "pack_experts": ([f32(E, F, d), f32(E, F, d), f32(E, d, F), 0], [0, 1, 2]),
+        "ffn_grouped": ([f32(N, d), None, np.array([0, 3, 3, 7, N]),
+                         _C.pack_experts(f32(E, F, d), f32(E, F, d), f32(E, d, F), 0), 0],
+                        [0, 2]),
+        "layer_forward": ([f32(T, d), f32(E, d),
+                           _C.pack_experts(f32(E, F, d), f32(E, F, d), f32(E, d, F), 0), k,
+                           0, f32(E), 2, True, 1.0, 2, 1, 0.0,
+                           _C.pack_experts(f32(1, F, d), f32(1, F, d), f32(1, d, F), 0),
+                           f32(d)], [0, 1, 5, 13]),
     }
 
 
@@ -473,7 +477,7 @@ def _non_contiguous(a):
 
 
 C_FUNCS = sorted(["router_logits", "route", "update_expert_bias", "dispatch", "combine",
-                  "ffn_grouped", "layer_forward"])
+                  "pack_experts", "ffn_grouped", "layer_forward"])
 
 
 @pytest.mark.parametrize("func", C_FUNCS)
@@ -519,20 +523,20 @@ def test_c_functions_reject_mismatched_shapes(make):
     bad("update_expert_bias", 1, np.arange(5), r"^counts must have shape \(4\), got \(5\)")
     bad("dispatch", 1, make.expert_ids(5, 2, 4), r"^expert_ids must have shape \(6, -1\)")
     bad("combine", 2, make.normal(6, 3), r"^weights must have shape \(6, 2\), got \(6, 3\)")
-    bad("ffn_grouped", 2, make.normal(4, 6, 8), r"^w_gate must have shape \(4, 5, 8\)")
-    bad("ffn_grouped", 3, make.normal(3, 5, 8), r"^w_up must have shape \(4, -1, 8\)")
-    bad("ffn_grouped", 4, make.normal(4, 5, 8), r"^w_down must have shape \(4, 8, 5\)")
-    bad("ffn_grouped", 1, np.array([0, 9]), r"^w_up must have shape \(1, -1, 8\)")
-    bad("ffn_grouped", 1, np.array([9]), r"^offsets must have shape \(n_experts \+ 1,\)")
-    bad("layer_forward", 1, make.normal(4, 7), r"^router_weight must have shape")
-    bad("layer_forward", 2, make.normal(3, 5, 8), r"^w_gate must have shape \(4, 5, 8\)")
-    bad("layer_forward", 7, make.normal(3), r"^expert_bias must have shape \(4\)")
-    bad("layer_forward", 14, make.normal(6, 8), r"^shared_w_gate must have shape \(5, 8\)")
-    bad("layer_forward", 16, make.normal(8, 6), r"^shared_w_down must have shape \(8, 5\)")
-    bad("layer_forward", 17, make.normal(7), r"^shared_gate_weight must have shape \(8\)")
-    bad("layer_forward", 16, None, r"^shared_w_down must be a numpy\.ndarray", TypeError)
-    bad("layer_forward", 0, make.normal(6, 7), r"^router_weight must have shape \(-1, 7\)")
-
+    bad("pack_experts", 0, make.normal(4, 6, 8), r"^w_gate must have shape \(4, 5, 8\)")
+    bad("pack_experts", 2, make.normal(4, 5, 8), r"^w_down must have shape \(4, 8, 5\)")
+    bad("pack_experts", 1, make.normal(4, 5), r"^w_up must have 3 dimensions")
+    bad("ffn_grouped", 0, make.normal(9, 7), r"^x must have shape \(-1, 8\), got \(9, 7\)")
+    bad("ffn_grouped", 2, np.array([0, 9]), r"^offsets must have shape \(5\), got \(2\)")
+    bad("ffn_grouped", 1, np.arange(3), r"^offsets must start at 0 and end at n_rows=3")
+    bad("ffn_grouped", 3, make.normal(4, 5, 8), r"^experts must be packed experts", TypeError)
+    bad("layer_forward", 1, make.normal(4, 7), r"^router_weight must have shape \(4, 8\)")
+    bad("layer_forward", 1, make.normal(3, 8), r"^router_weight must have shape \(4, 8\)")
+    bad("layer_forward", 5, make.normal(3), r"^expert_bias must have shape \(4\)")
+    bad("layer_forward", 13, make.normal(7), r"^shared_gate_weight must have shape \(8\)")
+    bad("layer_forward", 12, make.normal(8, 6), r"^shared_experts must be packed", TypeError)
+    bad("layer_forward", 2, None, r"^experts must be packed experts", TypeError)
+    bad("layer_forward", 0, make.normal(6, 7), r"^x must have shape \(-1, 8\)")
 
 def test_c_functions_reject_bad_values(make):
     calls = _c_calls(make)
@@ -583,10 +587,17 @@ def test_c_functions_reject_bad_values(make):
 
     for offsets in ([1, 3, 3, 7, 9], [0, 3, 3, 7, 8], [0, 3, 3, 7, 10], [0, 5, 3, 7, 9],
                     [0, -4, 3, 7, 9], [0, 2**62, 3, 7, 9]):
-        bad("ffn_grouped", {1: np.array(offsets, np.int64)}, r"^offsets must")
-    bad("ffn_grouped", {2: None}, r"^w_gate is required by a gated activation")
-    bad("ffn_grouped", {5: 7}, r"^activation code must be in 0\.\.6")
-    bad("ffn_grouped", {5: -1}, r"^activation code must be in 0\.\.6")
+        bad("ffn_grouped", {2: np.array(offsets, np.int64)}, r"^offsets must")
+    bad("ffn_grouped", {4: 7}, r"^activation code must be in 0\.\.6")
+    bad("ffn_grouped", {4: -1}, r"^activation code must be in 0\.\.6")
+    bad("ffn_grouped", {4: 5}, r"^activation is not gated but the experts were packed with")
+    for ti in ([0, 1, 2, 3, 4, 5, 0, 1, 9], [0, 1, 2, 3, 4, 5, 0, 1, -1]):
+        bad("ffn_grouped", {1: np.array(ti, np.int64)}, r"^token_index must be in \[0, "
+                                                        r"n_tokens=9\)")
+    bad("ffn_grouped", {1: np.zeros(4, np.int64)}, r"^offsets must start at 0 and end at "
+                                                    r"n_rows=4")
+    bad("pack_experts", {3: 3}, r"^dtype code must be in 0\.\.2")
+    bad("pack_experts", {0: None, 3: 1}, r"^w_up must have dtype uint16", TypeError)
 
     ro = calls["update_expert_bias"][0][0].copy()
     ro.flags.writeable = False
@@ -595,16 +606,16 @@ def test_c_functions_reject_bad_values(make):
     x = calls["layer_forward"][0][0].copy()
     x[0, 0] = NAN
     bad("layer_forward", {0: x}, r"^logits must be finite")
-    bad("layer_forward", {5: 0}, r"^top_k must be in 1\.\.n_experts=4")
-    bad("layer_forward", {5: 5}, r"^top_k must be in 1\.\.n_experts=4")
-    bad("layer_forward", {6: 7}, r"^activation code must be in 0\.\.6")
-    bad("layer_forward", {8: 3}, r"^scoring code must be in 0\.\.2")
-    bad("layer_forward", {11: 3}, r"^n_groups must divide n_experts=4")
-    bad("layer_forward", {12: 3}, r"^topk_groups must be in")
-    bad("layer_forward", {2: None}, r"w_gate is required by a gated activation")
-    bad("layer_forward", {14: None}, r"^shared_w_gate is required by a gated activation")
-    bad("layer_forward", {1: np.ones((0, 8), np.float32)}, r"^router_weight must have 1\.\.")
-
+    bad("layer_forward", {3: 0}, r"^top_k must be in 1\.\.n_experts=4")
+    bad("layer_forward", {3: 5}, r"^top_k must be in 1\.\.n_experts=4")
+    bad("layer_forward", {4: 7}, r"^activation code must be in 0\.\.6")
+    bad("layer_forward", {4: 5}, r"^activation is not gated but the experts were packed")
+    bad("layer_forward", {6: 3}, r"^scoring code must be in 0\.\.2")
+    bad("layer_forward", {9: 3}, r"^n_groups must divide n_experts=4")
+    bad("layer_forward", {10: 3}, r"^topk_groups must be in")
+    other = _C.pack_experts(make.normal(4, 5, 6), make.normal(4, 5, 6), make.normal(4, 6, 5), 0)
+    bad("layer_forward", {2: other}, r"^x must have shape \(-1, 6\)")
+    bad("layer_forward", {12: other}, r"^the packed experts do not match")
 
 _FUZZ_CHILD = textwrap.dedent("""
     # Random garbage into every moe._C function: each call must either work or raise
@@ -615,7 +626,7 @@ _FUZZ_CHILD = textwrap.dedent("""
 
     rng = np.random.default_rng(int(sys.argv[1]))
     funcs = {"router_logits": 2, "route": 9, "update_expert_bias": 3, "dispatch": 3,
-             "combine": 3, "ffn_grouped": 6, "layer_forward": 18}
+             "combine": 3, "pack_experts": 4, "ffn_grouped": 5, "layer_forward": 14}
     ints = [-(2**31), -2, -1, 0, 1, 2, 3, 4, 7, 2**31, 2**63]
 
     def array():

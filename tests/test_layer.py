@@ -217,9 +217,12 @@ def test_in_place_edits_take_effect(make):
     layer.router_weight[:] = make.normal(E, d, scale=d ** -0.5)
     out1, r1, _, _ = check_layer(layer, x)
     assert not np.array_equal(r0.expert_ids, r1.expert_ids)
+    # the FFN weights run from a packed copy: in-place edits need layer.pack()
     layer.w_gate[1:3] *= -1.5
     layer.w_down[...] = make.normal(*layer.w_down.shape, scale=0.2)
     layer.shared_w_gate[0] += 1.0
+    assert np.array_equal(layer(x), out1)  # still the packed weights
+    layer.pack()
     out2, _, _, _ = check_layer(layer, x)
     assert not np.array_equal(out1, out2)
     layer.expert_bias[:] = make.normal(E, scale=0.2)
@@ -229,6 +232,7 @@ def test_in_place_edits_take_effect(make):
     w = make.normal(E, 24, d, scale=0.2)
     layer.w_up = w
     w[0] *= 2
+    layer.pack()
     check_layer(layer, x)
     assert layer.w_up is w
 

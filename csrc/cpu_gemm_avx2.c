@@ -1,0 +1,14 @@
+/* cpu_gemm_avx2.c - micro-kernels for AVX2 + FMA (+ F16C): 6 x 16 tiles. */
+#if defined(__x86_64__) && defined(__GNUC__)
+#pragma GCC target("avx2,fma,f16c")
+#include <immintrin.h>
+#define MOE_K_CVTPH(p) _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p)))
+#define MOE_K_NAME moe_kernels_avx2
+#define MOE_K_ISA  "avx2"
+#define MOE_K_VL   8
+#define MOE_K_MR   6
+#define MOE_K_NV   2
+#include "cpu_gemm.inc"
+#else
+typedef int moe_cpu_gemm_avx2_unused;
+#endif

@@ -1,0 +1,14 @@
+/* cpu_gemm_avx512.c - micro-kernels for AVX-512F (+ F16C): 12 x 32 tiles. */
+#if defined(__x86_64__) && defined(__GNUC__)
+#pragma GCC target("avx512f,avx2,fma,f16c,prefer-vector-width=512")
+#include <immintrin.h>
+#define MOE_K_CVTPH(p) _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(p)))
+#define MOE_K_NAME moe_kernels_avx512
+#define MOE_K_ISA  "avx512"
+#define MOE_K_VL   16
+#define MOE_K_MR   12
+#define MOE_K_NV   2
+#include "cpu_gemm.inc"
+#else
+typedef int moe_cpu_gemm_avx512_unused;
+#endif

@@ -1,0 +1,56 @@
+/*
+ * cpu_kernels.h - the packed GEMM micro-kernels of the CPU backend.  One
+ * source (cpu_gemm.inc) is compiled per instruction set by cpu_gemm_<isa>.c;
+ * csrc/cpu_ffn.c picks one set at run time from cpuid (or MOE_ISA).
+ *
+ * A micro-kernel computes an (MR, NR) tile c = a @ b over K:
+ *   a: (K, MR) activation panel, k-major (a[k * MR + i] is row i)
+ *   b: (K, NR) weight panel, k-major, of the weight dtype
+ * Every element is one fused multiply-add chain over k in order, whatever
+ * the ISA, MR, NR or the number of valid rows: results do not depend on
+ * tiling, batch or thread count.
+ */
+#ifndef MOE_CPU_KERNELS_H
+#define MOE_CPU_KERNELS_H
+
+#include <stdint.h>
+
+/* Largest MR and NR of any kernel set (sizes stack tiles). */
+#define MOE_MAX_MR 12
+#define MOE_MAX_NR 32
+
+/* Weight storage types the kernels read. */
+enum {
+    MOE_WTYPE_F32  = 0,
+    MOE_WTYPE_BF16 = 1,
+    MOE_WTYPE_F16  = 2,
+    MOE_WTYPE_COUNT
+};
+
+/* c (MR, NR) row-major = first m rows of a @ b; rows >= m are not written. */
+typedef void (*moe_ukr_fn)(const float *a, const void *b, int64_t K, int m,
+                           float *c);
+
+/* out[e] = x . w[e] for e < n_w, in float64: x (d,), w (n_w, d). */
+typedef void (*moe_router_fn)(const float *x, const float *w, int64_t n_w,
+                              int64_t d, double *out);
+
+typedef struct moe_kernels {
+    const char    *name;  /* "avx512", "avx2", "scalar" (portable)        */
+    int            mr;    /* rows per activation panel                     */
+    int            nr;    /* columns per weight panel (2 vectors)          */
+    moe_ukr_fn     ukr[MOE_WTYPE_COUNT];
+    moe_router_fn  router;
+} moe_kernels;
+
+extern const moe_kernels moe_kernels_generic;
+#if defined(__x86_64__) && defined(__GNUC__)
+#define MOE_HAVE_X86_KERNELS 1
+extern const moe_kernels moe_kernels_avx2;
+extern const moe_kernels moe_kernels_avx512;
+#endif
+
+/* The kernel set in use (cpuid, lowered by MOE_ISA). */
+const moe_kernels *moe_cpu_kernels(void);
+
+#endif /* MOE_CPU_KERNELS_H */

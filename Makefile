@@ -12,7 +12,7 @@ test: build
 
 bench: build
 	python -m moe bench
-	python benchmarks/bench_layer.py
+	env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/bench_cpu.py
 
 clean:
 	rm -rf build dist *.egg-info moe/_C*.so .pytest_cache

@@ -83,42 +83,6 @@ moe_cpu_isa(void)
     return moe_cpu_kernels()->name;
 }
 
-/* ---- activations ------------------------------------------------------ */
-
-static inline float
-moe_silu(float z)
-{
-    return z / (1.0f + expf(-z));
-}
-
-static inline float
-moe_gelu(float z)
-{
-    return 0.5f * z * (1.0f + erff(z * 0.70710678118654752f));
-}
-
-static inline float
-moe_gelu_tanh(float z)
-{
-    const float c = 0.79788456080286536f; /* sqrt(2 / pi) */
-    return 0.5f * z * (1.0f + tanhf(c * (z + 0.044715f * z * z * z)));
-}
-
-static inline float
-moe_activate(moe_activation act, float gate, float up)
-{
-    switch (act) {
-    case MOE_ACTIVATION_SWIGLU:     return moe_silu(gate) * up;
-    case MOE_ACTIVATION_GEGLU:      return moe_gelu(gate) * up;
-    case MOE_ACTIVATION_GEGLU_TANH: return moe_gelu_tanh(gate) * up;
-    case MOE_ACTIVATION_GELU:       return moe_gelu(up);
-    case MOE_ACTIVATION_GELU_TANH:  return moe_gelu_tanh(up);
-    case MOE_ACTIVATION_RELU:       return up > 0.0f ? up : 0.0f;
-    case MOE_ACTIVATION_SILU:       return moe_silu(up);
-    }
-    return 0.0f;
-}
-
 /* ---- packing ------------------------------------------------------------ */
 
 typedef struct moe_pack_job {
@@ -343,7 +307,7 @@ moe_ffn_up_task(void *ctx, int64_t t)
     const int64_t d = w->d_model, F = w->d_ff;
     float tile[MOE_MAX_MR * MOE_MAX_NR];
     int64_t c, P, r0;
-    int m, i, j;
+    int m, n_units;
 
     /* The weight panel outside: it is read from memory once per task and
      * reused from cache for every activation panel of the block. */
@@ -354,14 +318,9 @@ moe_ffn_up_task(void *ctx, int64_t t)
             float *h = job->hp + P * F * mr;
             moe_panel_rows(job, P, &r0, &m);
             ukr(job->xp + P * d * mr, b, d, m, tile);
-            for (i = 0; i < m; i++) {
-                const float *ti = tile + i * nr;
-                for (j = 0; j < width && c * width + j < F; j++) {
-                    float g = w->gated ? ti[j] : 0.0f;
-                    float u = w->gated ? ti[width + j] : ti[j];
-                    h[(c * width + j) * mr + i] = moe_activate(act, g, u);
-                }
-            }
+            n_units = F - c * width < width ? (int)(F - c * width) : width;
+            job->kr->epilogue((int)act, w->gated, tile, m, n_units,
+                              h + c * width * mr, mr);
         }
     }
 }
@@ -456,10 +415,12 @@ moe_cpu_ffn_grouped(const moe_ffn_params *p)
     n_up = moe_ffn_plan(&job, w->gu_panels, NULL);
     n_down = moe_ffn_plan(&job, w->down_panels, NULL);
     job.panel_e = moe_alloc((size_t)job.n_panels, sizeof(int32_t));
-    job.xp = moe_alloc((size_t)(job.n_panels * w->d_model * job.kr->mr),
-                       sizeof(float));
-    job.hp = moe_alloc((size_t)(job.n_panels * w->d_ff * job.kr->mr),
-                       sizeof(float));
+    job.xp = moe_workspace(MOE_WS_PANEL_X,
+                           (size_t)(job.n_panels * w->d_model * job.kr->mr),
+                           sizeof(float));
+    job.hp = moe_workspace(MOE_WS_PANEL_H,
+                           (size_t)(job.n_panels * w->d_ff * job.kr->mr),
+                           sizeof(float));
     job.tasks = moe_alloc((size_t)(n_up > n_down ? n_up : n_down),
                           sizeof(moe_ffn_task));
     if (!job.panel_e || !job.xp || !job.hp || !job.tasks) {
@@ -485,8 +446,6 @@ moe_cpu_ffn_grouped(const moe_ffn_params *p)
 done:
     free(job.panel_off);
     free(job.panel_e);
-    free(job.xp);
-    free(job.hp);
     free(job.tasks);
     return st;
 }

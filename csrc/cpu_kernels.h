@@ -35,12 +35,20 @@ typedef void (*moe_ukr_fn)(const float *a, const void *b, int64_t K, int m,
 typedef void (*moe_router_fn)(const float *x, const float *w, int64_t n_w,
                               int64_t d, double *out);
 
+/*
+ * Hidden activations from a gate/up tile (see cpu_gemm.inc): act is a
+ * moe_activation; writes h[j * mr + i] for rows i < m, units j < n_units.
+ */
+typedef void (*moe_epilogue_fn)(int act, int gated, const float *tile, int m,
+                                int n_units, float *h, int mr);
+
 typedef struct moe_kernels {
     const char    *name;  /* "avx512", "avx2", "scalar" (portable)        */
     int            mr;    /* rows per activation panel                     */
     int            nr;    /* columns per weight panel (2 vectors)          */
     moe_ukr_fn     ukr[MOE_WTYPE_COUNT];
     moe_router_fn  router;
+    moe_epilogue_fn epilogue;
 } moe_kernels;
 
 extern const moe_kernels moe_kernels_generic;

@@ -131,7 +131,8 @@ moe_layer_forward(const moe_layer_params *p)
     n_rows = offsets[E];
     st = MOE_STATUS_ALLOC;
     token_index = moe_alloc((size_t)n_rows, sizeof(int64_t));
-    ys = moe_alloc((size_t)n_rows * (size_t)d, sizeof(float));
+    ys = moe_workspace(MOE_WS_LAYER_Y, (size_t)n_rows * (size_t)d,
+                       sizeof(float));
     if (!token_index || !ys) {
         goto done;
     }
@@ -166,22 +167,17 @@ moe_layer_forward(const moe_layer_params *p)
 
     if (p->shared != NULL) {
         st = MOE_STATUS_ALLOC;
-        /* The routed rows are combined: reuse ys when it is big enough. */
-        tmp = n_rows >= T ? ys : moe_alloc((size_t)T * (size_t)d,
-                                           sizeof(float));
+        tmp = moe_workspace(MOE_WS_LAYER_SHARED, (size_t)T * (size_t)d,
+                            sizeof(float));
         if (tmp == NULL) {
             goto done;
         }
         st = moe_layer_shared(p, tmp);
     }
 done:
-    if (tmp != ys) {
-        free(tmp);
-    }
     free(logits);
     free(offsets);
     free(token_index);
     free(position);
-    free(ys);
     return st;
 }

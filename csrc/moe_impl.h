@@ -56,6 +56,23 @@ struct moe_experts {
     size_t    nbytes;
 };
 
+/* ---- per-thread scratch (csrc/workspace.c) ---- */
+
+enum {
+    MOE_WS_PANEL_X = 0,  /* cpu_ffn.c: packed activation panels            */
+    MOE_WS_PANEL_H,      /* cpu_ffn.c: packed hidden panels                */
+    MOE_WS_LAYER_Y,      /* layer.c: expert outputs, sorted rows           */
+    MOE_WS_LAYER_SHARED, /* layer.c: shared-expert output                  */
+    MOE_WS_COUNT
+};
+
+/*
+ * A buffer of count * size bytes owned by this thread, reused by later
+ * calls with the same slot (contents undefined); NULL with the error set on
+ * failure.  Valid until the next request for the same slot on this thread.
+ */
+void *moe_workspace(int slot, size_t count, size_t size);
+
 /* CPU implementations (csrc/cpu_*.c); csrc/backend.c picks among backends. */
 moe_status moe_cpu_router_logits(const moe_router_params *p);
 moe_status moe_cpu_route_topk(const moe_route_params *p);

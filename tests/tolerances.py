@@ -20,6 +20,11 @@ LOSS_RTOL = 1e-6
 # float64 results of float64 arithmetic (e.g. update_expert_bias on a float64 array).
 FP64_RTOL = 1e-12
 
+# bf16 / fp16 expert weights (compute and accumulation stay fp32): flash-attention's rule.
+# The largest error against the float64 reference may be at most this many times the largest
+# error of the same computation done naively at that precision (see assert_within_naive).
+LOWP_NAIVE_FACTOR = 2.0
+
 
 def _fmt_index(idx):
     return "[" + ", ".join(str(int(i)) for i in idx) + "]"
@@ -46,6 +51,29 @@ def assert_close(actual, ref, rtol=FP32_RTOL, atol_scale=FP32_ATOL_SCALE, what="
             f"(rtol={rtol:g}, atol={atol:.3g}); worst at {_fmt_index(worst)}: "
             f"got {a[worst]!r}, reference {ref[worst]!r}, max abs err {err.max():.3g}"
         )
+
+
+def assert_within_naive(actual, naive, ref, factor=LOWP_NAIVE_FACTOR, what=""):
+    """max|actual - ref| <= factor * max|naive - ref|, same shapes.
+
+    ref: the float64 reference on the weights as stored (decoded bf16 / fp16 values);
+    naive: the same computation at the working precision done plainly (the test says how).
+    """
+    label = f"{what}: " if what else ""
+    actual = np.asarray(actual, dtype=np.float64)
+    naive = np.asarray(naive, dtype=np.float64)
+    ref = np.asarray(ref, dtype=np.float64)
+    assert actual.shape == ref.shape == naive.shape, \
+        f"{label}shapes {actual.shape}, naive {naive.shape}, reference {ref.shape}"
+    if ref.size == 0:
+        return
+    assert np.isfinite(actual).all(), f"{label}non-finite values in the result"
+    err = float(np.max(np.abs(actual - ref)))
+    naive_err = float(np.max(np.abs(naive - ref)))
+    assert err <= factor * naive_err, (
+        f"{label}max abs error {err:.3g} > {factor:g} x the naive computation's "
+        f"{naive_err:.3g} (max |ref| {float(np.max(np.abs(ref))):.3g})"
+    )
 
 
 def assert_scalar_close(actual, ref, rtol=LOSS_RTOL, what=""):

@@ -1,0 +1,269 @@
+"""CPU benchmark: moe's layer against the machine's ceilings and its peers, in one run.
+
+For each CPU shape of shared/bench/shapes.json and each token count: moe (fp32 and bf16
+weights, all threads; fp32 on one thread too), a NumPy per-expert loop (OpenBLAS), and
+PyTorch's HF-transformers-style expert loop in fp32 and bf16.  Ceilings from the same run:
+the FMA peak (benchmarks/ceilings.c, a register-only FMA loop) and the read bandwidth.
+GFLOP/s count multiply-adds as 2 over the routed (and shared) experts; for 1-8 tokens the
+table also gives GB/s of the active experts' weights.  Every implementation is checked
+against moe.reference before it is timed.  Medians over repeats, (min-max) beside.
+
+    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/bench_cpu.py
+        [--configs mixtral-small ...] [--tokens 1 8 512] [--no-torch] [--out FILE.md]
+"""
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+import moe
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SHAPES = os.path.join(HERE, "shapes.json")
+
+
+# ---- ceilings --------------------------------------------------------------------------
+
+def ceilings(threads):
+    """(FMA GFLOP/s, its ISA, read GB/s) measured by benchmarks/ceilings.c."""
+    exe = os.path.join(tempfile.mkdtemp(), "ceilings")
+    subprocess.run(["cc", "-O3", "-pthread", os.path.join(HERE, "ceilings.c"), "-o", exe],
+                   check=True)
+    fma, isa = subprocess.run([exe, "fma", str(threads), "1.0"], capture_output=True,
+                              text=True, check=True).stdout.split()
+    read = subprocess.run([exe, "read", str(threads), "1024"], capture_output=True,
+                          text=True, check=True).stdout.split()[0]
+    return float(fma), isa, float(read)
+
+
+# ---- peers -------------------------------------------------------------------------------
+
+def numpy_layer(layer, w, x):
+    """The eager NumPy loop a user would write: argsort by expert, one matmul per expert."""
+    r = moe.reference.route(x @ layer.router_weight.T, layer.top_k, scoring=layer.scoring,
+                            renormalize=layer.renormalize, routed_scaling=layer.routed_scaling,
+                            expert_bias=layer.expert_bias, n_groups=layer.n_groups,
+                            topk_groups=layer.topk_groups)
+    ids, gw = r["expert_ids"].reshape(-1), r["weights"].astype(np.float32).reshape(-1)
+    out = np.zeros_like(x)
+    order = np.argsort(ids, kind="stable")
+    bounds = np.searchsorted(ids[order], np.arange(layer.n_experts + 1))
+    for e in range(layer.n_experts):
+        sel = order[bounds[e]:bounds[e + 1]]
+        if sel.size == 0:
+            continue
+        tok = sel // layer.top_k
+        xe = x[tok]
+        g = xe @ w["w_gate"][e].T
+        h = g / (1 + np.exp(-g)) * (xe @ w["w_up"][e].T)
+        np.add.at(out, tok, (h @ w["w_down"][e].T) * gw[sel, None])
+    if layer.n_shared_experts:
+        g = x @ w["shared_w_gate"].T
+        out += (g / (1 + np.exp(-g)) * (x @ w["shared_w_up"].T)) @ w["shared_w_down"].T
+    return out
+
+
+def torch_block(layer, dtype):
+    """An HF-transformers-style sparse MoE block (Mixtral / DeepSeek modelling code shape)."""
+    import torch
+
+    E, d, F = layer.n_experts, layer.d_model, layer.d_ff
+    t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(dtype)  # noqa: E731
+    router = t(layer.router_weight)
+    bias = t(layer.expert_bias) if layer.use_expert_bias else None
+    experts = [(t(layer.w_gate[e]), t(layer.w_up[e]), t(layer.w_down[e])) for e in range(E)]
+    shared = None
+    if layer.n_shared_experts:
+        shared = (t(layer.shared_w_gate), t(layer.shared_w_up), t(layer.shared_w_down))
+
+    def mlp(h, w):
+        return torch.nn.functional.linear(
+            torch.nn.functional.silu(torch.nn.functional.linear(h, w[0]))
+            * torch.nn.functional.linear(h, w[1]), w[2])
+
+    @torch.inference_mode()
+    def forward(x):
+        logits = torch.nn.functional.linear(x, router).float()
+        if layer.scoring == "sigmoid":
+            scores = logits.sigmoid()
+        else:
+            scores = logits.softmax(dim=-1)
+        sel = scores if bias is None else scores + bias.float()
+        if layer.n_groups > 1:
+            g = sel.view(x.shape[0], layer.n_groups, -1).topk(2, dim=-1)[0].sum(-1)
+            keep = torch.zeros_like(g).scatter_(1, g.topk(layer.topk_groups, dim=-1)[1], 1)
+            mask = keep.unsqueeze(-1).expand(-1, -1, E // layer.n_groups).reshape(x.shape[0], E)
+            sel = sel.masked_fill(mask == 0, float("-inf"))
+        ids = sel.topk(layer.top_k, dim=-1)[1]
+        wts = scores.gather(1, ids)
+        if layer.renormalize:
+            wts = wts / wts.sum(-1, keepdim=True)
+        wts = (wts * layer.routed_scaling).to(dtype)
+        out = torch.zeros_like(x)
+        mask = torch.nn.functional.one_hot(ids, num_classes=E).permute(2, 1, 0)
+        for e in range(E):
+            slot, tok = torch.where(mask[e])
+            if tok.numel() == 0:
+                continue
+            out.index_add_(0, tok, mlp(x[tok], experts[e]) * wts[tok, slot, None])
+        if shared is not None:
+            out = out + mlp(x, shared)
+        return out
+
+    return forward
+
+
+# ---- timing -------------------------------------------------------------------------------
+
+def timeit(fn, budget=2.0, min_runs=3, max_runs=15):
+    fn()  # warm-up
+    times = []
+    t_start = time.perf_counter()
+    while len(times) < min_runs or (len(times) < max_runs and
+                                    time.perf_counter() - t_start < budget):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), min(times), max(times)
+
+
+def check(name, y, ref):
+    err = float(np.max(np.abs(y - ref)) / max(float(np.max(np.abs(ref))), 1e-30))
+    if not err < 2e-2:
+        raise SystemExit(f"{name} does not match the reference (max rel err {err:.2e})")
+    return err
+
+
+def active_bytes(layer, routing, bytes_per):
+    """Weight bytes a forward must read: the distinct routed experts + shared + router."""
+    used = np.unique(routing.expert_ids[routing.expert_ids >= 0]).size
+    mats = 3
+    b = used * mats * layer.d_ff * layer.d_model * bytes_per
+    b += layer.n_shared_experts * mats * layer.shared_d_ff * layer.d_model * bytes_per
+    return b + layer.n_experts * layer.d_model * 4
+
+
+# ---- main ---------------------------------------------------------------------------------
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--configs", nargs="+", default=["mixtral-small", "qwen3-small",
+                                                     "deepseek-small"])
+    ap.add_argument("--tokens", type=int, nargs="+", default=None)
+    ap.add_argument("--no-torch", action="store_true")
+    ap.add_argument("--out", default=os.path.join(HERE, "results_cpu.md"))
+    args = ap.parse_args()
+
+    with open(SHAPES) as f:
+        shapes = json.load(f)["cpu"]
+    threads = moe.get_num_threads()
+    fma, fma_isa, read = ceilings(threads)
+    fma1, _, _ = ceilings(1)
+    torch = None
+    if not args.no_torch:
+        try:
+            import torch
+            torch.set_num_threads(threads)
+        except ImportError:
+            pass
+    try:
+        from threadpoolctl import threadpool_info
+        blas = "; ".join(f"{i.get('internal_api')} {i.get('version')} "
+                         f"{i.get('architecture')} x{i.get('num_threads')}"
+                         for i in threadpool_info() if i.get("user_api") == "blas")
+    except ImportError:
+        blas = "threadpoolctl not installed"
+
+    info = moe._C.build_info()
+    head = [
+        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+        f"cpu features: {info['cpu_features']}",
+        f"moe {info['version']}: kernels {info['isa']}, {threads} threads; numpy "
+        f"{np.__version__} ({blas}); OPENBLAS_CORETYPE="
+        f"{os.environ.get('OPENBLAS_CORETYPE', '(unset)')}; torch "
+        f"{torch.__version__ if torch else '(not run)'}",
+        f"Ceilings (same run): FMA peak {fma:.0f} GFLOP/s ({fma_isa}, {threads} threads; "
+        f"{fma1:.0f} on 1 thread), read bandwidth {read:.1f} GB/s ({threads} threads)",
+        "",
+        "| shape | tokens | moe fp32 ms | GFLOP/s | % peak | GB/s (% read) | moe bf16 ms | "
+        "bf16/fp32 | moe fp32 1 thread ms | numpy ms | torch fp32 ms | torch bf16 ms | "
+        "vs numpy | vs torch fp32 |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    print("\n".join(head), flush=True)
+    rows = []
+    rng = np.random.default_rng(0)
+    for name in args.configs:
+        cfg = {k: v for k, v in shapes[name].items() if k != "n_tokens"}
+        layer = moe.SparseMoE(**cfg)
+        layer_bf16 = moe.SparseMoE(**cfg, dtype="bfloat16")
+        w = {k: getattr(layer, k) for k in ("w_gate", "w_up", "w_down", "shared_w_gate",
+                                            "shared_w_up", "shared_w_down")}
+        layer_bf16.w_gate, layer_bf16.w_up, layer_bf16.w_down = w["w_gate"], w["w_up"], w["w_down"]
+        if layer.n_shared_experts:
+            layer_bf16.shared_w_gate = w["shared_w_gate"]
+            layer_bf16.shared_w_up = w["shared_w_up"]
+            layer_bf16.shared_w_down = w["shared_w_down"]
+        if layer.use_expert_bias:
+            layer.expert_bias[:] = rng.standard_normal(layer.n_experts) * 0.01
+            layer_bf16.expert_bias[:] = layer.expert_bias
+        layer_bf16.router_weight = layer.router_weight
+        tb32 = torch_block(layer, torch.float32) if torch else None
+        tb16 = torch_block(layer, torch.bfloat16) if torch else None
+        for T in args.tokens or shapes[name]["n_tokens"]:
+            x = rng.standard_normal((T, layer.d_model)).astype(np.float32)
+            y, routing = layer(x, return_routing=True)
+            if T <= 64:  # correctness first (the float64 reference is slow at big T)
+                ref, _ = moe.reference.layer_forward(layer, x)
+                check("moe fp32", y, ref)
+                check("moe bf16", layer_bf16(x), ref)
+                check("numpy", numpy_layer(layer, w, x), ref)
+                if torch:
+                    check("torch fp32", tb32(torch.from_numpy(x)).numpy(), ref)
+            flops = layer.flops(T)
+            ours = timeit(lambda: layer(x))
+            ours16 = timeit(lambda: layer_bf16(x))
+            moe.set_num_threads(1)
+            ours1 = timeit(lambda: layer(x), budget=1.0)
+            moe.set_num_threads(threads)
+            npy = timeit(lambda: numpy_layer(layer, w, x), budget=1.0)
+            t32 = t16 = None
+            if torch:
+                xt = torch.from_numpy(x)
+                t32 = timeit(lambda: tb32(xt), budget=1.0)
+                xb = xt.to(torch.bfloat16)
+                t16 = timeit(lambda: tb16(xb), budget=1.0, min_runs=2)
+            gflops = flops / ours[0] / 1e9
+            gbs = ""
+            if T <= 8:
+                gb = active_bytes(layer, routing, 4) / ours[0] / 1e9
+                gbs = f"{gb:.1f} ({100 * gb / read:.0f}%)"
+            ms = lambda t: f"{t[0] * 1e3:.2f} ({t[1] * 1e3:.2f}-{t[2] * 1e3:.2f})"  # noqa: E731
+            row = (f"| {name} | {T} | {ms(ours)} | {gflops:.1f} | {100 * gflops / fma:.0f}% | "
+                   f"{gbs} | {ms(ours16)} | {ours[0] / ours16[0]:.2f}x | "
+                   f"{ours1[0] * 1e3:.2f} ({ours1[0] / ours[0]:.2f}x) | {ms(npy)} | "
+                   f"{ms(t32) if t32 else '-'} | {ms(t16) if t16 else '-'} | "
+                   f"{npy[0] / ours[0]:.2f}x | "
+                   f"{(t32[0] / ours[0]) if t32 else float('nan'):.2f}x |")
+            rows.append(row)
+            print(row, flush=True)
+    notes = [
+        "",
+        "moe fp32 1 thread: in brackets, how much faster the threaded run is. "
+        "GB/s: bytes of the active experts' weights (fp32) per call, beside the read "
+        "bandwidth. bf16/fp32: our bf16-weight speed over our fp32 speed.",
+    ]
+    with open(args.out, "w") as f:
+        f.write("\n".join(head + rows + notes) + "\n")
+    print(f"\nwritten to {args.out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -36,11 +36,30 @@ def update_expert_bias(bias: npt.NDArray[np.floating], counts: ArrayLike,
 def dispatch(x: ArrayLike, expert_ids: ArrayLike, n_experts: int) -> Dispatch: ...
 def combine(y_sorted: ArrayLike, position: ArrayLike,
             weights: ArrayLike) -> npt.NDArray[np.float32]: ...
-def expert_ffn(x_sorted: ArrayLike, offsets: ArrayLike, w_gate: Optional[ArrayLike],
-               w_up: ArrayLike, w_down: ArrayLike,
-               activation: str = ...) -> npt.NDArray[np.float32]: ...
+WEIGHT_DTYPES: Tuple[str, ...]
+
+class PackedExperts:
+    n_experts: int
+    d_model: int
+    d_ff: int
+    gated: bool
+    dtype: str
+    nbytes: int
+    activation: str
+    isa: str
+
+def pack_experts(w_gate: Optional[ArrayLike], w_up: ArrayLike, w_down: ArrayLike,
+                 activation: str = ..., dtype: Optional[str] = ...) -> PackedExperts: ...
+def expert_ffn(x_sorted: ArrayLike, offsets: ArrayLike,
+               w_gate: Union[ArrayLike, PackedExperts, None],
+               w_up: Optional[ArrayLike] = ..., w_down: Optional[ArrayLike] = ...,
+               activation: str = ..., dtype: Optional[str] = ...) -> npt.NDArray[np.float32]: ...
 def ffn(x: ArrayLike, w_gate: Optional[ArrayLike], w_up: ArrayLike, w_down: ArrayLike,
-        activation: str = ...) -> npt.NDArray[np.float32]: ...
+        activation: str = ..., dtype: Optional[str] = ...) -> npt.NDArray[np.float32]: ...
+def set_num_threads(n: int) -> None: ...
+def get_num_threads() -> int: ...
+def float32_to_bfloat16(a: ArrayLike) -> npt.NDArray[np.uint16]: ...
+def bfloat16_to_float32(bits: ArrayLike) -> npt.NDArray[np.float32]: ...
 def show_config(file: Optional[IO[str]] = ...) -> None: ...
 def cuda_available() -> bool: ...
 
@@ -60,21 +79,25 @@ class SparseMoE:
     shared_d_ff: int
     shared_expert_gate: bool
     use_expert_bias: bool
+    dtype: str
     router_weight: npt.NDArray[np.float32]
-    w_gate: Optional[npt.NDArray[np.float32]]
-    w_up: npt.NDArray[np.float32]
-    w_down: npt.NDArray[np.float32]
+    # FFN weights: float32, float16, or uint16 bfloat16 bits, by `dtype`
+    w_gate: Optional[npt.NDArray[Any]]
+    w_up: npt.NDArray[Any]
+    w_down: npt.NDArray[Any]
     expert_bias: Optional[npt.NDArray[np.float32]]
-    shared_w_gate: Optional[npt.NDArray[np.float32]]
-    shared_w_up: Optional[npt.NDArray[np.float32]]
-    shared_w_down: Optional[npt.NDArray[np.float32]]
+    shared_w_gate: Optional[npt.NDArray[Any]]
+    shared_w_up: Optional[npt.NDArray[Any]]
+    shared_w_down: Optional[npt.NDArray[Any]]
     shared_gate_weight: Optional[npt.NDArray[np.float32]]
     def __init__(self, d_model: int, d_ff: int, n_experts: int, top_k: int, *,
                  activation: str = ..., scoring: str = ..., renormalize: bool = ...,
                  routed_scaling: float = ..., n_groups: int = ..., topk_groups: int = ...,
                  expert_bias: bool = ..., n_shared_experts: int = ...,
                  shared_d_ff: Optional[int] = ..., shared_expert_gate: bool = ...,
-                 capacity_factor: Optional[float] = ..., seed: int = ...) -> None: ...
+                 capacity_factor: Optional[float] = ..., dtype: str = ...,
+                 seed: int = ...) -> None: ...
+    def pack(self) -> "SparseMoE": ...
     @overload
     def __call__(self, x: ArrayLike) -> npt.NDArray[np.float32]: ...
     @overload

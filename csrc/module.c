@@ -55,7 +55,8 @@ moe_raise(moe_status st)
  * its SIGINT handler.  For the duration of the call we put ours in front:
  * it asks the core to stop between tasks and then calls Python's (which only
  * records the signal), so PyErr_CheckSignals() raises KeyboardInterrupt
- * afterwards.  Other threads leave the handler alone.
+ * afterwards.  Other threads leave the handler alone, and their calls are
+ * not stopped by it.
  */
 #ifdef MOE_HAVE_SIGINT
 static struct sigaction moe_prev_sigint;
@@ -87,12 +88,16 @@ moe_sigint_begin(void)
         return 0;
     }
     moe_prev_sigint = prev;
-    moe_interrupt_clear();
+    moe_interrupt_watch(1);
     memset(&ours, 0, sizeof(ours));
     ours.sa_sigaction = moe_on_sigint;
     ours.sa_flags = SA_SIGINFO;
     sigemptyset(&ours.sa_mask);
-    return sigaction(SIGINT, &ours, NULL) == 0;
+    if (sigaction(SIGINT, &ours, NULL) != 0) {
+        moe_interrupt_watch(0);
+        return 0;
+    }
+    return 1;
 }
 
 static void
@@ -100,6 +105,7 @@ moe_sigint_end(int installed)
 {
     if (installed) {
         sigaction(SIGINT, &moe_prev_sigint, NULL);
+        moe_interrupt_watch(0);
     }
 }
 #else

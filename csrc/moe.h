@@ -78,11 +78,12 @@ int        moe_get_num_threads(void);
 
 /*
  * Ask running ops to stop between tasks (async-signal-safe: a SIGINT
- * handler may call it); they return MOE_STATUS_INTERRUPTED.  Cleared by
- * moe_interrupt_clear().
+ * handler may call it).  Only ops called from a thread that is watching
+ * (moe_interrupt_watch(1)) stop; they return MOE_STATUS_INTERRUPTED.
+ * Turning the watch on or off clears a pending request.
  */
 void moe_interrupt_request(void);
-void moe_interrupt_clear(void);
+void moe_interrupt_watch(int on);
 
 /* ---- packed expert weights ------------------------------------------- */
 

@@ -15,6 +15,8 @@
 
 /* Set from a signal handler (module.c); checked between tasks. */
 static atomic_int moe_interrupt_flag;
+/* Whether this thread's ops honour it: only the thread that asked. */
+static _Thread_local int moe_interrupt_watching;
 
 void
 moe_interrupt_request(void)
@@ -23,15 +25,17 @@ moe_interrupt_request(void)
 }
 
 void
-moe_interrupt_clear(void)
+moe_interrupt_watch(int on)
 {
+    moe_interrupt_watching = on;
     atomic_store(&moe_interrupt_flag, 0);
 }
 
 static int
-moe_interrupt_pending(void)
+moe_interrupt_pending(int watching)
 {
-    return atomic_load_explicit(&moe_interrupt_flag, memory_order_relaxed);
+    return watching &&
+           atomic_load_explicit(&moe_interrupt_flag, memory_order_relaxed);
 }
 
 /* Run tasks [0, n) on this thread. */
@@ -41,7 +45,7 @@ moe_run_inline(int64_t n_tasks, moe_task_fn fn, void *ctx)
     int64_t t;
 
     for (t = 0; t < n_tasks; t++) {
-        if (moe_interrupt_pending()) {
+        if (moe_interrupt_pending(moe_interrupt_watching)) {
             return moe_set_error(MOE_STATUS_INTERRUPTED, "interrupted");
         }
         fn(ctx, t);
@@ -70,6 +74,7 @@ typedef struct moe_pool {
     void           *ctx;
     int64_t         n_tasks;
     atomic_llong    next;        /* next task to hand out                   */
+    int             watching;    /* the job's caller honours interrupts     */
 } moe_pool;
 
 static moe_pool moe_the_pool;
@@ -83,7 +88,7 @@ moe_pool_work(moe_pool *p)
 {
     for (;;) {
         long long t = atomic_fetch_add(&p->next, 1);
-        if (t >= p->n_tasks || moe_interrupt_pending()) {
+        if (t >= p->n_tasks || moe_interrupt_pending(p->watching)) {
             break;
         }
         p->fn(p->ctx, (int64_t)t);
@@ -274,6 +279,7 @@ moe_pool_run(int64_t n_tasks, moe_task_fn fn, void *ctx)
     p->ctx = ctx;
     p->n_tasks = n_tasks;
     atomic_store(&p->next, 0);
+    p->watching = moe_interrupt_watching;
     p->busy = p->n_workers;
     p->generation++;
     pthread_cond_broadcast(&p->wake);
@@ -288,7 +294,7 @@ moe_pool_run(int64_t n_tasks, moe_task_fn fn, void *ctx)
     pthread_mutex_unlock(&p->lock);
     pthread_mutex_unlock(&p->run_lock);
     st = MOE_STATUS_OK;
-    if (moe_interrupt_pending()) {
+    if (moe_interrupt_pending(moe_interrupt_watching)) {
         st = moe_set_error(MOE_STATUS_INTERRUPTED, "interrupted");
     }
     return st;

@@ -31,9 +31,9 @@ enum {
 typedef void (*moe_ukr_fn)(const float *a, const void *b, int64_t K, int m,
                            float *c);
 
-/* out[e] = x . w[e] for e < n_w, in float64: x (d,), w (n_w, d). */
-typedef void (*moe_router_fn)(const float *x, const float *w, int64_t n_w,
-                              int64_t d, double *out);
+/* out (n_x, n_w) = x (n_x, d) @ w (n_w, d)^T, all float64 (see cpu_gemm.inc). */
+typedef void (*moe_router_fn)(const double *x, int64_t n_x, const double *w,
+                              int64_t n_w, int64_t d, double *out);
 
 /*
  * Hidden activations from a gate/up tile (see cpu_gemm.inc): act is a

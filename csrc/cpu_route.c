@@ -17,12 +17,15 @@
 #define MOE_ROUTE_BLOCK 64
 
 /*
- * The dot products come from the kernel set (cpu_gemm.inc): float64 partial
- * sums in a fixed order, so a token's logits never depend on its batch.
+ * Logits in float64 so that selection matches the float64 reference.  The
+ * router weight and each block of tokens are widened once; the blocked
+ * dot products come from the kernel set (cpu_gemm.inc).
  */
 typedef struct moe_logits_job {
     const moe_router_params *p;
-    moe_router_fn            dots;
+    moe_router_fn            logits;
+    const double            *w;  /* (n_experts, d_model) widened weight   */
+    double                  *xd; /* (n_tokens, d_model) widened tokens    */
 } moe_logits_job;
 
 static void
@@ -30,22 +33,38 @@ moe_logits_task(void *ctx, int64_t t)
 {
     const moe_logits_job *job = ctx;
     const moe_router_params *p = job->p;
-    int64_t i, end = (t + 1) * MOE_ROUTE_BLOCK;
+    const int64_t t0 = t * MOE_ROUTE_BLOCK, d = p->d_model;
+    int64_t n = p->n_tokens - t0 < MOE_ROUTE_BLOCK ? p->n_tokens - t0
+                                                  : MOE_ROUTE_BLOCK;
+    int64_t i;
 
-    end = end < p->n_tokens ? end : p->n_tokens;
-    for (i = t * MOE_ROUTE_BLOCK; i < end; i++) {
-        job->dots(p->x + i * p->d_model, p->weight, p->n_experts, p->d_model,
-                  p->logits + i * p->n_experts);
+    for (i = 0; i < n * d; i++) {
+        job->xd[t0 * d + i] = (double)p->x[t0 * d + i];
     }
+    job->logits(job->xd + t0 * d, n, job->w, p->n_experts, d,
+                p->logits + t0 * p->n_experts);
 }
 
 moe_status
 moe_cpu_router_logits(const moe_router_params *p)
 {
+    const size_t nw = (size_t)p->n_experts * (size_t)p->d_model;
     moe_logits_job job;
+    double *w;
+    size_t i;
 
+    w = moe_workspace(MOE_WS_ROUTER, nw + (size_t)(p->n_tokens * p->d_model),
+                      sizeof(double));
+    if (w == NULL) {
+        return MOE_STATUS_ALLOC;
+    }
+    for (i = 0; i < nw; i++) {
+        w[i] = (double)p->weight[i];
+    }
     job.p = p;
-    job.dots = moe_cpu_kernels()->router;
+    job.logits = moe_cpu_kernels()->router;
+    job.w = w;
+    job.xd = w + nw;
     return moe_pool_run((p->n_tokens + MOE_ROUTE_BLOCK - 1) / MOE_ROUTE_BLOCK,
                         moe_logits_task, &job);
 }

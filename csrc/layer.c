@@ -80,7 +80,7 @@ moe_layer_forward(const moe_layer_params *p)
                              "not match n_experts=%d, d_model=%lld", E,
                              (long long)d);
     }
-    logits = moe_alloc((size_t)T * E, sizeof(double));
+    logits = moe_workspace(MOE_WS_LAYER_LOGITS, (size_t)T * E, sizeof(double));
     offsets = moe_alloc((size_t)E + 1, sizeof(int64_t));
     position = moe_alloc((size_t)T * k, sizeof(int64_t));
     if (!logits || !offsets || !position) {
@@ -175,7 +175,6 @@ moe_layer_forward(const moe_layer_params *p)
         st = moe_layer_shared(p, tmp);
     }
 done:
-    free(logits);
     free(offsets);
     free(token_index);
     free(position);

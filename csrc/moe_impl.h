@@ -63,6 +63,8 @@ enum {
     MOE_WS_PANEL_H,      /* cpu_ffn.c: packed hidden panels                */
     MOE_WS_LAYER_Y,      /* layer.c: expert outputs, sorted rows           */
     MOE_WS_LAYER_SHARED, /* layer.c: shared-expert output                  */
+    MOE_WS_LAYER_LOGITS, /* layer.c: router logits                         */
+    MOE_WS_ROUTER,       /* cpu_route.c: widened router weight and tokens  */
     MOE_WS_COUNT
 };
 

@@ -317,7 +317,7 @@ moe_ffn_up_task(void *ctx, int64_t t)
         for (P = task->p0; P < task->p1; P++) {
             float *h = job->hp + P * F * mr;
             moe_panel_rows(job, P, &r0, &m);
-            ukr(job->xp + P * d * mr, b, d, m, tile);
+            ukr(job->xp + P * d * mr, b, d, m, tile, nr);
             n_units = F - c * width < width ? (int)(F - c * width) : width;
             job->kr->epilogue((int)act, w->gated, tile, m, n_units,
                               h + c * width * mr, mr);
@@ -338,19 +338,23 @@ moe_ffn_down_task(void *ctx, int64_t t)
     const int64_t d = w->d_model, F = w->d_ff;
     float tile[MOE_MAX_MR * MOE_MAX_NR];
     int64_t c, P, r0;
-    int m, i, j;
+    int m, i;
 
     for (c = task->c0; c < task->c1; c++) {
         const char *b = (const char *)w->down +
                         ((task->e * w->down_panels + c) * F * nr) * es;
         for (P = task->p0; P < task->p1; P++) {
             moe_panel_rows(job, P, &r0, &m);
-            ukr(job->hp + P * F * mr, b, F, m, tile);
+            if ((c + 1) * nr <= d) {
+                /* A whole panel of columns: straight into the output rows. */
+                ukr(job->hp + P * F * mr, b, F, m,
+                    job->p->out + r0 * d + c * nr, d);
+                continue;
+            }
+            ukr(job->hp + P * F * mr, b, F, m, tile, nr);
             for (i = 0; i < m; i++) {
-                float *y = job->p->out + (r0 + i) * d + c * nr;
-                for (j = 0; j < nr && c * nr + j < d; j++) {
-                    y[j] = tile[i * nr + j];
-                }
+                memcpy(job->p->out + (r0 + i) * d + c * nr, tile + i * nr,
+                       sizeof(float) * (size_t)(d - c * nr));
             }
         }
     }

@@ -27,9 +27,12 @@ enum {
     MOE_WTYPE_COUNT
 };
 
-/* c (MR, NR) row-major = first m rows of a @ b; rows >= m are not written. */
+/*
+ * c (m, NR), row i at c + i * ldc, = first m rows of a @ b; rows >= m are not
+ * written.
+ */
 typedef void (*moe_ukr_fn)(const float *a, const void *b, int64_t K, int m,
-                           float *c);
+                           float *c, int64_t ldc);
 
 /* out (n_x, n_w) = x (n_x, d) @ w (n_w, d)^T, all float64 (see cpu_gemm.inc). */
 typedef void (*moe_router_fn)(const double *x, int64_t n_x, const double *w,

@@ -7,5 +7,5 @@ cd "$(dirname "$0")/.."
 log=$(mktemp)
 PYTHONMALLOC=malloc valgrind --tool=memcheck --leak-check=full \
     --show-leak-kinds=definite --errors-for-leak-kinds=definite --num-callers=40 \
-    --log-file="$log" python .ci/valgrind_script.py
+    --log-file="$log" "$(python -c "import sys; print(sys.executable)")" .ci/valgrind_script.py
 python .ci/valgrind_check.py "$log"

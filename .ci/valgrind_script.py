@@ -15,7 +15,7 @@ for dtype in ("float32", "bfloat16"):
     moe.update_expert_bias(layer.expert_bias, r.counts, 1e-3)
     capped = moe.SparseMoE(24, 20, 8, 2, capacity_factor=0.5, activation="gelu")
     capped(x)
-logits = rng.standard_normal((9, 6))
+logits = rng.standard_normal((13, 6))
 r = moe.route(logits, 2, scoring="softmax-after-topk")
 d = moe.dispatch(x, r.expert_ids, 6)
 w = rng.standard_normal((6, 5, 24)).astype(np.float32)
@@ -24,7 +24,7 @@ moe.combine(h, d.position, r.weights)
 for bad in (lambda: moe.route(np.full((2, 3), np.nan), 1),
             lambda: moe.route(logits, 0),
             lambda: moe.dispatch(x, np.full((13, 2), 9), 4),
-            lambda: moe.combine(h, np.full((9, 2), 99), r.weights),
+            lambda: moe.combine(h, np.full((13, 2), 99), r.weights),
             lambda: moe.expert_ffn(d.x_sorted, [0, 1], w, w, w),
             lambda: layer(np.ones((2, 5), np.float32))):
     try:

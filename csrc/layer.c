@@ -7,6 +7,7 @@
 #include "moe_impl.h"
 
 #include <math.h>
+#include <stdio.h>
 #include <string.h>
 
 /* out += shared(x) [* sigmoid(x . shared_gate)], token by token. */
@@ -115,6 +116,13 @@ moe_layer_forward(const moe_layer_params *p)
     qp.aux_loss = p->aux_loss;
     qp.z_loss = p->z_loss;
     if ((st = moe_route_topk(&qp)) != MOE_STATUS_OK) {
+        if (st == MOE_STATUS_NONFINITE) {
+            /* Say where non-finite logits come from in a layer call. */
+            char detail[256];
+            snprintf(detail, sizeof(detail), "%s", moe_last_error());
+            moe_set_error(st, "%s (the logits are x @ router_weight.T: is there "
+                          "NaN or Inf in x or router_weight?)", detail);
+        }
         goto done;
     }
 

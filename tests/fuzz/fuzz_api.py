@@ -10,7 +10,7 @@ import sys
 
 import atheris
 
-with atheris.instrument_imports():
+with atheris.instrument_imports(include=["moe"]):
     import numpy as np
     import moe
 

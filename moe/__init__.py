@@ -18,6 +18,9 @@ from ._api import (ACTIVATIONS, SCORINGS, WEIGHT_DTYPES, Dispatch, PackedExperts
                    float32_to_bfloat16, get_num_threads, pack_experts, route, set_num_threads,
                    show_config, update_expert_bias)
 from .layer import SparseMoE
+from . import safetensors
+from .hf import from_hf
+from .io import load, save
 
 __version__ = "0.1.0"
 
@@ -25,4 +28,4 @@ __all__ = ["SparseMoE", "route", "update_expert_bias", "dispatch", "combine", "e
            "ffn", "pack_experts", "PackedExperts", "set_num_threads", "get_num_threads",
            "float32_to_bfloat16", "bfloat16_to_float32", "RoutingResult", "Dispatch",
            "show_config", "cuda_available", "reference", "SCORINGS", "ACTIVATIONS",
-           "WEIGHT_DTYPES", "__version__"]
+           "WEIGHT_DTYPES", "from_hf", "load", "save", "safetensors", "__version__"]

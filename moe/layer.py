@@ -38,7 +38,8 @@ class SparseMoE:
     topk_groups, capacity_factor, and expert_bias=True for a selection-only bias);
     n_shared_experts shared experts of width shared_d_ff (default d_ff) on every token,
     optionally scaled by sigmoid(x @ shared_gate_weight.T) when shared_expert_gate=True
-    (Qwen2-MoE).  seed: weights are drawn from a seeded normal distribution.
+    (Qwen2-MoE).  seed: weights are drawn from a seeded normal distribution; init=False
+    leaves them None, to be assigned (as moe.load and moe.from_hf do).
 
     dtype: storage of the expert FFN weights: "float32", "bfloat16" (NumPy has no
     bfloat16: stored as uint16 bits; torch / ml_dtypes bfloat16 arrays are accepted and
@@ -58,7 +59,8 @@ class SparseMoE:
     def __init__(self, d_model, d_ff, n_experts, top_k, *, activation="swiglu",
                  scoring="softmax", renormalize=True, routed_scaling=1.0, n_groups=1,
                  topk_groups=1, expert_bias=False, n_shared_experts=0, shared_d_ff=None,
-                 shared_expert_gate=False, capacity_factor=None, dtype="float32", seed=0):
+                 shared_expert_gate=False, capacity_factor=None, dtype="float32", seed=0,
+                 init=True):
         self.d_model = check_int(d_model, "d_model", 1)
         self.d_ff = check_int(d_ff, "d_ff", 1)
         self.n_experts = check_int(n_experts, "n_experts", 1, 2**31 - 1)
@@ -79,6 +81,13 @@ class SparseMoE:
         self.dtype = dtype
         self._packed = None
 
+        object.__setattr__(self, "_packed", None)
+        for name in _WEIGHTS:
+            object.__setattr__(self, name, None)
+        if not init:
+            if self.use_expert_bias:
+                self.expert_bias = np.zeros(self.n_experts, np.float32)
+            return
         rng = np.random.default_rng(seed)
         d, F, E = self.d_model, self.d_ff, self.n_experts
 
@@ -122,6 +131,9 @@ class SparseMoE:
         gated = self.activation in GATED
         if gated and self.w_gate is None:
             raise ValueError(f"w_gate is required by activation {self.activation!r}")
+        for name in ("router_weight", "w_up", "w_down"):
+            if getattr(self, name) is None:
+                raise ValueError(f"{name} is not set (the layer was made with init=False)")
         code = WEIGHT_DTYPES.index(self.dtype)
 
         def bits(a):
@@ -182,6 +194,22 @@ class SparseMoE:
         if return_routing:
             return out, RoutingResult(ids, w, counts, int(n_dropped), float(aux), float(z))
         return out
+
+    def config(self):
+        """The constructor arguments of this layer (JSON-friendly), without weights or seed."""
+        return dict(d_model=self.d_model, d_ff=self.d_ff, n_experts=self.n_experts,
+                    top_k=self.top_k, activation=self.activation, scoring=self.scoring,
+                    renormalize=self.renormalize, routed_scaling=self.routed_scaling,
+                    n_groups=self.n_groups, topk_groups=self.topk_groups,
+                    expert_bias=self.use_expert_bias, n_shared_experts=self.n_shared_experts,
+                    shared_d_ff=self.shared_d_ff, shared_expert_gate=self.shared_expert_gate,
+                    capacity_factor=self.capacity_factor, dtype=self.dtype)
+
+    def save(self, path):
+        """Write the layer to one safetensors file (weights + its config in the metadata);
+        moe.load(path) gives it back bit for bit."""
+        from .io import save
+        save(self, path)
 
     def flops(self, n_tokens):
         """Multiply-add FLOPs (x2) of one forward pass over n_tokens (dropless)."""

@@ -44,6 +44,21 @@ _INFER = {("f", 8): "F64", ("f", 4): "F32", ("f", 2): "F16",
           ("u", 8): "U64", ("u", 4): "U32", ("u", 2): "U16", ("u", 1): "U8",
           ("b", 1): "BOOL", ("c", 8): "C64"}
 
+# What the reader accepts.  The reference is the official `safetensors` package (its Rust
+# `SafeTensors::read_metadata` / `Metadata::validate`, checked against release 0.8.0):
+# - 8-byte little-endian header length N <= MAX_HEADER_SIZE with 8 + N <= file size, then N
+#   bytes of UTF-8 JSON: an object (whitespace around it, e.g. the space padding, is fine).
+# - "__metadata__": an object of str -> str (or null, read as {}, as the reference does).
+# - Every other key is a tensor: exactly {"dtype", "shape", "data_offsets"}; dtype in DTYPES;
+#   shape a list of ints >= 0; data_offsets [begin, end], ints, 0 <= begin <= end <= data
+#   size, end - begin == prod(shape) * itemsize.
+# - Layout, as the reference enforces: the tensors sorted by data_offsets tile the data
+#   buffer exactly: the first starts at 0, each starts where the previous one ends, the last
+#   ends at the end of the file.  So no overlap, no gap, no trailing bytes, and an empty
+#   tensor must sit on a boundary between others.  Every file the reference writes does.
+# - Stricter than the reference: duplicate keys (it silently keeps the last), unknown fields
+#   in a tensor entry (it ignores them), shapes NumPy cannot represent, and BOOL bytes other
+#   than 0 / 1 (checked by `get`, since NumPy bools must be 0 or 1).
 MAX_HEADER_SIZE = 100_000_000  # bytes; the reference implementation's limit
 _INTP_MAX = int(np.iinfo(np.intp).max)
 
@@ -79,6 +94,11 @@ def _q(name: str) -> str:
     return repr(name)
 
 
+def _num(n: int) -> str:
+    """An integer for a message; a product of huge dims can exceed int->str limits."""
+    return str(n) if n < 10**40 else f"about 10**{n.bit_length() * 30103 // 100000}"
+
+
 def _typename(value) -> str:
     return {dict: "an object", list: "an array", str: "a string", bool: "a boolean",
             int: "an integer", float: "a number", type(None): "null"}.get(type(value),
@@ -89,82 +109,123 @@ class _DuplicateKey(Exception):
     pass
 
 
+class _TooManyStrayObjects(Exception):
+    pass
+
+
+_MAX_STRAY_OBJECTS = 1000
+
+
 def _no_duplicates(pairs):
-    out = {}
-    for key, value in pairs:
-        if key in out:
-            raise _DuplicateKey(key)
-        out[key] = value
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _DuplicateKey(key)
+            seen.add(key)
     return out
+
+
+def _header_hook():
+    """object_pairs_hook for a header: no duplicate keys, and an early stop when the header
+    holds many objects that are neither tensor entries nor the top level (json.loads would
+    otherwise build millions of them before validation could look at the first one)."""
+    stray = 0
+
+    def hook(pairs):
+        nonlocal stray
+        out = _no_duplicates(pairs)
+        if len(out) == 3 and type(out.get("dtype")) is str and type(
+                out.get("shape")) is list and type(out.get("data_offsets")) is list:
+            return out  # shaped like a tensor entry
+        if not any(type(v) is dict for v in out.values()):
+            stray += 1  # __metadata__, or junk
+            if stray > _MAX_STRAY_OBJECTS:
+                raise _TooManyStrayObjects()
+        return out
+    return hook
 
 
 def _reject_constant(name):
     raise ValueError(f"{name} is not valid JSON")
 
 
-def _parse_json(label: str, raw: bytes, what: str):
+def _parse_json(label: str, raw: bytes, what: str, hook=_no_duplicates):
     """JSON bytes -> object, with duplicate keys and NaN/Infinity rejected."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise SafetensorsError(f"{label}: {what} is not valid UTF-8 ({exc})") from None
     try:
-        return json.loads(text, object_pairs_hook=_no_duplicates,
-                          parse_constant=_reject_constant)
+        return json.loads(text, object_pairs_hook=hook, parse_constant=_reject_constant)
     except _DuplicateKey as exc:
         raise SafetensorsError(f"{label}: {what} has the key {_q(exc.args[0])} more than "
                                f"once (duplicate names are ambiguous)") from None
+    except _TooManyStrayObjects:
+        raise SafetensorsError(f"{label}: {what} has more than {_MAX_STRAY_OBJECTS} objects "
+                               f"that are not tensor entries (dtype, shape, data_offsets)"
+                               ) from None
     except RecursionError:
         raise SafetensorsError(f"{label}: {what} is JSON nested too deeply") from None
     except ValueError as exc:  # JSONDecodeError, too-long integers, NaN/Infinity
         raise SafetensorsError(f"{label}: {what} is not valid JSON ({exc})") from None
 
 
-def _is_int(value) -> bool:
-    return type(value) is int  # not bool, not float
+def _w(label: str, name: str) -> str:
+    return f"{label}: tensor {_q(name)}"
 
 
 def _parse_tensor(label: str, name: str, entry, data_size: int) -> TensorInfo:
-    where = f"{label}: tensor {_q(name)}"
-    if not isinstance(entry, dict):
-        raise SafetensorsError(f"{where}: expected an object with dtype, shape and "
+    # (hot for headers of many tensors: the messages are only formatted on failure)
+    if type(entry) is not dict:
+        raise SafetensorsError(f"{_w(label, name)}: expected an object with dtype, shape and "
                                f"data_offsets, got {_typename(entry)}")
-    for key in ("dtype", "shape", "data_offsets"):
-        if key not in entry:
-            raise SafetensorsError(f"{where} has no {key!r}")
+    if len(entry) != 3 or "dtype" not in entry or "shape" not in entry or \
+            "data_offsets" not in entry:
+        for key in _FIELDS:
+            if key not in entry:
+                raise SafetensorsError(f"{_w(label, name)} has no {key!r}")
+        for key in entry:
+            if key not in _FIELDS:
+                raise SafetensorsError(f"{_w(label, name)} has the unknown field {_q(key)} "
+                                       f"(expected only dtype, shape and data_offsets)")
     dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-    if not isinstance(dtype, str):
-        raise SafetensorsError(f"{where}: dtype must be a string, got {_typename(dtype)}")
-    if dtype not in DTYPES:
-        raise SafetensorsError(f"{where} has unknown or unsupported dtype {_q(dtype)} "
-                               f"(supported: {', '.join(DTYPES)})")
-    if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
-        raise SafetensorsError(f"{where}: shape must be a list of non-negative integers, "
-                               f"got {_short(shape)}")
+    itemsize = _ITEMSIZE.get(dtype) if type(dtype) is str else None
+    if itemsize is None:
+        if type(dtype) is not str:
+            raise SafetensorsError(f"{_w(label, name)}: dtype must be a string, got "
+                                   f"{_typename(dtype)}")
+        raise SafetensorsError(f"{_w(label, name)} has unknown or unsupported dtype "
+                               f"{_q(dtype)} (supported: {', '.join(DTYPES)})")
+    if type(shape) is not list or not all(type(d) is int and d >= 0 for d in shape):
+        raise SafetensorsError(f"{_w(label, name)}: shape must be a list of non-negative "
+                               f"integers, got {_short(shape)}")
     if len(shape) > _MAXDIMS:
-        raise SafetensorsError(f"{where} has {len(shape)} dimensions, more than NumPy "
-                               f"supports ({_MAXDIMS})")
-    if (not isinstance(offsets, list) or len(offsets) != 2
-            or not all(_is_int(o) and o >= 0 for o in offsets)):
-        raise SafetensorsError(f"{where}: data_offsets must be two non-negative integers "
-                               f"[begin, end], got {_short(offsets)}")
+        raise SafetensorsError(f"{_w(label, name)} has {len(shape)} dimensions, more than "
+                               f"NumPy supports ({_MAXDIMS})")
+    if type(offsets) is not list or len(offsets) != 2 or not (
+            type(offsets[0]) is int and type(offsets[1]) is int and offsets[0] >= 0
+            and offsets[1] >= 0):
+        raise SafetensorsError(f"{_w(label, name)}: data_offsets must be two non-negative "
+                               f"integers [begin, end], got {_short(offsets)}")
     begin, end = offsets
     if end < begin:
-        raise SafetensorsError(f"{where} has data_offsets [{begin}, {end}] with end before "
-                               f"begin")
-    itemsize = DTYPES[dtype].itemsize
+        raise SafetensorsError(f"{_w(label, name)} has data_offsets [{begin}, {end}] with end "
+                               f"before begin")
     nbytes = math.prod(shape) * itemsize
     if end - begin != nbytes:
-        raise SafetensorsError(f"{where} ({dtype}, shape {_short(shape)}) needs {nbytes} "
-                               f"bytes but its data_offsets [{begin}, {end}] span "
-                               f"{end - begin}")
+        raise SafetensorsError(f"{_w(label, name)} ({dtype}, shape {_short(shape)}) needs "
+                               f"{_num(nbytes)} bytes but its data_offsets [{begin}, {end}] "
+                               f"span {end - begin}")
     if end > data_size:
-        raise SafetensorsError(f"{where} has data_offsets [{begin}, {end}] past the end of "
-                               f"the data ({data_size} bytes)")
+        raise SafetensorsError(f"{_w(label, name)} has data_offsets [{begin}, {end}] past the "
+                               f"end of the data ({data_size} bytes)")
     # NumPy's own limits, reachable only with a zero in the shape (else nbytes <= file size).
-    if any(d > _INTP_MAX for d in shape) or (
-            math.prod(d for d in shape if d) * itemsize > _INTP_MAX):
-        raise SafetensorsError(f"{where} has shape {_short(shape)}, too large for NumPy")
+    if nbytes == 0 and shape and (max(shape) > _INTP_MAX or
+                                  math.prod(d for d in shape if d) * itemsize > _INTP_MAX):
+        raise SafetensorsError(f"{_w(label, name)} has shape {_short(shape)}, too large for "
+                               f"NumPy")
     return TensorInfo(dtype, tuple(shape), begin, end)
 
 
@@ -180,9 +241,72 @@ def _short(value) -> str:
     return _REPR.repr(value)
 
 
+_FIELDS = ("dtype", "shape", "data_offsets")
+_ITEMSIZE = {name: dtype.itemsize for name, dtype in DTYPES.items()}
+# Headers longer than this get a vectorized structure check before json.loads (see below).
+_GUARD_ABOVE = 1 << 20
+_GUARD_CHUNK = 1 << 22
+
+
+def _check_structure(label: str, raw: bytes) -> None:
+    """Reject, before parsing it, a large header whose bracket structure no valid header has.
+
+    json.loads builds every container of its input: a 100 MB header of nested or repeated
+    empty lists / objects would take gigabytes and many seconds before the first check could
+    fail.  A valid header is one object whose values are objects (tensor entries, metadata),
+    whose values are scalars or lists (shape, data_offsets: at most 2 per entry) of scalars
+    (at most _MAXDIMS each).  This pass (NumPy, in chunks, strings skipped) checks those
+    bracket rules and counts; everything they reject, full validation would reject too, so
+    it only changes how early (and how precisely worded) the error is.
+    """
+    start = raw.lstrip(b" \t\n\r")[:1]
+    if start != b"{":
+        got = {b"[": "an array", b'"': "a string", b"t": "a boolean", b"f": "a boolean",
+               b"n": "null"}.get(start, "a number" if start in b"-0123456789" and start
+                                 else None)
+        raise SafetensorsError(f"{label}: header must be a JSON object, got {got}" if got else
+                               f"{label}: header is not valid JSON (it starts with {start!r})")
+    # Escaped backslashes, then escaped quotes, out: every quote left opens or closes a string.
+    text = raw.replace(b"\\\\", b"").replace(b'\\"', b"")
+    parity = depth = 0
+    objects2 = lists3 = commas1 = commas3 = 0
+    for begin in range(0, len(text), _GUARD_CHUNK):
+        b = np.frombuffer(text, np.uint8, count=min(_GUARD_CHUNK, len(text) - begin),
+                          offset=begin)
+        inside = (np.cumsum(b == 34, dtype=np.uint8) + parity) & 1  # 1 within a string
+        parity = int(inside[-1])
+        outside = inside == 0
+        opens = ((b == 123) | (b == 91)) & outside
+        closes = ((b == 125) | (b == 93)) & outside
+        d = np.cumsum(opens.astype(np.int16) - closes.astype(np.int16), dtype=np.int16) + depth
+        if (d > 3).any():
+            raise SafetensorsError(f"{label}: header nests containers deeper than a "
+                                   f"safetensors header (object -> object -> list)")
+        if ((b == 91) & opens & (d == 2)).any():
+            raise SafetensorsError(f"{label}: header has an array where a tensor entry or "
+                                   f"__metadata__ object belongs")
+        if ((b == 123) & opens & (d == 3)).any():
+            raise SafetensorsError(f"{label}: header has an object inside a tensor entry or "
+                                   f"__metadata__ (only strings and lists belong there)")
+        commas = (b == 44) & outside
+        objects2 += int(np.count_nonzero(opens & (d == 2)))
+        lists3 += int(np.count_nonzero(opens & (d == 3)))
+        commas1 += int(np.count_nonzero(commas & (d == 1)))
+        commas3 += int(np.count_nonzero(commas & (d == 3)))
+        if (d < 0).any():
+            return  # unbalanced: json.loads reports it after parsing what came before
+        depth = int(d[-1])
+    if commas1 >= objects2 + 1 or lists3 > 2 * objects2 or commas3 > (_MAXDIMS - 1) * lists3:
+        raise SafetensorsError(
+            f"{label}: header has more values than its {objects2} tensor entries can hold "
+            f"({commas1 + 1} top-level members, {lists3} lists, {commas3 + lists3} list items)")
+
+
 def _parse_header(label: str, raw: bytes, data_size: int
                   ) -> Tuple[Dict[str, str], Dict[str, TensorInfo]]:
-    header = _parse_json(label, raw, "header")
+    if len(raw) > _GUARD_ABOVE:
+        _check_structure(label, raw)
+    header = _parse_json(label, raw, "header", _header_hook())
     if not isinstance(header, dict):
         raise SafetensorsError(f"{label}: header must be a JSON object, got "
                                f"{_typename(header)}")
@@ -338,10 +462,14 @@ class SafeOpen:
 
 
 def _read_exactly(f, n: int, label: str) -> bytes:
-    data = f.read(n)
-    if data is None or len(data) != n:  # the file shrank since fstat
-        raise SafetensorsError(f"{label}: file ended while reading its header")
-    return data
+    parts, left = [], n
+    while left:
+        part = f.read(left)  # an unbuffered read may return less than asked
+        if not part:  # the file shrank since fstat
+            raise SafetensorsError(f"{label}: file ended while reading its header")
+        parts.append(part)
+        left -= len(part)
+    return b"".join(parts)
 
 
 def safe_open(path, framework: str = "numpy") -> SafeOpen:

@@ -166,6 +166,28 @@ moe_pack_task(void *ctx, int64_t t)
     }
 }
 
+/* Gate/up biases laid out like the panel columns (plain, also for bf16). */
+static void
+moe_pack_gu_bias(const moe_pack_params *p, moe_experts *w)
+{
+    const int width = w->gated ? w->nr / 2 : w->nr;
+    int64_t e, c;
+    int j;
+
+    for (e = 0; e < w->n_experts; e++) {
+        for (c = 0; c < w->gu_panels; c++) {
+            float *dst = w->gu_bias + (e * w->gu_panels + c) * w->nr;
+            for (j = 0; j < w->nr; j++) {
+                int is_up = !w->gated || j >= width;
+                int64_t unit = c * width + (is_up && w->gated ? j - width : j);
+                const float *src = is_up ? p->b_up : p->b_gate;
+                dst[j] = unit < w->d_ff && src != NULL ? src[e * w->d_ff + unit]
+                                                       : 0.0f;
+            }
+        }
+    }
+}
+
 moe_status
 moe_cpu_experts_pack(const moe_pack_params *p, moe_experts **out)
 {
@@ -199,6 +221,27 @@ moe_cpu_experts_pack(const moe_pack_params *p, moe_experts **out)
         return MOE_STATUS_ALLOC;
     }
     w->nbytes = (n_gu + n_down) * es + sizeof(*w);
+    if (p->b_gate != NULL || p->b_up != NULL) {
+        w->gu_bias = moe_alloc((size_t)(p->n_experts * w->gu_panels * kr->nr),
+                               sizeof(float));
+        if (w->gu_bias == NULL) {
+            moe_experts_free(w);
+            return MOE_STATUS_ALLOC;
+        }
+        moe_pack_gu_bias(p, w);
+        w->nbytes += (size_t)(p->n_experts * w->gu_panels * kr->nr) * sizeof(float);
+    }
+    if (p->b_down != NULL) {
+        w->down_bias = moe_alloc((size_t)(p->n_experts * p->d_model),
+                                 sizeof(float));
+        if (w->down_bias == NULL) {
+            moe_experts_free(w);
+            return MOE_STATUS_ALLOC;
+        }
+        memcpy(w->down_bias, p->b_down,
+               sizeof(float) * (size_t)(p->n_experts * p->d_model));
+        w->nbytes += (size_t)(p->n_experts * p->d_model) * sizeof(float);
+    }
     job.p = p;
     job.w = w;
     job.es = es;
@@ -218,6 +261,8 @@ moe_experts_free(moe_experts *w)
     if (w != NULL) {
         free(w->gu);
         free(w->down);
+        free(w->gu_bias);
+        free(w->down_bias);
         free(w);
     }
 }
@@ -320,6 +365,9 @@ moe_ffn_up_task(void *ctx, int64_t t)
             ukr(job->xp + P * d * mr, b, d, m, tile, nr);
             n_units = F - c * width < width ? (int)(F - c * width) : width;
             job->kr->epilogue((int)act, w->gated, tile, m, n_units,
+                              w->gu_bias ? w->gu_bias +
+                                  (task->e * w->gu_panels + c) * nr : NULL,
+                              job->p->act_alpha, job->p->act_limit,
                               h + c * width * mr, mr);
         }
     }
@@ -338,23 +386,35 @@ moe_ffn_down_task(void *ctx, int64_t t)
     const int64_t d = w->d_model, F = w->d_ff;
     float tile[MOE_MAX_MR * MOE_MAX_NR];
     int64_t c, P, r0;
-    int m, i;
+    int m, i, j;
 
     for (c = task->c0; c < task->c1; c++) {
         const char *b = (const char *)w->down +
                         ((task->e * w->down_panels + c) * F * nr) * es;
         for (P = task->p0; P < task->p1; P++) {
+            int64_t n_cols = d - c * nr < nr ? d - c * nr : nr;
             moe_panel_rows(job, P, &r0, &m);
-            if ((c + 1) * nr <= d) {
+            if (n_cols == nr) {
                 /* A whole panel of columns: straight into the output rows. */
                 ukr(job->hp + P * F * mr, b, F, m,
                     job->p->out + r0 * d + c * nr, d);
-                continue;
             }
-            ukr(job->hp + P * F * mr, b, F, m, tile, nr);
-            for (i = 0; i < m; i++) {
-                memcpy(job->p->out + (r0 + i) * d + c * nr, tile + i * nr,
-                       sizeof(float) * (size_t)(d - c * nr));
+            else {
+                ukr(job->hp + P * F * mr, b, F, m, tile, nr);
+                for (i = 0; i < m; i++) {
+                    memcpy(job->p->out + (r0 + i) * d + c * nr, tile + i * nr,
+                           sizeof(float) * (size_t)n_cols);
+                }
+            }
+            if (w->down_bias != NULL) {
+                /* (h W^T) + b, in that order, as the frameworks compute it. */
+                const float *bias = w->down_bias + task->e * d + c * nr;
+                for (i = 0; i < m; i++) {
+                    float *y = job->p->out + (r0 + i) * d + c * nr;
+                    for (j = 0; j < n_cols; j++) {
+                        y[j] += bias[j];
+                    }
+                }
             }
         }
     }

@@ -40,10 +40,13 @@ typedef void (*moe_router_fn)(const double *x, int64_t n_x, const double *w,
 
 /*
  * Hidden activations from a gate/up tile (see cpu_gemm.inc): act is a
- * moe_activation; writes h[j * mr + i] for rows i < m, units j < n_units.
+ * moe_activation (alpha, limit: MOE_ACTIVATION_SWIGLU_OAI's), bias (NR,) is
+ * added first if not NULL; writes h[j * mr + i] for rows i < m, units
+ * j < n_units.
  */
 typedef void (*moe_epilogue_fn)(int act, int gated, const float *tile, int m,
-                                int n_units, float *h, int mr);
+                                int n_units, const float *bias, float alpha,
+                                float limit, float *h, int mr);
 
 typedef struct moe_kernels {
     const char    *name;  /* "avx512", "avx2", "scalar" (portable)        */

@@ -43,6 +43,11 @@ moe_logits_task(void *ctx, int64_t t)
     }
     job->logits(job->xd + t0 * d, n, job->w, p->n_experts, d,
                 p->logits + t0 * p->n_experts);
+    if (p->bias != NULL) {
+        for (i = 0; i < n * p->n_experts; i++) {
+            p->logits[t0 * p->n_experts + i] += (double)p->bias[i % p->n_experts];
+        }
+    }
 }
 
 moe_status

@@ -28,6 +28,8 @@ moe_layer_shared(const moe_layer_params *p, float *tmp)
     fp.n_rows = T;
     fp.experts = p->shared;
     fp.activation = p->activation;
+    fp.act_alpha = p->act_alpha;
+    fp.act_limit = p->act_limit;
     fp.out = tmp;
     MOE_TRY(moe_ffn_grouped(&fp));
 
@@ -39,6 +41,7 @@ moe_layer_shared(const moe_layer_params *p, float *tmp)
         }
         rp.x = p->x;
         rp.weight = p->shared_gate;
+        rp.bias = NULL;
         rp.n_tokens = T;
         rp.d_model = d;
         rp.n_experts = 1;
@@ -90,6 +93,7 @@ moe_layer_forward(const moe_layer_params *p)
 
     rp.x = p->x;
     rp.weight = p->router_weight;
+    rp.bias = p->router_bias;
     rp.n_tokens = T;
     rp.d_model = d;
     rp.n_experts = E;
@@ -156,6 +160,8 @@ moe_layer_forward(const moe_layer_params *p)
     fp.n_rows = n_rows;
     fp.experts = p->experts;
     fp.activation = p->activation;
+    fp.act_alpha = p->act_alpha;
+    fp.act_limit = p->act_limit;
     fp.out = ys;
     if ((st = moe_ffn_grouped(&fp)) != MOE_STATUS_OK) {
         goto done;

@@ -254,6 +254,7 @@ moe_py_router_logits(PyObject *self, PyObject *args)
     }
     p.x = MOE_DATA(x, float);
     p.weight = MOE_DATA(w, float);
+    p.bias = NULL;
     p.n_tokens = xd[0];
     p.d_model = xd[1];
     p.n_experts = (int32_t)wd[0];
@@ -516,16 +517,18 @@ static PyObject *
 moe_py_pack_experts(PyObject *self, PyObject *args)
 {
     PyObject *g_obj, *u_obj, *dn_obj;
+    PyObject *bg_obj = Py_None, *bu_obj = Py_None, *bd_obj = Py_None;
     PyArrayObject *up, *down;
-    npy_intp ud[3] = {-1, -1, -1}, dd[3], gd[3];
+    npy_intp ud[3] = {-1, -1, -1}, dd[3], gd[3], bgd[2], bdd[2];
     int dtype, typenum;
-    void *gate;
+    void *gate, *bg, *bu, *bdn;
     moe_pack_params p;
     moe_experts *w = NULL;
     moe_status st;
     PyObject *capsule;
 
-    if (!PyArg_ParseTuple(args, "OOOi", &g_obj, &u_obj, &dn_obj, &dtype)) {
+    if (!PyArg_ParseTuple(args, "OOOi|OOO", &g_obj, &u_obj, &dn_obj, &dtype,
+                          &bg_obj, &bu_obj, &bd_obj)) {
         return NULL;
     }
     if (moe_check_enum(dtype, 3, "dtype") < 0) {
@@ -549,9 +552,25 @@ moe_py_pack_experts(PyObject *self, PyObject *args)
     if (!(down = moe_arg(dn_obj, "w_down", typenum, 3, dd, 0))) {
         return NULL;
     }
+    bgd[0] = ud[0];
+    bgd[1] = ud[1];
+    bdd[0] = ud[0];
+    bdd[1] = ud[2];
+    if (moe_opt_arg(bg_obj, "b_gate", NPY_FLOAT32, 2, bgd, &bg) < 0 ||
+        moe_opt_arg(bu_obj, "b_up", NPY_FLOAT32, 2, bgd, &bu) < 0 ||
+        moe_opt_arg(bd_obj, "b_down", NPY_FLOAT32, 2, bdd, &bdn) < 0) {
+        return NULL;
+    }
+    if (bg != NULL && gate == NULL) {
+        PyErr_SetString(PyExc_ValueError, "b_gate given without w_gate");
+        return NULL;
+    }
     p.w_gate = gate;
     p.w_up = PyArray_DATA(up);
     p.w_down = PyArray_DATA(down);
+    p.b_gate = bg;
+    p.b_up = bu;
+    p.b_down = bdn;
     p.dtype = (moe_dtype)dtype;
     p.n_experts = (int32_t)ud[0];
     p.d_model = ud[2];
@@ -594,15 +613,16 @@ moe_py_ffn_grouped(PyObject *self, PyObject *args)
     const moe_experts *w;
     moe_experts_info info;
     int activation;
+    float alpha = 1.702f, limit = 7.0f;
     void *ti;
     moe_ffn_params p;
     moe_status st;
 
-    if (!PyArg_ParseTuple(args, "OOOOi", &x_obj, &ti_obj, &off_obj, &w_obj,
-                          &activation)) {
+    if (!PyArg_ParseTuple(args, "OOOOi|ff", &x_obj, &ti_obj, &off_obj, &w_obj,
+                          &activation, &alpha, &limit)) {
         return NULL;
     }
-    if (moe_check_enum(activation, 7, "activation") < 0 ||
+    if (moe_check_enum(activation, 8, "activation") < 0 ||
         !(w = moe_experts_arg(w_obj, "experts"))) {
         return NULL;
     }
@@ -621,6 +641,8 @@ moe_py_ffn_grouped(PyObject *self, PyObject *args)
     p.n_rows = ti != NULL ? td[0] : xd[0];
     p.experts = w;
     p.activation = (moe_activation)activation;
+    p.act_alpha = alpha;
+    p.act_limit = limit;
     if (!(out = moe_new(2, p.n_rows, xd[1], NPY_FLOAT32))) {
         return NULL;
     }
@@ -637,11 +659,13 @@ static PyObject *
 moe_py_layer_forward(PyObject *self, PyObject *args)
 {
     PyObject *x_obj, *r_obj, *w_obj, *bias_obj, *sw_obj, *sgate_obj;
+    PyObject *rbias_obj = Py_None;
     PyArrayObject *x, *r;
     PyArrayObject *out = NULL, *ids = NULL, *weights = NULL, *counts = NULL;
     npy_intp xd[2] = {-1, -1}, rd[2], bd[1], gd[1];
     int top_k, activation, scoring, renormalize, n_groups, topk_groups;
     double routed_scaling, capacity_factor, aux = 0.0, z = 0.0;
+    float alpha = 1.702f, limit = 7.0f;
     int64_t n_dropped = 0;
     long long n_dropped_ll;
     void *tmp;
@@ -649,15 +673,15 @@ moe_py_layer_forward(PyObject *self, PyObject *args)
     moe_layer_params p;
     moe_status st;
 
-    if (!PyArg_ParseTuple(args, "OOOiiOipdiidOO", &x_obj, &r_obj, &w_obj,
+    if (!PyArg_ParseTuple(args, "OOOiiOipdiidOO|Off", &x_obj, &r_obj, &w_obj,
                           &top_k, &activation, &bias_obj, &scoring,
                           &renormalize, &routed_scaling, &n_groups,
                           &topk_groups, &capacity_factor, &sw_obj,
-                          &sgate_obj)) {
+                          &sgate_obj, &rbias_obj, &alpha, &limit)) {
         return NULL;
     }
     memset(&p, 0, sizeof(p));
-    if (moe_check_enum(activation, 7, "activation") < 0 ||
+    if (moe_check_enum(activation, 8, "activation") < 0 ||
         moe_check_enum(scoring, 3, "scoring") < 0 ||
         !(p.experts = moe_experts_arg(w_obj, "experts"))) {
         return NULL;
@@ -687,6 +711,12 @@ moe_py_layer_forward(PyObject *self, PyObject *args)
         return NULL;
     }
     p.shared_gate = tmp;
+    if (moe_opt_arg(rbias_obj, "router_bias", NPY_FLOAT32, 1, bd, &tmp) < 0) {
+        return NULL;
+    }
+    p.router_bias = tmp;
+    p.act_alpha = alpha;
+    p.act_limit = limit;
     if (top_k < 1 || top_k > rd[0]) {
         PyErr_Format(PyExc_ValueError, "top_k must be in 1..n_experts=%lld, "
                      "got %d", (long long)rd[0], top_k);

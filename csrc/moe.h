@@ -53,7 +53,9 @@ typedef enum moe_activation {
     MOE_ACTIVATION_GELU       = 3, /* gelu(up); w_gate unused               */
     MOE_ACTIVATION_GELU_TANH  = 4, /* gelu_tanh(up)                         */
     MOE_ACTIVATION_RELU       = 5, /* relu(up)                              */
-    MOE_ACTIVATION_SILU       = 6  /* silu(up)                              */
+    MOE_ACTIVATION_SILU       = 6, /* silu(up)                              */
+    MOE_ACTIVATION_SWIGLU_OAI = 7  /* gpt-oss: g = min(g, limit), u clamped
+                                      to +-limit, (u + 1) g sigmoid(alpha g) */
 } moe_activation;
 
 /* Nonzero when the activation multiplies an activated gate by up. */
@@ -103,6 +105,9 @@ typedef struct moe_pack_params {
     int32_t     n_experts;
     int64_t     d_model;
     int64_t     d_ff;
+    const float *b_gate;   /* (n_experts, d_ff) bias, or NULL               */
+    const float *b_up;     /* (n_experts, d_ff) bias, or NULL               */
+    const float *b_down;   /* (n_experts, d_model) bias, or NULL            */
 } moe_pack_params;
 
 typedef struct moe_experts_info {
@@ -124,6 +129,7 @@ void       moe_experts_get_info(const moe_experts *experts,
 typedef struct moe_router_params {
     const float *x;         /* (n_tokens, d_model)                        */
     const float *weight;    /* (n_experts, d_model)                       */
+    const float *bias;      /* (n_experts,) added to the logits, or NULL  */
     int64_t      n_tokens;
     int64_t      d_model;
     int32_t      n_experts;
@@ -221,6 +227,8 @@ typedef struct moe_ffn_params {
     int64_t            n_rows;
     const moe_experts *experts;     /* packed weights                       */
     moe_activation     activation;  /* gated iff the pack has w_gate        */
+    float              act_alpha;   /* MOE_ACTIVATION_SWIGLU_OAI's alpha    */
+    float              act_limit;   /* and its clamp limit                  */
     float             *out;         /* out: (n_rows, d_model), sorted rows  */
 } moe_ffn_params;
 
@@ -236,7 +244,10 @@ typedef struct moe_layer_params {
     int32_t            n_experts;
     int32_t            top_k;
     moe_activation     activation;
+    float              act_alpha;     /* as in moe_ffn_params               */
+    float              act_limit;
     const float       *router_weight; /* (n_experts, d_model)               */
+    const float       *router_bias;   /* (n_experts,) or NULL               */
     const moe_experts *experts;       /* packed routed experts              */
 
     /* routing options, as in moe_route_params */

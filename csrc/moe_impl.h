@@ -53,6 +53,9 @@ struct moe_experts {
     int64_t   down_panels; /* per expert: ceil(d_model / nr)               */
     void     *gu;          /* (E, gu_panels, d_model, nr) elements         */
     void     *down;        /* (E, down_panels, d_ff, nr) elements          */
+    float    *gu_bias;     /* (E, gu_panels, nr) as the panel columns, or
+                              NULL                                         */
+    float    *down_bias;   /* (E, d_model) or NULL                         */
     size_t    nbytes;
 };
 

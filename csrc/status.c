@@ -74,7 +74,8 @@ moe_activation_is_gated(moe_activation activation)
 {
     return activation == MOE_ACTIVATION_SWIGLU ||
            activation == MOE_ACTIVATION_GEGLU ||
-           activation == MOE_ACTIVATION_GEGLU_TANH;
+           activation == MOE_ACTIVATION_GEGLU_TANH ||
+           activation == MOE_ACTIVATION_SWIGLU_OAI;
 }
 
 /* ---- build information ------------------------------------------------ */

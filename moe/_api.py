@@ -16,8 +16,9 @@ import numpy as np
 from . import _C
 
 SCORINGS = ("softmax", "softmax-after-topk", "sigmoid")
-ACTIVATIONS = ("swiglu", "geglu", "geglu-tanh", "gelu", "gelu-tanh", "relu", "silu")
-GATED = ("swiglu", "geglu", "geglu-tanh")
+ACTIVATIONS = ("swiglu", "geglu", "geglu-tanh", "gelu", "gelu-tanh", "relu", "silu",
+               "swiglu-oai")
+GATED = ("swiglu", "geglu", "geglu-tanh", "swiglu-oai")
 
 
 # ---- conversion helpers ---------------------------------------------------------------
@@ -389,13 +390,15 @@ class PackedExperts:
                 f"{self.nbytes / 2**20:.1f} MiB)")
 
 
-def pack_experts(w_gate, w_up, w_down, activation="swiglu", dtype=None) -> PackedExperts:
+def pack_experts(w_gate, w_up, w_down, activation="swiglu", dtype=None, *, b_gate=None,
+                 b_up=None, b_down=None) -> PackedExperts:
     """Pack expert weights once for the CPU kernels.
 
     w_gate, w_up: (E, F, d); w_down: (E, d, F) (nn.Linear layout; w_gate None for
     non-gated activations).  dtype: the storage type, "float32", "bfloat16" or
     "float16" (default: float16 / bfloat16 inputs keep theirs, anything else float32);
-    compute is always float32 with float32 accumulation.
+    compute is always float32 with float32 accumulation.  b_gate, b_up: (E, F) and
+    b_down: (E, d) optional float32 biases (gpt-oss).
     """
     check_choice(activation, "activation", ACTIVATIONS)
     dtype = _guess_dtype(w_gate, w_up, w_down) if dtype is None else dtype
@@ -406,11 +409,18 @@ def pack_experts(w_gate, w_up, w_down, activation="swiglu", dtype=None) -> Packe
                          f"{_shape_str(up_probe.shape)}")
     g, u, dn = expert_weights(w_gate, w_up, w_down, activation, up_probe.shape[2], None,
                               dtype=dtype)
-    return PackedExperts(_C.pack_experts(g, u, dn, code), activation)
+    E, F, d = u.shape
+    biases = [None if b is None else float_array(b, name, shape) for b, name, shape in
+              ((b_gate, "b_gate", (("n_experts", E), ("d_ff", F))),
+               (b_up, "b_up", (("n_experts", E), ("d_ff", F))),
+               (b_down, "b_down", (("n_experts", E), ("d_model", d))))]
+    if biases[0] is not None and g is None:
+        raise ValueError(f"b_gate is given but activation {activation!r} has no gate")
+    return PackedExperts(_C.pack_experts(g, u, dn, code, *biases), activation)
 
 
 def expert_ffn(x_sorted, offsets, w_gate, w_up=None, w_down=None, activation="swiglu",
-               dtype=None):
+               dtype=None, *, swiglu_alpha=1.702, swiglu_limit=7.0):
     """Grouped expert FFN: rows offsets[e]:offsets[e+1] of x_sorted go through expert e.
 
     x_sorted: (N, d) float; offsets: (E+1,) ints, 0 .. N non-decreasing;
@@ -418,6 +428,8 @@ def expert_ffn(x_sorted, offsets, w_gate, w_up=None, w_down=None, activation="sw
     non-gated activations) -- or a PackedExperts from moe.pack_experts in place of w_gate
     (then w_up and w_down are None).  y = act(x W_gate^T, x W_up^T) W_down^T.
     Returns (N, d) float32.  Without a PackedExperts the weights are packed on each call.
+    swiglu_alpha / swiglu_limit: the constants of activation "swiglu-oai" (gpt-oss:
+    g = min(g, limit), u = clip(u, -limit, limit), (u + 1) * g * sigmoid(alpha * g)).
     """
     act = check_choice(activation, "activation", ACTIVATIONS)
     x = _tokens_2d(x_sorted, "x_sorted")
@@ -442,7 +454,9 @@ def expert_ffn(x_sorted, offsets, w_gate, w_up=None, w_down=None, activation="sw
     if packed.gated != (activation in GATED):
         raise ValueError(f"activation {activation!r} does not match experts packed "
                          f"{'with' if packed.gated else 'without'} w_gate")
-    return _C.ffn_grouped(x, None, offsets, packed.capsule, act)
+    return _C.ffn_grouped(x, None, offsets, packed.capsule, act,
+                          check_float(swiglu_alpha, "swiglu_alpha"),
+                          check_float(swiglu_limit, "swiglu_limit", True))
 
 
 def ffn(x, w_gate, w_up, w_down, activation="swiglu", dtype=None):

@@ -2,9 +2,8 @@
 
 Reads `config.json` and the (possibly sharded) safetensors files of a model directory,
 memory-mapped, and maps each architecture's routing semantics and weight names onto the
-layer: Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V3 (and gpt-oss, once its clamped
-SwiGLU and expert biases are in the core).  Per-expert keys and fused 3-D expert tensors
-both load.
+layer: Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V3 and gpt-oss (router bias, expert
+biases, clamped SwiGLU).  Per-expert keys and fused 3-D expert tensors both load.
 """
 from __future__ import annotations
 
@@ -120,10 +119,13 @@ def _layer_plan(cfg, layer):
             kw.update(n_shared_experts=cfg["n_shared_experts"], shared_d_ff=F)
             shared = ("shared_experts.", None)
         style = ("gate_proj", "up_proj", "down_proj")
-    else:  # gpt_oss
-        raise NotImplementedError(
-            "gpt_oss checkpoints need the clamped SwiGLU, the router bias and the expert "
-            "biases, which the core does not compute yet")
+    else:  # gpt_oss: router with a bias, top-k of the logits then softmax, clamped SwiGLU
+        kw.update(d_ff=_need(cfg, "intermediate_size", arch),
+                  n_experts=_need(cfg, _N_EXPERTS, arch), scoring="softmax-after-topk",
+                  activation="swiglu-oai", router_bias=True, expert_biases=True,
+                  swiglu_alpha=float(cfg.get("swiglu_alpha", 1.702)),
+                  swiglu_limit=float(cfg.get("swiglu_limit", 7.0)))
+        style = None
     return arch, prefix, kw, style, shared
 
 
@@ -148,6 +150,18 @@ def _expert_weights(ck, prefix, E, F, style):
     return (_stack(ck, keys(g), "expert gate projections"),
             _stack(ck, keys(u), "expert up projections"),
             _stack(ck, keys(dn), "expert down projections"))
+
+
+def _gpt_oss_experts(ck, prefix, E, F):
+    """gpt-oss stores (E, d, 2F) with gate and up interleaved column by column, and
+    (E, F, d) for down: transpose to the nn.Linear layout."""
+    gu = np.asarray(ck.get(prefix + "experts.gate_up_proj"))
+    down = np.asarray(ck.get(prefix + "experts.down_proj"))
+    if gu.ndim != 3 or gu.shape[0] != E or gu.shape[2] != 2 * F:
+        raise ValueError(f"{prefix}experts.gate_up_proj has shape {gu.shape}, expected "
+                         f"({E}, d_model, {2 * F})")
+    return (gu[:, :, 0::2].transpose(0, 2, 1), gu[:, :, 1::2].transpose(0, 2, 1),
+            down.transpose(0, 2, 1))
 
 
 def _file_dtype(ck, key):
@@ -182,12 +196,15 @@ def from_hf(path, layer, *, dtype=None, progress=None) -> SparseMoE:
     arch, prefix, kw, style, shared = _layer_plan(cfg, layer)
     bar = None if progress is False else (progress or _progress_bar)
     with safetensors.open_checkpoint(path, progress=bar) as ck:
-        router_key = prefix + "gate.weight"
+        router_key = prefix + ("router.weight" if arch == "gpt_oss" else "gate.weight")
         if router_key not in ck:
             raise KeyError(f"the checkpoint has no tensor {router_key!r}: layer {layer} has no "
                            f"{arch} MoE block here")
         E, F = kw["n_experts"], kw["d_ff"]
-        wg, wu, wd = _expert_weights(ck, prefix, E, F, style)
+        if arch == "gpt_oss":
+            wg, wu, wd = _gpt_oss_experts(ck, prefix, E, F)
+        else:
+            wg, wu, wd = _expert_weights(ck, prefix, E, F, style)
         key0 = (prefix + "experts.gate_up_proj" if prefix + "experts.gate_up_proj" in ck
                 else f"{prefix}experts.0.{style[1]}.weight")
         file_dtype = _file_dtype(ck, key0)
@@ -203,6 +220,11 @@ def from_hf(path, layer, *, dtype=None, progress=None) -> SparseMoE:
         moe_layer.w_gate, moe_layer.w_up, moe_layer.w_down = wg, wu, wd
         if arch == "deepseek_v3":
             moe_layer.expert_bias = _float32(ck, prefix + "gate.e_score_correction_bias")
+        if arch == "gpt_oss":
+            moe_layer.router_bias = _float32(ck, prefix + "router.bias")
+            gub = _float32(ck, prefix + "experts.gate_up_proj_bias")
+            moe_layer.b_gate, moe_layer.b_up = gub[:, 0::2], gub[:, 1::2]
+            moe_layer.b_down = _float32(ck, prefix + "experts.down_proj_bias")
         if shared is not None:
             sp, gate_key = shared
             sw = [np.asarray(ck.get(prefix + sp + n + ".weight"))

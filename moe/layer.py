@@ -24,6 +24,10 @@ _WEIGHTS = {
     "shared_w_up": ("shared_hidden", "d_model"),
     "shared_w_down": ("d_model", "shared_hidden"),
     "shared_gate_weight": ("one", "d_model"),
+    "router_bias": ("n_experts",),
+    "b_gate": ("n_experts", "d_ff"),
+    "b_up": ("n_experts", "d_ff"),
+    "b_down": ("n_experts", "d_model"),
 }
 # the FFN weights, stored in the layer's dtype and packed for the kernels
 _EXPERT_WEIGHTS = ("w_gate", "w_up", "w_down", "shared_w_gate", "shared_w_up", "shared_w_down")
@@ -38,7 +42,10 @@ class SparseMoE:
     topk_groups, capacity_factor, and expert_bias=True for a selection-only bias);
     n_shared_experts shared experts of width shared_d_ff (default d_ff) on every token,
     optionally scaled by sigmoid(x @ shared_gate_weight.T) when shared_expert_gate=True
-    (Qwen2-MoE).  seed: weights are drawn from a seeded normal distribution; init=False
+    (Qwen2-MoE).  router_bias=True adds a bias (E,) to the router logits and
+    expert_biases=True biases b_gate, b_up (E, F) and b_down (E, d) to the experts;
+    activation "swiglu-oai" is gpt-oss's clamped SwiGLU with swiglu_alpha / swiglu_limit
+    (both as in gpt-oss).  seed: weights are drawn from a seeded normal distribution; init=False
     leaves them None, to be assigned (as moe.load and moe.from_hf do).
 
     dtype: storage of the expert FFN weights: "float32", "bfloat16" (NumPy has no
@@ -60,7 +67,8 @@ class SparseMoE:
                  scoring="softmax", renormalize=True, routed_scaling=1.0, n_groups=1,
                  topk_groups=1, expert_bias=False, n_shared_experts=0, shared_d_ff=None,
                  shared_expert_gate=False, capacity_factor=None, dtype="float32", seed=0,
-                 init=True):
+                 init=True, router_bias=False, expert_biases=False, swiglu_alpha=1.702,
+                 swiglu_limit=7.0):
         self.d_model = check_int(d_model, "d_model", 1)
         self.d_ff = check_int(d_ff, "d_ff", 1)
         self.n_experts = check_int(n_experts, "n_experts", 1, 2**31 - 1)
@@ -79,6 +87,9 @@ class SparseMoE:
         self.use_expert_bias = bool(expert_bias)
         check_choice(dtype, "dtype", WEIGHT_DTYPES)
         self.dtype = dtype
+        self.use_router_bias, self.use_expert_biases = bool(router_bias), bool(expert_biases)
+        self.swiglu_alpha = check_float(swiglu_alpha, "swiglu_alpha")
+        self.swiglu_limit = check_float(swiglu_limit, "swiglu_limit", True)
         self._packed = None
 
         object.__setattr__(self, "_packed", None)
@@ -88,6 +99,12 @@ class SparseMoE:
             if self.use_expert_bias:
                 self.expert_bias = np.zeros(self.n_experts, np.float32)
             return
+        if self.use_router_bias:
+            self.router_bias = np.zeros(self.n_experts, np.float32)
+        if self.use_expert_biases:
+            self.b_gate = np.zeros((self.n_experts, self.d_ff), np.float32)
+            self.b_up = np.zeros((self.n_experts, self.d_ff), np.float32)
+            self.b_down = np.zeros((self.n_experts, self.d_model), np.float32)
         rng = np.random.default_rng(seed)
         d, F, E = self.d_model, self.d_ff, self.n_experts
 
@@ -119,7 +136,7 @@ class SparseMoE:
                     value = value.view(np.float16)
             else:
                 value = float_array(value, name, shape)
-        if name in _EXPERT_WEIGHTS:
+        if name in _EXPERT_WEIGHTS or name in ("b_gate", "b_up", "b_down"):
             object.__setattr__(self, "_packed", None)
         object.__setattr__(self, name, value)
 
@@ -139,8 +156,13 @@ class SparseMoE:
         def bits(a):
             return None if a is None else (a.view(np.uint16) if a.dtype == np.float16 else a)
 
+        biases = (None, None, None)
+        if self.use_expert_biases:
+            biases = (self.b_gate if gated else None, self.b_up, self.b_down)
+            if any(b is None for b in biases[1:]) or (gated and biases[0] is None):
+                raise ValueError("expert biases are missing (set b_gate, b_up and b_down)")
         routed = _C.pack_experts(bits(self.w_gate) if gated else None, bits(self.w_up),
-                                 bits(self.w_down), code)
+                                 bits(self.w_down), code, *biases)
         shared = None
         if self.n_shared_experts:
             if self.shared_w_up is None or self.shared_w_down is None or \
@@ -159,6 +181,8 @@ class SparseMoE:
             if self.expert_bias is None:
                 raise ValueError("expert_bias is None but the layer was built with expert_bias=True")
             check_finite(self.expert_bias, "expert_bias")
+        if self.use_router_bias and self.router_bias is None:
+            raise ValueError("router_bias is None but the layer was built with router_bias=True")
         if self._packed is None:
             self.pack()
         routed, shared, _ = self._packed
@@ -189,7 +213,9 @@ class SparseMoE:
         out, ids, w, counts, n_dropped, aux, z = _C.layer_forward(
             x2, self.router_weight, routed, top_k, act,
             self.expert_bias if self.use_expert_bias else None, code, self.renormalize,
-            check_float(scaling, "routed_scaling"), n_groups, topk_groups, cf, shared, sgate)
+            check_float(scaling, "routed_scaling"), n_groups, topk_groups, cf, shared, sgate,
+            self.router_bias if self.use_router_bias else None, self.swiglu_alpha,
+            self.swiglu_limit)
         out = out.reshape(lead + (self.d_model,))
         if return_routing:
             return out, RoutingResult(ids, w, counts, int(n_dropped), float(aux), float(z))
@@ -203,7 +229,9 @@ class SparseMoE:
                     n_groups=self.n_groups, topk_groups=self.topk_groups,
                     expert_bias=self.use_expert_bias, n_shared_experts=self.n_shared_experts,
                     shared_d_ff=self.shared_d_ff, shared_expert_gate=self.shared_expert_gate,
-                    capacity_factor=self.capacity_factor, dtype=self.dtype)
+                    capacity_factor=self.capacity_factor, dtype=self.dtype,
+                    router_bias=self.use_router_bias, expert_biases=self.use_expert_biases,
+                    swiglu_alpha=self.swiglu_alpha, swiglu_limit=self.swiglu_limit)
 
     def save(self, path):
         """Write the layer to one safetensors file (weights + its config in the metadata);

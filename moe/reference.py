@@ -28,8 +28,9 @@ __all__ = [
 ]
 
 SCORINGS = ("softmax", "softmax-after-topk", "sigmoid")
-GATED = {"swiglu", "geglu", "geglu-tanh"}
-ACTIVATIONS = ("swiglu", "geglu", "geglu-tanh", "gelu", "gelu-tanh", "relu", "silu")
+GATED = {"swiglu", "geglu", "geglu-tanh", "swiglu-oai"}
+ACTIVATIONS = ("swiglu", "geglu", "geglu-tanh", "gelu", "gelu-tanh", "relu", "silu",
+               "swiglu-oai")
 
 
 # --------------------------------------------------------------------------- #
@@ -369,7 +370,7 @@ def _gelu_tanh(z):
     return 0.5 * z * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (z + 0.044715 * z ** 3)))
 
 
-def activate(name, gate, up):
+def activate(name, gate, up, alpha=1.702, limit=7.0):
     """Apply the named (possibly gated) activation elementwise.
 
     Args:
@@ -378,8 +379,9 @@ def activate(name, gate, up):
       up: array of the same shape as ``gate``.
 
     Gated: "swiglu" silu(gate)*up, "geglu" gelu(gate)*up, "geglu-tanh"
-    gelu_tanh(gate)*up. Non-gated (applied to ``up``): "gelu", "gelu-tanh",
-    "relu", "silu". Returns float64 of the shape of ``up``.
+    gelu_tanh(gate)*up, "swiglu-oai" (gpt-oss) with g = min(gate, limit) and
+    u = clip(up, -limit, limit): (u + 1) * g * sigmoid(alpha * g). Non-gated (applied to
+    ``up``): "gelu", "gelu-tanh", "relu", "silu". Returns float64 of the shape of ``up``.
     """
     if name not in ACTIVATIONS:
         raise ValueError(f"unknown activation {name!r}; expected one of {ACTIVATIONS}")
@@ -392,6 +394,10 @@ def activate(name, gate, up):
             return _silu(gate) * up
         if name == "geglu":
             return _gelu(gate) * up
+        if name == "swiglu-oai":
+            g = np.minimum(gate, limit)
+            u = np.clip(up, -limit, limit)
+            return (u + 1.0) * g * sigmoid(alpha * g)
         return _gelu_tanh(gate) * up  # "geglu-tanh"
     if name == "gelu":
         return _gelu(up)
@@ -402,7 +408,8 @@ def activate(name, gate, up):
     return _silu(up)  # "silu"
 
 
-def ffn(x, w_gate, w_up, w_down, activation="swiglu"):
+def ffn(x, w_gate, w_up, w_down, activation="swiglu", b_gate=None, b_up=None, b_down=None,
+        alpha=1.702, limit=7.0):
     """Dense feed-forward block in the nn.Linear weight layout.
 
     Args:
@@ -412,20 +419,26 @@ def ffn(x, w_gate, w_up, w_down, activation="swiglu"):
       w_down: (d, F).
       activation: one of ACTIVATIONS.
 
-    Returns (T, d) float64: activate(activation, x @ w_gate.T, x @ w_up.T) @ w_down.T.
+    Returns (T, d) float64: activate(activation, x @ w_gate.T + b_gate, x @ w_up.T + b_up)
+    @ w_down.T + b_down (biases (F,), (F,), (d,) optional; alpha/limit: "swiglu-oai").
     """
     x = np.asarray(x, dtype=np.float64)
     w_up = np.asarray(w_up, dtype=np.float64)
     w_down = np.asarray(w_down, dtype=np.float64)
+
+    def bias(b):
+        return 0.0 if b is None else np.asarray(b, dtype=np.float64)
+
     if activation in GATED and w_gate is not None:
-        gate = x @ np.asarray(w_gate, dtype=np.float64).T
+        gate = x @ np.asarray(w_gate, dtype=np.float64).T + bias(b_gate)
     else:
         gate = None
-    h = activate(activation, gate, x @ w_up.T)
-    return h @ w_down.T
+    h = activate(activation, gate, x @ w_up.T + bias(b_up), alpha, limit)
+    return h @ w_down.T + bias(b_down)
 
 
-def expert_ffn(x_sorted, offsets, w_gate, w_up, w_down, activation="swiglu"):
+def expert_ffn(x_sorted, offsets, w_gate, w_up, w_down, activation="swiglu", b_gate=None,
+               b_up=None, b_down=None, alpha=1.702, limit=7.0):
     """Run each expert's FFN on its contiguous block of dispatched rows.
 
     Args:
@@ -453,7 +466,9 @@ def expert_ffn(x_sorted, offsets, w_gate, w_up, w_down, activation="swiglu"):
         if hi <= lo:
             continue
         g = w_gate[e] if w_gate is not None else None
-        out[lo:hi] = ffn(x_sorted[lo:hi], g, w_up[e], w_down[e], activation)
+        pick = lambda b: None if b is None else np.asarray(b)[e]  # noqa: E731
+        out[lo:hi] = ffn(x_sorted[lo:hi], g, w_up[e], w_down[e], activation, pick(b_gate),
+                         pick(b_up), pick(b_down), alpha, limit)
     return out
 
 
@@ -465,7 +480,8 @@ def sparse_moe(x, router_weight, w_gate, w_up, w_down, *, top_k, activation="swi
                scoring="softmax", renormalize=True, routed_scaling=1.0, n_groups=1,
                topk_groups=1, expert_bias=None, capacity_factor=None,
                shared_w_gate=None, shared_w_up=None, shared_w_down=None,
-               shared_gate_weight=None):
+               shared_gate_weight=None, router_bias=None, b_gate=None, b_up=None,
+               b_down=None, swiglu_alpha=1.702, swiglu_limit=7.0):
     """Full sparse MoE forward: route, dispatch, expert FFNs, combine, shared experts.
 
     Args:
@@ -490,6 +506,8 @@ def sparse_moe(x, router_weight, w_gate, w_up, w_down, *, top_k, activation="swi
     E = router_weight.shape[0]
 
     logits = xf @ router_weight.T
+    if router_bias is not None:
+        logits = logits + np.asarray(router_bias, dtype=np.float64)
     routing = route(logits, top_k, scoring=scoring, renormalize=renormalize,
                     routed_scaling=routed_scaling, expert_bias=expert_bias,
                     n_groups=n_groups, topk_groups=topk_groups,
@@ -497,12 +515,14 @@ def sparse_moe(x, router_weight, w_gate, w_up, w_down, *, top_k, activation="swi
     disp = dispatch(xf, routing["expert_ids"], E)
     gate_w = w_gate if activation in GATED else None
     y_sorted = expert_ffn(disp["x_sorted"], disp["offsets"], gate_w, w_up, w_down,
-                          activation)
+                          activation, b_gate if activation in GATED else None, b_up, b_down,
+                          swiglu_alpha, swiglu_limit)
     out = combine(y_sorted, disp["position"], routing["weights"])
 
     if shared_w_up is not None:
         sg = shared_w_gate if activation in GATED else None
-        shared = ffn(xf, sg, shared_w_up, shared_w_down, activation)
+        shared = ffn(xf, sg, shared_w_up, shared_w_down, activation, alpha=swiglu_alpha,
+                     limit=swiglu_limit)
         if shared_gate_weight is not None:
             gw = np.asarray(shared_gate_weight, dtype=np.float64).reshape(d)
             shared = shared * sigmoid(xf @ gw)[:, None]
@@ -586,4 +606,10 @@ def layer_forward(layer, x):
         shared_w_up=shared_w_up,
         shared_w_down=shared_w_down,
         shared_gate_weight=shared_gate_weight,
+        router_bias=get("router_bias") if getattr(layer, "use_router_bias", True) else None,
+        b_gate=get("b_gate") if getattr(layer, "use_expert_biases", True) else None,
+        b_up=get("b_up") if getattr(layer, "use_expert_biases", True) else None,
+        b_down=get("b_down") if getattr(layer, "use_expert_biases", True) else None,
+        swiglu_alpha=get("swiglu_alpha", 1.702),
+        swiglu_limit=get("swiglu_limit", 7.0),
     )

@@ -506,7 +506,7 @@ def test_c_functions_reject_bad_arrays(make, func):
     with pytest.raises(TypeError):
         fn(*args[:-1])
     with pytest.raises(TypeError):
-        fn(*args, None)
+        fn(*args, *([None] * 4))  # more arguments than the function takes
 
 
 def test_c_functions_reject_mismatched_shapes(make):
@@ -588,8 +588,8 @@ def test_c_functions_reject_bad_values(make):
     for offsets in ([1, 3, 3, 7, 9], [0, 3, 3, 7, 8], [0, 3, 3, 7, 10], [0, 5, 3, 7, 9],
                     [0, -4, 3, 7, 9], [0, 2**62, 3, 7, 9]):
         bad("ffn_grouped", {2: np.array(offsets, np.int64)}, r"^offsets must")
-    bad("ffn_grouped", {4: 7}, r"^activation code must be in 0\.\.6")
-    bad("ffn_grouped", {4: -1}, r"^activation code must be in 0\.\.6")
+    bad("ffn_grouped", {4: 8}, r"^activation code must be in 0\.\.7")
+    bad("ffn_grouped", {4: -1}, r"^activation code must be in 0\.\.7")
     bad("ffn_grouped", {4: 5}, r"^activation is not gated but the experts were packed with")
     for ti in ([0, 1, 2, 3, 4, 5, 0, 1, 9], [0, 1, 2, 3, 4, 5, 0, 1, -1]):
         bad("ffn_grouped", {1: np.array(ti, np.int64)}, r"^token_index must be in \[0, "
@@ -608,7 +608,7 @@ def test_c_functions_reject_bad_values(make):
     bad("layer_forward", {0: x}, r"^logits must be finite.*x @ router_weight")
     bad("layer_forward", {3: 0}, r"^top_k must be in 1\.\.n_experts=4")
     bad("layer_forward", {3: 5}, r"^top_k must be in 1\.\.n_experts=4")
-    bad("layer_forward", {4: 7}, r"^activation code must be in 0\.\.6")
+    bad("layer_forward", {4: 8}, r"^activation code must be in 0\.\.7")
     bad("layer_forward", {4: 5}, r"^activation is not gated but the experts were packed")
     bad("layer_forward", {6: 3}, r"^scoring code must be in 0\.\.2")
     bad("layer_forward", {9: 3}, r"^n_groups must divide n_experts=4")

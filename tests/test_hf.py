@@ -1,0 +1,190 @@
+"""moe.from_hf against transformers' own MoE blocks, and layer save/load.
+
+For each architecture a tiny random model is built with transformers (config -> model ->
+save_pretrained into a temporary folder, no download), loaded with moe.from_hf, and its
+block output and expert ids compared with the transformers module on the same input.
+Also bf16 and sharded checkpoints, the errors, and a bitwise save/load round trip.
+"""
+import json
+import os
+
+import numpy as np
+import pytest
+
+import moe
+from moe import safetensors
+from tolerances import assert_close
+
+torch = pytest.importorskip("torch")
+T = pytest.importorskip("transformers")
+
+COMMON = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2)
+ARCHS = {
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM",
+                dict(intermediate_size=40, num_local_experts=6, num_experts_per_tok=2)),
+    "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM",
+                  dict(intermediate_size=40, moe_intermediate_size=24,
+                       shared_expert_intermediate_size=40, num_experts=6,
+                       num_experts_per_tok=2)),
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM",
+                  dict(intermediate_size=40, moe_intermediate_size=24, num_experts=6,
+                       num_experts_per_tok=2, head_dim=8, norm_topk_prob=True)),
+    "olmoe": ("OlmoeConfig", "OlmoeForCausalLM",
+              dict(intermediate_size=24, num_experts=6, num_experts_per_tok=2)),
+    "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM",
+                    dict(intermediate_size=40, moe_intermediate_size=24, n_routed_experts=8,
+                         num_experts_per_tok=2, n_group=4, topk_group=2, n_shared_experts=1,
+                         first_k_dense_replace=1, q_lora_rank=16, kv_lora_rank=16,
+                         qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8,
+                         routed_scaling_factor=2.5)),
+    "gpt_oss": ("GptOssConfig", "GptOssForCausalLM",
+                dict(intermediate_size=24, num_local_experts=6, num_experts_per_tok=2,
+                     head_dim=8, layer_types=["full_attention", "full_attention"])),
+}
+MOE_LAYER = 1  # DeepSeek-V3's layer 0 is dense here (first_k_dense_replace=1)
+
+
+def build(arch, seed=0, dtype=None):
+    """A tiny random transformers model of `arch` (weights N(0, 0.2), biases too)."""
+    cfg_cls, model_cls, kw = ARCHS[arch]
+    torch.manual_seed(seed)
+    model = getattr(T, model_cls)(getattr(T, cfg_cls)(**COMMON, **kw)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.2)
+        for name, b in model.named_buffers():
+            if "e_score_correction_bias" in name:
+                b.normal_(0, 0.05)  # selection-only bias: make it matter
+    return model.to(dtype) if dtype is not None else model
+
+
+def block(model):
+    return model.model.layers[MOE_LAYER].mlp
+
+
+def hf_forward(model, x):
+    with torch.no_grad():
+        out = block(model)(torch.from_numpy(x))
+    return (out[0] if isinstance(out, tuple) else out).float().numpy()
+
+
+def hf_expert_ids(arch, model, x):
+    """The experts transformers' router picks for each token (best first)."""
+    mlp = block(model)
+    router = mlp.router if arch == "gpt_oss" else mlp.gate
+    with torch.no_grad():
+        out = router(torch.from_numpy(x.reshape(-1, x.shape[-1])))
+    return out[-1].numpy()
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_from_hf_matches_transformers(arch, tmp_path, rng):
+    model = build(arch)
+    model.save_pretrained(tmp_path)
+    layer = moe.from_hf(str(tmp_path), MOE_LAYER)
+    x = (rng.standard_normal((3, 11, 32)) * 2).astype(np.float32)
+    y, routing = layer(x, return_routing=True)
+    ref = hf_forward(model, x)
+    err = float(np.max(np.abs(y - ref)) / np.max(np.abs(ref)))
+    assert err <= 1e-5, f"{arch}: relative error {err:.2e}"
+    assert_close(y, ref, rtol=1e-4, atol_scale=1e-5, what=arch)
+    ids = hf_expert_ids(arch, model, x)
+    assert np.array_equal(np.sort(routing.expert_ids, axis=1), np.sort(ids, axis=1)), arch
+    # and the float64 oracle agrees with both
+    ref64, _ = moe.reference.layer_forward(layer, x)
+    assert_close(y, ref64, what=f"{arch} vs moe.reference")
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "gpt_oss", "deepseek_v3"])
+def test_bf16_checkpoint(arch, tmp_path, rng):
+    model = build(arch, dtype=torch.bfloat16)
+    model.save_pretrained(tmp_path)
+    with safetensors.safe_open(str(tmp_path / "model.safetensors")) as f:
+        assert "BF16" in {f.dtype(k) for k in f.keys()}
+    kept = moe.from_hf(str(tmp_path), MOE_LAYER)
+    widened = moe.from_hf(str(tmp_path), MOE_LAYER, dtype="float32")
+    assert kept.dtype == "bfloat16" and widened.dtype == "float32"
+    x = rng.standard_normal((2, 9, 32)).astype(np.float32)
+    # bf16 -> fp32 is exact and both compute in fp32: the same bits
+    assert np.array_equal(kept(x), widened(x))
+    # against transformers in fp32 on the very same (bf16-valued) weights
+    ref = hf_forward(model.float(), x)
+    err = float(np.max(np.abs(kept(x) - ref)) / np.max(np.abs(ref)))
+    assert err <= 1e-5, f"{arch}: relative error {err:.2e}"
+
+
+def test_sharded_checkpoint_and_progress(tmp_path, rng):
+    model = build("qwen2_moe")
+    model.save_pretrained(tmp_path, max_shard_size="40KB")
+    assert (tmp_path / "model.safetensors.index.json").exists()
+    calls = []
+    layer = moe.from_hf(str(tmp_path), MOE_LAYER, progress=lambda *a: calls.append(a))
+    n_files = len([f for f in os.listdir(tmp_path) if f.endswith(".safetensors")])
+    assert n_files > 1 and len(calls) == n_files
+    x = rng.standard_normal((1, 5, 32)).astype(np.float32)
+    assert_close(layer(x), hf_forward(model, x), rtol=1e-4, atol_scale=1e-5)
+
+
+def test_errors(tmp_path):
+    model = build("deepseek_v3")
+    model.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"layer 0 of this deepseek_v3 checkpoint is a dense"):
+        moe.from_hf(str(tmp_path), 0)
+    with pytest.raises(ValueError, match=r"layer must be an int in 0\.\.1, got 5"):
+        moe.from_hf(str(tmp_path), 5)
+    # a missing key is named
+    path = str(tmp_path / "model.safetensors")
+    tensors = {k: np.array(v) for k, v in safetensors.load_file(path).items()}
+    key = "model.layers.1.mlp.experts.3.up_proj.weight"
+    del tensors[key]
+    safetensors.save_file(tensors, path)
+    with pytest.raises(KeyError, match=key.replace(".", r"\.")):
+        moe.from_hf(str(tmp_path), 1)
+    # an unknown architecture is named
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["model_type"] = "llama"
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"unknown architecture \(model_type\) 'llama'"):
+        moe.from_hf(str(tmp_path), 1)
+    with pytest.raises(FileNotFoundError, match=r"no config\.json"):
+        moe.from_hf(str(tmp_path / "nowhere"), 0)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+@pytest.mark.parametrize("kind", ["deepseek", "gpt_oss", "plain"])
+def test_save_load_round_trip(dtype, kind, tmp_path, rng):
+    if kind == "deepseek":
+        layer = moe.SparseMoE(24, 20, 8, 3, scoring="sigmoid", expert_bias=True, n_groups=4,
+                              topk_groups=2, routed_scaling=2.5, n_shared_experts=2,
+                              shared_expert_gate=True, dtype=dtype, seed=3)
+        layer.expert_bias[:] = rng.standard_normal(8) * 0.1
+    elif kind == "gpt_oss":
+        layer = moe.SparseMoE(24, 20, 8, 2, activation="swiglu-oai",
+                              scoring="softmax-after-topk", router_bias=True,
+                              expert_biases=True, swiglu_limit=3.0, dtype=dtype, seed=4)
+        layer.router_bias = rng.standard_normal(8).astype(np.float32)
+        layer.b_up = rng.standard_normal((8, 20)).astype(np.float32)
+    else:
+        layer = moe.SparseMoE(24, 20, 8, 2, activation="gelu", capacity_factor=1.5,
+                              dtype=dtype, seed=5)
+    path = str(tmp_path / "layer.safetensors")
+    layer.save(path)
+    back = moe.load(path)
+    assert back.config() == layer.config()
+    for name in ("router_weight", "w_gate", "w_up", "w_down", "expert_bias", "shared_w_gate",
+                 "shared_w_up", "shared_w_down", "shared_gate_weight", "router_bias",
+                 "b_gate", "b_up", "b_down"):
+        a, b = getattr(layer, name, None), getattr(back, name, None)
+        assert (a is None) == (b is None), name
+        if a is not None:
+            assert a.dtype == b.dtype and np.array_equal(a.view(np.uint8), b.view(np.uint8)), name
+    x = rng.standard_normal((7, 24)).astype(np.float32)
+    assert np.array_equal(layer(x), back(x))
+
+
+def test_load_rejects_other_files(tmp_path):
+    path = str(tmp_path / "x.safetensors")
+    safetensors.save_file({"a": np.zeros(3, np.float32)}, path)
+    with pytest.raises(ValueError, match=r"not a moe layer file"):
+        moe.load(path)

@@ -245,8 +245,12 @@ moe_cpu_experts_pack(const moe_pack_params *p, moe_experts **out)
     job.p = p;
     job.w = w;
     job.es = es;
-    st = moe_pool_run(p->n_experts * (w->gu_panels + w->down_panels),
-                      moe_pack_task, &job);
+    /* With d_model or d_ff zero there is nothing to copy (and maybe 2^40
+     * empty panels): skip the tasks. */
+    st = p->d_model == 0 || p->d_ff == 0
+        ? MOE_STATUS_OK
+        : moe_pool_run(p->n_experts * (w->gu_panels + w->down_panels),
+                       moe_pack_task, &job);
     if (st != MOE_STATUS_OK) {
         moe_experts_free(w);
         return st;
@@ -458,7 +462,20 @@ moe_cpu_ffn_grouped(const moe_ffn_params *p)
     int64_t n_up, n_down, P;
     int32_t e;
 
-    if (p->n_rows == 0) {
+    if (p->n_rows == 0 || w->d_model == 0) {
+        return MOE_STATUS_OK;
+    }
+    if (w->d_ff == 0) {
+        /* No hidden units: every row is 0 (+ the down bias). */
+        int64_t r, j;
+        for (e = 0; e < w->n_experts; e++) {
+            for (r = p->offsets[e]; r < p->offsets[e + 1]; r++) {
+                for (j = 0; j < w->d_model; j++) {
+                    p->out[r * w->d_model + j] =
+                        w->down_bias ? w->down_bias[e * w->d_model + j] : 0.0f;
+                }
+            }
+        }
         return MOE_STATUS_OK;
     }
     memset(&job, 0, sizeof(job));

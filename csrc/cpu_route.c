@@ -143,7 +143,9 @@ moe_route_token(const moe_route_params *p, const double *logit,
     if (p->scoring == MOE_SCORING_SIGMOID) {
         double ssum = 0.0;
         for (e = 0; e < E; e++) {
-            s->score[e] = 1.0 / (1.0 + exp(-logit[e]));
+            /* Stable both ways: exp of a negative number only. */
+            double z = exp(-fabs(logit[e]));
+            s->score[e] = logit[e] >= 0.0 ? 1.0 / (1.0 + z) : z / (1.0 + z);
             ssum += s->score[e];
         }
         /* All scores can underflow to 0 for logits below about -745. */
@@ -327,8 +329,9 @@ moe_cpu_route_topk(const moe_route_params *p)
         p->counts[e] = 0;
     }
     if (p->capacity_factor > 0.0) {
-        cap = (int64_t)ceil(p->capacity_factor * (double)T * (double)k /
-                            (double)E);
+        /* A capacity past 2^62 (or inf) drops nothing: don't overflow the cast. */
+        double c = ceil(p->capacity_factor * (double)T * (double)k / (double)E);
+        cap = c < 4611686018427387904.0 ? (int64_t)c : INT64_MAX;
     }
     for (t = 0; t < T * k; t++) {
         e = p->expert_ids[t];

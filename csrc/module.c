@@ -399,6 +399,10 @@ moe_py_dispatch(PyObject *self, PyObject *args)
                      n_experts);
         return NULL;
     }
+    if (id[1] > INT32_MAX) {
+        PyErr_SetString(PyExc_ValueError, "expert_ids has too many slots");
+        return NULL;
+    }
     offsets = moe_new(1, (npy_intp)n_experts + 1, 0, NPY_INT64);
     position = moe_new(2, id[0], id[1], NPY_INT64);
     if (!offsets || !position) {

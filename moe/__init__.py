@@ -21,6 +21,8 @@ from .layer import SparseMoE
 from . import safetensors
 from .hf import from_hf
 from .io import load, save
+from .stats import RoutingStats, routing_stats
+from .upcycle import upcycle
 
 __version__ = "0.1.0"
 
@@ -28,4 +30,5 @@ __all__ = ["SparseMoE", "route", "update_expert_bias", "dispatch", "combine", "e
            "ffn", "pack_experts", "PackedExperts", "set_num_threads", "get_num_threads",
            "float32_to_bfloat16", "bfloat16_to_float32", "RoutingResult", "Dispatch",
            "show_config", "cuda_available", "reference", "SCORINGS", "ACTIVATIONS",
-           "WEIGHT_DTYPES", "from_hf", "load", "save", "safetensors", "__version__"]
+           "WEIGHT_DTYPES", "from_hf", "load", "save", "safetensors", "upcycle", "RoutingStats",
+           "routing_stats", "__version__"]

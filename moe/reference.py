@@ -214,7 +214,8 @@ def route(logits, top_k, *, scoring="softmax", renormalize=True, routed_scaling=
     # 5. capacity dropping, walking (t, j) in order
     n_dropped = 0
     if capacity_factor is not None:
-        cap = math.ceil(capacity_factor * T * top_k / E)
+        limit = capacity_factor * T * top_k / E
+        cap = math.ceil(limit) if math.isfinite(limit) else math.inf  # inf: drops nothing
         kept = np.zeros(E, dtype=np.int64)
         for t in range(T):
             for j in range(top_k):

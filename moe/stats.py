@@ -47,8 +47,9 @@ class RoutingStats:
         routing: a moe.RoutingResult (its expert_ids and weights are used; pass no weights),
           or expert ids: (n_tokens, top_k) ints in [0, n_experts) or -1 (dropped); a 1-D
           (n_tokens,) array is top-1.
-        weights: None, or (n_tokens, top_k) float gate weights matching the ids (without
-          them the load counts but mean_gate does not change).
+        weights: None, or float gate weights of the ids' shape ((n_tokens,) for 1-D ids);
+          without them the load counts but mean_gate does not change.
+        A rejected update (ValueError / TypeError) leaves the statistics unchanged.
         """
         if hasattr(routing, "expert_ids") and hasattr(routing, "weights"):
             if weights is not None:
@@ -222,7 +223,7 @@ class RoutingStats:
         ax.set_ylabel("assignments")
         ax.set_xlim(-0.6, self.n_experts - 0.4)
         ax.set_title(f"expert load: {self.tokens} tokens, max/mean {self.max_over_mean:.2f}, "
-                     f"{self.dropped} dropped")
+                     f"{self.dropped} dropped", fontsize="medium")
         return ax
 
 

@@ -188,3 +188,28 @@ def test_load_rejects_other_files(tmp_path):
     safetensors.save_file({"a": np.zeros(3, np.float32)}, path)
     with pytest.raises(ValueError, match=r"not a moe layer file"):
         moe.load(path)
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
+def test_fused_expert_tensors_load(arch, tmp_path, rng):
+    """The same checkpoint with its experts stored as fused 3-D tensors (transformers' own
+    in-memory layout: gate_up_proj (E, 2F, d), down_proj (E, d, F)) loads to the same layer."""
+    model = build(arch)
+    model.save_pretrained(tmp_path)
+    path = str(tmp_path / "model.safetensors")
+    tensors = {k: np.array(v) for k, v in safetensors.load_file(path).items()}
+    prefix = (f"model.layers.{MOE_LAYER}.block_sparse_moe." if arch == "mixtral"
+              else f"model.layers.{MOE_LAYER}.mlp.")
+    names = ("w1", "w3", "w2") if arch == "mixtral" else ("gate_proj", "up_proj", "down_proj")
+    E = ARCHS[arch][2].get("num_local_experts", ARCHS[arch][2].get("num_experts"))
+    per = {n: np.stack([tensors.pop(f"{prefix}experts.{e}.{n}.weight") for e in range(E)])
+           for n in names}
+    tensors[prefix + "experts.gate_up_proj"] = np.concatenate([per[names[0]], per[names[1]]],
+                                                              axis=1)
+    tensors[prefix + "experts.down_proj"] = per[names[2]]
+    per_expert = moe.from_hf(str(tmp_path), MOE_LAYER)
+    safetensors.save_file(tensors, path)
+    fused = moe.from_hf(str(tmp_path), MOE_LAYER)
+    x = rng.standard_normal((6, 32)).astype(np.float32)
+    assert np.array_equal(fused(x), per_expert(x))
+    assert_close(fused(x[None]), hf_forward(model, x[None]), rtol=1e-4, atol_scale=1e-5)

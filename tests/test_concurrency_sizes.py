@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 import moe
+from conftest import skip_under_asan
 
 DEEPSEEK = dict(scoring="sigmoid", renormalize=True, expert_bias=True, n_groups=4,
                 topk_groups=2, routed_scaling=2.5, n_shared_experts=1)
@@ -346,6 +347,7 @@ ABSURD_EXPECTED = {
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_AS and /proc (Linux)")
+@skip_under_asan
 def test_absurd_shapes_raise_instead_of_crashing():
     rc, out, err = run_child(_ABSURD_CHILD, 2.0)
     assert rc == 0 and "DONE" in out, f"child {died(rc)} after:\n{out}\n{err[-3000:]}"
@@ -488,6 +490,7 @@ _ALLOC_CHILD = """
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_AS and /proc (Linux)")
+@skip_under_asan
 def test_allocation_failure_is_memory_error():
     rc, out, err = run_child(_ALLOC_CHILD)
     assert rc == 0 and "ALLOC-OK" in out, f"child {died(rc)} after:\n{out}\n{err[-3000:]}"

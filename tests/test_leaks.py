@@ -20,6 +20,10 @@ import tracemalloc
 import numpy as np
 import pytest
 
+from conftest import skip_under_asan
+
+pytestmark = skip_under_asan
+
 import moe
 from moe import _C
 

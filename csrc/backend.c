@@ -7,6 +7,8 @@
 #include "moe_impl.h"
 #include "cpu_kernels.h"
 
+#include <math.h>
+
 moe_status
 moe_router_logits(const moe_router_params *p)
 {
@@ -40,6 +42,74 @@ moe_route_topk(const moe_route_params *p)
         return moe_set_error(MOE_STATUS_INVALID_ARG, "n_tokens < 0");
     }
     return moe_cpu_route_topk(p);
+}
+
+moe_status
+moe_route_expert_choice(const moe_expert_choice_params *p)
+{
+    if (p->n_experts <= 0 || p->n_tokens < 0) {
+        return moe_set_error(MOE_STATUS_INVALID_ARG,
+                             "expert choice needs n_experts >= 1 and "
+                             "n_tokens >= 0, got %d and %lld", p->n_experts,
+                             (long long)p->n_tokens);
+    }
+    if (p->capacity < 0 || p->capacity > p->n_tokens) {
+        return moe_set_error(MOE_STATUS_INVALID_ARG,
+                             "capacity must be in 0..n_tokens=%lld, got %lld",
+                             (long long)p->n_tokens, (long long)p->capacity);
+    }
+    if (p->scoring != MOE_SCORING_SOFTMAX && p->scoring != MOE_SCORING_SIGMOID) {
+        return moe_set_error(MOE_STATUS_INVALID_ARG,
+                             "expert choice scoring must be softmax or "
+                             "sigmoid, got code %d", (int)p->scoring);
+    }
+    return moe_cpu_route_expert_choice(p);
+}
+
+moe_status
+moe_route_dynamic(const moe_route_dynamic_params *p)
+{
+    const int32_t E = p->n_experts;
+
+    if (E <= 0 || p->n_tokens < 0) {
+        return moe_set_error(MOE_STATUS_INVALID_ARG,
+                             "dynamic-k routing needs n_experts >= 1 and "
+                             "n_tokens >= 0, got %d and %lld", E,
+                             (long long)p->n_tokens);
+    }
+    if (p->k_max < 1 || p->k_max > E || p->k_min < 1 || p->k_min > p->k_max) {
+        return moe_set_error(MOE_STATUS_INVALID_ARG,
+                             "need 1 <= k_min <= k_max <= n_experts=%d, got "
+                             "k_min=%d, k_max=%d", E, p->k_min, p->k_max);
+    }
+    if (p->mode == MOE_DYNAMIC_TOP_P && !(p->p > 0.0 && p->p <= 1.0)) {
+        return moe_set_error(MOE_STATUS_INVALID_ARG,
+                             "p must be in (0, 1], got %g", p->p);
+    }
+    if (p->mode == MOE_DYNAMIC_THRESHOLD && !(p->p >= 0.0 && p->p <= 1.0)) {
+        return moe_set_error(MOE_STATUS_INVALID_ARG,
+                             "threshold must be in [0, 1], got %g", p->p);
+    }
+    if (p->mode != MOE_DYNAMIC_TOP_P && p->mode != MOE_DYNAMIC_THRESHOLD) {
+        return moe_set_error(MOE_STATUS_INVALID_ARG,
+                             "unknown dynamic-k mode %d", (int)p->mode);
+    }
+    return moe_cpu_route_dynamic(p);
+}
+
+moe_status
+moe_route_skip(const moe_route_skip_params *p)
+{
+    if (p->n_tokens < 0 || p->top_k < 0) {
+        return moe_set_error(MOE_STATUS_INVALID_ARG,
+                             "n_tokens and top_k must be >= 0, got %lld, %d",
+                             (long long)p->n_tokens, p->top_k);
+    }
+    if (!isfinite(p->threshold)) {
+        return moe_set_error(MOE_STATUS_NONFINITE,
+                             "threshold must be finite, got %g", p->threshold);
+    }
+    return moe_cpu_route_skip(p);
 }
 
 moe_status

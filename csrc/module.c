@@ -345,6 +345,174 @@ fail:
 }
 
 static PyObject *
+moe_py_route_expert_choice(PyObject *self, PyObject *args)
+{
+    PyObject *logits_obj;
+    PyArrayObject *logits;
+    PyArrayObject *tok = NULL, *gates = NULL, *per_tok = NULL, *ids = NULL,
+                  *weights = NULL;
+    npy_intp ld[2] = {-1, -1};
+    long long capacity;
+    int scoring;
+    moe_expert_choice_params p;
+    moe_status st;
+
+    if (!PyArg_ParseTuple(args, "OLi", &logits_obj, &capacity, &scoring)) {
+        return NULL;
+    }
+    if (!(logits = moe_arg(logits_obj, "logits", NPY_FLOAT64, 2, ld, 0))) {
+        return NULL;
+    }
+    if (moe_check_enum(scoring, 3, "scoring") < 0) {
+        return NULL;
+    }
+    if (ld[1] < 1 || ld[1] > INT32_MAX) {
+        PyErr_Format(PyExc_ValueError, "logits must have 1..2^31-1 experts "
+                     "(columns), got %lld", (long long)ld[1]);
+        return NULL;
+    }
+    if (capacity < 0 || capacity > ld[0]) {
+        PyErr_Format(PyExc_ValueError, "capacity must be in 0..n_tokens=%lld,"
+                     " got %lld", (long long)ld[0], capacity);
+        return NULL;
+    }
+    tok = moe_new(2, ld[1], (npy_intp)capacity, NPY_INT64);
+    gates = moe_new(2, ld[1], (npy_intp)capacity, NPY_FLOAT32);
+    per_tok = moe_new(1, ld[0], 0, NPY_INT32);
+    ids = moe_new(2, ld[0], ld[1], NPY_INT32);
+    weights = moe_new(2, ld[0], ld[1], NPY_FLOAT32);
+    if (!tok || !gates || !per_tok || !ids || !weights) {
+        goto fail;
+    }
+    p.logits = MOE_DATA(logits, double);
+    p.n_tokens = ld[0];
+    p.n_experts = (int32_t)ld[1];
+    p.capacity = capacity;
+    p.scoring = (moe_scoring)scoring;
+    p.token_ids = MOE_DATA(tok, int64_t);
+    p.gates = MOE_DATA(gates, float);
+    p.n_experts_per_token = MOE_DATA(per_tok, int32_t);
+    p.expert_ids = MOE_DATA(ids, int32_t);
+    p.weights = MOE_DATA(weights, float);
+    MOE_COMPUTE(st, moe_route_expert_choice(&p));
+    if (st != MOE_STATUS_OK) {
+        moe_raise(st);
+        goto fail;
+    }
+    return Py_BuildValue("NNNNN", tok, gates, per_tok, ids, weights);
+fail:
+    Py_XDECREF(tok);
+    Py_XDECREF(gates);
+    Py_XDECREF(per_tok);
+    Py_XDECREF(ids);
+    Py_XDECREF(weights);
+    return NULL;
+}
+
+static PyObject *
+moe_py_route_dynamic(PyObject *self, PyObject *args)
+{
+    PyObject *logits_obj;
+    PyArrayObject *logits;
+    PyArrayObject *ids = NULL, *weights = NULL, *n_sel = NULL;
+    npy_intp ld[2] = {-1, -1};
+    int mode, k_min, k_max, renormalize;
+    double pval;
+    moe_route_dynamic_params p;
+    moe_status st;
+
+    if (!PyArg_ParseTuple(args, "Oidiip", &logits_obj, &mode, &pval, &k_min,
+                          &k_max, &renormalize)) {
+        return NULL;
+    }
+    if (!(logits = moe_arg(logits_obj, "logits", NPY_FLOAT64, 2, ld, 0))) {
+        return NULL;
+    }
+    if (moe_check_enum(mode, 2, "mode") < 0) {
+        return NULL;
+    }
+    if (ld[1] < 1 || ld[1] > INT32_MAX) {
+        PyErr_Format(PyExc_ValueError, "logits must have 1..2^31-1 experts "
+                     "(columns), got %lld", (long long)ld[1]);
+        return NULL;
+    }
+    if (k_max < 1 || k_max > ld[1]) {
+        PyErr_Format(PyExc_ValueError, "k_max must be in 1..n_experts=%lld, "
+                     "got %d", (long long)ld[1], k_max);
+        return NULL;
+    }
+    ids = moe_new(2, ld[0], k_max, NPY_INT32);
+    weights = moe_new(2, ld[0], k_max, NPY_FLOAT32);
+    n_sel = moe_new(1, ld[0], 0, NPY_INT32);
+    if (!ids || !weights || !n_sel) {
+        goto fail;
+    }
+    p.logits = MOE_DATA(logits, double);
+    p.n_tokens = ld[0];
+    p.n_experts = (int32_t)ld[1];
+    p.mode = (moe_dynamic_mode)mode;
+    p.p = pval;
+    p.k_min = k_min;
+    p.k_max = k_max;
+    p.renormalize = renormalize;
+    p.expert_ids = MOE_DATA(ids, int32_t);
+    p.weights = MOE_DATA(weights, float);
+    p.n_selected = MOE_DATA(n_sel, int32_t);
+    MOE_COMPUTE(st, moe_route_dynamic(&p));
+    if (st != MOE_STATUS_OK) {
+        moe_raise(st);
+        goto fail;
+    }
+    return Py_BuildValue("NNN", ids, weights, n_sel);
+fail:
+    Py_XDECREF(ids);
+    Py_XDECREF(weights);
+    Py_XDECREF(n_sel);
+    return NULL;
+}
+
+/* In place on the caller's (fresh) arrays; returns the number skipped. */
+static PyObject *
+moe_py_route_skip(PyObject *self, PyObject *args)
+{
+    PyObject *ids_obj, *w_obj;
+    PyArrayObject *ids, *w;
+    npy_intp id[2] = {-1, -1};
+    double threshold;
+    int renormalize;
+    int64_t n_skipped = 0;
+    moe_route_skip_params p;
+    moe_status st;
+
+    if (!PyArg_ParseTuple(args, "OOdp", &ids_obj, &w_obj, &threshold,
+                          &renormalize)) {
+        return NULL;
+    }
+    if (!(ids = moe_arg(ids_obj, "expert_ids", NPY_INT32, 2, id, 1))) {
+        return NULL;
+    }
+    if (!(w = moe_arg(w_obj, "weights", NPY_FLOAT32, 2, id, 1))) {
+        return NULL;
+    }
+    if (id[1] > INT32_MAX) {
+        PyErr_SetString(PyExc_ValueError, "expert_ids has too many columns");
+        return NULL;
+    }
+    p.expert_ids = MOE_DATA(ids, int32_t);
+    p.weights = MOE_DATA(w, float);
+    p.n_tokens = id[0];
+    p.top_k = (int32_t)id[1];
+    p.threshold = threshold;
+    p.renormalize = renormalize;
+    p.n_skipped = &n_skipped;
+    MOE_COMPUTE(st, moe_route_skip(&p));
+    if (st != MOE_STATUS_OK) {
+        return moe_raise(st);
+    }
+    return PyLong_FromLongLong((long long)n_skipped);
+}
+
+static PyObject *
 moe_py_update_expert_bias(PyObject *self, PyObject *args)
 {
     PyObject *bias_obj, *counts_obj;
@@ -812,6 +980,15 @@ static PyMethodDef moe_methods[] = {
     {"route", moe_py_route, METH_VARARGS,
      "route(logits, top_k, scoring, renormalize, routed_scaling, "
      "expert_bias, n_groups, topk_groups, capacity_factor)"},
+    {"route_expert_choice", moe_py_route_expert_choice, METH_VARARGS,
+     "route_expert_choice(logits, capacity, scoring) -> (token_ids, gates, "
+     "n_experts_per_token, expert_ids, weights)"},
+    {"route_dynamic", moe_py_route_dynamic, METH_VARARGS,
+     "route_dynamic(logits, mode, p, k_min, k_max, renormalize) -> "
+     "(expert_ids, weights, n_selected)"},
+    {"route_skip", moe_py_route_skip, METH_VARARGS,
+     "route_skip(expert_ids, weights, threshold, renormalize) -> n_skipped, "
+     "in place"},
     {"update_expert_bias", moe_py_update_expert_bias, METH_VARARGS,
      "update_expert_bias(bias, counts, rate): in place"},
     {"dispatch", moe_py_dispatch, METH_VARARGS,

@@ -235,6 +235,75 @@ typedef struct moe_ffn_params {
 /* Work is O(n_rows * d_ff * d_model): only routed rows are computed. */
 moe_status moe_ffn_grouped(const moe_ffn_params *p);
 
+/* ---- routing beyond top-k (csrc/cpu_route_ext.c) --------------------- */
+
+/*
+ * Expert-choice routing: scores per token (softmax over E, or sigmoid), then
+ * each expert takes its top-`capacity` tokens by score, ties toward the
+ * lower token index.  A token may be taken by 0..E experts.
+ */
+typedef struct moe_expert_choice_params {
+    const double *logits;      /* (n_tokens, n_experts); finite             */
+    int64_t       n_tokens;
+    int32_t       n_experts;
+    int64_t       capacity;    /* tokens per expert, 0..n_tokens            */
+    moe_scoring   scoring;     /* MOE_SCORING_SOFTMAX or _SIGMOID           */
+
+    int64_t      *token_ids;   /* out: (n_experts, capacity), best first    */
+    float        *gates;       /* out: (n_experts, capacity) scores         */
+    int32_t      *n_experts_per_token; /* out: (n_tokens,)                 */
+    int32_t      *expert_ids;  /* out: (n_tokens, n_experts) experts that
+                                  took the token, ascending, -1 padding     */
+    float        *weights;     /* out: (n_tokens, n_experts), 0 padding     */
+} moe_expert_choice_params;
+
+moe_status moe_route_expert_choice(const moe_expert_choice_params *p);
+
+typedef enum moe_dynamic_mode {
+    MOE_DYNAMIC_TOP_P     = 0, /* fewest experts whose probability mass >= p */
+    MOE_DYNAMIC_THRESHOLD = 1  /* every expert with probability >= p        */
+} moe_dynamic_mode;
+
+/*
+ * Dynamic-k routing on softmax probabilities.  Experts are ranked by
+ * probability, ties toward the lower index; the count k_t chosen by `mode`
+ * is clamped to [k_min, k_max].  For top-p, p >= 1 selects k_max experts
+ * (a float64 cumulative sum need not reach exactly 1).
+ */
+typedef struct moe_route_dynamic_params {
+    const double    *logits;      /* (n_tokens, n_experts); finite          */
+    int64_t          n_tokens;
+    int32_t          n_experts;
+    moe_dynamic_mode mode;
+    double           p;           /* top-p mass (0, 1] or threshold [0, 1]  */
+    int32_t          k_min;       /* 1..k_max                               */
+    int32_t          k_max;       /* k_min..n_experts                       */
+    int32_t          renormalize; /* selected weights sum to 1              */
+
+    int32_t         *expert_ids;  /* out: (n_tokens, k_max), -1 padding     */
+    float           *weights;     /* out: (n_tokens, k_max), 0 padding      */
+    int32_t         *n_selected;  /* out: (n_tokens,)                       */
+} moe_route_dynamic_params;
+
+moe_status moe_route_dynamic(const moe_route_dynamic_params *p);
+
+/*
+ * Dynamic expert skipping, in place: slots with weight < threshold become
+ * id -1, weight 0; with renormalize, each token's kept weights are divided
+ * by their sum (float64).  Slots already -1 are left alone.
+ */
+typedef struct moe_route_skip_params {
+    int32_t *expert_ids;  /* in/out: (n_tokens, top_k), -1 = empty slot     */
+    float   *weights;     /* in/out: (n_tokens, top_k); finite              */
+    int64_t  n_tokens;
+    int32_t  top_k;
+    double   threshold;
+    int32_t  renormalize;
+    int64_t *n_skipped;   /* out: scalar, slots newly emptied               */
+} moe_route_skip_params;
+
+moe_status moe_route_skip(const moe_route_skip_params *p);
+
 /* ---- the whole layer ------------------------------------------------- */
 
 typedef struct moe_layer_params {

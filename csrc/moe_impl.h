@@ -81,6 +81,9 @@ void *moe_workspace(int slot, size_t count, size_t size);
 /* CPU implementations (csrc/cpu_*.c); csrc/backend.c picks among backends. */
 moe_status moe_cpu_router_logits(const moe_router_params *p);
 moe_status moe_cpu_route_topk(const moe_route_params *p);
+moe_status moe_cpu_route_expert_choice(const moe_expert_choice_params *p);
+moe_status moe_cpu_route_dynamic(const moe_route_dynamic_params *p);
+moe_status moe_cpu_route_skip(const moe_route_skip_params *p);
 moe_status moe_cpu_dispatch_count(const moe_dispatch_params *p);
 moe_status moe_cpu_dispatch_build(const moe_dispatch_params *p);
 moe_status moe_cpu_dispatch_gather(const moe_gather_params *p);

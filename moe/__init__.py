@@ -1,7 +1,7 @@
 """moe: sparse Mixture-of-Experts layers with a C core.
 
 Routing (softmax / sigmoid scores, top-k, renormalisation, selection bias, group-limited
-top-k, capacity), dispatch and combine, grouped expert FFNs and a whole layer,
+top-k, capacity; expert choice, top-p / threshold dynamic k, expert skipping), dispatch and combine, grouped expert FFNs and a whole layer,
 on NumPy arrays or CPU DLPack tensors.  ``moe.reference`` is the float64 oracle.
 """
 try:
@@ -17,6 +17,8 @@ from ._api import (ACTIVATIONS, SCORINGS, WEIGHT_DTYPES, Dispatch, PackedExperts
                    bfloat16_to_float32, combine, cuda_available, dispatch, expert_ffn, ffn,
                    float32_to_bfloat16, get_num_threads, pack_experts, route, set_num_threads,
                    show_config, update_expert_bias)
+from .routing import (DynamicRoutingResult, ExpertChoiceResult, SkipResult,
+                      route_expert_choice, route_threshold, route_top_p, skip_experts)
 from .layer import SparseMoE
 from . import safetensors
 from .hf import from_hf
@@ -31,4 +33,6 @@ __all__ = ["SparseMoE", "route", "update_expert_bias", "dispatch", "combine", "e
            "float32_to_bfloat16", "bfloat16_to_float32", "RoutingResult", "Dispatch",
            "show_config", "cuda_available", "reference", "SCORINGS", "ACTIVATIONS",
            "WEIGHT_DTYPES", "from_hf", "load", "save", "safetensors", "upcycle", "RoutingStats",
-           "routing_stats", "__version__"]
+           "routing_stats", "route_expert_choice", "route_top_p", "route_threshold",
+           "skip_experts", "ExpertChoiceResult", "DynamicRoutingResult", "SkipResult",
+           "__version__"]

@@ -37,6 +37,34 @@ def update_expert_bias(bias: npt.NDArray[np.floating], counts: ArrayLike,
 def dispatch(x: ArrayLike, expert_ids: ArrayLike, n_experts: int) -> Dispatch: ...
 def combine(y_sorted: ArrayLike, position: ArrayLike,
             weights: ArrayLike) -> npt.NDArray[np.float32]: ...
+
+class ExpertChoiceResult(NamedTuple):
+    token_ids: npt.NDArray[np.int64]            # (E, C), best first
+    gates: npt.NDArray[np.float32]              # (E, C)
+    n_experts_per_token: npt.NDArray[np.int32]  # (T,)
+    expert_ids: npt.NDArray[np.int32]           # (T, E), ascending, -1 padding
+    weights: npt.NDArray[np.float32]            # (T, E), 0 padding
+    capacity: int
+
+class DynamicRoutingResult(NamedTuple):
+    expert_ids: npt.NDArray[np.int32]   # (T, k_max), -1 padding
+    weights: npt.NDArray[np.float32]    # (T, k_max), 0 padding
+    n_selected: npt.NDArray[np.int32]   # (T,)
+
+class SkipResult(NamedTuple):
+    expert_ids: npt.NDArray[np.int32]   # (T, k), -1 = skipped or empty
+    weights: npt.NDArray[np.float32]    # (T, k)
+    n_skipped: int
+
+def route_expert_choice(logits: ArrayLike, capacity_factor: Optional[float] = ..., *,
+                        capacity: Optional[int] = ...,
+                        scoring: str = ...) -> ExpertChoiceResult: ...
+def route_top_p(logits: ArrayLike, p: float, *, k_min: int = ..., k_max: Optional[int] = ...,
+                renormalize: bool = ...) -> DynamicRoutingResult: ...
+def route_threshold(logits: ArrayLike, threshold: float, *, k_min: int = ...,
+                    k_max: Optional[int] = ..., renormalize: bool = ...) -> DynamicRoutingResult: ...
+def skip_experts(expert_ids: ArrayLike, weights: ArrayLike, threshold: float, *,
+                 renormalize: bool = ...) -> SkipResult: ...
 WEIGHT_DTYPES: Tuple[str, ...]
 
 class PackedExperts:

@@ -21,7 +21,11 @@ __all__ = [
     "layer_forward",
     "logsumexp",
     "route",
+    "route_expert_choice",
+    "route_threshold",
+    "route_top_p",
     "sigmoid",
+    "skip_experts",
     "softmax",
     "sparse_moe",
     "update_expert_bias",
@@ -614,3 +618,120 @@ def layer_forward(layer, x):
         swiglu_alpha=get("swiglu_alpha", 1.702),
         swiglu_limit=get("swiglu_limit", 7.0),
     )
+
+
+# --------------------------------------------------------------------------- #
+# Routing beyond top-k: expert choice, dynamic k, expert skipping
+# --------------------------------------------------------------------------- #
+
+def route_expert_choice(logits, capacity, scoring="softmax"):
+    """Expert-choice routing: each expert takes its top-``capacity`` tokens.
+
+    Args:
+      logits: (T, E) router logits (float64).
+      capacity: int C in 0..T, tokens per expert.
+      scoring: "softmax" (over experts, per token) or "sigmoid".
+
+    Returns a dict:
+      "token_ids":  (E, C) int64, best score first, ties to the lower token index;
+      "gates":      (E, C) float64 scores of those tokens;
+      "n_experts_per_token": (T,) int32;
+      "expert_ids": (T, E) int32, experts that took each token, ascending, -1 padding;
+      "weights":    (T, E) float64, matching gates, 0 padding.
+    """
+    logits = np.asarray(logits, dtype=np.float64)
+    T, E = logits.shape
+    C = int(capacity)
+    if scoring == "softmax":
+        scores = softmax(logits, axis=1) if T else logits.copy()
+    elif scoring == "sigmoid":
+        scores = sigmoid(logits)
+    else:
+        raise ValueError(f"unknown scoring {scoring!r}")
+    token_ids = np.zeros((E, C), dtype=np.int64)
+    gates = np.zeros((E, C), dtype=np.float64)
+    for e in range(E):
+        order = _stable_desc_order(scores[:, e])[:C]
+        token_ids[e] = order
+        gates[e] = scores[order, e]
+    n = np.zeros(T, dtype=np.int32)
+    expert_ids = np.full((T, E), -1, dtype=np.int32)
+    weights = np.zeros((T, E), dtype=np.float64)
+    for e in range(E):
+        for j in range(C):
+            t = token_ids[e, j]
+            expert_ids[t, n[t]] = e
+            weights[t, n[t]] = gates[e, j]
+            n[t] += 1
+    return {"token_ids": token_ids, "gates": gates, "n_experts_per_token": n,
+            "expert_ids": expert_ids, "weights": weights}
+
+
+def _route_dynamic(logits, count, k_min, k_max, renormalize):
+    logits = np.asarray(logits, dtype=np.float64)
+    T, E = logits.shape
+    k_max = E if k_max is None else int(k_max)
+    ids = np.full((T, k_max), -1, dtype=np.int32)
+    weights = np.zeros((T, k_max), dtype=np.float64)
+    n_selected = np.zeros(T, dtype=np.int32)
+    for t in range(T):
+        probs = softmax(logits[t])
+        order = _stable_desc_order(probs)
+        k = min(max(count(probs[order]), k_min), k_max)
+        w = probs[order[:k]]
+        if renormalize:
+            s = 0.0
+            for v in w:  # sequential, as the running sums of the definition
+                s += v
+            w = w / s
+        ids[t, :k] = order[:k]
+        weights[t, :k] = w
+        n_selected[t] = k
+    return {"expert_ids": ids, "weights": weights, "n_selected": n_selected}
+
+
+def route_top_p(logits, p, k_min=1, k_max=None, renormalize=True):
+    """Top-p routing: k_t = fewest experts (by softmax probability, descending, ties to
+    the lower index) whose cumulative probability is >= p, clamped to [k_min, k_max]
+    (k_max defaults to E); p >= 1 selects k_max.  Returns a dict with "expert_ids"
+    (T, k_max) int32 (-1 padding), "weights" (T, k_max) float64 (0 padding, renormalised
+    to sum 1 when ``renormalize``) and "n_selected" (T,) int32.
+    """
+    def count(sorted_probs):
+        if p >= 1.0:
+            return len(sorted_probs)
+        cum = 0.0
+        for i, v in enumerate(sorted_probs):
+            cum += v
+            if cum >= p:
+                return i + 1
+        return len(sorted_probs)
+
+    return _route_dynamic(logits, count, k_min, k_max, renormalize)
+
+
+def route_threshold(logits, threshold, k_min=1, k_max=None, renormalize=True):
+    """Threshold routing: every expert with softmax probability >= threshold, the count
+    clamped to [k_min, k_max] (best first).  Outputs as in route_top_p."""
+    return _route_dynamic(logits, lambda sp: int(np.sum(sp >= threshold)), k_min, k_max,
+                          renormalize)
+
+
+def skip_experts(expert_ids, weights, threshold, renormalize=False):
+    """Dynamic expert skipping: slots with weight < threshold become id -1, weight 0;
+    with ``renormalize`` each token's kept weights are divided by their sum.  Slots
+    already -1 are untouched and not counted.  Returns a dict with "expert_ids" (T, k)
+    int32, "weights" (T, k) float64 and "n_skipped" int.
+    """
+    ids = np.array(expert_ids, dtype=np.int32)
+    w = np.array(weights, dtype=np.float64)
+    skip = (ids >= 0) & (w < threshold)
+    ids[skip] = -1
+    w[skip] = 0.0
+    if renormalize:
+        for t in range(ids.shape[0]):
+            kept = ids[t] >= 0
+            s = w[t, kept].sum()
+            if s > 0:
+                w[t, kept] /= s
+    return {"expert_ids": ids, "weights": w, "n_skipped": int(skip.sum())}

@@ -1,0 +1,424 @@
+/*
+ * cpu_route_ext.c - CPU routing beyond token-choice top-k: expert-choice
+ * routing (each expert takes its top-C tokens), dynamic-k routing (top-p and
+ * probability threshold, padded to k_max) and dynamic expert skipping.
+ * Scores are float64 like cpu_route.c, so selection matches the float64
+ * reference; every ranking breaks ties toward the lower index.
+ */
+#include "moe_impl.h"
+
+#include <math.h>
+#include <string.h>
+
+/* Tokens (or experts) per task of the parallel loops. */
+#define MOE_EXT_BLOCK 64
+
+static moe_status
+moe_ext_check_finite(const double *logits, int64_t T, int32_t E)
+{
+    int64_t i;
+
+    for (i = 0; i < T * E; i++) {
+        if (!isfinite(logits[i])) {
+            return moe_set_error(MOE_STATUS_NONFINITE,
+                                 "logits must be finite, got %g at token %lld,"
+                                 " expert %lld", logits[i],
+                                 (long long)(i / E), (long long)(i % E));
+        }
+    }
+    return MOE_STATUS_OK;
+}
+
+/* Softmax over one row into prob (E,), exp of non-positive numbers only. */
+static void
+moe_ext_softmax(const double *logit, int32_t E, double *prob)
+{
+    double mx = logit[0], sum = 0.0;
+    int32_t e;
+
+    for (e = 1; e < E; e++) {
+        mx = logit[e] > mx ? logit[e] : mx;
+    }
+    for (e = 0; e < E; e++) {
+        prob[e] = exp(logit[e] - mx);
+        sum += prob[e];
+    }
+    for (e = 0; e < E; e++) {
+        prob[e] /= sum;
+    }
+}
+
+/* ---- expert choice ----------------------------------------------------- */
+
+typedef struct moe_ec_job {
+    const moe_expert_choice_params *p;
+    double                         *score_t; /* (E, T) transposed scores   */
+    double                         *vals;    /* (E, C) heap values         */
+} moe_ec_job;
+
+/* Scores of a block of tokens, written transposed so experts scan rows. */
+static void
+moe_ec_score_task(void *ctx, int64_t task)
+{
+    const moe_ec_job *job = ctx;
+    const moe_expert_choice_params *p = job->p;
+    const int32_t E = p->n_experts;
+    const int64_t T = p->n_tokens;
+    int64_t t, end = (task + 1) * MOE_EXT_BLOCK;
+    double prob[256];
+    int32_t e;
+
+    end = end < T ? end : T;
+    for (t = task * MOE_EXT_BLOCK; t < end; t++) {
+        const double *logit = p->logits + t * E;
+        if (p->scoring == MOE_SCORING_SIGMOID) {
+            for (e = 0; e < E; e++) {
+                double z = exp(-fabs(logit[e]));
+                job->score_t[(int64_t)e * T + t] =
+                    logit[e] >= 0.0 ? 1.0 / (1.0 + z) : z / (1.0 + z);
+            }
+        }
+        else if (E <= 256) {
+            moe_ext_softmax(logit, E, prob);
+            for (e = 0; e < E; e++) {
+                job->score_t[(int64_t)e * T + t] = prob[e];
+            }
+        }
+        else {
+            /* Wide rows: same arithmetic as moe_ext_softmax, in place. */
+            double mx = logit[0], sum = 0.0;
+            for (e = 1; e < E; e++) {
+                mx = logit[e] > mx ? logit[e] : mx;
+            }
+            for (e = 0; e < E; e++) {
+                sum += exp(logit[e] - mx);
+            }
+            for (e = 0; e < E; e++) {
+                job->score_t[(int64_t)e * T + t] = exp(logit[e] - mx) / sum;
+            }
+        }
+    }
+}
+
+/*
+ * (va, ia) ranks below (vb, ib): lower score, or equal score and higher
+ * token index (ties go to the lower index).
+ */
+static inline int
+moe_ec_worse(double va, int64_t ia, double vb, int64_t ib)
+{
+    return va < vb || (va == vb && ia > ib);
+}
+
+/* Sift element i down the heap whose root is the worst entry. */
+static void
+moe_ec_sift(double *v, int64_t *id, int64_t n, int64_t i)
+{
+    for (;;) {
+        int64_t l = 2 * i + 1, r = l + 1, w = i;
+        double tv;
+        int64_t ti;
+        if (l < n && moe_ec_worse(v[l], id[l], v[w], id[w])) {
+            w = l;
+        }
+        if (r < n && moe_ec_worse(v[r], id[r], v[w], id[w])) {
+            w = r;
+        }
+        if (w == i) {
+            return;
+        }
+        tv = v[i]; v[i] = v[w]; v[w] = tv;
+        ti = id[i]; id[i] = id[w]; id[w] = ti;
+        i = w;
+    }
+}
+
+/*
+ * One expert: a heap of its C best tokens (root = worst kept), O(T log C);
+ * tokens come in ascending order, so an equal score never displaces a kept
+ * token.  Heap-sorting in place leaves the best first.
+ */
+static void
+moe_ec_expert_task(void *ctx, int64_t e)
+{
+    const moe_ec_job *job = ctx;
+    const moe_expert_choice_params *p = job->p;
+    const int64_t T = p->n_tokens, C = p->capacity;
+    const double *s = job->score_t + e * T;
+    double *v = job->vals + e * C;
+    int64_t *id = p->token_ids + e * C, t, n = 0, j;
+
+    if (C == 0) {
+        return;
+    }
+    for (t = 0; t < T; t++) {
+        if (n < C) {
+            /* Sift up. */
+            j = n++;
+            v[j] = s[t];
+            id[j] = t;
+            while (j > 0 && moe_ec_worse(v[j], id[j], v[(j - 1) / 2],
+                                         id[(j - 1) / 2])) {
+                int64_t up = (j - 1) / 2, ti = id[j];
+                double tv = v[j];
+                v[j] = v[up]; v[up] = tv;
+                id[j] = id[up]; id[up] = ti;
+                j = up;
+            }
+        }
+        else if (s[t] > v[0]) {
+            v[0] = s[t];
+            id[0] = t;
+            moe_ec_sift(v, id, n, 0);
+        }
+    }
+    for (j = n - 1; j > 0; j--) {
+        double tv = v[0];
+        int64_t ti = id[0];
+        v[0] = v[j]; v[j] = tv;
+        id[0] = id[j]; id[j] = ti;
+        moe_ec_sift(v, id, j, 0);
+    }
+    for (j = 0; j < C; j++) {
+        p->gates[e * C + j] = (float)v[j];
+    }
+}
+
+moe_status
+moe_cpu_route_expert_choice(const moe_expert_choice_params *p)
+{
+    const int64_t T = p->n_tokens, C = p->capacity;
+    const int32_t E = p->n_experts;
+    moe_ec_job job;
+    moe_status st;
+    int64_t t, j;
+    int32_t e;
+
+    MOE_TRY(moe_ext_check_finite(p->logits, T, E));
+    job.p = p;
+    job.score_t = moe_alloc((size_t)T * (size_t)E + 1, sizeof(double));
+    job.vals = moe_alloc((size_t)E * (size_t)C + 1, sizeof(double));
+    if (job.score_t == NULL || job.vals == NULL) {
+        st = MOE_STATUS_ALLOC;
+        goto done;
+    }
+    st = moe_pool_run((T + MOE_EXT_BLOCK - 1) / MOE_EXT_BLOCK,
+                      moe_ec_score_task, &job);
+    if (st != MOE_STATUS_OK) {
+        goto done;
+    }
+    if ((st = moe_pool_run(E, moe_ec_expert_task, &job)) != MOE_STATUS_OK) {
+        goto done;
+    }
+    /* Token-major view for dispatch/combine: experts ascending per token. */
+    for (t = 0; t < T; t++) {
+        p->n_experts_per_token[t] = 0;
+    }
+    for (t = 0; t < T * E; t++) {
+        p->expert_ids[t] = -1;
+        p->weights[t] = 0.0f;
+    }
+    for (e = 0; e < E; e++) {
+        for (j = 0; j < C; j++) {
+            int64_t tok = p->token_ids[(int64_t)e * C + j];
+            int32_t slot = p->n_experts_per_token[tok]++;
+            p->expert_ids[tok * E + slot] = e;
+            p->weights[tok * E + slot] = p->gates[(int64_t)e * C + j];
+        }
+    }
+done:
+    free(job.score_t);
+    free(job.vals);
+    return st;
+}
+
+/* ---- dynamic k: top-p and threshold ----------------------------------- */
+
+typedef struct moe_rank {
+    double  v;
+    int32_t i;
+} moe_rank;
+
+/* Descending by value, then ascending index: a total order, so qsort is
+ * deterministic. */
+static int
+moe_rank_cmp(const void *a, const void *b)
+{
+    const moe_rank *x = a, *y = b;
+
+    if (x->v != y->v) {
+        return x->v > y->v ? -1 : 1;
+    }
+    return (x->i > y->i) - (x->i < y->i);
+}
+
+typedef struct moe_dyn_job {
+    const moe_route_dynamic_params *p;
+    double                         *prob; /* (n_tasks, E)                  */
+    moe_rank                       *rank; /* (n_tasks, E)                  */
+} moe_dyn_job;
+
+/*
+ * The k_max best experts of one token, best first, into r.  Small k_max:
+ * insertion (strict '>' keeps the lower index ahead on ties); larger: a
+ * full sort, O(E log E) instead of O(E k_max).
+ */
+static void
+moe_dyn_rank(const double *prob, int32_t E, int32_t k, moe_rank *r)
+{
+    int32_t e, len = 0;
+
+    if (k > 16) {
+        for (e = 0; e < E; e++) {
+            r[e].v = prob[e];
+            r[e].i = e;
+        }
+        qsort(r, (size_t)E, sizeof(moe_rank), moe_rank_cmp);
+        return;
+    }
+    for (e = 0; e < E; e++) {
+        double v = prob[e];
+        int32_t pos = len;
+        if (len == k) {
+            if (!(v > r[k - 1].v)) {
+                continue;
+            }
+            pos = k - 1;
+        }
+        else {
+            len++;
+        }
+        while (pos > 0 && v > r[pos - 1].v) {
+            r[pos] = r[pos - 1];
+            pos--;
+        }
+        r[pos].v = v;
+        r[pos].i = e;
+    }
+}
+
+static void
+moe_dyn_task(void *ctx, int64_t task)
+{
+    const moe_dyn_job *job = ctx;
+    const moe_route_dynamic_params *p = job->p;
+    const int32_t E = p->n_experts, K = p->k_max;
+    double *prob = job->prob + task * E;
+    moe_rank *r = job->rank + task * E;
+    int64_t t, end = (task + 1) * MOE_EXT_BLOCK;
+    int32_t j, k;
+
+    end = end < p->n_tokens ? end : p->n_tokens;
+    for (t = task * MOE_EXT_BLOCK; t < end; t++) {
+        int32_t *ids = p->expert_ids + t * K;
+        float *w = p->weights + t * K;
+        double sum = 0.0;
+
+        moe_ext_softmax(p->logits + t * E, E, prob);
+        moe_dyn_rank(prob, E, K, r);
+        if (p->mode == MOE_DYNAMIC_TOP_P) {
+            if (p->p >= 1.0) {
+                k = K;
+            }
+            else {
+                double cum = 0.0;
+                for (k = 0; k < K;) {
+                    cum += r[k++].v;
+                    if (cum >= p->p) {
+                        break;
+                    }
+                }
+            }
+        }
+        else {
+            for (k = 0; k < K && r[k].v >= p->p; k++) {
+            }
+        }
+        k = k < p->k_min ? p->k_min : k;
+        for (j = 0; j < k; j++) {
+            sum += r[j].v;
+        }
+        for (j = 0; j < K; j++) {
+            if (j < k) {
+                ids[j] = r[j].i;
+                w[j] = (float)(p->renormalize && sum > 0.0 ? r[j].v / sum
+                                                           : r[j].v);
+            }
+            else {
+                ids[j] = -1;
+                w[j] = 0.0f;
+            }
+        }
+        p->n_selected[t] = k;
+    }
+}
+
+moe_status
+moe_cpu_route_dynamic(const moe_route_dynamic_params *p)
+{
+    const int64_t n_tasks = (p->n_tokens + MOE_EXT_BLOCK - 1) / MOE_EXT_BLOCK;
+    moe_dyn_job job;
+    moe_status st;
+
+    MOE_TRY(moe_ext_check_finite(p->logits, p->n_tokens, p->n_experts));
+    job.p = p;
+    job.prob = moe_alloc((size_t)(n_tasks + 1) * p->n_experts, sizeof(double));
+    job.rank = moe_alloc((size_t)(n_tasks + 1) * p->n_experts,
+                         sizeof(moe_rank));
+    if (job.prob == NULL || job.rank == NULL) {
+        st = MOE_STATUS_ALLOC;
+    }
+    else {
+        st = moe_pool_run(n_tasks, moe_dyn_task, &job);
+    }
+    free(job.prob);
+    free(job.rank);
+    return st;
+}
+
+/* ---- dynamic expert skipping ------------------------------------------ */
+
+moe_status
+moe_cpu_route_skip(const moe_route_skip_params *p)
+{
+    const int32_t k = p->top_k;
+    int64_t t, skipped = 0;
+    int32_t j;
+
+    for (t = 0; t < p->n_tokens * k; t++) {
+        if (!isfinite(p->weights[t])) {
+            return moe_set_error(MOE_STATUS_NONFINITE,
+                                 "weights must be finite, got %g at token "
+                                 "%lld, slot %d", (double)p->weights[t],
+                                 (long long)(t / k), (int)(t % k));
+        }
+    }
+    /* O(T k), memory-bound: a serial loop is as fast as the pool here. */
+    for (t = 0; t < p->n_tokens; t++) {
+        int32_t *ids = p->expert_ids + t * k;
+        float *w = p->weights + t * k;
+        double sum = 0.0;
+        for (j = 0; j < k; j++) {
+            if (ids[j] < 0) {
+                continue;
+            }
+            if ((double)w[j] < p->threshold) {
+                ids[j] = -1;
+                w[j] = 0.0f;
+                skipped++;
+            }
+            else {
+                sum += w[j];
+            }
+        }
+        if (p->renormalize && sum > 0.0) {
+            for (j = 0; j < k; j++) {
+                if (ids[j] >= 0) {
+                    w[j] = (float)(w[j] / sum);
+                }
+            }
+        }
+    }
+    *p->n_skipped = skipped;
+    return MOE_STATUS_OK;
+}

@@ -1,0 +1,311 @@
+"""Expert-choice, top-p / threshold (dynamic k) routing and expert skipping against
+moe.reference: random inputs, ties (lower index wins), zero and one token, E not a power of
+two, capacity 0 and capacity >= T, p = 1, k clamps, the dispatch/combine hand-off, and bad
+arguments raising ValueError / TypeError that name the argument.
+"""
+import math
+
+import numpy as np
+import pytest
+
+import moe
+from moe import reference
+from tolerances import assert_close, assert_int_equal
+
+
+# ---- expert choice ----------------------------------------------------------------------
+
+def check_expert_choice(logits, **options):
+    res = moe.route_expert_choice(logits, **options)
+    values = np.asarray(logits, dtype=np.float64)
+    T, E = values.shape
+    ref = reference.route_expert_choice(values, res.capacity, options.get("scoring", "softmax"))
+    C = res.capacity
+    assert res.token_ids.dtype == np.int64 and res.token_ids.shape == (E, C)
+    assert res.gates.dtype == np.float32 and res.gates.shape == (E, C)
+    assert res.expert_ids.dtype == np.int32 and res.expert_ids.shape == (T, E)
+    assert res.weights.dtype == np.float32 and res.weights.shape == (T, E)
+    assert_int_equal(res.token_ids, ref["token_ids"], what="token_ids")
+    assert_close(res.gates, ref["gates"], what="gates")
+    assert_int_equal(res.n_experts_per_token, ref["n_experts_per_token"],
+                     what="n_experts_per_token")
+    assert_int_equal(res.expert_ids, ref["expert_ids"], what="expert_ids")
+    assert_close(res.weights, ref["weights"], what="weights")
+    return res
+
+
+@pytest.mark.parametrize("scoring", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("T,E,cf", [(200, 8, 1.0), (130, 6, 2.0), (300, 12, 0.5),
+                                    (257, 64, 1.25), (70, 7, 3.0)])
+def test_expert_choice_matches_reference(make, scoring, T, E, cf):
+    res = check_expert_choice(make.logits(T, E), capacity_factor=cf, scoring=scoring)
+    assert res.capacity == min(T, math.ceil(cf * T / E))
+    # Every expert is full: capacity <= T.
+    assert res.n_experts_per_token.sum() == E * res.capacity
+
+
+@pytest.mark.parametrize("capacity", [0, 1, 5, 40, 41, 1000])
+def test_expert_choice_capacity(make, capacity):
+    res = check_expert_choice(make.logits(40, 5), capacity=capacity)
+    assert res.capacity == min(capacity, 40)
+    if capacity >= 40:
+        # Every expert takes every token.
+        assert (res.n_experts_per_token == 5).all()
+    if capacity == 0:
+        assert (res.expert_ids == -1).all() and (res.n_experts_per_token == 0).all()
+
+
+def test_expert_choice_ties_go_to_lower_token(make):
+    row = make.logits(1, 6)[0]
+    logits = np.tile(row, (10, 1))  # identical tokens: every score ties
+    res = check_expert_choice(logits, capacity=3)
+    assert (res.token_ids == [0, 1, 2]).all()
+    res = check_expert_choice(np.zeros((9, 3)), capacity=4, scoring="sigmoid")
+    assert (res.token_ids == [0, 1, 2, 3]).all()
+
+
+@pytest.mark.parametrize("T", [0, 1])
+def test_expert_choice_zero_and_one_token(make, T):
+    res = check_expert_choice(make.logits(T, 5), capacity_factor=2.0)
+    assert res.capacity == T
+
+
+def test_expert_choice_one_expert(make):
+    res = check_expert_choice(make.logits(17, 1), capacity_factor=0.5)
+    assert res.capacity == 9
+
+
+def test_expert_choice_feeds_dispatch_and_combine(make):
+    T, E, d = 60, 5, 8
+    logits = make.logits(T, E)
+    x = make.normal(T, d)
+    res = moe.route_expert_choice(logits, capacity_factor=1.5)
+    disp = moe.dispatch(x, res.expert_ids, E)
+    assert_int_equal(disp.counts, np.full(E, res.capacity, dtype=np.int64), what="counts")
+    y = disp.x_sorted * 2.0  # a stand-in expert
+    out = moe.combine(y, disp.position, res.weights)
+    want = np.zeros((T, d))
+    for e in range(E):
+        for j in range(res.capacity):
+            t = res.token_ids[e, j]
+            want[t] += float(res.gates[e, j]) * 2.0 * x[t].astype(np.float64)
+    assert_close(out, want, what="combined")
+
+
+def test_expert_choice_bad_input(make):
+    logits = make.logits(10, 4)
+    with pytest.raises(ValueError, match="scoring"):
+        moe.route_expert_choice(logits, scoring="softmax-after-topk")
+    with pytest.raises(ValueError, match="capacity_factor"):
+        moe.route_expert_choice(logits, capacity_factor=-1.0)
+    with pytest.raises(ValueError, match="capacity_factor"):
+        moe.route_expert_choice(logits, capacity_factor=float("inf"))
+    with pytest.raises(ValueError, match="capacity"):
+        moe.route_expert_choice(logits, capacity=-1)
+    with pytest.raises(ValueError, match="not both"):
+        moe.route_expert_choice(logits, 1.0, capacity=2)
+    with pytest.raises(TypeError, match="capacity"):
+        moe.route_expert_choice(logits, capacity=2.5)
+    with pytest.raises(TypeError, match="logits"):
+        moe.route_expert_choice(np.ones((3, 4), dtype=np.int64))
+    with pytest.raises(ValueError, match="logits"):
+        moe.route_expert_choice(np.ones(4))
+    with pytest.raises(ValueError, match="logits"):
+        moe.route_expert_choice(np.ones((3, 0)))
+    bad = logits.copy()
+    bad[2, 1] = np.nan
+    with pytest.raises(ValueError, match="logits must be finite"):
+        moe.route_expert_choice(bad)
+
+
+def test_expert_choice_layouts(make):
+    logits = make.logits(50, 6)
+    a = moe.route_expert_choice(logits)
+    b = moe.route_expert_choice(np.asfortranarray(logits).astype(np.float32).astype(np.float64))
+    c = moe.route_expert_choice(np.repeat(logits, 2, axis=1)[:, ::2])
+    for r in (b, c):
+        assert_int_equal(r.token_ids, a.token_ids, what="token_ids")
+        assert np.array_equal(r.gates, a.gates) or np.allclose(r.gates, a.gates, rtol=1e-6)
+
+
+# ---- dynamic k: top-p and threshold --------------------------------------------------
+
+def check_dynamic(kind, logits, value, **options):
+    fn = moe.route_top_p if kind == "top_p" else moe.route_threshold
+    ref_fn = reference.route_top_p if kind == "top_p" else reference.route_threshold
+    res = fn(logits, value, **options)
+    values = np.asarray(logits, dtype=np.float64)
+    T, E = values.shape
+    ref = ref_fn(values, value, **options)
+    k_max = options.get("k_max") or E
+    assert res.expert_ids.dtype == np.int32 and res.expert_ids.shape == (T, k_max)
+    assert res.weights.dtype == np.float32 and res.weights.shape == (T, k_max)
+    assert res.n_selected.dtype == np.int32 and res.n_selected.shape == (T,)
+    assert_int_equal(res.expert_ids, ref["expert_ids"], what="expert_ids")
+    assert_close(res.weights, ref["weights"], what="weights")
+    assert_int_equal(res.n_selected, ref["n_selected"], what="n_selected")
+    k_min = options.get("k_min", 1)
+    assert ((res.n_selected >= k_min) & (res.n_selected <= k_max)).all()
+    for t in range(T):
+        n = res.n_selected[t]
+        assert (res.expert_ids[t, n:] == -1).all() and (res.weights[t, n:] == 0).all()
+    return res
+
+
+@pytest.mark.parametrize("renormalize", [True, False])
+@pytest.mark.parametrize("E,k_min,k_max", [(8, 1, None), (6, 2, 4), (12, 1, 3),
+                                           (64, 1, 20), (128, 2, 8), (7, 7, 7)])
+@pytest.mark.parametrize("p", [0.3, 0.6, 0.9])
+def test_top_p_matches_reference(make, renormalize, E, k_min, k_max, p):
+    # Scaled logits: peaked enough that k_t varies over the whole range.
+    check_dynamic("top_p", make.logits(150, E) * 2.0, p, k_min=k_min, k_max=k_max,
+                  renormalize=renormalize)
+
+
+@pytest.mark.parametrize("renormalize", [True, False])
+@pytest.mark.parametrize("E,k_min,k_max", [(8, 1, None), (6, 2, 4), (12, 1, 3),
+                                           (64, 1, 20), (128, 1, 8), (5, 5, None)])
+@pytest.mark.parametrize("threshold", [0.0, 0.05, 0.2, 1.0])
+def test_threshold_matches_reference(make, renormalize, E, k_min, k_max, threshold):
+    check_dynamic("threshold", make.logits(150, E) * 2.0, threshold, k_min=k_min,
+                  k_max=k_max, renormalize=renormalize)
+
+
+def test_top_p_one_takes_k_max(make):
+    res = check_dynamic("top_p", make.logits(30, 9), 1.0, k_max=5)
+    assert (res.n_selected == 5).all()
+    res = check_dynamic("top_p", make.logits(30, 9), 1.0)
+    assert (res.n_selected == 9).all()
+    assert_close(res.weights.sum(axis=1), np.ones(30), what="weight sums")
+
+
+def test_dynamic_k_counts_by_hand():
+    logits = np.log(np.array([[0.5, 0.3, 0.15, 0.05], [0.25, 0.25, 0.25, 0.25]]))
+    assert moe.route_top_p(logits, 0.7).n_selected.tolist() == [2, 3]
+    assert moe.route_top_p(logits, 0.85).n_selected.tolist() == [3, 4]
+    assert moe.route_threshold(logits, 0.2).n_selected.tolist() == [2, 4]
+    assert moe.route_threshold(logits, 0.31).n_selected.tolist() == [1, 1]
+    assert moe.route_threshold(logits, 0.31, k_min=2).n_selected.tolist() == [2, 2]
+
+
+def test_dynamic_k_ties_go_to_lower_index():
+    logits = np.array([[1.0, 3.0, 3.0, 0.0, 3.0], [0.0, 0.0, 0.0, 0.0, 0.0]])
+    res = check_dynamic("top_p", logits, 0.5)
+    assert res.expert_ids[0, :2].tolist() == [1, 2]
+    assert res.expert_ids[1, :3].tolist() == [0, 1, 2]
+    res = check_dynamic("threshold", logits, 0.3, k_max=2)
+    assert res.expert_ids.tolist() == [[1, 2], [0, -1]]
+
+
+@pytest.mark.parametrize("kind", ["top_p", "threshold"])
+@pytest.mark.parametrize("T", [0, 1])
+def test_dynamic_k_zero_and_one_token(make, kind, T):
+    check_dynamic(kind, make.logits(T, 5), 0.5, k_max=3)
+
+
+@pytest.mark.parametrize("kind", ["top_p", "threshold"])
+def test_dynamic_k_one_expert(make, kind):
+    res = check_dynamic(kind, make.logits(9, 1), 0.5)
+    assert (res.expert_ids == 0).all() and (res.weights == 1).all()
+
+
+@pytest.mark.parametrize("kind", ["top_p", "threshold"])
+def test_dynamic_k_feeds_dispatch_and_combine(make, kind):
+    T, E, d = 80, 6, 8
+    logits = make.logits(T, E) * 2.0
+    x = make.normal(T, d)
+    fn = moe.route_top_p if kind == "top_p" else moe.route_threshold
+    res = fn(logits, 0.5 if kind == "top_p" else 0.2, k_max=4)
+    disp = moe.dispatch(x, res.expert_ids, E)
+    assert disp.x_sorted.shape[0] == res.n_selected.sum()
+    out = moe.combine(disp.x_sorted, disp.position, res.weights)
+    want = res.weights.sum(axis=1, dtype=np.float64)[:, None] * x
+    assert_close(out, want, what="combined")
+
+
+def test_dynamic_k_bad_input(make):
+    logits = make.logits(10, 4)
+    for p in (0.0, -0.1, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="p must"):
+            moe.route_top_p(logits, p)
+    for thr in (-0.1, 1.01, float("inf")):
+        with pytest.raises(ValueError, match="threshold"):
+            moe.route_threshold(logits, thr)
+    with pytest.raises(TypeError, match="p must"):
+        moe.route_top_p(logits, "0.5")
+    with pytest.raises(ValueError, match="k_min"):
+        moe.route_top_p(logits, 0.5, k_min=0)
+    with pytest.raises(ValueError, match="k_max"):
+        moe.route_top_p(logits, 0.5, k_max=5)
+    with pytest.raises(ValueError, match="k_max"):
+        moe.route_threshold(logits, 0.5, k_min=3, k_max=2)
+    with pytest.raises(TypeError, match="k_max"):
+        moe.route_threshold(logits, 0.5, k_max=2.0)
+    with pytest.raises(TypeError, match="logits"):
+        moe.route_top_p(np.ones((3, 4), dtype=np.int32), 0.5)
+    bad = logits.copy()
+    bad[1, 3] = np.inf
+    with pytest.raises(ValueError, match="logits must be finite"):
+        moe.route_threshold(bad, 0.1)
+
+
+# ---- dynamic expert skipping --------------------------------------------------------
+
+def check_skip(ids, weights, threshold, renormalize):
+    ids0, w0 = ids.copy(), weights.copy()
+    res = moe.skip_experts(ids, weights, threshold, renormalize=renormalize)
+    ref = reference.skip_experts(ids, weights, threshold, renormalize=renormalize)
+    assert np.array_equal(ids, ids0) and np.array_equal(weights, w0), "inputs modified"
+    assert res.expert_ids.dtype == np.int32 and res.weights.dtype == np.float32
+    assert_int_equal(res.expert_ids, ref["expert_ids"], what="expert_ids")
+    assert_close(res.weights, ref["weights"], what="weights")
+    assert res.n_skipped == ref["n_skipped"]
+    return res
+
+
+@pytest.mark.parametrize("renormalize", [True, False])
+@pytest.mark.parametrize("threshold", [0.0, 0.1, 0.3, 2.0])
+def test_skip_matches_reference(make, renormalize, threshold):
+    r = moe.route(make.logits(120, 10), 4)
+    res = check_skip(r.expert_ids, r.weights, threshold, renormalize)
+    if threshold == 0.0:
+        assert res.n_skipped == 0
+    if threshold == 2.0:
+        assert res.n_skipped == 120 * 4 and (res.expert_ids == -1).all()
+
+
+def test_skip_after_capacity_drops_and_ties(make):
+    r = moe.route(make.logits(100, 6), 3, capacity_factor=0.5)
+    assert r.n_dropped > 0
+    res = check_skip(r.expert_ids, r.weights, 0.2, True)
+    # A weight equal to the threshold is kept; already-empty slots are not counted.
+    ids = np.array([[0, 1, -1]], dtype=np.int32)
+    w = np.array([[0.25, 0.5, 0.0]], dtype=np.float32)
+    res = check_skip(ids, w, 0.25, True)
+    assert res.n_skipped == 0 and res.expert_ids.tolist() == [[0, 1, -1]]
+    res = check_skip(ids, w, 0.3, False)
+    assert res.n_skipped == 1 and res.expert_ids.tolist() == [[-1, 1, -1]]
+
+
+@pytest.mark.parametrize("T", [0, 1])
+def test_skip_zero_and_one_token(make, T):
+    r = moe.route(make.logits(T, 5), 2)
+    check_skip(r.expert_ids, r.weights, 0.4, True)
+
+
+def test_skip_bad_input(make):
+    r = moe.route(make.logits(10, 4), 2)
+    with pytest.raises(ValueError, match="weights"):
+        moe.skip_experts(r.expert_ids, r.weights[:, :1], 0.1)
+    with pytest.raises(ValueError, match="expert_ids"):
+        moe.skip_experts(r.expert_ids - 2, r.weights, 0.1)
+    with pytest.raises(TypeError, match="expert_ids"):
+        moe.skip_experts(r.expert_ids.astype(np.float32), r.weights, 0.1)
+    with pytest.raises(TypeError, match="threshold"):
+        moe.skip_experts(r.expert_ids, r.weights, None)
+    with pytest.raises(ValueError, match="threshold"):
+        moe.skip_experts(r.expert_ids, r.weights, float("nan"))
+    w = r.weights.copy()
+    w[0, 0] = np.nan
+    with pytest.raises(ValueError, match="weights must be finite"):
+        moe.skip_experts(r.expert_ids, w, 0.1)

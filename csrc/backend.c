@@ -67,6 +67,31 @@ moe_route_expert_choice(const moe_expert_choice_params *p)
 }
 
 moe_status
+moe_expert_choice_by_token(const moe_ec_tokens_params *p)
+{
+    int64_t j;
+
+    if (p->n_experts <= 0 || p->n_tokens < 0 || p->capacity < 0 ||
+        p->capacity > p->n_tokens || p->width < 0) {
+        return moe_set_error(MOE_STATUS_INVALID_ARG,
+                             "bad expert-choice sizes: n_experts=%d, "
+                             "n_tokens=%lld, capacity=%lld, width=%lld",
+                             p->n_experts, (long long)p->n_tokens,
+                             (long long)p->capacity, (long long)p->width);
+    }
+    /* The token ids index the outputs: check them whichever backend runs. */
+    for (j = 0; j < (int64_t)p->n_experts * p->capacity; j++) {
+        if (p->token_ids[j] < 0 || p->token_ids[j] >= p->n_tokens) {
+            return moe_set_error(MOE_STATUS_INVALID_ARG,
+                                 "token_ids must be in [0, n_tokens=%lld), "
+                                 "got %lld", (long long)p->n_tokens,
+                                 (long long)p->token_ids[j]);
+        }
+    }
+    return moe_cpu_expert_choice_by_token(p);
+}
+
+moe_status
 moe_route_dynamic(const moe_route_dynamic_params *p)
 {
     const int32_t E = p->n_experts;

@@ -54,48 +54,45 @@ typedef struct moe_ec_job {
     const moe_expert_choice_params *p;
     double                         *score_t; /* (E, T) transposed scores   */
     double                         *vals;    /* (E, C) heap values         */
+    double                         *block;   /* (n_tasks, block, E) scores */
 } moe_ec_job;
 
-/* Scores of a block of tokens, written transposed so experts scan rows. */
+/*
+ * Scores of a block of tokens, transposed to (E, T) so that each expert
+ * scans a contiguous row.  They go through a (block, E) buffer first: written
+ * straight, token by token, each store of a token would land T * 8 bytes
+ * from the last, all in one cache set (conflict misses made this step 3x
+ * slower); from the buffer each expert writes one contiguous run.
+ */
 static void
 moe_ec_score_task(void *ctx, int64_t task)
 {
     const moe_ec_job *job = ctx;
     const moe_expert_choice_params *p = job->p;
     const int32_t E = p->n_experts;
-    const int64_t T = p->n_tokens;
-    int64_t t, end = (task + 1) * MOE_EXT_BLOCK;
-    double prob[256];
+    const int64_t T = p->n_tokens, t0 = task * MOE_EXT_BLOCK;
+    const int64_t n = T - t0 < MOE_EXT_BLOCK ? T - t0 : MOE_EXT_BLOCK;
+    double *buf = job->block + task * (int64_t)MOE_EXT_BLOCK * E;
+    int64_t t;
     int32_t e;
 
-    end = end < T ? end : T;
-    for (t = task * MOE_EXT_BLOCK; t < end; t++) {
-        const double *logit = p->logits + t * E;
+    for (t = 0; t < n; t++) {
+        const double *logit = p->logits + (t0 + t) * E;
+        double *s = buf + t * E;
         if (p->scoring == MOE_SCORING_SIGMOID) {
             for (e = 0; e < E; e++) {
                 double z = exp(-fabs(logit[e]));
-                job->score_t[(int64_t)e * T + t] =
-                    logit[e] >= 0.0 ? 1.0 / (1.0 + z) : z / (1.0 + z);
-            }
-        }
-        else if (E <= 256) {
-            moe_ext_softmax(logit, E, prob);
-            for (e = 0; e < E; e++) {
-                job->score_t[(int64_t)e * T + t] = prob[e];
+                s[e] = logit[e] >= 0.0 ? 1.0 / (1.0 + z) : z / (1.0 + z);
             }
         }
         else {
-            /* Wide rows: same arithmetic as moe_ext_softmax, in place. */
-            double mx = logit[0], sum = 0.0;
-            for (e = 1; e < E; e++) {
-                mx = logit[e] > mx ? logit[e] : mx;
-            }
-            for (e = 0; e < E; e++) {
-                sum += exp(logit[e] - mx);
-            }
-            for (e = 0; e < E; e++) {
-                job->score_t[(int64_t)e * T + t] = exp(logit[e] - mx) / sum;
-            }
+            moe_ext_softmax(logit, E, s);
+        }
+    }
+    for (e = 0; e < E; e++) {
+        double *dst = job->score_t + (int64_t)e * T + t0;
+        for (t = 0; t < n; t++) {
+            dst[t] = buf[t * E + e];
         }
     }
 }
@@ -188,48 +185,71 @@ moe_status
 moe_cpu_route_expert_choice(const moe_expert_choice_params *p)
 {
     const int64_t T = p->n_tokens, C = p->capacity;
+    const int64_t n_tasks = (T + MOE_EXT_BLOCK - 1) / MOE_EXT_BLOCK;
     const int32_t E = p->n_experts;
     moe_ec_job job;
-    moe_status st;
     int64_t t, j;
-    int32_t e;
 
     MOE_TRY(moe_ext_check_finite(p->logits, T, E));
     job.p = p;
-    job.score_t = moe_alloc((size_t)T * (size_t)E + 1, sizeof(double));
-    job.vals = moe_alloc((size_t)E * (size_t)C + 1, sizeof(double));
-    if (job.score_t == NULL || job.vals == NULL) {
-        st = MOE_STATUS_ALLOC;
-        goto done;
+    /* Reused across calls: fresh multi-MB buffers cost their page faults
+     * on every call, as much as the scoring itself. */
+    job.score_t = moe_workspace(MOE_WS_ROUTE_EXT,
+                                (size_t)T * E + (size_t)E * C +
+                                    (size_t)n_tasks * MOE_EXT_BLOCK * E + 1,
+                                sizeof(double));
+    if (job.score_t == NULL) {
+        return MOE_STATUS_ALLOC;
     }
-    st = moe_pool_run((T + MOE_EXT_BLOCK - 1) / MOE_EXT_BLOCK,
-                      moe_ec_score_task, &job);
-    if (st != MOE_STATUS_OK) {
-        goto done;
-    }
-    if ((st = moe_pool_run(E, moe_ec_expert_task, &job)) != MOE_STATUS_OK) {
-        goto done;
-    }
-    /* Token-major view for dispatch/combine: experts ascending per token. */
+    job.vals = job.score_t + (size_t)T * E;
+    job.block = job.vals + (size_t)E * C;
+    MOE_TRY(moe_pool_run(n_tasks, moe_ec_score_task, &job));
+    MOE_TRY(moe_pool_run(E, moe_ec_expert_task, &job));
     for (t = 0; t < T; t++) {
         p->n_experts_per_token[t] = 0;
     }
-    for (t = 0; t < T * E; t++) {
+    for (j = 0; j < (int64_t)E * C; j++) {
+        p->n_experts_per_token[p->token_ids[j]]++;
+    }
+    return MOE_STATUS_OK;
+}
+
+moe_status
+moe_cpu_expert_choice_by_token(const moe_ec_tokens_params *p)
+{
+    const int64_t T = p->n_tokens, C = p->capacity, W = p->width;
+    int32_t *fill = moe_alloc((size_t)T + 1, sizeof(int32_t));
+    int64_t t, j;
+    int32_t e;
+
+    if (fill == NULL) {
+        return MOE_STATUS_ALLOC;
+    }
+    for (t = 0; t < T; t++) {
+        fill[t] = 0;
+    }
+    for (t = 0; t < T * W; t++) {
         p->expert_ids[t] = -1;
         p->weights[t] = 0.0f;
     }
-    for (e = 0; e < E; e++) {
+    /* Experts in ascending order, so each token's slots come out sorted. */
+    for (e = 0; e < p->n_experts; e++) {
         for (j = 0; j < C; j++) {
             int64_t tok = p->token_ids[(int64_t)e * C + j];
-            int32_t slot = p->n_experts_per_token[tok]++;
-            p->expert_ids[tok * E + slot] = e;
-            p->weights[tok * E + slot] = p->gates[(int64_t)e * C + j];
+            if (fill[tok] == W) {
+                free(fill);
+                return moe_set_error(MOE_STATUS_INVALID_ARG,
+                                     "width=%lld is less than the experts of "
+                                     "token %lld", (long long)W,
+                                     (long long)tok);
+            }
+            p->expert_ids[tok * W + fill[tok]] = e;
+            p->weights[tok * W + fill[tok]] = p->gates[(int64_t)e * C + j];
+            fill[tok]++;
         }
     }
-done:
-    free(job.score_t);
-    free(job.vals);
-    return st;
+    free(fill);
+    return MOE_STATUS_OK;
 }
 
 /* ---- dynamic k: top-p and threshold ----------------------------------- */
@@ -239,62 +259,103 @@ typedef struct moe_rank {
     int32_t i;
 } moe_rank;
 
-/* Descending by value, then ascending index: a total order, so qsort is
- * deterministic. */
-static int
-moe_rank_cmp(const void *a, const void *b)
-{
-    const moe_rank *x = a, *y = b;
-
-    if (x->v != y->v) {
-        return x->v > y->v ? -1 : 1;
-    }
-    return (x->i > y->i) - (x->i < y->i);
-}
-
 typedef struct moe_dyn_job {
     const moe_route_dynamic_params *p;
     double                         *prob; /* (n_tasks, E)                  */
-    moe_rank                       *rank; /* (n_tasks, E)                  */
+    moe_rank                       *rank; /* (n_tasks, 2E)                 */
 } moe_dyn_job;
 
-/*
- * The k_max best experts of one token, best first, into r.  Small k_max:
- * insertion (strict '>' keeps the lower index ahead on ties); larger: a
- * full sort, O(E log E) instead of O(E k_max).
- */
-static void
-moe_dyn_rank(const double *prob, int32_t E, int32_t k, moe_rank *r)
+/* a ranks above b: higher probability, or equal and lower index. */
+static inline int
+moe_rank_better(const moe_rank *a, const moe_rank *b)
 {
-    int32_t e, len = 0;
+    return a->v > b->v || (a->v == b->v && a->i < b->i);
+}
 
-    if (k > 16) {
-        for (e = 0; e < E; e++) {
-            r[e].v = prob[e];
-            r[e].i = e;
+static void
+moe_rank_sift(moe_rank *h, int32_t n, int32_t i)
+{
+    for (;;) {
+        int32_t l = 2 * i + 1, r = l + 1, m = i;
+        moe_rank tmp;
+        if (l < n && moe_rank_better(&h[l], &h[m])) {
+            m = l;
         }
-        qsort(r, (size_t)E, sizeof(moe_rank), moe_rank_cmp);
-        return;
+        if (r < n && moe_rank_better(&h[r], &h[m])) {
+            m = r;
+        }
+        if (m == i) {
+            return;
+        }
+        tmp = h[i]; h[i] = h[m]; h[m] = tmp;
+        i = m;
+    }
+}
+
+/*
+ * Choose one token's experts into r (best first) and return their count.
+ * Small k_max: insertion top-k_max (strict '>' keeps the lower index ahead
+ * on ties), then count.  Large k_max: a max-heap over all E (O(E) to build)
+ * popped only as far as the rule needs, O(E + k log E) instead of the
+ * O(E k_max) of insertion or a full sort; the rank order is a total order,
+ * so both paths give the same sequence.
+ */
+static int32_t
+moe_dyn_select(const moe_route_dynamic_params *p, const double *prob,
+               moe_rank *r, moe_rank *h)
+{
+    const int32_t E = p->n_experts, K = p->k_max;
+    const int top_p = p->mode == MOE_DYNAMIC_TOP_P;
+    double cum = 0.0;
+    int32_t e, k = 0, len = 0, n = E;
+
+    if (K <= 16) {
+        for (e = 0; e < E; e++) {
+            double v = prob[e];
+            int32_t pos = len;
+            if (len == K) {
+                if (!(v > r[K - 1].v)) {
+                    continue;
+                }
+                pos = K - 1;
+            }
+            else {
+                len++;
+            }
+            while (pos > 0 && v > r[pos - 1].v) {
+                r[pos] = r[pos - 1];
+                pos--;
+            }
+            r[pos].v = v;
+            r[pos].i = e;
+        }
+        while (k < K) {
+            if (k >= p->k_min &&
+                (top_p ? (p->p < 1.0 && cum >= p->p) : r[k].v < p->p)) {
+                break;
+            }
+            cum += r[k++].v;
+        }
+        return k;
     }
     for (e = 0; e < E; e++) {
-        double v = prob[e];
-        int32_t pos = len;
-        if (len == k) {
-            if (!(v > r[k - 1].v)) {
-                continue;
-            }
-            pos = k - 1;
-        }
-        else {
-            len++;
-        }
-        while (pos > 0 && v > r[pos - 1].v) {
-            r[pos] = r[pos - 1];
-            pos--;
-        }
-        r[pos].v = v;
-        r[pos].i = e;
+        h[e].v = prob[e];
+        h[e].i = e;
     }
+    for (e = E / 2 - 1; e >= 0; e--) {
+        moe_rank_sift(h, E, e);
+    }
+    while (k < K) {
+        if (k >= p->k_min &&
+            (top_p ? (p->p < 1.0 && cum >= p->p) : h[0].v < p->p)) {
+            break;
+        }
+        r[k] = h[0];
+        cum += r[k++].v;
+        h[0] = h[--n];
+        moe_rank_sift(h, n, 0);
+    }
+    return k;
 }
 
 static void
@@ -304,7 +365,7 @@ moe_dyn_task(void *ctx, int64_t task)
     const moe_route_dynamic_params *p = job->p;
     const int32_t E = p->n_experts, K = p->k_max;
     double *prob = job->prob + task * E;
-    moe_rank *r = job->rank + task * E;
+    moe_rank *r = job->rank + task * 2 * E; /* ranking, then heap */
     int64_t t, end = (task + 1) * MOE_EXT_BLOCK;
     int32_t j, k;
 
@@ -315,26 +376,7 @@ moe_dyn_task(void *ctx, int64_t task)
         double sum = 0.0;
 
         moe_ext_softmax(p->logits + t * E, E, prob);
-        moe_dyn_rank(prob, E, K, r);
-        if (p->mode == MOE_DYNAMIC_TOP_P) {
-            if (p->p >= 1.0) {
-                k = K;
-            }
-            else {
-                double cum = 0.0;
-                for (k = 0; k < K;) {
-                    cum += r[k++].v;
-                    if (cum >= p->p) {
-                        break;
-                    }
-                }
-            }
-        }
-        else {
-            for (k = 0; k < K && r[k].v >= p->p; k++) {
-            }
-        }
-        k = k < p->k_min ? p->k_min : k;
+        k = moe_dyn_select(p, prob, r, r + E);
         for (j = 0; j < k; j++) {
             sum += r[j].v;
         }
@@ -363,7 +405,7 @@ moe_cpu_route_dynamic(const moe_route_dynamic_params *p)
     MOE_TRY(moe_ext_check_finite(p->logits, p->n_tokens, p->n_experts));
     job.p = p;
     job.prob = moe_alloc((size_t)(n_tasks + 1) * p->n_experts, sizeof(double));
-    job.rank = moe_alloc((size_t)(n_tasks + 1) * p->n_experts,
+    job.rank = moe_alloc((size_t)(n_tasks + 1) * 2 * p->n_experts,
                          sizeof(moe_rank));
     if (job.prob == NULL || job.rank == NULL) {
         st = MOE_STATUS_ALLOC;

@@ -344,6 +344,10 @@ fail:
     return NULL;
 }
 
+/*
+ * Expert choice, then the token-major view at the width the result needs
+ * (the most experts any token got, at least 1), not at E.
+ */
 static PyObject *
 moe_py_route_expert_choice(PyObject *self, PyObject *args)
 {
@@ -351,10 +355,12 @@ moe_py_route_expert_choice(PyObject *self, PyObject *args)
     PyArrayObject *logits;
     PyArrayObject *tok = NULL, *gates = NULL, *per_tok = NULL, *ids = NULL,
                   *weights = NULL;
-    npy_intp ld[2] = {-1, -1};
+    npy_intp ld[2] = {-1, -1}, t, width = 1;
     long long capacity;
     int scoring;
+    int32_t *per;
     moe_expert_choice_params p;
+    moe_ec_tokens_params q;
     moe_status st;
 
     if (!PyArg_ParseTuple(args, "OLi", &logits_obj, &capacity, &scoring)) {
@@ -379,9 +385,7 @@ moe_py_route_expert_choice(PyObject *self, PyObject *args)
     tok = moe_new(2, ld[1], (npy_intp)capacity, NPY_INT64);
     gates = moe_new(2, ld[1], (npy_intp)capacity, NPY_FLOAT32);
     per_tok = moe_new(1, ld[0], 0, NPY_INT32);
-    ids = moe_new(2, ld[0], ld[1], NPY_INT32);
-    weights = moe_new(2, ld[0], ld[1], NPY_FLOAT32);
-    if (!tok || !gates || !per_tok || !ids || !weights) {
+    if (!tok || !gates || !per_tok) {
         goto fail;
     }
     p.logits = MOE_DATA(logits, double);
@@ -392,9 +396,29 @@ moe_py_route_expert_choice(PyObject *self, PyObject *args)
     p.token_ids = MOE_DATA(tok, int64_t);
     p.gates = MOE_DATA(gates, float);
     p.n_experts_per_token = MOE_DATA(per_tok, int32_t);
-    p.expert_ids = MOE_DATA(ids, int32_t);
-    p.weights = MOE_DATA(weights, float);
     MOE_COMPUTE(st, moe_route_expert_choice(&p));
+    if (st != MOE_STATUS_OK) {
+        moe_raise(st);
+        goto fail;
+    }
+    per = MOE_DATA(per_tok, int32_t);
+    for (t = 0; t < ld[0]; t++) {
+        width = per[t] > width ? per[t] : width;
+    }
+    ids = moe_new(2, ld[0], width, NPY_INT32);
+    weights = moe_new(2, ld[0], width, NPY_FLOAT32);
+    if (!ids || !weights) {
+        goto fail;
+    }
+    q.token_ids = p.token_ids;
+    q.gates = p.gates;
+    q.n_tokens = p.n_tokens;
+    q.n_experts = p.n_experts;
+    q.capacity = p.capacity;
+    q.width = width;
+    q.expert_ids = MOE_DATA(ids, int32_t);
+    q.weights = MOE_DATA(weights, float);
+    MOE_COMPUTE(st, moe_expert_choice_by_token(&q));
     if (st != MOE_STATUS_OK) {
         moe_raise(st);
         goto fail;

@@ -252,12 +252,27 @@ typedef struct moe_expert_choice_params {
     int64_t      *token_ids;   /* out: (n_experts, capacity), best first    */
     float        *gates;       /* out: (n_experts, capacity) scores         */
     int32_t      *n_experts_per_token; /* out: (n_tokens,)                 */
-    int32_t      *expert_ids;  /* out: (n_tokens, n_experts) experts that
-                                  took the token, ascending, -1 padding     */
-    float        *weights;     /* out: (n_tokens, n_experts), 0 padding     */
 } moe_expert_choice_params;
 
 moe_status moe_route_expert_choice(const moe_expert_choice_params *p);
+
+/*
+ * The token-major view of an expert-choice result, for dispatch/combine:
+ * row t lists the experts that took token t in ascending order, then -1 /
+ * 0 padding.  width must be at least max(n_experts_per_token).
+ */
+typedef struct moe_ec_tokens_params {
+    const int64_t *token_ids;  /* (n_experts, capacity) in [0, n_tokens)    */
+    const float   *gates;      /* (n_experts, capacity)                     */
+    int64_t        n_tokens;
+    int32_t        n_experts;
+    int64_t        capacity;
+    int64_t        width;
+    int32_t       *expert_ids; /* out: (n_tokens, width), -1 padding        */
+    float         *weights;    /* out: (n_tokens, width), 0 padding         */
+} moe_ec_tokens_params;
+
+moe_status moe_expert_choice_by_token(const moe_ec_tokens_params *p);
 
 typedef enum moe_dynamic_mode {
     MOE_DYNAMIC_TOP_P     = 0, /* fewest experts whose probability mass >= p */

@@ -68,6 +68,7 @@ enum {
     MOE_WS_LAYER_SHARED, /* layer.c: shared-expert output                  */
     MOE_WS_LAYER_LOGITS, /* layer.c: router logits                         */
     MOE_WS_ROUTER,       /* cpu_route.c: widened router weight and tokens  */
+    MOE_WS_ROUTE_EXT,    /* cpu_route_ext.c: expert-choice scores, heaps   */
     MOE_WS_COUNT
 };
 
@@ -82,6 +83,7 @@ void *moe_workspace(int slot, size_t count, size_t size);
 moe_status moe_cpu_router_logits(const moe_router_params *p);
 moe_status moe_cpu_route_topk(const moe_route_params *p);
 moe_status moe_cpu_route_expert_choice(const moe_expert_choice_params *p);
+moe_status moe_cpu_expert_choice_by_token(const moe_ec_tokens_params *p);
 moe_status moe_cpu_route_dynamic(const moe_route_dynamic_params *p);
 moe_status moe_cpu_route_skip(const moe_route_skip_params *p);
 moe_status moe_cpu_dispatch_count(const moe_dispatch_params *p);

@@ -42,8 +42,8 @@ class ExpertChoiceResult(NamedTuple):
     token_ids: npt.NDArray[np.int64]            # (E, C), best first
     gates: npt.NDArray[np.float32]              # (E, C)
     n_experts_per_token: npt.NDArray[np.int32]  # (T,)
-    expert_ids: npt.NDArray[np.int32]           # (T, E), ascending, -1 padding
-    weights: npt.NDArray[np.float32]            # (T, E), 0 padding
+    expert_ids: npt.NDArray[np.int32]           # (T, W <= E), ascending, -1 padding
+    weights: npt.NDArray[np.float32]            # (T, W), 0 padding
     capacity: int
 
 class DynamicRoutingResult(NamedTuple):

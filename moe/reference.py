@@ -636,8 +636,9 @@ def route_expert_choice(logits, capacity, scoring="softmax"):
       "token_ids":  (E, C) int64, best score first, ties to the lower token index;
       "gates":      (E, C) float64 scores of those tokens;
       "n_experts_per_token": (T,) int32;
-      "expert_ids": (T, E) int32, experts that took each token, ascending, -1 padding;
-      "weights":    (T, E) float64, matching gates, 0 padding.
+      "expert_ids": (T, W) int32, experts that took each token, ascending, -1 padding,
+                    W = max(1, max(n_experts_per_token));
+      "weights":    (T, W) float64, matching gates, 0 padding.
     """
     logits = np.asarray(logits, dtype=np.float64)
     T, E = logits.shape
@@ -655,8 +656,13 @@ def route_expert_choice(logits, capacity, scoring="softmax"):
         token_ids[e] = order
         gates[e] = scores[order, e]
     n = np.zeros(T, dtype=np.int32)
-    expert_ids = np.full((T, E), -1, dtype=np.int32)
-    weights = np.zeros((T, E), dtype=np.float64)
+    for e in range(E):
+        for j in range(C):
+            n[token_ids[e, j]] += 1
+    W = max(1, int(n.max()) if T else 1)
+    n[:] = 0
+    expert_ids = np.full((T, W), -1, dtype=np.int32)
+    weights = np.zeros((T, W), dtype=np.float64)
     for e in range(E):
         for j in range(C):
             t = token_ids[e, j]

@@ -27,9 +27,10 @@ class ExpertChoiceResult(NamedTuple):
     token_ids:  (E, C) int64, the tokens expert e took, best score first.
     gates:      (E, C) float32, their scores (softmax over experts, or sigmoid).
     n_experts_per_token: (T,) int32, how many experts took each token (0..E).
-    expert_ids: (T, E) int32, token-major view: the experts that took token t in
-                ascending expert order, then -1 padding.
-    weights:    (T, E) float32, the matching gates, 0 padding.
+    expert_ids: (T, W) int32, token-major view: the experts that took token t in
+                ascending expert order, then -1 padding; W = max(1, the most experts
+                any token got), at most E.
+    weights:    (T, W) float32, the matching gates, 0 padding.
     capacity:   C, tokens per expert.
 
     ``moe.dispatch(x, expert_ids, E)`` and ``moe.combine(y, position, weights)`` accept
@@ -77,8 +78,7 @@ def _logits(logits):
     if logits.shape[1] < 1:
         raise ValueError("logits must have at least one expert (column), got shape "
                          f"({logits.shape[0]}, 0)")
-    check_finite(logits, "logits")
-    return logits
+    return logits  # the core checks finiteness (naming token and expert)
 
 
 def expert_choice_capacity(n_tokens, n_experts, capacity_factor=1.0):

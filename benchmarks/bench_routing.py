@@ -21,9 +21,13 @@ from moe import reference
 def routers(logits, k, weights_ids):
     T, E = logits.shape
     ids, w = weights_ids
+    allowed = np.random.default_rng(1).random((T, E)) < 0.5
+    allowed[:, :k] = True
     return {
         f"route top-{k} (baseline)": lambda: moe.route(logits, k),
+        f"route top-{k}, allowed mask (T, E)": lambda: moe.route(logits, k, allowed=allowed),
         "expert choice, cf=1": lambda: moe.route_expert_choice(logits, 1.0),
+        "expert choice, cf=2": lambda: moe.route_expert_choice(logits, 2.0),
         f"expert choice, cf={k} (T*k slots)": lambda: moe.route_expert_choice(logits, float(k)),
         f"top-p 0.5, k_max={k}": lambda: moe.route_top_p(logits, 0.5, k_max=k),
         f"top-p 0.5, k_max=E": lambda: moe.route_top_p(logits, 0.5),

@@ -41,6 +41,27 @@ moe_route_topk(const moe_route_params *p)
     if (p->n_tokens < 0) {
         return moe_set_error(MOE_STATUS_INVALID_ARG, "n_tokens < 0");
     }
+    if (p->allowed != NULL) {
+        int64_t t;
+        int32_t e, n;
+        if (p->n_groups != 1) {
+            return moe_set_error(MOE_STATUS_INVALID_ARG,
+                                 "allowed needs n_groups == 1, got %d",
+                                 p->n_groups);
+        }
+        /* Top-k must find k selectable experts in every row. */
+        for (t = 0; t < p->n_tokens; t++) {
+            for (e = 0, n = 0; e < E; e++) {
+                n += p->allowed[t * E + e] != 0;
+            }
+            if (n < p->top_k) {
+                return moe_set_error(MOE_STATUS_INVALID_ARG,
+                                     "allowed lets token %lld choose %d "
+                                     "expert(s), fewer than top_k=%d",
+                                     (long long)t, n, p->top_k);
+            }
+        }
+    }
     return moe_cpu_route_topk(p);
 }
 

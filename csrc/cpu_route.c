@@ -118,12 +118,14 @@ typedef struct moe_route_scratch {
 
 /*
  * Route one token: fills ids (k,) and w (k,) (before capacity) and adds the
- * token's aux-loss probabilities to psum (E,).  Returns log-sum-exp of the
- * logits for the z-loss.
+ * token's aux-loss probabilities to psum (E,).  allowed (E,) or NULL masks
+ * the selection only (the scores, and so the losses, keep every expert).
+ * Returns log-sum-exp of the logits for the z-loss.
  */
 static double
 moe_route_token(const moe_route_params *p, const double *logit,
-                moe_route_scratch *s, int32_t *ids, float *w, double *psum)
+                const uint8_t *allowed, moe_route_scratch *s, int32_t *ids,
+                float *w, double *psum)
 {
     const int32_t E = p->n_experts, k = p->top_k;
     const int32_t G = p->n_experts / p->n_groups;
@@ -193,7 +195,8 @@ moe_route_token(const moe_route_params *p, const double *logit,
 
     len = 0;
     for (e = 0; e < E; e++) {
-        if (p->n_groups > 1 && !s->allowed[e / G]) {
+        if ((p->n_groups > 1 && !s->allowed[e / G]) ||
+            (allowed != NULL && !allowed[e])) {
             continue;
         }
         moe_topk_insert(ids, s->kvals, &len, k, e, s->sel[e]);
@@ -253,7 +256,9 @@ moe_route_task(void *ctx, int64_t t)
         psum[e] = 0.0;
     }
     for (i = t * MOE_ROUTE_BLOCK; i < end; i++) {
-        double lse = moe_route_token(p, p->logits + i * E, &job->scratch[t],
+        double lse = moe_route_token(p, p->logits + i * E,
+                                     p->allowed ? p->allowed + i * E : NULL,
+                                     &job->scratch[t],
                                      p->expert_ids + i * k,
                                      p->weights + i * k, psum);
         z += lse * lse;

@@ -104,6 +104,7 @@ moe_layer_forward(const moe_layer_params *p)
 
     qp.logits = logits;
     qp.expert_bias = p->expert_bias;
+    qp.allowed = NULL;
     qp.n_tokens = T;
     qp.n_experts = E;
     qp.top_k = k;

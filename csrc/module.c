@@ -270,21 +270,21 @@ moe_py_router_logits(PyObject *self, PyObject *args)
 static PyObject *
 moe_py_route(PyObject *self, PyObject *args)
 {
-    PyObject *logits_obj, *bias_obj;
+    PyObject *logits_obj, *bias_obj, *allowed_obj = Py_None;
     PyArrayObject *logits;
     PyArrayObject *ids = NULL, *weights = NULL, *counts = NULL;
-    npy_intp ld[2] = {-1, -1}, bd[1];
+    npy_intp ld[2] = {-1, -1}, bd[1], ad[2];
     int top_k, scoring, renormalize, n_groups, topk_groups;
     double routed_scaling, capacity_factor, aux = 0.0, z = 0.0;
     long long n_dropped_ll;
     int64_t n_dropped = 0;
-    void *bias;
+    void *bias, *allowed;
     moe_route_params p;
     moe_status st;
 
-    if (!PyArg_ParseTuple(args, "OiipdOiid", &logits_obj, &top_k, &scoring,
+    if (!PyArg_ParseTuple(args, "OiipdOiid|O", &logits_obj, &top_k, &scoring,
                           &renormalize, &routed_scaling, &bias_obj, &n_groups,
-                          &topk_groups, &capacity_factor)) {
+                          &topk_groups, &capacity_factor, &allowed_obj)) {
         return NULL;
     }
     if (!(logits = moe_arg(logits_obj, "logits", NPY_FLOAT64, 2, ld, 0))) {
@@ -302,6 +302,12 @@ moe_py_route(PyObject *self, PyObject *args)
     if (moe_opt_arg(bias_obj, "expert_bias", NPY_FLOAT32, 1, bd, &bias) < 0) {
         return NULL;
     }
+    /* numpy.bool_ is one byte, 0 or 1: the core reads it as uint8_t. */
+    ad[0] = ld[0];
+    ad[1] = ld[1];
+    if (moe_opt_arg(allowed_obj, "allowed", NPY_BOOL, 2, ad, &allowed) < 0) {
+        return NULL;
+    }
     if (top_k < 1 || top_k > ld[1]) {
         PyErr_Format(PyExc_ValueError, "top_k must be in 1..n_experts=%lld, "
                      "got %d", (long long)ld[1], top_k);
@@ -315,6 +321,7 @@ moe_py_route(PyObject *self, PyObject *args)
     }
     p.logits = MOE_DATA(logits, double);
     p.expert_bias = bias;
+    p.allowed = allowed;
     p.n_tokens = ld[0];
     p.n_experts = (int32_t)ld[1];
     p.top_k = top_k;
@@ -1003,7 +1010,7 @@ static PyMethodDef moe_methods[] = {
      "router_logits(x, router_weight) -> (T, E) float64"},
     {"route", moe_py_route, METH_VARARGS,
      "route(logits, top_k, scoring, renormalize, routed_scaling, "
-     "expert_bias, n_groups, topk_groups, capacity_factor)"},
+     "expert_bias, n_groups, topk_groups, capacity_factor[, allowed])"},
     {"route_expert_choice", moe_py_route_expert_choice, METH_VARARGS,
      "route_expert_choice(logits, capacity, scoring) -> (token_ids, gates, "
      "n_experts_per_token, expert_ids, weights)"},

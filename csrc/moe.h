@@ -143,6 +143,9 @@ moe_status moe_router_logits(const moe_router_params *p);
 typedef struct moe_route_params {
     const double *logits;          /* (n_tokens, n_experts); finite        */
     const float  *expert_bias;     /* (n_experts,) selection-only, or NULL */
+    const uint8_t *allowed;        /* (n_tokens, n_experts) nonzero = may be
+                                      selected, or NULL; selection only, and
+                                      only with n_groups == 1             */
     int64_t       n_tokens;
     int32_t       n_experts;
     int32_t       top_k;           /* 1..n_experts                         */

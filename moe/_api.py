@@ -185,7 +185,8 @@ class Dispatch(NamedTuple):
 # ---- ops ----------------------------------------------------------------------------
 
 def route(logits, top_k, *, scoring="softmax", renormalize=True, routed_scaling=1.0,
-          expert_bias=None, n_groups=1, topk_groups=1, capacity_factor=None) -> RoutingResult:
+          expert_bias=None, n_groups=1, topk_groups=1, capacity_factor=None,
+          allowed=None) -> RoutingResult:
     """Choose top_k experts per token from router logits.
 
     logits: (T, E) float.  scoring: "softmax" (softmax over E, then top-k),
@@ -195,7 +196,11 @@ def route(logits, top_k, *, scoring="softmax", renormalize=True, routed_scaling=
     weights use the unbiased scores).  n_groups/topk_groups: group-limited top-k (groups
     scored by the sum of their top-2 biased scores).  capacity_factor: None = dropless;
     else each expert keeps its first ceil(capacity_factor * T * k / E) assignments in
-    token order.  Ties go to the lower expert index.  Non-finite logits raise ValueError.
+    token order.  allowed: (T, E) bool, per-token mask for *selection only* (a masked
+    expert is never chosen; scores, weights, and losses still see every expert, so with
+    renormalize=False softmax weights are the full-E probabilities); needs n_groups == 1
+    and at least top_k allowed experts per token, else ValueError naming the token.
+    Ties go to the lower expert index.  Non-finite logits raise ValueError.
     """
     logits = float_array(logits, "logits", (("n_tokens", None), ("n_experts", None)), np.float64)
     E = logits.shape[1]
@@ -208,8 +213,18 @@ def route(logits, top_k, *, scoring="softmax", renormalize=True, routed_scaling=
     if expert_bias is not None:
         bias = float_array(expert_bias, "expert_bias", (("n_experts", E),))
         check_finite(bias, "expert_bias")
+    mask = None
+    if allowed is not None:
+        mask = _as_ndarray(allowed, "allowed")
+        if mask.dtype != np.bool_:
+            raise TypeError(f"allowed must be a bool array, got dtype {mask.dtype}")
+        _check_shape(mask, "allowed", (("n_tokens", logits.shape[0]), ("n_experts", E)))
+        if n_groups != 1:
+            raise ValueError(f"allowed needs n_groups == 1, got n_groups={n_groups}")
+        mask = _c_layout(mask, np.bool_)
     ids, w, counts, n_dropped, aux, z = _C.route(logits, top_k, code, bool(renormalize),
-                                                 routed_scaling, bias, n_groups, topk_groups, cf)
+                                                 routed_scaling, bias, n_groups, topk_groups, cf,
+                                                 mask)
     return RoutingResult(ids, w, counts, int(n_dropped), float(aux), float(z))
 
 

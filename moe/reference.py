@@ -92,7 +92,7 @@ def _stable_desc_order(values):
 
 
 def route(logits, top_k, *, scoring="softmax", renormalize=True, routed_scaling=1.0,
-          expert_bias=None, n_groups=1, topk_groups=1, capacity_factor=None):
+          expert_bias=None, n_groups=1, topk_groups=1, capacity_factor=None, allowed=None):
     """Top-k router: pick experts per token, compute weights, capacity and losses.
 
     Args:
@@ -105,6 +105,8 @@ def route(logits, top_k, *, scoring="softmax", renormalize=True, routed_scaling=
       n_groups, topk_groups: group-limited top-k (DeepSeek style) when n_groups > 1.
       capacity_factor: float or None; per-expert capacity
         ``ceil(capacity_factor * T * top_k / E)``, overflow assignments dropped.
+      allowed: (T, E) bool or None; masked experts are never *selected* (scores, weights
+        and losses still use all E); needs n_groups == 1 and >= top_k allowed per token.
 
     Returns a dict:
       "expert_ids": (T, top_k) int32, -1 for dropped assignments;
@@ -135,6 +137,14 @@ def route(logits, top_k, *, scoring="softmax", renormalize=True, routed_scaling=
             f"topk_groups * (E // n_groups) = {topk_groups * G} < top_k = {top_k}")
     if not np.all(np.isfinite(logits)):
         raise ValueError("logits contain non-finite values")
+    if allowed is not None:
+        allowed = np.asarray(allowed, dtype=bool).reshape(T, E)
+        if n_groups != 1:
+            raise ValueError("allowed needs n_groups == 1")
+        for t in range(T):
+            if allowed[t].sum() < top_k:
+                raise ValueError(f"allowed lets token {t} choose {int(allowed[t].sum())} "
+                                 f"expert(s), fewer than top_k={top_k}")
 
     if expert_bias is None:
         bias = np.zeros(E, dtype=np.float64)
@@ -172,6 +182,8 @@ def route(logits, top_k, *, scoring="softmax", renormalize=True, routed_scaling=
                 eligible[g * G:(g + 1) * G] = True
         else:
             eligible = np.ones(E, dtype=bool)
+        if allowed is not None:
+            eligible &= allowed[t]
 
         # 3. top-k among the eligible experts, sel descending, ties -> lower index
         cand = np.flatnonzero(eligible)  # ascending expert index

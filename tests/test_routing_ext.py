@@ -326,3 +326,76 @@ def test_skip_bad_input(make):
     w[0, 0] = np.nan
     with pytest.raises(ValueError, match="weights must be finite"):
         moe.skip_experts(r.expert_ids, w, 0.1)
+
+
+# ---- per-token expert mask for moe.route ----------------------------------------------
+
+def check_masked_route(logits, top_k, allowed, **options):
+    res = moe.route(logits, top_k, allowed=allowed, **options)
+    ref = reference.route(logits, top_k, allowed=allowed, **options)
+    assert_int_equal(res.expert_ids, ref["expert_ids"], what="expert_ids")
+    assert_close(res.weights, ref["weights"], what="weights")
+    assert_int_equal(res.counts, ref["counts"], what="counts")
+    assert res.n_dropped == ref["n_dropped"]
+    kept = res.expert_ids >= 0
+    rows = np.nonzero(kept)[0]
+    assert allowed[rows, res.expert_ids[kept]].all(), "a masked expert was selected"
+    return res
+
+
+@pytest.mark.parametrize("scoring", ["softmax", "softmax-after-topk", "sigmoid"])
+@pytest.mark.parametrize("renormalize", [True, False])
+@pytest.mark.parametrize("E,k", [(8, 2), (6, 3), (12, 4), (7, 1)])
+def test_route_mask_matches_reference(make, scoring, renormalize, E, k):
+    T = 150
+    logits = make.logits(T, E)
+    allowed = make.rng.random((T, E)) < 0.6
+    # Every row needs k allowed experts: open the first k of short rows.
+    short = allowed.sum(axis=1) < k
+    allowed[short, :k] = True
+    check_masked_route(logits, k, allowed, scoring=scoring, renormalize=renormalize)
+
+
+def test_route_mask_with_bias_capacity_and_ties(make):
+    logits = np.zeros((40, 6))  # all tied: the lowest allowed indices win
+    allowed = np.ones((40, 6), dtype=bool)
+    allowed[:, 0] = False
+    allowed[::2, 2] = False
+    res = check_masked_route(logits, 2, allowed)
+    assert res.expert_ids[0].tolist() == [1, 3] and res.expert_ids[1].tolist() == [1, 2]
+    check_masked_route(make.logits(40, 6), 2, allowed,
+                       expert_bias=make.normal(6), capacity_factor=0.8)
+
+
+def test_route_mask_all_allowed_is_plain_route(make):
+    logits = make.logits(50, 9)
+    a = moe.route(logits, 3)
+    b = moe.route(logits, 3, allowed=np.ones((50, 9), dtype=bool))
+    assert np.array_equal(a.expert_ids, b.expert_ids) and np.array_equal(a.weights, b.weights)
+    assert a.aux_loss == b.aux_loss and a.z_loss == b.z_loss
+
+
+@pytest.mark.parametrize("T", [0, 1])
+def test_route_mask_zero_and_one_token(make, T):
+    allowed = np.zeros((T, 5), dtype=bool)
+    allowed[:, [1, 4]] = True
+    check_masked_route(make.logits(T, 5), 2, allowed)
+
+
+def test_route_mask_bad_input(make):
+    logits = make.logits(10, 5)
+    allowed = np.ones((10, 5), dtype=bool)
+    allowed[7, 1:] = False
+    with pytest.raises(ValueError, match="token 7"):
+        moe.route(logits, 2, allowed=allowed)
+    moe.route(logits, 1, allowed=allowed)  # one allowed expert is enough for k = 1
+    with pytest.raises(TypeError, match="allowed"):
+        moe.route(logits, 2, allowed=np.ones((10, 5), dtype=np.int32))
+    with pytest.raises(ValueError, match="allowed"):
+        moe.route(logits, 2, allowed=np.ones((10, 4), dtype=bool))
+    with pytest.raises(ValueError, match="n_groups"):
+        moe.route(make.logits(10, 4), 1, allowed=np.ones((10, 4), dtype=bool), n_groups=2,
+                  topk_groups=1)
+    # Non-contiguous masks are accepted (copied).
+    big = np.ones((10, 10), dtype=bool)
+    check_masked_route(logits, 2, big[:, ::2])

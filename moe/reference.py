@@ -636,6 +636,15 @@ def layer_forward(layer, x):
 # Routing beyond top-k: expert choice, dynamic k, expert skipping
 # --------------------------------------------------------------------------- #
 
+def _softmax_in_order(row):
+    """Softmax of one row with its sum taken in index order (as the C core does)."""
+    ex = np.exp(row - row.max())
+    total = 0.0
+    for v in ex:
+        total += v
+    return ex / total
+
+
 def route_expert_choice(logits, capacity, scoring="softmax"):
     """Expert-choice routing: each expert takes its top-``capacity`` tokens.
 
@@ -656,7 +665,12 @@ def route_expert_choice(logits, capacity, scoring="softmax"):
     T, E = logits.shape
     C = int(capacity)
     if scoring == "softmax":
-        scores = softmax(logits, axis=1) if T else logits.copy()
+        # Each row's sum is taken in expert order, as the core takes it: tokens whose
+        # scores tie in exact arithmetic (rows that are permutations of each other) then
+        # round alike in both, and the tie rule decides; pairwise summation would not.
+        scores = np.empty_like(logits)
+        for t in range(T):
+            scores[t] = _softmax_in_order(logits[t])
     elif scoring == "sigmoid":
         scores = sigmoid(logits)
     else:
@@ -693,7 +707,7 @@ def _route_dynamic(logits, count, k_min, k_max, renormalize):
     weights = np.zeros((T, k_max), dtype=np.float64)
     n_selected = np.zeros(T, dtype=np.int32)
     for t in range(T):
-        probs = softmax(logits[t])
+        probs = _softmax_in_order(logits[t])  # cumulative sums compare like the core's
         order = _stable_desc_order(probs)
         k = min(max(count(probs[order]), k_min), k_max)
         w = probs[order[:k]]

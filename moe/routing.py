@@ -95,7 +95,8 @@ def route_expert_choice(logits, capacity_factor=None, *, capacity=None,
     "sigmoid".  The capacity C is `capacity` when given, else
     ceil(capacity_factor * T / E) with capacity_factor defaulting to 1.0; either way
     clamped to T.  Give one of the two, not both.  Ties between tokens of equal score go
-    to the lower token index.  A token may be taken by no expert (its output is then
+    to the lower token index ("equal" in float64 as computed: each softmax row is summed
+    in expert order, so the result is a pure function of the logits).  A token may be taken by no expert (its output is then
     zero, or the residual only) or by several.
     """
     logits = _logits(logits)

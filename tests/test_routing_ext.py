@@ -45,6 +45,14 @@ def test_expert_choice_matches_reference(make, scoring, T, E, cf):
     assert res.n_experts_per_token.sum() == E * res.capacity
 
 
+@pytest.mark.parametrize("scoring", ["softmax", "sigmoid"])
+def test_expert_choice_large_capacity(make, scoring):
+    # Many heap replacements per expert, and scores drawn from few values (ties).
+    check_expert_choice(make.logits(1500, 12), capacity_factor=5.0, scoring=scoring)
+    coarse = make.rng.integers(0, 3, size=(700, 9)).astype(np.float64)
+    check_expert_choice(coarse, capacity=200, scoring=scoring)
+
+
 @pytest.mark.parametrize("capacity", [0, 1, 5, 40, 41, 1000])
 def test_expert_choice_capacity(make, capacity):
     res = check_expert_choice(make.logits(40, 5), capacity=capacity)

@@ -407,3 +407,24 @@ def test_route_mask_bad_input(make):
     # Non-contiguous masks are accepted (copied).
     big = np.ones((10, 10), dtype=bool)
     check_masked_route(logits, 2, big[:, ::2])
+
+
+def test_results_do_not_depend_on_threads(make):
+    logits = make.logits(700, 20) * 2.0
+    allowed = make.rng.random((700, 20)) < 0.7
+    allowed[:, :3] = True
+    calls = [lambda: moe.route_expert_choice(logits, 2.0),
+             lambda: moe.route_top_p(logits, 0.7),
+             lambda: moe.route_threshold(logits, 0.05, k_max=6),
+             lambda: moe.route(logits, 3, allowed=allowed)]
+    n = moe.get_num_threads()
+    try:
+        moe.set_num_threads(1)
+        one = [c() for c in calls]
+        moe.set_num_threads(3)
+        many = [c() for c in calls]
+    finally:
+        moe.set_num_threads(n)
+    for a, b in zip(one, many):
+        for x, y in zip(a, b):
+            assert np.array_equal(x, y)

@@ -48,9 +48,13 @@ def test_expert_choice_matches_reference(make, scoring, T, E, cf):
 @pytest.mark.parametrize("scoring", ["softmax", "sigmoid"])
 def test_expert_choice_large_capacity(make, scoring):
     # Many heap replacements per expert, and scores drawn from few values (ties).
+    # The core keeps a streaming heap when 32 * C <= T and uses quickselect otherwise:
+    # both paths, each with ties.
     check_expert_choice(make.logits(1500, 12), capacity_factor=5.0, scoring=scoring)
+    check_expert_choice(make.logits(1000, 40), capacity_factor=1.0, scoring=scoring)
     coarse = make.rng.integers(0, 3, size=(700, 9)).astype(np.float64)
-    check_expert_choice(coarse, capacity=200, scoring=scoring)
+    for capacity in (200, 21, 22, 10):
+        check_expert_choice(coarse, capacity=capacity, scoring=scoring)
 
 
 @pytest.mark.parametrize("capacity", [0, 1, 5, 40, 41, 1000])

@@ -83,6 +83,15 @@ CALLS = [
                             n_groups=f.ConsumeIntInRange(1, 3),
                             capacity_factor=value(f) if f.ConsumeBool() else None)(value(f)),
     lambda f: moe.set_num_threads(value(f)),
+    lambda f: moe.route(array(f), f.ConsumeIntInRange(0, 4), allowed=value(f)),
+    lambda f: moe.route_expert_choice(value(f), value(f) if f.ConsumeBool() else None,
+                                      capacity=value(f) if f.ConsumeBool() else None,
+                                      scoring=f.PickValueInList(["softmax", "sigmoid", "x"])),
+    lambda f: moe.route_top_p(value(f), value(f), k_min=value(f),
+                              k_max=value(f) if f.ConsumeBool() else None),
+    lambda f: moe.route_threshold(array(f), value(f), k_max=value(f)),
+    lambda f: moe.skip_experts(value(f), value(f), value(f),
+                               renormalize=f.ConsumeBool()),
 ]
 
 

@@ -171,6 +171,29 @@ moe_ec_select(double *a, int64_t n, int64_t k)
     return a[lo];
 }
 
+
+/*
+ * Pop a heap of n entries (worst at the root) to the end, which leaves them
+ * best first, and write expert e's gates (its token_ids are sorted with them).
+ */
+static void
+moe_ec_heap_finish(const moe_expert_choice_params *p, int64_t e, double *v,
+                   int64_t *id, int64_t n)
+{
+    int64_t j;
+
+    for (j = n - 1; j > 0; j--) {
+        double tv = v[0];
+        int64_t ti = id[0];
+        v[0] = v[j]; v[j] = tv;
+        id[0] = id[j]; id[j] = ti;
+        moe_ec_sift(v, id, j, 0);
+    }
+    for (j = 0; j < n; j++) {
+        p->gates[e * p->capacity + j] = (float)v[j];
+    }
+}
+
 /*
  * One expert: a heap of its C best tokens (root = worst kept), O(T log C);
  * tokens come in ascending order, so an equal score never displaces a kept
@@ -206,16 +229,7 @@ moe_ec_expert_heap(const moe_ec_job *job, int64_t e)
             moe_ec_sift(v, id, n, 0);
         }
     }
-    for (j = n - 1; j > 0; j--) {
-        double tv = v[0];
-        int64_t ti = id[0];
-        v[0] = v[j]; v[j] = tv;
-        id[0] = id[j]; id[j] = ti;
-        moe_ec_sift(v, id, j, 0);
-    }
-    for (j = 0; j < C; j++) {
-        p->gates[e * C + j] = (float)v[j];
-    }
+    moe_ec_heap_finish(p, e, v, id, n);
 }
 
 /*
@@ -252,16 +266,7 @@ moe_ec_expert_select(const moe_ec_job *job, int64_t e)
     for (j = C / 2 - 1; j >= 0; j--) {
         moe_ec_sift(v, id, C, j);
     }
-    for (j = C - 1; j > 0; j--) {
-        double tv = v[0];
-        int64_t ti = id[0];
-        v[0] = v[j]; v[j] = tv;
-        id[0] = id[j]; id[j] = ti;
-        moe_ec_sift(v, id, j, 0);
-    }
-    for (j = 0; j < C; j++) {
-        p->gates[e * C + j] = (float)v[j];
-    }
+    moe_ec_heap_finish(p, e, v, id, C);
 }
 
 /*

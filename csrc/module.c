@@ -185,6 +185,20 @@ moe_arg(PyObject *obj, const char *name, int typenum, int ndim, npy_intp *dims,
     return arr;
 }
 
+/* Router logits: (n_tokens, n_experts) float64 with 1..2^31-1 experts. */
+static PyArrayObject *
+moe_logits_arg(PyObject *obj, npy_intp *ld)
+{
+    PyArrayObject *arr = moe_arg(obj, "logits", NPY_FLOAT64, 2, ld, 0);
+
+    if (arr != NULL && (ld[1] < 1 || ld[1] > INT32_MAX)) {
+        PyErr_Format(PyExc_ValueError, "logits must have 1..2^31-1 experts "
+                     "(columns), got %lld", (long long)ld[1]);
+        return NULL;
+    }
+    return arr;
+}
+
 /* Like moe_arg, but None gives a NULL data pointer and is not an error. */
 static int
 moe_opt_arg(PyObject *obj, const char *name, int typenum, int ndim,
@@ -287,15 +301,10 @@ moe_py_route(PyObject *self, PyObject *args)
                           &topk_groups, &capacity_factor, &allowed_obj)) {
         return NULL;
     }
-    if (!(logits = moe_arg(logits_obj, "logits", NPY_FLOAT64, 2, ld, 0))) {
+    if (!(logits = moe_logits_arg(logits_obj, ld))) {
         return NULL;
     }
     if (moe_check_enum(scoring, 3, "scoring") < 0) {
-        return NULL;
-    }
-    if (ld[1] < 1 || ld[1] > INT32_MAX) {
-        PyErr_Format(PyExc_ValueError, "logits must have 1..2^31-1 experts "
-                     "(columns), got %lld", (long long)ld[1]);
         return NULL;
     }
     bd[0] = ld[1];
@@ -373,15 +382,10 @@ moe_py_route_expert_choice(PyObject *self, PyObject *args)
     if (!PyArg_ParseTuple(args, "OLi", &logits_obj, &capacity, &scoring)) {
         return NULL;
     }
-    if (!(logits = moe_arg(logits_obj, "logits", NPY_FLOAT64, 2, ld, 0))) {
+    if (!(logits = moe_logits_arg(logits_obj, ld))) {
         return NULL;
     }
     if (moe_check_enum(scoring, 3, "scoring") < 0) {
-        return NULL;
-    }
-    if (ld[1] < 1 || ld[1] > INT32_MAX) {
-        PyErr_Format(PyExc_ValueError, "logits must have 1..2^31-1 experts "
-                     "(columns), got %lld", (long long)ld[1]);
         return NULL;
     }
     if (capacity < 0 || capacity > ld[0]) {
@@ -456,15 +460,10 @@ moe_py_route_dynamic(PyObject *self, PyObject *args)
                           &k_max, &renormalize)) {
         return NULL;
     }
-    if (!(logits = moe_arg(logits_obj, "logits", NPY_FLOAT64, 2, ld, 0))) {
+    if (!(logits = moe_logits_arg(logits_obj, ld))) {
         return NULL;
     }
     if (moe_check_enum(mode, 2, "mode") < 0) {
-        return NULL;
-    }
-    if (ld[1] < 1 || ld[1] > INT32_MAX) {
-        PyErr_Format(PyExc_ValueError, "logits must have 1..2^31-1 experts "
-                     "(columns), got %lld", (long long)ld[1]);
         return NULL;
     }
     if (k_max < 1 || k_max > ld[1]) {

@@ -196,21 +196,72 @@ moe_experts_pack(const moe_pack_params *p, moe_experts **out)
     return moe_cpu_experts_pack(p, out);
 }
 
+/* Rows grouped by offsets and read through token_index: checked once, as
+ * they decide which memory is read and written. */
+static moe_status
+moe_check_rows(const int64_t *offsets, int32_t n_groups, int64_t n_rows,
+               const int64_t *token_index, int64_t n_tokens)
+{
+    int64_t r;
+    int32_t e;
+
+    if (offsets[0] != 0 || offsets[n_groups] != n_rows) {
+        return moe_set_error(MOE_STATUS_INVALID_ARG,
+                             "offsets must start at 0 and end at n_rows=%lld",
+                             (long long)n_rows);
+    }
+    for (e = 0; e < n_groups; e++) {
+        if (offsets[e + 1] < offsets[e]) {
+            return moe_set_error(MOE_STATUS_INVALID_ARG,
+                                 "offsets must be non-decreasing, got "
+                                 "offsets[%d]=%lld > offsets[%d]=%lld", e,
+                                 (long long)offsets[e], e + 1,
+                                 (long long)offsets[e + 1]);
+        }
+    }
+    if (token_index == NULL && n_tokens != n_rows) {
+        return moe_set_error(MOE_STATUS_INVALID_ARG, "without token_index, x "
+                             "must have n_rows=%lld rows, got %lld",
+                             (long long)n_rows, (long long)n_tokens);
+    }
+    for (r = 0; token_index != NULL && r < n_rows; r++) {
+        if (token_index[r] < 0 || token_index[r] >= n_tokens) {
+            return moe_set_error(MOE_STATUS_INVALID_ARG,
+                                 "token_index must be in [0, n_tokens=%lld), "
+                                 "got %lld at row %lld",
+                                 (long long)n_tokens,
+                                 (long long)token_index[r], (long long)r);
+        }
+    }
+    return MOE_STATUS_OK;
+}
+
+/* A pack is laid out for one kernel set (its panel width). */
+static moe_status
+moe_check_pack(const moe_experts *w, int linear, const char *what)
+{
+    if (w == NULL) {
+        return moe_set_error(MOE_STATUS_INVALID_ARG, "%s is NULL", what);
+    }
+    if (w->nr != moe_cpu_kernels()->nr) {
+        return moe_set_error(MOE_STATUS_UNSUPPORTED, "the %s were packed "
+                             "for another CPU kernel set: pack them again",
+                             what);
+    }
+    if (w->linear != linear) {
+        return moe_set_error(MOE_STATUS_INVALID_ARG, "%s must be packed %s",
+                             what, linear ? "with moe_linear_pack"
+                                          : "with moe_experts_pack");
+    }
+    return MOE_STATUS_OK;
+}
+
 moe_status
 moe_ffn_grouped(const moe_ffn_params *p)
 {
     const moe_experts *w = p->experts;
-    int64_t r;
-    int32_t e;
 
-    if (w == NULL) {
-        return moe_set_error(MOE_STATUS_INVALID_ARG, "experts is NULL");
-    }
-    /* A pack is laid out for one kernel set (its panel width). */
-    if (w->nr != moe_cpu_kernels()->nr) {
-        return moe_set_error(MOE_STATUS_UNSUPPORTED, "the experts were packed "
-                             "for another CPU kernel set: pack them again");
-    }
+    MOE_TRY(moe_check_pack(w, 0, "experts"));
     if (moe_activation_is_gated(p->activation) != w->gated) {
         return moe_set_error(MOE_STATUS_INVALID_ARG,
                              "activation is %sgated but the experts were "
@@ -218,34 +269,49 @@ moe_ffn_grouped(const moe_ffn_params *p)
                              w->gated ? "not " : "", w->gated ? "with"
                                                               : "without");
     }
-    /* Offsets and token_index decide which memory is read and written. */
-    if (p->offsets[0] != 0 || p->offsets[w->n_experts] != p->n_rows) {
-        return moe_set_error(MOE_STATUS_INVALID_ARG,
-                             "offsets must start at 0 and end at n_rows=%lld",
-                             (long long)p->n_rows);
-    }
-    for (e = 0; e < w->n_experts; e++) {
-        if (p->offsets[e + 1] < p->offsets[e]) {
-            return moe_set_error(MOE_STATUS_INVALID_ARG,
-                                 "offsets must be non-decreasing, got "
-                                 "offsets[%d]=%lld > offsets[%d]=%lld", e,
-                                 (long long)p->offsets[e], e + 1,
-                                 (long long)p->offsets[e + 1]);
-        }
-    }
-    if (p->token_index == NULL && p->n_tokens != p->n_rows) {
-        return moe_set_error(MOE_STATUS_INVALID_ARG, "without token_index, x "
-                             "must have n_rows=%lld rows, got %lld",
-                             (long long)p->n_rows, (long long)p->n_tokens);
-    }
-    for (r = 0; p->token_index != NULL && r < p->n_rows; r++) {
-        if (p->token_index[r] < 0 || p->token_index[r] >= p->n_tokens) {
-            return moe_set_error(MOE_STATUS_INVALID_ARG,
-                                 "token_index must be in [0, n_tokens=%lld), "
-                                 "got %lld at row %lld",
-                                 (long long)p->n_tokens,
-                                 (long long)p->token_index[r], (long long)r);
-        }
-    }
+    MOE_TRY(moe_check_rows(p->offsets, w->n_experts, p->n_rows,
+                           p->token_index, p->n_tokens));
     return moe_cpu_ffn_grouped(p);
+}
+
+moe_status
+moe_linear_pack(const moe_linear_pack_params *p, moe_experts **out)
+{
+    if (out == NULL || p->w == NULL || p->n_groups < 1 || p->d_in < 0 ||
+        p->d_out < 0 ||
+        (p->dtype != MOE_DTYPE_F32 && p->dtype != MOE_DTYPE_BF16 &&
+         p->dtype != MOE_DTYPE_F16)) {
+        return moe_set_error(MOE_STATUS_INVALID_ARG, "moe_linear_pack: w, "
+                             "n_groups >= 1, sizes >= 0 and a known dtype "
+                             "are required");
+    }
+    return moe_cpu_linear_pack(p, out);
+}
+
+moe_status
+moe_linear_grouped(const moe_linear_params *p)
+{
+    const moe_experts *w = p->weights;
+    const moe_lowrank *lr = p->lowrank;
+    int64_t i;
+
+    MOE_TRY(moe_check_pack(w, 1, "weights"));
+    MOE_TRY(moe_check_rows(p->offsets, w->n_experts, p->n_rows,
+                           p->token_index, p->n_tokens));
+    if (lr != NULL) {
+        if (lr->n_terms < 0 || (lr->n_terms > 0 && lr->bank == NULL)) {
+            return moe_set_error(MOE_STATUS_INVALID_ARG, "lowrank: n_terms "
+                                 ">= 0 and a bank are required");
+        }
+        for (i = 0; i < p->n_rows * lr->n_terms; i++) {
+            if (lr->index[i] < -1 || lr->index[i] >= lr->n_bank) {
+                return moe_set_error(MOE_STATUS_INVALID_ARG,
+                                     "lowrank index must be in [0, n_bank="
+                                     "%lld) or -1, got %d at row %lld",
+                                     (long long)lr->n_bank, lr->index[i],
+                                     (long long)(i / lr->n_terms));
+            }
+        }
+    }
+    return moe_cpu_linear_grouped(p);
 }

@@ -188,8 +188,9 @@ moe_pack_gu_bias(const moe_pack_params *p, moe_experts *w)
     }
 }
 
-moe_status
-moe_cpu_experts_pack(const moe_pack_params *p, moe_experts **out)
+/* Pack experts; linear: p->w_down only, held as a packed linear. */
+static moe_status
+moe_pack(const moe_pack_params *p, int linear, moe_experts **out)
 {
     const moe_kernels *kr = moe_cpu_kernels();
     moe_experts *w;
@@ -206,11 +207,12 @@ moe_cpu_experts_pack(const moe_pack_params *p, moe_experts **out)
     w->dtype = p->dtype;
     w->nr = kr->nr;
     w->gated = p->w_gate != NULL;
+    w->linear = linear;
     w->n_experts = p->n_experts;
     w->d_model = p->d_model;
     w->d_ff = p->d_ff;
-    w->gu_panels = (p->d_ff + (w->gated ? kr->nr / 2 : kr->nr) - 1) /
-                   (w->gated ? kr->nr / 2 : kr->nr);
+    w->gu_panels = linear ? 0 : (p->d_ff + (w->gated ? kr->nr / 2 : kr->nr) -
+                                 1) / (w->gated ? kr->nr / 2 : kr->nr);
     w->down_panels = (p->d_model + kr->nr - 1) / kr->nr;
     n_gu = (size_t)(p->n_experts * w->gu_panels * p->d_model * kr->nr);
     n_down = (size_t)(p->n_experts * w->down_panels * p->d_ff * kr->nr);
@@ -259,6 +261,27 @@ moe_cpu_experts_pack(const moe_pack_params *p, moe_experts **out)
     return MOE_STATUS_OK;
 }
 
+moe_status
+moe_cpu_experts_pack(const moe_pack_params *p, moe_experts **out)
+{
+    return moe_pack(p, 0, out);
+}
+
+moe_status
+moe_cpu_linear_pack(const moe_linear_pack_params *p, moe_experts **out)
+{
+    moe_pack_params pp;
+
+    memset(&pp, 0, sizeof(pp));
+    pp.w_down = p->w;
+    pp.dtype = p->dtype;
+    pp.n_experts = p->n_groups;
+    pp.d_model = p->d_out;
+    pp.d_ff = p->d_in;
+    pp.b_down = p->bias;
+    return moe_pack(&pp, 1, out);
+}
+
 void
 moe_experts_free(moe_experts *w)
 {
@@ -278,6 +301,7 @@ moe_experts_get_info(const moe_experts *w, moe_experts_info *info)
     info->d_model = w->d_model;
     info->d_ff = w->d_ff;
     info->gated = w->gated;
+    info->linear = w->linear;
     info->dtype = w->dtype;
     info->nbytes = w->nbytes;
 }
@@ -292,14 +316,21 @@ typedef struct moe_ffn_task {
     int64_t c0, c1; /* weight panels [c0, c1) of expert e                */
 } moe_ffn_task;
 
+/* One forward of a grouped FFN or a grouped linear (w->linear). */
 typedef struct moe_ffn_job {
     const moe_kernels    *kr;
-    const moe_ffn_params *p;
     const moe_experts    *w;
+    const float          *x;           /* (n_tokens, K of the first GEMM)  */
+    const int64_t        *token_index; /* or NULL                          */
+    const int64_t        *offsets;     /* (E+1,) sorted rows per expert    */
+    float                *out;         /* (n_rows, d_model)                */
+    moe_activation        act;
+    float                 act_alpha, act_limit;
+    const moe_lowrank    *lowrank;     /* fused into phase 2, or NULL      */
     int64_t              *panel_off; /* (E+1,) first panel of expert e     */
     int32_t              *panel_e;   /* (n_panels,) expert of each panel   */
     int64_t               n_panels;
-    float                *xp;        /* (n_panels, d_model, MR)            */
+    float                *xp;        /* (n_panels, d_model, MR); linear: hp */
     float                *hp;        /* (n_panels, d_ff, MR)               */
     moe_ffn_task         *tasks;
     int64_t               n_tasks;
@@ -310,21 +341,23 @@ static inline void
 moe_panel_rows(const moe_ffn_job *job, int64_t P, int64_t *r0, int *m)
 {
     const int32_t e = job->panel_e[P];
-    const int64_t end = job->p->offsets[e + 1];
+    const int64_t end = job->offsets[e + 1];
 
-    *r0 = job->p->offsets[e] + (P - job->panel_off[e]) * job->kr->mr;
+    *r0 = job->offsets[e] + (P - job->panel_off[e]) * job->kr->mr;
     *m = (int)(end - *r0 < job->kr->mr ? end - *r0 : job->kr->mr);
 }
 
-/* Phase 0: gather the rows of panel P into xp, k-major, zero padded. */
+/*
+ * Phase 0: gather the rows of panel P into xp, k-major, zero padded (a
+ * linear's rows go straight to hp, the input of phase 2).
+ */
 static void
 moe_ffn_pack_rows(void *ctx, int64_t P)
 {
     const moe_ffn_job *job = ctx;
-    const moe_ffn_params *p = job->p;
     const int mr = job->kr->mr;
-    const int64_t d = p->experts->d_model;
-    float *dst = job->xp + P * d * mr;
+    const int64_t d = job->w->linear ? job->w->d_ff : job->w->d_model;
+    float *dst = (job->w->linear ? job->hp : job->xp) + P * d * mr;
     int64_t r0, k;
     int m, i;
 
@@ -333,7 +366,7 @@ moe_ffn_pack_rows(void *ctx, int64_t P)
         const float *src = NULL;
         if (i < m) {
             int64_t r = r0 + i;
-            src = p->x + (p->token_index ? p->token_index[r] : r) * d;
+            src = job->x + (job->token_index ? job->token_index[r] : r) * d;
         }
         for (k = 0; k < d; k++) {
             dst[k * mr + i] = src ? src[k] : 0.0f;
@@ -352,7 +385,6 @@ moe_ffn_up_task(void *ctx, int64_t t)
     const int width = w->gated ? nr / 2 : nr;
     const size_t es = w->dtype == MOE_DTYPE_F32 ? 4 : 2;
     const moe_ukr_fn ukr = job->kr->ukr[w->dtype];
-    const moe_activation act = job->p->activation;
     const int64_t d = w->d_model, F = w->d_ff;
     float tile[MOE_MAX_MR * MOE_MAX_NR];
     int64_t c, P, r0;
@@ -368,10 +400,10 @@ moe_ffn_up_task(void *ctx, int64_t t)
             moe_panel_rows(job, P, &r0, &m);
             ukr(job->xp + P * d * mr, b, d, m, tile, nr);
             n_units = F - c * width < width ? (int)(F - c * width) : width;
-            job->kr->epilogue((int)act, w->gated, tile, m, n_units,
+            job->kr->epilogue((int)job->act, w->gated, tile, m, n_units,
                               w->gu_bias ? w->gu_bias +
                                   (task->e * w->gu_panels + c) * nr : NULL,
-                              job->p->act_alpha, job->p->act_limit,
+                              job->act_alpha, job->act_limit,
                               h + c * width * mr, mr);
         }
     }
@@ -384,6 +416,7 @@ moe_ffn_down_task(void *ctx, int64_t t)
     const moe_ffn_job *job = ctx;
     const moe_ffn_task *task = &job->tasks[t];
     const moe_experts *w = job->w;
+    const moe_lowrank *lr = job->lowrank;
     const int mr = job->kr->mr, nr = w->nr;
     const size_t es = w->dtype == MOE_DTYPE_F32 ? 4 : 2;
     const moe_ukr_fn ukr = job->kr->ukr[w->dtype];
@@ -396,17 +429,18 @@ moe_ffn_down_task(void *ctx, int64_t t)
         const char *b = (const char *)w->down +
                         ((task->e * w->down_panels + c) * F * nr) * es;
         for (P = task->p0; P < task->p1; P++) {
-            int64_t n_cols = d - c * nr < nr ? d - c * nr : nr;
+            int n_cols = d - c * nr < nr ? (int)(d - c * nr) : nr;
+            float *y;
             moe_panel_rows(job, P, &r0, &m);
+            y = job->out + r0 * d + c * nr;
             if (n_cols == nr) {
                 /* A whole panel of columns: straight into the output rows. */
-                ukr(job->hp + P * F * mr, b, F, m,
-                    job->p->out + r0 * d + c * nr, d);
+                ukr(job->hp + P * F * mr, b, F, m, y, d);
             }
             else {
                 ukr(job->hp + P * F * mr, b, F, m, tile, nr);
                 for (i = 0; i < m; i++) {
-                    memcpy(job->p->out + (r0 + i) * d + c * nr, tile + i * nr,
+                    memcpy(y + i * d, tile + i * nr,
                            sizeof(float) * (size_t)n_cols);
                 }
             }
@@ -414,11 +448,15 @@ moe_ffn_down_task(void *ctx, int64_t t)
                 /* (h W^T) + b, in that order, as the frameworks compute it. */
                 const float *bias = w->down_bias + task->e * d + c * nr;
                 for (i = 0; i < m; i++) {
-                    float *y = job->p->out + (r0 + i) * d + c * nr;
                     for (j = 0; j < n_cols; j++) {
-                        y[j] += bias[j];
+                        y[i * d + j] += bias[j];
                     }
                 }
+            }
+            if (lr != NULL && lr->n_terms > 0) {
+                job->kr->lowrank(y, d, m, n_cols, lr->coef + r0 * lr->n_terms,
+                                 lr->index + r0 * lr->n_terms, lr->n_terms,
+                                 lr->n_terms, lr->bank + c * nr, d);
             }
         }
     }
@@ -453,80 +491,133 @@ moe_ffn_plan(moe_ffn_job *job, int64_t col_panels, moe_ffn_task *tasks)
     return n;
 }
 
-moe_status
-moe_cpu_ffn_grouped(const moe_ffn_params *p)
+/* Rows of an empty inner dimension: the bias (or 0) plus the update. */
+static void
+moe_ffn_bias_rows(const moe_ffn_job *job, int64_t n_rows)
 {
-    const moe_experts *w = p->experts;
-    moe_ffn_job job;
+    const moe_experts *w = job->w;
+    const moe_lowrank *lr = job->lowrank;
+    const int64_t d = w->d_model;
+    int64_t r, j;
+    int32_t e, q;
+
+    for (e = 0; e < w->n_experts; e++) {
+        for (r = job->offsets[e]; r < job->offsets[e + 1]; r++) {
+            for (j = 0; j < d; j++) {
+                job->out[r * d + j] =
+                    w->down_bias ? w->down_bias[e * d + j] : 0.0f;
+            }
+        }
+    }
+    for (r = 0; lr != NULL && r < n_rows; r++) {
+        for (q = 0; q < lr->n_terms; q++) {
+            int32_t b = lr->index[r * lr->n_terms + q];
+            for (j = 0; b >= 0 && j < d; j++) {
+                job->out[r * d + j] += lr->coef[r * lr->n_terms + q] *
+                                       lr->bank[b * d + j];
+            }
+        }
+    }
+}
+
+/* The three phases (a linear skips phase 1). */
+static moe_status
+moe_ffn_run(moe_ffn_job *job, int64_t n_rows)
+{
+    const moe_experts *w = job->w;
     moe_status st = MOE_STATUS_ALLOC;
     int64_t n_up, n_down, P;
     int32_t e;
 
-    if (p->n_rows == 0 || w->d_model == 0) {
+    if (n_rows == 0 || w->d_model == 0) {
         return MOE_STATUS_OK;
     }
     if (w->d_ff == 0) {
-        /* No hidden units: every row is 0 (+ the down bias). */
-        int64_t r, j;
-        for (e = 0; e < w->n_experts; e++) {
-            for (r = p->offsets[e]; r < p->offsets[e + 1]; r++) {
-                for (j = 0; j < w->d_model; j++) {
-                    p->out[r * w->d_model + j] =
-                        w->down_bias ? w->down_bias[e * w->d_model + j] : 0.0f;
-                }
-            }
-        }
+        moe_ffn_bias_rows(job, n_rows);
         return MOE_STATUS_OK;
     }
-    memset(&job, 0, sizeof(job));
-    job.kr = moe_cpu_kernels();
-    job.p = p;
-    job.w = w;
-    job.panel_off = moe_alloc((size_t)w->n_experts + 1, sizeof(int64_t));
-    if (job.panel_off == NULL) {
+    job->kr = moe_cpu_kernels();
+    job->panel_off = moe_alloc((size_t)w->n_experts + 1, sizeof(int64_t));
+    if (job->panel_off == NULL) {
         goto done;
     }
-    job.panel_off[0] = 0;
+    job->panel_off[0] = 0;
     for (e = 0; e < w->n_experts; e++) {
-        int64_t rows = p->offsets[e + 1] - p->offsets[e];
-        job.panel_off[e + 1] = job.panel_off[e] +
-                               (rows + job.kr->mr - 1) / job.kr->mr;
+        int64_t rows = job->offsets[e + 1] - job->offsets[e];
+        job->panel_off[e + 1] = job->panel_off[e] +
+                                (rows + job->kr->mr - 1) / job->kr->mr;
     }
-    job.n_panels = job.panel_off[w->n_experts];
-    n_up = moe_ffn_plan(&job, w->gu_panels, NULL);
-    n_down = moe_ffn_plan(&job, w->down_panels, NULL);
-    job.panel_e = moe_alloc((size_t)job.n_panels, sizeof(int32_t));
-    job.xp = moe_workspace(MOE_WS_PANEL_X,
-                           (size_t)(job.n_panels * w->d_model * job.kr->mr),
-                           sizeof(float));
-    job.hp = moe_workspace(MOE_WS_PANEL_H,
-                           (size_t)(job.n_panels * w->d_ff * job.kr->mr),
-                           sizeof(float));
-    job.tasks = moe_alloc((size_t)(n_up > n_down ? n_up : n_down),
-                          sizeof(moe_ffn_task));
-    if (!job.panel_e || !job.xp || !job.hp || !job.tasks) {
+    job->n_panels = job->panel_off[w->n_experts];
+    n_up = w->linear ? 0 : moe_ffn_plan(job, w->gu_panels, NULL);
+    n_down = moe_ffn_plan(job, w->down_panels, NULL);
+    job->panel_e = moe_alloc((size_t)job->n_panels, sizeof(int32_t));
+    job->xp = w->linear ? NULL
+        : moe_workspace(MOE_WS_PANEL_X,
+                        (size_t)(job->n_panels * w->d_model * job->kr->mr),
+                        sizeof(float));
+    job->hp = moe_workspace(MOE_WS_PANEL_H,
+                            (size_t)(job->n_panels * w->d_ff * job->kr->mr),
+                            sizeof(float));
+    job->tasks = moe_alloc((size_t)(n_up > n_down ? n_up : n_down),
+                           sizeof(moe_ffn_task));
+    if (!job->panel_e || (!w->linear && !job->xp) || !job->hp ||
+        !job->tasks) {
         goto done;
     }
     for (e = 0; e < w->n_experts; e++) {
-        for (P = job.panel_off[e]; P < job.panel_off[e + 1]; P++) {
-            job.panel_e[P] = e;
+        for (P = job->panel_off[e]; P < job->panel_off[e + 1]; P++) {
+            job->panel_e[P] = e;
         }
     }
 
-    if ((st = moe_pool_run(job.n_panels, moe_ffn_pack_rows, &job)) !=
+    if ((st = moe_pool_run(job->n_panels, moe_ffn_pack_rows, job)) !=
         MOE_STATUS_OK) {
         goto done;
     }
-    job.n_tasks = moe_ffn_plan(&job, w->gu_panels, job.tasks);
-    if ((st = moe_pool_run(job.n_tasks, moe_ffn_up_task, &job)) !=
-        MOE_STATUS_OK) {
-        goto done;
+    if (!w->linear) {
+        job->n_tasks = moe_ffn_plan(job, w->gu_panels, job->tasks);
+        if ((st = moe_pool_run(job->n_tasks, moe_ffn_up_task, job)) !=
+            MOE_STATUS_OK) {
+            goto done;
+        }
     }
-    job.n_tasks = moe_ffn_plan(&job, w->down_panels, job.tasks);
-    st = moe_pool_run(job.n_tasks, moe_ffn_down_task, &job);
+    job->n_tasks = moe_ffn_plan(job, w->down_panels, job->tasks);
+    st = moe_pool_run(job->n_tasks, moe_ffn_down_task, job);
 done:
-    free(job.panel_off);
-    free(job.panel_e);
-    free(job.tasks);
+    free(job->panel_off);
+    free(job->panel_e);
+    free(job->tasks);
     return st;
+}
+
+moe_status
+moe_cpu_ffn_grouped(const moe_ffn_params *p)
+{
+    moe_ffn_job job;
+
+    memset(&job, 0, sizeof(job));
+    job.w = p->experts;
+    job.x = p->x;
+    job.token_index = p->token_index;
+    job.offsets = p->offsets;
+    job.out = p->out;
+    job.act = p->activation;
+    job.act_alpha = p->act_alpha;
+    job.act_limit = p->act_limit;
+    return moe_ffn_run(&job, p->n_rows);
+}
+
+moe_status
+moe_cpu_linear_grouped(const moe_linear_params *p)
+{
+    moe_ffn_job job;
+
+    memset(&job, 0, sizeof(job));
+    job.w = p->weights;
+    job.x = p->x;
+    job.token_index = p->token_index;
+    job.offsets = p->offsets;
+    job.out = p->out;
+    job.lowrank = p->lowrank;
+    return moe_ffn_run(&job, p->n_rows);
 }

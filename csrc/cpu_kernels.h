@@ -48,6 +48,17 @@ typedef void (*moe_epilogue_fn)(int act, int gated, const float *tile, int m,
                                 int n_units, const float *bias, float alpha,
                                 float limit, float *h, int mr);
 
+/*
+ * Low-rank update of an output tile: for rows i < m,
+ *   c[i * ldc + j] += sum_q coef[i * ld + q] * bank[index[i * ld + q] * ld_bank + j]
+ * for columns j < n_cols, q in order (index -1: skipped).  bank points at
+ * the tile's first column.
+ */
+typedef void (*moe_lowrank_fn)(float *c, int64_t ldc, int m, int n_cols,
+                               const float *coef, const int32_t *index,
+                               int64_t ld, int n_terms, const float *bank,
+                               int64_t ld_bank);
+
 typedef struct moe_kernels {
     const char    *name;  /* "avx512", "avx2", "scalar" (portable)        */
     int            mr;    /* rows per activation panel                     */
@@ -55,6 +66,7 @@ typedef struct moe_kernels {
     moe_ukr_fn     ukr[MOE_WTYPE_COUNT];
     moe_router_fn  router;
     moe_epilogue_fn epilogue;
+    moe_lowrank_fn lowrank;
 } moe_kernels;
 
 extern const moe_kernels moe_kernels_generic;

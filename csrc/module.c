@@ -701,18 +701,32 @@ moe_experts_capsule_free(PyObject *capsule)
     moe_experts_free(PyCapsule_GetPointer(capsule, MOE_EXPERTS_CAPSULE));
 }
 
+/* A packed-weights capsule; linear: from pack_linear, else pack_experts. */
+static const moe_experts *
+moe_packed_arg(PyObject *obj, const char *name, int linear)
+{
+    const moe_experts *w = NULL;
+    moe_experts_info info;
+
+    if (PyCapsule_IsValid(obj, MOE_EXPERTS_CAPSULE)) {
+        w = PyCapsule_GetPointer(obj, MOE_EXPERTS_CAPSULE);
+        moe_experts_get_info(w, &info);
+        if (info.linear == linear) {
+            return w;
+        }
+    }
+    PyErr_Format(PyExc_TypeError, "%s must be %s, got %s", name,
+                 linear ? "a packed linear (from pack_linear)"
+                        : "packed experts (from pack_experts)",
+                 w != NULL ? (linear ? "packed experts" : "a packed linear")
+                           : Py_TYPE(obj)->tp_name);
+    return NULL;
+}
+
 static const moe_experts *
 moe_experts_arg(PyObject *obj, const char *name)
 {
-    const moe_experts *w;
-
-    if (!PyCapsule_IsValid(obj, MOE_EXPERTS_CAPSULE)) {
-        PyErr_Format(PyExc_TypeError, "%s must be packed experts (from "
-                     "pack_experts), got %s", name, Py_TYPE(obj)->tp_name);
-        return NULL;
-    }
-    w = PyCapsule_GetPointer(obj, MOE_EXPERTS_CAPSULE);
-    return w;
+    return moe_packed_arg(obj, name, 0);
 }
 
 static PyObject *
@@ -791,19 +805,23 @@ moe_py_pack_experts(PyObject *self, PyObject *args)
 static PyObject *
 moe_py_experts_info(PyObject *self, PyObject *obj)
 {
-    const moe_experts *w = moe_experts_arg(obj, "experts");
+    const moe_experts *w;
     moe_experts_info info;
 
-    if (w == NULL) {
+    if (!PyCapsule_IsValid(obj, MOE_EXPERTS_CAPSULE)) {
+        PyErr_Format(PyExc_TypeError, "experts must be packed weights (from "
+                     "pack_experts or pack_linear), got %s",
+                     Py_TYPE(obj)->tp_name);
         return NULL;
     }
+    w = PyCapsule_GetPointer(obj, MOE_EXPERTS_CAPSULE);
     moe_experts_get_info(w, &info);
-    return Py_BuildValue("{s:i,s:L,s:L,s:i,s:i,s:n}", "n_experts",
+    return Py_BuildValue("{s:i,s:L,s:L,s:i,s:i,s:i,s:n}", "n_experts",
                          (int)info.n_experts, "d_model",
                          (long long)info.d_model, "d_ff",
                          (long long)info.d_ff, "gated", (int)info.gated,
-                         "dtype", (int)info.dtype, "nbytes",
-                         (Py_ssize_t)info.nbytes);
+                         "linear", (int)info.linear, "dtype", (int)info.dtype,
+                         "nbytes", (Py_ssize_t)info.nbytes);
 }
 
 static PyObject *
@@ -855,6 +873,221 @@ moe_py_ffn_grouped(PyObject *self, PyObject *args)
         return moe_raise(st);
     }
     return (PyObject *)out;
+}
+
+static PyObject *
+moe_py_pack_linear(PyObject *self, PyObject *args)
+{
+    PyObject *w_obj, *b_obj = Py_None, *capsule;
+    PyArrayObject *w;
+    npy_intp wd[3] = {-1, -1, -1}, bd[2];
+    int dtype;
+    void *bias;
+    moe_linear_pack_params p;
+    moe_experts *packed = NULL;
+    moe_status st;
+
+    if (!PyArg_ParseTuple(args, "Oi|O", &w_obj, &dtype, &b_obj)) {
+        return NULL;
+    }
+    if (moe_check_enum(dtype, 3, "dtype") < 0 ||
+        !(w = moe_arg(w_obj, "w", dtype == MOE_DTYPE_F32 ? NPY_FLOAT32
+                                                          : NPY_UINT16,
+                      3, wd, 0))) {
+        return NULL;
+    }
+    if (wd[0] < 1 || wd[0] > INT32_MAX) {
+        PyErr_SetString(PyExc_ValueError, "w must have 1..2^31-1 groups");
+        return NULL;
+    }
+    bd[0] = wd[0];
+    bd[1] = wd[1];
+    if (moe_opt_arg(b_obj, "bias", NPY_FLOAT32, 2, bd, &bias) < 0) {
+        return NULL;
+    }
+    p.w = PyArray_DATA(w);
+    p.dtype = (moe_dtype)dtype;
+    p.n_groups = (int32_t)wd[0];
+    p.d_out = wd[1];
+    p.d_in = wd[2];
+    p.bias = bias;
+    MOE_COMPUTE(st, moe_linear_pack(&p, &packed));
+    if (st != MOE_STATUS_OK) {
+        return moe_raise(st);
+    }
+    capsule = PyCapsule_New(packed, MOE_EXPERTS_CAPSULE,
+                            moe_experts_capsule_free);
+    if (capsule == NULL) {
+        moe_experts_free(packed);
+    }
+    return capsule;
+}
+
+static PyObject *
+moe_py_linear_grouped(PyObject *self, PyObject *args)
+{
+    PyObject *x_obj, *ti_obj, *off_obj, *w_obj;
+    PyArrayObject *x, *off, *out;
+    npy_intp xd[2] = {-1, -1}, od[1], td[1] = {-1};
+    const moe_experts *w;
+    moe_experts_info info;
+    void *ti;
+    moe_linear_params p;
+    moe_status st;
+
+    if (!PyArg_ParseTuple(args, "OOOO", &x_obj, &ti_obj, &off_obj, &w_obj) ||
+        !(w = moe_packed_arg(w_obj, "weights", 1))) {
+        return NULL;
+    }
+    moe_experts_get_info(w, &info);
+    xd[1] = info.d_ff;
+    od[0] = (npy_intp)info.n_experts + 1;
+    if (!(x = moe_arg(x_obj, "x", NPY_FLOAT32, 2, xd, 0)) ||
+        !(off = moe_arg(off_obj, "offsets", NPY_INT64, 1, od, 0)) ||
+        moe_opt_arg(ti_obj, "token_index", NPY_INT64, 1, td, &ti) < 0) {
+        return NULL;
+    }
+    memset(&p, 0, sizeof(p));
+    p.x = MOE_DATA(x, float);
+    p.token_index = ti;
+    p.n_tokens = xd[0];
+    p.offsets = MOE_DATA(off, int64_t);
+    p.n_rows = ti != NULL ? td[0] : xd[0];
+    p.weights = w;
+    if (!(out = moe_new(2, p.n_rows, info.d_model, NPY_FLOAT32))) {
+        return NULL;
+    }
+    p.out = MOE_DATA(out, float);
+    MOE_COMPUTE(st, moe_linear_grouped(&p));
+    if (st != MOE_STATUS_OK) {
+        Py_DECREF(out);
+        return moe_raise(st);
+    }
+    return (PyObject *)out;
+}
+
+/*
+ * lora_forward(x, base, kind, lora_a, bank, n_adapters, ids, weights,
+ *              scaling, adapter_scaling, select_k, select_signed, rank_bias)
+ *   -> (out, selected or None, counts)
+ */
+static PyObject *
+moe_py_lora_forward(PyObject *self, PyObject *args)
+{
+    PyObject *x_obj, *base_obj, *a_obj, *bank_obj, *ids_obj, *w_obj;
+    PyObject *as_obj, *rb_obj;
+    PyArrayObject *x, *bank, *out = NULL, *sel = NULL, *counts = NULL;
+    npy_intp xd[2] = {-1, -1}, bd[2], id[2] = {-1, -1}, wd[2], ad[1], rd[1];
+    int kind, n_adapters, select_k, select_signed;
+    float scaling;
+    void *ids, *weights, *ascale, *rbias;
+    moe_experts_info ainfo;
+    moe_lora_params p;
+    moe_status st;
+
+    if (!PyArg_ParseTuple(args, "OOiOOiOOfOiiO", &x_obj, &base_obj, &kind,
+                          &a_obj, &bank_obj, &n_adapters, &ids_obj, &w_obj,
+                          &scaling, &as_obj, &select_k, &select_signed,
+                          &rb_obj)) {
+        return NULL;
+    }
+    memset(&p, 0, sizeof(p));
+    if (moe_check_enum(kind, 3, "kind") < 0 ||
+        !(p.lora_a = moe_packed_arg(a_obj, "lora_a", 1)) ||
+        (base_obj != Py_None &&
+         !(p.base = moe_packed_arg(base_obj, "base", 1)))) {
+        return NULL;
+    }
+    if (n_adapters < 1) {
+        PyErr_Format(PyExc_ValueError, "n_adapters must be >= 1, got %d",
+                     n_adapters);
+        return NULL;
+    }
+    moe_experts_get_info(p.lora_a, &ainfo);
+    xd[1] = ainfo.d_ff;
+    if (!(x = moe_arg(x_obj, "x", NPY_FLOAT32, 2, xd, 0))) {
+        return NULL;
+    }
+    bd[0] = (npy_intp)(kind == MOE_LORA_RANKS ? 1 : n_adapters) *
+            ainfo.d_model;
+    bd[1] = -1;
+    if (!(bank = moe_arg(bank_obj, "bank", NPY_FLOAT32, 2, bd, 0))) {
+        return NULL;
+    }
+    if (moe_opt_arg(ids_obj, "ids", NPY_INT32, 2, id, &ids) < 0) {
+        return NULL;
+    }
+    if (ids != NULL && id[0] != xd[0]) {
+        PyErr_Format(PyExc_ValueError, "ids must have n_tokens=%lld rows, "
+                     "got %lld", (long long)xd[0], (long long)id[0]);
+        return NULL;
+    }
+    if (ids == NULL && select_k <= 0) {
+        PyErr_SetString(PyExc_ValueError, "ids are required without "
+                        "rank selection");
+        return NULL;
+    }
+    wd[0] = xd[0];
+    wd[1] = ids != NULL ? id[1] : select_k;
+    ad[0] = n_adapters;
+    rd[0] = ainfo.d_model;
+    if (moe_opt_arg(w_obj, "weights", NPY_FLOAT32, 2, wd, &weights) < 0 ||
+        moe_opt_arg(as_obj, "adapter_scaling", NPY_FLOAT32, 1, ad,
+                    &ascale) < 0 ||
+        moe_opt_arg(rb_obj, "rank_bias", NPY_FLOAT32, 1, rd, &rbias) < 0) {
+        return NULL;
+    }
+    if (select_k > 0 && (select_k > ainfo.d_model || ids != NULL)) {
+        PyErr_Format(PyExc_ValueError, "top_k must be in 1..rank=%lld with "
+                     "no ids given, got %d", (long long)ainfo.d_model,
+                     select_k);
+        return NULL;
+    }
+    p.x = MOE_DATA(x, float);
+    p.n_tokens = xd[0];
+    p.d_in = xd[1];
+    p.d_out = bd[1];
+    p.rank = (int32_t)ainfo.d_model;
+    p.kind = (moe_lora_kind)kind;
+    p.bank = MOE_DATA(bank, float);
+    p.n_adapters = n_adapters;
+    p.n_slots = (int32_t)wd[1];
+    p.ids = ids;
+    p.weights = weights;
+    p.scaling = scaling;
+    p.adapter_scaling = ascale;
+    p.select_k = select_k > 0 ? select_k : 0;
+    p.select_signed = select_signed;
+    p.rank_bias = rbias;
+    out = moe_new(2, xd[0], bd[1], NPY_FLOAT32);
+    counts = moe_new(1, kind == MOE_LORA_RANKS ? ainfo.d_model : n_adapters,
+                     0, NPY_INT64);
+    if (!out || !counts) {
+        goto fail;
+    }
+    if (select_k > 0) {
+        if (!(sel = moe_new(2, xd[0], select_k, NPY_INT32))) {
+            goto fail;
+        }
+        p.selected = MOE_DATA(sel, int32_t);
+    }
+    p.counts = MOE_DATA(counts, int64_t);
+    p.out = MOE_DATA(out, float);
+    MOE_COMPUTE(st, moe_lora_forward(&p));
+    if (st != MOE_STATUS_OK) {
+        moe_raise(st);
+        goto fail;
+    }
+    if (sel == NULL) {
+        Py_INCREF(Py_None);
+        sel = (PyArrayObject *)Py_None;
+    }
+    return Py_BuildValue("NNN", out, sel, counts);
+fail:
+    Py_XDECREF(out);
+    Py_XDECREF(sel);
+    Py_XDECREF(counts);
+    return NULL;
 }
 
 static PyObject *
@@ -1032,6 +1265,14 @@ static PyMethodDef moe_methods[] = {
      "experts_info(packed) -> dict of sizes"},
     {"ffn_grouped", moe_py_ffn_grouped, METH_VARARGS,
      "ffn_grouped(x, token_index, offsets, packed, activation)"},
+    {"pack_linear", moe_py_pack_linear, METH_VARARGS,
+     "pack_linear(w, dtype[, bias]) -> packed linear"},
+    {"linear_grouped", moe_py_linear_grouped, METH_VARARGS,
+     "linear_grouped(x, token_index, offsets, packed) -> (n_rows, d_out)"},
+    {"lora_forward", moe_py_lora_forward, METH_VARARGS,
+     "lora_forward(x, base, kind, lora_a, bank, n_adapters, ids, weights, "
+     "scaling, adapter_scaling, select_k, select_signed, rank_bias) -> "
+     "(out, selected, counts)"},
     {"set_num_threads", moe_py_set_num_threads, METH_O,
      "set_num_threads(n)"},
     {"get_num_threads", moe_py_get_num_threads, METH_NOARGS,

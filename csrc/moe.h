@@ -115,6 +115,7 @@ typedef struct moe_experts_info {
     int64_t   d_model;
     int64_t   d_ff;
     int32_t   gated;   /* packed with w_gate                               */
+    int32_t   linear;  /* a packed linear (moe_linear_pack)                */
     moe_dtype dtype;
     size_t    nbytes;  /* memory held by the pack                          */
 } moe_experts_info;
@@ -237,6 +238,108 @@ typedef struct moe_ffn_params {
 
 /* Work is O(n_rows * d_ff * d_model): only routed rows are computed. */
 moe_status moe_ffn_grouped(const moe_ffn_params *p);
+
+/* ---- grouped linear: the engine under the LoRA layers --------------- */
+
+/*
+ * A packed linear is a moe_experts handle without gate/up: n_groups weight
+ * matrices w_g (d_out, d_in) (+ bias), in the panels of moe_experts_pack.
+ * moe_experts_get_info reports it as d_model = d_out, d_ff = d_in.
+ */
+typedef struct moe_linear_pack_params {
+    const void  *w;        /* (n_groups, d_out, d_in)                       */
+    moe_dtype    dtype;    /* element type of w and of the pack             */
+    int32_t      n_groups;
+    int64_t      d_in;
+    int64_t      d_out;
+    const float *bias;     /* (n_groups, d_out), or NULL                    */
+} moe_linear_pack_params;
+
+moe_status moe_linear_pack(const moe_linear_pack_params *p, moe_experts **out);
+
+/*
+ * A low-rank update fused into a linear's output rows:
+ *   out[r] += sum_q coef[r, q] * bank[index[r, q]],  q in order, -1 skipped.
+ * With bank row e * rank + i = B_e[:, i], this is the LoRA expand
+ * sum_e B_e z_e without writing the per-adapter outputs anywhere.
+ */
+typedef struct moe_lowrank {
+    const float   *coef;    /* (n_rows, n_terms)                            */
+    const int32_t *index;   /* (n_rows, n_terms) rows of bank, -1 = none    */
+    int32_t        n_terms;
+    const float   *bank;    /* (n_bank, d_out) fp32                         */
+    int64_t        n_bank;
+} moe_lowrank;
+
+typedef struct moe_linear_params {
+    const float       *x;           /* (n_tokens, d_in)                      */
+    const int64_t     *token_index; /* (n_rows,) row r is x[token_index[r]];
+                                       NULL: row r is x[r]                   */
+    int64_t            n_tokens;
+    const int64_t     *offsets;     /* (n_groups + 1,): rows of group g are
+                                       [offsets[g], offsets[g+1])            */
+    int64_t            n_rows;
+    const moe_experts *weights;     /* a packed linear                       */
+    const moe_lowrank *lowrank;     /* fused update, or NULL                 */
+    float             *out;         /* out: (n_rows, d_out)                  */
+} moe_linear_params;
+
+/* out[r] = x_r @ w_g^T + b_g (+ low-rank update), g the group of row r. */
+moe_status moe_linear_grouped(const moe_linear_params *p);
+
+/* ---- LoRA experts (csrc/lora.c) -------------------------------------- */
+
+/*
+ * Mixtures of low-rank adapters over a frozen base linear W0 (d_out, d_in):
+ *   out[t] = W0 x_t + b + sum_s c_s * (low-rank term of slot s of token t)
+ * computed as a shrink (z = A x, grouped by adapter where A differs) and an
+ * expand fused into the base GEMM's output tiles (see moe_lowrank); no
+ * W0 + B A is ever formed and no per-adapter output is written.
+ */
+typedef enum moe_lora_kind {
+    MOE_LORA_ADAPTERS = 0, /* slot s of token t: adapter e = ids[t, s] with
+                              its own A_e, B_e:  c * B_e A_e x              */
+    MOE_LORA_SHARED_A = 1, /* one A, heads B_e:  c * B_e (A x), A x once    */
+    MOE_LORA_RANKS    = 2  /* one A, one B, slot = rank j:
+                              c * B[:, j] (A[j] . x)                        */
+} moe_lora_kind;
+
+typedef struct moe_lora_params {
+    const float       *x;          /* (n_tokens, d_in)                      */
+    int64_t            n_tokens;
+    int64_t            d_in;
+    int64_t            d_out;
+    int32_t            rank;
+    const moe_experts *base;       /* packed linear (1, d_out, d_in) (+ its
+                                      bias), or NULL: out = the update only */
+    moe_lora_kind      kind;
+    const moe_experts *lora_a;     /* packed linear (n_adapters, rank, d_in)
+                                      for ADAPTERS, else (1, rank, d_in)    */
+    const float       *bank;       /* ADAPTERS, SHARED_A: (n_adapters * rank,
+                                      d_out), row e * rank + i = B_e[:, i];
+                                      RANKS: (rank, d_out), row j = B[:, j] */
+    int32_t            n_adapters; /* adapters / heads; RANKS: 1            */
+    int32_t            n_slots;    /* slots per token                       */
+    const int32_t     *ids;        /* (n_tokens, n_slots) adapter, head or
+                                      rank; -1 = empty slot.  NULL with
+                                      select_k > 0                          */
+    const float       *weights;    /* (n_tokens, n_slots) gates, or NULL: 1 */
+    float              scaling;    /* alpha / rank                          */
+    const float       *adapter_scaling; /* (n_adapters,) per-adapter
+                                      scaling instead, or NULL              */
+    /* RANKS only (FlyLoRA): with select_k > 0 the slots are the top select_k
+       ranks of |z| + rank_bias (z + rank_bias if select_signed), ties to
+       the lower rank, n_slots == select_k, weights NULL.                   */
+    int32_t            select_k;
+    int32_t            select_signed;
+    const float       *rank_bias;  /* (rank,) selection only, or NULL       */
+    int32_t           *selected;   /* out with select_k: (n_tokens, select_k) */
+    int64_t           *counts;     /* out, or NULL: (n_adapters,) slots per
+                                      adapter; RANKS: (rank,) per rank      */
+    float             *out;        /* out: (n_tokens, d_out)                */
+} moe_lora_params;
+
+moe_status moe_lora_forward(const moe_lora_params *p);
 
 /* ---- routing beyond top-k (csrc/cpu_route_ext.c) --------------------- */
 

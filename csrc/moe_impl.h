@@ -46,6 +46,8 @@ struct moe_experts {
     moe_dtype dtype;
     int       nr;          /* panel width of the kernel set packed for     */
     int       gated;       /* gate and up interleaved in gu panels         */
+    int       linear;      /* a packed linear: no gu panels; down holds
+                              w (d_model = d_out, d_ff = d_in)              */
     int32_t   n_experts;
     int64_t   d_model;
     int64_t   d_ff;
@@ -92,5 +94,8 @@ moe_status moe_cpu_dispatch_gather(const moe_gather_params *p);
 moe_status moe_cpu_combine(const moe_combine_params *p);
 moe_status moe_cpu_ffn_grouped(const moe_ffn_params *p);
 moe_status moe_cpu_experts_pack(const moe_pack_params *p, moe_experts **out);
+moe_status moe_cpu_linear_pack(const moe_linear_pack_params *p,
+                               moe_experts **out);
+moe_status moe_cpu_linear_grouped(const moe_linear_params *p);
 
 #endif /* MOE_IMPL_H */

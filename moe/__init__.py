@@ -20,6 +20,8 @@ from ._api import (ACTIVATIONS, SCORINGS, WEIGHT_DTYPES, Dispatch, PackedExperts
 from .routing import (DynamicRoutingResult, ExpertChoiceResult, SkipResult,
                       route_expert_choice, route_threshold, route_top_p, skip_experts)
 from .layer import SparseMoE
+from .lora import (FlyLoRA, GatedLoRA, HydraLoRA, MultiLoRA, SMoRA, SoftLoRA, TopKLoRA,
+                   sparse_projection)
 from . import safetensors
 from .hf import from_hf
 from .io import load, save
@@ -35,4 +37,5 @@ __all__ = ["SparseMoE", "route", "update_expert_bias", "dispatch", "combine", "e
            "WEIGHT_DTYPES", "from_hf", "load", "save", "safetensors", "upcycle", "RoutingStats",
            "routing_stats", "route_expert_choice", "route_top_p", "route_threshold",
            "skip_experts", "ExpertChoiceResult", "DynamicRoutingResult", "SkipResult",
-           "__version__"]
+           "TopKLoRA", "SoftLoRA", "GatedLoRA", "HydraLoRA", "FlyLoRA", "SMoRA", "MultiLoRA",
+           "sparse_projection", "__version__"]

@@ -216,6 +216,7 @@ class _RoutedLoRA(_LoRALayer):
     def _route(self, x, seq_lens, top_k, scoring, renormalize):
         """Route tokens (or sequences, broadcast to their tokens) -> (lead, x2, routing)."""
         lead, x2 = self._tokens(x)
+        self._packs()  # every weight is set (and packed) before the router runs
         if self.per_sequence and seq_lens is None and len(lead) == 2:
             seq_lens = np.full(lead[0], lead[1], np.int64)
         logits, seq = self._logits(x2, seq_lens)
@@ -488,6 +489,7 @@ class SMoRA(_LoRALayer):
         """x: (..., d_in) float.  Returns (..., d_out) float32 [, RoutingResult: the active
         ranks as expert_ids, their weights, counts per rank]."""
         lead, x2 = self._tokens(x)
+        self._packs()
         logits = _C.router_logits(x2, self.router_weight)
         logits = np.tile(logits, (1, self.rank_partition)) if self.tile else \
             np.repeat(logits, self.rank_partition, axis=1)

@@ -18,8 +18,12 @@ __all__ = [
     "dispatch",
     "expert_ffn",
     "ffn",
+    "flylora_select",
     "layer_forward",
     "logsumexp",
+    "lora_forward",
+    "lora_linear",
+    "lora_mixture",
     "route",
     "route_expert_choice",
     "route_threshold",
@@ -767,3 +771,139 @@ def skip_experts(expert_ids, weights, threshold, renormalize=False):
             if s > 0:
                 w[t, kept] /= s
     return {"expert_ids": ids, "weights": w, "n_skipped": int(skip.sum())}
+
+
+# --------------------------------------------------------------------------- #
+# LoRA experts: mixtures of low-rank adapters over a frozen base linear
+# --------------------------------------------------------------------------- #
+
+def lora_linear(x, w0, a, b, scaling, bias=None):
+    """One LoRA adapter on a linear (PEFT's ``lora.Linear``):
+    ``y = x @ w0.T + bias + scaling * (x @ a.T) @ b.T``.
+
+    x: (T, d_in); w0: (d_out, d_in); a: (r, d_in); b: (d_out, r).  Returns (T, d_out)
+    float64.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    y = x @ np.asarray(w0, dtype=np.float64).T
+    if bias is not None:
+        y = y + np.asarray(bias, dtype=np.float64)
+    z = x @ np.asarray(a, dtype=np.float64).T
+    return y + scaling * (z @ np.asarray(b, dtype=np.float64).T)
+
+
+def lora_mixture(x, w0, a, b, ids, weights, scaling, bias=None, kind="adapters"):
+    """A mixture of LoRA terms per token, slot by slot:
+    ``y_t = w0 x_t + bias + sum_s scaling_e * weights[t, s] * term(e = ids[t, s])``.
+
+    kind "adapters": term = B_e A_e x (a: (E, r, d_in), b: (E, d_out, r));
+    "shared_a": term = B_e A x (a: (r, d_in), b: (E, d_out, r));
+    "ranks": term = B[:, j] (A[j] . x), j = ids[t, s] (a: (r, d_in), b: (d_out, r)).
+    ids: (T, S) ints, -1 = empty slot; weights: (T, S) or None (all 1); scaling: a float, or
+    (E,) per adapter ("adapters" only).  Returns (T, d_out) float64.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    ids = np.asarray(ids)
+    T, S = ids.shape
+    w = np.ones((T, S)) if weights is None else np.asarray(weights, dtype=np.float64)
+    scale = np.asarray(scaling, dtype=np.float64)
+    y = x @ np.asarray(w0, dtype=np.float64).T
+    if bias is not None:
+        y = y + np.asarray(bias, dtype=np.float64)
+    for t in range(T):
+        for s in range(S):
+            e = int(ids[t, s])
+            if e < 0:
+                continue
+            c = (scale[e] if scale.ndim else float(scale)) * w[t, s]
+            if kind == "adapters":
+                term = b[e] @ (a[e] @ x[t])
+            elif kind == "shared_a":
+                term = b[e] @ (a @ x[t])
+            elif kind == "ranks":
+                term = b[:, e] * (a[e] @ x[t])
+            else:
+                raise ValueError(f"unknown kind {kind!r}")
+            y[t] += c * term
+    return y
+
+
+def flylora_select(z, top_k, rank_bias=None, signed=False):
+    """FlyLoRA's rank selection: per row, the top_k ranks of |z| + rank_bias (z + rank_bias
+    when signed), ties toward the lower rank, NaN keys last.  Returns (T, top_k) int."""
+    z = np.asarray(z, dtype=np.float64)
+    key = z if signed else np.abs(z)
+    if rank_bias is not None:
+        key = key + np.asarray(rank_bias, dtype=np.float64)
+    key = np.where(np.isnan(key), -np.inf, key)
+    return np.stack([_stable_desc_order(row)[:top_k] for row in key]) if len(key) else \
+        np.zeros((0, top_k), np.int64)
+
+
+def _decode_weight(layer, w):
+    """A layer's base weight as float64 (bfloat16 layers store uint16 bits)."""
+    if getattr(layer, "dtype", "float32") == "bfloat16":
+        return (np.asarray(w, dtype=np.uint16).astype(np.uint32) << 16).view(
+            np.float32).astype(np.float64)
+    return np.asarray(w, dtype=np.float64)
+
+
+def lora_forward(layer, x, scalings=None, adapter_ids=None, seq_lens=None):
+    """The forward pass of a moe.lora layer, from its weights and options, in float64.
+
+    x: (T, d_in).  scalings: GatedLoRA's (T, E); adapter_ids: MultiLoRA's (T,);
+    seq_lens: per-sequence gating's sequence lengths.  Returns (y (T, d_out) float64,
+    ids (T, S), weights (T, S)).
+    """
+    name = type(layer).__name__
+    x = np.asarray(x, dtype=np.float32).astype(np.float64)
+    T = x.shape[0]
+    w0 = _decode_weight(layer, layer.base_weight)
+    bias = layer.base_bias if getattr(layer, "use_bias", False) else None
+    s = layer.scaling
+    if name in ("TopKLoRA", "SoftLoRA", "HydraLoRA"):
+        src = x
+        if layer.per_sequence:
+            seq = np.repeat(np.arange(len(seq_lens)), seq_lens)
+            src = np.stack([x[seq == i].mean(axis=0) for i in range(len(seq_lens))])
+        k = layer.top_k if layer.top_k is not None else layer.n_experts
+        scoring = getattr(layer, "scoring", "softmax")
+        r = route(src @ np.asarray(layer.router_weight, np.float64).T, k, scoring=scoring,
+                  renormalize=layer.renormalize)
+        ids, w = r["expert_ids"], r["weights"]
+        if layer.per_sequence:
+            ids, w = ids[seq], w[seq]
+        kind = "shared_a" if name == "HydraLoRA" else "adapters"
+        return lora_mixture(x, w0, layer.lora_a, layer.lora_b, ids, w, s, bias, kind), ids, w
+    if name == "GatedLoRA":
+        c = np.asarray(scalings, dtype=np.float32).astype(np.float64)
+        if layer.top_k is None:
+            ids = np.tile(np.arange(layer.n_experts), (T, 1))
+            w = c
+        else:
+            ids = np.stack([_stable_desc_order(row)[:layer.top_k] for row in c])
+            w = np.take_along_axis(c, ids, axis=1)
+            if layer.softmax_topk:
+                w = softmax(w, axis=1)
+        return lora_mixture(x, w0, layer.lora_a, layer.lora_b, ids, w, s, bias), ids, w
+    if name == "FlyLoRA":
+        z = x @ np.asarray(layer.lora_a, np.float64).T
+        ids = flylora_select(z, layer.top_k, layer.rank_bias, layer.signed)
+        return (lora_mixture(x, w0, layer.lora_a, layer.lora_b, ids, None, s, bias, "ranks"),
+                ids, np.ones(ids.shape))
+    if name == "SMoRA":
+        logits = x @ np.asarray(layer.router_weight, np.float64).T
+        logits = np.tile(logits, (1, layer.rank_partition)) if layer.tile else \
+            np.repeat(logits, layer.rank_partition, axis=1)
+        r = route(logits, layer.top_k, scoring="sigmoid", renormalize=True,
+                  routed_scaling=layer.top_k, expert_bias=layer.rank_bias)
+        ids, w = r["expert_ids"], r["weights"]
+        return (lora_mixture(x, w0, layer.lora_a, layer.lora_b, ids, w, s, bias, "ranks"),
+                ids, w)
+    if name == "MultiLoRA":
+        ids = np.asarray(adapter_ids).reshape(T, 1)
+        return (lora_mixture(x, w0, layer.lora_a, layer.lora_b, ids, None, layer.scalings,
+                             bias), ids, (ids >= 0).astype(np.float64))
+    raise TypeError(f"not a moe.lora layer: {name}")

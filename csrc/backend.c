@@ -269,9 +269,35 @@ moe_ffn_grouped(const moe_ffn_params *p)
                              w->gated ? "not " : "", w->gated ? "with"
                                                               : "without");
     }
+    if (p->lora != NULL && p->lora->experts != w) {
+        return moe_set_error(MOE_STATUS_INVALID_ARG, "the expert LoRA was "
+                             "packed for other experts: pack it again");
+    }
     MOE_TRY(moe_check_rows(p->offsets, w->n_experts, p->n_rows,
                            p->token_index, p->n_tokens));
     return moe_cpu_ffn_grouped(p);
+}
+
+moe_status
+moe_expert_lora_pack(const moe_expert_lora_params *p,
+                     const moe_experts *experts, moe_expert_lora **out)
+{
+    MOE_TRY(moe_check_pack(experts, 0, "experts"));
+    if (out == NULL || p->rank < 1 || !isfinite(p->scaling)) {
+        return moe_set_error(MOE_STATUS_INVALID_ARG, "moe_expert_lora_pack: "
+                             "rank >= 1 and a finite scaling are required");
+    }
+    if ((p->a_gate == NULL) != (p->b_gate == NULL) ||
+        (p->a_up == NULL) != (p->b_up == NULL) ||
+        (p->a_down == NULL) != (p->b_down == NULL)) {
+        return moe_set_error(MOE_STATUS_INVALID_ARG, "each LoRA adapter needs "
+                             "both its A and its B");
+    }
+    if (p->a_gate != NULL && !experts->gated) {
+        return moe_set_error(MOE_STATUS_INVALID_ARG, "a LoRA on w_gate needs "
+                             "experts packed with w_gate");
+    }
+    return moe_cpu_expert_lora_pack(p, experts, out);
 }
 
 moe_status

@@ -306,6 +306,121 @@ moe_experts_get_info(const moe_experts *w, moe_experts_info *info)
     info->nbytes = w->nbytes;
 }
 
+/* ---- LoRA on expert weights: packing --------------------------------- */
+
+moe_status
+moe_cpu_expert_lora_pack(const moe_expert_lora_params *p,
+                         const moe_experts *w, moe_expert_lora **out)
+{
+    const int32_t E = w->n_experts, r = p->rank;
+    const int64_t d = w->d_model, F = w->d_ff, ld_gu = w->gu_panels * w->nr;
+    const int width = w->gated ? w->nr / 2 : w->nr;
+    moe_linear_pack_params lp;
+    moe_expert_lora *l;
+    float *a_gu = NULL;
+    moe_status st = MOE_STATUS_ALLOC;
+    int64_t e, q, c, i, n_max;
+    int j;
+
+    *out = NULL;
+    l = moe_alloc(1, sizeof(*l));
+    if (l == NULL) {
+        return MOE_STATUS_ALLOC;
+    }
+    memset(l, 0, sizeof(*l));
+    l->experts = w;
+    l->rank = r;
+    l->n_gu = (p->a_gate ? r : 0) + (p->a_up ? r : 0);
+    n_max = l->n_gu > r ? l->n_gu : r;
+    l->iota = moe_alloc((size_t)n_max, sizeof(int32_t));
+    if (l->iota == NULL) {
+        goto fail;
+    }
+    for (i = 0; i < n_max; i++) {
+        l->iota[i] = (int32_t)i;
+    }
+    memset(&lp, 0, sizeof(lp));
+    lp.dtype = MOE_DTYPE_F32;
+    lp.n_groups = E;
+    if (l->n_gu > 0) {
+        /* A: [A_gate; A_up] per expert.  Bank row q: s * B[:, q] in the
+         * panel columns of its own half (gate or up), zeros elsewhere. */
+        a_gu = moe_alloc((size_t)(E * l->n_gu * d), sizeof(float));
+        l->bank_gu = moe_alloc((size_t)(E * l->n_gu * ld_gu), sizeof(float));
+        if (!a_gu || !l->bank_gu) {
+            goto fail;
+        }
+        memset(l->bank_gu, 0, sizeof(float) * (size_t)(E * l->n_gu * ld_gu));
+        for (e = 0; e < E; e++) {
+            for (q = 0; q < l->n_gu; q++) {
+                const int is_up = p->a_gate == NULL || q >= r;
+                const int64_t qi = q % r;
+                const float *a = is_up ? p->a_up : p->a_gate;
+                const float *b = (is_up ? p->b_up : p->b_gate) + e * F * r;
+                float *row = l->bank_gu + (e * l->n_gu + q) * ld_gu;
+                memcpy(a_gu + (e * l->n_gu + q) * d, a + (e * r + qi) * d,
+                       sizeof(float) * (size_t)d);
+                for (c = 0; c < w->gu_panels; c++) {
+                    for (j = 0; j < width; j++) {
+                        int64_t unit = c * width + j;
+                        int col = w->gated && is_up ? width + j : j;
+                        if (unit < F) {
+                            row[c * w->nr + col] = p->scaling * b[unit * r + qi];
+                        }
+                    }
+                }
+            }
+        }
+        lp.w = a_gu;
+        lp.d_in = d;
+        lp.d_out = l->n_gu;
+        if ((st = moe_cpu_linear_pack(&lp, &l->a_gu)) != MOE_STATUS_OK) {
+            goto fail;
+        }
+        st = MOE_STATUS_ALLOC;
+    }
+    if (p->a_down != NULL) {
+        l->bank_down = moe_alloc((size_t)(E * r * d), sizeof(float));
+        if (l->bank_down == NULL) {
+            goto fail;
+        }
+        for (e = 0; e < E; e++) {
+            for (q = 0; q < r; q++) {
+                for (i = 0; i < d; i++) {
+                    l->bank_down[(e * r + q) * d + i] =
+                        p->scaling * p->b_down[(e * d + i) * r + q];
+                }
+            }
+        }
+        lp.w = p->a_down;
+        lp.d_in = F;
+        lp.d_out = r;
+        if ((st = moe_cpu_linear_pack(&lp, &l->a_down)) != MOE_STATUS_OK) {
+            goto fail;
+        }
+    }
+    free(a_gu);
+    *out = l;
+    return MOE_STATUS_OK;
+fail:
+    free(a_gu);
+    moe_expert_lora_free(l);
+    return st;
+}
+
+void
+moe_expert_lora_free(moe_expert_lora *l)
+{
+    if (l != NULL) {
+        moe_experts_free(l->a_gu);
+        moe_experts_free(l->a_down);
+        free(l->bank_gu);
+        free(l->bank_down);
+        free(l->iota);
+        free(l);
+    }
+}
+
 /* ---- the forward pass ------------------------------------------------- */
 
 /* A block of activation panels of one expert times a block of its weight
@@ -316,6 +431,24 @@ typedef struct moe_ffn_task {
     int64_t c0, c1; /* weight panels [c0, c1) of expert e                */
 } moe_ffn_task;
 
+/*
+ * One GEMM over the activation panels: out[r] = in_r @ W_e^T (+ b_e) with W
+ * the down panels of w (K = w->d_ff, N = w->d_model), plus a fused
+ * low-rank update of bank rows (bank_rows per expert; 0: one shared bank).
+ */
+typedef struct moe_panel_gemm {
+    const float       *in;       /* (n_panels, K, MR)                      */
+    const moe_experts *w;
+    float             *out;      /* (n_rows, N)                            */
+    const float       *coef;     /* (n_rows, ld_coef) or NULL: no update   */
+    int64_t            ld_coef;
+    const int32_t     *index;    /* rows of ld_index (0: one shared row)   */
+    int64_t            ld_index;
+    int                n_terms;
+    const float       *bank;     /* (rows, N)                              */
+    int64_t            bank_rows;
+} moe_panel_gemm;
+
 /* One forward of a grouped FFN or a grouped linear (w->linear). */
 typedef struct moe_ffn_job {
     const moe_kernels    *kr;
@@ -323,10 +456,11 @@ typedef struct moe_ffn_job {
     const float          *x;           /* (n_tokens, K of the first GEMM)  */
     const int64_t        *token_index; /* or NULL                          */
     const int64_t        *offsets;     /* (E+1,) sorted rows per expert    */
-    float                *out;         /* (n_rows, d_model)                */
     moe_activation        act;
     float                 act_alpha, act_limit;
-    const moe_lowrank    *lowrank;     /* fused into phase 2, or NULL      */
+    const moe_expert_lora *lora;       /* or NULL                          */
+    float                *z_gu;        /* (n_rows, lora->n_gu)             */
+    moe_panel_gemm        gemm;        /* the GEMM phase running now       */
     int64_t              *panel_off; /* (E+1,) first panel of expert e     */
     int32_t              *panel_e;   /* (n_panels,) expert of each panel   */
     int64_t               n_panels;
@@ -349,7 +483,7 @@ moe_panel_rows(const moe_ffn_job *job, int64_t P, int64_t *r0, int *m)
 
 /*
  * Phase 0: gather the rows of panel P into xp, k-major, zero padded (a
- * linear's rows go straight to hp, the input of phase 2).
+ * linear's rows go straight to hp, the input of its one GEMM).
  */
 static void
 moe_ffn_pack_rows(void *ctx, int64_t P)
@@ -374,18 +508,19 @@ moe_ffn_pack_rows(void *ctx, int64_t P)
     }
 }
 
-/* Phase 1: gate/up panels -> activation -> hidden panels (hp). */
+/* Phase 1: gate/up panels (+ LoRA) -> activation -> hidden panels (hp). */
 static void
 moe_ffn_up_task(void *ctx, int64_t t)
 {
     const moe_ffn_job *job = ctx;
     const moe_ffn_task *task = &job->tasks[t];
     const moe_experts *w = job->w;
+    const moe_expert_lora *lora = job->lora;
     const int mr = job->kr->mr, nr = w->nr;
     const int width = w->gated ? nr / 2 : nr;
     const size_t es = w->dtype == MOE_DTYPE_F32 ? 4 : 2;
     const moe_ukr_fn ukr = job->kr->ukr[w->dtype];
-    const int64_t d = w->d_model, F = w->d_ff;
+    const int64_t d = w->d_model, F = w->d_ff, ld_gu = w->gu_panels * nr;
     float tile[MOE_MAX_MR * MOE_MAX_NR];
     int64_t c, P, r0;
     int m, n_units;
@@ -399,6 +534,12 @@ moe_ffn_up_task(void *ctx, int64_t t)
             float *h = job->hp + P * F * mr;
             moe_panel_rows(job, P, &r0, &m);
             ukr(job->xp + P * d * mr, b, d, m, tile, nr);
+            if (lora != NULL && lora->n_gu > 0) {
+                job->kr->lowrank(tile, nr, m, nr, job->z_gu + r0 * lora->n_gu,
+                                 lora->n_gu, lora->iota, 0, lora->n_gu,
+                                 lora->bank_gu + task->e * lora->n_gu * ld_gu +
+                                     c * nr, ld_gu);
+            }
             n_units = F - c * width < width ? (int)(F - c * width) : width;
             job->kr->epilogue((int)job->act, w->gated, tile, m, n_units,
                               w->gu_bias ? w->gu_bias +
@@ -409,14 +550,14 @@ moe_ffn_up_task(void *ctx, int64_t t)
     }
 }
 
-/* Phase 2: hidden panels times down panels -> sorted output rows. */
+/* The GEMM phases: activation panels times down panels -> sorted rows. */
 static void
-moe_ffn_down_task(void *ctx, int64_t t)
+moe_ffn_gemm_task(void *ctx, int64_t t)
 {
     const moe_ffn_job *job = ctx;
     const moe_ffn_task *task = &job->tasks[t];
-    const moe_experts *w = job->w;
-    const moe_lowrank *lr = job->lowrank;
+    const moe_panel_gemm *g = &job->gemm;
+    const moe_experts *w = g->w;
     const int mr = job->kr->mr, nr = w->nr;
     const size_t es = w->dtype == MOE_DTYPE_F32 ? 4 : 2;
     const moe_ukr_fn ukr = job->kr->ukr[w->dtype];
@@ -432,13 +573,13 @@ moe_ffn_down_task(void *ctx, int64_t t)
             int n_cols = d - c * nr < nr ? (int)(d - c * nr) : nr;
             float *y;
             moe_panel_rows(job, P, &r0, &m);
-            y = job->out + r0 * d + c * nr;
+            y = g->out + r0 * d + c * nr;
             if (n_cols == nr) {
                 /* A whole panel of columns: straight into the output rows. */
-                ukr(job->hp + P * F * mr, b, F, m, y, d);
+                ukr(g->in + P * F * mr, b, F, m, y, d);
             }
             else {
-                ukr(job->hp + P * F * mr, b, F, m, tile, nr);
+                ukr(g->in + P * F * mr, b, F, m, tile, nr);
                 for (i = 0; i < m; i++) {
                     memcpy(y + i * d, tile + i * nr,
                            sizeof(float) * (size_t)n_cols);
@@ -453,10 +594,12 @@ moe_ffn_down_task(void *ctx, int64_t t)
                     }
                 }
             }
-            if (lr != NULL && lr->n_terms > 0) {
-                job->kr->lowrank(y, d, m, n_cols, lr->coef + r0 * lr->n_terms,
-                                 lr->index + r0 * lr->n_terms, lr->n_terms,
-                                 lr->n_terms, lr->bank + c * nr, d);
+            if (g->coef != NULL && g->n_terms > 0) {
+                job->kr->lowrank(y, d, m, n_cols, g->coef + r0 * g->ld_coef,
+                                 g->ld_coef, g->index + r0 * g->ld_index,
+                                 g->ld_index, g->n_terms,
+                                 g->bank + task->e * g->bank_rows * d + c * nr,
+                                 d);
             }
         }
     }
@@ -491,12 +634,20 @@ moe_ffn_plan(moe_ffn_job *job, int64_t col_panels, moe_ffn_task *tasks)
     return n;
 }
 
+/* Run one GEMM phase (g: its spec) over every expert's panels. */
+static moe_status
+moe_ffn_gemm(moe_ffn_job *job, const moe_panel_gemm *g)
+{
+    job->gemm = *g;
+    job->n_tasks = moe_ffn_plan(job, g->w->down_panels, job->tasks);
+    return moe_pool_run(job->n_tasks, moe_ffn_gemm_task, job);
+}
+
 /* Rows of an empty inner dimension: the bias (or 0) plus the update. */
 static void
-moe_ffn_bias_rows(const moe_ffn_job *job, int64_t n_rows)
+moe_ffn_bias_rows(const moe_ffn_job *job, const moe_panel_gemm *g)
 {
-    const moe_experts *w = job->w;
-    const moe_lowrank *lr = job->lowrank;
+    const moe_experts *w = g->w;
     const int64_t d = w->d_model;
     int64_t r, j;
     int32_t e, q;
@@ -504,28 +655,33 @@ moe_ffn_bias_rows(const moe_ffn_job *job, int64_t n_rows)
     for (e = 0; e < w->n_experts; e++) {
         for (r = job->offsets[e]; r < job->offsets[e + 1]; r++) {
             for (j = 0; j < d; j++) {
-                job->out[r * d + j] =
+                g->out[r * d + j] =
                     w->down_bias ? w->down_bias[e * d + j] : 0.0f;
             }
-        }
-    }
-    for (r = 0; lr != NULL && r < n_rows; r++) {
-        for (q = 0; q < lr->n_terms; q++) {
-            int32_t b = lr->index[r * lr->n_terms + q];
-            for (j = 0; b >= 0 && j < d; j++) {
-                job->out[r * d + j] += lr->coef[r * lr->n_terms + q] *
-                                       lr->bank[b * d + j];
+            for (q = 0; g->coef != NULL && q < g->n_terms; q++) {
+                int32_t b = g->index[r * g->ld_index + q];
+                const float *row = g->bank + (e * g->bank_rows + b) * d;
+                for (j = 0; b >= 0 && j < d; j++) {
+                    g->out[r * d + j] += g->coef[r * g->ld_coef + q] * row[j];
+                }
             }
         }
     }
 }
 
-/* The three phases (a linear skips phase 1). */
+/*
+ * The phases: pack rows; [LoRA shrink of x]; gate/up + activation;
+ * [LoRA shrink of h]; down (a linear runs only its one GEMM).  final: the
+ * spec of the last GEMM (its in, w and update are filled in here for the
+ * FFN).
+ */
 static moe_status
-moe_ffn_run(moe_ffn_job *job, int64_t n_rows)
+moe_ffn_run(moe_ffn_job *job, moe_panel_gemm *final, int64_t n_rows)
 {
     const moe_experts *w = job->w;
+    const moe_expert_lora *lora = job->lora;
     moe_status st = MOE_STATUS_ALLOC;
+    float *z_down = NULL;
     int64_t n_up, n_down, P;
     int32_t e;
 
@@ -533,7 +689,8 @@ moe_ffn_run(moe_ffn_job *job, int64_t n_rows)
         return MOE_STATUS_OK;
     }
     if (w->d_ff == 0) {
-        moe_ffn_bias_rows(job, n_rows);
+        /* No hidden units: h is empty, and so is any LoRA on it. */
+        moe_ffn_bias_rows(job, final);
         return MOE_STATUS_OK;
     }
     job->kr = moe_cpu_kernels();
@@ -550,6 +707,24 @@ moe_ffn_run(moe_ffn_job *job, int64_t n_rows)
     job->n_panels = job->panel_off[w->n_experts];
     n_up = w->linear ? 0 : moe_ffn_plan(job, w->gu_panels, NULL);
     n_down = moe_ffn_plan(job, w->down_panels, NULL);
+    if (lora != NULL) {
+        /* the shrinks' GEMMs have ceil(rows of A / nr) column panels */
+        int64_t n_s = lora->a_gu ? moe_ffn_plan(job, lora->a_gu->down_panels,
+                                                NULL) : 0;
+        n_down = n_s > n_down ? n_s : n_down;
+        n_s = lora->a_down ? moe_ffn_plan(job, lora->a_down->down_panels,
+                                          NULL) : 0;
+        n_down = n_s > n_down ? n_s : n_down;
+        if (lora->n_gu > 0) {
+            job->z_gu = moe_alloc((size_t)(n_rows * lora->n_gu), sizeof(float));
+        }
+        if (lora->a_down != NULL) {
+            z_down = moe_alloc((size_t)(n_rows * lora->rank), sizeof(float));
+        }
+        if ((lora->n_gu > 0 && !job->z_gu) || (lora->a_down && !z_down)) {
+            goto done;
+        }
+    }
     job->panel_e = moe_alloc((size_t)job->n_panels, sizeof(int32_t));
     job->xp = w->linear ? NULL
         : moe_workspace(MOE_WS_PANEL_X,
@@ -575,18 +750,46 @@ moe_ffn_run(moe_ffn_job *job, int64_t n_rows)
         goto done;
     }
     if (!w->linear) {
+        moe_panel_gemm shrink;
+        if (lora != NULL && lora->n_gu > 0) {
+            memset(&shrink, 0, sizeof(shrink));
+            shrink.in = job->xp;
+            shrink.w = lora->a_gu;
+            shrink.out = job->z_gu;
+            if ((st = moe_ffn_gemm(job, &shrink)) != MOE_STATUS_OK) {
+                goto done;
+            }
+        }
         job->n_tasks = moe_ffn_plan(job, w->gu_panels, job->tasks);
         if ((st = moe_pool_run(job->n_tasks, moe_ffn_up_task, job)) !=
             MOE_STATUS_OK) {
             goto done;
         }
+        if (z_down != NULL) {
+            memset(&shrink, 0, sizeof(shrink));
+            shrink.in = job->hp;
+            shrink.w = lora->a_down;
+            shrink.out = z_down;
+            if ((st = moe_ffn_gemm(job, &shrink)) != MOE_STATUS_OK) {
+                goto done;
+            }
+            final->coef = z_down;
+            final->ld_coef = lora->rank;
+            final->index = lora->iota;
+            final->ld_index = 0;
+            final->n_terms = lora->rank;
+            final->bank = lora->bank_down;
+            final->bank_rows = lora->rank;
+        }
     }
-    job->n_tasks = moe_ffn_plan(job, w->down_panels, job->tasks);
-    st = moe_pool_run(job->n_tasks, moe_ffn_down_task, job);
+    final->in = job->hp;
+    st = moe_ffn_gemm(job, final);
 done:
     free(job->panel_off);
     free(job->panel_e);
     free(job->tasks);
+    free(job->z_gu);
+    free(z_down);
     return st;
 }
 
@@ -594,30 +797,45 @@ moe_status
 moe_cpu_ffn_grouped(const moe_ffn_params *p)
 {
     moe_ffn_job job;
+    moe_panel_gemm down;
 
     memset(&job, 0, sizeof(job));
+    memset(&down, 0, sizeof(down));
     job.w = p->experts;
     job.x = p->x;
     job.token_index = p->token_index;
     job.offsets = p->offsets;
-    job.out = p->out;
     job.act = p->activation;
     job.act_alpha = p->act_alpha;
     job.act_limit = p->act_limit;
-    return moe_ffn_run(&job, p->n_rows);
+    job.lora = p->lora;
+    down.w = p->experts;
+    down.out = p->out;
+    return moe_ffn_run(&job, &down, p->n_rows);
 }
 
 moe_status
 moe_cpu_linear_grouped(const moe_linear_params *p)
 {
     moe_ffn_job job;
+    moe_panel_gemm g;
 
     memset(&job, 0, sizeof(job));
+    memset(&g, 0, sizeof(g));
     job.w = p->weights;
     job.x = p->x;
     job.token_index = p->token_index;
     job.offsets = p->offsets;
-    job.out = p->out;
-    job.lowrank = p->lowrank;
-    return moe_ffn_run(&job, p->n_rows);
+    g.w = p->weights;
+    g.out = p->out;
+    if (p->lowrank != NULL) {
+        g.coef = p->lowrank->coef;
+        g.ld_coef = p->lowrank->n_terms;
+        g.index = p->lowrank->index;
+        g.ld_index = p->lowrank->n_terms;
+        g.n_terms = p->lowrank->n_terms;
+        g.bank = p->lowrank->bank;
+        g.bank_rows = 0;
+    }
+    return moe_ffn_run(&job, &g, p->n_rows);
 }

@@ -50,14 +50,14 @@ typedef void (*moe_epilogue_fn)(int act, int gated, const float *tile, int m,
 
 /*
  * Low-rank update of an output tile: for rows i < m,
- *   c[i * ldc + j] += sum_q coef[i * ld + q] * bank[index[i * ld + q] * ld_bank + j]
+ *   c[i * ldc + j] += sum_q coef[i * ld_coef + q] * bank[index[i * ld_index + q] * ld_bank + j]
  * for columns j < n_cols, q in order (index -1: skipped).  bank points at
- * the tile's first column.
+ * the tile's first column; ld_index 0 shares one index row among the rows.
  */
 typedef void (*moe_lowrank_fn)(float *c, int64_t ldc, int m, int n_cols,
-                               const float *coef, const int32_t *index,
-                               int64_t ld, int n_terms, const float *bank,
-                               int64_t ld_bank);
+                               const float *coef, int64_t ld_coef,
+                               const int32_t *index, int64_t ld_index,
+                               int n_terms, const float *bank, int64_t ld_bank);
 
 typedef struct moe_kernels {
     const char    *name;  /* "avx512", "avx2", "scalar" (portable)        */

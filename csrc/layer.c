@@ -30,6 +30,7 @@ moe_layer_shared(const moe_layer_params *p, float *tmp)
     fp.activation = p->activation;
     fp.act_alpha = p->act_alpha;
     fp.act_limit = p->act_limit;
+    fp.lora = NULL;
     fp.out = tmp;
     MOE_TRY(moe_ffn_grouped(&fp));
 
@@ -163,6 +164,7 @@ moe_layer_forward(const moe_layer_params *p)
     fp.activation = p->activation;
     fp.act_alpha = p->act_alpha;
     fp.act_limit = p->act_limit;
+    fp.lora = p->lora;
     fp.out = ys;
     if ((st = moe_ffn_grouped(&fp)) != MOE_STATUS_OK) {
         goto done;

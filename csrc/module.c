@@ -729,6 +729,105 @@ moe_experts_arg(PyObject *obj, const char *name)
     return moe_packed_arg(obj, name, 0);
 }
 
+/*
+ * LoRA on experts: the capsule holds a reference to the experts' capsule
+ * (its context), so the pack it was laid out for outlives it.
+ */
+#define MOE_LORA_CAPSULE "moe.expert_lora"
+
+static void
+moe_lora_capsule_free(PyObject *capsule)
+{
+    moe_expert_lora_free(PyCapsule_GetPointer(capsule, MOE_LORA_CAPSULE));
+    Py_XDECREF((PyObject *)PyCapsule_GetContext(capsule));
+}
+
+/* None -> NULL; else an expert LoRA capsule. Returns -1 with an error. */
+static int
+moe_lora_arg(PyObject *obj, const moe_expert_lora **lora)
+{
+    *lora = NULL;
+    if (obj == Py_None) {
+        return 0;
+    }
+    if (!PyCapsule_IsValid(obj, MOE_LORA_CAPSULE)) {
+        PyErr_Format(PyExc_TypeError, "lora must be packed expert LoRA (from "
+                     "pack_expert_lora) or None, got %s",
+                     Py_TYPE(obj)->tp_name);
+        return -1;
+    }
+    *lora = PyCapsule_GetPointer(obj, MOE_LORA_CAPSULE);
+    return 0;
+}
+
+/*
+ * pack_expert_lora(experts, rank, scaling, a_gate, b_gate, a_up, b_up,
+ *                  a_down, b_down) -> capsule; each pair may be None.
+ */
+static PyObject *
+moe_py_pack_expert_lora(PyObject *self, PyObject *args)
+{
+    PyObject *w_obj, *obj[6], *capsule;
+    const char *names[6] = {"a_gate", "b_gate", "a_up", "b_up", "a_down",
+                            "b_down"};
+    void *data[6];
+    npy_intp dims[6][3];
+    const moe_experts *w;
+    moe_experts_info info;
+    moe_expert_lora_params p;
+    moe_expert_lora *lora = NULL;
+    moe_status st;
+    int rank, i;
+    float scaling;
+
+    if (!PyArg_ParseTuple(args, "OifOOOOOO", &w_obj, &rank, &scaling, &obj[0],
+                          &obj[1], &obj[2], &obj[3], &obj[4], &obj[5]) ||
+        !(w = moe_experts_arg(w_obj, "experts"))) {
+        return NULL;
+    }
+    if (rank < 1) {
+        PyErr_Format(PyExc_ValueError, "rank must be >= 1, got %d", rank);
+        return NULL;
+    }
+    moe_experts_get_info(w, &info);
+    for (i = 0; i < 6; i++) {
+        /* A: (E, r, in), B: (E, out, r); in/out: d_model or d_ff */
+        int64_t in = i < 4 ? info.d_model : info.d_ff;
+        int64_t outd = i < 4 ? info.d_ff : info.d_model;
+        dims[i][0] = info.n_experts;
+        dims[i][1] = i % 2 == 0 ? rank : outd;
+        dims[i][2] = i % 2 == 0 ? in : rank;
+        if (moe_opt_arg(obj[i], names[i], NPY_FLOAT32, 3, dims[i], &data[i]) <
+            0) {
+            return NULL;
+        }
+    }
+    p.rank = rank;
+    p.scaling = scaling;
+    p.a_gate = data[0];
+    p.b_gate = data[1];
+    p.a_up = data[2];
+    p.b_up = data[3];
+    p.a_down = data[4];
+    p.b_down = data[5];
+    MOE_COMPUTE(st, moe_expert_lora_pack(&p, w, &lora));
+    if (st != MOE_STATUS_OK) {
+        return moe_raise(st);
+    }
+    capsule = PyCapsule_New(lora, MOE_LORA_CAPSULE, moe_lora_capsule_free);
+    if (capsule == NULL) {
+        moe_expert_lora_free(lora);
+        return NULL;
+    }
+    Py_INCREF(w_obj);
+    if (PyCapsule_SetContext(capsule, w_obj) != 0) {
+        Py_DECREF(w_obj);
+        Py_DECREF(capsule);
+        return NULL;
+    }
+    return capsule;
+}
+
 static PyObject *
 moe_py_pack_experts(PyObject *self, PyObject *args)
 {
@@ -838,8 +937,13 @@ moe_py_ffn_grouped(PyObject *self, PyObject *args)
     moe_ffn_params p;
     moe_status st;
 
-    if (!PyArg_ParseTuple(args, "OOOOi|ff", &x_obj, &ti_obj, &off_obj, &w_obj,
-                          &activation, &alpha, &limit)) {
+    PyObject *lora_obj = Py_None;
+
+    if (!PyArg_ParseTuple(args, "OOOOi|ffO", &x_obj, &ti_obj, &off_obj, &w_obj,
+                          &activation, &alpha, &limit, &lora_obj)) {
+        return NULL;
+    }
+    if (moe_lora_arg(lora_obj, &p.lora) < 0) {
         return NULL;
     }
     if (moe_check_enum(activation, 8, "activation") < 0 ||
@@ -1108,14 +1212,20 @@ moe_py_layer_forward(PyObject *self, PyObject *args)
     moe_layer_params p;
     moe_status st;
 
-    if (!PyArg_ParseTuple(args, "OOOiiOipdiidOO|Off", &x_obj, &r_obj, &w_obj,
+    PyObject *lora_obj = Py_None;
+
+    if (!PyArg_ParseTuple(args, "OOOiiOipdiidOO|OffO", &x_obj, &r_obj, &w_obj,
                           &top_k, &activation, &bias_obj, &scoring,
                           &renormalize, &routed_scaling, &n_groups,
                           &topk_groups, &capacity_factor, &sw_obj,
-                          &sgate_obj, &rbias_obj, &alpha, &limit)) {
+                          &sgate_obj, &rbias_obj, &alpha, &limit,
+                          &lora_obj)) {
         return NULL;
     }
     memset(&p, 0, sizeof(p));
+    if (moe_lora_arg(lora_obj, &p.lora) < 0) {
+        return NULL;
+    }
     if (moe_check_enum(activation, 8, "activation") < 0 ||
         moe_check_enum(scoring, 3, "scoring") < 0 ||
         !(p.experts = moe_experts_arg(w_obj, "experts"))) {
@@ -1265,6 +1375,9 @@ static PyMethodDef moe_methods[] = {
      "experts_info(packed) -> dict of sizes"},
     {"ffn_grouped", moe_py_ffn_grouped, METH_VARARGS,
      "ffn_grouped(x, token_index, offsets, packed, activation)"},
+    {"pack_expert_lora", moe_py_pack_expert_lora, METH_VARARGS,
+     "pack_expert_lora(experts, rank, scaling, a_gate, b_gate, a_up, b_up, "
+     "a_down, b_down) -> packed LoRA on the experts"},
     {"pack_linear", moe_py_pack_linear, METH_VARARGS,
      "pack_linear(w, dtype[, bias]) -> packed linear"},
     {"linear_grouped", moe_py_linear_grouped, METH_VARARGS,

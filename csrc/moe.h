@@ -220,6 +220,36 @@ typedef struct moe_combine_params {
 
 moe_status moe_combine(const moe_combine_params *p);
 
+/* ---- LoRA adapters on expert weights ---------------------------------- */
+
+/*
+ * Per-expert LoRA on w_gate / w_up / w_down (PEFT's target_parameters on an
+ * MoE): for routed rows of expert e,
+ *   g = W_gate,e x + s B_gate,e A_gate,e x,   u likewise,
+ *   y = W_down,e h + s B_down,e A_down,e h,   h = act(g, u).
+ * Packed once against the experts it adapts (scaling folded into B); the
+ * shrinks run on the FFN's own activation panels and the expands are fused
+ * into its output tiles.  Any of the three may be absent.
+ */
+typedef struct moe_expert_lora moe_expert_lora;
+
+typedef struct moe_expert_lora_params {
+    int32_t      rank;
+    float        scaling;  /* alpha / rank                                  */
+    const float *a_gate;   /* (n_experts, rank, d_model), or NULL           */
+    const float *b_gate;   /* (n_experts, d_ff, rank), with a_gate          */
+    const float *a_up;     /* (n_experts, rank, d_model), or NULL           */
+    const float *b_up;     /* (n_experts, d_ff, rank)                       */
+    const float *a_down;   /* (n_experts, rank, d_ff), or NULL              */
+    const float *b_down;   /* (n_experts, d_model, rank)                    */
+} moe_expert_lora_params;
+
+/* Sizes come from experts; a_gate needs gated experts. */
+moe_status moe_expert_lora_pack(const moe_expert_lora_params *p,
+                                const moe_experts *experts,
+                                moe_expert_lora **out);
+void       moe_expert_lora_free(moe_expert_lora *lora);
+
 /* ---- grouped expert FFN over expert-sorted rows ---------------------- */
 
 typedef struct moe_ffn_params {
@@ -233,6 +263,7 @@ typedef struct moe_ffn_params {
     moe_activation     activation;  /* gated iff the pack has w_gate        */
     float              act_alpha;   /* MOE_ACTIVATION_SWIGLU_OAI's alpha    */
     float              act_limit;   /* and its clamp limit                  */
+    const moe_expert_lora *lora;    /* adapters on the experts, or NULL     */
     float             *out;         /* out: (n_rows, d_model), sorted rows  */
 } moe_ffn_params;
 
@@ -439,6 +470,7 @@ typedef struct moe_layer_params {
     const float       *router_weight; /* (n_experts, d_model)               */
     const float       *router_bias;   /* (n_experts,) or NULL               */
     const moe_experts *experts;       /* packed routed experts              */
+    const moe_expert_lora *lora;      /* adapters on them, or NULL          */
 
     /* routing options, as in moe_route_params */
     const float       *expert_bias;   /* (n_experts,) or NULL               */

@@ -61,6 +61,20 @@ struct moe_experts {
     size_t    nbytes;
 };
 
+/* LoRA on expert weights (csrc/cpu_ffn.c); see moe_expert_lora_pack. */
+struct moe_expert_lora {
+    const moe_experts *experts; /* the pack it was made for (identity)     */
+    int32_t      rank;
+    int32_t      n_gu;      /* shrink rows before phase 1: rank per present
+                               gate / up adapter (0, rank or 2 * rank)      */
+    moe_experts *a_gu;      /* packed linear (E, n_gu, d_model) or NULL     */
+    float       *bank_gu;   /* (E, n_gu, gu_panels * nr): s * B rows laid
+                               out as the gate/up panel columns             */
+    moe_experts *a_down;    /* packed linear (E, rank, d_ff) or NULL        */
+    float       *bank_down; /* (E, rank, d_model): s * B_down[:, i]         */
+    int32_t     *iota;      /* (max(n_gu, rank),) 0, 1, 2, ...              */
+};
+
 /* ---- per-thread scratch (csrc/workspace.c) ---- */
 
 enum {
@@ -97,5 +111,8 @@ moe_status moe_cpu_experts_pack(const moe_pack_params *p, moe_experts **out);
 moe_status moe_cpu_linear_pack(const moe_linear_pack_params *p,
                                moe_experts **out);
 moe_status moe_cpu_linear_grouped(const moe_linear_params *p);
+moe_status moe_cpu_expert_lora_pack(const moe_expert_lora_params *p,
+                                    const moe_experts *experts,
+                                    moe_expert_lora **out);
 
 #endif /* MOE_IMPL_H */

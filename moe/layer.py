@@ -28,7 +28,16 @@ _WEIGHTS = {
     "b_gate": ("n_experts", "d_ff"),
     "b_up": ("n_experts", "d_ff"),
     "b_down": ("n_experts", "d_model"),
+    # LoRA adapters on the expert weights (lora_rank > 0), PEFT layout per expert
+    "lora_a_gate": ("n_experts", "lora_rank", "d_model"),
+    "lora_b_gate": ("n_experts", "d_ff", "lora_rank"),
+    "lora_a_up": ("n_experts", "lora_rank", "d_model"),
+    "lora_b_up": ("n_experts", "d_ff", "lora_rank"),
+    "lora_a_down": ("n_experts", "lora_rank", "d_ff"),
+    "lora_b_down": ("n_experts", "d_model", "lora_rank"),
 }
+LORA_TARGETS = ("w_gate", "w_up", "w_down")
+_LORA_WEIGHTS = tuple(f"lora_{ab}_{t[2:]}" for t in LORA_TARGETS for ab in "ab")
 # the FFN weights, stored in the layer's dtype and packed for the kernels
 _EXPERT_WEIGHTS = ("w_gate", "w_up", "w_down", "shared_w_gate", "shared_w_up", "shared_w_down")
 
@@ -47,6 +56,14 @@ class SparseMoE:
     activation "swiglu-oai" is gpt-oss's clamped SwiGLU with swiglu_alpha / swiglu_limit
     (both as in gpt-oss).  seed: weights are drawn from a seeded normal distribution; init=False
     leaves them None, to be assigned (as moe.load and moe.from_hf do).
+
+    LoRA on the experts (how MoE models are fine-tuned): lora_rank=r > 0 gives every routed
+    expert its own adapters on lora_targets (any of "w_gate", "w_up", "w_down"; default all
+    the activation has), applied to
+    the routed rows only: g = W_gate,e x + s B A x (likewise up), y = W_down,e h + s B A h,
+    s = lora_alpha / r (lora_alpha defaults to r).  Weights lora_a_<t> (E, r, in) and
+    lora_b_<t> (E, out, r) per target (PEFT layout; B starts at zero).  The shrinks run on the
+    FFN's packed activations and the expands are fused into its output tiles.
 
     dtype: storage of the expert FFN weights: "float32", "bfloat16" (NumPy has no
     bfloat16: stored as uint16 bits; torch / ml_dtypes bfloat16 arrays are accepted and
@@ -68,7 +85,7 @@ class SparseMoE:
                  topk_groups=1, expert_bias=False, n_shared_experts=0, shared_d_ff=None,
                  shared_expert_gate=False, capacity_factor=None, dtype="float32", seed=0,
                  init=True, router_bias=False, expert_biases=False, swiglu_alpha=1.702,
-                 swiglu_limit=7.0):
+                 swiglu_limit=7.0, lora_rank=0, lora_alpha=None, lora_targets=None):
         self.d_model = check_int(d_model, "d_model", 1)
         self.d_ff = check_int(d_ff, "d_ff", 1)
         self.n_experts = check_int(n_experts, "n_experts", 1, 2**31 - 1)
@@ -90,6 +107,20 @@ class SparseMoE:
         self.use_router_bias, self.use_expert_biases = bool(router_bias), bool(expert_biases)
         self.swiglu_alpha = check_float(swiglu_alpha, "swiglu_alpha")
         self.swiglu_limit = check_float(swiglu_limit, "swiglu_limit", True)
+        self.lora_rank = check_int(lora_rank, "lora_rank", 0)
+        self.lora_alpha = (float(self.lora_rank) if lora_alpha is None
+                           else check_float(lora_alpha, "lora_alpha"))
+        if lora_targets is None:  # every projection the activation has
+            lora_targets = LORA_TARGETS if activation in GATED else LORA_TARGETS[1:]
+        targets = (lora_targets,) if isinstance(lora_targets, str) else tuple(lora_targets)
+        for t in targets:
+            check_choice(t, "lora_targets entry", LORA_TARGETS)
+        if "w_gate" in targets and activation not in GATED and self.lora_rank:
+            raise ValueError(f"lora_targets has 'w_gate' but activation {activation!r} has no "
+                             "gate")
+        if self.lora_rank and not targets:
+            raise ValueError("lora_rank > 0 needs at least one of lora_targets")
+        self.lora_targets = tuple(t for t in LORA_TARGETS if t in targets)
         self._packed = None
 
         object.__setattr__(self, "_packed", None)
@@ -123,12 +154,24 @@ class SparseMoE:
         self.shared_w_up = normal((H, d), d) if H else None
         self.shared_w_down = normal((d, H), H) if H else None
         self.shared_gate_weight = normal((1, d), d) if H and self.shared_expert_gate else None
+        r = self.lora_rank
+        for t in self.lora_targets if r else ():
+            fan_in, out = (F, d) if t == "w_down" else (d, F)
+            setattr(self, f"lora_a_{t[2:]}", normal((E, r, fan_in), fan_in))
+            setattr(self, f"lora_b_{t[2:]}", np.zeros((E, out, r), np.float32))
 
     # Weight attributes are checked and converted when assigned.
     def __setattr__(self, name, value):
         if name in _WEIGHTS and value is not None:
             sizes = {"n_experts": self.n_experts, "d_model": self.d_model, "d_ff": self.d_ff,
-                     "shared_hidden": self.n_shared_experts * self.shared_d_ff, "one": 1}
+                     "shared_hidden": self.n_shared_experts * self.shared_d_ff, "one": 1,
+                     "lora_rank": self.lora_rank}
+            if name in _LORA_WEIGHTS and (not self.lora_rank or
+                                          f"w_{name[7:]}" not in self.lora_targets):
+                raise ValueError(f"{name}: {'w_' + name[7:]!r} is not in lora_targets="
+                                 f"{self.lora_targets} (or lora_rank is 0)"
+                                 if self.lora_rank else
+                                 f"{name} needs a layer built with lora_rank > 0")
             shape = tuple((s, sizes[s]) for s in _WEIGHTS[name])
             if name in _EXPERT_WEIGHTS:
                 value = weight_array(value, name, shape, self.dtype)
@@ -136,7 +179,7 @@ class SparseMoE:
                     value = value.view(np.float16)
             else:
                 value = float_array(value, name, shape)
-        if name in _EXPERT_WEIGHTS or name in ("b_gate", "b_up", "b_down"):
+        if name in _EXPERT_WEIGHTS or name in ("b_gate", "b_up", "b_down") + _LORA_WEIGHTS:
             object.__setattr__(self, "_packed", None)
         object.__setattr__(self, name, value)
 
@@ -172,8 +215,24 @@ class SparseMoE:
             shared = _C.pack_experts(bits(self.shared_w_gate[None]) if gated else None,
                                      bits(self.shared_w_up[None]),
                                      bits(self.shared_w_down[None]), code)
-        object.__setattr__(self, "_packed", (routed, shared, _C.build_info()["isa"]))
+        lora = None
+        if self.lora_rank:
+            ab = []
+            for t in LORA_TARGETS:
+                pair = [getattr(self, f"lora_{x}_{t[2:]}") for x in "ab"]
+                if t in self.lora_targets and any(w is None for w in pair):
+                    raise ValueError(f"LoRA weights for {t} are missing (set lora_a_{t[2:]} "
+                                     f"and lora_b_{t[2:]})")
+                ab += pair if t in self.lora_targets else [None, None]
+            lora = _C.pack_expert_lora(routed, self.lora_rank,
+                                       self.lora_alpha / self.lora_rank, *ab)
+        object.__setattr__(self, "_packed", (routed, shared, _C.build_info()["isa"], lora))
         return self
+
+    @property
+    def lora_scaling(self):
+        """The expert LoRA scaling lora_alpha / lora_rank (0 without LoRA)."""
+        return self.lora_alpha / self.lora_rank if self.lora_rank else 0.0
 
     def _checked_weights(self):
         """The packed experts and small weights for one call; repacks when needed."""
@@ -185,13 +244,13 @@ class SparseMoE:
             raise ValueError("router_bias is None but the layer was built with router_bias=True")
         if self._packed is None:
             self.pack()
-        routed, shared, _ = self._packed
+        routed, shared, _, lora = self._packed
         gate = None
         if shared is not None and self.shared_expert_gate:
             if self.shared_gate_weight is None:
                 raise ValueError("shared_gate_weight is None but shared_expert_gate=True")
             gate = self.shared_gate_weight.reshape(self.d_model)
-        return routed, shared, gate
+        return routed, shared, gate, lora
 
     def __call__(self, x, return_routing=False):
         """x: (..., d_model) float32/float64 (float64 is rounded to float32 first).
@@ -205,7 +264,7 @@ class SparseMoE:
                              f"{_shape_str(x.shape)}")
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.d_model)
-        routed, shared, sgate = self._checked_weights()
+        routed, shared, sgate, lora = self._checked_weights()
         top_k, code, n_groups, topk_groups, scaling, cf = check_routing_options(
             self.n_experts, self.top_k, self.scoring, self.n_groups, self.topk_groups,
             self.routed_scaling, self.capacity_factor)
@@ -215,7 +274,7 @@ class SparseMoE:
             self.expert_bias if self.use_expert_bias else None, code, self.renormalize,
             check_float(scaling, "routed_scaling"), n_groups, topk_groups, cf, shared, sgate,
             self.router_bias if self.use_router_bias else None, self.swiglu_alpha,
-            self.swiglu_limit)
+            self.swiglu_limit, lora)
         out = out.reshape(lead + (self.d_model,))
         if return_routing:
             return out, RoutingResult(ids, w, counts, int(n_dropped), float(aux), float(z))
@@ -231,7 +290,9 @@ class SparseMoE:
                     shared_d_ff=self.shared_d_ff, shared_expert_gate=self.shared_expert_gate,
                     capacity_factor=self.capacity_factor, dtype=self.dtype,
                     router_bias=self.use_router_bias, expert_biases=self.use_expert_biases,
-                    swiglu_alpha=self.swiglu_alpha, swiglu_limit=self.swiglu_limit)
+                    swiglu_alpha=self.swiglu_alpha, swiglu_limit=self.swiglu_limit,
+                    lora_rank=self.lora_rank, lora_alpha=self.lora_alpha,
+                    lora_targets=list(self.lora_targets))
 
     def save(self, path):
         """Write the layer to one safetensors file (weights + its config in the metadata);
@@ -244,7 +305,9 @@ class SparseMoE:
         mats = 3 if self.activation in GATED else 2
         routed = 2 * n_tokens * self.top_k * mats * self.d_model * self.d_ff
         shared = 2 * n_tokens * mats * self.d_model * self.n_shared_experts * self.shared_d_ff
-        return routed + shared + 2 * n_tokens * self.n_experts * self.d_model
+        lora = sum(2 * n_tokens * self.top_k * self.lora_rank * (self.d_model + self.d_ff)
+                   for _ in self.lora_targets) if self.lora_rank else 0
+        return routed + shared + lora + 2 * n_tokens * self.n_experts * self.d_model
 
     def __repr__(self):
         opts = [f"d_model={self.d_model}", f"d_ff={self.d_ff}", f"n_experts={self.n_experts}",
@@ -262,4 +325,6 @@ class SparseMoE:
             opts.append(f"capacity_factor={self.capacity_factor}")
         if self.dtype != "float32":
             opts.append(f"dtype={self.dtype!r}")
+        if self.lora_rank:
+            opts.append(f"lora_rank={self.lora_rank}, lora_targets={self.lora_targets}")
         return f"SparseMoE({', '.join(opts)})"

@@ -430,7 +430,7 @@ def activate(name, gate, up, alpha=1.702, limit=7.0):
 
 
 def ffn(x, w_gate, w_up, w_down, activation="swiglu", b_gate=None, b_up=None, b_down=None,
-        alpha=1.702, limit=7.0):
+        alpha=1.702, limit=7.0, lora=None, lora_scaling=1.0):
     """Dense feed-forward block in the nn.Linear weight layout.
 
     Args:
@@ -442,6 +442,8 @@ def ffn(x, w_gate, w_up, w_down, activation="swiglu", b_gate=None, b_up=None, b_
 
     Returns (T, d) float64: activate(activation, x @ w_gate.T + b_gate, x @ w_up.T + b_up)
     @ w_down.T + b_down (biases (F,), (F,), (d,) optional; alpha/limit: "swiglu-oai").
+    lora: {"w_gate" | "w_up" | "w_down": (a (r, in), b (out, r))} adds
+    lora_scaling * (v @ a.T) @ b.T to that projection of its input v (x, or h for w_down).
     """
     x = np.asarray(x, dtype=np.float64)
     w_up = np.asarray(w_up, dtype=np.float64)
@@ -450,16 +452,24 @@ def ffn(x, w_gate, w_up, w_down, activation="swiglu", b_gate=None, b_up=None, b_
     def bias(b):
         return 0.0 if b is None else np.asarray(b, dtype=np.float64)
 
+    lora = lora or {}
+
+    def delta(name, v):
+        if name not in lora:
+            return 0.0
+        a, b = (np.asarray(m, dtype=np.float64) for m in lora[name])
+        return lora_scaling * ((v @ a.T) @ b.T)
+
     if activation in GATED and w_gate is not None:
-        gate = x @ np.asarray(w_gate, dtype=np.float64).T + bias(b_gate)
+        gate = x @ np.asarray(w_gate, dtype=np.float64).T + bias(b_gate) + delta("w_gate", x)
     else:
         gate = None
-    h = activate(activation, gate, x @ w_up.T + bias(b_up), alpha, limit)
-    return h @ w_down.T + bias(b_down)
+    h = activate(activation, gate, x @ w_up.T + bias(b_up) + delta("w_up", x), alpha, limit)
+    return h @ w_down.T + bias(b_down) + delta("w_down", h)
 
 
 def expert_ffn(x_sorted, offsets, w_gate, w_up, w_down, activation="swiglu", b_gate=None,
-               b_up=None, b_down=None, alpha=1.702, limit=7.0):
+               b_up=None, b_down=None, alpha=1.702, limit=7.0, lora=None, lora_scaling=1.0):
     """Run each expert's FFN on its contiguous block of dispatched rows.
 
     Args:
@@ -469,6 +479,8 @@ def expert_ffn(x_sorted, offsets, w_gate, w_up, w_down, activation="swiglu", b_g
       w_up: (E, F, d).
       w_down: (E, d, F).
       activation: one of ACTIVATIONS.
+
+    lora: {target: (a (E, r, in), b (E, out, r))} per-expert adapters (see ffn).
 
     Returns (N, d) float64.
     """
@@ -488,8 +500,9 @@ def expert_ffn(x_sorted, offsets, w_gate, w_up, w_down, activation="swiglu", b_g
             continue
         g = w_gate[e] if w_gate is not None else None
         pick = lambda b: None if b is None else np.asarray(b)[e]  # noqa: E731
+        lora_e = {t: (a[e], b[e]) for t, (a, b) in (lora or {}).items()}
         out[lo:hi] = ffn(x_sorted[lo:hi], g, w_up[e], w_down[e], activation, pick(b_gate),
-                         pick(b_up), pick(b_down), alpha, limit)
+                         pick(b_up), pick(b_down), alpha, limit, lora_e, lora_scaling)
     return out
 
 
@@ -502,7 +515,8 @@ def sparse_moe(x, router_weight, w_gate, w_up, w_down, *, top_k, activation="swi
                topk_groups=1, expert_bias=None, capacity_factor=None,
                shared_w_gate=None, shared_w_up=None, shared_w_down=None,
                shared_gate_weight=None, router_bias=None, b_gate=None, b_up=None,
-               b_down=None, swiglu_alpha=1.702, swiglu_limit=7.0):
+               b_down=None, swiglu_alpha=1.702, swiglu_limit=7.0, lora=None,
+               lora_scaling=1.0):
     """Full sparse MoE forward: route, dispatch, expert FFNs, combine, shared experts.
 
     Args:
@@ -537,7 +551,7 @@ def sparse_moe(x, router_weight, w_gate, w_up, w_down, *, top_k, activation="swi
     gate_w = w_gate if activation in GATED else None
     y_sorted = expert_ffn(disp["x_sorted"], disp["offsets"], gate_w, w_up, w_down,
                           activation, b_gate if activation in GATED else None, b_up, b_down,
-                          swiglu_alpha, swiglu_limit)
+                          swiglu_alpha, swiglu_limit, lora, lora_scaling)
     out = combine(y_sorted, disp["position"], routing["weights"])
 
     if shared_w_up is not None:
@@ -633,6 +647,9 @@ def layer_forward(layer, x):
         b_down=get("b_down") if getattr(layer, "use_expert_biases", True) else None,
         swiglu_alpha=get("swiglu_alpha", 1.702),
         swiglu_limit=get("swiglu_limit", 7.0),
+        lora={t: (getattr(layer, f"lora_a_{t[2:]}"), getattr(layer, f"lora_b_{t[2:]}"))
+              for t in getattr(layer, "lora_targets", ()) if getattr(layer, "lora_rank", 0)},
+        lora_scaling=getattr(layer, "lora_scaling", 1.0),
     )
 
 

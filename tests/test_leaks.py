@@ -135,6 +135,11 @@ def data():
     counts = rng.multinomial(T, np.ones(E_ffn) / E_ffn)
     layer = moe.SparseMoE(D, F, 16, 2, n_shared_experts=1, shared_expert_gate=True,
                           expert_bias=True, seed=5)
+    lora = moe.TopKLoRA(D, 48, 4, 8, 2, bias=True, seed=3)
+    lora.lora_b = f32(4, 48, 8)
+    lora_ids = np.argsort(rng.random((T, 4)), axis=1)[:, :2].astype(np.int32)
+    lora_moe = moe.SparseMoE(D, F, 16, 2, lora_rank=2, seed=6)
+    fly, multi = moe.FlyLoRA(D, 40, 16, 4, seed=7), moe.MultiLoRA(D, 40, 4, 8, seed=8)
     nan_logits = logits.copy()
     nan_logits[T_ROUTE // 2, 3] = np.nan
     x_nan = f32(T, D)
@@ -147,7 +152,10 @@ def data():
                 x_nan=x_nan, ids=ids, bad_ids=bad_ids, disp=disp, bad_pos=bad_pos,
                 y=f32(T * K, D), weights=f32(T, K), w=w,
                 x_sorted=f32(T, D), offsets=np.concatenate([[0], np.cumsum(counts)]),
-                packed=moe.pack_experts(*w), layer=layer,
+                packed=moe.pack_experts(*w), layer=layer, linear=_C.pack_linear(w[1], 0),
+                lora=lora, lora_ids=lora_ids, lora_w=f32(T, 2), lora_moe=lora_moe,
+                lora_ab=[f32(16, 2, D), f32(16, F, 2), None, None, f32(16, 2, F), f32(16, D, 2)],
+                fly=fly, multi=multi, mids=rng.integers(-1, 4, T),
                 ebias=np.zeros(2048), ecounts=rng.integers(0, 50, 2048))
 
 
@@ -173,6 +181,12 @@ def public_calls(d):
         "update_expert_bias": lambda: moe.update_expert_bias(d["ebias"], d["ecounts"], 1e-9),
         "SparseMoE()": lambda: moe.SparseMoE(D, F, 16, 2, seed=1),
         "set_num_threads": lambda: (moe.set_num_threads(1), moe.set_num_threads(2)),
+        "TopKLoRA": lambda: d["lora"](d["x"], return_routing=True),
+        "FlyLoRA": lambda: d["fly"](d["x"]),
+        "MultiLoRA": lambda: d["multi"](d["x"], d["mids"]),
+        "SparseMoE(lora)": lambda: d["lora_moe"](d["x"]),
+        "TopKLoRA.pack": lambda: d["lora"].pack(),
+        "MultiLoRA(bad id)": raises(lambda: d["multi"](d["x"], d["mids"] + 4), ValueError),
         # error paths: ValueError / TypeError from moe/_api.py and from the C core
         "route(NaN logits) [C]": raises(lambda: moe.route(d["nan_logits"], K_ROUTE), ValueError),
         "route(top_k=0)": raises(lambda: moe.route(d["logits"], 0), ValueError),
@@ -194,7 +208,8 @@ def public_calls(d):
     }
 
 
-PUBLIC = list(public_calls({k: None for k in ("layer", "w")}).keys())
+PUBLIC = list(public_calls({k: None for k in ("layer", "w", "lora", "fly", "multi", "lora_moe",
+                                             "x", "mids")}).keys())
 
 
 @pytest.fixture
@@ -245,7 +260,10 @@ def test_c_error_path_keeps_memory_flat(data, name):
 def c_calls(d):
     """name -> (moe._C function, valid argument list)."""
     layer = d["layer"].pack()
-    routed, shared, _ = layer._packed
+    routed, shared = layer._packed[:2]
+    lora = d["lora"].pack()
+    base, lora_a, bank = lora._packs()
+    lmoe = d["lora_moe"].pack()
     return {
         "router_logits": (_C.router_logits, [d["x"], layer.router_weight]),
         "route": (_C.route, [d["logits"], K_ROUTE, 0, True, 1.0, d["bias"], 1, 1, 1.0]),
@@ -258,6 +276,11 @@ def c_calls(d):
         "layer_forward": (_C.layer_forward,
                           [d["x"], layer.router_weight, routed, 2, 0, layer.expert_bias, 0, True,
                            1.0, 1, 1, 0.0, shared, layer.shared_gate_weight.reshape(D)]),
+        "pack_linear": (_C.pack_linear, [d["w"][0], 0, d["w"][0][:, :, 0].copy()]),
+        "linear_grouped": (_C.linear_grouped, [d["x_sorted"], None, d["offsets"], d["linear"]]),
+        "lora_forward": (_C.lora_forward, [d["x"], base, 0, lora_a, bank, 4, d["lora_ids"],
+                                           d["lora_w"], 0.5, None, 0, 0, None]),
+        "pack_expert_lora": (_C.pack_expert_lora, [lmoe._packed[0], 2, 1.0, *d["lora_ab"]]),
     }
 
 
@@ -278,6 +301,8 @@ def _breakers(d, name, args):
         "ffn_grouped": {1: np.full(T, T, np.int64)},
         "layer_forward": {0: d["x_nan"]},
         "pack_experts": {0: d["w"][0][:, :-1].copy()},
+        "linear_grouped": {1: np.full(T, T, np.int64)},
+        "lora_forward": {6: d["lora_ids"] + 4},
     }.get(name, {})
     if core:
         bad = list(args)
@@ -295,12 +320,18 @@ def refcounts(args):
 
 
 @pytest.mark.parametrize("name", ["router_logits", "route", "update_expert_bias", "dispatch",
-                                  "combine", "pack_experts", "ffn_grouped", "layer_forward"])
+                                  "combine", "pack_experts", "ffn_grouped", "layer_forward",
+                                  "pack_linear", "linear_grouped", "lora_forward",
+                                  "pack_expert_lora"])
 def test_c_calls_keep_reference_counts(data, name):
     fn, args = c_calls(data)[name]
     before = refcounts(args)
     for _ in range(20):
         result = fn(*args)
+    if name == "pack_expert_lora":
+        # the result keeps the experts it was laid out for alive: one reference, until freed
+        assert refcounts(args) == [before[0] + 1] + before[1:]
+        result = None
     assert refcounts(args) == before, f"{name}: argument refcounts {before} -> {refcounts(args)}"
     # results: only our own reference (plus getrefcount's argument) -- no stray INCREF
     parts = result if isinstance(result, tuple) else (result,)

@@ -422,3 +422,84 @@ def test_bad_input():
         _C.lora_forward(xs, base, 1, a, bank[:16], 4, ids % 4, None, 1.0, None, 0, 0, None)
     with pytest.raises(ValueError, match="bank must have shape"):
         _C.lora_forward(xs, base, 0, a, bank[:8], 4, ids % 4, None, 1.0, None, 0, 0, None)
+
+
+# ---- LoRA on the experts of a SparseMoE ----------------------------------------------------
+
+def _lora_moe(rng, targets, activation="swiglu", r=4, **kw):
+    layer = moe.SparseMoE(36, 20, 5, 2, activation=activation, lora_rank=r, lora_alpha=2.0 * r,
+                          lora_targets=targets, seed=1, **kw)
+    for t in layer.lora_targets:
+        name = f"lora_b_{t[2:]}"
+        setattr(layer, name, rng.standard_normal(getattr(layer, name).shape) * 0.3)
+    return layer
+
+
+@pytest.mark.parametrize("targets", [("w_gate", "w_up", "w_down"), ("w_up",), ("w_gate",),
+                                     ("w_down",), ("w_gate", "w_down")])
+def test_sparse_moe_expert_lora(targets):
+    rng = RNG(20)
+    layer = _lora_moe(rng, targets)
+    x = rng.standard_normal((41, 36)).astype(np.float32)
+    y = layer(x)
+    y_ref, _ = ref.layer_forward(layer, x)
+    assert_close(y, y_ref, what=f"SparseMoE + LoRA on {targets}")
+    plain = moe.SparseMoE(36, 20, 5, 2, seed=1)
+    assert np.abs(y - plain(x)).max() > 1e-3  # the adapters do something
+
+
+@pytest.mark.parametrize("activation", ["gelu", "swiglu-oai"])
+def test_sparse_moe_expert_lora_options(activation):
+    rng = RNG(21)
+    targets = ("w_up", "w_down") if activation == "gelu" else LORA_ALL
+    layer = _lora_moe(rng, targets, activation, r=25, expert_biases=True, n_shared_experts=1,
+                      dtype="bfloat16")
+    x = rng.standard_normal((30, 36)).astype(np.float32)
+    assert_close(layer(x), ref.layer_forward(layer, x)[0], what=activation)
+    for lo, hi in ((0, 1), (7, 19)):
+        np.testing.assert_array_equal(layer(x[lo:hi]), layer(x)[lo:hi])
+
+
+LORA_ALL = ("w_gate", "w_up", "w_down")
+
+
+def test_sparse_moe_expert_lora_save_load_and_errors(tmp_path):
+    rng = RNG(22)
+    layer = _lora_moe(rng, LORA_ALL)
+    x = rng.standard_normal((9, 36)).astype(np.float32)
+    layer.save(tmp_path / "l.safetensors")
+    back = moe.load(tmp_path / "l.safetensors")
+    assert back.lora_targets == LORA_ALL and back.lora_rank == 4
+    np.testing.assert_array_equal(back(x), layer(x))
+    with pytest.raises(ValueError, match=r"lora_a_up must have shape \(n_experts=5, "
+                                         r"lora_rank=4, d_model=36\)"):
+        layer.lora_a_up = rng.standard_normal((5, 3, 36))
+    with pytest.raises(ValueError, match="needs a layer built with lora_rank > 0"):
+        moe.SparseMoE(8, 8, 2, 1).lora_a_up = np.zeros((2, 1, 8))
+    with pytest.raises(ValueError, match="'w_down' is not in lora_targets"):
+        _lora_moe(rng, ("w_up",)).lora_b_down = np.zeros((5, 36, 4))
+    with pytest.raises(ValueError, match="activation 'gelu' has no gate"):
+        moe.SparseMoE(8, 8, 2, 1, activation="gelu", lora_rank=2, lora_targets=("w_gate",))
+    with pytest.raises(ValueError, match="lora_targets entry must be one of"):
+        moe.SparseMoE(8, 8, 2, 1, lora_rank=2, lora_targets=("q_proj",))
+    # the packed LoRA keeps its experts alive and refuses other experts
+    w = rng.standard_normal((2, 6, 8)).astype(np.float32)
+    wd = rng.standard_normal((2, 8, 6)).astype(np.float32)
+    experts = _C.pack_experts(w, w, wd, 0)
+    lora = _C.pack_expert_lora(experts, 2, 1.0, None, None,
+                               rng.standard_normal((2, 2, 8)).astype(np.float32),
+                               rng.standard_normal((2, 6, 2)).astype(np.float32), None, None)
+    other = _C.pack_experts(w, w, wd, 0)
+    xs = rng.standard_normal((4, 8)).astype(np.float32)
+    off = np.array([0, 2, 4], np.int64)
+    with pytest.raises(ValueError, match="packed for other experts"):
+        _C.ffn_grouped(xs, None, off, other, 0, 1.702, 7.0, lora)
+    del experts
+    ys = _C.ffn_grouped(xs, None, off, _C.pack_experts(w, w, wd, 0), 0)
+    assert ys.shape == (4, 8)
+    with pytest.raises(ValueError, match="b_up must have shape"):
+        _C.pack_expert_lora(other, 2, 1.0, None, None, np.zeros((2, 2, 8), np.float32),
+                            np.zeros((2, 6, 3), np.float32), None, None)
+    with pytest.raises(ValueError, match="both its A and its B"):
+        _C.pack_expert_lora(other, 2, 1.0, None, None, np.zeros((2, 2, 8), np.float32),
+                            None, None, None)

@@ -325,16 +325,27 @@ moe_linear_grouped(const moe_linear_params *p)
     MOE_TRY(moe_check_rows(p->offsets, w->n_experts, p->n_rows,
                            p->token_index, p->n_tokens));
     if (lr != NULL) {
-        if (lr->n_terms < 0 || (lr->n_terms > 0 && lr->bank == NULL)) {
+        int64_t n_bank;
+        if (lr->n_terms < 0 ||
+            (lr->n_terms > 0 && moe_check_pack(lr->bank, 1, "lowrank bank") !=
+                                    MOE_STATUS_OK)) {
             return moe_set_error(MOE_STATUS_INVALID_ARG, "lowrank: n_terms "
-                                 ">= 0 and a bank are required");
+                                 ">= 0 and a packed linear bank are required");
         }
+        if (lr->n_terms > 0 &&
+            (lr->bank->n_experts != 1 || lr->bank->d_model != w->d_model ||
+             lr->bank->dtype != MOE_DTYPE_F32)) {
+            return moe_set_error(MOE_STATUS_INVALID_ARG, "lowrank: the bank must "
+                                 "be an fp32 packed linear (1, d_out=%lld, "
+                                 "n_bank)", (long long)w->d_model);
+        }
+        n_bank = lr->n_terms > 0 ? lr->bank->d_ff : 0;
         for (i = 0; i < p->n_rows * lr->n_terms; i++) {
-            if (lr->index[i] < -1 || lr->index[i] >= lr->n_bank) {
+            if (lr->index[i] < -1 || lr->index[i] >= n_bank) {
                 return moe_set_error(MOE_STATUS_INVALID_ARG,
                                      "lowrank index must be in [0, n_bank="
                                      "%lld) or -1, got %d at row %lld",
-                                     (long long)lr->n_bank, lr->index[i],
+                                     (long long)n_bank, lr->index[i],
                                      (long long)(i / lr->n_terms));
             }
         }

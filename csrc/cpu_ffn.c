@@ -313,7 +313,8 @@ moe_cpu_expert_lora_pack(const moe_expert_lora_params *p,
                          const moe_experts *w, moe_expert_lora **out)
 {
     const int32_t E = w->n_experts, r = p->rank;
-    const int64_t d = w->d_model, F = w->d_ff, ld_gu = w->gu_panels * w->nr;
+    const int64_t d = w->d_model, F = w->d_ff, nr = w->nr;
+    const int64_t ld_gu = w->gu_panels * nr;  /* bank_gu floats per row q */
     const int width = w->gated ? w->nr / 2 : w->nr;
     moe_linear_pack_params lp;
     moe_expert_lora *l;
@@ -357,15 +358,17 @@ moe_cpu_expert_lora_pack(const moe_expert_lora_params *p,
                 const int64_t qi = q % r;
                 const float *a = is_up ? p->a_up : p->a_gate;
                 const float *b = (is_up ? p->b_up : p->b_gate) + e * F * r;
-                float *row = l->bank_gu + (e * l->n_gu + q) * ld_gu;
                 memcpy(a_gu + (e * l->n_gu + q) * d, a + (e * r + qi) * d,
                        sizeof(float) * (size_t)d);
                 for (c = 0; c < w->gu_panels; c++) {
+                    /* panel c of expert e: (n_gu, nr), row q */
+                    float *row = l->bank_gu +
+                                 ((e * w->gu_panels + c) * l->n_gu + q) * nr;
                     for (j = 0; j < width; j++) {
                         int64_t unit = c * width + j;
                         int col = w->gated && is_up ? width + j : j;
                         if (unit < F) {
-                            row[c * w->nr + col] = p->scaling * b[unit * r + qi];
+                            row[col] = p->scaling * b[unit * r + qi];
                         }
                     }
                 }
@@ -380,14 +383,18 @@ moe_cpu_expert_lora_pack(const moe_expert_lora_params *p,
         st = MOE_STATUS_ALLOC;
     }
     if (p->a_down != NULL) {
-        l->bank_down = moe_alloc((size_t)(E * r * d), sizeof(float));
+        const size_t n = (size_t)(E * w->down_panels * r * nr);
+        l->bank_down = moe_alloc(n, sizeof(float));
         if (l->bank_down == NULL) {
             goto fail;
         }
+        memset(l->bank_down, 0, sizeof(float) * n);
         for (e = 0; e < E; e++) {
             for (q = 0; q < r; q++) {
                 for (i = 0; i < d; i++) {
-                    l->bank_down[(e * r + q) * d + i] =
+                    /* panel i / nr of expert e: (r, nr), row q */
+                    l->bank_down[((e * w->down_panels + i / nr) * r + q) * nr +
+                                 i % nr] =
                         p->scaling * p->b_down[(e * d + i) * r + q];
                 }
             }
@@ -434,7 +441,7 @@ typedef struct moe_ffn_task {
 /*
  * One GEMM over the activation panels: out[r] = in_r @ W_e^T (+ b_e) with W
  * the down panels of w (K = w->d_ff, N = w->d_model), plus a fused
- * low-rank update of bank rows (bank_rows per expert; 0: one shared bank).
+ * low-rank update of bank rows (laid out in column panels like w's).
  */
 typedef struct moe_panel_gemm {
     const float       *in;       /* (n_panels, K, MR)                      */
@@ -445,8 +452,11 @@ typedef struct moe_panel_gemm {
     const int32_t     *index;    /* rows of ld_index (0: one shared row)   */
     int64_t            ld_index;
     int                n_terms;
-    const float       *bank;     /* (rows, N)                              */
-    int64_t            bank_rows;
+    const float       *bank;     /* panel-major: column panel c of expert e
+                                    at bank + e * bank_expert + c * bank_panel,
+                                    (rows, nr) k-major                     */
+    int64_t            bank_expert;
+    int64_t            bank_panel;
 } moe_panel_gemm;
 
 /* One forward of a grouped FFN or a grouped linear (w->linear). */
@@ -481,6 +491,20 @@ moe_panel_rows(const moe_ffn_job *job, int64_t P, int64_t *r0, int *m)
     *m = (int)(end - *r0 < job->kr->mr ? end - *r0 : job->kr->mr);
 }
 
+/* dst (d, mr) k-major from mr full rows src[i] (d,). */
+static inline __attribute__((always_inline)) void
+moe_pack_panel(float *dst, const float *const *src, int64_t d, int mr)
+{
+    int64_t k;
+    int i;
+
+    for (k = 0; k < d; k++) {
+        for (i = 0; i < mr; i++) {
+            dst[k * mr + i] = src[i][k];
+        }
+    }
+}
+
 /*
  * Phase 0: gather the rows of panel P into xp, k-major, zero padded (a
  * linear's rows go straight to hp, the input of its one GEMM).
@@ -492,18 +516,28 @@ moe_ffn_pack_rows(void *ctx, int64_t P)
     const int mr = job->kr->mr;
     const int64_t d = job->w->linear ? job->w->d_ff : job->w->d_model;
     float *dst = (job->w->linear ? job->hp : job->xp) + P * d * mr;
+    const float *src[MOE_MAX_MR];
     int64_t r0, k;
     int m, i;
 
     moe_panel_rows(job, P, &r0, &m);
-    for (i = 0; i < mr; i++) {
-        const float *src = NULL;
-        if (i < m) {
-            int64_t r = r0 + i;
-            src = job->x + (job->token_index ? job->token_index[r] : r) * d;
+    for (i = 0; i < MOE_MAX_MR; i++) {
+        int64_t r = r0 + (i < m ? i : 0);
+        src[i] = job->x + (job->token_index ? job->token_index[r] : r) * d;
+    }
+    if (m == mr) {
+        /* k outer: mr read streams, one sequential write stream; the
+         * kernel sets' row counts as constants, so the rows unroll */
+        switch (mr) {
+        case 4:  moe_pack_panel(dst, src, d, 4);  return;
+        case 6:  moe_pack_panel(dst, src, d, 6);  return;
+        case 12: moe_pack_panel(dst, src, d, 12); return;
+        default: moe_pack_panel(dst, src, d, mr); return;
         }
-        for (k = 0; k < d; k++) {
-            dst[k * mr + i] = src ? src[k] : 0.0f;
+    }
+    for (k = 0; k < d; k++) {
+        for (i = 0; i < mr; i++) {
+            dst[k * mr + i] = i < m ? src[i][k] : 0.0f;
         }
     }
 }
@@ -520,7 +554,7 @@ moe_ffn_up_task(void *ctx, int64_t t)
     const int width = w->gated ? nr / 2 : nr;
     const size_t es = w->dtype == MOE_DTYPE_F32 ? 4 : 2;
     const moe_ukr_fn ukr = job->kr->ukr[w->dtype];
-    const int64_t d = w->d_model, F = w->d_ff, ld_gu = w->gu_panels * nr;
+    const int64_t d = w->d_model, F = w->d_ff;
     float tile[MOE_MAX_MR * MOE_MAX_NR];
     int64_t c, P, r0;
     int m, n_units;
@@ -537,8 +571,8 @@ moe_ffn_up_task(void *ctx, int64_t t)
             if (lora != NULL && lora->n_gu > 0) {
                 job->kr->lowrank(tile, nr, m, nr, job->z_gu + r0 * lora->n_gu,
                                  lora->n_gu, lora->iota, 0, lora->n_gu,
-                                 lora->bank_gu + task->e * lora->n_gu * ld_gu +
-                                     c * nr, ld_gu);
+                                 lora->bank_gu + (task->e * w->gu_panels + c) *
+                                     lora->n_gu * nr, nr);
             }
             n_units = F - c * width < width ? (int)(F - c * width) : width;
             job->kr->epilogue((int)job->act, w->gated, tile, m, n_units,
@@ -598,8 +632,8 @@ moe_ffn_gemm_task(void *ctx, int64_t t)
                 job->kr->lowrank(y, d, m, n_cols, g->coef + r0 * g->ld_coef,
                                  g->ld_coef, g->index + r0 * g->ld_index,
                                  g->ld_index, g->n_terms,
-                                 g->bank + task->e * g->bank_rows * d + c * nr,
-                                 d);
+                                 g->bank + task->e * g->bank_expert +
+                                     c * g->bank_panel, nr);
             }
         }
     }
@@ -647,22 +681,32 @@ moe_ffn_gemm(moe_ffn_job *job, const moe_panel_gemm *g)
 static void
 moe_ffn_bias_rows(const moe_ffn_job *job, const moe_panel_gemm *g)
 {
+    const moe_kernels *kr = moe_cpu_kernels();
     const moe_experts *w = g->w;
-    const int64_t d = w->d_model;
-    int64_t r, j;
-    int32_t e, q;
+    const int64_t d = w->d_model, nr = w->nr;
+    int64_t r0, c, j;
+    int32_t e;
+    int m, i;
 
     for (e = 0; e < w->n_experts; e++) {
-        for (r = job->offsets[e]; r < job->offsets[e + 1]; r++) {
-            for (j = 0; j < d; j++) {
-                g->out[r * d + j] =
-                    w->down_bias ? w->down_bias[e * d + j] : 0.0f;
-            }
-            for (q = 0; g->coef != NULL && q < g->n_terms; q++) {
-                int32_t b = g->index[r * g->ld_index + q];
-                const float *row = g->bank + (e * g->bank_rows + b) * d;
-                for (j = 0; b >= 0 && j < d; j++) {
-                    g->out[r * d + j] += g->coef[r * g->ld_coef + q] * row[j];
+        for (r0 = job->offsets[e]; r0 < job->offsets[e + 1]; r0 += m) {
+            m = job->offsets[e + 1] - r0 < kr->mr ? (int)(job->offsets[e + 1] -
+                                                          r0) : kr->mr;
+            for (c = 0; c * nr < d; c++) {
+                const int n_cols = d - c * nr < nr ? (int)(d - c * nr) : (int)nr;
+                float *y = g->out + r0 * d + c * nr;
+                for (i = 0; i < m; i++) {
+                    for (j = 0; j < n_cols; j++) {
+                        y[i * d + j] = w->down_bias
+                            ? w->down_bias[e * d + c * nr + j] : 0.0f;
+                    }
+                }
+                if (g->coef != NULL && g->n_terms > 0) {
+                    kr->lowrank(y, d, m, n_cols, g->coef + r0 * g->ld_coef,
+                                g->ld_coef, g->index + r0 * g->ld_index,
+                                g->ld_index, g->n_terms,
+                                g->bank + e * g->bank_expert +
+                                    c * g->bank_panel, nr);
                 }
             }
         }
@@ -779,7 +823,8 @@ moe_ffn_run(moe_ffn_job *job, moe_panel_gemm *final, int64_t n_rows)
             final->ld_index = 0;
             final->n_terms = lora->rank;
             final->bank = lora->bank_down;
-            final->bank_rows = lora->rank;
+            final->bank_expert = w->down_panels * lora->rank * w->nr;
+            final->bank_panel = lora->rank * w->nr;
         }
     }
     final->in = job->hp;
@@ -834,8 +879,10 @@ moe_cpu_linear_grouped(const moe_linear_params *p)
         g.index = p->lowrank->index;
         g.ld_index = p->lowrank->n_terms;
         g.n_terms = p->lowrank->n_terms;
-        g.bank = p->lowrank->bank;
-        g.bank_rows = 0;
+        if (g.n_terms > 0) {
+            g.bank = p->lowrank->bank->down;
+            g.bank_panel = p->lowrank->bank->d_ff * p->lowrank->bank->nr;
+        }
     }
     return moe_ffn_run(&job, &g, p->n_rows);
 }

@@ -58,27 +58,6 @@ moe_lora_select(const moe_lora_params *p, const float *z)
     }
 }
 
-/* out = the update alone (no base linear). */
-static void
-moe_lora_update_only(const moe_lora_params *p, const moe_lowrank *lr)
-{
-    const int64_t d = p->d_out;
-    int64_t t, j;
-    int32_t q;
-
-    for (t = 0; t < p->n_tokens; t++) {
-        float *o = p->out + t * d;
-        memset(o, 0, sizeof(float) * (size_t)d);
-        for (q = 0; q < lr->n_terms; q++) {
-            int32_t b = lr->index[t * lr->n_terms + q];
-            float c = lr->coef[t * lr->n_terms + q];
-            for (j = 0; b >= 0 && j < d; j++) {
-                o[j] += c * lr->bank[b * d + j];
-            }
-        }
-    }
-}
-
 static moe_status
 moe_lora_check(const moe_lora_params *p)
 {
@@ -102,6 +81,16 @@ moe_lora_check(const moe_lora_params *p)
         return moe_set_error(MOE_STATUS_INVALID_ARG, "lora_a must be a packed "
                              "linear of shape (%d, rank=%d, d_in=%lld)", n_a,
                              p->rank, (long long)p->d_in);
+    }
+    if (p->bank == NULL || !p->bank->linear || p->bank->n_experts != 1 ||
+        p->bank->dtype != MOE_DTYPE_F32 || p->bank->d_model != p->d_out ||
+        p->bank->d_ff != (int64_t)(p->kind == MOE_LORA_RANKS ? 1 : p->n_adapters) *
+                         p->rank) {
+        return moe_set_error(MOE_STATUS_INVALID_ARG, "bank must be an fp32 "
+                             "packed linear of shape (1, d_out=%lld, %lld)",
+                             (long long)p->d_out,
+                             (long long)(p->kind == MOE_LORA_RANKS
+                                             ? 1 : p->n_adapters) * p->rank);
     }
     if (p->base != NULL &&
         (!p->base->linear || p->base->n_experts != 1 ||
@@ -151,6 +140,7 @@ moe_lora_forward(const moe_lora_params *p)
     int32_t *index = NULL, s, i;
     moe_linear_params lp;
     moe_lowrank lr;
+    moe_experts *zero = NULL;
     moe_status st;
 
     MOE_TRY(moe_lora_check(p));
@@ -249,22 +239,33 @@ moe_lora_forward(const moe_lora_params *p)
     lr.index = index;
     lr.n_terms = S * per_slot;
     lr.bank = p->bank;
-    lr.n_bank = (int64_t)(p->kind == MOE_LORA_RANKS ? 1 : p->n_adapters) * r;
-    if (p->base == NULL) {
-        moe_lora_update_only(p, &lr);
-        st = MOE_STATUS_OK;
-        goto done;
-    }
     memset(&lp, 0, sizeof(lp));
     lp.x = p->x;
     lp.n_tokens = T;
     lp.offsets = whole;
     lp.n_rows = T;
-    lp.weights = p->base;
     lp.lowrank = &lr;
     lp.out = p->out;
+    if (p->base == NULL) {
+        /* The update alone: a base with no inputs (its output rows are 0). */
+        moe_linear_pack_params zp;
+        memset(&zp, 0, sizeof(zp));
+        zp.w = p->x;
+        zp.dtype = MOE_DTYPE_F32;
+        zp.n_groups = 1;
+        zp.d_out = p->d_out;
+        if ((st = moe_linear_pack(&zp, &zero)) != MOE_STATUS_OK) {
+            goto done;
+        }
+        lp.x = NULL;
+        lp.weights = zero;
+    }
+    else {
+        lp.weights = p->base;
+    }
     st = moe_linear_grouped(&lp);
 done:
+    moe_experts_free(zero);
     free(offsets);
     free(token_index);
     free(position);

@@ -1080,8 +1080,9 @@ moe_py_lora_forward(PyObject *self, PyObject *args)
 {
     PyObject *x_obj, *base_obj, *a_obj, *bank_obj, *ids_obj, *w_obj;
     PyObject *as_obj, *rb_obj;
-    PyArrayObject *x, *bank, *out = NULL, *sel = NULL, *counts = NULL;
-    npy_intp xd[2] = {-1, -1}, bd[2], id[2] = {-1, -1}, wd[2], ad[1], rd[1];
+    PyArrayObject *x, *out = NULL, *sel = NULL, *counts = NULL;
+    npy_intp xd[2] = {-1, -1}, id[2] = {-1, -1}, wd[2], ad[1], rd[1];
+    moe_experts_info binfo;
     int kind, n_adapters, select_k, select_signed;
     float scaling;
     void *ids, *weights, *ascale, *rbias;
@@ -1112,12 +1113,10 @@ moe_py_lora_forward(PyObject *self, PyObject *args)
     if (!(x = moe_arg(x_obj, "x", NPY_FLOAT32, 2, xd, 0))) {
         return NULL;
     }
-    bd[0] = (npy_intp)(kind == MOE_LORA_RANKS ? 1 : n_adapters) *
-            ainfo.d_model;
-    bd[1] = -1;
-    if (!(bank = moe_arg(bank_obj, "bank", NPY_FLOAT32, 2, bd, 0))) {
+    if (!(p.bank = moe_packed_arg(bank_obj, "bank", 1))) {
         return NULL;
     }
+    moe_experts_get_info(p.bank, &binfo);
     if (moe_opt_arg(ids_obj, "ids", NPY_INT32, 2, id, &ids) < 0) {
         return NULL;
     }
@@ -1150,10 +1149,9 @@ moe_py_lora_forward(PyObject *self, PyObject *args)
     p.x = MOE_DATA(x, float);
     p.n_tokens = xd[0];
     p.d_in = xd[1];
-    p.d_out = bd[1];
+    p.d_out = binfo.d_model;
     p.rank = (int32_t)ainfo.d_model;
     p.kind = (moe_lora_kind)kind;
-    p.bank = MOE_DATA(bank, float);
     p.n_adapters = n_adapters;
     p.n_slots = (int32_t)wd[1];
     p.ids = ids;
@@ -1163,7 +1161,7 @@ moe_py_lora_forward(PyObject *self, PyObject *args)
     p.select_k = select_k > 0 ? select_k : 0;
     p.select_signed = select_signed;
     p.rank_bias = rbias;
-    out = moe_new(2, xd[0], bd[1], NPY_FLOAT32);
+    out = moe_new(2, xd[0], binfo.d_model, NPY_FLOAT32);
     counts = moe_new(1, kind == MOE_LORA_RANKS ? ainfo.d_model : n_adapters,
                      0, NPY_INT64);
     if (!out || !counts) {

@@ -290,16 +290,17 @@ moe_status moe_linear_pack(const moe_linear_pack_params *p, moe_experts **out);
 
 /*
  * A low-rank update fused into a linear's output rows:
- *   out[r] += sum_q coef[r, q] * bank[index[r, q]],  q in order, -1 skipped.
- * With bank row e * rank + i = B_e[:, i], this is the LoRA expand
- * sum_e B_e z_e without writing the per-adapter outputs anywhere.
+ *   out[r] += sum_q coef[r, q] * U[:, index[r, q]],  q in order, -1 skipped,
+ * U (d_out, n_bank) a packed linear (fp32) used as a bank of columns.  With
+ * U = [B_0 | B_1 | ...] this is the LoRA expand sum_e B_e z_e, and no
+ * per-adapter output is written anywhere.  Packed, the columns one output
+ * tile needs are contiguous (n_bank x panel width) and stay in cache.
  */
 typedef struct moe_lowrank {
-    const float   *coef;    /* (n_rows, n_terms)                            */
-    const int32_t *index;   /* (n_rows, n_terms) rows of bank, -1 = none    */
-    int32_t        n_terms;
-    const float   *bank;    /* (n_bank, d_out) fp32                         */
-    int64_t        n_bank;
+    const float       *coef;  /* (n_rows, n_terms)                          */
+    const int32_t     *index; /* (n_rows, n_terms) columns of U, -1 = none  */
+    int32_t            n_terms;
+    const moe_experts *bank;  /* packed linear (1, d_out, n_bank), fp32     */
 } moe_lowrank;
 
 typedef struct moe_linear_params {
@@ -346,9 +347,9 @@ typedef struct moe_lora_params {
     moe_lora_kind      kind;
     const moe_experts *lora_a;     /* packed linear (n_adapters, rank, d_in)
                                       for ADAPTERS, else (1, rank, d_in)    */
-    const float       *bank;       /* ADAPTERS, SHARED_A: (n_adapters * rank,
-                                      d_out), row e * rank + i = B_e[:, i];
-                                      RANKS: (rank, d_out), row j = B[:, j] */
+    const moe_experts *bank;       /* packed linear (1, d_out, n_bank), fp32:
+                                      ADAPTERS, SHARED_A: [B_0 | B_1 | ...],
+                                      n_bank = n_adapters * rank; RANKS: B */
     int32_t            n_adapters; /* adapters / heads; RANKS: 1            */
     int32_t            n_slots;    /* slots per token                       */
     const int32_t     *ids;        /* (n_tokens, n_slots) adapter, head or

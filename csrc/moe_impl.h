@@ -68,10 +68,11 @@ struct moe_expert_lora {
     int32_t      n_gu;      /* shrink rows before phase 1: rank per present
                                gate / up adapter (0, rank or 2 * rank)      */
     moe_experts *a_gu;      /* packed linear (E, n_gu, d_model) or NULL     */
-    float       *bank_gu;   /* (E, n_gu, gu_panels * nr): s * B rows laid
+    float       *bank_gu;   /* (E, gu_panels, n_gu, nr): s * B rows laid
                                out as the gate/up panel columns             */
     moe_experts *a_down;    /* packed linear (E, rank, d_ff) or NULL        */
-    float       *bank_down; /* (E, rank, d_model): s * B_down[:, i]         */
+    float       *bank_down; /* (E, down_panels, rank, nr): s * B_down[:, i]
+                               in the down panels' columns                  */
     int32_t     *iota;      /* (max(n_gu, rank),) 0, 1, 2, ...              */
 };
 

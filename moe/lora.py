@@ -134,9 +134,10 @@ class _LoRALayer:
         return self.lora_a if self.lora_a.ndim == 3 else self.lora_a[None]
 
     def _bank(self):
-        """Expand rows: row e * rank + i = B_e[:, i] (float32, (n * rank, d_out))."""
+        """The expand's columns [B_0 | B_1 | ...] (d_out, n * rank), packed."""
         b = self.lora_b if self.lora_b.ndim == 3 else self.lora_b[None]
-        return np.ascontiguousarray(b.transpose(0, 2, 1)).reshape(-1, self.d_out)
+        u = np.ascontiguousarray(b.transpose(1, 0, 2)).reshape(self.d_out, -1)
+        return _C.pack_linear(u[None], 0)
 
     def pack(self):
         """Pack the base weight and the adapters for the kernels now (call after in-place

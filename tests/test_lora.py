@@ -411,7 +411,8 @@ def test_bad_input():
     # the C entry checks ids and ranks itself
     base = _C.pack_linear(rng.standard_normal((1, 12, 16)).astype(np.float32), 0)
     a = _C.pack_linear(rng.standard_normal((4, 4, 16)).astype(np.float32), 0)
-    bank = np.zeros((16, 12), np.float32)
+    bank = _C.pack_linear(np.zeros((1, 12, 16), np.float32), 0)
+    bank8 = _C.pack_linear(np.zeros((1, 12, 8), np.float32), 0)
     xs = rng.standard_normal((3, 16)).astype(np.float32)
     ids = np.array([[0, 1], [2, 4], [3, -1]], np.int32)
     with pytest.raises(ValueError, match=r"adapter ids must be in \[0, 4\) or -1, got 4 "
@@ -419,9 +420,10 @@ def test_bad_input():
         _C.lora_forward(xs, base, 0, a, bank, 4, ids, None, 1.0, None, 0, 0, None)
     with pytest.raises(ValueError, match=r"lora_a must be a packed linear of shape "
                                          r"\(1, rank=4, d_in=16\)"):
-        _C.lora_forward(xs, base, 1, a, bank[:16], 4, ids % 4, None, 1.0, None, 0, 0, None)
-    with pytest.raises(ValueError, match="bank must have shape"):
-        _C.lora_forward(xs, base, 0, a, bank[:8], 4, ids % 4, None, 1.0, None, 0, 0, None)
+        _C.lora_forward(xs, base, 1, a, bank, 4, ids % 4, None, 1.0, None, 0, 0, None)
+    with pytest.raises(ValueError, match=r"bank must be an fp32 packed linear of shape "
+                                         r"\(1, d_out=12, 16\)"):
+        _C.lora_forward(xs, base, 0, a, bank8, 4, ids % 4, None, 1.0, None, 0, 0, None)
 
 
 # ---- LoRA on the experts of a SparseMoE ----------------------------------------------------

@@ -67,9 +67,10 @@ typedef struct moe_pool {
     pthread_cond_t  idle;        /* the caller waits here for the workers   */
     pthread_t       threads[MOE_MAX_THREADS];
     int             n_workers;   /* threads besides the caller              */
-    int             busy;        /* workers still inside the current job    */
-    int             stop;
-    uint64_t        generation;  /* bumped for each job                     */
+    /* written under lock; read without it while spinning */
+    atomic_int      busy;        /* workers still inside the current job    */
+    atomic_int      stop;
+    atomic_ullong   generation;  /* bumped for each job                     */
     moe_task_fn     fn;
     void           *ctx;
     int64_t         n_tasks;
@@ -95,18 +96,47 @@ moe_pool_work(moe_pool *p)
     }
 }
 
+/*
+ * Between jobs a worker (and the caller waiting for the workers) spins for
+ * about 0.1 ms before sleeping on a condition variable: an op is several
+ * short jobs, and waking a sleeping thread costs from ~10 us to, on a
+ * virtual machine whose idle vCPU the host has parked, most of a
+ * millisecond.  MOE_POOL_SPIN=<iterations> sets the spin (0: never spin,
+ * e.g. with more threads than cores).
+ */
+static long moe_spin_iters = 4096;
+
+static inline void
+moe_cpu_relax(void)
+{
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield");
+#endif
+}
+
 static void *
 moe_pool_main(void *arg)
 {
     moe_pool *p = &moe_the_pool;
     uint64_t seen = (uint64_t)(uintptr_t)arg;
+    long i;
 
-    pthread_mutex_lock(&p->lock);
     for (;;) {
+        for (i = 0; i < moe_spin_iters &&
+                    atomic_load_explicit(&p->generation,
+                                         memory_order_acquire) == seen &&
+                    !atomic_load_explicit(&p->stop, memory_order_relaxed);
+             i++) {
+            moe_cpu_relax();
+        }
+        pthread_mutex_lock(&p->lock);
         while (!p->stop && p->generation == seen) {
             pthread_cond_wait(&p->wake, &p->lock);
         }
         if (p->stop) {
+            pthread_mutex_unlock(&p->lock);
             break;
         }
         seen = p->generation;
@@ -116,8 +146,8 @@ moe_pool_main(void *arg)
         if (--p->busy == 0) {
             pthread_cond_signal(&p->idle);
         }
+        pthread_mutex_unlock(&p->lock);
     }
-    pthread_mutex_unlock(&p->lock);
     return NULL;
 }
 
@@ -221,6 +251,14 @@ moe_pool_get(int *want)
         moe_want_threads = moe_default_threads();
     }
     if (!moe_pool_ready) {
+        const char *spin = getenv("MOE_POOL_SPIN");
+        if (spin != NULL && *spin != '\0') {
+            char *end;
+            long v = strtol(spin, &end, 10);
+            if (*end == '\0' && v >= 0) {
+                moe_spin_iters = v;
+            }
+        }
         pthread_mutex_init(&p->lock, NULL);
         pthread_mutex_init(&p->run_lock, NULL);
         pthread_cond_init(&p->wake, NULL);
@@ -262,6 +300,7 @@ moe_pool_run(int64_t n_tasks, moe_task_fn fn, void *ctx)
 {
     moe_pool *p;
     int want;
+    long i;
     moe_status st;
 
     if (n_tasks <= 0) {
@@ -287,6 +326,11 @@ moe_pool_run(int64_t n_tasks, moe_task_fn fn, void *ctx)
 
     moe_pool_work(p);
 
+    for (i = 0; i < moe_spin_iters &&
+                atomic_load_explicit(&p->busy, memory_order_acquire) > 0;
+         i++) {
+        moe_cpu_relax();
+    }
     pthread_mutex_lock(&p->lock);
     while (p->busy > 0) {
         pthread_cond_wait(&p->idle, &p->lock);

@@ -1,10 +1,11 @@
 """Type stubs for the public moe API."""
-from typing import IO, Any, Callable, NamedTuple, Optional, Tuple, Union, overload
+from typing import IO, Any, Callable, NamedTuple, Optional, Sequence, Tuple, Union, overload
 
 import numpy as np
 import numpy.typing as npt
 
 from . import reference as reference
+from . import lora as lora
 from . import safetensors as safetensors
 
 ArrayLike = Any  # NumPy arrays, array-likes, or CPU objects with __dlpack__
@@ -128,7 +129,14 @@ class SparseMoE:
                  capacity_factor: Optional[float] = ..., dtype: str = ...,
                  seed: int = ..., init: bool = ..., router_bias: bool = ...,
                  expert_biases: bool = ..., swiglu_alpha: float = ...,
-                 swiglu_limit: float = ...) -> None: ...
+                 swiglu_limit: float = ..., lora_rank: int = ...,
+                 lora_alpha: Optional[float] = ...,
+                 lora_targets: Optional[Sequence[str]] = ...) -> None: ...
+    lora_rank: int
+    lora_alpha: float
+    lora_targets: Tuple[str, ...]
+    @property
+    def lora_scaling(self) -> float: ...
     def pack(self) -> "SparseMoE": ...
     def save(self, path: Any) -> None: ...
     def config(self) -> dict[str, Any]: ...
@@ -179,3 +187,111 @@ def from_hf(path: Any, layer: int, *, dtype: Optional[str] = ...,
             progress: Union[None, bool, Callable[[int, int, str], Any]] = ...) -> SparseMoE: ...
 def load(path: Any) -> SparseMoE: ...
 def save(layer: SparseMoE, path: Any) -> None: ...
+
+# ---- LoRA experts (moe.lora) ------------------------------------------------------------
+
+def sparse_projection(rank: int, d_in: int, density: float,
+                      seed: int = ...) -> npt.NDArray[np.float32]: ...
+
+class _LoRALayer:
+    d_in: int
+    d_out: int
+    rank: int
+    alpha: float
+    dtype: str
+    use_bias: bool
+    base_weight: npt.NDArray[Any]             # (d_out, d_in), in `dtype`
+    base_bias: Optional[npt.NDArray[np.float32]]
+    lora_a: npt.NDArray[np.float32]
+    lora_b: npt.NDArray[np.float32]
+    @property
+    def scaling(self) -> float: ...
+    def pack(self) -> Any: ...
+    def base_forward(self, x: ArrayLike) -> npt.NDArray[np.float32]: ...
+    def flops(self, n_tokens: int) -> int: ...
+
+class TopKLoRA(_LoRALayer):
+    n_experts: int
+    top_k: int
+    scoring: str
+    renormalize: bool
+    per_sequence: bool
+    router_weight: npt.NDArray[np.float32]
+    def __init__(self, d_in: int, d_out: int, n_experts: int, rank: int, top_k: int = ..., *,
+                 alpha: Optional[float] = ..., scoring: str = ..., renormalize: bool = ...,
+                 per_sequence: bool = ..., bias: bool = ..., dtype: str = ..., seed: int = ...,
+                 init: bool = ...) -> None: ...
+    def __call__(self, x: ArrayLike, *, seq_lens: Optional[ArrayLike] = ...,
+                 return_routing: bool = ...) -> Any: ...
+
+class SoftLoRA(TopKLoRA):
+    def __init__(self, d_in: int, d_out: int, n_experts: int, rank: int,
+                 top_k: Optional[int] = ..., *, alpha: Optional[float] = ...,
+                 per_sequence: bool = ..., bias: bool = ..., dtype: str = ..., seed: int = ...,
+                 init: bool = ...) -> None: ...
+
+class HydraLoRA(_LoRALayer):
+    n_experts: int
+    top_k: Optional[int]
+    renormalize: bool
+    per_sequence: bool
+    router_weight: npt.NDArray[np.float32]
+    def __init__(self, d_in: int, d_out: int, n_experts: int, rank: int,
+                 top_k: Optional[int] = ..., *, alpha: Optional[float] = ...,
+                 renormalize: bool = ..., per_sequence: bool = ..., bias: bool = ...,
+                 dtype: str = ..., seed: int = ..., init: bool = ...) -> None: ...
+    def __call__(self, x: ArrayLike, *, seq_lens: Optional[ArrayLike] = ...,
+                 return_routing: bool = ...) -> Any: ...
+
+class GatedLoRA(_LoRALayer):
+    n_experts: int
+    top_k: Optional[int]
+    softmax_topk: bool
+    def __init__(self, d_in: int, d_out: int, n_experts: int, rank: int, *,
+                 top_k: Optional[int] = ..., softmax_topk: bool = ...,
+                 alpha: Optional[float] = ..., bias: bool = ..., dtype: str = ...,
+                 seed: int = ..., init: bool = ...) -> None: ...
+    def __call__(self, x: ArrayLike, scalings: ArrayLike, *,
+                 return_routing: bool = ...) -> Any: ...
+
+class FlyLoRA(_LoRALayer):
+    top_k: int
+    density: float
+    signed: bool
+    bias_rate: float
+    update_bias_mode: str
+    rank_bias: npt.NDArray[np.float32]
+    def __init__(self, d_in: int, d_out: int, rank: int, top_k: int, *,
+                 alpha: Optional[float] = ..., density: Optional[float] = ...,
+                 signed: bool = ..., bias_rate: float = ..., update_bias: str = ...,
+                 bias: bool = ..., dtype: str = ..., seed: int = ...,
+                 init: bool = ...) -> None: ...
+    def update_bias(self, counts: ArrayLike,
+                    rate: Optional[float] = ...) -> npt.NDArray[np.float32]: ...
+    def __call__(self, x: ArrayLike, *, return_routing: bool = ...) -> Any: ...
+
+class SMoRA(_LoRALayer):
+    top_k: int
+    rank_partition: int
+    tile: bool
+    router_weight: npt.NDArray[np.float32]
+    rank_bias: npt.NDArray[np.float32]
+    def __init__(self, d_in: int, d_out: int, rank: int, top_k: int, *,
+                 rank_partition: int = ..., tile: bool = ..., alpha: Optional[float] = ...,
+                 bias: bool = ..., dtype: str = ..., seed: int = ...,
+                 init: bool = ...) -> None: ...
+    def update_bias(self, counts: ArrayLike,
+                    rate: float = ...) -> npt.NDArray[np.float32]: ...
+    def __call__(self, x: ArrayLike, *, return_routing: bool = ...) -> Any: ...
+
+class MultiLoRA(_LoRALayer):
+    scalings: npt.NDArray[np.float32]
+    @property
+    def n_adapters(self) -> int: ...
+    def __init__(self, d_in: int, d_out: int, n_adapters: int, rank: int, *,
+                 alpha: Optional[float] = ..., bias: bool = ..., dtype: str = ...,
+                 seed: int = ..., init: bool = ...) -> None: ...
+    def set_adapter(self, i: int, lora_a: ArrayLike, lora_b: ArrayLike,
+                    alpha: Optional[float] = ...) -> None: ...
+    def __call__(self, x: ArrayLike, adapter_ids: ArrayLike, *,
+                 return_routing: bool = ...) -> Any: ...

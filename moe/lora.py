@@ -125,7 +125,7 @@ class _LoRALayer:
             object.__setattr__(self, "_packed", None)
         object.__setattr__(self, name, value)
 
-    _READ_EACH_CALL = ("router_weight", "rank_bias")
+    _READ_EACH_CALL: tuple = ("router_weight", "rank_bias")
 
     # ---- packing ----------------------------------------------------------------------
 

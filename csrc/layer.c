@@ -62,11 +62,53 @@ moe_layer_shared(const moe_layer_params *p, float *tmp)
     return MOE_STATUS_OK;
 }
 
+/*
+ * Null experts, after the combine: zero adds nothing, copy adds w * x,
+ * constant adds w * v, slot by slot in order; n_real counts the rest.
+ */
+static void
+moe_layer_null(const moe_layer_params *p)
+{
+    const int64_t T = p->n_tokens, d = p->d_model;
+    const int32_t E = p->n_experts, k = p->top_k;
+    int64_t t, i;
+    int32_t j;
+
+    for (t = 0; t < T; t++) {
+        int32_t real = 0;
+        for (j = 0; j < k; j++) {
+            const int32_t e = p->expert_ids[t * k + j];
+            const float w = p->weights[t * k + j];
+            const float *v;
+            if (e < 0) {
+                continue;
+            }
+            if (e < E) {
+                real++;
+                continue;
+            }
+            switch (p->null_kinds[e - E]) {
+            case MOE_NULL_COPY:     v = p->x + t * d; break;
+            case MOE_NULL_CONSTANT: v = p->null_values + (e - E) * d; break;
+            default:                v = NULL; break;
+            }
+            for (i = 0; v != NULL && i < d; i++) {
+                p->out[t * d + i] += w * v[i];
+            }
+        }
+        if (p->n_real != NULL) {
+            p->n_real[t] = real;
+        }
+    }
+}
+
 moe_status
 moe_layer_forward(const moe_layer_params *p)
 {
     const int64_t T = p->n_tokens, d = p->d_model;
     const int32_t E = p->n_experts, k = p->top_k;
+    const int32_t E_all = p->n_experts + (p->n_null > 0 ? p->n_null : 0);
+    int32_t *real_ids = NULL;
     moe_router_params rp;
     moe_route_params qp;
     moe_dispatch_params dp;
@@ -75,6 +117,7 @@ moe_layer_forward(const moe_layer_params *p)
     double *logits = NULL;
     int64_t *offsets = NULL, *token_index = NULL, *position = NULL, n_rows;
     float *ys = NULL, *tmp = NULL;
+    int32_t i_null;
     moe_status st = MOE_STATUS_ALLOC;
 
     if (p->experts == NULL || p->experts->n_experts != E ||
@@ -85,7 +128,21 @@ moe_layer_forward(const moe_layer_params *p)
                              "not match n_experts=%d, d_model=%lld", E,
                              (long long)d);
     }
-    logits = moe_workspace(MOE_WS_LAYER_LOGITS, (size_t)T * E, sizeof(double));
+    if (p->n_null < 0 || (p->n_null > 0 && p->null_kinds == NULL)) {
+        return moe_set_error(MOE_STATUS_INVALID_ARG, "n_null must be >= 0, "
+                             "with null_kinds");
+    }
+    for (i_null = 0; i_null < p->n_null; i_null++) {
+        const int32_t kind = p->null_kinds[i_null];
+        if (kind < MOE_NULL_ZERO || kind > MOE_NULL_CONSTANT ||
+            (kind == MOE_NULL_CONSTANT && p->null_values == NULL)) {
+            return moe_set_error(MOE_STATUS_INVALID_ARG, "null expert %d: kind "
+                                 "%d is not zero (0), copy (1) or constant (2) "
+                                 "with values", i_null, kind);
+        }
+    }
+    logits = moe_workspace(MOE_WS_LAYER_LOGITS, (size_t)T * E_all,
+                           sizeof(double));
     offsets = moe_alloc((size_t)E + 1, sizeof(int64_t));
     position = moe_alloc((size_t)T * k, sizeof(int64_t));
     if (!logits || !offsets || !position) {
@@ -97,7 +154,7 @@ moe_layer_forward(const moe_layer_params *p)
     rp.bias = p->router_bias;
     rp.n_tokens = T;
     rp.d_model = d;
-    rp.n_experts = E;
+    rp.n_experts = E_all;
     rp.logits = logits;
     if ((st = moe_router_logits(&rp)) != MOE_STATUS_OK) {
         goto done;
@@ -107,7 +164,7 @@ moe_layer_forward(const moe_layer_params *p)
     qp.expert_bias = p->expert_bias;
     qp.allowed = NULL;
     qp.n_tokens = T;
-    qp.n_experts = E;
+    qp.n_experts = E_all;
     qp.top_k = k;
     qp.n_groups = p->n_groups;
     qp.topk_groups = p->topk_groups;
@@ -133,6 +190,19 @@ moe_layer_forward(const moe_layer_params *p)
     }
 
     dp.expert_ids = p->expert_ids;
+    if (p->n_null > 0) {
+        /* null experts are never dispatched */
+        int64_t i;
+        st = MOE_STATUS_ALLOC;
+        real_ids = moe_alloc((size_t)T * k, sizeof(int32_t));
+        if (real_ids == NULL) {
+            goto done;
+        }
+        for (i = 0; i < T * k; i++) {
+            real_ids[i] = p->expert_ids[i] < E ? p->expert_ids[i] : -1;
+        }
+        dp.expert_ids = real_ids;
+    }
     dp.n_tokens = T;
     dp.top_k = k;
     dp.n_experts = E;
@@ -181,6 +251,9 @@ moe_layer_forward(const moe_layer_params *p)
     if ((st = moe_combine(&cp)) != MOE_STATUS_OK) {
         goto done;
     }
+    if (p->n_null > 0 || p->n_real != NULL) {
+        moe_layer_null(p);
+    }
 
     if (p->shared != NULL) {
         st = MOE_STATUS_ALLOC;
@@ -195,5 +268,6 @@ done:
     free(offsets);
     free(token_index);
     free(position);
+    free(real_ids);
     return st;
 }

@@ -1210,14 +1210,16 @@ moe_py_layer_forward(PyObject *self, PyObject *args)
     moe_layer_params p;
     moe_status st;
 
-    PyObject *lora_obj = Py_None;
+    PyObject *lora_obj = Py_None, *nk_obj = Py_None, *nv_obj = Py_None;
+    PyArrayObject *n_real = NULL;
+    npy_intp nkd[1] = {-1}, nvd[2];
 
-    if (!PyArg_ParseTuple(args, "OOOiiOipdiidOO|OffO", &x_obj, &r_obj, &w_obj,
+    if (!PyArg_ParseTuple(args, "OOOiiOipdiidOO|OffOOO", &x_obj, &r_obj, &w_obj,
                           &top_k, &activation, &bias_obj, &scoring,
                           &renormalize, &routed_scaling, &n_groups,
                           &topk_groups, &capacity_factor, &sw_obj,
                           &sgate_obj, &rbias_obj, &alpha, &limit,
-                          &lora_obj)) {
+                          &lora_obj, &nk_obj, &nv_obj)) {
         return NULL;
     }
     memset(&p, 0, sizeof(p));
@@ -1238,7 +1240,22 @@ moe_py_layer_forward(PyObject *self, PyObject *args)
     if (!(x = moe_arg(x_obj, "x", NPY_FLOAT32, 2, xd, 0))) {
         return NULL;
     }
-    rd[0] = info.n_experts;
+    if (moe_opt_arg(nk_obj, "null_kinds", NPY_INT32, 1, nkd, &tmp) < 0) {
+        return NULL;
+    }
+    p.null_kinds = tmp;
+    p.n_null = tmp != NULL ? (int32_t)nkd[0] : 0;
+    if (p.n_null > INT32_MAX - info.n_experts) {
+        PyErr_SetString(PyExc_ValueError, "too many null experts");
+        return NULL;
+    }
+    nvd[0] = p.n_null;
+    nvd[1] = xd[1];
+    if (moe_opt_arg(nv_obj, "null_values", NPY_FLOAT32, 2, nvd, &tmp) < 0) {
+        return NULL;
+    }
+    p.null_values = tmp;
+    rd[0] = (npy_intp)info.n_experts + p.n_null;
     rd[1] = xd[1];
     if (!(r = moe_arg(r_obj, "router_weight", NPY_FLOAT32, 2, rd, 0))) {
         return NULL;
@@ -1272,10 +1289,16 @@ moe_py_layer_forward(PyObject *self, PyObject *args)
     if (!out || !ids || !weights || !counts) {
         goto fail;
     }
+    if (p.n_null > 0) {
+        if (!(n_real = moe_new(1, xd[0], 0, NPY_INT32))) {
+            goto fail;
+        }
+        p.n_real = MOE_DATA(n_real, int32_t);
+    }
     p.x = MOE_DATA(x, float);
     p.n_tokens = xd[0];
     p.d_model = xd[1];
-    p.n_experts = (int32_t)rd[0];
+    p.n_experts = info.n_experts;
     p.top_k = top_k;
     p.activation = (moe_activation)activation;
     p.router_weight = MOE_DATA(r, float);
@@ -1298,9 +1321,14 @@ moe_py_layer_forward(PyObject *self, PyObject *args)
         goto fail;
     }
     n_dropped_ll = (long long)n_dropped;
-    return Py_BuildValue("NNNNLdd", out, ids, weights, counts, n_dropped_ll,
-                         aux, z);
+    if (n_real == NULL) {
+        Py_INCREF(Py_None);
+        n_real = (PyArrayObject *)Py_None;
+    }
+    return Py_BuildValue("NNNNLddN", out, ids, weights, counts, n_dropped_ll,
+                         aux, z, n_real);
 fail:
+    Py_XDECREF(n_real);
     Py_XDECREF(out);
     Py_XDECREF(ids);
     Py_XDECREF(weights);

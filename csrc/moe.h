@@ -459,6 +459,13 @@ moe_status moe_route_skip(const moe_route_skip_params *p);
 
 /* ---- the whole layer ------------------------------------------------- */
 
+/* Kinds of null experts (moe_layer_params). */
+enum {
+    MOE_NULL_ZERO     = 0,
+    MOE_NULL_COPY     = 1,
+    MOE_NULL_CONSTANT = 2
+};
+
 typedef struct moe_layer_params {
     const float       *x;             /* (n_tokens, d_model)                */
     int64_t            n_tokens;
@@ -468,13 +475,13 @@ typedef struct moe_layer_params {
     moe_activation     activation;
     float              act_alpha;     /* as in moe_ffn_params               */
     float              act_limit;
-    const float       *router_weight; /* (n_experts, d_model)               */
-    const float       *router_bias;   /* (n_experts,) or NULL               */
+    const float       *router_weight; /* (n_experts + n_null, d_model)      */
+    const float       *router_bias;   /* (n_experts + n_null,) or NULL      */
     const moe_experts *experts;       /* packed routed experts              */
     const moe_expert_lora *lora;      /* adapters on them, or NULL          */
 
-    /* routing options, as in moe_route_params */
-    const float       *expert_bias;   /* (n_experts,) or NULL               */
+    /* routing options, as in moe_route_params, over n_experts + n_null */
+    const float       *expert_bias;   /* (n_experts + n_null,) or NULL      */
     moe_scoring        scoring;
     int32_t            renormalize;
     double             routed_scaling;
@@ -482,15 +489,26 @@ typedef struct moe_layer_params {
     int32_t            topk_groups;
     double             capacity_factor;
 
+    /* null experts (MoE++): n_null more router outputs after the real ones,
+       never dispatched: zero adds 0, copy adds w * x, constant adds w * v */
+    int32_t            n_null;
+    const int32_t     *null_kinds;    /* (n_null,) MOE_NULL_*               */
+    const float       *null_values;   /* (n_null, d_model) v of constant
+                                         experts (other rows unused), or
+                                         NULL when none is constant          */
+    int32_t           *n_real;        /* out, or NULL: (n_tokens,) real
+                                         experts each token kept             */
+
     /* shared experts: one packed expert of width n_shared * shared_d_ff   */
     const moe_experts *shared;        /* NULL = none                        */
     const float       *shared_gate;   /* (d_model,) sigmoid gate, or NULL   */
 
     float             *out;           /* out: (n_tokens, d_model)           */
     /* routing outputs, as in moe_route_params (all required) */
-    int32_t           *expert_ids;    /* out: (n_tokens, top_k)             */
+    int32_t           *expert_ids;    /* out: (n_tokens, top_k); ids >=
+                                         n_experts are null experts         */
     float             *weights;       /* out: (n_tokens, top_k)             */
-    int64_t           *counts;        /* out: (n_experts,)                  */
+    int64_t           *counts;        /* out: (n_experts + n_null,)         */
     int64_t           *n_dropped;
     double            *aux_loss;
     double            *z_loss;

@@ -6,6 +6,8 @@ call into the C core.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 
 from . import _C
@@ -15,16 +17,16 @@ from ._api import (ACTIVATIONS, GATED, WEIGHT_DTYPES, RoutingResult, _shape_str,
 
 # attribute -> shape template; names are resolved against the layer's sizes
 _WEIGHTS = {
-    "router_weight": ("n_experts", "d_model"),
+    "router_weight": ("n_router", "d_model"),
     "w_gate": ("n_experts", "d_ff", "d_model"),
     "w_up": ("n_experts", "d_ff", "d_model"),
     "w_down": ("n_experts", "d_model", "d_ff"),
-    "expert_bias": ("n_experts",),
+    "expert_bias": ("n_router",),
     "shared_w_gate": ("shared_hidden", "d_model"),
     "shared_w_up": ("shared_hidden", "d_model"),
     "shared_w_down": ("d_model", "shared_hidden"),
     "shared_gate_weight": ("one", "d_model"),
-    "router_bias": ("n_experts",),
+    "router_bias": ("n_router",),
     "b_gate": ("n_experts", "d_ff"),
     "b_up": ("n_experts", "d_ff"),
     "b_down": ("n_experts", "d_model"),
@@ -35,7 +37,23 @@ _WEIGHTS = {
     "lora_b_up": ("n_experts", "d_ff", "lora_rank"),
     "lora_a_down": ("n_experts", "lora_rank", "d_ff"),
     "lora_b_down": ("n_experts", "d_model", "lora_rank"),
+    "null_values": ("n_null", "d_model"),  # the constants of "constant" null experts
 }
+NULL_KINDS = ("zero", "copy", "constant")
+
+
+class NullRoutingResult(NamedTuple):
+    """RoutingResult of a layer with null experts: ids >= n_experts are null experts
+    (id n_experts + i is null_experts[i]); counts cover all n_experts + n_null; n_real (T,)
+    int32 is the number of real (dispatched) experts each token kept."""
+
+    expert_ids: np.ndarray
+    weights: np.ndarray
+    counts: np.ndarray
+    n_dropped: int
+    aux_loss: float
+    z_loss: float
+    n_real: np.ndarray
 LORA_TARGETS = ("w_gate", "w_up", "w_down")
 _LORA_WEIGHTS = tuple(f"lora_{ab}_{t[2:]}" for t in LORA_TARGETS for ab in "ab")
 # the FFN weights, stored in the layer's dtype and packed for the kernels
@@ -65,6 +83,13 @@ class SparseMoE:
     lora_b_<t> (E, out, r) per target (PEFT layout; B starts at zero).  The shrinks run on the
     FFN's packed activations and the expands are fused into its output tiles.
 
+    Null experts (MoE++): null_experts=("zero", "copy", "constant", ...) adds that many
+    router outputs after the real experts (router_weight, expert_bias and router_bias then
+    have n_experts + n_null rows).  They compete in top-k like any expert but are never
+    dispatched: "zero" adds nothing, "copy" adds w * x, "constant" adds w * v with v its row
+    of null_values (n_null, d_model).  return_routing=True then gives a NullRoutingResult
+    with n_real, the real experts each token kept (compute saved = top_k - n_real).
+
     dtype: storage of the expert FFN weights: "float32", "bfloat16" (NumPy has no
     bfloat16: stored as uint16 bits; torch / ml_dtypes bfloat16 arrays are accepted and
     float arrays are rounded to nearest even) or "float16".  Compute is float32 with float32
@@ -85,13 +110,19 @@ class SparseMoE:
                  topk_groups=1, expert_bias=False, n_shared_experts=0, shared_d_ff=None,
                  shared_expert_gate=False, capacity_factor=None, dtype="float32", seed=0,
                  init=True, router_bias=False, expert_biases=False, swiglu_alpha=1.702,
-                 swiglu_limit=7.0, lora_rank=0, lora_alpha=None, lora_targets=None):
+                 swiglu_limit=7.0, lora_rank=0, lora_alpha=None, lora_targets=None,
+                 null_experts=()):
         self.d_model = check_int(d_model, "d_model", 1)
         self.d_ff = check_int(d_ff, "d_ff", 1)
         self.n_experts = check_int(n_experts, "n_experts", 1, 2**31 - 1)
         self.activation = activation
         check_choice(activation, "activation", ACTIVATIONS)
-        check_routing_options(self.n_experts, top_k, scoring, n_groups, topk_groups,
+        kinds = (null_experts,) if isinstance(null_experts, str) else tuple(null_experts or ())
+        for kind in kinds:
+            check_choice(kind, "null_experts entry", NULL_KINDS)
+        self.null_experts = kinds
+        self.n_null = len(kinds)
+        check_routing_options(self.n_router, top_k, scoring, n_groups, topk_groups,
                               routed_scaling, capacity_factor)
         self.top_k, self.scoring, self.renormalize = int(top_k), scoring, bool(renormalize)
         self.routed_scaling = float(routed_scaling)
@@ -128,10 +159,10 @@ class SparseMoE:
             object.__setattr__(self, name, None)
         if not init:
             if self.use_expert_bias:
-                self.expert_bias = np.zeros(self.n_experts, np.float32)
+                self.expert_bias = np.zeros(self.n_router, np.float32)
             return
         if self.use_router_bias:
-            self.router_bias = np.zeros(self.n_experts, np.float32)
+            self.router_bias = np.zeros(self.n_router, np.float32)
         if self.use_expert_biases:
             self.b_gate = np.zeros((self.n_experts, self.d_ff), np.float32)
             self.b_up = np.zeros((self.n_experts, self.d_ff), np.float32)
@@ -143,12 +174,14 @@ class SparseMoE:
             return (rng.standard_normal(shape) / np.sqrt(fan_in)).astype(np.float32)
 
         gated = activation in GATED
-        self.router_weight = normal((E, d), d)
+        self.router_weight = normal((self.n_router, d), d)
+        self.null_values = normal((self.n_null, d), d) if "constant" in self.null_experts \
+            else None
         # (weights are drawn in float32 and rounded to `dtype` on assignment)
         self.w_gate = normal((E, F, d), d) if gated else None
         self.w_up = normal((E, F, d), d)
         self.w_down = normal((E, d, F), F)
-        self.expert_bias = np.zeros(E, np.float32) if self.use_expert_bias else None
+        self.expert_bias = np.zeros(self.n_router, np.float32) if self.use_expert_bias else None
         H = self.n_shared_experts * self.shared_d_ff
         self.shared_w_gate = normal((H, d), d) if H and gated else None
         self.shared_w_up = normal((H, d), d) if H else None
@@ -165,7 +198,8 @@ class SparseMoE:
         if name in _WEIGHTS and value is not None:
             sizes = {"n_experts": self.n_experts, "d_model": self.d_model, "d_ff": self.d_ff,
                      "shared_hidden": self.n_shared_experts * self.shared_d_ff, "one": 1,
-                     "lora_rank": self.lora_rank}
+                     "lora_rank": self.lora_rank, "n_router": self.n_router,
+                     "n_null": self.n_null}
             if name in _LORA_WEIGHTS and (not self.lora_rank or
                                           f"w_{name[7:]}" not in self.lora_targets):
                 raise ValueError(f"{name}: {'w_' + name[7:]!r} is not in lora_targets="
@@ -230,6 +264,11 @@ class SparseMoE:
         return self
 
     @property
+    def n_router(self):
+        """Router outputs: the real experts, then the null experts."""
+        return self.n_experts + getattr(self, "n_null", 0)
+
+    @property
     def lora_scaling(self):
         """The expert LoRA scaling lora_alpha / lora_rank (0 without LoRA)."""
         return self.lora_alpha / self.lora_rank if self.lora_rank else 0.0
@@ -266,17 +305,27 @@ class SparseMoE:
         x2 = x.reshape(-1, self.d_model)
         routed, shared, sgate, lora = self._checked_weights()
         top_k, code, n_groups, topk_groups, scaling, cf = check_routing_options(
-            self.n_experts, self.top_k, self.scoring, self.n_groups, self.topk_groups,
+            self.n_router, self.top_k, self.scoring, self.n_groups, self.topk_groups,
             self.routed_scaling, self.capacity_factor)
         act = check_choice(self.activation, "activation", ACTIVATIONS)
-        out, ids, w, counts, n_dropped, aux, z = _C.layer_forward(
+        kinds = values = None
+        if self.n_null:
+            kinds = np.array([NULL_KINDS.index(k) for k in self.null_experts], np.int32)
+            if "constant" in self.null_experts:
+                if self.null_values is None:
+                    raise ValueError("null_values is None but a null expert is 'constant'")
+                values = self.null_values
+        out, ids, w, counts, n_dropped, aux, z, n_real = _C.layer_forward(
             x2, self.router_weight, routed, top_k, act,
             self.expert_bias if self.use_expert_bias else None, code, self.renormalize,
             check_float(scaling, "routed_scaling"), n_groups, topk_groups, cf, shared, sgate,
             self.router_bias if self.use_router_bias else None, self.swiglu_alpha,
-            self.swiglu_limit, lora)
+            self.swiglu_limit, lora, kinds, values)
         out = out.reshape(lead + (self.d_model,))
         if return_routing:
+            if self.n_null:
+                return out, NullRoutingResult(ids, w, counts, int(n_dropped), float(aux),
+                                              float(z), n_real)
             return out, RoutingResult(ids, w, counts, int(n_dropped), float(aux), float(z))
         return out
 
@@ -292,7 +341,7 @@ class SparseMoE:
                     router_bias=self.use_router_bias, expert_biases=self.use_expert_biases,
                     swiglu_alpha=self.swiglu_alpha, swiglu_limit=self.swiglu_limit,
                     lora_rank=self.lora_rank, lora_alpha=self.lora_alpha,
-                    lora_targets=list(self.lora_targets))
+                    lora_targets=list(self.lora_targets), null_experts=list(self.null_experts))
 
     def save(self, path):
         """Write the layer to one safetensors file (weights + its config in the metadata);
@@ -307,7 +356,7 @@ class SparseMoE:
         shared = 2 * n_tokens * mats * self.d_model * self.n_shared_experts * self.shared_d_ff
         lora = sum(2 * n_tokens * self.top_k * self.lora_rank * (self.d_model + self.d_ff)
                    for _ in self.lora_targets) if self.lora_rank else 0
-        return routed + shared + lora + 2 * n_tokens * self.n_experts * self.d_model
+        return routed + shared + lora + 2 * n_tokens * self.n_router * self.d_model
 
     def __repr__(self):
         opts = [f"d_model={self.d_model}", f"d_ff={self.d_ff}", f"n_experts={self.n_experts}",
@@ -327,4 +376,6 @@ class SparseMoE:
             opts.append(f"dtype={self.dtype!r}")
         if self.lora_rank:
             opts.append(f"lora_rank={self.lora_rank}, lora_targets={self.lora_targets}")
+        if self.n_null:
+            opts.append(f"null_experts={self.null_experts}")
         return f"SparseMoE({', '.join(opts)})"

@@ -516,7 +516,7 @@ def sparse_moe(x, router_weight, w_gate, w_up, w_down, *, top_k, activation="swi
                shared_w_gate=None, shared_w_up=None, shared_w_down=None,
                shared_gate_weight=None, router_bias=None, b_gate=None, b_up=None,
                b_down=None, swiglu_alpha=1.702, swiglu_limit=7.0, lora=None,
-               lora_scaling=1.0):
+               lora_scaling=1.0, null_experts=(), null_values=None):
     """Full sparse MoE forward: route, dispatch, expert FFNs, combine, shared experts.
 
     Args:
@@ -531,6 +531,11 @@ def sparse_moe(x, router_weight, w_gate, w_up, w_down, *, top_k, activation="swi
       shared_gate_weight: (1, d) or (d,) or None; scales the shared output per token
         by sigmoid(x @ shared_gate_weight).
 
+      null_experts: kinds ("zero" | "copy" | "constant") of null experts, router outputs
+        E..E+n_null-1 (router_weight has E + n_null rows): never dispatched; zero adds 0,
+        copy adds w * x, constant adds w * null_values[i]; routing["n_real"] counts each
+        token's real experts.
+
     Returns (out, routing): out is float64 with the shape of ``x``; routing is the
     dict from route() plus key "dispatch" holding the dict from dispatch().
     """
@@ -538,7 +543,8 @@ def sparse_moe(x, router_weight, w_gate, w_up, w_down, *, top_k, activation="swi
     d = x.shape[-1]
     xf = x.reshape(-1, d)
     router_weight = np.asarray(router_weight, dtype=np.float64)
-    E = router_weight.shape[0]
+    n_null = len(null_experts)
+    E = router_weight.shape[0] - n_null  # real experts
 
     logits = xf @ router_weight.T
     if router_bias is not None:
@@ -547,12 +553,20 @@ def sparse_moe(x, router_weight, w_gate, w_up, w_down, *, top_k, activation="swi
                     routed_scaling=routed_scaling, expert_bias=expert_bias,
                     n_groups=n_groups, topk_groups=topk_groups,
                     capacity_factor=capacity_factor)
-    disp = dispatch(xf, routing["expert_ids"], E)
+    ids_all = routing["expert_ids"]
+    real = np.where(ids_all < E, ids_all, -1)  # null experts are never dispatched
+    disp = dispatch(xf, real, E)
     gate_w = w_gate if activation in GATED else None
     y_sorted = expert_ffn(disp["x_sorted"], disp["offsets"], gate_w, w_up, w_down,
                           activation, b_gate if activation in GATED else None, b_up, b_down,
                           swiglu_alpha, swiglu_limit, lora, lora_scaling)
     out = combine(y_sorted, disp["position"], routing["weights"])
+    for t in range(xf.shape[0]):
+        for j, e in enumerate(ids_all[t]):
+            if e >= E and null_experts[e - E] != "zero":
+                v = xf[t] if null_experts[e - E] == "copy" else \
+                    np.asarray(null_values[e - E], dtype=np.float64)
+                out[t] += routing["weights"][t, j] * v
 
     if shared_w_up is not None:
         sg = shared_w_gate if activation in GATED else None
@@ -565,6 +579,7 @@ def sparse_moe(x, router_weight, w_gate, w_up, w_down, *, top_k, activation="swi
 
     routing = dict(routing)
     routing["dispatch"] = disp
+    routing["n_real"] = ((ids_all >= 0) & (ids_all < E)).sum(axis=1)
     return out.reshape(x.shape), routing
 
 
@@ -650,6 +665,8 @@ def layer_forward(layer, x):
         lora={t: (getattr(layer, f"lora_a_{t[2:]}"), getattr(layer, f"lora_b_{t[2:]}"))
               for t in getattr(layer, "lora_targets", ()) if getattr(layer, "lora_rank", 0)},
         lora_scaling=getattr(layer, "lora_scaling", 1.0),
+        null_experts=tuple(getattr(layer, "null_experts", ())),
+        null_values=getattr(layer, "null_values", None),
     )
 
 

@@ -51,14 +51,27 @@ moe_route_topk(const moe_route_params *p)
         }
         /* Top-k must find k selectable experts in every row. */
         for (t = 0; t < p->n_tokens; t++) {
+            int64_t row = t;
+            if (p->mask_rows != NULL) {
+                row = p->mask_rows[t];
+                if (row < 0 || row >= p->n_mask_rows) {
+                    return moe_set_error(MOE_STATUS_INVALID_ARG,
+                                         "groups must be in [0, %lld), got "
+                                         "%lld at token %lld",
+                                         (long long)p->n_mask_rows,
+                                         (long long)row, (long long)t);
+                }
+            }
             for (e = 0, n = 0; e < E; e++) {
-                n += p->allowed[t * E + e] != 0;
+                n += p->allowed[row * E + e] != 0;
             }
             if (n < p->top_k) {
                 return moe_set_error(MOE_STATUS_INVALID_ARG,
-                                     "allowed lets token %lld choose %d "
+                                     "allowed lets token %lld%s choose %d "
                                      "expert(s), fewer than top_k=%d",
-                                     (long long)t, n, p->top_k);
+                                     (long long)t, p->mask_rows
+                                         ? " (through its group)" : "",
+                                     n, p->top_k);
             }
         }
     }

@@ -257,7 +257,9 @@ moe_route_task(void *ctx, int64_t t)
     }
     for (i = t * MOE_ROUTE_BLOCK; i < end; i++) {
         double lse = moe_route_token(p, p->logits + i * E,
-                                     p->allowed ? p->allowed + i * E : NULL,
+                                     p->allowed ? p->allowed +
+                                         (p->mask_rows ? p->mask_rows[i] : i) *
+                                         E : NULL,
                                      &job->scratch[t],
                                      p->expert_ids + i * k,
                                      p->weights + i * k, psum);

@@ -162,7 +162,9 @@ moe_layer_forward(const moe_layer_params *p)
 
     qp.logits = logits;
     qp.expert_bias = p->expert_bias;
-    qp.allowed = NULL;
+    qp.allowed = p->allowed;
+    qp.mask_rows = p->mask_rows;
+    qp.n_mask_rows = p->n_mask_rows;
     qp.n_tokens = T;
     qp.n_experts = E_all;
     qp.top_k = k;
@@ -238,6 +240,27 @@ moe_layer_forward(const moe_layer_params *p)
     fp.out = ys;
     if ((st = moe_ffn_grouped(&fp)) != MOE_STATUS_OK) {
         goto done;
+    }
+
+    if (p->out_norm != NULL) {
+        /* gate * ||y||, summed per expert in (token, slot) order */
+        int64_t t, i;
+        int32_t j;
+        memset(p->out_norm, 0, sizeof(double) * (size_t)E);
+        for (t = 0; t < T; t++) {
+            for (j = 0; j < k; j++) {
+                const int64_t r = position[t * k + j];
+                double ss = 0.0;
+                if (r < 0) {
+                    continue;
+                }
+                for (i = 0; i < d; i++) {
+                    ss += (double)ys[r * d + i] * ys[r * d + i];
+                }
+                p->out_norm[p->expert_ids[t * k + j]] +=
+                    (double)p->weights[t * k + j] * sqrt(ss);
+            }
+        }
     }
 
     cp.y = ys;

@@ -284,10 +284,11 @@ moe_py_router_logits(PyObject *self, PyObject *args)
 static PyObject *
 moe_py_route(PyObject *self, PyObject *args)
 {
-    PyObject *logits_obj, *bias_obj, *allowed_obj = Py_None;
+    PyObject *logits_obj, *bias_obj, *allowed_obj = Py_None, *rows_obj = Py_None;
     PyArrayObject *logits;
     PyArrayObject *ids = NULL, *weights = NULL, *counts = NULL;
-    npy_intp ld[2] = {-1, -1}, bd[1], ad[2];
+    npy_intp ld[2] = {-1, -1}, bd[1], ad[2], rd[1];
+    void *rows;
     int top_k, scoring, renormalize, n_groups, topk_groups;
     double routed_scaling, capacity_factor, aux = 0.0, z = 0.0;
     long long n_dropped_ll;
@@ -296,9 +297,10 @@ moe_py_route(PyObject *self, PyObject *args)
     moe_route_params p;
     moe_status st;
 
-    if (!PyArg_ParseTuple(args, "OiipdOiid|O", &logits_obj, &top_k, &scoring,
+    if (!PyArg_ParseTuple(args, "OiipdOiid|OO", &logits_obj, &top_k, &scoring,
                           &renormalize, &routed_scaling, &bias_obj, &n_groups,
-                          &topk_groups, &capacity_factor, &allowed_obj)) {
+                          &topk_groups, &capacity_factor, &allowed_obj,
+                          &rows_obj)) {
         return NULL;
     }
     if (!(logits = moe_logits_arg(logits_obj, ld))) {
@@ -312,9 +314,18 @@ moe_py_route(PyObject *self, PyObject *args)
         return NULL;
     }
     /* numpy.bool_ is one byte, 0 or 1: the core reads it as uint8_t. */
-    ad[0] = ld[0];
+    rd[0] = ld[0];
+    if (moe_opt_arg(rows_obj, "groups", NPY_INT32, 1, rd, &rows) < 0) {
+        return NULL;
+    }
+    /* with groups, allowed is a (G, E) table: one row per group */
+    ad[0] = rows != NULL ? -1 : ld[0];
     ad[1] = ld[1];
     if (moe_opt_arg(allowed_obj, "allowed", NPY_BOOL, 2, ad, &allowed) < 0) {
+        return NULL;
+    }
+    if (rows != NULL && allowed == NULL) {
+        PyErr_SetString(PyExc_ValueError, "groups needs an allowed (G, E) table");
         return NULL;
     }
     if (top_k < 1 || top_k > ld[1]) {
@@ -331,6 +342,8 @@ moe_py_route(PyObject *self, PyObject *args)
     p.logits = MOE_DATA(logits, double);
     p.expert_bias = bias;
     p.allowed = allowed;
+    p.mask_rows = rows;
+    p.n_mask_rows = rows != NULL ? ad[0] : 0;
     p.n_tokens = ld[0];
     p.n_experts = (int32_t)ld[1];
     p.top_k = top_k;
@@ -1211,15 +1224,18 @@ moe_py_layer_forward(PyObject *self, PyObject *args)
     moe_status st;
 
     PyObject *lora_obj = Py_None, *nk_obj = Py_None, *nv_obj = Py_None;
-    PyArrayObject *n_real = NULL;
-    npy_intp nkd[1] = {-1}, nvd[2];
+    PyObject *al_obj = Py_None, *gr_obj = Py_None;
+    PyArrayObject *n_real = NULL, *out_norm = NULL;
+    npy_intp nkd[1] = {-1}, nvd[2], ald[2], grd[1];
+    int want_norm = 0;
 
-    if (!PyArg_ParseTuple(args, "OOOiiOipdiidOO|OffOOO", &x_obj, &r_obj, &w_obj,
-                          &top_k, &activation, &bias_obj, &scoring,
+    if (!PyArg_ParseTuple(args, "OOOiiOipdiidOO|OffOOOOOp", &x_obj, &r_obj,
+                          &w_obj, &top_k, &activation, &bias_obj, &scoring,
                           &renormalize, &routed_scaling, &n_groups,
                           &topk_groups, &capacity_factor, &sw_obj,
                           &sgate_obj, &rbias_obj, &alpha, &limit,
-                          &lora_obj, &nk_obj, &nv_obj)) {
+                          &lora_obj, &nk_obj, &nv_obj, &al_obj, &gr_obj,
+                          &want_norm)) {
         return NULL;
     }
     memset(&p, 0, sizeof(p));
@@ -1275,6 +1291,22 @@ moe_py_layer_forward(PyObject *self, PyObject *args)
         return NULL;
     }
     p.router_bias = tmp;
+    grd[0] = xd[0];
+    if (moe_opt_arg(gr_obj, "groups", NPY_INT32, 1, grd, &tmp) < 0) {
+        return NULL;
+    }
+    p.mask_rows = tmp;
+    ald[0] = p.mask_rows != NULL ? -1 : xd[0];
+    ald[1] = rd[0];
+    if (moe_opt_arg(al_obj, "allowed", NPY_BOOL, 2, ald, &tmp) < 0) {
+        return NULL;
+    }
+    p.allowed = tmp;
+    p.n_mask_rows = p.mask_rows != NULL ? ald[0] : 0;
+    if (p.mask_rows != NULL && p.allowed == NULL) {
+        PyErr_SetString(PyExc_ValueError, "groups needs an allowed (G, E) table");
+        return NULL;
+    }
     p.act_alpha = alpha;
     p.act_limit = limit;
     if (top_k < 1 || top_k > rd[0]) {
@@ -1294,6 +1326,12 @@ moe_py_layer_forward(PyObject *self, PyObject *args)
             goto fail;
         }
         p.n_real = MOE_DATA(n_real, int32_t);
+    }
+    if (want_norm) {
+        if (!(out_norm = moe_new(1, info.n_experts, 0, NPY_FLOAT64))) {
+            goto fail;
+        }
+        p.out_norm = MOE_DATA(out_norm, double);
     }
     p.x = MOE_DATA(x, float);
     p.n_tokens = xd[0];
@@ -1325,10 +1363,15 @@ moe_py_layer_forward(PyObject *self, PyObject *args)
         Py_INCREF(Py_None);
         n_real = (PyArrayObject *)Py_None;
     }
-    return Py_BuildValue("NNNNLddN", out, ids, weights, counts, n_dropped_ll,
-                         aux, z, n_real);
+    if (out_norm == NULL) {
+        Py_INCREF(Py_None);
+        out_norm = (PyArrayObject *)Py_None;
+    }
+    return Py_BuildValue("NNNNLddNN", out, ids, weights, counts, n_dropped_ll,
+                         aux, z, n_real, out_norm);
 fail:
     Py_XDECREF(n_real);
+    Py_XDECREF(out_norm);
     Py_XDECREF(out);
     Py_XDECREF(ids);
     Py_XDECREF(weights);

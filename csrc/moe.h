@@ -146,7 +146,12 @@ typedef struct moe_route_params {
     const float  *expert_bias;     /* (n_experts,) selection-only, or NULL */
     const uint8_t *allowed;        /* (n_tokens, n_experts) nonzero = may be
                                       selected, or NULL; selection only, and
-                                      only with n_groups == 1             */
+                                      only with n_groups == 1.  With
+                                      mask_rows: (n_mask_rows, n_experts) */
+    const int32_t *mask_rows;      /* (n_tokens,) the row of allowed each
+                                      token uses (its task / modality /
+                                      domain group), or NULL: row t       */
+    int64_t        n_mask_rows;    /* rows of allowed, with mask_rows     */
     int64_t       n_tokens;
     int32_t       n_experts;
     int32_t       top_k;           /* 1..n_experts                         */
@@ -482,6 +487,10 @@ typedef struct moe_layer_params {
 
     /* routing options, as in moe_route_params, over n_experts + n_null */
     const float       *expert_bias;   /* (n_experts + n_null,) or NULL      */
+    const uint8_t     *allowed;       /* selection mask as in
+                                         moe_route_params, or NULL          */
+    const int32_t     *mask_rows;
+    int64_t            n_mask_rows;
     moe_scoring        scoring;
     int32_t            renormalize;
     double             routed_scaling;
@@ -498,6 +507,10 @@ typedef struct moe_layer_params {
                                          NULL when none is constant          */
     int32_t           *n_real;        /* out, or NULL: (n_tokens,) real
                                          experts each token kept             */
+    double            *out_norm;      /* out, or NULL: (n_experts,) sum over
+                                         each expert's assignments of
+                                         gate * ||expert output||_2 (the
+                                         pruning statistic)                  */
 
     /* shared experts: one packed expert of width n_shared * shared_d_ff   */
     const moe_experts *shared;        /* NULL = none                        */

@@ -186,7 +186,7 @@ class Dispatch(NamedTuple):
 
 def route(logits, top_k, *, scoring="softmax", renormalize=True, routed_scaling=1.0,
           expert_bias=None, n_groups=1, topk_groups=1, capacity_factor=None,
-          allowed=None) -> RoutingResult:
+          allowed=None, groups=None) -> RoutingResult:
     """Choose top_k experts per token from router logits.
 
     logits: (T, E) float.  scoring: "softmax" (softmax over E, then top-k),
@@ -200,6 +200,8 @@ def route(logits, top_k, *, scoring="softmax", renormalize=True, routed_scaling=
     expert is never chosen; scores, weights, and losses still see every expert, so with
     renormalize=False softmax weights are the full-E probabilities); needs n_groups == 1
     and at least top_k allowed experts per token, else ValueError naming the token.
+    groups: (T,) ints, each token's group (task / modality / domain); allowed is then a
+    (G, E) table and token t may choose the experts of row groups[t].
     Ties go to the lower expert index.  Non-finite logits raise ValueError.
     """
     logits = float_array(logits, "logits", (("n_tokens", None), ("n_experts", None)), np.float64)
@@ -213,19 +215,33 @@ def route(logits, top_k, *, scoring="softmax", renormalize=True, routed_scaling=
     if expert_bias is not None:
         bias = float_array(expert_bias, "expert_bias", (("n_experts", E),))
         check_finite(bias, "expert_bias")
-    mask = None
-    if allowed is not None:
-        mask = _as_ndarray(allowed, "allowed")
-        if mask.dtype != np.bool_:
-            raise TypeError(f"allowed must be a bool array, got dtype {mask.dtype}")
-        _check_shape(mask, "allowed", (("n_tokens", logits.shape[0]), ("n_experts", E)))
-        if n_groups != 1:
-            raise ValueError(f"allowed needs n_groups == 1, got n_groups={n_groups}")
-        mask = _c_layout(mask, np.bool_)
+    mask, rows = mask_args(allowed, groups, logits.shape[0], E, n_groups)
     ids, w, counts, n_dropped, aux, z = _C.route(logits, top_k, code, bool(renormalize),
                                                  routed_scaling, bias, n_groups, topk_groups, cf,
-                                                 mask)
+                                                 mask, rows)
     return RoutingResult(ids, w, counts, int(n_dropped), float(aux), float(z))
+
+
+def mask_args(allowed, groups, n_tokens, n_experts, n_groups=1):
+    """Checked (allowed, groups) for the C core: a (T, E) bool mask, or a (G, E) table with
+    (T,) int32 group ids in [0, G)."""
+    if allowed is None:
+        if groups is not None:
+            raise ValueError("groups needs an allowed (G, n_experts) table")
+        return None, None
+    mask = _as_ndarray(allowed, "allowed")
+    if mask.dtype != np.bool_:
+        raise TypeError(f"allowed must be a bool array, got dtype {mask.dtype}")
+    if n_groups != 1:
+        raise ValueError(f"allowed needs n_groups == 1, got n_groups={n_groups}")
+    rows = None
+    if groups is None:
+        _check_shape(mask, "allowed", (("n_tokens", n_tokens), ("n_experts", n_experts)))
+    else:
+        _check_shape(mask, "allowed", (("G", None), ("n_experts", n_experts)))
+        rows = int_array(groups, "groups", (("n_tokens", n_tokens),), np.int32, 0,
+                         mask.shape[0], f"[0, G={mask.shape[0]})")
+    return _c_layout(mask, np.bool_), rows
 
 
 def update_expert_bias(bias, counts, rate):

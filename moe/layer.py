@@ -11,9 +11,9 @@ from typing import NamedTuple
 import numpy as np
 
 from . import _C
-from ._api import (ACTIVATIONS, GATED, WEIGHT_DTYPES, RoutingResult, _shape_str, check_choice,
-                   check_finite, check_float, check_int, check_routing_options, float_array,
-                   weight_array)
+from ._api import (ACTIVATIONS, GATED, WEIGHT_DTYPES, RoutingResult, _as_ndarray, _shape_str,
+                   check_choice, check_finite, check_float, check_int, check_routing_options,
+                   float_array, mask_args, weight_array)
 
 # attribute -> shape template; names are resolved against the layer's sizes
 _WEIGHTS = {
@@ -291,18 +291,52 @@ class SparseMoE:
             gate = self.shared_gate_weight.reshape(self.d_model)
         return routed, shared, gate, lora
 
-    def __call__(self, x, return_routing=False):
+    def __call__(self, x, return_routing=False, *, allowed=None, groups=None):
         """x: (..., d_model) float32/float64 (float64 is rounded to float32 first).
 
         Returns (..., d_model) float32; with return_routing=True also a RoutingResult whose
-        (T, k) arrays cover the flattened tokens.
+        (T, k) arrays cover the flattened tokens.  allowed / groups: a selection mask as in
+        moe.route over the flattened tokens -- (T, n_router) bool, or a (G, n_router) table
+        with groups (T,) ints (task / modality / domain routing); it is combined with
+        layer.expert_mask.
         """
+        out, routing, _ = self._forward(x, allowed, groups, False)
+        return (out, routing) if return_routing else out
+
+    @property
+    def expert_mask(self):
+        """(n_router,) bool or None: experts that may be selected (pruning by mask: a False
+        expert is never chosen; scores, weights and losses still see it).  Not saved."""
+        return getattr(self, "_expert_mask", None)
+
+    @expert_mask.setter
+    def expert_mask(self, mask):
+        if mask is not None:
+            m = _as_ndarray(mask, "expert_mask")
+            if m.dtype != np.bool_ or m.shape != (self.n_router,):
+                raise ValueError(f"expert_mask must be a bool array of shape (n_router="
+                                 f"{self.n_router},), got {m.dtype} {_shape_str(m.shape)}")
+            if int(m.sum()) < self.top_k:
+                raise ValueError(f"expert_mask must allow at least top_k={self.top_k} experts, "
+                                 f"got {int(m.sum())}")
+            mask = np.ascontiguousarray(m)
+        object.__setattr__(self, "_expert_mask", mask)
+
+    def _forward(self, x, allowed, groups, want_norm):
+        """(out, routing, per-expert gate * ||output|| sums or None)."""
         x = float_array(x, "x")
         if x.ndim < 1 or x.shape[-1] != self.d_model:
             raise ValueError(f"x must have shape (..., d_model={self.d_model}), got "
                              f"{_shape_str(x.shape)}")
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.d_model)
+        T = x2.shape[0]
+        allowed, groups = mask_args(allowed, groups, T, self.n_router, self.n_groups)
+        if self.expert_mask is not None:
+            if allowed is None:
+                allowed, groups = self.expert_mask[None], np.zeros(T, np.int32)
+            else:
+                allowed = np.ascontiguousarray(allowed & self.expert_mask)
         routed, shared, sgate, lora = self._checked_weights()
         top_k, code, n_groups, topk_groups, scaling, cf = check_routing_options(
             self.n_router, self.top_k, self.scoring, self.n_groups, self.topk_groups,
@@ -315,19 +349,19 @@ class SparseMoE:
                 if self.null_values is None:
                     raise ValueError("null_values is None but a null expert is 'constant'")
                 values = self.null_values
-        out, ids, w, counts, n_dropped, aux, z, n_real = _C.layer_forward(
+        out, ids, w, counts, n_dropped, aux, z, n_real, norm = _C.layer_forward(
             x2, self.router_weight, routed, top_k, act,
             self.expert_bias if self.use_expert_bias else None, code, self.renormalize,
             check_float(scaling, "routed_scaling"), n_groups, topk_groups, cf, shared, sgate,
             self.router_bias if self.use_router_bias else None, self.swiglu_alpha,
-            self.swiglu_limit, lora, kinds, values)
+            self.swiglu_limit, lora, kinds, values, allowed, groups, bool(want_norm))
         out = out.reshape(lead + (self.d_model,))
-        if return_routing:
-            if self.n_null:
-                return out, NullRoutingResult(ids, w, counts, int(n_dropped), float(aux),
-                                              float(z), n_real)
-            return out, RoutingResult(ids, w, counts, int(n_dropped), float(aux), float(z))
-        return out
+        if self.n_null:
+            routing = NullRoutingResult(ids, w, counts, int(n_dropped), float(aux), float(z),
+                                        n_real)
+        else:
+            routing = RoutingResult(ids, w, counts, int(n_dropped), float(aux), float(z))
+        return out, routing, norm
 
     def config(self):
         """The constructor arguments of this layer (JSON-friendly), without weights or seed."""
@@ -379,3 +413,55 @@ class SparseMoE:
         if self.n_null:
             opts.append(f"null_experts={self.null_experts}")
         return f"SparseMoE({', '.join(opts)})"
+
+
+def prune_experts(layer, keep):
+    """A copy of `layer` with only the routed experts `keep` (physical pruning).
+
+    keep: (n_experts,) bool mask or a sequence of expert indices (kept in ascending order).
+    Router rows, biases, FFN weights and expert LoRA adapters are sliced; null and shared
+    experts stay.  Returns (pruned_layer, remap): remap (n_experts,) int64 gives each old
+    expert's new index, or -1 if it was removed.  Routing over fewer experts changes the
+    softmax probabilities (not the renormalised weights of tokens whose top-k survive), so
+    with softmax scores and an expert_bias the selection may differ from pruning by mask;
+    with sigmoid scores it does not.
+    """
+    E = layer.n_experts
+    k = np.asarray(keep)
+    if k.dtype == np.bool_:
+        if k.shape != (E,):
+            raise ValueError(f"keep must have shape (n_experts={E},) as a mask, got "
+                             f"{_shape_str(k.shape)}")
+        idx = np.flatnonzero(k)
+    else:
+        idx = np.unique(k.astype(np.int64, casting="same_kind").ravel())
+        if idx.size and (idx[0] < 0 or idx[-1] >= E):
+            raise ValueError(f"keep indices must be in [0, n_experts={E}), got "
+                             f"{idx[0] if idx[0] < 0 else idx[-1]}")
+    if idx.size == 0:
+        raise ValueError("keep must keep at least one expert")
+    rows = np.concatenate([idx, np.arange(E, layer.n_router)])
+    cfg = layer.config()
+    cfg["n_experts"] = int(idx.size)
+    if cfg["top_k"] > len(rows):
+        raise ValueError(f"top_k={cfg['top_k']} needs at least that many experts, "
+                         f"keep leaves {len(rows)}")
+    if cfg["n_groups"] > 1 and len(rows) % cfg["n_groups"]:
+        raise ValueError(f"n_groups={cfg['n_groups']} must divide the experts left "
+                         f"({len(rows)})")
+    new = SparseMoE(**cfg, init=False)
+    for name in _WEIGHTS:
+        value = getattr(layer, name)
+        if value is None:
+            continue
+        if name in ("router_weight", "expert_bias", "router_bias"):
+            value = value[rows]
+        elif name not in ("shared_w_gate", "shared_w_up", "shared_w_down",
+                          "shared_gate_weight", "null_values"):
+            value = value[idx]
+        setattr(new, name, np.array(value))
+    if layer.expert_mask is not None:
+        new.expert_mask = layer.expert_mask[rows]
+    remap = np.full(E, -1, np.int64)
+    remap[idx] = np.arange(idx.size)
+    return new, remap

@@ -516,7 +516,7 @@ def sparse_moe(x, router_weight, w_gate, w_up, w_down, *, top_k, activation="swi
                shared_w_gate=None, shared_w_up=None, shared_w_down=None,
                shared_gate_weight=None, router_bias=None, b_gate=None, b_up=None,
                b_down=None, swiglu_alpha=1.702, swiglu_limit=7.0, lora=None,
-               lora_scaling=1.0, null_experts=(), null_values=None):
+               lora_scaling=1.0, null_experts=(), null_values=None, allowed=None):
     """Full sparse MoE forward: route, dispatch, expert FFNs, combine, shared experts.
 
     Args:
@@ -552,7 +552,7 @@ def sparse_moe(x, router_weight, w_gate, w_up, w_down, *, top_k, activation="swi
     routing = route(logits, top_k, scoring=scoring, renormalize=renormalize,
                     routed_scaling=routed_scaling, expert_bias=expert_bias,
                     n_groups=n_groups, topk_groups=topk_groups,
-                    capacity_factor=capacity_factor)
+                    capacity_factor=capacity_factor, allowed=allowed)
     ids_all = routing["expert_ids"]
     real = np.where(ids_all < E, ids_all, -1)  # null experts are never dispatched
     disp = dispatch(xf, real, E)
@@ -580,6 +580,14 @@ def sparse_moe(x, router_weight, w_gate, w_up, w_down, *, top_k, activation="swi
     routing = dict(routing)
     routing["dispatch"] = disp
     routing["n_real"] = ((ids_all >= 0) & (ids_all < E)).sum(axis=1)
+    # the pruning statistic: per expert, sum of gate * ||expert output||
+    out_norm = np.zeros(E)
+    for t in range(xf.shape[0]):
+        for j, e in enumerate(ids_all[t]):
+            if 0 <= e < E:
+                r = disp["position"][t, j]
+                out_norm[e] += routing["weights"][t, j] * np.linalg.norm(y_sorted[r])
+    routing["out_norm"] = out_norm
     return out.reshape(x.shape), routing
 
 
@@ -588,7 +596,7 @@ def _is_false(flag):
     return isinstance(flag, (bool, np.bool_)) and not flag
 
 
-def layer_forward(layer, x):
+def layer_forward(layer, x, allowed=None):
     """Run sparse_moe() with the parameters and options of a SparseMoE-like object.
 
     Args:
@@ -667,6 +675,7 @@ def layer_forward(layer, x):
         lora_scaling=getattr(layer, "lora_scaling", 1.0),
         null_experts=tuple(getattr(layer, "null_experts", ())),
         null_values=getattr(layer, "null_values", None),
+        allowed=allowed,
     )
 
 

@@ -39,7 +39,32 @@ class RoutingStats:
         self._dropped = 0
         self._tokens = 0
         self._calls = 0
+        self._out_norm = np.zeros(E, np.float64)  # sum of gate * ||expert output||
+        self._out_norm_count = np.zeros(E, np.int64)
         return self
+
+    def update_output_norm(self, out_norm, counts):
+        """Add one call's per-expert sums of gate * ||expert output||_2 (out_norm (E,)) over
+        its counts (E,) assignments; returns self.  routing_stats() does this."""
+        norm = float_array(out_norm, "out_norm", (("n_experts", self.n_experts),), np.float64)
+        cnt = int_array(counts, "counts", (("n_experts", self.n_experts),), low=0,
+                        what="[0, inf)")
+        self._out_norm += norm
+        self._out_norm_count += cnt
+        return self
+
+    @property
+    def output_norm(self):
+        """(E,) mean of gate * ||expert output||_2 per assignment (NaN where none was
+        measured): the pruning statistic -- experts that contribute little score low."""
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(self._out_norm_count > 0,
+                            self._out_norm / np.maximum(self._out_norm_count, 1), np.nan)
+
+    @property
+    def output_contribution(self):
+        """(E,) sum of gate * ||expert output||_2 over everything measured."""
+        return self._out_norm.copy()
 
     def update(self, routing, weights=None):
         """Add one call's routing; returns self.
@@ -164,7 +189,8 @@ class RoutingStats:
                 "mean_gate": [num(v) for v in self.mean_gate],
                 "entropy": num(self.entropy),
                 "normalized_entropy": num(self.normalized_entropy),
-                "max_over_mean": num(self.max_over_mean)}
+                "max_over_mean": num(self.max_over_mean),
+                "output_norm": [num(v) for v in self.output_norm]}
 
     # ---- display ------------------------------------------------------------------------
 
@@ -231,7 +257,16 @@ def routing_stats(layer, x):
     """Run `layer` on x and return a fresh RoutingStats of its routing.
 
     layer: anything with n_experts that answers layer(x, return_routing=True) with
-    (y, RoutingResult) -- a moe.SparseMoE.  x: (..., d_model) float.
+    (y, RoutingResult) -- a moe.SparseMoE, whose call also measures output_norm (the
+    gate-weighted expert output norm used for pruning).  x: (..., d_model) float.
     """
+    if hasattr(layer, "_forward"):
+        _, routing, norm = layer._forward(x, None, None, True)
+        stats = RoutingStats(getattr(layer, "n_router", layer.n_experts)).update(routing)
+        E = layer.n_experts
+        norm_all = np.zeros(stats.n_experts)
+        norm_all[:E] = norm
+        return stats.update_output_norm(norm_all, np.where(np.arange(stats.n_experts) < E,
+                                                           routing.counts, 0))
     _, routing = layer(x, return_routing=True)
     return RoutingStats(layer.n_experts).update(routing)

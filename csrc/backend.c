@@ -206,6 +206,17 @@ moe_experts_pack(const moe_pack_params *p, moe_experts **out)
                              "w_up, w_down, n_experts >= 1, sizes >= 0 and "
                              "a known dtype are required");
     }
+    if (p->expert_d_ff != NULL) {
+        int32_t e;
+        for (e = 0; e < p->n_experts; e++) {
+            if (p->expert_d_ff[e] < 0 || p->expert_d_ff[e] > p->d_ff) {
+                return moe_set_error(MOE_STATUS_INVALID_ARG,
+                                     "expert_d_ff must be in [0, d_ff=%lld], got "
+                                     "%lld for expert %d", (long long)p->d_ff,
+                                     (long long)p->expert_d_ff[e], e);
+            }
+        }
+    }
     return moe_cpu_experts_pack(p, out);
 }
 
@@ -305,6 +316,10 @@ moe_expert_lora_pack(const moe_expert_lora_params *p,
         (p->a_down == NULL) != (p->b_down == NULL)) {
         return moe_set_error(MOE_STATUS_INVALID_ARG, "each LoRA adapter needs "
                              "both its A and its B");
+    }
+    if (experts->expert_ff != NULL) {
+        return moe_set_error(MOE_STATUS_UNSUPPORTED, "LoRA on experts of "
+                             "different sizes (expert_d_ff) is not supported");
     }
     if (p->a_gate != NULL && !experts->gated) {
         return moe_set_error(MOE_STATUS_INVALID_ARG, "a LoRA on w_gate needs "

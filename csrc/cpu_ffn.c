@@ -126,6 +126,24 @@ moe_pack_column(const moe_experts *w, size_t es, const void *src, int64_t K,
     }
 }
 
+/* Zero rows [k0, k1) of panel column j. */
+static void
+moe_pack_zero_rows(const moe_experts *w, size_t es, void *panel, int j,
+                   int64_t k0, int64_t k1)
+{
+    const int64_t col = moe_pack_col(w, j);
+    int64_t k;
+
+    for (k = k0; k < k1; k++) {
+        if (es == 4) {
+            ((float *)panel)[k * w->nr + col] = 0.0f;
+        }
+        else {
+            ((uint16_t *)panel)[k * w->nr + col] = 0;
+        }
+    }
+}
+
 /* Task t: one panel (gate/up panels first, then down panels) of one expert. */
 static void
 moe_pack_task(void *ctx, int64_t t)
@@ -145,12 +163,13 @@ moe_pack_task(void *ctx, int64_t t)
         const char *up = (const char *)p->w_up + (size_t)(e * F * d) * es;
         const char *gate = p->w_gate
             ? (const char *)p->w_gate + (size_t)(e * F * d) * es : NULL;
+        const int64_t ff = w->expert_ff ? w->expert_ff[e] : F;
         for (j = 0; j < w->nr; j++) {
             int is_up = !w->gated || j >= width;
             int64_t unit = c * width + (is_up && w->gated ? j - width : j);
             const char *src = is_up ? up : gate;
-            moe_pack_column(w, es, unit < F ? src + (size_t)(unit * d) * es
-                                            : NULL, d, panel, j);
+            moe_pack_column(w, es, unit < ff ? src + (size_t)(unit * d) * es
+                                             : NULL, d, panel, j);
         }
     }
     else {
@@ -158,10 +177,15 @@ moe_pack_task(void *ctx, int64_t t)
         char *panel = (char *)w->down +
                       ((e * w->down_panels + q) * F * w->nr) * es;
         const char *down = (const char *)p->w_down + (size_t)(e * d * F) * es;
+        const int64_t ff = w->expert_ff && !w->linear ? w->expert_ff[e] : F;
         for (j = 0; j < w->nr; j++) {
             int64_t row = q * w->nr + j;
             moe_pack_column(w, es, row < d ? down + (size_t)(row * F) * es
                                            : NULL, F, panel, j);
+            if (ff < F) {
+                /* hidden units past this expert's size: zero weights */
+                moe_pack_zero_rows(w, es, panel, j, ff, F);
+            }
         }
     }
 }
@@ -213,6 +237,15 @@ moe_pack(const moe_pack_params *p, int linear, moe_experts **out)
     w->d_ff = p->d_ff;
     w->gu_panels = linear ? 0 : (p->d_ff + (w->gated ? kr->nr / 2 : kr->nr) -
                                  1) / (w->gated ? kr->nr / 2 : kr->nr);
+    if (p->expert_d_ff != NULL && !linear) {
+        w->expert_ff = moe_alloc((size_t)p->n_experts, sizeof(int64_t));
+        if (w->expert_ff == NULL) {
+            free(w);
+            return MOE_STATUS_ALLOC;
+        }
+        memcpy(w->expert_ff, p->expert_d_ff,
+               sizeof(int64_t) * (size_t)p->n_experts);
+    }
     w->down_panels = (p->d_model + kr->nr - 1) / kr->nr;
     n_gu = (size_t)(p->n_experts * w->gu_panels * p->d_model * kr->nr);
     n_down = (size_t)(p->n_experts * w->down_panels * p->d_ff * kr->nr);
@@ -290,6 +323,7 @@ moe_experts_free(moe_experts *w)
         free(w->down);
         free(w->gu_bias);
         free(w->down_bias);
+        free(w->expert_ff);
         free(w);
     }
 }
@@ -559,6 +593,8 @@ moe_ffn_up_task(void *ctx, int64_t t)
     int64_t c, P, r0;
     int m, n_units;
 
+    const int64_t ff = w->expert_ff ? w->expert_ff[task->e] : F;
+
     /* The weight panel outside: it is read from memory once per task and
      * reused from cache for every activation panel of the block. */
     for (c = task->c0; c < task->c1; c++) {
@@ -574,7 +610,7 @@ moe_ffn_up_task(void *ctx, int64_t t)
                                  lora->bank_gu + (task->e * w->gu_panels + c) *
                                      lora->n_gu * nr, nr);
             }
-            n_units = F - c * width < width ? (int)(F - c * width) : width;
+            n_units = ff - c * width < width ? (int)(ff - c * width) : width;
             job->kr->epilogue((int)job->act, w->gated, tile, m, n_units,
                               w->gu_bias ? w->gu_bias +
                                   (task->e * w->gu_panels + c) * nr : NULL,
@@ -596,6 +632,8 @@ moe_ffn_gemm_task(void *ctx, int64_t t)
     const size_t es = w->dtype == MOE_DTYPE_F32 ? 4 : 2;
     const moe_ukr_fn ukr = job->kr->ukr[w->dtype];
     const int64_t d = w->d_model, F = w->d_ff;
+    /* heterogeneous experts: the units past expert_ff[e] are skipped */
+    const int64_t K = w->expert_ff ? w->expert_ff[task->e] : F;
     float tile[MOE_MAX_MR * MOE_MAX_NR];
     int64_t c, P, r0;
     int m, i, j;
@@ -610,10 +648,10 @@ moe_ffn_gemm_task(void *ctx, int64_t t)
             y = g->out + r0 * d + c * nr;
             if (n_cols == nr) {
                 /* A whole panel of columns: straight into the output rows. */
-                ukr(g->in + P * F * mr, b, F, m, y, d);
+                ukr(g->in + P * F * mr, b, K, m, y, d);
             }
             else {
-                ukr(g->in + P * F * mr, b, F, m, tile, nr);
+                ukr(g->in + P * F * mr, b, K, m, tile, nr);
                 for (i = 0; i < m; i++) {
                     memcpy(y + i * d, tile + i * nr,
                            sizeof(float) * (size_t)n_cols);
@@ -639,7 +677,8 @@ moe_ffn_gemm_task(void *ctx, int64_t t)
     }
 }
 
-/* Cut every expert's (panels x weight panels) grid into tasks. */
+/* Cut every expert's (panels x weight panels) grid into tasks; col_panels
+ * -1: each expert's own gate/up panels. */
 static int64_t
 moe_ffn_plan(moe_ffn_job *job, int64_t col_panels, moe_ffn_task *tasks)
 {
@@ -648,18 +687,26 @@ moe_ffn_plan(moe_ffn_job *job, int64_t col_panels, moe_ffn_task *tasks)
     int32_t e;
 
     for (e = 0; e < job->w->n_experts; e++) {
+        int64_t cols = col_panels;
+        if (col_panels < 0) {
+            /* the gate/up panels of expert e (fewer for a smaller expert) */
+            const moe_experts *w = job->w;
+            const int width = w->gated ? w->nr / 2 : w->nr;
+            cols = w->expert_ff ? (w->expert_ff[e] + width - 1) / width
+                                : w->gu_panels;
+        }
         for (p0 = job->panel_off[e]; p0 < job->panel_off[e + 1];
              p0 += rows_per) {
             int64_t p1 = p0 + rows_per < job->panel_off[e + 1]
                              ? p0 + rows_per : job->panel_off[e + 1];
-            for (c0 = 0; c0 < col_panels; c0 += MOE_TASK_PANELS) {
+            for (c0 = 0; c0 < cols; c0 += MOE_TASK_PANELS) {
                 if (tasks != NULL) {
                     tasks[n].e = e;
                     tasks[n].p0 = p0;
                     tasks[n].p1 = p1;
                     tasks[n].c0 = c0;
-                    tasks[n].c1 = c0 + MOE_TASK_PANELS < col_panels
-                                      ? c0 + MOE_TASK_PANELS : col_panels;
+                    tasks[n].c1 = c0 + MOE_TASK_PANELS < cols
+                                      ? c0 + MOE_TASK_PANELS : cols;
                 }
                 n++;
             }
@@ -749,7 +796,7 @@ moe_ffn_run(moe_ffn_job *job, moe_panel_gemm *final, int64_t n_rows)
                                 (rows + job->kr->mr - 1) / job->kr->mr;
     }
     job->n_panels = job->panel_off[w->n_experts];
-    n_up = w->linear ? 0 : moe_ffn_plan(job, w->gu_panels, NULL);
+    n_up = w->linear ? 0 : moe_ffn_plan(job, -1, NULL);
     n_down = moe_ffn_plan(job, w->down_panels, NULL);
     if (lora != NULL) {
         /* the shrinks' GEMMs have ceil(rows of A / nr) column panels */
@@ -804,7 +851,7 @@ moe_ffn_run(moe_ffn_job *job, moe_panel_gemm *final, int64_t n_rows)
                 goto done;
             }
         }
-        job->n_tasks = moe_ffn_plan(job, w->gu_panels, job->tasks);
+        job->n_tasks = moe_ffn_plan(job, -1, job->tasks);
         if ((st = moe_pool_run(job->n_tasks, moe_ffn_up_task, job)) !=
             MOE_STATUS_OK) {
             goto done;

@@ -846,6 +846,9 @@ moe_py_pack_experts(PyObject *self, PyObject *args)
 {
     PyObject *g_obj, *u_obj, *dn_obj;
     PyObject *bg_obj = Py_None, *bu_obj = Py_None, *bd_obj = Py_None;
+    PyObject *ff_obj = Py_None;
+    npy_intp ffd[1];
+    void *ff;
     PyArrayObject *up, *down;
     npy_intp ud[3] = {-1, -1, -1}, dd[3], gd[3], bgd[2], bdd[2];
     int dtype, typenum;
@@ -855,8 +858,8 @@ moe_py_pack_experts(PyObject *self, PyObject *args)
     moe_status st;
     PyObject *capsule;
 
-    if (!PyArg_ParseTuple(args, "OOOi|OOO", &g_obj, &u_obj, &dn_obj, &dtype,
-                          &bg_obj, &bu_obj, &bd_obj)) {
+    if (!PyArg_ParseTuple(args, "OOOi|OOOO", &g_obj, &u_obj, &dn_obj, &dtype,
+                          &bg_obj, &bu_obj, &bd_obj, &ff_obj)) {
         return NULL;
     }
     if (moe_check_enum(dtype, 3, "dtype") < 0) {
@@ -893,6 +896,11 @@ moe_py_pack_experts(PyObject *self, PyObject *args)
         PyErr_SetString(PyExc_ValueError, "b_gate given without w_gate");
         return NULL;
     }
+    ffd[0] = ud[0];
+    if (moe_opt_arg(ff_obj, "expert_d_ff", NPY_INT64, 1, ffd, &ff) < 0) {
+        return NULL;
+    }
+    p.expert_d_ff = ff;
     p.w_gate = gate;
     p.w_up = PyArray_DATA(up);
     p.w_down = PyArray_DATA(down);

@@ -108,6 +108,9 @@ typedef struct moe_pack_params {
     const float *b_gate;   /* (n_experts, d_ff) bias, or NULL               */
     const float *b_up;     /* (n_experts, d_ff) bias, or NULL               */
     const float *b_down;   /* (n_experts, d_model) bias, or NULL            */
+    const int64_t *expert_d_ff; /* (n_experts,) each expert's hidden size in
+                              [0, d_ff] (rows past it are ignored), or NULL:
+                              every expert has d_ff (heterogeneous experts) */
 } moe_pack_params;
 
 typedef struct moe_experts_info {

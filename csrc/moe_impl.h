@@ -58,6 +58,9 @@ struct moe_experts {
     float    *gu_bias;     /* (E, gu_panels, nr) as the panel columns, or
                               NULL                                         */
     float    *down_bias;   /* (E, d_model) or NULL                         */
+    int64_t  *expert_ff;   /* (E,) hidden size of each expert (<= d_ff), or
+                              NULL: all d_ff.  Panels stay d_ff-sized; the
+                              forward skips the units past expert_ff[e]     */
     size_t    nbytes;
 };
 

@@ -72,7 +72,9 @@ class SparseMoE:
     (Qwen2-MoE).  router_bias=True adds a bias (E,) to the router logits and
     expert_biases=True biases b_gate, b_up (E, F) and b_down (E, d) to the experts;
     activation "swiglu-oai" is gpt-oss's clamped SwiGLU with swiglu_alpha / swiglu_limit
-    (both as in gpt-oss).  seed: weights are drawn from a seeded normal distribution; init=False
+    (both as in gpt-oss).  d_ff may be a sequence of n_experts sizes (heterogeneous
+    experts): the weights keep the largest size, each expert uses its first d_ff[e] hidden
+    units (rows past it are ignored), and the kernels skip the rest.  seed: weights are drawn from a seeded normal distribution; init=False
     leaves them None, to be assigned (as moe.load and moe.from_hf do).
 
     LoRA on the experts (how MoE models are fine-tuned): lora_rank=r > 0 gives every routed
@@ -113,7 +115,19 @@ class SparseMoE:
                  swiglu_limit=7.0, lora_rank=0, lora_alpha=None, lora_targets=None,
                  null_experts=()):
         self.d_model = check_int(d_model, "d_model", 1)
-        self.d_ff = check_int(d_ff, "d_ff", 1)
+        if isinstance(d_ff, (list, tuple, np.ndarray)):
+            sizes = tuple(check_int(int(f) if isinstance(f, np.integer) else f,
+                                    "d_ff entry", 0) for f in d_ff)
+            if len(sizes) != n_experts:
+                raise ValueError(f"d_ff must be an int or n_experts={n_experts} sizes, got "
+                                 f"{len(sizes)}")
+            if max(sizes) < 1:
+                raise ValueError("d_ff must have at least one expert with d_ff >= 1")
+            self.expert_d_ff = sizes if len(set(sizes)) > 1 else None
+            self.d_ff = max(sizes)
+        else:
+            self.expert_d_ff = None
+            self.d_ff = check_int(d_ff, "d_ff", 1)
         self.n_experts = check_int(n_experts, "n_experts", 1, 2**31 - 1)
         self.activation = activation
         check_choice(activation, "activation", ACTIVATIONS)
@@ -151,6 +165,8 @@ class SparseMoE:
                              "gate")
         if self.lora_rank and not targets:
             raise ValueError("lora_rank > 0 needs at least one of lora_targets")
+        if self.lora_rank and self.expert_d_ff is not None:
+            raise ValueError("expert LoRA (lora_rank > 0) needs experts of one size (d_ff)")
         self.lora_targets = tuple(t for t in LORA_TARGETS if t in targets)
         self._packed = None
 
@@ -238,8 +254,9 @@ class SparseMoE:
             biases = (self.b_gate if gated else None, self.b_up, self.b_down)
             if any(b is None for b in biases[1:]) or (gated and biases[0] is None):
                 raise ValueError("expert biases are missing (set b_gate, b_up and b_down)")
+        sizes = None if self.expert_d_ff is None else np.array(self.expert_d_ff, np.int64)
         routed = _C.pack_experts(bits(self.w_gate) if gated else None, bits(self.w_up),
-                                 bits(self.w_down), code, *biases)
+                                 bits(self.w_down), code, *biases, sizes)
         shared = None
         if self.n_shared_experts:
             if self.shared_w_up is None or self.shared_w_down is None or \
@@ -365,7 +382,9 @@ class SparseMoE:
 
     def config(self):
         """The constructor arguments of this layer (JSON-friendly), without weights or seed."""
-        return dict(d_model=self.d_model, d_ff=self.d_ff, n_experts=self.n_experts,
+        return dict(d_model=self.d_model,
+                    d_ff=self.d_ff if self.expert_d_ff is None else list(self.expert_d_ff),
+                    n_experts=self.n_experts,
                     top_k=self.top_k, activation=self.activation, scoring=self.scoring,
                     renormalize=self.renormalize, routed_scaling=self.routed_scaling,
                     n_groups=self.n_groups, topk_groups=self.topk_groups,
@@ -386,7 +405,9 @@ class SparseMoE:
     def flops(self, n_tokens):
         """Multiply-add FLOPs (x2) of one forward pass over n_tokens (dropless)."""
         mats = 3 if self.activation in GATED else 2
-        routed = 2 * n_tokens * self.top_k * mats * self.d_model * self.d_ff
+        # (different expert sizes: counted at the mean size)
+        mean_ff = self.d_ff if self.expert_d_ff is None else float(np.mean(self.expert_d_ff))
+        routed = int(2 * n_tokens * self.top_k * mats * self.d_model * mean_ff)
         shared = 2 * n_tokens * mats * self.d_model * self.n_shared_experts * self.shared_d_ff
         lora = sum(2 * n_tokens * self.top_k * self.lora_rank * (self.d_model + self.d_ff)
                    for _ in self.lora_targets) if self.lora_rank else 0

@@ -469,7 +469,8 @@ def ffn(x, w_gate, w_up, w_down, activation="swiglu", b_gate=None, b_up=None, b_
 
 
 def expert_ffn(x_sorted, offsets, w_gate, w_up, w_down, activation="swiglu", b_gate=None,
-               b_up=None, b_down=None, alpha=1.702, limit=7.0, lora=None, lora_scaling=1.0):
+               b_up=None, b_down=None, alpha=1.702, limit=7.0, lora=None, lora_scaling=1.0,
+               expert_d_ff=None):
     """Run each expert's FFN on its contiguous block of dispatched rows.
 
     Args:
@@ -481,6 +482,7 @@ def expert_ffn(x_sorted, offsets, w_gate, w_up, w_down, activation="swiglu", b_g
       activation: one of ACTIVATIONS.
 
     lora: {target: (a (E, r, in), b (E, out, r))} per-expert adapters (see ffn).
+    expert_d_ff: (E,) sizes; expert e uses its first expert_d_ff[e] hidden units.
 
     Returns (N, d) float64.
     """
@@ -498,11 +500,14 @@ def expert_ffn(x_sorted, offsets, w_gate, w_up, w_down, activation="swiglu", b_g
         lo, hi = int(offsets[e]), int(offsets[e + 1])
         if hi <= lo:
             continue
-        g = w_gate[e] if w_gate is not None else None
+        f = w_up.shape[1] if expert_d_ff is None else int(expert_d_ff[e])
+        g = w_gate[e][:f] if w_gate is not None else None
         pick = lambda b: None if b is None else np.asarray(b)[e]  # noqa: E731
+        cut = lambda b: None if b is None else np.asarray(b)[e][:f]  # noqa: E731
         lora_e = {t: (a[e], b[e]) for t, (a, b) in (lora or {}).items()}
-        out[lo:hi] = ffn(x_sorted[lo:hi], g, w_up[e], w_down[e], activation, pick(b_gate),
-                         pick(b_up), pick(b_down), alpha, limit, lora_e, lora_scaling)
+        out[lo:hi] = ffn(x_sorted[lo:hi], g, w_up[e][:f], w_down[e][:, :f], activation,
+                         cut(b_gate), cut(b_up), pick(b_down), alpha, limit, lora_e,
+                         lora_scaling)
     return out
 
 
@@ -516,7 +521,8 @@ def sparse_moe(x, router_weight, w_gate, w_up, w_down, *, top_k, activation="swi
                shared_w_gate=None, shared_w_up=None, shared_w_down=None,
                shared_gate_weight=None, router_bias=None, b_gate=None, b_up=None,
                b_down=None, swiglu_alpha=1.702, swiglu_limit=7.0, lora=None,
-               lora_scaling=1.0, null_experts=(), null_values=None, allowed=None):
+               lora_scaling=1.0, null_experts=(), null_values=None, allowed=None,
+               expert_d_ff=None):
     """Full sparse MoE forward: route, dispatch, expert FFNs, combine, shared experts.
 
     Args:
@@ -559,7 +565,7 @@ def sparse_moe(x, router_weight, w_gate, w_up, w_down, *, top_k, activation="swi
     gate_w = w_gate if activation in GATED else None
     y_sorted = expert_ffn(disp["x_sorted"], disp["offsets"], gate_w, w_up, w_down,
                           activation, b_gate if activation in GATED else None, b_up, b_down,
-                          swiglu_alpha, swiglu_limit, lora, lora_scaling)
+                          swiglu_alpha, swiglu_limit, lora, lora_scaling, expert_d_ff)
     out = combine(y_sorted, disp["position"], routing["weights"])
     for t in range(xf.shape[0]):
         for j, e in enumerate(ids_all[t]):
@@ -676,6 +682,7 @@ def layer_forward(layer, x, allowed=None):
         null_experts=tuple(getattr(layer, "null_experts", ())),
         null_values=getattr(layer, "null_values", None),
         allowed=allowed,
+        expert_d_ff=getattr(layer, "expert_d_ff", None),
     )
 
 

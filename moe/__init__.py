@@ -20,6 +20,7 @@ from ._api import (ACTIVATIONS, SCORINGS, WEIGHT_DTYPES, Dispatch, PackedExperts
 from .routing import (DynamicRoutingResult, ExpertChoiceResult, SkipResult,
                       route_expert_choice, route_threshold, route_top_p, skip_experts)
 from .layer import NullRoutingResult, SparseMoE, prune_experts
+from .multihead import MultiHeadMoE
 from .lora import (FlyLoRA, GatedLoRA, HydraLoRA, MultiLoRA, SMoRA, SoftLoRA, TopKLoRA,
                    sparse_projection)
 from . import safetensors
@@ -38,4 +39,4 @@ __all__ = ["SparseMoE", "route", "update_expert_bias", "dispatch", "combine", "e
            "routing_stats", "route_expert_choice", "route_top_p", "route_threshold",
            "skip_experts", "ExpertChoiceResult", "DynamicRoutingResult", "SkipResult",
            "TopKLoRA", "SoftLoRA", "GatedLoRA", "HydraLoRA", "FlyLoRA", "SMoRA", "MultiLoRA",
-           "sparse_projection", "NullRoutingResult", "prune_experts", "__version__"]
+           "sparse_projection", "NullRoutingResult", "prune_experts", "MultiHeadMoE", "__version__"]

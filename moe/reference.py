@@ -24,6 +24,7 @@ __all__ = [
     "lora_forward",
     "lora_linear",
     "lora_mixture",
+    "multi_head_moe",
     "route",
     "route_expert_choice",
     "route_threshold",
@@ -957,3 +958,21 @@ def lora_forward(layer, x, scalings=None, adapter_ids=None, seq_lens=None):
         return (lora_mixture(x, w0, layer.lora_a, layer.lora_b, ids, None, layer.scalings,
                              bias), ids, (ids >= 0).astype(np.float64))
     raise TypeError(f"not a moe.lora layer: {name}")
+
+# --------------------------------------------------------------------------- #
+# Multi-head MoE
+# --------------------------------------------------------------------------- #
+
+def multi_head_moe(layer, x):
+    """MultiHeadMoE's forward in float64: project, split into n_heads sub-tokens, route
+    them through the inner SparseMoE (layer_forward), merge and project.  Returns (y,
+    routing of the sub-tokens)."""
+    def dec(w):
+        return _decode_weight(layer, w)
+    x = np.asarray(x, dtype=np.float32).astype(np.float64).reshape(-1, layer.d_model)
+    h = x @ dec(layer.w_in).T
+    # the kernels see h rounded to float32 (the inner layer's input), as a user would
+    sub = h.astype(np.float32).reshape(-1, layer.d_head)
+    y_sub, routing = layer_forward(layer.moe, sub)
+    y = y_sub.reshape(-1, layer.d_model).astype(np.float32).astype(np.float64)
+    return y @ dec(layer.w_merge).T, routing

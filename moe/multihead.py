@@ -1,0 +1,97 @@
+"""Multi-head MoE (MH-MoE): every token is projected, split into n_heads sub-tokens that
+are routed independently through one sparse MoE layer, merged back and projected.
+
+    h = x @ w_in.T                       (T, d)
+    sub = h.reshape(T * n_heads, d / n_heads)
+    y_sub = SparseMoE(sub)               experts of width d / n_heads
+    y = y_sub.reshape(T, d) @ w_merge.T  (T, d)
+
+The two projections run on the packed GEMM of the C core (moe._C.linear_grouped) and the
+sub-tokens through the whole-layer C call, so nothing loops over tokens in Python.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from . import _C
+from ._api import WEIGHT_DTYPES, _shape_str, check_int, float_array, weight_array
+from .layer import SparseMoE
+
+__all__ = ["MultiHeadMoE"]
+
+
+class MultiHeadMoE:
+    """Multi-head MoE over (..., d_model) tokens: n_heads sub-tokens of d_model / n_heads
+    each, routed top_k among n_experts experts of hidden size d_ff.
+
+    Weights: w_in, w_merge (d_model, d_model) in `dtype` (nn.Linear layout) and the inner
+    layer `moe` (a moe.SparseMoE of d_model / n_heads; every routing option of SparseMoE
+    is accepted as a keyword and passed to it).  Assign w_in / w_merge to replace them; the
+    projections are repacked on the next call (after in-place edits call pack()).
+    """
+
+    def __init__(self, d_model, n_heads, d_ff, n_experts, top_k, *, dtype="float32", seed=0,
+                 init=True, **moe_options):
+        self.d_model = check_int(d_model, "d_model", 1)
+        self.n_heads = check_int(n_heads, "n_heads", 1)
+        if self.d_model % self.n_heads:
+            raise ValueError(f"n_heads must divide d_model={self.d_model}, got {n_heads}")
+        if dtype not in WEIGHT_DTYPES:
+            raise ValueError(f"dtype must be one of {WEIGHT_DTYPES}, got {dtype!r}")
+        self.dtype = dtype
+        self.d_head = self.d_model // self.n_heads
+        self.moe = SparseMoE(self.d_head, d_ff, n_experts, top_k, dtype=dtype, seed=seed,
+                             init=init, **moe_options)
+        self._packed = None
+        self.w_in = self.w_merge = None
+        if init:
+            rng = np.random.default_rng(seed + 1)
+            d = self.d_model
+            self.w_in = rng.standard_normal((d, d)).astype(np.float32) / np.sqrt(d)
+            self.w_merge = rng.standard_normal((d, d)).astype(np.float32) / np.sqrt(d)
+
+    def __setattr__(self, name, value):
+        if name in ("w_in", "w_merge"):
+            if value is not None:
+                d = self.d_model
+                value = weight_array(value, name, (("d_model", d), ("d_model", d)), self.dtype)
+                if self.dtype == "float16":
+                    value = value.view(np.float16)
+            object.__setattr__(self, "_packed", None)
+        object.__setattr__(self, name, value)
+
+    def pack(self):
+        """Pack the two projections now (after editing w_in / w_merge in place)."""
+        if self.w_in is None or self.w_merge is None:
+            raise ValueError("w_in and w_merge must be set (the layer was made with init=False)")
+        code = WEIGHT_DTYPES.index(self.dtype)
+
+        def bits(w):
+            return w.view(np.uint16) if w.dtype == np.float16 else w
+        object.__setattr__(self, "_packed", (_C.pack_linear(bits(self.w_in)[None], code),
+                                             _C.pack_linear(bits(self.w_merge)[None], code)))
+        return self
+
+    def __call__(self, x, return_routing=False):
+        """x: (..., d_model) float.  Returns (..., d_model) float32; with return_routing=True
+        also the inner layer's routing over the (T * n_heads) sub-tokens."""
+        x = float_array(x, "x")
+        if x.ndim < 1 or x.shape[-1] != self.d_model:
+            raise ValueError(f"x must have shape (..., d_model={self.d_model}), got "
+                             f"{_shape_str(x.shape)}")
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.d_model)
+        if self._packed is None:
+            self.pack()
+        w_in, w_merge = self._packed
+        offsets = np.array([0, x2.shape[0]], np.int64)
+        h = _C.linear_grouped(x2, None, offsets, w_in)
+        y_sub, routing = self.moe(h.reshape(-1, self.d_head), return_routing=True)
+        y = _C.linear_grouped(np.ascontiguousarray(y_sub.reshape(-1, self.d_model)), None,
+                              offsets, w_merge)
+        y = y.reshape(lead + (self.d_model,))
+        return (y, routing) if return_routing else y
+
+    def __repr__(self):
+        return (f"MultiHeadMoE(d_model={self.d_model}, n_heads={self.n_heads}, "
+                f"moe={self.moe!r})")

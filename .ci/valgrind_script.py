@@ -1,5 +1,7 @@
 """The workload .ci/valgrind.sh runs under memcheck: each public op on small inputs,
 with the thread pool, on the success and the error paths."""
+import io
+
 import numpy as np
 
 import moe
@@ -31,4 +33,7 @@ for bad in (lambda: moe.route(np.full((2, 3), np.nan), 1),
         bad()
     except (ValueError, TypeError):
         pass
+# the CUDA loader: dlopen of moe/_moe_cuda.so and a device query (none here)
+moe.show_config(file=io.StringIO())
+assert isinstance(moe.cuda_available(), bool)
 print("valgrind workload done")

@@ -172,6 +172,46 @@ moe_route_skip(const moe_route_skip_params *p)
 }
 
 moe_status
+moe_peer_forward(const moe_peer_params *p)
+{
+    if (p->n_tokens < 0 || p->d_model < 1 || p->d_out < 1 || p->n_heads < 1) {
+        return moe_set_error(MOE_STATUS_INVALID_ARG,
+                             "PEER needs n_tokens >= 0, d_model, d_out and "
+                             "n_heads >= 1, got %lld, %lld, %lld, %d",
+                             (long long)p->n_tokens, (long long)p->d_model,
+                             (long long)p->d_out, p->n_heads);
+    }
+    if (p->d_key < 2 || p->d_key % 2 != 0) {
+        return moe_set_error(MOE_STATUS_INVALID_ARG,
+                             "d_key must be even and >= 2, got %d", p->d_key);
+    }
+    /* Expert ids i * n + j are int32. */
+    if (p->n_sub_keys < 1 || p->n_sub_keys > 46340) {
+        return moe_set_error(MOE_STATUS_INVALID_ARG,
+                             "n_sub_keys must be in 1..46340, got %d",
+                             p->n_sub_keys);
+    }
+    if (p->top_k < 1 || p->top_k > p->n_sub_keys) {
+        return moe_set_error(MOE_STATUS_INVALID_ARG,
+                             "top_k must be in 1..n_sub_keys=%d, got %d",
+                             p->n_sub_keys, p->top_k);
+    }
+    if (p->n_key_sets != 1 && p->n_key_sets != p->n_heads) {
+        return moe_set_error(MOE_STATUS_INVALID_ARG,
+                             "sub-keys must be shared (1 set) or per head "
+                             "(n_heads=%d sets), got %d sets", p->n_heads,
+                             p->n_key_sets);
+    }
+    if ((int)p->activation < 0 ||
+        (int)p->activation > (int)MOE_PEER_ACTIVATION_IDENTITY) {
+        return moe_set_error(MOE_STATUS_INVALID_ARG,
+                             "unknown PEER activation code %d",
+                             (int)p->activation);
+    }
+    return moe_cpu_peer_forward(p);
+}
+
+moe_status
 moe_dispatch_count(const moe_dispatch_params *p)
 {
     return moe_cpu_dispatch_count(p);
@@ -379,4 +419,62 @@ moe_linear_grouped(const moe_linear_params *p)
         }
     }
     return moe_cpu_linear_grouped(p);
+}
+
+moe_status
+moe_soft_moe_forward(const moe_soft_moe_params *p)
+{
+    const moe_experts *w = p->experts;
+    const int64_t G = p->n_groups, M = p->group_size, d = p->d_model;
+    int64_t S;
+
+    MOE_TRY(moe_check_pack(w, 0, "experts"));
+    if (p->n_experts < 1 || p->slots_per_expert < 1 ||
+        (int64_t)p->n_experts * p->slots_per_expert > INT32_MAX) {
+        return moe_set_error(MOE_STATUS_INVALID_ARG, "soft MoE needs "
+                             "n_experts >= 1 and slots_per_expert >= 1 with "
+                             "n_experts * slots_per_expert < 2^31, got %d and "
+                             "%d", p->n_experts, p->slots_per_expert);
+    }
+    S = (int64_t)p->n_experts * p->slots_per_expert;
+    if (w->n_experts != p->n_experts || w->d_model != d) {
+        return moe_set_error(MOE_STATUS_INVALID_ARG, "the packed experts "
+                             "(n_experts=%d, d_model=%lld) do not match "
+                             "n_experts=%d, d_model=%lld", w->n_experts,
+                             (long long)w->d_model, p->n_experts,
+                             (long long)d);
+    }
+    if (moe_activation_is_gated(p->activation) != w->gated) {
+        return moe_set_error(MOE_STATUS_INVALID_ARG, "activation is %sgated "
+                             "but the experts were packed %s w_gate",
+                             w->gated ? "not " : "",
+                             w->gated ? "with" : "without");
+    }
+    if (p->grouping != MOE_SOFT_GROUPS_ROWS &&
+        p->grouping != MOE_SOFT_GROUPS_STRIDED) {
+        return moe_set_error(MOE_STATUS_INVALID_ARG, "unknown soft MoE "
+                             "grouping %d", (int)p->grouping);
+    }
+    /* Every buffer of the forward is a product of these: keep them far
+     * from overflowing int64 (and n_groups within a linear's int32). */
+    if (G < 0 || M < 0 || d < 0 || G > INT32_MAX ||
+        (double)G * (double)M * (double)(d > S ? d : S) > 0x1p40 ||
+        (double)G * (double)(M + 2) * (double)S > 0x1p40 ||
+        (double)G * (double)S * (double)d > 0x1p40 ||
+        (double)S * (double)d > 0x1p40) {
+        return moe_set_error(MOE_STATUS_INVALID_ARG, "soft MoE sizes out of "
+                             "range: n_groups=%lld, group_size=%lld, "
+                             "d_model=%lld, slots=%lld", (long long)G,
+                             (long long)M, (long long)d, (long long)S);
+    }
+    if (!isfinite(p->temperature) || (p->normalize && !isfinite(p->scale))) {
+        return moe_set_error(MOE_STATUS_NONFINITE, "temperature and scale "
+                             "must be finite, got %g and %g", p->temperature,
+                             p->scale);
+    }
+    if (!(p->temperature > 0.0)) {
+        return moe_set_error(MOE_STATUS_INVALID_ARG, "temperature must be "
+                             "> 0, got %g", p->temperature);
+    }
+    return moe_cpu_soft_moe_forward(p);
 }

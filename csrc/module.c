@@ -13,6 +13,7 @@
 #include <string.h>
 
 #include "moe.h"
+#include "../cuda/moe_cuda.h"
 
 #if defined(__linux__)
 #include <signal.h>
@@ -1387,6 +1388,224 @@ fail:
     return NULL;
 }
 
+/*
+ * PEER: the sub-keys arrive as (n_key_sets, n, d_key / 2), one set shared by
+ * the heads or one per head; the expert rows u (n^2, d), v (n^2, d_out).
+ * With return_routing, also the ids and gates (T, n_heads, top_k).
+ */
+static PyObject *
+moe_py_peer_forward(PyObject *self, PyObject *args)
+{
+    PyObject *x_obj, *wq_obj, *k1_obj, *k2_obj, *u_obj, *v_obj;
+    PyArrayObject *x, *wq, *k1, *k2, *u, *v;
+    PyArrayObject *out = NULL, *ids = NULL, *gates = NULL;
+    npy_intp xd[2] = {-1, -1}, qd[3] = {-1, -1, -1}, kd[3] = {-1, -1, -1};
+    npy_intp ud[2], vd[2], rd[3];
+    int top_k, activation, routing;
+    moe_peer_params p;
+    moe_status st;
+
+    if (!PyArg_ParseTuple(args, "OOOOOOiip", &x_obj, &wq_obj, &k1_obj,
+                          &k2_obj, &u_obj, &v_obj, &top_k, &activation,
+                          &routing)) {
+        return NULL;
+    }
+    if (moe_check_enum(activation, 4, "activation") < 0) {
+        return NULL;
+    }
+    if (!(x = moe_arg(x_obj, "x", NPY_FLOAT32, 2, xd, 0))) {
+        return NULL;
+    }
+    qd[2] = xd[1];
+    if (!(wq = moe_arg(wq_obj, "w_query", NPY_FLOAT32, 3, qd, 0))) {
+        return NULL;
+    }
+    if (qd[0] < 1 || qd[0] > INT32_MAX || qd[1] < 2 || qd[1] % 2 != 0 ||
+        qd[1] > INT32_MAX) {
+        PyErr_Format(PyExc_ValueError, "w_query must have shape (n_heads >= 1,"
+                     " d_key even >= 2, d_model), got (%lld, %lld, %lld)",
+                     (long long)qd[0], (long long)qd[1], (long long)qd[2]);
+        return NULL;
+    }
+    kd[2] = qd[1] / 2;
+    if (!(k1 = moe_arg(k1_obj, "sub_keys_1", NPY_FLOAT32, 3, kd, 0))) {
+        return NULL;
+    }
+    if (kd[0] != 1 && kd[0] != qd[0]) {
+        PyErr_Format(PyExc_ValueError, "sub_keys_1 must have 1 (shared) or "
+                     "n_heads=%lld (per head) key sets, got %lld",
+                     (long long)qd[0], (long long)kd[0]);
+        return NULL;
+    }
+    if (kd[1] < 1 || kd[1] > 46340) {
+        PyErr_Format(PyExc_ValueError, "sub_keys_1 must have 1..46340 sub-keys"
+                     " (n^2 experts), got %lld", (long long)kd[1]);
+        return NULL;
+    }
+    if (!(k2 = moe_arg(k2_obj, "sub_keys_2", NPY_FLOAT32, 3, kd, 0))) {
+        return NULL;
+    }
+    ud[0] = kd[1] * kd[1];
+    ud[1] = xd[1];
+    if (!(u = moe_arg(u_obj, "u", NPY_FLOAT32, 2, ud, 0))) {
+        return NULL;
+    }
+    vd[0] = ud[0];
+    vd[1] = -1;
+    if (!(v = moe_arg(v_obj, "v", NPY_FLOAT32, 2, vd, 0))) {
+        return NULL;
+    }
+    if (top_k < 1 || top_k > kd[1]) {
+        PyErr_Format(PyExc_ValueError, "top_k must be in 1..n_sub_keys=%lld, "
+                     "got %d", (long long)kd[1], top_k);
+        return NULL;
+    }
+    if (vd[1] < 1 || xd[1] < 1) {
+        PyErr_SetString(PyExc_ValueError, "d_model and d_out must be >= 1");
+        return NULL;
+    }
+    memset(&p, 0, sizeof(p));
+    out = moe_new(2, xd[0], vd[1], NPY_FLOAT32);
+    if (!out) {
+        goto fail;
+    }
+    if (routing) {
+        rd[0] = xd[0];
+        rd[1] = qd[0];
+        rd[2] = top_k;
+        ids = (PyArrayObject *)PyArray_SimpleNew(3, rd, NPY_INT32);
+        gates = (PyArrayObject *)PyArray_SimpleNew(3, rd, NPY_FLOAT32);
+        if (!ids || !gates) {
+            goto fail;
+        }
+        p.expert_ids = MOE_DATA(ids, int32_t);
+        p.gates = MOE_DATA(gates, float);
+    }
+    p.x = MOE_DATA(x, float);
+    p.n_tokens = xd[0];
+    p.d_model = xd[1];
+    p.d_out = vd[1];
+    p.n_heads = (int32_t)qd[0];
+    p.d_key = (int32_t)qd[1];
+    p.n_sub_keys = (int32_t)kd[1];
+    p.top_k = top_k;
+    p.n_key_sets = (int32_t)kd[0];
+    p.w_query = MOE_DATA(wq, float);
+    p.sub_keys_1 = MOE_DATA(k1, float);
+    p.sub_keys_2 = MOE_DATA(k2, float);
+    p.u = MOE_DATA(u, float);
+    p.v = MOE_DATA(v, float);
+    p.activation = (moe_peer_activation)activation;
+    p.out = MOE_DATA(out, float);
+    MOE_COMPUTE(st, moe_peer_forward(&p));
+    if (st != MOE_STATUS_OK) {
+        moe_raise(st);
+        goto fail;
+    }
+    if (!routing) {
+        return Py_BuildValue("NOO", out, Py_None, Py_None);
+    }
+    return Py_BuildValue("NNN", out, ids, gates);
+fail:
+    Py_XDECREF(out);
+    Py_XDECREF(ids);
+    Py_XDECREF(gates);
+    return NULL;
+}
+
+/*
+ * soft_moe_forward(x, phi, experts, slots_per_expert, activation, normalize,
+ *                  scale, temperature, across, return_weights[, alpha, limit])
+ * x (A, B, d): across=0: A groups of B tokens each (Soft MoE); across=1: B
+ * groups of A tokens, group b = x[:, b] (Mixture of Tokens).  Returns (out
+ * (A, B, d), dispatch (A, B, E*s) or None, combine (A, B, E*s) or None).
+ */
+static PyObject *
+moe_py_soft_moe_forward(PyObject *self, PyObject *args)
+{
+    PyObject *x_obj, *phi_obj, *w_obj;
+    PyArrayObject *x, *phi, *out = NULL, *disp = NULL, *comb = NULL;
+    npy_intp xd[3] = {-1, -1, -1}, pd[2], wd[3];
+    int slots, activation, normalize, across, want;
+    double scale, temperature;
+    float alpha = 1.702f, limit = 7.0f;
+    moe_experts_info info;
+    moe_soft_moe_params p;
+    moe_status st;
+
+    if (!PyArg_ParseTuple(args, "OOOiipddpp|ff", &x_obj, &phi_obj, &w_obj,
+                          &slots, &activation, &normalize, &scale,
+                          &temperature, &across, &want, &alpha, &limit)) {
+        return NULL;
+    }
+    memset(&p, 0, sizeof(p));
+    if (moe_check_enum(activation, 8, "activation") < 0 ||
+        !(p.experts = moe_experts_arg(w_obj, "experts"))) {
+        return NULL;
+    }
+    moe_experts_get_info(p.experts, &info);
+    if (slots < 1 || (int64_t)info.n_experts * slots > INT32_MAX) {
+        PyErr_Format(PyExc_ValueError, "slots_per_expert must be in 1..%lld "
+                     "(n_experts * slots < 2^31), got %d",
+                     (long long)(INT32_MAX / info.n_experts), slots);
+        return NULL;
+    }
+    xd[2] = info.d_model;
+    if (!(x = moe_arg(x_obj, "x", NPY_FLOAT32, 3, xd, 0))) {
+        return NULL;
+    }
+    pd[0] = xd[2];
+    pd[1] = (npy_intp)info.n_experts * slots;
+    if (!(phi = moe_arg(phi_obj, "phi", NPY_FLOAT32, 2, pd, 0))) {
+        return NULL;
+    }
+    out = (PyArrayObject *)PyArray_SimpleNew(3, xd, NPY_FLOAT32);
+    if (!out) {
+        goto fail;
+    }
+    if (want) {
+        wd[0] = xd[0];
+        wd[1] = xd[1];
+        wd[2] = pd[1];
+        disp = (PyArrayObject *)PyArray_SimpleNew(3, wd, NPY_FLOAT32);
+        comb = (PyArrayObject *)PyArray_SimpleNew(3, wd, NPY_FLOAT32);
+        if (!disp || !comb) {
+            goto fail;
+        }
+        p.dispatch = MOE_DATA(disp, float);
+        p.combine = MOE_DATA(comb, float);
+    }
+    p.x = MOE_DATA(x, float);
+    p.n_groups = across ? xd[1] : xd[0];
+    p.group_size = across ? xd[0] : xd[1];
+    p.d_model = xd[2];
+    p.grouping = across ? MOE_SOFT_GROUPS_STRIDED : MOE_SOFT_GROUPS_ROWS;
+    p.phi = MOE_DATA(phi, float);
+    p.n_experts = info.n_experts;
+    p.slots_per_expert = slots;
+    p.normalize = normalize;
+    p.scale = scale;
+    p.temperature = temperature;
+    p.activation = (moe_activation)activation;
+    p.act_alpha = alpha;
+    p.act_limit = limit;
+    p.out = MOE_DATA(out, float);
+    MOE_COMPUTE(st, moe_soft_moe_forward(&p));
+    if (st != MOE_STATUS_OK) {
+        moe_raise(st);
+        goto fail;
+    }
+    if (!want) {
+        return Py_BuildValue("NOO", out, Py_None, Py_None);
+    }
+    return Py_BuildValue("NNN", out, disp, comb);
+fail:
+    Py_XDECREF(out);
+    Py_XDECREF(disp);
+    Py_XDECREF(comb);
+    return NULL;
+}
+
 static PyObject *
 moe_py_set_num_threads(PyObject *self, PyObject *arg)
 {
@@ -1419,7 +1638,72 @@ moe_py_build_info(PyObject *self, PyObject *noargs)
     return Py_BuildValue("{s:s,s:s,s:s,s:s,s:i,s:O}", "version", MOE_VERSION,
                          "compiler", moe_build_compiler(), "cpu_features",
                          moe_cpu_features(), "isa", moe_cpu_isa(),
-                         "threads", moe_get_num_threads(), "cuda", Py_False);
+                         "threads", moe_get_num_threads(), "cuda",
+                         moe_cuda_built() ? Py_True : Py_False);
+}
+
+/* cuda_info() -> {"built": bool, "devices": int, "reason": str} */
+static PyObject *
+moe_py_cuda_info(PyObject *self, PyObject *noargs)
+{
+    int devices = 0;
+
+    Py_BEGIN_ALLOW_THREADS
+    devices = moe_cuda_devices(); /* may initialise the driver: slow once */
+    Py_END_ALLOW_THREADS
+    return Py_BuildValue("{s:O,s:i,s:s}", "built",
+                         moe_cuda_built() ? Py_True : Py_False, "devices",
+                         devices, "reason", moe_cuda_unavailable_reason());
+}
+
+/*
+ * cuda_route(logits, dtype, expert_bias, n_tokens, n_experts, top_k,
+ *            n_groups, topk_groups, scoring, renormalize, routed_scaling,
+ *            expert_ids, weights, stream): device pointers as ints, from
+ *            moe/cuda.py, which checks the arrays they come from.
+ */
+static PyObject *
+moe_py_cuda_route(PyObject *self, PyObject *args)
+{
+    unsigned long long logits, bias, ids, weights, stream;
+    long long n_tokens;
+    int dtype, n_experts, top_k, n_groups, topk_groups, scoring, renormalize;
+    float scaling;
+    moe_cuda_route_params p;
+    moe_status st;
+
+    if (!PyArg_ParseTuple(args, "KiKLiiiiiifKKK", &logits, &dtype, &bias,
+                          &n_tokens, &n_experts, &top_k, &n_groups,
+                          &topk_groups, &scoring, &renormalize, &scaling, &ids,
+                          &weights, &stream)) {
+        return NULL;
+    }
+    p.logits = (const void *)(uintptr_t)logits;
+    p.dtype = dtype;
+    p.expert_bias = (const float *)(uintptr_t)bias;
+    p.n_tokens = n_tokens;
+    p.n_experts = n_experts;
+    p.top_k = top_k;
+    p.n_groups = n_groups;
+    p.topk_groups = topk_groups;
+    p.scoring = scoring;
+    p.renormalize = renormalize;
+    p.routed_scaling = scaling;
+    p.expert_ids = (int32_t *)(uintptr_t)ids;
+    p.weights = (float *)(uintptr_t)weights;
+    Py_BEGIN_ALLOW_THREADS
+    st = moe_cuda_route(&p, (void *)(uintptr_t)stream);
+    Py_END_ALLOW_THREADS
+    if (st == MOE_STATUS_UNSUPPORTED) {
+        return moe_raise(st);
+    }
+    if (st != MOE_STATUS_OK) {
+        PyErr_Format(st == MOE_STATUS_INVALID_ARG ? PyExc_ValueError
+                                                  : PyExc_RuntimeError,
+                     "%s", moe_cuda_error());
+        return NULL;
+    }
+    Py_RETURN_NONE;
 }
 
 /* ---- module ----------------------------------------------------------- */
@@ -1463,13 +1747,24 @@ static PyMethodDef moe_methods[] = {
      "lora_forward(x, base, kind, lora_a, bank, n_adapters, ids, weights, "
      "scaling, adapter_scaling, select_k, select_signed, rank_bias) -> "
      "(out, selected, counts)"},
+    {"peer_forward", moe_py_peer_forward, METH_VARARGS,
+     "peer_forward(x, w_query, sub_keys_1, sub_keys_2, u, v, top_k, "
+     "activation, return_routing) -> (out, expert_ids, gates)"},
     {"set_num_threads", moe_py_set_num_threads, METH_O,
      "set_num_threads(n)"},
     {"get_num_threads", moe_py_get_num_threads, METH_NOARGS,
      "get_num_threads() -> int"},
     {"layer_forward", moe_py_layer_forward, METH_VARARGS,
      "layer_forward(...) -> (out, ids, weights, counts, n_dropped, aux, z)"},
+    {"soft_moe_forward", moe_py_soft_moe_forward, METH_VARARGS,
+     "soft_moe_forward(x, phi, experts, slots_per_expert, activation, "
+     "normalize, scale, temperature, across, return_weights[, alpha, limit]) "
+     "-> (out, dispatch, combine)"},
     {"build_info", moe_py_build_info, METH_NOARGS, "build information"},
+    {"cuda_info", moe_py_cuda_info, METH_NOARGS,
+     "cuda_info() -> {built, devices, reason}"},
+    {"cuda_route", moe_py_cuda_route, METH_VARARGS,
+     "cuda_route(...): the fused CUDA router on device pointers"},
     {NULL, NULL, 0, NULL}
 };
 

@@ -537,6 +537,125 @@ typedef struct moe_layer_params {
  */
 moe_status moe_layer_forward(const moe_layer_params *p);
 
+/* ---- product-key expert retrieval (csrc/cpu_peer.c) ------------------ */
+
+/*
+ * PEER ("Mixture of A Million Experts", He 2024): N = n^2 single-neuron
+ * experts addressed by product keys.  For token x and head h:
+ *   q = W_q[h] x (d_key), halves q1, q2;  s1 = K1 q1, s2 = K2 q2   (n,)
+ *   top-k of s1 (i_a) and of s2 (j_b), ties to the lower index;
+ *   of the k^2 sums s1[i_a] + s2[j_b] the best k, ties to the lower expert
+ *   e = i n + j; gates g = softmax of those k sums;
+ *   out += sum_j g_j act(u_e . x) v_e   (heads in order, slots best first).
+ * Queries, scores, u . x and the output sums are float64, so selection
+ * matches a float64 reference.  Nothing of size N is formed besides the
+ * weights: work is O(T H (d_key d_model + n d_key + k^2 + k (d_model +
+ * d_out))).  A token's output is bitwise independent of the batch and the
+ * thread count.
+ */
+typedef enum moe_peer_activation {
+    MOE_PEER_ACTIVATION_RELU     = 0,
+    MOE_PEER_ACTIVATION_GELU     = 1, /* exact erf gelu                     */
+    MOE_PEER_ACTIVATION_SILU     = 2,
+    MOE_PEER_ACTIVATION_IDENTITY = 3
+} moe_peer_activation;
+
+typedef struct moe_peer_params {
+    const float *x;          /* (n_tokens, d_model); finite                 */
+    int64_t      n_tokens;
+    int64_t      d_model;
+    int64_t      d_out;
+    int32_t      n_heads;
+    int32_t      d_key;      /* even; each half is d_key / 2                */
+    int32_t      n_sub_keys; /* n, 1..46340 (expert ids n^2 fit int32)     */
+    int32_t      top_k;      /* experts per head, 1..n_sub_keys             */
+    int32_t      n_key_sets; /* 1: sub-keys shared by the heads; n_heads    */
+    const float *w_query;    /* (n_heads, d_key, d_model); finite           */
+    const float *sub_keys_1; /* (n_key_sets, n_sub_keys, d_key / 2); finite */
+    const float *sub_keys_2; /* (n_key_sets, n_sub_keys, d_key / 2); finite */
+    const float *u;          /* (n_sub_keys^2, d_model) expert input rows   */
+    const float *v;          /* (n_sub_keys^2, d_out) expert output rows    */
+    moe_peer_activation activation;
+
+    float       *out;        /* out: (n_tokens, d_out)                      */
+    int32_t     *expert_ids; /* out, or NULL: (n_tokens, n_heads, top_k),
+                                best first                                  */
+    float       *gates;      /* out, or NULL: (n_tokens, n_heads, top_k)    */
+} moe_peer_params;
+
+moe_status moe_peer_forward(const moe_peer_params *p);
+
+/* ---- Soft MoE and Mixture of Tokens (csrc/cpu_soft_moe.c) ------------ */
+
+/*
+ * Soft MoE [Puigcerver et al. 2023], per group of m tokens X (m, d):
+ *   L = X Phi / temperature          (m, E*s); slot j = e * s + i is slot i
+ *                                    of expert e
+ *   D = softmax of L over the m tokens (per slot),   slots = D^T X (E*s, d)
+ *   Y_slots = FFN_e(slots of expert e), on the grouped expert FFN
+ *   C = softmax of L over the E*s slots (per token), Y = C Y_slots (m, d)
+ * With normalize, L = scale * <x / |x|, phi_j / |phi_j|> / temperature,
+ * |v| = sqrt(sum v^2 + 1e-6) (the authors' l2 normalisation); the slots
+ * still mix the unnormalised x.  Mixture of Tokens [Antoniak et al. 2023]
+ * is the same computation with a group across the batch (tokens at one
+ * position of every sequence): MOE_SOFT_GROUPS_STRIDED reads those groups
+ * in place.  With m == 1, D is 1 and each token goes through every expert
+ * (once, not s times), weighted by C summed over the expert's slots.
+ * Logits are fp32 GEMMs; both softmaxes run in float64 (max subtracted),
+ * rounded to float32 once.  Deterministic, and a group's output is bitwise
+ * independent of the other groups and of the thread count.
+ */
+typedef enum moe_soft_grouping {
+    MOE_SOFT_GROUPS_ROWS    = 0, /* x (n_groups, group_size, d): a group is
+                                    consecutive rows (a sequence, an image) */
+    MOE_SOFT_GROUPS_STRIDED = 1  /* x (group_size, n_groups, d): group g is
+                                    rows g, g + n_groups, ... (one position
+                                    of every sequence: Mixture of Tokens)   */
+} moe_soft_grouping;
+
+typedef struct moe_soft_moe_params {
+    const float       *x;          /* (n_groups * group_size, d_model), rows
+                                      grouped as `grouping` says            */
+    int64_t            n_groups;   /* B                                     */
+    int64_t            group_size; /* m: tokens mixed into each slot        */
+    int64_t            d_model;
+    moe_soft_grouping  grouping;
+    const float       *phi;        /* (d_model, n_experts * slots_per_expert) */
+    int32_t            n_experts;
+    int32_t            slots_per_expert;
+    int32_t            normalize;  /* l2-normalise x rows and phi columns   */
+    double             scale;      /* multiplies normalised logits          */
+    double             temperature; /* > 0; divides the logits (1: Soft MoE) */
+    const moe_experts *experts;    /* packed (n_experts, d_ff, d_model)     */
+    moe_activation     activation;
+    float              act_alpha;  /* as in moe_ffn_params                  */
+    float              act_limit;
+    float             *out;        /* out: (n_groups * group_size, d_model),
+                                      rows as x                             */
+    float             *dispatch;   /* out, or NULL: (n_tokens, E*s) D, rows
+                                      as x; sums to 1 over a group's tokens */
+    float             *combine;    /* out, or NULL: (n_tokens, E*s) C; each
+                                      row sums to 1                         */
+} moe_soft_moe_params;
+
+moe_status moe_soft_moe_forward(const moe_soft_moe_params *p);
+
+/* ---- CUDA backend (loaded at run time, see cuda/moe_cuda.h) ---------- */
+
+/* Whether moe/_moe_cuda.so was found and loaded. */
+int         moe_cuda_built(void);
+/* Usable devices: 0 without the library, a driver or a GPU. */
+int         moe_cuda_devices(void);
+/* Why the library is not loaded ("" when it is). */
+const char *moe_cuda_unavailable_reason(void);
+
+struct moe_cuda_route_params;
+/* The fused router on device memory (cuda/moe_cuda.h); asynchronous. */
+moe_status  moe_cuda_route(const struct moe_cuda_route_params *p,
+                           void *stream);
+/* The CUDA backend's message for its last failure on this thread. */
+const char *moe_cuda_error(void);
+
 /* ---- build information ----------------------------------------------- */
 
 /* Compiler that built the core, e.g. "gcc 12.2.0". */

@@ -89,6 +89,9 @@ enum {
     MOE_WS_LAYER_LOGITS, /* layer.c: router logits                         */
     MOE_WS_ROUTER,       /* cpu_route.c: widened router weight and tokens  */
     MOE_WS_ROUTE_EXT,    /* cpu_route_ext.c: expert-choice scores, heaps   */
+    MOE_WS_SOFT_MOE,     /* cpu_soft_moe.c: logits, weights, slots        */
+    MOE_WS_PEER,         /* cpu_peer.c: float64 query and sub-key weights  */
+    MOE_WS_PEER_TASK,    /* cpu_peer.c: one block's queries, scores, ids   */
     MOE_WS_COUNT
 };
 
@@ -99,6 +102,27 @@ enum {
  */
 void *moe_workspace(int slot, size_t count, size_t size);
 
+/* ---- the CUDA backend, loaded at run time (csrc/cuda_loader.c) ---- */
+
+struct moe_cuda_dispatch_params;
+struct moe_cuda_combine_params;
+
+typedef struct moe_cuda_api {
+    int         (*device_count)(void);
+    const char *(*last_error)(void);
+    int         (*route_topk)(const struct moe_cuda_route_params *p,
+                              void *stream);
+    size_t      (*dispatch_workspace)(int64_t n_tokens, int32_t top_k,
+                                      int32_t n_experts);
+    int         (*dispatch)(const struct moe_cuda_dispatch_params *p,
+                            void *stream);
+    int         (*combine)(const struct moe_cuda_combine_params *p,
+                           void *stream);
+} moe_cuda_api;
+
+/* The loaded library's entry points, or NULL when it is absent. */
+const moe_cuda_api *moe_cuda(void);
+
 /* CPU implementations (csrc/cpu_*.c); csrc/backend.c picks among backends. */
 moe_status moe_cpu_router_logits(const moe_router_params *p);
 moe_status moe_cpu_route_topk(const moe_route_params *p);
@@ -106,6 +130,7 @@ moe_status moe_cpu_route_expert_choice(const moe_expert_choice_params *p);
 moe_status moe_cpu_expert_choice_by_token(const moe_ec_tokens_params *p);
 moe_status moe_cpu_route_dynamic(const moe_route_dynamic_params *p);
 moe_status moe_cpu_route_skip(const moe_route_skip_params *p);
+moe_status moe_cpu_peer_forward(const moe_peer_params *p);
 moe_status moe_cpu_dispatch_count(const moe_dispatch_params *p);
 moe_status moe_cpu_dispatch_build(const moe_dispatch_params *p);
 moe_status moe_cpu_dispatch_gather(const moe_gather_params *p);
@@ -118,5 +143,6 @@ moe_status moe_cpu_linear_grouped(const moe_linear_params *p);
 moe_status moe_cpu_expert_lora_pack(const moe_expert_lora_params *p,
                                     const moe_experts *experts,
                                     moe_expert_lora **out);
+moe_status moe_cpu_soft_moe_forward(const moe_soft_moe_params *p);
 
 #endif /* MOE_IMPL_H */

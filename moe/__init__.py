@@ -21,13 +21,16 @@ from .routing import (DynamicRoutingResult, ExpertChoiceResult, SkipResult,
                       route_expert_choice, route_threshold, route_top_p, skip_experts)
 from .layer import NullRoutingResult, SparseMoE, prune_experts
 from .multihead import MultiHeadMoE
+from . import cuda
 from .lora import (FlyLoRA, GatedLoRA, HydraLoRA, MultiLoRA, SMoRA, SoftLoRA, TopKLoRA,
                    sparse_projection)
+from .peer import PEER, PEERRouting
 from . import safetensors
 from .hf import from_hf
 from .io import load, save
 from .stats import RoutingStats, routing_stats
 from .upcycle import upcycle
+from .soft_moe import MixtureOfTokens, SoftMoE
 
 __version__ = "0.1.0"
 
@@ -39,4 +42,6 @@ __all__ = ["SparseMoE", "route", "update_expert_bias", "dispatch", "combine", "e
            "routing_stats", "route_expert_choice", "route_top_p", "route_threshold",
            "skip_experts", "ExpertChoiceResult", "DynamicRoutingResult", "SkipResult",
            "TopKLoRA", "SoftLoRA", "GatedLoRA", "HydraLoRA", "FlyLoRA", "SMoRA", "MultiLoRA",
-           "sparse_projection", "NullRoutingResult", "prune_experts", "MultiHeadMoE", "__version__"]
+           "sparse_projection", "NullRoutingResult", "prune_experts", "MultiHeadMoE", "SoftMoE",
+           "MixtureOfTokens", "PEER", "PEERRouting",
+           "__version__"]

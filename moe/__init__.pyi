@@ -295,3 +295,76 @@ class MultiLoRA(_LoRALayer):
                     alpha: Optional[float] = ...) -> None: ...
     def __call__(self, x: ArrayLike, adapter_ids: ArrayLike, *,
                  return_routing: bool = ...) -> Any: ...
+
+class SoftMoE:
+    d_model: int
+    d_ff: int
+    n_experts: int
+    slots_per_expert: int
+    activation: str
+    normalize: bool
+    scale: float
+    dtype: str
+    swiglu_alpha: float
+    swiglu_limit: float
+    phi: npt.NDArray[np.float32]           # (d_model, n_experts * slots_per_expert)
+    # FFN weights: float32, float16, or uint16 bfloat16 bits, by `dtype`
+    w_gate: Optional[npt.NDArray[Any]]     # (E, F, d)
+    w_up: npt.NDArray[Any]                 # (E, F, d)
+    w_down: npt.NDArray[Any]               # (E, d, F)
+    def __init__(self, d_model: int, d_ff: int, n_experts: int, slots_per_expert: int = ...,
+                 *, activation: str = ..., normalize: bool = ..., scale: float = ...,
+                 dtype: str = ..., seed: int = ..., init: bool = ...,
+                 swiglu_alpha: float = ..., swiglu_limit: float = ...) -> None: ...
+    @property
+    def n_slots(self) -> int: ...
+    def pack(self) -> "SoftMoE": ...
+    # y, or (y, dispatch, combine) with return_weights=True
+    def __call__(self, x: ArrayLike, return_weights: bool = ...) -> Any: ...
+    def flops(self, n_groups: int, group_size: int) -> int: ...
+
+class MixtureOfTokens(SoftMoE):
+    temperature: float
+    mixing: bool
+    group_size: Optional[int]
+    def __init__(self, d_model: int, d_ff: int, n_experts: int, slots_per_expert: int = ...,
+                 *, temperature: float = ..., mixing: bool = ...,
+                 group_size: Optional[int] = ..., activation: str = ...,
+                 normalize: bool = ..., scale: float = ..., dtype: str = ...,
+                 seed: int = ..., init: bool = ..., swiglu_alpha: float = ...,
+                 swiglu_limit: float = ...) -> None: ...
+
+# ---- product-key expert retrieval (moe.peer) --------------------------------------------
+
+class PEERRouting(NamedTuple):
+    expert_ids: npt.NDArray[np.int32]   # (..., n_heads, top_k), best first, e = i * n + j
+    gates: npt.NDArray[np.float32]      # (..., n_heads, top_k)
+
+class PEER:
+    d_model: int
+    n_sub_keys: int
+    n_heads: int
+    top_k: int
+    d_key: int
+    activation: str
+    d_out: int
+    per_head_keys: bool
+    w_query: Optional[npt.NDArray[np.float32]]      # (n_heads, d_key, d_model)
+    sub_keys_1: Optional[npt.NDArray[np.float32]]   # (n_heads, n, d_key / 2) or (n, d_key / 2)
+    sub_keys_2: Optional[npt.NDArray[np.float32]]
+    u: Optional[npt.NDArray[np.float32]]            # (n^2, d_model)
+    v: Optional[npt.NDArray[np.float32]]            # (n^2, d_out)
+    def __init__(self, d_model: int, n_sub_keys: int, n_heads: int = ..., top_k: int = ...,
+                 d_key: Optional[int] = ..., activation: str = ..., seed: int = ..., *,
+                 d_out: Optional[int] = ..., per_head_keys: bool = ...,
+                 init: bool = ...) -> None: ...
+    @property
+    def n_experts(self) -> int: ...
+    @property
+    def nbytes(self) -> int: ...
+    @overload
+    def __call__(self, x: ArrayLike) -> npt.NDArray[np.float32]: ...
+    @overload
+    def __call__(self, x: ArrayLike, return_routing: bool) -> Union[
+        npt.NDArray[np.float32], Tuple[npt.NDArray[np.float32], PEERRouting]]: ...
+    def flops(self, n_tokens: int) -> int: ...

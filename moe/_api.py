@@ -524,15 +524,26 @@ def show_config(file=None):
         f"  cpu features: {info['cpu_features'] or '(none detected)'}",
         f"  cpu kernels:  {info['isa']} (MOE_ISA=scalar|avx2 lowers the choice)",
         f"  threads:      {info['threads']} (MOE_NUM_THREADS / moe.set_num_threads)",
-        f"  cuda:         {'built' if info['cuda'] else 'not built'}",
+        f"  cuda:         {_cuda_line()}",
         f"  numpy:        {np.__version__}",
     ]
     print("\n".join(lines), file=file)
 
 
+def _cuda_line():
+    info = _C.cuda_info()
+    if not info["built"]:
+        return f"not built ({info['reason']})"
+    return f"built, {info['devices']} device(s) (never run on a GPU yet: unverified)"
+
+
 def cuda_available() -> bool:
-    """Whether a CUDA device can be used (no CUDA backend is built yet: always False)."""
-    return bool(_C.build_info()["cuda"])
+    """Whether a CUDA device can be used: the CUDA library was built (nvcc present at
+    install time) and a driver and a GPU are there.  Never raises."""
+    try:
+        return _C.cuda_info()["devices"] > 0
+    except Exception:  # noqa: BLE001 -- a broken driver means no CUDA, not an error
+        return False
 
 
 __all__ = ["route", "update_expert_bias", "dispatch", "combine", "expert_ffn", "ffn",

@@ -25,12 +25,15 @@ __all__ = [
     "lora_linear",
     "lora_mixture",
     "multi_head_moe",
+    "mixture_of_tokens",
+    "peer_forward",
     "route",
     "route_expert_choice",
     "route_threshold",
     "route_top_p",
     "sigmoid",
     "skip_experts",
+    "soft_moe",
     "softmax",
     "sparse_moe",
     "update_expert_bias",
@@ -958,6 +961,168 @@ def lora_forward(layer, x, scalings=None, adapter_ids=None, seq_lens=None):
         return (lora_mixture(x, w0, layer.lora_a, layer.lora_b, ids, None, layer.scalings,
                              bias), ids, (ids >= 0).astype(np.float64))
     raise TypeError(f"not a moe.lora layer: {name}")
+
+
+# --------------------------------------------------------------------------- #
+# Product-key expert retrieval (PEER)
+# --------------------------------------------------------------------------- #
+
+PEER_ACTIVATIONS = ("relu", "gelu", "silu", "identity")
+
+
+def peer_forward(x, w_query, sub_keys_1, sub_keys_2, u, v, top_k, activation="relu"):
+    """PEER ("Mixture of A Million Experts"), by brute force over all N = n^2 experts.
+
+    x: (T, d); w_query: (H, d_key, d); sub_keys_1, sub_keys_2: (n, d_key/2) shared by the
+    heads or (H, n, d_key/2) per head; u: (n^2, d); v: (n^2, d_out); activation one of
+    PEER_ACTIVATIONS ("gelu" is the exact erf form).  Per token and head: q = w_query[h] x,
+    halves q1, q2; the score of expert e = i * n + j is K1[i] . q1 + K2[j] . q2; the top_k
+    experts by score (ties toward the lower e) get softmax gates over their k scores, and
+    out = sum_h sum_j g_j act(u_e . x) v_e.  Scoring every expert here (rather than the
+    product-key search of the core) also checks that the search finds the exact top-k.
+    Returns a dict with "out" (T, d_out) float64, "expert_ids" (T, H, k) int64 best first,
+    "gates" (T, H, k) and "scores" (T, H, k) float64.
+    """
+    if activation not in PEER_ACTIVATIONS:
+        raise ValueError(f"unknown activation {activation!r}; expected one of "
+                         f"{PEER_ACTIVATIONS}")
+    x = np.asarray(x, dtype=np.float64)
+    wq = np.asarray(w_query, dtype=np.float64)
+    k1 = np.asarray(sub_keys_1, dtype=np.float64)
+    k2 = np.asarray(sub_keys_2, dtype=np.float64)
+    k1, k2 = (k1[None], k2[None]) if k1.ndim == 2 else (k1, k2)
+    u, v = np.asarray(u), np.asarray(v)  # rows widened as gathered: N may be 2^20
+    T = x.shape[0]
+    H, dk = wq.shape[:2]
+    half = dk // 2
+    act = {"relu": lambda z: np.maximum(z, 0.0), "gelu": _gelu, "silu": _silu,
+           "identity": lambda z: z}[activation]
+    out = np.zeros((T, v.shape[1]))
+    ids = np.zeros((T, H, top_k), dtype=np.int64)
+    gates = np.zeros((T, H, top_k))
+    scores = np.zeros((T, H, top_k))
+    for t in range(T):
+        for h in range(H):
+            key = 0 if k1.shape[0] == 1 else h
+            q = wq[h] @ x[t]
+            s1 = k1[key] @ q[:half]
+            s2 = k2[key] @ q[half:]
+            every = (s1[:, None] + s2[None, :]).ravel()  # expert e = i * n + j
+            order = _stable_desc_order(every)[:top_k]
+            g = softmax(every[order])
+            ue, ve = u[order].astype(np.float64), v[order].astype(np.float64)
+            out[t] += (g * act(ue @ x[t])) @ ve
+            ids[t, h], gates[t, h], scores[t, h] = order, g, every[order]
+    return {"out": out, "expert_ids": ids, "gates": gates, "scores": scores}
+
+
+# --------------------------------------------------------------------------- #
+# Soft MoE and Mixture of Tokens: experts see softmax mixes of tokens (slots)
+# --------------------------------------------------------------------------- #
+
+SOFT_MOE_NORM_EPS = 1e-6  # the Soft MoE authors' l2 normalisation: v / sqrt(|v|^2 + eps)
+
+
+def _l2_normalize(v, axis):
+    return v / np.sqrt(np.sum(v * v, axis=axis, keepdims=True) + SOFT_MOE_NORM_EPS)
+
+
+def soft_moe(x, phi, w_gate, w_up, w_down, *, slots_per_expert, activation="swiglu",
+             normalize=False, scale=1.0, temperature=1.0, alpha=1.702, limit=7.0):
+    """Soft MoE [Puigcerver et al. 2023], group by group, in float64.
+
+    Args:
+      x: (B, m, d), B groups of m tokens; (m, d) is one group.
+      phi: (d, E * s) slot parameters; column e * s + i is slot i of expert e.
+      w_gate: (E, F, d) or None (non-gated activations); w_up: (E, F, d); w_down: (E, d, F).
+      normalize: l2-normalise the rows of X and the columns of phi (eps 1e-6 under the
+        square root) and multiply the logits by ``scale``; the slots still mix the raw X.
+      temperature: divides the logits (Mixture of Tokens); 1 for Soft MoE.
+
+    Per group X (m, d):
+      L = X phi / temperature                       (m, E*s)
+      D = softmax of L over the m tokens (axis 0);  slots = D^T X          (E*s, d)
+      Y_slots[e*s:(e+1)*s] = ffn(slots[e*s:(e+1)*s], expert e's weights)
+      C = softmax of L over the E*s slots (axis 1); Y = C Y_slots           (m, d)
+
+    Returns a dict of float64 arrays: "out" (shape of x), "dispatch" D and "combine" C
+    (x.shape[:-1] + (E*s,)), "logits" L (same shape).
+    """
+    x = np.asarray(x, dtype=np.float64)
+    phi = np.asarray(phi, dtype=np.float64)
+    one_group = x.ndim == 2
+    xg = x[None] if one_group else x
+    B, m, d = xg.shape
+    s = int(slots_per_expert)
+    w_up = np.asarray(w_up, dtype=np.float64)
+    w_down = np.asarray(w_down, dtype=np.float64)
+    E = w_up.shape[0]
+    S = E * s
+    if phi.shape != (d, S):
+        raise ValueError(f"phi must have shape (d_model={d}, n_experts * slots_per_expert="
+                         f"{S}), got {phi.shape}")
+    gated = activation in GATED
+    w_gate = np.asarray(w_gate, dtype=np.float64) if gated else None
+    out = np.zeros((B, m, d))
+    D = np.zeros((B, m, S))
+    C = np.zeros((B, m, S))
+    L = np.zeros((B, m, S))
+    for b in range(B):
+        X = xg[b]
+        if normalize:
+            L[b] = float(scale) * (_l2_normalize(X, 1) @ _l2_normalize(phi, 0))
+        else:
+            L[b] = X @ phi
+        L[b] = L[b] / float(temperature)
+        D[b] = softmax(L[b], axis=0)
+        C[b] = softmax(L[b], axis=1)
+        slots = D[b].T @ X
+        y_slots = np.zeros((S, d))
+        for e in range(E):
+            rows = slice(e * s, (e + 1) * s)
+            y_slots[rows] = ffn(slots[rows], w_gate[e] if gated else None, w_up[e], w_down[e],
+                                activation, alpha=alpha, limit=limit)
+        out[b] = C[b] @ y_slots
+    if one_group:
+        out, D, C, L = out[0], D[0], C[0], L[0]
+    return {"out": out, "dispatch": D, "combine": C, "logits": L}
+
+
+def mixture_of_tokens(x, phi, w_gate, w_up, w_down, *, slots_per_expert=1,
+                      activation="swiglu", temperature=1.0, mixing=True, group_size=None,
+                      normalize=False, scale=1.0, alpha=1.702, limit=7.0):
+    """Mixture of Tokens [Antoniak et al. 2023]: soft_moe() with groups across the batch.
+
+    x: (B, m, d) B sequences of m tokens ((B, d): one position).  With mixing, a group is
+    the tokens at one position of group_size consecutive sequences (None: all B), so
+    sequences are mixed, never positions; without mixing (inference), every token is its
+    own group: D is 1 and the token goes through every expert, weighted by its softmax C
+    over the E*s slots.  Returns soft_moe()'s dict with every array in x's layout
+    (B, m, ...); D sums to 1 over each group's sequences.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    x3 = x[:, None] if x.ndim == 2 else x
+    B, m, d = x3.shape
+    kw = dict(slots_per_expert=slots_per_expert, activation=activation, normalize=normalize,
+              scale=scale, temperature=temperature, alpha=alpha, limit=limit)
+    if not mixing:
+        r = soft_moe(x3.reshape(B * m, 1, d), phi, w_gate, w_up, w_down, **kw)
+        res = {k: v.reshape(B, m, -1) for k, v in r.items()}
+    else:
+        g = B if group_size is None else int(group_size)
+        if g < 1 or B % g:
+            raise ValueError(f"group_size must divide the batch B={B}, got {group_size}")
+        parts = []
+        for c in range(B // g):
+            # (g, m, d) -> (m, g, d): group p holds position p of the chunk's sequences
+            r = soft_moe(x3[c * g:(c + 1) * g].transpose(1, 0, 2), phi, w_gate, w_up,
+                         w_down, **kw)
+            parts.append({k: v.transpose(1, 0, 2) for k, v in r.items()})
+        res = {k: np.concatenate([p[k] for p in parts], axis=0) for k in parts[0]}
+    if x.ndim == 2:
+        res = {k: v[:, 0] for k, v in res.items()}
+    return res
+
 
 # --------------------------------------------------------------------------- #
 # Multi-head MoE

@@ -506,7 +506,7 @@ def test_c_functions_reject_bad_arrays(make, func):
     with pytest.raises(TypeError):
         fn(*args[:-1])
     with pytest.raises(TypeError):
-        fn(*args, *([None] * 4))  # more arguments than the function takes
+        fn(*args, *([None] * 16))  # more arguments than the function takes
 
 
 def test_c_functions_reject_mismatched_shapes(make):

@@ -149,6 +149,28 @@ moe_layer_forward(const moe_layer_params *p)
         goto done;
     }
 
+    if (p->routing_given) {
+        /* Another router chose (expert choice, top-p, ...): check its ids
+         * and count them; the losses are the caller's. */
+        int64_t i;
+        memset(p->counts, 0, sizeof(int64_t) * (size_t)E_all);
+        for (i = 0; i < T * k; i++) {
+            const int32_t e = p->expert_ids[i];
+            if (e < -1 || e >= E_all) {
+                st = moe_set_error(MOE_STATUS_INVALID_ARG, "expert_ids must be "
+                                   "in [0, %d) or -1, got %d at token %lld, "
+                                   "slot %lld", E_all, e, (long long)(i / k),
+                                   (long long)(i % k));
+                goto done;
+            }
+            if (e >= 0) {
+                p->counts[e]++;
+            }
+        }
+        *p->n_dropped = 0;
+        goto routed;
+    }
+
     rp.x = p->x;
     rp.weight = p->router_weight;
     rp.bias = p->router_bias;
@@ -191,6 +213,7 @@ moe_layer_forward(const moe_layer_params *p)
         goto done;
     }
 
+routed:
     dp.expert_ids = p->expert_ids;
     if (p->n_null > 0) {
         /* null experts are never dispatched */

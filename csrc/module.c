@@ -1234,17 +1234,18 @@ moe_py_layer_forward(PyObject *self, PyObject *args)
 
     PyObject *lora_obj = Py_None, *nk_obj = Py_None, *nv_obj = Py_None;
     PyObject *al_obj = Py_None, *gr_obj = Py_None;
+    PyObject *gid_obj = Py_None, *gw_obj = Py_None;
     PyArrayObject *n_real = NULL, *out_norm = NULL;
     npy_intp nkd[1] = {-1}, nvd[2], ald[2], grd[1];
     int want_norm = 0;
 
-    if (!PyArg_ParseTuple(args, "OOOiiOipdiidOO|OffOOOOOp", &x_obj, &r_obj,
+    if (!PyArg_ParseTuple(args, "OOOiiOipdiidOO|OffOOOOOpOO", &x_obj, &r_obj,
                           &w_obj, &top_k, &activation, &bias_obj, &scoring,
                           &renormalize, &routed_scaling, &n_groups,
                           &topk_groups, &capacity_factor, &sw_obj,
                           &sgate_obj, &rbias_obj, &alpha, &limit,
                           &lora_obj, &nk_obj, &nv_obj, &al_obj, &gr_obj,
-                          &want_norm)) {
+                          &want_norm, &gid_obj, &gw_obj)) {
         return NULL;
     }
     memset(&p, 0, sizeof(p));
@@ -1318,14 +1319,32 @@ moe_py_layer_forward(PyObject *self, PyObject *args)
     }
     p.act_alpha = alpha;
     p.act_limit = limit;
-    if (top_k < 1 || top_k > rd[0]) {
+    if (gid_obj == Py_None && (top_k < 1 || top_k > rd[0])) {
         PyErr_Format(PyExc_ValueError, "top_k must be in 1..n_experts=%lld, "
                      "got %d", (long long)rd[0], top_k);
         return NULL;
     }
+    if (gid_obj != Py_None) {
+        /* routing chosen by another router: (T, W) ids and weights in */
+        npy_intp gd[2] = {xd[0], -1};
+        PyArrayObject *gi, *gw;
+        if (!(gi = moe_arg(gid_obj, "expert_ids", NPY_INT32, 2, gd, 0))) {
+            return NULL;
+        }
+        if (!(gw = moe_arg(gw_obj, "weights", NPY_FLOAT32, 2, gd, 0))) {
+            return NULL;
+        }
+        /* copies: the core writes through expert_ids / weights */
+        ids = (PyArrayObject *)PyArray_NewCopy(gi, NPY_CORDER);
+        weights = (PyArrayObject *)PyArray_NewCopy(gw, NPY_CORDER);
+        top_k = (int)gd[1];
+        p.routing_given = 1;
+    }
+    else {
+        ids = moe_new(2, xd[0], top_k, NPY_INT32);
+        weights = moe_new(2, xd[0], top_k, NPY_FLOAT32);
+    }
     out = moe_new(2, xd[0], xd[1], NPY_FLOAT32);
-    ids = moe_new(2, xd[0], top_k, NPY_INT32);
-    weights = moe_new(2, xd[0], top_k, NPY_FLOAT32);
     counts = moe_new(1, rd[0], 0, NPY_INT64);
     if (!out || !ids || !weights || !counts) {
         goto fail;

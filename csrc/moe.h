@@ -524,6 +524,11 @@ typedef struct moe_layer_params {
     int32_t           *expert_ids;    /* out: (n_tokens, top_k); ids >=
                                          n_experts are null experts         */
     float             *weights;       /* out: (n_tokens, top_k)             */
+    int32_t            routing_given; /* expert_ids / weights are inputs
+                                         (another router chose; -1 = empty
+                                         slot): the router and top-k are
+                                         skipped, counts are filled, the
+                                         losses and n_dropped are 0         */
     int64_t           *counts;        /* out: (n_experts + n_null,)         */
     int64_t           *n_dropped;
     double            *aux_loss;

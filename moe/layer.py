@@ -40,6 +40,7 @@ _WEIGHTS = {
     "null_values": ("n_null", "d_model"),  # the constants of "constant" null experts
 }
 NULL_KINDS = ("zero", "copy", "constant")
+ROUTERS = ("top_k", "expert_choice", "top_p", "threshold")
 
 
 class NullRoutingResult(NamedTuple):
@@ -92,6 +93,15 @@ class SparseMoE:
     of null_values (n_null, d_model).  return_routing=True then gives a NullRoutingResult
     with n_real, the real experts each token kept (compute saved = top_k - n_real).
 
+    router: "top_k" (token choice, the default), "expert_choice" (each expert takes its
+    top ceil(capacity_factor * T / E) tokens, capacity_factor defaulting to 1.0; a token gets
+    0..E experts and its output depends on the batch), "top_p" (the fewest experts whose
+    probabilities reach router_p) or "threshold" (every expert with probability >=
+    router_threshold), the dynamic ones clamped to [k_min, top_k] and renormalised when
+    renormalize.  routed_scaling multiplies the weights of every router.  The losses of
+    the non-top-k routers are computed from the same float64 logits (z-loss, and the
+    aux loss over the assignments they made).
+
     dtype: storage of the expert FFN weights: "float32", "bfloat16" (NumPy has no
     bfloat16: stored as uint16 bits; torch / ml_dtypes bfloat16 arrays are accepted and
     float arrays are rounded to nearest even) or "float16".  Compute is float32 with float32
@@ -113,7 +123,8 @@ class SparseMoE:
                  shared_expert_gate=False, capacity_factor=None, dtype="float32", seed=0,
                  init=True, router_bias=False, expert_biases=False, swiglu_alpha=1.702,
                  swiglu_limit=7.0, lora_rank=0, lora_alpha=None, lora_targets=None,
-                 null_experts=()):
+                 null_experts=(), router="top_k", router_p=0.5, router_threshold=0.01,
+                 k_min=1):
         self.d_model = check_int(d_model, "d_model", 1)
         if isinstance(d_ff, (list, tuple, np.ndarray)):
             sizes = tuple(check_int(int(f) if isinstance(f, np.integer) else f,
@@ -136,6 +147,19 @@ class SparseMoE:
             check_choice(kind, "null_experts entry", NULL_KINDS)
         self.null_experts = kinds
         self.n_null = len(kinds)
+        check_choice(router, "router", ROUTERS)
+        self.router = router
+        self.router_p = check_float(router_p, "router_p")
+        if not 0.0 < self.router_p <= 1.0:
+            raise ValueError(f"router_p must be in (0, 1], got {router_p}")
+        self.router_threshold = check_float(router_threshold, "router_threshold")
+        self.k_min = check_int(k_min, "k_min", 1)
+        if router != "top_k" and (n_groups != 1 or expert_bias):
+            raise ValueError(f"router={router!r} takes no n_groups / expert_bias (those are "
+                             "top-k options)")
+        if router == "expert_choice" and scoring not in ("softmax", "sigmoid"):
+            raise ValueError("router='expert_choice' needs scoring 'softmax' or 'sigmoid', "
+                             f"got {scoring!r}")
         check_routing_options(self.n_router, top_k, scoring, n_groups, topk_groups,
                               routed_scaling, capacity_factor)
         self.top_k, self.scoring, self.renormalize = int(top_k), scoring, bool(renormalize)
@@ -280,6 +304,43 @@ class SparseMoE:
         object.__setattr__(self, "_packed", (routed, shared, _C.build_info()["isa"], lora))
         return self
 
+    def _other_router(self, x2, allowed):
+        """(ids, weights, aux, z) from a router other than top-k, or None."""
+        if self.router == "top_k":
+            return None
+        if allowed is not None:
+            raise ValueError(f"allowed / groups / expert_mask need router='top_k', got "
+                             f"{self.router!r}")
+        from .reference import logsumexp, softmax
+        from .routing import route_expert_choice, route_threshold, route_top_p
+        logits = _C.router_logits(x2, self.router_weight)
+        if self.use_router_bias:
+            logits = logits + self.router_bias.astype(np.float64)
+        E, T = self.n_router, x2.shape[0]
+        k_max = min(self.top_k, E)
+        if self.router == "expert_choice":
+            r = route_expert_choice(logits, self.capacity_factor, scoring=self.scoring)
+        elif self.router == "top_p":
+            r = route_top_p(logits, self.router_p, k_min=min(self.k_min, k_max), k_max=k_max,
+                            renormalize=self.renormalize)
+        else:
+            r = route_threshold(logits, self.router_threshold, k_min=min(self.k_min, k_max),
+                                k_max=k_max, renormalize=self.renormalize)
+        ids, w = r.expert_ids, r.weights
+        if ids.shape[1] == 0:  # expert choice gave no token any expert
+            ids, w = np.full((T, 1), -1, np.int32), np.zeros((T, 1), np.float32)
+        if self.routed_scaling != 1.0:
+            w = (w * np.float32(self.routed_scaling)).astype(np.float32)
+        # losses over these assignments, from the same float64 logits
+        z = float(np.mean(logsumexp(logits, axis=1) ** 2)) if T else 0.0
+        kept = ids[ids >= 0]
+        if T and kept.size:
+            f = np.bincount(kept, minlength=E) / kept.size
+            aux = float(E * np.sum(f * softmax(logits, axis=1).mean(axis=0)))
+        else:
+            aux = 0.0
+        return np.ascontiguousarray(ids, np.int32), np.ascontiguousarray(w, np.float32), aux, z
+
     @property
     def n_router(self):
         """Router outputs: the real experts, then the null experts."""
@@ -366,12 +427,16 @@ class SparseMoE:
                 if self.null_values is None:
                     raise ValueError("null_values is None but a null expert is 'constant'")
                 values = self.null_values
+        given = self._other_router(x2, allowed)
         out, ids, w, counts, n_dropped, aux, z, n_real, norm = _C.layer_forward(
             x2, self.router_weight, routed, top_k, act,
             self.expert_bias if self.use_expert_bias else None, code, self.renormalize,
             check_float(scaling, "routed_scaling"), n_groups, topk_groups, cf, shared, sgate,
             self.router_bias if self.use_router_bias else None, self.swiglu_alpha,
-            self.swiglu_limit, lora, kinds, values, allowed, groups, bool(want_norm))
+            self.swiglu_limit, lora, kinds, values, allowed, groups, bool(want_norm),
+            *(given[:2] if given else ()))
+        if given:
+            aux, z = given[2], given[3]
         out = out.reshape(lead + (self.d_model,))
         if self.n_null:
             routing = NullRoutingResult(ids, w, counts, int(n_dropped), float(aux), float(z),
@@ -394,7 +459,9 @@ class SparseMoE:
                     router_bias=self.use_router_bias, expert_biases=self.use_expert_biases,
                     swiglu_alpha=self.swiglu_alpha, swiglu_limit=self.swiglu_limit,
                     lora_rank=self.lora_rank, lora_alpha=self.lora_alpha,
-                    lora_targets=list(self.lora_targets), null_experts=list(self.null_experts))
+                    lora_targets=list(self.lora_targets), null_experts=list(self.null_experts),
+                    router=self.router, router_p=self.router_p,
+                    router_threshold=self.router_threshold, k_min=self.k_min)
 
     def save(self, path):
         """Write the layer to one safetensors file (weights + its config in the metadata);

@@ -526,7 +526,8 @@ def sparse_moe(x, router_weight, w_gate, w_up, w_down, *, top_k, activation="swi
                shared_gate_weight=None, router_bias=None, b_gate=None, b_up=None,
                b_down=None, swiglu_alpha=1.702, swiglu_limit=7.0, lora=None,
                lora_scaling=1.0, null_experts=(), null_values=None, allowed=None,
-               expert_d_ff=None):
+               expert_d_ff=None, router="top_k", router_p=0.5, router_threshold=0.01,
+               k_min=1):
     """Full sparse MoE forward: route, dispatch, expert FFNs, combine, shared experts.
 
     Args:
@@ -559,10 +560,29 @@ def sparse_moe(x, router_weight, w_gate, w_up, w_down, *, top_k, activation="swi
     logits = xf @ router_weight.T
     if router_bias is not None:
         logits = logits + np.asarray(router_bias, dtype=np.float64)
-    routing = route(logits, top_k, scoring=scoring, renormalize=renormalize,
-                    routed_scaling=routed_scaling, expert_bias=expert_bias,
-                    n_groups=n_groups, topk_groups=topk_groups,
-                    capacity_factor=capacity_factor, allowed=allowed)
+    if router == "top_k":
+        routing = route(logits, top_k, scoring=scoring, renormalize=renormalize,
+                        routed_scaling=routed_scaling, expert_bias=expert_bias,
+                        n_groups=n_groups, topk_groups=topk_groups,
+                        capacity_factor=capacity_factor, allowed=allowed)
+    else:
+        n_all = logits.shape[1]
+        k_max = min(top_k, n_all)
+        if router == "expert_choice":
+            cf = 1.0 if capacity_factor is None else capacity_factor
+            cap = min(int(math.ceil(cf * xf.shape[0] / n_all)), xf.shape[0])
+            r = route_expert_choice(logits, cap, scoring)
+        elif router == "top_p":
+            r = route_top_p(logits, router_p, min(k_min, k_max), k_max, renormalize)
+        else:
+            r = route_threshold(logits, router_threshold, min(k_min, k_max), k_max,
+                                renormalize)
+        ids = r["expert_ids"]
+        if ids.shape[1] == 0:
+            ids = np.full((xf.shape[0], 1), -1, np.int32)
+            r["weights"] = np.zeros((xf.shape[0], 1))
+        routing = {"expert_ids": ids, "weights": r["weights"] * routed_scaling,
+                   "counts": np.bincount(ids[ids >= 0], minlength=n_all)}
     ids_all = routing["expert_ids"]
     real = np.where(ids_all < E, ids_all, -1)  # null experts are never dispatched
     disp = dispatch(xf, real, E)
@@ -687,6 +707,10 @@ def layer_forward(layer, x, allowed=None):
         null_values=getattr(layer, "null_values", None),
         allowed=allowed,
         expert_d_ff=getattr(layer, "expert_d_ff", None),
+        router=getattr(layer, "router", "top_k"),
+        router_p=getattr(layer, "router_p", 0.5),
+        router_threshold=getattr(layer, "router_threshold", 0.01),
+        k_min=getattr(layer, "k_min", 1),
     )
 
 

@@ -1,0 +1,44 @@
+"""SparseMoE with the routers beyond top-k (expert choice, top-p, threshold)."""
+import numpy as np
+import pytest
+
+import moe
+from moe import reference as ref
+from tolerances import assert_close
+
+
+@pytest.mark.parametrize("router,opts", [
+    ("expert_choice", {}), ("expert_choice", {"capacity_factor": 2.0, "scoring": "sigmoid"}),
+    ("expert_choice", {"capacity_factor": 0.01}),
+    ("top_p", {"router_p": 0.6}), ("top_p", {"router_p": 1.0, "renormalize": False}),
+    ("threshold", {"router_threshold": 0.12, "k_min": 1}),
+    ("threshold", {"router_threshold": 0.2, "routed_scaling": 2.0,
+                   "null_experts": ("copy", "zero")}),
+])
+def test_layer_routers_match_reference(router, opts):
+    rng = np.random.default_rng(len(router) + len(opts))
+    layer = moe.SparseMoE(32, 24, 8, 3, router=router, n_shared_experts=1, seed=5, **opts)
+    x = rng.standard_normal((45, 32)).astype(np.float32)
+    y, r = layer(x, return_routing=True)
+    y_ref, r_ref = ref.layer_forward(layer, x)
+    np.testing.assert_array_equal(r.expert_ids, r_ref["expert_ids"])
+    np.testing.assert_array_equal(r.counts, r_ref["counts"])
+    assert_close(r.weights, r_ref["weights"], what="weights")
+    assert_close(y, y_ref, what=f"SparseMoE(router={router!r})")
+    assert np.isfinite(r.aux_loss) and r.z_loss > 0
+    if router != "expert_choice":  # token choice: batch-independent
+        np.testing.assert_array_equal(layer(x[7:8]), y[7:8])
+    back = moe.SparseMoE(**layer.config(), init=False)
+    assert back.router == router
+
+
+def test_layer_router_errors():
+    with pytest.raises(ValueError, match="router must be one of"):
+        moe.SparseMoE(8, 8, 4, 2, router="hash")
+    with pytest.raises(ValueError, match="takes no n_groups / expert_bias"):
+        moe.SparseMoE(8, 8, 4, 2, router="top_p", expert_bias=True)
+    with pytest.raises(ValueError, match=r"router_p must be in \(0, 1\]"):
+        moe.SparseMoE(8, 8, 4, 2, router="top_p", router_p=0.0)
+    layer = moe.SparseMoE(8, 8, 4, 2, router="top_p")
+    with pytest.raises(ValueError, match="need router='top_k'"):
+        layer(np.zeros((3, 8), np.float32), allowed=np.ones((3, 4), bool))

@@ -5,6 +5,7 @@ import numpy as np
 import numpy.typing as npt
 
 from . import reference as reference
+from . import cuda as cuda
 from . import lora as lora
 from . import safetensors as safetensors
 
@@ -121,7 +122,8 @@ class SparseMoE:
     shared_w_up: Optional[npt.NDArray[Any]]
     shared_w_down: Optional[npt.NDArray[Any]]
     shared_gate_weight: Optional[npt.NDArray[np.float32]]
-    def __init__(self, d_model: int, d_ff: int, n_experts: int, top_k: int, *,
+    def __init__(self, d_model: int, d_ff: Union[int, Sequence[int]], n_experts: int,
+                 top_k: int, *,
                  activation: str = ..., scoring: str = ..., renormalize: bool = ...,
                  routed_scaling: float = ..., n_groups: int = ..., topk_groups: int = ...,
                  expert_bias: bool = ..., n_shared_experts: int = ...,
@@ -131,7 +133,21 @@ class SparseMoE:
                  expert_biases: bool = ..., swiglu_alpha: float = ...,
                  swiglu_limit: float = ..., lora_rank: int = ...,
                  lora_alpha: Optional[float] = ...,
-                 lora_targets: Optional[Sequence[str]] = ...) -> None: ...
+                 lora_targets: Optional[Sequence[str]] = ...,
+                 null_experts: Sequence[str] = ..., router: str = ...,
+                 router_p: float = ..., router_threshold: float = ...,
+                 k_min: int = ...) -> None: ...
+    expert_d_ff: Optional[Tuple[int, ...]]
+    null_experts: Tuple[str, ...]
+    n_null: int
+    null_values: Optional[npt.NDArray[np.float32]]
+    router: str
+    router_p: float
+    router_threshold: float
+    k_min: int
+    expert_mask: Optional[npt.NDArray[np.bool_]]
+    @property
+    def n_router(self) -> int: ...
     lora_rank: int
     lora_alpha: float
     lora_targets: Tuple[str, ...]
@@ -141,11 +157,40 @@ class SparseMoE:
     def save(self, path: Any) -> None: ...
     def config(self) -> dict[str, Any]: ...
     @overload
-    def __call__(self, x: ArrayLike) -> npt.NDArray[np.float32]: ...
+    def __call__(self, x: ArrayLike, *, allowed: Optional[ArrayLike] = ...,
+                 groups: Optional[ArrayLike] = ...) -> npt.NDArray[np.float32]: ...
     @overload
-    def __call__(self, x: ArrayLike, return_routing: bool) -> Union[
-        npt.NDArray[np.float32], Tuple[npt.NDArray[np.float32], RoutingResult]]: ...
+    def __call__(self, x: ArrayLike, return_routing: bool, *,
+                 allowed: Optional[ArrayLike] = ..., groups: Optional[ArrayLike] = ...
+                 ) -> Union[npt.NDArray[np.float32],
+                            Tuple[npt.NDArray[np.float32], RoutingResult]]: ...
     def flops(self, n_tokens: int) -> int: ...
+
+class NullRoutingResult(NamedTuple):
+    expert_ids: npt.NDArray[np.int32]
+    weights: npt.NDArray[np.float32]
+    counts: npt.NDArray[np.int64]
+    n_dropped: int
+    aux_loss: float
+    z_loss: float
+    n_real: npt.NDArray[np.int32]
+
+def prune_experts(layer: SparseMoE, keep: ArrayLike
+                  ) -> Tuple[SparseMoE, npt.NDArray[np.int64]]: ...
+
+class MultiHeadMoE:
+    d_model: int
+    n_heads: int
+    d_head: int
+    dtype: str
+    moe: SparseMoE
+    w_in: npt.NDArray[Any]
+    w_merge: npt.NDArray[Any]
+    def __init__(self, d_model: int, n_heads: int, d_ff: int, n_experts: int, top_k: int, *,
+                 dtype: str = ..., seed: int = ..., init: bool = ...,
+                 **moe_options: Any) -> None: ...
+    def pack(self) -> "MultiHeadMoE": ...
+    def __call__(self, x: ArrayLike, return_routing: bool = ...) -> Any: ...
 
 
 class RoutingStats:

@@ -328,6 +328,7 @@ def _parse_header(label: str, raw: bytes, data_size: int
     expected, prev = 0, None
     for name, info in sorted(tensors.items(), key=lambda kv: (kv[1].begin, kv[1].end, kv[0])):
         if info.begin < expected:
+            assert prev is not None  # expected > 0 only after a first tensor
             raise SafetensorsError(
                 f"{label}: tensor {_q(name)} (data_offsets [{info.begin}, {info.end}]) "
                 f"overlaps tensor {_q(prev[0])} (data_offsets [{prev[1].begin}, "

@@ -228,6 +228,9 @@ def main():
                 if torch:
                     check("torch fp32", tb32(torch.from_numpy(x)).numpy(), ref)
             flops = layer.flops(T)
+            # torch (just called) leaves its OpenMP threads spin-waiting for a while: let
+            # them go to sleep so they do not take the cores from moe's timed calls
+            time.sleep(0.3)
             ours = timeit(lambda: layer(x))
             ours16 = timeit(lambda: layer_bf16(x))
             moe.set_num_threads(1)

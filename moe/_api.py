@@ -7,6 +7,8 @@ layout allow, checks shapes and ranges with messages that name the argument, and
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 import numbers
 from typing import NamedTuple
@@ -136,6 +138,22 @@ def check_routing_options(n_experts, top_k, scoring, n_groups, topk_groups, rout
     routed_scaling = check_float(routed_scaling, "routed_scaling")
     cf = 0.0 if capacity_factor is None else check_float(capacity_factor, "capacity_factor", True)
     return top_k, code, n_groups, topk_groups, routed_scaling, cf
+
+
+def remember_config(init):
+    """Decorator for a layer's __init__: keeps its arguments (without seed and init) as
+    layer._init_config, the config moe.save writes; the outermost __init__ wins."""
+    sig = inspect.signature(init)
+
+    @functools.wraps(init)
+    def wrapper(self, *args, **kwargs):
+        if "_init_config" not in self.__dict__:
+            bound = sig.bind(self, *args, **kwargs)
+            bound.apply_defaults()
+            cfg = {k: v for k, v in bound.arguments.items() if k not in ("self", "seed", "init")}
+            object.__setattr__(self, "_init_config", cfg)
+        init(self, *args, **kwargs)
+    return wrapper
 
 
 def check_finite(arr, name):

@@ -1,6 +1,9 @@
-"""Save and load a SparseMoE as one safetensors file: the weights as tensors and the
-layer's configuration as JSON in the file's metadata.  A round trip is bitwise: float32,
-float16 and bfloat16 (bits) weights are stored as they are."""
+"""Save and load a layer as one safetensors file: the weights as tensors and the layer's
+class and configuration as JSON in the file's metadata.  A round trip is bitwise: float32,
+float16 and bfloat16 (bits) weights are stored as they are.
+
+Layers: SparseMoE, SoftMoE, MixtureOfTokens, PEER and the LoRA layers of moe.lora.
+"""
 from __future__ import annotations
 
 import json
@@ -10,40 +13,71 @@ import numpy as np
 from . import safetensors
 from .layer import _WEIGHTS, SparseMoE
 
-FORMAT = "moe.SparseMoE/1"
-_FFN = ("w_gate", "w_up", "w_down", "shared_w_gate", "shared_w_up", "shared_w_down")
+FORMAT = "moe.layer/2"
+_FORMAT_V1 = "moe.SparseMoE/1"  # SparseMoE files of the first format still load
 
 
-def save(layer: SparseMoE, path) -> None:
+def _classes():
+    from . import lora, peer, soft_moe
+    return {"SparseMoE": SparseMoE, "SoftMoE": soft_moe.SoftMoE,
+            "MixtureOfTokens": soft_moe.MixtureOfTokens, "PEER": peer.PEER,
+            **{name: getattr(lora, name) for name in lora.__all__
+               if name != "sparse_projection"}}
+
+
+def _weight_names(layer):
+    return tuple(_WEIGHTS) if isinstance(layer, SparseMoE) else layer._weight_names()
+
+
+def _json_default(value):
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, (tuple, np.ndarray)):
+        return list(np.asarray(value).tolist()) if isinstance(value, np.ndarray) else list(value)
+    raise TypeError(f"cannot store {type(value).__name__} in a layer config")
+
+
+def save(layer, path) -> None:
     """Write `layer` to `path` (a .safetensors file); see moe.load."""
+    name = type(layer).__name__
+    if _classes().get(name) is not type(layer):
+        raise TypeError(f"moe.save takes {', '.join(sorted(_classes()))}; got {name}")
     tensors, dtypes = {}, {}
-    for name in _WEIGHTS:
-        value = getattr(layer, name)
+    bf16 = getattr(layer, "dtype", "float32") == "bfloat16"
+    for key in _weight_names(layer):
+        value = getattr(layer, key)
         if value is None:
             continue
-        tensors[name] = np.asarray(value)
-        if name in _FFN and layer.dtype == "bfloat16":
-            dtypes[name] = "BF16"
-    metadata = {"format": FORMAT, "config": json.dumps(layer.config(), sort_keys=True)}
+        tensors[key] = np.asarray(value)
+        if bf16 and tensors[key].dtype == np.uint16:
+            dtypes[key] = "BF16"
+    metadata = {"format": FORMAT, "class": name,
+                "config": json.dumps(layer.config(), sort_keys=True, default=_json_default)}
     safetensors.save_file(tensors, path, metadata=metadata, dtypes=dtypes)
 
 
-def load(path) -> SparseMoE:
-    """Read a layer written by SparseMoE.save / moe.save; raises ValueError for a file that
-    is not one (moe.safetensors.SafetensorsError for a malformed file)."""
+def load(path):
+    """Read a layer written by layer.save / moe.save; raises ValueError for a file that is
+    not one (moe.safetensors.SafetensorsError for a malformed file)."""
     with safetensors.safe_open(path) as f:
         meta = f.metadata()
-        if meta.get("format") != FORMAT or "config" not in meta:
+        fmt = meta.get("format")
+        if fmt not in (FORMAT, _FORMAT_V1) or "config" not in meta:
             raise ValueError(f"{path}: not a moe layer file (metadata format is "
-                             f"{meta.get('format')!r}, expected {FORMAT!r})")
+                             f"{fmt!r}, expected {FORMAT!r})")
+        name = "SparseMoE" if fmt == _FORMAT_V1 else meta.get("class")
+        cls = _classes().get(name)
+        if cls is None:
+            raise ValueError(f"{path}: unknown layer class {name!r}")
         try:
             config = json.loads(meta["config"])
         except ValueError as exc:
             raise ValueError(f"{path}: the layer config in the metadata is not JSON: {exc}")
-        layer = SparseMoE(**config, init=False)
-        for name in f.keys():
-            if name not in _WEIGHTS:
-                raise ValueError(f"{path}: unknown tensor {name!r}")
+        layer = cls(**config, init=False)
+        names = set(_weight_names(layer))
+        for key in f.keys():
+            if key not in names:
+                raise ValueError(f"{path}: unknown tensor {key!r}")
             # copy out of the memory map: the layer owns its weights
-            setattr(layer, name, np.array(f.get(name)))
+            setattr(layer, key, np.array(f.get(key)))
     return layer

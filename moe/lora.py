@@ -30,7 +30,8 @@ import numpy as np
 
 from . import _C
 from ._api import (SCORINGS, WEIGHT_DTYPES, RoutingResult, _shape_str, check_choice,
-                   check_finite, check_float, check_int, float_array, int_array, weight_array)
+                   check_finite, check_float, check_int, float_array, int_array,
+                   remember_config, weight_array)
 
 __all__ = ["TopKLoRA", "SoftLoRA", "GatedLoRA", "HydraLoRA", "FlyLoRA", "SMoRA", "MultiLoRA",
            "sparse_projection"]
@@ -185,6 +186,18 @@ class _LoRALayer:
         out = out.reshape(lead + (self.d_out,))
         return (out, routing) if return_routing else out
 
+    def config(self):
+        """The constructor arguments of this layer (JSON-friendly), without weights or seed."""
+        return dict(self._init_config)
+
+    def save(self, path):
+        """Write the layer to one safetensors file; moe.load(path) gives it back bit for bit."""
+        from .io import save
+        save(self, path)
+
+    def _weight_names(self):
+        return tuple(self._all_weights())
+
     def base_forward(self, x):
         """The frozen base alone: x @ base_weight.T + base_bias (the same packed GEMM)."""
         lead, x2 = self._tokens(x)
@@ -248,6 +261,7 @@ class TopKLoRA(_RoutedLoRA):
     _WEIGHTS = {"router_weight": ("n_experts", "d_in"), "lora_a": ("n_experts", "rank", "d_in"),
                 "lora_b": ("n_experts", "d_out", "rank")}
 
+    @remember_config
     def __init__(self, d_in, d_out, n_experts, rank, top_k=2, *, alpha=None,
                  scoring="softmax", renormalize=True, per_sequence=False, bias=False,
                  dtype="float32", seed=0, init=True):
@@ -283,6 +297,7 @@ class SoftLoRA(TopKLoRA):
     in TopKLoRA.
     """
 
+    @remember_config
     def __init__(self, d_in, d_out, n_experts, rank, top_k=None, *, alpha=None,
                  per_sequence=False, bias=False, dtype="float32", seed=0, init=True):
         super().__init__(d_in, d_out, n_experts, rank, n_experts if top_k is None else top_k,
@@ -305,6 +320,7 @@ class HydraLoRA(_RoutedLoRA):
     _WEIGHTS = {"router_weight": ("n_experts", "d_in"), "lora_a": ("rank", "d_in"),
                 "lora_b": ("n_experts", "d_out", "rank")}
 
+    @remember_config
     def __init__(self, d_in, d_out, n_experts, rank, top_k=None, *, alpha=None,
                  renormalize=True, per_sequence=False, bias=False, dtype="float32", seed=0,
                  init=True):
@@ -340,6 +356,7 @@ class GatedLoRA(_LoRALayer):
 
     _WEIGHTS = {"lora_a": ("n_experts", "rank", "d_in"), "lora_b": ("n_experts", "d_out", "rank")}
 
+    @remember_config
     def __init__(self, d_in, d_out, n_experts, rank, *, top_k=None, softmax_topk=False,
                  alpha=None, bias=False, dtype="float32", seed=0, init=True):
         self.n_experts = check_int(n_experts, "n_experts", 1, 2**31 - 1)
@@ -400,6 +417,7 @@ class FlyLoRA(_LoRALayer):
     _WEIGHTS = {"lora_a": ("rank", "d_in"), "lora_b": ("d_out", "rank"), "rank_bias": ("rank",)}
     _OPTIONAL = ("rank_bias",)
 
+    @remember_config
     def __init__(self, d_in, d_out, rank, top_k, *, alpha=None, density=None, signed=False,
                  bias_rate=0.0, update_bias="manual", bias=False, dtype="float32", seed=0,
                  init=True):
@@ -458,6 +476,7 @@ class SMoRA(_LoRALayer):
                 "lora_b": ("d_out", "rank"), "rank_bias": ("rank",)}
     _OPTIONAL = ("rank_bias",)
 
+    @remember_config
     def __init__(self, d_in, d_out, rank, top_k, *, rank_partition=1, tile=False, alpha=None,
                  bias=False, dtype="float32", seed=0, init=True):
         rank = check_int(rank, "rank", 1)
@@ -521,6 +540,7 @@ class MultiLoRA(_LoRALayer):
     _OPTIONAL = ("scalings",)
     _READ_EACH_CALL = ("scalings",)
 
+    @remember_config
     def __init__(self, d_in, d_out, n_adapters, rank, *, alpha=None, bias=False,
                  dtype="float32", seed=0, init=True):
         self.n_experts = check_int(n_adapters, "n_adapters", 1, 2**31 - 1)

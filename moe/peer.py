@@ -24,7 +24,7 @@ from typing import NamedTuple
 import numpy as np
 
 from . import _C
-from ._api import _shape_str, check_choice, check_int, float_array
+from ._api import _shape_str, check_choice, check_int, float_array, remember_config
 
 __all__ = ["PEER", "PEERRouting", "PEER_ACTIVATIONS"]
 
@@ -69,6 +69,7 @@ class PEER:
     v ~ N(0, 1/(n_heads * top_k)), drawn directly in float32 (no float64 copy of u or v).
     """
 
+    @remember_config
     def __init__(self, d_model, n_sub_keys, n_heads=8, top_k=16, d_key=None,
                  activation="relu", seed=0, *, d_out=None, per_head_keys=True, init=True):
         self.d_model = check_int(d_model, "d_model", 1)
@@ -107,6 +108,18 @@ class PEER:
     def n_experts(self):
         """N = n_sub_keys ** 2."""
         return self.n_sub_keys ** 2
+
+    def config(self):
+        """The constructor arguments of this layer (JSON-friendly), without weights or seed."""
+        return dict(self._init_config)
+
+    def save(self, path):
+        """Write the layer to one safetensors file; moe.load(path) gives it back bit for bit."""
+        from .io import save
+        save(self, path)
+
+    def _weight_names(self):
+        return tuple(self._weight_shapes())
 
     def _weight_shapes(self):
         """attribute -> ((label, size), ...) of its shape."""

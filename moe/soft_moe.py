@@ -12,7 +12,7 @@ import numpy as np
 
 from . import _C
 from ._api import (ACTIVATIONS, GATED, WEIGHT_DTYPES, _shape_str, check_choice, check_float,
-                   check_int, float_array, weight_array)
+                   check_int, float_array, remember_config, weight_array)
 
 # attribute -> shape template; names are resolved against the layer's sizes
 _WEIGHTS = {
@@ -59,6 +59,7 @@ class SoftMoE:
     (a non-finite logit, named by token and slot).
     """
 
+    @remember_config
     def __init__(self, d_model, d_ff, n_experts, slots_per_expert=1, *, activation="swiglu",
                  normalize=False, scale=1.0, dtype="float32", seed=0, init=True,
                  swiglu_alpha=1.702, swiglu_limit=7.0):
@@ -190,6 +191,18 @@ class SoftMoE:
     def __repr__(self):
         return f"{type(self).__name__}({', '.join(self._options())})"
 
+    def config(self):
+        """The constructor arguments of this layer (JSON-friendly), without weights or seed."""
+        return dict(self._init_config)
+
+    def save(self, path):
+        """Write the layer to one safetensors file; moe.load(path) gives it back bit for bit."""
+        from .io import save
+        save(self, path)
+
+    def _weight_names(self):
+        return tuple(_WEIGHTS)
+
 
 class MixtureOfTokens(SoftMoE):
     """Mixture of Tokens: Soft MoE whose groups run across the batch.
@@ -211,6 +224,7 @@ class MixtureOfTokens(SoftMoE):
     MoE by lowering the temperature) is left to the caller (set `temperature`).
     """
 
+    @remember_config
     def __init__(self, d_model, d_ff, n_experts, slots_per_expert=1, *, temperature=1.0,
                  mixing=True, group_size=None, activation="swiglu", normalize=False,
                  scale=1.0, dtype="float32", seed=0, init=True, swiglu_alpha=1.702,

@@ -214,6 +214,29 @@ moe_layer_forward(const moe_layer_params *p)
     }
 
 routed:
+    if (p->skip_threshold > 0.0) {
+        moe_route_skip_params sp;
+        int64_t i, skipped = 0;
+        sp.expert_ids = p->expert_ids;
+        sp.weights = p->weights;
+        sp.n_tokens = T;
+        sp.top_k = k;
+        sp.threshold = p->skip_threshold;
+        sp.renormalize = p->skip_renormalize;
+        sp.n_skipped = &skipped;
+        if ((st = moe_route_skip(&sp)) != MOE_STATUS_OK) {
+            goto done;
+        }
+        memset(p->counts, 0, sizeof(int64_t) * (size_t)E_all);
+        for (i = 0; i < T * k; i++) {
+            if (p->expert_ids[i] >= 0) {
+                p->counts[p->expert_ids[i]]++;
+            }
+        }
+        if (p->n_skipped != NULL) {
+            *p->n_skipped = skipped;
+        }
+    }
     dp.expert_ids = p->expert_ids;
     if (p->n_null > 0) {
         /* null experts are never dispatched */

@@ -1235,17 +1235,21 @@ moe_py_layer_forward(PyObject *self, PyObject *args)
     PyObject *lora_obj = Py_None, *nk_obj = Py_None, *nv_obj = Py_None;
     PyObject *al_obj = Py_None, *gr_obj = Py_None;
     PyObject *gid_obj = Py_None, *gw_obj = Py_None;
+    double skip_threshold = 0.0;
+    int skip_renorm = 0;
+    int64_t n_skipped = 0;
     PyArrayObject *n_real = NULL, *out_norm = NULL;
     npy_intp nkd[1] = {-1}, nvd[2], ald[2], grd[1];
     int want_norm = 0;
 
-    if (!PyArg_ParseTuple(args, "OOOiiOipdiidOO|OffOOOOOpOO", &x_obj, &r_obj,
+    if (!PyArg_ParseTuple(args, "OOOiiOipdiidOO|OffOOOOOpOOdp", &x_obj, &r_obj,
                           &w_obj, &top_k, &activation, &bias_obj, &scoring,
                           &renormalize, &routed_scaling, &n_groups,
                           &topk_groups, &capacity_factor, &sw_obj,
                           &sgate_obj, &rbias_obj, &alpha, &limit,
                           &lora_obj, &nk_obj, &nv_obj, &al_obj, &gr_obj,
-                          &want_norm, &gid_obj, &gw_obj)) {
+                          &want_norm, &gid_obj, &gw_obj, &skip_threshold,
+                          &skip_renorm)) {
         return NULL;
     }
     memset(&p, 0, sizeof(p));
@@ -1381,12 +1385,16 @@ moe_py_layer_forward(PyObject *self, PyObject *args)
     p.n_dropped = &n_dropped;
     p.aux_loss = &aux;
     p.z_loss = &z;
+    p.skip_threshold = skip_threshold;
+    p.skip_renormalize = skip_renorm;
+    p.n_skipped = &n_skipped;
     MOE_COMPUTE(st, moe_layer_forward(&p));
     if (st != MOE_STATUS_OK) {
         moe_raise(st);
         goto fail;
     }
-    n_dropped_ll = (long long)n_dropped;
+    /* skipped slots count as dropped assignments */
+    n_dropped_ll = (long long)(n_dropped + n_skipped);
     if (n_real == NULL) {
         Py_INCREF(Py_None);
         n_real = (PyArrayObject *)Py_None;

@@ -524,6 +524,12 @@ typedef struct moe_layer_params {
     int32_t           *expert_ids;    /* out: (n_tokens, top_k); ids >=
                                          n_experts are null experts         */
     float             *weights;       /* out: (n_tokens, top_k)             */
+    double             skip_threshold; /* > 0: slots whose weight is below it
+                                         are emptied after routing (dynamic
+                                         expert skipping), counts recounted */
+    int32_t            skip_renormalize; /* and each token's kept weights
+                                         divided by their sum               */
+    int64_t           *n_skipped;     /* out, or NULL: slots skipped        */
     int32_t            routing_given; /* expert_ids / weights are inputs
                                          (another router chose; -1 = empty
                                          slot): the router and top-k are

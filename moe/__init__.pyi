@@ -136,7 +136,10 @@ class SparseMoE:
                  lora_targets: Optional[Sequence[str]] = ...,
                  null_experts: Sequence[str] = ..., router: str = ...,
                  router_p: float = ..., router_threshold: float = ...,
-                 k_min: int = ...) -> None: ...
+                 k_min: int = ..., skip_threshold: float = ...,
+                 skip_renormalize: bool = ...) -> None: ...
+    skip_threshold: float
+    skip_renormalize: bool
     expert_d_ff: Optional[Tuple[int, ...]]
     null_experts: Tuple[str, ...]
     n_null: int

@@ -98,7 +98,10 @@ class SparseMoE:
     0..E experts and its output depends on the batch), "top_p" (the fewest experts whose
     probabilities reach router_p) or "threshold" (every expert with probability >=
     router_threshold), the dynamic ones clamped to [k_min, top_k] and renormalised when
-    renormalize.  routed_scaling multiplies the weights of every router.  The losses of
+    renormalize.  routed_scaling multiplies the weights of every router.
+    skip_threshold > 0: dynamic expert skipping after any router -- slots whose weight is
+    below it are emptied (their count goes into n_dropped); with skip_renormalize each
+    token's kept weights are divided by their sum.  The losses of
     the non-top-k routers are computed from the same float64 logits (z-loss, and the
     aux loss over the assignments they made).
 
@@ -124,7 +127,7 @@ class SparseMoE:
                  init=True, router_bias=False, expert_biases=False, swiglu_alpha=1.702,
                  swiglu_limit=7.0, lora_rank=0, lora_alpha=None, lora_targets=None,
                  null_experts=(), router="top_k", router_p=0.5, router_threshold=0.01,
-                 k_min=1):
+                 k_min=1, skip_threshold=0.0, skip_renormalize=False):
         self.d_model = check_int(d_model, "d_model", 1)
         if isinstance(d_ff, (list, tuple, np.ndarray)):
             sizes = tuple(check_int(int(f) if isinstance(f, np.integer) else f,
@@ -154,6 +157,10 @@ class SparseMoE:
             raise ValueError(f"router_p must be in (0, 1], got {router_p}")
         self.router_threshold = check_float(router_threshold, "router_threshold")
         self.k_min = check_int(k_min, "k_min", 1)
+        self.skip_threshold = check_float(skip_threshold, "skip_threshold")
+        if self.skip_threshold < 0:
+            raise ValueError(f"skip_threshold must be >= 0, got {skip_threshold}")
+        self.skip_renormalize = bool(skip_renormalize)
         if router != "top_k" and (n_groups != 1 or expert_bias):
             raise ValueError(f"router={router!r} takes no n_groups / expert_bias (those are "
                              "top-k options)")
@@ -434,7 +441,8 @@ class SparseMoE:
             check_float(scaling, "routed_scaling"), n_groups, topk_groups, cf, shared, sgate,
             self.router_bias if self.use_router_bias else None, self.swiglu_alpha,
             self.swiglu_limit, lora, kinds, values, allowed, groups, bool(want_norm),
-            *(given[:2] if given else ()))
+            *(given[:2] if given else (None, None)), self.skip_threshold,
+            self.skip_renormalize)
         if given:
             aux, z = given[2], given[3]
         out = out.reshape(lead + (self.d_model,))
@@ -461,7 +469,9 @@ class SparseMoE:
                     lora_rank=self.lora_rank, lora_alpha=self.lora_alpha,
                     lora_targets=list(self.lora_targets), null_experts=list(self.null_experts),
                     router=self.router, router_p=self.router_p,
-                    router_threshold=self.router_threshold, k_min=self.k_min)
+                    router_threshold=self.router_threshold, k_min=self.k_min,
+                    skip_threshold=self.skip_threshold,
+                    skip_renormalize=self.skip_renormalize)
 
     def save(self, path):
         """Write the layer to one safetensors file (weights + its config in the metadata);

@@ -527,7 +527,7 @@ def sparse_moe(x, router_weight, w_gate, w_up, w_down, *, top_k, activation="swi
                b_down=None, swiglu_alpha=1.702, swiglu_limit=7.0, lora=None,
                lora_scaling=1.0, null_experts=(), null_values=None, allowed=None,
                expert_d_ff=None, router="top_k", router_p=0.5, router_threshold=0.01,
-               k_min=1):
+               k_min=1, skip_threshold=0.0, skip_renormalize=False):
     """Full sparse MoE forward: route, dispatch, expert FFNs, combine, shared experts.
 
     Args:
@@ -583,6 +583,12 @@ def sparse_moe(x, router_weight, w_gate, w_up, w_down, *, top_k, activation="swi
             r["weights"] = np.zeros((xf.shape[0], 1))
         routing = {"expert_ids": ids, "weights": r["weights"] * routed_scaling,
                    "counts": np.bincount(ids[ids >= 0], minlength=n_all)}
+    if skip_threshold > 0:
+        sk = skip_experts(routing["expert_ids"], routing["weights"], skip_threshold,
+                          skip_renormalize)
+        routing = dict(routing, expert_ids=sk["expert_ids"], weights=sk["weights"])
+        ids_k = sk["expert_ids"]
+        routing["counts"] = np.bincount(ids_k[ids_k >= 0], minlength=logits.shape[1])
     ids_all = routing["expert_ids"]
     real = np.where(ids_all < E, ids_all, -1)  # null experts are never dispatched
     disp = dispatch(xf, real, E)
@@ -711,6 +717,8 @@ def layer_forward(layer, x, allowed=None):
         router_p=getattr(layer, "router_p", 0.5),
         router_threshold=getattr(layer, "router_threshold", 0.01),
         k_min=getattr(layer, "k_min", 1),
+        skip_threshold=getattr(layer, "skip_threshold", 0.0),
+        skip_renormalize=getattr(layer, "skip_renormalize", False),
     )
 
 

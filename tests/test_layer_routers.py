@@ -42,3 +42,27 @@ def test_layer_router_errors():
     layer = moe.SparseMoE(8, 8, 4, 2, router="top_p")
     with pytest.raises(ValueError, match="need router='top_k'"):
         layer(np.zeros((3, 8), np.float32), allowed=np.ones((3, 4), bool))
+
+
+@pytest.mark.parametrize("router", ["top_k", "top_p"])
+@pytest.mark.parametrize("renormalize", [False, True])
+def test_layer_expert_skipping(router, renormalize):
+    rng = np.random.default_rng(9)
+    layer = moe.SparseMoE(32, 24, 8, 3, router=router, skip_threshold=0.3,
+                          skip_renormalize=renormalize, seed=6)
+    x = rng.standard_normal((50, 32)).astype(np.float32)
+    y, r = layer(x, return_routing=True)
+    y_ref, r_ref = ref.layer_forward(layer, x)
+    np.testing.assert_array_equal(r.expert_ids, r_ref["expert_ids"])
+    np.testing.assert_array_equal(r.counts, r_ref["counts"])
+    assert_close(r.weights, r_ref["weights"], what="weights after skipping")
+    assert_close(y, y_ref, what="skipping layer")
+    plain = moe.SparseMoE(**dict(layer.config(), skip_threshold=0.0), init=False)
+    for name in ("router_weight", "w_gate", "w_up", "w_down"):
+        setattr(plain, name, getattr(layer, name))
+    _, r0 = plain(x, return_routing=True)
+    skipped = int((r.expert_ids < 0).sum() - (r0.expert_ids < 0).sum())  # top-p pads with -1
+    assert skipped > 0 and r.n_dropped == skipped
+    np.testing.assert_array_equal(layer(x[4:5]), y[4:5])
+    with pytest.raises(ValueError, match="skip_threshold must be >= 0"):
+        moe.SparseMoE(8, 8, 4, 2, skip_threshold=-1.0)

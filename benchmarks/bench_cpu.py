@@ -16,31 +16,19 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 
 import numpy as np
 
 import moe
+from _common import ceilings  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SHAPES = os.path.join(HERE, "shapes.json")
 
 
 # ---- ceilings --------------------------------------------------------------------------
-
-def ceilings(threads):
-    """(FMA GFLOP/s, its ISA, read GB/s) measured by benchmarks/ceilings.c."""
-    exe = os.path.join(tempfile.mkdtemp(), "ceilings")
-    subprocess.run(["cc", "-O3", "-pthread", os.path.join(HERE, "ceilings.c"), "-o", exe],
-                   check=True)
-    fma, isa = subprocess.run([exe, "fma", str(threads), "1.0"], capture_output=True,
-                              text=True, check=True).stdout.split()
-    read = subprocess.run([exe, "read", str(threads), "1024"], capture_output=True,
-                          text=True, check=True).stdout.split()[0]
-    return float(fma), isa, float(read)
 
 
 # ---- peers -------------------------------------------------------------------------------

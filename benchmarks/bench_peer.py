@@ -22,59 +22,24 @@ it) and the read bandwidth; GB/s counts the expert rows gathered, T*H*k*(d + d_o
 """
 import argparse
 import os
-import platform
 import resource
 import statistics
-import subprocess
-import tempfile
 import time
 
 import numpy as np
 
 import moe
+from _common import ceilings, cpu_model  # noqa: E402
+from _common import samples as timeit  # noqa: E402
 from moe import reference
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 GiB = 2.0 ** 30
 
 
-def ceilings(threads):
-    """(FMA GFLOP/s fp32, its ISA, read GB/s) measured by benchmarks/ceilings.c."""
-    exe = os.path.join(tempfile.mkdtemp(), "ceilings")
-    subprocess.run(["cc", "-O3", "-pthread", os.path.join(HERE, "ceilings.c"), "-o", exe],
-                   check=True)
-    fma, isa = subprocess.run([exe, "fma", str(threads), "1.0"], capture_output=True,
-                              text=True, check=True).stdout.split()
-    read = subprocess.run([exe, "read", str(threads), "1024"], capture_output=True,
-                          text=True, check=True).stdout.split()[0]
-    return float(fma), isa, float(read)
-
-
-def cpu_model():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def peak_rss():
     """Peak resident memory of this process so far, bytes (Linux: ru_maxrss in KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0
-
-
-def timeit(fn, repeats, warmup=2):
-    for _ in range(warmup):
-        fn()
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return ts
 
 
 def check_moe(layer, x):

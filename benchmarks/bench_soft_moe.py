@@ -17,68 +17,19 @@ peak and read bandwidth of this machine come from benchmarks/ceilings.c in the s
 import argparse
 import os
 import platform
-import statistics
-import subprocess
-import tempfile
 import time
 
 import numpy as np
 
 import moe
+from _common import ceilings, check, cpu_model, timeit  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RTOL = 1e-4
 
 
-def ceilings(threads):
-    """(FMA GFLOP/s, its ISA, read GB/s) measured by benchmarks/ceilings.c."""
-    exe = os.path.join(tempfile.mkdtemp(), "ceilings")
-    subprocess.run(["cc", "-O3", "-pthread", os.path.join(HERE, "ceilings.c"), "-o", exe],
-                   check=True)
-    fma, isa = subprocess.run([exe, "fma", str(threads), "1.0"], capture_output=True,
-                              text=True, check=True).stdout.split()
-    read = subprocess.run([exe, "read", str(threads), "1024"], capture_output=True,
-                          text=True, check=True).stdout.split()[0]
-    return float(fma), isa, float(read)
-
-
-def cpu_model():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def timeit(fn, repeats, warmup=3):
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), min(times), max(times)
-
-
 def ms(t):
     return f"{t[0] * 1e3:.2f} ({t[1] * 1e3:.2f}-{t[2] * 1e3:.2f})"
-
-
-def rel_err(y, ref):
-    y = np.asarray(y, np.float64)
-    return float(np.max(np.abs(y - ref)) / max(float(np.max(np.abs(ref))), 1e-30))
-
-
-def check(name, y, ref):
-    err = rel_err(y, ref)
-    if not err < RTOL:
-        raise SystemExit(f"{name} does not match the reference (max-abs-normalised error "
-                         f"{err:.2e} >= {RTOL:.0e})")
-    return err
 
 
 def torch_soft_moe(layer):

@@ -1,0 +1,70 @@
+"""Helpers shared by the benchmark scripts: the machine's ceilings, its CPU model, timing
+and the correctness check every implementation passes before it is timed.  The scripts
+run as `python benchmarks/<script>.py`, so this directory is on sys.path."""
+import os
+import platform
+import statistics
+import subprocess
+import tempfile
+import time
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def ceilings(threads):
+    """(FMA GFLOP/s fp32, its ISA, read GB/s) measured by benchmarks/ceilings.c."""
+    exe = os.path.join(tempfile.mkdtemp(), "ceilings")
+    subprocess.run(["cc", "-O3", "-pthread", os.path.join(HERE, "ceilings.c"), "-o", exe],
+                   check=True)
+    fma, isa = subprocess.run([exe, "fma", str(threads), "1.0"], capture_output=True,
+                              text=True, check=True).stdout.split()
+    read = subprocess.run([exe, "read", str(threads), "1024"], capture_output=True,
+                          text=True, check=True).stdout.split()[0]
+    return float(fma), isa, float(read)
+
+
+def cpu_model():
+    """The CPU's model name (/proc/cpuinfo), else what platform knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def samples(fn, repeats, warmup=3):
+    """Wall times (s) of `repeats` calls of fn after `warmup` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def timeit(fn, repeats, warmup=3):
+    """(median, min, max) seconds of fn over repeats."""
+    times = samples(fn, repeats, warmup)
+    return statistics.median(times), min(times), max(times)
+
+
+def rel_err(y, ref):
+    """max |y - ref| / max |ref| (both as float64)."""
+    y = np.asarray(y, np.float64)
+    return float(np.max(np.abs(y - ref)) / max(float(np.max(np.abs(ref))), 1e-30))
+
+
+def check(name, y, ref, rtol=1e-4):
+    """Stop the benchmark unless y matches ref; returns the error."""
+    err = rel_err(y, ref)
+    if not err < rtol:
+        raise SystemExit(f"{name} does not match the reference (max-abs-normalised error "
+                         f"{err:.2e} >= {rtol:.0e})")
+    return err

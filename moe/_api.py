@@ -381,6 +381,18 @@ def weight_array(obj, name, shape, dtype):
     return float32_to_bfloat16(arr)
 
 
+def stored_weight(obj, name, shape, dtype):
+    """weight_array(...) as a layer stores it: float16 weights as np.float16, the others as
+    float32 or bfloat16 uint16 bits."""
+    value = weight_array(obj, name, shape, dtype)
+    return value.view(np.float16) if dtype == "float16" else value
+
+
+def weight_bits(a):
+    """A stored weight as the C core takes it (float16 as its uint16 bits); None stays."""
+    return None if a is None else (a.view(np.uint16) if a.dtype == np.float16 else a)
+
+
 def expert_weights(w_gate, w_up, w_down, activation, d_model, n_experts=None, prefix="",
                    dtype="float32"):
     """Check and convert expert weights in the nn.Linear layout; returns (gate|None, up, down)."""

@@ -13,7 +13,7 @@ import numpy as np
 from . import _C
 from ._api import (ACTIVATIONS, GATED, WEIGHT_DTYPES, RoutingResult, _as_ndarray, _shape_str,
                    check_choice, check_finite, check_float, check_int, check_routing_options,
-                   float_array, mask_args, weight_array)
+                   float_array, mask_args, stored_weight, weight_bits)
 
 # attribute -> shape template; names are resolved against the layer's sizes
 _WEIGHTS = {
@@ -255,9 +255,7 @@ class SparseMoE:
                                  f"{name} needs a layer built with lora_rank > 0")
             shape = tuple((s, sizes[s]) for s in _WEIGHTS[name])
             if name in _EXPERT_WEIGHTS:
-                value = weight_array(value, name, shape, self.dtype)
-                if self.dtype == "float16":
-                    value = value.view(np.float16)
+                value = stored_weight(value, name, shape, self.dtype)
             else:
                 value = float_array(value, name, shape)
         if name in _EXPERT_WEIGHTS or name in ("b_gate", "b_up", "b_down") + _LORA_WEIGHTS:
@@ -276,9 +274,7 @@ class SparseMoE:
             if getattr(self, name) is None:
                 raise ValueError(f"{name} is not set (the layer was made with init=False)")
         code = WEIGHT_DTYPES.index(self.dtype)
-
-        def bits(a):
-            return None if a is None else (a.view(np.uint16) if a.dtype == np.float16 else a)
+        bits = weight_bits
 
         biases = (None, None, None)
         if self.use_expert_biases:

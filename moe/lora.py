@@ -31,7 +31,7 @@ import numpy as np
 from . import _C
 from ._api import (SCORINGS, WEIGHT_DTYPES, RoutingResult, _shape_str, check_choice,
                    check_finite, check_float, check_int, float_array, int_array,
-                   remember_config, weight_array)
+                   remember_config, stored_weight, weight_bits)
 
 __all__ = ["TopKLoRA", "SoftLoRA", "GatedLoRA", "HydraLoRA", "FlyLoRA", "SMoRA", "MultiLoRA",
            "sparse_projection"]
@@ -117,9 +117,7 @@ class _LoRALayer:
             sizes = self._sizes()
             shape = tuple((s, sizes[s]) for s in weights[name])
             if name == "base_weight":
-                value = weight_array(value, name, shape, self.dtype)
-                if self.dtype == "float16":
-                    value = value.view(np.float16)
+                value = stored_weight(value, name, shape, self.dtype)
             else:
                 value = float_array(value, name, shape)
         if name in weights and name not in self._READ_EACH_CALL:
@@ -150,9 +148,8 @@ class _LoRALayer:
                 raise ValueError(f"{name} is not set (the layer was made with init=False)")
         if self.use_bias and self.base_bias is None:
             raise ValueError("base_bias is None but the layer was built with bias=True")
-        w = self.base_weight
-        bits = w.view(np.uint16) if w.dtype == np.float16 else w
-        base = _C.pack_linear(bits[None], WEIGHT_DTYPES.index(self.dtype),
+        base = _C.pack_linear(weight_bits(self.base_weight)[None],
+                              WEIGHT_DTYPES.index(self.dtype),
                               self.base_bias[None] if self.use_bias else None)
         lora_a = _C.pack_linear(self._a_for_pack(), 0)
         object.__setattr__(self, "_packed", (base, lora_a, self._bank(),

@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import _C
-from ._api import WEIGHT_DTYPES, _shape_str, check_int, float_array, weight_array
+from ._api import WEIGHT_DTYPES, _shape_str, check_int, float_array, stored_weight, weight_bits
 from .layer import SparseMoE
 
 __all__ = ["MultiHeadMoE"]
@@ -54,9 +54,8 @@ class MultiHeadMoE:
         if name in ("w_in", "w_merge"):
             if value is not None:
                 d = self.d_model
-                value = weight_array(value, name, (("d_model", d), ("d_model", d)), self.dtype)
-                if self.dtype == "float16":
-                    value = value.view(np.float16)
+                value = stored_weight(value, name, (("d_model", d), ("d_model", d)),
+                                      self.dtype)
             object.__setattr__(self, "_packed", None)
         object.__setattr__(self, name, value)
 
@@ -65,11 +64,9 @@ class MultiHeadMoE:
         if self.w_in is None or self.w_merge is None:
             raise ValueError("w_in and w_merge must be set (the layer was made with init=False)")
         code = WEIGHT_DTYPES.index(self.dtype)
-
-        def bits(w):
-            return w.view(np.uint16) if w.dtype == np.float16 else w
-        object.__setattr__(self, "_packed", (_C.pack_linear(bits(self.w_in)[None], code),
-                                             _C.pack_linear(bits(self.w_merge)[None], code)))
+        object.__setattr__(self, "_packed", (_C.pack_linear(weight_bits(self.w_in)[None], code),
+                                             _C.pack_linear(weight_bits(self.w_merge)[None],
+                                                            code)))
         return self
 
     def __call__(self, x, return_routing=False):

@@ -12,7 +12,8 @@ import numpy as np
 
 from . import _C
 from ._api import (ACTIVATIONS, GATED, WEIGHT_DTYPES, _shape_str, check_choice, check_float,
-                   check_int, float_array, remember_config, weight_array)
+                   check_int, float_array, remember_config, stored_weight,
+                   weight_bits)
 
 # attribute -> shape template; names are resolved against the layer's sizes
 _WEIGHTS = {
@@ -104,9 +105,7 @@ class SoftMoE:
                      "n_slots": self.n_slots}
             shape = tuple((s, sizes[s]) for s in _WEIGHTS[name])
             if name in _EXPERT_WEIGHTS:
-                value = weight_array(value, name, shape, self.dtype)
-                if self.dtype == "float16":
-                    value = value.view(np.float16)
+                value = stored_weight(value, name, shape, self.dtype)
             else:
                 value = float_array(value, name, shape)
         elif name == "scale":
@@ -129,11 +128,9 @@ class SoftMoE:
             if getattr(self, name) is None:
                 raise ValueError(f"{name} is not set (the layer was made with init=False)")
 
-        def bits(a):
-            return a.view(np.uint16) if a.dtype == np.float16 else a
-
-        packed = _C.pack_experts(bits(self.w_gate) if gated else None, bits(self.w_up),
-                                 bits(self.w_down), WEIGHT_DTYPES.index(self.dtype))
+        packed = _C.pack_experts(weight_bits(self.w_gate) if gated else None,
+                                 weight_bits(self.w_up), weight_bits(self.w_down),
+                                 WEIGHT_DTYPES.index(self.dtype))
         object.__setattr__(self, "_packed", packed)
         return self
 

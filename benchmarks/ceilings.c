@@ -3,7 +3,7 @@
  *   ./ceilings fma  THREADS SECONDS   register-only FMA loop -> GFLOP/s
  *   ./ceilings read THREADS MIB       streaming read of a buffer -> GB/s
  * The FMA loop uses AVX-512 or AVX2+FMA when the CPU has them (checked at
- * run time), with ten independent accumulators to cover FMA latency.
+ * run time), with twelve independent accumulators to cover FMA latency.
  * Build: cc -O3 -pthread ceilings.c -o ceilings
  */
 #include <pthread.h>
@@ -26,38 +26,36 @@ now(void)
 typedef struct { int mode; double seconds; long mib; double result; int lanes; } job_t;
 
 #if defined(__x86_64__)
-__attribute__((target("avx512f"))) static double
-fma512(long n)
-{
-    __m512 a0 = _mm512_set1_ps(0), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0,
-           a6 = a0, a7 = a0, a8 = a0, a9 = a0;
-    __m512 b = _mm512_set1_ps(0.999999f), c = _mm512_set1_ps(1e-7f);
-    for (long k = 0; k < n; k++) {
-        a0 = _mm512_fmadd_ps(a0, b, c); a1 = _mm512_fmadd_ps(a1, b, c);
-        a2 = _mm512_fmadd_ps(a2, b, c); a3 = _mm512_fmadd_ps(a3, b, c);
-        a4 = _mm512_fmadd_ps(a4, b, c); a5 = _mm512_fmadd_ps(a5, b, c);
-        a6 = _mm512_fmadd_ps(a6, b, c); a7 = _mm512_fmadd_ps(a7, b, c);
-        a8 = _mm512_fmadd_ps(a8, b, c); a9 = _mm512_fmadd_ps(a9, b, c);
-    }
-    __m512 s = a0 + a1 + a2 + a3 + a4 + a5 + a6 + a7 + a8 + a9;
+/*
+ * FMA_CHAINS independent accumulator chains, each started from its own value
+ * (seed + i, seed read at run time): chains that start equal are one chain
+ * to the compiler, which then keeps a single FMA per iteration and the loop
+ * measures FMA latency, not throughput.  Twelve chains cover latency x
+ * ports (4 x 2) on current x86 cores and still fit 16 ymm registers.
+ */
+#define FMA_CHAINS 12
+#define FMA_LOOP(VEC, SET1, FMADD)                                           \
+    VEC a[FMA_CHAINS];                                                       \
+    VEC b = SET1(0.999999f), c = SET1(1e-7f), s;                             \
+    for (int i = 0; i < FMA_CHAINS; i++) a[i] = SET1(seed + (float)i);       \
+    for (long k = 0; k < n; k++) {                                          \
+        _Pragma("GCC unroll 16")                                             \
+        for (int i = 0; i < FMA_CHAINS; i++) a[i] = FMADD(a[i], b, c);      \
+    }                                                                        \
+    s = a[0];                                                                \
+    for (int i = 1; i < FMA_CHAINS; i++) s += a[i];                          \
     return s[0];
+
+__attribute__((target("avx512f"))) static double
+fma512(long n, float seed)
+{
+    FMA_LOOP(__m512, _mm512_set1_ps, _mm512_fmadd_ps)
 }
 
 __attribute__((target("avx2,fma"))) static double
-fma256(long n)
+fma256(long n, float seed)
 {
-    __m256 a0 = _mm256_set1_ps(0), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0,
-           a6 = a0, a7 = a0, a8 = a0, a9 = a0;
-    __m256 b = _mm256_set1_ps(0.999999f), c = _mm256_set1_ps(1e-7f);
-    for (long k = 0; k < n; k++) {
-        a0 = _mm256_fmadd_ps(a0, b, c); a1 = _mm256_fmadd_ps(a1, b, c);
-        a2 = _mm256_fmadd_ps(a2, b, c); a3 = _mm256_fmadd_ps(a3, b, c);
-        a4 = _mm256_fmadd_ps(a4, b, c); a5 = _mm256_fmadd_ps(a5, b, c);
-        a6 = _mm256_fmadd_ps(a6, b, c); a7 = _mm256_fmadd_ps(a7, b, c);
-        a8 = _mm256_fmadd_ps(a8, b, c); a9 = _mm256_fmadd_ps(a9, b, c);
-    }
-    __m256 s = a0 + a1 + a2 + a3 + a4 + a5 + a6 + a7 + a8 + a9;
-    return s[0];
+    FMA_LOOP(__m256, _mm256_set1_ps, _mm256_fmadd_ps)
 }
 #endif
 
@@ -68,13 +66,14 @@ run(void *arg)
     if (j->mode == 0) {
         long n = 1000000, total = 0;
         double t0 = now(), sink = 0;
+        volatile float seed = 1.0f; /* unknown to the compiler */
         while (now() - t0 < j->seconds) {
 #if defined(__x86_64__)
-            if (j->lanes == 16) sink += fma512(n); else sink += fma256(n);
+            if (j->lanes == 16) sink += fma512(n, seed); else sink += fma256(n, seed);
 #endif
             total += n;
         }
-        j->result = 2.0 * j->lanes * 10 * total / (now() - t0) / 1e9 + 0 * sink;
+        j->result = 2.0 * j->lanes * FMA_CHAINS * total / (now() - t0) / 1e9 + 0 * sink;
     }
     else {
         size_t n = (size_t)j->mib << 18; /* floats */

@@ -600,10 +600,13 @@ moe_ffn_up_task(void *ctx, int64_t t)
     for (c = task->c0; c < task->c1; c++) {
         const char *b = (const char *)w->gu +
                         ((task->e * w->gu_panels + c) * d * nr) * es;
+        /* the first pass over panel c also brings panel c + 1 to L2 */
+        const void *next = c + 1 < w->gu_panels ? b + d * nr * es : NULL;
         for (P = task->p0; P < task->p1; P++) {
             float *h = job->hp + P * F * mr;
             moe_panel_rows(job, P, &r0, &m);
-            ukr(job->xp + P * d * mr, b, d, m, tile, nr);
+            ukr(job->xp + P * d * mr, b, d, m, tile, nr,
+                P == task->p0 ? next : NULL);
             if (lora != NULL && lora->n_gu > 0) {
                 job->kr->lowrank(tile, nr, m, nr, job->z_gu + r0 * lora->n_gu,
                                  lora->n_gu, lora->iota, 0, lora->n_gu,
@@ -641,17 +644,20 @@ moe_ffn_gemm_task(void *ctx, int64_t t)
     for (c = task->c0; c < task->c1; c++) {
         const char *b = (const char *)w->down +
                         ((task->e * w->down_panels + c) * F * nr) * es;
+        /* the first pass over panel c also brings panel c + 1 to L2 */
+        const void *next = c + 1 < w->down_panels ? b + F * nr * es : NULL;
         for (P = task->p0; P < task->p1; P++) {
             int n_cols = d - c * nr < nr ? (int)(d - c * nr) : nr;
+            const void *pf = P == task->p0 ? next : NULL;
             float *y;
             moe_panel_rows(job, P, &r0, &m);
             y = g->out + r0 * d + c * nr;
             if (n_cols == nr) {
                 /* A whole panel of columns: straight into the output rows. */
-                ukr(g->in + P * F * mr, b, K, m, y, d);
+                ukr(g->in + P * F * mr, b, K, m, y, d, pf);
             }
             else {
-                ukr(g->in + P * F * mr, b, K, m, tile, nr);
+                ukr(g->in + P * F * mr, b, K, m, tile, nr, pf);
                 for (i = 0; i < m; i++) {
                     memcpy(y + i * d, tile + i * nr,
                            sizeof(float) * (size_t)n_cols);

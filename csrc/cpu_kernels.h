@@ -29,10 +29,12 @@ enum {
 
 /*
  * c (m, NR), row i at c + i * ldc, = first m rows of a @ b; rows >= m are not
- * written.
+ * written.  pf: NULL, or another (K, NR) weight panel of b's type (the next
+ * one the caller will use) that the kernel prefetches towards L2, row k at
+ * step k, so that panel is not fetched from memory at the first use.
  */
 typedef void (*moe_ukr_fn)(const float *a, const void *b, int64_t K, int m,
-                           float *c, int64_t ldc);
+                           float *c, int64_t ldc, const void *pf);
 
 /* out (n_x, n_w) = x (n_x, d) @ w (n_w, d)^T, all float64 (see cpu_gemm.inc). */
 typedef void (*moe_router_fn)(const double *x, int64_t n_x, const double *w,

@@ -42,12 +42,12 @@ moe_cuda_load(void)
     lib = dlopen(path, RTLD_NOW | RTLD_LOCAL);
     if (lib == NULL) {
         const char *e = dlerror();
-        snprintf(moe_cuda_why, sizeof(moe_cuda_why), "%s", e ? e : path);
+        snprintf(moe_cuda_why, sizeof(moe_cuda_why), "%.400s", e ? e : path);
         return;
     }
     *(void **)&abi = dlsym(lib, "moe_cuda_abi");
     if (abi == NULL || abi() != MOE_CUDA_ABI) {
-        snprintf(moe_cuda_why, sizeof(moe_cuda_why), "%s: ABI %d, expected %d",
+        snprintf(moe_cuda_why, sizeof(moe_cuda_why), "%.400s: ABI %d, expected %d",
                  path, abi ? abi() : -1, MOE_CUDA_ABI);
         dlclose(lib);
         return;
@@ -55,7 +55,7 @@ moe_cuda_load(void)
 #define MOE_CUDA_SYM(name)                                                  \
     *(void **)&moe_cuda_table.name = dlsym(lib, "moe_cuda_" #name);         \
     if (moe_cuda_table.name == NULL) {                                      \
-        snprintf(moe_cuda_why, sizeof(moe_cuda_why), "%s: no moe_cuda_%s",  \
+        snprintf(moe_cuda_why, sizeof(moe_cuda_why), "%.400s: no moe_cuda_%s",\
                  path, #name);                                              \
         dlclose(lib);                                                       \
         return;                                                             \

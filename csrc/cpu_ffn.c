@@ -39,8 +39,9 @@ moe_has_feature(const char *name)
 }
 
 /*
- * The best set this CPU runs, lowered (never raised) by MOE_ISA.  Decided
- * once: the first call comes from the module's init, under the GIL.
+ * The best set this CPU runs, lowered (never raised) by MOE_ISA, or the
+ * test set avx512sim on any AVX2 CPU.  Decided once: the first call comes
+ * from the module's init, under the GIL.
  */
 const moe_kernels *
 moe_cpu_kernels(void)
@@ -53,12 +54,17 @@ moe_cpu_kernels(void)
         return chosen;
     }
 #ifdef MOE_HAVE_X86_KERNELS
-    if (moe_has_feature("avx512f") && moe_has_feature("f16c") &&
-        moe_has_feature("fma")) {
+    const int avx2 = moe_has_feature("avx2") && moe_has_feature("fma") &&
+                     moe_has_feature("f16c");
+    const int avx512 = moe_has_feature("avx512f") && moe_has_feature("f16c") &&
+                       moe_has_feature("fma");
+    if (avx512 && moe_has_feature("avx512bf16")) {
+        best = &moe_kernels_avx512bf16;
+    }
+    else if (avx512) {
         best = &moe_kernels_avx512;
     }
-    else if (moe_has_feature("avx2") && moe_has_feature("fma") &&
-             moe_has_feature("f16c")) {
+    else if (avx2) {
         best = &moe_kernels_avx2;
     }
 #endif
@@ -68,8 +74,16 @@ moe_cpu_kernels(void)
             best = &moe_kernels_generic;
         }
 #ifdef MOE_HAVE_X86_KERNELS
-        else if (strcmp(want, "avx2") == 0 && best == &moe_kernels_avx512) {
+        else if (strcmp(want, "avx2") == 0 && best != &moe_kernels_generic) {
             best = &moe_kernels_avx2;
+        }
+        else if (strcmp(want, "avx512") == 0 &&
+                 best == &moe_kernels_avx512bf16) {
+            best = &moe_kernels_avx512;
+        }
+        else if (strcmp(want, "avx512sim") == 0 && avx2) {
+            /* the AVX-512 tiles on AVX2, for tests (cpu_gemm_avx512sim.c) */
+            best = &moe_kernels_avx512sim;
         }
 #endif
     }

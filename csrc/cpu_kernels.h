@@ -36,6 +36,14 @@ enum {
 typedef void (*moe_ukr_fn)(const float *a, const void *b, int64_t K, int m,
                            float *c, int64_t ldc, const void *pf);
 
+/*
+ * The bf16-compute kernel: c (m, NR) = first m rows of a @ b with a (Kp, MR)
+ * pairs of bf16 activations (uint32: k = 2 kp low half, 2 kp + 1 high half)
+ * and b (Kp, NR, 2) bf16 weights; pf as for moe_ukr_fn.  See cpu_gemm.inc.
+ */
+typedef void (*moe_dot_fn)(const uint32_t *a, const void *b, int64_t Kp, int m,
+                           float *c, int64_t ldc, const void *pf);
+
 /* out (n_x, n_w) = x (n_x, d) @ w (n_w, d)^T, all float64 (see cpu_gemm.inc). */
 typedef void (*moe_router_fn)(const double *x, int64_t n_x, const double *w,
                               int64_t n_w, int64_t d, double *out);
@@ -62,10 +70,12 @@ typedef void (*moe_lowrank_fn)(float *c, int64_t ldc, int m, int n_cols,
                                int n_terms, const float *bank, int64_t ld_bank);
 
 typedef struct moe_kernels {
-    const char    *name;  /* "avx512", "avx2", "scalar" (portable)        */
+    const char    *name;  /* "avx512bf16", "avx512", "avx2", "scalar"
+                             (portable), "avx512sim" (tests)              */
     int            mr;    /* rows per activation panel                     */
     int            nr;    /* columns per weight panel (2 vectors)          */
     moe_ukr_fn     ukr[MOE_WTYPE_COUNT];
+    moe_dot_fn     dot;   /* bf16 weights x bf16 activations               */
     moe_router_fn  router;
     moe_epilogue_fn epilogue;
     moe_lowrank_fn lowrank;
@@ -76,6 +86,8 @@ extern const moe_kernels moe_kernels_generic;
 #define MOE_HAVE_X86_KERNELS 1
 extern const moe_kernels moe_kernels_avx2;
 extern const moe_kernels moe_kernels_avx512;
+extern const moe_kernels moe_kernels_avx512bf16;
+extern const moe_kernels moe_kernels_avx512sim; /* tests: MOE_ISA=avx512sim */
 #endif
 
 /* The kernel set in use (cpuid, lowered by MOE_ISA). */

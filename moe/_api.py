@@ -552,7 +552,7 @@ def show_config(file=None):
         f"moe {info['version']}",
         f"  compiler:     {info['compiler']}",
         f"  cpu features: {info['cpu_features'] or '(none detected)'}",
-        f"  cpu kernels:  {info['isa']} (MOE_ISA=scalar|avx2 lowers the choice)",
+        f"  cpu kernels:  {info['isa']} (MOE_ISA=scalar|avx2|avx512 lowers the choice; avx512sim: the AVX-512 tiles on AVX2, for tests)",
         f"  threads:      {info['threads']} (MOE_NUM_THREADS / moe.set_num_threads)",
         f"  cuda:         {_cuda_line()}",
         f"  numpy:        {np.__version__}",

@@ -246,13 +246,24 @@ moe_experts_pack(const moe_pack_params *p, moe_experts **out)
                              "w_up, w_down, n_experts >= 1, sizes >= 0 and "
                              "a known dtype are required");
     }
+    if (p->bf16_compute && (p->dtype != MOE_DTYPE_BF16 || p->d_model % 2 ||
+                            p->d_ff % 2)) {
+        return moe_set_error(MOE_STATUS_INVALID_ARG,
+                             "bf16 compute needs bfloat16 weights and even "
+                             "d_model and d_ff, got dtype %d, d_model=%lld, "
+                             "d_ff=%lld", (int)p->dtype, (long long)p->d_model,
+                             (long long)p->d_ff);
+    }
     if (p->expert_d_ff != NULL) {
         int32_t e;
         for (e = 0; e < p->n_experts; e++) {
-            if (p->expert_d_ff[e] < 0 || p->expert_d_ff[e] > p->d_ff) {
+            if (p->expert_d_ff[e] < 0 || p->expert_d_ff[e] > p->d_ff ||
+                (p->bf16_compute && p->expert_d_ff[e] % 2)) {
                 return moe_set_error(MOE_STATUS_INVALID_ARG,
-                                     "expert_d_ff must be in [0, d_ff=%lld], got "
-                                     "%lld for expert %d", (long long)p->d_ff,
+                                     "expert_d_ff must be in [0, d_ff=%lld]%s, "
+                                     "got %lld for expert %d", (long long)p->d_ff,
+                                     p->bf16_compute ? " and even (bf16 compute)"
+                                                     : "",
                                      (long long)p->expert_d_ff[e], e);
             }
         }
@@ -360,6 +371,10 @@ moe_expert_lora_pack(const moe_expert_lora_params *p,
     if (experts->expert_ff != NULL) {
         return moe_set_error(MOE_STATUS_UNSUPPORTED, "LoRA on experts of "
                              "different sizes (expert_d_ff) is not supported");
+    }
+    if (experts->bf16_act) {
+        return moe_set_error(MOE_STATUS_UNSUPPORTED, "LoRA on experts packed "
+                             "for bf16 compute is not supported");
     }
     if (p->a_gate != NULL && !experts->gated) {
         return moe_set_error(MOE_STATUS_INVALID_ARG, "a LoRA on w_gate needs "

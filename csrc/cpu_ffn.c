@@ -106,14 +106,23 @@ typedef struct moe_pack_job {
 } moe_pack_job;
 
 /*
- * Where column j of a panel row goes: bf16 interleaves the two vectors of a
- * row (see cpu_gemm.inc), the other types are plain.
+ * Where element (k, j) of a panel goes: bf16 interleaves the two vectors of
+ * a row (lane l holds columns l and l + VL, see cpu_gemm.inc), bf16 compute
+ * pairs rows instead ((k / 2, j, k % 2): the dot kernel's layout), the other
+ * types are plain (k, j).
  */
 static inline int64_t
-moe_pack_col(const moe_experts *w, int j)
+moe_pack_at(const moe_experts *w, int64_t k, int j)
 {
-    int vl = w->nr / 2;
-    return w->dtype == MOE_DTYPE_BF16 ? (int64_t)(j % vl) * 2 + j / vl : j;
+    const int vl = w->nr / 2;
+
+    if (w->bf16_act) {
+        return ((k >> 1) * w->nr + j) * 2 + (k & 1);
+    }
+    if (w->dtype == MOE_DTYPE_BF16) {
+        return k * w->nr + (int64_t)(j % vl) * 2 + j / vl;
+    }
+    return k * w->nr + j;
 }
 
 /* Copy row `src` (K elements, or NULL for zeros) into panel column j. */
@@ -121,21 +130,20 @@ static void
 moe_pack_column(const moe_experts *w, size_t es, const void *src, int64_t K,
                 void *panel, int j)
 {
-    const int64_t col = moe_pack_col(w, j);
     int64_t k;
 
     if (es == 4) {
-        float *dst = (float *)panel + col;
+        float *dst = panel;
         const float *s = src;
         for (k = 0; k < K; k++) {
-            dst[k * w->nr] = s ? s[k] : 0.0f;
+            dst[moe_pack_at(w, k, j)] = s ? s[k] : 0.0f;
         }
     }
     else {
-        uint16_t *dst = (uint16_t *)panel + col;
+        uint16_t *dst = panel;
         const uint16_t *s = src;
         for (k = 0; k < K; k++) {
-            dst[k * w->nr] = s ? s[k] : 0;
+            dst[moe_pack_at(w, k, j)] = s ? s[k] : 0;
         }
     }
 }
@@ -145,15 +153,14 @@ static void
 moe_pack_zero_rows(const moe_experts *w, size_t es, void *panel, int j,
                    int64_t k0, int64_t k1)
 {
-    const int64_t col = moe_pack_col(w, j);
     int64_t k;
 
     for (k = k0; k < k1; k++) {
         if (es == 4) {
-            ((float *)panel)[k * w->nr + col] = 0.0f;
+            ((float *)panel)[moe_pack_at(w, k, j)] = 0.0f;
         }
         else {
-            ((uint16_t *)panel)[k * w->nr + col] = 0;
+            ((uint16_t *)panel)[moe_pack_at(w, k, j)] = 0;
         }
     }
 }
@@ -243,6 +250,7 @@ moe_pack(const moe_pack_params *p, int linear, moe_experts **out)
     }
     memset(w, 0, sizeof(*w));
     w->dtype = p->dtype;
+    w->bf16_act = !linear && p->bf16_compute;
     w->nr = kr->nr;
     w->gated = p->w_gate != NULL;
     w->linear = linear;
@@ -351,6 +359,7 @@ moe_experts_get_info(const moe_experts *w, moe_experts_info *info)
     info->gated = w->gated;
     info->linear = w->linear;
     info->dtype = w->dtype;
+    info->bf16_compute = w->bf16_act;
     info->nbytes = w->nbytes;
 }
 
@@ -553,9 +562,30 @@ moe_pack_panel(float *dst, const float *const *src, int64_t d, int mr)
     }
 }
 
+/* fp32 -> bf16, round to nearest even; NaN stays NaN (quieted). */
+static inline uint16_t
+moe_bf16_round(float f)
+{
+    uint32_t u;
+
+    memcpy(&u, &f, sizeof(u));
+    if ((u & 0x7fffffffu) > 0x7f800000u) {
+        return (uint16_t)((u >> 16) | 0x40u);
+    }
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+/* Two fp32 values as one bf16 pair (lo: the even k) for the dot kernel. */
+static inline uint32_t
+moe_bf16_pair(float lo, float hi)
+{
+    return (uint32_t)moe_bf16_round(lo) | (uint32_t)moe_bf16_round(hi) << 16;
+}
+
 /*
  * Phase 0: gather the rows of panel P into xp, k-major, zero padded (a
- * linear's rows go straight to hp, the input of its one GEMM).
+ * linear's rows go straight to hp, the input of its one GEMM).  bf16
+ * compute: xp holds (d / 2, mr) bf16 pairs instead (the panel's first half).
  */
 static void
 moe_ffn_pack_rows(void *ctx, int64_t P)
@@ -572,6 +602,16 @@ moe_ffn_pack_rows(void *ctx, int64_t P)
     for (i = 0; i < MOE_MAX_MR; i++) {
         int64_t r = r0 + (i < m ? i : 0);
         src[i] = job->x + (job->token_index ? job->token_index[r] : r) * d;
+    }
+    if (job->w->bf16_act) {
+        uint32_t *pairs = (uint32_t *)dst;
+        for (k = 0; k < d; k += 2) {
+            for (i = 0; i < mr; i++) {
+                pairs[(k / 2) * mr + i] =
+                    i < m ? moe_bf16_pair(src[i][k], src[i][k + 1]) : 0;
+            }
+        }
+        return;
     }
     if (m == mr) {
         /* k outer: mr read streams, one sequential write stream; the
@@ -604,6 +644,7 @@ moe_ffn_up_task(void *ctx, int64_t t)
     const moe_ukr_fn ukr = job->kr->ukr[w->dtype];
     const int64_t d = w->d_model, F = w->d_ff;
     float tile[MOE_MAX_MR * MOE_MAX_NR];
+    float hb[MOE_MAX_MR * MOE_MAX_NR]; /* bf16 compute: h before rounding */
     int64_t c, P, r0;
     int m, n_units;
 
@@ -619,8 +660,14 @@ moe_ffn_up_task(void *ctx, int64_t t)
         for (P = task->p0; P < task->p1; P++) {
             float *h = job->hp + P * F * mr;
             moe_panel_rows(job, P, &r0, &m);
-            ukr(job->xp + P * d * mr, b, d, m, tile, nr,
-                P == task->p0 ? next : NULL);
+            if (w->bf16_act) {
+                job->kr->dot((const uint32_t *)(job->xp + P * d * mr), b,
+                             d / 2, m, tile, nr, P == task->p0 ? next : NULL);
+            }
+            else {
+                ukr(job->xp + P * d * mr, b, d, m, tile, nr,
+                    P == task->p0 ? next : NULL);
+            }
             if (lora != NULL && lora->n_gu > 0) {
                 job->kr->lowrank(tile, nr, m, nr, job->z_gu + r0 * lora->n_gu,
                                  lora->n_gu, lora->iota, 0, lora->n_gu,
@@ -632,7 +679,18 @@ moe_ffn_up_task(void *ctx, int64_t t)
                               w->gu_bias ? w->gu_bias +
                                   (task->e * w->gu_panels + c) * nr : NULL,
                               job->act_alpha, job->act_limit,
-                              h + c * width * mr, mr);
+                              w->bf16_act ? hb : h + c * width * mr, mr);
+            if (w->bf16_act) {
+                /* units c * width + j as bf16 pairs (width, n_units even) */
+                uint32_t *pairs = (uint32_t *)h + (c * width / 2) * mr;
+                int i, j;
+                for (j = 0; j < n_units; j += 2) {
+                    for (i = 0; i < m; i++) {
+                        pairs[(j / 2) * mr + i] =
+                            moe_bf16_pair(hb[j * mr + i], hb[(j + 1) * mr + i]);
+                    }
+                }
+            }
         }
     }
 }
@@ -666,12 +724,20 @@ moe_ffn_gemm_task(void *ctx, int64_t t)
             float *y;
             moe_panel_rows(job, P, &r0, &m);
             y = g->out + r0 * d + c * nr;
-            if (n_cols == nr) {
+            if (w->bf16_act) {
+                /* bf16 compute: the hidden panel holds (F / 2, mr) pairs */
+                job->kr->dot((const uint32_t *)(g->in + P * F * mr), b, K / 2,
+                             m, n_cols == nr ? y : tile, n_cols == nr ? d : nr,
+                             pf);
+            }
+            else if (n_cols == nr) {
                 /* A whole panel of columns: straight into the output rows. */
                 ukr(g->in + P * F * mr, b, K, m, y, d, pf);
             }
             else {
                 ukr(g->in + P * F * mr, b, K, m, tile, nr, pf);
+            }
+            if (n_cols != nr) {
                 for (i = 0; i < m; i++) {
                     memcpy(y + i * d, tile + i * nr,
                            sizeof(float) * (size_t)n_cols);

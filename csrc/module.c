@@ -848,6 +848,7 @@ moe_py_pack_experts(PyObject *self, PyObject *args)
     PyObject *g_obj, *u_obj, *dn_obj;
     PyObject *bg_obj = Py_None, *bu_obj = Py_None, *bd_obj = Py_None;
     PyObject *ff_obj = Py_None;
+    int bf16_compute = 0;
     npy_intp ffd[1];
     void *ff;
     PyArrayObject *up, *down;
@@ -859,8 +860,8 @@ moe_py_pack_experts(PyObject *self, PyObject *args)
     moe_status st;
     PyObject *capsule;
 
-    if (!PyArg_ParseTuple(args, "OOOi|OOOO", &g_obj, &u_obj, &dn_obj, &dtype,
-                          &bg_obj, &bu_obj, &bd_obj, &ff_obj)) {
+    if (!PyArg_ParseTuple(args, "OOOi|OOOOp", &g_obj, &u_obj, &dn_obj, &dtype,
+                          &bg_obj, &bu_obj, &bd_obj, &ff_obj, &bf16_compute)) {
         return NULL;
     }
     if (moe_check_enum(dtype, 3, "dtype") < 0) {
@@ -902,6 +903,7 @@ moe_py_pack_experts(PyObject *self, PyObject *args)
         return NULL;
     }
     p.expert_d_ff = ff;
+    p.bf16_compute = bf16_compute;
     p.w_gate = gate;
     p.w_up = PyArray_DATA(up);
     p.w_down = PyArray_DATA(down);
@@ -937,11 +939,12 @@ moe_py_experts_info(PyObject *self, PyObject *obj)
     }
     w = PyCapsule_GetPointer(obj, MOE_EXPERTS_CAPSULE);
     moe_experts_get_info(w, &info);
-    return Py_BuildValue("{s:i,s:L,s:L,s:i,s:i,s:i,s:n}", "n_experts",
+    return Py_BuildValue("{s:i,s:L,s:L,s:i,s:i,s:i,s:i,s:n}", "n_experts",
                          (int)info.n_experts, "d_model",
                          (long long)info.d_model, "d_ff",
                          (long long)info.d_ff, "gated", (int)info.gated,
                          "linear", (int)info.linear, "dtype", (int)info.dtype,
+                         "bf16_compute", (int)info.bf16_compute,
                          "nbytes", (Py_ssize_t)info.nbytes);
 }
 
@@ -1758,7 +1761,8 @@ static PyMethodDef moe_methods[] = {
     {"combine", moe_py_combine, METH_VARARGS,
      "combine(y_sorted, position, weights) -> (T, d)"},
     {"pack_experts", moe_py_pack_experts, METH_VARARGS,
-     "pack_experts(w_gate, w_up, w_down, dtype) -> packed experts"},
+     "pack_experts(w_gate, w_up, w_down, dtype, b_gate=None, b_up=None, "
+     "b_down=None, expert_d_ff=None, bf16_compute=False) -> packed experts"},
     {"experts_info", moe_py_experts_info, METH_O,
      "experts_info(packed) -> dict of sizes"},
     {"ffn_grouped", moe_py_ffn_grouped, METH_VARARGS,

@@ -111,6 +111,11 @@ typedef struct moe_pack_params {
     const int64_t *expert_d_ff; /* (n_experts,) each expert's hidden size in
                               [0, d_ff] (rows past it are ignored), or NULL:
                               every expert has d_ff (heterogeneous experts) */
+    int32_t     bf16_compute; /* 1: the FFN rounds its inputs (the routed rows
+                              and the hidden activations) to bf16 and runs
+                              the bf16 x bf16 kernel, VDPBF16PS where the CPU
+                              has it; needs dtype bf16, even d_model, d_ff
+                              and expert_d_ff.  0: fp32 activations       */
 } moe_pack_params;
 
 typedef struct moe_experts_info {
@@ -120,6 +125,7 @@ typedef struct moe_experts_info {
     int32_t   gated;   /* packed with w_gate                               */
     int32_t   linear;  /* a packed linear (moe_linear_pack)                */
     moe_dtype dtype;
+    int32_t   bf16_compute; /* packed with moe_pack_params.bf16_compute   */
     size_t    nbytes;  /* memory held by the pack                          */
 } moe_experts_info;
 

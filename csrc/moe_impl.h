@@ -61,6 +61,9 @@ struct moe_experts {
     int64_t  *expert_ff;   /* (E,) hidden size of each expert (<= d_ff), or
                               NULL: all d_ff.  Panels stay d_ff-sized; the
                               forward skips the units past expert_ff[e]     */
+    int       bf16_act;    /* bf16 compute (moe_pack_params.bf16_compute):
+                              bf16 panels hold pairs of k, (K / 2, nr, 2),
+                              for the kernel sets' dot kernel               */
     size_t    nbytes;
 };
 

@@ -76,12 +76,16 @@ class PackedExperts:
     d_ff: int
     gated: bool
     dtype: str
+    compute_dtype: str
     nbytes: int
     activation: str
     isa: str
 
 def pack_experts(w_gate: Optional[ArrayLike], w_up: ArrayLike, w_down: ArrayLike,
-                 activation: str = ..., dtype: Optional[str] = ...) -> PackedExperts: ...
+                 activation: str = ..., dtype: Optional[str] = ..., *,
+                 b_gate: Optional[ArrayLike] = ..., b_up: Optional[ArrayLike] = ...,
+                 b_down: Optional[ArrayLike] = ...,
+                 compute_dtype: str = ...) -> PackedExperts: ...
 def expert_ffn(x_sorted: ArrayLike, offsets: ArrayLike,
                w_gate: Union[ArrayLike, PackedExperts, None],
                w_up: Optional[ArrayLike] = ..., w_down: Optional[ArrayLike] = ...,
@@ -137,9 +141,10 @@ class SparseMoE:
                  null_experts: Sequence[str] = ..., router: str = ...,
                  router_p: float = ..., router_threshold: float = ...,
                  k_min: int = ..., skip_threshold: float = ...,
-                 skip_renormalize: bool = ...) -> None: ...
+                 skip_renormalize: bool = ..., compute_dtype: str = ...) -> None: ...
     skip_threshold: float
     skip_renormalize: bool
+    compute_dtype: str
     expert_d_ff: Optional[Tuple[int, ...]]
     null_experts: Tuple[str, ...]
     n_null: int

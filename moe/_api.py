@@ -433,8 +433,8 @@ class PackedExperts:
     moe.expert_ffn in place of (w_gate, w_up, w_down) to skip packing on every call.
     """
 
-    __slots__ = ("capsule", "n_experts", "d_model", "d_ff", "gated", "dtype", "nbytes",
-                 "activation", "isa")
+    __slots__ = ("capsule", "n_experts", "d_model", "d_ff", "gated", "dtype",
+                 "compute_dtype", "nbytes", "activation", "isa")
 
     def __init__(self, capsule, activation):
         info = _C.experts_info(capsule)
@@ -442,25 +442,30 @@ class PackedExperts:
         self.n_experts, self.d_model, self.d_ff = info["n_experts"], info["d_model"], info["d_ff"]
         self.gated, self.nbytes = bool(info["gated"]), info["nbytes"]
         self.dtype = WEIGHT_DTYPES[info["dtype"]]
+        self.compute_dtype = "bfloat16" if info["bf16_compute"] else "float32"
         self.activation = activation
         self.isa = _C.build_info()["isa"]
 
     def __repr__(self):
         return (f"PackedExperts(n_experts={self.n_experts}, d_model={self.d_model}, "
-                f"d_ff={self.d_ff}, dtype={self.dtype!r}, gated={self.gated}, "
+                f"d_ff={self.d_ff}, dtype={self.dtype!r}, compute_dtype="
+                f"{self.compute_dtype!r}, gated={self.gated}, "
                 f"{self.nbytes / 2**20:.1f} MiB)")
 
 
 def pack_experts(w_gate, w_up, w_down, activation="swiglu", dtype=None, *, b_gate=None,
-                 b_up=None, b_down=None) -> PackedExperts:
+                 b_up=None, b_down=None, compute_dtype="float32") -> PackedExperts:
     """Pack expert weights once for the CPU kernels.
 
     w_gate, w_up: (E, F, d); w_down: (E, d, F) (nn.Linear layout; w_gate None for
     non-gated activations).  dtype: the storage type, "float32", "bfloat16" or
     "float16" (default: float16 / bfloat16 inputs keep theirs, anything else float32);
-    compute is always float32 with float32 accumulation.  b_gate, b_up: (E, F) and
-    b_down: (E, d) optional float32 biases (gpt-oss).
+    compute is float32 with float32 accumulation.  b_gate, b_up: (E, F) and
+    b_down: (E, d) optional float32 biases (gpt-oss).  compute_dtype="bfloat16" (bfloat16
+    weights, even d and F): the FFN rounds its inputs and hidden activations to bfloat16
+    (see SparseMoE).
     """
+    check_choice(compute_dtype, "compute_dtype", ("float32", "bfloat16"))
     check_choice(activation, "activation", ACTIVATIONS)
     dtype = _guess_dtype(w_gate, w_up, w_down) if dtype is None else dtype
     code = check_choice(dtype, "dtype", WEIGHT_DTYPES)
@@ -477,7 +482,11 @@ def pack_experts(w_gate, w_up, w_down, activation="swiglu", dtype=None, *, b_gat
                (b_down, "b_down", (("n_experts", E), ("d_model", d))))]
     if biases[0] is not None and g is None:
         raise ValueError(f"b_gate is given but activation {activation!r} has no gate")
-    return PackedExperts(_C.pack_experts(g, u, dn, code, *biases), activation)
+    if compute_dtype == "bfloat16" and (dtype != "bfloat16" or d % 2 or F % 2):
+        raise ValueError("compute_dtype='bfloat16' needs dtype='bfloat16' and even d_model "
+                         f"and d_ff, got dtype={dtype!r}, d_model={d}, d_ff={F}")
+    return PackedExperts(_C.pack_experts(g, u, dn, code, biases[0], biases[1], biases[2],
+                                         None, compute_dtype == "bfloat16"), activation)
 
 
 def expert_ffn(x_sorted, offsets, w_gate, w_up=None, w_down=None, activation="swiglu",

@@ -433,8 +433,17 @@ def activate(name, gate, up, alpha=1.702, limit=7.0):
     return _silu(up)  # "silu"
 
 
+def round_bfloat16(a):
+    """float64 values rounded to float32, then to bfloat16 (nearest even), as float64."""
+    bits = np.ascontiguousarray(a, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    nan = (bits & 0x7FFFFFFF) > 0x7F800000
+    rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) & 0xFFFF
+    rounded = np.where(nan, (bits >> 16) | 0x40, rounded).astype(np.uint32) << 16
+    return rounded.view(np.float32).astype(np.float64)
+
+
 def ffn(x, w_gate, w_up, w_down, activation="swiglu", b_gate=None, b_up=None, b_down=None,
-        alpha=1.702, limit=7.0, lora=None, lora_scaling=1.0):
+        alpha=1.702, limit=7.0, lora=None, lora_scaling=1.0, compute_dtype="float32"):
     """Dense feed-forward block in the nn.Linear weight layout.
 
     Args:
@@ -448,8 +457,13 @@ def ffn(x, w_gate, w_up, w_down, activation="swiglu", b_gate=None, b_up=None, b_
     @ w_down.T + b_down (biases (F,), (F,), (d,) optional; alpha/limit: "swiglu-oai").
     lora: {"w_gate" | "w_up" | "w_down": (a (r, in), b (out, r))} adds
     lora_scaling * (v @ a.T) @ b.T to that projection of its input v (x, or h for w_down).
+    compute_dtype "bfloat16": x and h are rounded to bfloat16 (round_bfloat16) before the
+    matmuls that read them (the layers' bf16 compute); the sums stay exact.
     """
     x = np.asarray(x, dtype=np.float64)
+    bf16 = compute_dtype == "bfloat16"
+    if bf16:
+        x = round_bfloat16(x)
     w_up = np.asarray(w_up, dtype=np.float64)
     w_down = np.asarray(w_down, dtype=np.float64)
 
@@ -469,12 +483,14 @@ def ffn(x, w_gate, w_up, w_down, activation="swiglu", b_gate=None, b_up=None, b_
     else:
         gate = None
     h = activate(activation, gate, x @ w_up.T + bias(b_up) + delta("w_up", x), alpha, limit)
+    if bf16:
+        h = round_bfloat16(h)
     return h @ w_down.T + bias(b_down) + delta("w_down", h)
 
 
 def expert_ffn(x_sorted, offsets, w_gate, w_up, w_down, activation="swiglu", b_gate=None,
                b_up=None, b_down=None, alpha=1.702, limit=7.0, lora=None, lora_scaling=1.0,
-               expert_d_ff=None):
+               expert_d_ff=None, compute_dtype="float32"):
     """Run each expert's FFN on its contiguous block of dispatched rows.
 
     Args:
@@ -487,6 +503,7 @@ def expert_ffn(x_sorted, offsets, w_gate, w_up, w_down, activation="swiglu", b_g
 
     lora: {target: (a (E, r, in), b (E, out, r))} per-expert adapters (see ffn).
     expert_d_ff: (E,) sizes; expert e uses its first expert_d_ff[e] hidden units.
+    compute_dtype: see ffn.
 
     Returns (N, d) float64.
     """
@@ -511,7 +528,7 @@ def expert_ffn(x_sorted, offsets, w_gate, w_up, w_down, activation="swiglu", b_g
         lora_e = {t: (a[e], b[e]) for t, (a, b) in (lora or {}).items()}
         out[lo:hi] = ffn(x_sorted[lo:hi], g, w_up[e][:f], w_down[e][:, :f], activation,
                          cut(b_gate), cut(b_up), pick(b_down), alpha, limit, lora_e,
-                         lora_scaling)
+                         lora_scaling, compute_dtype)
     return out
 
 
@@ -527,7 +544,7 @@ def sparse_moe(x, router_weight, w_gate, w_up, w_down, *, top_k, activation="swi
                b_down=None, swiglu_alpha=1.702, swiglu_limit=7.0, lora=None,
                lora_scaling=1.0, null_experts=(), null_values=None, allowed=None,
                expert_d_ff=None, router="top_k", router_p=0.5, router_threshold=0.01,
-               k_min=1, skip_threshold=0.0, skip_renormalize=False):
+               k_min=1, skip_threshold=0.0, skip_renormalize=False, compute_dtype="float32"):
     """Full sparse MoE forward: route, dispatch, expert FFNs, combine, shared experts.
 
     Args:
@@ -595,7 +612,8 @@ def sparse_moe(x, router_weight, w_gate, w_up, w_down, *, top_k, activation="swi
     gate_w = w_gate if activation in GATED else None
     y_sorted = expert_ffn(disp["x_sorted"], disp["offsets"], gate_w, w_up, w_down,
                           activation, b_gate if activation in GATED else None, b_up, b_down,
-                          swiglu_alpha, swiglu_limit, lora, lora_scaling, expert_d_ff)
+                          swiglu_alpha, swiglu_limit, lora, lora_scaling, expert_d_ff,
+                          compute_dtype)
     out = combine(y_sorted, disp["position"], routing["weights"])
     for t in range(xf.shape[0]):
         for j, e in enumerate(ids_all[t]):
@@ -607,7 +625,7 @@ def sparse_moe(x, router_weight, w_gate, w_up, w_down, *, top_k, activation="swi
     if shared_w_up is not None:
         sg = shared_w_gate if activation in GATED else None
         shared = ffn(xf, sg, shared_w_up, shared_w_down, activation, alpha=swiglu_alpha,
-                     limit=swiglu_limit)
+                     limit=swiglu_limit, compute_dtype=compute_dtype)
         if shared_gate_weight is not None:
             gw = np.asarray(shared_gate_weight, dtype=np.float64).reshape(d)
             shared = shared * sigmoid(xf @ gw)[:, None]
@@ -719,6 +737,7 @@ def layer_forward(layer, x, allowed=None):
         k_min=getattr(layer, "k_min", 1),
         skip_threshold=getattr(layer, "skip_threshold", 0.0),
         skip_renormalize=getattr(layer, "skip_renormalize", False),
+        compute_dtype=getattr(layer, "compute_dtype", "float32"),
     )
 
 

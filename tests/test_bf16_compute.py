@@ -1,0 +1,220 @@
+"""bf16 compute (issue 3, item 4): SparseMoE(dtype="bfloat16", compute_dtype="bfloat16")
+rounds the expert FFNs' inputs -- the routed rows and the hidden activations -- to bfloat16
+and multiplies bf16 pairs with float32 accumulation (VDPBF16PS on AVX512-BF16, two exact
+FMAs elsewhere).  Checked on every kernel set this CPU runs (MOE_ISA children, including
+avx512sim: the AVX-512 tiles built for AVX2) against moe.reference with the same roundings,
+by the 2x-naive rule; bitwise for any thread count; bad configurations raise.
+"""
+import json
+
+import numpy as np
+import pytest
+
+import moe
+from moe import reference
+from test_cpu_kernels import available_isas, child_env, decoded, naive_matmul32, run_child
+from tolerances import assert_within_naive
+
+GATED = ("swiglu", "geglu", "geglu-tanh")
+
+# (name, d_model, d_ff, n_experts, top_k, n_tokens, options): small and odd-shaped cases --
+# E = 1, top_k = E, one token, d_model = 2, a many-expert layer, shared experts, biases.
+CASES = [
+    ("swiglu", 64, 96, 8, 2, 37, {}),
+    ("one-token", 32, 48, 4, 2, 1, {}),
+    ("one-expert", 18, 34, 1, 1, 20, {}),
+    ("top-k-all", 16, 22, 3, 3, 11, {}),
+    ("tiny", 2, 2, 2, 1, 5, {}),
+    ("gelu", 40, 70, 6, 2, 30, {"activation": "gelu"}),
+    ("relu", 24, 36, 5, 1, 19, {"activation": "relu"}),
+    ("geglu-biases", 32, 40, 4, 2, 25, {"activation": "geglu", "expert_biases": True}),
+    ("deepseek", 48, 64, 16, 3, 40, {"scoring": "sigmoid", "expert_bias": True,
+                                     "n_groups": 4, "topk_groups": 2, "routed_scaling": 2.5,
+                                     "n_shared_experts": 1, "shared_d_ff": 32}),
+    ("many-experts", 16, 8, 256, 2, 64, {}),
+]
+
+_CHILD = r"""
+import json, sys
+import numpy as np
+import moe
+cases = json.loads(sys.argv[1])
+out = {}
+for name, d, F, E, k, T, opts in cases:
+    layer = moe.SparseMoE(d, F, E, k, dtype="bfloat16", compute_dtype="bfloat16", seed=7,
+                          **opts)
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((T, d)).astype(np.float32)
+    if opts.get("expert_biases"):
+        for n in ("b_gate", "b_up", "b_down"):
+            setattr(layer, n, rng.standard_normal(getattr(layer, n).shape).astype(np.float32))
+    out[name] = layer(x)
+np.savez(sys.argv[2], **out)
+print(moe._C.build_info()["isa"])
+"""
+
+
+def build(name, d, F, E, k, T, opts):
+    """The child's layer and input, rebuilt here from the same seeds."""
+    layer = moe.SparseMoE(d, F, E, k, dtype="bfloat16", compute_dtype="bfloat16", seed=7,
+                          **opts)
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((T, d)).astype(np.float32)
+    if opts.get("expert_biases"):
+        for n in ("b_gate", "b_up", "b_down"):
+            setattr(layer, n, rng.standard_normal(getattr(layer, n).shape).astype(np.float32))
+    return layer, x
+
+
+def bf16_round32(a):
+    return reference.round_bfloat16(a).astype(np.float32)
+
+
+def naive_ffn_bf16(x, w_gate, w_up, w_down, activation, biases=(None, None, None)):
+    """The naive computation at this precision: inputs rounded to bf16, schoolbook float32
+    matmuls, the activation in float32, h rounded to bf16."""
+    bg, bu, bd = biases
+    x = bf16_round32(x)
+    gate = naive_matmul32(x, w_gate) + (0 if bg is None else bg) if activation in GATED \
+        else None
+    up = naive_matmul32(x, w_up) + (0 if bu is None else bu)
+    h = bf16_round32(reference.activate(activation, gate, up).astype(np.float32))
+    return naive_matmul32(h, w_down) + (0 if bd is None else bd)
+
+
+def naive_layer_bf16(layer, x, routing):
+    act = layer.activation
+    wg, wu, wd = (decoded(getattr(layer, n), "bfloat16") for n in ("w_gate", "w_up", "w_down"))
+    ids, w = routing["expert_ids"], routing["weights"].astype(np.float32)
+    ys = np.zeros(ids.shape + (layer.d_model,), np.float32)
+    for e in np.unique(ids[ids >= 0]):
+        rows, slots = np.nonzero(ids == e)
+        biases = (None, None, None)
+        if layer.use_expert_biases:
+            biases = (layer.b_gate[e], layer.b_up[e], layer.b_down[e])
+        ys[rows, slots] = naive_ffn_bf16(x[rows], wg[e] if act in GATED else None, wu[e],
+                                         wd[e], act, biases)
+    out = np.zeros_like(x)
+    for j in range(ids.shape[1]):
+        out += w[:, j, None] * ys[:, j]
+    if layer.n_shared_experts:
+        sg, su, sd = (decoded(getattr(layer, n), "bfloat16")
+                      for n in ("shared_w_gate", "shared_w_up", "shared_w_down"))
+        out += naive_ffn_bf16(x, sg, su, sd, act)
+    return out
+
+
+@pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512", "avx512bf16", "avx512sim"])
+def test_bf16_compute_matches_reference(tmp_path, isa):
+    if isa not in available_isas():
+        pytest.skip(f"this CPU cannot run the {isa} kernels")
+    path = tmp_path / "out.npz"
+    got_isa = run_child(_CHILD, json.dumps(CASES), path,
+                        env=child_env(MOE_ISA=isa)).stdout.strip()
+    assert got_isa == isa
+    outs = np.load(path)
+    pool = ([], [], [])
+    for case in CASES:
+        layer, x = build(*case)
+        ref, routing = reference.layer_forward(layer, x)
+        ours = outs[case[0]]
+        assert ours.shape == x.shape and ours.dtype == np.float32
+        # the same bf16 roundings as the reference: much closer to it than to float32 compute
+        fp32_layer, _ = build(*case)
+        object.__setattr__(fp32_layer, "compute_dtype", "float32")
+        ref32, _ = reference.layer_forward(fp32_layer, x)
+        err = np.sqrt(np.mean((ours - ref) ** 2))
+        gap = np.sqrt(np.mean((ref32 - ref) ** 2))
+        assert err < 0.1 * gap, f"{isa} {case[0]}: error {err:.3g} vs the fp32 gap {gap:.3g}"
+        for p, a in zip(pool, (ours, naive_layer_bf16(layer, x, routing), ref)):
+            p.append(a)
+    assert_within_naive(*pool, what=f"MOE_ISA={isa} bf16 compute")
+
+
+@pytest.mark.parametrize("T", [1, 13, 300])
+def test_bf16_compute_bitwise_for_any_thread_count(T):
+    layer = moe.SparseMoE(64, 96, 8, 2, dtype="bfloat16", compute_dtype="bfloat16", seed=3,
+                          n_shared_experts=1)
+    x = np.random.default_rng(T).standard_normal((T, 64)).astype(np.float32)
+    outs = []
+    before = moe.get_num_threads()
+    try:
+        for n in (1, 2, 3):
+            moe.set_num_threads(n)
+            outs.append(layer(x))
+    finally:
+        moe.set_num_threads(before)
+    for y in outs[1:]:
+        np.testing.assert_array_equal(y, outs[0])
+    # batch invariance: a token's output does not depend on the others
+    np.testing.assert_array_equal(layer(x[-1:]), outs[0][-1:])
+
+
+def test_bf16_compute_nan_stays_in_its_row():
+    # (a layer refuses NaN input at the router: the grouped FFN takes it)
+    rng = np.random.default_rng(0)
+    w = [moe.float32_to_bfloat16(rng.standard_normal(s).astype(np.float32))
+         for s in ((3, 48, 32), (3, 48, 32), (3, 32, 48))]
+    packed = moe.pack_experts(*w, dtype="bfloat16", compute_dtype="bfloat16")
+    assert packed.compute_dtype == "bfloat16"
+    x = rng.standard_normal((9, 32)).astype(np.float32)
+    x[4, 7] = np.nan
+    y = moe.expert_ffn(x, [0, 2, 6, 9], packed)
+    assert np.isnan(y[4]).all()
+    assert np.isfinite(np.delete(y, 4, axis=0)).all()
+    ref = reference.expert_ffn(np.delete(x, 4, axis=0), [0, 2, 5, 8],
+                               *(decoded(a, "bfloat16") for a in w),
+                               compute_dtype="bfloat16")
+    np.testing.assert_allclose(np.delete(y, 4, axis=0), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_bf16_compute_differs_from_fp32_activations():
+    kw = dict(dtype="bfloat16", seed=5)
+    a = moe.SparseMoE(64, 96, 8, 2, compute_dtype="bfloat16", **kw)
+    b = moe.SparseMoE(64, 96, 8, 2, **kw)
+    x = np.random.default_rng(1).standard_normal((20, 64)).astype(np.float32)
+    assert not np.array_equal(a(x), b(x))
+    assert moe._C.experts_info(a.pack()._packed[0])["bf16_compute"] == 1
+    assert moe._C.experts_info(b.pack()._packed[0])["bf16_compute"] == 0
+
+
+def test_bf16_compute_round_trips_through_save(tmp_path):
+    layer = moe.SparseMoE(32, 48, 4, 2, dtype="bfloat16", compute_dtype="bfloat16", seed=2)
+    moe.save(layer, tmp_path / "l.safetensors")
+    back = moe.load(tmp_path / "l.safetensors")
+    assert back.compute_dtype == "bfloat16"
+    x = np.random.default_rng(0).standard_normal((5, 32)).astype(np.float32)
+    np.testing.assert_array_equal(back(x), layer(x))
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(dtype="float32", compute_dtype="bfloat16"), "needs dtype='bfloat16'"),
+    (dict(dtype="float16", compute_dtype="bfloat16"), "needs dtype='bfloat16'"),
+    (dict(dtype="bfloat16", compute_dtype="float16"), "compute_dtype"),
+    (dict(dtype="bfloat16", compute_dtype="bfloat16", lora_rank=4), "LoRA"),
+])
+def test_bf16_compute_bad_options_raise(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        moe.SparseMoE(32, 48, 4, 2, **kwargs)
+
+
+@pytest.mark.parametrize("d, F, extra, match", [
+    (33, 48, {}, "d_model"),
+    (32, 47, {}, "d_ff"),
+    (32, [48, 47, 48, 48], {}, "d_ff entries"),
+    (32, 48, {"n_shared_experts": 1, "shared_d_ff": 17}, "shared_d_ff"),
+])
+def test_bf16_compute_needs_even_sizes(d, F, extra, match):
+    with pytest.raises(ValueError, match=match):
+        moe.SparseMoE(d, F, 4, 2, dtype="bfloat16", compute_dtype="bfloat16", **extra)
+
+
+def test_pack_experts_checks_bf16_compute():
+    g = np.zeros((2, 4, 6), np.float32)
+    dn = np.zeros((2, 6, 4), np.float32)
+    with pytest.raises(ValueError, match="bf16 compute needs bfloat16 weights"):
+        moe._C.pack_experts(g, g, dn, 0, None, None, None, None, True)
+    gb = np.zeros((2, 4, 5), np.uint16)
+    with pytest.raises(ValueError, match="even d_model"):
+        moe._C.pack_experts(gb, gb, np.zeros((2, 5, 4), np.uint16), 1, None, None, None,
+                            None, True)

@@ -1,7 +1,7 @@
 """CPU benchmark: moe's layer against the machine's ceilings and its peers, in one run.
 
 For each CPU shape of shared/bench/shapes.json and each token count: moe (fp32 and bf16
-weights, all threads; fp32 on one thread too), a NumPy per-expert loop (OpenBLAS), and
+weights, bf16 weights with bf16 compute, all threads; fp32 on one thread too), a NumPy per-expert loop (OpenBLAS), and
 PyTorch's HF-transformers-style expert loop in fp32 and bf16.  Ceilings from the same run:
 the FMA peak (benchmarks/ceilings.c, a register-only FMA loop) and the read bandwidth.
 GFLOP/s count multiply-adds as 2 over the routed (and shared) experts; for 1-8 tokens the
@@ -181,9 +181,10 @@ def main():
         f"{fma1:.0f} on 1 thread), read bandwidth {read:.1f} GB/s ({threads} threads)",
         "",
         "| shape | tokens | moe fp32 ms | GFLOP/s | % peak | GB/s (% read) | moe bf16 ms | "
-        "bf16/fp32 | moe fp32 1 thread ms | numpy ms | torch fp32 ms | torch bf16 ms | "
-        "vs numpy | vs torch fp32 |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "bf16/fp32 | moe bf16 compute ms | bf16c/fp32 | moe fp32 1 thread ms | numpy ms | "
+        "torch fp32 ms | torch bf16 ms | vs numpy | vs torch fp32 |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- "
+        "| --- | --- |",
     ]
     print("\n".join(head), flush=True)
     rows = []
@@ -191,18 +192,24 @@ def main():
     for name in args.configs:
         cfg = {k: v for k, v in shapes[name].items() if k != "n_tokens"}
         layer = moe.SparseMoE(**cfg)
-        layer_bf16 = moe.SparseMoE(**cfg, dtype="bfloat16")
         w = {k: getattr(layer, k) for k in ("w_gate", "w_up", "w_down", "shared_w_gate",
                                             "shared_w_up", "shared_w_down")}
-        layer_bf16.w_gate, layer_bf16.w_up, layer_bf16.w_down = w["w_gate"], w["w_up"], w["w_down"]
-        if layer.n_shared_experts:
-            layer_bf16.shared_w_gate = w["shared_w_gate"]
-            layer_bf16.shared_w_up = w["shared_w_up"]
-            layer_bf16.shared_w_down = w["shared_w_down"]
         if layer.use_expert_bias:
             layer.expert_bias[:] = rng.standard_normal(layer.n_experts) * 0.01
-            layer_bf16.expert_bias[:] = layer.expert_bias
-        layer_bf16.router_weight = layer.router_weight
+
+        def twin(**options):
+            """The layer with bf16 weights (rounded from its own) and these options."""
+            other = moe.SparseMoE(**cfg, dtype="bfloat16", **options)
+            for k, v in w.items():
+                if v is not None:
+                    setattr(other, k, v)
+            if layer.use_expert_bias:
+                other.expert_bias[:] = layer.expert_bias
+            other.router_weight = layer.router_weight
+            return other
+
+        layer_bf16 = twin()
+        layer_bf16c = twin(compute_dtype="bfloat16")
         tb32 = torch_block(layer, torch.float32) if torch else None
         tb16 = torch_block(layer, torch.bfloat16) if torch else None
         for T in args.tokens or shapes[name]["n_tokens"]:
@@ -212,6 +219,7 @@ def main():
                 ref, _ = moe.reference.layer_forward(layer, x)
                 check("moe fp32", y, ref)
                 check("moe bf16", layer_bf16(x), ref)
+                check("moe bf16 compute", layer_bf16c(x), ref)
                 check("numpy", numpy_layer(layer, w, x), ref)
                 if torch:
                     check("torch fp32", tb32(torch.from_numpy(x)).numpy(), ref)
@@ -221,6 +229,7 @@ def main():
             time.sleep(0.3)
             ours = timeit(lambda: layer(x))
             ours16 = timeit(lambda: layer_bf16(x))
+            ours16c = timeit(lambda: layer_bf16c(x))
             moe.set_num_threads(1)
             ours1 = timeit(lambda: layer(x), budget=1.0)
             moe.set_num_threads(threads)
@@ -239,6 +248,7 @@ def main():
             ms = lambda t: f"{t[0] * 1e3:.2f} ({t[1] * 1e3:.2f}-{t[2] * 1e3:.2f})"  # noqa: E731
             row = (f"| {name} | {T} | {ms(ours)} | {gflops:.1f} | {100 * gflops / fma:.0f}% | "
                    f"{gbs} | {ms(ours16)} | {ours[0] / ours16[0]:.2f}x | "
+                   f"{ms(ours16c)} | {ours[0] / ours16c[0]:.2f}x | "
                    f"{ours1[0] * 1e3:.2f} ({ours1[0] / ours[0]:.2f}x) | {ms(npy)} | "
                    f"{ms(t32) if t32 else '-'} | {ms(t16) if t16 else '-'} | "
                    f"{npy[0] / ours[0]:.2f}x | "
@@ -249,7 +259,10 @@ def main():
         "",
         "moe fp32 1 thread: in brackets, how much faster the threaded run is. "
         "GB/s: bytes of the active experts' weights (fp32) per call, beside the read "
-        "bandwidth. bf16/fp32: our bf16-weight speed over our fp32 speed.",
+        "bandwidth. bf16/fp32: our bf16-weight speed over our fp32 speed (activations "
+        "fp32). moe bf16 compute: bf16 weights and compute_dtype='bfloat16' (inputs and "
+        f"hidden activations rounded to bf16), kernel set {info['isa']}: VDPBF16PS only "
+        "with avx512bf16, two FMAs per bf16 pair otherwise.",
     ]
     with open(args.out, "w") as f:
         f.write("\n".join(head + rows + notes) + "\n")

@@ -630,6 +630,28 @@ moe_ffn_pack_rows(void *ctx, int64_t P)
     }
 }
 
+/*
+ * The part of weight panel `next` (bytes long, NULL: none) that the kernel
+ * call on activation panel p of n (over K steps) prefetches: the panel cut
+ * in n slices, one line every K / slice-lines steps.  Each weight panel is
+ * read from memory once per task and then reused from cache for the other
+ * n - 1 activation panels; fetched this way, it streams in while the
+ * previous panel computes instead of stalling its first call.
+ */
+static inline moe_prefetch
+moe_prefetch_slice(const char *next, int64_t bytes, int64_t K, int64_t p,
+                   int64_t n)
+{
+    moe_prefetch pf = {NULL, 1};
+    const int64_t lines = (bytes + 63) / 64, per = (lines + n - 1) / n;
+
+    if (next != NULL && K > 0 && p * per < lines) {
+        pf.at = next + p * per * 64;
+        pf.every = per >= K ? 1 : (int)(K / per);
+    }
+    return pf;
+}
+
 /* Phase 1: gate/up panels (+ LoRA) -> activation -> hidden panels (hp). */
 static void
 moe_ffn_up_task(void *ctx, int64_t t)
@@ -655,18 +677,20 @@ moe_ffn_up_task(void *ctx, int64_t t)
     for (c = task->c0; c < task->c1; c++) {
         const char *b = (const char *)w->gu +
                         ((task->e * w->gu_panels + c) * d * nr) * es;
-        /* the first pass over panel c also brings panel c + 1 to L2 */
-        const void *next = c + 1 < w->gu_panels ? b + d * nr * es : NULL;
+        /* the passes over panel c bring panel c + 1 to L2 */
+        const char *next = c + 1 < task->c1 ? b + d * nr * es : NULL;
         for (P = task->p0; P < task->p1; P++) {
             float *h = job->hp + P * F * mr;
+            const int64_t K = w->bf16_act ? d / 2 : d;
+            const moe_prefetch pf = moe_prefetch_slice(
+                next, d * nr * (int64_t)es, K, P - task->p0, task->p1 - task->p0);
             moe_panel_rows(job, P, &r0, &m);
             if (w->bf16_act) {
-                job->kr->dot((const uint32_t *)(job->xp + P * d * mr), b,
-                             d / 2, m, tile, nr, P == task->p0 ? next : NULL);
+                job->kr->dot((const uint32_t *)(job->xp + P * d * mr), b, K, m,
+                             tile, nr, pf);
             }
             else {
-                ukr(job->xp + P * d * mr, b, d, m, tile, nr,
-                    P == task->p0 ? next : NULL);
+                ukr(job->xp + P * d * mr, b, K, m, tile, nr, pf);
             }
             if (lora != NULL && lora->n_gu > 0) {
                 job->kr->lowrank(tile, nr, m, nr, job->z_gu + r0 * lora->n_gu,
@@ -716,11 +740,13 @@ moe_ffn_gemm_task(void *ctx, int64_t t)
     for (c = task->c0; c < task->c1; c++) {
         const char *b = (const char *)w->down +
                         ((task->e * w->down_panels + c) * F * nr) * es;
-        /* the first pass over panel c also brings panel c + 1 to L2 */
-        const void *next = c + 1 < w->down_panels ? b + F * nr * es : NULL;
+        /* the passes over panel c bring panel c + 1 to L2 */
+        const char *next = c + 1 < task->c1 ? b + F * nr * es : NULL;
         for (P = task->p0; P < task->p1; P++) {
             int n_cols = d - c * nr < nr ? (int)(d - c * nr) : nr;
-            const void *pf = P == task->p0 ? next : NULL;
+            const moe_prefetch pf = moe_prefetch_slice(
+                next, K * nr * (int64_t)es, w->bf16_act ? K / 2 : K, P - task->p0,
+                task->p1 - task->p0);
             float *y;
             moe_panel_rows(job, P, &r0, &m);
             y = g->out + r0 * d + c * nr;

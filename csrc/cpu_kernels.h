@@ -28,13 +28,22 @@ enum {
 };
 
 /*
+ * Memory a micro-kernel prefetches towards L2 while it runs: one 64-byte line
+ * every `every` k steps, from `at` on (NULL: none).  The FFN driver spreads
+ * the next weight panel over the calls on the current one, so that panel
+ * comes from memory while this one computes (cpu_ffn.c: moe_prefetch_slice).
+ */
+typedef struct moe_prefetch {
+    const char *at;
+    int         every;
+} moe_prefetch;
+
+/*
  * c (m, NR), row i at c + i * ldc, = first m rows of a @ b; rows >= m are not
- * written.  pf: NULL, or another (K, NR) weight panel of b's type (the next
- * one the caller will use) that the kernel prefetches towards L2, row k at
- * step k, so that panel is not fetched from memory at the first use.
+ * written.
  */
 typedef void (*moe_ukr_fn)(const float *a, const void *b, int64_t K, int m,
-                           float *c, int64_t ldc, const void *pf);
+                           float *c, int64_t ldc, moe_prefetch pf);
 
 /*
  * The bf16-compute kernel: c (m, NR) = first m rows of a @ b with a (Kp, MR)
@@ -42,7 +51,7 @@ typedef void (*moe_ukr_fn)(const float *a, const void *b, int64_t K, int m,
  * and b (Kp, NR, 2) bf16 weights; pf as for moe_ukr_fn.  See cpu_gemm.inc.
  */
 typedef void (*moe_dot_fn)(const uint32_t *a, const void *b, int64_t Kp, int m,
-                           float *c, int64_t ldc, const void *pf);
+                           float *c, int64_t ldc, moe_prefetch pf);
 
 /* out (n_x, n_w) = x (n_x, d) @ w (n_w, d)^T, all float64 (see cpu_gemm.inc). */
 typedef void (*moe_router_fn)(const double *x, int64_t n_x, const double *w,

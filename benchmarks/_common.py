@@ -13,16 +13,36 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
+_EXE = []
+
+
+def _ceilings_exe():
+    """benchmarks/ceilings.c, built once per process."""
+    if not _EXE:
+        exe = os.path.join(tempfile.mkdtemp(), "ceilings")
+        subprocess.run(["cc", "-O3", "-pthread", os.path.join(HERE, "ceilings.c"), "-o", exe],
+                       check=True)
+        _EXE.append(exe)
+    return _EXE[0]
+
+
+def fma_peak(threads, seconds=1.0):
+    """(FMA GFLOP/s fp32, its ISA) from benchmarks/ceilings.c's register-only loop."""
+    fma, isa = subprocess.run([_ceilings_exe(), "fma", str(threads), str(seconds)],
+                              capture_output=True, text=True, check=True).stdout.split()
+    return float(fma), isa
+
+
+def read_bandwidth(threads, mib=1024):
+    """GB/s of a streaming read of a `mib` MiB buffer (benchmarks/ceilings.c)."""
+    return float(subprocess.run([_ceilings_exe(), "read", str(threads), str(mib)],
+                                capture_output=True, text=True, check=True).stdout.split()[0])
+
+
 def ceilings(threads):
     """(FMA GFLOP/s fp32, its ISA, read GB/s) measured by benchmarks/ceilings.c."""
-    exe = os.path.join(tempfile.mkdtemp(), "ceilings")
-    subprocess.run(["cc", "-O3", "-pthread", os.path.join(HERE, "ceilings.c"), "-o", exe],
-                   check=True)
-    fma, isa = subprocess.run([exe, "fma", str(threads), "1.0"], capture_output=True,
-                              text=True, check=True).stdout.split()
-    read = subprocess.run([exe, "read", str(threads), "1024"], capture_output=True,
-                          text=True, check=True).stdout.split()[0]
-    return float(fma), isa, float(read)
+    fma, isa = fma_peak(threads)
+    return fma, isa, read_bandwidth(threads)
 
 
 def cpu_model():

@@ -575,6 +575,17 @@ moe_bf16_round(float f)
     return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
 }
 
+/* f rounded to bf16, as an fp32 value (exact). */
+static inline float
+moe_bf16_value(float f)
+{
+    const uint32_t u = (uint32_t)moe_bf16_round(f) << 16;
+    float v;
+
+    memcpy(&v, &u, sizeof(v));
+    return v;
+}
+
 /* Two fp32 values as one bf16 pair (lo: the even k) for the dot kernel. */
 static inline uint32_t
 moe_bf16_pair(float lo, float hi)
@@ -585,7 +596,8 @@ moe_bf16_pair(float lo, float hi)
 /*
  * Phase 0: gather the rows of panel P into xp, k-major, zero padded (a
  * linear's rows go straight to hp, the input of its one GEMM).  bf16
- * compute: xp holds (d / 2, mr) bf16 pairs instead (the panel's first half).
+ * compute: the values rounded to bf16, as (d / 2, mr) pairs (the panel's
+ * first half) for a kernel set with dot_pairs, else as fp32.
  */
 static void
 moe_ffn_pack_rows(void *ctx, int64_t P)
@@ -603,12 +615,21 @@ moe_ffn_pack_rows(void *ctx, int64_t P)
         int64_t r = r0 + (i < m ? i : 0);
         src[i] = job->x + (job->token_index ? job->token_index[r] : r) * d;
     }
-    if (job->w->bf16_act) {
+    if (job->w->bf16_act && job->kr->dot_pairs) {
         uint32_t *pairs = (uint32_t *)dst;
         for (k = 0; k < d; k += 2) {
             for (i = 0; i < mr; i++) {
                 pairs[(k / 2) * mr + i] =
                     i < m ? moe_bf16_pair(src[i][k], src[i][k + 1]) : 0;
+            }
+        }
+        return;
+    }
+    if (job->w->bf16_act) {
+        /* the emulated dot kernel: values rounded to bf16, kept as fp32 */
+        for (k = 0; k < d; k++) {
+            for (i = 0; i < mr; i++) {
+                dst[k * mr + i] = i < m ? moe_bf16_value(src[i][k]) : 0.0f;
             }
         }
         return;
@@ -688,8 +709,7 @@ moe_ffn_up_task(void *ctx, int64_t t)
                 next, d * nr * (int64_t)es, K, P - task->p0, task->p1 - task->p0);
             moe_panel_rows(job, P, &r0, &m);
             if (w->bf16_act) {
-                job->kr->dot((const uint32_t *)(job->xp + P * d * mr), b, K, m,
-                             tile, nr, pf);
+                job->kr->dot(job->xp + P * d * mr, b, K, m, tile, nr, pf);
             }
             else {
                 ukr(job->xp + P * d * mr, b, K, m, tile, nr, pf);
@@ -705,15 +725,25 @@ moe_ffn_up_task(void *ctx, int64_t t)
                               w->gu_bias ? w->gu_bias +
                                   (task->e * w->gu_panels + c) * nr : NULL,
                               job->act_alpha, job->act_limit,
-                              w->bf16_act ? hb : h + c * width * mr, mr);
+                              w->bf16_act && job->kr->dot_pairs
+                                  ? hb : h + c * width * mr, mr);
             if (w->bf16_act) {
-                /* units c * width + j as bf16 pairs (width, n_units even) */
+                /* units c * width + j rounded to bf16: as pairs (width and
+                 * n_units even) or in place as fp32 values */
                 uint32_t *pairs = (uint32_t *)h + (c * width / 2) * mr;
+                float *hv = h + c * width * mr;
                 int i, j;
                 for (j = 0; j < n_units; j += 2) {
                     for (i = 0; i < m; i++) {
-                        pairs[(j / 2) * mr + i] =
-                            moe_bf16_pair(hb[j * mr + i], hb[(j + 1) * mr + i]);
+                        if (job->kr->dot_pairs) {
+                            pairs[(j / 2) * mr + i] = moe_bf16_pair(
+                                hb[j * mr + i], hb[(j + 1) * mr + i]);
+                        }
+                        else {
+                            hv[j * mr + i] = moe_bf16_value(hv[j * mr + i]);
+                            hv[(j + 1) * mr + i] =
+                                moe_bf16_value(hv[(j + 1) * mr + i]);
+                        }
                     }
                 }
             }
@@ -753,8 +783,8 @@ moe_ffn_gemm_task(void *ctx, int64_t t)
             moe_panel_rows(job, P, &r0, &m);
             y = g->out + r0 * d + c * nr;
             if (w->bf16_act) {
-                /* bf16 compute: the hidden panel holds (F / 2, mr) pairs */
-                job->kr->dot((const uint32_t *)(g->in + P * F * mr), b, K / 2,
+                /* bf16 compute: the hidden panel as the dot kernel reads it */
+                job->kr->dot(g->in + P * F * mr, b, K / 2,
                              m, n_cols == nr ? y : tile, n_cols == nr ? d : nr,
                              pf);
             }

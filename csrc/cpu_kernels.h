@@ -46,11 +46,13 @@ typedef void (*moe_ukr_fn)(const float *a, const void *b, int64_t K, int m,
                            float *c, int64_t ldc, moe_prefetch pf);
 
 /*
- * The bf16-compute kernel: c (m, NR) = first m rows of a @ b with a (Kp, MR)
- * pairs of bf16 activations (uint32: k = 2 kp low half, 2 kp + 1 high half)
- * and b (Kp, NR, 2) bf16 weights; pf as for moe_ukr_fn.  See cpu_gemm.inc.
+ * The bf16-compute kernel: c (m, NR) = first m rows of a @ b with b (Kp, NR,
+ * 2) bf16 weights (pairs of k) and a the activations rounded to bf16: as
+ * (Kp, MR) uint32 pairs (k = 2 kp low half, 2 kp + 1 high half) if the set's
+ * dot_pairs is 1, else as (2 Kp, MR) fp32 values; pf as for moe_ukr_fn.
+ * See cpu_gemm.inc.
  */
-typedef void (*moe_dot_fn)(const uint32_t *a, const void *b, int64_t Kp, int m,
+typedef void (*moe_dot_fn)(const void *a, const void *b, int64_t Kp, int m,
                            float *c, int64_t ldc, moe_prefetch pf);
 
 /* out (n_x, n_w) = x (n_x, d) @ w (n_w, d)^T, all float64 (see cpu_gemm.inc). */
@@ -85,6 +87,7 @@ typedef struct moe_kernels {
     int            nr;    /* columns per weight panel (2 vectors)          */
     moe_ukr_fn     ukr[MOE_WTYPE_COUNT];
     moe_dot_fn     dot;   /* bf16 weights x bf16 activations               */
+    int            dot_pairs; /* dot reads a as bf16 pairs (1) or fp32 (0) */
     moe_router_fn  router;
     moe_epilogue_fn epilogue;
     moe_lowrank_fn lowrank;

@@ -3,7 +3,8 @@
    against MOE_POOL_SPIN=0; one process alone, then two at once (each with moe's default
    thread count);
 2. other pools in the same process: each moe call right after an OpenBLAS matmul
-   (NumPy, its threads) or a PyTorch matmul (its OpenMP threads), against moe calls alone.
+   (NumPy, its threads) or a PyTorch matmul (its OpenMP threads), against moe calls alone;
+   by default, and with those pools' spin-waits cut short (QUIET_POOLS).
 
     python benchmarks/bench_oversubscription.py [--tokens 8 64] [--seconds 8]
 
@@ -68,9 +69,15 @@ print(" ".join(f"{k}={statistics.median(v) * 1e3:.2f}" for k, v in out.items()))
 """
 
 
-def in_process(tokens, seconds):
+# The other pools' spin-waits after a call, cut short: OpenBLAS's (2^4 cycles instead of
+# its default 2^28) and the OpenMP runtime's that torch uses.
+QUIET_POOLS = {"OPENBLAS_THREAD_TIMEOUT": "4", "OMP_WAIT_POLICY": "PASSIVE"}
+
+
+def in_process(tokens, seconds, env=None):
     proc = subprocess.run([sys.executable, "-c", IN_PROCESS, str(tokens), str(seconds)],
-                          capture_output=True, text=True, check=True)
+                          capture_output=True, text=True, check=True,
+                          env=dict(os.environ, **(env or {})))
     return dict(kv.split("=") for kv in proc.stdout.split())
 
 
@@ -90,12 +97,16 @@ def main():
             print(f"| {T} | {'default' if spin is None else 'MOE_POOL_SPIN=0'} | "
                   f"{alone[0]:.2f} | {' / '.join(f'{v:.2f}' for v in both)} |", flush=True)
     print()
-    print("| tokens | moe alone ms | moe right after a NumPy matmul ms | "
+    print("| tokens | other pools | moe alone ms | moe right after a NumPy matmul ms | "
           "moe right after a torch matmul ms |")
-    print("| --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- |")
     for T in args.tokens:
-        r = in_process(T, args.seconds)
-        print(f"| {T} | {r['alone']} | {r['numpy']} | {r.get('torch', '-')} |", flush=True)
+        for label, env in (("default", None),
+                           (" ".join(f"{k}={v}" for k, v in QUIET_POOLS.items()),
+                            QUIET_POOLS)):
+            r = in_process(T, args.seconds, env)
+            print(f"| {T} | {label} | {r['alone']} | {r['numpy']} | {r.get('torch', '-')} |",
+                  flush=True)
 
 
 if __name__ == "__main__":

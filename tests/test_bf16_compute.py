@@ -6,6 +6,7 @@ avx512sim: the AVX-512 tiles built for AVX2) against moe.reference with the same
 by the 2x-naive rule; bitwise for any thread count; bad configurations raise.
 """
 import json
+import os
 
 import numpy as np
 import pytest
@@ -38,24 +39,19 @@ _CHILD = r"""
 import json, sys
 import numpy as np
 import moe
-cases = json.loads(sys.argv[1])
+sys.path.insert(0, sys.argv[3])
+from test_bf16_compute import build
 out = {}
-for name, d, F, E, k, T, opts in cases:
-    layer = moe.SparseMoE(d, F, E, k, dtype="bfloat16", compute_dtype="bfloat16", seed=7,
-                          **opts)
-    rng = np.random.default_rng(11)
-    x = rng.standard_normal((T, d)).astype(np.float32)
-    if opts.get("expert_biases"):
-        for n in ("b_gate", "b_up", "b_down"):
-            setattr(layer, n, rng.standard_normal(getattr(layer, n).shape).astype(np.float32))
-    out[name] = layer(x)
+for case in json.loads(sys.argv[1]):
+    layer, x = build(*case)
+    out[case[0]] = layer(x)
 np.savez(sys.argv[2], **out)
 print(moe._C.build_info()["isa"])
 """
 
 
 def build(name, d, F, E, k, T, opts):
-    """The child's layer and input, rebuilt here from the same seeds."""
+    """A case's layer and input, from fixed seeds (the children build the same ones)."""
     layer = moe.SparseMoE(d, F, E, k, dtype="bfloat16", compute_dtype="bfloat16", seed=7,
                           **opts)
     rng = np.random.default_rng(11)
@@ -109,7 +105,7 @@ def test_bf16_compute_matches_reference(tmp_path, isa):
     if isa not in available_isas():
         pytest.skip(f"this CPU cannot run the {isa} kernels")
     path = tmp_path / "out.npz"
-    got_isa = run_child(_CHILD, json.dumps(CASES), path,
+    got_isa = run_child(_CHILD, json.dumps(CASES), path, os.path.dirname(__file__),
                         env=child_env(MOE_ISA=isa)).stdout.strip()
     assert got_isa == isa
     outs = np.load(path)

@@ -22,7 +22,7 @@ import time
 import numpy as np
 
 import moe
-from _common import ceilings, fma_peak, read_bandwidth  # noqa: E402
+from _common import cache_flusher, ceilings, fma_peak, read_bandwidth  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SHAPES = os.path.join(HERE, "shapes.json")
@@ -110,12 +110,15 @@ def torch_block(layer, dtype):
 
 # ---- timing -------------------------------------------------------------------------------
 
-def timeit(fn, budget=2.0, min_runs=3, max_runs=15):
+def timeit(fn, budget=2.0, min_runs=3, max_runs=15, before=None):
+    """(median, min, max) s of fn; before (untimed, e.g. a cache flush) precedes each call."""
     fn()  # warm-up
     times = []
     t_start = time.perf_counter()
     while len(times) < min_runs or (len(times) < max_runs and
                                     time.perf_counter() - t_start < budget):
+        if before is not None:
+            before()
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
@@ -189,6 +192,7 @@ def main():
     print("\n".join(head), flush=True)
     rows = []
     rng = np.random.default_rng(0)
+    flush = cache_flusher()
     for name in args.configs:
         cfg = {k: v for k, v in shapes[name].items() if k != "n_tokens"}
         layer = moe.SparseMoE(**cfg)
@@ -231,19 +235,23 @@ def main():
             # the row's ratios are taken against these
             row_fma = fma_peak(threads, 0.5)[0]
             row_read = read_bandwidth(threads, 512) if T <= 8 else None
-            ours = timeit(lambda: layer(x))
-            ours16 = timeit(lambda: layer_bf16(x))
-            ours16c = timeit(lambda: layer_bf16c(x))
+            # 1-8 tokens read each active expert's weights once: every implementation's
+            # timed calls start with them out of the caches, as in a model whose other
+            # layers ran in between (the same x would otherwise find them in L3)
+            cold = flush if T <= 8 else None
+            ours = timeit(lambda: layer(x), before=cold)
+            ours16 = timeit(lambda: layer_bf16(x), before=cold)
+            ours16c = timeit(lambda: layer_bf16c(x), before=cold)
             moe.set_num_threads(1)
-            ours1 = timeit(lambda: layer(x), budget=1.0)
+            ours1 = timeit(lambda: layer(x), budget=1.0, before=cold)
             moe.set_num_threads(threads)
-            npy = timeit(lambda: numpy_layer(layer, w, x), budget=1.0)
+            npy = timeit(lambda: numpy_layer(layer, w, x), budget=1.0, before=cold)
             t32 = t16 = None
             if torch:
                 xt = torch.from_numpy(x)
-                t32 = timeit(lambda: tb32(xt), budget=1.0)
+                t32 = timeit(lambda: tb32(xt), budget=1.0, before=cold)
                 xb = xt.to(torch.bfloat16)
-                t16 = timeit(lambda: tb16(xb), budget=1.0, min_runs=2)
+                t16 = timeit(lambda: tb16(xb), budget=1.0, min_runs=2, before=cold)
             gflops = flops / ours[0] / 1e9
             gbs = ""
             if T <= 8:
@@ -265,7 +273,9 @@ def main():
         "% peak and % read: against the FMA peak and read bandwidth measured again right "
         "before the row (the figure after 'of'; the machine is shared and they drift). "
         "moe fp32 1 thread: in brackets, how much faster the threaded run is. "
-        "GB/s: bytes of the active experts' weights (fp32) per call. bf16/fp32: our bf16-weight speed over our fp32 speed (activations "
+        "GB/s: bytes of the active experts' weights (fp32) per call; for 1-8 tokens every "
+        "implementation's timed calls start with the caches flushed (a read of twice the L3), "
+        "so the weights come from memory. bf16/fp32: our bf16-weight speed over our fp32 speed (activations "
         "fp32). moe bf16 compute: bf16 weights and compute_dtype='bfloat16' (inputs and "
         f"hidden activations rounded to bf16), kernel set {info['isa']}: VDPBF16PS only "
         "with avx512bf16, two FMAs per bf16 pair otherwise.",

@@ -644,9 +644,12 @@ moe_ffn_pack_rows(void *ctx, int64_t P)
         default: moe_pack_panel(dst, src, d, mr); return;
         }
     }
-    for (k = 0; k < d; k++) {
-        for (i = 0; i < mr; i++) {
-            dst[k * mr + i] = i < m ? src[i][k] : 0.0f;
+    /* a part panel (decode: often one or two rows): zeros, then the rows */
+    memset(dst, 0, sizeof(float) * (size_t)(d * mr));
+    for (i = 0; i < m; i++) {
+        const float *s = src[i];
+        for (k = 0; k < d; k++) {
+            dst[k * mr + i] = s[k];
         }
     }
 }

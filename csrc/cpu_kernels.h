@@ -55,8 +55,9 @@ typedef void (*moe_ukr_fn)(const float *a, const void *b, int64_t K, int m,
 typedef void (*moe_dot_fn)(const void *a, const void *b, int64_t Kp, int m,
                            float *c, int64_t ldc, moe_prefetch pf);
 
-/* out (n_x, n_w) = x (n_x, d) @ w (n_w, d)^T, all float64 (see cpu_gemm.inc). */
-typedef void (*moe_router_fn)(const double *x, int64_t n_x, const double *w,
+/* out (n_x, n_w) = x (n_x, d) @ w (n_w, d)^T in float64 from float32 x and w
+ * (see cpu_gemm.inc). */
+typedef void (*moe_router_fn)(const float *x, int64_t n_x, const float *w,
                               int64_t n_w, int64_t d, double *out);
 
 /*

@@ -17,15 +17,13 @@
 #define MOE_ROUTE_BLOCK 64
 
 /*
- * Logits in float64 so that selection matches the float64 reference.  The
- * router weight and each block of tokens are widened once; the blocked
- * dot products come from the kernel set (cpu_gemm.inc).
+ * Logits in float64 so that selection matches the float64 reference; the
+ * blocked dot products (widening x and w as they load) come from the kernel
+ * set (cpu_gemm.inc).
  */
 typedef struct moe_logits_job {
     const moe_router_params *p;
     moe_router_fn            logits;
-    const double            *w;  /* (n_experts, d_model) widened weight   */
-    double                  *xd; /* (n_tokens, d_model) widened tokens    */
 } moe_logits_job;
 
 static void
@@ -38,10 +36,7 @@ moe_logits_task(void *ctx, int64_t t)
                                                   : MOE_ROUTE_BLOCK;
     int64_t i;
 
-    for (i = 0; i < n * d; i++) {
-        job->xd[t0 * d + i] = (double)p->x[t0 * d + i];
-    }
-    job->logits(job->xd + t0 * d, n, job->w, p->n_experts, d,
+    job->logits(p->x + t0 * d, n, p->weight, p->n_experts, d,
                 p->logits + t0 * p->n_experts);
     if (p->bias != NULL) {
         for (i = 0; i < n * p->n_experts; i++) {
@@ -53,23 +48,10 @@ moe_logits_task(void *ctx, int64_t t)
 moe_status
 moe_cpu_router_logits(const moe_router_params *p)
 {
-    const size_t nw = (size_t)p->n_experts * (size_t)p->d_model;
     moe_logits_job job;
-    double *w;
-    size_t i;
 
-    w = moe_workspace(MOE_WS_ROUTER, nw + (size_t)(p->n_tokens * p->d_model),
-                      sizeof(double));
-    if (w == NULL) {
-        return MOE_STATUS_ALLOC;
-    }
-    for (i = 0; i < nw; i++) {
-        w[i] = (double)p->weight[i];
-    }
     job.p = p;
     job.logits = moe_cpu_kernels()->router;
-    job.w = w;
-    job.xd = w + nw;
     return moe_pool_run((p->n_tokens + MOE_ROUTE_BLOCK - 1) / MOE_ROUTE_BLOCK,
                         moe_logits_task, &job);
 }

@@ -90,7 +90,6 @@ enum {
     MOE_WS_LAYER_Y,      /* layer.c: expert outputs, sorted rows           */
     MOE_WS_LAYER_SHARED, /* layer.c: shared-expert output                  */
     MOE_WS_LAYER_LOGITS, /* layer.c: router logits                         */
-    MOE_WS_ROUTER,       /* cpu_route.c: widened router weight and tokens  */
     MOE_WS_ROUTE_EXT,    /* cpu_route_ext.c: expert-choice scores, heaps   */
     MOE_WS_SOFT_MOE,     /* cpu_soft_moe.c: logits, weights, slots        */
     MOE_WS_PEER,         /* cpu_peer.c: float64 query and sub-key weights  */

@@ -883,3 +883,36 @@ def test_decode_tokens_match_reference_and_big_batch(make, dtype):
             assert np.array_equal(layer(tokens[i:i + 1]), big[i:i + 1]), f"token {i} alone"
     if dtype != "float32":
         check_pool(pool, f"1..8 tokens [{dtype}]")
+
+
+def _router_tree(x, w):
+    """The router kernel's float64 logits, bit for bit: element i of x[t] * w[e] summed
+    in order into lane i % 8 (products of floats are exact in float64, so FMA or not is
+    the same), then ((l0 + l1) + (l2 + l3)) + ((l4 + l5) + (l6 + l7))."""
+    x = x.astype(np.float64)
+    w = w.astype(np.float64)
+    lanes = np.zeros((x.shape[0], w.shape[0], 8))
+    for i in range(x.shape[1]):
+        lanes[:, :, i % 8] += np.outer(x[:, i], w[:, i])
+    a = lanes
+    return ((a[..., 0] + a[..., 1]) + (a[..., 2] + a[..., 3])) + \
+           ((a[..., 4] + a[..., 5]) + (a[..., 6] + a[..., 7]))
+
+
+@pytest.mark.parametrize("T,d,E", [(1, 1024, 64), (7, 37, 5), (130, 131, 9), (4, 8, 3),
+                                   (3, 5, 2)])
+def test_router_logits_bitwise(make, T, d, E):
+    # the kernel widens float32 x and w as it loads them (no float64 copies): the logits
+    # are its fixed lane tree exactly, for d not a multiple of the vector width, token
+    # counts that leave short blocks, and a strided x
+    x = make.normal(T, 2 * d)[:, ::2]
+    w = make.normal(E, d)
+    got = moe._C.router_logits(np.ascontiguousarray(x), w)
+    want = _router_tree(x, w)
+    assert got.dtype == np.float64 and got.shape == (T, E)
+    assert np.array_equal(got, want), np.max(np.abs(got - want))
+    np.testing.assert_allclose(got, x.astype(np.float64) @ w.T.astype(np.float64),
+                               rtol=1e-12, atol=1e-12)
+    # a token's logits do not depend on where it sits in the batch
+    one = moe._C.router_logits(np.ascontiguousarray(x[-1:]), w)
+    assert np.array_equal(one[0], got[-1])

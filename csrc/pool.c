@@ -1,10 +1,12 @@
 /*
  * pool.c - the CPU thread pool: pthreads, no OpenMP, no BLAS.  A job is a
  * count of independent tasks handed out through one atomic counter, and the
- * calling thread works too.  Each task writes its own outputs, so results do
- * not depend on the number of threads.  After fork() the child starts with
- * no pool and builds one on first use.  A job that finds the pool in use by
- * another thread runs on its own caller's thread instead of waiting.
+ * calling thread works too; a job ends when its tasks are done, without
+ * waiting for workers that had not woken up by then.  Each task writes its
+ * own outputs, so results do not depend on the number of threads.  After
+ * fork() the child starts with no pool and builds one on first use.  A job
+ * that finds the pool in use by another thread runs on its own caller's
+ * thread instead of waiting.
  */
 #define _GNU_SOURCE /* sched_getaffinity, CPU_COUNT */
 #include "moe_impl.h"
@@ -68,7 +70,9 @@ typedef struct moe_pool {
     pthread_t       threads[MOE_MAX_THREADS];
     int             n_workers;   /* threads besides the caller              */
     /* written under lock; read without it while spinning */
-    atomic_int      busy;        /* workers still inside the current job    */
+    atomic_int      active;      /* workers that joined the current job and
+                                    have not left it                        */
+    int             open;        /* the current job still takes workers     */
     atomic_int      stop;
     atomic_ullong   generation;  /* bumped for each job                     */
     moe_task_fn     fn;
@@ -140,10 +144,16 @@ moe_pool_main(void *arg)
             break;
         }
         seen = p->generation;
+        if (!p->open) {
+            /* woke after its caller had finished the job alone */
+            pthread_mutex_unlock(&p->lock);
+            continue;
+        }
+        p->active++;
         pthread_mutex_unlock(&p->lock);
         moe_pool_work(p);
         pthread_mutex_lock(&p->lock);
-        if (--p->busy == 0) {
+        if (--p->active == 0) {
             pthread_cond_signal(&p->idle);
         }
         pthread_mutex_unlock(&p->lock);
@@ -319,20 +329,27 @@ moe_pool_run(int64_t n_tasks, moe_task_fn fn, void *ctx)
     p->n_tasks = n_tasks;
     atomic_store(&p->next, 0);
     p->watching = moe_interrupt_watching;
-    p->busy = p->n_workers;
+    p->open = 1;
     p->generation++;
     pthread_cond_broadcast(&p->wake);
     pthread_mutex_unlock(&p->lock);
 
     moe_pool_work(p);
 
+    /* Every task is handed out: close the job, then wait only for the
+     * workers inside it (running its last tasks).  One still asleep is not
+     * waited for: waking a parked virtual CPU can take most of a
+     * millisecond, longer than a decode step's whole job. */
+    pthread_mutex_lock(&p->lock);
+    p->open = 0;
+    pthread_mutex_unlock(&p->lock);
     for (i = 0; i < moe_spin_iters &&
-                atomic_load_explicit(&p->busy, memory_order_acquire) > 0;
+                atomic_load_explicit(&p->active, memory_order_acquire) > 0;
          i++) {
         moe_cpu_relax();
     }
     pthread_mutex_lock(&p->lock);
-    while (p->busy > 0) {
+    while (p->active > 0) {
         pthread_cond_wait(&p->idle, &p->lock);
     }
     pthread_mutex_unlock(&p->lock);

@@ -916,3 +916,33 @@ def test_router_logits_bitwise(make, T, d, E):
     # a token's logits do not depend on where it sits in the batch
     one = moe._C.router_logits(np.ascontiguousarray(x[-1:]), w)
     assert np.array_equal(one[0], got[-1])
+
+
+_LATE_WORKERS = textwrap.dedent("""
+    import sys, time
+    import numpy as np
+    import moe
+    rng = np.random.default_rng(int(sys.argv[1]))
+    layer = moe.SparseMoE(d_model=40, d_ff=24, n_experts=16, top_k=2)
+    xs = [rng.standard_normal((T, 40)).astype(np.float32) for T in (1, 3, 9, 40, 2, 130)]
+    moe.set_num_threads(1)
+    want = [layer(x) for x in xs]
+    moe.set_num_threads(4)
+    for i in range(300):
+        j = i % len(xs)
+        if i % 7 == 0:
+            time.sleep(0.001)  # the workers fall asleep: the next jobs may end before they wake
+        got = layer(xs[j])
+        assert np.array_equal(got, want[j]), (i, j)
+    print("ok")
+""")
+
+
+def test_pool_jobs_do_not_wait_for_sleeping_workers(make):
+    # a job closes once its caller has run out of tasks and waits only for the workers
+    # that joined it: workers that wake later find it closed (or join a newer job).  No
+    # spinning (every worker sleeps between jobs) and more threads than cores make late
+    # joiners common; every result must still be the one-thread result bit for bit
+    seed = int(make.rng.integers(1 << 30))
+    proc = run_child(_LATE_WORKERS, seed, env=child_env(MOE_POOL_SPIN="0"))
+    assert proc.stdout.strip() == "ok"

@@ -3,6 +3,7 @@
 #pragma GCC target("avx2,fma,f16c")
 #include <immintrin.h>
 #define MOE_K_CVTPH(p) _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p)))
+#define MOE_K_WIDEN(p) _mm256_cvtps_pd(_mm_loadu_ps(p))
 #define MOE_K_NAME moe_kernels_avx2
 #define MOE_K_ISA  "avx2"
 #define MOE_K_VL   8

@@ -3,6 +3,7 @@
 #pragma GCC target("avx512f,avx2,fma,f16c,prefer-vector-width=512")
 #include <immintrin.h>
 #define MOE_K_CVTPH(p) _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(p)))
+#define MOE_K_WIDEN(p) _mm512_cvtps_pd(_mm256_loadu_ps(p))
 #define MOE_K_NAME moe_kernels_avx512
 #define MOE_K_ISA  "avx512"
 #define MOE_K_VL   16

@@ -6,6 +6,7 @@
 #define MOE_K_CVTPH(p) _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(p)))
 #define MOE_K_DPBF16(acc, a, b)                                              \
     ((moe_vf)_mm512_dpbf16_ps((__m512)(acc), (__m512bh)(a), (__m512bh)(b)))
+#define MOE_K_WIDEN(p) _mm512_cvtps_pd(_mm256_loadu_ps(p))
 #define MOE_K_NAME moe_kernels_avx512bf16
 #define MOE_K_ISA  "avx512bf16"
 #define MOE_K_VL   16

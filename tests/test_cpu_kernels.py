@@ -900,7 +900,7 @@ def _router_tree(x, w):
 
 
 @pytest.mark.parametrize("T,d,E", [(1, 1024, 64), (7, 37, 5), (130, 131, 9), (4, 8, 3),
-                                   (3, 5, 2)])
+                                   (3, 5, 2), (1, 19, 7), (2, 16, 3), (6, 9, 1)])
 def test_router_logits_bitwise(make, T, d, E):
     # the kernel widens float32 x and w as it loads them (no float64 copies): the logits
     # are its fixed lane tree exactly, for d not a multiple of the vector width, token
@@ -913,9 +913,13 @@ def test_router_logits_bitwise(make, T, d, E):
     assert np.array_equal(got, want), np.max(np.abs(got - want))
     np.testing.assert_allclose(got, x.astype(np.float64) @ w.T.astype(np.float64),
                                rtol=1e-12, atol=1e-12)
-    # a token's logits do not depend on where it sits in the batch
-    one = moe._C.router_logits(np.ascontiguousarray(x[-1:]), w)
-    assert np.array_equal(one[0], got[-1])
+    # a token's logits do not depend on where it sits in the batch (blocks of 1-4
+    # tokens share each load across 1-4 experts), nor on the other experts
+    for r in {0, T - 1, T // 2}:
+        one = moe._C.router_logits(np.ascontiguousarray(x[r:r + 1]), w)
+        assert np.array_equal(one[0], got[r])
+    assert np.array_equal(moe._C.router_logits(np.ascontiguousarray(x), w[-1:])[:, 0],
+                          got[:, -1])
 
 
 _LATE_WORKERS = textwrap.dedent("""

@@ -265,7 +265,7 @@ def main():
                    f"{ours1[0] * 1e3:.2f} ({ours1[0] / ours[0]:.2f}x) | {ms(npy)} | "
                    f"{ms(t32) if t32 else '-'} | {ms(t16) if t16 else '-'} | "
                    f"{npy[0] / ours[0]:.2f}x | "
-                   f"{(t32[0] / ours[0]) if t32 else float('nan'):.2f}x |")
+                   f"{f'{t32[0] / ours[0]:.2f}x' if t32 else '-'} |")
             rows.append(row)
             print(row, flush=True)
     notes = [

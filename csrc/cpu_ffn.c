@@ -271,8 +271,8 @@ moe_pack(const moe_pack_params *p, int linear, moe_experts **out)
     w->down_panels = (p->d_model + kr->nr - 1) / kr->nr;
     n_gu = (size_t)(p->n_experts * w->gu_panels * p->d_model * kr->nr);
     n_down = (size_t)(p->n_experts * w->down_panels * p->d_ff * kr->nr);
-    w->gu = moe_alloc(n_gu, es);
-    w->down = moe_alloc(n_down, es);
+    w->gu = moe_alloc_big(n_gu, es);
+    w->down = moe_alloc_big(n_down, es);
     if (w->gu == NULL || w->down == NULL) {
         moe_experts_free(w);
         return MOE_STATUS_ALLOC;

@@ -28,6 +28,8 @@ moe_status moe_set_error(moe_status st, const char *fmt, ...)
 
 /* malloc of count * size bytes with overflow check; NULL sets the error. */
 void *moe_alloc(size_t count, size_t size);
+/* moe_alloc for big long-lived buffers (packed weights): 2 MiB aligned, huge
+ * pages advised where the OS offers them; freed with free(). */
 void *moe_alloc_big(size_t count, size_t size);
 
 /* ---- thread pool (csrc/pool.c) ---- */

@@ -913,8 +913,8 @@ def test_router_logits_bitwise(make, T, d, E):
     assert np.array_equal(got, want), np.max(np.abs(got - want))
     np.testing.assert_allclose(got, x.astype(np.float64) @ w.T.astype(np.float64),
                                rtol=1e-12, atol=1e-12)
-    # a token's logits do not depend on where it sits in the batch (blocks of 1-4
-    # tokens share each load across 1-4 experts), nor on the other experts
+    # a token's logits do not depend on where it sits in the batch (blocks of 2 tokens x
+    # 2 experts, an odd last token x 4 experts), nor on the other experts
     for r in {0, T - 1, T // 2}:
         one = moe._C.router_logits(np.ascontiguousarray(x[r:r + 1]), w)
         assert np.array_equal(one[0], got[r])

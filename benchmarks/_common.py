@@ -60,11 +60,19 @@ def l3_bytes():
     return best or 32 << 20
 
 
-def cache_flusher():
+def cache_flusher(threads=1):
     """A callable that reads twice the last-level cache's size, so whatever a timed call
-    read before (a layer's weights) comes from memory again in the next one."""
+    read before (a layer's weights) comes from memory again in the next one.  With several
+    threads each reads a part (NumPy's reductions release the GIL), so that every core has
+    just been busy, as after a model's previous layer, when the timed call starts: a core
+    left idle for long wakes slowly on a virtual machine."""
     buf = np.ones(2 * l3_bytes() // 4, np.float32)
-    return lambda: float(buf.max())
+    if threads <= 1:
+        return lambda: float(buf.max())
+    from concurrent.futures import ThreadPoolExecutor
+    pool = ThreadPoolExecutor(threads)
+    parts = np.array_split(buf, threads)
+    return lambda: max(pool.map(lambda p: float(p.max()), parts))
 
 
 def cpu_model():
@@ -89,6 +97,53 @@ def samples(fn, repeats, warmup=3):
         fn()
         times.append(time.perf_counter() - t0)
     return times
+
+
+def interleaved(fns, budget=None, min_rounds=3, max_rounds=15, warmup=1, pre=0,
+                each_round=None):
+    """Wall times (s) of every fn of `fns` called in rounds, one call of each per round (the
+    order rotating), so that all see the same drift of a shared machine: rounds go on until
+    `budget` seconds have passed (at least min_rounds, at most max_rounds; no budget: exactly
+    max_rounds).  An entry is fn or (fn, before[, after]): before and after (untimed: a
+    cache flush, a pause that lets another library's threads stop spinning) go around each
+    call.  pre: untimed calls of the same fn (each after its before) right before each
+    timed one, so that its library's threads are awake and its data warm as in a run of
+    consecutive calls.  each_round (e.g. measuring the ceilings) runs at the start of every
+    round.  Returns one list of times per fn, in round order, so that ratios
+    can be taken round by round."""
+    calls = [(f + (None, None))[:3] if isinstance(f, tuple) else (f, None, None)
+             for f in fns]
+    for _ in range(warmup):
+        for fn, _before, after in calls:
+            fn()
+            if after is not None:
+                after()
+    times = [[] for _ in calls]
+    t_start = time.perf_counter()
+    for r in range(max_rounds):
+        if r >= min_rounds and budget is not None and time.perf_counter() - t_start > budget:
+            break
+        if each_round is not None:
+            each_round()
+        for j in range(len(calls)):
+            i = (j + r) % len(calls)
+            fn, before, after = calls[i]
+            for _ in range(pre + 1):
+                if before is not None:
+                    before()
+                if _ < pre:
+                    fn()
+            t0 = time.perf_counter()
+            fn()
+            times[i].append(time.perf_counter() - t0)
+            if after is not None:
+                after()
+    return times
+
+
+def spread(times):
+    """(median, min, max) of a list."""
+    return statistics.median(times), min(times), max(times)
 
 
 def timeit(fn, repeats, warmup=3):

@@ -22,7 +22,8 @@ import time
 import numpy as np
 
 import moe
-from _common import cache_flusher, ceilings, fma_peak, read_bandwidth  # noqa: E402
+from _common import (cache_flusher, ceilings, fma_peak, interleaved,  # noqa: E402
+                     read_bandwidth, spread)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SHAPES = os.path.join(HERE, "shapes.json")
@@ -62,7 +63,7 @@ def torch_block(layer, dtype):
     """An HF-transformers-style sparse MoE block (Mixtral / DeepSeek modelling code shape)."""
     import torch
 
-    E, d, F = layer.n_experts, layer.d_model, layer.d_ff
+    E = layer.n_experts
     t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(dtype)  # noqa: E731
     router = t(layer.router_weight)
     bias = t(layer.expert_bias) if layer.use_expert_bias else None
@@ -110,19 +111,10 @@ def torch_block(layer, dtype):
 
 # ---- timing -------------------------------------------------------------------------------
 
-def timeit(fn, budget=2.0, min_runs=3, max_runs=15, before=None):
-    """(median, min, max) s of fn; before (untimed, e.g. a cache flush) precedes each call."""
-    fn()  # warm-up
-    times = []
-    t_start = time.perf_counter()
-    while len(times) < min_runs or (len(times) < max_runs and
-                                    time.perf_counter() - t_start < budget):
-        if before is not None:
-            before()
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), min(times), max(times)
+def per_round(num, den):
+    """Median over rounds of num[i] / den[i]: a ratio of two timings taken in the same
+    rounds, so that the machine's drift cancels."""
+    return statistics.median(a / b for a, b in zip(num, den))
 
 
 def check(name, y, ref):
@@ -192,7 +184,7 @@ def main():
     print("\n".join(head), flush=True)
     rows = []
     rng = np.random.default_rng(0)
-    flush = cache_flusher()
+    flush = cache_flusher(threads)
     for name in args.configs:
         cfg = {k: v for k, v in shapes[name].items() if k != "n_tokens"}
         layer = moe.SparseMoE(**cfg)
@@ -231,48 +223,74 @@ def main():
             # torch (just called) leaves its OpenMP threads spin-waiting for a while: let
             # them go to sleep so they do not take the cores from moe's timed calls
             time.sleep(0.3)
-            # the ceilings again right before this row: on a shared machine they drift, and
-            # the row's ratios are taken against these
-            row_fma = fma_peak(threads, 0.5)[0]
-            row_read = read_bandwidth(threads, 512) if T <= 8 else None
             # 1-8 tokens read each active expert's weights once: every implementation's
             # timed calls start with them out of the caches, as in a model whose other
             # layers ran in between (the same x would otherwise find them in L3)
             cold = flush if T <= 8 else None
-            ours = timeit(lambda: layer(x), before=cold)
-            ours16 = timeit(lambda: layer_bf16(x), before=cold)
-            ours16c = timeit(lambda: layer_bf16c(x), before=cold)
-            moe.set_num_threads(1)
-            ours1 = timeit(lambda: layer(x), budget=1.0, before=cold)
-            moe.set_num_threads(threads)
-            npy = timeit(lambda: numpy_layer(layer, w, x), budget=1.0, before=cold)
-            t32 = t16 = None
+
+            def one_thread():
+                moe.set_num_threads(1)
+                try:
+                    layer(x)
+                finally:
+                    moe.set_num_threads(threads)
+
+            # NumPy's (OpenBLAS) and torch's (OpenMP) threads spin-wait for a while after a
+            # call and would take the cores from the next call (README: oversubscription):
+            # a pause after each lets them go to sleep
+            fma_r, read_r = [], []
+            settle = lambda: time.sleep(0.15)  # noqa: E731
+            fns = [(lambda: layer(x), cold), (lambda: layer_bf16(x), cold),
+                   (lambda: layer_bf16c(x), cold), (one_thread, cold),
+                   (lambda: numpy_layer(layer, w, x), cold, settle)]
+
+            # the ceilings are measured in every round too: on a shared machine they drift,
+            # and each round's ratios are taken against that round's figures
+            def ceilings_now():
+                fma_r.append(fma_peak(threads, 0.1)[0])
+                if T <= 8:
+                    read_r.append(read_bandwidth(threads, 256))
+
             if torch:
                 xt = torch.from_numpy(x)
-                t32 = timeit(lambda: tb32(xt), budget=1.0, before=cold)
+                fns.append((lambda: tb32(xt), cold, settle))
+            times = interleaved(fns, budget=8.0, pre=1, each_round=ceilings_now)
+            ours, ours16, ours16c, ours1, npy = times[:5]
+            t32 = times[-1] if torch else None
+            t16 = None
+            if torch:
+                # torch's bf16 loop is slow (seconds at 2048 tokens): timed on its own
                 xb = xt.to(torch.bfloat16)
-                t16 = timeit(lambda: tb16(xb), budget=1.0, min_runs=2, before=cold)
-            gflops = flops / ours[0] / 1e9
+                t16 = interleaved([(lambda: tb16(xb), cold)], budget=1.0, min_rounds=2)[0]
+            gf = [flops / t / 1e9 for t in ours]
+            gflops = statistics.median(gf)
+            peak = statistics.median(g / f for g, f in zip(gf, fma_r))
             gbs = ""
             if T <= 8:
-                gb = active_bytes(layer, routing, 4) / ours[0] / 1e9
-                gbs = f"{gb:.1f} ({100 * gb / row_read:.0f}% of {row_read:.1f})"
-            ms = lambda t: f"{t[0] * 1e3:.2f} ({t[1] * 1e3:.2f}-{t[2] * 1e3:.2f})"  # noqa: E731
+                gb = [active_bytes(layer, routing, 4) / t / 1e9 for t in ours]
+                frac = statistics.median(g / r for g, r in zip(gb, read_r))
+                gbs = (f"{statistics.median(gb):.1f} ({100 * frac:.0f}% of "
+                       f"{statistics.median(read_r):.1f})")
+            ms = lambda t: "%.2f (%.2f-%.2f)" % tuple(v * 1e3 for v in spread(t))  # noqa: E731
+            x_ = lambda num: f"{per_round(num, ours):.2f}x"  # noqa: E731
             row = (f"| {name} | {T} | {ms(ours)} | {gflops:.1f} | "
-                   f"{100 * gflops / row_fma:.0f}% of {row_fma:.0f} | "
-                   f"{gbs} | {ms(ours16)} | {ours[0] / ours16[0]:.2f}x | "
-                   f"{ms(ours16c)} | {ours[0] / ours16c[0]:.2f}x | "
-                   f"{ours1[0] * 1e3:.2f} ({ours1[0] / ours[0]:.2f}x) | {ms(npy)} | "
+                   f"{100 * peak:.0f}% of {statistics.median(fma_r):.0f} | "
+                   f"{gbs} | {ms(ours16)} | {per_round(ours, ours16):.2f}x | "
+                   f"{ms(ours16c)} | {per_round(ours, ours16c):.2f}x | "
+                   f"{statistics.median(ours1) * 1e3:.2f} ({x_(ours1)}) | {ms(npy)} | "
                    f"{ms(t32) if t32 else '-'} | {ms(t16) if t16 else '-'} | "
-                   f"{npy[0] / ours[0]:.2f}x | "
-                   f"{f'{t32[0] / ours[0]:.2f}x' if t32 else '-'} |")
+                   f"{x_(npy)} | {x_(t32) if t32 else '-'} |")
             rows.append(row)
             print(row, flush=True)
     notes = [
         "",
-        "% peak and % read: against the FMA peak and read bandwidth measured again right "
-        "before the row (the figure after 'of'; the machine is shared and they drift). "
-        "moe fp32 1 thread: in brackets, how much faster the threaded run is. "
+        "Every implementation of a row is timed in rounds, one call each per round in "
+        "rotating order, for 8 s (3-15 rounds; torch bf16 alone after them): times are "
+        "medians (min-max) over rounds, and every ratio (% peak, % read, bf16/fp32, the 1 "
+        "thread speed-up, vs numpy, vs torch) is the median over rounds of that round's "
+        "ratio, so that the machine's drift (it is shared) cancels. % peak and % read: "
+        "against the FMA peak and read bandwidth measured in every round too (their median "
+        "after 'of'). moe fp32 1 thread: in brackets, how much faster the threaded run is. "
         "GB/s: bytes of the active experts' weights (fp32) per call; for 1-8 tokens every "
         "implementation's timed calls start with the caches flushed (a read of twice the L3), "
         "so the weights come from memory. bf16/fp32: our bf16-weight speed over our fp32 speed (activations "

@@ -25,14 +25,13 @@ import io
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 
 import numpy as np
 
 import moe
-from _common import ceilings, check, cpu_model, rel_err, timeit  # noqa: E402
+from _common import ceilings, check, cpu_model, interleaved, rel_err, spread, timeit  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SHAPES = os.path.join(HERE, "shapes.json")
@@ -147,19 +146,10 @@ def check_torch_loop(route, topk_lora, xt, y_moe, routing):
 
 
 def timeit_pair(fn_a, fn_b, repeats, warmup=3):
-    """Time two functions in alternation (a, b, a, b, ...) so that both see the same
+    """Time two functions in alternation (a, b, b, a, ...) so that both see the same
     machine state; returns their (median, min, max)."""
-    for _ in range(warmup):
-        fn_a()
-        fn_b()
-    ta, tb = [], []
-    for _ in range(repeats):
-        for fn, times in ((fn_a, ta), (fn_b, tb)):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return ((statistics.median(ta), min(ta), max(ta)),
-            (statistics.median(tb), min(tb), max(tb)))
+    ta, tb = interleaved([fn_a, fn_b], max_rounds=repeats, warmup=warmup)
+    return spread(ta), spread(tb)
 
 
 def ms(t):

@@ -285,7 +285,8 @@ def main():
     notes = [
         "",
         "Every implementation of a row is timed in rounds, one call each per round in "
-        "rotating order, for 8 s (3-15 rounds; torch bf16 alone after them): times are "
+        "rotating order (each after an untimed call of its own; a 0.15 s pause after a NumPy "
+        "or torch call), for 8 s (3-15 rounds; torch bf16 alone after them): times are "
         "medians (min-max) over rounds, and every ratio (% peak, % read, bf16/fp32, the 1 "
         "thread speed-up, vs numpy, vs torch) is the median over rounds of that round's "
         "ratio, so that the machine's drift (it is shared) cancels. % peak and % read: "

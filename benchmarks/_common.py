@@ -109,8 +109,8 @@ def interleaved(fns, budget=None, min_rounds=3, max_rounds=15, warmup=1, pre=0,
     call.  pre: untimed calls of the same fn (each after its before) right before each
     timed one, so that its library's threads are awake and its data warm as in a run of
     consecutive calls.  each_round (e.g. measuring the ceilings) runs at the start of every
-    round.  Returns one list of times per fn, in round order, so that ratios
-    can be taken round by round."""
+    round.  Returns one list of times per fn, in round order, so that ratios can be taken
+    round by round."""
     calls = [(f + (None, None))[:3] if isinstance(f, tuple) else (f, None, None)
              for f in fns]
     for _ in range(warmup):
@@ -128,10 +128,10 @@ def interleaved(fns, budget=None, min_rounds=3, max_rounds=15, warmup=1, pre=0,
         for j in range(len(calls)):
             i = (j + r) % len(calls)
             fn, before, after = calls[i]
-            for _ in range(pre + 1):
+            for n in range(pre + 1):
                 if before is not None:
                     before()
-                if _ < pre:
+                if n < pre:
                     fn()
             t0 = time.perf_counter()
             fn()
@@ -148,8 +148,7 @@ def spread(times):
 
 def timeit(fn, repeats, warmup=3):
     """(median, min, max) seconds of fn over repeats."""
-    times = samples(fn, repeats, warmup)
-    return statistics.median(times), min(times), max(times)
+    return spread(samples(fn, repeats, warmup))
 
 
 def rel_err(y, ref):

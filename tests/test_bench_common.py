@@ -36,5 +36,5 @@ def test_interleaved_rounds_hooks_and_order():
 def test_interleaved_budget_and_spread():
     times = interleaved([lambda: None], budget=0.0, min_rounds=2, max_rounds=10)
     assert len(times[0]) == 2  # the budget is spent at once: the minimum
-    assert interleaved([lambda: None], max_rounds=5)[0].__len__() == 5
+    assert len(interleaved([lambda: None], max_rounds=5)[0]) == 5
     assert spread([3.0, 1.0, 2.0]) == (2.0, 1.0, 3.0)

@@ -4,8 +4,6 @@
  * interleave are tested on CPUs without AVX-512.  Slower than avx2. */
 #if defined(__x86_64__) && defined(__GNUC__)
 #pragma GCC target("avx2,fma,f16c")
-/* 64-byte vectors in static inline helpers only: no ABI is crossed */
-#pragma GCC diagnostic ignored "-Wpsabi"
 #include <immintrin.h>
 #define MOE_K_NAME moe_kernels_avx512sim
 #define MOE_K_ISA  "avx512sim"

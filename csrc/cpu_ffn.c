@@ -102,7 +102,8 @@ moe_cpu_isa(void)
 typedef struct moe_pack_job {
     const moe_pack_params *p;
     moe_experts           *w;
-    size_t                 es; /* bytes per element */
+    size_t                 es;        /* bytes per element */
+    int                    nonfinite; /* set by a task that copied NaN / Inf */
 } moe_pack_job;
 
 /*
@@ -125,29 +126,6 @@ moe_pack_at(const moe_experts *w, int64_t k, int j)
     return k * w->nr + j;
 }
 
-/* Copy row `src` (K elements, or NULL for zeros) into panel column j. */
-static void
-moe_pack_column(const moe_experts *w, size_t es, const void *src, int64_t K,
-                void *panel, int j)
-{
-    int64_t k;
-
-    if (es == 4) {
-        float *dst = panel;
-        const float *s = src;
-        for (k = 0; k < K; k++) {
-            dst[moe_pack_at(w, k, j)] = s ? s[k] : 0.0f;
-        }
-    }
-    else {
-        uint16_t *dst = panel;
-        const uint16_t *s = src;
-        for (k = 0; k < K; k++) {
-            dst[moe_pack_at(w, k, j)] = s ? s[k] : 0;
-        }
-    }
-}
-
 /* Zero rows [k0, k1) of panel column j. */
 static void
 moe_pack_zero_rows(const moe_experts *w, size_t es, void *panel, int j,
@@ -165,6 +143,43 @@ moe_pack_zero_rows(const moe_experts *w, size_t es, void *panel, int j,
     }
 }
 
+/*
+ * Copy row `src` (K elements, or NULL for zeros) into panel column j; returns
+ * nonzero when the row holds a NaN or Inf (all exponent bits set: the check
+ * rides on the copy, which reads every weight anyway).
+ */
+static int
+moe_pack_column(const moe_experts *w, size_t es, const void *src, int64_t K,
+                void *panel, int j)
+{
+    int64_t k;
+    int bad = 0;
+
+    if (src == NULL) {
+        moe_pack_zero_rows(w, es, panel, j, 0, K);
+    }
+    else if (es == 4) {
+        float *dst = panel;
+        const float *s = src;
+        uint32_t u;
+        for (k = 0; k < K; k++) {
+            dst[moe_pack_at(w, k, j)] = s[k];
+            memcpy(&u, s + k, sizeof(u));
+            bad |= (u & 0x7f800000u) == 0x7f800000u;
+        }
+    }
+    else {
+        const uint16_t exp = w->dtype == MOE_DTYPE_BF16 ? 0x7f80 : 0x7c00;
+        uint16_t *dst = panel;
+        const uint16_t *s = src;
+        for (k = 0; k < K; k++) {
+            dst[moe_pack_at(w, k, j)] = s[k];
+            bad |= (s[k] & exp) == exp;
+        }
+    }
+    return bad;
+}
+
 /* Task t: one panel (gate/up panels first, then down panels) of one expert. */
 static void
 moe_pack_task(void *ctx, int64_t t)
@@ -176,7 +191,7 @@ moe_pack_task(void *ctx, int64_t t)
     const int64_t e = t / per_expert, c = t % per_expert;
     const int64_t d = w->d_model, F = w->d_ff;
     const size_t es = job->es;
-    int j;
+    int j, bad = 0;
 
     if (c < w->gu_panels) {
         const int width = w->gated ? w->nr / 2 : w->nr;
@@ -189,8 +204,8 @@ moe_pack_task(void *ctx, int64_t t)
             int is_up = !w->gated || j >= width;
             int64_t unit = c * width + (is_up && w->gated ? j - width : j);
             const char *src = is_up ? up : gate;
-            moe_pack_column(w, es, unit < ff ? src + (size_t)(unit * d) * es
-                                             : NULL, d, panel, j);
+            bad |= moe_pack_column(w, es, unit < ff ? src + (size_t)(unit * d) * es
+                                                    : NULL, d, panel, j);
         }
     }
     else {
@@ -201,13 +216,16 @@ moe_pack_task(void *ctx, int64_t t)
         const int64_t ff = w->expert_ff && !w->linear ? w->expert_ff[e] : F;
         for (j = 0; j < w->nr; j++) {
             int64_t row = q * w->nr + j;
-            moe_pack_column(w, es, row < d ? down + (size_t)(row * F) * es
-                                           : NULL, F, panel, j);
+            bad |= moe_pack_column(w, es, row < d ? down + (size_t)(row * F) * es
+                                                  : NULL, F, panel, j);
             if (ff < F) {
                 /* hidden units past this expert's size: zero weights */
                 moe_pack_zero_rows(w, es, panel, j, ff, F);
             }
         }
+    }
+    if (bad) {
+        __atomic_store_n(&((moe_pack_job *)ctx)->nonfinite, 1, __ATOMIC_RELAXED);
     }
 }
 
@@ -302,12 +320,19 @@ moe_pack(const moe_pack_params *p, int linear, moe_experts **out)
     job.p = p;
     job.w = w;
     job.es = es;
+    job.nonfinite = 0;
     /* With d_model or d_ff zero there is nothing to copy (and maybe 2^40
      * empty panels): skip the tasks. */
     st = p->d_model == 0 || p->d_ff == 0
         ? MOE_STATUS_OK
         : moe_pool_run(p->n_experts * (w->gu_panels + w->down_panels),
                        moe_pack_task, &job);
+    if (st == MOE_STATUS_OK && job.nonfinite) {
+        /* NaN / Inf weights would make every output they touch NaN; the
+         * caller names the weight and its first bad index (moe/_api.py) */
+        st = moe_set_error(MOE_STATUS_NONFINITE,
+                           "an expert weight holds a NaN or Inf value");
+    }
     if (st != MOE_STATUS_OK) {
         moe_experts_free(w);
         return st;

@@ -7,10 +7,11 @@ layout allow, checks shapes and ranges with messages that name the argument, and
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
-import math
 import numbers
+import os
 from typing import NamedTuple
 
 import numpy as np
@@ -106,13 +107,43 @@ def check_int(value, name, low=None, high=None):
     return value
 
 
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
 def check_float(value, name, positive=False):
+    """A real option; the core computes in float32, so it must be finite there too (a
+    routed_scaling of 1e308 would make every weight inf)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     value = float(value)
-    if not math.isfinite(value) or (positive and value <= 0):
-        raise ValueError(f"{name} must be a finite{' positive' if positive else ''} number, got {value}")
+    if not abs(value) <= _FLOAT32_MAX or (positive and value <= 0):
+        raise ValueError(f"{name} must be a finite{' positive' if positive else ''} number "
+                         f"within float32's range (|{name}| <= 3.4e38), got {value}")
     return value
+
+
+def available_memory():
+    """Bytes of memory this machine can still give (MemAvailable), or None if unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_memory(n_bytes, what):
+    """MemoryError naming `what` for a request the machine cannot meet: with overcommit the
+    allocation itself succeeds and the process is killed when it is touched."""
+    free = available_memory()
+    if free is not None and n_bytes > free:
+        raise MemoryError(f"{what} needs {n_bytes / 2**30:.1f} GiB, more than the "
+                          f"{free / 2**30:.1f} GiB of memory available")
 
 
 def check_choice(value, name, choices):
@@ -154,6 +185,16 @@ def remember_config(init):
             object.__setattr__(self, "_init_config", cfg)
         init(self, *args, **kwargs)
     return wrapper
+
+
+def refuse_resize(layer, name, fixed):
+    """A layer's __setattr__ calls this first: the attributes in `fixed` (the sizes and
+    kinds its weights' shapes follow from) are set once, in __init__, and are read-only
+    after; re-assigning one would leave weights and config out of step."""
+    if name in fixed and name in layer.__dict__:
+        raise AttributeError(f"{name} of a {type(layer).__name__} is fixed when the layer is "
+                             f"built (its weights' shapes follow from it): build a new layer "
+                             f"with the {name} you want")
 
 
 def check_finite(arr, name):
@@ -279,7 +320,13 @@ def update_expert_bias(bias, counts, rate):
     # The step is taken in float64 and rounded once to the bias's own dtype.
     work = np.array(bias, dtype=np.float64, order="C")
     _C.update_expert_bias(work, counts, rate)
-    bias[...] = work
+    with np.errstate(over="ignore"):
+        new = work.astype(bias.dtype)
+    if not np.isfinite(new).all():
+        i = int(np.argmax(~np.isfinite(new)))
+        raise ValueError(f"rate={rate} would make bias[{i}] non-finite ({bias[i]} -> "
+                         f"{new[i]} in {bias.dtype}); bias is unchanged")
+    bias[...] = new
     return bias
 
 
@@ -299,6 +346,8 @@ def dispatch(x, expert_ids, n_experts) -> Dispatch:
     Stable: an expert's rows keep token order, then slot order.
     """
     n_experts = check_int(n_experts, "n_experts", 1, 2**31 - 1)
+    # offsets (E + 1,) int64 out, and the core's per-expert counts
+    check_memory(16 * (n_experts + 1), f"n_experts={n_experts}")
     x = _tokens_2d(x)
     ids = int_array(expert_ids, "expert_ids", (("n_tokens", x.shape[0]), ("top_k", None)),
                     np.int32, low=-1, high=n_experts,
@@ -393,6 +442,24 @@ def weight_bits(a):
     return None if a is None else (a.view(np.uint16) if a.dtype == np.float16 else a)
 
 
+@contextlib.contextmanager
+def naming_nonfinite(dtype, **weights):
+    """Around a packing call: the core refuses NaN / Inf weights as it copies them
+    (MOE_STATUS_NONFINITE, without a name); this names the weight and its first bad
+    index.  weights: name -> the array as the user sees it, stored in `dtype`."""
+    try:
+        yield
+    except ValueError as exc:
+        if "MOE_STATUS_NONFINITE" not in str(exc):
+            raise
+        for name, a in weights.items():
+            if a is not None and a.dtype == np.uint16:  # bit patterns
+                a = bfloat16_to_float32(a) if dtype == "bfloat16" else a.view(np.float16)
+            if a is not None:
+                check_finite(a, name)
+        raise
+
+
 def expert_weights(w_gate, w_up, w_down, activation, d_model, n_experts=None, prefix="",
                    dtype="float32"):
     """Check and convert expert weights in the nn.Linear layout; returns (gate|None, up, down)."""
@@ -485,8 +552,10 @@ def pack_experts(w_gate, w_up, w_down, activation="swiglu", dtype=None, *, b_gat
     if compute_dtype == "bfloat16" and (dtype != "bfloat16" or d % 2 or F % 2):
         raise ValueError("compute_dtype='bfloat16' needs dtype='bfloat16' and even d_model "
                          f"and d_ff, got dtype={dtype!r}, d_model={d}, d_ff={F}")
-    return PackedExperts(_C.pack_experts(g, u, dn, code, biases[0], biases[1], biases[2],
-                                         None, compute_dtype == "bfloat16"), activation)
+    with naming_nonfinite(dtype, w_gate=g, w_up=u, w_down=dn):
+        capsule = _C.pack_experts(g, u, dn, code, biases[0], biases[1], biases[2], None,
+                                  compute_dtype == "bfloat16")
+    return PackedExperts(capsule, activation)
 
 
 def expert_ffn(x_sorted, offsets, w_gate, w_up=None, w_down=None, activation="swiglu",
@@ -517,7 +586,8 @@ def expert_ffn(x_sorted, offsets, w_gate, w_up=None, w_down=None, activation="sw
         dtype = _guess_dtype(w_gate, w_up, w_down) if dtype is None else dtype
         code = check_choice(dtype, "dtype", WEIGHT_DTYPES)
         g, u, dn = expert_weights(w_gate, w_up, w_down, activation, x.shape[1], E, dtype=dtype)
-        packed = PackedExperts(_C.pack_experts(g, u, dn, code), activation)
+        with naming_nonfinite(dtype, w_gate=g, w_up=u, w_down=dn):
+            packed = PackedExperts(_C.pack_experts(g, u, dn, code), activation)
     if packed.n_experts != E or packed.d_model != x.shape[1]:
         raise ValueError(f"the packed experts have n_experts={packed.n_experts}, d_model="
                          f"{packed.d_model}; x_sorted and offsets give {E} and {x.shape[1]}")
@@ -537,8 +607,9 @@ def ffn(x, w_gate, w_up, w_down, activation="swiglu", dtype=None):
                                           dtype=dtype)
     offsets = np.array([0, x.shape[0]], dtype=np.int64)
     code = check_choice(dtype, "dtype", WEIGHT_DTYPES)
-    packed = _C.pack_experts(None if w_gate is None else w_gate[None], w_up[None],
-                             w_down[None], code)
+    with naming_nonfinite(dtype, w_gate=w_gate, w_up=w_up, w_down=w_down):
+        packed = _C.pack_experts(None if w_gate is None else w_gate[None], w_up[None],
+                                 w_down[None], code)
     return _C.ffn_grouped(x, None, offsets, packed, check_choice(activation, "activation",
                                                                   ACTIVATIONS))
 

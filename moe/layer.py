@@ -13,7 +13,8 @@ import numpy as np
 from . import _C
 from ._api import (ACTIVATIONS, GATED, WEIGHT_DTYPES, RoutingResult, _as_ndarray, _shape_str,
                    check_choice, check_finite, check_float, check_int, check_routing_options,
-                   float_array, mask_args, stored_weight, weight_bits)
+                   float_array, mask_args, naming_nonfinite, refuse_resize, stored_weight,
+                   weight_bits)
 
 # attribute -> shape template; names are resolved against the layer's sizes
 _WEIGHTS = {
@@ -59,6 +60,11 @@ LORA_TARGETS = ("w_gate", "w_up", "w_down")
 _LORA_WEIGHTS = tuple(f"lora_{ab}_{t[2:]}" for t in LORA_TARGETS for ab in "ab")
 # the FFN weights, stored in the layer's dtype and packed for the kernels
 _EXPERT_WEIGHTS = ("w_gate", "w_up", "w_down", "shared_w_gate", "shared_w_up", "shared_w_down")
+# read-only after __init__: the weights' shapes and storage follow from them
+_FIXED = ("d_model", "d_ff", "expert_d_ff", "n_experts", "null_experts", "n_null",
+          "n_shared_experts", "shared_d_ff", "shared_expert_gate", "use_expert_bias",
+          "use_router_bias", "use_expert_biases", "dtype", "compute_dtype", "lora_rank",
+          "lora_targets")
 
 
 class SparseMoE:
@@ -267,6 +273,7 @@ class SparseMoE:
 
     # Weight attributes are checked and converted when assigned.
     def __setattr__(self, name, value):
+        refuse_resize(self, name, _FIXED)
         if name in _WEIGHTS and value is not None:
             sizes = {"n_experts": self.n_experts, "d_model": self.d_model, "d_ff": self.d_ff,
                      "shared_hidden": self.n_shared_experts * self.shared_d_ff, "one": 1,
@@ -308,18 +315,23 @@ class SparseMoE:
                 raise ValueError("expert biases are missing (set b_gate, b_up and b_down)")
         sizes = None if self.expert_d_ff is None else np.array(self.expert_d_ff, np.int64)
         bf16 = self.compute_dtype == "bfloat16"
-        routed = _C.pack_experts(bits(self.w_gate) if gated else None, bits(self.w_up),
-                                 bits(self.w_down), code, *biases, sizes, bf16)
+        with naming_nonfinite(self.dtype, w_gate=self.w_gate, w_up=self.w_up,
+                              w_down=self.w_down):
+            routed = _C.pack_experts(bits(self.w_gate) if gated else None, bits(self.w_up),
+                                     bits(self.w_down), code, *biases, sizes, bf16)
         shared = None
         if self.n_shared_experts:
             if self.shared_w_up is None or self.shared_w_down is None or \
                     (gated and self.shared_w_gate is None):
                 raise ValueError("shared expert weights are missing (set shared_w_up, "
                                  "shared_w_down and, for gated activations, shared_w_gate)")
-            shared = _C.pack_experts(bits(self.shared_w_gate[None]) if gated else None,
-                                     bits(self.shared_w_up[None]),
-                                     bits(self.shared_w_down[None]), code, None, None, None,
-                                     None, bf16)
+            with naming_nonfinite(self.dtype, shared_w_gate=self.shared_w_gate,
+                                  shared_w_up=self.shared_w_up,
+                                  shared_w_down=self.shared_w_down):
+                shared = _C.pack_experts(bits(self.shared_w_gate[None]) if gated else None,
+                                         bits(self.shared_w_up[None]),
+                                         bits(self.shared_w_down[None]), code, None, None,
+                                         None, None, bf16)
         lora = None
         if self.lora_rank:
             ab = []

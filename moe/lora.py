@@ -31,7 +31,8 @@ import numpy as np
 from . import _C
 from ._api import (SCORINGS, WEIGHT_DTYPES, RoutingResult, _shape_str, check_choice,
                    check_finite, check_float, check_int, float_array, int_array,
-                   remember_config, stored_weight, weight_bits)
+                   naming_nonfinite, refuse_resize, remember_config, stored_weight,
+                   weight_bits)
 
 __all__ = ["TopKLoRA", "SoftLoRA", "GatedLoRA", "HydraLoRA", "FlyLoRA", "SMoRA", "MultiLoRA",
            "sparse_projection"]
@@ -112,6 +113,8 @@ class _LoRALayer:
         return normal
 
     def __setattr__(self, name, value):
+        refuse_resize(self, name, ("d_in", "d_out", "rank", "dtype", "use_bias", "n_experts",
+                                   "n_router", "rank_partition"))
         weights = self._all_weights()
         if name in weights and value is not None:
             sizes = self._sizes()
@@ -148,12 +151,14 @@ class _LoRALayer:
                 raise ValueError(f"{name} is not set (the layer was made with init=False)")
         if self.use_bias and self.base_bias is None:
             raise ValueError("base_bias is None but the layer was built with bias=True")
-        base = _C.pack_linear(weight_bits(self.base_weight)[None],
-                              WEIGHT_DTYPES.index(self.dtype),
-                              self.base_bias[None] if self.use_bias else None)
-        lora_a = _C.pack_linear(self._a_for_pack(), 0)
-        object.__setattr__(self, "_packed", (base, lora_a, self._bank(),
-                                             _C.build_info()["isa"]))
+        with naming_nonfinite(self.dtype, base_weight=self.base_weight, lora_a=self.lora_a,
+                              lora_b=self.lora_b):
+            base = _C.pack_linear(weight_bits(self.base_weight)[None],
+                                  WEIGHT_DTYPES.index(self.dtype),
+                                  self.base_bias[None] if self.use_bias else None)
+            lora_a = _C.pack_linear(self._a_for_pack(), 0)
+            bank = self._bank()
+        object.__setattr__(self, "_packed", (base, lora_a, bank, _C.build_info()["isa"]))
         return self
 
     _OPTIONAL: tuple = ()

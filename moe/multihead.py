@@ -14,7 +14,8 @@ from __future__ import annotations
 import numpy as np
 
 from . import _C
-from ._api import WEIGHT_DTYPES, _shape_str, check_int, float_array, stored_weight, weight_bits
+from ._api import (WEIGHT_DTYPES, _shape_str, check_int, float_array, naming_nonfinite,
+                   refuse_resize, stored_weight, weight_bits)
 from .layer import SparseMoE
 
 __all__ = ["MultiHeadMoE"]
@@ -51,6 +52,7 @@ class MultiHeadMoE:
             self.w_merge = rng.standard_normal((d, d)).astype(np.float32) / np.sqrt(d)
 
     def __setattr__(self, name, value):
+        refuse_resize(self, name, ("d_model", "n_heads", "d_head", "dtype", "moe"))
         if name in ("w_in", "w_merge"):
             if value is not None:
                 d = self.d_model
@@ -64,9 +66,10 @@ class MultiHeadMoE:
         if self.w_in is None or self.w_merge is None:
             raise ValueError("w_in and w_merge must be set (the layer was made with init=False)")
         code = WEIGHT_DTYPES.index(self.dtype)
-        object.__setattr__(self, "_packed", (_C.pack_linear(weight_bits(self.w_in)[None], code),
-                                             _C.pack_linear(weight_bits(self.w_merge)[None],
-                                                            code)))
+        with naming_nonfinite(self.dtype, w_in=self.w_in, w_merge=self.w_merge):
+            packed = (_C.pack_linear(weight_bits(self.w_in)[None], code),
+                      _C.pack_linear(weight_bits(self.w_merge)[None], code))
+        object.__setattr__(self, "_packed", packed)
         return self
 
     def __call__(self, x, return_routing=False):

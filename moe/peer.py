@@ -24,7 +24,8 @@ from typing import NamedTuple
 import numpy as np
 
 from . import _C
-from ._api import _shape_str, check_choice, check_int, float_array, remember_config
+from ._api import (_shape_str, check_choice, check_int, float_array, refuse_resize,
+                   remember_config)
 
 __all__ = ["PEER", "PEERRouting", "PEER_ACTIVATIONS"]
 
@@ -137,6 +138,8 @@ class PEER:
 
     # Weight attributes are checked and converted when assigned.
     def __setattr__(self, name, value):
+        refuse_resize(self, name, ("d_model", "n_sub_keys", "n_heads", "d_key", "d_out",
+                                   "per_head_keys"))
         if value is not None and name in ("w_query", "sub_keys_1", "sub_keys_2", "u", "v"):
             value = float_array(value, name, self._weight_shapes()[name])
         object.__setattr__(self, name, value)

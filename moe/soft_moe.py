@@ -12,8 +12,8 @@ import numpy as np
 
 from . import _C
 from ._api import (ACTIVATIONS, GATED, WEIGHT_DTYPES, _shape_str, check_choice, check_float,
-                   check_int, float_array, remember_config, stored_weight,
-                   weight_bits)
+                   check_int, float_array, naming_nonfinite, refuse_resize, remember_config,
+                   stored_weight, weight_bits)
 
 # attribute -> shape template; names are resolved against the layer's sizes
 _WEIGHTS = {
@@ -100,6 +100,7 @@ class SoftMoE:
 
     # Weight attributes are checked and converted when assigned.
     def __setattr__(self, name, value):
+        refuse_resize(self, name, ("d_model", "d_ff", "n_experts", "slots_per_expert", "dtype"))
         if name in _WEIGHTS and value is not None:
             sizes = {"n_experts": self.n_experts, "d_model": self.d_model, "d_ff": self.d_ff,
                      "n_slots": self.n_slots}
@@ -128,9 +129,11 @@ class SoftMoE:
             if getattr(self, name) is None:
                 raise ValueError(f"{name} is not set (the layer was made with init=False)")
 
-        packed = _C.pack_experts(weight_bits(self.w_gate) if gated else None,
-                                 weight_bits(self.w_up), weight_bits(self.w_down),
-                                 WEIGHT_DTYPES.index(self.dtype))
+        with naming_nonfinite(self.dtype, w_gate=self.w_gate, w_up=self.w_up,
+                              w_down=self.w_down):
+            packed = _C.pack_experts(weight_bits(self.w_gate) if gated else None,
+                                     weight_bits(self.w_up), weight_bits(self.w_down),
+                                     WEIGHT_DTYPES.index(self.dtype))
         object.__setattr__(self, "_packed", packed)
         return self
 

@@ -13,7 +13,8 @@ import pytest
 
 import moe
 from moe import reference
-from test_cpu_kernels import available_isas, child_env, decoded, naive_matmul32, run_child
+from childproc import child_env
+from test_cpu_kernels import available_isas, decoded, naive_matmul32, run_child
 from tolerances import assert_within_naive
 
 GATED = ("swiglu", "geglu", "geglu-tanh")

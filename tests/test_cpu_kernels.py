@@ -6,7 +6,6 @@ experts, Ctrl-C, fork(), concurrent callers and the few-token (decode) path.
 import json
 import os
 import signal
-import subprocess
 import sys
 import textwrap
 import threading
@@ -17,6 +16,8 @@ import numpy as np
 import pytest
 
 import moe
+import childproc
+from childproc import child_env
 from moe import reference
 from tolerances import assert_close, assert_ids_equal, assert_within_naive
 
@@ -33,23 +34,23 @@ QWEN2 = dict(scoring="softmax", renormalize=False, n_shared_experts=1, shared_ex
 
 # ---- helpers ------------------------------------------------------------------------------
 
-def child_env(**extra):
-    """os.environ for a child Python that imports this moe; extra=None removes a variable."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        [os.path.dirname(os.path.dirname(moe.__file__)), os.environ.get("PYTHONPATH", "")]))
-    for key, value in extra.items():
-        if value is None:
-            env.pop(key, None)
-        else:
-            env[key] = value
-    return env
-
-
 def run_child(code, *args, env, timeout=120, cwd=None):
-    proc = subprocess.run([sys.executable, "-c", code, *map(str, args)], env=env,
-                          capture_output=True, text=True, timeout=timeout, cwd=cwd)
+    proc = childproc.python(code, *args, env=env, timeout=timeout, cwd=cwd)
     assert proc.returncode == 0, f"child failed (rc {proc.returncode}):\n{proc.stderr}"
     return proc
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="PYTHONSAFEPATH needs Python 3.11 "
+                    "(older ones get a working directory of their own instead)")
+def test_children_import_the_tested_moe_from_any_directory(tmp_path):
+    # A non-editable install tested from the source tree: the unbuilt moe/ in the working
+    # directory must not shadow the installed one in the children.
+    (tmp_path / "moe").mkdir()
+    (tmp_path / "moe" / "__init__.py").write_text("raise ImportError('the shadowing moe/')\n")
+    for cwd in (tmp_path, None):
+        proc = childproc.python("import moe; print(moe.__file__)", cwd=cwd)
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.strip() == moe.__file__
 
 
 def available_isas():
@@ -715,8 +716,7 @@ def sigint_run():
     """Run the Ctrl-C child once: SIGINT 0.1 s into a call of >= 0.5 s; what happened."""
     if not sys.platform.startswith("linux"):
         pytest.skip("Ctrl-C handling is Linux-only")
-    proc = subprocess.Popen([sys.executable, "-c", _SIGINT_CHILD], env=child_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = childproc.python(_SIGINT_CHILD, popen=True)
     try:
         line = proc.stdout.readline()
         if not line:

@@ -3,16 +3,14 @@ names the argument (and the expected shape, for shape errors).  Then the same fo
 the memory-safety net under the API, called directly with wrong types, dtypes, layouts and
 shapes; and a child process fed random garbage must survive it.
 """
-import os
 import re
-import subprocess
-import sys
 import textwrap
 
 import numpy as np
 import pytest
 
 import moe
+import childproc
 from moe import _C
 
 NAN, INF = float("nan"), float("inf")
@@ -440,6 +438,88 @@ def test_layer_bad_options_set_after_construction(make):
         layer(x)
 
 
+def test_shape_defining_attributes_are_read_only(make, tmp_path):
+    # n_experts = 400 used to be accepted: the forward still ran, and save() then wrote a
+    # file moe.load rejected; d_model = 32 gave "x must have shape (-1, 16)"
+    layer = moe.SparseMoE(16, 8, 8, 2)
+    for name, value in (("n_experts", 400), ("d_model", 32), ("d_ff", 4), ("dtype", "float16"),
+                        ("n_shared_experts", 1), ("lora_rank", 2)):
+        with pytest.raises(AttributeError, match=rf"^{name} of a SparseMoE is fixed when the "
+                                                 "layer is built"):
+            setattr(layer, name, value)
+    layer.save(tmp_path / "l.safetensors")  # still consistent
+    x = make.normal(3, 16)
+    np.testing.assert_array_equal(moe.load(tmp_path / "l.safetensors")(x), layer(x))
+    others = ((moe.SoftMoE(16, 8, 4), "n_experts"), (moe.PEER(16, 4, 2, 2), "n_sub_keys"),
+              (moe.MultiHeadMoE(16, 2, 8, 4, 2), "d_model"),
+              (moe.lora.MultiLoRA(16, 8, 2, 2), "rank"))
+    for other, name in others:
+        with pytest.raises(AttributeError, match=rf"^{name} of a {type(other).__name__} is "
+                                                 "fixed"):
+            setattr(other, name, 5)
+
+
+@pytest.mark.parametrize("call", [
+    lambda: moe.route(np.zeros((3, 4)), 2, routed_scaling=1e308),
+    lambda: moe.SparseMoE(16, 8, 8, 2, routed_scaling=-1e39),
+    lambda: moe.SparseMoE(16, 8, 8, 2, activation="swiglu-oai", swiglu_alpha=1e300),
+])
+def test_options_beyond_float32_are_rejected(call):
+    # routed_scaling=1e308 is finite in float64 but made every weight inf
+    with pytest.raises(ValueError, match=r"must be a finite number within float32's range"):
+        call()
+
+
+def test_update_expert_bias_refuses_to_overflow():
+    bias = np.array([0.0, 3.0e38, -1.0, 0.5], np.float32)
+    before = bias.copy()
+    with pytest.raises(ValueError, match=r"^rate=3e\+38 would make bias\[1\] non-finite"):
+        moe.update_expert_bias(bias, [0, 0, 9, 9], 3e38)  # bias[1] + 3e38 overflows float32
+    np.testing.assert_array_equal(bias, before)  # untouched
+    with pytest.raises(ValueError, match=r"^rate must be a finite number"):
+        moe.update_expert_bias(bias, [0, 0, 9, 9], 1e308)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+@pytest.mark.parametrize("bad", [NAN, INF])
+def test_non_finite_weights_are_named_when_packed(make, dtype, bad):
+    # a NaN in w_down made every output row it touched NaN, silently
+    x = make.normal(5, 16)
+    layer = moe.SparseMoE(16, 8, 4, 2, dtype=dtype, n_shared_experts=1)
+    w = moe.bfloat16_to_float32(layer.w_down) if dtype == "bfloat16" else \
+        layer.w_down.astype(np.float32)
+    w[2, 5, 3] = bad
+    layer.w_down = w
+    with pytest.raises(ValueError, match=r"^w_down must be finite, got (nan|inf) at index "
+                                         r"\(2, 5, 3\)"):
+        layer(x)
+    layer.w_down = np.nan_to_num(w, nan=0.0, posinf=0.0)
+    w = layer.shared_w_up.astype(np.float32) if dtype != "bfloat16" else \
+        moe.bfloat16_to_float32(layer.shared_w_up)
+    w[7, 1] = bad
+    layer.shared_w_up = w
+    with pytest.raises(ValueError, match=r"^shared_w_up must be finite, got .* at index "
+                                         r"\(7, 1\)"):
+        layer(x)
+    g = make.normal(4, 8, 16)
+    g[1, 0, 0] = bad
+    with pytest.raises(ValueError, match=r"^w_gate must be finite, got .* at index \(1, 0, 0\)"):
+        moe.pack_experts(g, make.normal(4, 8, 16), make.normal(4, 16, 8), dtype=dtype)
+    lora = moe.lora.MultiLoRA(16, 8, 2, 2)
+    lora.lora_a = np.full((2, 2, 16), bad, np.float32)
+    with pytest.raises(ValueError, match=r"^lora_a must be finite"):
+        lora(x, np.zeros(5, np.int32))
+
+
+def test_dispatch_refuses_a_request_the_machine_cannot_meet():
+    # 2**31 - 1 experts with no tokens grew to 22 GB and was OOM-killed (offsets are
+    # (n_experts + 1,) int64); now a MemoryError that names n_experts
+    with pytest.raises(MemoryError, match=r"^n_experts=2147483647 needs 32\.0 GiB"):
+        if moe._api.available_memory() is None or moe._api.available_memory() >= 2**35:
+            pytest.skip("this machine has the memory for it")
+        moe.dispatch(np.empty((0, 16), np.float32), np.empty((0, 2), np.int32), 2**31 - 1)
+
+
 # ---- moe._C: the memory-safety net ---------------------------------------------------------
 
 def _c_calls(make):
@@ -671,12 +751,7 @@ _FUZZ_CHILD = textwrap.dedent("""
 
 
 def test_c_functions_survive_random_garbage(tmp_path):
-    import moe as pkg
-    env = dict(os.environ,
-               PYTHONPATH=os.pathsep.join([os.path.dirname(os.path.dirname(pkg.__file__)),
-                                           os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, "-c", _FUZZ_CHILD, "12345", "3000"], env=env,
-                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    proc = childproc.python(_FUZZ_CHILD, "12345", "3000", cwd=tmp_path)
     assert proc.returncode == 0, f"child died with {proc.returncode}: {proc.stderr[-2000:]}"
     assert proc.stdout.startswith("fuzz")
 

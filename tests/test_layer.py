@@ -5,15 +5,13 @@ dtypes, zero tokens, weight assignment and in-place edits; and batch invariance:
 output is the same bits alone, in any batch, at any position (also with MOE_ISA=scalar).
 """
 import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import numpy as np
 import pytest
 
 import moe
+import childproc
 from moe import reference
 from tolerances import assert_close, assert_ids_equal, assert_int_equal, assert_scalar_close
 
@@ -325,13 +323,9 @@ def test_batch_invariance_with_forced_isa(make, tmp_path, isa):
                "shared_w_up", "shared_w_down"]
     np.savez(tmp_path / "in.npz", x=x, **{n: getattr(layer, n) for n in weights})
     cfg = dict(d=d, F=F, E=E, k=k, options=options, weights=weights)
-    env = dict(os.environ, MOE_ISA=isa,
-               PYTHONPATH=os.pathsep.join([os.path.dirname(os.path.dirname(moe.__file__)),
-                                           os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, "-c", _ISA_CHILD, json.dumps(cfg),
-                           str(tmp_path / "in.npz"), str(tmp_path / "out.npy")],
-                          env=env, capture_output=True, text=True, timeout=120,
-                          cwd=tmp_path)
+    proc = childproc.python(_ISA_CHILD, json.dumps(cfg), tmp_path / "in.npz",
+                            tmp_path / "out.npy", env=childproc.child_env(MOE_ISA=isa),
+                            cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert report["isa"] == isa

@@ -61,14 +61,30 @@ def bench(config="mixtral-small", n_tokens=512, repeat=5, check=True, seed=0, ou
     return result
 
 
+def _positive_int(text):
+    """argparse type: an int >= 1 (argparse turns the error into a usage message, exit 2)."""
+    try:
+        if int(text) >= 1:
+            return int(text)
+    except ValueError:
+        pass
+    raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m moe", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="cmd")
-    b = sub.add_parser("bench", help="time a layer on a built-in config")
-    b.add_argument("--config", default="mixtral-small", choices=sorted(CONFIGS))
-    b.add_argument("--tokens", type=int, default=512)
-    b.add_argument("--repeat", type=int, default=5)
-    b.add_argument("--no-check", action="store_true", help="skip the reference check")
+    b = sub.add_parser("bench", help="time a layer on a built-in config",
+                       description=__doc__.split("\n\n")[1].replace("\n", " "))
+    b.add_argument("--config", default="mixtral-small", choices=sorted(CONFIGS),
+                   help="the layer's shapes and routing (default: %(default)s)")
+    b.add_argument("--tokens", type=_positive_int, default=512, metavar="N",
+                   help="tokens per call (default: %(default)s)")
+    b.add_argument("--repeat", type=_positive_int, default=5, metavar="N",
+                   help="timed calls after one warm-up call; the median is reported "
+                        "(default: %(default)s)")
+    b.add_argument("--no-check", action="store_true",
+                   help="skip the check against the float64 reference")
     sub.add_parser("config", help="print the build and CPU configuration")
     args = parser.parse_args(argv)
     import moe

@@ -14,6 +14,7 @@ import sys
 import numpy as np
 
 from . import safetensors
+from ._api import check_float, check_int
 from .layer import SparseMoE
 
 ARCHITECTURES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "gpt_oss")
@@ -49,117 +50,160 @@ def _read_config(path):
         raise ValueError(f"{cfg_path}: expected a JSON object")
     # multimodal / nested configs keep the language model's under text_config
     if "text_config" in cfg and "hidden_size" not in cfg:
-        cfg = dict(cfg["text_config"], model_type=cfg["text_config"].get("model_type"))
+        text = _field(cfg, "text_config", "multimodal", dict)
+        cfg = dict(text, model_type=text.get("model_type"))
     return cfg
 
 
-def _need(cfg, key, arch):
-    """cfg[key]; key may be a tuple of names one version or another of transformers uses."""
-    for k in (key if isinstance(key, tuple) else (key,)):
-        if k in cfg:
-            return cfg[k]
-    raise ValueError(f"config.json of this {arch} checkpoint has no {key!r}")
+_REQUIRED = object()
+_KINDS = {bool: "true or false", str: "a string", list: "a list", dict: "a JSON object"}
+
+
+def _name(cfg, key):
+    """The name cfg holds `key` under (key may be a tuple of the names one version or another
+    of transformers uses), or None."""
+    return next((k for k in (key if isinstance(key, tuple) else (key,)) if k in cfg), None)
+
+
+def _field(cfg, key, arch, kind=int, low=None, default=_REQUIRED):
+    """Config field `key` checked to be of `kind` (an int >= low, a finite float, or a JSON
+    bool / str / list / dict), naming it in the error; `default` when absent or null
+    (without a default the field is required).  The one place config fields are checked."""
+    name = _name(cfg, key)
+    value = None if name is None else cfg[name]
+    if value is None and default is not _REQUIRED:
+        return default
+    if name is None:
+        raise ValueError(f"config.json of this {arch} checkpoint has no {key!r}")
+    label = f"config.json: {name}"
+    if kind is int:
+        return check_int(value, label, low)
+    if kind is float:
+        return check_float(value, label)
+    if not isinstance(value, kind):
+        raise TypeError(f"{label} must be {_KINDS[kind]}, got {type(value).__name__}")
+    return value
 
 
 _N_EXPERTS = ("num_experts", "num_local_experts", "n_routed_experts")
 
 
 def _layer_plan(cfg, layer):
-    """(block prefix, SparseMoE kwargs, expert key style, shared prefix) for one layer."""
+    """(arch, block prefix, SparseMoE kwargs, the config field each size of kwargs comes
+    from, expert key style, shared prefix and gate key) for one layer."""
     arch = cfg.get("model_type")
     if arch not in ARCHITECTURES:
         raise ValueError(f"unknown architecture (model_type) {arch!r}; moe.from_hf knows "
                          f"{', '.join(ARCHITECTURES)}")
-    n_layers = _need(cfg, "num_hidden_layers", arch)
+    n_layers = _field(cfg, "num_hidden_layers", arch, low=1)
     if not isinstance(layer, int) or isinstance(layer, bool) or not 0 <= layer < n_layers:
         raise ValueError(f"layer must be an int in 0..{n_layers - 1}, got {layer!r}")
-    act = _ACTIVATIONS.get(cfg.get("hidden_act", "silu"))
+    hidden_act = _field(cfg, "hidden_act", arch, str, default="silu")
+    act = _ACTIVATIONS.get(hidden_act)
     if act is None:
-        raise ValueError(f"unsupported hidden_act {cfg.get('hidden_act')!r} in config.json")
-    d = _need(cfg, "hidden_size", arch)
-    kw = dict(d_model=d, activation=act, top_k=_need(cfg, "num_experts_per_tok", arch))
+        raise ValueError(f"unsupported hidden_act {hidden_act!r} in config.json")
+    ff_key = ("moe_intermediate_size" if arch in ("qwen2_moe", "qwen3_moe", "deepseek_v3")
+              else "intermediate_size")
+    kw = dict(d_model=_field(cfg, "hidden_size", arch, low=1),
+              d_ff=_field(cfg, ff_key, arch, low=1),
+              n_experts=_field(cfg, _N_EXPERTS, arch, low=1),
+              top_k=_field(cfg, "num_experts_per_tok", arch, low=1), activation=act)
+    fields = dict(d_model="hidden_size", d_ff=ff_key, n_experts=_name(cfg, _N_EXPERTS))
     prefix = f"model.layers.{layer}.mlp."
+    style = ("gate_proj", "up_proj", "down_proj")
     shared = None
     if arch == "mixtral":
         prefix = f"model.layers.{layer}.block_sparse_moe."
-        kw.update(d_ff=_need(cfg, "intermediate_size", arch),
-                  n_experts=_need(cfg, _N_EXPERTS, arch), renormalize=True)
+        kw.update(renormalize=True)
         style = ("w1", "w3", "w2")
     elif arch in ("qwen2_moe", "qwen3_moe"):
-        sparse_step = cfg.get("decoder_sparse_step", 1) or 1
-        if layer in (cfg.get("mlp_only_layers") or []) or (layer + 1) % sparse_step:
+        sparse_step = _field(cfg, "decoder_sparse_step", arch, low=1, default=1)
+        if (layer in _field(cfg, "mlp_only_layers", arch, list, default=[])
+                or (layer + 1) % sparse_step):
             raise ValueError(f"layer {layer} of this {arch} checkpoint is a dense MLP, not an "
                              "MoE block (mlp_only_layers / decoder_sparse_step)")
-        kw.update(d_ff=_need(cfg, "moe_intermediate_size", arch),
-                  n_experts=_need(cfg, _N_EXPERTS, arch),
-                  renormalize=bool(cfg.get("norm_topk_prob", False)))
-        style = ("gate_proj", "up_proj", "down_proj")
-        if arch == "qwen2_moe" and cfg.get("shared_expert_intermediate_size", 0):
-            kw.update(n_shared_experts=1, shared_d_ff=cfg["shared_expert_intermediate_size"],
-                      shared_expert_gate=True)
+        kw.update(renormalize=_field(cfg, "norm_topk_prob", arch, bool, default=False))
+        shared_d_ff = (_field(cfg, "shared_expert_intermediate_size", arch, low=0, default=0)
+                       if arch == "qwen2_moe" else 0)
+        if shared_d_ff:
+            kw.update(n_shared_experts=1, shared_d_ff=shared_d_ff, shared_expert_gate=True)
+            fields.update(shared="shared_expert_intermediate_size")
             shared = ("shared_expert.", "shared_expert_gate.weight")
     elif arch == "olmoe":
-        kw.update(d_ff=_need(cfg, "intermediate_size", arch),
-                  n_experts=_need(cfg, _N_EXPERTS, arch),
-                  renormalize=bool(cfg.get("norm_topk_prob", False)))
-        style = ("gate_proj", "up_proj", "down_proj")
+        kw.update(renormalize=_field(cfg, "norm_topk_prob", arch, bool, default=False))
     elif arch == "deepseek_v3":
-        first_dense = cfg.get("first_k_dense_replace", 0)
-        freq = cfg.get("moe_layer_freq", 1) or 1
+        first_dense = _field(cfg, "first_k_dense_replace", arch, low=0, default=0)
+        freq = _field(cfg, "moe_layer_freq", arch, low=1, default=1)
         if layer < first_dense or layer % freq:
             raise ValueError(f"layer {layer} of this deepseek_v3 checkpoint is a dense MLP "
                              f"(first_k_dense_replace={first_dense}, moe_layer_freq={freq})")
-        F = _need(cfg, "moe_intermediate_size", arch)
-        kw.update(d_ff=F, n_experts=_need(cfg, _N_EXPERTS, arch), scoring="sigmoid",
-                  renormalize=bool(cfg.get("norm_topk_prob", True)),
-                  routed_scaling=float(cfg.get("routed_scaling_factor", 1.0)),
-                  n_groups=cfg.get("n_group", 1) or 1, topk_groups=cfg.get("topk_group", 1) or 1,
+        kw.update(scoring="sigmoid",
+                  renormalize=_field(cfg, "norm_topk_prob", arch, bool, default=True),
+                  routed_scaling=_field(cfg, "routed_scaling_factor", arch, float, default=1.0),
+                  n_groups=_field(cfg, "n_group", arch, low=1, default=1),
+                  topk_groups=_field(cfg, "topk_group", arch, low=1, default=1),
                   expert_bias=True)
-        if cfg.get("n_shared_experts"):
-            kw.update(n_shared_experts=cfg["n_shared_experts"], shared_d_ff=F)
+        n_shared = _field(cfg, "n_shared_experts", arch, low=0, default=0)
+        if n_shared:
+            kw.update(n_shared_experts=n_shared, shared_d_ff=kw["d_ff"])
+            fields.update(shared="n_shared_experts*moe_intermediate_size")
             shared = ("shared_experts.", None)
-        style = ("gate_proj", "up_proj", "down_proj")
     else:  # gpt_oss: router with a bias, top-k of the logits then softmax, clamped SwiGLU
-        kw.update(d_ff=_need(cfg, "intermediate_size", arch),
-                  n_experts=_need(cfg, _N_EXPERTS, arch), scoring="softmax-after-topk",
-                  activation="swiglu-oai", router_bias=True, expert_biases=True,
-                  swiglu_alpha=float(cfg.get("swiglu_alpha", 1.702)),
-                  swiglu_limit=float(cfg.get("swiglu_limit", 7.0)))
+        kw.update(scoring="softmax-after-topk", activation="swiglu-oai", router_bias=True,
+                  expert_biases=True,
+                  swiglu_alpha=_field(cfg, "swiglu_alpha", arch, float, default=1.702),
+                  swiglu_limit=_field(cfg, "swiglu_limit", arch, float, default=7.0))
         style = None
-    return arch, prefix, kw, style, shared
+    return arch, prefix, kw, fields, style, shared
 
 
-def _stack(ck, keys, label):
-    missing = [k for k in keys if k not in ck]
-    if missing:
-        raise KeyError(f"the checkpoint has no tensor {missing[0]!r} ({label})")
+def _check_shape(ck, key, dims, label):
+    """Tensor `key` must have the shape `dims`, (config field, size) pairs.  This reads the
+    header only: the config's sizes are checked against the file before anything of their
+    size is built (10**9 experts would build 10**9 key names), naming the field that asks
+    for more, or other, than the file holds."""
+    if key not in ck:
+        raise KeyError(f"the checkpoint has no tensor {key!r} ({label})")
+    shape = tuple(ck.shape(key))
+    if shape == tuple(size for _, size in dims):
+        return
+    expected = ", ".join(f"{field}={size}" for field, size in dims)
+    bad = [f"config.json: {field}={size}, but " for (field, size), n in zip(dims, shape)
+           if n != size and len(shape) == len(dims)]
+    raise ValueError(f"{bad[0] if bad else ''}{key} ({label}) in the checkpoint has shape "
+                     f"{shape}, expected ({expected})")
+
+
+def _stack(ck, keys, shape, label):
+    for k in keys:
+        _check_shape(ck, k, shape, label)
     return np.stack([np.asarray(ck.get(k)) for k in keys])
 
 
-def _expert_weights(ck, prefix, E, F, style):
-    """(w_gate, w_up, w_down) as (E, F, d), (E, F, d), (E, d, F) in the file's dtype."""
+def _expert_weights(ck, prefix, E, F, d, style):
+    """(w_gate, w_up, w_down) as (E, F, d), (E, F, d), (E, d, F) in the file's dtype; E, F, d
+    are (config field, size) pairs, E already checked against the router."""
     g, u, dn = style
     if prefix + "experts.gate_up_proj" in ck:  # fused 3-D tensors (transformers >= 5)
+        _check_shape(ck, prefix + "experts.gate_up_proj", (E, (f"2*{F[0]}", 2 * F[1]), d),
+                     "fused gate and up projections")
+        _check_shape(ck, prefix + "experts.down_proj", (E, d, F), "fused down projections")
         gu = np.asarray(ck.get(prefix + "experts.gate_up_proj"))
-        down = np.asarray(ck.get(prefix + "experts.down_proj"))
-        if gu.ndim != 3 or gu.shape[0] != E or gu.shape[1] != 2 * F:
-            raise ValueError(f"{prefix}experts.gate_up_proj has shape {gu.shape}, expected "
-                             f"({E}, {2 * F}, d_model)")
-        return gu[:, :F], gu[:, F:], down
-    keys = lambda name: [f"{prefix}experts.{e}.{name}.weight" for e in range(E)]  # noqa: E731
-    return (_stack(ck, keys(g), "expert gate projections"),
-            _stack(ck, keys(u), "expert up projections"),
-            _stack(ck, keys(dn), "expert down projections"))
+        return gu[:, :F[1]], gu[:, F[1]:], np.asarray(ck.get(prefix + "experts.down_proj"))
+    keys = lambda name: [f"{prefix}experts.{e}.{name}.weight" for e in range(E[1])]  # noqa: E731
+    return (_stack(ck, keys(g), (F, d), "expert gate projections"),
+            _stack(ck, keys(u), (F, d), "expert up projections"),
+            _stack(ck, keys(dn), (d, F), "expert down projections"))
 
 
-def _gpt_oss_experts(ck, prefix, E, F):
+def _gpt_oss_experts(ck, prefix, E, F, d):
     """gpt-oss stores (E, d, 2F) with gate and up interleaved column by column, and
     (E, F, d) for down: transpose to the nn.Linear layout."""
+    _check_shape(ck, prefix + "experts.gate_up_proj", (E, d, (f"2*{F[0]}", 2 * F[1])),
+                 "fused gate and up projections")
+    _check_shape(ck, prefix + "experts.down_proj", (E, F, d), "fused down projections")
     gu = np.asarray(ck.get(prefix + "experts.gate_up_proj"))
     down = np.asarray(ck.get(prefix + "experts.down_proj"))
-    if gu.ndim != 3 or gu.shape[0] != E or gu.shape[2] != 2 * F:
-        raise ValueError(f"{prefix}experts.gate_up_proj has shape {gu.shape}, expected "
-                         f"({E}, d_model, {2 * F})")
     return (gu[:, :, 0::2].transpose(0, 2, 1), gu[:, :, 1::2].transpose(0, 2, 1),
             down.transpose(0, 2, 1))
 
@@ -190,21 +234,24 @@ def from_hf(path, layer, *, dtype=None, progress=None) -> SparseMoE:
     none.  Routing semantics come from the config (softmax/sigmoid, norm_topk_prob,
     routed_scaling_factor, n_group/topk_group, e_score_correction_bias, shared experts and
     Qwen2-MoE's shared-expert gate).  Unknown architectures and missing keys raise
-    ValueError / KeyError naming them.
+    ValueError / KeyError naming them; a config field of the wrong type or range raises
+    TypeError / ValueError naming it, and so does a size (n_experts, d_ff, d_model) that
+    the checkpoint's tensors do not hold, checked on the header before anything is built.
     """
     cfg = _read_config(path)
-    arch, prefix, kw, style, shared = _layer_plan(cfg, layer)
+    arch, prefix, kw, fields, style, shared = _layer_plan(cfg, layer)
     bar = None if progress is False else (progress or _progress_bar)
     with safetensors.open_checkpoint(path, progress=bar) as ck:
         router_key = prefix + ("router.weight" if arch == "gpt_oss" else "gate.weight")
         if router_key not in ck:
             raise KeyError(f"the checkpoint has no tensor {router_key!r}: layer {layer} has no "
                            f"{arch} MoE block here")
-        E, F = kw["n_experts"], kw["d_ff"]
+        E, F, d = ((fields[k], kw[k]) for k in ("n_experts", "d_ff", "d_model"))
+        _check_shape(ck, router_key, (E, d), "router")
         if arch == "gpt_oss":
-            wg, wu, wd = _gpt_oss_experts(ck, prefix, E, F)
+            wg, wu, wd = _gpt_oss_experts(ck, prefix, E, F, d)
         else:
-            wg, wu, wd = _expert_weights(ck, prefix, E, F, style)
+            wg, wu, wd = _expert_weights(ck, prefix, E, F, d, style)
         key0 = (prefix + "experts.gate_up_proj" if prefix + "experts.gate_up_proj" in ck
                 else f"{prefix}experts.0.{style[1]}.weight")
         file_dtype = _file_dtype(ck, key0)
@@ -227,12 +274,11 @@ def from_hf(path, layer, *, dtype=None, progress=None) -> SparseMoE:
             moe_layer.b_down = _float32(ck, prefix + "experts.down_proj_bias")
         if shared is not None:
             sp, gate_key = shared
-            sw = [np.asarray(ck.get(prefix + sp + n + ".weight"))
-                  if prefix + sp + n + ".weight" in ck else None
-                  for n in ("gate_proj", "up_proj", "down_proj")]
-            if any(a is None for a in sw):
-                raise KeyError(f"the checkpoint has no tensor {prefix}{sp}(gate|up|down)_proj"
-                               ".weight for the shared expert")
+            H = (fields["shared"], kw["n_shared_experts"] * kw["shared_d_ff"])
+            sw = []
+            for n, shape in (("gate_proj", (H, d)), ("up_proj", (H, d)), ("down_proj", (d, H))):
+                _check_shape(ck, prefix + sp + n + ".weight", shape, "shared expert projections")
+                sw.append(np.asarray(ck.get(prefix + sp + n + ".weight")))
             if file_dtype == "bfloat16" and convert:
                 sw = [(a.astype(np.uint32) << 16).view(np.float32) for a in sw]
             moe_layer.shared_w_gate, moe_layer.shared_w_up, moe_layer.shared_w_down = sw

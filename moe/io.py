@@ -73,6 +73,9 @@ def load(path):
             config = json.loads(meta["config"])
         except ValueError as exc:
             raise ValueError(f"{path}: the layer config in the metadata is not JSON: {exc}")
+        if not isinstance(config, dict):
+            raise ValueError(f"{path}: the layer config in the metadata must be a JSON object "
+                             f"(the layer's arguments), got {type(config).__name__}")
         layer = cls(**config, init=False)
         names = set(_weight_names(layer))
         for key in f.keys():

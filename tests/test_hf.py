@@ -213,3 +213,46 @@ def test_fused_expert_tensors_load(arch, tmp_path, rng):
     x = rng.standard_normal((6, 32)).astype(np.float32)
     assert np.array_equal(fused(x), per_expert(x))
     assert_close(fused(x[None]), hf_forward(model, x[None]), rtol=1e-4, atol_scale=1e-5)
+
+
+def tiny_mixtral(folder, **config):
+    """A hand-written Mixtral checkpoint of 4 experts (d_model 16, d_ff 8; the keys and
+    layout save_pretrained writes) whose config.json takes `config` over the true sizes."""
+    d, F, E = 16, 8, 4
+    src = moe.SparseMoE(d_model=d, d_ff=F, n_experts=E, top_k=2, seed=1)
+    prefix = "model.layers.0.block_sparse_moe."
+    tensors = {prefix + "gate.weight": src.router_weight}
+    for e in range(E):
+        for name, w in (("w1", src.w_gate), ("w3", src.w_up), ("w2", src.w_down)):
+            tensors[f"{prefix}experts.{e}.{name}.weight"] = w[e]
+    safetensors.save_file(tensors, str(folder / "model.safetensors"))
+    cfg = {"model_type": "mixtral", "hidden_size": d, "intermediate_size": F,
+           "num_local_experts": E, "num_experts_per_tok": 2, "num_hidden_layers": 1}
+    cfg.update(config)
+    (folder / "config.json").write_text(json.dumps({k: v for k, v in cfg.items()
+                                                    if v is not None}))
+    return str(folder)
+
+
+@pytest.mark.parametrize("field, value", [("num_local_experts", 10**9),
+                                          ("num_local_experts", 5), ("num_local_experts", 3),
+                                          ("hidden_size", 17), ("intermediate_size", 9)])
+def test_config_sizes_checked_against_the_file(field, value, tmp_path):
+    """A config asking for more (or other) than the checkpoint's tensors hold fails on the
+    header, naming the field, before building a name or an array of that size (10**9
+    experts would once build 10**9 key names)."""
+    folder = tiny_mixtral(tmp_path, **{field: value})
+    with pytest.raises(ValueError, match=rf"config\.json: {field}={value}, but .* has shape"):
+        moe.from_hf(folder, 0)
+
+
+@pytest.mark.parametrize("config, error, message", [
+    ({"num_local_experts": -3}, ValueError, r"num_local_experts must be in >= 1, got -3"),
+    ({"num_hidden_layers": "1"}, TypeError, r"num_hidden_layers must be an int, got str"),
+    ({"num_experts_per_tok": True}, TypeError, r"num_experts_per_tok must be an int, got bool"),
+    ({"hidden_size": None, "text_config": 5}, TypeError,
+     r"text_config must be a JSON object, got int"),
+])
+def test_bad_config_fields_are_named(config, error, message, tmp_path):
+    with pytest.raises(error, match=r"config\.json: " + message):
+        moe.from_hf(tiny_mixtral(tmp_path, **config), 0)

@@ -48,3 +48,16 @@ def test_round_trip(tmp_path, index):
 def test_save_refuses_other_objects(tmp_path):
     with pytest.raises(TypeError, match="moe.save takes"):
         moe.save(moe.MultiHeadMoE(8, 2, 8, 2, 1), tmp_path / "x.safetensors")
+
+
+@pytest.mark.parametrize("config", ["[1, 2]", '"SparseMoE"', "null"])
+def test_load_refuses_a_config_that_is_not_an_object(tmp_path, config):
+    path = tmp_path / "layer.safetensors"
+    moe.save(moe.SparseMoE(8, 4, 2, 1), path)
+    tensors = moe.safetensors.load_file(path)
+    meta = {"format": moe.io.FORMAT, "class": "SparseMoE", "config": config}
+    moe.safetensors.save_file({k: np.array(v) for k, v in tensors.items()}, path,
+                              metadata=meta)
+    with pytest.raises(ValueError, match=r"the layer config in the metadata must be a JSON "
+                                         r"object \(the layer's arguments\), got"):
+        moe.load(path)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import math
 import numbers
 import os
 from typing import NamedTuple
@@ -110,15 +111,18 @@ def check_int(value, name, low=None, high=None):
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
-def check_float(value, name, positive=False):
-    """A real option; the core computes in float32, so it must be finite there too (a
-    routed_scaling of 1e308 would make every weight inf)."""
+def check_float(value, name, positive=False, float32=False):
+    """A finite real option; float32=True for one the core applies in float32, which must
+    be finite there too (a routed_scaling of 1e308 made every weight inf)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     value = float(value)
-    if not abs(value) <= _FLOAT32_MAX or (positive and value <= 0):
-        raise ValueError(f"{name} must be a finite{' positive' if positive else ''} number "
-                         f"within float32's range (|{name}| <= 3.4e38), got {value}")
+    if not math.isfinite(value) or (positive and value <= 0):
+        raise ValueError(f"{name} must be a finite{' positive' if positive else ''} number, "
+                         f"got {value}")
+    if float32 and abs(value) > _FLOAT32_MAX:
+        raise ValueError(f"{name} must be a finite number within float32's range "
+                         f"(|{name}| <= 3.4e38), got {value}")
     return value
 
 
@@ -166,7 +170,7 @@ def check_routing_options(n_experts, top_k, scoring, n_groups, topk_groups, rout
             f"topk_groups * (n_experts / n_groups) must be >= top_k={top_k}, got "
             f"{topk_groups} * {n_experts // n_groups}"
         )
-    routed_scaling = check_float(routed_scaling, "routed_scaling")
+    routed_scaling = check_float(routed_scaling, "routed_scaling", float32=True)
     cf = 0.0 if capacity_factor is None else check_float(capacity_factor, "capacity_factor", True)
     return top_k, code, n_groups, topk_groups, routed_scaling, cf
 
@@ -595,8 +599,8 @@ def expert_ffn(x_sorted, offsets, w_gate, w_up=None, w_down=None, activation="sw
         raise ValueError(f"activation {activation!r} does not match experts packed "
                          f"{'with' if packed.gated else 'without'} w_gate")
     return _C.ffn_grouped(x, None, offsets, packed.capsule, act,
-                          check_float(swiglu_alpha, "swiglu_alpha"),
-                          check_float(swiglu_limit, "swiglu_limit", True))
+                          check_float(swiglu_alpha, "swiglu_alpha", float32=True),
+                          check_float(swiglu_limit, "swiglu_limit", True, float32=True))
 
 
 def ffn(x, w_gate, w_up, w_down, activation="swiglu", dtype=None):

@@ -193,11 +193,11 @@ class SparseMoE:
         check_choice(dtype, "dtype", WEIGHT_DTYPES)
         self.dtype = dtype
         self.use_router_bias, self.use_expert_biases = bool(router_bias), bool(expert_biases)
-        self.swiglu_alpha = check_float(swiglu_alpha, "swiglu_alpha")
-        self.swiglu_limit = check_float(swiglu_limit, "swiglu_limit", True)
+        self.swiglu_alpha = check_float(swiglu_alpha, "swiglu_alpha", float32=True)
+        self.swiglu_limit = check_float(swiglu_limit, "swiglu_limit", True, float32=True)
         self.lora_rank = check_int(lora_rank, "lora_rank", 0)
         self.lora_alpha = (float(self.lora_rank) if lora_alpha is None
-                           else check_float(lora_alpha, "lora_alpha"))
+                           else check_float(lora_alpha, "lora_alpha", float32=True))
         if lora_targets is None:  # every projection the activation has
             lora_targets = LORA_TARGETS if activation in GATED else LORA_TARGETS[1:]
         targets = (lora_targets,) if isinstance(lora_targets, str) else tuple(lora_targets)
@@ -473,7 +473,7 @@ class SparseMoE:
         out, ids, w, counts, n_dropped, aux, z, n_real, norm = _C.layer_forward(
             x2, self.router_weight, routed, top_k, act,
             self.expert_bias if self.use_expert_bias else None, code, self.renormalize,
-            check_float(scaling, "routed_scaling"), n_groups, topk_groups, cf, shared, sgate,
+            check_float(scaling, "routed_scaling", float32=True), n_groups, topk_groups, cf, shared, sgate,
             self.router_bias if self.use_router_bias else None, self.swiglu_alpha,
             self.swiglu_limit, lora, kinds, values, allowed, groups, bool(want_norm),
             *(given[:2] if given else (None, None)), self.skip_threshold,

@@ -81,7 +81,7 @@ class _LoRALayer:
         self.d_in = check_int(d_in, "d_in", 1)
         self.d_out = check_int(d_out, "d_out", 1)
         self.rank = check_int(rank, "rank", 1)
-        self.alpha = float(self.rank) if alpha is None else check_float(alpha, "alpha")
+        self.alpha = float(self.rank) if alpha is None else check_float(alpha, "alpha", float32=True)
         check_choice(dtype, "dtype", WEIGHT_DTYPES)
         self.dtype = dtype
         self.use_bias = bool(bias)
@@ -571,7 +571,7 @@ class MultiLoRA(_LoRALayer):
         la[i, :r_i] = a
         lb[i] = 0.0
         lb[i, :, :r_i] = b
-        sc[i] = (r_i if alpha is None else check_float(alpha, "alpha")) / r_i
+        sc[i] = (r_i if alpha is None else check_float(alpha, "alpha", float32=True)) / r_i
         self.lora_a, self.lora_b, self.scalings = la, lb, sc
 
     def __call__(self, x, adapter_ids, *, return_routing=False):

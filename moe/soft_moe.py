@@ -78,8 +78,8 @@ class SoftMoE:
         self.scale = scale
         check_choice(dtype, "dtype", WEIGHT_DTYPES)
         self.dtype = dtype
-        self.swiglu_alpha = check_float(swiglu_alpha, "swiglu_alpha")
-        self.swiglu_limit = check_float(swiglu_limit, "swiglu_limit", True)
+        self.swiglu_alpha = check_float(swiglu_alpha, "swiglu_alpha", float32=True)
+        self.swiglu_limit = check_float(swiglu_limit, "swiglu_limit", True, float32=True)
         if not init:
             return
         rng = np.random.default_rng(seed)

@@ -1,12 +1,12 @@
 """Build the moe package: the C core (csrc/) and its one NumPy binding file.
 
-All csrc/*.c files go into one extension, moe._C.  The CPU tile kernels are
+All csrc/**/*.c files go into one extension, moe._C.  The CPU tile kernels are
 compiled for several instruction sets (by #pragma in their files) and chosen
 at run time, so the build never assumes the build machine's CPU.
 
 The CUDA backend (cuda/*.cu) is compiled by nvcc into a plain shared library
 next to it, moe/_moe_cuda.so, which the core loads at run time when it is
-there (csrc/cuda_loader.c): the package installs and works without CUDA.
+there (csrc/runtime/cuda_loader.c): the package installs and works without CUDA.
   MOE_CUDA=0      skip it;  MOE_CUDA=1  a missing nvcc is an error;
   (unset)         build it when nvcc is found (CUDA_HOME, PATH, /usr/local/cuda);
   MOE_CUDA_ARCH   e.g. "80;90" (the default): SASS for each, PTX for the last.
@@ -43,12 +43,16 @@ def link_flags():
     return []
 
 
-sources = sorted(glob.glob("csrc/*.c"))
+# csrc/ by floor: binding/ (the one Python file), compose/ (layer, LoRA, Soft
+# MoE), ops/ (the public ops and the one backend switch), cpu/ (CPU ops and
+# kernels), runtime/ (pool, workspace, status, the CUDA loader).  Includes are
+# written from csrc/ ("cpu/kernels.h") or the root ("cuda/moe_cuda.h").
+sources = sorted(glob.glob("csrc/**/*.c", recursive=True))
 ext = Extension(
     "moe._C",
     sources=sources,
-    depends=glob.glob("csrc/*.h") + glob.glob("csrc/*.inc"),
-    include_dirs=[np.get_include(), "csrc"],
+    depends=glob.glob("csrc/**/*.h", recursive=True) + glob.glob("csrc/**/*.inc", recursive=True),
+    include_dirs=[np.get_include(), "csrc", "."],
     define_macros=[("NPY_TARGET_VERSION", "NPY_1_22_API_VERSION")],
     extra_compile_args=c_flags(),
     extra_link_args=link_flags(),
@@ -100,7 +104,7 @@ class BuildExt(build_ext):
         for src in sorted(glob.glob("cuda/*.cu")):
             obj = os.path.join(tmp, os.path.basename(src) + ".o")
             cmd = [nvcc, "-std=c++17", "-O3", "-Xcompiler", "-fPIC,-fvisibility=hidden",
-                   "-Icuda", "-c", src, "-o", obj] + gencode
+                   "-Icuda", "-Icsrc", "-c", src, "-o", obj] + gencode
             print(" ".join(cmd))
             subprocess.run(cmd, check=True)
             objs.append(obj)

@@ -4,8 +4,8 @@
  *
  * Every entry point returns one moe_status; moe_last_error() holds a
  * thread-local message with the detail.  Nothing here knows about Python:
- * csrc/module.c is the only binding file.  Each op takes one params struct by
- * const pointer; every field carries its shape.  Arrays are dense and
+ * csrc/binding/module.c is the only binding file.  Each op takes one params
+ * struct by const pointer; every field carries its shape.  Arrays are dense and
  * row-major unless a stride field says otherwise.
  */
 #ifndef MOE_H
@@ -13,6 +13,8 @@
 
 #include <stddef.h>
 #include <stdint.h>
+
+#include "moe_options.h"
 
 #ifdef __cplusplus
 extern "C" {
@@ -40,33 +42,56 @@ const char *moe_last_error(void);
 
 /* ---- options --------------------------------------------------------- */
 
+/* The enums come from the lists of moe_options.h (values: list order);
+ * MOE_<SET>_COUNT is the number of entries of each. */
+#define MOE_ENUM_ENTRY_(prefix, name) prefix##name,
+#define MOE_SCORING_ENTRY_(name, str) MOE_ENUM_ENTRY_(MOE_SCORING_, name)
+#define MOE_ACTIVATION_ENTRY_(name, str, gated)                             \
+    MOE_ENUM_ENTRY_(MOE_ACTIVATION_, name)
+#define MOE_DTYPE_ENTRY_(name, str) MOE_ENUM_ENTRY_(MOE_DTYPE_, name)
+#define MOE_ROUTER_ENTRY_(name, str) MOE_ENUM_ENTRY_(MOE_ROUTER_, name)
+#define MOE_NULL_ENTRY_(name, str) MOE_ENUM_ENTRY_(MOE_NULL_, name)
+#define MOE_PEER_ACTIVATION_ENTRY_(name, str)                               \
+    MOE_ENUM_ENTRY_(MOE_PEER_ACTIVATION_, name)
+
 typedef enum moe_scoring {
-    MOE_SCORING_SOFTMAX            = 0, /* softmax over all E, then top-k   */
-    MOE_SCORING_SOFTMAX_AFTER_TOPK = 1, /* top-k of logits, softmax over k  */
-    MOE_SCORING_SIGMOID            = 2  /* independent sigmoid per expert   */
+    MOE_SCORING_LIST(MOE_SCORING_ENTRY_)
+    MOE_SCORING_COUNT
 } moe_scoring;
 
 typedef enum moe_activation {
-    MOE_ACTIVATION_SWIGLU     = 0, /* silu(gate) * up                       */
-    MOE_ACTIVATION_GEGLU      = 1, /* gelu(gate) * up, exact erf gelu       */
-    MOE_ACTIVATION_GEGLU_TANH = 2, /* gelu_tanh(gate) * up                  */
-    MOE_ACTIVATION_GELU       = 3, /* gelu(up); w_gate unused               */
-    MOE_ACTIVATION_GELU_TANH  = 4, /* gelu_tanh(up)                         */
-    MOE_ACTIVATION_RELU       = 5, /* relu(up)                              */
-    MOE_ACTIVATION_SILU       = 6, /* silu(up)                              */
-    MOE_ACTIVATION_SWIGLU_OAI = 7  /* gpt-oss: g = min(g, limit), u clamped
-                                      to +-limit, (u + 1) g sigmoid(alpha g) */
+    MOE_ACTIVATION_LIST(MOE_ACTIVATION_ENTRY_)
+    MOE_ACTIVATION_COUNT
 } moe_activation;
 
 /* Nonzero when the activation multiplies an activated gate by up. */
 int moe_activation_is_gated(moe_activation activation);
 
+/* The same, inline for the kernels. */
+static inline int
+moe_activation_gated(moe_activation activation)
+{
+    switch (activation) {
+#define MOE_GATED_CASE_(name, str, gated)                                   \
+    case MOE_ACTIVATION_##name: return gated;
+    MOE_ACTIVATION_LIST(MOE_GATED_CASE_)
+#undef MOE_GATED_CASE_
+    default: return 0;
+    }
+}
+
 /* Storage type of expert weights; activations are always float32. */
 typedef enum moe_dtype {
-    MOE_DTYPE_F32  = 0,
-    MOE_DTYPE_BF16 = 1, /* bfloat16 bits in uint16                       */
-    MOE_DTYPE_F16  = 2  /* IEEE half bits in uint16                      */
+    MOE_DTYPE_LIST(MOE_DTYPE_ENTRY_)
+    MOE_DTYPE_COUNT
 } moe_dtype;
+
+/* Routers of a layer (moe.SparseMoE's router=); only the binding reads it
+ * today: the layer's other routers still compose in Python. */
+typedef enum moe_router {
+    MOE_ROUTER_LIST(MOE_ROUTER_ENTRY_)
+    MOE_ROUTER_COUNT
+} moe_router;
 
 /* ---- threads and interrupts ------------------------------------------ */
 
@@ -333,7 +358,7 @@ typedef struct moe_linear_params {
 /* out[r] = x_r @ w_g^T + b_g (+ low-rank update), g the group of row r. */
 moe_status moe_linear_grouped(const moe_linear_params *p);
 
-/* ---- LoRA experts (csrc/lora.c) -------------------------------------- */
+/* ---- LoRA experts (csrc/compose/lora.c) ---------------------------------- */
 
 /*
  * Mixtures of low-rank adapters over a frozen base linear W0 (d_out, d_in):
@@ -387,7 +412,7 @@ typedef struct moe_lora_params {
 
 moe_status moe_lora_forward(const moe_lora_params *p);
 
-/* ---- routing beyond top-k (csrc/cpu_route_ext.c) --------------------- */
+/* ---- routing beyond top-k (csrc/cpu/route_ext.c) --------------------- */
 
 /*
  * Expert-choice routing: scores per token (softmax over E, or sigmoid), then
@@ -474,11 +499,10 @@ moe_status moe_route_skip(const moe_route_skip_params *p);
 /* ---- the whole layer ------------------------------------------------- */
 
 /* Kinds of null experts (moe_layer_params). */
-enum {
-    MOE_NULL_ZERO     = 0,
-    MOE_NULL_COPY     = 1,
-    MOE_NULL_CONSTANT = 2
-};
+typedef enum moe_null_kind {
+    MOE_NULL_LIST(MOE_NULL_ENTRY_)
+    MOE_NULL_COUNT
+} moe_null_kind;
 
 typedef struct moe_layer_params {
     const float       *x;             /* (n_tokens, d_model)                */
@@ -554,7 +578,7 @@ typedef struct moe_layer_params {
  */
 moe_status moe_layer_forward(const moe_layer_params *p);
 
-/* ---- product-key expert retrieval (csrc/cpu_peer.c) ------------------ */
+/* ---- product-key expert retrieval (csrc/cpu/peer.c) ------------------ */
 
 /*
  * PEER ("Mixture of A Million Experts", He 2024): N = n^2 single-neuron
@@ -571,10 +595,8 @@ moe_status moe_layer_forward(const moe_layer_params *p);
  * thread count.
  */
 typedef enum moe_peer_activation {
-    MOE_PEER_ACTIVATION_RELU     = 0,
-    MOE_PEER_ACTIVATION_GELU     = 1, /* exact erf gelu                     */
-    MOE_PEER_ACTIVATION_SILU     = 2,
-    MOE_PEER_ACTIVATION_IDENTITY = 3
+    MOE_PEER_ACTIVATION_LIST(MOE_PEER_ACTIVATION_ENTRY_)
+    MOE_PEER_ACTIVATION_COUNT
 } moe_peer_activation;
 
 typedef struct moe_peer_params {
@@ -602,7 +624,7 @@ typedef struct moe_peer_params {
 
 moe_status moe_peer_forward(const moe_peer_params *p);
 
-/* ---- Soft MoE and Mixture of Tokens (csrc/cpu_soft_moe.c) ------------ */
+/* ---- Soft MoE and Mixture of Tokens (csrc/compose/soft_moe.c) ------------ */
 
 /*
  * Soft MoE [Puigcerver et al. 2023], per group of m tokens X (m, d):

@@ -1,6 +1,6 @@
 /*
  * moe_impl.h - private helpers shared by the C core: error recording,
- * checked allocation, and the CPU implementations behind csrc/backend.c.
+ * checked allocation, and the CPU implementations behind csrc/ops/backend.c.
  * Not installed; nothing outside csrc/ includes it.
  */
 #ifndef MOE_IMPL_H
@@ -32,7 +32,7 @@ void *moe_alloc(size_t count, size_t size);
  * pages advised where the OS offers them; freed with free(). */
 void *moe_alloc_big(size_t count, size_t size);
 
-/* ---- thread pool (csrc/pool.c) ---- */
+/* ---- thread pool (csrc/runtime/pool.c) ---- */
 
 /* One task of a parallel job; tasks of a job must be independent. */
 typedef void (*moe_task_fn)(void *ctx, int64_t task);
@@ -43,7 +43,7 @@ typedef void (*moe_task_fn)(void *ctx, int64_t task);
  */
 moe_status moe_pool_run(int64_t n_tasks, moe_task_fn fn, void *ctx);
 
-/* ---- packed expert weights (csrc/cpu_ffn.c) ---- */
+/* ---- packed expert weights (csrc/cpu/ffn.c) ---- */
 
 struct moe_experts {
     moe_dtype dtype;
@@ -70,7 +70,7 @@ struct moe_experts {
     size_t    nbytes;
 };
 
-/* LoRA on expert weights (csrc/cpu_ffn.c); see moe_expert_lora_pack. */
+/* LoRA on expert weights (csrc/cpu/ffn.c); see moe_expert_lora_pack. */
 struct moe_expert_lora {
     const moe_experts *experts; /* the pack it was made for (identity)     */
     int32_t      rank;
@@ -85,18 +85,18 @@ struct moe_expert_lora {
     int32_t     *iota;      /* (max(n_gu, rank),) 0, 1, 2, ...              */
 };
 
-/* ---- per-thread scratch (csrc/workspace.c) ---- */
+/* ---- per-thread scratch (csrc/runtime/workspace.c) ---- */
 
 enum {
-    MOE_WS_PANEL_X = 0,  /* cpu_ffn.c: packed activation panels            */
-    MOE_WS_PANEL_H,      /* cpu_ffn.c: packed hidden panels                */
-    MOE_WS_LAYER_Y,      /* layer.c: expert outputs, sorted rows           */
-    MOE_WS_LAYER_SHARED, /* layer.c: shared-expert output                  */
-    MOE_WS_LAYER_LOGITS, /* layer.c: router logits                         */
-    MOE_WS_ROUTE_EXT,    /* cpu_route_ext.c: expert-choice scores, heaps   */
-    MOE_WS_SOFT_MOE,     /* cpu_soft_moe.c: logits, weights, slots        */
-    MOE_WS_PEER,         /* cpu_peer.c: float64 query and sub-key weights  */
-    MOE_WS_PEER_TASK,    /* cpu_peer.c: one block's queries, scores, ids   */
+    MOE_WS_PANEL_X = 0,   /* cpu/ffn.c: packed activation panels             */
+    MOE_WS_PANEL_H,       /* cpu/ffn.c: packed hidden panels                 */
+    MOE_WS_LAYER_Y,       /* compose/layer.c: expert outputs, sorted rows    */
+    MOE_WS_LAYER_SHARED,  /* compose/layer.c: shared-expert output           */
+    MOE_WS_LAYER_LOGITS,  /* compose/layer.c: router logits                  */
+    MOE_WS_ROUTE_EXT,     /* cpu/route_ext.c: expert-choice scores, heaps    */
+    MOE_WS_SOFT_MOE,      /* compose/soft_moe.c: logits, weights, slots      */
+    MOE_WS_PEER,          /* cpu/peer.c: float64 query and sub-key weights   */
+    MOE_WS_PEER_TASK,     /* cpu/peer.c: one block's queries, scores, ids    */
     MOE_WS_COUNT
 };
 
@@ -107,7 +107,7 @@ enum {
  */
 void *moe_workspace(int slot, size_t count, size_t size);
 
-/* ---- the CUDA backend, loaded at run time (csrc/cuda_loader.c) ---- */
+/* ---- the CUDA backend, loaded at run time (csrc/runtime/cuda_loader.c) --- */
 
 struct moe_cuda_dispatch_params;
 struct moe_cuda_combine_params;
@@ -128,7 +128,7 @@ typedef struct moe_cuda_api {
 /* The loaded library's entry points, or NULL when it is absent. */
 const moe_cuda_api *moe_cuda(void);
 
-/* CPU implementations (csrc/cpu_*.c); csrc/backend.c picks among backends. */
+/* CPU implementations (csrc/cpu/); csrc/ops/backend.c picks the backend. */
 moe_status moe_cpu_router_logits(const moe_router_params *p);
 moe_status moe_cpu_route_topk(const moe_route_params *p);
 moe_status moe_cpu_route_expert_choice(const moe_expert_choice_params *p);
@@ -148,6 +148,5 @@ moe_status moe_cpu_linear_grouped(const moe_linear_params *p);
 moe_status moe_cpu_expert_lora_pack(const moe_expert_lora_params *p,
                                     const moe_experts *experts,
                                     moe_expert_lora **out);
-moe_status moe_cpu_soft_moe_forward(const moe_soft_moe_params *p);
 
 #endif /* MOE_IMPL_H */

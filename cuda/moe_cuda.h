@@ -1,9 +1,9 @@
 /*
  * moe_cuda.h - the CUDA backend behind a small extern "C" interface.  It is
  * built by nvcc into its own shared library (moe/_moe_cuda*.so), which the C
- * core loads at run time (csrc/cuda_loader.c): the package imports and runs
- * without CUDA, a driver or a GPU.  Nothing here includes a CUDA header, so
- * csrc/ can include this file.
+ * core loads at run time (csrc/runtime/cuda_loader.c): the package imports and
+ * runs without CUDA, a driver or a GPU.  Nothing here includes a CUDA header,
+ * so csrc/ can include this file.
  *
  * Status codes are the core's moe_status values; moe_cuda_last_error() gives
  * the detail (the failing call, file and line) of the calling thread's last
@@ -19,6 +19,8 @@
 
 #include <stddef.h>
 #include <stdint.h>
+
+#include "moe_options.h"
 
 #ifdef __cplusplus
 extern "C" {
@@ -40,12 +42,11 @@ MOE_CUDA_EXPORT int         moe_cuda_abi(void);
 MOE_CUDA_EXPORT int         moe_cuda_device_count(void);
 MOE_CUDA_EXPORT const char *moe_cuda_last_error(void);
 
-/* Scoring of the fused router (as moe_scoring). */
-enum {
-    MOE_CUDA_SCORING_SOFTMAX = 0,
-    MOE_CUDA_SCORING_SOFTMAX_AFTER_TOPK = 1,
-    MOE_CUDA_SCORING_SIGMOID = 2
-};
+/* Scoring of the fused router: moe_scoring's values, from the same list
+ * (csrc/moe_options.h), without moe.h. */
+#define MOE_CUDA_SCORING_ENTRY_(name, str) MOE_CUDA_SCORING_##name,
+enum { MOE_SCORING_LIST(MOE_CUDA_SCORING_ENTRY_) MOE_CUDA_SCORING_COUNT };
+#undef MOE_CUDA_SCORING_ENTRY_
 
 /* Element types of device logits. */
 enum {

@@ -19,10 +19,11 @@ import numpy as np
 
 from . import _C
 
-SCORINGS = ("softmax", "softmax-after-topk", "sigmoid")
-ACTIVATIONS = ("swiglu", "geglu", "geglu-tanh", "gelu", "gelu-tanh", "relu", "silu",
-               "swiglu-oai")
-GATED = ("swiglu", "geglu", "geglu-tanh", "swiglu-oai")
+# The option sets, from the core's one list of each (csrc/moe_options.h): a name's
+# index is its C enum value.
+SCORINGS = _C.SCORINGS
+ACTIVATIONS = _C.ACTIVATIONS
+GATED = _C.GATED_ACTIVATIONS
 
 
 # ---- conversion helpers ---------------------------------------------------------------
@@ -373,7 +374,7 @@ def combine(y_sorted, position, weights):
     return _C.combine(y, pos, w)
 
 
-WEIGHT_DTYPES = ("float32", "bfloat16", "float16")
+WEIGHT_DTYPES = _C.WEIGHT_DTYPES
 
 
 def float32_to_bfloat16(a):

@@ -40,8 +40,8 @@ _WEIGHTS = {
     "lora_b_down": ("n_experts", "d_model", "lora_rank"),
     "null_values": ("n_null", "d_model"),  # the constants of "constant" null experts
 }
-NULL_KINDS = ("zero", "copy", "constant")
-ROUTERS = ("top_k", "expert_choice", "top_p", "threshold")
+NULL_KINDS = _C.NULL_KINDS
+ROUTERS = _C.ROUTERS
 
 
 class NullRoutingResult(NamedTuple):

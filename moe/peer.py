@@ -12,7 +12,7 @@ an output row ``v[e] (d_out,)``.  Per token x and head h:
 - ``y += sum_j g_j * act(u[e_j] . x) * v[e_j]``, summed over heads.
 
 The product-key search finds the exact top-k of all N scores s1[i] + s2[j] (the reference
-checks it by brute force) while scoring only 2n sub-keys; the C core (csrc/cpu_peer.c)
+checks it by brute force) while scoring only 2n sub-keys; the C core (csrc/cpu/peer.c)
 never forms anything of size N besides the weights, so a million experts at d_model = 256
 need the 2 GiB of u and v and little more.  A token's output depends only on its own row
 (bitwise: batch composition and thread count change nothing).
@@ -30,7 +30,7 @@ from ._api import (_shape_str, check_choice, check_int, float_array, refuse_resi
 __all__ = ["PEER", "PEERRouting", "PEER_ACTIVATIONS"]
 
 # Codes of moe_peer_activation (csrc/moe.h).  "gelu" is the exact erf form.
-PEER_ACTIVATIONS = ("relu", "gelu", "silu", "identity")
+PEER_ACTIVATIONS = _C.PEER_ACTIVATIONS
 
 # Expert ids i * n + j are int32 in the core.
 _MAX_SUB_KEYS = 46340

@@ -39,10 +39,9 @@ __all__ = [
     "update_expert_bias",
 ]
 
-SCORINGS = ("softmax", "softmax-after-topk", "sigmoid")
-GATED = {"swiglu", "geglu", "geglu-tanh", "swiglu-oai"}
-ACTIVATIONS = ("swiglu", "geglu", "geglu-tanh", "gelu", "gelu-tanh", "relu", "silu",
-               "swiglu-oai")
+# The names come from the core's lists; the formulas below are this file's own.
+from ._C import ACTIVATIONS, SCORINGS  # noqa: E402
+from ._C import GATED_ACTIVATIONS as GATED  # noqa: E402
 
 
 # --------------------------------------------------------------------------- #

@@ -1,7 +1,7 @@
 """Routing beyond token-choice top-k: expert choice, dynamic k (top-p, threshold), skipping.
 
 Each function checks and converts its arguments like ``moe.route`` (messages name the
-argument), then makes one call into the C core (csrc/cpu_route_ext.c).  The per-token
+argument), then makes one call into the C core (csrc/cpu/route_ext.c).  The per-token
 outputs use the padded ``(T, width)`` layout of ``moe.route``: id -1 / weight 0 marks an
 empty slot, so they go straight into ``moe.dispatch`` and ``moe.combine``.
 """

@@ -17,7 +17,7 @@ from childproc import child_env
 from test_cpu_kernels import available_isas, decoded, naive_matmul32, run_child
 from tolerances import assert_within_naive
 
-GATED = ("swiglu", "geglu", "geglu-tanh")
+from moe._C import GATED_ACTIVATIONS as GATED  # noqa: E402
 
 # (name, d_model, d_ff, n_experts, top_k, n_tokens, options): small and odd-shaped cases --
 # E = 1, top_k = E, one token, d_model = 2, a many-expert layer, shared experts, biases.

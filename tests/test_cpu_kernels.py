@@ -21,8 +21,7 @@ from childproc import child_env
 from moe import reference
 from tolerances import assert_close, assert_ids_equal, assert_within_naive
 
-ACTIVATIONS = ("swiglu", "geglu", "geglu-tanh", "gelu", "gelu-tanh", "relu", "silu")
-GATED = ("swiglu", "geglu", "geglu-tanh")
+from moe._C import ACTIVATIONS, GATED_ACTIVATIONS as GATED  # noqa: E402
 DTYPES = ("float32", "bfloat16", "float16")
 FFN_WEIGHTS = ("w_gate", "w_up", "w_down", "shared_w_gate", "shared_w_up", "shared_w_down")
 ALL_WEIGHTS = ("router_weight", "expert_bias", "shared_gate_weight") + FFN_WEIGHTS
@@ -54,7 +53,7 @@ def test_children_import_the_tested_moe_from_any_directory(tmp_path):
 
 
 def available_isas():
-    """The kernel sets this CPU runs, by the rule of csrc/cpu_ffn.c."""
+    """The kernel sets this CPU runs, by the rule of csrc/cpu/ffn.c."""
     feats = set(moe._C.build_info()["cpu_features"].split())
     isas = ["scalar"]
     if {"avx2", "fma", "f16c"} <= feats:

@@ -20,9 +20,9 @@ from tolerances import assert_close, assert_ids_equal, assert_int_equal, assert_
 # Huge float64 inputs rounded to float32 by the API overflow to inf, as numpy says.
 pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")
 
-SCORINGS = ("softmax", "softmax-after-topk", "sigmoid")
-ACTIVATIONS = ("swiglu", "geglu", "geglu-tanh", "gelu", "gelu-tanh", "relu", "silu")
-GATED = ("swiglu", "geglu", "geglu-tanh")
+from moe._C import SCORINGS  # noqa: E402
+from moe._C import ACTIVATIONS  # noqa: E402
+from moe._C import GATED_ACTIVATIONS as GATED  # noqa: E402
 FLOAT_DTYPES = (np.float16, np.float32, np.float64)
 # Input dtypes as drawn: mostly floats, now and then an integer array (TypeError).
 INPUT_DTYPES = (np.float32, np.float64, np.float16, np.float32, np.float64, np.float32,

@@ -1,8 +1,8 @@
 /*
- * cpu_route_ext.c - CPU routing beyond token-choice top-k: expert-choice
+ * cpu/route_ext.c - CPU routing beyond token-choice top-k: expert-choice
  * routing (each expert takes its top-C tokens), dynamic-k routing (top-p and
  * probability threshold, padded to k_max) and dynamic expert skipping.
- * Scores are float64 like cpu_route.c, so selection matches the float64
+ * Scores are float64 like cpu/route.c, so selection matches the float64
  * reference; every ranking breaks ties toward the lower index.
  */
 #include "moe_impl.h"

@@ -1,12 +1,12 @@
 /*
- * cpu_peer.c - product-key expert retrieval (PEER, "Mixture of A Million
+ * cpu/peer.c - product-key expert retrieval (PEER, "Mixture of A Million
  * Experts"): per token and head, a float64 query scored against two small
  * sets of sub-keys, top-k of each half, top-k of the k^2 candidate sums,
  * and a softmax-weighted sum of single-neuron experts act(u_e . x) v_e.
  * Nothing of size N = n^2 is formed but the weights themselves.
  */
 #include "moe_impl.h"
-#include "cpu_kernels.h"
+#include "cpu/kernels.h"
 
 #include <math.h>
 #include <string.h>

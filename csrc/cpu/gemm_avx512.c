@@ -1,4 +1,4 @@
-/* cpu_gemm_avx512.c - micro-kernels for AVX-512F (+ F16C): 12 x 32 tiles. */
+/* cpu/gemm_avx512.c - micro-kernels for AVX-512F (+ F16C): 12 x 32 tiles. */
 #if defined(__x86_64__) && defined(__GNUC__)
 #pragma GCC target("avx512f,avx2,fma,f16c,prefer-vector-width=512")
 #include <immintrin.h>
@@ -9,7 +9,7 @@
 #define MOE_K_VL   16
 #define MOE_K_MR   12
 #define MOE_K_NV   2
-#include "cpu_gemm.inc"
+#include "gemm.inc"
 #else
 typedef int moe_cpu_gemm_avx512_unused;
 #endif

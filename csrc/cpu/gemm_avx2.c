@@ -1,4 +1,4 @@
-/* cpu_gemm_avx2.c - micro-kernels for AVX2 + FMA (+ F16C): 6 x 16 tiles. */
+/* cpu/gemm_avx2.c - micro-kernels for AVX2 + FMA (+ F16C): 6 x 16 tiles. */
 #if defined(__x86_64__) && defined(__GNUC__)
 #pragma GCC target("avx2,fma,f16c")
 #include <immintrin.h>
@@ -9,7 +9,7 @@
 #define MOE_K_VL   8
 #define MOE_K_MR   6
 #define MOE_K_NV   2
-#include "cpu_gemm.inc"
+#include "gemm.inc"
 #else
 typedef int moe_cpu_gemm_avx2_unused;
 #endif

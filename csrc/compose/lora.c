@@ -1,5 +1,5 @@
 /*
- * lora.c - mixtures of LoRA experts composed from the public ops: the
+ * compose/lora.c - mixtures of LoRA experts composed from the public ops: the
  * shrink z = A x is a grouped linear (grouped by adapter when each adapter
  * has its own A), and the expand is a low-rank update fused into the base
  * linear's output tiles.  Backend-neutral: it only calls csrc/moe.h.

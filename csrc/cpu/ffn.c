@@ -1,5 +1,5 @@
 /*
- * cpu_ffn.c - the grouped expert FFN on the CPU: kernel-set choice, weight
+ * cpu/ffn.c - the grouped expert FFN on the CPU: kernel-set choice, weight
  * packing, and the driver.  Weights are packed once into k-major panels
  * (gate and up interleaved per panel, so one micro-kernel pass yields both
  * and the activation is applied before anything is written).  A forward
@@ -11,7 +11,7 @@
  * in k order, so results are the same bits for any thread count or batch.
  */
 #include "moe_impl.h"
-#include "cpu_kernels.h"
+#include "cpu/kernels.h"
 
 #include <math.h>
 #include <stdlib.h>
@@ -82,7 +82,7 @@ moe_cpu_kernels(void)
             best = &moe_kernels_avx512;
         }
         else if (strcmp(want, "avx512sim") == 0 && avx2) {
-            /* the AVX-512 tiles on AVX2, for tests (cpu_gemm_avx512sim.c) */
+            /* the AVX-512 tiles on AVX2, for tests (cpu/gemm_avx512sim.c) */
             best = &moe_kernels_avx512sim;
         }
 #endif
@@ -108,7 +108,7 @@ typedef struct moe_pack_job {
 
 /*
  * Where element (k, j) of a panel goes: bf16 interleaves the two vectors of
- * a row (lane l holds columns l and l + VL, see cpu_gemm.inc), bf16 compute
+ * a row (lane l holds columns l and l + VL, see cpu/gemm.inc), bf16 compute
  * pairs rows instead ((k / 2, j, k % 2): the dot kernel's layout), the other
  * types are plain (k, j).
  */

@@ -1,5 +1,5 @@
-/* cpu_gemm_avx512bf16.c - the AVX-512 set (12 x 32 tiles) with AVX512-BF16:
- * the bf16-compute kernel runs VDPBF16PS (cpu_gemm.inc: MOE_K_DPBF16). */
+/* cpu/gemm_avx512bf16.c - the AVX-512 set (12 x 32 tiles) with AVX512-BF16:
+ * the bf16-compute kernel runs VDPBF16PS (cpu/gemm.inc: MOE_K_DPBF16). */
 #if defined(__x86_64__) && defined(__GNUC__)
 #pragma GCC target("avx512f,avx512bf16,avx2,fma,f16c,prefer-vector-width=512")
 #include <immintrin.h>
@@ -12,7 +12,7 @@
 #define MOE_K_VL   16
 #define MOE_K_MR   12
 #define MOE_K_NV   2
-#include "cpu_gemm.inc"
+#include "gemm.inc"
 #else
 typedef int moe_cpu_gemm_avx512bf16_unused;
 #endif

@@ -1,11 +1,11 @@
 /*
- * backend.c - the public entry points of csrc/moe.h.  This is the one place
+ * ops/backend.c - the public entry points of csrc/moe.h.  This is the one place
  * that chooses a backend per op (today the CPU, always available; the CUDA
  * issue adds its switch here) and the place for checks that protect memory
  * whichever backend runs.
  */
 #include "moe_impl.h"
-#include "cpu_kernels.h"
+#include "cpu/kernels.h"
 
 #include <math.h>
 
@@ -203,7 +203,7 @@ moe_peer_forward(const moe_peer_params *p)
                              p->n_key_sets);
     }
     if ((int)p->activation < 0 ||
-        (int)p->activation > (int)MOE_PEER_ACTIVATION_IDENTITY) {
+        (int)p->activation >= (int)MOE_PEER_ACTIVATION_COUNT) {
         return moe_set_error(MOE_STATUS_INVALID_ARG,
                              "unknown PEER activation code %d",
                              (int)p->activation);
@@ -436,60 +436,16 @@ moe_linear_grouped(const moe_linear_params *p)
     return moe_cpu_linear_grouped(p);
 }
 
-moe_status
-moe_soft_moe_forward(const moe_soft_moe_params *p)
-{
-    const moe_experts *w = p->experts;
-    const int64_t G = p->n_groups, M = p->group_size, d = p->d_model;
-    int64_t S;
+/* ---- the CUDA backend's ops (the loader only loads: moe_cuda()) ---- */
 
-    MOE_TRY(moe_check_pack(w, 0, "experts"));
-    if (p->n_experts < 1 || p->slots_per_expert < 1 ||
-        (int64_t)p->n_experts * p->slots_per_expert > INT32_MAX) {
-        return moe_set_error(MOE_STATUS_INVALID_ARG, "soft MoE needs "
-                             "n_experts >= 1 and slots_per_expert >= 1 with "
-                             "n_experts * slots_per_expert < 2^31, got %d and "
-                             "%d", p->n_experts, p->slots_per_expert);
+moe_status
+moe_cuda_route(const struct moe_cuda_route_params *p, void *stream)
+{
+    const moe_cuda_api *api = moe_cuda();
+
+    if (api == NULL) {
+        return moe_set_error(MOE_STATUS_UNSUPPORTED, "the CUDA backend is not "
+                             "available: %s", moe_cuda_unavailable_reason());
     }
-    S = (int64_t)p->n_experts * p->slots_per_expert;
-    if (w->n_experts != p->n_experts || w->d_model != d) {
-        return moe_set_error(MOE_STATUS_INVALID_ARG, "the packed experts "
-                             "(n_experts=%d, d_model=%lld) do not match "
-                             "n_experts=%d, d_model=%lld", w->n_experts,
-                             (long long)w->d_model, p->n_experts,
-                             (long long)d);
-    }
-    if (moe_activation_is_gated(p->activation) != w->gated) {
-        return moe_set_error(MOE_STATUS_INVALID_ARG, "activation is %sgated "
-                             "but the experts were packed %s w_gate",
-                             w->gated ? "not " : "",
-                             w->gated ? "with" : "without");
-    }
-    if (p->grouping != MOE_SOFT_GROUPS_ROWS &&
-        p->grouping != MOE_SOFT_GROUPS_STRIDED) {
-        return moe_set_error(MOE_STATUS_INVALID_ARG, "unknown soft MoE "
-                             "grouping %d", (int)p->grouping);
-    }
-    /* Every buffer of the forward is a product of these: keep them far
-     * from overflowing int64 (and n_groups within a linear's int32). */
-    if (G < 0 || M < 0 || d < 0 || G > INT32_MAX ||
-        (double)G * (double)M * (double)(d > S ? d : S) > 0x1p40 ||
-        (double)G * (double)(M + 2) * (double)S > 0x1p40 ||
-        (double)G * (double)S * (double)d > 0x1p40 ||
-        (double)S * (double)d > 0x1p40) {
-        return moe_set_error(MOE_STATUS_INVALID_ARG, "soft MoE sizes out of "
-                             "range: n_groups=%lld, group_size=%lld, "
-                             "d_model=%lld, slots=%lld", (long long)G,
-                             (long long)M, (long long)d, (long long)S);
-    }
-    if (!isfinite(p->temperature) || (p->normalize && !isfinite(p->scale))) {
-        return moe_set_error(MOE_STATUS_NONFINITE, "temperature and scale "
-                             "must be finite, got %g and %g", p->temperature,
-                             p->scale);
-    }
-    if (!(p->temperature > 0.0)) {
-        return moe_set_error(MOE_STATUS_INVALID_ARG, "temperature must be "
-                             "> 0, got %g", p->temperature);
-    }
-    return moe_cpu_soft_moe_forward(p);
+    return (moe_status)api->route_topk(p, stream);
 }

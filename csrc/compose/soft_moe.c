@@ -1,13 +1,16 @@
 /*
- * cpu_soft_moe.c - Soft MoE and Mixture of Tokens on the CPU (moe.h,
- * moe_soft_moe_forward): every slot is a softmax-weighted mix of a group's
- * tokens, every token a softmax-weighted mix of the slots' expert outputs.
- * The logit, slot and combine GEMMs run on the grouped-linear engine and the
- * experts on the grouped FFN (cpu_ffn.c); this file adds the two softmaxes
- * (float64) and packs the GEMMs' right-hand matrices straight into panels.
+ * compose/soft_moe.c - Soft MoE and Mixture of Tokens (moe.h,
+ * moe_soft_moe_forward), a composer beside compose/layer.c and lora.c: every
+ * slot is a softmax-weighted mix of a group's tokens, every token a
+ * softmax-weighted mix of the slots' expert outputs.  The logit, slot and
+ * combine GEMMs run on the public grouped linear and the experts on the grouped
+ * FFN; this file adds the two softmaxes (float64, on the pool) and packs the
+ * GEMMs' right-hand matrices straight into panels -- the one place a composer
+ * still knows the CPU panel layout (cpu/kernels.h: the panel width), because no
+ * public op packs a strided B in caller memory yet.
  */
 #include "moe_impl.h"
-#include "cpu_kernels.h"
+#include "cpu/kernels.h"
 
 #include <math.h>
 #include <string.h>
@@ -308,8 +311,8 @@ moe_soft_carve(char *base, size_t *used, size_t count, size_t size)
     return at;
 }
 
-moe_status
-moe_cpu_soft_moe_forward(const moe_soft_moe_params *p)
+static moe_status
+moe_soft_moe_run(const moe_soft_moe_params *p)
 {
     const int64_t G = p->n_groups, M = p->group_size, T = G * M;
     const int64_t d = p->d_model;
@@ -535,4 +538,71 @@ moe_cpu_soft_moe_forward(const moe_soft_moe_params *p)
     cp.d_model = d;
     cp.out = p->out;
     return moe_combine(&cp);
+}
+
+/* The entry point of moe.h: its arguments, then the run above. */
+moe_status
+moe_soft_moe_forward(const moe_soft_moe_params *p)
+{
+    const int64_t G = p->n_groups, M = p->group_size, d = p->d_model;
+    moe_experts_info w;
+    int64_t S;
+
+    if (p->experts == NULL) {
+        return moe_set_error(MOE_STATUS_INVALID_ARG, "experts is NULL");
+    }
+    /* (moe_ffn_grouped checks the pack's kernel set) */
+    moe_experts_get_info(p->experts, &w);
+    if (w.linear) {
+        return moe_set_error(MOE_STATUS_INVALID_ARG, "experts must be packed "
+                             "with moe_experts_pack");
+    }
+    if (p->n_experts < 1 || p->slots_per_expert < 1 ||
+        (int64_t)p->n_experts * p->slots_per_expert > INT32_MAX) {
+        return moe_set_error(MOE_STATUS_INVALID_ARG, "soft MoE needs "
+                             "n_experts >= 1 and slots_per_expert >= 1 with "
+                             "n_experts * slots_per_expert < 2^31, got %d and "
+                             "%d", p->n_experts, p->slots_per_expert);
+    }
+    S = (int64_t)p->n_experts * p->slots_per_expert;
+    if (w.n_experts != p->n_experts || w.d_model != d) {
+        return moe_set_error(MOE_STATUS_INVALID_ARG, "the packed experts "
+                             "(n_experts=%d, d_model=%lld) do not match "
+                             "n_experts=%d, d_model=%lld", w.n_experts,
+                             (long long)w.d_model, p->n_experts,
+                             (long long)d);
+    }
+    if (moe_activation_is_gated(p->activation) != w.gated) {
+        return moe_set_error(MOE_STATUS_INVALID_ARG, "activation is %sgated "
+                             "but the experts were packed %s w_gate",
+                             w.gated ? "not " : "",
+                             w.gated ? "with" : "without");
+    }
+    if (p->grouping != MOE_SOFT_GROUPS_ROWS &&
+        p->grouping != MOE_SOFT_GROUPS_STRIDED) {
+        return moe_set_error(MOE_STATUS_INVALID_ARG, "unknown soft MoE "
+                             "grouping %d", (int)p->grouping);
+    }
+    /* Every buffer of the forward is a product of these: keep them far
+     * from overflowing int64 (and n_groups within a linear's int32). */
+    if (G < 0 || M < 0 || d < 0 || G > INT32_MAX ||
+        (double)G * (double)M * (double)(d > S ? d : S) > 0x1p40 ||
+        (double)G * (double)(M + 2) * (double)S > 0x1p40 ||
+        (double)G * (double)S * (double)d > 0x1p40 ||
+        (double)S * (double)d > 0x1p40) {
+        return moe_set_error(MOE_STATUS_INVALID_ARG, "soft MoE sizes out of "
+                             "range: n_groups=%lld, group_size=%lld, "
+                             "d_model=%lld, slots=%lld", (long long)G,
+                             (long long)M, (long long)d, (long long)S);
+    }
+    if (!isfinite(p->temperature) || (p->normalize && !isfinite(p->scale))) {
+        return moe_set_error(MOE_STATUS_NONFINITE, "temperature and scale "
+                             "must be finite, got %g and %g", p->temperature,
+                             p->scale);
+    }
+    if (!(p->temperature > 0.0)) {
+        return moe_set_error(MOE_STATUS_INVALID_ARG, "temperature must be "
+                             "> 0, got %g", p->temperature);
+    }
+    return moe_soft_moe_run(p);
 }

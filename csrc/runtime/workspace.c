@@ -1,9 +1,9 @@
 /*
- * workspace.c - per-thread scratch buffers reused across calls.  The big
- * intermediates of a forward (packed activations, hidden panels, expert
- * outputs) are tens of MB: allocating them afresh each call costs a page
- * fault and a kernel page clear per 4 KiB, a measured 15% of a forward.
- * Each thread keeps its buffers (grow-only) until it exits.
+ * runtime/workspace.c - per-thread scratch buffers reused across calls.  The
+ * big intermediates of a forward (packed activations, hidden panels, expert
+ * outputs) are tens of MB: allocating them afresh each call costs a page fault
+ * and a kernel page clear per 4 KiB, a measured 15% of a forward. Each thread
+ * keeps its buffers (grow-only) until it exits.
  */
 #include "moe_impl.h"
 

@@ -1,5 +1,5 @@
 /*
- * layer.c - the whole sparse MoE layer composed from the public ops:
+ * compose/layer.c - the whole sparse MoE layer composed from the public ops:
  * router logits -> route -> dispatch -> grouped FFN (gathering the routed
  * rows as it packs them) -> combine, plus shared experts with their
  * optional sigmoid gate.  Backend-neutral: it only calls csrc/moe.h.
@@ -134,7 +134,7 @@ moe_layer_forward(const moe_layer_params *p)
     }
     for (i_null = 0; i_null < p->n_null; i_null++) {
         const int32_t kind = p->null_kinds[i_null];
-        if (kind < MOE_NULL_ZERO || kind > MOE_NULL_CONSTANT ||
+        if (kind < 0 || kind >= MOE_NULL_COUNT ||
             (kind == MOE_NULL_CONSTANT && p->null_values == NULL)) {
             return moe_set_error(MOE_STATUS_INVALID_ARG, "null expert %d: kind "
                                  "%d is not zero (0), copy (1) or constant (2) "

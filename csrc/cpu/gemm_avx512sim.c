@@ -1,4 +1,4 @@
-/* cpu_gemm_avx512sim.c - the AVX-512 set's 12 x 32 tiles and layouts built
+/* cpu/gemm_avx512sim.c - the AVX-512 set's 12 x 32 tiles and layouts built
  * for AVX2 (GCC splits each 16-float vector in two): picked only by
  * MOE_ISA=avx512sim, so that the AVX-512 kernels' tiling, packing and bf16
  * interleave are tested on CPUs without AVX-512.  Slower than avx2. */
@@ -10,7 +10,7 @@
 #define MOE_K_VL   16
 #define MOE_K_MR   12
 #define MOE_K_NV   2
-#include "cpu_gemm.inc"
+#include "gemm.inc"
 #else
 typedef int moe_cpu_gemm_avx512sim_unused;
 #endif

@@ -1,8 +1,8 @@
 /*
- * module.c - the moe._C extension: the only file that includes Python.h or
- * NumPy headers.  It checks every array it is given (type, dtype, layout,
- * shape) so that no call from Python can reach the core with memory it does
- * not own, releases the GIL around the core, and maps moe_status to a Python
+ * binding/module.c - the moe._C extension: the only file that includes Python.h
+ * or NumPy headers.  It checks every array it is given (type, dtype, layout,
+ * shape) so that no call from Python can reach the core with memory it does not
+ * own, releases the GIL around the core, and maps moe_status to a Python
  * exception in one helper.  Friendlier conversion lives in moe/_api.py.
  */
 #define PY_SSIZE_T_CLEAN
@@ -13,7 +13,7 @@
 #include <string.h>
 
 #include "moe.h"
-#include "../cuda/moe_cuda.h"
+#include "cuda/moe_cuda.h"
 
 #if defined(__linux__)
 #include <signal.h>
@@ -971,7 +971,7 @@ moe_py_ffn_grouped(PyObject *self, PyObject *args)
     if (moe_lora_arg(lora_obj, &p.lora) < 0) {
         return NULL;
     }
-    if (moe_check_enum(activation, 8, "activation") < 0 ||
+    if (moe_check_enum(activation, MOE_ACTIVATION_COUNT, "activation") < 0 ||
         !(w = moe_experts_arg(w_obj, "experts"))) {
         return NULL;
     }
@@ -1259,7 +1259,7 @@ moe_py_layer_forward(PyObject *self, PyObject *args)
     if (moe_lora_arg(lora_obj, &p.lora) < 0) {
         return NULL;
     }
-    if (moe_check_enum(activation, 8, "activation") < 0 ||
+    if (moe_check_enum(activation, MOE_ACTIVATION_COUNT, "activation") < 0 ||
         moe_check_enum(scoring, 3, "scoring") < 0 ||
         !(p.experts = moe_experts_arg(w_obj, "experts"))) {
         return NULL;
@@ -1440,7 +1440,7 @@ moe_py_peer_forward(PyObject *self, PyObject *args)
                           &routing)) {
         return NULL;
     }
-    if (moe_check_enum(activation, 4, "activation") < 0) {
+    if (moe_check_enum(activation, MOE_PEER_ACTIVATION_COUNT, "activation") < 0) {
         return NULL;
     }
     if (!(x = moe_arg(x_obj, "x", NPY_FLOAT32, 2, xd, 0))) {
@@ -1569,7 +1569,7 @@ moe_py_soft_moe_forward(PyObject *self, PyObject *args)
         return NULL;
     }
     memset(&p, 0, sizeof(p));
-    if (moe_check_enum(activation, 8, "activation") < 0 ||
+    if (moe_check_enum(activation, MOE_ACTIVATION_COUNT, "activation") < 0 ||
         !(p.experts = moe_experts_arg(w_obj, "experts"))) {
         return NULL;
     }
@@ -1805,12 +1805,81 @@ static struct PyModuleDef moe_module = {
     moe_methods, NULL, NULL, NULL, NULL
 };
 
+/* ---- the option lists (csrc/moe_options.h), exported as tuples of names:
+ * moe._C.ACTIVATIONS[i] is the name of enum value i; moe/ reads these. */
+
+#define MOE_NAME_2_(name, str) str,
+#define MOE_NAME_3_(name, str, x) str,
+#define MOE_GATED_NAME_(name, str, gated) gated ? str : NULL,
+
+static const char *const moe_activation_names[] = {
+    MOE_ACTIVATION_LIST(MOE_NAME_3_) NULL};
+static const char *const moe_gated_names[] = {
+    MOE_ACTIVATION_LIST(MOE_GATED_NAME_) NULL};
+static const char *const moe_scoring_names[] = {
+    MOE_SCORING_LIST(MOE_NAME_2_) NULL};
+static const char *const moe_dtype_names[] = {MOE_DTYPE_LIST(MOE_NAME_2_) NULL};
+static const char *const moe_router_names[] = {
+    MOE_ROUTER_LIST(MOE_NAME_2_) NULL};
+static const char *const moe_null_names[] = {MOE_NULL_LIST(MOE_NAME_2_) NULL};
+static const char *const moe_peer_activation_names[] = {
+    MOE_PEER_ACTIVATION_LIST(MOE_NAME_2_) NULL};
+
+/* Add tuple `attr` of the n names (NULL entries skipped) to module m. */
+static int
+moe_add_names(PyObject *m, const char *attr, const char *const *names, int n)
+{
+    PyObject *t, *s;
+    Py_ssize_t k = 0;
+    int i;
+
+    for (i = 0; i < n; i++) {
+        k += names[i] != NULL;
+    }
+    t = PyTuple_New(k);
+    for (i = 0, k = 0; t != NULL && i < n; i++) {
+        if (names[i] == NULL) {
+            continue;
+        }
+        s = PyUnicode_FromString(names[i]);
+        if (s == NULL) {
+            Py_DECREF(t);
+            return -1;
+        }
+        PyTuple_SET_ITEM(t, k++, s);
+    }
+    if (t == NULL || PyModule_AddObject(m, attr, t) < 0) {
+        Py_XDECREF(t);
+        return -1;
+    }
+    return 0;
+}
+
 PyMODINIT_FUNC
 PyInit__C(void)
 {
+    PyObject *m;
+
     import_array();
     /* Read cpuid once here, while the GIL serialises first use. */
     (void)moe_cpu_features();
     (void)moe_cpu_isa();
-    return PyModule_Create(&moe_module);
+    m = PyModule_Create(&moe_module);
+    if (m == NULL ||
+        moe_add_names(m, "ACTIVATIONS", moe_activation_names,
+                      MOE_ACTIVATION_COUNT) < 0 ||
+        moe_add_names(m, "GATED_ACTIVATIONS", moe_gated_names,
+                      MOE_ACTIVATION_COUNT) < 0 ||
+        moe_add_names(m, "SCORINGS", moe_scoring_names,
+                      MOE_SCORING_COUNT) < 0 ||
+        moe_add_names(m, "WEIGHT_DTYPES", moe_dtype_names,
+                      MOE_DTYPE_COUNT) < 0 ||
+        moe_add_names(m, "ROUTERS", moe_router_names, MOE_ROUTER_COUNT) < 0 ||
+        moe_add_names(m, "NULL_KINDS", moe_null_names, MOE_NULL_COUNT) < 0 ||
+        moe_add_names(m, "PEER_ACTIVATIONS", moe_peer_activation_names,
+                      MOE_PEER_ACTIVATION_COUNT) < 0) {
+        Py_XDECREF(m);
+        return NULL;
+    }
+    return m;
 }

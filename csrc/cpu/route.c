@@ -1,12 +1,12 @@
 /*
- * cpu_route.c - CPU routing: router logits, softmax / sigmoid scores,
+ * cpu/route.c - CPU routing: router logits, softmax / sigmoid scores,
  * selection-only expert bias, group-limited top-k, renormalisation and
  * scaling, capacity dropping and the load-balancing / z losses.
  * Scores are computed in float64 so that selection matches the float64
  * reference; ties always break toward the lower index.
  */
 #include "moe_impl.h"
-#include "cpu_kernels.h"
+#include "cpu/kernels.h"
 
 #include <math.h>
 #include <string.h>
@@ -19,7 +19,7 @@
 /*
  * Logits in float64 so that selection matches the float64 reference; the
  * blocked dot products (widening x and w as they load) come from the kernel
- * set (cpu_gemm.inc).
+ * set (cpu/gemm.inc).
  */
 typedef struct moe_logits_job {
     const moe_router_params *p;

@@ -1,5 +1,5 @@
 /*
- * cpu_dispatch.c - CPU token dispatch and combine.  Dispatch is a stable
+ * cpu/dispatch.c - CPU token dispatch and combine.  Dispatch is a stable
  * counting sort of the (token, slot) pairs by expert, so rows of one expert
  * stay in token order; combine sums each token's slots in slot order with no
  * atomics, so the output never depends on thread count or batch neighbours.

@@ -1,12 +1,11 @@
 /*
- * pool.c - the CPU thread pool: pthreads, no OpenMP, no BLAS.  A job is a
- * count of independent tasks handed out through one atomic counter, and the
- * calling thread works too; a job ends when its tasks are done, without
- * waiting for workers that had not woken up by then.  Each task writes its
- * own outputs, so results do not depend on the number of threads.  After
- * fork() the child starts with no pool and builds one on first use.  A job
- * that finds the pool in use by another thread runs on its own caller's
- * thread instead of waiting.
+ * runtime/pool.c - the CPU thread pool: pthreads, no OpenMP, no BLAS.  A job is
+ * a count of independent tasks handed out through one atomic counter, and the
+ * calling thread works too; a job ends when its tasks are done, without waiting
+ * for workers that had not woken up by then.  Each task writes its own outputs,
+ * so results do not depend on the number of threads.  After fork() the child
+ * starts with no pool and builds one on first use.  A job that finds the pool
+ * in use by another thread runs on its own caller's thread instead of waiting.
  */
 #define _GNU_SOURCE /* sched_getaffinity, CPU_COUNT */
 #include "moe_impl.h"
@@ -15,7 +14,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* Set from a signal handler (module.c); checked between tasks. */
+/* Set from a signal handler (binding/module.c); checked between tasks. */
 static atomic_int moe_interrupt_flag;
 /* Whether this thread's ops honour it: only the thread that asked. */
 static _Thread_local int moe_interrupt_watching;

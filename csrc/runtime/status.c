@@ -1,5 +1,5 @@
 /*
- * status.c - status names, the thread-local last-error message, checked
+ * runtime/status.c - status names, the thread-local last-error message, checked
  * allocation and build information.  A library must never print or exit:
  * errors travel up as a moe_status plus the message recorded here.
  */
@@ -110,10 +110,7 @@ moe_alloc_big(size_t count, size_t size)
 int
 moe_activation_is_gated(moe_activation activation)
 {
-    return activation == MOE_ACTIVATION_SWIGLU ||
-           activation == MOE_ACTIVATION_GEGLU ||
-           activation == MOE_ACTIVATION_GEGLU_TANH ||
-           activation == MOE_ACTIVATION_SWIGLU_OAI;
+    return moe_activation_gated(activation);
 }
 
 /* ---- build information ------------------------------------------------ */

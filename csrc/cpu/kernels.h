@@ -1,7 +1,7 @@
 /*
- * cpu_kernels.h - the packed GEMM micro-kernels of the CPU backend.  One
- * source (cpu_gemm.inc) is compiled per instruction set by cpu_gemm_<isa>.c;
- * csrc/cpu_ffn.c picks one set at run time from cpuid (or MOE_ISA).
+ * cpu/kernels.h - the packed GEMM micro-kernels of the CPU backend.  One
+ * source (cpu/gemm.inc) is compiled per instruction set by cpu_gemm_<isa>.c;
+ * csrc/cpu/ffn.c picks one set at run time from cpuid (or MOE_ISA).
  *
  * A micro-kernel computes an (MR, NR) tile c = a @ b over K:
  *   a: (K, MR) activation panel, k-major (a[k * MR + i] is row i)
@@ -31,7 +31,7 @@ enum {
  * Memory a micro-kernel prefetches towards L2 while it runs: one 64-byte line
  * every `every` k steps, from `at` on (NULL: none).  The FFN driver spreads
  * the next weight panel over the calls on the current one, so that panel
- * comes from memory while this one computes (cpu_ffn.c: moe_prefetch_slice).
+ * comes from memory while this one computes (cpu/ffn.c: moe_prefetch_slice).
  */
 typedef struct moe_prefetch {
     const char *at;
@@ -50,18 +50,18 @@ typedef void (*moe_ukr_fn)(const float *a, const void *b, int64_t K, int m,
  * 2) bf16 weights (pairs of k) and a the activations rounded to bf16: as
  * (Kp, MR) uint32 pairs (k = 2 kp low half, 2 kp + 1 high half) if the set's
  * dot_pairs is 1, else as (2 Kp, MR) fp32 values; pf as for moe_ukr_fn.
- * See cpu_gemm.inc.
+ * See cpu/gemm.inc.
  */
 typedef void (*moe_dot_fn)(const void *a, const void *b, int64_t Kp, int m,
                            float *c, int64_t ldc, moe_prefetch pf);
 
 /* out (n_x, n_w) = x (n_x, d) @ w (n_w, d)^T in float64 from float32 x and w
- * (see cpu_gemm.inc). */
+ * (see cpu/gemm.inc). */
 typedef void (*moe_router_fn)(const float *x, int64_t n_x, const float *w,
                               int64_t n_w, int64_t d, double *out);
 
 /*
- * Hidden activations from a gate/up tile (see cpu_gemm.inc): act is a
+ * Hidden activations from a gate/up tile (see cpu/gemm.inc): act is a
  * moe_activation (alpha, limit: MOE_ACTIVATION_SWIGLU_OAI's), bias (NR,) is
  * added first if not NULL; writes h[j * mr + i] for rows i < m, units
  * j < n_units.

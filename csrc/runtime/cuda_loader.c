@@ -1,5 +1,5 @@
 /*
- * cuda_loader.c - finds the CUDA backend at run time.  The library
+ * runtime/cuda_loader.c - finds the CUDA backend at run time.  The library
  * moe/_moe_cuda.so (built by nvcc when the toolkit was there, see setup.py)
  * sits beside this extension; it is opened on first use with dlopen, its
  * entry points resolved through cuda/moe_cuda.h's names, and its ABI
@@ -8,7 +8,7 @@
  */
 #define _GNU_SOURCE /* dladdr */
 #include "moe_impl.h"
-#include "../cuda/moe_cuda.h"
+#include "cuda/moe_cuda.h"
 
 #include <stdio.h>
 #include <string.h>
@@ -111,18 +111,6 @@ moe_cuda_devices(void)
 {
     const moe_cuda_api *api = moe_cuda();
     return api != NULL ? api->device_count() : 0;
-}
-
-moe_status
-moe_cuda_route(const struct moe_cuda_route_params *p, void *stream)
-{
-    const moe_cuda_api *api = moe_cuda();
-
-    if (api == NULL) {
-        return moe_set_error(MOE_STATUS_UNSUPPORTED, "the CUDA backend is not "
-                             "available: %s", moe_cuda_unavailable_reason());
-    }
-    return (moe_status)api->route_topk(p, stream);
 }
 
 const char *

@@ -1,0 +1,60 @@
+/*
+ * moe_options.h - every option set of the core, each one list: the single
+ * source of truth.  The enums of moe.h and their counts, the kernels'
+ * switches (by enum name), the binding's range checks and the names moe._C
+ * exports (moe/ and the tests read those, never a copy) all come from here.
+ * An entry's position is its enum value: append, never reorder.
+ *
+ * Each list is an X-macro: X(NAME, "python name", ...), expanded by the
+ * user with its own X.  Adding an activation is one line here, its formula
+ * in the kernel (moe_vact, csrc/cpu/gemm.inc) and its formula in
+ * moe/reference.py.
+ */
+#ifndef MOE_OPTIONS_H
+#define MOE_OPTIONS_H
+
+/* X(NAME, name, gated): gated ones multiply act(gate) by up and need w_gate. */
+#define MOE_ACTIVATION_LIST(X)                                               \
+    X(SWIGLU,     "swiglu",     1) /* silu(gate) * up                     */ \
+    X(GEGLU,      "geglu",      1) /* gelu(gate) * up, exact erf gelu     */ \
+    X(GEGLU_TANH, "geglu-tanh", 1) /* gelu_tanh(gate) * up                */ \
+    X(GELU,       "gelu",       0) /* gelu(up)                            */ \
+    X(GELU_TANH,  "gelu-tanh",  0) /* gelu_tanh(up)                       */ \
+    X(RELU,       "relu",       0) /* relu(up)                            */ \
+    X(SILU,       "silu",       0) /* silu(up)                            */ \
+    X(SWIGLU_OAI, "swiglu-oai", 1) /* gpt-oss: clamped to +-limit, then
+                                      (u + 1) g sigmoid(alpha g)             */
+
+/* X(NAME, name) */
+#define MOE_SCORING_LIST(X)                                                  \
+    X(SOFTMAX,            "softmax")            /* over all E, then top-k  */ \
+    X(SOFTMAX_AFTER_TOPK, "softmax-after-topk") /* top-k logits, softmax   */ \
+    X(SIGMOID,            "sigmoid")            /* independent per expert  */
+
+/* X(NAME, name): storage of expert weights; activations are float32. */
+#define MOE_DTYPE_LIST(X)                                                    \
+    X(F32,  "float32")                                                       \
+    X(BF16, "bfloat16") /* bfloat16 bits in uint16                        */ \
+    X(F16,  "float16")  /* IEEE half bits in uint16                       */
+
+/* X(NAME, name): how a layer routes (moe.SparseMoE's router=). */
+#define MOE_ROUTER_LIST(X)                                                   \
+    X(TOP_K,         "top_k")         /* token choice                      */ \
+    X(EXPERT_CHOICE, "expert_choice") /* each expert takes its top tokens  */ \
+    X(TOP_P,         "top_p")         /* fewest experts reaching mass p    */ \
+    X(THRESHOLD,     "threshold")     /* every expert with prob >= p       */
+
+/* X(NAME, name): null experts (MoE++), never dispatched. */
+#define MOE_NULL_LIST(X)                                                     \
+    X(ZERO,     "zero")     /* adds nothing                               */ \
+    X(COPY,     "copy")     /* adds w * x                                 */ \
+    X(CONSTANT, "constant") /* adds w * v, v its row of null_values       */
+
+/* X(NAME, name): the single-neuron experts' activation of PEER. */
+#define MOE_PEER_ACTIVATION_LIST(X)                                          \
+    X(RELU,     "relu")                                                      \
+    X(GELU,     "gelu") /* exact erf gelu                                 */ \
+    X(SILU,     "silu")                                                      \
+    X(IDENTITY, "identity")
+
+#endif /* MOE_OPTIONS_H */

@@ -19,7 +19,7 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 CHILD = r"""
-import json, sys, time
+import json, statistics, sys, time
 import numpy as np
 import moe
 shapes, tokens, calls = json.loads(sys.argv[1]), json.loads(sys.argv[2]), int(sys.argv[3])

@@ -86,6 +86,14 @@ typedef enum moe_dtype {
     MOE_DTYPE_COUNT
 } moe_dtype;
 
+/* An activation and its constants: one struct, embedded wherever an FFN
+ * runs (moe_ffn_params, moe_layer_params, moe_soft_moe_params). */
+typedef struct moe_act_params {
+    moe_activation activation; /* gated iff moe_activation_gated          */
+    float          alpha;      /* MOE_ACTIVATION_SWIGLU_OAI's alpha        */
+    float          limit;      /* and its clamp limit                      */
+} moe_act_params;
+
 /* Routers of a layer (moe.SparseMoE's router=); only the binding reads it
  * today: the layer's other routers still compose in Python. */
 typedef enum moe_router {
@@ -175,26 +183,32 @@ moe_status moe_router_logits(const moe_router_params *p);
 
 /* ---- routing: logits -> top-k expert ids and gate weights ------------ */
 
+/* The options of top-k routing: one struct, embedded in moe_route_params
+ * and moe_layer_params (there over n_experts + n_null router outputs). */
+typedef struct moe_route_options {
+    int32_t        top_k;           /* 1..n_experts                        */
+    moe_scoring    scoring;
+    int32_t        renormalize;     /* selected weights sum to 1           */
+    double         routed_scaling;  /* multiplies the final weights        */
+    int32_t        n_groups;        /* divides n_experts; 1 = no groups    */
+    int32_t        topk_groups;     /* groups kept, 1..n_groups            */
+    double         capacity_factor; /* <= 0: dropless                      */
+    const float   *expert_bias;     /* (n_experts,) selection-only, or NULL */
+    const uint8_t *allowed;         /* (n_tokens, n_experts) nonzero = may
+                                       be selected, or NULL; selection only,
+                                       and only with n_groups == 1.  With
+                                       mask_rows: (n_mask_rows, n_experts) */
+    const int32_t *mask_rows;       /* (n_tokens,) the row of allowed each
+                                       token uses (its task / modality /
+                                       domain group), or NULL: row t      */
+    int64_t        n_mask_rows;     /* rows of allowed, with mask_rows     */
+} moe_route_options;
+
 typedef struct moe_route_params {
-    const double *logits;          /* (n_tokens, n_experts); finite        */
-    const float  *expert_bias;     /* (n_experts,) selection-only, or NULL */
-    const uint8_t *allowed;        /* (n_tokens, n_experts) nonzero = may be
-                                      selected, or NULL; selection only, and
-                                      only with n_groups == 1.  With
-                                      mask_rows: (n_mask_rows, n_experts) */
-    const int32_t *mask_rows;      /* (n_tokens,) the row of allowed each
-                                      token uses (its task / modality /
-                                      domain group), or NULL: row t       */
-    int64_t        n_mask_rows;    /* rows of allowed, with mask_rows     */
-    int64_t       n_tokens;
-    int32_t       n_experts;
-    int32_t       top_k;           /* 1..n_experts                         */
-    int32_t       n_groups;        /* divides n_experts; 1 = no groups     */
-    int32_t       topk_groups;     /* groups kept, 1..n_groups             */
-    moe_scoring   scoring;
-    int32_t       renormalize;     /* selected weights sum to 1            */
-    double        routed_scaling;  /* multiplies the final weights         */
-    double        capacity_factor; /* <= 0: dropless                       */
+    const double     *logits;      /* (n_tokens, n_experts); finite        */
+    int64_t           n_tokens;
+    int32_t           n_experts;
+    moe_route_options opt;
 
     int32_t      *expert_ids;      /* out: (n_tokens, top_k); -1 = dropped */
     float        *weights;         /* out: (n_tokens, top_k); 0 = dropped  */
@@ -299,9 +313,7 @@ typedef struct moe_ffn_params {
     const int64_t     *offsets;     /* (n_experts + 1,), offsets[E]==n_rows */
     int64_t            n_rows;
     const moe_experts *experts;     /* packed weights                       */
-    moe_activation     activation;  /* gated iff the pack has w_gate        */
-    float              act_alpha;   /* MOE_ACTIVATION_SWIGLU_OAI's alpha    */
-    float              act_limit;   /* and its clamp limit                  */
+    moe_act_params     act;         /* gated iff the pack has w_gate        */
     const moe_expert_lora *lora;    /* adapters on the experts, or NULL     */
     float             *out;         /* out: (n_rows, d_model), sorted rows  */
 } moe_ffn_params;
@@ -509,27 +521,13 @@ typedef struct moe_layer_params {
     int64_t            n_tokens;
     int64_t            d_model;
     int32_t            n_experts;
-    int32_t            top_k;
-    moe_activation     activation;
-    float              act_alpha;     /* as in moe_ffn_params               */
-    float              act_limit;
+    moe_act_params     act;
     const float       *router_weight; /* (n_experts + n_null, d_model)      */
     const float       *router_bias;   /* (n_experts + n_null,) or NULL      */
     const moe_experts *experts;       /* packed routed experts              */
     const moe_expert_lora *lora;      /* adapters on them, or NULL          */
 
-    /* routing options, as in moe_route_params, over n_experts + n_null */
-    const float       *expert_bias;   /* (n_experts + n_null,) or NULL      */
-    const uint8_t     *allowed;       /* selection mask as in
-                                         moe_route_params, or NULL          */
-    const int32_t     *mask_rows;
-    int64_t            n_mask_rows;
-    moe_scoring        scoring;
-    int32_t            renormalize;
-    double             routed_scaling;
-    int32_t            n_groups;
-    int32_t            topk_groups;
-    double             capacity_factor;
+    moe_route_options  route;         /* over n_experts + n_null outputs    */
 
     /* null experts (MoE++): n_null more router outputs after the real ones,
        never dispatched: zero adds 0, copy adds w * x, constant adds w * v */
@@ -666,9 +664,7 @@ typedef struct moe_soft_moe_params {
     double             scale;      /* multiplies normalised logits          */
     double             temperature; /* > 0; divides the logits (1: Soft MoE) */
     const moe_experts *experts;    /* packed (n_experts, d_ff, d_model)     */
-    moe_activation     activation;
-    float              act_alpha;  /* as in moe_ffn_params                  */
-    float              act_limit;
+    moe_act_params     act;
     float             *out;        /* out: (n_groups * group_size, d_model),
                                       rows as x                             */
     float             *dispatch;   /* out, or NULL: (n_tokens, E*s) D, rows

@@ -307,7 +307,7 @@ moe_py_route(PyObject *self, PyObject *args)
     if (!(logits = moe_logits_arg(logits_obj, ld))) {
         return NULL;
     }
-    if (moe_check_enum(scoring, 3, "scoring") < 0) {
+    if (moe_check_enum(scoring, MOE_SCORING_COUNT, "scoring") < 0) {
         return NULL;
     }
     bd[0] = ld[1];
@@ -341,19 +341,19 @@ moe_py_route(PyObject *self, PyObject *args)
         goto fail;
     }
     p.logits = MOE_DATA(logits, double);
-    p.expert_bias = bias;
-    p.allowed = allowed;
-    p.mask_rows = rows;
-    p.n_mask_rows = rows != NULL ? ad[0] : 0;
+    p.opt.expert_bias = bias;
+    p.opt.allowed = allowed;
+    p.opt.mask_rows = rows;
+    p.opt.n_mask_rows = rows != NULL ? ad[0] : 0;
     p.n_tokens = ld[0];
     p.n_experts = (int32_t)ld[1];
-    p.top_k = top_k;
-    p.n_groups = n_groups;
-    p.topk_groups = topk_groups;
-    p.scoring = (moe_scoring)scoring;
-    p.renormalize = renormalize;
-    p.routed_scaling = routed_scaling;
-    p.capacity_factor = capacity_factor;
+    p.opt.top_k = top_k;
+    p.opt.n_groups = n_groups;
+    p.opt.topk_groups = topk_groups;
+    p.opt.scoring = (moe_scoring)scoring;
+    p.opt.renormalize = renormalize;
+    p.opt.routed_scaling = routed_scaling;
+    p.opt.capacity_factor = capacity_factor;
     p.expert_ids = MOE_DATA(ids, int32_t);
     p.weights = MOE_DATA(weights, float);
     p.counts = MOE_DATA(counts, int64_t);
@@ -399,7 +399,7 @@ moe_py_route_expert_choice(PyObject *self, PyObject *args)
     if (!(logits = moe_logits_arg(logits_obj, ld))) {
         return NULL;
     }
-    if (moe_check_enum(scoring, 3, "scoring") < 0) {
+    if (moe_check_enum(scoring, MOE_SCORING_COUNT, "scoring") < 0) {
         return NULL;
     }
     if (capacity < 0 || capacity > ld[0]) {
@@ -864,7 +864,7 @@ moe_py_pack_experts(PyObject *self, PyObject *args)
                           &bg_obj, &bu_obj, &bd_obj, &ff_obj, &bf16_compute)) {
         return NULL;
     }
-    if (moe_check_enum(dtype, 3, "dtype") < 0) {
+    if (moe_check_enum(dtype, MOE_DTYPE_COUNT, "dtype") < 0) {
         return NULL;
     }
     typenum = dtype == MOE_DTYPE_F32 ? NPY_FLOAT32 : NPY_UINT16;
@@ -989,9 +989,9 @@ moe_py_ffn_grouped(PyObject *self, PyObject *args)
     p.offsets = MOE_DATA(off, int64_t);
     p.n_rows = ti != NULL ? td[0] : xd[0];
     p.experts = w;
-    p.activation = (moe_activation)activation;
-    p.act_alpha = alpha;
-    p.act_limit = limit;
+    p.act.activation = (moe_activation)activation;
+    p.act.alpha = alpha;
+    p.act.limit = limit;
     if (!(out = moe_new(2, p.n_rows, xd[1], NPY_FLOAT32))) {
         return NULL;
     }
@@ -1019,7 +1019,7 @@ moe_py_pack_linear(PyObject *self, PyObject *args)
     if (!PyArg_ParseTuple(args, "Oi|O", &w_obj, &dtype, &b_obj)) {
         return NULL;
     }
-    if (moe_check_enum(dtype, 3, "dtype") < 0 ||
+    if (moe_check_enum(dtype, MOE_DTYPE_COUNT, "dtype") < 0 ||
         !(w = moe_arg(w_obj, "w", dtype == MOE_DTYPE_F32 ? NPY_FLOAT32
                                                           : NPY_UINT16,
                       3, wd, 0))) {
@@ -1260,7 +1260,7 @@ moe_py_layer_forward(PyObject *self, PyObject *args)
         return NULL;
     }
     if (moe_check_enum(activation, MOE_ACTIVATION_COUNT, "activation") < 0 ||
-        moe_check_enum(scoring, 3, "scoring") < 0 ||
+        moe_check_enum(scoring, MOE_SCORING_COUNT, "scoring") < 0 ||
         !(p.experts = moe_experts_arg(w_obj, "experts"))) {
         return NULL;
     }
@@ -1298,7 +1298,7 @@ moe_py_layer_forward(PyObject *self, PyObject *args)
     if (moe_opt_arg(bias_obj, "expert_bias", NPY_FLOAT32, 1, bd, &tmp) < 0) {
         return NULL;
     }
-    p.expert_bias = tmp;
+    p.route.expert_bias = tmp;
     if (moe_opt_arg(sgate_obj, "shared_gate_weight", NPY_FLOAT32, 1, gd,
                     &tmp) < 0) {
         return NULL;
@@ -1312,20 +1312,20 @@ moe_py_layer_forward(PyObject *self, PyObject *args)
     if (moe_opt_arg(gr_obj, "groups", NPY_INT32, 1, grd, &tmp) < 0) {
         return NULL;
     }
-    p.mask_rows = tmp;
-    ald[0] = p.mask_rows != NULL ? -1 : xd[0];
+    p.route.mask_rows = tmp;
+    ald[0] = p.route.mask_rows != NULL ? -1 : xd[0];
     ald[1] = rd[0];
     if (moe_opt_arg(al_obj, "allowed", NPY_BOOL, 2, ald, &tmp) < 0) {
         return NULL;
     }
-    p.allowed = tmp;
-    p.n_mask_rows = p.mask_rows != NULL ? ald[0] : 0;
-    if (p.mask_rows != NULL && p.allowed == NULL) {
+    p.route.allowed = tmp;
+    p.route.n_mask_rows = p.route.mask_rows != NULL ? ald[0] : 0;
+    if (p.route.mask_rows != NULL && p.route.allowed == NULL) {
         PyErr_SetString(PyExc_ValueError, "groups needs an allowed (G, E) table");
         return NULL;
     }
-    p.act_alpha = alpha;
-    p.act_limit = limit;
+    p.act.alpha = alpha;
+    p.act.limit = limit;
     if (gid_obj == Py_None && (top_k < 1 || top_k > rd[0])) {
         PyErr_Format(PyExc_ValueError, "top_k must be in 1..n_experts=%lld, "
                      "got %d", (long long)rd[0], top_k);
@@ -1372,15 +1372,15 @@ moe_py_layer_forward(PyObject *self, PyObject *args)
     p.n_tokens = xd[0];
     p.d_model = xd[1];
     p.n_experts = info.n_experts;
-    p.top_k = top_k;
-    p.activation = (moe_activation)activation;
+    p.route.top_k = top_k;
+    p.act.activation = (moe_activation)activation;
     p.router_weight = MOE_DATA(r, float);
-    p.scoring = (moe_scoring)scoring;
-    p.renormalize = renormalize;
-    p.routed_scaling = routed_scaling;
-    p.n_groups = n_groups;
-    p.topk_groups = topk_groups;
-    p.capacity_factor = capacity_factor;
+    p.route.scoring = (moe_scoring)scoring;
+    p.route.renormalize = renormalize;
+    p.route.routed_scaling = routed_scaling;
+    p.route.n_groups = n_groups;
+    p.route.topk_groups = topk_groups;
+    p.route.capacity_factor = capacity_factor;
     p.out = MOE_DATA(out, float);
     p.expert_ids = MOE_DATA(ids, int32_t);
     p.weights = MOE_DATA(weights, float);
@@ -1616,9 +1616,9 @@ moe_py_soft_moe_forward(PyObject *self, PyObject *args)
     p.normalize = normalize;
     p.scale = scale;
     p.temperature = temperature;
-    p.activation = (moe_activation)activation;
-    p.act_alpha = alpha;
-    p.act_limit = limit;
+    p.act.activation = (moe_activation)activation;
+    p.act.alpha = alpha;
+    p.act.limit = limit;
     p.out = MOE_DATA(out, float);
     MOE_COMPUTE(st, moe_soft_moe_forward(&p));
     if (st != MOE_STATUS_OK) {

@@ -27,9 +27,7 @@ moe_layer_shared(const moe_layer_params *p, float *tmp)
     fp.offsets = offsets;
     fp.n_rows = T;
     fp.experts = p->shared;
-    fp.activation = p->activation;
-    fp.act_alpha = p->act_alpha;
-    fp.act_limit = p->act_limit;
+    fp.act = p->act;
     fp.lora = NULL;
     fp.out = tmp;
     MOE_TRY(moe_ffn_grouped(&fp));
@@ -70,7 +68,7 @@ static void
 moe_layer_null(const moe_layer_params *p)
 {
     const int64_t T = p->n_tokens, d = p->d_model;
-    const int32_t E = p->n_experts, k = p->top_k;
+    const int32_t E = p->n_experts, k = p->route.top_k;
     int64_t t, i;
     int32_t j;
 
@@ -106,7 +104,7 @@ moe_status
 moe_layer_forward(const moe_layer_params *p)
 {
     const int64_t T = p->n_tokens, d = p->d_model;
-    const int32_t E = p->n_experts, k = p->top_k;
+    const int32_t E = p->n_experts, k = p->route.top_k;
     const int32_t E_all = p->n_experts + (p->n_null > 0 ? p->n_null : 0);
     int32_t *real_ids = NULL;
     moe_router_params rp;
@@ -183,19 +181,9 @@ moe_layer_forward(const moe_layer_params *p)
     }
 
     qp.logits = logits;
-    qp.expert_bias = p->expert_bias;
-    qp.allowed = p->allowed;
-    qp.mask_rows = p->mask_rows;
-    qp.n_mask_rows = p->n_mask_rows;
     qp.n_tokens = T;
     qp.n_experts = E_all;
-    qp.top_k = k;
-    qp.n_groups = p->n_groups;
-    qp.topk_groups = p->topk_groups;
-    qp.scoring = p->scoring;
-    qp.renormalize = p->renormalize;
-    qp.routed_scaling = p->routed_scaling;
-    qp.capacity_factor = p->capacity_factor;
+    qp.opt = p->route;
     qp.expert_ids = p->expert_ids;
     qp.weights = p->weights;
     qp.counts = p->counts;
@@ -279,9 +267,7 @@ routed:
     fp.offsets = offsets;
     fp.n_rows = n_rows;
     fp.experts = p->experts;
-    fp.activation = p->activation;
-    fp.act_alpha = p->act_alpha;
-    fp.act_limit = p->act_limit;
+    fp.act = p->act;
     fp.lora = p->lora;
     fp.out = ys;
     if ((st = moe_ffn_grouped(&fp)) != MOE_STATUS_OK) {

@@ -491,9 +491,7 @@ moe_soft_moe_run(const moe_soft_moe_params *p)
     fp.offsets = offsets;
     fp.n_rows = n_rows;
     fp.experts = p->experts;
-    fp.activation = p->activation;
-    fp.act_alpha = p->act_alpha;
-    fp.act_limit = p->act_limit;
+    fp.act = p->act;
     fp.out = ys;
     MOE_TRY(moe_ffn_grouped(&fp));
 
@@ -572,7 +570,7 @@ moe_soft_moe_forward(const moe_soft_moe_params *p)
                              (long long)w.d_model, p->n_experts,
                              (long long)d);
     }
-    if (moe_activation_is_gated(p->activation) != w.gated) {
+    if (moe_activation_gated(p->act.activation) != w.gated) {
         return moe_set_error(MOE_STATUS_INVALID_ARG, "activation is %sgated "
                              "but the experts were packed %s w_gate",
                              w.gated ? "not " : "",

@@ -548,8 +548,7 @@ typedef struct moe_ffn_job {
     const float          *x;           /* (n_tokens, K of the first GEMM)  */
     const int64_t        *token_index; /* or NULL                          */
     const int64_t        *offsets;     /* (E+1,) sorted rows per expert    */
-    moe_activation        act;
-    float                 act_alpha, act_limit;
+    moe_act_params        act;
     const moe_expert_lora *lora;       /* or NULL                          */
     float                *z_gu;        /* (n_rows, lora->n_gu)             */
     moe_panel_gemm        gemm;        /* the GEMM phase running now       */
@@ -749,10 +748,11 @@ moe_ffn_up_task(void *ctx, int64_t t)
                                      lora->n_gu * nr, nr);
             }
             n_units = ff - c * width < width ? (int)(ff - c * width) : width;
-            job->kr->epilogue((int)job->act, w->gated, tile, m, n_units,
+            job->kr->epilogue((int)job->act.activation, w->gated, tile, m,
+                              n_units,
                               w->gu_bias ? w->gu_bias +
                                   (task->e * w->gu_panels + c) * nr : NULL,
-                              job->act_alpha, job->act_limit,
+                              job->act.alpha, job->act.limit,
                               w->bf16_act && job->kr->dot_pairs
                                   ? hb : h + c * width * mr, mr);
             if (w->bf16_act) {
@@ -1069,9 +1069,7 @@ moe_cpu_ffn_grouped(const moe_ffn_params *p)
     job.x = p->x;
     job.token_index = p->token_index;
     job.offsets = p->offsets;
-    job.act = p->activation;
-    job.act_alpha = p->act_alpha;
-    job.act_limit = p->act_limit;
+    job.act = p->act;
     job.lora = p->lora;
     down.w = p->experts;
     down.out = p->out;

@@ -109,8 +109,9 @@ moe_route_token(const moe_route_params *p, const double *logit,
                 const uint8_t *allowed, moe_route_scratch *s, int32_t *ids,
                 float *w, double *psum)
 {
-    const int32_t E = p->n_experts, k = p->top_k;
-    const int32_t G = p->n_experts / p->n_groups;
+    const moe_route_options *o = &p->opt;
+    const int32_t E = p->n_experts, k = o->top_k;
+    const int32_t G = p->n_experts / o->n_groups;
     double mx = logit[0], sum = 0.0, lse, wsum;
     double *wd = s->kvals + k; /* kvals holds 2k: top-k values, weights */
     int32_t e, g, j, len;
@@ -124,7 +125,7 @@ moe_route_token(const moe_route_params *p, const double *logit,
     lse = mx + log(sum);
 
     /* Scores, and the aux-loss probabilities P (unbiased). */
-    if (p->scoring == MOE_SCORING_SIGMOID) {
+    if (o->scoring == MOE_SCORING_SIGMOID) {
         double ssum = 0.0;
         for (e = 0; e < E; e++) {
             /* Stable both ways: exp of a negative number only. */
@@ -141,17 +142,17 @@ moe_route_token(const moe_route_params *p, const double *logit,
         for (e = 0; e < E; e++) {
             double pe = exp(logit[e] - mx) / sum;
             psum[e] += pe;
-            s->score[e] = p->scoring == MOE_SCORING_SOFTMAX ? pe : logit[e];
+            s->score[e] = o->scoring == MOE_SCORING_SOFTMAX ? pe : logit[e];
         }
     }
     for (e = 0; e < E; e++) {
-        s->sel[e] = s->score[e] + (p->expert_bias ? p->expert_bias[e] : 0.0);
+        s->sel[e] = s->score[e] + (o->expert_bias ? o->expert_bias[e] : 0.0);
     }
 
     /* Group-limited: score groups by the sum of their top-2 selections. */
     len = 0;
-    if (p->n_groups > 1) {
-        for (g = 0; g < p->n_groups; g++) {
+    if (o->n_groups > 1) {
+        for (g = 0; g < o->n_groups; g++) {
             const double *sg = s->sel + (int64_t)g * G;
             double b1 = sg[0], b2 = -INFINITY;
             for (e = 1; e < G; e++) {
@@ -166,8 +167,8 @@ moe_route_token(const moe_route_params *p, const double *logit,
             s->gscore[g] = G >= 2 ? b1 + b2 : b1;
             s->allowed[g] = 0;
         }
-        for (g = 0; g < p->n_groups; g++) {
-            moe_topk_insert(s->gids, s->gvals, &len, p->topk_groups, g,
+        for (g = 0; g < o->n_groups; g++) {
+            moe_topk_insert(s->gids, s->gvals, &len, o->topk_groups, g,
                             s->gscore[g]);
         }
         for (j = 0; j < len; j++) {
@@ -177,7 +178,7 @@ moe_route_token(const moe_route_params *p, const double *logit,
 
     len = 0;
     for (e = 0; e < E; e++) {
-        if ((p->n_groups > 1 && !s->allowed[e / G]) ||
+        if ((o->n_groups > 1 && !s->allowed[e / G]) ||
             (allowed != NULL && !allowed[e])) {
             continue;
         }
@@ -185,7 +186,7 @@ moe_route_token(const moe_route_params *p, const double *logit,
     }
 
     /* Gate weights from the unbiased scores of the selected experts. */
-    if (p->scoring == MOE_SCORING_SOFTMAX_AFTER_TOPK) {
+    if (o->scoring == MOE_SCORING_SOFTMAX_AFTER_TOPK) {
         double m = logit[ids[0]];
         for (j = 1; j < k; j++) {
             m = logit[ids[j]] > m ? logit[ids[j]] : m;
@@ -203,14 +204,14 @@ moe_route_token(const moe_route_params *p, const double *logit,
     for (j = 0; j < k; j++) {
         wsum += wd[j];
     }
-    if ((p->renormalize || p->scoring == MOE_SCORING_SOFTMAX_AFTER_TOPK) &&
+    if ((o->renormalize || o->scoring == MOE_SCORING_SOFTMAX_AFTER_TOPK) &&
         wsum > 0.0) {
         for (j = 0; j < k; j++) {
             wd[j] /= wsum;
         }
     }
     for (j = 0; j < k; j++) {
-        w[j] = (float)(wd[j] * p->routed_scaling);
+        w[j] = (float)(wd[j] * o->routed_scaling);
     }
     return lse;
 }
@@ -228,7 +229,8 @@ moe_route_task(void *ctx, int64_t t)
 {
     const moe_route_job *job = ctx;
     const moe_route_params *p = job->p;
-    const int32_t E = p->n_experts, k = p->top_k;
+    const moe_route_options *o = &p->opt;
+    const int32_t E = p->n_experts, k = o->top_k;
     double *psum = job->psum + t * E, z = 0.0;
     int64_t i, end = (t + 1) * MOE_ROUTE_BLOCK;
     int32_t e;
@@ -239,9 +241,9 @@ moe_route_task(void *ctx, int64_t t)
     }
     for (i = t * MOE_ROUTE_BLOCK; i < end; i++) {
         double lse = moe_route_token(p, p->logits + i * E,
-                                     p->allowed ? p->allowed +
-                                         (p->mask_rows ? p->mask_rows[i] : i) *
-                                         E : NULL,
+                                     o->allowed ? o->allowed +
+                                         (o->mask_rows ? o->mask_rows[i]
+                                                       : i) * E : NULL,
                                      &job->scratch[t],
                                      p->expert_ids + i * k,
                                      p->weights + i * k, psum);
@@ -253,8 +255,9 @@ moe_route_task(void *ctx, int64_t t)
 moe_status
 moe_cpu_route_topk(const moe_route_params *p)
 {
+    const moe_route_options *o = &p->opt;
     const int64_t T = p->n_tokens;
-    const int32_t E = p->n_experts, k = p->top_k, G = p->n_groups;
+    const int32_t E = p->n_experts, k = o->top_k, G = o->n_groups;
     const int64_t n_tasks = (T + MOE_ROUTE_BLOCK - 1) / MOE_ROUTE_BLOCK;
     /* doubles of scratch per task: score, sel (E each), gscore, gvals (G
      * each), kvals (2k); then bytes: allowed (G), gids (G int32) */
@@ -276,12 +279,12 @@ moe_cpu_route_topk(const moe_route_params *p)
                                  (long long)(t / E), (long long)(t % E));
         }
     }
-    if (p->expert_bias) {
+    if (o->expert_bias) {
         for (e = 0; e < E; e++) {
-            if (!isfinite(p->expert_bias[e])) {
+            if (!isfinite(o->expert_bias[e])) {
                 return moe_set_error(MOE_STATUS_NONFINITE,
                                      "expert_bias must be finite, got %g at "
-                                     "expert %d", (double)p->expert_bias[e], e);
+                                     "expert %d", (double)o->expert_bias[e], e);
             }
         }
     }
@@ -317,15 +320,15 @@ moe_cpu_route_topk(const moe_route_params *p)
         selected[e] = 0;
         p->counts[e] = 0;
     }
-    if (p->capacity_factor > 0.0) {
+    if (o->capacity_factor > 0.0) {
         /* A capacity past 2^62 (or inf) drops nothing: don't overflow the cast. */
-        double c = ceil(p->capacity_factor * (double)T * (double)k / (double)E);
+        double c = ceil(o->capacity_factor * (double)T * (double)k / (double)E);
         cap = c < 4611686018427387904.0 ? (int64_t)c : INT64_MAX;
     }
     for (t = 0; t < T * k; t++) {
         e = p->expert_ids[t];
         selected[e]++;
-        if (p->capacity_factor > 0.0 && p->counts[e] >= cap) {
+        if (o->capacity_factor > 0.0 && p->counts[e] >= cap) {
             p->expert_ids[t] = -1;
             p->weights[t] = 0.0f;
             dropped++;

@@ -18,60 +18,61 @@ moe_router_logits(const moe_router_params *p)
 moe_status
 moe_route_topk(const moe_route_params *p)
 {
+    const moe_route_options *o = &p->opt;
     const int32_t E = p->n_experts;
 
-    if (E <= 0 || p->top_k < 1 || p->top_k > E) {
+    if (E <= 0 || o->top_k < 1 || o->top_k > E) {
         return moe_set_error(MOE_STATUS_INVALID_ARG,
                              "top_k must be in 1..n_experts=%d, got %d", E,
-                             p->top_k);
+                             o->top_k);
     }
-    if (p->n_groups < 1 || E % p->n_groups != 0) {
+    if (o->n_groups < 1 || E % o->n_groups != 0) {
         return moe_set_error(MOE_STATUS_INVALID_ARG,
                              "n_groups must divide n_experts=%d, got %d", E,
-                             p->n_groups);
+                             o->n_groups);
     }
-    if (p->topk_groups < 1 || p->topk_groups > p->n_groups ||
-        (int64_t)p->topk_groups * (E / p->n_groups) < p->top_k) {
+    if (o->topk_groups < 1 || o->topk_groups > o->n_groups ||
+        (int64_t)o->topk_groups * (E / o->n_groups) < o->top_k) {
         return moe_set_error(MOE_STATUS_INVALID_ARG,
                              "topk_groups must be in 1..n_groups=%d with "
                              "topk_groups * (n_experts / n_groups) >= top_k"
-                             "=%d, got %d", p->n_groups, p->top_k,
-                             p->topk_groups);
+                             "=%d, got %d", o->n_groups, o->top_k,
+                             o->topk_groups);
     }
     if (p->n_tokens < 0) {
         return moe_set_error(MOE_STATUS_INVALID_ARG, "n_tokens < 0");
     }
-    if (p->allowed != NULL) {
+    if (o->allowed != NULL) {
         int64_t t;
         int32_t e, n;
-        if (p->n_groups != 1) {
+        if (o->n_groups != 1) {
             return moe_set_error(MOE_STATUS_INVALID_ARG,
                                  "allowed needs n_groups == 1, got %d",
-                                 p->n_groups);
+                                 o->n_groups);
         }
         /* Top-k must find k selectable experts in every row. */
         for (t = 0; t < p->n_tokens; t++) {
             int64_t row = t;
-            if (p->mask_rows != NULL) {
-                row = p->mask_rows[t];
-                if (row < 0 || row >= p->n_mask_rows) {
+            if (o->mask_rows != NULL) {
+                row = o->mask_rows[t];
+                if (row < 0 || row >= o->n_mask_rows) {
                     return moe_set_error(MOE_STATUS_INVALID_ARG,
                                          "groups must be in [0, %lld), got "
                                          "%lld at token %lld",
-                                         (long long)p->n_mask_rows,
+                                         (long long)o->n_mask_rows,
                                          (long long)row, (long long)t);
                 }
             }
             for (e = 0, n = 0; e < E; e++) {
-                n += p->allowed[row * E + e] != 0;
+                n += o->allowed[row * E + e] != 0;
             }
-            if (n < p->top_k) {
+            if (n < o->top_k) {
                 return moe_set_error(MOE_STATUS_INVALID_ARG,
                                      "allowed lets token %lld%s choose %d "
                                      "expert(s), fewer than top_k=%d",
-                                     (long long)t, p->mask_rows
+                                     (long long)t, o->mask_rows
                                          ? " (through its group)" : "",
-                                     n, p->top_k);
+                                     n, o->top_k);
             }
         }
     }
@@ -337,7 +338,7 @@ moe_ffn_grouped(const moe_ffn_params *p)
     const moe_experts *w = p->experts;
 
     MOE_TRY(moe_check_pack(w, 0, "experts"));
-    if (moe_activation_is_gated(p->activation) != w->gated) {
+    if (moe_activation_gated(p->act.activation) != w->gated) {
         return moe_set_error(MOE_STATUS_INVALID_ARG,
                              "activation is %sgated but the experts were "
                              "packed %s w_gate",

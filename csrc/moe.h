@@ -94,8 +94,7 @@ typedef struct moe_act_params {
     float          limit;      /* and its clamp limit                      */
 } moe_act_params;
 
-/* Routers of a layer (moe.SparseMoE's router=); only the binding reads it
- * today: the layer's other routers still compose in Python. */
+/* Routers of a layer (moe_route_options.router, moe.SparseMoE's router=). */
 typedef enum moe_router {
     MOE_ROUTER_LIST(MOE_ROUTER_ENTRY_)
     MOE_ROUTER_COUNT
@@ -183,16 +182,26 @@ moe_status moe_router_logits(const moe_router_params *p);
 
 /* ---- routing: logits -> top-k expert ids and gate weights ------------ */
 
-/* The options of top-k routing: one struct, embedded in moe_route_params
- * and moe_layer_params (there over n_experts + n_null router outputs). */
+/* The routing options: one struct, embedded in moe_route_params (top-k
+ * only) and moe_layer_params (any router, over n_experts + n_null router
+ * outputs). */
 typedef struct moe_route_options {
-    int32_t        top_k;           /* 1..n_experts                        */
+    moe_router     router;          /* moe_route_topk reads none of router,
+                                       router_p and k_min                  */
+    int32_t        top_k;           /* 1..n_experts; top_p / threshold: the
+                                       most experts a token takes          */
     moe_scoring    scoring;
     int32_t        renormalize;     /* selected weights sum to 1           */
     double         routed_scaling;  /* multiplies the final weights        */
     int32_t        n_groups;        /* divides n_experts; 1 = no groups    */
     int32_t        topk_groups;     /* groups kept, 1..n_groups            */
-    double         capacity_factor; /* <= 0: dropless                      */
+    double         capacity_factor; /* top_k: <= 0 dropless; expert_choice:
+                                       each expert takes ceil(cf * T / E)
+                                       tokens (at most T)                  */
+    double         router_p;        /* top_p: the mass in (0, 1]; threshold:
+                                       the least probability in [0, 1]     */
+    int32_t        k_min;           /* top_p / threshold: the fewest experts
+                                       a token takes, 1..top_k             */
     const float   *expert_bias;     /* (n_experts,) selection-only, or NULL */
     const uint8_t *allowed;         /* (n_tokens, n_experts) nonzero = may
                                        be selected, or NULL; selection only,
@@ -548,21 +557,21 @@ typedef struct moe_layer_params {
     const float       *shared_gate;   /* (d_model,) sigmoid gate, or NULL   */
 
     float             *out;           /* out: (n_tokens, d_model)           */
-    /* routing outputs, as in moe_route_params (all required) */
-    int32_t           *expert_ids;    /* out: (n_tokens, top_k); ids >=
+    /* routing outputs, as in moe_route_params (all required); with
+       expert_choice the buffers hold (n_tokens, n_experts + n_null) and the
+       layer writes (n_tokens, *width) densely at their start */
+    int32_t           *expert_ids;    /* out: (n_tokens, width); ids >=
                                          n_experts are null experts         */
-    float             *weights;       /* out: (n_tokens, top_k)             */
+    float             *weights;       /* out: (n_tokens, width)             */
+    int32_t           *width;         /* out, or NULL: slots per token, top_k
+                                         or for expert_choice the most
+                                         experts a token got (at least 1)  */
     double             skip_threshold; /* > 0: slots whose weight is below it
                                          are emptied after routing (dynamic
                                          expert skipping), counts recounted */
     int32_t            skip_renormalize; /* and each token's kept weights
                                          divided by their sum               */
     int64_t           *n_skipped;     /* out, or NULL: slots skipped        */
-    int32_t            routing_given; /* expert_ids / weights are inputs
-                                         (another router chose; -1 = empty
-                                         slot): the router and top-k are
-                                         skipped, counts are filled, the
-                                         losses and n_dropped are 0         */
     int64_t           *counts;        /* out: (n_experts + n_null,)         */
     int64_t           *n_dropped;
     double            *aux_loss;
@@ -570,9 +579,13 @@ typedef struct moe_layer_params {
 } moe_layer_params;
 
 /*
- * router logits -> route -> dispatch -> grouped FFN -> combine (+ shared
- * experts).  In dropless mode a token's output is bitwise independent of
- * the other tokens in the batch.
+ * router logits -> route (any router of route.router) -> dispatch -> grouped
+ * FFN -> combine (+ shared experts).  The losses come from the same float64
+ * logits: top_k's from moe_route_topk; the other routers' over the
+ * assignments they made (aux = E sum_e f_e P_e with f_e the share of the
+ * kept assignments and P_e the mean softmax probability; z = mean lse^2).
+ * In dropless top-k mode a token's output is bitwise independent of the
+ * other tokens in the batch (expert choice depends on the batch).
  */
 moe_status moe_layer_forward(const moe_layer_params *p);
 

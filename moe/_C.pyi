@@ -46,7 +46,7 @@ def layer_forward(x: F32, router_weight: F32, packed: Packed, top_k: int, activa
                   null_kinds: Optional[I32] = ..., null_values: Optional[F32] = ...,
                   allowed: Optional[npt.NDArray[np.bool_]] = ...,
                   groups: Optional[I32] = ..., want_out_norm: bool = ...,
-                  expert_ids: Optional[I32] = ..., weights: Optional[F32] = ...,
+                  router: int = ..., router_p: float = ..., k_min: int = ...,
                   skip_threshold: float = ..., skip_renormalize: bool = ...
                   ) -> Tuple[F32, I32, F32, I64, int, float, float, Optional[I32],
                              Optional[F64]]: ...

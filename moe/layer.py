@@ -346,43 +346,6 @@ class SparseMoE:
         object.__setattr__(self, "_packed", (routed, shared, _C.build_info()["isa"], lora))
         return self
 
-    def _other_router(self, x2, allowed):
-        """(ids, weights, aux, z) from a router other than top-k, or None."""
-        if self.router == "top_k":
-            return None
-        if allowed is not None:
-            raise ValueError(f"allowed / groups / expert_mask need router='top_k', got "
-                             f"{self.router!r}")
-        from .reference import logsumexp, softmax
-        from .routing import route_expert_choice, route_threshold, route_top_p
-        logits = _C.router_logits(x2, self.router_weight)
-        if self.use_router_bias:
-            logits = logits + self.router_bias.astype(np.float64)
-        E, T = self.n_router, x2.shape[0]
-        k_max = min(self.top_k, E)
-        if self.router == "expert_choice":
-            r = route_expert_choice(logits, self.capacity_factor, scoring=self.scoring)
-        elif self.router == "top_p":
-            r = route_top_p(logits, self.router_p, k_min=min(self.k_min, k_max), k_max=k_max,
-                            renormalize=self.renormalize)
-        else:
-            r = route_threshold(logits, self.router_threshold, k_min=min(self.k_min, k_max),
-                                k_max=k_max, renormalize=self.renormalize)
-        ids, w = r.expert_ids, r.weights
-        if ids.shape[1] == 0:  # expert choice gave no token any expert
-            ids, w = np.full((T, 1), -1, np.int32), np.zeros((T, 1), np.float32)
-        if self.routed_scaling != 1.0:
-            w = (w * np.float32(self.routed_scaling)).astype(np.float32)
-        # losses over these assignments, from the same float64 logits
-        z = float(np.mean(logsumexp(logits, axis=1) ** 2)) if T else 0.0
-        kept = ids[ids >= 0]
-        if T and kept.size:
-            f = np.bincount(kept, minlength=E) / kept.size
-            aux = float(E * np.sum(f * softmax(logits, axis=1).mean(axis=0)))
-        else:
-            aux = 0.0
-        return np.ascontiguousarray(ids, np.int32), np.ascontiguousarray(w, np.float32), aux, z
-
     @property
     def n_router(self):
         """Router outputs: the real experts, then the null experts."""
@@ -469,17 +432,21 @@ class SparseMoE:
                 if self.null_values is None:
                     raise ValueError("null_values is None but a null expert is 'constant'")
                 values = self.null_values
-        given = self._other_router(x2, allowed)
+        router = ROUTERS.index(self.router)
+        if self.router != "top_k" and allowed is not None:
+            raise ValueError(f"allowed / groups / expert_mask need router='top_k', got "
+                             f"{self.router!r}")
+        if self.router == "expert_choice":  # each expert takes ceil(cf * T / E) tokens
+            cf = 1.0 if self.capacity_factor is None else self.capacity_factor
+        router_p = self.router_threshold if self.router == "threshold" else self.router_p
         out, ids, w, counts, n_dropped, aux, z, n_real, norm = _C.layer_forward(
             x2, self.router_weight, routed, top_k, act,
             self.expert_bias if self.use_expert_bias else None, code, self.renormalize,
-            check_float(scaling, "routed_scaling", float32=True), n_groups, topk_groups, cf, shared, sgate,
+            scaling, n_groups, topk_groups, cf, shared, sgate,
             self.router_bias if self.use_router_bias else None, self.swiglu_alpha,
             self.swiglu_limit, lora, kinds, values, allowed, groups, bool(want_norm),
-            *(given[:2] if given else (None, None)), self.skip_threshold,
+            router, router_p, min(self.k_min, top_k), self.skip_threshold,
             self.skip_renormalize)
-        if given:
-            aux, z = given[2], given[3]
         out = out.reshape(lead + (self.d_model,))
         if self.n_null:
             routing = NullRoutingResult(ids, w, counts, int(n_dropped), float(aux), float(z),

@@ -597,8 +597,17 @@ def sparse_moe(x, router_weight, w_gate, w_up, w_down, *, top_k, activation="swi
         if ids.shape[1] == 0:
             ids = np.full((xf.shape[0], 1), -1, np.int32)
             r["weights"] = np.zeros((xf.shape[0], 1))
+        kept = ids[ids >= 0]
         routing = {"expert_ids": ids, "weights": r["weights"] * routed_scaling,
-                   "counts": np.bincount(ids[ids >= 0], minlength=n_all)}
+                   "counts": np.bincount(kept, minlength=n_all)}
+        # the losses over the assignments this router made, from the same logits:
+        # Switch's E * sum_e f_e P_e (f: share of the kept assignments, P: mean softmax
+        # probability) and the z-loss mean(logsumexp^2)
+        T_ = xf.shape[0]
+        f = routing["counts"] / kept.size if kept.size else np.zeros(n_all)
+        routing["aux_loss"] = float(n_all * np.sum(f * softmax(logits, axis=1).mean(axis=0))) \
+            if T_ and kept.size else 0.0
+        routing["z_loss"] = float(np.mean(logsumexp(logits, axis=1) ** 2)) if T_ else 0.0
     if skip_threshold > 0:
         sk = skip_experts(routing["expert_ids"], routing["weights"], skip_threshold,
                           skip_renormalize)

@@ -26,6 +26,10 @@ def test_layer_routers_match_reference(router, opts):
     assert_close(r.weights, r_ref["weights"], what="weights")
     assert_close(y, y_ref, what=f"SparseMoE(router={router!r})")
     assert np.isfinite(r.aux_loss) and r.z_loss > 0
+    # the losses come from the core (no Python on the layer's path), the reference's own
+    # formula agrees to rounding
+    assert r.aux_loss == pytest.approx(r_ref["aux_loss"], rel=1e-12)
+    assert r.z_loss == pytest.approx(r_ref["z_loss"], rel=1e-12)
     if router != "expert_choice":  # token choice: batch-independent
         np.testing.assert_array_equal(layer(x[7:8]), y[7:8])
     back = moe.SparseMoE(**layer.config(), init=False)
@@ -66,3 +70,23 @@ def test_layer_expert_skipping(router, renormalize):
     np.testing.assert_array_equal(layer(x[4:5]), y[4:5])
     with pytest.raises(ValueError, match="skip_threshold must be >= 0"):
         moe.SparseMoE(8, 8, 4, 2, skip_threshold=-1.0)
+
+
+@pytest.mark.parametrize("router", ["top_k", "expert_choice", "top_p", "threshold"])
+def test_layer_routing_does_not_use_the_reference(router, monkeypatch):
+    # The test oracle is not on the production path: every router runs (and computes its
+    # losses) in the core, with moe.reference's functions broken.
+    layer = moe.SparseMoE(16, 8, 6, 2, router=router, seed=1)
+    x = np.random.default_rng(3).standard_normal((9, 16)).astype(np.float32)
+    want, r_want = layer(x, return_routing=True)
+
+    def broken(*args, **kwargs):
+        raise AssertionError("moe.reference used on the layer's path")
+
+    for name in dir(ref):
+        if callable(getattr(ref, name)) and not name.startswith("_") and \
+                getattr(getattr(ref, name), "__module__", "") == "moe.reference":
+            monkeypatch.setattr(ref, name, broken)
+    got, r_got = layer(x, return_routing=True)
+    np.testing.assert_array_equal(got, want)
+    assert (r_got.aux_loss, r_got.z_loss) == (r_want.aux_loss, r_want.z_loss)

@@ -1237,7 +1237,8 @@ moe_py_layer_forward(PyObject *self, PyObject *args)
 
     PyObject *lora_obj = Py_None, *nk_obj = Py_None, *nv_obj = Py_None;
     PyObject *al_obj = Py_None, *gr_obj = Py_None;
-    PyObject *gid_obj = Py_None, *gw_obj = Py_None;
+    int router = MOE_ROUTER_TOP_K, k_min = 1, width = 0;
+    double router_p = 0.0;
     double skip_threshold = 0.0;
     int skip_renorm = 0;
     int64_t n_skipped = 0;
@@ -1245,14 +1246,14 @@ moe_py_layer_forward(PyObject *self, PyObject *args)
     npy_intp nkd[1] = {-1}, nvd[2], ald[2], grd[1];
     int want_norm = 0;
 
-    if (!PyArg_ParseTuple(args, "OOOiiOipdiidOO|OffOOOOOpOOdp", &x_obj, &r_obj,
+    if (!PyArg_ParseTuple(args, "OOOiiOipdiidOO|OffOOOOOpididp", &x_obj, &r_obj,
                           &w_obj, &top_k, &activation, &bias_obj, &scoring,
                           &renormalize, &routed_scaling, &n_groups,
                           &topk_groups, &capacity_factor, &sw_obj,
                           &sgate_obj, &rbias_obj, &alpha, &limit,
                           &lora_obj, &nk_obj, &nv_obj, &al_obj, &gr_obj,
-                          &want_norm, &gid_obj, &gw_obj, &skip_threshold,
-                          &skip_renorm)) {
+                          &want_norm, &router, &router_p, &k_min,
+                          &skip_threshold, &skip_renorm)) {
         return NULL;
     }
     memset(&p, 0, sizeof(p));
@@ -1261,6 +1262,7 @@ moe_py_layer_forward(PyObject *self, PyObject *args)
     }
     if (moe_check_enum(activation, MOE_ACTIVATION_COUNT, "activation") < 0 ||
         moe_check_enum(scoring, MOE_SCORING_COUNT, "scoring") < 0 ||
+        moe_check_enum(router, MOE_ROUTER_COUNT, "router") < 0 ||
         !(p.experts = moe_experts_arg(w_obj, "experts"))) {
         return NULL;
     }
@@ -1326,31 +1328,16 @@ moe_py_layer_forward(PyObject *self, PyObject *args)
     }
     p.act.alpha = alpha;
     p.act.limit = limit;
-    if (gid_obj == Py_None && (top_k < 1 || top_k > rd[0])) {
+    if (top_k < 1 || top_k > rd[0]) {
         PyErr_Format(PyExc_ValueError, "top_k must be in 1..n_experts=%lld, "
                      "got %d", (long long)rd[0], top_k);
         return NULL;
     }
-    if (gid_obj != Py_None) {
-        /* routing chosen by another router: (T, W) ids and weights in */
-        npy_intp gd[2] = {xd[0], -1};
-        PyArrayObject *gi, *gw;
-        if (!(gi = moe_arg(gid_obj, "expert_ids", NPY_INT32, 2, gd, 0))) {
-            return NULL;
-        }
-        if (!(gw = moe_arg(gw_obj, "weights", NPY_FLOAT32, 2, gd, 0))) {
-            return NULL;
-        }
-        /* copies: the core writes through expert_ids / weights */
-        ids = (PyArrayObject *)PyArray_NewCopy(gi, NPY_CORDER);
-        weights = (PyArrayObject *)PyArray_NewCopy(gw, NPY_CORDER);
-        top_k = (int)gd[1];
-        p.routing_given = 1;
-    }
-    else {
-        ids = moe_new(2, xd[0], top_k, NPY_INT32);
-        weights = moe_new(2, xd[0], top_k, NPY_FLOAT32);
-    }
+    /* expert choice: up to every expert per token; the core says how many
+     * it used (width) and writes (T, width) at the buffers' start */
+    width = router == MOE_ROUTER_EXPERT_CHOICE ? (int)rd[0] : top_k;
+    ids = moe_new(2, xd[0], width, NPY_INT32);
+    weights = moe_new(2, xd[0], width, NPY_FLOAT32);
     out = moe_new(2, xd[0], xd[1], NPY_FLOAT32);
     counts = moe_new(1, rd[0], 0, NPY_INT64);
     if (!out || !ids || !weights || !counts) {
@@ -1381,6 +1368,10 @@ moe_py_layer_forward(PyObject *self, PyObject *args)
     p.route.n_groups = n_groups;
     p.route.topk_groups = topk_groups;
     p.route.capacity_factor = capacity_factor;
+    p.route.router = (moe_router)router;
+    p.route.router_p = router_p;
+    p.route.k_min = k_min;
+    p.width = &width;
     p.out = MOE_DATA(out, float);
     p.expert_ids = MOE_DATA(ids, int32_t);
     p.weights = MOE_DATA(weights, float);
@@ -1395,6 +1386,20 @@ moe_py_layer_forward(PyObject *self, PyObject *args)
     if (st != MOE_STATUS_OK) {
         moe_raise(st);
         goto fail;
+    }
+    if (width < PyArray_DIM(ids, 1)) {
+        /* (T, width) written densely at the buffers' start: copy that out */
+        PyArrayObject *i2 = moe_new(2, xd[0], width, NPY_INT32);
+        PyArrayObject *w2 = moe_new(2, xd[0], width, NPY_FLOAT32);
+        if (!i2 || !w2) {
+            Py_XDECREF(i2);
+            Py_XDECREF(w2);
+            goto fail;
+        }
+        memcpy(PyArray_DATA(i2), PyArray_DATA(ids), PyArray_NBYTES(i2));
+        memcpy(PyArray_DATA(w2), PyArray_DATA(weights), PyArray_NBYTES(w2));
+        Py_SETREF(ids, i2);
+        Py_SETREF(weights, w2);
     }
     /* skipped slots count as dropped assignments */
     n_dropped_ll = (long long)(n_dropped + n_skipped);

@@ -65,10 +65,10 @@ moe_layer_shared(const moe_layer_params *p, float *tmp)
  * constant adds w * v, slot by slot in order; n_real counts the rest.
  */
 static void
-moe_layer_null(const moe_layer_params *p)
+moe_layer_null(const moe_layer_params *p, int32_t k)
 {
     const int64_t T = p->n_tokens, d = p->d_model;
-    const int32_t E = p->n_experts, k = p->route.top_k;
+    const int32_t E = p->n_experts;
     int64_t t, i;
     int32_t j;
 
@@ -100,11 +100,171 @@ moe_layer_null(const moe_layer_params *p)
     }
 }
 
+/*
+ * The losses of a router other than top-k, over the assignments it made
+ * (ids (T, k), -1 = none), from the same float64 logits (T, E): counts[e]
+ * the assignments to e, z = mean_t lse_t^2, aux = E sum_e f_e P_e with
+ * f_e = counts[e] / kept and P_e the mean over tokens of softmax_e; tokens
+ * in order, experts in order.
+ */
+static moe_status
+moe_layer_losses(const moe_layer_params *p, const double *logits, int32_t E,
+                 int32_t k)
+{
+    const int64_t T = p->n_tokens;
+    double z = 0.0, aux = 0.0, *P = NULL;
+    int64_t t, i, kept = 0;
+    int32_t e;
+
+    memset(p->counts, 0, sizeof(int64_t) * (size_t)E);
+    for (i = 0; i < T * k; i++) {
+        if (p->expert_ids[i] >= 0) {
+            p->counts[p->expert_ids[i]]++;
+            kept++;
+        }
+    }
+    if (kept > 0 && (P = moe_alloc((size_t)E, sizeof(double))) == NULL) {
+        return MOE_STATUS_ALLOC;
+    }
+    for (e = 0; P != NULL && e < E; e++) {
+        P[e] = 0.0;
+    }
+    for (t = 0; t < T; t++) {
+        const double *l = logits + t * E;
+        double mx = l[0], s = 0.0, lse;
+        for (e = 1; e < E; e++) {
+            mx = l[e] > mx ? l[e] : mx;
+        }
+        for (e = 0; e < E; e++) {
+            s += exp(l[e] - mx);
+        }
+        lse = mx + log(s);
+        z += lse * lse;
+        for (e = 0; P != NULL && e < E; e++) {
+            P[e] += exp(l[e] - mx) / s;
+        }
+    }
+    for (e = 0; P != NULL && e < E; e++) {
+        aux += ((double)p->counts[e] / (double)kept) * (P[e] / (double)T);
+    }
+    *p->aux_loss = E * aux;
+    *p->z_loss = T > 0 ? z / (double)T : 0.0;
+    *p->n_dropped = 0;
+    free(P);
+    return MOE_STATUS_OK;
+}
+
+/*
+ * Expert choice, top-p or threshold routing on the logits (T, E): ids and
+ * weights into p->expert_ids / p->weights, (T, *k) with *k the slots per
+ * token; routed_scaling applied (float32, as the weights are).
+ */
+static moe_status
+moe_layer_route_other(const moe_layer_params *p, const double *logits,
+                      int32_t E, int32_t *k)
+{
+    const moe_route_options *o = &p->route;
+    const int64_t T = p->n_tokens;
+    moe_status st = MOE_STATUS_OK;
+    int64_t i;
+
+    if (o->allowed != NULL || o->n_groups > 1 || o->expert_bias != NULL) {
+        return moe_set_error(MOE_STATUS_INVALID_ARG, "allowed, n_groups and "
+                             "expert_bias are options of the top_k router");
+    }
+    if (o->router == MOE_ROUTER_EXPERT_CHOICE) {
+        moe_expert_choice_params ep;
+        moe_ec_tokens_params bp;
+        const double c = o->capacity_factor * (double)T / (double)E;
+        const int64_t cap = c >= (double)T ? T : (int64_t)ceil(c);
+        int32_t *per = moe_alloc((size_t)T + 1, sizeof(int32_t));
+        int64_t *tok = moe_alloc((size_t)E * (size_t)cap + 1, sizeof(int64_t));
+        float *gates = moe_alloc((size_t)E * (size_t)cap + 1, sizeof(float));
+        int32_t width = 1;
+
+        if (!(o->capacity_factor >= 0.0)) {
+            st = moe_set_error(MOE_STATUS_INVALID_ARG, "expert choice needs "
+                               "capacity_factor >= 0, got %g",
+                               o->capacity_factor);
+        }
+        else if (!per || !tok || !gates) {
+            st = MOE_STATUS_ALLOC;
+        }
+        if (st == MOE_STATUS_OK) {
+            ep.logits = logits;
+            ep.n_tokens = T;
+            ep.n_experts = E;
+            ep.capacity = cap;
+            ep.scoring = o->scoring;
+            ep.token_ids = tok;
+            ep.gates = gates;
+            ep.n_experts_per_token = per;
+            st = moe_route_expert_choice(&ep);
+        }
+        for (i = 0; st == MOE_STATUS_OK && i < T; i++) {
+            width = per[i] > width ? per[i] : width;
+        }
+        if (st == MOE_STATUS_OK) {
+            bp.token_ids = tok;
+            bp.gates = gates;
+            bp.n_tokens = T;
+            bp.n_experts = E;
+            bp.capacity = cap;
+            bp.width = width;
+            bp.expert_ids = p->expert_ids;
+            bp.weights = p->weights;
+            st = moe_expert_choice_by_token(&bp);
+        }
+        free(per);
+        free(tok);
+        free(gates);
+        *k = width;
+    }
+    else if (o->router == MOE_ROUTER_TOP_P || o->router == MOE_ROUTER_THRESHOLD) {
+        moe_route_dynamic_params dp;
+        int32_t *n_sel = moe_alloc((size_t)T + 1, sizeof(int32_t));
+
+        if (n_sel == NULL) {
+            return MOE_STATUS_ALLOC;
+        }
+        dp.logits = logits;
+        dp.n_tokens = T;
+        dp.n_experts = E;
+        dp.mode = o->router == MOE_ROUTER_TOP_P ? MOE_DYNAMIC_TOP_P
+                                                : MOE_DYNAMIC_THRESHOLD;
+        dp.p = o->router_p;
+        dp.k_min = o->k_min;
+        dp.k_max = o->top_k;
+        dp.renormalize = o->renormalize;
+        dp.expert_ids = p->expert_ids;
+        dp.weights = p->weights;
+        dp.n_selected = n_sel;
+        st = moe_route_dynamic(&dp);
+        free(n_sel);
+        *k = o->top_k;
+    }
+    else {
+        return moe_set_error(MOE_STATUS_INVALID_ARG, "unknown router %d",
+                             (int)o->router);
+    }
+    if (st != MOE_STATUS_OK) {
+        return st;
+    }
+    if (o->routed_scaling != 1.0) {
+        const float s = (float)o->routed_scaling;
+        for (i = 0; i < T * *k; i++) {
+            p->weights[i] = p->weights[i] * s;
+        }
+    }
+    return moe_layer_losses(p, logits, E, *k);
+}
+
 moe_status
 moe_layer_forward(const moe_layer_params *p)
 {
     const int64_t T = p->n_tokens, d = p->d_model;
-    const int32_t E = p->n_experts, k = p->route.top_k;
+    const int32_t E = p->n_experts;
+    int32_t k = p->route.top_k;
     const int32_t E_all = p->n_experts + (p->n_null > 0 ? p->n_null : 0);
     int32_t *real_ids = NULL;
     moe_router_params rp;
@@ -142,31 +302,8 @@ moe_layer_forward(const moe_layer_params *p)
     logits = moe_workspace(MOE_WS_LAYER_LOGITS, (size_t)T * E_all,
                            sizeof(double));
     offsets = moe_alloc((size_t)E + 1, sizeof(int64_t));
-    position = moe_alloc((size_t)T * k, sizeof(int64_t));
-    if (!logits || !offsets || !position) {
+    if (!logits || !offsets) {
         goto done;
-    }
-
-    if (p->routing_given) {
-        /* Another router chose (expert choice, top-p, ...): check its ids
-         * and count them; the losses are the caller's. */
-        int64_t i;
-        memset(p->counts, 0, sizeof(int64_t) * (size_t)E_all);
-        for (i = 0; i < T * k; i++) {
-            const int32_t e = p->expert_ids[i];
-            if (e < -1 || e >= E_all) {
-                st = moe_set_error(MOE_STATUS_INVALID_ARG, "expert_ids must be "
-                                   "in [0, %d) or -1, got %d at token %lld, "
-                                   "slot %lld", E_all, e, (long long)(i / k),
-                                   (long long)(i % k));
-                goto done;
-            }
-            if (e >= 0) {
-                p->counts[e]++;
-            }
-        }
-        *p->n_dropped = 0;
-        goto routed;
     }
 
     rp.x = p->x;
@@ -180,6 +317,13 @@ moe_layer_forward(const moe_layer_params *p)
         goto done;
     }
 
+    if (p->route.router != MOE_ROUTER_TOP_K) {
+        if ((st = moe_layer_route_other(p, logits, E_all, &k)) !=
+            MOE_STATUS_OK) {
+            goto done;
+        }
+        goto routed;
+    }
     qp.logits = logits;
     qp.n_tokens = T;
     qp.n_experts = E_all;
@@ -202,6 +346,14 @@ moe_layer_forward(const moe_layer_params *p)
     }
 
 routed:
+    if (p->width != NULL) {
+        *p->width = k;
+    }
+    st = MOE_STATUS_ALLOC;
+    position = moe_alloc((size_t)T * k, sizeof(int64_t));
+    if (position == NULL) {
+        goto done;
+    }
     if (p->skip_threshold > 0.0) {
         moe_route_skip_params sp;
         int64_t i, skipped = 0;
@@ -307,7 +459,7 @@ routed:
         goto done;
     }
     if (p->n_null > 0 || p->n_real != NULL) {
-        moe_layer_null(p);
+        moe_layer_null(p, k);
     }
 
     if (p->shared != NULL) {

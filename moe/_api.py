@@ -176,6 +176,18 @@ def check_routing_options(n_experts, top_k, scoring, n_groups, topk_groups, rout
     return top_k, code, n_groups, topk_groups, routed_scaling, cf
 
 
+# The layer classes moe.save / moe.load know, by class name (filled by @saveable as the
+# layer modules are imported; moe/io.py reads it and imports no layer module).
+LAYER_CLASSES: dict = {}
+
+
+def saveable(cls):
+    """Class decorator: moe.save / moe.load handle this layer class (it has config(),
+    _weight_names() and an __init__ that takes config() plus init=False)."""
+    LAYER_CLASSES[cls.__name__] = cls
+    return cls
+
+
 def remember_config(init):
     """Decorator for a layer's __init__: keeps its arguments (without seed and init) as
     layer._init_config, the config moe.save writes; the outermost __init__ wins."""

@@ -11,22 +11,20 @@ import json
 import numpy as np
 
 from . import safetensors
-from .layer import _WEIGHTS, SparseMoE
+from ._api import LAYER_CLASSES
 
 FORMAT = "moe.layer/2"
 _FORMAT_V1 = "moe.SparseMoE/1"  # SparseMoE files of the first format still load
 
 
 def _classes():
-    from . import lora, peer, soft_moe
-    return {"SparseMoE": SparseMoE, "SoftMoE": soft_moe.SoftMoE,
-            "MixtureOfTokens": soft_moe.MixtureOfTokens, "PEER": peer.PEER,
-            **{name: getattr(lora, name) for name in lora.__all__
-               if name != "sparse_projection"}}
+    """The layer classes (moe._api.saveable): this module imports none of them, so the
+    layer modules may import it."""
+    return LAYER_CLASSES
 
 
 def _weight_names(layer):
-    return tuple(_WEIGHTS) if isinstance(layer, SparseMoE) else layer._weight_names()
+    return layer._weight_names()
 
 
 def _json_default(value):

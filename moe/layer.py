@@ -13,8 +13,8 @@ import numpy as np
 from . import _C
 from ._api import (ACTIVATIONS, GATED, WEIGHT_DTYPES, RoutingResult, _as_ndarray, _shape_str,
                    check_choice, check_finite, check_float, check_int, check_routing_options,
-                   float_array, mask_args, naming_nonfinite, refuse_resize, stored_weight,
-                   weight_bits)
+                   float_array, mask_args, naming_nonfinite, refuse_resize, saveable,
+                   stored_weight, weight_bits)
 
 # attribute -> shape template; names are resolved against the layer's sizes
 _WEIGHTS = {
@@ -67,6 +67,7 @@ _FIXED = ("d_model", "d_ff", "expert_d_ff", "n_experts", "null_experts", "n_null
           "lora_targets")
 
 
+@saveable
 class SparseMoE:
     """A sparse MoE layer: y = sum_{e in top-k(x)} g_e(x) FFN_e(x) [+ shared experts].
 
@@ -481,6 +482,9 @@ class SparseMoE:
         moe.load(path) gives it back bit for bit."""
         from .io import save
         save(self, path)
+
+    def _weight_names(self):
+        return tuple(_WEIGHTS)
 
     def flops(self, n_tokens):
         """Multiply-add FLOPs (x2) of one forward pass over n_tokens (dropless)."""

@@ -31,8 +31,8 @@ import numpy as np
 from . import _C
 from ._api import (SCORINGS, WEIGHT_DTYPES, RoutingResult, _shape_str, check_choice,
                    check_finite, check_float, check_int, float_array, int_array,
-                   naming_nonfinite, refuse_resize, remember_config, stored_weight,
-                   weight_bits)
+                   naming_nonfinite, refuse_resize, remember_config, saveable,
+                   stored_weight, weight_bits)
 
 __all__ = ["TopKLoRA", "SoftLoRA", "GatedLoRA", "HydraLoRA", "FlyLoRA", "SMoRA", "MultiLoRA",
            "sparse_projection"]
@@ -246,6 +246,7 @@ class _RoutedLoRA(_LoRALayer):
                                        counts, int(n_dropped), float(aux), float(z))
 
 
+@saveable
 class TopKLoRA(_RoutedLoRA):
     """Sparse top-k mixture of LoRA experts (MixLoRA / MoLA):
     ``y = x W0^T + b0 + s * sum_{j in top-k} g_j B_j A_j x``, s = alpha / rank.
@@ -290,6 +291,7 @@ class TopKLoRA(_RoutedLoRA):
         return super().flops(n_tokens) + lora + 2 * n_tokens * self.n_experts * self.d_in
 
 
+@saveable
 class SoftLoRA(TopKLoRA):
     """Dense soft mixture of LoRA experts (MoLoRA / LoRAMoE):
     ``y = x W0^T + b0 + s * sum_e softmax(W_r x)_e B_e A_e x`` over all experts.
@@ -308,6 +310,7 @@ class SoftLoRA(TopKLoRA):
                          init=init)
 
 
+@saveable
 class HydraLoRA(_RoutedLoRA):
     """HydraLoRA: one shared A (r, d_in), n_experts heads B_e (d_out, r), a router:
     ``y = x W0^T + b0 + s * sum_e g_e B_e (A x)``, with A x computed once per token.
@@ -345,6 +348,7 @@ class HydraLoRA(_RoutedLoRA):
         return self._finish(out, lead, r, return_routing)
 
 
+@saveable
 class GatedLoRA(_LoRALayer):
     """Externally gated LoRA mixture (X-LoRA): the caller passes per-token scalings.
 
@@ -396,6 +400,7 @@ class GatedLoRA(_LoRALayer):
                             return_routing)
 
 
+@saveable
 class FlyLoRA(_LoRALayer):
     """FlyLoRA: A is a frozen sparse random projection; the rank activations z = A x route
     themselves.  ``y = x W0^T + b0 + s * B (mask * z)``, mask = the top_k ranks of
@@ -460,6 +465,7 @@ class FlyLoRA(_LoRALayer):
         return self._finish(out, lead, routing, return_routing)
 
 
+@saveable
 class SMoRA(_LoRALayer):
     """SMoRA ("Each Rank Could be an Expert"): one LoRA whose ranks are the experts.
 
@@ -527,6 +533,7 @@ class SMoRA(_LoRALayer):
                             return_routing)
 
 
+@saveable
 class MultiLoRA(_LoRALayer):
     """Multi-adapter batches (Punica / S-LoRA serving): each token names its adapter.
 

@@ -25,7 +25,7 @@ import numpy as np
 
 from . import _C
 from ._api import (_shape_str, check_choice, check_int, float_array, refuse_resize,
-                   remember_config)
+                   remember_config, saveable)
 
 __all__ = ["PEER", "PEERRouting", "PEER_ACTIVATIONS"]
 
@@ -47,6 +47,7 @@ class PEERRouting(NamedTuple):
     gates: np.ndarray
 
 
+@saveable
 class PEER:
     """A PEER layer: ``y = sum_h sum_{j in top-k} g_hj * act(u_e . x) * v_e``.
 

@@ -12,7 +12,7 @@ import numpy as np
 
 from . import _C
 from ._api import (ACTIVATIONS, GATED, WEIGHT_DTYPES, _shape_str, check_choice, check_float,
-                   check_int, float_array, naming_nonfinite, refuse_resize, remember_config,
+                   check_int, float_array, naming_nonfinite, refuse_resize, remember_config, saveable,
                    stored_weight, weight_bits)
 
 # attribute -> shape template; names are resolved against the layer's sizes
@@ -25,6 +25,7 @@ _WEIGHTS = {
 _EXPERT_WEIGHTS = ("w_gate", "w_up", "w_down")
 
 
+@saveable
 class SoftMoE:
     """Soft MoE: y = C FFN(D^T X) per group of tokens, no routing and no dropped tokens.
 
@@ -204,6 +205,7 @@ class SoftMoE:
         return tuple(_WEIGHTS)
 
 
+@saveable
 class MixtureOfTokens(SoftMoE):
     """Mixture of Tokens: Soft MoE whose groups run across the batch.
 

@@ -40,7 +40,7 @@ __all__ = [
 ]
 
 # The names come from the core's lists; the formulas below are this file's own.
-from ._C import ACTIVATIONS, SCORINGS  # noqa: E402
+from ._C import ACTIVATIONS, PEER_ACTIVATIONS, SCORINGS  # noqa: E402
 from ._C import GATED_ACTIVATIONS as GATED  # noqa: E402
 
 
@@ -1025,8 +1025,6 @@ def lora_forward(layer, x, scalings=None, adapter_ids=None, seq_lens=None):
 # --------------------------------------------------------------------------- #
 # Product-key expert retrieval (PEER)
 # --------------------------------------------------------------------------- #
-
-PEER_ACTIVATIONS = ("relu", "gelu", "silu", "identity")
 
 
 def peer_forward(x, w_query, sub_keys_1, sub_keys_2, u, v, top_k, activation="relu"):

@@ -1198,3 +1198,283 @@ def multi_head_moe(layer, x):
     y_sub, routing = layer_forward(layer.moe, sub)
     y = y_sub.reshape(-1, layer.d_model).astype(np.float32).astype(np.float64)
     return y @ dec(layer.w_merge).T, routing
+
+
+# --------------------------------------------------------------------------- #
+# Backward: the gradients of the ops above, derived from their math.
+#
+# The selection (top-k, groups, capacity) is piecewise constant: gradients flow through
+# the selected weights and the losses only, as in every peer; expert_bias moves the
+# selection and gets no gradient.  Each *_backward takes what its forward took plus the
+# output gradient(s) and returns float64 gradients.  tests/test_reference_backward.py
+# checks every one against central finite differences.
+# --------------------------------------------------------------------------- #
+
+def _activation_grads(name, gate, up, alpha=1.702, limit=7.0):
+    """(d h / d gate or None, d h / d up) of activate(name, gate, up), elementwise."""
+    up = np.asarray(up, dtype=np.float64)
+    c = math.sqrt(2.0 / math.pi)
+
+    def d_silu(z):
+        s = sigmoid(z)
+        return s * (1.0 + z * (1.0 - s))
+
+    def d_gelu(z):
+        return 0.5 * (1.0 + _erf(z / math.sqrt(2.0))) + z * np.exp(-0.5 * z * z) / \
+            math.sqrt(2.0 * math.pi)
+
+    def d_gelu_tanh(z):
+        th = np.tanh(c * (z + 0.044715 * z ** 3))
+        return 0.5 * (1.0 + th) + 0.5 * z * (1.0 - th * th) * c * (1.0 + 3 * 0.044715 * z * z)
+
+    if name in GATED:
+        gate = np.asarray(gate, dtype=np.float64)
+        if name == "swiglu":
+            return d_silu(gate) * up, _silu(gate)
+        if name == "geglu":
+            return d_gelu(gate) * up, _gelu(gate)
+        if name == "geglu-tanh":
+            return d_gelu_tanh(gate) * up, _gelu_tanh(gate)
+        # swiglu-oai: g = min(gate, limit), u = clip(up, -limit, limit); the clamps pass
+        # no gradient where they bind
+        g = np.minimum(gate, limit)
+        u = np.clip(up, -limit, limit)
+        s = sigmoid(alpha * g)
+        dg = (u + 1.0) * (s + alpha * g * s * (1.0 - s)) * (gate < limit)
+        du = g * s * ((up > -limit) & (up < limit))
+        return dg, du
+    if name == "gelu":
+        return None, d_gelu(up)
+    if name == "gelu-tanh":
+        return None, d_gelu_tanh(up)
+    if name == "relu":
+        return None, (up > 0).astype(np.float64)
+    return None, d_silu(up)  # "silu"
+
+
+def ffn_backward(x, w_gate, w_up, w_down, dy, activation="swiglu", b_gate=None, b_up=None,
+                 b_down=None, alpha=1.702, limit=7.0):
+    """Gradients of ffn (one expert, float64) for output gradient dy (T, d_out).
+
+    g = x W_g^T + b_g, u = x W_u^T + b_u, h = act(g, u), y = h W_d^T + b_d.
+    Returns {"dx", "dw_gate" (None if ungated), "dw_up", "dw_down", "db_gate", "db_up",
+    "db_down"} (bias gradients always given: they are the column sums).
+    """
+    x = np.asarray(x, dtype=np.float64)
+    dy = np.asarray(dy, dtype=np.float64)
+    w_up = np.asarray(w_up, dtype=np.float64)
+    w_down = np.asarray(w_down, dtype=np.float64)
+    gated = activation in GATED
+    u = x @ w_up.T + (0.0 if b_up is None else np.asarray(b_up, dtype=np.float64))
+    g = None
+    if gated:
+        w_gate = np.asarray(w_gate, dtype=np.float64)
+        g = x @ w_gate.T + (0.0 if b_gate is None else np.asarray(b_gate, dtype=np.float64))
+    h = activate(activation, g, u, alpha, limit)
+    dh = dy @ w_down
+    dgate, dup = _activation_grads(activation, g, u, alpha, limit)
+    du = dh * dup
+    out = {"dw_down": dy.T @ h, "db_down": dy.sum(axis=0), "dw_up": du.T @ x,
+           "db_up": du.sum(axis=0), "dx": du @ w_up, "dw_gate": None, "db_gate": None}
+    if gated:
+        dg = dh * dgate
+        out.update(dw_gate=dg.T @ x, db_gate=dg.sum(axis=0))
+        out["dx"] = out["dx"] + dg @ w_gate
+    return out
+
+
+def expert_ffn_backward(x_sorted, offsets, w_gate, w_up, w_down, dy_sorted,
+                        activation="swiglu", b_gate=None, b_up=None, b_down=None, alpha=1.702,
+                        limit=7.0, expert_d_ff=None):
+    """Gradients of expert_ffn: {"dx_sorted" (N, d), "dw_gate", "dw_up", "dw_down" and
+    "db_*" (per expert, zero for experts with no rows and for hidden units past
+    expert_d_ff[e])}."""
+    x_sorted = np.asarray(x_sorted, dtype=np.float64)
+    w_up = np.asarray(w_up, dtype=np.float64)
+    E, F, d = w_up.shape
+    d_out = np.asarray(w_down).shape[1]
+    gated = activation in GATED
+    out = {"dx_sorted": np.zeros_like(x_sorted), "dw_up": np.zeros((E, F, d)),
+           "dw_down": np.zeros((E, d_out, F)), "db_up": np.zeros((E, F)),
+           "db_down": np.zeros((E, d_out)),
+           "dw_gate": np.zeros((E, F, d)) if gated else None,
+           "db_gate": np.zeros((E, F)) if gated else None}
+    for e in range(E):
+        lo, hi = int(offsets[e]), int(offsets[e + 1])
+        if hi <= lo:
+            continue
+        f = F if expert_d_ff is None else int(expert_d_ff[e])
+        cut = lambda b: None if b is None else np.asarray(b)[e][:f]  # noqa: E731
+        r = ffn_backward(x_sorted[lo:hi], np.asarray(w_gate)[e][:f] if gated else None,
+                         w_up[e][:f], np.asarray(w_down)[e][:, :f], dy_sorted[lo:hi],
+                         activation, cut(b_gate), cut(b_up),
+                         None if b_down is None else np.asarray(b_down)[e], alpha, limit)
+        out["dx_sorted"][lo:hi] = r["dx"]
+        out["dw_up"][e, :f], out["db_up"][e, :f] = r["dw_up"], r["db_up"]
+        out["dw_down"][e][:, :f], out["db_down"][e] = r["dw_down"], r["db_down"]
+        if gated:
+            out["dw_gate"][e, :f], out["db_gate"][e, :f] = r["dw_gate"], r["db_gate"]
+    return out
+
+
+def combine_backward(y_sorted, position, weights, d_out):
+    """Gradients of combine: {"dy_sorted" (N, d), "d_weights" (T, k)}; slots with
+    position -1 get none."""
+    y_sorted = np.asarray(y_sorted, dtype=np.float64)
+    position = np.asarray(position)
+    weights = np.asarray(weights, dtype=np.float64)
+    d_out = np.asarray(d_out, dtype=np.float64)
+    dy = np.zeros_like(y_sorted)
+    dw = np.zeros(weights.shape)
+    for t in range(position.shape[0]):
+        for j in range(position.shape[1]):
+            r = int(position[t, j])
+            if r >= 0:
+                dy[r] += weights[t, j] * d_out[t]
+                dw[t, j] = d_out[t] @ y_sorted[r]
+    return {"dy_sorted": dy, "d_weights": dw}
+
+
+def dispatch_backward(dx_sorted, token_index, n_tokens):
+    """Gradient of dispatch's gather: dx[t] = the sum of the rows that copied token t."""
+    dx_sorted = np.asarray(dx_sorted, dtype=np.float64)
+    dx = np.zeros((n_tokens, dx_sorted.shape[1]))
+    for r, t in enumerate(np.asarray(token_index)):
+        dx[int(t)] += dx_sorted[r]
+    return dx
+
+
+def router_backward(x, router_weight, d_logits):
+    """Gradients of logits = x W^T (+ b): {"dx", "d_router_weight", "d_router_bias"}."""
+    x = np.asarray(x, dtype=np.float64)
+    d_logits = np.asarray(d_logits, dtype=np.float64)
+    return {"dx": d_logits @ np.asarray(router_weight, dtype=np.float64),
+            "d_router_weight": d_logits.T @ x, "d_router_bias": d_logits.sum(axis=0)}
+
+
+def route_backward(logits, d_weights, top_k, *, scoring="softmax", renormalize=True,
+                   routed_scaling=1.0, expert_bias=None, n_groups=1, topk_groups=1,
+                   capacity_factor=None, allowed=None, aux_coef=0.0, z_coef=0.0):
+    """d logits of  sum(d_weights * weights) + aux_coef * aux_loss + z_coef * z_loss  for
+    route(logits, top_k, ...) (the same options).
+
+    Per token, with the selection fixed: q = the selected scores (softmax or sigmoid of
+    the logits; softmax-after-topk: the softmax of the selected logits), w = c q / sum(q)
+    with renormalize, else c q (c = routed_scaling).  A dropped slot's weight is the
+    constant 0, but its score still counts in the renormalising sum.  aux_loss =
+    E sum_e f_e P_e with f fixed (the selection counts) and P_e the mean over tokens of
+    the probabilities (softmax, or sigmoid / its sum); z_loss = mean lse^2, whose
+    gradient is 2 lse softmax / T.
+    """
+    logits = np.asarray(logits, dtype=np.float64)
+    T, E = logits.shape
+    r = route(logits, top_k, scoring=scoring, renormalize=renormalize,
+              routed_scaling=routed_scaling, expert_bias=expert_bias, n_groups=n_groups,
+              topk_groups=topk_groups, capacity_factor=None, allowed=allowed)
+    kept = route(logits, top_k, scoring=scoring, renormalize=renormalize,
+                 routed_scaling=routed_scaling, expert_bias=expert_bias, n_groups=n_groups,
+                 topk_groups=topk_groups, capacity_factor=capacity_factor,
+                 allowed=allowed)["expert_ids"] >= 0
+    ids = r["expert_ids"]
+    dw = np.where(kept, np.asarray(d_weights, dtype=np.float64), 0.0) * routed_scaling
+    dl = np.zeros((T, E))
+    counts = np.bincount(ids.ravel(), minlength=E).astype(np.float64)
+    f = counts / (T * top_k) if T else counts
+    for t in range(T):
+        row, sel = logits[t], ids[t]
+        if scoring == "softmax-after-topk":
+            w = softmax(row[sel])  # already sums to 1: renormalize changes nothing
+            dl[t, sel] += w * (dw[t] - np.dot(dw[t], w))
+        else:
+            s = softmax(row) if scoring == "softmax" else sigmoid(row)
+            q = s[sel]
+            if renormalize and q.sum() > 0:
+                S = q.sum()
+                dq = dw[t] / S - np.dot(dw[t], q) / (S * S)
+            else:
+                dq = dw[t]
+            ds = np.zeros(E)
+            ds[sel] = dq
+            if scoring == "softmax":
+                dl[t] += s * (ds - np.dot(ds, s))
+            else:
+                dl[t] += ds * s * (1.0 - s)
+        if aux_coef:
+            dP = aux_coef * E * f / T  # d aux / d probs[t]
+            if scoring == "sigmoid":
+                s = sigmoid(row)
+                S = s.sum()
+                if S > 0:  # probs = s / S
+                    dl[t] += (dP / S - np.dot(dP, s) / (S * S)) * s * (1.0 - s)
+            else:
+                p = softmax(row)
+                dl[t] += p * (dP - np.dot(dP, p))
+        if z_coef:
+            dl[t] += z_coef * 2.0 * logsumexp(row) * softmax(row) / T
+    return dl
+
+
+def sparse_moe_backward(x, router_weight, w_gate, w_up, w_down, dy, *, top_k,
+                        activation="swiglu", scoring="softmax", renormalize=True,
+                        routed_scaling=1.0, n_groups=1, topk_groups=1, expert_bias=None,
+                        capacity_factor=None, shared_w_gate=None, shared_w_up=None,
+                        shared_w_down=None, shared_gate_weight=None, router_bias=None,
+                        b_gate=None, b_up=None, b_down=None, swiglu_alpha=1.702,
+                        swiglu_limit=7.0, aux_coef=0.0, z_coef=0.0):
+    """Gradients of  sum(dy * sparse_moe(x, ...)) + aux_coef * aux + z_coef * z  for the
+    top-k layer (the options of sparse_moe above; no null experts, LoRA or other
+    routers).  Returns {"dx", "router_weight", "router_bias", "w_gate", "w_up", "w_down",
+    "b_gate", "b_up", "b_down", "shared_w_gate", "shared_w_up", "shared_w_down",
+    "shared_gate_weight"}: None for what the layer does not have."""
+    xf = np.asarray(x, dtype=np.float64).reshape(-1, np.asarray(router_weight).shape[1])
+    dy = np.asarray(dy, dtype=np.float64).reshape(xf.shape[0], -1)
+    T, d = xf.shape
+    E = np.asarray(w_up).shape[0]
+    logits = xf @ np.asarray(router_weight, dtype=np.float64).T
+    if router_bias is not None:
+        logits = logits + np.asarray(router_bias, dtype=np.float64)
+    opts = dict(scoring=scoring, renormalize=renormalize, routed_scaling=routed_scaling,
+                expert_bias=expert_bias, n_groups=n_groups, topk_groups=topk_groups,
+                capacity_factor=capacity_factor)
+    routing = route(logits, top_k, **opts)
+    disp = dispatch(xf, routing["expert_ids"], E)
+    gated = activation in GATED
+    ffn_args = (w_gate if gated else None, w_up, w_down)
+    ffn_opts = dict(activation=activation, b_gate=b_gate if gated else None, b_up=b_up,
+                    b_down=b_down, alpha=swiglu_alpha, limit=swiglu_limit)
+    y_sorted = expert_ffn(disp["x_sorted"], disp["offsets"], *ffn_args, **ffn_opts)
+    cb = combine_backward(y_sorted, disp["position"], routing["weights"], dy)
+    fb = expert_ffn_backward(disp["x_sorted"], disp["offsets"], *ffn_args, cb["dy_sorted"],
+                             **ffn_opts)
+    dx = dispatch_backward(fb["dx_sorted"], disp["token_index"], T)
+    dl = route_backward(logits, cb["d_weights"], top_k, aux_coef=aux_coef, z_coef=z_coef,
+                        **opts)
+    rb = router_backward(xf, router_weight, dl)
+    dx = dx + rb["dx"]
+    grads = {"router_weight": rb["d_router_weight"],
+             "router_bias": rb["d_router_bias"] if router_bias is not None else None,
+             "w_gate": fb["dw_gate"], "w_up": fb["dw_up"], "w_down": fb["dw_down"],
+             "b_gate": fb["db_gate"] if b_gate is not None else None,
+             "b_up": fb["db_up"] if b_up is not None else None,
+             "b_down": fb["db_down"] if b_down is not None else None,
+             "shared_w_gate": None, "shared_w_up": None, "shared_w_down": None,
+             "shared_gate_weight": None}
+    if shared_w_up is not None:
+        sg_w = shared_w_gate if gated else None
+        shared = ffn(xf, sg_w, shared_w_up, shared_w_down, activation, alpha=swiglu_alpha,
+                     limit=swiglu_limit)
+        d_shared = dy
+        if shared_gate_weight is not None:
+            gw = np.asarray(shared_gate_weight, dtype=np.float64).reshape(d)
+            s = sigmoid(xf @ gw)
+            ds = np.einsum("td,td->t", dy, shared) * s * (1.0 - s)
+            grads["shared_gate_weight"] = (ds @ xf).reshape(1, d)
+            dx = dx + ds[:, None] * gw[None, :]
+            d_shared = dy * s[:, None]
+        sb = ffn_backward(xf, sg_w, shared_w_up, shared_w_down, d_shared, activation,
+                          alpha=swiglu_alpha, limit=swiglu_limit)
+        dx = dx + sb["dx"]
+        grads.update(shared_w_gate=sb["dw_gate"], shared_w_up=sb["dw_up"],
+                     shared_w_down=sb["dw_down"])
+    grads["dx"] = dx.reshape(np.shape(x))
+    return grads

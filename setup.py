@@ -1,4 +1,4 @@
-"""Build the moe package: the C core (csrc/) and its one NumPy binding file.
+"""Build the moe package: the C core (csrc/) and its NumPy binding (csrc/binding/).
 
 All csrc/**/*.c files go into one extension, moe._C.  The CPU tile kernels are
 compiled for several instruction sets (by #pragma in their files) and chosen
@@ -43,8 +43,8 @@ def link_flags():
     return []
 
 
-# csrc/ by floor: binding/ (the one Python file), compose/ (layer, LoRA, Soft
-# MoE), ops/ (the public ops and the one backend switch), cpu/ (CPU ops and
+# csrc/ by floor: binding/ (the only files that see Python), compose/ (layer, LoRA,
+# Soft MoE), ops/ (the public ops and the one backend switch), cpu/ (CPU ops and
 # kernels), runtime/ (pool, workspace, status, the CUDA loader).  Includes are
 # written from csrc/ ("cpu/kernels.h") or the root ("cuda/moe_cuda.h").
 sources = sorted(glob.glob("csrc/**/*.c", recursive=True))

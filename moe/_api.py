@@ -292,9 +292,11 @@ def route(logits, top_k, *, scoring="softmax", renormalize=True, routed_scaling=
         bias = float_array(expert_bias, "expert_bias", (("n_experts", E),))
         check_finite(bias, "expert_bias")
     mask, rows = mask_args(allowed, groups, logits.shape[0], E, n_groups)
-    ids, w, counts, n_dropped, aux, z = _C.route(logits, top_k, code, bool(renormalize),
-                                                 routed_scaling, bias, n_groups, topk_groups, cf,
-                                                 mask, rows)
+    ids, w, counts, n_dropped, aux, z = _C.route(logits, top_k=top_k, scoring=code,
+                                                 renormalize=bool(renormalize),
+                                                 routed_scaling=routed_scaling, expert_bias=bias,
+                                                 n_groups=n_groups, topk_groups=topk_groups,
+                                                 capacity_factor=cf, allowed=mask, groups=rows)
     return RoutingResult(ids, w, counts, int(n_dropped), float(aux), float(z))
 
 
@@ -336,7 +338,7 @@ def update_expert_bias(bias, counts, rate):
     rate = check_float(rate, "rate")
     # The step is taken in float64 and rounded once to the bias's own dtype.
     work = np.array(bias, dtype=np.float64, order="C")
-    _C.update_expert_bias(work, counts, rate)
+    _C.update_expert_bias(work, counts=counts, rate=rate)
     with np.errstate(over="ignore"):
         new = work.astype(bias.dtype)
     if not np.isfinite(new).all():
@@ -369,7 +371,7 @@ def dispatch(x, expert_ids, n_experts) -> Dispatch:
     ids = int_array(expert_ids, "expert_ids", (("n_tokens", x.shape[0]), ("top_k", None)),
                     np.int32, low=-1, high=n_experts,
                     what=f"[0, n_experts={n_experts}) or -1")
-    xs, offsets, token_index, position = _C.dispatch(x, ids, n_experts)
+    xs, offsets, token_index, position = _C.dispatch(x, expert_ids=ids, n_experts=n_experts)
     return Dispatch(xs, offsets, token_index, position, np.diff(offsets))
 
 
@@ -383,7 +385,7 @@ def combine(y_sorted, position, weights):
     pos = int_array(position, "position", (("n_tokens", None), ("top_k", None)), low=-1,
                     high=y.shape[0], what=f"[0, n_rows={y.shape[0]}) or -1")
     w = float_array(weights, "weights", (("n_tokens", pos.shape[0]), ("top_k", pos.shape[1])))
-    return _C.combine(y, pos, w)
+    return _C.combine(y, position=pos, weights=w)
 
 
 WEIGHT_DTYPES = _C.WEIGHT_DTYPES
@@ -570,8 +572,9 @@ def pack_experts(w_gate, w_up, w_down, activation="swiglu", dtype=None, *, b_gat
         raise ValueError("compute_dtype='bfloat16' needs dtype='bfloat16' and even d_model "
                          f"and d_ff, got dtype={dtype!r}, d_model={d}, d_ff={F}")
     with naming_nonfinite(dtype, w_gate=g, w_up=u, w_down=dn):
-        capsule = _C.pack_experts(g, u, dn, code, biases[0], biases[1], biases[2], None,
-                                  compute_dtype == "bfloat16")
+        capsule = _C.pack_experts(w_gate=g, w_up=u, w_down=dn, dtype=code, b_gate=biases[0],
+                                  b_up=biases[1], b_down=biases[2],
+                                  bf16_compute=compute_dtype == "bfloat16")
     return PackedExperts(capsule, activation)
 
 
@@ -604,16 +607,18 @@ def expert_ffn(x_sorted, offsets, w_gate, w_up=None, w_down=None, activation="sw
         code = check_choice(dtype, "dtype", WEIGHT_DTYPES)
         g, u, dn = expert_weights(w_gate, w_up, w_down, activation, x.shape[1], E, dtype=dtype)
         with naming_nonfinite(dtype, w_gate=g, w_up=u, w_down=dn):
-            packed = PackedExperts(_C.pack_experts(g, u, dn, code), activation)
+            packed = PackedExperts(_C.pack_experts(w_gate=g, w_up=u, w_down=dn, dtype=code),
+                                   activation)
     if packed.n_experts != E or packed.d_model != x.shape[1]:
         raise ValueError(f"the packed experts have n_experts={packed.n_experts}, d_model="
                          f"{packed.d_model}; x_sorted and offsets give {E} and {x.shape[1]}")
     if packed.gated != (activation in GATED):
         raise ValueError(f"activation {activation!r} does not match experts packed "
                          f"{'with' if packed.gated else 'without'} w_gate")
-    return _C.ffn_grouped(x, None, offsets, packed.capsule, act,
-                          check_float(swiglu_alpha, "swiglu_alpha", float32=True),
-                          check_float(swiglu_limit, "swiglu_limit", True, float32=True))
+    return _C.ffn_grouped(x, token_index=None, offsets=offsets, experts=packed.capsule,
+                          activation=act,
+                          alpha=check_float(swiglu_alpha, "swiglu_alpha", float32=True),
+                          limit=check_float(swiglu_limit, "swiglu_limit", True, float32=True))
 
 
 def ffn(x, w_gate, w_up, w_down, activation="swiglu", dtype=None):
@@ -625,10 +630,10 @@ def ffn(x, w_gate, w_up, w_down, activation="swiglu", dtype=None):
     offsets = np.array([0, x.shape[0]], dtype=np.int64)
     code = check_choice(dtype, "dtype", WEIGHT_DTYPES)
     with naming_nonfinite(dtype, w_gate=w_gate, w_up=w_up, w_down=w_down):
-        packed = _C.pack_experts(None if w_gate is None else w_gate[None], w_up[None],
-                                 w_down[None], code)
-    return _C.ffn_grouped(x, None, offsets, packed, check_choice(activation, "activation",
-                                                                  ACTIVATIONS))
+        packed = _C.pack_experts(w_gate=None if w_gate is None else w_gate[None],
+                                 w_up=w_up[None], w_down=w_down[None], dtype=code)
+    return _C.ffn_grouped(x, token_index=None, offsets=offsets, experts=packed,
+                          activation=check_choice(activation, "activation", ACTIVATIONS))
 
 
 def set_num_threads(n: int) -> None:

@@ -58,8 +58,10 @@ def route(logits, top_k, *, scoring="softmax", renormalize=True, routed_scaling=
     ids = torch.empty((T, top_k), dtype=torch.int32, device=logits.device)
     w = torch.empty((T, top_k), dtype=torch.float32, device=logits.device)
     s = cur if stream is None else int(getattr(stream, "cuda_stream", stream))
-    _C.cuda_route(ptr, dtype, bias_ptr, check_int(T, "n_tokens", 0), E, top_k, n_groups,
-                  topk_groups, code, int(bool(renormalize)), float(routed_scaling),
-                  ids.data_ptr(), w.data_ptr(), s)
+    _C.cuda_route(ptr, dtype=dtype, n_tokens=check_int(T, "n_tokens", 0), n_experts=E,
+                  top_k=top_k, scoring=code, renormalize=int(bool(renormalize)),
+                  expert_ids=ids.data_ptr(), weights=w.data_ptr(), stream=s,
+                  expert_bias=bias_ptr, n_groups=n_groups, topk_groups=topk_groups,
+                  routed_scaling=float(routed_scaling))
     return ids, w
 

@@ -318,8 +318,10 @@ class SparseMoE:
         bf16 = self.compute_dtype == "bfloat16"
         with naming_nonfinite(self.dtype, w_gate=self.w_gate, w_up=self.w_up,
                               w_down=self.w_down):
-            routed = _C.pack_experts(bits(self.w_gate) if gated else None, bits(self.w_up),
-                                     bits(self.w_down), code, *biases, sizes, bf16)
+            routed = _C.pack_experts(w_gate=bits(self.w_gate) if gated else None,
+                                     w_up=bits(self.w_up), w_down=bits(self.w_down),
+                                     dtype=code, b_gate=biases[0], b_up=biases[1],
+                                     b_down=biases[2], expert_d_ff=sizes, bf16_compute=bf16)
         shared = None
         if self.n_shared_experts:
             if self.shared_w_up is None or self.shared_w_down is None or \
@@ -329,21 +331,22 @@ class SparseMoE:
             with naming_nonfinite(self.dtype, shared_w_gate=self.shared_w_gate,
                                   shared_w_up=self.shared_w_up,
                                   shared_w_down=self.shared_w_down):
-                shared = _C.pack_experts(bits(self.shared_w_gate[None]) if gated else None,
-                                         bits(self.shared_w_up[None]),
-                                         bits(self.shared_w_down[None]), code, None, None,
-                                         None, None, bf16)
+                shared = _C.pack_experts(
+                    w_gate=bits(self.shared_w_gate[None]) if gated else None,
+                    w_up=bits(self.shared_w_up[None]), w_down=bits(self.shared_w_down[None]),
+                    dtype=code, bf16_compute=bf16)
         lora = None
         if self.lora_rank:
-            ab = []
+            ab = {}
             for t in LORA_TARGETS:
                 pair = [getattr(self, f"lora_{x}_{t[2:]}") for x in "ab"]
                 if t in self.lora_targets and any(w is None for w in pair):
                     raise ValueError(f"LoRA weights for {t} are missing (set lora_a_{t[2:]} "
                                      f"and lora_b_{t[2:]})")
-                ab += pair if t in self.lora_targets else [None, None]
-            lora = _C.pack_expert_lora(routed, self.lora_rank,
-                                       self.lora_alpha / self.lora_rank, *ab)
+                if t in self.lora_targets:
+                    ab[f"a_{t[2:]}"], ab[f"b_{t[2:]}"] = pair
+            lora = _C.pack_expert_lora(routed, rank=self.lora_rank,
+                                       scaling=self.lora_alpha / self.lora_rank, **ab)
         object.__setattr__(self, "_packed", (routed, shared, _C.build_info()["isa"], lora))
         return self
 

@@ -139,7 +139,7 @@ class _LoRALayer:
         """The expand's columns [B_0 | B_1 | ...] (d_out, n * rank), packed."""
         b = self.lora_b if self.lora_b.ndim == 3 else self.lora_b[None]
         u = np.ascontiguousarray(b.transpose(1, 0, 2)).reshape(self.d_out, -1)
-        return _C.pack_linear(u[None], 0)
+        return _C.pack_linear(u[None], dtype=0)
 
     def pack(self):
         """Pack the base weight and the adapters for the kernels now (call after in-place
@@ -154,9 +154,9 @@ class _LoRALayer:
         with naming_nonfinite(self.dtype, base_weight=self.base_weight, lora_a=self.lora_a,
                               lora_b=self.lora_b):
             base = _C.pack_linear(weight_bits(self.base_weight)[None],
-                                  WEIGHT_DTYPES.index(self.dtype),
-                                  self.base_bias[None] if self.use_bias else None)
-            lora_a = _C.pack_linear(self._a_for_pack(), 0)
+                                  dtype=WEIGHT_DTYPES.index(self.dtype),
+                                  bias=self.base_bias[None] if self.use_bias else None)
+            lora_a = _C.pack_linear(self._a_for_pack(), dtype=0)
             bank = self._bank()
         object.__setattr__(self, "_packed", (base, lora_a, bank, _C.build_info()["isa"]))
         return self
@@ -180,9 +180,11 @@ class _LoRALayer:
     def _forward(self, x2, ids, weights, *, n_adapters, adapter_scaling=None, select_k=0,
                  signed=False, rank_bias=None):
         base, lora_a, bank = self._packs()
-        return _C.lora_forward(x2, base, self._KIND, lora_a, bank, n_adapters, ids, weights,
-                               float(self.scaling), adapter_scaling, int(select_k),
-                               int(bool(signed)), rank_bias)
+        return _C.lora_forward(x2, base=base, kind=self._KIND, lora_a=lora_a, bank=bank,
+                               n_adapters=n_adapters, ids=ids, weights=weights,
+                               scaling=float(self.scaling), adapter_scaling=adapter_scaling,
+                               select_k=int(select_k), select_signed=int(bool(signed)),
+                               rank_bias=rank_bias)
 
     def _finish(self, out, lead, routing, return_routing):
         out = out.reshape(lead + (self.d_out,))
@@ -205,7 +207,8 @@ class _LoRALayer:
         lead, x2 = self._tokens(x)
         base = self._packs()[0]
         offsets = np.array([0, x2.shape[0]], np.int64)
-        return _C.linear_grouped(x2, None, offsets, base).reshape(lead + (self.d_out,))
+        out = _C.linear_grouped(x2, token_index=None, offsets=offsets, weights=base)
+        return out.reshape(lead + (self.d_out,))
 
     def flops(self, n_tokens):
         """Multiply-add FLOPs (x2) of the base GEMM alone over n_tokens."""
@@ -218,7 +221,7 @@ class _RoutedLoRA(_LoRALayer):
     def _logits(self, x2, seq_lens):
         """(T, E) float64 router logits; per sequence: of the sequence's mean token."""
         if not self.per_sequence:
-            return _C.router_logits(x2, self.router_weight), None
+            return _C.router_logits(x2, router_weight=self.router_weight), None
         if seq_lens is None:
             raise ValueError("per_sequence=True needs seq_lens (or x of shape "
                              "(batch, seq, d_in))")
@@ -227,7 +230,7 @@ class _RoutedLoRA(_LoRALayer):
         means = np.zeros((n_seq, self.d_in), np.float64)
         np.add.at(means, seq, x2)
         means /= np.bincount(seq, minlength=n_seq)[:, None]
-        return _C.router_logits(means.astype(np.float32), self.router_weight), seq
+        return _C.router_logits(means.astype(np.float32), router_weight=self.router_weight), seq
 
     def _route(self, x, seq_lens, top_k, scoring, renormalize):
         """Route tokens (or sequences, broadcast to their tokens) -> (lead, x2, routing)."""
@@ -237,8 +240,8 @@ class _RoutedLoRA(_LoRALayer):
             seq_lens = np.full(lead[0], lead[1], np.int64)
         logits, seq = self._logits(x2, seq_lens)
         code = check_choice(scoring, "scoring", SCORINGS)
-        ids, w, counts, n_dropped, aux, z = _C.route(logits, top_k, code, bool(renormalize),
-                                                     1.0, None, 1, 1, 0.0, None)
+        ids, w, counts, n_dropped, aux, z = _C.route(logits, top_k=top_k, scoring=code,
+                                                     renormalize=bool(renormalize))
         if seq is not None:
             ids, w = ids[seq], w[seq]
             counts = np.bincount(ids.ravel(), minlength=self.n_experts).astype(np.int64)
@@ -518,16 +521,16 @@ class SMoRA(_LoRALayer):
         ranks as expert_ids, their weights, counts per rank]."""
         lead, x2 = self._tokens(x)
         self._packs()
-        logits = _C.router_logits(x2, self.router_weight)
+        logits = _C.router_logits(x2, router_weight=self.router_weight)
         logits = np.tile(logits, (1, self.rank_partition)) if self.tile else \
             np.repeat(logits, self.rank_partition, axis=1)
         bias = None
         if self.rank_bias is not None:
             check_finite(self.rank_bias, "rank_bias")
             bias = self.rank_bias
-        ids, w, counts, _, aux, z = _C.route(np.ascontiguousarray(logits), self.top_k,
-                                             SCORINGS.index("sigmoid"), True,
-                                             float(self.top_k), bias, 1, 1, 0.0, None)
+        ids, w, counts, _, aux, z = _C.route(np.ascontiguousarray(logits), top_k=self.top_k,
+                                             scoring=SCORINGS.index("sigmoid"), renormalize=True,
+                                             routed_scaling=float(self.top_k), expert_bias=bias)
         out, _, _ = self._forward(x2, ids, w, n_adapters=1)
         return self._finish(out, lead, RoutingResult(ids, w, counts, 0, float(aux), float(z)),
                             return_routing)

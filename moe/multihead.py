@@ -67,8 +67,8 @@ class MultiHeadMoE:
             raise ValueError("w_in and w_merge must be set (the layer was made with init=False)")
         code = WEIGHT_DTYPES.index(self.dtype)
         with naming_nonfinite(self.dtype, w_in=self.w_in, w_merge=self.w_merge):
-            packed = (_C.pack_linear(weight_bits(self.w_in)[None], code),
-                      _C.pack_linear(weight_bits(self.w_merge)[None], code))
+            packed = (_C.pack_linear(weight_bits(self.w_in)[None], dtype=code),
+                      _C.pack_linear(weight_bits(self.w_merge)[None], dtype=code))
         object.__setattr__(self, "_packed", packed)
         return self
 
@@ -85,10 +85,10 @@ class MultiHeadMoE:
             self.pack()
         w_in, w_merge = self._packed
         offsets = np.array([0, x2.shape[0]], np.int64)
-        h = _C.linear_grouped(x2, None, offsets, w_in)
+        h = _C.linear_grouped(x2, token_index=None, offsets=offsets, weights=w_in)
         y_sub, routing = self.moe(h.reshape(-1, self.d_head), return_routing=True)
-        y = _C.linear_grouped(np.ascontiguousarray(y_sub.reshape(-1, self.d_model)), None,
-                              offsets, w_merge)
+        y = _C.linear_grouped(np.ascontiguousarray(y_sub.reshape(-1, self.d_model)),
+                              token_index=None, offsets=offsets, weights=w_merge)
         y = y.reshape(lead + (self.d_model,))
         return (y, routing) if return_routing else y
 

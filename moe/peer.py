@@ -165,10 +165,11 @@ class PEER:
         k1, k2 = self.sub_keys_1, self.sub_keys_2
         if not self.per_head_keys:
             k1, k2 = k1[None], k2[None]
-        out, ids, gates = _C.peer_forward(x.reshape(-1, self.d_model), self.w_query, k1, k2,
-                                          self.u, self.v, self.top_k,
-                                          PEER_ACTIVATIONS.index(self.activation),
-                                          bool(return_routing))
+        out, ids, gates = _C.peer_forward(x.reshape(-1, self.d_model), w_query=self.w_query,
+                                          sub_keys_1=k1, sub_keys_2=k2, u=self.u, v=self.v,
+                                          top_k=self.top_k,
+                                          activation=PEER_ACTIVATIONS.index(self.activation),
+                                          return_routing=bool(return_routing))
         out = out.reshape(lead + (self.d_out,))
         if not return_routing:
             return out

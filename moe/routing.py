@@ -114,7 +114,8 @@ def route_expert_choice(logits, capacity_factor=None, *, capacity=None,
         if cf < 0:
             raise ValueError(f"capacity_factor must be >= 0, got {cf}")
         C = expert_choice_capacity(T, E, cf)
-    tok, gates, per_tok, ids, w = _C.route_expert_choice(logits, C, _SCORING_CODES[scoring])
+    tok, gates, per_tok, ids, w = _C.route_expert_choice(logits, capacity=C,
+                                                         scoring=_SCORING_CODES[scoring])
     return ExpertChoiceResult(tok, gates, per_tok, ids, w, C)
 
 
@@ -142,8 +143,8 @@ def route_top_p(logits, p, *, k_min=1, k_max=None, renormalize=True) -> DynamicR
     if not 0.0 < p <= 1.0:
         raise ValueError(f"p must be in (0, 1], got {p}")
     k_min, k_max = _k_range(logits.shape[1], k_min, k_max)
-    return DynamicRoutingResult(*_C.route_dynamic(logits, _TOP_P, p, k_min, k_max,
-                                                  bool(renormalize)))
+    return DynamicRoutingResult(*_C.route_dynamic(logits, mode=_TOP_P, p=p, k_min=k_min,
+                                                  k_max=k_max, renormalize=bool(renormalize)))
 
 
 def route_threshold(logits, threshold, *, k_min=1, k_max=None,
@@ -159,8 +160,9 @@ def route_threshold(logits, threshold, *, k_min=1, k_max=None,
     if not 0.0 <= threshold <= 1.0:
         raise ValueError(f"threshold must be in [0, 1], got {threshold}")
     k_min, k_max = _k_range(logits.shape[1], k_min, k_max)
-    return DynamicRoutingResult(*_C.route_dynamic(logits, _THRESHOLD, threshold, k_min,
-                                                  k_max, bool(renormalize)))
+    return DynamicRoutingResult(*_C.route_dynamic(logits, mode=_THRESHOLD, p=threshold,
+                                                  k_min=k_min, k_max=k_max,
+                                                  renormalize=bool(renormalize)))
 
 
 def skip_experts(expert_ids, weights, threshold, *, renormalize=False) -> SkipResult:
@@ -179,5 +181,5 @@ def skip_experts(expert_ids, weights, threshold, *, renormalize=False) -> SkipRe
     threshold = check_float(threshold, "threshold")
     ids = np.array(ids, dtype=np.int32, order="C", copy=True)
     w = np.array(w, dtype=np.float32, order="C", copy=True)
-    n = _C.route_skip(ids, w, threshold, bool(renormalize))
+    n = _C.route_skip(ids, weights=w, threshold=threshold, renormalize=bool(renormalize))
     return SkipResult(ids, w, int(n))

@@ -132,9 +132,10 @@ class SoftMoE:
 
         with naming_nonfinite(self.dtype, w_gate=self.w_gate, w_up=self.w_up,
                               w_down=self.w_down):
-            packed = _C.pack_experts(weight_bits(self.w_gate) if gated else None,
-                                     weight_bits(self.w_up), weight_bits(self.w_down),
-                                     WEIGHT_DTYPES.index(self.dtype))
+            packed = _C.pack_experts(w_gate=weight_bits(self.w_gate) if gated else None,
+                                     w_up=weight_bits(self.w_up),
+                                     w_down=weight_bits(self.w_down),
+                                     dtype=WEIGHT_DTYPES.index(self.dtype))
         object.__setattr__(self, "_packed", packed)
         return self
 
@@ -146,10 +147,13 @@ class SoftMoE:
         if self._packed is None:
             self.pack()
         act = check_choice(self.activation, "activation", ACTIVATIONS)
-        return _C.soft_moe_forward(x3, self.phi, self._packed, self.slots_per_expert, act,
-                                   self.normalize, check_float(self.scale, "scale"),
-                                   temperature, across, bool(return_weights),
-                                   self.swiglu_alpha, self.swiglu_limit)
+        return _C.soft_moe_forward(x3, phi=self.phi, experts=self._packed,
+                                   slots_per_expert=self.slots_per_expert, activation=act,
+                                   normalize=self.normalize,
+                                   scale=check_float(self.scale, "scale"),
+                                   temperature=temperature, across=across,
+                                   return_weights=bool(return_weights),
+                                   alpha=self.swiglu_alpha, limit=self.swiglu_limit)
 
     def _input(self, x, what):
         x = float_array(x, "x")

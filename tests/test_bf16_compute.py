@@ -210,8 +210,8 @@ def test_pack_experts_checks_bf16_compute():
     g = np.zeros((2, 4, 6), np.float32)
     dn = np.zeros((2, 6, 4), np.float32)
     with pytest.raises(ValueError, match="bf16 compute needs bfloat16 weights"):
-        moe._C.pack_experts(g, g, dn, 0, None, None, None, None, True)
+        moe._C.pack_experts(w_gate=g, w_up=g, w_down=dn, dtype=0, bf16_compute=True)
     gb = np.zeros((2, 4, 5), np.uint16)
     with pytest.raises(ValueError, match="even d_model"):
-        moe._C.pack_experts(gb, gb, np.zeros((2, 5, 4), np.uint16), 1, None, None, None,
-                            None, True)
+        moe._C.pack_experts(w_gate=gb, w_up=gb, w_down=np.zeros((2, 5, 4), np.uint16), dtype=1,
+                            bf16_compute=True)

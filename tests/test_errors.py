@@ -3,6 +3,7 @@ names the argument (and the expected shape, for shape errors).  Then the same fo
 the memory-safety net under the API, called directly with wrong types, dtypes, layouts and
 shapes; and a child process fed random garbage must survive it.
 """
+import inspect
 import re
 import textwrap
 
@@ -523,27 +524,57 @@ def test_dispatch_refuses_a_request_the_machine_cannot_meet():
 
 # ---- moe._C: the memory-safety net ---------------------------------------------------------
 
+def _pack(w_gate, w_up, w_down):
+    return _C.pack_experts(w_gate=w_gate, w_up=w_up, w_down=w_down, dtype=0)
+
+
 def _c_calls(make):
-    """Valid argument lists for every _C function; indices of their array arguments."""
+    """Valid arguments for every _C function, and the names of its array arguments: keywords
+    (a dict), or for layer_forward, whose binding takes no keywords, a positional list and
+    the indices of its arrays."""
     T, E, k, d, F, N = 6, 4, 2, 8, 5, 9
     f32 = lambda *s: make.normal(*s)  # noqa: E731
     ids = make.expert_ids(T, k, E)
     return {
-        "router_logits": ([f32(T, d), f32(E, d)], [0, 1]),
-        "route": ([make.logits(T, E), k, 0, True, 1.0, f32(E), 2, 1, 0.0], [0, 5]),
-        "update_expert_bias": ([f32(E).astype(np.float64), np.arange(E, dtype=np.int64), 0.1], [0, 1]),
-        "dispatch": ([f32(T, d), ids, E], [0, 1]),
-        "combine": ([f32(N, d), make.rng.integers(-1, N, size=(T, k)), f32(T, k)], [0, 1, 2]),
-        "pack_experts": ([f32(E, F, d), f32(E, F, d), f32(E, d, F), 0], [0, 1, 2]),
-        "ffn_grouped": ([f32(N, d), None, np.array([0, 3, 3, 7, N]),
-                         _C.pack_experts(f32(E, F, d), f32(E, F, d), f32(E, d, F), 0), 0],
-                        [0, 2]),
-        "layer_forward": ([f32(T, d), f32(E, d),
-                           _C.pack_experts(f32(E, F, d), f32(E, F, d), f32(E, d, F), 0), k,
-                           0, f32(E), 2, True, 1.0, 2, 1, 0.0,
-                           _C.pack_experts(f32(1, F, d), f32(1, F, d), f32(1, d, F), 0),
-                           f32(d)], [0, 1, 5, 13]),
+        "router_logits": (dict(x=f32(T, d), router_weight=f32(E, d)), ["x", "router_weight"]),
+        "route": (dict(logits=make.logits(T, E), top_k=k, scoring=0, renormalize=True,
+                       routed_scaling=1.0, expert_bias=f32(E), n_groups=2, topk_groups=1,
+                       capacity_factor=0.0), ["logits", "expert_bias"]),
+        "update_expert_bias": (dict(bias=f32(E).astype(np.float64),
+                                    counts=np.arange(E, dtype=np.int64), rate=0.1),
+                               ["bias", "counts"]),
+        "dispatch": (dict(x=f32(T, d), expert_ids=ids, n_experts=E), ["x", "expert_ids"]),
+        "combine": (dict(y=f32(N, d), position=make.rng.integers(-1, N, size=(T, k)),
+                         weights=f32(T, k)), ["y", "position", "weights"]),
+        "pack_experts": (dict(w_gate=f32(E, F, d), w_up=f32(E, F, d), w_down=f32(E, d, F),
+                              dtype=0), ["w_gate", "w_up", "w_down"]),
+        "ffn_grouped": (dict(x=f32(N, d), token_index=None, offsets=np.array([0, 3, 3, 7, N]),
+                             experts=_pack(f32(E, F, d), f32(E, F, d), f32(E, d, F)),
+                             activation=0), ["x", "offsets"]),
+        "layer_forward": ([f32(T, d), f32(E, d), _pack(f32(E, F, d), f32(E, F, d), f32(E, d, F)),
+                           k, 0, f32(E), 2, True, 1.0, 2, 1, 0.0,
+                           _pack(f32(1, F, d), f32(1, F, d), f32(1, d, F)), f32(d)],
+                          [0, 1, 5, 13]),
     }
+
+
+def _call(func, args):
+    fn = getattr(_C, func)
+    return fn(**args) if isinstance(args, dict) else fn(*args)
+
+
+def _replaced(args, changes):
+    """A copy of a _c_calls argument set (dict or list) with some arguments replaced."""
+    out = dict(args) if isinstance(args, dict) else list(args)
+    for key, value in changes.items():
+        out[key] = value
+    return out
+
+
+def _required(func):
+    """The arguments of a keyword _C function that have no default (from its signature)."""
+    params = inspect.signature(getattr(_C, func)).parameters.values()
+    return [p.name for p in params if p.default is p.empty]
 
 
 def _other_dtype(a):
@@ -565,7 +596,9 @@ C_FUNCS = sorted(["router_logits", "route", "update_expert_bias", "dispatch", "c
 def test_c_functions_reject_bad_arrays(make, func):
     args, arrays = _c_calls(make)[func]
     fn = getattr(_C, func)
-    fn(*[a.copy() if isinstance(a, np.ndarray) else a for a in args])  # valid as given
+    items = args.items() if isinstance(args, dict) else enumerate(args)
+    copies = {i: a.copy() for i, a in items if isinstance(a, np.ndarray)}
+    _call(func, _replaced(args, copies))  # valid as given
     for i in arrays:
         a = args[i]
         bad_cases = [
@@ -580,37 +613,48 @@ def test_c_functions_reject_bad_arrays(make, func):
             (ValueError, r"must have \d dimensions", a.reshape(-1)[:1].reshape(())),
         ]
         for exc, pattern, bad in bad_cases:
-            call = list(args)
-            call[i] = bad
             with pytest.raises(exc, match=pattern):
-                fn(*call)
+                _call(func, _replaced(args, {i: bad}))
+    if isinstance(args, list):
+        with pytest.raises(TypeError):
+            fn(*args[:-1])
+        with pytest.raises(TypeError):
+            fn(*args, *([None] * 16))  # more arguments than the function takes
+        return
+    assert _required(func)
+    for name in _required(func):  # each required argument left out
+        with pytest.raises(TypeError, match=name):
+            fn(**{key: v for key, v in args.items() if key != name})
     with pytest.raises(TypeError):
-        fn(*args[:-1])
-    with pytest.raises(TypeError):
-        fn(*args, *([None] * 16))  # more arguments than the function takes
+        fn(*args.values(), *([None] * 16))  # more arguments than the function takes
+    with pytest.raises(TypeError, match="keyword argument"):
+        fn(**args, not_an_argument=None)
 
 
 def test_c_functions_reject_mismatched_shapes(make):
     calls = _c_calls(make)
 
     def bad(func, i, value, pattern, exc=ValueError):
-        args = list(calls[func][0])
-        args[i] = value
         with pytest.raises(exc, match=pattern):
-            getattr(_C, func)(*args)
+            _call(func, _replaced(calls[func][0], {i: value}))
 
-    bad("router_logits", 1, make.normal(4, 7), r"^router_weight must have shape \(-?\d+, 8\)")
-    bad("route", 5, make.normal(5), r"^expert_bias must have shape \(4\), got \(5\)")
-    bad("update_expert_bias", 1, np.arange(5), r"^counts must have shape \(4\), got \(5\)")
-    bad("dispatch", 1, make.expert_ids(5, 2, 4), r"^expert_ids must have shape \(6, -1\)")
-    bad("combine", 2, make.normal(6, 3), r"^weights must have shape \(6, 2\), got \(6, 3\)")
-    bad("pack_experts", 0, make.normal(4, 6, 8), r"^w_gate must have shape \(4, 5, 8\)")
-    bad("pack_experts", 2, make.normal(4, 5, 8), r"^w_down must have shape \(4, 8, 5\)")
-    bad("pack_experts", 1, make.normal(4, 5), r"^w_up must have 3 dimensions")
-    bad("ffn_grouped", 0, make.normal(9, 7), r"^x must have shape \(-1, 8\), got \(9, 7\)")
-    bad("ffn_grouped", 2, np.array([0, 9]), r"^offsets must have shape \(5\), got \(2\)")
-    bad("ffn_grouped", 1, np.arange(3), r"^offsets must start at 0 and end at n_rows=3")
-    bad("ffn_grouped", 3, make.normal(4, 5, 8), r"^experts must be packed experts", TypeError)
+    bad("router_logits", "router_weight", make.normal(4, 7),
+        r"^router_weight must have shape \(-?\d+, 8\)")
+    bad("route", "expert_bias", make.normal(5), r"^expert_bias must have shape \(4\), got \(5\)")
+    bad("update_expert_bias", "counts", np.arange(5), r"^counts must have shape \(4\), got \(5\)")
+    bad("dispatch", "expert_ids", make.expert_ids(5, 2, 4),
+        r"^expert_ids must have shape \(6, -1\)")
+    bad("combine", "weights", make.normal(6, 3),
+        r"^weights must have shape \(6, 2\), got \(6, 3\)")
+    bad("pack_experts", "w_gate", make.normal(4, 6, 8), r"^w_gate must have shape \(4, 5, 8\)")
+    bad("pack_experts", "w_down", make.normal(4, 5, 8), r"^w_down must have shape \(4, 8, 5\)")
+    bad("pack_experts", "w_up", make.normal(4, 5), r"^w_up must have 3 dimensions")
+    bad("ffn_grouped", "x", make.normal(9, 7), r"^x must have shape \(-1, 8\), got \(9, 7\)")
+    bad("ffn_grouped", "offsets", np.array([0, 9]), r"^offsets must have shape \(5\), got \(2\)")
+    bad("ffn_grouped", "token_index", np.arange(3),
+        r"^offsets must start at 0 and end at n_rows=3")
+    bad("ffn_grouped", "experts", make.normal(4, 5, 8), r"^experts must be packed experts",
+        TypeError)
     bad("layer_forward", 1, make.normal(4, 7), r"^router_weight must have shape \(4, 8\)")
     bad("layer_forward", 1, make.normal(3, 8), r"^router_weight must have shape \(4, 8\)")
     bad("layer_forward", 5, make.normal(3), r"^expert_bias must have shape \(4\)")
@@ -623,66 +667,65 @@ def test_c_functions_reject_bad_values(make):
     calls = _c_calls(make)
 
     def bad(func, changes, pattern, exc=ValueError):
-        args = list(calls[func][0])
-        for i, value in changes.items():
-            args[i] = value
         with pytest.raises(exc, match=pattern):
-            getattr(_C, func)(*args)
+            _call(func, _replaced(calls[func][0], changes))
 
-    logits = calls["route"][0][0]
+    logits = calls["route"][0]["logits"]
     nan_logits = logits.copy()
     nan_logits[1, 1] = NAN
-    bad("route", {0: nan_logits}, r"^logits must be finite")
-    bad("route", {1: 0}, r"^top_k must be in 1\.\.n_experts=4")
-    bad("route", {1: 5}, r"^top_k must be in 1\.\.n_experts=4")
-    bad("route", {1: 2**40}, r"integer", OverflowError)
-    bad("route", {1: 2.0}, r"integer", TypeError)
-    bad("route", {2: 3}, r"^scoring code must be in 0\.\.2")
-    bad("route", {2: -1}, r"^scoring code must be in 0\.\.2")
-    bad("route", {6: 3}, r"^n_groups must divide n_experts=4")
-    bad("route", {6: 0}, r"^n_groups must divide n_experts=4")
-    bad("route", {6: -2}, r"^n_groups must divide n_experts=4")
-    bad("route", {7: 3}, r"^topk_groups must be in 1\.\.n_groups=2")
-    bad("route", {7: 0}, r"^topk_groups must be in 1\.\.n_groups=2")
-    bad("route", {1: 3, 6: 2, 7: 1}, r"^topk_groups must be in 1\.\.n_groups=2 .*top_k=3")
-    bias = calls["route"][0][5].copy()
+    bad("route", {"logits": nan_logits}, r"^logits must be finite")
+    bad("route", {"top_k": 0}, r"^top_k must be in 1\.\.n_experts=4")
+    bad("route", {"top_k": 5}, r"^top_k must be in 1\.\.n_experts=4")
+    bad("route", {"top_k": 2**40}, r"integer", OverflowError)
+    bad("route", {"top_k": 2.0}, r"integer", TypeError)
+    bad("route", {"scoring": 3}, r"^scoring code must be in 0\.\.2")
+    bad("route", {"scoring": -1}, r"^scoring code must be in 0\.\.2")
+    bad("route", {"n_groups": 3}, r"^n_groups must divide n_experts=4")
+    bad("route", {"n_groups": 0}, r"^n_groups must divide n_experts=4")
+    bad("route", {"n_groups": -2}, r"^n_groups must divide n_experts=4")
+    bad("route", {"topk_groups": 3}, r"^topk_groups must be in 1\.\.n_groups=2")
+    bad("route", {"topk_groups": 0}, r"^topk_groups must be in 1\.\.n_groups=2")
+    bad("route", {"top_k": 3, "n_groups": 2, "topk_groups": 1},
+        r"^topk_groups must be in 1\.\.n_groups=2 .*top_k=3")
+    bias = calls["route"][0]["expert_bias"].copy()
     bias[0] = INF
-    bad("route", {5: bias}, r"^expert_bias must be finite")
-    bad("route", {0: np.ones((3, 0))}, r"^logits must have 1\.\.2\^31-1 experts")
+    bad("route", {"expert_bias": bias}, r"^expert_bias must be finite")
+    bad("route", {"logits": np.ones((3, 0))}, r"^logits must have 1\.\.2\^31-1 experts")
 
-    ids = calls["dispatch"][0][1].copy()
+    ids = calls["dispatch"][0]["expert_ids"].copy()
     for value in (4, -2, 2**31 - 1, -(2**31)):
         ids_bad = ids.copy()
         ids_bad[2, 1] = value
-        bad("dispatch", {1: ids_bad}, rf"^expert_ids must be in \[0, n_experts=4\) or -1, "
-                                      rf"got {value} at token 2, slot 1")
-    bad("dispatch", {2: 0}, r"^n_experts must be >= 1")
-    bad("dispatch", {2: -5}, r"^n_experts must be >= 1")
+        bad("dispatch", {"expert_ids": ids_bad},
+            rf"^expert_ids must be in \[0, n_experts=4\) or -1, got {value} at token 2, slot 1")
+    bad("dispatch", {"n_experts": 0}, r"^n_experts must be >= 1")
+    bad("dispatch", {"n_experts": -5}, r"^n_experts must be >= 1")
 
-    pos = calls["combine"][0][1].copy()
+    pos = calls["combine"][0]["position"].copy()
     for value in (9, -2, 2**62, -(2**62)):
         pos_bad = pos.copy()
         pos_bad[3, 0] = value
-        bad("combine", {1: pos_bad}, rf"^position must be in \[0, n_rows=9\) or -1, "
-                                     rf"got {value} at token 3, slot 0")
+        bad("combine", {"position": pos_bad}, rf"^position must be in \[0, n_rows=9\) or -1, "
+                                              rf"got {value} at token 3, slot 0")
 
     for offsets in ([1, 3, 3, 7, 9], [0, 3, 3, 7, 8], [0, 3, 3, 7, 10], [0, 5, 3, 7, 9],
                     [0, -4, 3, 7, 9], [0, 2**62, 3, 7, 9]):
-        bad("ffn_grouped", {2: np.array(offsets, np.int64)}, r"^offsets must")
-    bad("ffn_grouped", {4: 8}, r"^activation code must be in 0\.\.7")
-    bad("ffn_grouped", {4: -1}, r"^activation code must be in 0\.\.7")
-    bad("ffn_grouped", {4: 5}, r"^activation is not gated but the experts were packed with")
+        bad("ffn_grouped", {"offsets": np.array(offsets, np.int64)}, r"^offsets must")
+    bad("ffn_grouped", {"activation": 8}, r"^activation code must be in 0\.\.7")
+    bad("ffn_grouped", {"activation": -1}, r"^activation code must be in 0\.\.7")
+    bad("ffn_grouped", {"activation": 5},
+        r"^activation is not gated but the experts were packed with")
     for ti in ([0, 1, 2, 3, 4, 5, 0, 1, 9], [0, 1, 2, 3, 4, 5, 0, 1, -1]):
-        bad("ffn_grouped", {1: np.array(ti, np.int64)}, r"^token_index must be in \[0, "
-                                                        r"n_tokens=9\)")
-    bad("ffn_grouped", {1: np.zeros(4, np.int64)}, r"^offsets must start at 0 and end at "
-                                                    r"n_rows=4")
-    bad("pack_experts", {3: 3}, r"^dtype code must be in 0\.\.2")
-    bad("pack_experts", {0: None, 3: 1}, r"^w_up must have dtype uint16", TypeError)
+        bad("ffn_grouped", {"token_index": np.array(ti, np.int64)},
+            r"^token_index must be in \[0, n_tokens=9\)")
+    bad("ffn_grouped", {"token_index": np.zeros(4, np.int64)},
+        r"^offsets must start at 0 and end at n_rows=4")
+    bad("pack_experts", {"dtype": 3}, r"^dtype code must be in 0\.\.2")
+    bad("pack_experts", {"w_gate": None, "dtype": 1}, r"^w_up must have dtype uint16", TypeError)
 
-    ro = calls["update_expert_bias"][0][0].copy()
+    ro = calls["update_expert_bias"][0]["bias"].copy()
     ro.flags.writeable = False
-    bad("update_expert_bias", {0: ro}, r"^bias must be a C-contiguous, aligned, writable")
+    bad("update_expert_bias", {"bias": ro}, r"^bias must be a C-contiguous, aligned, writable")
 
     x = calls["layer_forward"][0][0].copy()
     x[0, 0] = NAN
@@ -694,7 +737,7 @@ def test_c_functions_reject_bad_values(make):
     bad("layer_forward", {6: 3}, r"^scoring code must be in 0\.\.2")
     bad("layer_forward", {9: 3}, r"^n_groups must divide n_experts=4")
     bad("layer_forward", {10: 3}, r"^topk_groups must be in")
-    other = _C.pack_experts(make.normal(4, 5, 6), make.normal(4, 5, 6), make.normal(4, 6, 5), 0)
+    other = _pack(make.normal(4, 5, 6), make.normal(4, 5, 6), make.normal(4, 6, 5))
     bad("layer_forward", {2: other}, r"^x must have shape \(-1, 6\)")
     bad("layer_forward", {12: other}, r"^the packed experts do not match")
 
@@ -706,8 +749,16 @@ _FUZZ_CHILD = textwrap.dedent("""
     from moe import _C
 
     rng = np.random.default_rng(int(sys.argv[1]))
-    funcs = {"router_logits": 2, "route": 9, "update_expert_bias": 3, "dispatch": 3,
-             "combine": 3, "pack_experts": 4, "ffn_grouped": 5, "layer_forward": 14}
+    # keyword names, or for layer_forward (positional only) the number of arguments
+    funcs = {"router_logits": ["x", "router_weight"],
+             "route": ["logits", "top_k", "scoring", "renormalize", "routed_scaling",
+                       "expert_bias", "n_groups", "topk_groups", "capacity_factor"],
+             "update_expert_bias": ["bias", "counts", "rate"],
+             "dispatch": ["x", "expert_ids", "n_experts"],
+             "combine": ["y", "position", "weights"],
+             "pack_experts": ["w_gate", "w_up", "w_down", "dtype"],
+             "ffn_grouped": ["x", "token_index", "offsets", "experts", "activation"],
+             "layer_forward": 14}
     ints = [-(2**31), -2, -1, 0, 1, 2, 3, 4, 7, 2**31, 2**63]
 
     def array():
@@ -740,10 +791,16 @@ _FUZZ_CHILD = textwrap.dedent("""
     raised = ok = 0
     for it in range(int(sys.argv[2])):
         name = list(funcs)[int(rng.integers(len(funcs)))]
-        n = funcs[name] + (int(rng.integers(-1, 2)) if rng.random() < 0.05 else 0)
-        args = [value() for _ in range(n)]
+        spec = funcs[name]
+        # now and then one argument too few or too many
+        more = int(rng.integers(-1, 2)) if rng.random() < 0.05 else 0
+        if isinstance(spec, int):
+            args, kwargs = [value() for _ in range(spec + more)], {}
+        else:
+            names = spec[:more] if more < 0 else spec + ["extra"] * more
+            args, kwargs = [], {key: value() for key in names}
         try:
-            getattr(_C, name)(*args)
+            getattr(_C, name)(*args, **kwargs)
             ok += 1
         except (TypeError, ValueError, OverflowError):
             raised += 1

@@ -11,6 +11,7 @@ test covers those) and each check runs 400 calls, so one leaked array per call i
 past the RSS bound (2 MB), 16x the tracemalloc bound (200 KB) and 6x the malloc bound
 (512 KB).  After a warm-up, the noise measured here is below 100 KB for all three.
 """
+import copy
 import ctypes
 import gc
 import os
@@ -152,7 +153,7 @@ def data():
                 x_nan=x_nan, ids=ids, bad_ids=bad_ids, disp=disp, bad_pos=bad_pos,
                 y=f32(T * K, D), weights=f32(T, K), w=w,
                 x_sorted=f32(T, D), offsets=np.concatenate([[0], np.cumsum(counts)]),
-                packed=moe.pack_experts(*w), layer=layer, linear=_C.pack_linear(w[1], 0),
+                packed=moe.pack_experts(*w), layer=layer, linear=_C.pack_linear(w[1], dtype=0),
                 lora=lora, lora_ids=lora_ids, lora_w=f32(T, 2), lora_moe=lora_moe,
                 lora_ab=[f32(16, 2, D), f32(16, F, 2), None, None, f32(16, 2, F), f32(16, D, 2)],
                 fly=fly, multi=multi, mids=rng.integers(-1, 4, T),
@@ -232,13 +233,15 @@ def c_error_calls(d):
     bad_ti = np.arange(T, dtype=np.int64)
     bad_ti[-1] = T
     return {
-        "_C.route(NaN)": (lambda: _C.route(d["nan_logits"], K_ROUTE, 0, True, 1.0, None, 1, 1, 0.0),
-                          ValueError),
-        "_C.dispatch(bad id)": (lambda: _C.dispatch(d["x"], d["bad_ids"], E), ValueError),
+        "_C.route(NaN)": (lambda: _C.route(d["nan_logits"], top_k=K_ROUTE, scoring=0,
+                                           renormalize=True), ValueError),
+        "_C.dispatch(bad id)": (
+            lambda: _C.dispatch(d["x"], expert_ids=d["bad_ids"], n_experts=E), ValueError),
         "_C.combine(bad position)": (
-            lambda: _C.combine(d["y"], d["bad_pos"], d["weights"]), ValueError),
+            lambda: _C.combine(d["y"], position=d["bad_pos"], weights=d["weights"]), ValueError),
         "_C.ffn_grouped(bad token_index)": (
-            lambda: _C.ffn_grouped(d["x_sorted"], bad_ti, d["offsets"], packed, 0), ValueError),
+            lambda: _C.ffn_grouped(d["x_sorted"], token_index=bad_ti, offsets=d["offsets"],
+                                   experts=packed, activation=0), ValueError),
         "_C.layer_forward(NaN)": (
             lambda: _C.layer_forward(d["x_nan"], d["layer"].router_weight,
                                      d["layer"].pack()._packed[0], 2, 0, None, 0, True, 1.0, 1,
@@ -258,29 +261,44 @@ def test_c_error_path_keeps_memory_flat(data, name):
 # ---- reference counts ------------------------------------------------------------------------
 
 def c_calls(d):
-    """name -> (moe._C function, valid argument list)."""
+    """name -> (moe._C function, valid arguments: keywords (a dict), or for layer_forward,
+    whose binding takes no keywords, a positional list)."""
     layer = d["layer"].pack()
     routed, shared = layer._packed[:2]
     lora = d["lora"].pack()
     base, lora_a, bank = lora._packs()
     lmoe = d["lora_moe"].pack()
     return {
-        "router_logits": (_C.router_logits, [d["x"], layer.router_weight]),
-        "route": (_C.route, [d["logits"], K_ROUTE, 0, True, 1.0, d["bias"], 1, 1, 1.0]),
-        "update_expert_bias": (_C.update_expert_bias, [d["ebias"], d["ecounts"], 1e-9]),
-        "dispatch": (_C.dispatch, [d["x"], d["ids"], E]),
-        "combine": (_C.combine, [d["y"], d["disp"].position, d["weights"]]),
-        "pack_experts": (_C.pack_experts, [*d["w"], 0]),
-        "ffn_grouped": (_C.ffn_grouped, [d["x_sorted"], None, d["offsets"], d["packed"].capsule,
-                                         0]),
+        "router_logits": (_C.router_logits, dict(x=d["x"], router_weight=layer.router_weight)),
+        "route": (_C.route, dict(logits=d["logits"], top_k=K_ROUTE, scoring=0, renormalize=True,
+                                 routed_scaling=1.0, expert_bias=d["bias"], n_groups=1,
+                                 topk_groups=1, capacity_factor=1.0)),
+        "update_expert_bias": (_C.update_expert_bias,
+                               dict(bias=d["ebias"], counts=d["ecounts"], rate=1e-9)),
+        "dispatch": (_C.dispatch, dict(x=d["x"], expert_ids=d["ids"], n_experts=E)),
+        "combine": (_C.combine, dict(y=d["y"], position=d["disp"].position,
+                                     weights=d["weights"])),
+        "pack_experts": (_C.pack_experts, dict(zip(("w_gate", "w_up", "w_down"), d["w"]),
+                                               dtype=0)),
+        "ffn_grouped": (_C.ffn_grouped, dict(x=d["x_sorted"], token_index=None,
+                                             offsets=d["offsets"],
+                                             experts=d["packed"].capsule, activation=0)),
         "layer_forward": (_C.layer_forward,
                           [d["x"], layer.router_weight, routed, 2, 0, layer.expert_bias, 0, True,
                            1.0, 1, 1, 0.0, shared, layer.shared_gate_weight.reshape(D)]),
-        "pack_linear": (_C.pack_linear, [d["w"][0], 0, d["w"][0][:, :, 0].copy()]),
-        "linear_grouped": (_C.linear_grouped, [d["x_sorted"], None, d["offsets"], d["linear"]]),
-        "lora_forward": (_C.lora_forward, [d["x"], base, 0, lora_a, bank, 4, d["lora_ids"],
-                                           d["lora_w"], 0.5, None, 0, 0, None]),
-        "pack_expert_lora": (_C.pack_expert_lora, [lmoe._packed[0], 2, 1.0, *d["lora_ab"]]),
+        "pack_linear": (_C.pack_linear, dict(w=d["w"][0], dtype=0,
+                                             bias=d["w"][0][:, :, 0].copy())),
+        "linear_grouped": (_C.linear_grouped, dict(x=d["x_sorted"], token_index=None,
+                                                   offsets=d["offsets"], weights=d["linear"])),
+        "lora_forward": (_C.lora_forward, dict(x=d["x"], base=base, kind=0, lora_a=lora_a,
+                                               bank=bank, n_adapters=4, ids=d["lora_ids"],
+                                               weights=d["lora_w"], scaling=0.5,
+                                               adapter_scaling=None, select_k=0,
+                                               select_signed=0, rank_bias=None)),
+        "pack_expert_lora": (_C.pack_expert_lora,
+                             dict(experts=lmoe._packed[0], rank=2, scaling=1.0,
+                                  **dict(zip(("a_gate", "b_gate", "a_up", "b_up", "a_down",
+                                              "b_down"), d["lora_ab"])))),
     }
 
 
@@ -288,34 +306,39 @@ def _breakers(d, name, args):
     """Variants of args that fail at different points: a TypeError on each argument in turn
     (after the ones before it were accepted) and the core's ValueErrors."""
     out = []
-    for i in range(len(args)):
+    for i in (args if isinstance(args, dict) else range(len(args))):
         if isinstance(args[i], bool):  # a flag ("p" format): any object is accepted
             continue
-        bad = list(args)
+        bad = copy.copy(args)
         bad[i] = "not an array or int"
         out.append((f"arg {i} a str", bad, TypeError))
     core = {
-        "route": {0: d["nan_logits"]},
-        "dispatch": {1: d["bad_ids"]},
-        "combine": {1: d["bad_pos"]},
-        "ffn_grouped": {1: np.full(T, T, np.int64)},
+        "route": {"logits": d["nan_logits"]},
+        "dispatch": {"expert_ids": d["bad_ids"]},
+        "combine": {"position": d["bad_pos"]},
+        "ffn_grouped": {"token_index": np.full(T, T, np.int64)},
         "layer_forward": {0: d["x_nan"]},
-        "pack_experts": {0: d["w"][0][:, :-1].copy()},
-        "linear_grouped": {1: np.full(T, T, np.int64)},
-        "lora_forward": {6: d["lora_ids"] + 4},
+        "pack_experts": {"w_gate": d["w"][0][:, :-1].copy()},
+        "linear_grouped": {"token_index": np.full(T, T, np.int64)},
+        "lora_forward": {"ids": d["lora_ids"] + 4},
     }.get(name, {})
     if core:
-        bad = list(args)
+        bad = copy.copy(args)
         for i, v in core.items():
             bad[i] = v
         out.append(("fails in the core", bad, ValueError))
     return out
 
 
+def call(fn, args):
+    return fn(**args) if isinstance(args, dict) else fn(*args)
+
+
 def refcounts(args):
-    """Reference counts of the arrays, capsules and objects among args (small ints, floats,
-    bools and None are shared by the whole interpreter: their counts move on their own)."""
-    return [sys.getrefcount(a) for a in args
+    """Reference counts of the arrays, capsules and objects among args (a list, or a dict of
+    keyword arguments) (small ints, floats, bools and None are shared by the whole
+    interpreter: their counts move on their own)."""
+    return [sys.getrefcount(a) for a in (args.values() if isinstance(args, dict) else args)
             if not isinstance(a, (int, float, bool, str, type(None)))]
 
 
@@ -327,7 +350,7 @@ def test_c_calls_keep_reference_counts(data, name):
     fn, args = c_calls(data)[name]
     before = refcounts(args)
     for _ in range(20):
-        result = fn(*args)
+        result = call(fn, args)
     if name == "pack_expert_lora":
         # the result keeps the experts it was laid out for alive: one reference, until freed
         assert refcounts(args) == [before[0] + 1] + before[1:]
@@ -345,7 +368,7 @@ def test_c_calls_keep_reference_counts(data, name):
         before = refcounts(bad)
         for _ in range(20):
             with pytest.raises(exc):
-                fn(*bad)
+                call(fn, bad)
         assert refcounts(bad) == before, \
             f"{name} ({what}): argument refcounts {before} -> {refcounts(bad)}"
 

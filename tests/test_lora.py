@@ -366,24 +366,27 @@ def test_linear_grouped_op():
     G, d_in, d_out, T = 4, 37, 21, 30
     w = rng.standard_normal((G, d_out, d_in)).astype(np.float32)
     b = rng.standard_normal((G, d_out)).astype(np.float32)
-    packed = _C.pack_linear(w, 0, b)
+    packed = _C.pack_linear(w, dtype=0, bias=b)
     x = rng.standard_normal((T, d_in)).astype(np.float32)
     token_index = rng.integers(0, T, size=25).astype(np.int64)
     offsets = np.array([0, 10, 10, 24, 25], np.int64)  # group 1 empty
-    out = _C.linear_grouped(x, token_index, offsets, packed)
+    out = _C.linear_grouped(x, token_index=token_index, offsets=offsets, weights=packed)
     expect = np.zeros((25, d_out))
     for g in range(G):
         rows = slice(offsets[g], offsets[g + 1])
         expect[rows] = x[token_index[rows]].astype(np.float64) @ w[g].T + b[g]
     assert_close(out, expect, what="linear_grouped")
     with pytest.raises(TypeError, match="weights must be a packed linear"):
-        _C.linear_grouped(x, None, np.array([0, T], np.int64),
-                          _C.pack_experts(None, w[:, :, :d_in], np.ascontiguousarray(
-                              w.transpose(0, 2, 1)), 0))
+        _C.linear_grouped(x, token_index=None, offsets=np.array([0, T], np.int64),
+                          weights=_C.pack_experts(w_gate=None, w_up=w[:, :, :d_in],
+                                                  w_down=np.ascontiguousarray(
+                                                      w.transpose(0, 2, 1)), dtype=0))
     with pytest.raises(ValueError, match="token_index must be in"):
-        _C.linear_grouped(x, np.full(25, T, np.int64), offsets, packed)
+        _C.linear_grouped(x, token_index=np.full(25, T, np.int64), offsets=offsets,
+                          weights=packed)
     with pytest.raises(TypeError, match="packed experts"):
-        _C.ffn_grouped(x, None, np.array([0, T], np.int64), packed, 5)
+        _C.ffn_grouped(x, token_index=None, offsets=np.array([0, T], np.int64), experts=packed,
+                       activation=5)
 
 
 def test_bad_input():
@@ -409,21 +412,27 @@ def test_bad_input():
     with pytest.raises(ValueError, match="is not set"):
         bare(rng.standard_normal((3, 16)))
     # the C entry checks ids and ranks itself
-    base = _C.pack_linear(rng.standard_normal((1, 12, 16)).astype(np.float32), 0)
-    a = _C.pack_linear(rng.standard_normal((4, 4, 16)).astype(np.float32), 0)
-    bank = _C.pack_linear(np.zeros((1, 12, 16), np.float32), 0)
-    bank8 = _C.pack_linear(np.zeros((1, 12, 8), np.float32), 0)
+    base = _C.pack_linear(rng.standard_normal((1, 12, 16)).astype(np.float32), dtype=0)
+    a = _C.pack_linear(rng.standard_normal((4, 4, 16)).astype(np.float32), dtype=0)
+    bank = _C.pack_linear(np.zeros((1, 12, 16), np.float32), dtype=0)
+    bank8 = _C.pack_linear(np.zeros((1, 12, 8), np.float32), dtype=0)
     xs = rng.standard_normal((3, 16)).astype(np.float32)
     ids = np.array([[0, 1], [2, 4], [3, -1]], np.int32)
+
+    def forward(kind, ids, bank):
+        return _C.lora_forward(xs, base=base, kind=kind, lora_a=a, bank=bank, n_adapters=4,
+                               ids=ids, weights=None, scaling=1.0, adapter_scaling=None,
+                               select_k=0, select_signed=0, rank_bias=None)
+
     with pytest.raises(ValueError, match=r"adapter ids must be in \[0, 4\) or -1, got 4 "
                                          r"at token 1, slot 1"):
-        _C.lora_forward(xs, base, 0, a, bank, 4, ids, None, 1.0, None, 0, 0, None)
+        forward(0, ids, bank)
     with pytest.raises(ValueError, match=r"lora_a must be a packed linear of shape "
                                          r"\(1, rank=4, d_in=16\)"):
-        _C.lora_forward(xs, base, 1, a, bank, 4, ids % 4, None, 1.0, None, 0, 0, None)
+        forward(1, ids % 4, bank)
     with pytest.raises(ValueError, match=r"bank must be an fp32 packed linear of shape "
                                          r"\(1, d_out=12, 16\)"):
-        _C.lora_forward(xs, base, 0, a, bank8, 4, ids % 4, None, 1.0, None, 0, 0, None)
+        forward(0, ids % 4, bank8)
 
 
 # ---- LoRA on the experts of a SparseMoE ----------------------------------------------------
@@ -487,21 +496,25 @@ def test_sparse_moe_expert_lora_save_load_and_errors(tmp_path):
     # the packed LoRA keeps its experts alive and refuses other experts
     w = rng.standard_normal((2, 6, 8)).astype(np.float32)
     wd = rng.standard_normal((2, 8, 6)).astype(np.float32)
-    experts = _C.pack_experts(w, w, wd, 0)
-    lora = _C.pack_expert_lora(experts, 2, 1.0, None, None,
-                               rng.standard_normal((2, 2, 8)).astype(np.float32),
-                               rng.standard_normal((2, 6, 2)).astype(np.float32), None, None)
-    other = _C.pack_experts(w, w, wd, 0)
+    experts = _C.pack_experts(w_gate=w, w_up=w, w_down=wd, dtype=0)
+    lora = _C.pack_expert_lora(experts, rank=2, scaling=1.0, a_gate=None, b_gate=None,
+                               a_up=rng.standard_normal((2, 2, 8)).astype(np.float32),
+                               b_up=rng.standard_normal((2, 6, 2)).astype(np.float32),
+                               a_down=None, b_down=None)
+    other = _C.pack_experts(w_gate=w, w_up=w, w_down=wd, dtype=0)
     xs = rng.standard_normal((4, 8)).astype(np.float32)
     off = np.array([0, 2, 4], np.int64)
     with pytest.raises(ValueError, match="packed for other experts"):
-        _C.ffn_grouped(xs, None, off, other, 0, 1.702, 7.0, lora)
+        _C.ffn_grouped(xs, token_index=None, offsets=off, experts=other, activation=0,
+                       alpha=1.702, limit=7.0, lora=lora)
     del experts
-    ys = _C.ffn_grouped(xs, None, off, _C.pack_experts(w, w, wd, 0), 0)
+    ys = _C.ffn_grouped(xs, token_index=None, offsets=off,
+                        experts=_C.pack_experts(w_gate=w, w_up=w, w_down=wd, dtype=0),
+                        activation=0)
     assert ys.shape == (4, 8)
     with pytest.raises(ValueError, match="b_up must have shape"):
-        _C.pack_expert_lora(other, 2, 1.0, None, None, np.zeros((2, 2, 8), np.float32),
-                            np.zeros((2, 6, 3), np.float32), None, None)
+        _C.pack_expert_lora(other, rank=2, scaling=1.0, a_up=np.zeros((2, 2, 8), np.float32),
+                            b_up=np.zeros((2, 6, 3), np.float32))
     with pytest.raises(ValueError, match="both its A and its B"):
-        _C.pack_expert_lora(other, 2, 1.0, None, None, np.zeros((2, 2, 8), np.float32),
-                            None, None, None)
+        _C.pack_expert_lora(other, rank=2, scaling=1.0, a_up=np.zeros((2, 2, 8), np.float32),
+                            b_up=None)

@@ -255,23 +255,29 @@ def test_binding_checks(make):
     x, wq = make.normal(4, 8), make.normal(2, 4, 8)
     k = make.normal(2, 5, 2)
     u, v = make.normal(25, 8), make.normal(25, 6)
-    assert _C.peer_forward(x, wq, k, k, u, v, 3, 0, False)[0].shape == (4, 6)
+
+    def peer(**change):
+        kw = dict(x=x, w_query=wq, sub_keys_1=k, sub_keys_2=k, u=u, v=v, top_k=3,
+                  activation=0, return_routing=False)
+        return _C.peer_forward(**{**kw, **change})
+
+    assert peer()[0].shape == (4, 6)
     with pytest.raises(ValueError, match="top_k must be in 1..n_sub_keys=5"):
-        _C.peer_forward(x, wq, k, k, u, v, 6, 0, False)
+        peer(top_k=6)
     with pytest.raises(ValueError, match="sub_keys_1 must have 1 .* key sets, got 3"):
-        _C.peer_forward(x, wq, make.normal(3, 5, 2), k, u, v, 3, 0, False)
+        peer(sub_keys_1=make.normal(3, 5, 2))
     with pytest.raises(ValueError, match="sub_keys_2 must have shape"):
-        _C.peer_forward(x, wq, k, make.normal(2, 4, 2), u, v, 3, 0, False)
+        peer(sub_keys_2=make.normal(2, 4, 2))
     with pytest.raises(ValueError, match="w_query must have shape .*d_key even"):
-        _C.peer_forward(x, make.normal(2, 3, 8), k, k, u, v, 3, 0, False)
+        peer(w_query=make.normal(2, 3, 8))
     with pytest.raises(ValueError, match="u must have shape"):
-        _C.peer_forward(x, wq, k, k, u[:24], v, 3, 0, False)
+        peer(u=u[:24])
     with pytest.raises(ValueError, match="v must have shape"):
-        _C.peer_forward(x, wq, k, k, u, v[:24], 3, 0, False)
+        peer(v=v[:24])
     with pytest.raises(ValueError, match="activation code"):
-        _C.peer_forward(x, wq, k, k, u, v, 3, 4, False)
+        peer(activation=4)
     with pytest.raises(ValueError, match="x must be a C-contiguous"):
-        _C.peer_forward(np.asfortranarray(x), wq, k, k, u, v, 3, 0, False)
+        peer(x=np.asfortranarray(x))
 
 
 # ---- leaks -------------------------------------------------------------------------------
@@ -292,10 +298,12 @@ def test_binding_keeps_reference_counts(make):
     layer = randomize(moe.PEER(16, 6, 2, 3, 4), make)
     args = [make.normal(5, 16), layer.w_query, layer.sub_keys_1, layer.sub_keys_2, layer.u,
             layer.v]
+    names = ("x", "w_query", "sub_keys_1", "sub_keys_2", "u", "v")
     before = [sys.getrefcount(a) for a in args]
     for routing in (False, True):
         for _ in range(20):
-            result = _C.peer_forward(*args, 3, 0, routing)
+            result = _C.peer_forward(**dict(zip(names, args)), top_k=3, activation=0,
+                                     return_routing=routing)
             for r in result:
                 if r is not None:
                     assert sys.getrefcount(r) == 3  # result, r and the call's argument
@@ -304,5 +312,6 @@ def test_binding_keeps_reference_counts(make):
     bad[1, 1] = np.inf
     for _ in range(20):
         with pytest.raises(ValueError):
-            _C.peer_forward(bad, *args[1:], 3, 0, True)
+            _C.peer_forward(**dict(zip(names, [bad] + args[1:])), top_k=3, activation=0,
+                            return_routing=True)
     assert [sys.getrefcount(a) for a in args] == before

@@ -291,14 +291,18 @@ def test_core_checks():
     """The binding checks what Python would not: shapes and the packed experts."""
     layer = moe.SoftMoE(16, 8, 3, 2, seed=21).pack()
     x = np.zeros((1, 2, 16), np.float32)
+
+    def call(**change):
+        kw = dict(phi=layer.phi, experts=layer._packed, slots_per_expert=2, activation=0,
+                  normalize=False, scale=1.0, temperature=1.0, across=False,
+                  return_weights=False)
+        return moe._C.soft_moe_forward(x, **{**kw, **change})
+
     with pytest.raises(ValueError, match=r"phi must have shape \(16, 6\)"):
-        moe._C.soft_moe_forward(x, np.zeros((16, 4), np.float32), layer._packed, 2, 0,
-                                False, 1.0, 1.0, False, False)
+        call(phi=np.zeros((16, 4), np.float32))
     with pytest.raises(ValueError, match="temperature must be > 0"):
-        moe._C.soft_moe_forward(x, layer.phi, layer._packed, 2, 0, False, 1.0, -1.0,
-                                False, False)
+        call(temperature=-1.0)
     with pytest.raises(ValueError, match="activation is not gated"):
-        moe._C.soft_moe_forward(x, layer.phi, layer._packed, 2, 5, False, 1.0, 1.0,
-                                False, False)
+        call(activation=5)
     with pytest.raises(TypeError, match="experts must be packed experts"):
-        moe._C.soft_moe_forward(x, layer.phi, None, 2, 0, False, 1.0, 1.0, False, False)
+        call(experts=None)

@@ -1,0 +1,305 @@
+/*
+ * binding/arrays.c - what comes into the binding and what goes back: every
+ * array is checked here (type, dtype, layout, shape) so that no call from
+ * Python can reach the core with memory it does not own; the range checks
+ * and packed-weight capsules; the outputs a wrapper allocates and the one
+ * exit that returns them or drops them on an error.
+ */
+#include <stdarg.h>
+
+#include "binding.h"
+
+/* ---- arrays in ------------------------------------------------------------ */
+
+PyArrayObject *
+moe_arg(PyObject *obj, const char *name, int typenum, int ndim, npy_intp *dims,
+        int writable)
+{
+    PyArrayObject *arr;
+    int i, ok = 1;
+
+    if (!PyArray_Check(obj)) {
+        PyErr_Format(PyExc_TypeError, "%s must be a numpy.ndarray, got %s",
+                     name, Py_TYPE(obj)->tp_name);
+        return NULL;
+    }
+    arr = (PyArrayObject *)obj;
+    if (PyArray_TYPE(arr) != typenum) {
+        PyArray_Descr *want = PyArray_DescrFromType(typenum);
+        PyErr_Format(PyExc_TypeError, "%s must have dtype %S, got %S", name,
+                     (PyObject *)want, (PyObject *)PyArray_DESCR(arr));
+        Py_XDECREF(want);
+        return NULL;
+    }
+    if (!PyArray_ISCARRAY_RO(arr) || (writable && !PyArray_ISWRITEABLE(arr))) {
+        PyErr_Format(PyExc_ValueError, "%s must be a C-contiguous, aligned%s"
+                     " array", name, writable ? ", writable" : "");
+        return NULL;
+    }
+    if (PyArray_NDIM(arr) != ndim) {
+        PyErr_Format(PyExc_ValueError, "%s must have %d dimensions, got %d",
+                     name, ndim, PyArray_NDIM(arr));
+        return NULL;
+    }
+    for (i = 0; i < ndim; i++) {
+        if (dims[i] >= 0 && dims[i] != PyArray_DIM(arr, i)) {
+            ok = 0;
+        }
+    }
+    if (!ok) {
+        char want[160] = "", got[160] = "";
+        for (i = 0; i < ndim; i++) {
+            size_t n = strlen(want), m = strlen(got);
+            snprintf(want + n, sizeof(want) - n, "%s%lld", i ? ", " : "",
+                     (long long)dims[i]);
+            snprintf(got + m, sizeof(got) - m, "%s%lld", i ? ", " : "",
+                     (long long)PyArray_DIM(arr, i));
+        }
+        PyErr_Format(PyExc_ValueError, "%s must have shape (%s), got (%s)",
+                     name, want, got);
+        return NULL;
+    }
+    for (i = 0; i < ndim; i++) {
+        dims[i] = PyArray_DIM(arr, i);
+    }
+    return arr;
+}
+
+int
+moe_opt_arg(PyObject *obj, const char *name, int typenum, int ndim,
+            npy_intp *dims, void **data)
+{
+    PyArrayObject *arr;
+
+    *data = NULL;
+    if (obj == Py_None) {
+        return 0;
+    }
+    arr = moe_arg(obj, name, typenum, ndim, dims, 0);
+    if (arr == NULL) {
+        return -1;
+    }
+    *data = PyArray_DATA(arr);
+    return 0;
+}
+
+PyArrayObject *
+moe_logits_arg(PyObject *obj, npy_intp *ld)
+{
+    PyArrayObject *arr = moe_arg(obj, "logits", NPY_FLOAT64, 2, ld, 0);
+
+    if (arr != NULL && (ld[1] < 1 || ld[1] > INT32_MAX)) {
+        PyErr_Format(PyExc_ValueError, "logits must have 1..2^31-1 experts "
+                     "(columns), got %lld", (long long)ld[1]);
+        return NULL;
+    }
+    return arr;
+}
+
+PyArrayObject *
+moe_new(int ndim, npy_intp d0, npy_intp d1, int typenum)
+{
+    npy_intp dims[2] = {d0, d1};
+    return (PyArrayObject *)PyArray_SimpleNew(ndim, dims, typenum);
+}
+
+/* ---- options in ----------------------------------------------------------- */
+
+int
+moe_check_enum(long value, long n, const char *name)
+{
+    if (value < 0 || value >= n) {
+        PyErr_Format(PyExc_ValueError, "%s code must be in 0..%ld, got %ld",
+                     name, n - 1, value);
+        return -1;
+    }
+    return 0;
+}
+
+int
+moe_check_range(long long value, long long lo, long long hi, const char *name,
+                const char *hi_name)
+{
+    if (value < lo || value > hi) {
+        PyErr_Format(PyExc_ValueError, "%s must be in %lld..%s=%lld, got %lld",
+                     name, lo, hi_name, hi, value);
+        return -1;
+    }
+    return 0;
+}
+
+int
+moe_check_min(long long value, long long lo, const char *name)
+{
+    if (value < lo) {
+        PyErr_Format(PyExc_ValueError, "%s must be >= %lld, got %lld", name, lo,
+                     value);
+        return -1;
+    }
+    return 0;
+}
+
+int
+moe_check_int32(npy_intp value, const char *message)
+{
+    if (value > INT32_MAX) {
+        PyErr_SetString(PyExc_ValueError, message);
+        return -1;
+    }
+    return 0;
+}
+
+int
+moe_act_arg(int activation, float alpha, float limit, moe_act_params *act)
+{
+    if (moe_check_enum(activation, MOE_ACTIVATION_COUNT, "activation") < 0) {
+        return -1;
+    }
+    act->activation = (moe_activation)activation;
+    act->alpha = alpha;
+    act->limit = limit;
+    return 0;
+}
+
+/* ---- packed weights ------------------------------------------------------- */
+
+const moe_experts *
+moe_packed_arg(PyObject *obj, const char *name, int linear)
+{
+    const moe_experts *w = NULL;
+    moe_experts_info info;
+
+    if (PyCapsule_IsValid(obj, MOE_EXPERTS_CAPSULE)) {
+        w = PyCapsule_GetPointer(obj, MOE_EXPERTS_CAPSULE);
+        moe_experts_get_info(w, &info);
+        if (info.linear == linear) {
+            return w;
+        }
+    }
+    PyErr_Format(PyExc_TypeError, "%s must be %s, got %s", name,
+                 linear ? "a packed linear (from pack_linear)"
+                        : "packed experts (from pack_experts)",
+                 w != NULL ? (linear ? "packed experts" : "a packed linear")
+                           : Py_TYPE(obj)->tp_name);
+    return NULL;
+}
+
+const moe_experts *
+moe_experts_arg(PyObject *obj, const char *name)
+{
+    return moe_packed_arg(obj, name, 0);
+}
+
+int
+moe_lora_arg(PyObject *obj, const moe_expert_lora **lora)
+{
+    *lora = NULL;
+    if (obj == Py_None) {
+        return 0;
+    }
+    if (!PyCapsule_IsValid(obj, MOE_LORA_CAPSULE)) {
+        PyErr_Format(PyExc_TypeError, "lora must be packed expert LoRA (from "
+                     "pack_expert_lora) or None, got %s",
+                     Py_TYPE(obj)->tp_name);
+        return -1;
+    }
+    *lora = PyCapsule_GetPointer(obj, MOE_LORA_CAPSULE);
+    return 0;
+}
+
+static void
+moe_experts_capsule_free(PyObject *capsule)
+{
+    moe_experts_free(PyCapsule_GetPointer(capsule, MOE_EXPERTS_CAPSULE));
+}
+
+PyObject *
+moe_experts_capsule(moe_status st, moe_experts *w)
+{
+    PyObject *capsule;
+
+    if (st != MOE_STATUS_OK) {
+        return moe_raise(st);
+    }
+    capsule = PyCapsule_New(w, MOE_EXPERTS_CAPSULE, moe_experts_capsule_free);
+    if (capsule == NULL) {
+        moe_experts_free(w);
+    }
+    return capsule;
+}
+
+/* ---- outputs and the one exit --------------------------------------------- */
+
+void *
+moe_out(moe_outs *o, int i, int typenum, int ndim, npy_intp d0, npy_intp d1,
+        npy_intp d2)
+{
+    npy_intp dims[3] = {d0, d1, d2};
+    PyObject *arr;
+
+    if (o->failed) {
+        return NULL;
+    }
+    arr = PyArray_SimpleNew(ndim, dims, typenum);
+    if (arr == NULL) {
+        o->failed = 1;
+        return NULL;
+    }
+    Py_XSETREF(o->item[i], arr);
+    return PyArray_DATA((PyArrayObject *)arr);
+}
+
+static void
+moe_outs_clear(moe_outs *o)
+{
+    int i;
+
+    for (i = 0; i < MOE_MAX_OUTS; i++) {
+        Py_CLEAR(o->item[i]);
+    }
+}
+
+PyObject *
+moe_outs_fail(moe_outs *o)
+{
+    moe_outs_clear(o);
+    return NULL;
+}
+
+PyObject *
+moe_outs_done(moe_outs *o, moe_status st, const char *extra, ...)
+{
+    PyObject *tail = NULL, *res, *v;
+    Py_ssize_t n_tail = 0, i;
+    va_list va;
+
+    if (st != MOE_STATUS_OK) {
+        moe_raise(st);
+        return moe_outs_fail(o);
+    }
+    if (extra == NULL && o->n == 1) {
+        res = o->item[0];
+        o->item[0] = NULL;
+        return res;
+    }
+    if (extra != NULL) {
+        va_start(va, extra);
+        tail = Py_VaBuildValue(extra, va);
+        va_end(va);
+        if (tail == NULL || o->n == 0) {
+            moe_outs_clear(o);
+            return tail;
+        }
+        n_tail = PyTuple_GET_SIZE(tail); /* extra is "(...)": a tuple */
+    }
+    res = PyTuple_New(o->n + n_tail);
+    for (i = 0; res != NULL && i < o->n + n_tail; i++) {
+        v = i < o->n ? o->item[i] : PyTuple_GET_ITEM(tail, i - o->n);
+        v = v != NULL ? v : Py_None;
+        Py_INCREF(v);
+        PyTuple_SET_ITEM(res, i, v);
+    }
+    Py_XDECREF(tail);
+    moe_outs_clear(o);
+    return res;
+}

@@ -1,0 +1,388 @@
+/*
+ * binding/layers.c - the wrappers of the whole layers: the sparse MoE layer,
+ * PEER (product-key experts) and Soft MoE / Mixture of Tokens.
+ */
+#include "binding.h"
+
+/*
+ * layer_forward(x, router_weight, experts, top_k, activation, ...) -> (out,
+ * ids, weights, counts, n_dropped, aux, z, n_real, out_norm): positional
+ * arguments still (moe/layer.py's one call); the code as it was in module.c.
+ */
+PyObject *
+moe_py_layer_forward(PyObject *self, PyObject *args)
+{
+    PyObject *x_obj, *r_obj, *w_obj, *bias_obj, *sw_obj, *sgate_obj;
+    PyObject *rbias_obj = Py_None;
+    PyArrayObject *x, *r;
+    PyArrayObject *out = NULL, *ids = NULL, *weights = NULL, *counts = NULL;
+    npy_intp xd[2] = {-1, -1}, rd[2], bd[1], gd[1];
+    int top_k, activation, scoring, renormalize, n_groups, topk_groups;
+    double routed_scaling, capacity_factor, aux = 0.0, z = 0.0;
+    float alpha = 1.702f, limit = 7.0f;
+    int64_t n_dropped = 0;
+    long long n_dropped_ll;
+    void *tmp;
+    moe_experts_info info;
+    moe_layer_params p;
+    moe_status st;
+
+    PyObject *lora_obj = Py_None, *nk_obj = Py_None, *nv_obj = Py_None;
+    PyObject *al_obj = Py_None, *gr_obj = Py_None;
+    int router = MOE_ROUTER_TOP_K, k_min = 1, width = 0;
+    double router_p = 0.0;
+    double skip_threshold = 0.0;
+    int skip_renorm = 0;
+    int64_t n_skipped = 0;
+    PyArrayObject *n_real = NULL, *out_norm = NULL;
+    npy_intp nkd[1] = {-1}, nvd[2], ald[2], grd[1];
+    int want_norm = 0;
+
+    if (!PyArg_ParseTuple(args, "OOOiiOipdiidOO|OffOOOOOpididp", &x_obj, &r_obj,
+                          &w_obj, &top_k, &activation, &bias_obj, &scoring,
+                          &renormalize, &routed_scaling, &n_groups,
+                          &topk_groups, &capacity_factor, &sw_obj,
+                          &sgate_obj, &rbias_obj, &alpha, &limit,
+                          &lora_obj, &nk_obj, &nv_obj, &al_obj, &gr_obj,
+                          &want_norm, &router, &router_p, &k_min,
+                          &skip_threshold, &skip_renorm)) {
+        return NULL;
+    }
+    memset(&p, 0, sizeof(p));
+    if (moe_lora_arg(lora_obj, &p.lora) < 0) {
+        return NULL;
+    }
+    if (moe_check_enum(activation, MOE_ACTIVATION_COUNT, "activation") < 0 ||
+        moe_check_enum(scoring, MOE_SCORING_COUNT, "scoring") < 0 ||
+        moe_check_enum(router, MOE_ROUTER_COUNT, "router") < 0 ||
+        !(p.experts = moe_experts_arg(w_obj, "experts"))) {
+        return NULL;
+    }
+    if (sw_obj != Py_None &&
+        !(p.shared = moe_experts_arg(sw_obj, "shared_experts"))) {
+        return NULL;
+    }
+    moe_experts_get_info(p.experts, &info);
+    xd[1] = info.d_model;
+    if (!(x = moe_arg(x_obj, "x", NPY_FLOAT32, 2, xd, 0))) {
+        return NULL;
+    }
+    if (moe_opt_arg(nk_obj, "null_kinds", NPY_INT32, 1, nkd, &tmp) < 0) {
+        return NULL;
+    }
+    p.null_kinds = tmp;
+    p.n_null = tmp != NULL ? (int32_t)nkd[0] : 0;
+    if (p.n_null > INT32_MAX - info.n_experts) {
+        PyErr_SetString(PyExc_ValueError, "too many null experts");
+        return NULL;
+    }
+    nvd[0] = p.n_null;
+    nvd[1] = xd[1];
+    if (moe_opt_arg(nv_obj, "null_values", NPY_FLOAT32, 2, nvd, &tmp) < 0) {
+        return NULL;
+    }
+    p.null_values = tmp;
+    rd[0] = (npy_intp)info.n_experts + p.n_null;
+    rd[1] = xd[1];
+    if (!(r = moe_arg(r_obj, "router_weight", NPY_FLOAT32, 2, rd, 0))) {
+        return NULL;
+    }
+    bd[0] = rd[0];
+    gd[0] = xd[1];
+    if (moe_opt_arg(bias_obj, "expert_bias", NPY_FLOAT32, 1, bd, &tmp) < 0) {
+        return NULL;
+    }
+    p.route.expert_bias = tmp;
+    if (moe_opt_arg(sgate_obj, "shared_gate_weight", NPY_FLOAT32, 1, gd,
+                    &tmp) < 0) {
+        return NULL;
+    }
+    p.shared_gate = tmp;
+    if (moe_opt_arg(rbias_obj, "router_bias", NPY_FLOAT32, 1, bd, &tmp) < 0) {
+        return NULL;
+    }
+    p.router_bias = tmp;
+    grd[0] = xd[0];
+    if (moe_opt_arg(gr_obj, "groups", NPY_INT32, 1, grd, &tmp) < 0) {
+        return NULL;
+    }
+    p.route.mask_rows = tmp;
+    ald[0] = p.route.mask_rows != NULL ? -1 : xd[0];
+    ald[1] = rd[0];
+    if (moe_opt_arg(al_obj, "allowed", NPY_BOOL, 2, ald, &tmp) < 0) {
+        return NULL;
+    }
+    p.route.allowed = tmp;
+    p.route.n_mask_rows = p.route.mask_rows != NULL ? ald[0] : 0;
+    if (p.route.mask_rows != NULL && p.route.allowed == NULL) {
+        PyErr_SetString(PyExc_ValueError, "groups needs an allowed (G, E) table");
+        return NULL;
+    }
+    p.act.alpha = alpha;
+    p.act.limit = limit;
+    if (top_k < 1 || top_k > rd[0]) {
+        PyErr_Format(PyExc_ValueError, "top_k must be in 1..n_experts=%lld, "
+                     "got %d", (long long)rd[0], top_k);
+        return NULL;
+    }
+    /* expert choice: up to every expert per token; the core says how many
+     * it used (width) and writes (T, width) at the buffers' start */
+    width = router == MOE_ROUTER_EXPERT_CHOICE ? (int)rd[0] : top_k;
+    ids = moe_new(2, xd[0], width, NPY_INT32);
+    weights = moe_new(2, xd[0], width, NPY_FLOAT32);
+    out = moe_new(2, xd[0], xd[1], NPY_FLOAT32);
+    counts = moe_new(1, rd[0], 0, NPY_INT64);
+    if (!out || !ids || !weights || !counts) {
+        goto fail;
+    }
+    if (p.n_null > 0) {
+        if (!(n_real = moe_new(1, xd[0], 0, NPY_INT32))) {
+            goto fail;
+        }
+        p.n_real = MOE_DATA(n_real, int32_t);
+    }
+    if (want_norm) {
+        if (!(out_norm = moe_new(1, info.n_experts, 0, NPY_FLOAT64))) {
+            goto fail;
+        }
+        p.out_norm = MOE_DATA(out_norm, double);
+    }
+    p.x = MOE_DATA(x, float);
+    p.n_tokens = xd[0];
+    p.d_model = xd[1];
+    p.n_experts = info.n_experts;
+    p.route.top_k = top_k;
+    p.act.activation = (moe_activation)activation;
+    p.router_weight = MOE_DATA(r, float);
+    p.route.scoring = (moe_scoring)scoring;
+    p.route.renormalize = renormalize;
+    p.route.routed_scaling = routed_scaling;
+    p.route.n_groups = n_groups;
+    p.route.topk_groups = topk_groups;
+    p.route.capacity_factor = capacity_factor;
+    p.route.router = (moe_router)router;
+    p.route.router_p = router_p;
+    p.route.k_min = k_min;
+    p.width = &width;
+    p.out = MOE_DATA(out, float);
+    p.expert_ids = MOE_DATA(ids, int32_t);
+    p.weights = MOE_DATA(weights, float);
+    p.counts = MOE_DATA(counts, int64_t);
+    p.n_dropped = &n_dropped;
+    p.aux_loss = &aux;
+    p.z_loss = &z;
+    p.skip_threshold = skip_threshold;
+    p.skip_renormalize = skip_renorm;
+    p.n_skipped = &n_skipped;
+    MOE_COMPUTE(st, moe_layer_forward(&p));
+    if (st != MOE_STATUS_OK) {
+        moe_raise(st);
+        goto fail;
+    }
+    if (width < PyArray_DIM(ids, 1)) {
+        /* (T, width) written densely at the buffers' start: copy that out */
+        PyArrayObject *i2 = moe_new(2, xd[0], width, NPY_INT32);
+        PyArrayObject *w2 = moe_new(2, xd[0], width, NPY_FLOAT32);
+        if (!i2 || !w2) {
+            Py_XDECREF(i2);
+            Py_XDECREF(w2);
+            goto fail;
+        }
+        memcpy(PyArray_DATA(i2), PyArray_DATA(ids), PyArray_NBYTES(i2));
+        memcpy(PyArray_DATA(w2), PyArray_DATA(weights), PyArray_NBYTES(w2));
+        Py_SETREF(ids, i2);
+        Py_SETREF(weights, w2);
+    }
+    /* skipped slots count as dropped assignments */
+    n_dropped_ll = (long long)(n_dropped + n_skipped);
+    if (n_real == NULL) {
+        Py_INCREF(Py_None);
+        n_real = (PyArrayObject *)Py_None;
+    }
+    if (out_norm == NULL) {
+        Py_INCREF(Py_None);
+        out_norm = (PyArrayObject *)Py_None;
+    }
+    return Py_BuildValue("NNNNLddNN", out, ids, weights, counts, n_dropped_ll,
+                         aux, z, n_real, out_norm);
+fail:
+    Py_XDECREF(n_real);
+    Py_XDECREF(out_norm);
+    Py_XDECREF(out);
+    Py_XDECREF(ids);
+    Py_XDECREF(weights);
+    Py_XDECREF(counts);
+    return NULL;
+}
+
+/*
+ * peer_forward(x, w_query, sub_keys_1, sub_keys_2, u, v, top_k, activation,
+ *              *, return_routing) -> (out, expert_ids or None, gates or None)
+ * The sub-keys arrive as (n_key_sets, n, d_key / 2), one set shared by the
+ * heads or one per head; the expert rows u (n^2, d), v (n^2, d_out).  With
+ * return_routing, also the ids and gates (T, n_heads, top_k).
+ */
+PyObject *
+moe_py_peer_forward(PyObject *self, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"x", "w_query", "sub_keys_1", "sub_keys_2", "u",
+                             "v", "top_k", "activation", "return_routing",
+                             NULL};
+    PyObject *x_obj, *wq_obj, *k1_obj, *k2_obj, *u_obj, *v_obj;
+    PyArrayObject *x, *wq, *k1, *k2, *u, *v;
+    npy_intp xd[2] = {-1, -1}, qd[3] = {-1, -1, -1}, kd[3] = {-1, -1, -1};
+    npy_intp ud[2], vd[2];
+    int top_k, activation, routing = 0;
+    moe_outs o = MOE_OUTS(3);
+    moe_peer_params p;
+    moe_status st;
+
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOOOOii|$p:peer_forward",
+                                     kwlist, &x_obj, &wq_obj, &k1_obj, &k2_obj,
+                                     &u_obj, &v_obj, &top_k, &activation,
+                                     &routing) ||
+        moe_check_enum(activation, MOE_PEER_ACTIVATION_COUNT,
+                       "activation") < 0 ||
+        !(x = moe_arg(x_obj, "x", NPY_FLOAT32, 2, xd, 0))) {
+        return NULL;
+    }
+    qd[2] = xd[1];
+    if (!(wq = moe_arg(wq_obj, "w_query", NPY_FLOAT32, 3, qd, 0))) {
+        return NULL;
+    }
+    if (qd[0] < 1 || qd[0] > INT32_MAX || qd[1] < 2 || qd[1] % 2 != 0 ||
+        qd[1] > INT32_MAX) {
+        PyErr_Format(PyExc_ValueError, "w_query must have shape (n_heads >= 1,"
+                     " d_key even >= 2, d_model), got (%lld, %lld, %lld)",
+                     (long long)qd[0], (long long)qd[1], (long long)qd[2]);
+        return NULL;
+    }
+    kd[2] = qd[1] / 2;
+    if (!(k1 = moe_arg(k1_obj, "sub_keys_1", NPY_FLOAT32, 3, kd, 0))) {
+        return NULL;
+    }
+    if (kd[0] != 1 && kd[0] != qd[0]) {
+        PyErr_Format(PyExc_ValueError, "sub_keys_1 must have 1 (shared) or "
+                     "n_heads=%lld (per head) key sets, got %lld",
+                     (long long)qd[0], (long long)kd[0]);
+        return NULL;
+    }
+    if (kd[1] < 1 || kd[1] > 46340) {
+        PyErr_Format(PyExc_ValueError, "sub_keys_1 must have 1..46340 sub-keys"
+                     " (n^2 experts), got %lld", (long long)kd[1]);
+        return NULL;
+    }
+    ud[0] = kd[1] * kd[1];
+    ud[1] = xd[1];
+    vd[0] = ud[0];
+    vd[1] = -1;
+    if (!(k2 = moe_arg(k2_obj, "sub_keys_2", NPY_FLOAT32, 3, kd, 0)) ||
+        !(u = moe_arg(u_obj, "u", NPY_FLOAT32, 2, ud, 0)) ||
+        !(v = moe_arg(v_obj, "v", NPY_FLOAT32, 2, vd, 0)) ||
+        moe_check_range(top_k, 1, kd[1], "top_k", "n_sub_keys") < 0) {
+        return NULL;
+    }
+    if (vd[1] < 1 || xd[1] < 1) {
+        PyErr_SetString(PyExc_ValueError, "d_model and d_out must be >= 1");
+        return NULL;
+    }
+    memset(&p, 0, sizeof(p));
+    p.x = MOE_DATA(x, float);
+    p.n_tokens = xd[0];
+    p.d_model = xd[1];
+    p.d_out = vd[1];
+    p.n_heads = (int32_t)qd[0];
+    p.d_key = (int32_t)qd[1];
+    p.n_sub_keys = (int32_t)kd[1];
+    p.top_k = top_k;
+    p.n_key_sets = (int32_t)kd[0];
+    p.w_query = MOE_DATA(wq, float);
+    p.sub_keys_1 = MOE_DATA(k1, float);
+    p.sub_keys_2 = MOE_DATA(k2, float);
+    p.u = MOE_DATA(u, float);
+    p.v = MOE_DATA(v, float);
+    p.activation = (moe_peer_activation)activation;
+    p.out = moe_out(&o, 0, NPY_FLOAT32, 2, xd[0], vd[1], 0);
+    if (routing) {
+        p.expert_ids = moe_out(&o, 1, NPY_INT32, 3, xd[0], qd[0], top_k);
+        p.gates = moe_out(&o, 2, NPY_FLOAT32, 3, xd[0], qd[0], top_k);
+    }
+    if (o.failed) {
+        return moe_outs_fail(&o);
+    }
+    MOE_COMPUTE(st, moe_peer_forward(&p));
+    return moe_outs_done(&o, st, NULL);
+}
+
+/*
+ * soft_moe_forward(x, phi, experts, slots_per_expert, activation, normalize,
+ *                  scale, temperature, *, across, return_weights, alpha,
+ *                  limit)
+ * x (A, B, d): across=0: A groups of B tokens each (Soft MoE); across=1: B
+ * groups of A tokens, group b = x[:, b] (Mixture of Tokens).  Returns (out
+ * (A, B, d), dispatch (A, B, E*s) or None, combine (A, B, E*s) or None).
+ */
+PyObject *
+moe_py_soft_moe_forward(PyObject *self, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"x", "phi", "experts", "slots_per_expert",
+                             "activation", "normalize", "scale",
+                             "temperature", "across", "return_weights",
+                             "alpha", "limit", NULL};
+    PyObject *x_obj, *phi_obj, *w_obj;
+    PyArrayObject *x, *phi;
+    npy_intp xd[3] = {-1, -1, -1}, pd[2];
+    int slots, activation, normalize, across = 0, want = 0;
+    float alpha = 1.702f, limit = 7.0f;
+    moe_experts_info info;
+    moe_outs o = MOE_OUTS(3);
+    moe_soft_moe_params p;
+    moe_status st;
+
+    memset(&p, 0, sizeof(p));
+    if (!PyArg_ParseTupleAndKeywords(args, kw,
+                                     "OOOiipdd|$ppff:soft_moe_forward", kwlist,
+                                     &x_obj, &phi_obj, &w_obj, &slots,
+                                     &activation, &normalize, &p.scale,
+                                     &p.temperature, &across, &want, &alpha,
+                                     &limit) ||
+        moe_act_arg(activation, alpha, limit, &p.act) < 0 ||
+        !(p.experts = moe_experts_arg(w_obj, "experts"))) {
+        return NULL;
+    }
+    moe_experts_get_info(p.experts, &info);
+    if (slots < 1 || (int64_t)info.n_experts * slots > INT32_MAX) {
+        PyErr_Format(PyExc_ValueError, "slots_per_expert must be in 1..%lld "
+                     "(n_experts * slots < 2^31), got %d",
+                     (long long)(INT32_MAX / info.n_experts), slots);
+        return NULL;
+    }
+    xd[2] = info.d_model;
+    pd[1] = (npy_intp)info.n_experts * slots;
+    if (!(x = moe_arg(x_obj, "x", NPY_FLOAT32, 3, xd, 0))) {
+        return NULL;
+    }
+    pd[0] = xd[2];
+    if (!(phi = moe_arg(phi_obj, "phi", NPY_FLOAT32, 2, pd, 0))) {
+        return NULL;
+    }
+    p.x = MOE_DATA(x, float);
+    p.n_groups = across ? xd[1] : xd[0];
+    p.group_size = across ? xd[0] : xd[1];
+    p.d_model = xd[2];
+    p.grouping = across ? MOE_SOFT_GROUPS_STRIDED : MOE_SOFT_GROUPS_ROWS;
+    p.phi = MOE_DATA(phi, float);
+    p.n_experts = info.n_experts;
+    p.slots_per_expert = slots;
+    p.normalize = normalize;
+    p.out = moe_out(&o, 0, NPY_FLOAT32, 3, xd[0], xd[1], xd[2]);
+    if (want) {
+        p.dispatch = moe_out(&o, 1, NPY_FLOAT32, 3, xd[0], xd[1], pd[1]);
+        p.combine = moe_out(&o, 2, NPY_FLOAT32, 3, xd[0], xd[1], pd[1]);
+    }
+    if (o.failed) {
+        return moe_outs_fail(&o);
+    }
+    MOE_COMPUTE(st, moe_soft_moe_forward(&p));
+    return moe_outs_done(&o, st, NULL);
+}

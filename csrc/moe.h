@@ -4,9 +4,9 @@
  *
  * Every entry point returns one moe_status; moe_last_error() holds a
  * thread-local message with the detail.  Nothing here knows about Python:
- * csrc/binding/module.c is the only binding file.  Each op takes one params
- * struct by const pointer; every field carries its shape.  Arrays are dense and
- * row-major unless a stride field says otherwise.
+ * csrc/binding/ is the only binding (the only files that include Python).
+ * Each op takes one params struct by const pointer; every field carries its
+ * shape.  Arrays are dense and row-major unless a stride field says otherwise.
  */
 #ifndef MOE_H
 #define MOE_H

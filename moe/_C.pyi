@@ -39,17 +39,19 @@ def experts_info(packed: Packed) -> Dict[str, int]: ...
 def ffn_grouped(x: F32, token_index: Optional[I64], offsets: I64, experts: Packed,
                 activation: int, *, alpha: float = 1.702, limit: float = 7.0,
                 lora: Optional[Any] = None) -> F32: ...
-def layer_forward(x: F32, router_weight: F32, packed: Packed, top_k: int, activation: int,
-                  expert_bias: Optional[F32], scoring: int, renormalize: bool,
-                  routed_scaling: float, n_groups: int, topk_groups: int,
-                  capacity_factor: float, shared_packed: Optional[Packed],
-                  shared_gate_weight: Optional[F32], router_bias: Optional[F32] = ...,
-                  alpha: float = ..., limit: float = ..., lora: Optional[Any] = ...,
-                  null_kinds: Optional[I32] = ..., null_values: Optional[F32] = ...,
-                  allowed: Optional[npt.NDArray[np.bool_]] = ...,
-                  groups: Optional[I32] = ..., want_out_norm: bool = ...,
-                  router: int = ..., router_p: float = ..., k_min: int = ...,
-                  skip_threshold: float = ..., skip_renormalize: bool = ...
+def layer_forward(x: F32, router_weight: F32, experts: Packed, top_k: int, activation: int,
+                  *, expert_bias: Optional[F32] = None, scoring: int = 0,
+                  renormalize: bool = True, routed_scaling: float = 1.0, n_groups: int = 1,
+                  topk_groups: int = 1, capacity_factor: float = 0.0,
+                  shared_experts: Optional[Packed] = None,
+                  shared_gate_weight: Optional[F32] = None,
+                  router_bias: Optional[F32] = None, alpha: float = 1.702,
+                  limit: float = 7.0, lora: Optional[Any] = None,
+                  null_kinds: Optional[I32] = None, null_values: Optional[F32] = None,
+                  allowed: Optional[npt.NDArray[np.bool_]] = None,
+                  groups: Optional[I32] = None, want_out_norm: bool = False,
+                  router: int = 0, router_p: float = 0.0, k_min: int = 1,
+                  skip_threshold: float = 0.0, skip_renormalize: bool = False
                   ) -> Tuple[F32, I32, F32, I64, int, float, float, Optional[I32],
                              Optional[F64]]: ...
 def pack_linear(w: npt.NDArray[Any], dtype: int, *, bias: Optional[F32] = None) -> Packed: ...

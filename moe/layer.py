@@ -445,12 +445,15 @@ class SparseMoE:
         router_p = self.router_threshold if self.router == "threshold" else self.router_p
         out, ids, w, counts, n_dropped, aux, z, n_real, norm = _C.layer_forward(
             x2, self.router_weight, routed, top_k, act,
-            self.expert_bias if self.use_expert_bias else None, code, self.renormalize,
-            scaling, n_groups, topk_groups, cf, shared, sgate,
-            self.router_bias if self.use_router_bias else None, self.swiglu_alpha,
-            self.swiglu_limit, lora, kinds, values, allowed, groups, bool(want_norm),
-            router, router_p, min(self.k_min, top_k), self.skip_threshold,
-            self.skip_renormalize)
+            expert_bias=self.expert_bias if self.use_expert_bias else None, scoring=code,
+            renormalize=self.renormalize, routed_scaling=scaling, n_groups=n_groups,
+            topk_groups=topk_groups, capacity_factor=cf, shared_experts=shared,
+            shared_gate_weight=sgate,
+            router_bias=self.router_bias if self.use_router_bias else None,
+            alpha=self.swiglu_alpha, limit=self.swiglu_limit, lora=lora, null_kinds=kinds,
+            null_values=values, allowed=allowed, groups=groups, want_out_norm=bool(want_norm),
+            router=router, router_p=router_p, k_min=min(self.k_min, top_k),
+            skip_threshold=self.skip_threshold, skip_renormalize=self.skip_renormalize)
         out = out.reshape(lead + (self.d_model,))
         if self.n_null:
             routing = NullRoutingResult(ids, w, counts, int(n_dropped), float(aux), float(z),

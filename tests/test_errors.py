@@ -529,9 +529,8 @@ def _pack(w_gate, w_up, w_down):
 
 
 def _c_calls(make):
-    """Valid arguments for every _C function, and the names of its array arguments: keywords
-    (a dict), or for layer_forward, whose binding takes no keywords, a positional list and
-    the indices of its arrays."""
+    """Valid arguments for every _C function (keywords), and the names of its array
+    arguments."""
     T, E, k, d, F, N = 6, 4, 2, 8, 5, 9
     f32 = lambda *s: make.normal(*s)  # noqa: E731
     ids = make.expert_ids(T, k, E)
@@ -551,21 +550,25 @@ def _c_calls(make):
         "ffn_grouped": (dict(x=f32(N, d), token_index=None, offsets=np.array([0, 3, 3, 7, N]),
                              experts=_pack(f32(E, F, d), f32(E, F, d), f32(E, d, F)),
                              activation=0), ["x", "offsets"]),
-        "layer_forward": ([f32(T, d), f32(E, d), _pack(f32(E, F, d), f32(E, F, d), f32(E, d, F)),
-                           k, 0, f32(E), 2, True, 1.0, 2, 1, 0.0,
-                           _pack(f32(1, F, d), f32(1, F, d), f32(1, d, F)), f32(d)],
-                          [0, 1, 5, 13]),
+        "layer_forward": (dict(x=f32(T, d), router_weight=f32(E, d),
+                               experts=_pack(f32(E, F, d), f32(E, F, d), f32(E, d, F)),
+                               top_k=k, activation=0, expert_bias=f32(E), scoring=2,
+                               renormalize=True, routed_scaling=1.0, n_groups=2, topk_groups=1,
+                               capacity_factor=0.0,
+                               shared_experts=_pack(f32(1, F, d), f32(1, F, d), f32(1, d, F)),
+                               shared_gate_weight=f32(d)),
+                          ["x", "router_weight", "expert_bias", "shared_gate_weight"]),
     }
 
 
 def _call(func, args):
     fn = getattr(_C, func)
-    return fn(**args) if isinstance(args, dict) else fn(*args)
+    return fn(**args)
 
 
 def _replaced(args, changes):
     """A copy of a _c_calls argument set (dict or list) with some arguments replaced."""
-    out = dict(args) if isinstance(args, dict) else list(args)
+    out = dict(args)
     for key, value in changes.items():
         out[key] = value
     return out
@@ -596,8 +599,7 @@ C_FUNCS = sorted(["router_logits", "route", "update_expert_bias", "dispatch", "c
 def test_c_functions_reject_bad_arrays(make, func):
     args, arrays = _c_calls(make)[func]
     fn = getattr(_C, func)
-    items = args.items() if isinstance(args, dict) else enumerate(args)
-    copies = {i: a.copy() for i, a in items if isinstance(a, np.ndarray)}
+    copies = {i: a.copy() for i, a in args.items() if isinstance(a, np.ndarray)}
     _call(func, _replaced(args, copies))  # valid as given
     for i in arrays:
         a = args[i]
@@ -615,12 +617,6 @@ def test_c_functions_reject_bad_arrays(make, func):
         for exc, pattern, bad in bad_cases:
             with pytest.raises(exc, match=pattern):
                 _call(func, _replaced(args, {i: bad}))
-    if isinstance(args, list):
-        with pytest.raises(TypeError):
-            fn(*args[:-1])
-        with pytest.raises(TypeError):
-            fn(*args, *([None] * 16))  # more arguments than the function takes
-        return
     assert _required(func)
     for name in _required(func):  # each required argument left out
         with pytest.raises(TypeError, match=name):
@@ -655,13 +651,13 @@ def test_c_functions_reject_mismatched_shapes(make):
         r"^offsets must start at 0 and end at n_rows=3")
     bad("ffn_grouped", "experts", make.normal(4, 5, 8), r"^experts must be packed experts",
         TypeError)
-    bad("layer_forward", 1, make.normal(4, 7), r"^router_weight must have shape \(4, 8\)")
-    bad("layer_forward", 1, make.normal(3, 8), r"^router_weight must have shape \(4, 8\)")
-    bad("layer_forward", 5, make.normal(3), r"^expert_bias must have shape \(4\)")
-    bad("layer_forward", 13, make.normal(7), r"^shared_gate_weight must have shape \(8\)")
-    bad("layer_forward", 12, make.normal(8, 6), r"^shared_experts must be packed", TypeError)
-    bad("layer_forward", 2, None, r"^experts must be packed experts", TypeError)
-    bad("layer_forward", 0, make.normal(6, 7), r"^x must have shape \(-1, 8\)")
+    bad("layer_forward", "router_weight", make.normal(4, 7), r"^router_weight must have shape \(4, 8\)")
+    bad("layer_forward", "router_weight", make.normal(3, 8), r"^router_weight must have shape \(4, 8\)")
+    bad("layer_forward", "expert_bias", make.normal(3), r"^expert_bias must have shape \(4\)")
+    bad("layer_forward", "shared_gate_weight", make.normal(7), r"^shared_gate_weight must have shape \(8\)")
+    bad("layer_forward", "shared_experts", make.normal(8, 6), r"^shared_experts must be packed", TypeError)
+    bad("layer_forward", "experts", None, r"^experts must be packed experts", TypeError)
+    bad("layer_forward", "x", make.normal(6, 7), r"^x must have shape \(-1, 8\)")
 
 def test_c_functions_reject_bad_values(make):
     calls = _c_calls(make)
@@ -727,19 +723,19 @@ def test_c_functions_reject_bad_values(make):
     ro.flags.writeable = False
     bad("update_expert_bias", {"bias": ro}, r"^bias must be a C-contiguous, aligned, writable")
 
-    x = calls["layer_forward"][0][0].copy()
+    x = calls["layer_forward"][0]["x"].copy()
     x[0, 0] = NAN
-    bad("layer_forward", {0: x}, r"^logits must be finite.*x @ router_weight")
-    bad("layer_forward", {3: 0}, r"^top_k must be in 1\.\.n_experts=4")
-    bad("layer_forward", {3: 5}, r"^top_k must be in 1\.\.n_experts=4")
-    bad("layer_forward", {4: 8}, r"^activation code must be in 0\.\.7")
-    bad("layer_forward", {4: 5}, r"^activation is not gated but the experts were packed")
-    bad("layer_forward", {6: 3}, r"^scoring code must be in 0\.\.2")
-    bad("layer_forward", {9: 3}, r"^n_groups must divide n_experts=4")
-    bad("layer_forward", {10: 3}, r"^topk_groups must be in")
+    bad("layer_forward", {"x": x}, r"^logits must be finite.*x @ router_weight")
+    bad("layer_forward", {"top_k": 0}, r"^top_k must be in 1\.\.n_experts=4")
+    bad("layer_forward", {"top_k": 5}, r"^top_k must be in 1\.\.n_experts=4")
+    bad("layer_forward", {"activation": 8}, r"^activation code must be in 0\.\.7")
+    bad("layer_forward", {"activation": 5}, r"^activation is not gated but the experts were packed")
+    bad("layer_forward", {"scoring": 3}, r"^scoring code must be in 0\.\.2")
+    bad("layer_forward", {"n_groups": 3}, r"^n_groups must divide n_experts=4")
+    bad("layer_forward", {"topk_groups": 3}, r"^topk_groups must be in")
     other = _pack(make.normal(4, 5, 6), make.normal(4, 5, 6), make.normal(4, 6, 5))
-    bad("layer_forward", {2: other}, r"^x must have shape \(-1, 6\)")
-    bad("layer_forward", {12: other}, r"^the packed experts do not match")
+    bad("layer_forward", {"experts": other}, r"^x must have shape \(-1, 6\)")
+    bad("layer_forward", {"shared_experts": other}, r"^the packed experts do not match")
 
 _FUZZ_CHILD = textwrap.dedent("""
     # Random garbage into every moe._C function: each call must either work or raise
@@ -749,7 +745,7 @@ _FUZZ_CHILD = textwrap.dedent("""
     from moe import _C
 
     rng = np.random.default_rng(int(sys.argv[1]))
-    # keyword names, or for layer_forward (positional only) the number of arguments
+    # keyword names
     funcs = {"router_logits": ["x", "router_weight"],
              "route": ["logits", "top_k", "scoring", "renormalize", "routed_scaling",
                        "expert_bias", "n_groups", "topk_groups", "capacity_factor"],
@@ -758,7 +754,10 @@ _FUZZ_CHILD = textwrap.dedent("""
              "combine": ["y", "position", "weights"],
              "pack_experts": ["w_gate", "w_up", "w_down", "dtype"],
              "ffn_grouped": ["x", "token_index", "offsets", "experts", "activation"],
-             "layer_forward": 14}
+             "layer_forward": ["x", "router_weight", "experts", "top_k", "activation",
+                               "expert_bias", "scoring", "renormalize", "routed_scaling",
+                               "n_groups", "topk_groups", "capacity_factor",
+                               "shared_experts", "shared_gate_weight"]}
     ints = [-(2**31), -2, -1, 0, 1, 2, 3, 4, 7, 2**31, 2**63]
 
     def array():
@@ -794,13 +793,10 @@ _FUZZ_CHILD = textwrap.dedent("""
         spec = funcs[name]
         # now and then one argument too few or too many
         more = int(rng.integers(-1, 2)) if rng.random() < 0.05 else 0
-        if isinstance(spec, int):
-            args, kwargs = [value() for _ in range(spec + more)], {}
-        else:
-            names = spec[:more] if more < 0 else spec + ["extra"] * more
-            args, kwargs = [], {key: value() for key in names}
+        names = spec[:more] if more < 0 else spec + ["extra"] * more
+        kwargs = {key: value() for key in names}
         try:
-            getattr(_C, name)(*args, **kwargs)
+            getattr(_C, name)(**kwargs)
             ok += 1
         except (TypeError, ValueError, OverflowError):
             raised += 1

@@ -244,8 +244,8 @@ def c_error_calls(d):
                                    experts=packed, activation=0), ValueError),
         "_C.layer_forward(NaN)": (
             lambda: _C.layer_forward(d["x_nan"], d["layer"].router_weight,
-                                     d["layer"].pack()._packed[0], 2, 0, None, 0, True, 1.0, 1,
-                                     1, 0.0, None, None), ValueError),
+                                     d["layer"].pack()._packed[0], top_k=2, activation=0),
+            ValueError),
     }
 
 
@@ -261,8 +261,7 @@ def test_c_error_path_keeps_memory_flat(data, name):
 # ---- reference counts ------------------------------------------------------------------------
 
 def c_calls(d):
-    """name -> (moe._C function, valid arguments: keywords (a dict), or for layer_forward,
-    whose binding takes no keywords, a positional list)."""
+    """name -> (moe._C function, valid arguments as keywords)."""
     layer = d["layer"].pack()
     routed, shared = layer._packed[:2]
     lora = d["lora"].pack()
@@ -284,8 +283,11 @@ def c_calls(d):
                                              offsets=d["offsets"],
                                              experts=d["packed"].capsule, activation=0)),
         "layer_forward": (_C.layer_forward,
-                          [d["x"], layer.router_weight, routed, 2, 0, layer.expert_bias, 0, True,
-                           1.0, 1, 1, 0.0, shared, layer.shared_gate_weight.reshape(D)]),
+                          dict(x=d["x"], router_weight=layer.router_weight, experts=routed,
+                               top_k=2, activation=0, expert_bias=layer.expert_bias, scoring=0,
+                               renormalize=True, routed_scaling=1.0, n_groups=1, topk_groups=1,
+                               capacity_factor=0.0, shared_experts=shared,
+                               shared_gate_weight=layer.shared_gate_weight.reshape(D))),
         "pack_linear": (_C.pack_linear, dict(w=d["w"][0], dtype=0,
                                              bias=d["w"][0][:, :, 0].copy())),
         "linear_grouped": (_C.linear_grouped, dict(x=d["x_sorted"], token_index=None,
@@ -306,7 +308,7 @@ def _breakers(d, name, args):
     """Variants of args that fail at different points: a TypeError on each argument in turn
     (after the ones before it were accepted) and the core's ValueErrors."""
     out = []
-    for i in (args if isinstance(args, dict) else range(len(args))):
+    for i in args:
         if isinstance(args[i], bool):  # a flag ("p" format): any object is accepted
             continue
         bad = copy.copy(args)
@@ -317,7 +319,7 @@ def _breakers(d, name, args):
         "dispatch": {"expert_ids": d["bad_ids"]},
         "combine": {"position": d["bad_pos"]},
         "ffn_grouped": {"token_index": np.full(T, T, np.int64)},
-        "layer_forward": {0: d["x_nan"]},
+        "layer_forward": {"x": d["x_nan"]},
         "pack_experts": {"w_gate": d["w"][0][:, :-1].copy()},
         "linear_grouped": {"token_index": np.full(T, T, np.int64)},
         "lora_forward": {"ids": d["lora_ids"] + 4},
@@ -331,7 +333,7 @@ def _breakers(d, name, args):
 
 
 def call(fn, args):
-    return fn(**args) if isinstance(args, dict) else fn(*args)
+    return fn(**args)
 
 
 def refcounts(args):

@@ -148,7 +148,7 @@ PyObject *moe_py_experts_info(PyObject *self, PyObject *obj);
 MOE_KW_WRAPPER(moe_py_pack_expert_lora);
 MOE_KW_WRAPPER(moe_py_lora_forward);
 /* layers.c: the layer (positional arguments), PEER and Soft MoE */
-PyObject *moe_py_layer_forward(PyObject *self, PyObject *args);
+MOE_KW_WRAPPER(moe_py_layer_forward);
 MOE_KW_WRAPPER(moe_py_peer_forward);
 MOE_KW_WRAPPER(moe_py_soft_moe_forward);
 

@@ -5,20 +5,28 @@
 #include "binding.h"
 
 /*
- * layer_forward(x, router_weight, experts, top_k, activation, ...) -> (out,
- * ids, weights, counts, n_dropped, aux, z, n_real, out_norm): positional
- * arguments still (moe/layer.py's one call); the code as it was in module.c.
+ * layer_forward(x, router_weight, experts, top_k, activation, *, options)
+ * -> (out, ids, weights, counts, n_dropped, aux, z, n_real, out_norm).  The
+ * options are keyword-only; absent ones are the plain top-k layer's.
  */
 PyObject *
-moe_py_layer_forward(PyObject *self, PyObject *args)
+moe_py_layer_forward(PyObject *self, PyObject *args, PyObject *kw)
 {
-    PyObject *x_obj, *r_obj, *w_obj, *bias_obj, *sw_obj, *sgate_obj;
-    PyObject *rbias_obj = Py_None;
+    static char *kwlist[] = {
+        "x", "router_weight", "experts", "top_k", "activation", "expert_bias",
+        "scoring", "renormalize", "routed_scaling", "n_groups", "topk_groups",
+        "capacity_factor", "shared_experts", "shared_gate_weight",
+        "router_bias", "alpha", "limit", "lora", "null_kinds", "null_values",
+        "allowed", "groups", "want_out_norm", "router", "router_p", "k_min",
+        "skip_threshold", "skip_renormalize", NULL};
+    PyObject *x_obj, *r_obj, *w_obj, *bias_obj = Py_None, *sw_obj = Py_None;
+    PyObject *sgate_obj = Py_None, *rbias_obj = Py_None;
     PyArrayObject *x, *r;
     PyArrayObject *out = NULL, *ids = NULL, *weights = NULL, *counts = NULL;
     npy_intp xd[2] = {-1, -1}, rd[2], bd[1], gd[1];
-    int top_k, activation, scoring, renormalize, n_groups, topk_groups;
-    double routed_scaling, capacity_factor, aux = 0.0, z = 0.0;
+    int top_k, activation, scoring = MOE_SCORING_SOFTMAX, renormalize = 1;
+    int n_groups = 1, topk_groups = 1;
+    double routed_scaling = 1.0, capacity_factor = 0.0, aux = 0.0, z = 0.0;
     float alpha = 1.702f, limit = 7.0f;
     int64_t n_dropped = 0;
     long long n_dropped_ll;
@@ -38,14 +46,13 @@ moe_py_layer_forward(PyObject *self, PyObject *args)
     npy_intp nkd[1] = {-1}, nvd[2], ald[2], grd[1];
     int want_norm = 0;
 
-    if (!PyArg_ParseTuple(args, "OOOiiOipdiidOO|OffOOOOOpididp", &x_obj, &r_obj,
-                          &w_obj, &top_k, &activation, &bias_obj, &scoring,
-                          &renormalize, &routed_scaling, &n_groups,
-                          &topk_groups, &capacity_factor, &sw_obj,
-                          &sgate_obj, &rbias_obj, &alpha, &limit,
-                          &lora_obj, &nk_obj, &nv_obj, &al_obj, &gr_obj,
-                          &want_norm, &router, &router_p, &k_min,
-                          &skip_threshold, &skip_renorm)) {
+    if (!PyArg_ParseTupleAndKeywords(
+            args, kw, "OOOii|$OipdiidOOOffOOOOOpididp:layer_forward", kwlist,
+            &x_obj, &r_obj, &w_obj, &top_k, &activation, &bias_obj, &scoring,
+            &renormalize, &routed_scaling, &n_groups, &topk_groups,
+            &capacity_factor, &sw_obj, &sgate_obj, &rbias_obj, &alpha, &limit,
+            &lora_obj, &nk_obj, &nv_obj, &al_obj, &gr_obj, &want_norm, &router,
+            &router_p, &k_min, &skip_threshold, &skip_renorm)) {
         return NULL;
     }
     memset(&p, 0, sizeof(p));

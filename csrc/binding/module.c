@@ -216,8 +216,17 @@ static PyMethodDef moe_methods[] = {
      "set_num_threads(n)"},
     {"get_num_threads", moe_py_get_num_threads, METH_NOARGS,
      "get_num_threads() -> int"},
-    {"layer_forward", moe_py_layer_forward, METH_VARARGS,
-     "layer_forward(...) -> (out, ids, weights, counts, n_dropped, aux, z)"},
+    MOE_KW_METHOD(layer_forward, "x, router_weight, experts, top_k, "
+                  "activation, *, expert_bias=None, scoring=0, renormalize=True, "
+                  "routed_scaling=1.0, n_groups=1, topk_groups=1, "
+                  "capacity_factor=0.0, shared_experts=None, "
+                  "shared_gate_weight=None, router_bias=None, alpha=1.702, "
+                  "limit=7.0, lora=None, null_kinds=None, null_values=None, "
+                  "allowed=None, groups=None, want_out_norm=False, router=0, "
+                  "router_p=0.0, k_min=1, skip_threshold=0.0, "
+                  "skip_renormalize=False",
+                  "-> (out, expert_ids, weights, counts, n_dropped, aux_loss, "
+                  "z_loss, n_real, out_norm)"),
     MOE_KW_METHOD(soft_moe_forward, "x, phi, experts, slots_per_expert, "
                   "activation, normalize, scale, temperature, *, across=False, "
                   "return_weights=False, alpha=1.702, limit=7.0",

@@ -349,6 +349,24 @@ def update_expert_bias(bias, counts, rate):
     return bias
 
 
+def token_rows(x, d_model):
+    """x (..., d_model) float -> (its leading shape, the (T, d_model) float32 rows)."""
+    x = float_array(x, "x")
+    if x.ndim < 1 or x.shape[-1] != d_model:
+        raise ValueError(f"x must have shape (..., d_model={d_model}), got "
+                         f"{_shape_str(x.shape)}")
+    return x.shape[:-1], x.reshape(-1, d_model)
+
+
+def require_ffn_weights(layer, names=("w_up", "w_down")):
+    """Before packing: w_gate when the activation needs it, and the named weights set."""
+    if layer.activation in GATED and layer.w_gate is None:
+        raise ValueError(f"w_gate is required by activation {layer.activation!r}")
+    for name in names:
+        if getattr(layer, name) is None:
+            raise ValueError(f"{name} is not set (the layer was made with init=False)")
+
+
 def _tokens_2d(x, name="x", d=None):
     x = float_array(x, name)
     if x.ndim != 2:

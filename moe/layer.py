@@ -13,8 +13,8 @@ import numpy as np
 from . import _C
 from ._api import (ACTIVATIONS, GATED, WEIGHT_DTYPES, RoutingResult, _as_ndarray, _shape_str,
                    check_choice, check_finite, check_float, check_int, check_routing_options,
-                   float_array, mask_args, naming_nonfinite, refuse_resize, saveable,
-                   stored_weight, weight_bits)
+                   float_array, mask_args, naming_nonfinite, refuse_resize,
+                   require_ffn_weights, saveable, stored_weight, token_rows, weight_bits)
 
 # attribute -> shape template; names are resolved against the layer's sizes
 _WEIGHTS = {
@@ -300,12 +300,8 @@ class SparseMoE:
 
         Done automatically on the first call and after a weight attribute is assigned.
         """
+        require_ffn_weights(self, ("router_weight", "w_up", "w_down"))
         gated = self.activation in GATED
-        if gated and self.w_gate is None:
-            raise ValueError(f"w_gate is required by activation {self.activation!r}")
-        for name in ("router_weight", "w_up", "w_down"):
-            if getattr(self, name) is None:
-                raise ValueError(f"{name} is not set (the layer was made with init=False)")
         code = WEIGHT_DTYPES.index(self.dtype)
         bits = weight_bits
 
@@ -411,12 +407,7 @@ class SparseMoE:
 
     def _forward(self, x, allowed, groups, want_norm):
         """(out, routing, per-expert gate * ||output|| sums or None)."""
-        x = float_array(x, "x")
-        if x.ndim < 1 or x.shape[-1] != self.d_model:
-            raise ValueError(f"x must have shape (..., d_model={self.d_model}), got "
-                             f"{_shape_str(x.shape)}")
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.d_model)
+        lead, x2 = token_rows(x, self.d_model)
         T = x2.shape[0]
         allowed, groups = mask_args(allowed, groups, T, self.n_router, self.n_groups)
         if self.expert_mask is not None:

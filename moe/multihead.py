@@ -14,8 +14,8 @@ from __future__ import annotations
 import numpy as np
 
 from . import _C
-from ._api import (WEIGHT_DTYPES, _shape_str, check_int, float_array, naming_nonfinite,
-                   refuse_resize, stored_weight, weight_bits)
+from ._api import (WEIGHT_DTYPES, check_int, naming_nonfinite, refuse_resize, stored_weight,
+                   token_rows, weight_bits)
 from .layer import SparseMoE
 
 __all__ = ["MultiHeadMoE"]
@@ -75,12 +75,7 @@ class MultiHeadMoE:
     def __call__(self, x, return_routing=False):
         """x: (..., d_model) float.  Returns (..., d_model) float32; with return_routing=True
         also the inner layer's routing over the (T * n_heads) sub-tokens."""
-        x = float_array(x, "x")
-        if x.ndim < 1 or x.shape[-1] != self.d_model:
-            raise ValueError(f"x must have shape (..., d_model={self.d_model}), got "
-                             f"{_shape_str(x.shape)}")
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.d_model)
+        lead, x2 = token_rows(x, self.d_model)
         if self._packed is None:
             self.pack()
         w_in, w_merge = self._packed

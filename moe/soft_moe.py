@@ -12,8 +12,8 @@ import numpy as np
 
 from . import _C
 from ._api import (ACTIVATIONS, GATED, WEIGHT_DTYPES, _shape_str, check_choice, check_float,
-                   check_int, float_array, naming_nonfinite, refuse_resize, remember_config, saveable,
-                   stored_weight, weight_bits)
+                   check_int, float_array, naming_nonfinite, refuse_resize, remember_config,
+                   require_ffn_weights, saveable, stored_weight, weight_bits)
 
 # attribute -> shape template; names are resolved against the layer's sizes
 _WEIGHTS = {
@@ -123,12 +123,8 @@ class SoftMoE:
 
         Done automatically on the first call and after a weight attribute is assigned.
         """
+        require_ffn_weights(self)
         gated = self.activation in GATED
-        if gated and self.w_gate is None:
-            raise ValueError(f"w_gate is required by activation {self.activation!r}")
-        for name in ("w_up", "w_down"):
-            if getattr(self, name) is None:
-                raise ValueError(f"{name} is not set (the layer was made with init=False)")
 
         with naming_nonfinite(self.dtype, w_gate=self.w_gate, w_up=self.w_up,
                               w_down=self.w_down):

@@ -4,6 +4,10 @@ Every public function here accepts NumPy arrays, array-likes, or any CPU object 
 ``__dlpack__`` (torch CPU tensors, ...), converts it without a copy when its dtype and
 layout allow, checks shapes and ranges with messages that name the argument, and calls
 ``moe._C``.  Outputs are NumPy arrays.
+
+The checks here are the user-facing ones (types, ranges, option names): the binding below
+checks only what memory safety needs and the core its own invariants
+(csrc/binding/binding.h says who owns what).
 """
 from __future__ import annotations
 

@@ -5,6 +5,16 @@
  * helpers of arrays.c, fill the op's params struct, run the core with the GIL
  * released (MOE_COMPUTE) and end through moe_outs_done: one exit for the
  * result and for every error.
+ *
+ * Who checks what (one owner per check):
+ *   moe/ (Python)  every user-facing argument: types, ranges, option names,
+ *                  with the messages users read; it runs first.
+ *   the binding    memory safety only: each array's type, dtype, layout and
+ *                  shape against the others, and a value that sizes an output
+ *                  it allocates (top_k, widths) or indexes memory; it does not
+ *                  repeat moe/'s option checks except as enum ranges.
+ *   the core       its own invariants (csrc/ops/backend.c for the public ops),
+ *                  whoever calls it: C users have no moe/ in front.
  */
 #ifndef MOE_BINDING_H
 #define MOE_BINDING_H

@@ -15,6 +15,7 @@ from ._api import (ACTIVATIONS, GATED, WEIGHT_DTYPES, RoutingResult, _as_ndarray
                    check_choice, check_finite, check_float, check_int, check_routing_options,
                    float_array, mask_args, naming_nonfinite, refuse_resize,
                    require_ffn_weights, saveable, stored_weight, token_rows, weight_bits)
+from .train import TrainContext, check_backward_args
 
 # attribute -> shape template; names are resolved against the layer's sizes
 _WEIGHTS = {
@@ -40,6 +41,9 @@ _WEIGHTS = {
     "lora_b_down": ("n_experts", "d_model", "lora_rank"),
     "null_values": ("n_null", "d_model"),  # the constants of "constant" null experts
 }
+# the weights a backward returns gradients for (expert_bias moves the selection only)
+_TRAINABLE = ("router_weight", "router_bias", "w_gate", "w_up", "w_down", "b_gate", "b_up",
+              "b_down", "shared_w_gate", "shared_w_up", "shared_w_down", "shared_gate_weight")
 NULL_KINDS = _C.NULL_KINDS
 ROUTERS = _C.ROUTERS
 
@@ -452,6 +456,86 @@ class SparseMoE:
         else:
             routing = RoutingResult(ids, w, counts, int(n_dropped), float(aux), float(z))
         return out, routing, norm
+
+    # ---- training ---------------------------------------------------------------------
+
+    def trainable_weights(self):
+        """Names of the weights the backward returns a gradient for (those the layer has)."""
+        return tuple(n for n in _TRAINABLE if getattr(self, n) is not None)
+
+    def _check_trainable(self):
+        why = []
+        if self.router != "top_k":
+            why.append(f"router={self.router!r}")
+        if self.n_null:
+            why.append("null experts")
+        if self.lora_rank:
+            why.append("expert LoRA (lora_rank > 0)")
+        if self.skip_threshold > 0:
+            why.append("skip_threshold > 0")
+        if self.compute_dtype != "float32":
+            why.append(f"compute_dtype={self.compute_dtype!r}")
+        if why:
+            raise NotImplementedError(
+                "the backward covers the top-k layer with shared experts and biases; not yet "
+                "(issue 19): " + ", ".join(why))
+
+    def forward_train(self, x, *, allowed=None, groups=None):
+        """The forward of __call__ keeping what backward needs: returns (y, ctx).
+
+        ctx (moe.train.TrainContext) holds the input, the float64 router logits, the routing
+        (ctx.routing, a RoutingResult with aux_loss and z_loss) and the experts' outputs --
+        O(T k d) floats; the (T k, d_ff) hidden activations are recomputed by the backward.
+        """
+        self._check_trainable()
+        lead, x2 = token_rows(x, self.d_model)
+        out, routing, _ = self._forward(x2, allowed, groups, False)
+        ctx = TrainContext(self, lead, x2, routing, None, allowed, groups)
+        return out.reshape(lead + (self.d_model,)), ctx
+
+    def backward(self, ctx, dy, *, aux_coef=0.0, z_coef=0.0, retain=False):
+        """Gradients of  sum(dy * y) + aux_coef * aux_loss + z_coef * z_loss  for the forward
+        that made ctx (layer.forward_train), the routing held fixed.
+
+        dy: the output's shape (or (T, d_model)).  Returns a dict of float32 arrays: "x"
+        (the input's shape) and one entry per name of trainable_weights() (router_weight,
+        router_bias, w_gate, w_up, w_down, b_gate, b_up, b_down, shared_w_gate, shared_w_up,
+        shared_w_down, shared_gate_weight), each in its weight's shape.  expert_bias gets
+        none (it moves the selection only; update it with moe.update_expert_bias).  ctx is
+        used up unless retain=True.
+        """
+        from . import reference
+        dy32, aux, z = check_backward_args(self, ctx, dy, aux_coef, z_coef)
+        self._check_trainable()
+        gated = self.activation in GATED
+
+        def dec(w):
+            return None if w is None else reference._decode_weight(self, w)
+        # SHIM: the float64 reference until the C backward lands
+        g = reference.sparse_moe_backward(
+            ctx.x, self.router_weight, dec(self.w_gate) if gated else None, dec(self.w_up),
+            dec(self.w_down), dy32, top_k=self.top_k, activation=self.activation,
+            scoring=self.scoring, renormalize=self.renormalize,
+            routed_scaling=self.routed_scaling, n_groups=self.n_groups,
+            topk_groups=self.topk_groups,
+            expert_bias=self.expert_bias if self.use_expert_bias else None,
+            capacity_factor=self.capacity_factor,
+            shared_w_gate=dec(self.shared_w_gate), shared_w_up=dec(self.shared_w_up),
+            shared_w_down=dec(self.shared_w_down),
+            shared_gate_weight=self.shared_gate_weight if self.shared_expert_gate else None,
+            router_bias=self.router_bias if self.use_router_bias else None,
+            b_gate=self.b_gate if self.use_expert_biases and gated else None,
+            b_up=self.b_up if self.use_expert_biases else None,
+            b_down=self.b_down if self.use_expert_biases else None,
+            swiglu_alpha=self.swiglu_alpha, swiglu_limit=self.swiglu_limit,
+            aux_coef=aux, z_coef=z)
+        if not retain:
+            ctx.released = True
+        out = {"x": g["dx"].astype(np.float32).reshape(ctx.lead + (self.d_model,))}
+        for name in self.trainable_weights():
+            out[name] = np.asarray(g[name], dtype=np.float32).reshape(
+                getattr(self, name).shape)
+        return out
 
     def config(self):
         """The constructor arguments of this layer (JSON-friendly), without weights or seed."""

@@ -576,6 +576,13 @@ typedef struct moe_layer_params {
     int64_t           *n_dropped;
     double            *aux_loss;
     double            *z_loss;
+    /* kept for moe_layer_backward (training), each out or NULL: */
+    double            *save_logits;   /* (n_tokens, n_experts + n_null) the
+                                         router logits                      */
+    float             *save_y;        /* (n_tokens * width, d_model) the
+                                         experts' outputs, dispatch order   */
+    float             *save_shared;   /* (n_tokens, d_model) the shared
+                                         experts' output before their gate  */
 } moe_layer_params;
 
 /*
@@ -588,6 +595,152 @@ typedef struct moe_layer_params {
  * other tokens in the batch (expert choice depends on the batch).
  */
 moe_status moe_layer_forward(const moe_layer_params *p);
+
+/* ---- backward (training) ---------------------------------------------- */
+
+/*
+ * Gradients for training, float32 whatever the weights' storage dtype.  The
+ * selection (top-k, groups, capacity) is piecewise constant: gradients flow
+ * through the selected weights and the losses, as in every peer, and
+ * expert_bias (selection only) gets none.  Every reduction runs in a fixed
+ * order, so gradients are the same bits for any thread count, and a
+ * token's dx depends on the rest of the batch only through the weight-free
+ * parts the forward already shares (the aux loss's batch statistics).
+ * Outputs marked "or NULL" are skipped when NULL; all are overwritten.
+ */
+
+/* The grouped FFN: the forward's arguments, the gradient of its output. */
+typedef struct moe_ffn_backward_params {
+    const float       *x;           /* as moe_ffn_params                    */
+    const int64_t     *token_index;
+    int64_t            n_tokens;
+    const int64_t     *offsets;
+    int64_t            n_rows;
+    const moe_experts *experts;     /* the forward's pack: gate and up are
+                                       recomputed from it (its bits)       */
+    const void        *w_gate;      /* the unpacked weights, in the pack's
+                                       dtype: (E, d_ff, d_model), NULL if
+                                       ungated                              */
+    const void        *w_up;        /* (E, d_ff, d_model)                   */
+    const void        *w_down;      /* (E, d_model, d_ff)                   */
+    moe_act_params     act;
+    const float       *dy;          /* (n_rows, d_model) d out              */
+    float             *dx;          /* out, or NULL: (n_rows, d_model), the
+                                       sorted rows' gradient
+                                       (moe_dispatch_backward sums them)   */
+    float             *d_w_gate;    /* out, or NULL: the weights' shapes;   */
+    float             *d_w_up;      /*  experts without rows and units past */
+    float             *d_w_down;    /*  expert_d_ff[e] get 0                */
+    float             *d_b_gate;    /* out, or NULL: (E, d_ff)              */
+    float             *d_b_up;      /* out, or NULL: (E, d_ff)              */
+    float             *d_b_down;    /* out, or NULL: (E, d_model)           */
+} moe_ffn_backward_params;
+
+/* Gate and up are recomputed, never kept: memory O(n_rows * d_ff) while it
+ * runs, nothing between the forward and the backward. */
+moe_status moe_ffn_backward(const moe_ffn_backward_params *p);
+
+/* Combine: d_y[position[t, j]] = weights[t, j] * d_out[t] and
+ * d_weights[t, j] = <d_out[t], y[position[t, j]]> (float64 sums). */
+typedef struct moe_combine_backward_params {
+    const float   *y;          /* as moe_combine_params                    */
+    const int64_t *position;
+    const float   *weights;
+    int64_t        n_rows;
+    int64_t        n_tokens;
+    int32_t        top_k;
+    int64_t        d_model;
+    const float   *d_out;      /* (n_tokens, d_model)                      */
+    float         *d_y;        /* out, or NULL: (n_rows, d_model); rows no
+                                  slot reads get 0                         */
+    float         *d_weights;  /* out, or NULL: (n_tokens, top_k); 0 where
+                                  position is -1                           */
+} moe_combine_backward_params;
+
+moe_status moe_combine_backward(const moe_combine_backward_params *p);
+
+/* Dispatch (the gather): dx[t] = the sum of the rows that copied token t,
+ * slots in order. */
+typedef struct moe_dispatch_backward_params {
+    const float   *d_rows;     /* (n_rows, d_model)                        */
+    const int64_t *position;   /* (n_tokens, top_k) rows, -1 = none        */
+    int64_t        n_rows;
+    int64_t        n_tokens;
+    int32_t        top_k;
+    int64_t        d_model;
+    float         *dx;         /* out: (n_tokens, d_model)                 */
+} moe_dispatch_backward_params;
+
+moe_status moe_dispatch_backward(const moe_dispatch_backward_params *p);
+
+/*
+ * Top-k routing: d_logits of  sum(d_weights * weights) + aux_coef * aux_loss
+ * + z_coef * z_loss  for moe_route_topk with the same logits and options.
+ * Per token, with the selection fixed: q = the selected scores (softmax or
+ * sigmoid of the logits; softmax-after-topk: the softmax of the selected
+ * logits), w = c q / sum(q) with renormalize else c q (c = routed_scaling);
+ * a dropped slot's weight is the constant 0 but its score stays in the sum.
+ * The aux loss's f (the selection's share per expert) is constant; its P
+ * is the mean probability (softmax, or sigmoid / its sum).
+ */
+typedef struct moe_route_backward_params {
+    const double     *logits;      /* (n_tokens, n_experts), as routed     */
+    int64_t           n_tokens;
+    int32_t           n_experts;
+    moe_route_options opt;         /* as routed: router top_k              */
+    const int32_t    *expert_ids;  /* (n_tokens, top_k) the forward's ids  */
+    const float      *d_weights;   /* (n_tokens, top_k)                    */
+    double            aux_coef;
+    double            z_coef;
+    double           *d_logits;    /* out: (n_tokens, n_experts)           */
+} moe_route_backward_params;
+
+moe_status moe_route_backward(const moe_route_backward_params *p);
+
+/* The router linear logits = x W^T + b: dx = d_logits W, dW = d_logits^T x,
+ * db = column sums (float32 products of the float64 d_logits rounded). */
+typedef struct moe_router_backward_params {
+    const float  *x;          /* (n_tokens, d_model)                       */
+    const float  *weight;     /* (n_experts, d_model)                      */
+    int64_t       n_tokens;
+    int64_t       d_model;
+    int32_t       n_experts;
+    const double *d_logits;   /* (n_tokens, n_experts)                     */
+    float        *dx;         /* out, or NULL: (n_tokens, d_model)         */
+    float        *d_weight;   /* out, or NULL: (n_experts, d_model)        */
+    float        *d_bias;     /* out, or NULL: (n_experts,)                */
+} moe_router_backward_params;
+
+moe_status moe_router_backward(const moe_router_backward_params *p);
+
+/*
+ * The whole top-k layer.  forward: the params of the forward as it ran (top
+ * k router; no null experts, expert LoRA or skipping), with save_logits,
+ * save_y and (with shared experts) save_shared set; its routing outputs
+ * (expert_ids, weights) and those saved buffers are read.
+ */
+typedef struct moe_layer_backward_params {
+    const moe_layer_params *forward;
+    const void  *w_gate;          /* the routed experts' unpacked weights, */
+    const void  *w_up;            /*   as moe_ffn_backward_params          */
+    const void  *w_down;
+    const void  *shared_w_gate;   /* (shared_d_ff, d_model) or NULL        */
+    const void  *shared_w_up;     /* (shared_d_ff, d_model)                */
+    const void  *shared_w_down;   /* (d_model, shared_d_ff)                */
+    const float *dy;              /* (n_tokens, d_model) d out             */
+    double       aux_coef;        /* d loss / d aux_loss                   */
+    double       z_coef;          /* d loss / d z_loss                     */
+    /* out, or NULL: float32, the shapes of what they are the gradient of */
+    float *dx;
+    float *d_router_weight;
+    float *d_router_bias;
+    float *d_w_gate, *d_w_up, *d_w_down;
+    float *d_b_gate, *d_b_up, *d_b_down;
+    float *d_shared_w_gate, *d_shared_w_up, *d_shared_w_down;
+    float *d_shared_gate;         /* (d_model,)                            */
+} moe_layer_backward_params;
+
+moe_status moe_layer_backward(const moe_layer_backward_params *p);
 
 /* ---- product-key expert retrieval (csrc/cpu/peer.c) ------------------ */
 

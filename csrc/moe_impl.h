@@ -97,6 +97,8 @@ enum {
     MOE_WS_SOFT_MOE,      /* compose/soft_moe.c: logits, weights, slots      */
     MOE_WS_PEER,          /* cpu/peer.c: float64 query and sub-key weights   */
     MOE_WS_PEER_TASK,     /* cpu/peer.c: one block's queries, scores, ids    */
+    MOE_WS_MM,            /* cpu/matmul.c: A panels, an edge B panel, C      */
+    MOE_WS_BWD_TASK,      /* cpu/ffn_backward.c: a task's tiles and panels   */
     MOE_WS_COUNT
 };
 
@@ -106,6 +108,31 @@ enum {
  * failure.  Valid until the next request for the same slot on this thread.
  */
 void *moe_workspace(int slot, size_t count, size_t size);
+
+/* ---- the backward's GEMM (csrc/cpu/matmul.c) ---- */
+
+/* One product term: A (m, K) with element (i, k) at a[i * a_rs + k * a_cs],
+ * B (K, n) fp32 row-major, element (k, j) at b[k * ldb + j]. */
+typedef struct moe_mm_seg {
+    const float *a;
+    int64_t      a_rs, a_cs;
+    const float *b;
+    int64_t      ldb;
+    int64_t      K;
+} moe_mm_seg;
+
+#define MOE_MM_MAX_SEGS 2
+
+/*
+ * c (m, n), row i at c + i * ldc, = sum_s A_s @ B_s, each element one FMA
+ * chain over the segments' k in order (the same bits however the work is
+ * split); 0 where every K is 0.  moe_mm_block runs on the calling thread,
+ * moe_mm on the pool.
+ */
+moe_status moe_mm_block(const moe_mm_seg *segs, int n_segs, int64_t m,
+                        int64_t n, float *c, int64_t ldc);
+moe_status moe_mm(const moe_mm_seg *segs, int n_segs, int64_t m, int64_t n,
+                  float *c, int64_t ldc);
 
 /* ---- the CUDA backend, loaded at run time (csrc/runtime/cuda_loader.c) --- */
 
@@ -145,6 +172,11 @@ moe_status moe_cpu_experts_pack(const moe_pack_params *p, moe_experts **out);
 moe_status moe_cpu_linear_pack(const moe_linear_pack_params *p,
                                moe_experts **out);
 moe_status moe_cpu_linear_grouped(const moe_linear_params *p);
+moe_status moe_cpu_ffn_backward(const moe_ffn_backward_params *p);
+moe_status moe_cpu_combine_backward(const moe_combine_backward_params *p);
+moe_status moe_cpu_dispatch_backward(const moe_dispatch_backward_params *p);
+moe_status moe_cpu_route_backward(const moe_route_backward_params *p);
+moe_status moe_cpu_router_backward(const moe_router_backward_params *p);
 moe_status moe_cpu_expert_lora_pack(const moe_expert_lora_params *p,
                                     const moe_experts *experts,
                                     moe_expert_lora **out);

@@ -409,9 +409,25 @@ class SparseMoE:
             mask = np.ascontiguousarray(m)
         object.__setattr__(self, "_expert_mask", mask)
 
-    def _forward(self, x, allowed, groups, want_norm):
-        """(out, routing, per-expert gate * ||output|| sums or None)."""
+    def _forward(self, x, allowed, groups, want_norm, save=False):
+        """(out, routing, per-expert gate * ||output|| sums or None); with save also
+        (the call's args, kwargs, what the forward saved) for the backward."""
         lead, x2 = token_rows(x, self.d_model)
+        args, kw = self._forward_args(x2, allowed, groups, want_norm)
+        out, ids, w, counts, n_dropped, aux, z, n_real, norm, saved = _C.layer_forward(
+            *args, **kw, save=save)
+        out = out.reshape(lead + (self.d_model,))
+        if self.n_null:
+            routing = NullRoutingResult(ids, w, counts, int(n_dropped), float(aux), float(z),
+                                        n_real)
+        else:
+            routing = RoutingResult(ids, w, counts, int(n_dropped), float(aux), float(z))
+        if save:
+            return out, routing, (args, kw, saved)
+        return out, routing, norm
+
+    def _forward_args(self, x2, allowed, groups, want_norm):
+        """The arguments of _C.layer_forward for the rows x2: (args, kwargs)."""
         T = x2.shape[0]
         allowed, groups = mask_args(allowed, groups, T, self.n_router, self.n_groups)
         if self.expert_mask is not None:
@@ -438,8 +454,8 @@ class SparseMoE:
         if self.router == "expert_choice":  # each expert takes ceil(cf * T / E) tokens
             cf = 1.0 if self.capacity_factor is None else self.capacity_factor
         router_p = self.router_threshold if self.router == "threshold" else self.router_p
-        out, ids, w, counts, n_dropped, aux, z, n_real, norm = _C.layer_forward(
-            x2, self.router_weight, routed, top_k, act,
+        args = (x2, self.router_weight, routed, top_k, act)
+        kw = dict(
             expert_bias=self.expert_bias if self.use_expert_bias else None, scoring=code,
             renormalize=self.renormalize, routed_scaling=scaling, n_groups=n_groups,
             topk_groups=topk_groups, capacity_factor=cf, shared_experts=shared,
@@ -449,19 +465,22 @@ class SparseMoE:
             null_values=values, allowed=allowed, groups=groups, want_out_norm=bool(want_norm),
             router=router, router_p=router_p, k_min=min(self.k_min, top_k),
             skip_threshold=self.skip_threshold, skip_renormalize=self.skip_renormalize)
-        out = out.reshape(lead + (self.d_model,))
-        if self.n_null:
-            routing = NullRoutingResult(ids, w, counts, int(n_dropped), float(aux), float(z),
-                                        n_real)
-        else:
-            routing = RoutingResult(ids, w, counts, int(n_dropped), float(aux), float(z))
-        return out, routing, norm
+        return args, kw
 
     # ---- training ---------------------------------------------------------------------
 
     def trainable_weights(self):
         """Names of the weights the backward returns a gradient for (those the layer has)."""
-        return tuple(n for n in _TRAINABLE if getattr(self, n) is not None)
+        unused = set()
+        if self.activation not in GATED:  # (an ungated layer keeps a b_gate it never reads)
+            unused.add("b_gate")
+        if not self.use_expert_biases:
+            unused.update(("b_gate", "b_up", "b_down"))
+        if not self.use_router_bias:
+            unused.add("router_bias")
+        if not self.shared_expert_gate:
+            unused.add("shared_gate_weight")
+        return tuple(n for n in _TRAINABLE if n not in unused and getattr(self, n) is not None)
 
     def _check_trainable(self):
         why = []
@@ -484,13 +503,14 @@ class SparseMoE:
         """The forward of __call__ keeping what backward needs: returns (y, ctx).
 
         ctx (moe.train.TrainContext) holds the input, the float64 router logits, the routing
-        (ctx.routing, a RoutingResult with aux_loss and z_loss) and the experts' outputs --
-        O(T k d) floats; the (T k, d_ff) hidden activations are recomputed by the backward.
+        (ctx.routing, a RoutingResult with aux_loss and z_loss), the experts' outputs and the
+        shared experts' output: O(T k d) floats; the (T k, d_ff) hidden activations are
+        recomputed by the backward.  The weights must not change before the backward.
         """
         self._check_trainable()
         lead, x2 = token_rows(x, self.d_model)
-        out, routing, _ = self._forward(x2, allowed, groups, False)
-        ctx = TrainContext(self, lead, x2, routing, None, allowed, groups)
+        out, routing, (args, kw, saved) = self._forward(x2, allowed, groups, False, save=True)
+        ctx = TrainContext(self, lead, x2, routing, (args, kw, saved), allowed, groups)
         return out.reshape(lead + (self.d_model,)), ctx
 
     def backward(self, ctx, dy, *, aux_coef=0.0, z_coef=0.0, retain=False):
@@ -500,41 +520,34 @@ class SparseMoE:
         dy: the output's shape (or (T, d_model)).  Returns a dict of float32 arrays: "x"
         (the input's shape) and one entry per name of trainable_weights() (router_weight,
         router_bias, w_gate, w_up, w_down, b_gate, b_up, b_down, shared_w_gate, shared_w_up,
-        shared_w_down, shared_gate_weight), each in its weight's shape.  expert_bias gets
-        none (it moves the selection only; update it with moe.update_expert_bias).  ctx is
-        used up unless retain=True.
+        shared_w_down, shared_gate_weight), each in its weight's shape (float32 whatever the
+        layer's dtype).  expert_bias gets none (it moves the selection only; update it with
+        moe.update_expert_bias).  ctx is used up unless retain=True.  Bitwise the same for
+        any thread count.
         """
-        from . import reference
         dy32, aux, z = check_backward_args(self, ctx, dy, aux_coef, z_coef)
-        self._check_trainable()
+        args, kw, (logits, y, shared) = ctx.saved
+        if args[2] is not self._checked_weights()[0]:
+            raise RuntimeError("the layer's FFN weights changed since forward_train: the "
+                               "backward needs the weights the forward ran with")
         gated = self.activation in GATED
-
-        def dec(w):
-            return None if w is None else reference._decode_weight(self, w)
-        # SHIM: the float64 reference until the C backward lands
-        g = reference.sparse_moe_backward(
-            ctx.x, self.router_weight, dec(self.w_gate) if gated else None, dec(self.w_up),
-            dec(self.w_down), dy32, top_k=self.top_k, activation=self.activation,
-            scoring=self.scoring, renormalize=self.renormalize,
-            routed_scaling=self.routed_scaling, n_groups=self.n_groups,
-            topk_groups=self.topk_groups,
-            expert_bias=self.expert_bias if self.use_expert_bias else None,
-            capacity_factor=self.capacity_factor,
-            shared_w_gate=dec(self.shared_w_gate), shared_w_up=dec(self.shared_w_up),
-            shared_w_down=dec(self.shared_w_down),
-            shared_gate_weight=self.shared_gate_weight if self.shared_expert_gate else None,
-            router_bias=self.router_bias if self.use_router_bias else None,
-            b_gate=self.b_gate if self.use_expert_biases and gated else None,
-            b_up=self.b_up if self.use_expert_biases else None,
-            b_down=self.b_down if self.use_expert_biases else None,
-            swiglu_alpha=self.swiglu_alpha, swiglu_limit=self.swiglu_limit,
-            aux_coef=aux, z_coef=z)
+        bits = weight_bits
+        ids, w = ctx.routing.expert_ids, ctx.routing.weights
+        g = _C.layer_backward(
+            args, kw, ids, w, logits, y, shared, dy32,
+            w_gate=bits(self.w_gate) if gated else None, w_up=bits(self.w_up),
+            w_down=bits(self.w_down),
+            shared_w_gate=bits(self.shared_w_gate) if gated and self.n_shared_experts
+            else None,
+            shared_w_up=bits(self.shared_w_up) if self.n_shared_experts else None,
+            shared_w_down=bits(self.shared_w_down) if self.n_shared_experts else None,
+            aux_coef=aux, z_coef=z, biases=self.use_expert_biases)
         if not retain:
             ctx.released = True
-        out = {"x": g["dx"].astype(np.float32).reshape(ctx.lead + (self.d_model,))}
+            ctx.saved = None
+        out = {"x": g["x"].reshape(ctx.lead + (self.d_model,))}
         for name in self.trainable_weights():
-            out[name] = np.asarray(g[name], dtype=np.float32).reshape(
-                getattr(self, name).shape)
+            out[name] = g[name]
         return out
 
     def config(self):

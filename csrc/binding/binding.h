@@ -159,6 +159,7 @@ MOE_KW_WRAPPER(moe_py_pack_expert_lora);
 MOE_KW_WRAPPER(moe_py_lora_forward);
 /* layers.c: the layer (positional arguments), PEER and Soft MoE */
 MOE_KW_WRAPPER(moe_py_layer_forward);
+MOE_KW_WRAPPER(moe_py_layer_backward);
 MOE_KW_WRAPPER(moe_py_peer_forward);
 MOE_KW_WRAPPER(moe_py_soft_moe_forward);
 

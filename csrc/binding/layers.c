@@ -4,13 +4,23 @@
  */
 #include "binding.h"
 
+/* What moe_layer_parse found beyond the params: sizes and flags. */
+typedef struct moe_layer_args {
+    npy_intp n_tokens, d_model, n_router;
+    int      width;      /* slots per token the outputs are made for     */
+    int      want_norm;
+    int      n_experts;
+} moe_layer_args;
+
 /*
- * layer_forward(x, router_weight, experts, top_k, activation, *, options)
- * -> (out, ids, weights, counts, n_dropped, aux, z, n_real, out_norm).  The
- * options are keyword-only; absent ones are the plain top-k layer's.
+ * The arguments of layer_forward(x, router_weight, experts, top_k,
+ * activation, *, options) into p (pointing into the argument arrays, which
+ * the caller's args keep alive) and a; 0, or -1 with an exception set.
+ * Outputs are left for the caller.
  */
-PyObject *
-moe_py_layer_forward(PyObject *self, PyObject *args, PyObject *kw)
+static int
+moe_layer_parse(PyObject *args, PyObject *kw, moe_layer_params *p,
+                moe_layer_args *a)
 {
     static char *kwlist[] = {
         "x", "router_weight", "experts", "top_k", "activation", "expert_bias",
@@ -21,30 +31,19 @@ moe_py_layer_forward(PyObject *self, PyObject *args, PyObject *kw)
         "skip_threshold", "skip_renormalize", NULL};
     PyObject *x_obj, *r_obj, *w_obj, *bias_obj = Py_None, *sw_obj = Py_None;
     PyObject *sgate_obj = Py_None, *rbias_obj = Py_None;
-    PyArrayObject *x, *r;
-    PyArrayObject *out = NULL, *ids = NULL, *weights = NULL, *counts = NULL;
-    npy_intp xd[2] = {-1, -1}, rd[2], bd[1], gd[1];
-    int top_k, activation, scoring = MOE_SCORING_SOFTMAX, renormalize = 1;
-    int n_groups = 1, topk_groups = 1;
-    double routed_scaling = 1.0, capacity_factor = 0.0, aux = 0.0, z = 0.0;
-    float alpha = 1.702f, limit = 7.0f;
-    int64_t n_dropped = 0;
-    long long n_dropped_ll;
-    void *tmp;
-    moe_experts_info info;
-    moe_layer_params p;
-    moe_status st;
-
     PyObject *lora_obj = Py_None, *nk_obj = Py_None, *nv_obj = Py_None;
     PyObject *al_obj = Py_None, *gr_obj = Py_None;
-    int router = MOE_ROUTER_TOP_K, k_min = 1, width = 0;
-    double router_p = 0.0;
-    double skip_threshold = 0.0;
-    int skip_renorm = 0;
-    int64_t n_skipped = 0;
-    PyArrayObject *n_real = NULL, *out_norm = NULL;
+    PyArrayObject *x, *r;
+    npy_intp xd[2] = {-1, -1}, rd[2], bd[1], gd[1];
     npy_intp nkd[1] = {-1}, nvd[2], ald[2], grd[1];
-    int want_norm = 0;
+    int top_k, activation, scoring = MOE_SCORING_SOFTMAX, renormalize = 1;
+    int n_groups = 1, topk_groups = 1, router = MOE_ROUTER_TOP_K, k_min = 1;
+    int skip_renorm = 0, want_norm = 0;
+    double routed_scaling = 1.0, capacity_factor = 0.0, router_p = 0.0;
+    double skip_threshold = 0.0;
+    float alpha = 1.702f, limit = 7.0f;
+    void *tmp;
+    moe_experts_info info;
 
     if (!PyArg_ParseTupleAndKeywords(
             args, kw, "OOOii|$OipdiidOOOffOOOOOpididp:layer_forward", kwlist,
@@ -53,123 +52,186 @@ moe_py_layer_forward(PyObject *self, PyObject *args, PyObject *kw)
             &capacity_factor, &sw_obj, &sgate_obj, &rbias_obj, &alpha, &limit,
             &lora_obj, &nk_obj, &nv_obj, &al_obj, &gr_obj, &want_norm, &router,
             &router_p, &k_min, &skip_threshold, &skip_renorm)) {
-        return NULL;
+        return -1;
     }
-    memset(&p, 0, sizeof(p));
-    if (moe_lora_arg(lora_obj, &p.lora) < 0) {
-        return NULL;
+    memset(p, 0, sizeof(*p));
+    if (moe_lora_arg(lora_obj, &p->lora) < 0) {
+        return -1;
     }
     if (moe_check_enum(activation, MOE_ACTIVATION_COUNT, "activation") < 0 ||
         moe_check_enum(scoring, MOE_SCORING_COUNT, "scoring") < 0 ||
         moe_check_enum(router, MOE_ROUTER_COUNT, "router") < 0 ||
-        !(p.experts = moe_experts_arg(w_obj, "experts"))) {
-        return NULL;
+        !(p->experts = moe_experts_arg(w_obj, "experts"))) {
+        return -1;
     }
     if (sw_obj != Py_None &&
-        !(p.shared = moe_experts_arg(sw_obj, "shared_experts"))) {
-        return NULL;
+        !(p->shared = moe_experts_arg(sw_obj, "shared_experts"))) {
+        return -1;
     }
-    moe_experts_get_info(p.experts, &info);
+    moe_experts_get_info(p->experts, &info);
     xd[1] = info.d_model;
     if (!(x = moe_arg(x_obj, "x", NPY_FLOAT32, 2, xd, 0))) {
-        return NULL;
+        return -1;
     }
     if (moe_opt_arg(nk_obj, "null_kinds", NPY_INT32, 1, nkd, &tmp) < 0) {
-        return NULL;
+        return -1;
     }
-    p.null_kinds = tmp;
-    p.n_null = tmp != NULL ? (int32_t)nkd[0] : 0;
-    if (p.n_null > INT32_MAX - info.n_experts) {
+    p->null_kinds = tmp;
+    p->n_null = tmp != NULL ? (int32_t)nkd[0] : 0;
+    if (p->n_null > INT32_MAX - info.n_experts) {
         PyErr_SetString(PyExc_ValueError, "too many null experts");
-        return NULL;
+        return -1;
     }
-    nvd[0] = p.n_null;
+    nvd[0] = p->n_null;
     nvd[1] = xd[1];
     if (moe_opt_arg(nv_obj, "null_values", NPY_FLOAT32, 2, nvd, &tmp) < 0) {
-        return NULL;
+        return -1;
     }
-    p.null_values = tmp;
-    rd[0] = (npy_intp)info.n_experts + p.n_null;
+    p->null_values = tmp;
+    rd[0] = (npy_intp)info.n_experts + p->n_null;
     rd[1] = xd[1];
     if (!(r = moe_arg(r_obj, "router_weight", NPY_FLOAT32, 2, rd, 0))) {
-        return NULL;
+        return -1;
     }
     bd[0] = rd[0];
     gd[0] = xd[1];
     if (moe_opt_arg(bias_obj, "expert_bias", NPY_FLOAT32, 1, bd, &tmp) < 0) {
-        return NULL;
+        return -1;
     }
-    p.route.expert_bias = tmp;
+    p->route.expert_bias = tmp;
     if (moe_opt_arg(sgate_obj, "shared_gate_weight", NPY_FLOAT32, 1, gd,
                     &tmp) < 0) {
-        return NULL;
+        return -1;
     }
-    p.shared_gate = tmp;
+    p->shared_gate = tmp;
     if (moe_opt_arg(rbias_obj, "router_bias", NPY_FLOAT32, 1, bd, &tmp) < 0) {
-        return NULL;
+        return -1;
     }
-    p.router_bias = tmp;
+    p->router_bias = tmp;
     grd[0] = xd[0];
     if (moe_opt_arg(gr_obj, "groups", NPY_INT32, 1, grd, &tmp) < 0) {
-        return NULL;
+        return -1;
     }
-    p.route.mask_rows = tmp;
-    ald[0] = p.route.mask_rows != NULL ? -1 : xd[0];
+    p->route.mask_rows = tmp;
+    ald[0] = p->route.mask_rows != NULL ? -1 : xd[0];
     ald[1] = rd[0];
     if (moe_opt_arg(al_obj, "allowed", NPY_BOOL, 2, ald, &tmp) < 0) {
-        return NULL;
+        return -1;
     }
-    p.route.allowed = tmp;
-    p.route.n_mask_rows = p.route.mask_rows != NULL ? ald[0] : 0;
-    if (p.route.mask_rows != NULL && p.route.allowed == NULL) {
+    p->route.allowed = tmp;
+    p->route.n_mask_rows = p->route.mask_rows != NULL ? ald[0] : 0;
+    if (p->route.mask_rows != NULL && p->route.allowed == NULL) {
         PyErr_SetString(PyExc_ValueError, "groups needs an allowed (G, E) table");
-        return NULL;
+        return -1;
     }
-    p.act.alpha = alpha;
-    p.act.limit = limit;
     if (top_k < 1 || top_k > rd[0]) {
         PyErr_Format(PyExc_ValueError, "top_k must be in 1..n_experts=%lld, "
                      "got %d", (long long)rd[0], top_k);
-        return NULL;
+        return -1;
     }
+    p->x = MOE_DATA(x, float);
+    p->n_tokens = xd[0];
+    p->d_model = xd[1];
+    p->n_experts = info.n_experts;
+    p->act.activation = (moe_activation)activation;
+    p->act.alpha = alpha;
+    p->act.limit = limit;
+    p->router_weight = MOE_DATA(r, float);
+    p->route.top_k = top_k;
+    p->route.scoring = (moe_scoring)scoring;
+    p->route.renormalize = renormalize;
+    p->route.routed_scaling = routed_scaling;
+    p->route.n_groups = n_groups;
+    p->route.topk_groups = topk_groups;
+    p->route.capacity_factor = capacity_factor;
+    p->route.router = (moe_router)router;
+    p->route.router_p = router_p;
+    p->route.k_min = k_min;
+    p->skip_threshold = skip_threshold;
+    p->skip_renormalize = skip_renorm;
+    a->n_tokens = xd[0];
+    a->d_model = xd[1];
+    a->n_router = rd[0];
+    a->n_experts = info.n_experts;
+    a->want_norm = want_norm;
     /* expert choice: up to every expert per token; the core says how many
      * it used (width) and writes (T, width) at the buffers' start */
-    width = router == MOE_ROUTER_EXPERT_CHOICE ? (int)rd[0] : top_k;
-    ids = moe_new(2, xd[0], width, NPY_INT32);
-    weights = moe_new(2, xd[0], width, NPY_FLOAT32);
-    out = moe_new(2, xd[0], xd[1], NPY_FLOAT32);
-    counts = moe_new(1, rd[0], 0, NPY_INT64);
+    a->width = router == MOE_ROUTER_EXPERT_CHOICE ? (int)rd[0] : top_k;
+    return 0;
+}
+
+/*
+ * layer_forward(x, router_weight, experts, top_k, activation, *, options,
+ *               save=False)
+ * -> (out, ids, weights, counts, n_dropped, aux, z, n_real, out_norm, saved).
+ * The options are keyword-only; absent ones are the plain top-k layer's.
+ * save: saved = (logits, y, shared or None), what layer_backward reads
+ * (else None).
+ */
+PyObject *
+moe_py_layer_forward(PyObject *self, PyObject *args, PyObject *kw)
+{
+    PyArrayObject *out = NULL, *ids = NULL, *weights = NULL, *counts = NULL;
+    PyArrayObject *n_real = NULL, *out_norm = NULL;
+    PyArrayObject *s_logits = NULL, *s_y = NULL, *s_shared = NULL;
+    PyObject *saved = NULL, *kw2 = NULL, *save_obj = NULL;
+    double aux = 0.0, z = 0.0;
+    int64_t n_dropped = 0, n_skipped = 0;
+    long long n_dropped_ll;
+    int width = 0, save = 0;
+    moe_layer_args a;
+    moe_layer_params p;
+    moe_status st;
+
+    /* save is this wrapper's own keyword: take it out before the parse */
+    if (kw != NULL && (save_obj = PyDict_GetItemString(kw, "save")) != NULL) {
+        if ((save = PyObject_IsTrue(save_obj)) < 0 ||
+            !(kw2 = PyDict_Copy(kw)) ||
+            PyDict_DelItemString(kw2, "save") < 0) {
+            Py_XDECREF(kw2);
+            return NULL;
+        }
+        kw = kw2;
+    }
+    if (moe_layer_parse(args, kw, &p, &a) < 0) {
+        Py_XDECREF(kw2);
+        return NULL;
+    }
+    width = a.width;
+    ids = moe_new(2, a.n_tokens, width, NPY_INT32);
+    weights = moe_new(2, a.n_tokens, width, NPY_FLOAT32);
+    out = moe_new(2, a.n_tokens, a.d_model, NPY_FLOAT32);
+    counts = moe_new(1, a.n_router, 0, NPY_INT64);
     if (!out || !ids || !weights || !counts) {
         goto fail;
     }
     if (p.n_null > 0) {
-        if (!(n_real = moe_new(1, xd[0], 0, NPY_INT32))) {
+        if (!(n_real = moe_new(1, a.n_tokens, 0, NPY_INT32))) {
             goto fail;
         }
         p.n_real = MOE_DATA(n_real, int32_t);
     }
-    if (want_norm) {
-        if (!(out_norm = moe_new(1, info.n_experts, 0, NPY_FLOAT64))) {
+    if (a.want_norm) {
+        if (!(out_norm = moe_new(1, a.n_experts, 0, NPY_FLOAT64))) {
             goto fail;
         }
         p.out_norm = MOE_DATA(out_norm, double);
     }
-    p.x = MOE_DATA(x, float);
-    p.n_tokens = xd[0];
-    p.d_model = xd[1];
-    p.n_experts = info.n_experts;
-    p.route.top_k = top_k;
-    p.act.activation = (moe_activation)activation;
-    p.router_weight = MOE_DATA(r, float);
-    p.route.scoring = (moe_scoring)scoring;
-    p.route.renormalize = renormalize;
-    p.route.routed_scaling = routed_scaling;
-    p.route.n_groups = n_groups;
-    p.route.topk_groups = topk_groups;
-    p.route.capacity_factor = capacity_factor;
-    p.route.router = (moe_router)router;
-    p.route.router_p = router_p;
-    p.route.k_min = k_min;
+    if (save) {
+        s_logits = moe_new(2, a.n_tokens, a.n_router, NPY_FLOAT64);
+        s_y = moe_new(2, a.n_tokens * (npy_intp)width, a.d_model, NPY_FLOAT32);
+        if (!s_logits || !s_y) {
+            goto fail;
+        }
+        p.save_logits = MOE_DATA(s_logits, double);
+        p.save_y = MOE_DATA(s_y, float);
+        if (p.shared != NULL) {
+            if (!(s_shared = moe_new(2, a.n_tokens, a.d_model, NPY_FLOAT32))) {
+                goto fail;
+            }
+            p.save_shared = MOE_DATA(s_shared, float);
+        }
+    }
     p.width = &width;
     p.out = MOE_DATA(out, float);
     p.expert_ids = MOE_DATA(ids, int32_t);
@@ -178,8 +240,6 @@ moe_py_layer_forward(PyObject *self, PyObject *args, PyObject *kw)
     p.n_dropped = &n_dropped;
     p.aux_loss = &aux;
     p.z_loss = &z;
-    p.skip_threshold = skip_threshold;
-    p.skip_renormalize = skip_renorm;
     p.n_skipped = &n_skipped;
     MOE_COMPUTE(st, moe_layer_forward(&p));
     if (st != MOE_STATUS_OK) {
@@ -188,8 +248,8 @@ moe_py_layer_forward(PyObject *self, PyObject *args, PyObject *kw)
     }
     if (width < PyArray_DIM(ids, 1)) {
         /* (T, width) written densely at the buffers' start: copy that out */
-        PyArrayObject *i2 = moe_new(2, xd[0], width, NPY_INT32);
-        PyArrayObject *w2 = moe_new(2, xd[0], width, NPY_FLOAT32);
+        PyArrayObject *i2 = moe_new(2, a.n_tokens, width, NPY_INT32);
+        PyArrayObject *w2 = moe_new(2, a.n_tokens, width, NPY_FLOAT32);
         if (!i2 || !w2) {
             Py_XDECREF(i2);
             Py_XDECREF(w2);
@@ -210,16 +270,262 @@ moe_py_layer_forward(PyObject *self, PyObject *args, PyObject *kw)
         Py_INCREF(Py_None);
         out_norm = (PyArrayObject *)Py_None;
     }
-    return Py_BuildValue("NNNNLddNN", out, ids, weights, counts, n_dropped_ll,
-                         aux, z, n_real, out_norm);
+    if (save) {
+        if (s_shared == NULL) {
+            Py_INCREF(Py_None);
+            s_shared = (PyArrayObject *)Py_None;
+        }
+        saved = Py_BuildValue("NNN", s_logits, s_y, s_shared);
+        s_logits = s_y = s_shared = NULL;
+        if (saved == NULL) {
+            goto fail;
+        }
+    }
+    else {
+        Py_INCREF(Py_None);
+        saved = Py_None;
+    }
+    Py_XDECREF(kw2);
+    return Py_BuildValue("NNNNLddNNN", out, ids, weights, counts, n_dropped_ll,
+                         aux, z, n_real, out_norm, saved);
 fail:
+    Py_XDECREF(kw2);
     Py_XDECREF(n_real);
     Py_XDECREF(out_norm);
     Py_XDECREF(out);
     Py_XDECREF(ids);
     Py_XDECREF(weights);
     Py_XDECREF(counts);
+    Py_XDECREF(s_logits);
+    Py_XDECREF(s_y);
+    Py_XDECREF(s_shared);
     return NULL;
+}
+
+/* dst[name] = arr (a new array) or None; -1 with an exception set. */
+static int
+moe_grad_item(PyObject *dict, const char *name, PyArrayObject *arr)
+{
+    int rc = PyDict_SetItemString(dict, name, arr ? (PyObject *)arr : Py_None);
+    Py_XDECREF(arr);
+    return rc;
+}
+
+/*
+ * layer_backward(forward_args, forward_kwargs, expert_ids, weights, logits,
+ *                y, shared, dy, *, w_gate, w_up, w_down, shared_w_gate,
+ *                shared_w_up, shared_w_down, aux_coef, z_coef, biases)
+ * -> dict of float32 gradients: "x", "router_weight", "router_bias", "w_gate",
+ * "w_up", "w_down", "b_gate", "b_up", "b_down", "shared_w_gate",
+ * "shared_w_up", "shared_w_down", "shared_gate_weight" (None for what the
+ * layer has not).  forward_args / forward_kwargs: exactly what
+ * layer_forward got; expert_ids, weights and the saved (logits, y, shared)
+ * are its results.  The unpacked FFN weights come in the pack's dtype
+ * (uint16 bits for bf16 / fp16); biases: the layer has expert biases.
+ */
+PyObject *
+moe_py_layer_backward(PyObject *self, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {
+        "forward_args", "forward_kwargs", "expert_ids", "weights", "logits",
+        "y", "shared", "dy", "w_gate", "w_up", "w_down", "shared_w_gate",
+        "shared_w_up", "shared_w_down", "aux_coef", "z_coef", "biases", NULL};
+    PyObject *fa, *fk, *ids_obj, *w_obj, *l_obj, *y_obj, *sh_obj, *dy_obj;
+    PyObject *wg_obj = Py_None, *wu_obj = Py_None, *wd_obj = Py_None;
+    PyObject *swg_obj = Py_None, *swu_obj = Py_None, *swd_obj = Py_None;
+    PyObject *res = NULL;
+    PyArrayObject *g[13] = {NULL};
+    static const char *names[13] = {
+        "x", "router_weight", "router_bias", "w_gate", "w_up", "w_down",
+        "b_gate", "b_up", "b_down", "shared_w_gate", "shared_w_up",
+        "shared_w_down", "shared_gate_weight"};
+    npy_intp kd[2], ld[2], yd[2] = {-1, -1}, dd[2], wd3[3], sd[2];
+    double aux_coef = 0.0, z_coef = 0.0;
+    int biases = 0, i, npy_w;
+    moe_experts_info info, sinfo;
+    moe_layer_args a;
+    moe_layer_params p;
+    moe_layer_backward_params b;
+    void *tmp;
+    moe_status st;
+
+    if (!PyArg_ParseTupleAndKeywords(
+            args, kw, "O!O!OOOOOO|$OOOOOOddp:layer_backward", kwlist,
+            &PyTuple_Type, &fa, &PyDict_Type, &fk, &ids_obj, &w_obj, &l_obj,
+            &y_obj, &sh_obj, &dy_obj, &wg_obj, &wu_obj, &wd_obj, &swg_obj,
+            &swu_obj, &swd_obj, &aux_coef, &z_coef, &biases) ||
+        moe_layer_parse(fa, fk, &p, &a) < 0) {
+        return NULL;
+    }
+    if (p.route.router != MOE_ROUTER_TOP_K || p.n_null > 0 || p.lora != NULL ||
+        p.skip_threshold > 0.0) {
+        PyErr_SetString(PyExc_NotImplementedError, "the layer backward covers "
+                        "the top_k router without null experts, expert LoRA "
+                        "or skipping");
+        return NULL;
+    }
+    moe_experts_get_info(p.experts, &info);
+    npy_w = info.dtype == MOE_DTYPE_F32 ? NPY_FLOAT32 : NPY_UINT16;
+    kd[0] = a.n_tokens;
+    kd[1] = p.route.top_k;
+    ld[0] = a.n_tokens;
+    ld[1] = a.n_router;
+    yd[1] = a.d_model;
+    dd[0] = a.n_tokens;
+    dd[1] = a.d_model;
+    if (!(tmp = moe_arg(ids_obj, "expert_ids", NPY_INT32, 2, kd, 0))) {
+        return NULL;
+    }
+    p.expert_ids = MOE_DATA(tmp, int32_t);
+    if (!(tmp = moe_arg(w_obj, "weights", NPY_FLOAT32, 2, kd, 0))) {
+        return NULL;
+    }
+    p.weights = MOE_DATA(tmp, float);
+    if (!(tmp = moe_arg(l_obj, "logits", NPY_FLOAT64, 2, ld, 0))) {
+        return NULL;
+    }
+    p.save_logits = MOE_DATA(tmp, double);
+    if (!(tmp = moe_arg(y_obj, "y", NPY_FLOAT32, 2, yd, 0))) {
+        return NULL;
+    }
+    p.save_y = MOE_DATA(tmp, float);
+    if (yd[0] < a.n_tokens * kd[1]) {
+        PyErr_Format(PyExc_ValueError, "y must have n_tokens * top_k = %lld "
+                     "rows, got %lld", (long long)(a.n_tokens * kd[1]),
+                     (long long)yd[0]);
+        return NULL;
+    }
+    if (p.shared != NULL) {
+        if (!(tmp = moe_arg(sh_obj, "shared", NPY_FLOAT32, 2, dd, 0))) {
+            return NULL;
+        }
+        p.save_shared = MOE_DATA(tmp, float);
+    }
+    memset(&b, 0, sizeof(b));
+    b.forward = &p;
+    if (!(tmp = moe_arg(dy_obj, "dy", NPY_FLOAT32, 2, dd, 0))) {
+        return NULL;
+    }
+    b.dy = MOE_DATA(tmp, float);
+    b.aux_coef = aux_coef;
+    b.z_coef = z_coef;
+    wd3[0] = info.n_experts;
+    wd3[1] = info.d_ff;
+    wd3[2] = info.d_model;
+    if (moe_opt_arg(wg_obj, "w_gate", npy_w, 3, wd3, &tmp) < 0) {
+        return NULL;
+    }
+    b.w_gate = tmp;
+    if (moe_opt_arg(wu_obj, "w_up", npy_w, 3, wd3, &tmp) < 0) {
+        return NULL;
+    }
+    b.w_up = tmp;
+    wd3[1] = info.d_model;
+    wd3[2] = info.d_ff;
+    if (moe_opt_arg(wd_obj, "w_down", npy_w, 3, wd3, &tmp) < 0) {
+        return NULL;
+    }
+    b.w_down = tmp;
+    if ((info.gated && b.w_gate == NULL) || !b.w_up || !b.w_down) {
+        PyErr_SetString(PyExc_ValueError, "layer_backward needs w_up, w_down "
+                        "and, for a gated activation, w_gate");
+        return NULL;
+    }
+    if (p.shared != NULL) {
+        moe_experts_get_info(p.shared, &sinfo);
+        sd[0] = sinfo.d_ff;
+        sd[1] = sinfo.d_model;
+        if (moe_opt_arg(swg_obj, "shared_w_gate", npy_w, 2, sd, &tmp) < 0) {
+            return NULL;
+        }
+        b.shared_w_gate = tmp;
+        if (moe_opt_arg(swu_obj, "shared_w_up", npy_w, 2, sd, &tmp) < 0) {
+            return NULL;
+        }
+        b.shared_w_up = tmp;
+        sd[0] = sinfo.d_model;
+        sd[1] = sinfo.d_ff;
+        if (moe_opt_arg(swd_obj, "shared_w_down", npy_w, 2, sd, &tmp) < 0) {
+            return NULL;
+        }
+        b.shared_w_down = tmp;
+        if ((sinfo.gated && b.shared_w_gate == NULL) || !b.shared_w_up ||
+            !b.shared_w_down) {
+            PyErr_SetString(PyExc_ValueError, "layer_backward needs the shared "
+                            "experts' unpacked weights");
+            return NULL;
+        }
+    }
+    g[0] = moe_new(2, a.n_tokens, a.d_model, NPY_FLOAT32);
+    g[1] = moe_new(2, a.n_router, a.d_model, NPY_FLOAT32);
+    if (p.router_bias != NULL) {
+        g[2] = moe_new(1, a.n_router, 0, NPY_FLOAT32);
+    }
+    {
+        npy_intp fd[3] = {info.n_experts, info.d_ff, info.d_model};
+        npy_intp dn[3] = {info.n_experts, info.d_model, info.d_ff};
+        if (info.gated) {
+            g[3] = (PyArrayObject *)PyArray_SimpleNew(3, fd, NPY_FLOAT32);
+        }
+        g[4] = (PyArrayObject *)PyArray_SimpleNew(3, fd, NPY_FLOAT32);
+        g[5] = (PyArrayObject *)PyArray_SimpleNew(3, dn, NPY_FLOAT32);
+    }
+    if (biases) {
+        if (info.gated) {
+            g[6] = moe_new(2, info.n_experts, info.d_ff, NPY_FLOAT32);
+        }
+        g[7] = moe_new(2, info.n_experts, info.d_ff, NPY_FLOAT32);
+        g[8] = moe_new(2, info.n_experts, info.d_model, NPY_FLOAT32);
+    }
+    if (p.shared != NULL) {
+        if (sinfo.gated) {
+            g[9] = moe_new(2, sinfo.d_ff, sinfo.d_model, NPY_FLOAT32);
+        }
+        g[10] = moe_new(2, sinfo.d_ff, sinfo.d_model, NPY_FLOAT32);
+        g[11] = moe_new(2, sinfo.d_model, sinfo.d_ff, NPY_FLOAT32);
+        if (p.shared_gate != NULL) {
+            g[12] = moe_new(2, 1, a.d_model, NPY_FLOAT32);
+        }
+    }
+    if (PyErr_Occurred()) {
+        goto done;
+    }
+#define MOE_G(i) (g[i] ? MOE_DATA(g[i], float) : NULL)
+    b.dx = MOE_G(0);
+    b.d_router_weight = MOE_G(1);
+    b.d_router_bias = MOE_G(2);
+    b.d_w_gate = MOE_G(3);
+    b.d_w_up = MOE_G(4);
+    b.d_w_down = MOE_G(5);
+    b.d_b_gate = MOE_G(6);
+    b.d_b_up = MOE_G(7);
+    b.d_b_down = MOE_G(8);
+    b.d_shared_w_gate = MOE_G(9);
+    b.d_shared_w_up = MOE_G(10);
+    b.d_shared_w_down = MOE_G(11);
+    b.d_shared_gate = MOE_G(12);
+#undef MOE_G
+    MOE_COMPUTE(st, moe_layer_backward(&b));
+    if (st != MOE_STATUS_OK) {
+        moe_raise(st);
+        goto done;
+    }
+    if (!(res = PyDict_New())) {
+        goto done;
+    }
+    for (i = 0; i < 13; i++) {
+        PyArrayObject *arr = g[i];
+        g[i] = NULL;
+        if (moe_grad_item(res, names[i], arr) < 0) {
+            Py_CLEAR(res);
+            goto done;
+        }
+    }
+done:
+    for (i = 0; i < 13; i++) {
+        Py_XDECREF(g[i]);
+    }
+    return res;
 }
 
 /*

@@ -50,6 +50,9 @@ moe_layer_shared(const moe_layer_params *p, float *tmp)
             return st;
         }
     }
+    if (p->save_shared != NULL) {
+        memcpy(p->save_shared, tmp, sizeof(float) * (size_t)T * (size_t)d);
+    }
     for (t = 0; t < T; t++) {
         float s = g ? (float)(1.0 / (1.0 + exp(-g[t]))) : 1.0f;
         for (i = 0; i < d; i++) {
@@ -317,6 +320,9 @@ moe_layer_forward(const moe_layer_params *p)
         goto done;
     }
 
+    if (p->save_logits != NULL) {
+        memcpy(p->save_logits, logits, sizeof(double) * (size_t)T * E_all);
+    }
     if (p->route.router != MOE_ROUTER_TOP_K) {
         if ((st = moe_layer_route_other(p, logits, E_all, &k)) !=
             MOE_STATUS_OK) {
@@ -426,6 +432,9 @@ routed:
         goto done;
     }
 
+    if (p->save_y != NULL) {
+        memcpy(p->save_y, ys, sizeof(float) * (size_t)n_rows * (size_t)d);
+    }
     if (p->out_norm != NULL) {
         /* gate * ||y||, summed per expert in (token, slot) order */
         int64_t t, i;

@@ -112,23 +112,116 @@ moe_combine_task(void *ctx, int64_t task)
     }
 }
 
-moe_status
-moe_cpu_combine(const moe_combine_params *p)
+/* position (n_tokens, top_k) in [0, n_rows) or -1. */
+static moe_status
+moe_check_position(const int64_t *position, int64_t n_tokens, int32_t top_k,
+                   int64_t n_rows)
 {
-    const int64_t n = p->n_tokens * p->top_k;
+    const int64_t n = n_tokens * top_k;
     int64_t i;
 
     for (i = 0; i < n; i++) {
-        if (p->position[i] < -1 || p->position[i] >= p->n_rows) {
+        if (position[i] < -1 || position[i] >= n_rows) {
             return moe_set_error(MOE_STATUS_INVALID_ARG,
                                  "position must be in [0, n_rows=%lld) or -1, "
                                  "got %lld at token %lld, slot %lld",
-                                 (long long)p->n_rows,
-                                 (long long)p->position[i],
-                                 (long long)(i / p->top_k),
-                                 (long long)(i % p->top_k));
+                                 (long long)n_rows, (long long)position[i],
+                                 (long long)(i / top_k),
+                                 (long long)(i % top_k));
         }
     }
+    return MOE_STATUS_OK;
+}
+
+moe_status
+moe_cpu_combine(const moe_combine_params *p)
+{
+    MOE_TRY(moe_check_position(p->position, p->n_tokens, p->top_k, p->n_rows));
     return moe_pool_run((p->n_tokens + MOE_COMBINE_BLOCK - 1) /
                         MOE_COMBINE_BLOCK, moe_combine_task, (void *)p);
+}
+
+/* ---- backward ---------------------------------------------------------- */
+
+static void
+moe_combine_backward_task(void *ctx, int64_t task)
+{
+    const moe_combine_backward_params *p = ctx;
+    const int64_t d = p->d_model;
+    int64_t t, i, end = (task + 1) * MOE_COMBINE_BLOCK;
+    int32_t j;
+
+    end = end < p->n_tokens ? end : p->n_tokens;
+    for (t = task * MOE_COMBINE_BLOCK; t < end; t++) {
+        const float *g = p->d_out + t * d;
+        for (j = 0; j < p->top_k; j++) {
+            const int64_t row = p->position[t * p->top_k + j];
+            const float w = p->weights[t * p->top_k + j];
+            double dot = 0.0;
+            if (row < 0) {
+                if (p->d_weights != NULL) {
+                    p->d_weights[t * p->top_k + j] = 0.0f;
+                }
+                continue;
+            }
+            if (p->d_y != NULL) {
+                float *dy = p->d_y + row * d;
+                for (i = 0; i < d; i++) {
+                    dy[i] = w * g[i];
+                }
+            }
+            if (p->d_weights != NULL) {
+                const float *y = p->y + row * d;
+                for (i = 0; i < d; i++) {
+                    dot += (double)g[i] * y[i];
+                }
+                p->d_weights[t * p->top_k + j] = (float)dot;
+            }
+        }
+    }
+}
+
+moe_status
+moe_cpu_combine_backward(const moe_combine_backward_params *p)
+{
+    MOE_TRY(moe_check_position(p->position, p->n_tokens, p->top_k, p->n_rows));
+    if (p->d_y != NULL) { /* rows no slot reads */
+        memset(p->d_y, 0, sizeof(float) * (size_t)(p->n_rows * p->d_model));
+    }
+    return moe_pool_run((p->n_tokens + MOE_COMBINE_BLOCK - 1) /
+                        MOE_COMBINE_BLOCK, moe_combine_backward_task,
+                        (void *)p);
+}
+
+static void
+moe_dispatch_backward_task(void *ctx, int64_t task)
+{
+    const moe_dispatch_backward_params *p = ctx;
+    const int64_t d = p->d_model;
+    int64_t t, i, end = (task + 1) * MOE_COMBINE_BLOCK;
+    int32_t j;
+
+    end = end < p->n_tokens ? end : p->n_tokens;
+    for (t = task * MOE_COMBINE_BLOCK; t < end; t++) {
+        float *o = p->dx + t * d;
+        memset(o, 0, sizeof(float) * (size_t)d);
+        for (j = 0; j < p->top_k; j++) { /* slots in order */
+            const int64_t row = p->position[t * p->top_k + j];
+            if (row >= 0) {
+                const float *g = p->d_rows + row * d;
+                for (i = 0; i < d; i++) {
+                    o[i] += g[i];
+                }
+            }
+        }
+    }
+}
+
+moe_status
+moe_cpu_dispatch_backward(const moe_dispatch_backward_params *p)
+{
+    MOE_TRY(moe_check_position(p->position, p->n_tokens, p->top_k, p->n_rows));
+    return moe_pool_run((p->n_tokens + MOE_COMBINE_BLOCK - 1) /
+                        MOE_COMBINE_BLOCK, moe_dispatch_backward_task,
+                        (void *)p);
 }

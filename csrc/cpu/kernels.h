@@ -81,6 +81,24 @@ typedef void (*moe_lowrank_fn)(float *c, int64_t ldc, int m, int n_cols,
                                const int32_t *index, int64_t ld_index,
                                int n_terms, const float *bank, int64_t ld_bank);
 
+/*
+ * The backward's GEMM tile: c (m, NR) = a @ b, or c += a @ b continuing each
+ * element's chain when load_c; a as for moe_ukr_fn, b fp32 row-major in place
+ * (row k at b + k * ldb).  See cpu/gemm.inc.
+ */
+typedef void (*moe_ukr_acc_fn)(const float *a, const float *b, int64_t ldb,
+                               int64_t K, int m, float *c, int64_t ldc,
+                               int load_c);
+
+/*
+ * The activation's backward over n <= NR hidden units (see cpu/gemm.inc):
+ * h = act(g, u) (the forward's bits), dg, du = dh * the partial derivatives;
+ * g and dg NULL for ungated activations.
+ */
+typedef void (*moe_act_grad_fn)(int act, const float *g, const float *u,
+                                const float *dh, int n, float alpha,
+                                float limit, float *h, float *dg, float *du);
+
 typedef struct moe_kernels {
     const char    *name;  /* "avx512bf16", "avx512", "avx2", "scalar"
                              (portable), "avx512sim" (tests)              */
@@ -92,6 +110,8 @@ typedef struct moe_kernels {
     moe_router_fn  router;
     moe_epilogue_fn epilogue;
     moe_lowrank_fn lowrank;
+    moe_ukr_acc_fn ukr_acc;
+    moe_act_grad_fn act_grad;
 } moe_kernels;
 
 extern const moe_kernels moe_kernels_generic;

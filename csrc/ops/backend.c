@@ -355,6 +355,60 @@ moe_ffn_grouped(const moe_ffn_params *p)
 }
 
 moe_status
+moe_ffn_backward(const moe_ffn_backward_params *p)
+{
+    const moe_experts *w = p->experts;
+
+    MOE_TRY(moe_check_pack(w, 0, "experts"));
+    if (w->bf16_act) {
+        return moe_set_error(MOE_STATUS_UNSUPPORTED, "the backward of a bf16-"
+                             "compute pack (bf16_compute=1) is not "
+                             "implemented: pack with bf16_compute=0");
+    }
+    if (moe_activation_gated(p->act.activation) != w->gated ||
+        (w->gated && p->w_gate == NULL) || p->w_up == NULL ||
+        p->w_down == NULL || p->dy == NULL) {
+        return moe_set_error(MOE_STATUS_INVALID_ARG, "ffn backward needs dy, "
+                             "w_up, w_down and (gated activations, packed "
+                             "with w_gate) w_gate");
+    }
+    MOE_TRY(moe_check_rows(p->offsets, w->n_experts, p->n_rows,
+                           p->token_index, p->n_tokens));
+    return moe_cpu_ffn_backward(p);
+}
+
+moe_status
+moe_combine_backward(const moe_combine_backward_params *p)
+{
+    return moe_cpu_combine_backward(p);
+}
+
+moe_status
+moe_dispatch_backward(const moe_dispatch_backward_params *p)
+{
+    return moe_cpu_dispatch_backward(p);
+}
+
+moe_status
+moe_route_backward(const moe_route_backward_params *p)
+{
+    if (p->opt.router != MOE_ROUTER_TOP_K || p->opt.top_k < 1 ||
+        p->opt.top_k > p->n_experts || p->opt.n_groups < 1 ||
+        p->n_experts % p->opt.n_groups != 0) {
+        return moe_set_error(MOE_STATUS_INVALID_ARG, "route backward: top_k "
+                             "routing with 1 <= top_k <= n_experts and "
+                             "n_groups dividing n_experts");
+    }
+    return moe_cpu_route_backward(p);
+}
+
+moe_status
+moe_router_backward(const moe_router_backward_params *p)
+{
+    return moe_cpu_router_backward(p);
+}
+
+moe_status
 moe_expert_lora_pack(const moe_expert_lora_params *p,
                      const moe_experts *experts, moe_expert_lora **out)
 {

@@ -1,0 +1,262 @@
+/*
+ * compose/layer_backward.c - the top-k layer's backward composed from the
+ * public backward ops, the forward's order reversed:
+ *   combine -> grouped FFN -> dispatch (the routed rows' dx), route ->
+ *   router linear, shared experts and their gate,
+ * with dx summed per token in that fixed order.  The dispatch is rebuilt
+ * from the forward's expert ids (the same stable sort: the same rows as
+ * the saved expert outputs).  Backend-neutral: it only calls csrc/moe.h.
+ */
+#include "moe_impl.h"
+
+#include <math.h>
+#include <string.h>
+
+/* The shared experts: d_shared = dy * s, s = sigmoid(x . gate) (or 1);
+ * their FFN's backward adds into dx, the gate's gradient goes to
+ * d_shared_gate and dx. */
+static moe_status
+moe_layer_backward_shared(const moe_layer_backward_params *b, float *dx)
+{
+    const moe_layer_params *p = b->forward;
+    const int64_t T = p->n_tokens, d = p->d_model;
+    int64_t offsets[2] = {0, T}, t, i;
+    double *g = NULL, *ds = NULL;
+    float *dsh = NULL, *dxs = NULL;
+    moe_ffn_backward_params fb;
+    moe_status st = MOE_STATUS_ALLOC;
+
+    dsh = moe_alloc((size_t)(T * d) + 1, sizeof(float));
+    dxs = moe_alloc((size_t)(T * d) + 1, sizeof(float));
+    g = moe_alloc((size_t)T + 1, sizeof(double));
+    ds = moe_alloc((size_t)T + 1, sizeof(double));
+    if (!dsh || !dxs || !g || !ds) {
+        goto done;
+    }
+    if (p->shared_gate != NULL) {
+        moe_router_params rp;
+        memset(&rp, 0, sizeof(rp));
+        rp.x = p->x;
+        rp.weight = p->shared_gate;
+        rp.n_tokens = T;
+        rp.d_model = d;
+        rp.n_experts = 1;
+        rp.logits = g;
+        if ((st = moe_router_logits(&rp)) != MOE_STATUS_OK) {
+            goto done;
+        }
+    }
+    for (t = 0; t < T; t++) {
+        /* the forward's gate value (float32, as it scaled the output) */
+        const float s = p->shared_gate ? (float)(1.0 / (1.0 + exp(-g[t])))
+                                       : 1.0f;
+        double dot = 0.0;
+        for (i = 0; i < d; i++) {
+            dsh[t * d + i] = b->dy[t * d + i] * s;
+            dot += (double)b->dy[t * d + i] * p->save_shared[t * d + i];
+        }
+        ds[t] = dot * s * (1.0 - s);
+    }
+    memset(&fb, 0, sizeof(fb));
+    fb.x = p->x;
+    fb.n_tokens = T;
+    fb.offsets = offsets;
+    fb.n_rows = T;
+    fb.experts = p->shared;
+    fb.w_gate = b->shared_w_gate;
+    fb.w_up = b->shared_w_up;
+    fb.w_down = b->shared_w_down;
+    fb.act = p->act;
+    fb.dy = dsh;
+    fb.dx = dx != NULL ? dxs : NULL;
+    fb.d_w_gate = b->d_shared_w_gate;
+    fb.d_w_up = b->d_shared_w_up;
+    fb.d_w_down = b->d_shared_w_down;
+    if ((st = moe_ffn_backward(&fb)) != MOE_STATUS_OK) {
+        goto done;
+    }
+    for (t = 0; dx != NULL && t < T; t++) {
+        for (i = 0; i < d; i++) {
+            dx[t * d + i] += dxs[t * d + i];
+        }
+        if (p->shared_gate != NULL) {
+            for (i = 0; i < d; i++) {
+                dx[t * d + i] += (float)(ds[t] * p->shared_gate[i]);
+            }
+        }
+    }
+    if (p->shared_gate != NULL && b->d_shared_gate != NULL) {
+        for (i = 0; i < d; i++) {
+            double s = 0.0;
+            for (t = 0; t < T; t++) {
+                s += ds[t] * p->x[t * d + i];
+            }
+            b->d_shared_gate[i] = (float)s;
+        }
+    }
+    st = MOE_STATUS_OK;
+done:
+    free(dsh);
+    free(dxs);
+    free(g);
+    free(ds);
+    return st;
+}
+
+moe_status
+moe_layer_backward(const moe_layer_backward_params *b)
+{
+    const moe_layer_params *p = b->forward;
+    const int64_t T = p->n_tokens, d = p->d_model;
+    const int32_t E = p->n_experts, k = p->route.top_k;
+    int64_t *offsets = NULL, *token_index = NULL, *position = NULL, n_rows;
+    float *dys = NULL, *dws = NULL, *dxs = NULL, *dxr = NULL;
+    double *dl = NULL;
+    moe_dispatch_params dp;
+    moe_combine_backward_params cb;
+    moe_ffn_backward_params fb;
+    moe_dispatch_backward_params db;
+    moe_route_backward_params rb;
+    moe_router_backward_params lb;
+    moe_status st = MOE_STATUS_ALLOC;
+    int64_t i;
+
+    if (p->route.router != MOE_ROUTER_TOP_K || p->n_null > 0 ||
+        p->lora != NULL || p->skip_threshold > 0.0) {
+        return moe_set_error(MOE_STATUS_UNSUPPORTED, "the layer backward "
+                             "covers the top_k router without null experts, "
+                             "expert LoRA or skipping");
+    }
+    if (p->save_logits == NULL || p->save_y == NULL || b->dy == NULL ||
+        (p->shared != NULL && p->save_shared == NULL)) {
+        return moe_set_error(MOE_STATUS_INVALID_ARG, "the layer backward needs "
+                             "dy and what the forward saved (save_logits, "
+                             "save_y and, with shared experts, save_shared)");
+    }
+    offsets = moe_alloc((size_t)E + 1, sizeof(int64_t));
+    position = moe_alloc((size_t)(T * k) + 1, sizeof(int64_t));
+    dws = moe_alloc((size_t)(T * k) + 1, sizeof(float));
+    dl = moe_alloc((size_t)(T * E) + 1, sizeof(double));
+    if (!offsets || !position || !dws || !dl) {
+        goto done;
+    }
+    /* the forward's dispatch, again */
+    memset(&dp, 0, sizeof(dp));
+    dp.expert_ids = p->expert_ids;
+    dp.n_tokens = T;
+    dp.top_k = k;
+    dp.n_experts = E;
+    dp.offsets = offsets;
+    dp.position = position;
+    if ((st = moe_dispatch_count(&dp)) != MOE_STATUS_OK) {
+        goto done;
+    }
+    n_rows = offsets[E];
+    st = MOE_STATUS_ALLOC;
+    token_index = moe_alloc((size_t)n_rows + 1, sizeof(int64_t));
+    dys = moe_alloc((size_t)(n_rows * d) + 1, sizeof(float));
+    dxs = moe_alloc((size_t)(n_rows * d) + 1, sizeof(float));
+    dxr = moe_alloc((size_t)(T * d) + 1, sizeof(float));
+    if (!token_index || !dys || !dxs || !dxr) {
+        goto done;
+    }
+    dp.token_index = token_index;
+    if ((st = moe_dispatch_build(&dp)) != MOE_STATUS_OK) {
+        goto done;
+    }
+
+    memset(&cb, 0, sizeof(cb));
+    cb.y = p->save_y;
+    cb.position = position;
+    cb.weights = p->weights;
+    cb.n_rows = n_rows;
+    cb.n_tokens = T;
+    cb.top_k = k;
+    cb.d_model = d;
+    cb.d_out = b->dy;
+    cb.d_y = dys;
+    cb.d_weights = dws;
+    if ((st = moe_combine_backward(&cb)) != MOE_STATUS_OK) {
+        goto done;
+    }
+
+    memset(&fb, 0, sizeof(fb));
+    fb.x = p->x;
+    fb.token_index = token_index;
+    fb.n_tokens = T;
+    fb.offsets = offsets;
+    fb.n_rows = n_rows;
+    fb.experts = p->experts;
+    fb.w_gate = b->w_gate;
+    fb.w_up = b->w_up;
+    fb.w_down = b->w_down;
+    fb.act = p->act;
+    fb.dy = dys;
+    fb.dx = b->dx != NULL ? dxs : NULL;
+    fb.d_w_gate = b->d_w_gate;
+    fb.d_w_up = b->d_w_up;
+    fb.d_w_down = b->d_w_down;
+    fb.d_b_gate = b->d_b_gate;
+    fb.d_b_up = b->d_b_up;
+    fb.d_b_down = b->d_b_down;
+    if ((st = moe_ffn_backward(&fb)) != MOE_STATUS_OK) {
+        goto done;
+    }
+
+    memset(&rb, 0, sizeof(rb));
+    rb.logits = p->save_logits;
+    rb.n_tokens = T;
+    rb.n_experts = E;
+    rb.opt = p->route;
+    rb.expert_ids = p->expert_ids;
+    rb.d_weights = dws;
+    rb.aux_coef = b->aux_coef;
+    rb.z_coef = b->z_coef;
+    rb.d_logits = dl;
+    if ((st = moe_route_backward(&rb)) != MOE_STATUS_OK) {
+        goto done;
+    }
+    memset(&lb, 0, sizeof(lb));
+    lb.x = p->x;
+    lb.weight = p->router_weight;
+    lb.n_tokens = T;
+    lb.d_model = d;
+    lb.n_experts = E;
+    lb.d_logits = dl;
+    lb.dx = b->dx != NULL ? dxr : NULL;
+    lb.d_weight = b->d_router_weight;
+    lb.d_bias = p->router_bias != NULL ? b->d_router_bias : NULL;
+    if ((st = moe_router_backward(&lb)) != MOE_STATUS_OK) {
+        goto done;
+    }
+
+    if (b->dx != NULL) { /* routed rows (slots in order), then the router */
+        memset(&db, 0, sizeof(db));
+        db.d_rows = dxs;
+        db.position = position;
+        db.n_rows = n_rows;
+        db.n_tokens = T;
+        db.top_k = k;
+        db.d_model = d;
+        db.dx = b->dx;
+        if ((st = moe_dispatch_backward(&db)) != MOE_STATUS_OK) {
+            goto done;
+        }
+        for (i = 0; i < T * d; i++) {
+            b->dx[i] += dxr[i];
+        }
+    }
+    if (p->shared != NULL) {
+        st = moe_layer_backward_shared(b, b->dx);
+    }
+done:
+    free(offsets);
+    free(position);
+    free(token_index);
+    free(dys);
+    free(dws);
+    free(dxs);
+    free(dxr);
+    free(dl);
+    return st;
+}

@@ -1,0 +1,492 @@
+/*
+ * cpu/ffn_backward.c - the grouped expert FFN's backward on the CPU.  For the
+ * rows X_e of expert e (forward: G = X W_g^T + b_g, U = X W_u^T + b_u,
+ * H = act(G, U), Y = H W_d^T + b_d) and dY:
+ *   1. G, U recomputed from the forward's packed panels (the forward's
+ *      bits: nothing of size rows x d_ff was kept), dH = dY W_d, then
+ *      H, dG, dU from the activation's backward;
+ *   2. dX = dG W_g + dU W_u (one chain over both);
+ *   3. dW_d = dY^T H, dW_g = dG^T X, dW_u = dU^T X over the expert's rows,
+ *      and the bias gradients, column sums in row order.
+ * The products run on cpu/matmul.c (B read in place from the unpacked
+ * weights; weights stored as bf16 / fp16 are widened to fp32 first).  Each
+ * output element is computed by one task as one chain in a fixed order:
+ * the same bits for any thread count, and a row's dX depends on that row
+ * alone.
+ */
+#include "moe_impl.h"
+#include "cpu/kernels.h"
+
+#include <math.h>
+#include <string.h>
+
+#define MOE_BWD_ROWS   48  /* rows per phase-1 task (a multiple of MR)    */
+#define MOE_BWD_UNITS  128 /* hidden units per phase-1 task               */
+#define MOE_BWD_MROWS  96  /* output rows per phase-2 / 3 task            */
+#define MOE_BWD_MCOLS  256 /* output columns per phase-2 / 3 task         */
+
+typedef struct moe_bwd_job {
+    const moe_ffn_backward_params *p;
+    const moe_experts *w;
+    const moe_kernels *kr;
+    int64_t            d, F;
+    const float       *xs;      /* (n_rows, d) the rows, gathered          */
+    const float       *wg, *wu, *wd; /* fp32 weights (E, F, d), (E, d, F)  */
+    float             *h, *dg, *du;  /* (n_rows, F)                         */
+    /* the task lists: (expert, a, b) triples, by phase */
+    int64_t           *tasks;
+    int64_t            n_tasks;
+    int                mat;     /* phase 3: 0 gate, 1 up, 2 down, 3 biases */
+    int                failed;
+} moe_bwd_job;
+
+static int64_t
+moe_bwd_ff(const moe_experts *w, int64_t e)
+{
+    return w->expert_ff ? w->expert_ff[e] : w->d_ff;
+}
+
+static void
+moe_bwd_fail(moe_bwd_job *job)
+{
+    __atomic_store_n(&job->failed, 1, __ATOMIC_RELAXED);
+}
+
+/* IEEE half bits -> float (exact; subnormals, inf and NaN included). */
+static float
+moe_bwd_half(uint16_t h)
+{
+    const uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
+    const uint32_t ex = (h >> 10) & 0x1fu, man = h & 0x3ffu;
+    float f;
+    uint32_t u;
+
+    if (ex == 0) { /* zero or subnormal: man * 2^-24 */
+        f = ldexpf((float)man, -24);
+        return sign ? -f : f;
+    }
+    u = ex == 31 ? sign | 0x7f800000u | (man << 13)
+                 : sign | ((ex + 112u) << 23) | (man << 13);
+    memcpy(&f, &u, sizeof(f));
+    return f;
+}
+
+/* Widen expert e's three weights (task e) to fp32. */
+static void
+moe_bwd_widen_task(void *ctx, int64_t e)
+{
+    moe_bwd_job *job = ctx;
+    const moe_ffn_backward_params *p = job->p;
+    const int64_t n = job->F * job->d;
+    const int bf16 = job->w->dtype == MOE_DTYPE_BF16;
+    const void *src[3] = {p->w_gate, p->w_up, p->w_down};
+    float *dst[3] = {(float *)job->wg, (float *)job->wu, (float *)job->wd};
+    int64_t i;
+    int m;
+
+    if (p->offsets[e + 1] == p->offsets[e]) {
+        return; /* no rows: its weights are never read */
+    }
+    for (m = 0; m < 3; m++) {
+        const uint16_t *s = src[m] ? (const uint16_t *)src[m] + e * n : NULL;
+        float *o = dst[m] ? dst[m] + e * n : NULL;
+        if (s == NULL || o == NULL) {
+            continue;
+        }
+        for (i = 0; i < n; i++) {
+            if (bf16) {
+                uint32_t u = (uint32_t)s[i] << 16;
+                memcpy(&o[i], &u, sizeof(u));
+            }
+            else {
+                o[i] = moe_bwd_half(s[i]);
+            }
+        }
+    }
+}
+
+/* Phase 0: row r of xs is x[token_index[r]] (tasks of 64 rows). */
+static void
+moe_bwd_gather_task(void *ctx, int64_t t)
+{
+    moe_bwd_job *job = ctx;
+    const moe_ffn_backward_params *p = job->p;
+    int64_t r;
+
+    for (r = t * 64; r < p->n_rows && r < t * 64 + 64; r++) {
+        memcpy((float *)job->xs + r * job->d,
+               p->x + p->token_index[r] * job->d, sizeof(float) * job->d);
+    }
+}
+
+/* Phase 1: task (e, first row, first unit) -> H, dG, dU of that block. */
+static void
+moe_bwd_hidden_task(void *ctx, int64_t t)
+{
+    moe_bwd_job *job = ctx;
+    const moe_ffn_backward_params *p = job->p;
+    const moe_experts *w = job->w;
+    const moe_kernels *kr = job->kr;
+    const int64_t e = job->tasks[3 * t], r0 = job->tasks[3 * t + 1];
+    const int64_t u0 = job->tasks[3 * t + 2];
+    const int64_t d = job->d, F = job->F, ff = moe_bwd_ff(w, e);
+    const int64_t m = p->offsets[e + 1] - r0 < MOE_BWD_ROWS
+                          ? p->offsets[e + 1] - r0 : MOE_BWD_ROWS;
+    const int64_t nu = ff - u0 < MOE_BWD_UNITS ? ff - u0 : MOE_BWD_UNITS;
+    const int mr = kr->mr, nr = w->nr, width = w->gated ? nr / 2 : nr;
+    const int64_t n_pan = (m + mr - 1) / mr;
+    const size_t es = w->dtype == MOE_DTYPE_F32 ? 4 : 2;
+    float tile[MOE_MAX_MR * MOE_MAX_NR];
+    float *ap, *dh;
+    moe_mm_seg seg;
+    int64_t c, P, i, j;
+
+    ap = moe_workspace(MOE_WS_BWD_TASK, (size_t)(n_pan * mr * d +
+                                                 m * MOE_BWD_UNITS),
+                       sizeof(float));
+    if (ap == NULL) {
+        moe_bwd_fail(job);
+        return;
+    }
+    dh = ap + n_pan * mr * d;
+    /* dH (m, nu) = dY rows @ W_d[:, u0:u0+nu] */
+    seg.a = p->dy + r0 * d;
+    seg.a_rs = d;
+    seg.a_cs = 1;
+    seg.b = job->wd + e * d * F + u0;
+    seg.ldb = F;
+    seg.K = d;
+    if (moe_mm_block(&seg, 1, m, nu, dh, MOE_BWD_UNITS) != MOE_STATUS_OK) {
+        moe_bwd_fail(job);
+        return;
+    }
+    /* the rows as the forward's activation panels, (d, MR) k-major */
+    for (P = 0; P < n_pan; P++) {
+        for (i = 0; i < mr; i++) {
+            const int64_t r = r0 + P * mr + i;
+            for (j = 0; j < d; j++) {
+                ap[P * mr * d + j * mr + i] =
+                    P * mr + i < m ? job->xs[r * d + j] : 0.0f;
+            }
+        }
+    }
+    for (c = u0 / width; c * width < u0 + nu; c++) {
+        const char *b = (const char *)w->gu +
+                        ((e * w->gu_panels + c) * d * nr) * es;
+        const float *bias = w->gu_bias ? w->gu_bias +
+                                (e * w->gu_panels + c) * nr : NULL;
+        const moe_prefetch none = {NULL, 0};
+        const int n_units = ff - c * width < width ? (int)(ff - c * width)
+                                                   : width;
+        for (P = 0; P < n_pan; P++) {
+            const int rows = m - P * mr < mr ? (int)(m - P * mr) : mr;
+            kr->ukr[w->dtype](ap + P * mr * d, b, d, rows, tile, nr, none);
+            for (i = 0; i < rows; i++) {
+                float *tr = tile + i * nr;
+                const int64_t row = r0 + P * mr + i;
+                const int64_t f0 = c * width;
+                if (bias != NULL) {
+                    for (j = 0; j < nr; j++) {
+                        tr[j] += bias[j];
+                    }
+                }
+                kr->act_grad((int)p->act.activation,
+                             w->gated ? tr : NULL, w->gated ? tr + width : tr,
+                             dh + (P * mr + i) * MOE_BWD_UNITS + (f0 - u0),
+                             n_units, p->act.alpha, p->act.limit,
+                             job->h + row * F + f0,
+                             w->gated ? job->dg + row * F + f0 : NULL,
+                             job->du + row * F + f0);
+            }
+        }
+    }
+}
+
+/* Phase 2: task (e, first row, first column) of dX = dG W_g + dU W_u. */
+static void
+moe_bwd_dx_task(void *ctx, int64_t t)
+{
+    moe_bwd_job *job = ctx;
+    const moe_ffn_backward_params *p = job->p;
+    const int64_t e = job->tasks[3 * t], r0 = job->tasks[3 * t + 1];
+    const int64_t j0 = job->tasks[3 * t + 2];
+    const int64_t d = job->d, F = job->F, ff = moe_bwd_ff(job->w, e);
+    const int64_t m = p->offsets[e + 1] - r0 < MOE_BWD_MROWS
+                          ? p->offsets[e + 1] - r0 : MOE_BWD_MROWS;
+    const int64_t n = d - j0 < MOE_BWD_MCOLS ? d - j0 : MOE_BWD_MCOLS;
+    moe_mm_seg segs[2];
+    int s = 0;
+
+    if (job->w->gated) {
+        segs[s].a = job->dg + r0 * F;
+        segs[s].a_rs = F;
+        segs[s].a_cs = 1;
+        segs[s].b = job->wg + e * F * d + j0;
+        segs[s].ldb = d;
+        segs[s].K = ff;
+        s++;
+    }
+    segs[s].a = job->du + r0 * F;
+    segs[s].a_rs = F;
+    segs[s].a_cs = 1;
+    segs[s].b = job->wu + e * F * d + j0;
+    segs[s].ldb = d;
+    segs[s].K = ff;
+    s++;
+    if (moe_mm_block(segs, s, m, n, p->dx + r0 * d + j0, d) != MOE_STATUS_OK) {
+        moe_bwd_fail(job);
+    }
+}
+
+/*
+ * Phase 3: task (e, first row, first column) of one weight gradient (mat:
+ * 0 dW_g = dG^T X, 1 dW_u = dU^T X, 2 dW_d = dY^T H, all over the expert's
+ * rows; rows / columns past the expert's d_ff are 0), or with mat 3 the
+ * bias gradients of expert e.
+ */
+static void
+moe_bwd_dw_task(void *ctx, int64_t t)
+{
+    moe_bwd_job *job = ctx;
+    const moe_ffn_backward_params *p = job->p;
+    const int64_t e = job->tasks[3 * t], i0 = job->tasks[3 * t + 1];
+    const int64_t j0 = job->tasks[3 * t + 2];
+    const int64_t d = job->d, F = job->F, ff = moe_bwd_ff(job->w, e);
+    const int64_t lo = p->offsets[e], n_e = p->offsets[e + 1] - lo;
+    const int down = job->mat == 2;
+    const int64_t rows = down ? d : F, cols = down ? F : d;
+    const int64_t m = rows - i0 < MOE_BWD_MROWS ? rows - i0 : MOE_BWD_MROWS;
+    const int64_t n = cols - j0 < MOE_BWD_MCOLS ? cols - j0 : MOE_BWD_MCOLS;
+    /* the part inside the expert's size: rows (gate, up) or columns (down) */
+    const int64_t m_in = down ? m : (ff - i0 < 0 ? 0 : (ff - i0 < m ? ff - i0 : m));
+    const int64_t n_in = !down ? n : (ff - j0 < 0 ? 0 : (ff - j0 < n ? ff - j0 : n));
+    float *out = (job->mat == 0 ? p->d_w_gate : job->mat == 1 ? p->d_w_up
+                                                             : p->d_w_down) +
+                 e * F * d + i0 * cols + j0;
+    moe_mm_seg seg;
+    int64_t i;
+
+    if (m_in > 0 && n_in > 0) {
+        if (down) {
+            seg.a = p->dy + lo * d + i0; /* dY^T */
+            seg.a_rs = 1;
+            seg.a_cs = d;
+            seg.b = job->h + lo * F + j0;
+            seg.ldb = F;
+        }
+        else {
+            seg.a = (job->mat == 0 ? job->dg : job->du) + lo * F + i0;
+            seg.a_rs = 1;
+            seg.a_cs = F;
+            seg.b = job->xs + lo * d + j0;
+            seg.ldb = d;
+        }
+        seg.K = n_e;
+        if (moe_mm_block(&seg, 1, m_in, n_in, out, cols) != MOE_STATUS_OK) {
+            moe_bwd_fail(job);
+            return;
+        }
+    }
+    for (i = 0; i < m; i++) { /* outside the expert's size */
+        if (i >= m_in) {
+            memset(out + i * cols, 0, sizeof(float) * (size_t)n);
+        }
+        else if (n_in < n) {
+            memset(out + i * cols + n_in, 0, sizeof(float) * (size_t)(n - n_in));
+        }
+    }
+}
+
+/* Phase 3, mat 3: the bias gradients of expert t, sums over rows in order. */
+static void
+moe_bwd_bias_task(void *ctx, int64_t e)
+{
+    moe_bwd_job *job = ctx;
+    const moe_ffn_backward_params *p = job->p;
+    const int64_t d = job->d, F = job->F, ff = moe_bwd_ff(job->w, e);
+    const int64_t lo = p->offsets[e], hi = p->offsets[e + 1];
+    float *dst[3] = {p->d_b_gate, p->d_b_up, p->d_b_down};
+    const float *src[3] = {job->dg, job->du, p->dy};
+    const int64_t n[3] = {F, F, d}, used[3] = {ff, ff, d};
+    double *acc;
+    int64_t r, j;
+    int q;
+
+    acc = moe_workspace(MOE_WS_BWD_TASK, (size_t)(F > d ? F : d),
+                        sizeof(double));
+    if (acc == NULL) {
+        moe_bwd_fail(job);
+        return;
+    }
+    for (q = 0; q < 3; q++) {
+        if (dst[q] == NULL || (q == 0 && !job->w->gated)) {
+            continue;
+        }
+        memset(acc, 0, sizeof(double) * (size_t)n[q]);
+        for (r = lo; r < hi; r++) {
+            const float *row = src[q] + r * n[q];
+            for (j = 0; j < used[q]; j++) {
+                acc[j] += row[j];
+            }
+        }
+        for (j = 0; j < n[q]; j++) {
+            dst[q][e * n[q] + j] = (float)acc[j];
+        }
+    }
+}
+
+/* The (expert, a, b) tasks of a phase: rows of the expert (or `rows` rows
+ * when > 0) in blocks of rb, and [0, cols) in blocks of cb. */
+static int64_t
+moe_bwd_tasks(const moe_ffn_backward_params *p, const moe_experts *w,
+              int64_t rows, int64_t rb, int64_t cols, int64_t cb,
+              int by_units, int64_t *tasks)
+{
+    int64_t e, r, c, n = 0;
+
+    for (e = 0; e < w->n_experts; e++) {
+        const int64_t lo = rows > 0 ? 0 : p->offsets[e];
+        const int64_t hi = rows > 0 ? rows : p->offsets[e + 1];
+        const int64_t nc = by_units ? moe_bwd_ff(w, e) : cols;
+        for (r = lo; r < hi; r += rb) {
+            for (c = 0; c < nc; c += cb) {
+                if (tasks != NULL) {
+                    tasks[3 * n] = e;
+                    tasks[3 * n + 1] = r;
+                    tasks[3 * n + 2] = c;
+                }
+                n++;
+            }
+        }
+    }
+    return n;
+}
+
+static moe_status
+moe_bwd_phase(moe_bwd_job *job, int64_t rows, int64_t rb, int64_t cols,
+              int64_t cb, int by_units, moe_task_fn fn)
+{
+    moe_status st;
+    int64_t n = moe_bwd_tasks(job->p, job->w, rows, rb, cols, cb, by_units,
+                              NULL);
+
+    free(job->tasks);
+    job->tasks = moe_alloc((size_t)(3 * n + 3), sizeof(int64_t));
+    if (job->tasks == NULL) {
+        return MOE_STATUS_ALLOC;
+    }
+    moe_bwd_tasks(job->p, job->w, rows, rb, cols, cb, by_units, job->tasks);
+    job->n_tasks = n;
+    st = moe_pool_run(n, fn, job);
+    if (st == MOE_STATUS_OK && job->failed) {
+        st = moe_set_error(MOE_STATUS_ALLOC, "ffn backward: out of memory "
+                           "for a task's scratch");
+    }
+    return st;
+}
+
+moe_status
+moe_cpu_ffn_backward(const moe_ffn_backward_params *p)
+{
+    const moe_experts *w = p->experts;
+    const int64_t d = w->d_model, F = w->d_ff, N = p->n_rows;
+    const int64_t E = w->n_experts;
+    moe_bwd_job job;
+    float *wide = NULL, *xs = NULL, *hid = NULL;
+    moe_status st = MOE_STATUS_ALLOC;
+    int mat;
+
+    memset(&job, 0, sizeof(job));
+    job.p = p;
+    job.w = w;
+    job.kr = moe_cpu_kernels();
+    job.d = d;
+    job.F = F;
+    if (N == 0 || d == 0 || F == 0) { /* nothing flows: zero gradients */
+        if (p->dx) memset(p->dx, 0, sizeof(float) * (size_t)(N * d));
+        if (p->d_w_gate) memset(p->d_w_gate, 0, sizeof(float) * (size_t)(E * F * d));
+        if (p->d_w_up) memset(p->d_w_up, 0, sizeof(float) * (size_t)(E * F * d));
+        if (p->d_w_down) memset(p->d_w_down, 0, sizeof(float) * (size_t)(E * F * d));
+        if (p->d_b_gate) memset(p->d_b_gate, 0, sizeof(float) * (size_t)(E * F));
+        if (p->d_b_up) memset(p->d_b_up, 0, sizeof(float) * (size_t)(E * F));
+        if (p->d_b_down) memset(p->d_b_down, 0, sizeof(float) * (size_t)(E * d));
+        return MOE_STATUS_OK;
+    }
+    if (w->dtype == MOE_DTYPE_F32) {
+        job.wg = p->w_gate;
+        job.wu = p->w_up;
+        job.wd = p->w_down;
+    }
+    else {
+        const size_t n = (size_t)(E * F * d);
+        wide = moe_alloc((w->gated ? 3 : 2) * n, sizeof(float));
+        if (wide == NULL) {
+            goto done;
+        }
+        job.wu = wide;
+        job.wd = wide + n;
+        job.wg = w->gated ? wide + 2 * n : NULL;
+        if ((st = moe_pool_run(E, moe_bwd_widen_task, &job)) != MOE_STATUS_OK) {
+            goto done;
+        }
+        st = MOE_STATUS_ALLOC;
+    }
+    if (p->token_index != NULL) {
+        xs = moe_alloc((size_t)(N * d), sizeof(float));
+        if (xs == NULL) {
+            goto done;
+        }
+        job.xs = xs;
+        if ((st = moe_pool_run((N + 63) / 64, moe_bwd_gather_task, &job)) !=
+            MOE_STATUS_OK) {
+            goto done;
+        }
+    }
+    else {
+        job.xs = p->x;
+    }
+    hid = moe_alloc((size_t)((w->gated ? 3 : 2) * N * F), sizeof(float));
+    if (hid == NULL) {
+        st = MOE_STATUS_ALLOC;
+        goto done;
+    }
+    job.h = hid;
+    job.du = hid + N * F;
+    job.dg = w->gated ? hid + 2 * N * F : NULL;
+
+    if ((st = moe_bwd_phase(&job, 0, MOE_BWD_ROWS, 0, MOE_BWD_UNITS, 1,
+                            moe_bwd_hidden_task)) != MOE_STATUS_OK) {
+        goto done;
+    }
+    if (p->dx != NULL &&
+        (st = moe_bwd_phase(&job, 0, MOE_BWD_MROWS, d, MOE_BWD_MCOLS, 0,
+                            moe_bwd_dx_task)) != MOE_STATUS_OK) {
+        goto done;
+    }
+    for (mat = 0; mat < 3; mat++) {
+        const float *want = mat == 0 ? (w->gated ? p->d_w_gate : NULL)
+                          : mat == 1 ? p->d_w_up : p->d_w_down;
+        if (want == NULL) {
+            continue;
+        }
+        job.mat = mat;
+        if ((st = moe_bwd_phase(&job, mat == 2 ? d : F, MOE_BWD_MROWS,
+                                mat == 2 ? F : d, MOE_BWD_MCOLS, 0,
+                                moe_bwd_dw_task)) != MOE_STATUS_OK) {
+            goto done;
+        }
+    }
+    if (p->d_b_gate || p->d_b_up || p->d_b_down) {
+        st = moe_pool_run(E, moe_bwd_bias_task, &job);
+        if (st == MOE_STATUS_OK && job.failed) {
+            st = moe_set_error(MOE_STATUS_ALLOC, "ffn backward: out of memory "
+                               "for a task's scratch");
+        }
+    }
+done:
+    free(job.tasks);
+    free(wide);
+    free(xs);
+    free(hid);
+    return st;
+}

@@ -1,0 +1,176 @@
+/*
+ * cpu/matmul.c - the backward's fp32 GEMM on the packed micro-kernels:
+ *   C (m, n) = sum over segments s of A_s (m, K_s) @ B_s (K_s, n)
+ * with A_s read through strides (packed into MR-row panels here, so a
+ * transposed operand costs nothing extra) and B_s fp32 row-major, read in
+ * place by the kernel (moe_ukr_acc_fn) except a last partial column panel,
+ * which is copied zero-padded.  k is blocked for the caches; each element
+ * stays one FMA chain over the segments' k in order (load_c continues it),
+ * so the result does not depend on the blocking, the tasks or the thread
+ * count.  No BLAS.
+ */
+#include "moe_impl.h"
+#include "cpu/kernels.h"
+
+#include <string.h>
+
+#define MOE_MM_KB   256 /* k per block: A panels and a B panel stay in L2 */
+#define MOE_MM_ROWS 96  /* rows per task of moe_mm (a multiple of MR)     */
+#define MOE_MM_COLS 256 /* columns per task of moe_mm                     */
+
+/* a (K, MR) k-major from rows [0, m) of A, zero rows past m. */
+static void
+moe_mm_pack_a(const moe_mm_seg *s, int64_t i0, int m, int mr, int64_t k0,
+              int64_t kb, float *a)
+{
+    int64_t k;
+    int i;
+
+    if (s->a_cs == 1) {
+        for (i = 0; i < mr; i++) {
+            const float *src = s->a + (i0 + i) * s->a_rs + k0;
+            if (i >= m) {
+                for (k = 0; k < kb; k++) {
+                    a[k * mr + i] = 0.0f;
+                }
+                continue;
+            }
+            for (k = 0; k < kb; k++) {
+                a[k * mr + i] = src[k];
+            }
+        }
+        return;
+    }
+    for (k = 0; k < kb; k++) {
+        const float *src = s->a + i0 * s->a_rs + (k0 + k) * s->a_cs;
+        for (i = 0; i < mr; i++) {
+            a[k * mr + i] = i < m ? src[i * s->a_rs] : 0.0f;
+        }
+    }
+}
+
+moe_status
+moe_mm_block(const moe_mm_seg *segs, int n_segs, int64_t m, int64_t n,
+             float *c, int64_t ldc)
+{
+    const moe_kernels *kr = moe_cpu_kernels();
+    const int mr = kr->mr, nr = kr->nr;
+    const int64_t n_pan = (m + mr - 1) / mr, n_pad = (n + nr - 1) / nr * nr;
+    const int64_t a_size = n_pan * MOE_MM_KB * mr;
+    const int64_t c_size = n_pan * mr * n_pad;
+    float *buf, *ap, *bp, *cs;
+    int64_t i, j, p, k0;
+    int first = 1, s;
+
+    if (m <= 0 || n <= 0) {
+        return MOE_STATUS_OK;
+    }
+    buf = moe_workspace(MOE_WS_MM, (size_t)(a_size + MOE_MM_KB * nr + c_size),
+                        sizeof(float));
+    if (buf == NULL) {
+        return MOE_STATUS_ALLOC;
+    }
+    ap = buf;
+    bp = ap + a_size;
+    cs = bp + MOE_MM_KB * nr;
+    for (s = 0; s < n_segs; s++) {
+        const moe_mm_seg *g = &segs[s];
+        for (k0 = 0; k0 < g->K; k0 += MOE_MM_KB) {
+            const int64_t kb = g->K - k0 < MOE_MM_KB ? g->K - k0 : MOE_MM_KB;
+            for (p = 0; p < n_pan; p++) {
+                const int rows = m - p * mr < mr ? (int)(m - p * mr) : mr;
+                moe_mm_pack_a(g, p * mr, rows, mr, k0, kb, ap + p * kb * mr);
+            }
+            for (j = 0; j < n_pad; j += nr) {
+                const float *b = g->b + k0 * g->ldb + j;
+                int64_t ldb = g->ldb;
+                if (j + nr > n) { /* the last partial panel, zero-padded */
+                    int64_t k, q;
+                    for (k = 0; k < kb; k++) {
+                        for (q = 0; q < nr; q++) {
+                            bp[k * nr + q] = j + q < n ? b[k * g->ldb + q]
+                                                       : 0.0f;
+                        }
+                    }
+                    b = bp;
+                    ldb = nr;
+                }
+                for (p = 0; p < n_pan; p++) {
+                    const int rows = m - p * mr < mr ? (int)(m - p * mr) : mr;
+                    kr->ukr_acc(ap + p * kb * mr, b, ldb, kb, rows,
+                                cs + p * mr * n_pad + j, n_pad, !first);
+                }
+            }
+            first = 0;
+        }
+    }
+    for (i = 0; i < m; i++) {
+        if (first) { /* no k at all: the empty sum */
+            memset(c + i * ldc, 0, sizeof(float) * (size_t)n);
+        }
+        else {
+            memcpy(c + i * ldc, cs + i * n_pad, sizeof(float) * (size_t)n);
+        }
+    }
+    return MOE_STATUS_OK;
+}
+
+typedef struct moe_mm_job {
+    const moe_mm_seg *segs;
+    int               n_segs;
+    int64_t           m, n, ldc, col_tasks;
+    float            *c;
+    moe_status        st;
+} moe_mm_job;
+
+static void
+moe_mm_task(void *ctx, int64_t task)
+{
+    moe_mm_job *job = ctx;
+    const int64_t i0 = task / job->col_tasks * MOE_MM_ROWS;
+    const int64_t j0 = task % job->col_tasks * MOE_MM_COLS;
+    const int64_t m = job->m - i0 < MOE_MM_ROWS ? job->m - i0 : MOE_MM_ROWS;
+    const int64_t n = job->n - j0 < MOE_MM_COLS ? job->n - j0 : MOE_MM_COLS;
+    moe_mm_seg segs[MOE_MM_MAX_SEGS];
+    int s;
+
+    for (s = 0; s < job->n_segs; s++) {
+        segs[s] = job->segs[s];
+        segs[s].a += i0 * segs[s].a_rs;
+        segs[s].b += j0;
+    }
+    if (moe_mm_block(segs, job->n_segs, m, n, job->c + i0 * job->ldc + j0,
+                     job->ldc) != MOE_STATUS_OK) {
+        __atomic_store_n(&job->st, MOE_STATUS_ALLOC, __ATOMIC_RELAXED);
+    }
+}
+
+moe_status
+moe_mm(const moe_mm_seg *segs, int n_segs, int64_t m, int64_t n, float *c,
+       int64_t ldc)
+{
+    moe_mm_job job;
+    moe_status st;
+
+    if (n_segs < 0 || n_segs > MOE_MM_MAX_SEGS) {
+        return moe_set_error(MOE_STATUS_INTERNAL, "moe_mm: %d segments",
+                             n_segs);
+    }
+    if (m <= 0 || n <= 0) {
+        return MOE_STATUS_OK;
+    }
+    job.segs = segs;
+    job.n_segs = n_segs;
+    job.m = m;
+    job.n = n;
+    job.ldc = ldc;
+    job.c = c;
+    job.col_tasks = (n + MOE_MM_COLS - 1) / MOE_MM_COLS;
+    job.st = MOE_STATUS_OK;
+    st = moe_pool_run((m + MOE_MM_ROWS - 1) / MOE_MM_ROWS * job.col_tasks,
+                      moe_mm_task, &job);
+    if (st == MOE_STATUS_OK && job.st != MOE_STATUS_OK) {
+        return moe_set_error(job.st, "moe_mm: out of memory for a task");
+    }
+    return st;
+}

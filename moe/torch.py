@@ -16,7 +16,7 @@ from torch import nn
 from . import layer as _layer_mod
 from .layer import SparseMoE as _NumpySparseMoE
 
-__all__ = ["SparseMoE", "Routing", "from_layer"]
+__all__ = ["Routing", "SparseMoE", "from_layer"]
 
 # weights whose in-place change needs layer.pack(): the kernels read a packed copy of them
 _PACKED = frozenset(_layer_mod._EXPERT_WEIGHTS + ("b_gate", "b_up", "b_down")
@@ -134,8 +134,10 @@ def _bind(b, tensors):
 # it by the handle's value.  The context lives exactly as long as that storage -- saved by
 # autograd (or AOTAutograd) until the graph is freed -- so an unused forward leaks nothing.
 # When moe.train grows forward_saved(layer, x) -> (y, saved) / backward_saved(layer, x,
-# saved, dy, aux_coef, z_coef) with NumPy arrays only, the handle becomes those tensors
-# (declared in the fake op by shape) and this registry goes away.
+# saved, dy, aux_coef, z_coef) with NumPy arrays of shapes known from (T, layer) alone
+# (today's ctx.saved: logits (T, n_router) float64, the experts' outputs (T*k, d) float32,
+# the shared output (T, d) float32 or none; plus expert_ids / weights (T, k)), the handle
+# becomes those tensors (declared in the fake op by shape) and this registry goes away.
 
 class _Saved(np.ndarray):
     """A 0-d int64 array (the handle's storage) carrying the forward's TrainContext."""

@@ -99,6 +99,9 @@ enum {
     MOE_WS_PEER_TASK,     /* cpu/peer.c: one block's queries, scores, ids    */
     MOE_WS_MM,            /* cpu/matmul.c: A panels, an edge B panel, C      */
     MOE_WS_BWD_TASK,      /* cpu/ffn_backward.c: a task's tiles and panels   */
+    MOE_WS_BWD_HIDDEN,    /* cpu/ffn_backward.c: H, dG, dU (rows, d_ff)      */
+    MOE_WS_BWD_ROWS,      /* cpu/ffn_backward.c: the gathered rows           */
+    MOE_WS_LAYER_BWD,     /* compose/layer_backward.c: row gradients         */
     MOE_WS_COUNT
 };
 

@@ -1420,7 +1420,7 @@ def sparse_moe_backward(x, router_weight, w_gate, w_up, w_down, dy, *, top_k,
                         capacity_factor=None, shared_w_gate=None, shared_w_up=None,
                         shared_w_down=None, shared_gate_weight=None, router_bias=None,
                         b_gate=None, b_up=None, b_down=None, swiglu_alpha=1.702,
-                        swiglu_limit=7.0, aux_coef=0.0, z_coef=0.0):
+                        swiglu_limit=7.0, aux_coef=0.0, z_coef=0.0, expert_d_ff=None):
     """Gradients of  sum(dy * sparse_moe(x, ...)) + aux_coef * aux + z_coef * z  for the
     top-k layer (the options of sparse_moe above; no null experts, LoRA or other
     routers).  Returns {"dx", "router_weight", "router_bias", "w_gate", "w_up", "w_down",
@@ -1441,7 +1441,8 @@ def sparse_moe_backward(x, router_weight, w_gate, w_up, w_down, dy, *, top_k,
     gated = activation in GATED
     ffn_args = (w_gate if gated else None, w_up, w_down)
     ffn_opts = dict(activation=activation, b_gate=b_gate if gated else None, b_up=b_up,
-                    b_down=b_down, alpha=swiglu_alpha, limit=swiglu_limit)
+                    b_down=b_down, alpha=swiglu_alpha, limit=swiglu_limit,
+                    expert_d_ff=expert_d_ff)
     y_sorted = expert_ffn(disp["x_sorted"], disp["offsets"], *ffn_args, **ffn_opts)
     cb = combine_backward(y_sorted, disp["position"], routing["weights"], dy)
     fb = expert_ffn_backward(disp["x_sorted"], disp["offsets"], *ffn_args, cb["dy_sorted"],

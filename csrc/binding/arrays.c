@@ -9,6 +9,8 @@
 
 #include "binding.h"
 
+#include <stdlib.h>
+
 /* ---- arrays in ------------------------------------------------------------ */
 
 PyArrayObject *
@@ -94,6 +96,98 @@ moe_logits_arg(PyObject *obj, npy_intp *ld)
         return NULL;
     }
     return arr;
+}
+
+/* ---- recycled big float32 arrays (gradients) -------------------------- */
+
+/*
+ * Fresh memory costs a page fault per page on first touch, and glibc maps
+ * every block past 32 MiB fresh: a training step that returns ~100 MiB of
+ * weight gradients would spend more time faulting than computing.  Freed
+ * big arrays of ours keep their block in a small cache (under the GIL:
+ * capsule destructors and allocations both run with it held) for the next
+ * array of the same size.
+ */
+#define MOE_RECYCLE_MIN   (1u << 20) /* smaller arrays: NumPy's allocator */
+#define MOE_RECYCLE_SLOTS 16
+#define MOE_RECYCLE_BYTES ((size_t)1 << 30)
+
+static struct { void *ptr; size_t size; } moe_recycle[MOE_RECYCLE_SLOTS];
+static size_t moe_recycle_bytes;
+
+static void
+moe_recycle_capsule(PyObject *cap)
+{
+    void *ptr = PyCapsule_GetPointer(cap, "moe.recycled");
+    size_t size = (size_t)PyCapsule_GetContext(cap);
+    int i;
+
+    if (ptr == NULL) {
+        PyErr_Clear();
+        return;
+    }
+    for (i = 0; i < MOE_RECYCLE_SLOTS; i++) {
+        if (moe_recycle[i].ptr == NULL &&
+            moe_recycle_bytes + size <= MOE_RECYCLE_BYTES) {
+            moe_recycle[i].ptr = ptr;
+            moe_recycle[i].size = size;
+            moe_recycle_bytes += size;
+            return;
+        }
+    }
+    free(ptr);
+}
+
+void
+moe_recycle_clear(void)
+{
+    int i;
+
+    for (i = 0; i < MOE_RECYCLE_SLOTS; i++) {
+        free(moe_recycle[i].ptr);
+        moe_recycle[i].ptr = NULL;
+    }
+    moe_recycle_bytes = 0;
+}
+
+PyArrayObject *
+moe_new_recycled(int ndim, const npy_intp *dims)
+{
+    size_t size = sizeof(float);
+    void *ptr = NULL;
+    PyObject *arr, *cap;
+    int i;
+
+    for (i = 0; i < ndim; i++) {
+        size *= (size_t)dims[i];
+    }
+    if (size < MOE_RECYCLE_MIN) {
+        return (PyArrayObject *)PyArray_SimpleNew(ndim, (npy_intp *)dims,
+                                                  NPY_FLOAT32);
+    }
+    for (i = 0; i < MOE_RECYCLE_SLOTS && ptr == NULL; i++) {
+        if (moe_recycle[i].ptr != NULL && moe_recycle[i].size == size) {
+            ptr = moe_recycle[i].ptr;
+            moe_recycle[i].ptr = NULL;
+            moe_recycle_bytes -= size;
+        }
+    }
+    if (ptr == NULL && (ptr = aligned_alloc(64, (size + 63) / 64 * 64)) == NULL) {
+        return (PyArrayObject *)PyErr_NoMemory();
+    }
+    cap = PyCapsule_New(ptr, "moe.recycled", moe_recycle_capsule);
+    if (cap == NULL || PyCapsule_SetContext(cap, (void *)size) < 0) {
+        Py_XDECREF(cap);
+        free(ptr);
+        return NULL;
+    }
+    arr = PyArray_SimpleNewFromData(ndim, (npy_intp *)dims, NPY_FLOAT32, ptr);
+    if (arr == NULL || PyArray_SetBaseObject((PyArrayObject *)arr, cap) < 0) {
+        Py_XDECREF(arr);
+        Py_DECREF(cap); /* frees or caches ptr */
+        return NULL;
+    }
+    return (PyArrayObject *)arr;
 }
 
 PyArrayObject *

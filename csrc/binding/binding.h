@@ -69,6 +69,11 @@ int moe_opt_arg(PyObject *obj, const char *name, int typenum, int ndim,
                 npy_intp *dims, void **data);
 /* Router logits: (n_tokens, n_experts) float64 with 1..2^31-1 experts. */
 PyArrayObject *moe_logits_arg(PyObject *obj, npy_intp *ld);
+/* A new float32 array of dims; big ones reuse the blocks of freed ones
+ * (a small cache, so steady training does not fault fresh pages in). */
+PyArrayObject *moe_new_recycled(int ndim, const npy_intp *dims);
+/* Free the cached blocks. */
+void moe_recycle_clear(void);
 /* A new (d0[, d1]) array, or NULL with an exception set. */
 PyArrayObject *moe_new(int ndim, npy_intp d0, npy_intp d1, int typenum);
 

@@ -465,10 +465,10 @@ moe_py_layer_backward(PyObject *self, PyObject *args, PyObject *kw)
         npy_intp fd[3] = {info.n_experts, info.d_ff, info.d_model};
         npy_intp dn[3] = {info.n_experts, info.d_model, info.d_ff};
         if (info.gated) {
-            g[3] = (PyArrayObject *)PyArray_SimpleNew(3, fd, NPY_FLOAT32);
+            g[3] = moe_new_recycled(3, fd);
         }
-        g[4] = (PyArrayObject *)PyArray_SimpleNew(3, fd, NPY_FLOAT32);
-        g[5] = (PyArrayObject *)PyArray_SimpleNew(3, dn, NPY_FLOAT32);
+        g[4] = moe_new_recycled(3, fd);
+        g[5] = moe_new_recycled(3, dn);
     }
     if (biases) {
         if (info.gated) {

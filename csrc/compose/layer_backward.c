@@ -154,12 +154,13 @@ moe_layer_backward(const moe_layer_backward_params *b)
     n_rows = offsets[E];
     st = MOE_STATUS_ALLOC;
     token_index = moe_alloc((size_t)n_rows + 1, sizeof(int64_t));
-    dys = moe_alloc((size_t)(n_rows * d) + 1, sizeof(float));
-    dxs = moe_alloc((size_t)(n_rows * d) + 1, sizeof(float));
-    dxr = moe_alloc((size_t)(T * d) + 1, sizeof(float));
-    if (!token_index || !dys || !dxs || !dxr) {
+    dys = moe_workspace(MOE_WS_LAYER_BWD, (size_t)((2 * n_rows + T) * d) + 1,
+                        sizeof(float));
+    if (!token_index || !dys) {
         goto done;
     }
+    dxs = dys + n_rows * d;
+    dxr = dxs + n_rows * d;
     dp.token_index = token_index;
     if ((st = moe_dispatch_build(&dp)) != MOE_STATUS_OK) {
         goto done;
@@ -253,10 +254,7 @@ done:
     free(offsets);
     free(position);
     free(token_index);
-    free(dys);
     free(dws);
-    free(dxs);
-    free(dxr);
     free(dl);
     return st;
 }

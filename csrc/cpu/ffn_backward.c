@@ -20,9 +20,9 @@
 #include <math.h>
 #include <string.h>
 
-#define MOE_BWD_ROWS   48  /* rows per phase-1 task (a multiple of MR)    */
+#define MOE_BWD_ROWS   192 /* rows per phase-1 task (a multiple of MR)    */
 #define MOE_BWD_UNITS  128 /* hidden units per phase-1 task               */
-#define MOE_BWD_MROWS  96  /* output rows per phase-2 / 3 task            */
+#define MOE_BWD_MROWS  192 /* output rows per phase-2 / 3 task            */
 #define MOE_BWD_MCOLS  256 /* output columns per phase-2 / 3 task         */
 
 typedef struct moe_bwd_job {
@@ -392,7 +392,7 @@ moe_cpu_ffn_backward(const moe_ffn_backward_params *p)
     const int64_t d = w->d_model, F = w->d_ff, N = p->n_rows;
     const int64_t E = w->n_experts;
     moe_bwd_job job;
-    float *wide = NULL, *xs = NULL, *hid = NULL;
+    float *wide = NULL, *xs, *hid;
     moe_status st = MOE_STATUS_ALLOC;
     int mat;
 
@@ -432,7 +432,7 @@ moe_cpu_ffn_backward(const moe_ffn_backward_params *p)
         st = MOE_STATUS_ALLOC;
     }
     if (p->token_index != NULL) {
-        xs = moe_alloc((size_t)(N * d), sizeof(float));
+        xs = moe_workspace(MOE_WS_BWD_ROWS, (size_t)(N * d), sizeof(float));
         if (xs == NULL) {
             goto done;
         }
@@ -445,7 +445,8 @@ moe_cpu_ffn_backward(const moe_ffn_backward_params *p)
     else {
         job.xs = p->x;
     }
-    hid = moe_alloc((size_t)((w->gated ? 3 : 2) * N * F), sizeof(float));
+    hid = moe_workspace(MOE_WS_BWD_HIDDEN, (size_t)((w->gated ? 3 : 2) * N * F),
+                        sizeof(float));
     if (hid == NULL) {
         st = MOE_STATUS_ALLOC;
         goto done;
@@ -486,7 +487,5 @@ moe_cpu_ffn_backward(const moe_ffn_backward_params *p)
 done:
     free(job.tasks);
     free(wide);
-    free(xs);
-    free(hid);
     return st;
 }

@@ -284,6 +284,19 @@ def route(logits, top_k, *, scoring="softmax", renormalize=True, routed_scaling=
     (G, E) table and token t may choose the experts of row groups[t].
     Ties go to the lower expert index.  Non-finite logits raise ValueError.
     """
+    args, kw = route_args(logits, top_k, scoring=scoring, renormalize=renormalize,
+                          routed_scaling=routed_scaling, expert_bias=expert_bias,
+                          n_groups=n_groups, topk_groups=topk_groups,
+                          capacity_factor=capacity_factor, allowed=allowed, groups=groups)
+    ids, w, counts, n_dropped, aux, z = _C.route(*args, **kw)
+    return RoutingResult(ids, w, counts, int(n_dropped), float(aux), float(z))
+
+
+def route_args(logits, top_k, *, scoring="softmax", renormalize=True, routed_scaling=1.0,
+               expert_bias=None, n_groups=1, topk_groups=1, capacity_factor=None,
+               allowed=None, groups=None):
+    """route's arguments checked and converted for _C.route (and _C.route_backward):
+    (args, kwargs)."""
     logits = float_array(logits, "logits", (("n_tokens", None), ("n_experts", None)), np.float64)
     E = logits.shape[1]
     if E < 1:
@@ -296,12 +309,10 @@ def route(logits, top_k, *, scoring="softmax", renormalize=True, routed_scaling=
         bias = float_array(expert_bias, "expert_bias", (("n_experts", E),))
         check_finite(bias, "expert_bias")
     mask, rows = mask_args(allowed, groups, logits.shape[0], E, n_groups)
-    ids, w, counts, n_dropped, aux, z = _C.route(logits, top_k=top_k, scoring=code,
-                                                 renormalize=bool(renormalize),
-                                                 routed_scaling=routed_scaling, expert_bias=bias,
-                                                 n_groups=n_groups, topk_groups=topk_groups,
-                                                 capacity_factor=cf, allowed=mask, groups=rows)
-    return RoutingResult(ids, w, counts, int(n_dropped), float(aux), float(z))
+    return (logits,), dict(top_k=top_k, scoring=code, renormalize=bool(renormalize),
+                           routed_scaling=routed_scaling, expert_bias=bias, n_groups=n_groups,
+                           topk_groups=topk_groups, capacity_factor=cf, allowed=mask,
+                           groups=rows)
 
 
 def mask_args(allowed, groups, n_tokens, n_experts, n_groups=1):
@@ -612,6 +623,17 @@ def expert_ffn(x_sorted, offsets, w_gate, w_up=None, w_down=None, activation="sw
     swiglu_alpha / swiglu_limit: the constants of activation "swiglu-oai" (gpt-oss:
     g = min(g, limit), u = clip(u, -limit, limit), (u + 1) * g * sigmoid(alpha * g)).
     """
+    args, kw = expert_ffn_args(x_sorted, offsets, w_gate, w_up, w_down, activation, dtype,
+                               swiglu_alpha=swiglu_alpha, swiglu_limit=swiglu_limit)
+    return _C.ffn_grouped(*args, **kw)
+
+
+def expert_ffn_args(x_sorted, offsets, w_gate, w_up=None, w_down=None, activation="swiglu",
+                    dtype=None, *, swiglu_alpha=1.702, swiglu_limit=7.0, b_gate=None,
+                    b_up=None, b_down=None, keep=None):
+    """expert_ffn's arguments checked, the weights packed: (args, kwargs) for
+    _C.ffn_grouped (and _C.ffn_grouped_backward).  keep: a dict that receives the
+    converted weights ("w_gate", "w_up", "w_down") as the core stores them."""
     act = check_choice(activation, "activation", ACTIVATIONS)
     x = _tokens_2d(x_sorted, "x_sorted")
     offsets = int_array(offsets, "offsets", (("n_experts + 1", None),))
@@ -628,8 +650,17 @@ def expert_ffn(x_sorted, offsets, w_gate, w_up=None, w_down=None, activation="sw
         dtype = _guess_dtype(w_gate, w_up, w_down) if dtype is None else dtype
         code = check_choice(dtype, "dtype", WEIGHT_DTYPES)
         g, u, dn = expert_weights(w_gate, w_up, w_down, activation, x.shape[1], E, dtype=dtype)
+        F = u.shape[1]
+        biases = [None if b is None else float_array(b, name, shape) for b, name, shape in
+                  ((b_gate if g is not None else None, "b_gate", (("n_experts", E), ("d_ff", F))),
+                   (b_up, "b_up", (("n_experts", E), ("d_ff", F))),
+                   (b_down, "b_down", (("n_experts", E), ("d_model", x.shape[1]))))]
+        if keep is not None:
+            keep.update(w_gate=weight_bits(g), w_up=weight_bits(u), w_down=weight_bits(dn))
         with naming_nonfinite(dtype, w_gate=g, w_up=u, w_down=dn):
-            packed = PackedExperts(_C.pack_experts(w_gate=g, w_up=u, w_down=dn, dtype=code),
+            packed = PackedExperts(_C.pack_experts(w_gate=g, w_up=u, w_down=dn, dtype=code,
+                                                   b_gate=biases[0], b_up=biases[1],
+                                                   b_down=biases[2]),
                                    activation)
     if packed.n_experts != E or packed.d_model != x.shape[1]:
         raise ValueError(f"the packed experts have n_experts={packed.n_experts}, d_model="
@@ -637,10 +668,9 @@ def expert_ffn(x_sorted, offsets, w_gate, w_up=None, w_down=None, activation="sw
     if packed.gated != (activation in GATED):
         raise ValueError(f"activation {activation!r} does not match experts packed "
                          f"{'with' if packed.gated else 'without'} w_gate")
-    return _C.ffn_grouped(x, token_index=None, offsets=offsets, experts=packed.capsule,
-                          activation=act,
-                          alpha=check_float(swiglu_alpha, "swiglu_alpha", float32=True),
-                          limit=check_float(swiglu_limit, "swiglu_limit", True, float32=True))
+    return (x, None, offsets, packed.capsule, act), dict(
+        alpha=check_float(swiglu_alpha, "swiglu_alpha", float32=True),
+        limit=check_float(swiglu_limit, "swiglu_limit", True, float32=True))
 
 
 def ffn(x, w_gate, w_up, w_down, activation="swiglu", dtype=None):

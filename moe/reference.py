@@ -1427,7 +1427,7 @@ def sparse_moe_backward(x, router_weight, w_gate, w_up, w_down, dy, *, top_k,
     "b_gate", "b_up", "b_down", "shared_w_gate", "shared_w_up", "shared_w_down",
     "shared_gate_weight"}: None for what the layer does not have."""
     xf = np.asarray(x, dtype=np.float64).reshape(-1, np.asarray(router_weight).shape[1])
-    dy = np.asarray(dy, dtype=np.float64).reshape(xf.shape[0], -1)
+    dy = np.asarray(dy, dtype=np.float64).reshape(xf.shape)
     T, d = xf.shape
     E = np.asarray(w_up).shape[0]
     logits = xf @ np.asarray(router_weight, dtype=np.float64).T

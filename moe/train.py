@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._api import _shape_str, check_float
-
-# (SHIM while the C backward is written: the float64 reference computes the gradients.)
+from . import _C
+from ._api import (_as_ndarray, _shape_str, check_float, expert_ffn_args, float_array,
+                   int_array, route_args)
 
 
 class TrainContext:
@@ -60,3 +60,81 @@ def check_backward_args(layer, ctx, dy, aux_coef, z_coef):
     aux = check_float(aux_coef, "aux_coef")
     z = check_float(z_coef, "z_coef")
     return dy32, aux, z
+
+
+# --------------------------------------------------------------------------- #
+# The staged ops' backward, for users who compose route -> dispatch -> expert_ffn ->
+# combine themselves.  Each takes its forward's arguments plus the output gradient.
+# --------------------------------------------------------------------------- #
+
+def route_backward(logits, expert_ids, d_weights, top_k, *, aux_coef=0.0, z_coef=0.0,
+                   **options):
+    """d logits of  sum(d_weights * weights) + aux_coef * aux_loss + z_coef * z_loss  for
+    moe.route(logits, top_k, **options) (the same options: scoring, renormalize,
+    routed_scaling, expert_bias, n_groups, topk_groups, capacity_factor, allowed,
+    groups), the selection held fixed.
+
+    expert_ids: the forward's (T, top_k) ids (-1 where capacity dropped a slot: that slot
+    passes no gradient); d_weights: (T, top_k).  Returns (T, E) float64.
+    """
+    args, kw = route_args(logits, top_k, **options)
+    T = args[0].shape[0]
+    ids = int_array(expert_ids, "expert_ids", (("n_tokens", T), ("top_k", kw["top_k"])),
+                    np.int32, low=-1, high=args[0].shape[1],
+                    what=f"[0, n_experts={args[0].shape[1]}) or -1")
+    dw = float_array(d_weights, "d_weights", (("n_tokens", T), ("top_k", kw["top_k"])))
+    return _C.route_backward(args, kw, ids, dw, aux_coef=check_float(aux_coef, "aux_coef"),
+                             z_coef=check_float(z_coef, "z_coef"))
+
+
+def combine_backward(y_sorted, position, weights, d_out):
+    """Gradients of moe.combine(y_sorted, position, weights) for d_out (T, d): returns
+    (d_y_sorted (N, d), d_weights (T, k)), float32; rows and slots no slot reads get 0."""
+    y = float_array(y_sorted, "y_sorted", (("n_rows", None), ("d_model", None)))
+    pos = int_array(position, "position", (("n_tokens", None), ("top_k", None)), low=-1,
+                    high=y.shape[0], what=f"[0, n_rows={y.shape[0]}) or -1")
+    w = float_array(weights, "weights", (("n_tokens", pos.shape[0]), ("top_k", pos.shape[1])))
+    g = float_array(d_out, "d_out", (("n_tokens", pos.shape[0]), ("d_model", y.shape[1])))
+    return _C.combine_backward(y, pos, w, g)
+
+
+def dispatch_backward(dx_sorted, position):
+    """Gradient of moe.dispatch's gather: dx[t] = the sum of the rows that copied token t
+    (position: the Dispatch's (T, k) rows, -1 = none), slots in order.  Returns (T, d)."""
+    d = float_array(dx_sorted, "dx_sorted", (("n_rows", None), ("d_model", None)))
+    pos = int_array(position, "position", (("n_tokens", None), ("top_k", None)), low=-1,
+                    high=d.shape[0], what=f"[0, n_rows={d.shape[0]}) or -1")
+    return _C.dispatch_backward(d, pos)
+
+
+def expert_ffn_backward(x_sorted, offsets, w_gate, w_up, w_down, dy_sorted,
+                        activation="swiglu", dtype=None, *, b_gate=None, b_up=None,
+                        b_down=None, swiglu_alpha=1.702, swiglu_limit=7.0):
+    """Gradients of moe.expert_ffn (the same arguments, weights unpacked; b_* its optional
+    biases) for dy_sorted (N, d): a dict of float32 arrays "x_sorted", "w_gate" (None if
+    ungated), "w_up", "w_down" and, when biases are given, "b_gate", "b_up", "b_down".
+    Experts without rows get zero gradients.  Gate and up are recomputed, not kept."""
+    kept = {}
+    args, kw = expert_ffn_args(x_sorted, offsets, w_gate, w_up, w_down, activation, dtype,
+                               swiglu_alpha=swiglu_alpha, swiglu_limit=swiglu_limit,
+                               b_gate=b_gate, b_up=b_up, b_down=b_down, keep=kept)
+    x = args[0]
+    dy = float_array(dy_sorted, "dy_sorted", (("n_rows", x.shape[0]), ("d_model", x.shape[1])))
+    biases = any(b is not None for b in (b_gate, b_up, b_down))
+    dx, dg, du, dd, dbg, dbu, dbd = _C.ffn_grouped_backward(args, kw, dy, biases=biases,
+                                                            **kept)
+    out = {"x_sorted": dx, "w_gate": dg, "w_up": du, "w_down": dd}
+    if biases:
+        out.update(b_gate=dbg, b_up=dbu, b_down=dbd)
+    return out
+
+
+def ffn_backward(x, w_gate, w_up, w_down, dy, activation="swiglu", dtype=None):
+    """Gradients of moe.ffn (one expert on every row) for dy (T, d): a dict "x", "w_gate"
+    (None if ungated), "w_up", "w_down", float32."""
+    x = float_array(x, "x", (("n_tokens", None), ("d_model", None)))
+    lift = (lambda w: None if w is None else _as_ndarray(w, "weight")[None])
+    g = expert_ffn_backward(x, np.array([0, x.shape[0]]), lift(w_gate), lift(w_up),
+                            lift(w_down), dy, activation, dtype)
+    return {"x": g["x_sorted"], "w_gate": None if g["w_gate"] is None else g["w_gate"][0],
+            "w_up": g["w_up"][0], "w_down": g["w_down"][0]}

@@ -343,6 +343,24 @@ moe_out(moe_outs *o, int i, int typenum, int ndim, npy_intp d0, npy_intp d1,
     return PyArray_DATA((PyArrayObject *)arr);
 }
 
+void *
+moe_out_recycled(moe_outs *o, int i, int ndim, npy_intp d0, npy_intp d1,
+                 npy_intp d2)
+{
+    const npy_intp dims[3] = {d0, d1, d2};
+    PyArrayObject *arr;
+
+    if (o->failed) {
+        return NULL;
+    }
+    if ((arr = moe_new_recycled(ndim, dims)) == NULL) {
+        o->failed = 1;
+        return NULL;
+    }
+    Py_XSETREF(o->item[i], (PyObject *)arr);
+    return PyArray_DATA(arr);
+}
+
 static void
 moe_outs_clear(moe_outs *o)
 {

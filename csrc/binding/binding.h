@@ -110,7 +110,7 @@ PyObject *moe_experts_capsule(moe_status st, moe_experts *w);
 
 /* ---- outputs and the one error exit (arrays.c) -------------------------- */
 
-#define MOE_MAX_OUTS 6
+#define MOE_MAX_OUTS 8
 
 /*
  * The arrays a wrapper returns, by their place in the result; a place left
@@ -129,6 +129,9 @@ typedef struct moe_outs {
  * earlier one) failed.  NumPy gives even an empty array a data pointer. */
 void *moe_out(moe_outs *o, int i, int typenum, int ndim, npy_intp d0,
               npy_intp d1, npy_intp d2);
+/* moe_out for a float32 array from moe_new_recycled (gradients). */
+void *moe_out_recycled(moe_outs *o, int i, int ndim, npy_intp d0, npy_intp d1,
+                       npy_intp d2);
 /* Drop the outputs; NULL (the exception is already set). */
 PyObject *moe_outs_fail(moe_outs *o);
 /*
@@ -138,6 +141,13 @@ PyObject *moe_outs_fail(moe_outs *o);
  * ("(Ldd)"); with n == 0, the value of `extra` alone.
  */
 PyObject *moe_outs_done(moe_outs *o, moe_status st, const char *extra, ...);
+
+/* ---- parses shared by a forward and its backward (ops.c) ----------------- */
+
+/* route's arguments into p (logits, sizes, options): 0 or -1. */
+int moe_route_parse(PyObject *args, PyObject *kw, moe_route_params *p);
+/* ffn_grouped's arguments into p (rows, experts, activation): 0 or -1. */
+int moe_ffn_parse(PyObject *args, PyObject *kw, moe_ffn_params *p);
 
 /* ---- the wrappers, for the method table in module.c --------------------- */
 
@@ -159,6 +169,11 @@ MOE_KW_WRAPPER(moe_py_pack_linear);
 MOE_KW_WRAPPER(moe_py_linear_grouped);
 MOE_KW_WRAPPER(moe_py_cuda_route);
 PyObject *moe_py_experts_info(PyObject *self, PyObject *obj);
+/* backward.c: the staged ops' backward */
+MOE_KW_WRAPPER(moe_py_route_backward);
+MOE_KW_WRAPPER(moe_py_combine_backward);
+MOE_KW_WRAPPER(moe_py_dispatch_backward);
+MOE_KW_WRAPPER(moe_py_ffn_grouped_backward);
 /* lora.c */
 MOE_KW_WRAPPER(moe_py_pack_expert_lora);
 MOE_KW_WRAPPER(moe_py_lora_forward);

@@ -227,6 +227,15 @@ static PyMethodDef moe_methods[] = {
                   "skip_renormalize=False, save=False",
                   "-> (out, expert_ids, weights, counts, n_dropped, aux_loss, "
                   "z_loss, n_real, out_norm, saved)"),
+    MOE_KW_METHOD(route_backward, "route_args, route_kwargs, expert_ids, "
+                  "d_weights, *, aux_coef=0.0, z_coef=0.0", "-> d_logits"),
+    MOE_KW_METHOD(combine_backward, "y, position, weights, d_out",
+                  "-> (d_y, d_weights)"),
+    MOE_KW_METHOD(dispatch_backward, "d_rows, position", "-> dx"),
+    MOE_KW_METHOD(ffn_grouped_backward, "ffn_args, ffn_kwargs, dy, *, "
+                  "w_gate=None, w_up=None, w_down=None, biases=False",
+                  "-> (dx, d_w_gate, d_w_up, d_w_down, d_b_gate, d_b_up, "
+                  "d_b_down)"),
     MOE_KW_METHOD(layer_backward, "forward_args, forward_kwargs, expert_ids, "
                   "weights, logits, y, shared, dy, *, w_gate=None, w_up=None, "
                   "w_down=None, shared_w_gate=None, shared_w_up=None, "

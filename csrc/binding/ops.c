@@ -46,8 +46,14 @@ moe_py_router_logits(PyObject *self, PyObject *args, PyObject *kw)
 
 /* route(logits, top_k, scoring, renormalize, *, routed_scaling, expert_bias,
  *       n_groups, topk_groups, capacity_factor, allowed, groups) */
-PyObject *
-moe_py_route(PyObject *self, PyObject *args, PyObject *kw)
+/*
+ * route's arguments (logits, top_k, scoring, renormalize, *, routed_scaling,
+ * expert_bias, n_groups, topk_groups, capacity_factor, allowed, groups) into
+ * p's logits, sizes and options (pointing into the argument arrays); 0, or
+ * -1 with an exception set.  route_backward reads the same arguments.
+ */
+int
+moe_route_parse(PyObject *args, PyObject *kw, moe_route_params *p)
 {
     static char *kwlist[] = {"logits", "top_k", "scoring", "renormalize",
                              "routed_scaling", "expert_bias", "n_groups",
@@ -57,12 +63,8 @@ moe_py_route(PyObject *self, PyObject *args, PyObject *kw)
     PyObject *rows_obj = Py_None;
     npy_intp ld[2] = {-1, -1}, bd[1], ad[2], rd[1];
     int top_k, scoring, renormalize, n_groups = 1, topk_groups = 1;
-    double routed_scaling = 1.0, capacity_factor = 0.0, aux = 0.0, z = 0.0;
-    int64_t n_dropped = 0;
+    double routed_scaling = 1.0, capacity_factor = 0.0;
     void *bias, *allowed, *rows;
-    moe_outs o = MOE_OUTS(3);
-    moe_route_params p;
-    moe_status st;
 
     if (!PyArg_ParseTupleAndKeywords(args, kw, "Oiip|$dOiidOO:route", kwlist,
                                      &logits_obj, &top_k, &scoring,
@@ -71,49 +73,64 @@ moe_py_route(PyObject *self, PyObject *args, PyObject *kw)
                                      &allowed_obj, &rows_obj) ||
         !moe_logits_arg(logits_obj, ld) ||
         moe_check_enum(scoring, MOE_SCORING_COUNT, "scoring") < 0) {
-        return NULL;
+        return -1;
     }
     bd[0] = ld[1];
     rd[0] = ld[0];
     if (moe_opt_arg(bias_obj, "expert_bias", NPY_FLOAT32, 1, bd, &bias) < 0 ||
         moe_opt_arg(rows_obj, "groups", NPY_INT32, 1, rd, &rows) < 0) {
-        return NULL;
+        return -1;
     }
     /* with groups, allowed is a (G, E) table: one row per group; numpy.bool_
      * is one byte, 0 or 1: the core reads it as uint8_t */
     ad[0] = rows != NULL ? -1 : ld[0];
     ad[1] = ld[1];
     if (moe_opt_arg(allowed_obj, "allowed", NPY_BOOL, 2, ad, &allowed) < 0) {
-        return NULL;
+        return -1;
     }
     if (rows != NULL && allowed == NULL) {
         PyErr_SetString(PyExc_ValueError, "groups needs an allowed (G, E) table");
-        return NULL;
+        return -1;
     }
     if (moe_check_range(top_k, 1, ld[1], "top_k", "n_experts") < 0) {
+        return -1;
+    }
+    memset(p, 0, sizeof(*p));
+    p->logits = (const double *)PyArray_DATA((PyArrayObject *)logits_obj);
+    p->n_tokens = ld[0];
+    p->n_experts = (int32_t)ld[1];
+    p->opt.top_k = top_k;
+    p->opt.scoring = (moe_scoring)scoring;
+    p->opt.renormalize = renormalize;
+    p->opt.routed_scaling = routed_scaling;
+    p->opt.n_groups = n_groups;
+    p->opt.topk_groups = topk_groups;
+    p->opt.capacity_factor = capacity_factor;
+    p->opt.expert_bias = bias;
+    p->opt.allowed = allowed;
+    p->opt.mask_rows = rows;
+    p->opt.n_mask_rows = rows != NULL ? ad[0] : 0;
+    return 0;
+}
+
+PyObject *
+moe_py_route(PyObject *self, PyObject *args, PyObject *kw)
+{
+    double aux = 0.0, z = 0.0;
+    int64_t n_dropped = 0;
+    moe_outs o = MOE_OUTS(3);
+    moe_route_params p;
+    moe_status st;
+
+    if (moe_route_parse(args, kw, &p) < 0) {
         return NULL;
     }
-    memset(&p, 0, sizeof(p));
-    p.logits = (const double *)PyArray_DATA((PyArrayObject *)logits_obj);
-    p.n_tokens = ld[0];
-    p.n_experts = (int32_t)ld[1];
-    p.opt.top_k = top_k;
-    p.opt.scoring = (moe_scoring)scoring;
-    p.opt.renormalize = renormalize;
-    p.opt.routed_scaling = routed_scaling;
-    p.opt.n_groups = n_groups;
-    p.opt.topk_groups = topk_groups;
-    p.opt.capacity_factor = capacity_factor;
-    p.opt.expert_bias = bias;
-    p.opt.allowed = allowed;
-    p.opt.mask_rows = rows;
-    p.opt.n_mask_rows = rows != NULL ? ad[0] : 0;
     p.n_dropped = &n_dropped;
     p.aux_loss = &aux;
     p.z_loss = &z;
-    p.expert_ids = moe_out(&o, 0, NPY_INT32, 2, ld[0], top_k, 0);
-    p.weights = moe_out(&o, 1, NPY_FLOAT32, 2, ld[0], top_k, 0);
-    p.counts = moe_out(&o, 2, NPY_INT64, 1, ld[1], 0, 0);
+    p.expert_ids = moe_out(&o, 0, NPY_INT32, 2, p.n_tokens, p.opt.top_k, 0);
+    p.weights = moe_out(&o, 1, NPY_FLOAT32, 2, p.n_tokens, p.opt.top_k, 0);
+    p.counts = moe_out(&o, 2, NPY_INT64, 1, p.n_experts, 0, 0);
     if (o.failed) {
         return moe_outs_fail(&o);
     }
@@ -600,10 +617,13 @@ moe_rows_arg(PyObject *x_obj, PyObject *ti_obj, PyObject *off_obj,
     return 0;
 }
 
-/* ffn_grouped(x, token_index, offsets, experts, activation, *, alpha, limit,
- *             lora) -> (n_rows, d_model) */
-PyObject *
-moe_py_ffn_grouped(PyObject *self, PyObject *args, PyObject *kw)
+/*
+ * ffn_grouped's arguments (x, token_index, offsets, experts, activation, *,
+ * alpha, limit, lora) into p; 0, or -1 with an exception set.
+ * ffn_grouped_backward reads the same arguments.
+ */
+int
+moe_ffn_parse(PyObject *args, PyObject *kw, moe_ffn_params *p)
 {
     static char *kwlist[] = {"x", "token_index", "offsets", "experts",
                              "activation", "alpha", "limit", "lora", NULL};
@@ -611,24 +631,36 @@ moe_py_ffn_grouped(PyObject *self, PyObject *args, PyObject *kw)
     moe_experts_info info;
     int activation;
     float alpha = 1.702f, limit = 7.0f;
-    moe_outs o = MOE_OUTS(1);
-    moe_ffn_params p;
-    moe_status st;
 
+    memset(p, 0, sizeof(*p));
     if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOOi|$ffO:ffn_grouped",
                                      kwlist, &x_obj, &ti_obj, &off_obj,
                                      &w_obj, &activation, &alpha, &limit,
                                      &lora_obj) ||
-        moe_lora_arg(lora_obj, &p.lora) < 0 ||
-        moe_act_arg(activation, alpha, limit, &p.act) < 0 ||
-        !(p.experts = moe_experts_arg(w_obj, "experts"))) {
+        moe_lora_arg(lora_obj, &p->lora) < 0 ||
+        moe_act_arg(activation, alpha, limit, &p->act) < 0 ||
+        !(p->experts = moe_experts_arg(w_obj, "experts"))) {
+        return -1;
+    }
+    moe_experts_get_info(p->experts, &info);
+    return MOE_ROWS_ARG(*p, x_obj, ti_obj, off_obj, info.d_model,
+                        info.n_experts);
+}
+
+/* ffn_grouped(x, token_index, offsets, experts, activation, *, alpha, limit,
+ *             lora) -> (n_rows, d_model) */
+PyObject *
+moe_py_ffn_grouped(PyObject *self, PyObject *args, PyObject *kw)
+{
+    moe_outs o = MOE_OUTS(1);
+    moe_experts_info info;
+    moe_ffn_params p;
+    moe_status st;
+
+    if (moe_ffn_parse(args, kw, &p) < 0) {
         return NULL;
     }
     moe_experts_get_info(p.experts, &info);
-    if (MOE_ROWS_ARG(p, x_obj, ti_obj, off_obj, info.d_model,
-                     info.n_experts) < 0) {
-        return NULL;
-    }
     if (!(p.out = moe_out(&o, 0, NPY_FLOAT32, 2, p.n_rows, info.d_model, 0))) {
         return moe_outs_fail(&o);
     }

@@ -1,11 +1,14 @@
-"""Runs examples/quickstart.ipynb top to bottom in a fresh `python3` kernel (nbclient).
+"""Runs the example notebooks top to bottom in a fresh `python3` kernel (nbclient).
 
-The notebook is what a new user runs first, so CI executes it: any cell error fails the
-test, and the routing-statistics cells must render (an HTML table, a PNG histogram).
-Needs nbclient, nbformat, ipykernel and matplotlib (skipped, saying which, without them).
+examples/quickstart.ipynb is what a new user runs first, examples/train_moe.ipynb the
+training example (moe.torch), so CI executes both: any cell error fails the test, their
+plots must render, and the training run must have lowered the loss and balanced the load.
+Needs nbclient, nbformat, ipykernel and matplotlib (skipped, saying which, without them);
+train_moe.ipynb needs torch too.
 """
 import ast
 import pathlib
+import re
 
 import pytest
 
@@ -16,32 +19,56 @@ nbclient = pytest.importorskip("nbclient", reason="executing the notebook needs 
 pytest.importorskip("ipykernel", reason="executing the notebook needs ipykernel")
 pytest.importorskip("matplotlib", reason="the notebook plots with matplotlib")
 
-NOTEBOOK = pathlib.Path(__file__).resolve().parents[1] / "examples" / "quickstart.ipynb"
+EXAMPLES = pathlib.Path(__file__).resolve().parents[1] / "examples"
+NOTEBOOK = EXAMPLES / "quickstart.ipynb"
+TRAIN_NOTEBOOK = EXAMPLES / "train_moe.ipynb"
 
 
 def tagged(nb, tag):
     return [c for c in nb.cells if tag in c.get("metadata", {}).get("tags", [])]
 
 
-@pytest.fixture(scope="module")
-def executed(tmp_path_factory):
-    """The notebook after a run (once for the module), and whether it had moe.from_hf."""
-    nb = nbformat.read(NOTEBOOK, as_version=4)
+def run_notebook(path, workdir, drop_tag=None):
+    """The notebook at `path` after a run in `workdir`, without the cells tagged drop_tag."""
+    nb = nbformat.read(path, as_version=4)
     nbformat.validate(nb)
     assert nb.metadata.kernelspec.name == "python3"
-    # The checkpoint cells need moe.from_hf; without it, run the rest and then skip.
-    has_from_hf = hasattr(moe, "from_hf")
-    if not has_from_hf:
-        drop = tagged(nb, "from_hf")
+    if drop_tag is not None:
+        drop = tagged(nb, drop_tag)
         nb.cells = [c for c in nb.cells if c not in drop]
-    path = str(tmp_path_factory.mktemp("notebook"))
     client = nbclient.NotebookClient(nb, kernel_name="python3", timeout=120,
-                                     resources={"metadata": {"path": path}})
+                                     resources={"metadata": {"path": str(workdir)}})
     try:
         client.execute()
     except nbclient.exceptions.CellExecutionError as exc:
-        pytest.fail(f"a cell of {NOTEBOOK.name} failed:\n{exc}", pytrace=False)
+        pytest.fail(f"a cell of {path.name} failed:\n{exc}", pytrace=False)
+    return nb
+
+
+def stdout_lines(cell):
+    return [line for out in cell.outputs if out.get("name") == "stdout"
+            for line in out["text"].splitlines()]
+
+
+def has_png(cell):
+    return any("image/png" in out.get("data", {}) for out in cell.outputs)
+
+
+@pytest.fixture(scope="module")
+def executed(tmp_path_factory):
+    """The quickstart after a run (once for the module), and whether it had moe.from_hf."""
+    # The checkpoint cells need moe.from_hf; without it, run the rest and then skip.
+    has_from_hf = hasattr(moe, "from_hf")
+    nb = run_notebook(NOTEBOOK, tmp_path_factory.mktemp("notebook"),
+                      drop_tag=None if has_from_hf else "from_hf")
     return nb, has_from_hf
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """train_moe.ipynb after a run (once for the module)."""
+    pytest.importorskip("torch", reason="the training notebook needs torch")
+    return run_notebook(TRAIN_NOTEBOOK, tmp_path_factory.mktemp("train_notebook"))
 
 
 def test_quickstart_notebook_runs(executed):
@@ -68,3 +95,29 @@ def test_first_gates_look_like_routing(executed):
     assert len(lines) == 1, lines
     gates = ast.literal_eval(lines[0].split(":", 1)[1].strip())
     assert max(gates[0]) < 0.99, lines[0]
+
+
+def test_training_notebook_lowers_the_loss(trained):
+    """The notebook asserts it too (last < 0.7 * first); this reads what it printed."""
+    (check,) = tagged(trained, "loss-check")
+    (line,) = [x for x in stdout_lines(check) if x.startswith("loss, mean of the first 20")]
+    first, last = (float(v) for v in re.findall(r"\d+\.\d+", line))
+    assert last < 0.7 * first, line
+    for tag in ("loss-plot", "load-plot"):
+        (cell,) = tagged(trained, tag)
+        assert has_png(cell), f"the cell tagged {tag} drew no figure"
+
+
+def test_training_notebook_shows_the_balancing_loss_at_work(trained):
+    """With aux_coef=0.01 the load's coefficient of variation over the experts (the mean
+    of the last 50 steps, per block) must be lower than without the loss: the effect the
+    notebook's load-table cell claims."""
+    (table,) = tagged(trained, "load-table")
+    rows = {}
+    for line in stdout_lines(table):
+        if line.startswith("aux_coef="):
+            name, *numbers = line.split()
+            rows[name] = [float(v) for v in numbers]
+    assert set(rows) == {"aux_coef=0.01", "aux_coef=0"}, rows
+    cv_on, cv_off = rows["aux_coef=0.01"][:2], rows["aux_coef=0"][:2]
+    assert sum(cv_on) < sum(cv_off), rows

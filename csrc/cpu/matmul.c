@@ -15,6 +15,7 @@
 #include <string.h>
 
 #define MOE_MM_KB   512 /* k per block (measured: 128..4096, best near 512) */
+#define MOE_MM_PACK_MIN 6 /* row panels from which B is packed            */
 #define MOE_MM_ROWS 96  /* rows per task of moe_mm (a multiple of MR)     */
 #define MOE_MM_COLS 256 /* columns per task of moe_mm                     */
 
@@ -84,6 +85,10 @@ moe_mm_block(const moe_mm_seg *segs, int n_segs, int64_t m, int64_t n,
     const int64_t n_pan = (m + mr - 1) / mr, n_pad = (n + nr - 1) / nr * nr;
     const int64_t a_size = n_pan * MOE_MM_KB * mr;
     const int64_t b_size = n_pad * MOE_MM_KB;
+    /* Copying B into panels pays off when enough row panels reuse it; with
+     * few (a small expert's rows against its weights) the kernel reads B in
+     * place, row by row. */
+    const int pack_b = n_pan >= MOE_MM_PACK_MIN;
     float *buf, *ap, *bp, *edge;
     int64_t i, j, p, k0;
     int first = 1, s;
@@ -108,14 +113,23 @@ moe_mm_block(const moe_mm_seg *segs, int n_segs, int64_t m, int64_t n,
                 const int rows = m - p * mr < mr ? (int)(m - p * mr) : mr;
                 moe_mm_pack_a(g, p * mr, rows, mr, k0, kb, ap + p * kb * mr);
             }
-            moe_mm_pack_b(g->b + k0 * g->ldb, g->ldb, kb, n, nr, bp);
+            if (pack_b) {
+                moe_mm_pack_b(g->b + k0 * g->ldb, g->ldb, kb, n, nr, bp);
+            }
+            else if (n % nr != 0) { /* only the partial panel, zero-padded */
+                moe_mm_pack_b(g->b + k0 * g->ldb + n / nr * nr, g->ldb, kb,
+                              n % nr, nr, bp + n / nr * nr * kb);
+            }
             for (j = 0; j < n; j += nr) {
                 /* full panels accumulate in c itself, the last partial one
                  * in edge (copied out at the end) */
                 const int full = j + nr <= n;
+                const float *b = full && !pack_b ? g->b + k0 * g->ldb + j
+                                                 : bp + j * kb;
+                const int64_t ldb = full && !pack_b ? g->ldb : nr;
                 for (p = 0; p < n_pan; p++) {
                     const int rows = m - p * mr < mr ? (int)(m - p * mr) : mr;
-                    kr->ukr_acc(ap + p * kb * mr, bp + j * kb, nr, kb, rows,
+                    kr->ukr_acc(ap + p * kb * mr, b, ldb, kb, rows,
                                 full ? c + p * mr * ldc + j
                                      : edge + p * mr * nr,
                                 full ? ldc : nr, !first);

@@ -343,6 +343,42 @@ moe_out(moe_outs *o, int i, int typenum, int ndim, npy_intp d0, npy_intp d1,
     return PyArray_DATA((PyArrayObject *)arr);
 }
 
+int
+moe_unpacked_arg(const moe_experts *experts, int shared, PyObject *g_obj,
+                 PyObject *u_obj, PyObject *d_obj, const void **w)
+{
+    static const char *names[2][3] = {
+        {"w_gate", "w_up", "w_down"},
+        {"shared_w_gate", "shared_w_up", "shared_w_down"}};
+    PyObject *objs[3] = {g_obj, u_obj, d_obj};
+    moe_experts_info info;
+    npy_intp dims[3];
+    void *data;
+    int i, typenum;
+
+    moe_experts_get_info(experts, &info);
+    typenum = info.dtype == MOE_DTYPE_F32 ? NPY_FLOAT32 : NPY_UINT16;
+    for (i = 0; i < 3; i++) {
+        /* (E, F, d) for gate and up, (E, d, F) for down; shared: no E */
+        const npy_intp rows = i < 2 ? info.d_ff : info.d_model;
+        const npy_intp cols = i < 2 ? info.d_model : info.d_ff;
+        dims[0] = shared ? rows : info.n_experts;
+        dims[1] = shared ? cols : rows;
+        dims[2] = cols;
+        if (moe_opt_arg(objs[i], names[shared != 0][i], typenum, shared ? 2 : 3,
+                        dims, &data) < 0) {
+            return -1;
+        }
+        if (data == NULL && (i > 0 || info.gated)) {
+            PyErr_Format(PyExc_ValueError, "%s is required (the unpacked weights "
+                         "the experts were packed from)", names[shared != 0][i]);
+            return -1;
+        }
+        w[i] = data;
+    }
+    return 0;
+}
+
 void *
 moe_out_recycled(moe_outs *o, int i, int ndim, npy_intp d0, npy_intp d1,
                  npy_intp d2)

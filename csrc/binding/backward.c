@@ -144,12 +144,12 @@ moe_py_ffn_grouped_backward(PyObject *self, PyObject *args, PyObject *kw)
                              "w_down", "biases", NULL};
     PyObject *fa, *fk, *dy_obj;
     PyObject *wg_obj = Py_None, *wu_obj = Py_None, *wd_obj = Py_None;
-    npy_intp dd[2], wd3[3];
+    npy_intp dd[2];
     moe_experts_info info;
     moe_ffn_params fp;
     moe_ffn_backward_params p;
     moe_outs o = MOE_OUTS(7);
-    int biases = 0, npy_w;
+    int biases = 0;
     void *tmp;
     moe_status st;
 
@@ -167,7 +167,6 @@ moe_py_ffn_grouped_backward(PyObject *self, PyObject *args, PyObject *kw)
         return NULL;
     }
     moe_experts_get_info(fp.experts, &info);
-    npy_w = info.dtype == MOE_DTYPE_F32 ? NPY_FLOAT32 : NPY_UINT16;
     memset(&p, 0, sizeof(p));
     dd[0] = fp.n_rows;
     dd[1] = info.d_model;
@@ -175,23 +174,15 @@ moe_py_ffn_grouped_backward(PyObject *self, PyObject *args, PyObject *kw)
         return NULL;
     }
     p.dy = MOE_DATA(tmp, float);
-    wd3[0] = info.n_experts;
-    wd3[1] = info.d_ff;
-    wd3[2] = info.d_model;
-    if (moe_opt_arg(wg_obj, "w_gate", npy_w, 3, wd3, &tmp) < 0) {
-        return NULL;
+    {
+        const void *w[3];
+        if (moe_unpacked_arg(fp.experts, 0, wg_obj, wu_obj, wd_obj, w) < 0) {
+            return NULL;
+        }
+        p.w_gate = w[0];
+        p.w_up = w[1];
+        p.w_down = w[2];
     }
-    p.w_gate = tmp;
-    if (moe_opt_arg(wu_obj, "w_up", npy_w, 3, wd3, &tmp) < 0) {
-        return NULL;
-    }
-    p.w_up = tmp;
-    wd3[1] = info.d_model;
-    wd3[2] = info.d_ff;
-    if (moe_opt_arg(wd_obj, "w_down", npy_w, 3, wd3, &tmp) < 0) {
-        return NULL;
-    }
-    p.w_down = tmp;
     p.x = fp.x;
     p.token_index = fp.token_index;
     p.n_tokens = fp.n_tokens;

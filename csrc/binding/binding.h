@@ -104,6 +104,12 @@ const moe_experts *moe_packed_arg(PyObject *obj, const char *name,
 const moe_experts *moe_experts_arg(PyObject *obj, const char *name);
 /* None -> NULL; else an expert LoRA capsule. Returns -1 with an error. */
 int moe_lora_arg(PyObject *obj, const moe_expert_lora **lora);
+/* The unpacked weights a pack was made from, for a backward: gate (NULL if
+ * ungated), up, down into w[0..2], checked against the pack's dtype (uint16
+ * bits for bf16 / fp16) and shapes; shared: a shared expert's (no leading
+ * expert axis, the names shared_w_*).  0, or -1 with an exception set. */
+int moe_unpacked_arg(const moe_experts *experts, int shared, PyObject *g_obj,
+                     PyObject *u_obj, PyObject *d_obj, const void **w);
 /* The ending of a pack: raise for st, else w in a new capsule (w is freed
  * when that fails). */
 PyObject *moe_experts_capsule(moe_status st, moe_experts *w);

@@ -339,9 +339,9 @@ moe_py_layer_backward(PyObject *self, PyObject *args, PyObject *kw)
         "x", "router_weight", "router_bias", "w_gate", "w_up", "w_down",
         "b_gate", "b_up", "b_down", "shared_w_gate", "shared_w_up",
         "shared_w_down", "shared_gate_weight"};
-    npy_intp kd[2], ld[2], yd[2] = {-1, -1}, dd[2], wd3[3], sd[2];
+    npy_intp kd[2], ld[2], yd[2] = {-1, -1}, dd[2];
     double aux_coef = 0.0, z_coef = 0.0;
-    int biases = 0, i, npy_w;
+    int biases = 0, i;
     moe_experts_info info, sinfo;
     moe_layer_args a;
     moe_layer_params p;
@@ -365,7 +365,6 @@ moe_py_layer_backward(PyObject *self, PyObject *args, PyObject *kw)
         return NULL;
     }
     moe_experts_get_info(p.experts, &info);
-    npy_w = info.dtype == MOE_DTYPE_F32 ? NPY_FLOAT32 : NPY_UINT16;
     kd[0] = a.n_tokens;
     kd[1] = p.route.top_k;
     ld[0] = a.n_tokens;
@@ -409,52 +408,22 @@ moe_py_layer_backward(PyObject *self, PyObject *args, PyObject *kw)
     b.dy = MOE_DATA(tmp, float);
     b.aux_coef = aux_coef;
     b.z_coef = z_coef;
-    wd3[0] = info.n_experts;
-    wd3[1] = info.d_ff;
-    wd3[2] = info.d_model;
-    if (moe_opt_arg(wg_obj, "w_gate", npy_w, 3, wd3, &tmp) < 0) {
-        return NULL;
-    }
-    b.w_gate = tmp;
-    if (moe_opt_arg(wu_obj, "w_up", npy_w, 3, wd3, &tmp) < 0) {
-        return NULL;
-    }
-    b.w_up = tmp;
-    wd3[1] = info.d_model;
-    wd3[2] = info.d_ff;
-    if (moe_opt_arg(wd_obj, "w_down", npy_w, 3, wd3, &tmp) < 0) {
-        return NULL;
-    }
-    b.w_down = tmp;
-    if ((info.gated && b.w_gate == NULL) || !b.w_up || !b.w_down) {
-        PyErr_SetString(PyExc_ValueError, "layer_backward needs w_up, w_down "
-                        "and, for a gated activation, w_gate");
-        return NULL;
+    {
+        const void *w[3], *sw[3] = {NULL, NULL, NULL};
+        if (moe_unpacked_arg(p.experts, 0, wg_obj, wu_obj, wd_obj, w) < 0 ||
+            (p.shared != NULL &&
+             moe_unpacked_arg(p.shared, 1, swg_obj, swu_obj, swd_obj, sw) < 0)) {
+            return NULL;
+        }
+        b.w_gate = w[0];
+        b.w_up = w[1];
+        b.w_down = w[2];
+        b.shared_w_gate = sw[0];
+        b.shared_w_up = sw[1];
+        b.shared_w_down = sw[2];
     }
     if (p.shared != NULL) {
         moe_experts_get_info(p.shared, &sinfo);
-        sd[0] = sinfo.d_ff;
-        sd[1] = sinfo.d_model;
-        if (moe_opt_arg(swg_obj, "shared_w_gate", npy_w, 2, sd, &tmp) < 0) {
-            return NULL;
-        }
-        b.shared_w_gate = tmp;
-        if (moe_opt_arg(swu_obj, "shared_w_up", npy_w, 2, sd, &tmp) < 0) {
-            return NULL;
-        }
-        b.shared_w_up = tmp;
-        sd[0] = sinfo.d_model;
-        sd[1] = sinfo.d_ff;
-        if (moe_opt_arg(swd_obj, "shared_w_down", npy_w, 2, sd, &tmp) < 0) {
-            return NULL;
-        }
-        b.shared_w_down = tmp;
-        if ((sinfo.gated && b.shared_w_gate == NULL) || !b.shared_w_up ||
-            !b.shared_w_down) {
-            PyErr_SetString(PyExc_ValueError, "layer_backward needs the shared "
-                            "experts' unpacked weights");
-            return NULL;
-        }
     }
     g[0] = moe_new(2, a.n_tokens, a.d_model, NPY_FLOAT32);
     g[1] = moe_new(2, a.n_router, a.d_model, NPY_FLOAT32);

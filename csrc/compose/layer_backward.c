@@ -34,14 +34,9 @@ moe_layer_backward_shared(const moe_layer_backward_params *b, float *dx)
         goto done;
     }
     if (p->shared_gate != NULL) {
-        moe_router_params rp;
-        memset(&rp, 0, sizeof(rp));
-        rp.x = p->x;
-        rp.weight = p->shared_gate;
-        rp.n_tokens = T;
-        rp.d_model = d;
-        rp.n_experts = 1;
-        rp.logits = g;
+        const moe_router_params rp = {.x = p->x, .weight = p->shared_gate,
+                                      .n_tokens = T, .d_model = d,
+                                      .n_experts = 1, .logits = g};
         if ((st = moe_router_logits(&rp)) != MOE_STATUS_OK) {
             goto done;
         }
@@ -57,21 +52,13 @@ moe_layer_backward_shared(const moe_layer_backward_params *b, float *dx)
         }
         ds[t] = dot * s * (1.0 - s);
     }
-    memset(&fb, 0, sizeof(fb));
-    fb.x = p->x;
-    fb.n_tokens = T;
-    fb.offsets = offsets;
-    fb.n_rows = T;
-    fb.experts = p->shared;
-    fb.w_gate = b->shared_w_gate;
-    fb.w_up = b->shared_w_up;
-    fb.w_down = b->shared_w_down;
-    fb.act = p->act;
-    fb.dy = dsh;
-    fb.dx = dx != NULL ? dxs : NULL;
-    fb.d_w_gate = b->d_shared_w_gate;
-    fb.d_w_up = b->d_shared_w_up;
-    fb.d_w_down = b->d_shared_w_down;
+    fb = (moe_ffn_backward_params){
+        .x = p->x, .n_tokens = T, .offsets = offsets, .n_rows = T,
+        .experts = p->shared, .w_gate = b->shared_w_gate,
+        .w_up = b->shared_w_up, .w_down = b->shared_w_down, .act = p->act,
+        .dy = dsh, .dx = dx != NULL ? dxs : NULL,
+        .d_w_gate = b->d_shared_w_gate, .d_w_up = b->d_shared_w_up,
+        .d_w_down = b->d_shared_w_down};
     if ((st = moe_ffn_backward(&fb)) != MOE_STATUS_OK) {
         goto done;
     }
@@ -141,13 +128,9 @@ moe_layer_backward(const moe_layer_backward_params *b)
         goto done;
     }
     /* the forward's dispatch, again */
-    memset(&dp, 0, sizeof(dp));
-    dp.expert_ids = p->expert_ids;
-    dp.n_tokens = T;
-    dp.top_k = k;
-    dp.n_experts = E;
-    dp.offsets = offsets;
-    dp.position = position;
+    dp = (moe_dispatch_params){.expert_ids = p->expert_ids, .n_tokens = T,
+                               .top_k = k, .n_experts = E, .offsets = offsets,
+                               .position = position};
     if ((st = moe_dispatch_count(&dp)) != MOE_STATUS_OK) {
         goto done;
     }
@@ -166,80 +149,45 @@ moe_layer_backward(const moe_layer_backward_params *b)
         goto done;
     }
 
-    memset(&cb, 0, sizeof(cb));
-    cb.y = p->save_y;
-    cb.position = position;
-    cb.weights = p->weights;
-    cb.n_rows = n_rows;
-    cb.n_tokens = T;
-    cb.top_k = k;
-    cb.d_model = d;
-    cb.d_out = b->dy;
-    cb.d_y = dys;
-    cb.d_weights = dws;
+    cb = (moe_combine_backward_params){
+        .y = p->save_y, .position = position, .weights = p->weights,
+        .n_rows = n_rows, .n_tokens = T, .top_k = k, .d_model = d,
+        .d_out = b->dy, .d_y = dys, .d_weights = dws};
     if ((st = moe_combine_backward(&cb)) != MOE_STATUS_OK) {
         goto done;
     }
 
-    memset(&fb, 0, sizeof(fb));
-    fb.x = p->x;
-    fb.token_index = token_index;
-    fb.n_tokens = T;
-    fb.offsets = offsets;
-    fb.n_rows = n_rows;
-    fb.experts = p->experts;
-    fb.w_gate = b->w_gate;
-    fb.w_up = b->w_up;
-    fb.w_down = b->w_down;
-    fb.act = p->act;
-    fb.dy = dys;
-    fb.dx = b->dx != NULL ? dxs : NULL;
-    fb.d_w_gate = b->d_w_gate;
-    fb.d_w_up = b->d_w_up;
-    fb.d_w_down = b->d_w_down;
-    fb.d_b_gate = b->d_b_gate;
-    fb.d_b_up = b->d_b_up;
-    fb.d_b_down = b->d_b_down;
+    fb = (moe_ffn_backward_params){
+        .x = p->x, .token_index = token_index, .n_tokens = T,
+        .offsets = offsets, .n_rows = n_rows, .experts = p->experts,
+        .w_gate = b->w_gate, .w_up = b->w_up, .w_down = b->w_down,
+        .act = p->act, .dy = dys, .dx = b->dx != NULL ? dxs : NULL,
+        .d_w_gate = b->d_w_gate, .d_w_up = b->d_w_up, .d_w_down = b->d_w_down,
+        .d_b_gate = b->d_b_gate, .d_b_up = b->d_b_up, .d_b_down = b->d_b_down};
     if ((st = moe_ffn_backward(&fb)) != MOE_STATUS_OK) {
         goto done;
     }
 
-    memset(&rb, 0, sizeof(rb));
-    rb.logits = p->save_logits;
-    rb.n_tokens = T;
-    rb.n_experts = E;
-    rb.opt = p->route;
-    rb.expert_ids = p->expert_ids;
-    rb.d_weights = dws;
-    rb.aux_coef = b->aux_coef;
-    rb.z_coef = b->z_coef;
-    rb.d_logits = dl;
+    rb = (moe_route_backward_params){
+        .logits = p->save_logits, .n_tokens = T, .n_experts = E,
+        .opt = p->route, .expert_ids = p->expert_ids, .d_weights = dws,
+        .aux_coef = b->aux_coef, .z_coef = b->z_coef, .d_logits = dl};
     if ((st = moe_route_backward(&rb)) != MOE_STATUS_OK) {
         goto done;
     }
-    memset(&lb, 0, sizeof(lb));
-    lb.x = p->x;
-    lb.weight = p->router_weight;
-    lb.n_tokens = T;
-    lb.d_model = d;
-    lb.n_experts = E;
-    lb.d_logits = dl;
-    lb.dx = b->dx != NULL ? dxr : NULL;
-    lb.d_weight = b->d_router_weight;
-    lb.d_bias = p->router_bias != NULL ? b->d_router_bias : NULL;
+    lb = (moe_router_backward_params){
+        .x = p->x, .weight = p->router_weight, .n_tokens = T, .d_model = d,
+        .n_experts = E, .d_logits = dl, .dx = b->dx != NULL ? dxr : NULL,
+        .d_weight = b->d_router_weight,
+        .d_bias = p->router_bias != NULL ? b->d_router_bias : NULL};
     if ((st = moe_router_backward(&lb)) != MOE_STATUS_OK) {
         goto done;
     }
 
     if (b->dx != NULL) { /* routed rows (slots in order), then the router */
-        memset(&db, 0, sizeof(db));
-        db.d_rows = dxs;
-        db.position = position;
-        db.n_rows = n_rows;
-        db.n_tokens = T;
-        db.top_k = k;
-        db.d_model = d;
-        db.dx = b->dx;
+        db = (moe_dispatch_backward_params){
+            .d_rows = dxs, .position = position, .n_rows = n_rows,
+            .n_tokens = T, .top_k = k, .d_model = d, .dx = b->dx};
         if ((st = moe_dispatch_backward(&db)) != MOE_STATUS_OK) {
             goto done;
         }

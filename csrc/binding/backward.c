@@ -59,37 +59,29 @@ moe_py_combine_backward(PyObject *self, PyObject *args, PyObject *kw)
 {
     static char *kwlist[] = {"y", "position", "weights", "d_out", NULL};
     PyObject *y_obj, *pos_obj, *w_obj, *d_obj;
-    npy_intp yd[2] = {-1, -1}, pd[2] = {-1, -1}, wd[2], dd[2];
+    npy_intp dd[2];
+    moe_combine_params c;
     moe_combine_backward_params p;
     moe_outs o = MOE_OUTS(2);
-    void *y, *pos, *w, *d;
+    void *d;
     moe_status st;
 
     if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOO:combine_backward", kwlist,
                                      &y_obj, &pos_obj, &w_obj, &d_obj) ||
-        !(y = moe_arg(y_obj, "y", NPY_FLOAT32, 2, yd, 0)) ||
-        !(pos = moe_arg(pos_obj, "position", NPY_INT64, 2, pd, 0)) ||
-        moe_check_int32(pd[1], "position has too many slots") < 0) {
+        moe_combine_arrays(y_obj, pos_obj, w_obj, &c) < 0) {
         return NULL;
     }
-    wd[0] = dd[0] = pd[0];
-    wd[1] = pd[1];
-    dd[1] = yd[1];
-    if (!(w = moe_arg(w_obj, "weights", NPY_FLOAT32, 2, wd, 0)) ||
-        !(d = moe_arg(d_obj, "d_out", NPY_FLOAT32, 2, dd, 0))) {
+    dd[0] = c.n_tokens;
+    dd[1] = c.d_model;
+    if (!(d = moe_arg(d_obj, "d_out", NPY_FLOAT32, 2, dd, 0))) {
         return NULL;
     }
-    memset(&p, 0, sizeof(p));
-    p.y = MOE_DATA(y, float);
-    p.position = MOE_DATA(pos, int64_t);
-    p.weights = MOE_DATA(w, float);
-    p.n_rows = yd[0];
-    p.n_tokens = pd[0];
-    p.top_k = (int32_t)pd[1];
-    p.d_model = yd[1];
-    p.d_out = MOE_DATA(d, float);
-    p.d_y = moe_out(&o, 0, NPY_FLOAT32, 2, yd[0], yd[1], 0);
-    p.d_weights = moe_out(&o, 1, NPY_FLOAT32, 2, pd[0], pd[1], 0);
+    p = (moe_combine_backward_params){
+        .y = c.y, .position = c.position, .weights = c.weights,
+        .n_rows = c.n_rows, .n_tokens = c.n_tokens, .top_k = c.top_k,
+        .d_model = c.d_model, .d_out = MOE_DATA(d, float)};
+    p.d_y = moe_out(&o, 0, NPY_FLOAT32, 2, c.n_rows, c.d_model, 0);
+    p.d_weights = moe_out(&o, 1, NPY_FLOAT32, 2, c.n_tokens, c.top_k, 0);
     if (o.failed) {
         return moe_outs_fail(&o);
     }

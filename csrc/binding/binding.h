@@ -152,6 +152,10 @@ PyObject *moe_outs_done(moe_outs *o, moe_status st, const char *extra, ...);
 
 /* route's arguments into p (logits, sizes, options): 0 or -1. */
 int moe_route_parse(PyObject *args, PyObject *kw, moe_route_params *p);
+/* combine's arrays (y, position, weights) into p, checked against each
+ * other: 0 or -1. */
+int moe_combine_arrays(PyObject *y_obj, PyObject *pos_obj, PyObject *w_obj,
+                       moe_combine_params *p);
 /* ffn_grouped's arguments into p (rows, experts, activation): 0 or -1. */
 int moe_ffn_parse(PyObject *args, PyObject *kw, moe_ffn_params *p);
 

@@ -406,37 +406,49 @@ moe_py_dispatch(PyObject *self, PyObject *args, PyObject *kw)
     return moe_outs_done(&o, st, NULL);
 }
 
+int
+moe_combine_arrays(PyObject *y_obj, PyObject *pos_obj, PyObject *w_obj,
+                   moe_combine_params *p)
+{
+    PyArrayObject *y, *pos, *w;
+    npy_intp yd[2] = {-1, -1}, pd[2] = {-1, -1}, wd[2];
+
+    if (!(y = moe_arg(y_obj, "y", NPY_FLOAT32, 2, yd, 0)) ||
+        !(pos = moe_arg(pos_obj, "position", NPY_INT64, 2, pd, 0))) {
+        return -1;
+    }
+    wd[0] = pd[0];
+    wd[1] = pd[1];
+    if (!(w = moe_arg(w_obj, "weights", NPY_FLOAT32, 2, wd, 0)) ||
+        moe_check_int32(pd[1], "position has too many slots") < 0) {
+        return -1;
+    }
+    memset(p, 0, sizeof(*p));
+    p->y = MOE_DATA(y, float);
+    p->position = MOE_DATA(pos, int64_t);
+    p->weights = MOE_DATA(w, float);
+    p->n_rows = yd[0];
+    p->n_tokens = pd[0];
+    p->top_k = (int32_t)pd[1];
+    p->d_model = yd[1];
+    return 0;
+}
+
 PyObject *
 moe_py_combine(PyObject *self, PyObject *args, PyObject *kw)
 {
     static char *kwlist[] = {"y", "position", "weights", NULL};
     PyObject *y_obj, *pos_obj, *w_obj;
-    PyArrayObject *y, *pos, *w;
-    npy_intp yd[2] = {-1, -1}, pd[2] = {-1, -1}, wd[2];
     moe_outs o = MOE_OUTS(1);
     moe_combine_params p;
     moe_status st;
 
     if (!PyArg_ParseTupleAndKeywords(args, kw, "OOO:combine", kwlist, &y_obj,
                                      &pos_obj, &w_obj) ||
-        !(y = moe_arg(y_obj, "y", NPY_FLOAT32, 2, yd, 0)) ||
-        !(pos = moe_arg(pos_obj, "position", NPY_INT64, 2, pd, 0))) {
+        moe_combine_arrays(y_obj, pos_obj, w_obj, &p) < 0) {
         return NULL;
     }
-    wd[0] = pd[0];
-    wd[1] = pd[1];
-    if (!(w = moe_arg(w_obj, "weights", NPY_FLOAT32, 2, wd, 0)) ||
-        moe_check_int32(pd[1], "position has too many slots") < 0) {
-        return NULL;
-    }
-    p.y = MOE_DATA(y, float);
-    p.position = MOE_DATA(pos, int64_t);
-    p.weights = MOE_DATA(w, float);
-    p.n_rows = yd[0];
-    p.n_tokens = pd[0];
-    p.top_k = (int32_t)pd[1];
-    p.d_model = yd[1];
-    if (!(p.out = moe_out(&o, 0, NPY_FLOAT32, 2, pd[0], yd[1], 0))) {
+    if (!(p.out = moe_out(&o, 0, NPY_FLOAT32, 2, p.n_tokens, p.d_model, 0))) {
         return moe_outs_fail(&o);
     }
     MOE_COMPUTE(st, moe_combine(&p));

@@ -146,6 +146,12 @@ def spread(times):
     return statistics.median(times), min(times), max(times)
 
 
+def per_round(num, den):
+    """Median over rounds of num[i] / den[i]: a ratio of two timings taken in the same
+    rounds (interleaved), so that the machine's drift cancels."""
+    return statistics.median(a / b for a, b in zip(num, den))
+
+
 def timeit(fn, repeats, warmup=3):
     """(median, min, max) seconds of fn over repeats."""
     return spread(samples(fn, repeats, warmup))

@@ -23,7 +23,7 @@ import numpy as np
 
 import moe
 from _common import (cache_flusher, ceilings, fma_peak, interleaved,  # noqa: E402
-                     read_bandwidth, spread)
+                     per_round, read_bandwidth, spread)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SHAPES = os.path.join(HERE, "shapes.json")
@@ -110,12 +110,6 @@ def torch_block(layer, dtype):
 
 
 # ---- timing -------------------------------------------------------------------------------
-
-def per_round(num, den):
-    """Median over rounds of num[i] / den[i]: a ratio of two timings taken in the same
-    rounds, so that the machine's drift cancels."""
-    return statistics.median(a / b for a, b in zip(num, den))
-
 
 def check(name, y, ref):
     err = float(np.max(np.abs(y - ref)) / max(float(np.max(np.abs(ref))), 1e-30))

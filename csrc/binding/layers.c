@@ -339,7 +339,6 @@ moe_py_layer_backward(PyObject *self, PyObject *args, PyObject *kw)
         "x", "router_weight", "router_bias", "w_gate", "w_up", "w_down",
         "b_gate", "b_up", "b_down", "shared_w_gate", "shared_w_up",
         "shared_w_down", "shared_gate_weight"};
-    npy_intp kd[2], ld[2], yd[2] = {-1, -1}, dd[2];
     double aux_coef = 0.0, z_coef = 0.0;
     int biases = 0, i;
     moe_experts_info info, sinfo;
@@ -365,47 +364,36 @@ moe_py_layer_backward(PyObject *self, PyObject *args, PyObject *kw)
         return NULL;
     }
     moe_experts_get_info(p.experts, &info);
-    kd[0] = a.n_tokens;
-    kd[1] = p.route.top_k;
-    ld[0] = a.n_tokens;
-    ld[1] = a.n_router;
-    yd[1] = a.d_model;
-    dd[0] = a.n_tokens;
-    dd[1] = a.d_model;
-    if (!(tmp = moe_arg(ids_obj, "expert_ids", NPY_INT32, 2, kd, 0))) {
-        return NULL;
-    }
-    p.expert_ids = MOE_DATA(tmp, int32_t);
-    if (!(tmp = moe_arg(w_obj, "weights", NPY_FLOAT32, 2, kd, 0))) {
-        return NULL;
-    }
-    p.weights = MOE_DATA(tmp, float);
-    if (!(tmp = moe_arg(l_obj, "logits", NPY_FLOAT64, 2, ld, 0))) {
-        return NULL;
-    }
-    p.save_logits = MOE_DATA(tmp, double);
-    if (!(tmp = moe_arg(y_obj, "y", NPY_FLOAT32, 2, yd, 0))) {
-        return NULL;
-    }
-    p.save_y = MOE_DATA(tmp, float);
-    if (yd[0] < a.n_tokens * kd[1]) {
-        PyErr_Format(PyExc_ValueError, "y must have n_tokens * top_k = %lld "
-                     "rows, got %lld", (long long)(a.n_tokens * kd[1]),
-                     (long long)yd[0]);
-        return NULL;
-    }
-    if (p.shared != NULL) {
-        if (!(tmp = moe_arg(sh_obj, "shared", NPY_FLOAT32, 2, dd, 0))) {
-            return NULL;
+    {
+        /* the forward's results and what it saved, then dy: exact shapes */
+        const npy_intp T = a.n_tokens, k = p.route.top_k, d = a.d_model;
+        const struct {
+            PyObject *obj; const char *name; int type; npy_intp d0, d1;
+            const void **dst;
+        } in[] = {
+            {ids_obj, "expert_ids", NPY_INT32, T, k, (const void **)&p.expert_ids},
+            {w_obj, "weights", NPY_FLOAT32, T, k, (const void **)&p.weights},
+            {l_obj, "logits", NPY_FLOAT64, T, a.n_router,
+             (const void **)&p.save_logits},
+            {y_obj, "y", NPY_FLOAT32, T * k, d, (const void **)&p.save_y},
+            {sh_obj, "shared", NPY_FLOAT32, T, d, (const void **)&p.save_shared},
+            {dy_obj, "dy", NPY_FLOAT32, T, d, (const void **)&b.dy}};
+        size_t i_in;
+        memset(&b, 0, sizeof(b));
+        for (i_in = 0; i_in < sizeof(in) / sizeof(in[0]); i_in++) {
+            npy_intp dims[2] = {in[i_in].d0, in[i_in].d1};
+            if (in[i_in].obj == sh_obj && p.shared == NULL) {
+                continue; /* no shared experts: nothing saved for them */
+            }
+            if (!(tmp = moe_arg(in[i_in].obj, in[i_in].name, in[i_in].type, 2,
+                                dims, 0))) {
+                return NULL;
+            }
+            *in[i_in].dst = PyArray_DATA((PyArrayObject *)tmp);
         }
-        p.save_shared = MOE_DATA(tmp, float);
     }
-    memset(&b, 0, sizeof(b));
     b.forward = &p;
-    if (!(tmp = moe_arg(dy_obj, "dy", NPY_FLOAT32, 2, dd, 0))) {
-        return NULL;
-    }
-    b.dy = MOE_DATA(tmp, float);
+
     b.aux_coef = aux_coef;
     b.z_coef = z_coef;
     {

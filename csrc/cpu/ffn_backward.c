@@ -46,6 +46,13 @@ moe_bwd_ff(const moe_experts *w, int64_t e)
     return w->expert_ff ? w->expert_ff[e] : w->d_ff;
 }
 
+/* min(avail, block), and 0 for nothing left. */
+static int64_t
+moe_bwd_clamp(int64_t avail, int64_t block)
+{
+    return avail < 0 ? 0 : (avail < block ? avail : block);
+}
+
 static void
 moe_bwd_fail(moe_bwd_job *job)
 {
@@ -130,9 +137,8 @@ moe_bwd_hidden_task(void *ctx, int64_t t)
     const int64_t e = job->tasks[3 * t], r0 = job->tasks[3 * t + 1];
     const int64_t u0 = job->tasks[3 * t + 2];
     const int64_t d = job->d, F = job->F, ff = moe_bwd_ff(w, e);
-    const int64_t m = p->offsets[e + 1] - r0 < MOE_BWD_ROWS
-                          ? p->offsets[e + 1] - r0 : MOE_BWD_ROWS;
-    const int64_t nu = ff - u0 < MOE_BWD_UNITS ? ff - u0 : MOE_BWD_UNITS;
+    const int64_t m = moe_bwd_clamp(p->offsets[e + 1] - r0, MOE_BWD_ROWS);
+    const int64_t nu = moe_bwd_clamp(ff - u0, MOE_BWD_UNITS);
     const int mr = kr->mr, nr = w->nr, width = w->gated ? nr / 2 : nr;
     const int64_t n_pan = (m + mr - 1) / mr;
     const size_t es = w->dtype == MOE_DTYPE_F32 ? 4 : 2;
@@ -150,12 +156,7 @@ moe_bwd_hidden_task(void *ctx, int64_t t)
     }
     dh = ap + n_pan * mr * d;
     /* dH (m, nu) = dY rows @ W_d[:, u0:u0+nu] */
-    seg.a = p->dy + r0 * d;
-    seg.a_rs = d;
-    seg.a_cs = 1;
-    seg.b = job->wd + e * d * F + u0;
-    seg.ldb = F;
-    seg.K = d;
+    seg = (moe_mm_seg){p->dy + r0 * d, d, 1, job->wd + e * d * F + u0, F, d};
     if (moe_mm_block(&seg, 1, m, nu, dh, MOE_BWD_UNITS) != MOE_STATUS_OK) {
         moe_bwd_fail(job);
         return;
@@ -211,29 +212,16 @@ moe_bwd_dx_task(void *ctx, int64_t t)
     const int64_t e = job->tasks[3 * t], r0 = job->tasks[3 * t + 1];
     const int64_t j0 = job->tasks[3 * t + 2];
     const int64_t d = job->d, F = job->F, ff = moe_bwd_ff(job->w, e);
-    const int64_t m = p->offsets[e + 1] - r0 < MOE_BWD_MROWS
-                          ? p->offsets[e + 1] - r0 : MOE_BWD_MROWS;
-    const int64_t n = d - j0 < MOE_BWD_MCOLS ? d - j0 : MOE_BWD_MCOLS;
-    moe_mm_seg segs[2];
-    int s = 0;
+    const int64_t m = moe_bwd_clamp(p->offsets[e + 1] - r0, MOE_BWD_MROWS);
+    const int64_t n = moe_bwd_clamp(d - j0, MOE_BWD_MCOLS);
+    /* gated: the chain runs over dG's units, then dU's */
+    const moe_mm_seg segs[2] = {
+        {job->dg + r0 * F, F, 1, job->wg + e * F * d + j0, d, ff},
+        {job->du + r0 * F, F, 1, job->wu + e * F * d + j0, d, ff}};
+    const int gated = job->w->gated;
 
-    if (job->w->gated) {
-        segs[s].a = job->dg + r0 * F;
-        segs[s].a_rs = F;
-        segs[s].a_cs = 1;
-        segs[s].b = job->wg + e * F * d + j0;
-        segs[s].ldb = d;
-        segs[s].K = ff;
-        s++;
-    }
-    segs[s].a = job->du + r0 * F;
-    segs[s].a_rs = F;
-    segs[s].a_cs = 1;
-    segs[s].b = job->wu + e * F * d + j0;
-    segs[s].ldb = d;
-    segs[s].K = ff;
-    s++;
-    if (moe_mm_block(segs, s, m, n, p->dx + r0 * d + j0, d) != MOE_STATUS_OK) {
+    if (moe_mm_block(segs + !gated, 1 + gated, m, n, p->dx + r0 * d + j0, d) !=
+        MOE_STATUS_OK) {
         moe_bwd_fail(job);
     }
 }
@@ -255,33 +243,22 @@ moe_bwd_dw_task(void *ctx, int64_t t)
     const int64_t lo = p->offsets[e], n_e = p->offsets[e + 1] - lo;
     const int down = job->mat == 2;
     const int64_t rows = down ? d : F, cols = down ? F : d;
-    const int64_t m = rows - i0 < MOE_BWD_MROWS ? rows - i0 : MOE_BWD_MROWS;
-    const int64_t n = cols - j0 < MOE_BWD_MCOLS ? cols - j0 : MOE_BWD_MCOLS;
+    const int64_t m = moe_bwd_clamp(rows - i0, MOE_BWD_MROWS);
+    const int64_t n = moe_bwd_clamp(cols - j0, MOE_BWD_MCOLS);
     /* the part inside the expert's size: rows (gate, up) or columns (down) */
-    const int64_t m_in = down ? m : (ff - i0 < 0 ? 0 : (ff - i0 < m ? ff - i0 : m));
-    const int64_t n_in = !down ? n : (ff - j0 < 0 ? 0 : (ff - j0 < n ? ff - j0 : n));
+    const int64_t m_in = down ? m : moe_bwd_clamp(ff - i0, m);
+    const int64_t n_in = down ? moe_bwd_clamp(ff - j0, n) : n;
     float *out = (job->mat == 0 ? p->d_w_gate : job->mat == 1 ? p->d_w_up
                                                              : p->d_w_down) +
                  e * F * d + i0 * cols + j0;
-    moe_mm_seg seg;
+    /* A: dY^T (down) or dG^T / dU^T, read transposed; B: H or X rows */
+    const moe_mm_seg seg = down
+        ? (moe_mm_seg){p->dy + lo * d + i0, 1, d, job->h + lo * F + j0, F, n_e}
+        : (moe_mm_seg){(job->mat == 0 ? job->dg : job->du) + lo * F + i0, 1, F,
+                       job->xs + lo * d + j0, d, n_e};
     int64_t i;
 
     if (m_in > 0 && n_in > 0) {
-        if (down) {
-            seg.a = p->dy + lo * d + i0; /* dY^T */
-            seg.a_rs = 1;
-            seg.a_cs = d;
-            seg.b = job->h + lo * F + j0;
-            seg.ldb = F;
-        }
-        else {
-            seg.a = (job->mat == 0 ? job->dg : job->du) + lo * F + i0;
-            seg.a_rs = 1;
-            seg.a_cs = F;
-            seg.b = job->xs + lo * d + j0;
-            seg.ldb = d;
-        }
-        seg.K = n_e;
         if (moe_mm_block(&seg, 1, m_in, n_in, out, cols) != MOE_STATUS_OK) {
             moe_bwd_fail(job);
             return;

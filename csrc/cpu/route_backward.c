@@ -69,7 +69,7 @@ moe_cpu_route_backward(const moe_route_backward_params *p)
     if (T == 0) {
         return MOE_STATUS_OK;
     }
-    buf = moe_alloc((size_t)(5 * E + 2 * k), sizeof(double));
+    buf = moe_alloc((size_t)(4 * E + 2 * k), sizeof(double));
     counts = moe_alloc((size_t)E, sizeof(int64_t));
     if (buf == NULL || counts == NULL) {
         goto done;
@@ -113,7 +113,7 @@ moe_cpu_route_backward(const moe_route_backward_params *p)
         }
         counts[ids[t]]++;
     }
-    f = buf + 4 * E; /* d aux / d P_e, the same for every token */
+    f = buf + 3 * E; /* d aux / d P_e, the same for every token */
     for (e = 0; e < E; e++) {
         f[e] = p->aux_coef * E * ((double)counts[e] / ((double)T * k)) /
                (double)T;
@@ -121,8 +121,8 @@ moe_cpu_route_backward(const moe_route_backward_params *p)
     for (t = 0; t < T; t++) {
         const double *l = p->logits + t * E;
         double *dl = p->d_logits + t * E;
-        double *pr = buf, *s = buf + E, *g = buf + 2 * E, *q = buf + 3 * E;
-        double *dw = buf + 5 * E, *w = dw + k;
+        double *pr = buf, *s = buf + E, *g = buf + 2 * E;
+        double *dw = buf + 4 * E, *w = dw + k;
         const int32_t *sel = ids + t * k;
         const double lse = moe_rb_scores(l, E, pr, sig ? s : NULL);
         double S = 0.0, dot = 0.0;
@@ -190,7 +190,6 @@ moe_cpu_route_backward(const moe_route_backward_params *p)
                 dl[e] += c * pr[e];
             }
         }
-        (void)q;
     }
     st = MOE_STATUS_OK;
 done:
@@ -218,21 +217,11 @@ moe_cpu_router_backward(const moe_router_backward_params *p)
         dl[i] = (float)p->d_logits[i];
     }
     if (p->dx != NULL) { /* dx (T, d) = dL (T, E) @ W (E, d) */
-        seg.a = dl;
-        seg.a_rs = E;
-        seg.a_cs = 1;
-        seg.b = p->weight;
-        seg.ldb = d;
-        seg.K = E;
+        seg = (moe_mm_seg){dl, E, 1, p->weight, d, E};
         st = moe_mm(&seg, 1, T, d, p->dx, d);
     }
     if (st == MOE_STATUS_OK && p->d_weight != NULL) { /* dL^T (E, T) @ x */
-        seg.a = dl;
-        seg.a_rs = 1;
-        seg.a_cs = E;
-        seg.b = p->x;
-        seg.ldb = d;
-        seg.K = T;
+        seg = (moe_mm_seg){dl, 1, E, p->x, d, T};
         st = moe_mm(&seg, 1, E, d, p->d_weight, d);
     }
     if (st == MOE_STATUS_OK && p->d_bias != NULL) {

@@ -9,11 +9,18 @@
 
 #include <math.h>
 
-moe_status
-moe_router_logits(const moe_router_params *p)
-{
-    return moe_cpu_router_logits(p);
-}
+/* Ops with only a CPU implementation so far: the entry point forwards. */
+#define MOE_CPU_ONLY(op, params_t)                                          \
+    moe_status moe_##op(const params_t *p) { return moe_cpu_##op(p); }
+
+MOE_CPU_ONLY(router_logits, moe_router_params)
+MOE_CPU_ONLY(dispatch_count, moe_dispatch_params)
+MOE_CPU_ONLY(dispatch_build, moe_dispatch_params)
+MOE_CPU_ONLY(dispatch_gather, moe_gather_params)
+MOE_CPU_ONLY(combine, moe_combine_params)
+MOE_CPU_ONLY(combine_backward, moe_combine_backward_params)
+MOE_CPU_ONLY(dispatch_backward, moe_dispatch_backward_params)
+MOE_CPU_ONLY(router_backward, moe_router_backward_params)
 
 moe_status
 moe_route_topk(const moe_route_params *p)
@@ -213,30 +220,6 @@ moe_peer_forward(const moe_peer_params *p)
 }
 
 moe_status
-moe_dispatch_count(const moe_dispatch_params *p)
-{
-    return moe_cpu_dispatch_count(p);
-}
-
-moe_status
-moe_dispatch_build(const moe_dispatch_params *p)
-{
-    return moe_cpu_dispatch_build(p);
-}
-
-moe_status
-moe_dispatch_gather(const moe_gather_params *p)
-{
-    return moe_cpu_dispatch_gather(p);
-}
-
-moe_status
-moe_combine(const moe_combine_params *p)
-{
-    return moe_cpu_combine(p);
-}
-
-moe_status
 moe_experts_pack(const moe_pack_params *p, moe_experts **out)
 {
     if (out == NULL || p->w_up == NULL || p->w_down == NULL ||
@@ -378,18 +361,6 @@ moe_ffn_backward(const moe_ffn_backward_params *p)
 }
 
 moe_status
-moe_combine_backward(const moe_combine_backward_params *p)
-{
-    return moe_cpu_combine_backward(p);
-}
-
-moe_status
-moe_dispatch_backward(const moe_dispatch_backward_params *p)
-{
-    return moe_cpu_dispatch_backward(p);
-}
-
-moe_status
 moe_route_backward(const moe_route_backward_params *p)
 {
     if (p->opt.router != MOE_ROUTER_TOP_K || p->opt.top_k < 1 ||
@@ -400,12 +371,6 @@ moe_route_backward(const moe_route_backward_params *p)
                              "n_groups dividing n_experts");
     }
     return moe_cpu_route_backward(p);
-}
-
-moe_status
-moe_router_backward(const moe_router_backward_params *p)
-{
-    return moe_cpu_router_backward(p);
 }
 
 moe_status

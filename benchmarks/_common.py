@@ -170,3 +170,15 @@ def check(name, y, ref, rtol=1e-4):
         raise SystemExit(f"{name} does not match the reference (max-abs-normalised error "
                          f"{err:.2e} >= {rtol:.0e})")
     return err
+
+
+def optional_torch(threads, skip=False):
+    """torch set to `threads` threads, or None (skip=True, or torch is not installed)."""
+    if skip:
+        return None
+    try:
+        import torch
+    except ImportError:
+        return None
+    torch.set_num_threads(threads)
+    return torch

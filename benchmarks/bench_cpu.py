@@ -23,7 +23,7 @@ import numpy as np
 
 import moe
 from _common import (cache_flusher, ceilings, fma_peak, interleaved,  # noqa: E402
-                     per_round, read_bandwidth, spread)
+                     optional_torch, per_round, read_bandwidth, spread)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SHAPES = os.path.join(HERE, "shapes.json")
@@ -143,13 +143,7 @@ def main():
     threads = moe.get_num_threads()
     fma, fma_isa, read = ceilings(threads)
     fma1, _, _ = ceilings(1)
-    torch = None
-    if not args.no_torch:
-        try:
-            import torch
-            torch.set_num_threads(threads)
-        except ImportError:
-            pass
+    torch = optional_torch(threads, args.no_torch)
     try:
         from threadpoolctl import threadpool_info
         blas = "; ".join(f"{i.get('internal_api')} {i.get('version')} "

@@ -31,7 +31,8 @@ import time
 import numpy as np
 
 import moe
-from _common import ceilings, check, cpu_model, interleaved, rel_err, spread, timeit  # noqa: E402
+from _common import (ceilings, check, cpu_model, interleaved, optional_torch,  # noqa: E402
+                     rel_err, spread, timeit)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SHAPES = os.path.join(HERE, "shapes.json")
@@ -176,13 +177,7 @@ def main():
     load = os.getloadavg()[0]
     threads = moe.get_num_threads()
     fma, fma_isa, read = ceilings(threads)
-    torch = None
-    if not args.no_torch:
-        try:
-            import torch
-            torch.set_num_threads(threads)
-        except ImportError:
-            pass
+    torch = optional_torch(threads, args.no_torch)
 
     rng = np.random.default_rng(0)
 

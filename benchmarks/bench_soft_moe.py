@@ -22,7 +22,7 @@ import time
 import numpy as np
 
 import moe
-from _common import ceilings, check, cpu_model, timeit  # noqa: E402
+from _common import ceilings, check, cpu_model, optional_torch, timeit  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RTOL = 1e-4
@@ -77,13 +77,7 @@ def main():
     load = os.getloadavg()[0]
     threads = moe.get_num_threads()
     fma, fma_isa, read = ceilings(threads)
-    torch = None
-    if not args.no_torch:
-        try:
-            import torch
-            torch.set_num_threads(threads)
-        except ImportError:
-            pass
+    torch = optional_torch(threads, args.no_torch)
 
     rng = np.random.default_rng(0)
     layer = moe.SoftMoE(d, F, E, s, seed=0)

@@ -32,6 +32,10 @@ void *moe_alloc(size_t count, size_t size);
  * pages advised where the OS offers them; freed with free(). */
 void *moe_alloc_big(size_t count, size_t size);
 
+/* Softmax of one float64 row into prob (n,) (max subtracted: exp of
+ * non-positive numbers only); returns its log-sum-exp (csrc/cpu/route.c). */
+double moe_softmax_f64(const double *logit, int32_t n, double *prob);
+
 /* ---- thread pool (csrc/runtime/pool.c) ---- */
 
 /* One task of a parallel job; tasks of a job must be independent. */

@@ -413,55 +413,38 @@ moe_py_layer_backward(PyObject *self, PyObject *args, PyObject *kw)
     if (p.shared != NULL) {
         moe_experts_get_info(p.shared, &sinfo);
     }
-    g[0] = moe_new(2, a.n_tokens, a.d_model, NPY_FLOAT32);
-    g[1] = moe_new(2, a.n_router, a.d_model, NPY_FLOAT32);
-    if (p.router_bias != NULL) {
-        g[2] = moe_new(1, a.n_router, 0, NPY_FLOAT32);
-    }
     {
-        npy_intp fd[3] = {info.n_experts, info.d_ff, info.d_model};
-        npy_intp dn[3] = {info.n_experts, info.d_model, info.d_ff};
-        if (info.gated) {
-            g[3] = moe_new_recycled(3, fd);
-        }
-        g[4] = moe_new_recycled(3, fd);
-        g[5] = moe_new_recycled(3, dn);
-    }
-    if (biases) {
-        if (info.gated) {
-            g[6] = moe_new(2, info.n_experts, info.d_ff, NPY_FLOAT32);
-        }
-        g[7] = moe_new(2, info.n_experts, info.d_ff, NPY_FLOAT32);
-        g[8] = moe_new(2, info.n_experts, info.d_model, NPY_FLOAT32);
-    }
-    if (p.shared != NULL) {
-        if (sinfo.gated) {
-            g[9] = moe_new(2, sinfo.d_ff, sinfo.d_model, NPY_FLOAT32);
-        }
-        g[10] = moe_new(2, sinfo.d_ff, sinfo.d_model, NPY_FLOAT32);
-        g[11] = moe_new(2, sinfo.d_model, sinfo.d_ff, NPY_FLOAT32);
-        if (p.shared_gate != NULL) {
-            g[12] = moe_new(2, 1, a.d_model, NPY_FLOAT32);
+        /* each gradient's shape (ndim 0: the layer has no such weight) */
+        const int sh = p.shared != NULL, sg = sh && sinfo.gated;
+        const npy_intp E = info.n_experts, F = info.d_ff, d = info.d_model;
+        const npy_intp SF = sh ? sinfo.d_ff : 0;
+        const struct { int ndim; npy_intp dims[3]; } shape[13] = {
+            {2, {a.n_tokens, d}}, {2, {a.n_router, d}},
+            {p.router_bias != NULL, {a.n_router}},
+            {info.gated ? 3 : 0, {E, F, d}}, {3, {E, F, d}}, {3, {E, d, F}},
+            {biases && info.gated ? 2 : 0, {E, F}}, {biases ? 2 : 0, {E, F}},
+            {biases ? 2 : 0, {E, d}},
+            {sg ? 2 : 0, {SF, d}}, {sh ? 2 : 0, {SF, d}}, {sh ? 2 : 0, {d, SF}},
+            {sh && p.shared_gate != NULL ? 2 : 0, {1, d}}};
+        for (i = 0; i < 13 && !PyErr_Occurred(); i++) {
+            if (shape[i].ndim > 0) {
+                g[i] = moe_new_recycled(shape[i].ndim, shape[i].dims);
+            }
         }
     }
     if (PyErr_Occurred()) {
         goto done;
     }
-#define MOE_G(i) (g[i] ? MOE_DATA(g[i], float) : NULL)
-    b.dx = MOE_G(0);
-    b.d_router_weight = MOE_G(1);
-    b.d_router_bias = MOE_G(2);
-    b.d_w_gate = MOE_G(3);
-    b.d_w_up = MOE_G(4);
-    b.d_w_down = MOE_G(5);
-    b.d_b_gate = MOE_G(6);
-    b.d_b_up = MOE_G(7);
-    b.d_b_down = MOE_G(8);
-    b.d_shared_w_gate = MOE_G(9);
-    b.d_shared_w_up = MOE_G(10);
-    b.d_shared_w_down = MOE_G(11);
-    b.d_shared_gate = MOE_G(12);
-#undef MOE_G
+    {
+        float **dst[13] = {&b.dx, &b.d_router_weight, &b.d_router_bias,
+                           &b.d_w_gate, &b.d_w_up, &b.d_w_down, &b.d_b_gate,
+                           &b.d_b_up, &b.d_b_down, &b.d_shared_w_gate,
+                           &b.d_shared_w_up, &b.d_shared_w_down,
+                           &b.d_shared_gate}; /* in the order of names */
+        for (i = 0; i < 13; i++) {
+            *dst[i] = g[i] != NULL ? MOE_DATA(g[i], float) : NULL;
+        }
+    }
     MOE_COMPUTE(st, moe_layer_backward(&b));
     if (st != MOE_STATUS_OK) {
         moe_raise(st);

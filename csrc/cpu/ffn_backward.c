@@ -33,8 +33,8 @@ typedef struct moe_bwd_job {
     const float       *xs;      /* (n_rows, d) the rows, gathered          */
     const float       *wg, *wu, *wd; /* fp32 weights (E, F, d), (E, d, F)  */
     float             *h, *dg, *du;  /* (n_rows, F)                         */
-    /* the task lists: (expert, a, b) triples, by phase */
-    int64_t           *tasks;
+    struct moe_bwd_task { int64_t e, r, c; } *tasks; /* a phase's tasks:
+                                    (expert, first row, first column)       */
     int64_t            n_tasks;
     int                mat;     /* phase 3: 0 gate, 1 up, 2 down, 3 biases */
     int                failed;
@@ -134,8 +134,8 @@ moe_bwd_hidden_task(void *ctx, int64_t t)
     const moe_ffn_backward_params *p = job->p;
     const moe_experts *w = job->w;
     const moe_kernels *kr = job->kr;
-    const int64_t e = job->tasks[3 * t], r0 = job->tasks[3 * t + 1];
-    const int64_t u0 = job->tasks[3 * t + 2];
+    const int64_t e = job->tasks[t].e, r0 = job->tasks[t].r;
+    const int64_t u0 = job->tasks[t].c;
     const int64_t d = job->d, F = job->F, ff = moe_bwd_ff(w, e);
     const int64_t m = moe_bwd_clamp(p->offsets[e + 1] - r0, MOE_BWD_ROWS);
     const int64_t nu = moe_bwd_clamp(ff - u0, MOE_BWD_UNITS);
@@ -208,20 +208,20 @@ static void
 moe_bwd_dx_task(void *ctx, int64_t t)
 {
     moe_bwd_job *job = ctx;
-    const moe_ffn_backward_params *p = job->p;
-    const int64_t e = job->tasks[3 * t], r0 = job->tasks[3 * t + 1];
-    const int64_t j0 = job->tasks[3 * t + 2];
-    const int64_t d = job->d, F = job->F, ff = moe_bwd_ff(job->w, e);
-    const int64_t m = moe_bwd_clamp(p->offsets[e + 1] - r0, MOE_BWD_MROWS);
-    const int64_t n = moe_bwd_clamp(d - j0, MOE_BWD_MCOLS);
+    const struct moe_bwd_task tk = job->tasks[t];
+    const int64_t d = job->d, F = job->F, ff = moe_bwd_ff(job->w, tk.e);
+    const int64_t E0 = tk.e * F * d;
     /* gated: the chain runs over dG's units, then dU's */
     const moe_mm_seg segs[2] = {
-        {job->dg + r0 * F, F, 1, job->wg + e * F * d + j0, d, ff},
-        {job->du + r0 * F, F, 1, job->wu + e * F * d + j0, d, ff}};
+        {job->dg + tk.r * F, F, 1, job->wg + E0 + tk.c, d, ff},
+        {job->du + tk.r * F, F, 1, job->wu + E0 + tk.c, d, ff}};
     const int gated = job->w->gated;
 
-    if (moe_mm_block(segs + !gated, 1 + gated, m, n, p->dx + r0 * d + j0, d) !=
-        MOE_STATUS_OK) {
+    if (moe_mm_block(segs + !gated, 1 + gated,
+                     moe_bwd_clamp(job->p->offsets[tk.e + 1] - tk.r,
+                                   MOE_BWD_MROWS),
+                     moe_bwd_clamp(d - tk.c, MOE_BWD_MCOLS),
+                     job->p->dx + tk.r * d + tk.c, d) != MOE_STATUS_OK) {
         moe_bwd_fail(job);
     }
 }
@@ -237,8 +237,7 @@ moe_bwd_dw_task(void *ctx, int64_t t)
 {
     moe_bwd_job *job = ctx;
     const moe_ffn_backward_params *p = job->p;
-    const int64_t e = job->tasks[3 * t], i0 = job->tasks[3 * t + 1];
-    const int64_t j0 = job->tasks[3 * t + 2];
+    const int64_t e = job->tasks[t].e, i0 = job->tasks[t].r, j0 = job->tasks[t].c;
     const int64_t d = job->d, F = job->F, ff = moe_bwd_ff(job->w, e);
     const int64_t lo = p->offsets[e], n_e = p->offsets[e + 1] - lo;
     const int down = job->mat == 2;
@@ -317,7 +316,7 @@ moe_bwd_bias_task(void *ctx, int64_t e)
 static int64_t
 moe_bwd_tasks(const moe_ffn_backward_params *p, const moe_experts *w,
               int64_t rows, int64_t rb, int64_t cols, int64_t cb,
-              int by_units, int64_t *tasks)
+              int by_units, struct moe_bwd_task *tasks)
 {
     int64_t e, r, c, n = 0;
 
@@ -328,9 +327,7 @@ moe_bwd_tasks(const moe_ffn_backward_params *p, const moe_experts *w,
         for (r = lo; r < hi; r += rb) {
             for (c = 0; c < nc; c += cb) {
                 if (tasks != NULL) {
-                    tasks[3 * n] = e;
-                    tasks[3 * n + 1] = r;
-                    tasks[3 * n + 2] = c;
+                    tasks[n] = (struct moe_bwd_task){e, r, c};
                 }
                 n++;
             }
@@ -348,7 +345,7 @@ moe_bwd_phase(moe_bwd_job *job, int64_t rows, int64_t rb, int64_t cols,
                               NULL);
 
     free(job->tasks);
-    job->tasks = moe_alloc((size_t)(3 * n + 3), sizeof(int64_t));
+    job->tasks = moe_alloc((size_t)n + 1, sizeof(*job->tasks));
     if (job->tasks == NULL) {
         return MOE_STATUS_ALLOC;
     }

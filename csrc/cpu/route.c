@@ -58,6 +58,25 @@ moe_cpu_router_logits(const moe_router_params *p)
 
 /* ---- top-k ------------------------------------------------------------ */
 
+double
+moe_softmax_f64(const double *logit, int32_t n, double *prob)
+{
+    double mx = logit[0], sum = 0.0;
+    int32_t e;
+
+    for (e = 1; e < n; e++) {
+        mx = logit[e] > mx ? logit[e] : mx;
+    }
+    for (e = 0; e < n; e++) {
+        prob[e] = exp(logit[e] - mx);
+        sum += prob[e];
+    }
+    for (e = 0; e < n; e++) {
+        prob[e] /= sum;
+    }
+    return mx + log(sum);
+}
+
 /*
  * Insert candidate i into the descending list ids/vals of length *len (at
  * most k).  Strict '>' keeps an earlier (lower) index ahead of a later one

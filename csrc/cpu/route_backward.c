@@ -13,24 +13,13 @@
 static double
 moe_rb_scores(const double *l, int32_t E, double *p, double *s)
 {
-    double mx = l[0], sum = 0.0;
     int32_t e;
 
-    for (e = 1; e < E; e++) {
-        mx = l[e] > mx ? l[e] : mx;
-    }
-    for (e = 0; e < E; e++) {
-        p[e] = exp(l[e] - mx);
-        sum += p[e];
-    }
-    for (e = 0; e < E; e++) {
-        p[e] /= sum;
-    }
     for (e = 0; s != NULL && e < E; e++) {
         const double z = exp(-fabs(l[e]));
         s[e] = l[e] >= 0.0 ? 1.0 / (1.0 + z) : z / (1.0 + z);
     }
-    return mx + log(sum);
+    return moe_softmax_f64(l, E, p);
 }
 
 /* dl (E,) += the softmax's backward: p * (g - <g, p>). */
@@ -134,16 +123,12 @@ moe_cpu_route_backward(const moe_route_backward_params *p)
         }
         memset(g, 0, sizeof(double) * (size_t)E);
         if (sat) { /* w = softmax of the selected logits */
-            double mx = l[sel[0]], sum = 0.0;
-            for (j = 1; j < k; j++) {
-                mx = l[sel[j]] > mx ? l[sel[j]] : mx;
-            }
             for (j = 0; j < k; j++) {
-                w[j] = exp(l[sel[j]] - mx);
-                sum += w[j];
+                g[j] = l[sel[j]];
             }
+            moe_softmax_f64(g, k, w);
+            memset(g, 0, sizeof(double) * (size_t)k);
             for (j = 0; j < k; j++) {
-                w[j] /= sum;
                 dot += dw[j] * w[j];
             }
             for (j = 0; j < k; j++) {

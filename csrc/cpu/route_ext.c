@@ -29,24 +29,6 @@ moe_ext_check_finite(const double *logits, int64_t T, int32_t E)
     return MOE_STATUS_OK;
 }
 
-/* Softmax over one row into prob (E,), exp of non-positive numbers only. */
-static void
-moe_ext_softmax(const double *logit, int32_t E, double *prob)
-{
-    double mx = logit[0], sum = 0.0;
-    int32_t e;
-
-    for (e = 1; e < E; e++) {
-        mx = logit[e] > mx ? logit[e] : mx;
-    }
-    for (e = 0; e < E; e++) {
-        prob[e] = exp(logit[e] - mx);
-        sum += prob[e];
-    }
-    for (e = 0; e < E; e++) {
-        prob[e] /= sum;
-    }
-}
 
 /* ---- expert choice ----------------------------------------------------- */
 
@@ -87,7 +69,7 @@ moe_ec_score_task(void *ctx, int64_t task)
             }
         }
         else {
-            moe_ext_softmax(logit, E, s);
+            moe_softmax_f64(logit, E, s);
         }
     }
     for (e = 0; e < E; e++) {
@@ -488,7 +470,7 @@ moe_dyn_task(void *ctx, int64_t task)
         float *w = p->weights + t * K;
         double sum = 0.0;
 
-        moe_ext_softmax(p->logits + t * E, E, prob);
+        moe_softmax_f64(p->logits + t * E, E, prob);
         k = moe_dyn_select(p, prob, r, r + E);
         for (j = 0; j < k; j++) {
             sum += r[j].v;

@@ -98,6 +98,12 @@ def _stable_desc_order(values):
     return np.argsort(-np.asarray(values, dtype=np.float64), kind="stable")
 
 
+def _count(expert_ids, n_experts):
+    """(n_experts,) int64: how many slots chose each expert (-1 = none)."""
+    ids = np.asarray(expert_ids).ravel()
+    return np.bincount(ids[ids >= 0], minlength=n_experts).astype(np.int64)
+
+
 def route(logits, top_k, *, scoring="softmax", renormalize=True, routed_scaling=1.0,
           expert_bias=None, n_groups=1, topk_groups=1, capacity_factor=None, allowed=None):
     """Top-k router: pick experts per token, compute weights, capacity and losses.
@@ -250,12 +256,7 @@ def route(logits, top_k, *, scoring="softmax", renormalize=True, routed_scaling=
                     weights[t, j] = 0.0
                     n_dropped += 1
 
-    counts = np.zeros(E, dtype=np.int64)
-    for t in range(T):
-        for j in range(top_k):
-            e = int(expert_ids[t, j])
-            if e >= 0:
-                counts[e] += 1
+    counts = _count(expert_ids, E)
 
     return {
         "expert_ids": expert_ids,
@@ -311,12 +312,7 @@ def dispatch(x, expert_ids, n_experts):
         raise ValueError(f"expert_ids must be in [-1, {E})")
 
     # count
-    counts = np.zeros(E, dtype=np.int64)
-    for t in range(T):
-        for j in range(k):
-            e = int(expert_ids[t, j])
-            if e >= 0:
-                counts[e] += 1
+    counts = _count(expert_ids, E)
 
     # exclusive prefix sum
     offsets = np.zeros(E + 1, dtype=np.int64)

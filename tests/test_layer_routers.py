@@ -7,6 +7,19 @@ from moe import reference as ref
 from tolerances import assert_close
 
 
+def check_against_reference(layer, x, what):
+    """The layer's output and routing against moe.reference.layer_forward: ids and counts
+    exactly, weights and output to the tolerance table.  Returns (y, routing, the
+    reference's routing)."""
+    y, r = layer(x, return_routing=True)
+    y_ref, r_ref = ref.layer_forward(layer, x)
+    np.testing.assert_array_equal(r.expert_ids, r_ref["expert_ids"])
+    np.testing.assert_array_equal(r.counts, r_ref["counts"])
+    assert_close(r.weights, r_ref["weights"], what=f"{what}: weights")
+    assert_close(y, y_ref, what=what)
+    return y, r, r_ref
+
+
 @pytest.mark.parametrize("router,opts", [
     ("expert_choice", {}), ("expert_choice", {"capacity_factor": 2.0, "scoring": "sigmoid"}),
     ("expert_choice", {"capacity_factor": 0.01}),
@@ -19,12 +32,7 @@ def test_layer_routers_match_reference(router, opts):
     rng = np.random.default_rng(len(router) + len(opts))
     layer = moe.SparseMoE(32, 24, 8, 3, router=router, n_shared_experts=1, seed=5, **opts)
     x = rng.standard_normal((45, 32)).astype(np.float32)
-    y, r = layer(x, return_routing=True)
-    y_ref, r_ref = ref.layer_forward(layer, x)
-    np.testing.assert_array_equal(r.expert_ids, r_ref["expert_ids"])
-    np.testing.assert_array_equal(r.counts, r_ref["counts"])
-    assert_close(r.weights, r_ref["weights"], what="weights")
-    assert_close(y, y_ref, what=f"SparseMoE(router={router!r})")
+    y, r, r_ref = check_against_reference(layer, x, f"SparseMoE(router={router!r})")
     assert np.isfinite(r.aux_loss) and r.z_loss > 0
     # the losses come from the core (no Python on the layer's path), the reference's own
     # formula agrees to rounding
@@ -55,12 +63,7 @@ def test_layer_expert_skipping(router, renormalize):
     layer = moe.SparseMoE(32, 24, 8, 3, router=router, skip_threshold=0.3,
                           skip_renormalize=renormalize, seed=6)
     x = rng.standard_normal((50, 32)).astype(np.float32)
-    y, r = layer(x, return_routing=True)
-    y_ref, r_ref = ref.layer_forward(layer, x)
-    np.testing.assert_array_equal(r.expert_ids, r_ref["expert_ids"])
-    np.testing.assert_array_equal(r.counts, r_ref["counts"])
-    assert_close(r.weights, r_ref["weights"], what="weights after skipping")
-    assert_close(y, y_ref, what="skipping layer")
+    y, r, r_ref = check_against_reference(layer, x, "skipping layer")
     plain = moe.SparseMoE(**dict(layer.config(), skip_threshold=0.0), init=False)
     for name in ("router_weight", "w_gate", "w_up", "w_down"):
         setattr(plain, name, getattr(layer, name))

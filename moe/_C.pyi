@@ -51,9 +51,30 @@ def layer_forward(x: F32, router_weight: F32, experts: Packed, top_k: int, activ
                   allowed: Optional[npt.NDArray[np.bool_]] = None,
                   groups: Optional[I32] = None, want_out_norm: bool = False,
                   router: int = 0, router_p: float = 0.0, k_min: int = 1,
-                  skip_threshold: float = 0.0, skip_renormalize: bool = False
+                  skip_threshold: float = 0.0, skip_renormalize: bool = False,
+                  save: bool = False
                   ) -> Tuple[F32, I32, F32, I64, int, float, float, Optional[I32],
-                             Optional[F64]]: ...
+                             Optional[F64], Optional[Tuple[F64, F32, Optional[F32]]]]: ...
+# the backward of a forward takes that forward's own (args, kwargs)
+def layer_backward(forward_args: Tuple[Any, ...], forward_kwargs: Dict[str, Any],
+                   expert_ids: I32, weights: F32, logits: F64, y: F32, shared: Optional[F32],
+                   dy: F32, *, w_gate: Optional[npt.NDArray[Any]] = None,
+                   w_up: Optional[npt.NDArray[Any]] = None,
+                   w_down: Optional[npt.NDArray[Any]] = None,
+                   shared_w_gate: Optional[npt.NDArray[Any]] = None,
+                   shared_w_up: Optional[npt.NDArray[Any]] = None,
+                   shared_w_down: Optional[npt.NDArray[Any]] = None, aux_coef: float = 0.0,
+                   z_coef: float = 0.0, biases: bool = False) -> Dict[str, Optional[F32]]: ...
+def route_backward(route_args: Tuple[Any, ...], route_kwargs: Dict[str, Any], expert_ids: I32,
+                   d_weights: F32, *, aux_coef: float = 0.0, z_coef: float = 0.0) -> F64: ...
+def combine_backward(y: F32, position: I64, weights: F32, d_out: F32) -> Tuple[F32, F32]: ...
+def dispatch_backward(d_rows: F32, position: I64) -> F32: ...
+def ffn_grouped_backward(ffn_args: Tuple[Any, ...], ffn_kwargs: Dict[str, Any], dy: F32, *,
+                         w_gate: Optional[npt.NDArray[Any]] = None,
+                         w_up: Optional[npt.NDArray[Any]] = None,
+                         w_down: Optional[npt.NDArray[Any]] = None, biases: bool = False
+                         ) -> Tuple[F32, Optional[F32], F32, F32, Optional[F32],
+                                    Optional[F32], Optional[F32]]: ...
 def pack_linear(w: npt.NDArray[Any], dtype: int, *, bias: Optional[F32] = None) -> Packed: ...
 def linear_grouped(x: F32, token_index: Optional[I64], offsets: I64, weights: Packed) -> F32: ...
 def pack_expert_lora(experts: Packed, rank: int, scaling: float, *,

@@ -715,7 +715,7 @@ moe_status moe_router_backward(const moe_router_backward_params *p);
 
 /*
  * The whole top-k layer.  forward: the params of the forward as it ran (top
- * k router; no null experts, expert LoRA or skipping), with save_logits,
+ * k router, null experts included; no expert LoRA or skipping), with save_logits,
  * save_y and (with shared experts) save_shared set; its routing outputs
  * (expert_ids, weights) and those saved buffers are read.
  */
@@ -738,6 +738,8 @@ typedef struct moe_layer_backward_params {
     float *d_b_gate, *d_b_up, *d_b_down;
     float *d_shared_w_gate, *d_shared_w_up, *d_shared_w_down;
     float *d_shared_gate;         /* (d_model,)                            */
+    float *d_null_values;         /* (n_null, d_model): constant null
+                                     experts' rows (the others get 0)      */
 } moe_layer_backward_params;
 
 moe_status moe_layer_backward(const moe_layer_backward_params *p);

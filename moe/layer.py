@@ -43,7 +43,8 @@ _WEIGHTS = {
 }
 # the weights a backward returns gradients for (expert_bias moves the selection only)
 _TRAINABLE = ("router_weight", "router_bias", "w_gate", "w_up", "w_down", "b_gate", "b_up",
-              "b_down", "shared_w_gate", "shared_w_up", "shared_w_down", "shared_gate_weight")
+              "b_down", "shared_w_gate", "shared_w_up", "shared_w_down", "shared_gate_weight",
+              "null_values")
 NULL_KINDS = _C.NULL_KINDS
 ROUTERS = _C.ROUTERS
 
@@ -480,14 +481,14 @@ class SparseMoE:
             unused.add("router_bias")
         if not self.shared_expert_gate:
             unused.add("shared_gate_weight")
+        if "constant" not in self.null_experts:
+            unused.add("null_values")
         return tuple(n for n in _TRAINABLE if n not in unused and getattr(self, n) is not None)
 
     def _check_trainable(self):
         why = []
         if self.router != "top_k":
             why.append(f"router={self.router!r}")
-        if self.n_null:
-            why.append("null experts")
         if self.lora_rank:
             why.append("expert LoRA (lora_rank > 0)")
         if self.skip_threshold > 0:
@@ -496,7 +497,8 @@ class SparseMoE:
             why.append(f"compute_dtype={self.compute_dtype!r}")
         if why:
             raise NotImplementedError(
-                "the backward covers the top-k layer with shared experts and biases; not yet "
+                "the backward covers the top-k layer with shared experts, biases and null "
+                "experts; not yet "
                 "(issue 19): " + ", ".join(why))
 
     def forward_train(self, x, *, allowed=None, groups=None):

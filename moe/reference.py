@@ -1416,16 +1416,22 @@ def sparse_moe_backward(x, router_weight, w_gate, w_up, w_down, dy, *, top_k,
                         capacity_factor=None, shared_w_gate=None, shared_w_up=None,
                         shared_w_down=None, shared_gate_weight=None, router_bias=None,
                         b_gate=None, b_up=None, b_down=None, swiglu_alpha=1.702,
-                        swiglu_limit=7.0, aux_coef=0.0, z_coef=0.0, expert_d_ff=None):
+                        swiglu_limit=7.0, aux_coef=0.0, z_coef=0.0, expert_d_ff=None,
+                        null_experts=(), null_values=None):
     """Gradients of  sum(dy * sparse_moe(x, ...)) + aux_coef * aux + z_coef * z  for the
-    top-k layer (the options of sparse_moe above; no null experts, LoRA or other
+    top-k layer (the options of sparse_moe above, null experts included; no LoRA or other
     routers).  Returns {"dx", "router_weight", "router_bias", "w_gate", "w_up", "w_down",
     "b_gate", "b_up", "b_down", "shared_w_gate", "shared_w_up", "shared_w_down",
-    "shared_gate_weight"}: None for what the layer does not have."""
+    "shared_gate_weight", "null_values"}: None for what the layer does not have.
+
+    A null expert's slot adds w * v with v = x (copy), null_values[i] (constant) or 0
+    (zero): its weight's gradient is <dy, v>, and copy adds w * dy to dx, constant
+    w * dy to its row of null_values."""
     xf = np.asarray(x, dtype=np.float64).reshape(-1, np.asarray(router_weight).shape[1])
     dy = np.asarray(dy, dtype=np.float64).reshape(xf.shape)
     T, d = xf.shape
     E = np.asarray(w_up).shape[0]
+    n_null = len(null_experts)
     logits = xf @ np.asarray(router_weight, dtype=np.float64).T
     if router_bias is not None:
         logits = logits + np.asarray(router_bias, dtype=np.float64)
@@ -1433,7 +1439,8 @@ def sparse_moe_backward(x, router_weight, w_gate, w_up, w_down, dy, *, top_k,
                 expert_bias=expert_bias, n_groups=n_groups, topk_groups=topk_groups,
                 capacity_factor=capacity_factor)
     routing = route(logits, top_k, **opts)
-    disp = dispatch(xf, routing["expert_ids"], E)
+    ids = routing["expert_ids"]
+    disp = dispatch(xf, np.where(ids < E, ids, -1), E)
     gated = activation in GATED
     ffn_args = (w_gate if gated else None, w_up, w_down)
     ffn_opts = dict(activation=activation, b_gate=b_gate if gated else None, b_up=b_up,
@@ -1444,7 +1451,18 @@ def sparse_moe_backward(x, router_weight, w_gate, w_up, w_down, dy, *, top_k,
     fb = expert_ffn_backward(disp["x_sorted"], disp["offsets"], *ffn_args, cb["dy_sorted"],
                              **ffn_opts)
     dx = dispatch_backward(fb["dx_sorted"], disp["token_index"], T)
-    dl = route_backward(logits, cb["d_weights"], top_k, aux_coef=aux_coef, z_coef=z_coef,
+    d_weights = cb["d_weights"]
+    dv = None if null_values is None else np.zeros(np.shape(null_values))
+    for t, j in zip(*np.nonzero(ids >= E)):
+        kind, w = null_experts[ids[t, j] - E], routing["weights"][t, j]
+        if kind == "copy":
+            d_weights[t, j] = dy[t] @ xf[t]
+            dx[t] += w * dy[t]
+        elif kind == "constant":
+            v = np.asarray(null_values[ids[t, j] - E], dtype=np.float64)
+            d_weights[t, j] = dy[t] @ v
+            dv[ids[t, j] - E] += w * dy[t]
+    dl = route_backward(logits, d_weights, top_k, aux_coef=aux_coef, z_coef=z_coef,
                         **opts)
     rb = router_backward(xf, router_weight, dl)
     dx = dx + rb["dx"]
@@ -1455,7 +1473,7 @@ def sparse_moe_backward(x, router_weight, w_gate, w_up, w_down, dy, *, top_k,
              "b_up": fb["db_up"] if b_up is not None else None,
              "b_down": fb["db_down"] if b_down is not None else None,
              "shared_w_gate": None, "shared_w_up": None, "shared_w_down": None,
-             "shared_gate_weight": None}
+             "shared_gate_weight": None, "null_values": dv if n_null else None}
     if shared_w_up is not None:
         sg_w = shared_w_gate if gated else None
         shared = ffn(xf, sg_w, shared_w_up, shared_w_down, activation, alpha=swiglu_alpha,

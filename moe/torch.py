@@ -269,7 +269,7 @@ class SparseMoE(nn.Module):
     The kernels run on a packed copy of the FFN weights; a forward repacks when a packed
     parameter's version counter moved (every in-place torch op moves it: optimizer steps,
     load_state_dict, nn.init).  After writing weights through .data or NumPy, call
-    m.repack().  Options that the backward does not cover yet (other routers, null experts,
+    m.repack().  Options that the backward does not cover yet (other routers,
     LoRA, skipping, bf16 compute) run under no_grad only.
     """
 

@@ -38,6 +38,10 @@ def make_layer(rng, d=24, F=40, E=8, k=2, **cfg):
         for name in ("b_gate", "b_up", "b_down"):
             shape = getattr(layer, name).shape
             setattr(layer, name, (rng.standard_normal(shape) * 0.1).astype(np.float32))
+    if layer.n_null:  # larger null rows: the null experts get chosen
+        w = layer.router_weight.copy()
+        w[layer.n_experts:] *= 3
+        layer.router_weight = w
     return layer
 
 
@@ -61,7 +65,8 @@ def reference_grads(layer, x, dy, aux, z):
         b_up=layer.b_up if layer.use_expert_biases else None,
         b_down=layer.b_down if layer.use_expert_biases else None,
         swiglu_alpha=layer.swiglu_alpha, swiglu_limit=layer.swiglu_limit,
-        aux_coef=aux, z_coef=z, expert_d_ff=layer.expert_d_ff)
+        aux_coef=aux, z_coef=z, expert_d_ff=layer.expert_d_ff,
+        null_experts=layer.null_experts, null_values=layer.null_values)
 
 
 def check_layer(layer, x, rng, aux=0.3, z=0.2, conditioned=False):
@@ -103,6 +108,8 @@ CONFIGS = {
     "fp16-weights": dict(dtype="float16", expert_biases=True),
     "heterogeneous": dict(F=[10, 0, 33, 40, 5, 7, 40, 1]),
     "odd-sizes": dict(d=7, F=5, E=5, k=2),
+    "null-experts": dict(null_experts=("zero", "copy", "constant", "constant"), k=3,
+                         capacity_factor=1.2, n_shared_experts=1),
 }
 
 
@@ -114,6 +121,11 @@ def test_layer_backward_matches_reference(name):
     layer = make_layer(rng, **cfg)
     x = rng.standard_normal((T, layer.d_model)).astype(np.float32)
     check_layer(layer, x, rng)
+    if layer.n_null:  # each kind of null expert was chosen, so each was checked
+        ids = layer(x, return_routing=True)[1].expert_ids
+        E = layer.n_experts
+        assert {layer.null_experts[e - E] for e in ids.ravel() if e >= E} == \
+            set(layer.null_experts), ids
 
 
 @pytest.mark.parametrize("activation", moe.ACTIVATIONS)
@@ -227,8 +239,10 @@ def test_property_shapes(T, E, d, F, data):
     cf = data.draw(st.sampled_from([None, 0.5, 1.0]))
     scoring = data.draw(st.sampled_from(list(moe.SCORINGS)))
     ties = data.draw(st.booleans())
+    nulls = data.draw(st.sampled_from([(), ("zero",), ("copy", "constant")]))
     rng = np.random.default_rng(data.draw(st.integers(0, 2**31)))
-    layer = make_layer(rng, d=d, F=F, E=E, k=k, scoring=scoring, capacity_factor=cf)
+    layer = make_layer(rng, d=d, F=F, E=E, k=k, scoring=scoring, capacity_factor=cf,
+                       null_experts=nulls)
     if ties:  # whole rows of equal logits
         layer.router_weight = np.zeros_like(layer.router_weight)
     x = rng.standard_normal((T, d)).astype(np.float32)
@@ -255,7 +269,7 @@ def test_errors():
     layer.w_up = layer.w_up * 2  # the weights the forward ran with are gone
     with pytest.raises(RuntimeError, match="changed since forward_train"):
         layer.backward(ctx, y)
-    for cfg in (dict(router="top_p"), dict(null_experts=("zero",)), dict(lora_rank=2),
+    for cfg in (dict(router="top_p"), dict(lora_rank=2),
                 dict(skip_threshold=0.1),
                 dict(dtype="bfloat16", compute_dtype="bfloat16")):
         with pytest.raises(NotImplementedError, match="issue 19"):

@@ -158,6 +158,8 @@ CONFIGS = {
                             capacity_factor=0.8, activation="gelu"),
     "gpt_oss": dict(scoring="softmax-after-topk", activation="swiglu-oai",
                     expert_biases=True, router_bias=True),
+    "null_experts": dict(scoring="softmax", null=("zero", "copy", "constant", "copy"),
+                         capacity_factor=1.5, shared=True),
 }
 
 
@@ -186,18 +188,26 @@ def test_sparse_moe_backward(name):
         p["shared_gate_weight"] = w(1, d)
     if cfg.pop("expert_bias", False):
         cfg["expert_bias"] = w(E) * 0.2
+    nulls = cfg.pop("null", ())
+    if nulls:  # router outputs E.. E+n_null-1, never dispatched
+        p.update(router_weight=np.concatenate([w(E, d), 2 * w(len(nulls), d)]),
+                 null_values=w(len(nulls), d))
+        cfg["null_experts"] = nulls
     dy = rng.standard_normal((T, d))
     aux, zc = 0.1, 0.05
 
     def call(fn, *extra, **kw):
         return fn(p["x"], p["router_weight"], p.get("w_gate"), p["w_up"], p["w_down"], *extra,
                   top_k=k, activation=act, **{n: p.get(n) for n in p if n.startswith(
-                      ("b_", "shared_", "router_bias"))}, **cfg, **kw)
+                      ("b_", "shared_", "router_bias", "null_values"))}, **cfg, **kw)
 
     def loss():
         y, r = call(ref.sparse_moe)
         return float(np.sum(dy * y) + aux * r["aux_loss"] + zc * r["z_loss"])
 
+    if nulls:  # every kind of null expert is chosen somewhere, so each is checked
+        ids = call(ref.sparse_moe)[1]["expert_ids"]
+        assert {nulls[e - E] for e in ids.ravel() if e >= E} == set(nulls), ids
     g = call(ref.sparse_moe_backward, dy, aux_coef=aux, z_coef=zc)
     g = dict(g, x=g["dx"])
     fd_check(loss, p, g, rng)

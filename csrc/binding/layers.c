@@ -317,8 +317,8 @@ moe_grad_item(PyObject *dict, const char *name, PyArrayObject *arr)
  *                shared_w_up, shared_w_down, aux_coef, z_coef, biases)
  * -> dict of float32 gradients: "x", "router_weight", "router_bias", "w_gate",
  * "w_up", "w_down", "b_gate", "b_up", "b_down", "shared_w_gate",
- * "shared_w_up", "shared_w_down", "shared_gate_weight" (None for what the
- * layer has not).  forward_args / forward_kwargs: exactly what
+ * "shared_w_up", "shared_w_down", "shared_gate_weight", "null_values" (None
+ * for what the layer has not).  forward_args / forward_kwargs: exactly what
  * layer_forward got; expert_ids, weights and the saved (logits, y, shared)
  * are its results.  The unpacked FFN weights come in the pack's dtype
  * (uint16 bits for bf16 / fp16); biases: the layer has expert biases.
@@ -334,11 +334,11 @@ moe_py_layer_backward(PyObject *self, PyObject *args, PyObject *kw)
     PyObject *wg_obj = Py_None, *wu_obj = Py_None, *wd_obj = Py_None;
     PyObject *swg_obj = Py_None, *swu_obj = Py_None, *swd_obj = Py_None;
     PyObject *res = NULL;
-    PyArrayObject *g[13] = {NULL};
-    static const char *names[13] = {
+    PyArrayObject *g[14] = {NULL};
+    static const char *names[14] = {
         "x", "router_weight", "router_bias", "w_gate", "w_up", "w_down",
         "b_gate", "b_up", "b_down", "shared_w_gate", "shared_w_up",
-        "shared_w_down", "shared_gate_weight"};
+        "shared_w_down", "shared_gate_weight", "null_values"};
     double aux_coef = 0.0, z_coef = 0.0;
     int biases = 0, i;
     moe_experts_info info, sinfo;
@@ -356,11 +356,10 @@ moe_py_layer_backward(PyObject *self, PyObject *args, PyObject *kw)
         moe_layer_parse(fa, fk, &p, &a) < 0) {
         return NULL;
     }
-    if (p.route.router != MOE_ROUTER_TOP_K || p.n_null > 0 || p.lora != NULL ||
+    if (p.route.router != MOE_ROUTER_TOP_K || p.lora != NULL ||
         p.skip_threshold > 0.0) {
         PyErr_SetString(PyExc_NotImplementedError, "the layer backward covers "
-                        "the top_k router without null experts, expert LoRA "
-                        "or skipping");
+                        "the top_k router without expert LoRA or skipping");
         return NULL;
     }
     moe_experts_get_info(p.experts, &info);
@@ -418,15 +417,16 @@ moe_py_layer_backward(PyObject *self, PyObject *args, PyObject *kw)
         const int sh = p.shared != NULL, sg = sh && sinfo.gated;
         const npy_intp E = info.n_experts, F = info.d_ff, d = info.d_model;
         const npy_intp SF = sh ? sinfo.d_ff : 0;
-        const struct { int ndim; npy_intp dims[3]; } shape[13] = {
+        const struct { int ndim; npy_intp dims[3]; } shape[14] = {
             {2, {a.n_tokens, d}}, {2, {a.n_router, d}},
             {p.router_bias != NULL, {a.n_router}},
             {info.gated ? 3 : 0, {E, F, d}}, {3, {E, F, d}}, {3, {E, d, F}},
             {biases && info.gated ? 2 : 0, {E, F}}, {biases ? 2 : 0, {E, F}},
             {biases ? 2 : 0, {E, d}},
             {sg ? 2 : 0, {SF, d}}, {sh ? 2 : 0, {SF, d}}, {sh ? 2 : 0, {d, SF}},
-            {sh && p.shared_gate != NULL ? 2 : 0, {1, d}}};
-        for (i = 0; i < 13 && !PyErr_Occurred(); i++) {
+            {sh && p.shared_gate != NULL ? 2 : 0, {1, d}},
+            {p.null_values != NULL ? 2 : 0, {p.n_null, d}}};
+        for (i = 0; i < 14 && !PyErr_Occurred(); i++) {
             if (shape[i].ndim > 0) {
                 g[i] = moe_new_recycled(shape[i].ndim, shape[i].dims);
             }
@@ -436,12 +436,12 @@ moe_py_layer_backward(PyObject *self, PyObject *args, PyObject *kw)
         goto done;
     }
     {
-        float **dst[13] = {&b.dx, &b.d_router_weight, &b.d_router_bias,
+        float **dst[14] = {&b.dx, &b.d_router_weight, &b.d_router_bias,
                            &b.d_w_gate, &b.d_w_up, &b.d_w_down, &b.d_b_gate,
                            &b.d_b_up, &b.d_b_down, &b.d_shared_w_gate,
                            &b.d_shared_w_up, &b.d_shared_w_down,
-                           &b.d_shared_gate}; /* in the order of names */
-        for (i = 0; i < 13; i++) {
+                           &b.d_shared_gate, &b.d_null_values}; /* as names */
+        for (i = 0; i < 14; i++) {
             *dst[i] = g[i] != NULL ? MOE_DATA(g[i], float) : NULL;
         }
     }
@@ -453,7 +453,7 @@ moe_py_layer_backward(PyObject *self, PyObject *args, PyObject *kw)
     if (!(res = PyDict_New())) {
         goto done;
     }
-    for (i = 0; i < 13; i++) {
+    for (i = 0; i < 14; i++) {
         PyArrayObject *arr = g[i];
         g[i] = NULL;
         if (moe_grad_item(res, names[i], arr) < 0) {
@@ -462,7 +462,7 @@ moe_py_layer_backward(PyObject *self, PyObject *args, PyObject *kw)
         }
     }
 done:
-    for (i = 0; i < 13; i++) {
+    for (i = 0; i < 14; i++) {
         Py_XDECREF(g[i]);
     }
     return res;

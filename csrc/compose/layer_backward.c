@@ -90,13 +90,84 @@ done:
     return st;
 }
 
+/*
+ * Null experts: slot (t, j) of null expert i adds w * v, v = x[t] (copy),
+ * null_values[i] (constant) or 0 (zero), so d_weights[t, j] = <dy[t], v>
+ * and constant ones add w * dy[t] to d_null_values[i]; tokens and slots in
+ * order.
+ */
+static moe_status
+moe_layer_backward_null(const moe_layer_backward_params *b, float *dws)
+{
+    const moe_layer_params *p = b->forward;
+    const int64_t T = p->n_tokens, d = p->d_model;
+    const int32_t E = p->n_experts, k = p->route.top_k;
+    int64_t t, i;
+    int32_t j;
+
+    if (b->d_null_values != NULL) {
+        memset(b->d_null_values, 0, sizeof(float) * (size_t)(p->n_null * d));
+    }
+    for (t = 0; t < T; t++) {
+        const float *g = b->dy + t * d;
+        for (j = 0; j < k; j++) {
+            const int32_t e = p->expert_ids[t * k + j];
+            const float w = p->weights[t * k + j];
+            const float *v = NULL;
+            double dot = 0.0;
+            if (e < E) {
+                continue;
+            }
+            if (p->null_kinds[e - E] == MOE_NULL_COPY) {
+                v = p->x + t * d;
+            }
+            else if (p->null_kinds[e - E] == MOE_NULL_CONSTANT) {
+                v = p->null_values + (e - E) * d;
+                for (i = 0; b->d_null_values != NULL && i < d; i++) {
+                    b->d_null_values[(e - E) * d + i] += w * g[i];
+                }
+            }
+            for (i = 0; v != NULL && i < d; i++) {
+                dot += (double)g[i] * v[i];
+            }
+            dws[t * k + j] = (float)dot;
+        }
+    }
+    return MOE_STATUS_OK;
+}
+
+/* dx[t] += w * dy[t] for each copy null expert's slot, slots in order. */
+static void
+moe_layer_backward_copy(const moe_layer_backward_params *b)
+{
+    const moe_layer_params *p = b->forward;
+    const int64_t T = p->n_tokens, d = p->d_model;
+    const int32_t E = p->n_experts, k = p->route.top_k;
+    int64_t t, i;
+    int32_t j;
+
+    for (t = 0; p->n_null > 0 && t < T; t++) {
+        for (j = 0; j < k; j++) {
+            const int32_t e = p->expert_ids[t * k + j];
+            const float w = p->weights[t * k + j];
+            if (e >= E && p->null_kinds[e - E] == MOE_NULL_COPY) {
+                for (i = 0; i < d; i++) {
+                    b->dx[t * d + i] += w * b->dy[t * d + i];
+                }
+            }
+        }
+    }
+}
+
 moe_status
 moe_layer_backward(const moe_layer_backward_params *b)
 {
     const moe_layer_params *p = b->forward;
     const int64_t T = p->n_tokens, d = p->d_model;
     const int32_t E = p->n_experts, k = p->route.top_k;
+    const int32_t E_all = E + (p->n_null > 0 ? p->n_null : 0);
     int64_t *offsets = NULL, *token_index = NULL, *position = NULL, n_rows;
+    int32_t *real_ids = NULL;
     float *dys = NULL, *dws = NULL, *dxs = NULL, *dxr = NULL;
     double *dl = NULL;
     moe_dispatch_params dp;
@@ -108,11 +179,11 @@ moe_layer_backward(const moe_layer_backward_params *b)
     moe_status st = MOE_STATUS_ALLOC;
     int64_t i;
 
-    if (p->route.router != MOE_ROUTER_TOP_K || p->n_null > 0 ||
-        p->lora != NULL || p->skip_threshold > 0.0) {
+    if (p->route.router != MOE_ROUTER_TOP_K || p->lora != NULL ||
+        p->skip_threshold > 0.0) {
         return moe_set_error(MOE_STATUS_UNSUPPORTED, "the layer backward "
-                             "covers the top_k router without null experts, "
-                             "expert LoRA or skipping");
+                             "covers the top_k router without expert LoRA or "
+                             "skipping");
     }
     if (p->save_logits == NULL || p->save_y == NULL || b->dy == NULL ||
         (p->shared != NULL && p->save_shared == NULL)) {
@@ -123,12 +194,21 @@ moe_layer_backward(const moe_layer_backward_params *b)
     offsets = moe_alloc((size_t)E + 1, sizeof(int64_t));
     position = moe_alloc((size_t)(T * k) + 1, sizeof(int64_t));
     dws = moe_alloc((size_t)(T * k) + 1, sizeof(float));
-    dl = moe_alloc((size_t)(T * E) + 1, sizeof(double));
+    dl = moe_alloc((size_t)(T * E_all) + 1, sizeof(double));
     if (!offsets || !position || !dws || !dl) {
         goto done;
     }
+    if (p->n_null > 0) { /* null experts are never dispatched */
+        if ((real_ids = moe_alloc((size_t)(T * k) + 1, sizeof(int32_t))) == NULL) {
+            goto done;
+        }
+        for (i = 0; i < T * k; i++) {
+            real_ids[i] = p->expert_ids[i] < E ? p->expert_ids[i] : -1;
+        }
+    }
     /* the forward's dispatch, again */
-    dp = (moe_dispatch_params){.expert_ids = p->expert_ids, .n_tokens = T,
+    dp = (moe_dispatch_params){.expert_ids = real_ids ? real_ids : p->expert_ids,
+                               .n_tokens = T,
                                .top_k = k, .n_experts = E, .offsets = offsets,
                                .position = position};
     if ((st = moe_dispatch_count(&dp)) != MOE_STATUS_OK) {
@@ -168,8 +248,11 @@ moe_layer_backward(const moe_layer_backward_params *b)
         goto done;
     }
 
+    if (p->n_null > 0 && (st = moe_layer_backward_null(b, dws)) != MOE_STATUS_OK) {
+        goto done;
+    }
     rb = (moe_route_backward_params){
-        .logits = p->save_logits, .n_tokens = T, .n_experts = E,
+        .logits = p->save_logits, .n_tokens = T, .n_experts = E_all,
         .opt = p->route, .expert_ids = p->expert_ids, .d_weights = dws,
         .aux_coef = b->aux_coef, .z_coef = b->z_coef, .d_logits = dl};
     if ((st = moe_route_backward(&rb)) != MOE_STATUS_OK) {
@@ -177,7 +260,7 @@ moe_layer_backward(const moe_layer_backward_params *b)
     }
     lb = (moe_router_backward_params){
         .x = p->x, .weight = p->router_weight, .n_tokens = T, .d_model = d,
-        .n_experts = E, .d_logits = dl, .dx = b->dx != NULL ? dxr : NULL,
+        .n_experts = E_all, .d_logits = dl, .dx = b->dx != NULL ? dxr : NULL,
         .d_weight = b->d_router_weight,
         .d_bias = p->router_bias != NULL ? b->d_router_bias : NULL};
     if ((st = moe_router_backward(&lb)) != MOE_STATUS_OK) {
@@ -194,6 +277,7 @@ moe_layer_backward(const moe_layer_backward_params *b)
         for (i = 0; i < T * d; i++) {
             b->dx[i] += dxr[i];
         }
+        moe_layer_backward_copy(b);
     }
     if (p->shared != NULL) {
         st = moe_layer_backward_shared(b, b->dx);
@@ -204,5 +288,6 @@ done:
     free(token_index);
     free(dws);
     free(dl);
+    free(real_ids);
     return st;
 }

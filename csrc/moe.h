@@ -679,7 +679,9 @@ moe_status moe_dispatch_backward(const moe_dispatch_backward_params *p);
  * Per token, with the selection fixed: q = the selected scores (softmax or
  * sigmoid of the logits; softmax-after-topk: the softmax of the selected
  * logits), w = c q / sum(q) with renormalize else c q (c = routed_scaling);
- * a dropped slot's weight is the constant 0 but its score stays in the sum.
+ * a dropped slot's weight is the constant 0 but its score stays in the sum
+ * (expert_ids -1: dropped by the capacity, or skipped after routing; the
+ * selection itself is recomputed from the logits).
  * The aux loss's f (the selection's share per expert) is constant; its P
  * is the mean probability (softmax, or sigmoid / its sum).
  */
@@ -715,7 +717,7 @@ moe_status moe_router_backward(const moe_router_backward_params *p);
 
 /*
  * The whole top-k layer.  forward: the params of the forward as it ran (top
- * k router, null experts included; no expert LoRA or skipping), with save_logits,
+ * k router, null experts and skipping included; no expert LoRA), with save_logits,
  * save_y and (with shared experts) save_shared set; its routing outputs
  * (expert_ids, weights) and those saved buffers are read.
  */

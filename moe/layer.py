@@ -491,14 +491,12 @@ class SparseMoE:
             why.append(f"router={self.router!r}")
         if self.lora_rank:
             why.append("expert LoRA (lora_rank > 0)")
-        if self.skip_threshold > 0:
-            why.append("skip_threshold > 0")
         if self.compute_dtype != "float32":
             why.append(f"compute_dtype={self.compute_dtype!r}")
         if why:
             raise NotImplementedError(
-                "the backward covers the top-k layer with shared experts, biases and null "
-                "experts; not yet "
+                "the backward covers the top-k layer with shared experts, biases, null "
+                "experts and skipping; not yet "
                 "(issue 19): " + ", ".join(why))
 
     def forward_train(self, x, *, allowed=None, groups=None):

@@ -1417,7 +1417,8 @@ def sparse_moe_backward(x, router_weight, w_gate, w_up, w_down, dy, *, top_k,
                         shared_w_down=None, shared_gate_weight=None, router_bias=None,
                         b_gate=None, b_up=None, b_down=None, swiglu_alpha=1.702,
                         swiglu_limit=7.0, aux_coef=0.0, z_coef=0.0, expert_d_ff=None,
-                        null_experts=(), null_values=None):
+                        null_experts=(), null_values=None, skip_threshold=0.0,
+                        skip_renormalize=False):
     """Gradients of  sum(dy * sparse_moe(x, ...)) + aux_coef * aux + z_coef * z  for the
     top-k layer (the options of sparse_moe above, null experts included; no LoRA or other
     routers).  Returns {"dx", "router_weight", "router_bias", "w_gate", "w_up", "w_down",
@@ -1426,7 +1427,9 @@ def sparse_moe_backward(x, router_weight, w_gate, w_up, w_down, dy, *, top_k,
 
     A null expert's slot adds w * v with v = x (copy), null_values[i] (constant) or 0
     (zero): its weight's gradient is <dy, v>, and copy adds w * dy to dx, constant
-    w * dy to its row of null_values."""
+    w * dy to its row of null_values.  Skipping (skip_threshold > 0): a skipped slot
+    passes no gradient; with skip_renormalize the kept weights w / S (S their sum) pass
+    dw_i / S - sum_j dw_j w_j / S^2 to the routed weights."""
     xf = np.asarray(x, dtype=np.float64).reshape(-1, np.asarray(router_weight).shape[1])
     dy = np.asarray(dy, dtype=np.float64).reshape(xf.shape)
     T, d = xf.shape
@@ -1439,6 +1442,10 @@ def sparse_moe_backward(x, router_weight, w_gate, w_up, w_down, dy, *, top_k,
                 expert_bias=expert_bias, n_groups=n_groups, topk_groups=topk_groups,
                 capacity_factor=capacity_factor)
     routing = route(logits, top_k, **opts)
+    w_routed = routing["weights"]
+    if skip_threshold > 0:
+        sk = skip_experts(routing["expert_ids"], w_routed, skip_threshold, skip_renormalize)
+        routing = dict(routing, expert_ids=sk["expert_ids"], weights=sk["weights"])
     ids = routing["expert_ids"]
     disp = dispatch(xf, np.where(ids < E, ids, -1), E)
     gated = activation in GATED
@@ -1462,6 +1469,14 @@ def sparse_moe_backward(x, router_weight, w_gate, w_up, w_down, dy, *, top_k,
             v = np.asarray(null_values[ids[t, j] - E], dtype=np.float64)
             d_weights[t, j] = dy[t] @ v
             dv[ids[t, j] - E] += w * dy[t]
+    if skip_threshold > 0:  # back through the skip: kept slots only
+        kept = ids >= 0
+        d_weights = np.where(kept, d_weights, 0.0)
+        if skip_renormalize:
+            S = np.where(kept, w_routed, 0.0).sum(axis=1, keepdims=True)
+            dot = (d_weights * w_routed).sum(axis=1, keepdims=True)
+            safe = np.where(S > 0, S, 1.0)
+            d_weights = np.where(kept & (S > 0), d_weights / safe - dot / safe ** 2, 0.0)
     dl = route_backward(logits, d_weights, top_k, aux_coef=aux_coef, z_coef=z_coef,
                         **opts)
     rb = router_backward(xf, router_weight, dl)

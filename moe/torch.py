@@ -270,7 +270,7 @@ class SparseMoE(nn.Module):
     parameter's version counter moved (every in-place torch op moves it: optimizer steps,
     load_state_dict, nn.init).  After writing weights through .data or NumPy, call
     m.repack().  Options that the backward does not cover yet (other routers,
-    LoRA, skipping, bf16 compute) run under no_grad only.
+    LoRA, bf16 compute) run under no_grad only.
     """
 
     def __init__(self, d_model, d_ff, n_experts, top_k, **options):

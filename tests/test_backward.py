@@ -66,7 +66,8 @@ def reference_grads(layer, x, dy, aux, z):
         b_down=layer.b_down if layer.use_expert_biases else None,
         swiglu_alpha=layer.swiglu_alpha, swiglu_limit=layer.swiglu_limit,
         aux_coef=aux, z_coef=z, expert_d_ff=layer.expert_d_ff,
-        null_experts=layer.null_experts, null_values=layer.null_values)
+        null_experts=layer.null_experts, null_values=layer.null_values,
+        skip_threshold=layer.skip_threshold, skip_renormalize=layer.skip_renormalize)
 
 
 def check_layer(layer, x, rng, aux=0.3, z=0.2, conditioned=False):
@@ -80,8 +81,8 @@ def check_layer(layer, x, rng, aux=0.3, z=0.2, conditioned=False):
     r = reference_grads(layer, x, dy, aux, z)
     r2 = None
     if conditioned:  # dy one ulp off, elementwise: the reference's sensitivity
-        r2 = reference_grads(layer, x, np.nextafter(dy, np.inf * np.sign(
-            rng.standard_normal(dy.shape))).astype(np.float32), aux, z)
+        away = np.where(rng.standard_normal(dy.shape) < 0, -np.inf, np.inf)
+        r2 = reference_grads(layer, x, np.nextafter(dy, away.astype(np.float32)), aux, z)
     assert set(g) == {"x"} | set(layer.trainable_weights())
     for name, value in g.items():
         key = "dx" if name == "x" else name
@@ -110,6 +111,9 @@ CONFIGS = {
     "odd-sizes": dict(d=7, F=5, E=5, k=2),
     "null-experts": dict(null_experts=("zero", "copy", "constant", "constant"), k=3,
                          capacity_factor=1.2, n_shared_experts=1),
+    "skipping": dict(k=3, skip_threshold=0.25),
+    "skipping-renormalized": dict(k=3, skip_threshold=0.25, skip_renormalize=True,
+                                  null_experts=("copy",), capacity_factor=1.3),
 }
 
 
@@ -121,6 +125,9 @@ def test_layer_backward_matches_reference(name):
     layer = make_layer(rng, **cfg)
     x = rng.standard_normal((T, layer.d_model)).astype(np.float32)
     check_layer(layer, x, rng)
+    if layer.skip_threshold:  # some slots skipped, most kept
+        ids = layer(x, return_routing=True)[1].expert_ids
+        assert 0 < int((ids < 0).sum()) < ids.size // 2, ids
     if layer.n_null:  # each kind of null expert was chosen, so each was checked
         ids = layer(x, return_routing=True)[1].expert_ids
         E = layer.n_experts
@@ -240,9 +247,11 @@ def test_property_shapes(T, E, d, F, data):
     scoring = data.draw(st.sampled_from(list(moe.SCORINGS)))
     ties = data.draw(st.booleans())
     nulls = data.draw(st.sampled_from([(), ("zero",), ("copy", "constant")]))
+    skip = data.draw(st.sampled_from([0.0, 0.2]))
     rng = np.random.default_rng(data.draw(st.integers(0, 2**31)))
     layer = make_layer(rng, d=d, F=F, E=E, k=k, scoring=scoring, capacity_factor=cf,
-                       null_experts=nulls)
+                       null_experts=nulls, skip_threshold=skip,
+                       skip_renormalize=data.draw(st.booleans()))
     if ties:  # whole rows of equal logits
         layer.router_weight = np.zeros_like(layer.router_weight)
     x = rng.standard_normal((T, d)).astype(np.float32)
@@ -270,7 +279,6 @@ def test_errors():
     with pytest.raises(RuntimeError, match="changed since forward_train"):
         layer.backward(ctx, y)
     for cfg in (dict(router="top_p"), dict(lora_rank=2),
-                dict(skip_threshold=0.1),
                 dict(dtype="bfloat16", compute_dtype="bfloat16")):
         with pytest.raises(NotImplementedError, match="issue 19"):
             make_layer(rng, **cfg).forward_train(x)

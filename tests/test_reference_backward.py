@@ -160,6 +160,9 @@ CONFIGS = {
                     expert_biases=True, router_bias=True),
     "null_experts": dict(scoring="softmax", null=("zero", "copy", "constant", "copy"),
                          capacity_factor=1.5, shared=True),
+    "skipping": dict(scoring="sigmoid", renormalize=False, skip_threshold=0.62),
+    "skipping_renormalized": dict(scoring="softmax", skip_threshold=0.46,
+                                  skip_renormalize=True, capacity_factor=1.2),
 }
 
 
@@ -208,6 +211,9 @@ def test_sparse_moe_backward(name):
     if nulls:  # every kind of null expert is chosen somewhere, so each is checked
         ids = call(ref.sparse_moe)[1]["expert_ids"]
         assert {nulls[e - E] for e in ids.ravel() if e >= E} == set(nulls), ids
+    if cfg.get("skip_threshold"):  # some slots skipped, some kept
+        ids = call(ref.sparse_moe)[1]["expert_ids"]
+        assert 0 < int((ids < 0).sum()) < ids.size // 2, ids
     g = call(ref.sparse_moe_backward, dy, aux_coef=aux, z_coef=zc)
     g = dict(g, x=g["dx"])
     fd_check(loss, p, g, rng)

@@ -356,10 +356,9 @@ moe_py_layer_backward(PyObject *self, PyObject *args, PyObject *kw)
         moe_layer_parse(fa, fk, &p, &a) < 0) {
         return NULL;
     }
-    if (p.route.router != MOE_ROUTER_TOP_K || p.lora != NULL ||
-        p.skip_threshold > 0.0) {
+    if (p.route.router != MOE_ROUTER_TOP_K || p.lora != NULL) {
         PyErr_SetString(PyExc_NotImplementedError, "the layer backward covers "
-                        "the top_k router without expert LoRA or skipping");
+                        "the top_k router without expert LoRA");
         return NULL;
     }
     moe_experts_get_info(p.experts, &info);

@@ -136,6 +136,56 @@ moe_layer_backward_null(const moe_layer_backward_params *b, float *dws)
     return MOE_STATUS_OK;
 }
 
+/*
+ * Back through skipping with renormalisation: a token's kept weights were
+ * w_j / S (w the routed weights, S their sum over the kept slots), so the
+ * routed weight of kept slot i gets dw_i / S - sum_j dw_j w_j / S^2; the
+ * routed weights come from routing again (capacity does not change a kept
+ * slot's weight).  Skipped slots already carry 0.
+ */
+static moe_status
+moe_layer_backward_skip(const moe_layer_params *p, float *dws)
+{
+    const int64_t T = p->n_tokens;
+    const int32_t k = p->route.top_k;
+    const int32_t E_all = p->n_experts + (p->n_null > 0 ? p->n_null : 0);
+    int32_t *ids = moe_alloc((size_t)(T * k) + 1, sizeof(int32_t));
+    float *w = moe_alloc((size_t)(T * k) + 1, sizeof(float));
+    int64_t *counts = moe_alloc((size_t)E_all, sizeof(int64_t));
+    int64_t t, n_dropped;
+    double aux, z;
+    moe_route_params rp;
+    moe_status st = MOE_STATUS_ALLOC;
+    int32_t j;
+
+    if (ids && w && counts) {
+        rp = (moe_route_params){
+            .logits = p->save_logits, .n_tokens = T, .n_experts = E_all,
+            .opt = p->route, .expert_ids = ids, .weights = w, .counts = counts,
+            .n_dropped = &n_dropped, .aux_loss = &aux, .z_loss = &z};
+        rp.opt.capacity_factor = 0.0;
+        st = moe_route_topk(&rp);
+    }
+    for (t = 0; st == MOE_STATUS_OK && t < T; t++) {
+        double S = 0.0, dot = 0.0;
+        for (j = 0; j < k; j++) {
+            if (p->expert_ids[t * k + j] >= 0) {
+                S += w[t * k + j];
+                dot += (double)dws[t * k + j] * w[t * k + j];
+            }
+        }
+        for (j = 0; j < k; j++) {
+            if (p->expert_ids[t * k + j] >= 0 && S > 0.0) {
+                dws[t * k + j] = (float)(dws[t * k + j] / S - dot / (S * S));
+            }
+        }
+    }
+    free(ids);
+    free(w);
+    free(counts);
+    return st;
+}
+
 /* dx[t] += w * dy[t] for each copy null expert's slot, slots in order. */
 static void
 moe_layer_backward_copy(const moe_layer_backward_params *b)
@@ -179,11 +229,9 @@ moe_layer_backward(const moe_layer_backward_params *b)
     moe_status st = MOE_STATUS_ALLOC;
     int64_t i;
 
-    if (p->route.router != MOE_ROUTER_TOP_K || p->lora != NULL ||
-        p->skip_threshold > 0.0) {
+    if (p->route.router != MOE_ROUTER_TOP_K || p->lora != NULL) {
         return moe_set_error(MOE_STATUS_UNSUPPORTED, "the layer backward "
-                             "covers the top_k router without expert LoRA or "
-                             "skipping");
+                             "covers the top_k router without expert LoRA");
     }
     if (p->save_logits == NULL || p->save_y == NULL || b->dy == NULL ||
         (p->shared != NULL && p->save_shared == NULL)) {
@@ -249,6 +297,10 @@ moe_layer_backward(const moe_layer_backward_params *b)
     }
 
     if (p->n_null > 0 && (st = moe_layer_backward_null(b, dws)) != MOE_STATUS_OK) {
+        goto done;
+    }
+    if (p->skip_threshold > 0.0 && p->skip_renormalize &&
+        (st = moe_layer_backward_skip(p, dws)) != MOE_STATUS_OK) {
         goto done;
     }
     rb = (moe_route_backward_params){

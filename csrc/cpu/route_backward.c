@@ -63,8 +63,14 @@ moe_cpu_route_backward(const moe_route_backward_params *p)
     if (buf == NULL || counts == NULL) {
         goto done;
     }
-    if (o->capacity_factor > 0.0) {
-        /* the selection before capacity dropped slots: route again */
+    for (t = 0; t < T * k && o->capacity_factor <= 0.0; t++) {
+        if (ids[t] < 0) { /* a slot skipped after routing */
+            break;
+        }
+    }
+    if (o->capacity_factor > 0.0 || t < T * k) {
+        /* the selection before capacity (or skipping) emptied slots: route
+         * again */
         moe_route_params rp;
         full = moe_alloc((size_t)(T * k), sizeof(int32_t));
         full_w = moe_alloc((size_t)(T * k), sizeof(float));

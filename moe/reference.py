@@ -531,6 +531,79 @@ def expert_ffn(x_sorted, offsets, w_gate, w_up, w_down, activation="swiglu", b_g
 # The whole layer
 # --------------------------------------------------------------------------- #
 
+def _route_other(logits, router, top_k, scoring, renormalize, routed_scaling,
+                 capacity_factor, router_p, router_threshold, k_min):
+    """A layer's routing with router expert_choice / top_p / threshold: the dict of route()
+    (ids and weights token-major, -1 / 0 padding; routed_scaling applied) with the losses
+    over the assignments this router made, from the same logits: Switch's
+    E * sum_e f_e P_e (f: share of the kept assignments, P: mean softmax probability)
+    and the z-loss mean(logsumexp^2)."""
+    T, n_all = logits.shape
+    k_max = min(top_k, n_all)
+    if router == "expert_choice":
+        cf = 1.0 if capacity_factor is None else capacity_factor
+        cap = min(int(math.ceil(cf * T / n_all)), T)
+        r = route_expert_choice(logits, cap, scoring)
+    elif router == "top_p":
+        r = route_top_p(logits, router_p, min(k_min, k_max), k_max, renormalize)
+    else:
+        r = route_threshold(logits, router_threshold, min(k_min, k_max), k_max,
+                            renormalize)
+    ids = r["expert_ids"]
+    if ids.shape[1] == 0:
+        ids = np.full((T, 1), -1, np.int32)
+        r["weights"] = np.zeros((T, 1))
+    kept = ids[ids >= 0]
+    routing = {"expert_ids": ids, "weights": r["weights"] * routed_scaling,
+               "counts": np.bincount(kept, minlength=n_all)}
+    f = routing["counts"] / kept.size if kept.size else np.zeros(n_all)
+    routing["aux_loss"] = float(n_all * np.sum(f * softmax(logits, axis=1).mean(axis=0))) \
+        if T and kept.size else 0.0
+    routing["z_loss"] = float(np.mean(logsumexp(logits, axis=1) ** 2)) if T else 0.0
+    return routing
+
+
+def _route_other_backward(logits, full_ids, kept, d_weights, router, scoring, renormalize,
+                          routed_scaling, aux_coef, z_coef):
+    """d logits of  sum(d_weights * weights) + aux_coef * aux + z_coef * z  for
+    _route_other, the selection (full_ids, before any skipping) held fixed; slots not
+    kept (skipped) pass nothing.  Expert choice: w = c * score (softmax or sigmoid);
+    top_p / threshold: w = c * p / sum(p) over the selected with renormalize, else c * p
+    (p the softmax); the losses' f is constant (the router's share per expert)."""
+    logits = np.asarray(logits, dtype=np.float64)
+    T, E = logits.shape
+    dw = np.where(kept, np.asarray(d_weights, dtype=np.float64), 0.0) * routed_scaling
+    dl = np.zeros((T, E))
+    n_kept = int((full_ids >= 0).sum())
+    f = np.bincount(full_ids[full_ids >= 0], minlength=E) / n_kept if n_kept else np.zeros(E)
+    for t in range(T):
+        row, live = logits[t], full_ids[t] >= 0
+        sel, g = full_ids[t][live], dw[t][live]
+        p = softmax(row)
+        ds = np.zeros(E)
+        if router == "expert_choice":
+            ds[sel] = g
+            if scoring == "sigmoid":
+                s = sigmoid(row)
+                dl[t] += ds * s * (1.0 - s)
+            else:
+                dl[t] += p * (ds - ds @ p)
+        else:
+            q = p[sel]
+            if renormalize and q.sum() > 0:
+                S = q.sum()
+                ds[sel] = g / S - (g @ q) / (S * S)
+            else:
+                ds[sel] = g
+            dl[t] += p * (ds - ds @ p)
+        if aux_coef and n_kept:
+            dP = aux_coef * E * f / T
+            dl[t] += p * (dP - dP @ p)
+        if z_coef:
+            dl[t] += z_coef * 2.0 * logsumexp(row) * p / T
+    return dl
+
+
 def sparse_moe(x, router_weight, w_gate, w_up, w_down, *, top_k, activation="swiglu",
                scoring="softmax", renormalize=True, routed_scaling=1.0, n_groups=1,
                topk_groups=1, expert_bias=None, capacity_factor=None,
@@ -578,32 +651,8 @@ def sparse_moe(x, router_weight, w_gate, w_up, w_down, *, top_k, activation="swi
                         n_groups=n_groups, topk_groups=topk_groups,
                         capacity_factor=capacity_factor, allowed=allowed)
     else:
-        n_all = logits.shape[1]
-        k_max = min(top_k, n_all)
-        if router == "expert_choice":
-            cf = 1.0 if capacity_factor is None else capacity_factor
-            cap = min(int(math.ceil(cf * xf.shape[0] / n_all)), xf.shape[0])
-            r = route_expert_choice(logits, cap, scoring)
-        elif router == "top_p":
-            r = route_top_p(logits, router_p, min(k_min, k_max), k_max, renormalize)
-        else:
-            r = route_threshold(logits, router_threshold, min(k_min, k_max), k_max,
-                                renormalize)
-        ids = r["expert_ids"]
-        if ids.shape[1] == 0:
-            ids = np.full((xf.shape[0], 1), -1, np.int32)
-            r["weights"] = np.zeros((xf.shape[0], 1))
-        kept = ids[ids >= 0]
-        routing = {"expert_ids": ids, "weights": r["weights"] * routed_scaling,
-                   "counts": np.bincount(kept, minlength=n_all)}
-        # the losses over the assignments this router made, from the same logits:
-        # Switch's E * sum_e f_e P_e (f: share of the kept assignments, P: mean softmax
-        # probability) and the z-loss mean(logsumexp^2)
-        T_ = xf.shape[0]
-        f = routing["counts"] / kept.size if kept.size else np.zeros(n_all)
-        routing["aux_loss"] = float(n_all * np.sum(f * softmax(logits, axis=1).mean(axis=0))) \
-            if T_ and kept.size else 0.0
-        routing["z_loss"] = float(np.mean(logsumexp(logits, axis=1) ** 2)) if T_ else 0.0
+        routing = _route_other(logits, router, top_k, scoring, renormalize, routed_scaling,
+                               capacity_factor, router_p, router_threshold, k_min)
     if skip_threshold > 0:
         sk = skip_experts(routing["expert_ids"], routing["weights"], skip_threshold,
                           skip_renormalize)
@@ -1418,10 +1467,11 @@ def sparse_moe_backward(x, router_weight, w_gate, w_up, w_down, dy, *, top_k,
                         b_gate=None, b_up=None, b_down=None, swiglu_alpha=1.702,
                         swiglu_limit=7.0, aux_coef=0.0, z_coef=0.0, expert_d_ff=None,
                         null_experts=(), null_values=None, skip_threshold=0.0,
-                        skip_renormalize=False):
+                        skip_renormalize=False, router="top_k", router_p=0.5,
+                        router_threshold=0.01, k_min=1):
     """Gradients of  sum(dy * sparse_moe(x, ...)) + aux_coef * aux + z_coef * z  for the
-    top-k layer (the options of sparse_moe above, null experts included; no LoRA or other
-    routers).  Returns {"dx", "router_weight", "router_bias", "w_gate", "w_up", "w_down",
+    layer (the options of sparse_moe above, every router and null experts included; no
+    LoRA).  Returns {"dx", "router_weight", "router_bias", "w_gate", "w_up", "w_down",
     "b_gate", "b_up", "b_down", "shared_w_gate", "shared_w_up", "shared_w_down",
     "shared_gate_weight", "null_values"}: None for what the layer does not have.
 
@@ -1441,8 +1491,12 @@ def sparse_moe_backward(x, router_weight, w_gate, w_up, w_down, dy, *, top_k,
     opts = dict(scoring=scoring, renormalize=renormalize, routed_scaling=routed_scaling,
                 expert_bias=expert_bias, n_groups=n_groups, topk_groups=topk_groups,
                 capacity_factor=capacity_factor)
-    routing = route(logits, top_k, **opts)
-    w_routed = routing["weights"]
+    if router == "top_k":
+        routing = route(logits, top_k, **opts)
+    else:
+        routing = _route_other(logits, router, top_k, scoring, renormalize, routed_scaling,
+                               capacity_factor, router_p, router_threshold, k_min)
+    w_routed, full_ids = routing["weights"], routing["expert_ids"]
     if skip_threshold > 0:
         sk = skip_experts(routing["expert_ids"], w_routed, skip_threshold, skip_renormalize)
         routing = dict(routing, expert_ids=sk["expert_ids"], weights=sk["weights"])
@@ -1477,8 +1531,12 @@ def sparse_moe_backward(x, router_weight, w_gate, w_up, w_down, dy, *, top_k,
             dot = (d_weights * w_routed).sum(axis=1, keepdims=True)
             safe = np.where(S > 0, S, 1.0)
             d_weights = np.where(kept & (S > 0), d_weights / safe - dot / safe ** 2, 0.0)
-    dl = route_backward(logits, d_weights, top_k, aux_coef=aux_coef, z_coef=z_coef,
-                        **opts)
+    if router == "top_k":
+        dl = route_backward(logits, d_weights, top_k, aux_coef=aux_coef, z_coef=z_coef,
+                            **opts)
+    else:
+        dl = _route_other_backward(logits, full_ids, ids >= 0, d_weights, router, scoring,
+                                   renormalize, routed_scaling, aux_coef, z_coef)
     rb = router_backward(xf, router_weight, dl)
     dx = dx + rb["dx"]
     grads = {"router_weight": rb["d_router_weight"],

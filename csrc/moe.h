@@ -716,13 +716,15 @@ typedef struct moe_router_backward_params {
 moe_status moe_router_backward(const moe_router_backward_params *p);
 
 /*
- * The whole top-k layer.  forward: the params of the forward as it ran (top
- * k router, null experts and skipping included; no expert LoRA), with save_logits,
+ * The whole layer.  forward: the params of the forward as it ran (any
+ * router, null experts and skipping included; no expert LoRA), with save_logits,
  * save_y and (with shared experts) save_shared set; its routing outputs
  * (expert_ids, weights) and those saved buffers are read.
  */
 typedef struct moe_layer_backward_params {
     const moe_layer_params *forward;
+    int32_t      width;           /* slots per token of the forward's
+                                     expert_ids / weights: its *width      */
     const void  *w_gate;          /* the routed experts' unpacked weights, */
     const void  *w_up;            /*   as moe_ffn_backward_params          */
     const void  *w_down;

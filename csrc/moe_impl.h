@@ -35,6 +35,10 @@ void *moe_alloc_big(size_t count, size_t size);
 /* Softmax of one float64 row into prob (n,) (max subtracted: exp of
  * non-positive numbers only); returns its log-sum-exp (csrc/cpu/route.c). */
 double moe_softmax_f64(const double *logit, int32_t n, double *prob);
+/* dl (n,) += the softmax's backward for gradient g of its output p:
+ * p * (g - <g, p>) (csrc/cpu/route_backward.c). */
+void   moe_softmax_backward_f64(const double *p, const double *g, int32_t n,
+                                double *dl);
 
 /* ---- thread pool (csrc/runtime/pool.c) ---- */
 
@@ -115,6 +119,17 @@ enum {
  * failure.  Valid until the next request for the same slot on this thread.
  */
 void *moe_workspace(int slot, size_t count, size_t size);
+
+/* ---- the layer composer's routing (csrc/compose/layer.c) ---- */
+
+/*
+ * Route with p's router (route.router) from its logits (n_tokens, n_experts +
+ * n_null) into p's routing outputs (expert_ids, weights, counts, n_dropped,
+ * aux_loss, z_loss); *k: the slots per token written.  The forward and the
+ * backward (which routes again to recover the selection) share it.
+ */
+moe_status moe_layer_route(const moe_layer_params *p, const double *logits,
+                           int32_t *k);
 
 /* ---- the backward's GEMM (csrc/cpu/matmul.c) ---- */
 

@@ -487,15 +487,13 @@ class SparseMoE:
 
     def _check_trainable(self):
         why = []
-        if self.router != "top_k":
-            why.append(f"router={self.router!r}")
         if self.lora_rank:
             why.append("expert LoRA (lora_rank > 0)")
         if self.compute_dtype != "float32":
             why.append(f"compute_dtype={self.compute_dtype!r}")
         if why:
             raise NotImplementedError(
-                "the backward covers the top-k layer with shared experts, biases, null "
+                "the backward covers every router with shared experts, biases, null "
                 "experts and skipping; not yet "
                 "(issue 19): " + ", ".join(why))
 

@@ -67,7 +67,9 @@ def reference_grads(layer, x, dy, aux, z):
         swiglu_alpha=layer.swiglu_alpha, swiglu_limit=layer.swiglu_limit,
         aux_coef=aux, z_coef=z, expert_d_ff=layer.expert_d_ff,
         null_experts=layer.null_experts, null_values=layer.null_values,
-        skip_threshold=layer.skip_threshold, skip_renormalize=layer.skip_renormalize)
+        skip_threshold=layer.skip_threshold, skip_renormalize=layer.skip_renormalize,
+        router=layer.router, router_p=layer.router_p,
+        router_threshold=layer.router_threshold, k_min=layer.k_min)
 
 
 def check_layer(layer, x, rng, aux=0.3, z=0.2, conditioned=False):
@@ -114,6 +116,14 @@ CONFIGS = {
     "skipping": dict(k=3, skip_threshold=0.25),
     "skipping-renormalized": dict(k=3, skip_threshold=0.25, skip_renormalize=True,
                                   null_experts=("copy",), capacity_factor=1.3),
+    "expert-choice": dict(router="expert_choice", capacity_factor=1.5, routed_scaling=1.5),
+    "expert-choice-sigmoid": dict(router="expert_choice", scoring="sigmoid",
+                                  capacity_factor=2.0, n_shared_experts=1,
+                                  null_experts=("copy", "constant")),
+    "top-p": dict(router="top_p", router_p=0.5, k=4, k_min=2),
+    "threshold-skipping": dict(router="threshold", router_threshold=0.1, k=4,
+                               renormalize=False, routed_scaling=2.0, skip_threshold=0.3,
+                               skip_renormalize=True),
 }
 
 
@@ -125,9 +135,9 @@ def test_layer_backward_matches_reference(name):
     layer = make_layer(rng, **cfg)
     x = rng.standard_normal((T, layer.d_model)).astype(np.float32)
     check_layer(layer, x, rng)
-    if layer.skip_threshold:  # some slots skipped, most kept
-        ids = layer(x, return_routing=True)[1].expert_ids
-        assert 0 < int((ids < 0).sum()) < ids.size // 2, ids
+    if layer.skip_threshold:  # some slots skipped, some kept
+        r = layer(x, return_routing=True)[1]
+        assert r.n_dropped > 0 and (r.expert_ids >= 0).any(), r
     if layer.n_null:  # each kind of null expert was chosen, so each was checked
         ids = layer(x, return_routing=True)[1].expert_ids
         E = layer.n_experts
@@ -212,12 +222,16 @@ def test_staged_ops_backward():
         assert_grad(g[name], r["dx" if name == "x" else "d" + name], name)
 
 
-def test_bitwise_across_threads_and_batch():
+@pytest.mark.parametrize("cfg", [
+    dict(n_shared_experts=1, shared_expert_gate=True, expert_biases=True),
+    dict(router="expert_choice", null_experts=("copy", "constant"), skip_threshold=0.05,
+         skip_renormalize=True),
+], ids=["top_k", "expert_choice"])
+def test_bitwise_across_threads_and_batch(cfg):
     """Gradients are the same bits for 1 and 2 threads; a token's dx does not depend on
-    the rest of the batch (dropless, no batch losses)."""
+    the rest of the batch (top-k: dropless, no batch losses)."""
     rng = np.random.default_rng(3)
-    layer = make_layer(rng, d=40, F=72, E=6, k=2, n_shared_experts=1,
-                       shared_expert_gate=True, expert_biases=True)
+    layer = make_layer(rng, d=40, F=72, E=6, k=2, **cfg)
     x = rng.standard_normal((150, layer.d_model)).astype(np.float32)
     dy = rng.standard_normal(x.shape).astype(np.float32)
     keep = moe.get_num_threads()
@@ -231,6 +245,8 @@ def test_bitwise_across_threads_and_batch():
         moe.set_num_threads(keep)
     for name in results[0]:
         np.testing.assert_array_equal(results[0][name], results[1][name], err_msg=name)
+    if layer.router != "top_k":
+        return  # expert choice routes each token against the batch
     y, ctx = layer.forward_train(x)
     full = layer.backward(ctx, dy)["x"]
     for t in (0, 77, 149):
@@ -248,10 +264,16 @@ def test_property_shapes(T, E, d, F, data):
     ties = data.draw(st.booleans())
     nulls = data.draw(st.sampled_from([(), ("zero",), ("copy", "constant")]))
     skip = data.draw(st.sampled_from([0.0, 0.2]))
+    router = data.draw(st.sampled_from(["top_k", "top_k", "expert_choice", "top_p",
+                                        "threshold"]))
+    if router != "top_k":
+        cf = None if router != "expert_choice" else data.draw(st.sampled_from([None, 2.0]))
+        scoring = scoring if scoring != "softmax-after-topk" else "softmax"
     rng = np.random.default_rng(data.draw(st.integers(0, 2**31)))
     layer = make_layer(rng, d=d, F=F, E=E, k=k, scoring=scoring, capacity_factor=cf,
                        null_experts=nulls, skip_threshold=skip,
-                       skip_renormalize=data.draw(st.booleans()))
+                       skip_renormalize=data.draw(st.booleans()), router=router,
+                       router_p=0.6, router_threshold=0.2)
     if ties:  # whole rows of equal logits
         layer.router_weight = np.zeros_like(layer.router_weight)
     x = rng.standard_normal((T, d)).astype(np.float32)
@@ -278,8 +300,7 @@ def test_errors():
     layer.w_up = layer.w_up * 2  # the weights the forward ran with are gone
     with pytest.raises(RuntimeError, match="changed since forward_train"):
         layer.backward(ctx, y)
-    for cfg in (dict(router="top_p"), dict(lora_rank=2),
-                dict(dtype="bfloat16", compute_dtype="bfloat16")):
+    for cfg in (dict(lora_rank=2), dict(dtype="bfloat16", compute_dtype="bfloat16")):
         with pytest.raises(NotImplementedError, match="issue 19"):
             make_layer(rng, **cfg).forward_train(x)
     with pytest.raises(ValueError, match="d_weights"):

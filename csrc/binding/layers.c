@@ -356,28 +356,39 @@ moe_py_layer_backward(PyObject *self, PyObject *args, PyObject *kw)
         moe_layer_parse(fa, fk, &p, &a) < 0) {
         return NULL;
     }
-    if (p.route.router != MOE_ROUTER_TOP_K || p.lora != NULL) {
-        PyErr_SetString(PyExc_NotImplementedError, "the layer backward covers "
-                        "the top_k router without expert LoRA");
+    if (p.lora != NULL) {
+        PyErr_SetString(PyExc_NotImplementedError, "the layer backward does not "
+                        "cover expert LoRA yet");
         return NULL;
     }
     moe_experts_get_info(p.experts, &info);
+    memset(&b, 0, sizeof(b));
     {
-        /* the forward's results and what it saved, then dy: exact shapes */
-        const npy_intp T = a.n_tokens, k = p.route.top_k, d = a.d_model;
+        /* the forward's results (ids (T, width): top_k, or expert choice's
+         * width) and what it saved, then dy; y holds at least T * width rows */
+        npy_intp idd[2] = {a.n_tokens, -1};
+        if (!(tmp = moe_arg(ids_obj, "expert_ids", NPY_INT32, 2, idd, 0))) {
+            return NULL;
+        }
+        if (moe_check_int32(idd[1], "expert_ids has too many slots") < 0) {
+            return NULL;
+        }
+        b.width = (int32_t)idd[1];
+        p.expert_ids = MOE_DATA(tmp, int32_t);
+    }
+    {
+        const npy_intp T = a.n_tokens, k = b.width, d = a.d_model;
         const struct {
             PyObject *obj; const char *name; int type; npy_intp d0, d1;
             const void **dst;
         } in[] = {
-            {ids_obj, "expert_ids", NPY_INT32, T, k, (const void **)&p.expert_ids},
             {w_obj, "weights", NPY_FLOAT32, T, k, (const void **)&p.weights},
             {l_obj, "logits", NPY_FLOAT64, T, a.n_router,
              (const void **)&p.save_logits},
-            {y_obj, "y", NPY_FLOAT32, T * k, d, (const void **)&p.save_y},
+            {y_obj, "y", NPY_FLOAT32, -1, d, (const void **)&p.save_y},
             {sh_obj, "shared", NPY_FLOAT32, T, d, (const void **)&p.save_shared},
             {dy_obj, "dy", NPY_FLOAT32, T, d, (const void **)&b.dy}};
         size_t i_in;
-        memset(&b, 0, sizeof(b));
         for (i_in = 0; i_in < sizeof(in) / sizeof(in[0]); i_in++) {
             npy_intp dims[2] = {in[i_in].d0, in[i_in].d1};
             if (in[i_in].obj == sh_obj && p.shared == NULL) {
@@ -388,6 +399,12 @@ moe_py_layer_backward(PyObject *self, PyObject *args, PyObject *kw)
                 return NULL;
             }
             *in[i_in].dst = PyArray_DATA((PyArrayObject *)tmp);
+            if (in[i_in].obj == y_obj && dims[0] < T * k) {
+                PyErr_Format(PyExc_ValueError, "y must have at least n_tokens * "
+                             "width = %lld rows, got %lld", (long long)(T * k),
+                             (long long)dims[0]);
+                return NULL;
+            }
         }
     }
     b.forward = &p;

@@ -263,6 +263,32 @@ moe_layer_route_other(const moe_layer_params *p, const double *logits,
 }
 
 moe_status
+moe_layer_route(const moe_layer_params *p, const double *logits, int32_t *k)
+{
+    const int32_t E_all = p->n_experts + (p->n_null > 0 ? p->n_null : 0);
+    moe_route_params qp;
+    moe_status st;
+
+    if (p->route.router != MOE_ROUTER_TOP_K) {
+        return moe_layer_route_other(p, logits, E_all, k);
+    }
+    qp = (moe_route_params){
+        .logits = logits, .n_tokens = p->n_tokens, .n_experts = E_all,
+        .opt = p->route, .expert_ids = p->expert_ids, .weights = p->weights,
+        .counts = p->counts, .n_dropped = p->n_dropped,
+        .aux_loss = p->aux_loss, .z_loss = p->z_loss};
+    if ((st = moe_route_topk(&qp)) == MOE_STATUS_NONFINITE) {
+        /* Say where non-finite logits come from in a layer call. */
+        char detail[256];
+        snprintf(detail, sizeof(detail), "%s", moe_last_error());
+        moe_set_error(st, "%s (the logits are x @ router_weight.T: is there "
+                      "NaN or Inf in x or router_weight?)", detail);
+    }
+    *k = p->route.top_k;
+    return st;
+}
+
+moe_status
 moe_layer_forward(const moe_layer_params *p)
 {
     const int64_t T = p->n_tokens, d = p->d_model;
@@ -271,7 +297,6 @@ moe_layer_forward(const moe_layer_params *p)
     const int32_t E_all = p->n_experts + (p->n_null > 0 ? p->n_null : 0);
     int32_t *real_ids = NULL;
     moe_router_params rp;
-    moe_route_params qp;
     moe_dispatch_params dp;
     moe_ffn_params fp;
     moe_combine_params cp;
@@ -323,35 +348,9 @@ moe_layer_forward(const moe_layer_params *p)
     if (p->save_logits != NULL) {
         memcpy(p->save_logits, logits, sizeof(double) * (size_t)T * E_all);
     }
-    if (p->route.router != MOE_ROUTER_TOP_K) {
-        if ((st = moe_layer_route_other(p, logits, E_all, &k)) !=
-            MOE_STATUS_OK) {
-            goto done;
-        }
-        goto routed;
-    }
-    qp.logits = logits;
-    qp.n_tokens = T;
-    qp.n_experts = E_all;
-    qp.opt = p->route;
-    qp.expert_ids = p->expert_ids;
-    qp.weights = p->weights;
-    qp.counts = p->counts;
-    qp.n_dropped = p->n_dropped;
-    qp.aux_loss = p->aux_loss;
-    qp.z_loss = p->z_loss;
-    if ((st = moe_route_topk(&qp)) != MOE_STATUS_OK) {
-        if (st == MOE_STATUS_NONFINITE) {
-            /* Say where non-finite logits come from in a layer call. */
-            char detail[256];
-            snprintf(detail, sizeof(detail), "%s", moe_last_error());
-            moe_set_error(st, "%s (the logits are x @ router_weight.T: is there "
-                          "NaN or Inf in x or router_weight?)", detail);
-        }
+    if ((st = moe_layer_route(p, logits, &k)) != MOE_STATUS_OK) {
         goto done;
     }
-
-routed:
     if (p->width != NULL) {
         *p->width = k;
     }

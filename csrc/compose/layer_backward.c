@@ -101,7 +101,7 @@ moe_layer_backward_null(const moe_layer_backward_params *b, float *dws)
 {
     const moe_layer_params *p = b->forward;
     const int64_t T = p->n_tokens, d = p->d_model;
-    const int32_t E = p->n_experts, k = p->route.top_k;
+    const int32_t E = p->n_experts, k = b->width;
     int64_t t, i;
     int32_t j;
 
@@ -137,36 +137,59 @@ moe_layer_backward_null(const moe_layer_backward_params *b, float *dws)
 }
 
 /*
- * Back through skipping with renormalisation: a token's kept weights were
- * w_j / S (w the routed weights, S their sum over the kept slots), so the
- * routed weight of kept slot i gets dw_i / S - sum_j dw_j w_j / S^2; the
- * routed weights come from routing again (capacity does not change a kept
- * slot's weight).  Skipped slots already carry 0.
+ * The forward's selection before capacity or skipping emptied slots: route
+ * again from the saved logits (the same router; top-k without capacity)
+ * into ids / w (n_tokens, width).
  */
 static moe_status
-moe_layer_backward_skip(const moe_layer_params *p, float *dws)
+moe_layer_backward_reroute(const moe_layer_backward_params *b, int32_t *ids,
+                           float *w)
 {
-    const int64_t T = p->n_tokens;
-    const int32_t k = p->route.top_k;
+    const moe_layer_params *p = b->forward;
     const int32_t E_all = p->n_experts + (p->n_null > 0 ? p->n_null : 0);
-    int32_t *ids = moe_alloc((size_t)(T * k) + 1, sizeof(int32_t));
-    float *w = moe_alloc((size_t)(T * k) + 1, sizeof(float));
-    int64_t *counts = moe_alloc((size_t)E_all, sizeof(int64_t));
-    int64_t t, n_dropped;
+    int64_t *counts = moe_alloc((size_t)E_all, sizeof(int64_t)), n_dropped;
     double aux, z;
-    moe_route_params rp;
+    int32_t k = 0;
+    moe_layer_params q = *p;
     moe_status st = MOE_STATUS_ALLOC;
+
+    if (counts != NULL) {
+        q.expert_ids = ids;
+        q.weights = w;
+        q.counts = counts;
+        q.n_dropped = &n_dropped;
+        q.aux_loss = &aux;
+        q.z_loss = &z;
+        q.route.capacity_factor = p->route.router == MOE_ROUTER_TOP_K
+                                      ? 0.0 : p->route.capacity_factor;
+        st = moe_layer_route(&q, p->save_logits, &k);
+    }
+    free(counts);
+    if (st == MOE_STATUS_OK && k != b->width) {
+        st = moe_set_error(MOE_STATUS_INVALID_ARG, "routing again gave %d slots "
+                           "per token, the forward's expert_ids have %d: they "
+                           "do not come from this forward", k, b->width);
+    }
+    return st;
+}
+
+/*
+ * Back through skipping with renormalisation: a token's kept weights were
+ * w_j / S (w the routed weights, S their sum over the kept slots), so the
+ * routed weight of kept slot i gets dw_i / S - sum_j dw_j w_j / S^2.
+ * Skipped slots already carry 0.
+ */
+static void
+moe_layer_backward_skip(const moe_layer_backward_params *b, const float *w,
+                        float *dws)
+{
+    const moe_layer_params *p = b->forward;
+    const int64_t T = p->n_tokens;
+    const int32_t k = b->width;
+    int64_t t;
     int32_t j;
 
-    if (ids && w && counts) {
-        rp = (moe_route_params){
-            .logits = p->save_logits, .n_tokens = T, .n_experts = E_all,
-            .opt = p->route, .expert_ids = ids, .weights = w, .counts = counts,
-            .n_dropped = &n_dropped, .aux_loss = &aux, .z_loss = &z};
-        rp.opt.capacity_factor = 0.0;
-        st = moe_route_topk(&rp);
-    }
-    for (t = 0; st == MOE_STATUS_OK && t < T; t++) {
+    for (t = 0; t < T; t++) {
         double S = 0.0, dot = 0.0;
         for (j = 0; j < k; j++) {
             if (p->expert_ids[t * k + j] >= 0) {
@@ -180,10 +203,92 @@ moe_layer_backward_skip(const moe_layer_params *p, float *dws)
             }
         }
     }
-    free(ids);
-    free(w);
-    free(counts);
-    return st;
+}
+
+/*
+ * d_logits for the routers other than top-k, the selection (ids, before
+ * skipping) held fixed: expert choice's weights are c * score (softmax or
+ * sigmoid), top-p / threshold's c * p / sum(p) over the selected with
+ * renormalize, else c * p (p the softmax); the losses' f (the router's
+ * share per expert) is constant, P the mean softmax.  Tokens in order.
+ */
+static moe_status
+moe_layer_backward_route_other(const moe_layer_backward_params *b,
+                               const int32_t *ids, const float *dws, double *dl)
+{
+    const moe_layer_params *p = b->forward;
+    const moe_route_options *o = &p->route;
+    const int64_t T = p->n_tokens;
+    const int32_t E = p->n_experts + (p->n_null > 0 ? p->n_null : 0);
+    const int32_t k = b->width;
+    const int sig = o->router == MOE_ROUTER_EXPERT_CHOICE &&
+                    o->scoring == MOE_SCORING_SIGMOID;
+    double *buf = moe_alloc((size_t)(3 * E), sizeof(double));
+    double *pr, *g, *f;
+    int64_t t, n_kept = 0;
+    int32_t e, j;
+
+    if (buf == NULL) {
+        return MOE_STATUS_ALLOC;
+    }
+    pr = buf;
+    g = buf + E;
+    f = buf + 2 * E; /* d aux / d P_e */
+    memset(f, 0, sizeof(double) * (size_t)E);
+    for (t = 0; t < T * k; t++) {
+        if (ids[t] >= 0) {
+            f[ids[t]] += 1.0;
+            n_kept++;
+        }
+    }
+    for (e = 0; e < E; e++) {
+        f[e] = n_kept > 0 ? b->aux_coef * E * (f[e] / (double)n_kept) / (double)T
+                          : 0.0;
+    }
+    for (t = 0; t < T; t++) {
+        const double *l = p->save_logits + t * E;
+        double *d = dl + t * E;
+        const double lse = moe_softmax_f64(l, E, pr);
+        double S = 0.0, dot = 0.0;
+        memset(g, 0, sizeof(double) * (size_t)E);
+        memset(d, 0, sizeof(double) * (size_t)E);
+        for (j = 0; j < k; j++) { /* selected scores and dw . p */
+            const int32_t id = ids[t * k + j];
+            const double dw = p->expert_ids[t * k + j] >= 0
+                ? (double)dws[t * k + j] * o->routed_scaling : 0.0;
+            if (id >= 0) {
+                g[id] = dw;
+                S += pr[id];
+                dot += dw * pr[id];
+            }
+        }
+        if (o->router != MOE_ROUTER_EXPERT_CHOICE && o->renormalize && S > 0.0) {
+            for (j = 0; j < k; j++) {
+                const int32_t id = ids[t * k + j];
+                if (id >= 0) {
+                    g[id] = g[id] / S - dot / (S * S);
+                }
+            }
+        }
+        if (sig) {
+            for (e = 0; e < E; e++) {
+                const double z = exp(-fabs(l[e]));
+                const double s = l[e] >= 0.0 ? 1.0 / (1.0 + z) : z / (1.0 + z);
+                d[e] += g[e] * s * (1.0 - s);
+            }
+        }
+        else {
+            moe_softmax_backward_f64(pr, g, E, d);
+        }
+        if (n_kept > 0 && b->aux_coef != 0.0) {
+            moe_softmax_backward_f64(pr, f, E, d);
+        }
+        for (e = 0; b->z_coef != 0.0 && e < E; e++) {
+            d[e] += b->z_coef * 2.0 * lse / (double)T * pr[e];
+        }
+    }
+    free(buf);
+    return MOE_STATUS_OK;
 }
 
 /* dx[t] += w * dy[t] for each copy null expert's slot, slots in order. */
@@ -192,7 +297,7 @@ moe_layer_backward_copy(const moe_layer_backward_params *b)
 {
     const moe_layer_params *p = b->forward;
     const int64_t T = p->n_tokens, d = p->d_model;
-    const int32_t E = p->n_experts, k = p->route.top_k;
+    const int32_t E = p->n_experts, k = b->width;
     int64_t t, i;
     int32_t j;
 
@@ -214,10 +319,11 @@ moe_layer_backward(const moe_layer_backward_params *b)
 {
     const moe_layer_params *p = b->forward;
     const int64_t T = p->n_tokens, d = p->d_model;
-    const int32_t E = p->n_experts, k = p->route.top_k;
+    const int32_t E = p->n_experts, k = b->width;
     const int32_t E_all = E + (p->n_null > 0 ? p->n_null : 0);
     int64_t *offsets = NULL, *token_index = NULL, *position = NULL, n_rows;
-    int32_t *real_ids = NULL;
+    int32_t *real_ids = NULL, *full_ids = NULL;
+    float *full_w = NULL;
     float *dys = NULL, *dws = NULL, *dxs = NULL, *dxr = NULL;
     double *dl = NULL;
     moe_dispatch_params dp;
@@ -229,9 +335,15 @@ moe_layer_backward(const moe_layer_backward_params *b)
     moe_status st = MOE_STATUS_ALLOC;
     int64_t i;
 
-    if (p->route.router != MOE_ROUTER_TOP_K || p->lora != NULL) {
-        return moe_set_error(MOE_STATUS_UNSUPPORTED, "the layer backward "
-                             "covers the top_k router without expert LoRA");
+    if (p->lora != NULL) {
+        return moe_set_error(MOE_STATUS_UNSUPPORTED, "the layer backward does "
+                             "not cover expert LoRA yet");
+    }
+    if (b->width < 1 || (p->route.router != MOE_ROUTER_EXPERT_CHOICE &&
+                         b->width != p->route.top_k)) {
+        return moe_set_error(MOE_STATUS_INVALID_ARG, "width must be the "
+                             "forward's slots per token (top_k, or expert "
+                             "choice's width), got %d", b->width);
     }
     if (p->save_logits == NULL || p->save_y == NULL || b->dy == NULL ||
         (p->shared != NULL && p->save_shared == NULL)) {
@@ -299,15 +411,33 @@ moe_layer_backward(const moe_layer_backward_params *b)
     if (p->n_null > 0 && (st = moe_layer_backward_null(b, dws)) != MOE_STATUS_OK) {
         goto done;
     }
-    if (p->skip_threshold > 0.0 && p->skip_renormalize &&
-        (st = moe_layer_backward_skip(p, dws)) != MOE_STATUS_OK) {
-        goto done;
+    if (p->route.router != MOE_ROUTER_TOP_K ||
+        (p->skip_threshold > 0.0 && p->skip_renormalize)) {
+        st = MOE_STATUS_ALLOC;
+        full_ids = moe_alloc((size_t)(T * (k > E_all ? k : E_all)) + 1,
+                             sizeof(int32_t));
+        full_w = moe_alloc((size_t)(T * (k > E_all ? k : E_all)) + 1,
+                           sizeof(float));
+        if (!full_ids || !full_w ||
+            (st = moe_layer_backward_reroute(b, full_ids, full_w)) !=
+                MOE_STATUS_OK) {
+            goto done;
+        }
     }
-    rb = (moe_route_backward_params){
-        .logits = p->save_logits, .n_tokens = T, .n_experts = E_all,
-        .opt = p->route, .expert_ids = p->expert_ids, .d_weights = dws,
-        .aux_coef = b->aux_coef, .z_coef = b->z_coef, .d_logits = dl};
-    if ((st = moe_route_backward(&rb)) != MOE_STATUS_OK) {
+    if (p->skip_threshold > 0.0 && p->skip_renormalize) {
+        moe_layer_backward_skip(b, full_w, dws);
+    }
+    if (p->route.router != MOE_ROUTER_TOP_K) {
+        st = moe_layer_backward_route_other(b, full_ids, dws, dl);
+    }
+    else {
+        rb = (moe_route_backward_params){
+            .logits = p->save_logits, .n_tokens = T, .n_experts = E_all,
+            .opt = p->route, .expert_ids = p->expert_ids, .d_weights = dws,
+            .aux_coef = b->aux_coef, .z_coef = b->z_coef, .d_logits = dl};
+        st = moe_route_backward(&rb);
+    }
+    if (st != MOE_STATUS_OK) {
         goto done;
     }
     lb = (moe_router_backward_params){
@@ -341,5 +471,7 @@ done:
     free(dws);
     free(dl);
     free(real_ids);
+    free(full_ids);
+    free(full_w);
     return st;
 }

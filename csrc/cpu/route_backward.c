@@ -22,9 +22,9 @@ moe_rb_scores(const double *l, int32_t E, double *p, double *s)
     return moe_softmax_f64(l, E, p);
 }
 
-/* dl (E,) += the softmax's backward: p * (g - <g, p>). */
-static void
-moe_rb_softmax(const double *p, const double *g, int32_t E, double *dl)
+void
+moe_softmax_backward_f64(const double *p, const double *g, int32_t E,
+                         double *dl)
 {
     double dot = 0.0;
     int32_t e;
@@ -157,7 +157,7 @@ moe_cpu_route_backward(const moe_route_backward_params *p)
                 }
             }
             else {
-                moe_rb_softmax(pr, g, E, dl);
+                moe_softmax_backward_f64(pr, g, E, dl);
             }
         }
         if (p->aux_coef != 0.0) {
@@ -172,7 +172,7 @@ moe_cpu_route_backward(const moe_route_backward_params *p)
                 }
             }
             else {
-                moe_rb_softmax(pr, f, E, dl);
+                moe_softmax_backward_f64(pr, f, E, dl);
             }
         }
         if (p->z_coef != 0.0) {

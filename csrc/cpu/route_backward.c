@@ -77,18 +77,11 @@ moe_cpu_route_backward(const moe_route_backward_params *p)
         if (full == NULL || full_w == NULL) {
             goto done;
         }
-        memset(&rp, 0, sizeof(rp));
-        rp.logits = p->logits;
-        rp.n_tokens = T;
-        rp.n_experts = E;
-        rp.opt = *o;
+        rp = (moe_route_params){
+            .logits = p->logits, .n_tokens = T, .n_experts = E, .opt = *o,
+            .expert_ids = full, .weights = full_w, .counts = counts,
+            .n_dropped = &dropped, .aux_loss = &aux, .z_loss = &z};
         rp.opt.capacity_factor = 0.0;
-        rp.expert_ids = full;
-        rp.weights = full_w;
-        rp.counts = counts;
-        rp.n_dropped = &dropped;
-        rp.aux_loss = &aux;
-        rp.z_loss = &z;
         if ((st = moe_cpu_route_topk(&rp)) != MOE_STATUS_OK) {
             goto done;
         }

@@ -715,6 +715,21 @@ typedef struct moe_router_backward_params {
 
 moe_status moe_router_backward(const moe_router_backward_params *p);
 
+/* A linear y = x W^T (W in its storage dtype): dx = dy W, dW = dy^T x. */
+typedef struct moe_linear_backward_params {
+    const float *x;           /* (n_tokens, d_in)                          */
+    const void  *w;           /* (d_out, d_in) in dtype                    */
+    moe_dtype    dtype;
+    int64_t      n_tokens;
+    int64_t      d_in;
+    int64_t      d_out;
+    const float *dy;          /* (n_tokens, d_out)                         */
+    float       *dx;          /* out, or NULL: (n_tokens, d_in)            */
+    float       *d_w;         /* out, or NULL: (d_out, d_in)               */
+} moe_linear_backward_params;
+
+moe_status moe_linear_backward(const moe_linear_backward_params *p);
+
 /*
  * The whole layer.  forward: the params of the forward as it ran (any
  * router, null experts and skipping included; no expert LoRA), with save_logits,

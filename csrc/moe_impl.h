@@ -199,6 +199,7 @@ moe_status moe_cpu_combine_backward(const moe_combine_backward_params *p);
 moe_status moe_cpu_dispatch_backward(const moe_dispatch_backward_params *p);
 moe_status moe_cpu_route_backward(const moe_route_backward_params *p);
 moe_status moe_cpu_router_backward(const moe_router_backward_params *p);
+moe_status moe_cpu_linear_backward(const moe_linear_backward_params *p);
 moe_status moe_cpu_expert_lora_pack(const moe_expert_lora_params *p,
                                     const moe_experts *experts,
                                     moe_expert_lora **out);

@@ -17,6 +17,7 @@ from . import _C
 from ._api import (WEIGHT_DTYPES, check_int, naming_nonfinite, refuse_resize, stored_weight,
                    token_rows, weight_bits)
 from .layer import SparseMoE
+from .train import TrainContext, check_backward_args
 
 __all__ = ["MultiHeadMoE"]
 
@@ -75,17 +76,62 @@ class MultiHeadMoE:
     def __call__(self, x, return_routing=False):
         """x: (..., d_model) float.  Returns (..., d_model) float32; with return_routing=True
         also the inner layer's routing over the (T * n_heads) sub-tokens."""
+        y, routing, _ = self._forward(x, False)
+        return (y, routing) if return_routing else y
+
+    def _forward(self, x, train):
+        """(y, the inner routing, what the backward needs or None)."""
         lead, x2 = token_rows(x, self.d_model)
         if self._packed is None:
             self.pack()
         w_in, w_merge = self._packed
         offsets = np.array([0, x2.shape[0]], np.int64)
         h = _C.linear_grouped(x2, token_index=None, offsets=offsets, weights=w_in)
-        y_sub, routing = self.moe(h.reshape(-1, self.d_head), return_routing=True)
-        y = _C.linear_grouped(np.ascontiguousarray(y_sub.reshape(-1, self.d_model)),
-                              token_index=None, offsets=offsets, weights=w_merge)
+        sub = h.reshape(-1, self.d_head)
+        if train:
+            y_sub, inner = self.moe.forward_train(sub)
+            routing = inner.routing
+        else:
+            y_sub, routing = self.moe(sub, return_routing=True)
+        merged = np.ascontiguousarray(y_sub.reshape(-1, self.d_model))
+        y = _C.linear_grouped(merged, token_index=None, offsets=offsets, weights=w_merge)
         y = y.reshape(lead + (self.d_model,))
-        return (y, routing) if return_routing else y
+        return y, routing, ((lead, x2, merged, inner, self._packed) if train else None)
+
+    # ---- training ---------------------------------------------------------------------
+
+    def trainable_weights(self):
+        """Names of the gradients backward returns: w_in, w_merge and the inner layer's as
+        "moe.<name>"."""
+        return ("w_in", "w_merge") + tuple(f"moe.{n}" for n in self.moe.trainable_weights())
+
+    def forward_train(self, x):
+        """The forward keeping what backward needs: (y, ctx); ctx.routing is the inner
+        layer's routing over the sub-tokens."""
+        y, routing, saved = self._forward(x, True)
+        return y, TrainContext(self, saved[0], saved[1], routing, saved, None, None)
+
+    def backward(self, ctx, dy, *, aux_coef=0.0, z_coef=0.0, retain=False):
+        """Gradients of  sum(dy * y) + aux_coef * aux_loss + z_coef * z_loss  (the inner
+        layer's losses) for the forward that made ctx: {"x", "w_in", "w_merge",
+        "moe.<name>" for the inner layer's trainable weights}, float32."""
+        dy32, aux, z = check_backward_args(self, ctx, dy, aux_coef, z_coef)
+        lead, x2, merged, inner, packed = ctx.saved
+        if packed is not self._packed:
+            raise RuntimeError("w_in / w_merge changed since forward_train: the backward "
+                               "needs the weights the forward ran with")
+        code = WEIGHT_DTYPES.index(self.dtype)
+        d_merged, g_merge = _C.linear_backward(merged, weight_bits(self.w_merge), dy32, code)
+        g = self.moe.backward(inner, d_merged.reshape(-1, self.d_head), aux_coef=aux,
+                              z_coef=z, retain=retain)
+        dx, g_in = _C.linear_backward(x2, weight_bits(self.w_in),
+                                      np.ascontiguousarray(g.pop("x").reshape(x2.shape)), code)
+        if not retain:
+            ctx.released = True
+            ctx.saved = None
+        out = {"x": dx.reshape(lead + (self.d_model,)), "w_in": g_in, "w_merge": g_merge}
+        out.update((f"moe.{n}", v) for n, v in g.items())
+        return out
 
     def __repr__(self):
         return (f"MultiHeadMoE(d_model={self.d_model}, n_heads={self.n_heads}, "

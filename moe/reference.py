@@ -1566,3 +1566,52 @@ def sparse_moe_backward(x, router_weight, w_gate, w_up, w_down, dy, *, top_k,
                      shared_w_down=sb["dw_down"])
     grads["dx"] = dx.reshape(np.shape(x))
     return grads
+
+
+def layer_backward(layer, x, dy, aux_coef=0.0, z_coef=0.0):
+    """sparse_moe_backward for a moe.SparseMoE's weights and options (as layer_forward is
+    sparse_moe for them); weights in bf16 / fp16 storage are decoded first."""
+    gated = layer.activation in GATED
+
+    def dec(w):
+        return None if w is None else _decode_weight(layer, w)
+    return sparse_moe_backward(
+        x, layer.router_weight, dec(layer.w_gate) if gated else None, dec(layer.w_up),
+        dec(layer.w_down), dy, top_k=layer.top_k, activation=layer.activation,
+        scoring=layer.scoring, renormalize=layer.renormalize,
+        routed_scaling=layer.routed_scaling, n_groups=layer.n_groups,
+        topk_groups=layer.topk_groups,
+        expert_bias=layer.expert_bias if layer.use_expert_bias else None,
+        capacity_factor=layer.capacity_factor, shared_w_gate=dec(layer.shared_w_gate),
+        shared_w_up=dec(layer.shared_w_up), shared_w_down=dec(layer.shared_w_down),
+        shared_gate_weight=layer.shared_gate_weight if layer.shared_expert_gate else None,
+        router_bias=layer.router_bias if layer.use_router_bias else None,
+        b_gate=layer.b_gate if layer.use_expert_biases and gated else None,
+        b_up=layer.b_up if layer.use_expert_biases else None,
+        b_down=layer.b_down if layer.use_expert_biases else None,
+        swiglu_alpha=layer.swiglu_alpha, swiglu_limit=layer.swiglu_limit,
+        aux_coef=aux_coef, z_coef=z_coef, expert_d_ff=layer.expert_d_ff,
+        null_experts=layer.null_experts, null_values=layer.null_values,
+        skip_threshold=layer.skip_threshold, skip_renormalize=layer.skip_renormalize,
+        router=layer.router, router_p=layer.router_p,
+        router_threshold=layer.router_threshold, k_min=layer.k_min)
+
+
+def multi_head_moe_backward(layer, x, dy, aux_coef=0.0, z_coef=0.0):
+    """Gradients of  sum(dy * multi_head_moe(layer, x)) + aux_coef * aux + z_coef * z, in
+    float64 from the float32 sub-tokens the inner layer sees (as multi_head_moe): h =
+    x W_in^T, the inner layer on h's n_heads sub-tokens, y = merged W_merge^T.  Returns
+    {"dx", "w_in", "w_merge", "moe": the inner layer's layer_backward}."""
+    def dec(w):
+        return _decode_weight(layer, w)
+    x = np.asarray(x, dtype=np.float32).astype(np.float64).reshape(-1, layer.d_model)
+    dy = np.asarray(dy, dtype=np.float64).reshape(x.shape)
+    w_in, w_merge = dec(layer.w_in), dec(layer.w_merge)
+    sub = (x @ w_in.T).astype(np.float32).reshape(-1, layer.d_head)
+    y_sub, _ = layer_forward(layer.moe, sub)
+    merged = y_sub.reshape(-1, layer.d_model).astype(np.float32).astype(np.float64)
+    d_merged = dy @ w_merge
+    inner = layer_backward(layer.moe, sub, d_merged.reshape(-1, layer.d_head), aux_coef,
+                           z_coef)
+    dh = inner["dx"].reshape(-1, layer.d_model)
+    return {"dx": dh @ w_in, "w_in": dh.T @ x, "w_merge": dy.T @ merged, "moe": inner}

@@ -46,30 +46,7 @@ def make_layer(rng, d=24, F=40, E=8, k=2, **cfg):
 
 
 def reference_grads(layer, x, dy, aux, z):
-    gated = layer.activation in ref.GATED
-
-    def dec(w):
-        return None if w is None else ref._decode_weight(layer, w)
-    return ref.sparse_moe_backward(
-        x, layer.router_weight, dec(layer.w_gate) if gated else None, dec(layer.w_up),
-        dec(layer.w_down), dy, top_k=layer.top_k, activation=layer.activation,
-        scoring=layer.scoring, renormalize=layer.renormalize,
-        routed_scaling=layer.routed_scaling, n_groups=layer.n_groups,
-        topk_groups=layer.topk_groups,
-        expert_bias=layer.expert_bias if layer.use_expert_bias else None,
-        capacity_factor=layer.capacity_factor, shared_w_gate=dec(layer.shared_w_gate),
-        shared_w_up=dec(layer.shared_w_up), shared_w_down=dec(layer.shared_w_down),
-        shared_gate_weight=layer.shared_gate_weight if layer.shared_expert_gate else None,
-        router_bias=layer.router_bias if layer.use_router_bias else None,
-        b_gate=layer.b_gate if layer.use_expert_biases and gated else None,
-        b_up=layer.b_up if layer.use_expert_biases else None,
-        b_down=layer.b_down if layer.use_expert_biases else None,
-        swiglu_alpha=layer.swiglu_alpha, swiglu_limit=layer.swiglu_limit,
-        aux_coef=aux, z_coef=z, expert_d_ff=layer.expert_d_ff,
-        null_experts=layer.null_experts, null_values=layer.null_values,
-        skip_threshold=layer.skip_threshold, skip_renormalize=layer.skip_renormalize,
-        router=layer.router, router_p=layer.router_p,
-        router_threshold=layer.router_threshold, k_min=layer.k_min)
+    return ref.layer_backward(layer, x, dy, aux, z)
 
 
 def check_layer(layer, x, rng, aux=0.3, z=0.2, conditioned=False):
@@ -306,3 +283,26 @@ def test_errors():
     with pytest.raises(ValueError, match="d_weights"):
         moe.route_backward(np.zeros((3, 4)), np.zeros((3, 2), np.int32),
                            np.zeros((3, 1), np.float32), 2)
+
+
+def test_multi_head_moe_backward():
+    """MultiHeadMoE: the projections' and the inner layer's gradients against the
+    reference (the inner layer with a shared expert and null experts)."""
+    rng = np.random.default_rng(21)
+    mh = moe.MultiHeadMoE(32, 4, 24, 6, 2, seed=3, n_shared_experts=1,
+                          null_experts=("copy",))
+    x = rng.standard_normal((3, 5, 32)).astype(np.float32)
+    y, ctx = mh.forward_train(x)
+    np.testing.assert_array_equal(y, mh(x))
+    dy = rng.standard_normal(y.shape).astype(np.float32)
+    g = mh.backward(ctx, dy, aux_coef=0.2, z_coef=0.1)
+    r = ref.multi_head_moe_backward(mh, x, dy, 0.2, 0.1)
+    assert set(g) == {"x"} | set(mh.trainable_weights())
+    assert g["x"].shape == x.shape
+    assert_grad(g["x"].reshape(-1, 32), r["dx"], "x")
+    assert_grad(g["w_in"], r["w_in"], "w_in")
+    assert_grad(g["w_merge"], r["w_merge"], "w_merge")
+    for name in mh.moe.trainable_weights():
+        assert_grad(g[f"moe.{name}"], r["moe"][name], f"moe.{name}")
+    with pytest.raises(RuntimeError, match="already used"):
+        mh.backward(ctx, dy)

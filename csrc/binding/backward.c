@@ -205,3 +205,47 @@ moe_py_ffn_grouped_backward(PyObject *self, PyObject *args, PyObject *kw)
     MOE_COMPUTE(st, moe_ffn_backward(&p));
     return moe_outs_done(&o, st, NULL);
 }
+
+/* linear_backward(x, w, dy, dtype) -> (dx, d_w): y = x W^T, W (d_out, d_in) in
+ * dtype (uint16 bits for bf16 / fp16). */
+PyObject *
+moe_py_linear_backward(PyObject *self, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"x", "w", "dy", "dtype", NULL};
+    PyObject *x_obj, *w_obj, *dy_obj;
+    npy_intp xd[2] = {-1, -1}, wd[2] = {-1, -1}, dd[2];
+    moe_linear_backward_params p;
+    moe_outs o = MOE_OUTS(2);
+    void *x, *w, *dy;
+    int dtype;
+    moe_status st;
+
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOi:linear_backward", kwlist,
+                                     &x_obj, &w_obj, &dy_obj, &dtype) ||
+        moe_check_enum(dtype, MOE_DTYPE_COUNT, "dtype") < 0 ||
+        !(x = moe_arg(x_obj, "x", NPY_FLOAT32, 2, xd, 0))) {
+        return NULL;
+    }
+    wd[1] = xd[1];
+    if (!(w = moe_arg(w_obj, "w", dtype == MOE_DTYPE_F32 ? NPY_FLOAT32
+                                                        : NPY_UINT16,
+                      2, wd, 0))) {
+        return NULL;
+    }
+    dd[0] = xd[0];
+    dd[1] = wd[0];
+    if (!(dy = moe_arg(dy_obj, "dy", NPY_FLOAT32, 2, dd, 0))) {
+        return NULL;
+    }
+    p = (moe_linear_backward_params){
+        .x = MOE_DATA(x, float), .w = PyArray_DATA((PyArrayObject *)w),
+        .dtype = (moe_dtype)dtype, .n_tokens = xd[0], .d_in = xd[1],
+        .d_out = wd[0], .dy = MOE_DATA(dy, float)};
+    p.dx = moe_out(&o, 0, NPY_FLOAT32, 2, xd[0], xd[1], 0);
+    p.d_w = moe_out_recycled(&o, 1, 2, wd[0], xd[1], 0);
+    if (o.failed) {
+        return moe_outs_fail(&o);
+    }
+    MOE_COMPUTE(st, moe_linear_backward(&p));
+    return moe_outs_done(&o, st, NULL);
+}

@@ -184,6 +184,7 @@ MOE_KW_WRAPPER(moe_py_route_backward);
 MOE_KW_WRAPPER(moe_py_combine_backward);
 MOE_KW_WRAPPER(moe_py_dispatch_backward);
 MOE_KW_WRAPPER(moe_py_ffn_grouped_backward);
+MOE_KW_WRAPPER(moe_py_linear_backward);
 /* lora.c */
 MOE_KW_WRAPPER(moe_py_pack_expert_lora);
 MOE_KW_WRAPPER(moe_py_lora_forward);

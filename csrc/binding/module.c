@@ -236,6 +236,7 @@ static PyMethodDef moe_methods[] = {
                   "w_gate=None, w_up=None, w_down=None, biases=False",
                   "-> (dx, d_w_gate, d_w_up, d_w_down, d_b_gate, d_b_up, "
                   "d_b_down)"),
+    MOE_KW_METHOD(linear_backward, "x, w, dy, dtype", "-> (dx, d_w)"),
     MOE_KW_METHOD(layer_backward, "forward_args, forward_kwargs, expert_ids, "
                   "weights, logits, y, shared, dy, *, w_gate=None, w_up=None, "
                   "w_down=None, shared_w_gate=None, shared_w_up=None, "

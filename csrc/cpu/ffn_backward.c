@@ -78,6 +78,23 @@ moe_bwd_half(uint16_t h)
     return f;
 }
 
+/* n bf16 (or fp16) weights -> fp32. */
+static void
+moe_bwd_widen(const uint16_t *s, int bf16, int64_t n, float *o)
+{
+    int64_t i;
+
+    for (i = 0; i < n; i++) {
+        if (bf16) {
+            uint32_t u = (uint32_t)s[i] << 16;
+            memcpy(&o[i], &u, sizeof(u));
+        }
+        else {
+            o[i] = moe_bwd_half(s[i]);
+        }
+    }
+}
+
 /* Widen expert e's three weights (task e) to fp32. */
 static void
 moe_bwd_widen_task(void *ctx, int64_t e)
@@ -88,26 +105,14 @@ moe_bwd_widen_task(void *ctx, int64_t e)
     const int bf16 = job->w->dtype == MOE_DTYPE_BF16;
     const void *src[3] = {p->w_gate, p->w_up, p->w_down};
     float *dst[3] = {(float *)job->wg, (float *)job->wu, (float *)job->wd};
-    int64_t i;
     int m;
 
     if (p->offsets[e + 1] == p->offsets[e]) {
         return; /* no rows: its weights are never read */
     }
     for (m = 0; m < 3; m++) {
-        const uint16_t *s = src[m] ? (const uint16_t *)src[m] + e * n : NULL;
-        float *o = dst[m] ? dst[m] + e * n : NULL;
-        if (s == NULL || o == NULL) {
-            continue;
-        }
-        for (i = 0; i < n; i++) {
-            if (bf16) {
-                uint32_t u = (uint32_t)s[i] << 16;
-                memcpy(&o[i], &u, sizeof(u));
-            }
-            else {
-                o[i] = moe_bwd_half(s[i]);
-            }
+        if (src[m] != NULL && dst[m] != NULL) {
+            moe_bwd_widen((const uint16_t *)src[m] + e * n, bf16, n, dst[m] + e * n);
         }
     }
 }
@@ -460,6 +465,34 @@ moe_cpu_ffn_backward(const moe_ffn_backward_params *p)
     }
 done:
     free(job.tasks);
+    free(wide);
+    return st;
+}
+
+moe_status
+moe_cpu_linear_backward(const moe_linear_backward_params *p)
+{
+    const int64_t T = p->n_tokens, din = p->d_in, dout = p->d_out;
+    const float *w = p->w;
+    float *wide = NULL;
+    moe_mm_seg seg;
+    moe_status st = MOE_STATUS_OK;
+
+    if (p->dtype != MOE_DTYPE_F32 && p->dx != NULL) {
+        if ((wide = moe_alloc((size_t)(dout * din) + 1, sizeof(float))) == NULL) {
+            return MOE_STATUS_ALLOC;
+        }
+        moe_bwd_widen(p->w, p->dtype == MOE_DTYPE_BF16, dout * din, wide);
+        w = wide;
+    }
+    if (p->dx != NULL) { /* dx (T, d_in) = dy (T, d_out) @ W (d_out, d_in) */
+        seg = (moe_mm_seg){p->dy, dout, 1, w, din, dout};
+        st = moe_mm(&seg, 1, T, din, p->dx, din);
+    }
+    if (st == MOE_STATUS_OK && p->d_w != NULL) { /* dW = dy^T @ x */
+        seg = (moe_mm_seg){p->dy, 1, dout, p->x, din, T};
+        st = moe_mm(&seg, 1, dout, din, p->d_w, din);
+    }
     free(wide);
     return st;
 }

@@ -21,6 +21,7 @@ MOE_CPU_ONLY(combine, moe_combine_params)
 MOE_CPU_ONLY(combine_backward, moe_combine_backward_params)
 MOE_CPU_ONLY(dispatch_backward, moe_dispatch_backward_params)
 MOE_CPU_ONLY(router_backward, moe_router_backward_params)
+MOE_CPU_ONLY(linear_backward, moe_linear_backward_params)
 
 moe_status
 moe_route_topk(const moe_route_params *p)

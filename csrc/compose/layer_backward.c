@@ -1,11 +1,15 @@
 /*
- * compose/layer_backward.c - the top-k layer's backward composed from the
- * public backward ops, the forward's order reversed:
- *   combine -> grouped FFN -> dispatch (the routed rows' dx), route ->
- *   router linear, shared experts and their gate,
+ * compose/layer_backward.c - the layer's backward composed from the public
+ * backward ops, the forward's order reversed:
+ *   combine (+ null experts) -> grouped FFN -> dispatch (the routed rows'
+ *   dx), skipping -> routing (top-k, or the other routers here) -> router
+ *   linear, shared experts and their gate,
  * with dx summed per token in that fixed order.  The dispatch is rebuilt
  * from the forward's expert ids (the same stable sort: the same rows as
- * the saved expert outputs).  Backend-neutral: it only calls csrc/moe.h.
+ * the saved expert outputs); where the backward needs the selection before
+ * capacity or skipping emptied slots it routes again from the saved logits
+ * (moe_layer_route, the forward's own).  Backend-neutral: it only calls
+ * csrc/moe.h and the composers' shared routing.
  */
 #include "moe_impl.h"
 

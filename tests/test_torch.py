@@ -133,6 +133,29 @@ def test_matches_hf_style_implementation(name, rng):
         assert "expert_bias" in dict(m.named_buffers())
 
 
+@pytest.mark.parametrize("cfg", [
+    dict(router="expert_choice", null_experts=("copy", "constant")),
+    dict(router="top_p", router_p=0.6, skip_threshold=0.1, skip_renormalize=True),
+    dict(router="threshold", router_threshold=0.15, null_experts=("zero",)),
+], ids=["expert_choice", "top_p", "threshold"])
+def test_other_routers_train(cfg, rng):
+    """Every router trains through the module: its gradients are the NumPy layer's
+    backward bit for bit (the same C calls), null_values included."""
+    m = mt.SparseMoE(D, FF, 6, 3, seed=2, **cfg)
+    x = torch.from_numpy(rng.standard_normal((20, D), dtype=np.float32)).requires_grad_(True)
+    dy = rng.standard_normal((20, D), dtype=np.float32)
+    y, r = m(x, return_routing=True)
+    ((y * torch.from_numpy(dy)).sum() + 0.1 * r.aux_loss + 0.01 * r.z_loss).backward()
+    layer = m.to_layer()
+    y2, ctx = layer.forward_train(x.detach().numpy())
+    g = layer.backward(ctx, dy, aux_coef=0.1, z_coef=0.01)
+    np.testing.assert_array_equal(y.detach().numpy(), y2)
+    assert set(layer.trainable_weights()) == {n for n, _ in m.named_parameters()}
+    for name in layer.trainable_weights():
+        np.testing.assert_array_equal(getattr(m, name).grad.numpy(), g[name], err_msg=name)
+    np.testing.assert_allclose(x.grad.numpy(), g["x"], rtol=1e-6, atol=1e-7)
+
+
 def test_parameters_are_the_layers_weights():
     m = mt.SparseMoE(D, FF, 8, 2, n_shared_experts=1, shared_expert_gate=True,
                      expert_bias=True, router_bias=True, expert_biases=True)

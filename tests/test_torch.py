@@ -1,7 +1,8 @@
 """moe.torch: the nn.Module over the C core, checked against an independent pure-torch
 implementation written the way Hugging Face's MoE blocks are (router linear, softmax /
 sigmoid, group-limited top-k, per-expert loop), autograd on both sides; plus training,
-no_grad, memory sharing, dtypes, bad input and torch.compile.
+no_grad, memory sharing, dtypes, bad input and torch.compile; and moe.torch.MultiHeadMoE's
+gradients against the NumPy layer's backward.
 """
 import copy
 import shutil
@@ -429,5 +430,156 @@ def test_torch_compile_fullgraph(rng):
     with torch.no_grad():
         net.moe.w_up.mul_(1.5)
     fresh = copy.deepcopy(net)  # a new moe.SparseMoE, packed from the updated weights
+    x = torch.from_numpy(rng.standard_normal((7, 8), dtype=np.float32))
+    assert compiled(x).item() == pytest.approx(fresh(x).item(), rel=1e-6)
+
+
+# ---- moe.torch.MultiHeadMoE ------------------------------------------------------------
+
+MH_OPTS = dict(n_shared_experts=1, shared_d_ff=6, router_bias=True, expert_biases=True,
+               expert_bias=True)
+
+
+def _multihead(rng, **opts):
+    """A moe.torch.MultiHeadMoE (d_model 16, 4 heads of 4) with random inner biases."""
+    m = mt.MultiHeadMoE(D, 4, FF, 4, 2, seed=5, **opts)
+    with torch.no_grad():  # in place: the module must notice and repack the inner layer
+        for name, t in list(m.moe.named_parameters()) + list(m.moe.named_buffers()):
+            if name in ("router_bias", "b_gate", "b_up", "b_down", "expert_bias"):
+                t.copy_(torch.from_numpy(0.1 * rng.standard_normal(t.shape)))
+    return m
+
+
+def test_multihead_gradients_are_the_numpy_backwards(rng):
+    m = _multihead(rng, **MH_OPTS)
+    layer = m.to_layer()
+    assert layer.moe is m.moe.to_layer()
+    params = dict(m.named_parameters())
+    assert set(params) == set(layer.trainable_weights())
+    assert [n for n, _ in m.named_buffers()] == ["moe.expert_bias"]
+    for name, t in params.items():
+        owner, attr = (layer.moe, name[4:]) if name.startswith("moe.") else (layer, name)
+        assert np.shares_memory(getattr(owner, attr), t.detach().numpy()), name
+    x = torch.from_numpy(rng.standard_normal((2, 3, D), dtype=np.float32)).requires_grad_(True)
+    dy = rng.standard_normal((2, 3, D), dtype=np.float32)
+    y, r = m(x, return_routing=True)
+    assert r.expert_ids.shape == (2 * 3 * 4, 2) and r.counts.shape == (4,)
+    (y * torch.from_numpy(dy)).sum().add(0.1 * r.aux_loss + 0.01 * r.z_loss).backward()
+    y2, ctx = layer.forward_train(x.detach().numpy())
+    g = layer.backward(ctx, dy, aux_coef=0.1, z_coef=0.01)
+    np.testing.assert_array_equal(y.detach().numpy(), y2)
+    assert r.aux_loss.item() == np.float32(ctx.routing.aux_loss)
+    np.testing.assert_array_equal(r.expert_ids.numpy(), ctx.routing.expert_ids)
+    for name in layer.trainable_weights():
+        np.testing.assert_array_equal(params[name].grad.numpy(), g[name], err_msg=name)
+    np.testing.assert_array_equal(x.grad.numpy(), g["x"])
+
+
+def test_multihead_adamw_trains_a_toy_regression(rng):
+    torch.manual_seed(0)
+    m = mt.MultiHeadMoE(8, 2, 16, 4, 2, seed=1)
+    x = torch.from_numpy(rng.standard_normal((48, 8), dtype=np.float32))
+    target = x @ torch.from_numpy(rng.standard_normal((8, 8), dtype=np.float32) * 0.3)
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.01)
+    losses = []
+    for _ in range(25):
+        y, r = m(x, return_routing=True)
+        loss = F.mse_loss(y, target) + 0.01 * r.aux_loss + 1e-3 * r.z_loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(F.mse_loss(y, target).item())
+    assert losses[-1] < 0.5 * losses[0], losses
+    # after the steps both projections and the inner layer run on the updated weights
+    fresh = moe.MultiHeadMoE(8, 2, 16, 4, 2, init=False)
+    for name, t in m.named_parameters():
+        owner = fresh.moe if name.startswith("moe.") else fresh
+        setattr(owner, name.rpartition(".")[2], t.detach().numpy().copy())
+    with torch.no_grad():
+        np.testing.assert_array_equal(m(x).numpy(), fresh(x.numpy()))
+
+
+def test_multihead_no_grad(rng):
+    m = _multihead(rng, expert_bias=True)
+    x = torch.from_numpy(rng.standard_normal((3, D), dtype=np.float32)).requires_grad_(True)
+    before = len(mt._CONTEXTS)
+    with torch.no_grad():
+        y, r = m(x, return_routing=True)
+    assert len(mt._CONTEXTS) == before
+    assert not y.requires_grad and not r.aux_loss.requires_grad
+    ref_y, ref_r = m.to_layer()(x.detach().numpy(), return_routing=True)
+    np.testing.assert_array_equal(y.numpy(), ref_y)
+    np.testing.assert_array_equal(r.expert_ids.numpy(), ref_r.expert_ids)
+    np.testing.assert_array_equal(r.counts.numpy(), ref_r.counts)
+    y = m(x)
+    assert len(mt._CONTEXTS) == before + 1
+    del y  # nothing kept without a backward
+    assert len(mt._CONTEXTS) == before
+    # the fake op's shapes (routing over T * n_heads sub-tokens) against the real op's
+    torch.library.opcheck(torch.ops.moe.sparse_moe_forward.default,
+                          (x.detach(), [t.detach() for t in m._weights()], m._layer_id, False))
+
+
+def test_multihead_state_dict_deepcopy_and_from_layer(rng, tmp_path):
+    m = _multihead(rng, **MH_OPTS)
+    keys = list(m.state_dict())
+    assert keys[:2] == ["w_in", "w_merge"] and set(keys[2:]) == {
+        "moe.router_weight", "moe.router_bias", "moe.w_gate", "moe.w_up", "moe.w_down",
+        "moe.b_gate", "moe.b_up", "moe.b_down", "moe.expert_bias", "moe.shared_w_gate",
+        "moe.shared_w_up", "moe.shared_w_down"}
+    x = torch.from_numpy(rng.standard_normal((5, D), dtype=np.float32))
+    with torch.no_grad():
+        y = m(x)
+        other = mt.MultiHeadMoE(D, 4, FF, 4, 2, seed=9, **MH_OPTS)
+        other.load_state_dict(m.state_dict())
+        assert torch.equal(other(x), y)
+        c = copy.deepcopy(m)
+        assert c.to_layer().moe is c.moe.to_layer()
+        assert torch.equal(c(x), y)
+        c.w_merge.mul_(0.5)
+        c.moe.w_down.mul_(2.0)
+        assert not torch.equal(c(x), y) and torch.equal(m(x), y)
+        torch.save(m, tmp_path / "m.pt")
+        assert torch.equal(torch.load(tmp_path / "m.pt", weights_only=False)(x), y)
+        layer = moe.MultiHeadMoE(D, 4, FF, 4, 2, seed=3)
+        f = mt.from_layer(layer)
+        assert isinstance(f, mt.MultiHeadMoE) and f.to_layer() is layer
+        np.testing.assert_array_equal(f(x).numpy(), layer(x.numpy()))
+
+
+@pytest.mark.skipif(not _compile_ok(), reason="torch.compile (dynamo + a C++ compiler) "
+                                               "is not available here")
+def test_multihead_torch_compile_fullgraph(rng):
+    torch.manual_seed(0)
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(8, 8)
+            self.mh = mt.MultiHeadMoE(8, 2, 8, 4, 2, n_shared_experts=1, shared_d_ff=4,
+                                      seed=7)
+
+        def forward(self, x):
+            y, r = self.mh(self.proj(x), return_routing=True)
+            return y.square().mean() + 0.1 * r.aux_loss + 0.01 * r.z_loss
+
+    net = Net()
+    before = len(mt._CONTEXTS)
+    x = torch.from_numpy(rng.standard_normal((5, 8), dtype=np.float32))
+    eager_loss = net(x)
+    eager_loss.backward()
+    eager = {n: t.grad.clone() for n, t in net.named_parameters()}
+    net.zero_grad()
+    compiled = torch.compile(net, fullgraph=True)
+    loss = compiled(x)
+    loss.backward()
+    assert loss.item() == pytest.approx(eager_loss.item(), rel=1e-6)
+    for n, t in net.named_parameters():
+        torch.testing.assert_close(t.grad, eager[n], rtol=1e-5, atol=1e-7, msg=n)
+    assert len(mt._CONTEXTS) == before
+    with torch.no_grad():  # in-place updates the compiled graph's op must see (repack)
+        net.mh.w_in.mul_(1.5)
+        net.mh.moe.w_up.mul_(0.5)
+    fresh = copy.deepcopy(net)
     x = torch.from_numpy(rng.standard_normal((7, 8), dtype=np.float32))
     assert compiled(x).item() == pytest.approx(fresh(x).item(), rel=1e-6)

@@ -395,20 +395,18 @@ def _compile_ok():
         (shutil.which("c++") or shutil.which("g++") or shutil.which("gcc"))
 
 
-@pytest.mark.skipif(not _compile_ok(), reason="torch.compile (dynamo + a C++ compiler) "
-                                               "is not available here")
-def test_torch_compile_fullgraph(rng):
-    torch.manual_seed(0)
-
+def _compiled_matches_eager(layer, rng):
+    """A projection then `layer` (a moe.torch module), with the losses: the compiled
+    (fullgraph) forward and backward against eager, and the saved state freed.  Returns
+    (the module, its compiled form)."""
     class Net(torch.nn.Module):
         def __init__(self):
             super().__init__()
             self.proj = torch.nn.Linear(8, 8)
-            self.moe = mt.SparseMoE(8, 8, 4, 2, scoring="sigmoid", n_shared_experts=1,
-                                    shared_d_ff=4, expert_bias=True, seed=7)
+            self.layer = layer
 
         def forward(self, x):
-            y, r = self.moe(self.proj(x), return_routing=True)
+            y, r = self.layer(self.proj(x), return_routing=True)
             return y.square().mean() + 0.1 * r.aux_loss + 0.01 * r.z_loss
 
     net = Net()
@@ -425,10 +423,20 @@ def test_torch_compile_fullgraph(rng):
     for n, t in net.named_parameters():
         torch.testing.assert_close(t.grad, eager[n], rtol=1e-5, atol=1e-7, msg=n)
     assert len(mt._CONTEXTS) == before  # the saved state went with the graph
+    return net, compiled
+
+
+@pytest.mark.skipif(not _compile_ok(), reason="torch.compile (dynamo + a C++ compiler) "
+                                               "is not available here")
+def test_torch_compile_fullgraph(rng):
+    torch.manual_seed(0)
+    net, compiled = _compiled_matches_eager(
+        mt.SparseMoE(8, 8, 4, 2, scoring="sigmoid", n_shared_experts=1, shared_d_ff=4,
+                     expert_bias=True, seed=7), rng)
     # another number of tokens (a dynamic-shape graph), after an in-place weight update
     # that the compiled graph's op must see (repack)
     with torch.no_grad():
-        net.moe.w_up.mul_(1.5)
+        net.layer.w_up.mul_(1.5)
     fresh = copy.deepcopy(net)  # a new moe.SparseMoE, packed from the updated weights
     x = torch.from_numpy(rng.standard_normal((7, 8), dtype=np.float32))
     assert compiled(x).item() == pytest.approx(fresh(x).item(), rel=1e-6)
@@ -551,35 +559,11 @@ def test_multihead_state_dict_deepcopy_and_from_layer(rng, tmp_path):
                                                "is not available here")
 def test_multihead_torch_compile_fullgraph(rng):
     torch.manual_seed(0)
-
-    class Net(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.proj = torch.nn.Linear(8, 8)
-            self.mh = mt.MultiHeadMoE(8, 2, 8, 4, 2, n_shared_experts=1, shared_d_ff=4,
-                                      seed=7)
-
-        def forward(self, x):
-            y, r = self.mh(self.proj(x), return_routing=True)
-            return y.square().mean() + 0.1 * r.aux_loss + 0.01 * r.z_loss
-
-    net = Net()
-    before = len(mt._CONTEXTS)
-    x = torch.from_numpy(rng.standard_normal((5, 8), dtype=np.float32))
-    eager_loss = net(x)
-    eager_loss.backward()
-    eager = {n: t.grad.clone() for n, t in net.named_parameters()}
-    net.zero_grad()
-    compiled = torch.compile(net, fullgraph=True)
-    loss = compiled(x)
-    loss.backward()
-    assert loss.item() == pytest.approx(eager_loss.item(), rel=1e-6)
-    for n, t in net.named_parameters():
-        torch.testing.assert_close(t.grad, eager[n], rtol=1e-5, atol=1e-7, msg=n)
-    assert len(mt._CONTEXTS) == before
+    net, compiled = _compiled_matches_eager(
+        mt.MultiHeadMoE(8, 2, 8, 4, 2, n_shared_experts=1, shared_d_ff=4, seed=7), rng)
     with torch.no_grad():  # in-place updates the compiled graph's op must see (repack)
-        net.mh.w_in.mul_(1.5)
-        net.mh.moe.w_up.mul_(0.5)
+        net.layer.w_in.mul_(1.5)
+        net.layer.moe.w_up.mul_(0.5)
     fresh = copy.deepcopy(net)
     x = torch.from_numpy(rng.standard_normal((7, 8), dtype=np.float32))
     assert compiled(x).item() == pytest.approx(fresh(x).item(), rel=1e-6)

@@ -191,15 +191,11 @@ def test_from_layer_and_to_layer_share_memory(rng):
     np.testing.assert_array_equal(y, fresh(x.numpy()))
 
 
-def test_adamw_trains_a_toy_regression(rng):
-    torch.manual_seed(0)
-    m = mt.SparseMoE(8, 16, 4, 2, seed=1)
-    x = torch.from_numpy(rng.standard_normal((64, 8), dtype=np.float32))
-    target = torch.from_numpy(rng.standard_normal((8, 8), dtype=np.float32) * 0.3)
-    target = x @ target
+def _train_toy_regression(m, x, target, steps=25):
+    """AdamW on mse(m(x), target) + the routing losses: the loss must halve."""
     opt = torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.01)
     losses = []
-    for _ in range(25):
+    for _ in range(steps):
         y, r = m(x, return_routing=True)
         loss = F.mse_loss(y, target) + 0.01 * r.aux_loss + 1e-3 * r.z_loss
         opt.zero_grad()
@@ -207,6 +203,15 @@ def test_adamw_trains_a_toy_regression(rng):
         opt.step()
         losses.append(F.mse_loss(y, target).item())
     assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_adamw_trains_a_toy_regression(rng):
+    torch.manual_seed(0)
+    m = mt.SparseMoE(8, 16, 4, 2, seed=1)
+    x = torch.from_numpy(rng.standard_normal((64, 8), dtype=np.float32))
+    target = torch.from_numpy(rng.standard_normal((8, 8), dtype=np.float32) * 0.3)
+    target = x @ target
+    _train_toy_regression(m, x, target)
     # after the steps the kernels run on the updated weights (repacked)
     fresh = moe.SparseMoE(8, 16, 4, 2, init=False)
     for name, t in m.named_parameters():
@@ -488,16 +493,7 @@ def test_multihead_adamw_trains_a_toy_regression(rng):
     m = mt.MultiHeadMoE(8, 2, 16, 4, 2, seed=1)
     x = torch.from_numpy(rng.standard_normal((48, 8), dtype=np.float32))
     target = x @ torch.from_numpy(rng.standard_normal((8, 8), dtype=np.float32) * 0.3)
-    opt = torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.01)
-    losses = []
-    for _ in range(25):
-        y, r = m(x, return_routing=True)
-        loss = F.mse_loss(y, target) + 0.01 * r.aux_loss + 1e-3 * r.z_loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(F.mse_loss(y, target).item())
-    assert losses[-1] < 0.5 * losses[0], losses
+    _train_toy_regression(m, x, target)
     # after the steps both projections and the inner layer run on the updated weights
     fresh = moe.MultiHeadMoE(8, 2, 16, 4, 2, init=False)
     for name, t in m.named_parameters():

@@ -137,16 +137,14 @@ moe_layer_parse(PyObject *args, PyObject *kw, moe_layer_params *p,
     p->act.alpha = alpha;
     p->act.limit = limit;
     p->router_weight = MOE_DATA(r, float);
-    p->route.top_k = top_k;
-    p->route.scoring = (moe_scoring)scoring;
-    p->route.renormalize = renormalize;
-    p->route.routed_scaling = routed_scaling;
-    p->route.n_groups = n_groups;
-    p->route.topk_groups = topk_groups;
-    p->route.capacity_factor = capacity_factor;
-    p->route.router = (moe_router)router;
-    p->route.router_p = router_p;
-    p->route.k_min = k_min;
+    p->route = (moe_route_options){
+        .top_k = top_k, .scoring = (moe_scoring)scoring,
+        .renormalize = renormalize, .routed_scaling = routed_scaling,
+        .n_groups = n_groups, .topk_groups = topk_groups,
+        .capacity_factor = capacity_factor, .expert_bias = p->route.expert_bias,
+        .allowed = p->route.allowed, .mask_rows = p->route.mask_rows,
+        .n_mask_rows = p->route.n_mask_rows, .router = (moe_router)router,
+        .router_p = router_p, .k_min = k_min};
     p->skip_threshold = skip_threshold;
     p->skip_renormalize = skip_renorm;
     a->n_tokens = xd[0];

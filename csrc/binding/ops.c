@@ -99,17 +99,13 @@ moe_route_parse(PyObject *args, PyObject *kw, moe_route_params *p)
     p->logits = (const double *)PyArray_DATA((PyArrayObject *)logits_obj);
     p->n_tokens = ld[0];
     p->n_experts = (int32_t)ld[1];
-    p->opt.top_k = top_k;
-    p->opt.scoring = (moe_scoring)scoring;
-    p->opt.renormalize = renormalize;
-    p->opt.routed_scaling = routed_scaling;
-    p->opt.n_groups = n_groups;
-    p->opt.topk_groups = topk_groups;
-    p->opt.capacity_factor = capacity_factor;
-    p->opt.expert_bias = bias;
-    p->opt.allowed = allowed;
-    p->opt.mask_rows = rows;
-    p->opt.n_mask_rows = rows != NULL ? ad[0] : 0;
+    p->opt = (moe_route_options){
+        .top_k = top_k, .scoring = (moe_scoring)scoring,
+        .renormalize = renormalize, .routed_scaling = routed_scaling,
+        .n_groups = n_groups, .topk_groups = topk_groups,
+        .capacity_factor = capacity_factor, .expert_bias = bias,
+        .allowed = allowed, .mask_rows = rows,
+        .n_mask_rows = rows != NULL ? ad[0] : 0};
     return 0;
 }
 

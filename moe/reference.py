@@ -1615,3 +1615,177 @@ def multi_head_moe_backward(layer, x, dy, aux_coef=0.0, z_coef=0.0):
                            z_coef)
     dh = inner["dx"].reshape(-1, layer.d_model)
     return {"dx": dh @ w_in, "w_in": dh.T @ x, "w_merge": dy.T @ merged, "moe": inner}
+
+
+def lora_mixture_backward(x, w0, a, b, ids, weights, scaling, dy, kind="adapters"):
+    """Gradients of  sum(dy * lora_mixture(x, w0, a, b, ids, weights, scaling, kind=kind)).
+
+    Per slot (t, s) with e = ids[t, s] >= 0 and c = scaling_e * weights[t, s]:
+    "adapters": z = A_e x_t, term = B_e z; "shared_a": z = A x_t, term = B_e z; "ranks":
+    z = A[e] . x_t (a scalar), term = B[:, e] z.  Then d weights[t, s] = scaling_e
+    <dy_t, term>, dB (the head's block) += c dy_t z^T, dz = c B^T dy_t, dA (the block z came
+    from) += dz x_t^T, dx_t += A^T dz; the frozen base adds dy w0 to dx and gets no
+    gradient (nor does the bias).  weights None means all 1 (its gradient is still given).
+    Returns {"dx" (T, d_in), "a" (a's shape), "b" (b's shape), "weights" (T, S), 0 for
+    empty slots (id -1)}, float64.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    dy = np.asarray(dy, dtype=np.float64)
+    ids = np.asarray(ids)
+    T, S = ids.shape
+    w = np.ones((T, S)) if weights is None else np.asarray(weights, dtype=np.float64)
+    scale = np.asarray(scaling, dtype=np.float64)
+    if kind not in ("adapters", "shared_a", "ranks"):
+        raise ValueError(f"unknown kind {kind!r}")
+    dx = dy @ np.asarray(w0, dtype=np.float64)
+    da, db, dw = np.zeros(a.shape), np.zeros(b.shape), np.zeros((T, S))
+    for t in range(T):
+        for s in range(S):
+            e = int(ids[t, s])
+            if e < 0:
+                continue
+            se = scale[e] if scale.ndim else float(scale)
+            c = se * w[t, s]
+            if kind == "ranks":
+                z = a[e] @ x[t]
+                dw[t, s] = se * z * (b[:, e] @ dy[t])
+                db[:, e] += c * z * dy[t]
+                dz = c * (b[:, e] @ dy[t])
+                da[e] += dz * x[t]
+                dx[t] += dz * a[e]
+                continue
+            ae = a[e] if kind == "adapters" else a
+            z = ae @ x[t]
+            dw[t, s] = se * (dy[t] @ (b[e] @ z))
+            db[e] += c * np.outer(dy[t], z)
+            dz = c * (b[e].T @ dy[t])
+            if kind == "adapters":
+                da[e] += np.outer(dz, x[t])
+            else:
+                da += np.outer(dz, x[t])
+            dx[t] += ae.T @ dz
+    return {"dx": dx, "a": da, "b": db, "weights": dw}
+
+
+def lora_backward(layer, x, dy, *, aux_coef=0.0, z_coef=0.0, scalings=None,
+                  adapter_ids=None, seq_lens=None):
+    """Gradients of  sum(dy * y) + aux_coef * aux_loss + z_coef * z_loss  for a moe.lora
+    layer (y = lora_forward(layer, x, ...); the losses those of its router's route, 0 for
+    the layers without one), with the selection held fixed.  x is taken as float64 as
+    given (not rounded to float32 as lora_forward rounds it), and the gradient is at that
+    point.  The base weight (decoded from bf16 / fp16 storage) adds dy W0 to dx and, like
+    the base bias, gets no gradient.
+
+    TopKLoRA / SoftLoRA / HydraLoRA: logits = x W_r^T, route(logits, k, scoring,
+    renormalize), d_weights from lora_mixture_backward, then route_backward (with the
+    losses) and router_backward.  per_sequence: the logits are of the sequence's mean m_i;
+    the sequence's d_weights is the sum over its tokens', and d m_i reaches each of its
+    tokens divided by the length.  Keys "x", "router_weight", "lora_a", "lora_b".
+    GatedLoRA: w = c (top_k None), c[picked] (top_k), softmax(c[picked]) (softmax_topk),
+    d c[picked] = dw (softmax: w (dw - <dw, w>)), 0 elsewhere.  Keys "x", "scalings",
+    "lora_a", "lora_b".
+    FlyLoRA: y = W0 x + s sum_{j in picked} B[:, j] z_j, z = A x; A frozen, but dz reaches
+    x through A^T; rank_bias selects only.  Keys "x", "lora_b".
+    SMoRA: logits = x W_r^T expanded to the rank columns (np.repeat by rank_partition, or
+    np.tile), route(sigmoid, renormalize, routed_scaling=top_k, expert_bias=rank_bias
+    (selection only)); the expanded columns' d logits sum back into their router row.
+    Keys "x", "router_weight", "lora_a", "lora_b".
+    MultiLoRA: one slot per token, adapter_ids (-1: base only), per-adapter constant
+    scalings.  Keys "x", "lora_a", "lora_b".
+    Gradients float64, each in its weight's shape ("x" in x's, "scalings" in scalings').
+    """
+    name = type(layer).__name__
+    x_in = np.asarray(x, dtype=np.float64)
+    x = x_in.reshape(-1, layer.d_in)
+    T = x.shape[0]
+    dy = np.asarray(dy, dtype=np.float64).reshape(T, layer.d_out)
+    w0 = _decode_weight(layer, layer.base_weight)
+    s = layer.scaling
+
+    def out(mix, **extra):
+        return {"x": mix["dx"].reshape(x_in.shape), **extra}
+
+    if name in ("TopKLoRA", "SoftLoRA", "HydraLoRA"):
+        wr = np.asarray(layer.router_weight, dtype=np.float64)
+        src, seq, lens = x, None, None
+        if layer.per_sequence:
+            if seq_lens is None and x_in.ndim == 3:
+                seq_lens = [x_in.shape[1]] * x_in.shape[0]
+            lens = np.asarray(seq_lens, dtype=np.int64)
+            seq = np.repeat(np.arange(len(lens)), lens)
+            src = np.stack([x[seq == i].mean(axis=0) for i in range(len(lens))])
+        k = layer.top_k if layer.top_k is not None else layer.n_experts
+        opts = dict(scoring=getattr(layer, "scoring", "softmax"),
+                    renormalize=layer.renormalize)
+        logits = src @ wr.T
+        r = route(logits, k, **opts)
+        ids, w = r["expert_ids"], r["weights"]
+        if seq is not None:
+            ids, w = ids[seq], w[seq]
+        kind = "shared_a" if name == "HydraLoRA" else "adapters"
+        mix = lora_mixture_backward(x, w0, layer.lora_a, layer.lora_b, ids, w, s, dy, kind)
+        dw = mix["weights"]
+        if seq is not None:
+            dw_seq = np.zeros((len(lens), dw.shape[1]))
+            np.add.at(dw_seq, seq, dw)
+            dw = dw_seq
+        dl = route_backward(logits, dw, k, aux_coef=aux_coef, z_coef=z_coef, **opts)
+        rb = router_backward(src, wr, dl)
+        d_src = rb["dx"]
+        if seq is not None:
+            d_src = d_src[seq] / lens[seq][:, None]
+        mix["dx"] = mix["dx"] + d_src
+        return out(mix, router_weight=rb["d_router_weight"], lora_a=mix["a"],
+                   lora_b=mix["b"])
+    if name == "GatedLoRA":
+        c_in = np.asarray(scalings, dtype=np.float64)
+        c = c_in.reshape(T, layer.n_experts)
+        if layer.top_k is None:
+            ids = np.tile(np.arange(layer.n_experts), (T, 1))
+            w = c
+        else:
+            ids = np.stack([_stable_desc_order(row)[:layer.top_k] for row in c])
+            w = np.take_along_axis(c, ids, axis=1)
+            if layer.softmax_topk:
+                w = softmax(w, axis=1)
+        mix = lora_mixture_backward(x, w0, layer.lora_a, layer.lora_b, ids, w, s, dy)
+        dw = mix["weights"]
+        if layer.top_k is not None and layer.softmax_topk:
+            dw = w * (dw - np.sum(dw * w, axis=1, keepdims=True))
+        dc = np.zeros((T, layer.n_experts))
+        np.put_along_axis(dc, ids, dw, axis=1)
+        return out(mix, scalings=dc.reshape(c_in.shape), lora_a=mix["a"], lora_b=mix["b"])
+    if name == "FlyLoRA":
+        z = x @ np.asarray(layer.lora_a, np.float64).T
+        ids = flylora_select(z, layer.top_k, layer.rank_bias, layer.signed)
+        mix = lora_mixture_backward(x, w0, layer.lora_a, layer.lora_b, ids, None, s, dy,
+                                    "ranks")
+        return out(mix, lora_b=mix["b"])
+    if name == "SMoRA":
+        wr = np.asarray(layer.router_weight, dtype=np.float64)
+        base_logits = x @ wr.T
+        rp, n = layer.rank_partition, wr.shape[0]
+        logits = np.tile(base_logits, (1, rp)) if layer.tile else \
+            np.repeat(base_logits, rp, axis=1)
+        opts = dict(scoring="sigmoid", renormalize=True, routed_scaling=layer.top_k,
+                    expert_bias=layer.rank_bias)
+        r = route(logits, layer.top_k, **opts)
+        mix = lora_mixture_backward(x, w0, layer.lora_a, layer.lora_b, r["expert_ids"],
+                                    r["weights"], s, dy, "ranks")
+        dl = route_backward(logits, mix["weights"], layer.top_k, aux_coef=aux_coef,
+                            z_coef=z_coef, **opts)
+        dl = dl.reshape(T, rp, n).sum(axis=1) if layer.tile else \
+            dl.reshape(T, n, rp).sum(axis=2)
+        rb = router_backward(x, wr, dl)
+        mix["dx"] = mix["dx"] + rb["dx"]
+        return out(mix, router_weight=rb["d_router_weight"], lora_a=mix["a"],
+                   lora_b=mix["b"])
+    if name == "MultiLoRA":
+        a_ids = np.asarray(adapter_ids)
+        ids = (np.full(T, int(a_ids)) if a_ids.ndim == 0 else a_ids).reshape(T, 1)
+        mix = lora_mixture_backward(x, w0, layer.lora_a, layer.lora_b, ids, None,
+                                    layer.scalings, dy)
+        return out(mix, lora_a=mix["a"], lora_b=mix["b"])
+    raise TypeError(f"not a moe.lora layer: {name}")

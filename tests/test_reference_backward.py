@@ -1,7 +1,7 @@
 """The float64 reference's backward (moe/reference.py, "Backward") against central finite
 differences of its own forward: activations, the expert FFN, combine, dispatch, the router
-linear, routing with every option and its losses, and the whole top-k layer in the
-Mixtral, Qwen2-MoE and DeepSeek-V3 configurations."""
+linear, routing with every option and its losses, the whole top-k layer in the
+Mixtral, Qwen2-MoE and DeepSeek-V3 configurations, and the LoRA mixtures (moe.lora)."""
 import numpy as np
 import pytest
 
@@ -250,3 +250,179 @@ def test_multi_head_moe_backward():
             setattr(mh, name, arr)
             num = (vals[0] - vals[1]) / (2 * eps)
             assert abs(num - g[name][idx]) <= 2e-3 * max(1.0, abs(num)), (name, idx)
+
+
+# --------------------------------------------------------------------------- #
+# LoRA mixtures (moe.lora): lora_mixture_backward and lora_backward
+# --------------------------------------------------------------------------- #
+
+@pytest.mark.parametrize("kind", ["adapters", "shared_a", "ranks"])
+def test_lora_mixture_backward(kind):
+    rng = np.random.default_rng(len(kind))
+    T, d_in, d_out, r, E, S = 6, 7, 5, 3, 4, 2
+    n = r if kind == "ranks" else E  # what ids index
+    p = {"x": rng.standard_normal((T, d_in)),
+         "a": rng.standard_normal((E, r, d_in) if kind == "adapters" else (r, d_in)),
+         "b": rng.standard_normal((d_out, r) if kind == "ranks" else (E, d_out, r)),
+         "weights": rng.standard_normal((T, S))}
+    w0 = rng.standard_normal((d_out, d_in))
+    bias = rng.standard_normal(d_out)
+    ids = rng.integers(0, n, (T, S))
+    ids[1, 1] = ids[4, 0] = -1  # empty slots
+    scaling = rng.uniform(0.5, 2.0, n)  # per adapter (per rank for "ranks")
+    dy = rng.standard_normal((T, d_out))
+
+    def loss():
+        return float(np.sum(dy * ref.lora_mixture(p["x"], w0, p["a"], p["b"], ids,
+                                                  p["weights"], scaling, bias, kind)))
+
+    g = ref.lora_mixture_backward(p["x"], w0, p["a"], p["b"], ids, p["weights"], scaling, dy,
+                                  kind)
+    assert set(g) == {"dx", "a", "b", "weights"}
+    assert not g["weights"][ids < 0].any()
+    fd_check(loss, p, dict(g, x=g["dx"]), rng, n_probe=30)
+    # a float scaling and weights None (all 1) agree with the same call spelled out
+    g1 = ref.lora_mixture_backward(p["x"], w0, p["a"], p["b"], ids, None, 0.7, dy, kind)
+    g2 = ref.lora_mixture_backward(p["x"], w0, p["a"], p["b"], ids, np.ones((T, S)),
+                                   np.full(n, 0.7), dy, kind)
+    for key in g1:
+        np.testing.assert_allclose(g1[key], g2[key], rtol=1e-13, atol=1e-13)
+
+
+def _lora_loss(layer, p, dy, aux=0.0, zc=0.0, seq_lens=None, adapter_ids=None):
+    """sum(dy * y) + aux * aux_loss + zc * z_loss for a moe.lora layer, in float64 from the
+    parameters in p (x, router_weight, lora_a, lora_b, scalings: whichever the layer has)
+    and the layer's other weights and options: lora_forward spelled out from lora_mixture
+    and route without its rounding of x to float32, so that x can be perturbed."""
+    name = type(layer).__name__
+    x = p["x"]
+    T = x.shape[0]
+    w0 = ref._decode_weight(layer, layer.base_weight)
+    bias = layer.base_bias if layer.use_bias else None
+    a = p.get("lora_a", layer.lora_a)
+    b = p.get("lora_b", layer.lora_b)
+    s = layer.scaling
+    losses = 0.0
+    if name in ("TopKLoRA", "SoftLoRA", "HydraLoRA"):
+        src = x
+        if layer.per_sequence:
+            seq = np.repeat(np.arange(len(seq_lens)), seq_lens)
+            src = np.stack([x[seq == i].mean(axis=0) for i in range(len(seq_lens))])
+        k = layer.top_k if layer.top_k is not None else layer.n_experts
+        r = ref.route(src @ p["router_weight"].T, k, scoring=getattr(layer, "scoring",
+                                                                    "softmax"),
+                      renormalize=layer.renormalize)
+        ids, w = r["expert_ids"], r["weights"]
+        if layer.per_sequence:
+            ids, w = ids[seq], w[seq]
+        losses = aux * r["aux_loss"] + zc * r["z_loss"]
+        y = ref.lora_mixture(x, w0, a, b, ids, w, s, bias,
+                             "shared_a" if name == "HydraLoRA" else "adapters")
+    elif name == "GatedLoRA":
+        c = p["scalings"]
+        if layer.top_k is None:
+            ids, w = np.tile(np.arange(layer.n_experts), (T, 1)), c
+        else:
+            ids = np.stack([np.argsort(-row, kind="stable")[:layer.top_k] for row in c])
+            w = np.take_along_axis(c, ids, axis=1)
+            if layer.softmax_topk:
+                w = ref.softmax(w, axis=1)
+        y = ref.lora_mixture(x, w0, a, b, ids, w, s, bias)
+    elif name == "FlyLoRA":
+        ids = ref.flylora_select(x @ np.asarray(a, np.float64).T, layer.top_k,
+                                 layer.rank_bias, layer.signed)
+        y = ref.lora_mixture(x, w0, a, b, ids, None, s, bias, "ranks")
+    elif name == "SMoRA":
+        logits = x @ p["router_weight"].T
+        logits = np.tile(logits, (1, layer.rank_partition)) if layer.tile else \
+            np.repeat(logits, layer.rank_partition, axis=1)
+        r = ref.route(logits, layer.top_k, scoring="sigmoid", renormalize=True,
+                      routed_scaling=layer.top_k, expert_bias=layer.rank_bias)
+        losses = aux * r["aux_loss"] + zc * r["z_loss"]
+        y = ref.lora_mixture(x, w0, a, b, r["expert_ids"], r["weights"], s, bias, "ranks")
+    else:  # MultiLoRA
+        y = ref.lora_mixture(x, w0, a, b, np.asarray(adapter_ids).reshape(T, 1), None,
+                             layer.scalings, bias)
+    return float(np.sum(dy * y) + losses)
+
+
+LORA_KEYS = {"TopKLoRA": {"x", "router_weight", "lora_a", "lora_b"},
+             "SoftLoRA": {"x", "router_weight", "lora_a", "lora_b"},
+             "HydraLoRA": {"x", "router_weight", "lora_a", "lora_b"},
+             "GatedLoRA": {"x", "scalings", "lora_a", "lora_b"},
+             "FlyLoRA": {"x", "lora_b"},
+             "SMoRA": {"x", "router_weight", "lora_a", "lora_b"},
+             "MultiLoRA": {"x", "lora_a", "lora_b"}}
+
+LORA_CASES = {
+    "topk_softmax_losses": ("TopKLoRA", dict(top_k=2, bias=True), dict(aux=0.3, zc=0.1)),
+    "topk_softmax_after_topk": ("TopKLoRA", dict(top_k=2, scoring="softmax-after-topk",
+                                                 dtype="bfloat16"), dict(aux=0.5, zc=0.2)),
+    "topk_sigmoid": ("TopKLoRA", dict(top_k=3, scoring="sigmoid", dtype="float16"),
+                     dict(aux=0.4, zc=0.05)),
+    "topk_sigmoid_plain": ("TopKLoRA", dict(top_k=2, scoring="sigmoid", renormalize=False),
+                           dict()),
+    "topk_per_sequence": ("TopKLoRA", dict(top_k=2, per_sequence=True),
+                          dict(aux=0.3, zc=0.1, seq_lens=[2, 5])),
+    "soft": ("SoftLoRA", dict(), dict(aux=0.3, zc=0.1)),
+    "soft_topk_per_sequence": ("SoftLoRA", dict(top_k=2, per_sequence=True),
+                               dict(aux=0.2, zc=0.1, seq_lens=[3, 1, 3])),
+    "hydra_dense": ("HydraLoRA", dict(bias=True), dict(zc=0.1)),
+    "hydra_top2": ("HydraLoRA", dict(top_k=2, dtype="bfloat16"), dict(aux=0.3, zc=0.1)),
+    "gated_dense": ("GatedLoRA", dict(), dict()),
+    "gated_top2": ("GatedLoRA", dict(top_k=2, dtype="float16"), dict()),
+    "gated_top2_softmax": ("GatedLoRA", dict(top_k=2, softmax_topk=True), dict()),
+    "fly": ("FlyLoRA", dict(top_k=2, bias=True), dict()),
+    "fly_signed": ("FlyLoRA", dict(top_k=2, signed=True), dict()),
+    "smora_repeat": ("SMoRA", dict(top_k=3, rank_partition=2), dict(aux=0.3, zc=0.1)),
+    "smora_tile": ("SMoRA", dict(top_k=3, rank_partition=2, tile=True, dtype="bfloat16"),
+                   dict(aux=0.3, zc=0.1)),
+    "multi": ("MultiLoRA", dict(bias=True), dict(adapter_ids=[0, -1, 2, 3, 1, 2, -1])),
+}
+
+
+@pytest.mark.parametrize("case", sorted(LORA_CASES))
+def test_lora_backward(case):
+    """lora_backward for every moe.lora layer against finite differences of the forward
+    (lora_forward spelled out in float64, _lora_loss) w.r.t. x and every trained weight;
+    the base weight (float32, bf16 or fp16 storage) is frozen."""
+    import moe
+    cls_name, opts, call = LORA_CASES[case]
+    call = dict(call)
+    aux, zc = call.pop("aux", 0.0), call.pop("zc", 0.0)
+    rng = np.random.default_rng(len(case))
+    T, d_in, d_out, E = 7, 7, 5, 4  # T * top_k not a multiple of E: the aux loss moves
+    cls = getattr(moe, cls_name)
+    if cls_name in ("FlyLoRA", "SMoRA"):  # rank 6, top_k ranks
+        layer = cls(d_in, d_out, 6, seed=2, **opts)
+    else:  # E adapters of rank 3
+        layer = cls(d_in, d_out, E, 3, seed=2, **opts)
+    f32 = lambda *s: rng.standard_normal(s).astype(np.float32)  # noqa: E731
+    layer.lora_b = f32(*layer.lora_b.shape)
+    if layer.use_bias:
+        layer.base_bias = f32(d_out)
+    if cls_name in ("TopKLoRA", "SoftLoRA", "HydraLoRA", "SMoRA"):
+        layer.router_weight = f32(*layer.router_weight.shape)
+    if cls_name in ("FlyLoRA", "SMoRA"):
+        layer.rank_bias = f32(layer.rank) * np.float32(0.2)
+    if cls_name == "MultiLoRA":
+        layer.scalings = rng.uniform(0.5, 2.0, E).astype(np.float32)
+    x = f32(T, d_in)
+    p = {"x": x.astype(np.float64)}
+    for key in sorted(LORA_KEYS[cls_name] - {"x", "scalings"}):
+        p[key] = np.asarray(getattr(layer, key), np.float64).copy()
+    if cls_name == "GatedLoRA":
+        call["scalings"] = f32(T, E)
+        p["scalings"] = call["scalings"].astype(np.float64)
+    dy = rng.standard_normal((T, d_out))
+
+    # _lora_loss is lora_forward, at a point where x is float32 already
+    y_ref = ref.lora_forward(layer, x, **call)[0]
+    fwd = {k: v for k, v in call.items() if k != "scalings"}
+    np.testing.assert_allclose(_lora_loss(layer, p, dy, **fwd), float(np.sum(dy * y_ref)),
+                               rtol=1e-12)
+
+    g = ref.lora_backward(layer, p["x"], dy, aux_coef=aux, z_coef=zc, **call)
+    assert set(g) == LORA_KEYS[cls_name], sorted(g)
+    assert all(v.dtype == np.float64 for v in g.values())
+    fd_check(lambda: _lora_loss(layer, p, dy, aux, zc, **fwd), p, g, rng, n_probe=20)

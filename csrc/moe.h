@@ -433,6 +433,35 @@ typedef struct moe_lora_params {
 
 moe_status moe_lora_forward(const moe_lora_params *p);
 
+/*
+ * The backward of moe_lora_forward: gradients of sum(dy * out) with the
+ * slots fixed.  The base stays frozen (its dx term dy W0 only); z = A x is
+ * recomputed from the forward's lora_a pack (its bits); the expand and the
+ * shrink run backward as grouped linears (moe_linear_backward), the rows'
+ * dx summed per token in slot order after the base's: the same bits for
+ * any thread count, and a token's gradients depend on its own row.
+ * FlyLoRA's selection: pass the forward's `selected` as ids, select_k 0.
+ */
+typedef struct moe_lora_backward_params {
+    const moe_lora_params *forward; /* as it ran, select_k 0; its base,
+                                       bank, counts and out are not read   */
+    const void  *base_w;      /* (d_out, d_in) in base_dtype, or NULL: no
+                                 base term in dx                           */
+    moe_dtype    base_dtype;
+    const float *lora_a;      /* unpacked A: (n_adapters, rank, d_in) for
+                                 ADAPTERS, else (rank, d_in)               */
+    const float *lora_b;      /* unpacked B: (n_adapters, d_out, rank),
+                                 RANKS: (d_out, rank)                      */
+    const float *dy;          /* (n_tokens, d_out)                         */
+    float       *dx;          /* out, or NULL: (n_tokens, d_in)            */
+    float       *d_lora_a;    /* out, or NULL: lora_a's shape              */
+    float       *d_lora_b;    /* out, or NULL: lora_b's shape              */
+    float       *d_weights;   /* out, or NULL: (n_tokens, n_slots); 0 for
+                                 empty slots                               */
+} moe_lora_backward_params;
+
+moe_status moe_lora_backward(const moe_lora_backward_params *p);
+
 /* ---- routing beyond top-k (csrc/cpu/route_ext.c) --------------------- */
 
 /*
@@ -715,17 +744,28 @@ typedef struct moe_router_backward_params {
 
 moe_status moe_router_backward(const moe_router_backward_params *p);
 
-/* A linear y = x W^T (W in its storage dtype): dx = dy W, dW = dy^T x. */
+/*
+ * A linear y = x W^T (W in its storage dtype): dx = dy W, dW = dy^T x; or,
+ * with offsets, a grouped linear as moe_linear_grouped runs it (row r of
+ * group g: y_r = x_r W_g^T): dx_r = dy_r W_g, dW_g = the sum over g's rows
+ * of dy_r^T x_r (0 for a group without rows).
+ */
 typedef struct moe_linear_backward_params {
-    const float *x;           /* (n_tokens, d_in)                          */
-    const void  *w;           /* (d_out, d_in) in dtype                    */
-    moe_dtype    dtype;
-    int64_t      n_tokens;
-    int64_t      d_in;
-    int64_t      d_out;
-    const float *dy;          /* (n_tokens, d_out)                         */
-    float       *dx;          /* out, or NULL: (n_tokens, d_in)            */
-    float       *d_w;         /* out, or NULL: (d_out, d_in)               */
+    const float   *x;           /* (n_tokens, d_in)                        */
+    const void    *w;           /* (n_groups, d_out, d_in) in dtype        */
+    moe_dtype      dtype;
+    int64_t        n_tokens;
+    int64_t        d_in;
+    int64_t        d_out;
+    const int64_t *offsets;     /* (n_groups + 1,), or NULL: one group, row
+                                   r = token r                             */
+    int32_t        n_groups;    /* with offsets                            */
+    const int64_t *token_index; /* (n_rows,) row r is x[token_index[r]],
+                                   or NULL: x[r]; with offsets only        */
+    const float   *dy;          /* (n_rows, d_out), n_rows = offsets[n_groups]
+                                   (n_tokens without offsets)              */
+    float         *dx;          /* out, or NULL: (n_rows, d_in), per row   */
+    float         *d_w;         /* out, or NULL: (n_groups, d_out, d_in)   */
 } moe_linear_backward_params;
 
 moe_status moe_linear_backward(const moe_linear_backward_params *p);

@@ -53,6 +53,49 @@ moe_py_route_backward(PyObject *self, PyObject *args, PyObject *kw)
     return moe_outs_done(&o, st, NULL);
 }
 
+/* router_backward(x, router_weight, d_logits) -> (dx, d_router_weight):
+ * logits = x W^T (float64 d_logits). */
+PyObject *
+moe_py_router_backward(PyObject *self, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"x", "router_weight", "d_logits", NULL};
+    PyObject *x_obj, *w_obj, *g_obj;
+    npy_intp xd[2] = {-1, -1}, wd[2] = {-1, -1}, gd[2];
+    moe_router_backward_params p;
+    moe_outs o = MOE_OUTS(2);
+    void *x, *w, *g;
+    moe_status st;
+
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOO:router_backward", kwlist,
+                                     &x_obj, &w_obj, &g_obj) ||
+        !(x = moe_arg(x_obj, "x", NPY_FLOAT32, 2, xd, 0))) {
+        return NULL;
+    }
+    wd[1] = xd[1];
+    if (!(w = moe_arg(w_obj, "router_weight", NPY_FLOAT32, 2, wd, 0))) {
+        return NULL;
+    }
+    gd[0] = xd[0];
+    gd[1] = wd[0];
+    if (!(g = moe_arg(g_obj, "d_logits", NPY_FLOAT64, 2, gd, 0))) {
+        return NULL;
+    }
+    memset(&p, 0, sizeof(p));
+    p.x = MOE_DATA(x, float);
+    p.weight = MOE_DATA(w, float);
+    p.n_tokens = xd[0];
+    p.d_model = xd[1];
+    p.n_experts = (int32_t)wd[0];
+    p.d_logits = MOE_DATA(g, double);
+    p.dx = moe_out(&o, 0, NPY_FLOAT32, 2, xd[0], xd[1], 0);
+    p.d_weight = moe_out(&o, 1, NPY_FLOAT32, 2, wd[0], xd[1], 0);
+    if (o.failed) {
+        return moe_outs_fail(&o);
+    }
+    MOE_COMPUTE(st, moe_router_backward(&p));
+    return moe_outs_done(&o, st, NULL);
+}
+
 /* combine_backward(y, position, weights, d_out) -> (d_y, d_weights) */
 PyObject *
 moe_py_combine_backward(PyObject *self, PyObject *args, PyObject *kw)

@@ -185,9 +185,11 @@ MOE_KW_WRAPPER(moe_py_combine_backward);
 MOE_KW_WRAPPER(moe_py_dispatch_backward);
 MOE_KW_WRAPPER(moe_py_ffn_grouped_backward);
 MOE_KW_WRAPPER(moe_py_linear_backward);
+MOE_KW_WRAPPER(moe_py_router_backward);
 /* lora.c */
 MOE_KW_WRAPPER(moe_py_pack_expert_lora);
 MOE_KW_WRAPPER(moe_py_lora_forward);
+MOE_KW_WRAPPER(moe_py_lora_backward);
 /* layers.c: the layer (positional arguments), PEER and Soft MoE */
 MOE_KW_WRAPPER(moe_py_layer_forward);
 MOE_KW_WRAPPER(moe_py_layer_backward);

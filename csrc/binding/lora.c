@@ -81,12 +81,13 @@ moe_py_pack_expert_lora(PyObject *self, PyObject *args, PyObject *kw)
 }
 
 /*
- * lora_forward(x, base, kind, lora_a, bank, n_adapters, ids, weights,
- *              scaling, *, adapter_scaling, select_k, select_signed,
- *              rank_bias) -> (out, selected or None, counts)
+ * The arguments of lora_forward(x, base, kind, lora_a, bank, n_adapters, ids,
+ * weights, scaling, *, adapter_scaling, select_k, select_signed, rank_bias)
+ * into p (pointing into the argument arrays, which the caller's args keep
+ * alive); 0, or -1 with an exception set.  Outputs are left for the caller.
  */
-PyObject *
-moe_py_lora_forward(PyObject *self, PyObject *args, PyObject *kw)
+static int
+moe_lora_parse(PyObject *args, PyObject *kw, moe_lora_params *p)
 {
     static char *kwlist[] = {"x", "base", "kind", "lora_a", "bank",
                              "n_adapters", "ids", "weights", "scaling",
@@ -99,42 +100,39 @@ moe_py_lora_forward(PyObject *self, PyObject *args, PyObject *kw)
     int kind, n_adapters, select_k = 0, select_signed = 0;
     void *ids, *weights, *ascale, *rbias;
     moe_experts_info ainfo, binfo;
-    moe_outs o = MOE_OUTS(3);
-    moe_lora_params p;
-    moe_status st;
 
-    memset(&p, 0, sizeof(p));
+    memset(p, 0, sizeof(*p));
     if (!PyArg_ParseTupleAndKeywords(args, kw, "OOiOOiOOf|$OiiO:lora_forward",
                                      kwlist, &x_obj, &base_obj, &kind, &a_obj,
                                      &bank_obj, &n_adapters, &ids_obj, &w_obj,
-                                     &p.scaling, &as_obj, &select_k,
+                                     &p->scaling, &as_obj, &select_k,
                                      &select_signed, &rb_obj) ||
         moe_check_enum(kind, 3, "kind") < 0 ||
-        !(p.lora_a = moe_packed_arg(a_obj, "lora_a", 1)) ||
+        !(p->lora_a = moe_packed_arg(a_obj, "lora_a", 1)) ||
         (base_obj != Py_None &&
-         !(p.base = moe_packed_arg(base_obj, "base", 1))) ||
+         !(p->base = moe_packed_arg(base_obj, "base", 1))) ||
         moe_check_min(n_adapters, 1, "n_adapters") < 0) {
-        return NULL;
+        return -1;
     }
-    moe_experts_get_info(p.lora_a, &ainfo);
+    moe_experts_get_info(p->lora_a, &ainfo);
     xd[1] = ainfo.d_ff;
     if (!(x = moe_arg(x_obj, "x", NPY_FLOAT32, 2, xd, 0)) ||
-        !(p.bank = moe_packed_arg(bank_obj, "bank", 1))) {
-        return NULL;
+        !(p->bank = moe_packed_arg(bank_obj, "bank", 1))) {
+        return -1;
     }
-    moe_experts_get_info(p.bank, &binfo);
+    moe_experts_get_info(p->bank, &binfo);
     if (moe_opt_arg(ids_obj, "ids", NPY_INT32, 2, id, &ids) < 0) {
-        return NULL;
+        return -1;
     }
     if (ids != NULL && id[0] != xd[0]) {
         PyErr_Format(PyExc_ValueError, "ids must have n_tokens=%lld rows, "
                      "got %lld", (long long)xd[0], (long long)id[0]);
-        return NULL;
+        return -1;
     }
     if (ids == NULL && select_k <= 0) {
         PyErr_SetString(PyExc_ValueError, "ids are required without "
                         "rank selection");
-        return NULL;
+        return -1;
     }
     wd[0] = xd[0];
     wd[1] = ids != NULL ? id[1] : select_k;
@@ -144,38 +142,139 @@ moe_py_lora_forward(PyObject *self, PyObject *args, PyObject *kw)
         moe_opt_arg(as_obj, "adapter_scaling", NPY_FLOAT32, 1, ad,
                     &ascale) < 0 ||
         moe_opt_arg(rb_obj, "rank_bias", NPY_FLOAT32, 1, rd, &rbias) < 0) {
-        return NULL;
+        return -1;
     }
     if (select_k > 0 && (select_k > ainfo.d_model || ids != NULL)) {
         PyErr_Format(PyExc_ValueError, "top_k must be in 1..rank=%lld with "
                      "no ids given, got %d", (long long)ainfo.d_model,
                      select_k);
+        return -1;
+    }
+    p->x = MOE_DATA(x, float);
+    p->n_tokens = xd[0];
+    p->d_in = xd[1];
+    p->d_out = binfo.d_model;
+    p->rank = (int32_t)ainfo.d_model;
+    p->kind = (moe_lora_kind)kind;
+    p->n_adapters = n_adapters;
+    p->n_slots = (int32_t)wd[1];
+    p->ids = ids;
+    p->weights = weights;
+    p->adapter_scaling = ascale;
+    p->select_k = select_k > 0 ? select_k : 0;
+    p->select_signed = select_signed;
+    p->rank_bias = rbias;
+    return 0;
+}
+
+/* lora_forward(the arguments of moe_lora_parse)
+ *   -> (out, selected or None, counts) */
+PyObject *
+moe_py_lora_forward(PyObject *self, PyObject *args, PyObject *kw)
+{
+    moe_outs o = MOE_OUTS(3);
+    moe_lora_params p;
+    moe_status st;
+
+    if (moe_lora_parse(args, kw, &p) < 0) {
         return NULL;
     }
-    p.x = MOE_DATA(x, float);
-    p.n_tokens = xd[0];
-    p.d_in = xd[1];
-    p.d_out = binfo.d_model;
-    p.rank = (int32_t)ainfo.d_model;
-    p.kind = (moe_lora_kind)kind;
-    p.n_adapters = n_adapters;
-    p.n_slots = (int32_t)wd[1];
-    p.ids = ids;
-    p.weights = weights;
-    p.adapter_scaling = ascale;
-    p.select_k = select_k > 0 ? select_k : 0;
-    p.select_signed = select_signed;
-    p.rank_bias = rbias;
-    p.out = moe_out(&o, 0, NPY_FLOAT32, 2, xd[0], binfo.d_model, 0);
-    if (select_k > 0) {
-        p.selected = moe_out(&o, 1, NPY_INT32, 2, xd[0], select_k, 0);
+    p.out = moe_out(&o, 0, NPY_FLOAT32, 2, p.n_tokens, p.d_out, 0);
+    if (p.select_k > 0) {
+        p.selected = moe_out(&o, 1, NPY_INT32, 2, p.n_tokens, p.select_k, 0);
     }
     p.counts = moe_out(&o, 2, NPY_INT64, 1,
-                       kind == MOE_LORA_RANKS ? ainfo.d_model : n_adapters, 0,
-                       0);
+                       p.kind == MOE_LORA_RANKS ? p.rank : p.n_adapters, 0, 0);
     if (o.failed) {
         return moe_outs_fail(&o);
     }
     MOE_COMPUTE(st, moe_lora_forward(&p));
+    return moe_outs_done(&o, st, NULL);
+}
+
+/*
+ * lora_backward(args, kw, base_w, base_dtype, lora_a, lora_b, dy, *, dx,
+ *               d_lora_a, d_lora_b, d_weights) -> (dx, d_lora_a, d_lora_b,
+ *               d_weights), each None unless asked for.  args, kw: the
+ * forward's (FlyLoRA: its selected ranks as ids, select_k 0); base_w the
+ * unpacked base (uint16 bits for bf16 / fp16) or None; lora_a, lora_b the
+ * unpacked adapters.
+ */
+PyObject *
+moe_py_lora_backward(PyObject *self, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"args", "kw", "base_w", "base_dtype", "lora_a",
+                             "lora_b", "dy", "dx", "d_lora_a", "d_lora_b",
+                             "d_weights", NULL};
+    PyObject *fargs, *fkw, *bw_obj, *a_obj, *b_obj, *dy_obj;
+    int base_dtype, want[4] = {1, 1, 1, 1};
+    npy_intp bwd[2], ad[3], bd[3], dyd[2];
+    void *bw, *a, *b, *dy;
+    int nd_a, nd_b;
+    moe_lora_params fp;
+    moe_lora_backward_params p;
+    moe_outs o = MOE_OUTS(4);
+    moe_status st;
+
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O!O!OiOOO|$pppp:lora_backward",
+                                     kwlist, &PyTuple_Type, &fargs,
+                                     &PyDict_Type, &fkw, &bw_obj, &base_dtype,
+                                     &a_obj, &b_obj, &dy_obj, &want[0],
+                                     &want[1], &want[2], &want[3]) ||
+        moe_check_enum(base_dtype, MOE_DTYPE_COUNT, "base_dtype") < 0 ||
+        moe_lora_parse(fargs, fkw, &fp) < 0) {
+        return NULL;
+    }
+    if (fp.select_k != 0) {
+        PyErr_SetString(PyExc_ValueError, "lora_backward: pass the forward's "
+                        "selected ranks as ids (select_k 0)");
+        return NULL;
+    }
+    bwd[0] = fp.d_out;
+    bwd[1] = fp.d_in;
+    nd_a = fp.kind == MOE_LORA_ADAPTERS ? 3 : 2;
+    nd_b = fp.kind == MOE_LORA_RANKS ? 2 : 3;
+    ad[0] = fp.n_adapters;
+    ad[nd_a - 2] = fp.rank;
+    ad[nd_a - 1] = fp.d_in;
+    bd[0] = fp.n_adapters;
+    bd[nd_b - 2] = fp.d_out;
+    bd[nd_b - 1] = fp.rank;
+    dyd[0] = fp.n_tokens;
+    dyd[1] = fp.d_out;
+    if (moe_opt_arg(bw_obj, "base_w", base_dtype == MOE_DTYPE_F32
+                                          ? NPY_FLOAT32 : NPY_UINT16,
+                    2, bwd, &bw) < 0 ||
+        !(a = moe_arg(a_obj, "lora_a", NPY_FLOAT32, nd_a, ad, 0)) ||
+        !(b = moe_arg(b_obj, "lora_b", NPY_FLOAT32, nd_b, bd, 0)) ||
+        !(dy = moe_arg(dy_obj, "dy", NPY_FLOAT32, 2, dyd, 0))) {
+        return NULL;
+    }
+    memset(&p, 0, sizeof(p));
+    p.forward = &fp;
+    p.base_w = bw;
+    p.base_dtype = (moe_dtype)base_dtype;
+    p.lora_a = MOE_DATA(a, float);
+    p.lora_b = MOE_DATA(b, float);
+    p.dy = MOE_DATA(dy, float);
+    if (want[0]) {
+        p.dx = moe_out(&o, 0, NPY_FLOAT32, 2, fp.n_tokens, fp.d_in, 0);
+    }
+    if (want[1]) {
+        p.d_lora_a = moe_out(&o, 1, NPY_FLOAT32, nd_a, ad[0], ad[1],
+                             nd_a == 3 ? ad[2] : 0);
+    }
+    if (want[2]) {
+        p.d_lora_b = moe_out(&o, 2, NPY_FLOAT32, nd_b, bd[0], bd[1],
+                             nd_b == 3 ? bd[2] : 0);
+    }
+    if (want[3]) {
+        p.d_weights = moe_out(&o, 3, NPY_FLOAT32, 2, fp.n_tokens, fp.n_slots,
+                              0);
+    }
+    if (o.failed) {
+        return moe_outs_fail(&o);
+    }
+    MOE_COMPUTE(st, moe_lora_backward(&p));
     return moe_outs_done(&o, st, NULL);
 }

@@ -209,6 +209,10 @@ static PyMethodDef moe_methods[] = {
                   "ids, weights, scaling, *, adapter_scaling=None, "
                   "select_k=0, select_signed=0, rank_bias=None",
                   "-> (out, selected, counts)"),
+    MOE_KW_METHOD(lora_backward, "args, kw, base_w, base_dtype, lora_a, "
+                  "lora_b, dy, *, dx=True, d_lora_a=True, d_lora_b=True, "
+                  "d_weights=True",
+                  "-> (dx, d_lora_a, d_lora_b, d_weights)"),
     MOE_KW_METHOD(peer_forward, "x, w_query, sub_keys_1, sub_keys_2, u, v, "
                   "top_k, activation, *, return_routing=False",
                   "-> (out, expert_ids, gates)"),
@@ -237,6 +241,8 @@ static PyMethodDef moe_methods[] = {
                   "-> (dx, d_w_gate, d_w_up, d_w_down, d_b_gate, d_b_up, "
                   "d_b_down)"),
     MOE_KW_METHOD(linear_backward, "x, w, dy, dtype", "-> (dx, d_w)"),
+    MOE_KW_METHOD(router_backward, "x, router_weight, d_logits",
+                  "-> (dx, d_router_weight)"),
     MOE_KW_METHOD(layer_backward, "forward_args, forward_kwargs, expert_ids, "
                   "weights, logits, y, shared, dy, *, w_gate=None, w_up=None, "
                   "w_down=None, shared_w_gate=None, shared_w_up=None, "

@@ -127,6 +127,78 @@ moe_lora_check(const moe_lora_params *p)
     return MOE_STATUS_OK;
 }
 
+/* The (token, slot) rows grouped by adapter (ADAPTERS; SHARED_A's heads). */
+typedef struct moe_lora_rows {
+    int64_t *offsets;     /* (n_adapters + 1,)                          */
+    int64_t *position;    /* (n_tokens * n_slots,) row of each slot, -1 */
+    int64_t *token_index; /* (n_rows,)                                  */
+    int64_t  n_rows;
+} moe_lora_rows;
+
+static void
+moe_lora_rows_free(moe_lora_rows *g)
+{
+    free(g->offsets);
+    free(g->position);
+    free(g->token_index);
+    memset(g, 0, sizeof(*g));
+}
+
+static moe_status
+moe_lora_group(const moe_lora_params *p, const int32_t *ids, moe_lora_rows *g)
+{
+    moe_dispatch_params dp;
+    moe_status st;
+
+    memset(g, 0, sizeof(*g));
+    g->offsets = moe_alloc((size_t)p->n_adapters + 1, sizeof(int64_t));
+    g->position = moe_alloc((size_t)(p->n_tokens * p->n_slots), sizeof(int64_t));
+    if (!g->offsets || !g->position) {
+        moe_lora_rows_free(g);
+        return MOE_STATUS_ALLOC;
+    }
+    dp.expert_ids = ids;
+    dp.n_tokens = p->n_tokens;
+    dp.top_k = p->n_slots;
+    dp.n_experts = p->n_adapters;
+    dp.offsets = g->offsets;
+    dp.position = g->position;
+    dp.token_index = NULL;
+    if ((st = moe_dispatch_count(&dp)) != MOE_STATUS_OK) {
+        moe_lora_rows_free(g);
+        return st;
+    }
+    g->n_rows = g->offsets[p->n_adapters];
+    dp.token_index = g->token_index =
+        moe_alloc((size_t)g->n_rows, sizeof(int64_t));
+    if (g->token_index == NULL) {
+        moe_lora_rows_free(g);
+        return MOE_STATUS_ALLOC;
+    }
+    if ((st = moe_dispatch_build(&dp)) != MOE_STATUS_OK) {
+        moe_lora_rows_free(g);
+    }
+    return st;
+}
+
+/* The shrink z = A x: per grouped row (g given: ADAPTERS) or per token. */
+static moe_status
+moe_lora_shrink(const moe_lora_params *p, const moe_lora_rows *g, float *z)
+{
+    int64_t whole[2] = {0, p->n_tokens};
+    moe_linear_params lp;
+
+    memset(&lp, 0, sizeof(lp));
+    lp.x = p->x;
+    lp.token_index = g ? g->token_index : NULL;
+    lp.n_tokens = p->n_tokens;
+    lp.offsets = g ? g->offsets : whole;
+    lp.n_rows = g ? g->n_rows : p->n_tokens;
+    lp.weights = p->lora_a;
+    lp.out = z;
+    return moe_linear_grouped(&lp);
+}
+
 moe_status
 moe_lora_forward(const moe_lora_params *p)
 {
@@ -134,47 +206,24 @@ moe_lora_forward(const moe_lora_params *p)
     const int32_t r = p->rank, S = p->n_slots;
     const int32_t per_slot = p->kind == MOE_LORA_RANKS ? 1 : r;
     const int32_t *ids = p->select_k > 0 ? p->selected : p->ids;
-    int64_t whole[2] = {0, T}, *offsets = NULL, *token_index = NULL;
-    int64_t *position = NULL, n_rows = T, t;
+    const int grouped = p->kind == MOE_LORA_ADAPTERS;
+    int64_t whole[2] = {0, T}, n_rows = T, t;
     float *z = NULL, *coef = NULL;
     int32_t *index = NULL, s, i;
+    moe_lora_rows g;
     moe_linear_params lp;
     moe_lowrank lr;
     moe_experts *zero = NULL;
     moe_status st;
 
     MOE_TRY(moe_lora_check(p));
-    st = MOE_STATUS_ALLOC;
-    memset(&lp, 0, sizeof(lp));
-    if (p->kind == MOE_LORA_ADAPTERS) {
-        moe_dispatch_params dp;
-        offsets = moe_alloc((size_t)p->n_adapters + 1, sizeof(int64_t));
-        position = moe_alloc((size_t)(T * S), sizeof(int64_t));
-        if (!offsets || !position) {
-            goto done;
-        }
-        dp.expert_ids = ids;
-        dp.n_tokens = T;
-        dp.top_k = S;
-        dp.n_experts = p->n_adapters;
-        dp.offsets = offsets;
-        dp.position = position;
-        dp.token_index = NULL;
-        if ((st = moe_dispatch_count(&dp)) != MOE_STATUS_OK) {
-            goto done;
-        }
-        n_rows = offsets[p->n_adapters];
-        st = MOE_STATUS_ALLOC;
-        token_index = moe_alloc((size_t)n_rows, sizeof(int64_t));
-        if (token_index == NULL) {
-            goto done;
-        }
-        dp.token_index = token_index;
-        if ((st = moe_dispatch_build(&dp)) != MOE_STATUS_OK) {
-            goto done;
-        }
-        st = MOE_STATUS_ALLOC;
+    memset(&g, 0, sizeof(g));
+    if (grouped) {
+        /* (rank selection needs RANKS: ids are known here) */
+        MOE_TRY(moe_lora_group(p, ids, &g));
+        n_rows = g.n_rows;
     }
+    st = MOE_STATUS_ALLOC;
     z = moe_alloc((size_t)(n_rows * r), sizeof(float));
     coef = moe_alloc((size_t)(T * S * per_slot), sizeof(float));
     index = moe_alloc((size_t)(T * S * per_slot), sizeof(int32_t));
@@ -183,14 +232,7 @@ moe_lora_forward(const moe_lora_params *p)
     }
 
     /* shrink: z = A x (rows grouped by adapter for ADAPTERS) */
-    lp.x = p->x;
-    lp.token_index = token_index;
-    lp.n_tokens = T;
-    lp.offsets = offsets ? offsets : whole;
-    lp.n_rows = n_rows;
-    lp.weights = p->lora_a;
-    lp.out = z;
-    if ((st = moe_linear_grouped(&lp)) != MOE_STATUS_OK) {
+    if ((st = moe_lora_shrink(p, grouped ? &g : NULL, z)) != MOE_STATUS_OK) {
         goto done;
     }
     if (p->select_k > 0) {
@@ -216,7 +258,7 @@ moe_lora_forward(const moe_lora_params *p)
             }
             else {
                 const float *zr = z + (p->kind == MOE_LORA_ADAPTERS
-                                           ? position[t * S + s] : t) * r;
+                                           ? g.position[t * S + s] : t) * r;
                 const float cw = moe_lora_scale(p, e) * w;
                 for (i = 0; i < r; i++) {
                     c[i] = cw * zr[i];
@@ -266,11 +308,207 @@ moe_lora_forward(const moe_lora_params *p)
     st = moe_linear_grouped(&lp);
 done:
     moe_experts_free(zero);
-    free(offsets);
-    free(token_index);
-    free(position);
+    moe_lora_rows_free(&g);
     free(z);
     free(coef);
     free(index);
+    return st;
+}
+
+/* ---- backward ---------------------------------------------------------- */
+
+/* A grouped linear's backward on fp32 weights (n_groups, d_out, d_in). */
+static moe_status
+moe_lora_linear_backward(const float *x, int64_t n_tokens, const int64_t *offsets,
+                         int32_t n_groups, const int64_t *token_index,
+                         const float *w, int64_t d_in, int64_t d_out,
+                         const float *dy, float *dx, float *d_w)
+{
+    moe_linear_backward_params lb;
+
+    memset(&lb, 0, sizeof(lb));
+    lb.x = x;
+    lb.w = w;
+    lb.dtype = MOE_DTYPE_F32;
+    lb.n_tokens = n_tokens;
+    lb.d_in = d_in;
+    lb.d_out = d_out;
+    lb.offsets = offsets;
+    lb.n_groups = n_groups;
+    lb.token_index = token_index;
+    lb.dy = dy;
+    lb.dx = dx;
+    lb.d_w = d_w;
+    return moe_linear_backward(&lb);
+}
+
+/*
+ * The expand of slot (t, s), c = scale * w * z: ADAPTERS / SHARED_A run it
+ * as a grouped linear over the slots' rows (x = c z rows, W = B_e), RANKS
+ * as one linear over a dense (T, rank) coefficient matrix (W = B).  Then
+ * d_weights = scale <dc, z> and dz = scale * w * dc per slot; dz lands in
+ * (n_rows, r) rows (ADAPTERS) or, summed in slot order, per token.
+ */
+moe_status
+moe_lora_backward(const moe_lora_backward_params *b)
+{
+    const moe_lora_params *p = b->forward;
+    const int64_t T = p ? p->n_tokens : 0, din = p ? p->d_in : 0;
+    const int64_t dout = p ? p->d_out : 0;
+    const int32_t r = p ? p->rank : 0, S = p ? p->n_slots : 0;
+    const int32_t E = p ? p->n_adapters : 0;
+    const int ranks = p && p->kind == MOE_LORA_RANKS;
+    const int per_row = p && p->kind == MOE_LORA_ADAPTERS;
+    const int need_dz = b->dx != NULL || b->d_lora_a != NULL;
+    moe_lora_rows g;
+    int64_t n_rows, n_z, t, i;
+    float *z = NULL, *c = NULL, *dc = NULL, *dz = NULL, *dyr = NULL;
+    float *dxl = NULL;
+    moe_status st;
+    int32_t s, j;
+
+    if (p == NULL || b->dy == NULL || b->lora_a == NULL || b->lora_b == NULL ||
+        p->select_k != 0) {
+        return moe_set_error(MOE_STATUS_INVALID_ARG, "LoRA backward: needs "
+                             "the forward's params (select_k 0: its selected "
+                             "ranks as ids), dy, lora_a and lora_b");
+    }
+    MOE_TRY(moe_lora_check(p));
+    memset(&g, 0, sizeof(g));
+    if (!ranks) {
+        MOE_TRY(moe_lora_group(p, p->ids, &g));
+    }
+    n_rows = ranks ? T : g.n_rows;  /* rows of the expand */
+    n_z = per_row ? g.n_rows : T;   /* rows of z and of the shrink */
+    st = MOE_STATUS_ALLOC;
+    z = moe_alloc((size_t)(n_z * r) + 1, sizeof(float));
+    c = moe_alloc((size_t)(n_rows * r) + 1, sizeof(float));
+    dc = moe_alloc((size_t)(n_rows * r) + 1, sizeof(float));
+    dz = moe_alloc((size_t)(n_z * r) + 1, sizeof(float));
+    dyr = ranks ? NULL : moe_alloc((size_t)(n_rows * dout) + 1, sizeof(float));
+    if (!z || !c || !dc || !dz || (!ranks && !dyr)) {
+        goto done;
+    }
+    memset(c, 0, sizeof(float) * (size_t)(n_rows * r));
+    memset(dz, 0, sizeof(float) * (size_t)(n_z * r));
+    if ((st = moe_lora_shrink(p, per_row ? &g : NULL, z)) != MOE_STATUS_OK) {
+        goto done;
+    }
+
+    /* the expand's inputs c, and dy per expand row */
+    for (t = 0; t < T; t++) {
+        for (s = 0; s < S; s++) {
+            const int32_t e = p->ids[t * S + s];
+            const float w = p->weights ? p->weights[t * S + s] : 1.0f;
+            const float cw = (ranks ? p->scaling : moe_lora_scale(p, e)) * w;
+            if (e < 0) {
+                continue;
+            }
+            if (ranks) {
+                c[t * r + e] = cw * z[t * r + e];
+                continue;
+            }
+            {
+                const int64_t row = g.position[t * S + s];
+                const float *zr = z + (per_row ? row : t) * r;
+                for (j = 0; j < r; j++) {
+                    c[row * r + j] = cw * zr[j];
+                }
+                memcpy(dyr + row * dout, b->dy + t * dout,
+                       sizeof(float) * (size_t)dout);
+            }
+        }
+    }
+    st = moe_lora_linear_backward(c, n_rows, ranks ? NULL : g.offsets,
+                                  ranks ? 1 : E, NULL, b->lora_b, r, dout,
+                                  ranks ? b->dy : dyr, dc, b->d_lora_b);
+    if (st != MOE_STATUS_OK) {
+        goto done;
+    }
+
+    /* d_weights and dz, slot by slot */
+    for (t = 0; t < T; t++) {
+        for (s = 0; s < S; s++) {
+            const int32_t e = p->ids[t * S + s];
+            const float w = p->weights ? p->weights[t * S + s] : 1.0f;
+            const float sc = ranks ? p->scaling : (e >= 0 ? moe_lora_scale(p, e) : 0.0f);
+            float dw = 0.0f;
+            if (e >= 0 && ranks) {
+                dw = sc * dc[t * r + e] * z[t * r + e];
+                dz[t * r + e] = sc * w * dc[t * r + e];
+            }
+            else if (e >= 0) {
+                const int64_t row = g.position[t * S + s];
+                const float *zr = z + (per_row ? row : t) * r;
+                float *d = dz + (per_row ? row : t) * r;
+                for (j = 0; j < r; j++) {
+                    dw += dc[row * r + j] * zr[j];
+                    d[j] += sc * w * dc[row * r + j];
+                }
+                dw *= sc;
+            }
+            if (b->d_weights != NULL) {
+                b->d_weights[t * S + s] = dw;
+            }
+        }
+    }
+    if (!need_dz) {
+        goto done;
+    }
+
+    /* the shrink's backward: dx rows (per slot row or per token), dA */
+    if (b->dx != NULL &&
+        (dxl = moe_alloc((size_t)(n_z * din) + 1, sizeof(float))) == NULL) {
+        st = MOE_STATUS_ALLOC;
+        goto done;
+    }
+    st = moe_lora_linear_backward(p->x, T, per_row ? g.offsets : NULL,
+                                  per_row ? E : 1,
+                                  per_row ? g.token_index : NULL, b->lora_a,
+                                  din, r, dz, dxl, b->d_lora_a);
+    if (st != MOE_STATUS_OK || b->dx == NULL) {
+        goto done;
+    }
+
+    /* dx = dy W0 (the frozen base), then the adapters' rows in slot order */
+    if (b->base_w != NULL) {
+        moe_linear_backward_params lb;
+        memset(&lb, 0, sizeof(lb));
+        lb.x = p->x;
+        lb.w = b->base_w;
+        lb.dtype = b->base_dtype;
+        lb.n_tokens = T;
+        lb.d_in = din;
+        lb.d_out = dout;
+        lb.dy = b->dy;
+        lb.dx = b->dx;
+        if ((st = moe_linear_backward(&lb)) != MOE_STATUS_OK) {
+            goto done;
+        }
+    }
+    else {
+        memset(b->dx, 0, sizeof(float) * (size_t)(T * din));
+    }
+    for (t = 0; t < T; t++) {
+        float *o = b->dx + t * din;
+        for (s = 0; s < (per_row ? S : 1); s++) {
+            const int64_t row = per_row ? g.position[t * S + s] : t;
+            const float *src = dxl + row * din;
+            if (row < 0) {
+                continue;
+            }
+            for (i = 0; i < din; i++) {
+                o[i] += src[i];
+            }
+        }
+    }
+done:
+    moe_lora_rows_free(&g);
+    free(z);
+    free(c);
+    free(dc);
+    free(dz);
+    free(dyr);
+    free(dxl);
     return st;
 }

@@ -469,30 +469,92 @@ done:
     return st;
 }
 
+static moe_status
+moe_linear_backward_check(const moe_linear_backward_params *p, int64_t *n_rows)
+{
+    const int32_t G = p->offsets ? p->n_groups : 1;
+    int64_t g, r;
+
+    if (p->n_tokens < 0 || p->d_in < 0 || p->d_out < 0 || G < 1 ||
+        (p->offsets == NULL && p->token_index != NULL)) {
+        return moe_set_error(MOE_STATUS_INVALID_ARG, "linear backward: sizes "
+                             ">= 0, n_groups >= 1, token_index only with "
+                             "offsets");
+    }
+    *n_rows = p->n_tokens;
+    if (p->offsets == NULL) {
+        return MOE_STATUS_OK;
+    }
+    for (g = 0; g < G; g++) {
+        if (p->offsets[0] != 0 || p->offsets[g + 1] < p->offsets[g]) {
+            return moe_set_error(MOE_STATUS_INVALID_ARG, "offsets must start "
+                                 "at 0 and not decrease (group %lld)",
+                                 (long long)g);
+        }
+    }
+    *n_rows = p->offsets[G];
+    if (p->token_index == NULL && *n_rows > p->n_tokens) {
+        return moe_set_error(MOE_STATUS_INVALID_ARG, "offsets name %lld rows "
+                             "but x has %lld", (long long)*n_rows,
+                             (long long)p->n_tokens);
+    }
+    for (r = 0; p->token_index != NULL && r < *n_rows; r++) {
+        if (p->token_index[r] < 0 || p->token_index[r] >= p->n_tokens) {
+            return moe_set_error(MOE_STATUS_INVALID_ARG, "token_index[%lld] "
+                                 "= %lld is not in [0, %lld)", (long long)r,
+                                 (long long)p->token_index[r],
+                                 (long long)p->n_tokens);
+        }
+    }
+    return MOE_STATUS_OK;
+}
+
 moe_status
 moe_cpu_linear_backward(const moe_linear_backward_params *p)
 {
-    const int64_t T = p->n_tokens, din = p->d_in, dout = p->d_out;
-    const float *w = p->w;
-    float *wide = NULL;
+    const int64_t din = p->d_in, dout = p->d_out;
+    const int64_t whole[2] = {0, p->n_tokens};
+    const int64_t *off = p->offsets ? p->offsets : whole;
+    const int32_t G = p->offsets ? p->n_groups : 1;
+    const float *w = p->w, *xs = p->x;
+    float *wide = NULL, *rows = NULL;
+    int64_t n_rows = 0, g, r;
     moe_mm_seg seg;
     moe_status st = MOE_STATUS_OK;
 
+    MOE_TRY(moe_linear_backward_check(p, &n_rows));
     if (p->dtype != MOE_DTYPE_F32 && p->dx != NULL) {
-        if ((wide = moe_alloc((size_t)(dout * din) + 1, sizeof(float))) == NULL) {
+        if ((wide = moe_alloc((size_t)(G * dout * din) + 1, sizeof(float))) == NULL) {
             return MOE_STATUS_ALLOC;
         }
-        moe_bwd_widen(p->w, p->dtype == MOE_DTYPE_BF16, dout * din, wide);
+        moe_bwd_widen(p->w, p->dtype == MOE_DTYPE_BF16, G * dout * din, wide);
         w = wide;
     }
-    if (p->dx != NULL) { /* dx (T, d_in) = dy (T, d_out) @ W (d_out, d_in) */
-        seg = (moe_mm_seg){p->dy, dout, 1, w, din, dout};
-        st = moe_mm(&seg, 1, T, din, p->dx, din);
+    if (p->token_index != NULL && p->d_w != NULL) { /* gather the rows */
+        if ((rows = moe_alloc((size_t)(n_rows * din) + 1, sizeof(float))) == NULL) {
+            free(wide);
+            return MOE_STATUS_ALLOC;
+        }
+        for (r = 0; r < n_rows; r++) {
+            memcpy(rows + r * din, p->x + p->token_index[r] * din,
+                   sizeof(float) * (size_t)din);
+        }
+        xs = rows;
     }
-    if (st == MOE_STATUS_OK && p->d_w != NULL) { /* dW = dy^T @ x */
-        seg = (moe_mm_seg){p->dy, 1, dout, p->x, din, T};
-        st = moe_mm(&seg, 1, dout, din, p->d_w, din);
+    for (g = 0; g < G && st == MOE_STATUS_OK; g++) {
+        const int64_t r0 = off[g], m = off[g + 1] - off[g];
+        if (p->dx != NULL && m > 0) { /* dx (m, d_in) = dy (m, d_out) @ W_g */
+            seg = (moe_mm_seg){p->dy + r0 * dout, dout, 1, w + g * dout * din,
+                               din, dout};
+            st = moe_mm(&seg, 1, m, din, p->dx + r0 * din, din);
+        }
+        if (st == MOE_STATUS_OK && p->d_w != NULL) { /* dW_g = dy^T @ x */
+            seg = (moe_mm_seg){p->dy + r0 * dout, 1, dout, xs + r0 * din, din,
+                               m};
+            st = moe_mm(&seg, 1, dout, din, p->d_w + g * dout * din, din);
+        }
     }
     free(wide);
+    free(rows);
     return st;
 }

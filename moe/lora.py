@@ -31,8 +31,9 @@ import numpy as np
 from . import _C
 from ._api import (SCORINGS, WEIGHT_DTYPES, RoutingResult, _shape_str, check_choice,
                    check_finite, check_float, check_int, float_array, int_array,
-                   naming_nonfinite, refuse_resize, remember_config, saveable,
+                   naming_nonfinite, refuse_resize, remember_config, route_args, saveable,
                    stored_weight, weight_bits)
+from .train import TrainContext, check_backward_args
 
 __all__ = ["TopKLoRA", "SoftLoRA", "GatedLoRA", "HydraLoRA", "FlyLoRA", "SMoRA", "MultiLoRA",
            "sparse_projection"]
@@ -178,17 +179,80 @@ class _LoRALayer:
         return x.shape[:-1], x.reshape(-1, self.d_in)
 
     def _forward(self, x2, ids, weights, *, n_adapters, adapter_scaling=None, select_k=0,
-                 signed=False, rank_bias=None):
+                 signed=False, rank_bias=None, keep=None):
         base, lora_a, bank = self._packs()
-        return _C.lora_forward(x2, base=base, kind=self._KIND, lora_a=lora_a, bank=bank,
-                               n_adapters=n_adapters, ids=ids, weights=weights,
-                               scaling=float(self.scaling), adapter_scaling=adapter_scaling,
-                               select_k=int(select_k), select_signed=int(bool(signed)),
-                               rank_bias=rank_bias)
+        args = (x2, base, self._KIND, lora_a, bank, n_adapters, ids, weights,
+                float(self.scaling))
+        out, sel, counts = _C.lora_forward(*args, adapter_scaling=adapter_scaling,
+                                           select_k=int(select_k),
+                                           select_signed=int(bool(signed)),
+                                           rank_bias=rank_bias)
+        if keep is not None:
+            # the backward's view: FlyLoRA's selected ranks become plain ids
+            keep.update(args=args[:6] + ((sel,) if select_k else (ids,)) + args[7:],
+                        kw=dict(adapter_scaling=adapter_scaling), packed=self._packed)
+        return out, sel, counts
 
-    def _finish(self, out, lead, routing, return_routing):
+    def __call__(self, x, *args, return_routing=False, **kwargs):
+        """x: (..., d_in) float (and the layer's per-call inputs, see the class).  Returns
+        (..., d_out) float32 [, RoutingResult]."""
+        out, lead, routing = self._call(x, *args, **kwargs)
         out = out.reshape(lead + (self.d_out,))
         return (out, routing) if return_routing else out
+
+    # ---- training ---------------------------------------------------------------------
+
+    _TRAINABLE: tuple = ("lora_a", "lora_b")
+
+    def trainable_weights(self):
+        """Names of the weights backward returns a gradient for.  The base weight and bias
+        are frozen: no gradient is computed for them."""
+        return self._TRAINABLE
+
+    def forward_train(self, x, *args, **kwargs):
+        """The forward of __call__ (same arguments) keeping what backward needs: returns
+        (y, ctx).  ctx (moe.train.TrainContext) holds the input, the routing (ctx.routing)
+        and the router's float64 logits: O(T * (d_in + n_experts)); the rank activations
+        A x are recomputed by the backward.  The weights must not change before it."""
+        keep = {}
+        out, lead, routing = self._call(x, *args, keep=keep, **kwargs)
+        ctx = TrainContext(self, lead, keep["args"][0], routing, keep, None, None)
+        return out.reshape(lead + (self.d_out,)), ctx
+
+    def backward(self, ctx, dy, *, aux_coef=0.0, z_coef=0.0, retain=False):
+        """Gradients of  sum(dy * y) + aux_coef * aux_loss + z_coef * z_loss  for the forward
+        that made ctx (layer.forward_train), the selection held fixed.
+
+        dy: the output's shape (or (T, d_out)).  Returns a dict of float32 arrays: "x" (the
+        input's shape), "scalings" for GatedLoRA (the scalings' shape), and one entry per
+        name of trainable_weights() in its weight's shape.  The base weight (any storage
+        dtype) is frozen; FlyLoRA's lora_a and the rank biases get none (update rank_bias
+        with layer.update_bias).  ctx is used up unless retain=True.  Bitwise the same for
+        any thread count; a token's gradients depend on its own row (and, with a router,
+        on the batch only through the aux loss).
+        """
+        dy32, aux, z = check_backward_args(self, ctx, dy, aux_coef, z_coef, self.d_out)
+        keep = ctx.saved
+        if keep["packed"] is not self._packed:
+            raise RuntimeError("the layer's weights changed since forward_train: the "
+                               "backward needs the weights the forward ran with")
+        train = self.trainable_weights()
+        dx, da, db, dw = _C.lora_backward(
+            keep["args"], keep["kw"], weight_bits(self.base_weight),
+            WEIGHT_DTYPES.index(self.dtype), self.lora_a, self.lora_b, dy32,
+            d_lora_a="lora_a" in train, d_weights=self._GATE_GRAD)
+        grads = {"lora_a": da, "lora_b": db}
+        if self._GATE_GRAD:
+            self._gate_backward(ctx, dw, dx, grads, aux, z)
+        if not retain:
+            ctx.released = True
+        out = {"x": dx.reshape(ctx.lead + (self.d_in,))}
+        if "scalings" in grads:
+            out["scalings"] = grads["scalings"]
+        out.update((name, grads[name]) for name in train)
+        return out
+
+    _GATE_GRAD = False  # whether the slots' gate weights take a gradient
 
     def config(self):
         """The constructor arguments of this layer (JSON-friendly), without weights or seed."""
@@ -232,16 +296,42 @@ class _RoutedLoRA(_LoRALayer):
         means /= np.bincount(seq, minlength=n_seq)[:, None]
         return _C.router_logits(means.astype(np.float32), router_weight=self.router_weight), seq
 
-    def _route(self, x, seq_lens, top_k, scoring, renormalize):
+    _TRAINABLE = ("router_weight", "lora_a", "lora_b")
+    _GATE_GRAD = True
+
+    def _gate_backward(self, ctx, dw, dx, grads, aux, z):
+        """The router's part: d gate weights -> d logits (with the losses) -> dx, dW_r."""
+        rargs, rkw, ids, seq, w_r = ctx.saved["route"]
+        if w_r is not self.router_weight:
+            raise RuntimeError("router_weight was reassigned since forward_train")
+        x2 = ctx.x
+        if seq is not None:  # a sequence's gate serves all its tokens
+            dws = np.zeros((ids.shape[0], dw.shape[1]), np.float64)
+            np.add.at(dws, seq, dw)
+            dw = dws.astype(np.float32)
+            n = np.bincount(seq, minlength=ids.shape[0])
+            means = np.zeros((ids.shape[0], self.d_in), np.float64)
+            np.add.at(means, seq, x2)
+            x2 = (means / n[:, None]).astype(np.float32)
+        d_logits = _C.route_backward(rargs, rkw, ids, np.ascontiguousarray(dw),
+                                     aux_coef=aux, z_coef=z)
+        d_src, grads["router_weight"] = _C.router_backward(x2, w_r, d_logits)
+        if seq is not None:
+            d_src = d_src / n[:, None].astype(np.float32)
+            d_src = d_src[seq]
+        dx += d_src
+
+    def _route(self, x, seq_lens, top_k, scoring, renormalize, keep=None):
         """Route tokens (or sequences, broadcast to their tokens) -> (lead, x2, routing)."""
         lead, x2 = self._tokens(x)
         self._packs()  # every weight is set (and packed) before the router runs
         if self.per_sequence and seq_lens is None and len(lead) == 2:
             seq_lens = np.full(lead[0], lead[1], np.int64)
         logits, seq = self._logits(x2, seq_lens)
-        code = check_choice(scoring, "scoring", SCORINGS)
-        ids, w, counts, n_dropped, aux, z = _C.route(logits, top_k=top_k, scoring=code,
-                                                     renormalize=bool(renormalize))
+        rargs, rkw = route_args(logits, top_k, scoring=scoring, renormalize=renormalize)
+        ids, w, counts, n_dropped, aux, z = _C.route(*rargs, **rkw)
+        if keep is not None:
+            keep["route"] = (rargs, rkw, ids, seq, self.router_weight)
         if seq is not None:
             ids, w = ids[seq], w[seq]
             counts = np.bincount(ids.ravel(), minlength=self.n_experts).astype(np.int64)
@@ -283,11 +373,12 @@ class TopKLoRA(_RoutedLoRA):
             self.lora_a = normal((self.n_experts, self.rank, self.d_in), self.d_in)
             self.lora_b = np.zeros((self.n_experts, self.d_out, self.rank), np.float32)
 
-    def __call__(self, x, *, seq_lens=None, return_routing=False):
-        """x: (..., d_in) float.  Returns (..., d_out) float32 [, RoutingResult]."""
-        lead, x2, r = self._route(x, seq_lens, self.top_k, self.scoring, self.renormalize)
-        out, _, _ = self._forward(x2, r.expert_ids, r.weights, n_adapters=self.n_experts)
-        return self._finish(out, lead, r, return_routing)
+    def _call(self, x, *, seq_lens=None, keep=None):
+        lead, x2, r = self._route(x, seq_lens, self.top_k, self.scoring, self.renormalize,
+                                  keep)
+        out, _, _ = self._forward(x2, r.expert_ids, r.weights, n_adapters=self.n_experts,
+                                  keep=keep)
+        return out, lead, r
 
     def flops(self, n_tokens):
         lora = 2 * n_tokens * self.top_k * self.rank * (self.d_in + self.d_out)
@@ -343,12 +434,12 @@ class HydraLoRA(_RoutedLoRA):
             self.lora_a = normal((self.rank, self.d_in), self.d_in)
             self.lora_b = np.zeros((self.n_experts, self.d_out, self.rank), np.float32)
 
-    def __call__(self, x, *, seq_lens=None, return_routing=False):
-        """x: (..., d_in) float.  Returns (..., d_out) float32 [, RoutingResult]."""
+    def _call(self, x, *, seq_lens=None, keep=None):
         k = self.n_experts if self.top_k is None else self.top_k
-        lead, x2, r = self._route(x, seq_lens, k, "softmax", self.renormalize)
-        out, _, _ = self._forward(x2, r.expert_ids, r.weights, n_adapters=self.n_experts)
-        return self._finish(out, lead, r, return_routing)
+        lead, x2, r = self._route(x, seq_lens, k, "softmax", self.renormalize, keep)
+        out, _, _ = self._forward(x2, r.expert_ids, r.weights, n_adapters=self.n_experts,
+                                  keep=keep)
+        return out, lead, r
 
 
 @saveable
@@ -380,6 +471,26 @@ class GatedLoRA(_LoRALayer):
     def __call__(self, x, scalings, *, return_routing=False):
         """x: (..., d_in); scalings: (..., n_experts) float, finite.  Returns (..., d_out)
         float32 [, RoutingResult (aux and z losses 0: there is no router)]."""
+        return super().__call__(x, scalings, return_routing=return_routing)
+
+    _GATE_GRAD = True
+
+    def _gate_backward(self, ctx, dw, dx, grads, aux, z):
+        """d gate weights -> d scalings: through the softmax of the kept ones (softmax_topk)
+        and scattered back to the picked columns."""
+        order, w, shape = ctx.saved["gate"]
+        dw = dw.astype(np.float64)
+        if self.softmax_topk and order is not None:
+            w64 = w.astype(np.float64)
+            dw = w64 * (dw - (dw * w64).sum(axis=1, keepdims=True))
+        if order is None:
+            dc = dw
+        else:
+            dc = np.zeros((dw.shape[0], self.n_experts), np.float64)
+            np.put_along_axis(dc, order, dw, axis=1)
+        grads["scalings"] = dc.astype(np.float32).reshape(shape)
+
+    def _call(self, x, scalings, *, keep=None):
         lead, x2 = self._tokens(x)
         c = float_array(scalings, "scalings", tuple((f"dim{i}", n) for i, n in enumerate(lead))
                         + (("n_experts", self.n_experts),)).reshape(-1, self.n_experts)
@@ -398,9 +509,10 @@ class GatedLoRA(_LoRALayer):
                 w64 = np.exp(w64 - w64.max(axis=1, keepdims=True))
                 w = (w64 / w64.sum(axis=1, keepdims=True)).astype(np.float32)
         w = np.ascontiguousarray(w, np.float32)
-        out, _, counts = self._forward(x2, ids, w, n_adapters=self.n_experts)
-        return self._finish(out, lead, RoutingResult(ids, w, counts, 0, 0.0, 0.0),
-                            return_routing)
+        out, _, counts = self._forward(x2, ids, w, n_adapters=self.n_experts, keep=keep)
+        if keep is not None:
+            keep["gate"] = (None if self.top_k is None else order, w, np.shape(scalings))
+        return out, lead, RoutingResult(ids, w, counts, 0, 0.0, 0.0)
 
 
 @saveable
@@ -457,15 +569,21 @@ class FlyLoRA(_LoRALayer):
     def __call__(self, x, *, return_routing=False):
         """x: (..., d_in) float.  Returns (..., d_out) float32 [, RoutingResult: the
         selected ranks as expert_ids, weights 1, counts per rank]."""
+        return super().__call__(x, return_routing=return_routing)
+
+    _TRAINABLE = ("lora_b",)  # A is frozen: dx still flows through z = A x
+
+    def _call(self, x, *, keep=None):
         lead, x2 = self._tokens(x)
         if self.rank_bias is not None:
             check_finite(self.rank_bias, "rank_bias")
         out, sel, counts = self._forward(x2, None, None, n_adapters=1, select_k=self.top_k,
-                                         signed=self.signed, rank_bias=self.rank_bias)
+                                         signed=self.signed, rank_bias=self.rank_bias,
+                                         keep=keep)
         if self.update_bias_mode == "every-forward" and self.bias_rate != 0.0:
             self.update_bias(counts)
         routing = RoutingResult(sel, np.ones(sel.shape, np.float32), counts, 0, 0.0, 0.0)
-        return self._finish(out, lead, routing, return_routing)
+        return out, lead, routing
 
 
 @saveable
@@ -519,6 +637,25 @@ class SMoRA(_LoRALayer):
     def __call__(self, x, *, return_routing=False):
         """x: (..., d_in) float.  Returns (..., d_out) float32 [, RoutingResult: the active
         ranks as expert_ids, their weights, counts per rank]."""
+        return super().__call__(x, return_routing=return_routing)
+
+    _TRAINABLE = ("router_weight", "lora_a", "lora_b")
+    _GATE_GRAD = True
+
+    def _gate_backward(self, ctx, dw, dx, grads, aux, z):
+        """d gate weights -> d (rank-expanded) logits -> the router's columns -> dx, dW_r."""
+        rargs, rkw, ids, w_r = ctx.saved["route"]
+        if w_r is not self.router_weight:
+            raise RuntimeError("router_weight was reassigned since forward_train")
+        d = _C.route_backward(rargs, rkw, ids, np.ascontiguousarray(dw), aux_coef=aux,
+                              z_coef=z)
+        T, P = d.shape[0], self.rank_partition
+        d = d.reshape(T, P, self.n_router).sum(axis=1) if self.tile else \
+            d.reshape(T, self.n_router, P).sum(axis=2)
+        d_src, grads["router_weight"] = _C.router_backward(ctx.x, w_r, d)
+        dx += d_src
+
+    def _call(self, x, *, keep=None):
         lead, x2 = self._tokens(x)
         self._packs()
         logits = _C.router_logits(x2, router_weight=self.router_weight)
@@ -528,12 +665,14 @@ class SMoRA(_LoRALayer):
         if self.rank_bias is not None:
             check_finite(self.rank_bias, "rank_bias")
             bias = self.rank_bias
-        ids, w, counts, _, aux, z = _C.route(np.ascontiguousarray(logits), top_k=self.top_k,
-                                             scoring=SCORINGS.index("sigmoid"), renormalize=True,
-                                             routed_scaling=float(self.top_k), expert_bias=bias)
-        out, _, _ = self._forward(x2, ids, w, n_adapters=1)
-        return self._finish(out, lead, RoutingResult(ids, w, counts, 0, float(aux), float(z)),
-                            return_routing)
+        rargs, rkw = route_args(np.ascontiguousarray(logits), self.top_k, scoring="sigmoid",
+                                renormalize=True, routed_scaling=float(self.top_k),
+                                expert_bias=bias)
+        ids, w, counts, _, aux, z = _C.route(*rargs, **rkw)
+        if keep is not None:
+            keep["route"] = (rargs, rkw, ids, self.router_weight)
+        out, _, _ = self._forward(x2, ids, w, n_adapters=1, keep=keep)
+        return out, lead, RoutingResult(ids, w, counts, 0, float(aux), float(z))
 
 
 @saveable
@@ -587,6 +726,9 @@ class MultiLoRA(_LoRALayer):
     def __call__(self, x, adapter_ids, *, return_routing=False):
         """x: (..., d_in); adapter_ids: (...) ints in [-1, n_adapters) per token, or a
         scalar for the whole batch.  Returns (..., d_out) float32 [, RoutingResult]."""
+        return super().__call__(x, adapter_ids, return_routing=return_routing)
+
+    def _call(self, x, adapter_ids, *, keep=None):
         lead, x2 = self._tokens(x)
         a = np.asarray(adapter_ids)
         if a.ndim == 0:
@@ -597,7 +739,7 @@ class MultiLoRA(_LoRALayer):
         scalings = float_array(self.scalings, "scalings", (("n_adapters", self.n_experts),))
         check_finite(scalings, "scalings")
         out, _, counts = self._forward(x2, np.ascontiguousarray(ids), None,
-                                       n_adapters=self.n_experts, adapter_scaling=scalings)
+                                       n_adapters=self.n_experts, adapter_scaling=scalings,
+                                       keep=keep)
         w = (ids >= 0).astype(np.float32)
-        return self._finish(out, lead, RoutingResult(ids, w, counts, 0, 0.0, 0.0),
-                            return_routing)
+        return out, lead, RoutingResult(ids, w, counts, 0, 0.0, 0.0)

@@ -1041,7 +1041,8 @@ def lora_forward(layer, x, scalings=None, adapter_ids=None, seq_lens=None):
             ids = np.tile(np.arange(layer.n_experts), (T, 1))
             w = c
         else:
-            ids = np.stack([_stable_desc_order(row)[:layer.top_k] for row in c])
+            ids = np.array([_stable_desc_order(row)[:layer.top_k] for row in c],
+                           dtype=np.int64).reshape(-1, layer.top_k)
             w = np.take_along_axis(c, ids, axis=1)
             if layer.softmax_topk:
                 w = softmax(w, axis=1)
@@ -1746,7 +1747,8 @@ def lora_backward(layer, x, dy, *, aux_coef=0.0, z_coef=0.0, scalings=None,
             ids = np.tile(np.arange(layer.n_experts), (T, 1))
             w = c
         else:
-            ids = np.stack([_stable_desc_order(row)[:layer.top_k] for row in c])
+            ids = np.array([_stable_desc_order(row)[:layer.top_k] for row in c],
+                           dtype=np.int64).reshape(-1, layer.top_k)
             w = np.take_along_axis(c, ids, axis=1)
             if layer.softmax_topk:
                 w = softmax(w, axis=1)

@@ -38,8 +38,9 @@ class TrainContext:
         return f"TrainContext(n_tokens={self.x.shape[0]}, {state})"
 
 
-def check_backward_args(layer, ctx, dy, aux_coef, z_coef):
-    """The checks of SparseMoE.backward; returns (dy as float32 (T, d), aux, z)."""
+def check_backward_args(layer, ctx, dy, aux_coef, z_coef, d_out=None):
+    """The checks of a layer's backward; returns (dy as float32 (T, d_out), aux, z).  d_out
+    defaults to the input's width."""
     if not isinstance(ctx, TrainContext):
         raise TypeError(f"ctx must be the TrainContext that layer.forward_train returned, got "
                         f"{type(ctx).__name__}")
@@ -49,6 +50,7 @@ def check_backward_args(layer, ctx, dy, aux_coef, z_coef):
         raise RuntimeError("this TrainContext was already used by a backward (pass "
                            "retain=True to the first backward to run it again)")
     T, d = ctx.x.shape
+    d = d if d_out is None else d_out
     want = ctx.lead + (d,)
     arr = np.asarray(dy)
     if arr.shape != want and arr.shape != (T, d):

@@ -445,9 +445,10 @@ moe_status moe_lora_forward(const moe_lora_params *p);
 typedef struct moe_lora_backward_params {
     const moe_lora_params *forward; /* as it ran, select_k 0; its base,
                                        bank, counts and out are not read   */
-    const void  *base_w;      /* (d_out, d_in) in base_dtype, or NULL: no
-                                 base term in dx                           */
-    moe_dtype    base_dtype;
+    const moe_experts *base_t; /* the base transposed, packed as a linear
+                                 (1, d_in, d_out) without bias (any dtype;
+                                 frozen: pack it once), or NULL: no base
+                                 term in dx                                */
     const float *lora_a;      /* unpacked A: (n_adapters, rank, d_in) for
                                  ADAPTERS, else (rank, d_in)               */
     const float *lora_b;      /* unpacked B: (n_adapters, d_out, rank),

@@ -300,6 +300,10 @@ class SparseMoE:
             object.__setattr__(self, "_packed", None)
         object.__setattr__(self, name, value)
 
+    def __getstate__(self):
+        """Pickle / deepcopy without the packed copies (repacked on the next call)."""
+        return dict(self.__dict__, _packed=None)
+
     def pack(self):
         """Pack the expert FFN weights for the kernels now (call after in-place edits).
 

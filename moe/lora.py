@@ -130,6 +130,12 @@ class _LoRALayer:
 
     _READ_EACH_CALL: tuple = ("router_weight", "rank_bias")
 
+    def __getstate__(self):
+        """Pickle / deepcopy without the packed copies (repacked on the next call)."""
+        state = dict(self.__dict__, _packed=None)
+        state.pop("_base_t", None)
+        return state
+
     # ---- packing ----------------------------------------------------------------------
 
     def _a_for_pack(self):
@@ -238,8 +244,7 @@ class _LoRALayer:
                                "backward needs the weights the forward ran with")
         train = self.trainable_weights()
         dx, da, db, dw = _C.lora_backward(
-            keep["args"], keep["kw"], weight_bits(self.base_weight),
-            WEIGHT_DTYPES.index(self.dtype), self.lora_a, self.lora_b, dy32,
+            keep["args"], keep["kw"], self._base_transposed(), self.lora_a, self.lora_b, dy32,
             d_lora_a="lora_a" in train, d_weights=self._GATE_GRAD)
         grads = {"lora_a": da, "lora_b": db}
         if self._GATE_GRAD:
@@ -253,6 +258,18 @@ class _LoRALayer:
         return out
 
     _GATE_GRAD = False  # whether the slots' gate weights take a gradient
+
+    def _base_transposed(self):
+        """The frozen base's transpose packed as a linear (d_in outputs) for the backward's
+        dx; packed on first use and kept until base_weight is assigned."""
+        cached = self.__dict__.get("_base_t")
+        if cached is None or cached[0] is not self.base_weight or \
+                cached[2] != _C.build_info()["isa"]:
+            wt = np.ascontiguousarray(weight_bits(self.base_weight).T)
+            cached = (self.base_weight, _C.pack_linear(wt[None], dtype=WEIGHT_DTYPES.index(
+                self.dtype)), _C.build_info()["isa"])
+            object.__setattr__(self, "_base_t", cached)
+        return cached[1]
 
     def config(self):
         """The constructor arguments of this layer (JSON-friendly), without weights or seed."""

@@ -195,3 +195,21 @@ def test_errors():
     gated, _ = build("gated_top2", rng)
     with pytest.raises(ValueError, match="scalings"):
         gated.forward_train(x, np.ones((6, 2), np.float32))
+
+
+def test_pickle_and_deepcopy_after_training():
+    """A layer that has run (its packed copies and the backward's transposed base are C
+    handles) pickles and deep-copies, and the copy computes the same bits."""
+    import copy
+    import pickle
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((5, 24)).astype(np.float32)
+    for layer in (build("hydra_top2", rng)[0], moe.SparseMoE(24, 16, 4, 2)):
+        y, ctx = layer.forward_train(x)
+        g = layer.backward(ctx, y)
+        for twin in (pickle.loads(pickle.dumps(layer)), copy.deepcopy(layer)):
+            y2, ctx2 = twin.forward_train(x)
+            np.testing.assert_array_equal(y2, y)
+            g2 = twin.backward(ctx2, y)
+            for key in g:
+                np.testing.assert_array_equal(g2[key], g[key], err_msg=key)

@@ -193,35 +193,34 @@ moe_py_lora_forward(PyObject *self, PyObject *args, PyObject *kw)
 }
 
 /*
- * lora_backward(args, kw, base_w, base_dtype, lora_a, lora_b, dy, *, dx,
- *               d_lora_a, d_lora_b, d_weights) -> (dx, d_lora_a, d_lora_b,
- *               d_weights), each None unless asked for.  args, kw: the
- * forward's (FlyLoRA: its selected ranks as ids, select_k 0); base_w the
- * unpacked base (uint16 bits for bf16 / fp16) or None; lora_a, lora_b the
- * unpacked adapters.
+ * lora_backward(args, kw, base_t, lora_a, lora_b, dy, *, dx, d_lora_a,
+ *               d_lora_b, d_weights) -> (dx, d_lora_a, d_lora_b, d_weights),
+ * each None unless asked for.  args, kw: the forward's (FlyLoRA: its
+ * selected ranks as ids, select_k 0); base_t the base's transpose packed as
+ * a linear (1, d_in, d_out), or None; lora_a, lora_b the unpacked adapters.
  */
 PyObject *
 moe_py_lora_backward(PyObject *self, PyObject *args, PyObject *kw)
 {
-    static char *kwlist[] = {"args", "kw", "base_w", "base_dtype", "lora_a",
-                             "lora_b", "dy", "dx", "d_lora_a", "d_lora_b",
-                             "d_weights", NULL};
-    PyObject *fargs, *fkw, *bw_obj, *a_obj, *b_obj, *dy_obj;
-    int base_dtype, want[4] = {1, 1, 1, 1};
-    npy_intp bwd[2], ad[3], bd[3], dyd[2];
-    void *bw, *a, *b, *dy;
+    static char *kwlist[] = {"args", "kw", "base_t", "lora_a", "lora_b", "dy",
+                             "dx", "d_lora_a", "d_lora_b", "d_weights", NULL};
+    PyObject *fargs, *fkw, *bt_obj, *a_obj, *b_obj, *dy_obj;
+    int want[4] = {1, 1, 1, 1};
+    npy_intp ad[3], bd[3], dyd[2];
+    const moe_experts *bt = NULL;
+    void *a, *b, *dy;
     int nd_a, nd_b;
     moe_lora_params fp;
     moe_lora_backward_params p;
     moe_outs o = MOE_OUTS(4);
     moe_status st;
 
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "O!O!OiOOO|$pppp:lora_backward",
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O!O!OOOO|$pppp:lora_backward",
                                      kwlist, &PyTuple_Type, &fargs,
-                                     &PyDict_Type, &fkw, &bw_obj, &base_dtype,
-                                     &a_obj, &b_obj, &dy_obj, &want[0],
-                                     &want[1], &want[2], &want[3]) ||
-        moe_check_enum(base_dtype, MOE_DTYPE_COUNT, "base_dtype") < 0 ||
+                                     &PyDict_Type, &fkw, &bt_obj, &a_obj,
+                                     &b_obj, &dy_obj, &want[0], &want[1],
+                                     &want[2], &want[3]) ||
+        (bt_obj != Py_None && !(bt = moe_packed_arg(bt_obj, "base_t", 1))) ||
         moe_lora_parse(fargs, fkw, &fp) < 0) {
         return NULL;
     }
@@ -230,8 +229,6 @@ moe_py_lora_backward(PyObject *self, PyObject *args, PyObject *kw)
                         "selected ranks as ids (select_k 0)");
         return NULL;
     }
-    bwd[0] = fp.d_out;
-    bwd[1] = fp.d_in;
     nd_a = fp.kind == MOE_LORA_ADAPTERS ? 3 : 2;
     nd_b = fp.kind == MOE_LORA_RANKS ? 2 : 3;
     ad[0] = fp.n_adapters;
@@ -242,18 +239,14 @@ moe_py_lora_backward(PyObject *self, PyObject *args, PyObject *kw)
     bd[nd_b - 1] = fp.rank;
     dyd[0] = fp.n_tokens;
     dyd[1] = fp.d_out;
-    if (moe_opt_arg(bw_obj, "base_w", base_dtype == MOE_DTYPE_F32
-                                          ? NPY_FLOAT32 : NPY_UINT16,
-                    2, bwd, &bw) < 0 ||
-        !(a = moe_arg(a_obj, "lora_a", NPY_FLOAT32, nd_a, ad, 0)) ||
+    if (!(a = moe_arg(a_obj, "lora_a", NPY_FLOAT32, nd_a, ad, 0)) ||
         !(b = moe_arg(b_obj, "lora_b", NPY_FLOAT32, nd_b, bd, 0)) ||
         !(dy = moe_arg(dy_obj, "dy", NPY_FLOAT32, 2, dyd, 0))) {
         return NULL;
     }
     memset(&p, 0, sizeof(p));
     p.forward = &fp;
-    p.base_w = bw;
-    p.base_dtype = (moe_dtype)base_dtype;
+    p.base_t = bt;
     p.lora_a = MOE_DATA(a, float);
     p.lora_b = MOE_DATA(b, float);
     p.dy = MOE_DATA(dy, float);

@@ -209,9 +209,8 @@ static PyMethodDef moe_methods[] = {
                   "ids, weights, scaling, *, adapter_scaling=None, "
                   "select_k=0, select_signed=0, rank_bias=None",
                   "-> (out, selected, counts)"),
-    MOE_KW_METHOD(lora_backward, "args, kw, base_w, base_dtype, lora_a, "
-                  "lora_b, dy, *, dx=True, d_lora_a=True, d_lora_b=True, "
-                  "d_weights=True",
+    MOE_KW_METHOD(lora_backward, "args, kw, base_t, lora_a, lora_b, dy, *, "
+                  "dx=True, d_lora_a=True, d_lora_b=True, d_weights=True",
                   "-> (dx, d_lora_a, d_lora_b, d_weights)"),
     MOE_KW_METHOD(peer_forward, "x, w_query, sub_keys_1, sub_keys_2, u, v, "
                   "top_k, activation, *, return_routing=False",

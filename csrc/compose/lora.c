@@ -317,37 +317,73 @@ done:
 
 /* ---- backward ---------------------------------------------------------- */
 
-/* A grouped linear's backward on fp32 weights (n_groups, d_out, d_in). */
+/* Pack an fp32 (n_groups, d_out, d_in) as a linear, or its transpose per
+ * group: (n_groups, d_in, d_out) from w (n_groups, d_out, d_in). */
 static moe_status
-moe_lora_linear_backward(const float *x, int64_t n_tokens, const int64_t *offsets,
-                         int32_t n_groups, const int64_t *token_index,
-                         const float *w, int64_t d_in, int64_t d_out,
-                         const float *dy, float *dx, float *d_w)
+moe_lora_pack(const float *w, int32_t n_groups, int64_t d_out, int64_t d_in,
+              int transpose, moe_experts **out)
+{
+    moe_linear_pack_params pp;
+    float *t = NULL;
+    moe_status st;
+    int64_t g, i, j;
+
+    if (transpose) {
+        if ((t = moe_alloc((size_t)(n_groups * d_out * d_in) + 1,
+                           sizeof(float))) == NULL) {
+            return MOE_STATUS_ALLOC;
+        }
+        for (g = 0; g < n_groups; g++) {
+            const float *src = w + g * d_out * d_in;
+            float *dst = t + g * d_out * d_in;
+            for (i = 0; i < d_out; i++) {
+                for (j = 0; j < d_in; j++) {
+                    dst[j * d_out + i] = src[i * d_in + j];
+                }
+            }
+        }
+    }
+    memset(&pp, 0, sizeof(pp));
+    pp.w = transpose ? t : w;
+    pp.dtype = MOE_DTYPE_F32;
+    pp.n_groups = n_groups;
+    pp.d_in = transpose ? d_out : d_in;
+    pp.d_out = transpose ? d_in : d_out;
+    st = moe_linear_pack(&pp, out);
+    free(t);
+    return st;
+}
+
+/* One weight gradient product: c (m, n) = A^T B over K rows, A (K, m) and
+ * B (K, n) row-major fp32. */
+static moe_status
+moe_lora_wgrad(const float *a, const float *b, int64_t K, int64_t m, int64_t n,
+               float *c)
 {
     moe_linear_backward_params lb;
 
+    /* dW = dy^T x with dy = a, x = b: a one-group linear backward */
     memset(&lb, 0, sizeof(lb));
-    lb.x = x;
-    lb.w = w;
+    lb.x = b;
     lb.dtype = MOE_DTYPE_F32;
-    lb.n_tokens = n_tokens;
-    lb.d_in = d_in;
-    lb.d_out = d_out;
-    lb.offsets = offsets;
-    lb.n_groups = n_groups;
-    lb.token_index = token_index;
-    lb.dy = dy;
-    lb.dx = dx;
-    lb.d_w = d_w;
+    lb.n_tokens = K;
+    lb.d_in = n;
+    lb.d_out = m;
+    lb.dy = a;
+    lb.d_w = c;
     return moe_linear_backward(&lb);
 }
 
 /*
- * The expand of slot (t, s), c = scale * w * z: ADAPTERS / SHARED_A run it
- * as a grouped linear over the slots' rows (x = c z rows, W = B_e), RANKS
- * as one linear over a dense (T, rank) coefficient matrix (W = B).  Then
- * d_weights = scale <dc, z> and dz = scale * w * dc per slot; dz lands in
- * (n_rows, r) rows (ADAPTERS) or, summed in slot order, per token.
+ * With the forward's slots and z = A x (recomputed), per slot (t, s) of
+ * adapter e, c = scale_e * w:
+ *   u    = B_e^T dy_t            (the forward engine, rows grouped by
+ *                                 adapter; RANKS: dy B for every token)
+ *   d_w  = scale_e <u, z>,  dz = c u  (SHARED_A: summed per token)
+ *   dB_e = sum dy_t (c z)^T,  dA_e = sum dz x_t^T   (over e's rows)
+ *   dx_t = W0^T dy_t + sum_s A_e^T dz  (the base's transposed pack with
+ *          the low-rank terms fused into its output tiles, as the
+ *          forward's expand)
  */
 moe_status
 moe_lora_backward(const moe_lora_backward_params *b)
@@ -359,13 +395,17 @@ moe_lora_backward(const moe_lora_backward_params *b)
     const int32_t E = p ? p->n_adapters : 0;
     const int ranks = p && p->kind == MOE_LORA_RANKS;
     const int per_row = p && p->kind == MOE_LORA_ADAPTERS;
-    const int need_dz = b->dx != NULL || b->d_lora_a != NULL;
+    const int32_t n_a = per_row ? E : 1, n_b = ranks ? 1 : E;
+    int64_t whole[2] = {0, T}, n_rows, n_z, t, i;
+    int32_t s, j, n_terms;
     moe_lora_rows g;
-    int64_t n_rows, n_z, t, i;
-    float *z = NULL, *c = NULL, *dc = NULL, *dz = NULL, *dyr = NULL;
-    float *dxl = NULL;
+    float *z = NULL, *c = NULL, *u = NULL, *dz = NULL, *rows = NULL;
+    float *coef = NULL;
+    int32_t *index = NULL;
+    moe_experts *bt = NULL, *at = NULL, *zero = NULL;
+    moe_linear_params lp;
+    moe_lowrank lr;
     moe_status st;
-    int32_t s, j;
 
     if (p == NULL || b->dy == NULL || b->lora_a == NULL || b->lora_b == NULL ||
         p->select_k != 0) {
@@ -374,6 +414,17 @@ moe_lora_backward(const moe_lora_backward_params *b)
                              "ranks as ids), dy, lora_a and lora_b");
     }
     MOE_TRY(moe_lora_check(p));
+    if (b->base_t != NULL) {
+        moe_experts_info bi;
+        moe_experts_get_info(b->base_t, &bi);
+        if (!bi.linear || bi.n_experts != 1 || bi.d_model != din ||
+            bi.d_ff != dout) {
+            return moe_set_error(MOE_STATUS_INVALID_ARG, "base_t must be a "
+                                 "packed linear of shape (1, d_in=%lld, "
+                                 "d_out=%lld)", (long long)din,
+                                 (long long)dout);
+        }
+    }
     memset(&g, 0, sizeof(g));
     if (!ranks) {
         MOE_TRY(moe_lora_group(p, p->ids, &g));
@@ -383,10 +434,9 @@ moe_lora_backward(const moe_lora_backward_params *b)
     st = MOE_STATUS_ALLOC;
     z = moe_alloc((size_t)(n_z * r) + 1, sizeof(float));
     c = moe_alloc((size_t)(n_rows * r) + 1, sizeof(float));
-    dc = moe_alloc((size_t)(n_rows * r) + 1, sizeof(float));
+    u = moe_alloc((size_t)(n_rows * r) + 1, sizeof(float));
     dz = moe_alloc((size_t)(n_z * r) + 1, sizeof(float));
-    dyr = ranks ? NULL : moe_alloc((size_t)(n_rows * dout) + 1, sizeof(float));
-    if (!z || !c || !dc || !dz || (!ranks && !dyr)) {
+    if (!z || !c || !u || !dz) {
         goto done;
     }
     memset(c, 0, sizeof(float) * (size_t)(n_rows * r));
@@ -395,55 +445,43 @@ moe_lora_backward(const moe_lora_backward_params *b)
         goto done;
     }
 
-    /* the expand's inputs c, and dy per expand row */
-    for (t = 0; t < T; t++) {
-        for (s = 0; s < S; s++) {
-            const int32_t e = p->ids[t * S + s];
-            const float w = p->weights ? p->weights[t * S + s] : 1.0f;
-            const float cw = (ranks ? p->scaling : moe_lora_scale(p, e)) * w;
-            if (e < 0) {
-                continue;
-            }
-            if (ranks) {
-                c[t * r + e] = cw * z[t * r + e];
-                continue;
-            }
-            {
-                const int64_t row = g.position[t * S + s];
-                const float *zr = z + (per_row ? row : t) * r;
-                for (j = 0; j < r; j++) {
-                    c[row * r + j] = cw * zr[j];
-                }
-                memcpy(dyr + row * dout, b->dy + t * dout,
-                       sizeof(float) * (size_t)dout);
-            }
-        }
+    /* u = B^T dy per expand row: B_e^T packed as (E, r, d_out) */
+    if ((st = moe_lora_pack(b->lora_b, n_b, dout, r, 1, &bt)) != MOE_STATUS_OK) {
+        goto done;
     }
-    st = moe_lora_linear_backward(c, n_rows, ranks ? NULL : g.offsets,
-                                  ranks ? 1 : E, NULL, b->lora_b, r, dout,
-                                  ranks ? b->dy : dyr, dc, b->d_lora_b);
-    if (st != MOE_STATUS_OK) {
+    memset(&lp, 0, sizeof(lp));
+    lp.x = b->dy;
+    lp.token_index = ranks ? NULL : g.token_index;
+    lp.n_tokens = T;
+    lp.offsets = ranks ? whole : g.offsets;
+    lp.n_rows = n_rows;
+    lp.weights = bt;
+    lp.out = u;
+    if ((st = moe_linear_grouped(&lp)) != MOE_STATUS_OK) {
         goto done;
     }
 
-    /* d_weights and dz, slot by slot */
+    /* c, d_weights and dz, slot by slot */
     for (t = 0; t < T; t++) {
         for (s = 0; s < S; s++) {
             const int32_t e = p->ids[t * S + s];
             const float w = p->weights ? p->weights[t * S + s] : 1.0f;
-            const float sc = ranks ? p->scaling : (e >= 0 ? moe_lora_scale(p, e) : 0.0f);
+            const float sc = e < 0 ? 0.0f : ranks ? p->scaling
+                                                  : moe_lora_scale(p, e);
             float dw = 0.0f;
             if (e >= 0 && ranks) {
-                dw = sc * dc[t * r + e] * z[t * r + e];
-                dz[t * r + e] = sc * w * dc[t * r + e];
+                c[t * r + e] = sc * w * z[t * r + e];
+                dw = sc * u[t * r + e] * z[t * r + e];
+                dz[t * r + e] = sc * w * u[t * r + e];
             }
             else if (e >= 0) {
                 const int64_t row = g.position[t * S + s];
                 const float *zr = z + (per_row ? row : t) * r;
                 float *d = dz + (per_row ? row : t) * r;
                 for (j = 0; j < r; j++) {
-                    dw += dc[row * r + j] * zr[j];
-                    d[j] += sc * w * dc[row * r + j];
+                    c[row * r + j] = sc * w * zr[j];
+                    dw += u[row * r + j] * zr[j];
+                    d[j] += sc * w * u[row * r + j];
                 }
                 dw *= sc;
             }
@@ -452,63 +490,138 @@ moe_lora_backward(const moe_lora_backward_params *b)
             }
         }
     }
-    if (!need_dz) {
-        goto done;
-    }
 
-    /* the shrink's backward: dx rows (per slot row or per token), dA */
-    if (b->dx != NULL &&
-        (dxl = moe_alloc((size_t)(n_z * din) + 1, sizeof(float))) == NULL) {
-        st = MOE_STATUS_ALLOC;
-        goto done;
-    }
-    st = moe_lora_linear_backward(p->x, T, per_row ? g.offsets : NULL,
-                                  per_row ? E : 1,
-                                  per_row ? g.token_index : NULL, b->lora_a,
-                                  din, r, dz, dxl, b->d_lora_a);
-    if (st != MOE_STATUS_OK || b->dx == NULL) {
-        goto done;
-    }
-
-    /* dx = dy W0 (the frozen base), then the adapters' rows in slot order */
-    if (b->base_w != NULL) {
-        moe_linear_backward_params lb;
-        memset(&lb, 0, sizeof(lb));
-        lb.x = p->x;
-        lb.w = b->base_w;
-        lb.dtype = b->base_dtype;
-        lb.n_tokens = T;
-        lb.d_in = din;
-        lb.d_out = dout;
-        lb.dy = b->dy;
-        lb.dx = b->dx;
-        if ((st = moe_linear_backward(&lb)) != MOE_STATUS_OK) {
+    /* dB_e = dy_rows^T c_rows (d_out, r), the rows' dy gathered */
+    if (b->d_lora_b != NULL) {
+        const float *dyr = b->dy;
+        if (!ranks) {
+            if ((rows = moe_alloc((size_t)(n_rows * dout) + 1,
+                                  sizeof(float))) == NULL) {
+                st = MOE_STATUS_ALLOC;
+                goto done;
+            }
+            for (i = 0; i < n_rows; i++) {
+                memcpy(rows + i * dout, b->dy + g.token_index[i] * dout,
+                       sizeof(float) * (size_t)dout);
+            }
+            dyr = rows;
+        }
+        for (i = 0; i < n_b && st == MOE_STATUS_OK; i++) {
+            const int64_t r0 = ranks ? 0 : g.offsets[i];
+            const int64_t m = ranks ? T : g.offsets[i + 1] - r0;
+            st = moe_lora_wgrad(dyr + r0 * dout, c + r0 * r, m, dout, r,
+                                b->d_lora_b + i * dout * r);
+        }
+        free(rows);
+        rows = NULL;
+        if (st != MOE_STATUS_OK) {
             goto done;
         }
     }
-    else {
-        memset(b->dx, 0, sizeof(float) * (size_t)(T * din));
+
+    /* dA_e = dz_rows^T x_rows (r, d_in) */
+    if (b->d_lora_a != NULL) {
+        const float *xr = p->x;
+        if (per_row) {
+            if ((rows = moe_alloc((size_t)(n_z * din) + 1,
+                                  sizeof(float))) == NULL) {
+                st = MOE_STATUS_ALLOC;
+                goto done;
+            }
+            for (i = 0; i < n_z; i++) {
+                memcpy(rows + i * din, p->x + g.token_index[i] * din,
+                       sizeof(float) * (size_t)din);
+            }
+            xr = rows;
+        }
+        for (i = 0; i < n_a && st == MOE_STATUS_OK; i++) {
+            const int64_t r0 = per_row ? g.offsets[i] : 0;
+            const int64_t m = per_row ? g.offsets[i + 1] - r0 : T;
+            st = moe_lora_wgrad(dz + r0 * r, xr + r0 * din, m, r, din,
+                                b->d_lora_a + i * r * din);
+        }
+        if (st != MOE_STATUS_OK) {
+            goto done;
+        }
+    }
+
+    /* dx = W0^T dy + sum_s A_e^T dz: bank [A_0^T | A_1^T | ...] */
+    if (b->dx == NULL) {
+        goto done;
+    }
+    n_terms = per_row ? S * r : r;
+    st = MOE_STATUS_ALLOC;
+    coef = moe_alloc((size_t)(T * n_terms) + 1, sizeof(float));
+    index = moe_alloc((size_t)(T * n_terms) + 1, sizeof(int32_t));
+    if (!coef || !index) {
+        goto done;
     }
     for (t = 0; t < T; t++) {
-        float *o = b->dx + t * din;
         for (s = 0; s < (per_row ? S : 1); s++) {
             const int64_t row = per_row ? g.position[t * S + s] : t;
-            const float *src = dxl + row * din;
-            if (row < 0) {
-                continue;
-            }
-            for (i = 0; i < din; i++) {
-                o[i] += src[i];
+            const int32_t e = per_row ? p->ids[t * S + s] : 0;
+            float *cf = coef + (t * (per_row ? S : 1) + s) * r;
+            int32_t *ix = index + (t * (per_row ? S : 1) + s) * r;
+            for (j = 0; j < r; j++) {
+                cf[j] = row < 0 ? 0.0f : dz[row * r + j];
+                ix[j] = row < 0 ? -1 : e * r + j;
             }
         }
     }
+    {   /* A^T as columns: (1, d_in, n_a * r) */
+        float *acat = moe_alloc((size_t)(din * n_a * r) + 1, sizeof(float));
+        int64_t q;
+        if (acat == NULL) {
+            goto done;
+        }
+        for (q = 0; q < (int64_t)n_a * r; q++) {
+            for (i = 0; i < din; i++) {
+                acat[i * n_a * r + q] = b->lora_a[q * din + i];
+            }
+        }
+        st = moe_lora_pack(acat, 1, din, (int64_t)n_a * r, 0, &at);
+        free(acat);
+        if (st != MOE_STATUS_OK) {
+            goto done;
+        }
+    }
+    lr.coef = coef;
+    lr.index = index;
+    lr.n_terms = n_terms;
+    lr.bank = at;
+    memset(&lp, 0, sizeof(lp));
+    lp.x = b->dy;
+    lp.n_tokens = T;
+    lp.offsets = whole;
+    lp.n_rows = T;
+    lp.weights = b->base_t;
+    lp.lowrank = &lr;
+    lp.out = b->dx;
+    if (b->base_t == NULL) { /* the update alone: a base without inputs */
+        moe_linear_pack_params zp;
+        memset(&zp, 0, sizeof(zp));
+        zp.w = b->dy;
+        zp.dtype = MOE_DTYPE_F32;
+        zp.n_groups = 1;
+        zp.d_out = din;
+        if ((st = moe_linear_pack(&zp, &zero)) != MOE_STATUS_OK) {
+            goto done;
+        }
+        lp.x = NULL;
+        lp.weights = zero;
+    }
+    st = moe_linear_grouped(&lp);
 done:
     moe_lora_rows_free(&g);
+    moe_experts_free(bt);
+    moe_experts_free(at);
+    moe_experts_free(zero);
     free(z);
     free(c);
-    free(dc);
+    free(u);
     free(dz);
-    free(dyr);
-    free(dxl);
+    free(rows);
+    free(coef);
+    free(index);
     return st;
 }

@@ -1,10 +1,13 @@
-"""moe.torch: moe.SparseMoE and moe.MultiHeadMoE as torch.nn.Modules with autograd,
-traceable by torch.compile.
+"""moe.torch: moe.SparseMoE, moe.MultiHeadMoE and the mixture-of-LoRA layers of moe.lora
+(TopKLoRA, SoftLoRA, HydraLoRA, GatedLoRA, FlyLoRA, SMoRA, MultiLoRA) as torch.nn.Modules
+with autograd, traceable by torch.compile; plus PEFT LoRA interop (load_peft_lora,
+peft_state_dict).
 
 A module's parameters share memory with its NumPy layer's weights; the forward and backward
-run the C core through two custom ops (torch.ops.moe.sparse_moe_forward / _backward, with
-fake implementations; they run either layer) wrapped by an autograd.Function.  Importing
-`moe` never imports torch: only `import moe.torch` does.
+run the C core through custom ops (torch.ops.moe.sparse_moe_forward / _backward for the two
+MoE layers, torch.ops.moe.lora_forward / _backward for every LoRA layer, with fake
+implementations) wrapped by an autograd.Function.  Importing `moe` never imports torch:
+only `import moe.torch` does.
 """
 import functools
 import itertools
@@ -16,10 +19,13 @@ import torch
 from torch import nn
 
 from . import layer as _layer_mod
+from . import lora as _lora_mod
 from .layer import SparseMoE as _NumpySparseMoE
 from .multihead import MultiHeadMoE as _NumpyMultiHeadMoE
 
-__all__ = ["MultiHeadMoE", "Routing", "SparseMoE", "from_layer"]
+__all__ = ["FlyLoRA", "GatedLoRA", "HydraLoRA", "MultiHeadMoE", "MultiLoRA", "Routing", "SMoRA",
+           "SoftLoRA", "SparseMoE", "TopKLoRA", "from_layer", "load_peft_lora",
+           "peft_state_dict"]
 
 # weights whose in-place change needs layer.pack(): the kernels read a packed copy of them
 _PACKED = frozenset(_layer_mod._EXPERT_WEIGHTS + ("b_gate", "b_up", "b_down")
@@ -73,6 +79,8 @@ def _owner(layer, name):
 
 
 def _packed_names(layer):
+    if isinstance(layer, _lora_mod._LoRALayer):  # all but the weights read on every call
+        return frozenset(layer._all_weights()) - frozenset(layer._READ_EACH_CALL)
     return _PACKED_MULTIHEAD if isinstance(layer, _NumpyMultiHeadMoE) else _PACKED
 
 
@@ -270,11 +278,127 @@ class _SparseMoEFunction(torch.autograd.Function):
         return (dx, None, None) + tuple(next(it) if t else None for t in ctx.trainable)
 
 
+# ---- the LoRA layers' custom ops ------------------------------------------------------
+#
+# One pair for the seven moe.lora layers.  Besides x and the weights they take `extra`, the
+# layer's per-call input flattened over the tokens: GatedLoRA's scalings (T, E) float32,
+# MultiLoRA's adapter_ids (T,) int64, a routed layer's seq_lens (n_seq,) int64 -- or an
+# empty tensor (no seq_lens; FlyLoRA and SMoRA take nothing).
+
+def _lora_routing_shape(layer):
+    """(slots per token, length of counts) of a LoRA layer's RoutingResult."""
+    if isinstance(layer, _lora_mod.MultiLoRA):
+        return 1, layer.n_experts
+    if layer._KIND == _lora_mod._RANKS:  # FlyLoRA, SMoRA: the ranks are the experts
+        return layer.top_k, layer.rank
+    return (layer.n_experts if layer.top_k is None else layer.top_k), layer.n_experts
+
+
+def _lora_call_args(layer, extra, n_tokens):
+    """The layer's per-call arguments (args, kwargs) from the op's `extra` tensor."""
+    if isinstance(layer, (_lora_mod.GatedLoRA, _lora_mod.MultiLoRA)):
+        return (extra.detach().contiguous().numpy(),), {}
+    if isinstance(layer, _lora_mod._RoutedLoRA) and layer.per_sequence and (
+            extra.numel() or n_tokens == 0):
+        return (), {"seq_lens": extra.detach().contiguous().numpy()}
+    return (), {}
+
+
+@torch.library.custom_op(
+    "moe::lora_forward", mutates_args=(),
+    schema="(Tensor x, Tensor extra, Tensor[] weights, int layer_id, bool train) -> "
+           "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
+def _lora_forward_op(x, extra, weights, layer_id, train):
+    """x (T, d_in) float32, extra (see above), weights in the binding's order -> y (T, d_out)
+    float32, aux, z (0-d float32), expert_ids (T, k) int32, weights (T, k) float32, counts
+    int64 and the handle of the training context (-1 when train is False)."""
+    layer = _bind(_binding(layer_id), weights)
+    xn = x.detach().contiguous().numpy()
+    args, kw = _lora_call_args(layer, extra, xn.shape[0])
+    if train:
+        y, ctx = layer.forward_train(xn, *args, **kw)
+        r, handle = ctx.routing, _handle_for(ctx)
+    else:
+        y, r = layer(xn, *args, return_routing=True, **kw)
+        handle = torch.tensor(-1, dtype=torch.int64)
+    T = xn.shape[0]
+    return (torch.from_numpy(np.ascontiguousarray(y.reshape(T, layer.d_out))),
+            torch.tensor(r.aux_loss, dtype=torch.float32),
+            torch.tensor(r.z_loss, dtype=torch.float32),
+            torch.from_numpy(np.array(r.expert_ids, np.int32)),
+            torch.from_numpy(np.array(r.weights, np.float32)),
+            torch.from_numpy(np.array(r.counts, np.int64)), handle)
+
+
+@_lora_forward_op.register_fake
+def _(x, extra, weights, layer_id, train):
+    layer = _binding(layer_id).layer
+    T = x.shape[0]
+    k, n = _lora_routing_shape(layer)
+    scalar = x.new_empty((), dtype=torch.float32)
+    return (x.new_empty((T, layer.d_out), dtype=torch.float32), scalar, scalar.clone(),
+            x.new_empty((T, k), dtype=torch.int32), x.new_empty((T, k), dtype=torch.float32),
+            x.new_empty((n,), dtype=torch.int64), x.new_empty((), dtype=torch.int64))
+
+
+@torch.library.custom_op(
+    "moe::lora_backward", mutates_args=(),
+    schema="(Tensor x, Tensor extra, Tensor[] weights, Tensor handle, Tensor dy, "
+           "Tensor aux_coef, Tensor z_coef, int layer_id) -> (Tensor, Tensor, Tensor[])")
+def _lora_backward_op(x, extra, weights, handle, dy, aux_coef, z_coef, layer_id):
+    """Gradients of sum(dy * y) + aux_coef * aux + z_coef * z: dx (T, d_in) float32, d extra
+    (GatedLoRA: the scalings' (T, E) float32; others: an empty tensor) and one per trainable
+    weight (binding order), in that weight's dtype."""
+    b = _binding(layer_id)
+    layer = _bind(b, weights)
+    g = layer.backward(_context_of(handle), dy.detach().contiguous().numpy(),
+                       aux_coef=float(aux_coef), z_coef=float(z_coef), retain=True)
+    d_extra = (torch.from_numpy(np.ascontiguousarray(g["scalings"], np.float32))
+               if "scalings" in g else x.new_empty((0,), dtype=torch.float32))
+    grads = [torch.from_numpy(g[n]).to(w.dtype)
+             for n, w in zip(b.names, weights) if n in b.trainable]
+    return torch.from_numpy(np.ascontiguousarray(g["x"])), d_extra, grads
+
+
+@_lora_backward_op.register_fake
+def _(x, extra, weights, handle, dy, aux_coef, z_coef, layer_id):
+    b = _binding(layer_id)
+    d_extra = (torch.empty_like(extra, dtype=torch.float32)
+               if isinstance(b.layer, _lora_mod.GatedLoRA)
+               else x.new_empty((0,), dtype=torch.float32))
+    return (torch.empty_like(x, dtype=torch.float32), d_extra,
+            [torch.empty_like(w) for n, w in zip(b.names, weights) if n in b.trainable])
+
+
+class _LoRAFunction(torch.autograd.Function):
+    """_SparseMoEFunction for the LoRA layers: one more input, `extra`, which takes a
+    gradient (GatedLoRA's scalings) when it requires one."""
+
+    @staticmethod
+    def forward(ctx, x, extra, layer_id, trainable, *weights):
+        y, aux, z, ids, w, counts, handle = torch.ops.moe.lora_forward(
+            x, extra, list(weights), layer_id, True)
+        ctx.mark_non_differentiable(ids, w, counts, handle)
+        ctx.save_for_backward(x, extra, handle, *weights)
+        ctx.layer_id, ctx.trainable = layer_id, trainable
+        return y, aux, z, ids, w, counts, handle
+
+    @staticmethod
+    def backward(ctx, dy, daux, dz, *_):
+        x, extra, handle, *weights = ctx.saved_tensors
+        dx, d_extra, grads = torch.ops.moe.lora_backward(x, extra, weights, handle, dy, daux,
+                                                         dz, ctx.layer_id)
+        it = iter(grads)
+        return ((dx, d_extra if ctx.needs_input_grad[1] else None, None, None)
+                + tuple(next(it) if t else None for t in ctx.trainable))
+
+
 # ---- the modules -----------------------------------------------------------------------
 
-def _adopt_weights(module, layer, names):
+def _adopt_weights(module, layer, names, buffers=("expert_bias",), frozen=()):
     """Register the layer's weights `names` (those it has) as the module's parameters
-    (expert_bias: a buffer) on the same memory; returns the registered names."""
+    (`buffers` as buffers, `frozen` as parameters with requires_grad=False) on the same
+    memory; returns the registered names."""
     out = []
     for name in names:
         arr = getattr(layer, name)
@@ -284,10 +408,10 @@ def _adopt_weights(module, layer, names):
             setattr(layer, name, np.array(arr))
             arr = getattr(layer, name)
         t = _tensor_view(arr)
-        if name == "expert_bias":
+        if name in buffers:
             module.register_buffer(name, t)
         else:
-            module.register_parameter(name, nn.Parameter(t))
+            module.register_parameter(name, nn.Parameter(t, requires_grad=name not in frozen))
         out.append(name)
     return out
 
@@ -321,19 +445,24 @@ class _LayerModule(nn.Module):
             out.append(t)
         return out
 
-    def forward(self, x, return_routing=False):
-        """x: (..., d_model) CPU float tensor -> y of x's shape and dtype [, Routing]."""
-        d = self._config["d_model"]
+    @staticmethod
+    def _tokens(x, d, what="d_model"):
+        """x checked (a CPU float tensor of shape (..., d)) -> (T, d) float32 contiguous."""
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
         if x.dim() < 1 or x.shape[-1] != d:
-            raise ValueError(f"x must have shape (..., d_model={d}), got {tuple(x.shape)}")
+            raise ValueError(f"x must have shape (..., {what}={d}), got {tuple(x.shape)}")
         if not x.is_floating_point():
             raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
         if x.device.type != "cpu":
             raise ValueError(f"moe.torch runs on the CPU: x is on {x.device}")
+        return x.reshape(-1, d).to(torch.float32).contiguous()
+
+    def forward(self, x, return_routing=False):
+        """x: (..., d_model) CPU float tensor -> y of x's shape and dtype [, Routing]."""
+        d = self._config["d_model"]
+        x2 = self._tokens(x, d)
         weights = self._weights()
-        x2 = x.reshape(-1, d).to(torch.float32).contiguous()
         if torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad
                                                                for w in weights)):
             y, aux, z, ids, w, counts, _ = _SparseMoEFunction.apply(
@@ -472,14 +601,470 @@ def _from_sparse(layer):
 
 
 def from_layer(layer):
-    """A moe.torch.SparseMoE / MultiHeadMoE whose parameters are the NumPy layer's weights
-    (no copy: torch.from_numpy; read-only arrays, e.g. memory-mapped, are copied once)."""
+    """A moe.torch.SparseMoE / MultiHeadMoE / LoRA module (TopKLoRA, ...) whose parameters are
+    the NumPy layer's weights (no copy: torch.from_numpy; read-only arrays, e.g.
+    memory-mapped, are copied once)."""
     if isinstance(layer, _NumpySparseMoE):
         return _from_sparse(layer)
-    if isinstance(layer, _NumpyMultiHeadMoE):
-        m = MultiHeadMoE.__new__(MultiHeadMoE)
-        nn.Module.__init__(m)
-        m._adopt(layer)
-        return m
-    raise TypeError(f"from_layer takes a moe.SparseMoE or moe.MultiHeadMoE, got "
-                    f"{type(layer).__name__}")
+    cls = MultiHeadMoE if isinstance(layer, _NumpyMultiHeadMoE) else _LORA_MODULES.get(
+        type(layer))
+    if cls is None:
+        raise TypeError(f"from_layer takes a moe.SparseMoE, moe.MultiHeadMoE or a moe.lora "
+                        f"layer ({', '.join(sorted(c.__name__ for c in _LORA_MODULES))}), "
+                        f"got {type(layer).__name__}")
+    m = cls.__new__(cls)
+    nn.Module.__init__(m)
+    m._adopt(layer)
+    return m
+
+
+
+# ---- the mixture-of-LoRA layers --------------------------------------------------------
+
+# weights that are buffers (never trained, not parameters)
+_LORA_BUFFERS = ("rank_bias", "scalings")
+
+
+class _LoRAModule(_LayerModule):
+    """What the moe.lora modules share.  A subclass sets _NUMPY (its moe.lora class) and a
+    forward that passes its per-call input to _run."""
+
+    _NUMPY = None
+
+    def _adopt(self, layer):
+        names = [n for n in layer._weight_names() if getattr(layer, n) is not None]
+        trainable = layer.trainable_weights()
+        frozen = [n for n in names if n not in trainable and n not in _LORA_BUFFERS]
+        names = _adopt_weights(self, layer, names, buffers=_LORA_BUFFERS, frozen=frozen)
+        self._config = layer.config()
+        self._dtypes = {n: getattr(self, n).dtype for n in names}
+        self._set_binding(_Binding(layer, names, trainable))
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        layer = self._NUMPY(**self._config, init=False)
+        self._set_binding(_Binding(layer, state["_dtypes"], layer.trainable_weights()))
+
+    @property
+    def scaling(self):
+        """The layer's LoRA scaling (alpha / rank; SMoRA: alpha / top_k)."""
+        return self._binding.layer.scaling
+
+    def _run(self, x, extra, return_routing):
+        """The forward: x (..., d_in), extra (the op's per-call tensor, over the tokens)."""
+        d_in, d_out = self._config["d_in"], self._config["d_out"]
+        x2 = self._tokens(x, d_in, "d_in")
+        weights = self._weights()
+        if torch.is_grad_enabled() and (x.requires_grad or extra.requires_grad
+                                        or any(w.requires_grad for w in weights)):
+            for name, w, t in zip(self._binding.names, weights, self._trainable):
+                if w.requires_grad and not t:
+                    raise ValueError(
+                        f"{name} is frozen (moe.torch computes no gradient for it) but "
+                        f"requires grad: call {name}.requires_grad_(False), or run under "
+                        "torch.no_grad()")
+            y, aux, z, ids, w, counts, _ = _LoRAFunction.apply(
+                x2, extra, self._layer_id, self._trainable, *weights)
+        else:
+            y, aux, z, ids, w, counts, _ = torch.ops.moe.lora_forward(
+                x2, extra, weights, self._layer_id, False)
+        y = y.reshape(x.shape[:-1] + (d_out,)).to(x.dtype)
+        return (y, Routing(ids, w, counts, aux, z)) if return_routing else y
+
+    @staticmethod
+    def _no_extra(x):
+        return torch.empty((0,), dtype=torch.int64)
+
+
+class _RoutedLoRAModule(_LoRAModule):
+    def forward(self, x, seq_lens=None, return_routing=False):
+        """x: (..., d_in) CPU float tensor [, seq_lens (n_seq,) ints for per_sequence=True
+        (default for a 3-D x: one sequence per row)] -> y (..., d_out) of x's dtype
+        [, Routing with differentiable aux_loss / z_loss]."""
+        if seq_lens is None:
+            if self._config["per_sequence"] and isinstance(x, torch.Tensor) and x.dim() == 3:
+                extra = torch.full((x.shape[0],), x.shape[1], dtype=torch.int64)
+            else:
+                extra = self._no_extra(x)
+        else:
+            extra = torch.as_tensor(seq_lens).detach().reshape(-1)
+            if extra.is_floating_point() or extra.is_complex():
+                raise TypeError(f"seq_lens must be integers, got {extra.dtype}")
+            extra = extra.to(torch.int64).contiguous()
+        return self._run(x, extra, return_routing)
+
+
+class TopKLoRA(_RoutedLoRAModule):
+    """moe.lora.TopKLoRA (MixLoRA / MoLA) as a torch.nn.Module: same constructor arguments.
+
+    Parameters router_weight (E, d_in), lora_a (E, r, d_in), lora_b (E, d_out, r), trainable;
+    base_weight (d_out, d_in) and base_bias (d_out,) (bias=True) are frozen *parameters*
+    (requires_grad=False, as PEFT keeps its base layer's weight; dtype="bfloat16" /
+    "float16" makes base_weight a torch.bfloat16 / float16 parameter).  All share memory
+    with the NumPy layer (to_layer()); state_dict keys are the weight names.
+
+    m(x, seq_lens=None, return_routing=False): x (..., d_in) CPU float tensor (bfloat16 /
+    float64 computed in float32, y and x's gradient in x's dtype) -> y (..., d_out)
+    [, Routing: aux_loss / z_loss differentiable].  The selection is held fixed in the
+    backward; under torch.no_grad() the plain forward runs.  In-place updates (optimizer
+    steps, load_state_dict) are seen through the version counters, as in moe.torch.SparseMoE;
+    after writes through .data or NumPy call m.repack().
+    """
+
+    _NUMPY = _lora_mod.TopKLoRA
+
+    def __init__(self, d_in, d_out, n_experts, rank, top_k=2, **options):
+        super().__init__()
+        self._adopt(self._NUMPY(d_in, d_out, n_experts, rank, top_k, **options))
+
+
+class SoftLoRA(_RoutedLoRAModule):
+    """moe.lora.SoftLoRA (MoLoRA / LoRAMoE) as a torch.nn.Module: parameters, forward and
+    frozen base as in moe.torch.TopKLoRA."""
+
+    _NUMPY = _lora_mod.SoftLoRA
+
+    def __init__(self, d_in, d_out, n_experts, rank, top_k=None, **options):
+        super().__init__()
+        self._adopt(self._NUMPY(d_in, d_out, n_experts, rank, top_k, **options))
+
+
+class HydraLoRA(_RoutedLoRAModule):
+    """moe.lora.HydraLoRA as a torch.nn.Module: router_weight (E, d_in), the shared lora_a
+    (r, d_in) and the heads lora_b (E, d_out, r) trainable; forward and frozen base as in
+    moe.torch.TopKLoRA."""
+
+    _NUMPY = _lora_mod.HydraLoRA
+
+    def __init__(self, d_in, d_out, n_experts, rank, top_k=None, **options):
+        super().__init__()
+        self._adopt(self._NUMPY(d_in, d_out, n_experts, rank, top_k, **options))
+
+
+class GatedLoRA(_LoRAModule):
+    """moe.lora.GatedLoRA (X-LoRA) as a torch.nn.Module: lora_a (E, r, d_in), lora_b
+    (E, d_out, r) trainable, the base frozen as in moe.torch.TopKLoRA.
+
+    m(x, scalings, return_routing=False): scalings (..., E) float tensor, x's leading shape;
+    when it requires grad it gets one (X-LoRA trains the scaling head that produces it;
+    through the softmax of the kept ones with top_k / softmax_topk).  The Routing's
+    aux_loss / z_loss are 0 (no router)."""
+
+    _NUMPY = _lora_mod.GatedLoRA
+
+    def __init__(self, d_in, d_out, n_experts, rank, **options):
+        super().__init__()
+        self._adopt(self._NUMPY(d_in, d_out, n_experts, rank, **options))
+
+    def forward(self, x, scalings, return_routing=False):
+        E = self._config["n_experts"]
+        if not isinstance(scalings, torch.Tensor):
+            scalings = torch.as_tensor(np.asarray(scalings, np.float32))
+        lead = tuple(x.shape[:-1]) if isinstance(x, torch.Tensor) else None
+        if lead is not None and tuple(scalings.shape) != lead + (E,):
+            raise ValueError(f"scalings must have shape {lead + (E,)} (x's leading shape, "
+                             f"n_experts), got {tuple(scalings.shape)}")
+        if not scalings.is_floating_point():
+            raise TypeError(f"scalings must be a floating-point tensor, got {scalings.dtype}")
+        extra = scalings.reshape(-1, E).to(torch.float32).contiguous()
+        return self._run(x, extra, return_routing)
+
+
+class FlyLoRA(_LoRAModule):
+    """moe.lora.FlyLoRA as a torch.nn.Module: lora_b (d_out, r) trainable; lora_a (r, d_in),
+    the frozen sparse random projection, a parameter with requires_grad=False (like the
+    base); rank_bias (r,) a buffer (update it with m.update_bias(counts), e.g. Routing.counts,
+    or update_bias="every-forward").  m(x, return_routing=False)."""
+
+    _NUMPY = _lora_mod.FlyLoRA
+
+    def __init__(self, d_in, d_out, rank, top_k, **options):
+        super().__init__()
+        self._adopt(self._NUMPY(d_in, d_out, rank, top_k, **options))
+
+    def forward(self, x, return_routing=False):
+        return self._run(x, self._no_extra(x), return_routing)
+
+    def update_bias(self, counts, rate=None):
+        """rank_bias += rate * sign(mean(counts) - counts) (rate defaults to bias_rate), in
+        place through torch.  counts: (r,) ints, e.g. Routing.counts."""
+        return _update_rank_bias(self, counts, self._config["bias_rate"] if rate is None
+                                 else rate)
+
+
+class SMoRA(_LoRAModule):
+    """moe.lora.SMoRA as a torch.nn.Module: router_weight (r / rank_partition, d_in), lora_a
+    (r, d_in), lora_b (d_out, r) trainable; rank_bias (r,) a buffer (m.update_bias(counts,
+    rate)); base frozen as in moe.torch.TopKLoRA.  m(x, return_routing=False), aux_loss /
+    z_loss differentiable."""
+
+    _NUMPY = _lora_mod.SMoRA
+
+    def __init__(self, d_in, d_out, rank, top_k, **options):
+        super().__init__()
+        self._adopt(self._NUMPY(d_in, d_out, rank, top_k, **options))
+
+    forward = FlyLoRA.forward
+
+    def update_bias(self, counts, rate=1e-5):
+        """rank_bias += rate * sign(mean(counts) - counts), in place through torch."""
+        return _update_rank_bias(self, counts, rate)
+
+
+@torch.no_grad()
+def _update_rank_bias(module, counts, rate):
+    from . import update_expert_bias
+    if isinstance(counts, torch.Tensor):
+        counts = counts.detach().cpu().numpy()
+    bias = module.rank_bias.numpy().copy()
+    update_expert_bias(bias, counts, rate)
+    # through torch, so that the version counter sees it
+    module.rank_bias.copy_(torch.from_numpy(bias))
+    return module.rank_bias
+
+
+class MultiLoRA(_LoRAModule):
+    """moe.lora.MultiLoRA (Punica / S-LoRA batches) as a torch.nn.Module: lora_a (N, r, d_in),
+    lora_b (N, d_out, r) trainable, scalings (N,) a buffer, base frozen as in
+    moe.torch.TopKLoRA.
+
+    m(x, adapter_ids, return_routing=False): adapter_ids (...) ints in [-1, N) per token
+    (x's leading shape; -1: base only) or one int for the whole batch.  Install an adapter
+    with m.set_adapter(i, lora_a, lora_b, alpha) or load_peft_lora(m, state_dict, index=i)
+    (in place: not the NumPy layer's set_adapter, which would replace the shared arrays)."""
+
+    _NUMPY = _lora_mod.MultiLoRA
+
+    def __init__(self, d_in, d_out, n_adapters, rank, **options):
+        super().__init__()
+        self._adopt(self._NUMPY(d_in, d_out, n_adapters, rank, **options))
+
+    def forward(self, x, adapter_ids, return_routing=False):
+        ids = torch.as_tensor(adapter_ids).detach()
+        if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+            raise TypeError(f"adapter_ids must be integers, got {ids.dtype}")
+        if isinstance(x, torch.Tensor) and x.dim() >= 1:
+            lead = tuple(x.shape[:-1])
+            if ids.dim() == 0:
+                ids = ids.expand(lead)
+            elif tuple(ids.shape) != lead:
+                raise ValueError(f"adapter_ids must have x's leading shape {lead} (or be one "
+                                 f"int), got {tuple(ids.shape)}")
+        return self._run(x, ids.reshape(-1).to(torch.int64).contiguous(), return_routing)
+
+    def set_adapter(self, i, lora_a, lora_b, alpha=None):
+        """Install adapter i in place: lora_a (r_i, d_in), lora_b (d_out, r_i), r_i <= rank
+        (zero-padded), scaling alpha / r_i (alpha defaults to r_i)."""
+        _load_adapter(self, {"lora_A.weight": lora_a, "lora_B.weight": lora_b}, index=i,
+                      alpha=alpha)
+        return self
+
+
+_LORA_MODULES = {c._NUMPY: c for c in (TopKLoRA, SoftLoRA, HydraLoRA, GatedLoRA, FlyLoRA,
+                                       SMoRA, MultiLoRA)}
+
+
+# ---- PEFT interop ----------------------------------------------------------------------
+#
+# A PEFT LoRA adapter on an nn.Linear (d_in -> d_out) holds lora_A.weight (r, d_in) and
+# lora_B.weight (d_out, r), its output is base(x) + (lora_alpha / r) * B A x (rsLoRA:
+# lora_alpha / sqrt(r)); the scaling is in the LoraConfig, not the state dict.
+
+def _target(obj):
+    """(the NumPy layer, put(name, float32 array)) for a moe.lora layer or a LoRA module:
+    put writes a whole weight -- into the module's tensor in place (torch sees it), or by
+    assignment into a NumPy layer."""
+    if isinstance(obj, _LoRAModule):
+        layer = obj.to_layer()
+
+        def put(name, arr):
+            with torch.no_grad():
+                getattr(obj, name).copy_(torch.from_numpy(arr))
+        return layer, put
+    if isinstance(obj, _lora_mod._LoRALayer):
+        return obj, lambda name, arr: setattr(obj, name, arr)
+    raise TypeError(f"expected a moe.lora layer or a moe.torch LoRA module, got "
+                    f"{type(obj).__name__}")
+
+
+def _as_float32(v, key):
+    if isinstance(v, torch.Tensor):
+        v = v.detach().cpu().float().numpy()
+    arr = np.asarray(v)
+    if arr.dtype.kind not in "fiu":
+        raise TypeError(f"{key}: expected a float tensor, got dtype {arr.dtype}")
+    return np.array(arr, np.float32)
+
+
+def _find_key(state_dict, prefix, part, adapter_name):
+    """The key of `part` ("lora_A") under prefix: prefix + "lora_A.weight" (a
+    get_peft_model_state_dict key), prefix + "lora_A.<adapter_name>.weight" (a PEFT model's
+    own state_dict), or else the only key under prefix ending that way."""
+    for key in (f"{prefix}{part}.weight", f"{prefix}{part}.{adapter_name}.weight"):
+        if key in state_dict:
+            return key
+    found = [k for k in state_dict if k.startswith(prefix) and (
+        k.endswith(f"{part}.weight") or k.endswith(f"{part}.{adapter_name}.weight"))
+        and (k == f"{part}.weight" or f".{part}." in "." + k)]
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        raise KeyError(f"no {part}.weight (or {part}.{adapter_name}.weight) key under "
+                       f"prefix {prefix!r} in the state dict ({len(state_dict)} keys)")
+    raise ValueError(f"{len(found)} {part} keys under prefix {prefix!r} ({', '.join(found[:4])}"
+                     f"{', ...' if len(found) > 4 else ''}): pass prefix= the module's")
+
+
+def _slots(layer, index, what):
+    """The expert / adapter / head indices an adapter goes to (index None: all of them)."""
+    n = layer.n_experts
+    if index is None:
+        return list(range(n))
+    if isinstance(index, bool) or not isinstance(index, (int, np.integer)) or \
+            not 0 <= index < n:
+        raise ValueError(f"index must be an int in [0, {n}) ({what}), got {index!r}")
+    return [int(index)]
+
+
+def _load_adapter(obj, state_dict, index=None, prefix="", adapter_name="default", alpha=None,
+                  scaling=None, load_base=True):
+    layer, put = _target(obj)
+    a_key = _find_key(state_dict, prefix, "lora_A", adapter_name)
+    b_key = "lora_B".join(a_key.rsplit("lora_A", 1))
+    if b_key not in state_dict:
+        raise KeyError(f"{b_key} (the lora_B of {a_key}) is not in the state dict")
+    a, b = _as_float32(state_dict[a_key], a_key), _as_float32(state_dict[b_key], b_key)
+    R, d_in, d_out = layer.rank, layer.d_in, layer.d_out
+    if a.ndim != 2 or a.shape[1] != d_in or not 1 <= a.shape[0] <= R:
+        raise ValueError(f"{a_key}: expected shape (r, {d_in}) with 1 <= r <= {R} (the layer's "
+                         f"rank; d_in={d_in}), got {tuple(a.shape)}")
+    r = a.shape[0]
+    if b.shape != (d_out, r):
+        raise ValueError(f"{b_key}: expected shape ({d_out}, {r}) (d_out, the r of {a_key}), "
+                         f"got {tuple(b.shape)}")
+    if alpha is not None and scaling is not None:
+        raise ValueError("pass alpha (PEFT's lora_alpha: scaling alpha / r) or scaling, "
+                         "not both")
+    s = float(scaling) if scaling is not None else (r if alpha is None else float(alpha)) / r
+    a_pad = np.zeros((R, d_in), np.float32)
+    a_pad[:r] = a
+    b_pad = np.zeros((d_out, R), np.float32)
+    b_pad[:, :r] = b
+    loaded = [a_key, b_key]
+    if isinstance(layer, _lora_mod.MultiLoRA):  # a slot with its own scaling
+        slots = _slots(layer, index, "the adapter slot")
+        la, lb, sc = layer.lora_a.copy(), layer.lora_b.copy(), layer.scalings.copy()
+        la[slots], lb[slots], sc[slots] = a_pad, b_pad, s
+        put("lora_a", la)
+        put("lora_b", lb)
+        put("scalings", sc)
+    else:  # one scaling for the layer: fold the adapter's into B
+        b_pad *= np.float32(s / layer.scaling)
+        if layer.lora_a.ndim == 3:  # TopKLoRA, SoftLoRA, GatedLoRA: one expert (or all)
+            slots = _slots(layer, index, "the expert")
+            la, lb = layer.lora_a.copy(), layer.lora_b.copy()
+            la[slots], lb[slots] = a_pad, b_pad
+        elif layer.lora_b.ndim == 3:  # HydraLoRA: the shared A and one head (or all)
+            slots = _slots(layer, index, "the B head")
+            la, lb = a_pad, layer.lora_b.copy()
+            lb[slots] = b_pad
+        else:  # FlyLoRA, SMoRA: one LoRA whose ranks are the experts
+            if index is not None:
+                raise ValueError(f"{type(layer).__name__} holds one adapter: index must be "
+                                 f"None, got {index!r}")
+            la, lb = a_pad, b_pad
+        put("lora_a", la)
+        put("lora_b", lb)
+    base = a_key.rsplit("lora_A", 1)[0] + "base_layer."
+    if load_base and base + "weight" in state_dict:
+        key = base + "weight"
+        w = _as_float32(state_dict[key], key)
+        if w.shape != (d_out, d_in):
+            raise ValueError(f"{key}: expected shape ({d_out}, {d_in}) (d_out, d_in), got "
+                             f"{tuple(w.shape)}")
+        put("base_weight", w)
+        loaded.append(key)
+        if base + "bias" in state_dict:
+            key = base + "bias"
+            if not layer.use_bias:
+                raise ValueError(f"{key}: the layer has no base bias (build it with "
+                                 "bias=True)")
+            v = _as_float32(state_dict[key], key)
+            if v.shape != (d_out,):
+                raise ValueError(f"{key}: expected shape ({d_out},) (d_out), got "
+                                 f"{tuple(v.shape)}")
+            put("base_bias", v)
+            loaded.append(key)
+    return tuple(loaded)
+
+
+def load_peft_lora(layer, state_dict, *, index=None, prefix="", adapter_name="default",
+                   alpha=None, scaling=None, load_base=True):
+    """Load one PEFT LoRA adapter (of an nn.Linear d_in -> d_out) into a moe.lora layer or
+    moe.torch LoRA module, in place; returns the keys it read.
+
+    state_dict: get_peft_model_state_dict(model) (keys "<prefix>lora_A.weight" (r, d_in),
+    "<prefix>lora_B.weight" (d_out, r)) or the PEFT model's own state_dict ("...lora_A.
+    <adapter_name>.weight"); prefix selects the module, e.g. "base_model.model.fc1." (may be
+    omitted when the state dict holds one adapter).  r <= the layer's rank (zero-padded).
+    The scaling is PEFT's lora_alpha / r: pass alpha=lora_alpha (default r: scaling 1) or
+    scaling= directly (rsLoRA: lora_alpha / sqrt(r)).  Where it goes:
+
+    - MultiLoRA: adapter slot `index` (its scalings entry set to the adapter's scaling);
+    - TopKLoRA / SoftLoRA / GatedLoRA: expert `index`;
+    - HydraLoRA: the shared A (every head's) and head `index`'s B;
+    - FlyLoRA / SMoRA: the one A and B (index None; only the selected ranks are active);
+    index=None loads every slot / expert / head (with gates summing to 1 the mixture then
+    equals the adapter).  The layers other than MultiLoRA have one scaling: the adapter's
+    is folded into B (B * adapter_scaling / layer.scaling).  With load_base (default) the
+    base linear's "<module>base_layer.weight" / ".bias" (a PEFT model's state_dict) are
+    loaded too when present.  Shape or rank mismatches raise ValueError naming the key and
+    the expected shape.
+    """
+    return _load_adapter(layer, state_dict, index=index, prefix=prefix,
+                         adapter_name=adapter_name, alpha=alpha, scaling=scaling,
+                         load_base=load_base)
+
+
+def peft_state_dict(layer, *, index=None, prefix="", alpha=None, rank=None,
+                    include_base=False):
+    """One adapter of a moe.lora layer or moe.torch LoRA module as a PEFT LoRA state dict
+    {prefix + "lora_A.weight": (r, d_in), prefix + "lora_B.weight": (d_out, r)} of float32
+    tensors (copies), loadable with peft's set_peft_model_state_dict into a LoraConfig(r=r,
+    lora_alpha=alpha) adapter (prefix e.g. "base_model.model.fc1.").
+
+    index: the MultiLoRA slot / expert / HydraLoRA head (required when there are several;
+    None for FlyLoRA / SMoRA).  rank (default the layer's): the r exported -- an adapter
+    installed with a smaller r (zero-padded) exports back at that r; dropping non-zero
+    rows raises.  alpha: the LoraConfig's lora_alpha; B is rescaled so that alpha / r
+    gives the slot's scaling (default alpha = that scaling * r: B unchanged).
+    include_base adds prefix + "base_layer.weight" (and ".bias"), in the base's dtype.
+    """
+    lay, _ = _target(layer)
+    R = lay.rank
+    r = R if rank is None else int(rank)
+    if not 1 <= r <= R:
+        raise ValueError(f"rank must be in [1, {R}] (the layer's rank), got {rank!r}")
+    if lay.lora_a.ndim == 3 or lay.lora_b.ndim == 3:
+        if index is None:
+            if lay.n_experts != 1:
+                raise ValueError(f"index is required: {type(lay).__name__} holds "
+                                 f"{lay.n_experts} adapters / experts / heads")
+            index = 0
+        i = _slots(lay, index, "the slot / expert / head")[0]
+    elif index is not None:
+        raise ValueError(f"{type(lay).__name__} holds one adapter: index must be None")
+    a = lay.lora_a[i] if lay.lora_a.ndim == 3 else lay.lora_a
+    b = lay.lora_b[i] if lay.lora_b.ndim == 3 else lay.lora_b
+    if np.any(a[r:]) or np.any(b[:, r:]):
+        raise ValueError(f"rank={r} would drop non-zero rows of lora_a / columns of lora_b "
+                         f"(the layer's rank is {R})")
+    s = float(lay.scalings[i]) if isinstance(lay, _lora_mod.MultiLoRA) else lay.scaling
+    b = b[:, :r] * np.float32(1.0 if alpha is None else s / (float(alpha) / r))
+    out = {f"{prefix}lora_A.weight": torch.from_numpy(np.array(a[:r], np.float32)),
+           f"{prefix}lora_B.weight": torch.from_numpy(np.array(b, np.float32))}
+    if include_base:
+        out[f"{prefix}base_layer.weight"] = _tensor_view(lay.base_weight).clone()
+        if lay.use_bias:
+            out[f"{prefix}base_layer.bias"] = torch.from_numpy(np.array(lay.base_bias))
+    return out

@@ -16,7 +16,11 @@ the PyTorch loop against moe (max-abs-normalised error < 1e-4).  Medians over re
 (after warm-up), (min-max) beside.
 
     python benchmarks/bench_lora.py [--tokens 1 64 512 2048] [--repeats N] [--no-torch]
-        [--out FILE.md]
+        [--train-only] [--train-rounds N] [--out FILE.md]
+
+Then the training step (forward_train + backward) of TopKLoRA and HydraLoRA (dense) against
+PEFT-style PyTorch steps under autograd (x, router, A and B trained; W0 frozen), interleaved,
+at the token counts >= 64, their gradients checked against each other first.
 """
 import argparse
 import contextlib
@@ -32,7 +36,7 @@ import numpy as np
 
 import moe
 from _common import (ceilings, check, cpu_model, interleaved, optional_torch,  # noqa: E402
-                     rel_err, spread, timeit)
+                     per_round, rel_err, spread, timeit)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SHAPES = os.path.join(HERE, "shapes.json")
@@ -127,6 +131,84 @@ def torch_peers(layer):
     return base, route, topk_lora
 
 
+def torch_train_steps(top, hydra):
+    """PEFT-style training steps in PyTorch under autograd: {name: step(x, dy) -> grads}.
+
+    The base W0 is frozen (requires_grad False), the router, A and B are trained and x
+    requires grad (the layer sits inside a model).  TopKLoRA as MixLoRA-style code writes
+    it (router, softmax, topk, renormalise, base, a Python loop over experts with
+    index_add); HydraLoRA as its authors' code (router softmax over the heads, A x once,
+    a loop over the heads B_e)."""
+    import torch
+    import torch.nn.functional as F
+
+    def params(layer):
+        t = lambda a: torch.from_numpy(np.ascontiguousarray(a, np.float32))  # noqa: E731
+        return (t(layer.base_weight), t(layer.router_weight).requires_grad_(),
+                t(layer.lora_a).requires_grad_(), t(layer.lora_b).requires_grad_())
+
+    w0, wr, a, b = params(top)
+    E, k, s = top.n_experts, top.top_k, top.scaling
+
+    def topk_step(x, dy):
+        for p in (x, wr, a, b):
+            p.grad = None
+        probs = F.linear(x, wr).softmax(dim=-1)
+        wts, ids = probs.topk(k, dim=-1)
+        wts = wts / wts.sum(dim=-1, keepdim=True)
+        out = F.linear(x, w0)
+        for e in range(E):
+            tok, slot = torch.where(ids == e)
+            if tok.numel() == 0:
+                continue
+            delta = (x[tok] @ a[e].T) @ b[e].T * (s * wts[tok, slot, None])
+            out.index_add_(0, tok, delta)
+        out.backward(dy)
+        return {"x": x.grad, "router_weight": wr.grad, "lora_a": a.grad, "lora_b": b.grad}
+
+    hw0, hwr, ha, hb = params(hydra)
+    hs = hydra.scaling
+
+    def hydra_step(x, dy):
+        for p in (x, hwr, ha, hb):
+            p.grad = None
+        gate = F.linear(x, hwr).softmax(dim=-1)
+        z = x @ ha.T
+        out = F.linear(x, hw0)
+        for e in range(hydra.n_experts):
+            out = out + (z @ hb[e].T) * (hs * gate[:, e:e + 1])
+        out.backward(dy)
+        return {"x": x.grad, "router_weight": hwr.grad, "lora_a": ha.grad, "lora_b": hb.grad}
+
+    return {"TopKLoRA": topk_step, "HydraLoRA": hydra_step}
+
+
+def train_row(name, layer, torch_step, T, d_in, d_out, rounds, rng):
+    """One training-step row: moe's forward_train + backward against the PyTorch step,
+    interleaved; the gradients checked against each other first."""
+    import torch
+    x = rng.standard_normal((T, d_in)).astype(np.float32)
+    dy = rng.standard_normal((T, d_out)).astype(np.float32)
+    xt = torch.from_numpy(x.copy()).requires_grad_(True)
+    dyt = torch.from_numpy(dy)
+
+    def ours():
+        y, ctx = layer.forward_train(x)
+        return layer.backward(ctx, dy)
+
+    g, gt = ours(), torch_step(xt, dyt)
+    errs = [check(f"{name} d{key} vs torch", g[key], gt[key].numpy().astype(np.float64))
+            for key in g]
+    settle = lambda: time.sleep(0.1)  # noqa: E731 (torch's threads spin after a call)
+    t_ours, t_torch = interleaved([(ours, None, settle),
+                                   (lambda: torch_step(xt, dyt), None, settle)],
+                                  min_rounds=rounds, max_rounds=rounds, warmup=2)
+    sp = per_round(t_torch, t_ours)
+    row = (f"| {name} | {T} | {ms(spread(t_ours))} | {ms(spread(t_torch))} | {sp:.2f}x | "
+           f"{max(errs):.1e} |")
+    return row, sp
+
+
 def check_torch_loop(route, topk_lora, xt, y_moe, routing):
     """PyTorch loop vs moe.  Tokens whose top-k set differs (a float32 near-tie in the
     router, the two libraries' router GEMMs round differently) are left out and counted."""
@@ -166,6 +248,10 @@ def main():
     ap.add_argument("--repeats", type=int, default=None,
                     help="timed runs per measurement (default 20, 10 above 512 tokens)")
     ap.add_argument("--no-torch", action="store_true")
+    ap.add_argument("--train-only", action="store_true",
+                    help="only the training-step table (forward + backward vs PyTorch)")
+    ap.add_argument("--train-rounds", type=int, default=9,
+                    help="interleaved rounds per training-step row")
     ap.add_argument("--out", default=os.path.join(HERE, "results_lora.md"))
     args = ap.parse_args()
 
@@ -218,9 +304,11 @@ def main():
         "torch base ms | torch GFLOP/s | torch PEFT-loop ms | TopKLoRA vs torch loop |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
+    if args.train_only:
+        head = head[:-3]
     print("\n".join(head), flush=True)
     rows, other_rows, checks, targets = [], [], [], []
-    for T in tokens:
+    for T in ([] if args.train_only else tokens):
         repeats = args.repeats or (20 if T <= 512 else 10)
         x = rng.standard_normal((T, d_in)).astype(np.float32)
         base64 = x.astype(np.float64) @ w0.astype(np.float64).T
@@ -286,7 +374,45 @@ def main():
         "| layer | adapters | tokens | layer ms | moe base ms | layer / base |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
+    if args.train_only:
+        other_head = []
     print("\n".join(other_head + other_rows), flush=True)
+    train_lines = []
+    if torch:
+        hydra = dict((name, layer) for name, _, layer in others)["HydraLoRA"]
+        steps = torch_train_steps(top, hydra)
+        train_lines = [
+            "",
+            "Training step (forward + backward; x, the router, A and B get gradients, W0 "
+            "frozen), moe vs a PEFT-style PyTorch step under autograd, interleaved:",
+            "",
+            "| layer | tokens | moe fwd+bwd ms | torch fwd+bwd ms | moe vs torch | "
+            "grads vs torch |",
+            "| --- | --- | --- | --- | --- | --- |",
+        ]
+        print("\n".join(train_lines), flush=True)
+        for T in [t for t in tokens if t >= 64]:
+            for name, layer in (("TopKLoRA", top), ("HydraLoRA", hydra)):
+                row, sp = train_row(name, layer, steps[name], T, d_in, d_out,
+                                    args.train_rounds, rng)
+                print(row, flush=True)
+                train_lines.append(row)
+                if T == 512:
+                    targets.append(f"{name} training step vs torch at 512 tokens: "
+                                   f"{sp:.2f}x (target >= 2x: "
+                                   f"{'met' if sp >= 2 else 'MISSED'})")
+        train_lines += [
+            "",
+            "moe: layer.forward_train(x) then layer.backward(ctx, dy) (dx, d router_weight, "
+            "d lora_a, d lora_b; A x recomputed, dx through the base's cached transposed "
+            "pack with the adapters fused).  torch TopKLoRA: router linear, softmax, topk, "
+            "renormalise, F.linear base, per expert where / (x[tok] @ A_e.T) @ B_e.T * s * "
+            "w / index_add_ (in place), then out.backward(dy); HydraLoRA (dense): softmax gate, A x once, "
+            "per head (z @ B_e.T) * s * g_e.  A 0.1 s pause after each step (torch's threads "
+            "spin); medians (min-max) over rounds; moe vs torch: the median of the per-round "
+            "ratios.  grads vs torch: the largest max-abs-normalised difference over the four "
+            "gradients.",
+        ]
     notes = [
         "",
         "moe base: layer.base_forward(x), the packed base GEMM alone, timed in "
@@ -301,7 +427,8 @@ def main():
     ] + ([""] + targets if targets else [])
     print("\n".join(["", "Checks: " + "; ".join(checks)] + targets), flush=True)
     with open(args.out, "w") as f:
-        f.write("\n".join(head + rows + other_head + other_rows + notes) + "\n")
+        f.write("\n".join(head + rows + other_head + other_rows + train_lines + notes)
+                + "\n")
     print(f"\nwritten to {args.out}", file=sys.stderr)
 
 

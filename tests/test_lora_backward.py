@@ -122,7 +122,8 @@ def test_empty_adapters_and_slots():
 
 
 @pytest.mark.parametrize("case", ["topk_softmax_losses", "hydra_dense", "gated_top2_softmax",
-                                  "fly_signed", "smora_tile", "multi"])
+                                  "fly_signed", "smora_tile", "multi", "hydra_top1",
+                                  "topk_top1"])
 def test_bitwise_across_threads_and_batch(case):
     """The same bits for 1 and 2 threads; a token's dx (and the rows of the weight
     gradients it alone feeds) do not depend on the rest of the batch (no aux loss)."""

@@ -369,6 +369,9 @@ LORA_CASES = {
                                dict(aux=0.2, zc=0.1, seq_lens=[3, 1, 3])),
     "hydra_dense": ("HydraLoRA", dict(bias=True), dict(zc=0.1)),
     "hydra_top2": ("HydraLoRA", dict(top_k=2, dtype="bfloat16"), dict(aux=0.3, zc=0.1)),
+    # one slot of 5 adapters: the C backward's sparse (per routed row) layout
+    "hydra_top1": ("HydraLoRA", dict(top_k=1), dict(aux=0.2, zc=0.1)),
+    "topk_top1": ("TopKLoRA", dict(top_k=1, scoring="sigmoid"), dict(aux=0.2, zc=0.1)),
     "gated_dense": ("GatedLoRA", dict(), dict()),
     "gated_top2": ("GatedLoRA", dict(top_k=2, dtype="float16"), dict()),
     "gated_top2_softmax": ("GatedLoRA", dict(top_k=2, softmax_topk=True), dict()),

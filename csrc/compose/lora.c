@@ -317,12 +317,14 @@ done:
 
 /* ---- backward ---------------------------------------------------------- */
 
-/* Pack an fp32 (n_groups, d_out, d_in) as a linear, or its transpose per
- * group: (n_groups, d_in, d_out) from w (n_groups, d_out, d_in). */
+/* Pack fp32 w (n_groups, d_out, d_in) as a linear: as is, or each group
+ * transposed to (d_in, d_out); merged: the groups stacked as one linear of
+ * n_groups * rows outputs. */
 static moe_status
 moe_lora_pack(const float *w, int32_t n_groups, int64_t d_out, int64_t d_in,
-              int transpose, moe_experts **out)
+              int transpose, int merged, moe_experts **out)
 {
+    const int64_t rows = transpose ? d_in : d_out, cols = transpose ? d_out : d_in;
     moe_linear_pack_params pp;
     float *t = NULL;
     moe_status st;
@@ -346,16 +348,15 @@ moe_lora_pack(const float *w, int32_t n_groups, int64_t d_out, int64_t d_in,
     memset(&pp, 0, sizeof(pp));
     pp.w = transpose ? t : w;
     pp.dtype = MOE_DTYPE_F32;
-    pp.n_groups = n_groups;
-    pp.d_in = transpose ? d_out : d_in;
-    pp.d_out = transpose ? d_in : d_out;
+    pp.n_groups = merged ? 1 : n_groups;
+    pp.d_in = cols;
+    pp.d_out = merged ? n_groups * rows : rows;
     st = moe_linear_pack(&pp, out);
     free(t);
     return st;
 }
 
-/* One weight gradient product: c (m, n) = A^T B over K rows, A (K, m) and
- * B (K, n) row-major fp32. */
+/* c (m, n) = A^T B over K rows, A (K, m) and B (K, n) row-major fp32. */
 static moe_status
 moe_lora_wgrad(const float *a, const float *b, int64_t K, int64_t m, int64_t n,
                float *c)
@@ -375,232 +376,111 @@ moe_lora_wgrad(const float *a, const float *b, int64_t K, int64_t m, int64_t n,
 }
 
 /*
- * With the forward's slots and z = A x (recomputed), per slot (t, s) of
- * adapter e, c = scale_e * w:
- *   u    = B_e^T dy_t            (the forward engine, rows grouped by
- *                                 adapter; RANKS: dy B for every token)
- *   d_w  = scale_e <u, z>,  dz = c u  (SHARED_A: summed per token)
- *   dB_e = sum dy_t (c z)^T,  dA_e = sum dz x_t^T   (over e's rows)
- *   dx_t = W0^T dy_t + sum_s A_e^T dz  (the base's transposed pack with
- *          the low-rank terms fused into its output tiles, as the
- *          forward's expand)
+ * The backward's layout.  Dense (every kind while n_adapters <= 4 slots):
+ * z = X A_all^T (T, wa) and u = dy B_all (T, wb) over all adapters, each
+ * one GEMM of width wa, wb = n * rank (RANKS: rank), and c, dz in the same
+ * dense layouts; the weight gradients are then single GEMMs over the
+ * tokens.  Sparse (more adapters): z and u only for the routed rows,
+ * grouped by adapter, width rank.  The choice depends on the sizes alone,
+ * never on the batch.
  */
-moe_status
-moe_lora_backward(const moe_lora_backward_params *b)
+typedef struct moe_lora_bwd {
+    const moe_lora_backward_params *b;
+    const moe_lora_params *p;
+    int            dense, ranks, per_row;
+    int64_t        wa, wb;      /* widths of z / dz and of u / c         */
+    moe_lora_rows  g;           /* sparse: the rows grouped by adapter    */
+} moe_lora_bwd;
+
+/* Offsets into z, u (and c), dz of slot (t, s) of adapter e >= 0, and the
+ * values it has (rank, or 1 for RANKS). */
+static int32_t
+moe_lora_slot(const moe_lora_bwd *w, int64_t t, int32_t s, int32_t e,
+              int64_t *zo, int64_t *uo, int64_t *dzo)
 {
-    const moe_lora_params *p = b->forward;
-    const int64_t T = p ? p->n_tokens : 0, din = p ? p->d_in : 0;
-    const int64_t dout = p ? p->d_out : 0;
-    const int32_t r = p ? p->rank : 0, S = p ? p->n_slots : 0;
-    const int32_t E = p ? p->n_adapters : 0;
-    const int ranks = p && p->kind == MOE_LORA_RANKS;
-    const int per_row = p && p->kind == MOE_LORA_ADAPTERS;
-    const int32_t n_a = per_row ? E : 1, n_b = ranks ? 1 : E;
-    int64_t whole[2] = {0, T}, n_rows, n_z, t, i;
-    int32_t s, j, n_terms;
-    moe_lora_rows g;
-    float *z = NULL, *c = NULL, *u = NULL, *dz = NULL, *rows = NULL;
-    float *coef = NULL;
-    int32_t *index = NULL;
-    moe_experts *bt = NULL, *at = NULL, *zero = NULL;
+    const int32_t r = w->p->rank;
+    const int64_t row = w->dense ? -1 : w->g.position[t * w->p->n_slots + s];
+
+    if (w->ranks) {
+        *zo = *uo = *dzo = t * r + e;
+        return 1;
+    }
+    if (w->dense) {
+        *uo = t * w->wb + (int64_t)e * r;
+        *zo = *dzo = w->per_row ? t * w->wa + (int64_t)e * r : t * r;
+        return r;
+    }
+    *uo = row * r;
+    *zo = *dzo = (w->per_row ? row : t) * r;
+    return r;
+}
+
+/* dx = W0^T dy + the A^T terms of dz, fused into the transposed base's
+ * output tiles (bank [A_0^T | A_1^T | ...]); no base: the terms alone. */
+static moe_status
+moe_lora_dx(const moe_lora_bwd *w, const float *dz)
+{
+    const moe_lora_params *p = w->p;
+    const int64_t T = p->n_tokens, din = p->d_in;
+    const int32_t r = p->rank, S = p->n_slots;
+    const int32_t n_a = w->per_row ? p->n_adapters : 1;
+    const int32_t per = w->per_row ? S : 1, n_terms = per * r;
+    int64_t whole[2] = {0, T}, t, i, q, zo, uo, dzo;
+    float *coef, *acat;
+    int32_t *index, s, j;
+    moe_experts *at = NULL, *zero = NULL;
     moe_linear_params lp;
     moe_lowrank lr;
-    moe_status st;
+    moe_status st = MOE_STATUS_ALLOC;
 
-    if (p == NULL || b->dy == NULL || b->lora_a == NULL || b->lora_b == NULL ||
-        p->select_k != 0) {
-        return moe_set_error(MOE_STATUS_INVALID_ARG, "LoRA backward: needs "
-                             "the forward's params (select_k 0: its selected "
-                             "ranks as ids), dy, lora_a and lora_b");
-    }
-    MOE_TRY(moe_lora_check(p));
-    if (b->base_t != NULL) {
-        moe_experts_info bi;
-        moe_experts_get_info(b->base_t, &bi);
-        if (!bi.linear || bi.n_experts != 1 || bi.d_model != din ||
-            bi.d_ff != dout) {
-            return moe_set_error(MOE_STATUS_INVALID_ARG, "base_t must be a "
-                                 "packed linear of shape (1, d_in=%lld, "
-                                 "d_out=%lld)", (long long)din,
-                                 (long long)dout);
-        }
-    }
-    memset(&g, 0, sizeof(g));
-    if (!ranks) {
-        MOE_TRY(moe_lora_group(p, p->ids, &g));
-    }
-    n_rows = ranks ? T : g.n_rows;  /* rows of the expand */
-    n_z = per_row ? g.n_rows : T;   /* rows of z and of the shrink */
-    st = MOE_STATUS_ALLOC;
-    z = moe_alloc((size_t)(n_z * r) + 1, sizeof(float));
-    c = moe_alloc((size_t)(n_rows * r) + 1, sizeof(float));
-    u = moe_alloc((size_t)(n_rows * r) + 1, sizeof(float));
-    dz = moe_alloc((size_t)(n_z * r) + 1, sizeof(float));
-    if (!z || !c || !u || !dz) {
-        goto done;
-    }
-    memset(c, 0, sizeof(float) * (size_t)(n_rows * r));
-    memset(dz, 0, sizeof(float) * (size_t)(n_z * r));
-    if ((st = moe_lora_shrink(p, per_row ? &g : NULL, z)) != MOE_STATUS_OK) {
-        goto done;
-    }
-
-    /* u = B^T dy per expand row: B_e^T packed as (E, r, d_out) */
-    if ((st = moe_lora_pack(b->lora_b, n_b, dout, r, 1, &bt)) != MOE_STATUS_OK) {
-        goto done;
-    }
-    memset(&lp, 0, sizeof(lp));
-    lp.x = b->dy;
-    lp.token_index = ranks ? NULL : g.token_index;
-    lp.n_tokens = T;
-    lp.offsets = ranks ? whole : g.offsets;
-    lp.n_rows = n_rows;
-    lp.weights = bt;
-    lp.out = u;
-    if ((st = moe_linear_grouped(&lp)) != MOE_STATUS_OK) {
-        goto done;
-    }
-
-    /* c, d_weights and dz, slot by slot */
-    for (t = 0; t < T; t++) {
-        for (s = 0; s < S; s++) {
-            const int32_t e = p->ids[t * S + s];
-            const float w = p->weights ? p->weights[t * S + s] : 1.0f;
-            const float sc = e < 0 ? 0.0f : ranks ? p->scaling
-                                                  : moe_lora_scale(p, e);
-            float dw = 0.0f;
-            if (e >= 0 && ranks) {
-                c[t * r + e] = sc * w * z[t * r + e];
-                dw = sc * u[t * r + e] * z[t * r + e];
-                dz[t * r + e] = sc * w * u[t * r + e];
-            }
-            else if (e >= 0) {
-                const int64_t row = g.position[t * S + s];
-                const float *zr = z + (per_row ? row : t) * r;
-                float *d = dz + (per_row ? row : t) * r;
-                for (j = 0; j < r; j++) {
-                    c[row * r + j] = sc * w * zr[j];
-                    dw += u[row * r + j] * zr[j];
-                    d[j] += sc * w * u[row * r + j];
-                }
-                dw *= sc;
-            }
-            if (b->d_weights != NULL) {
-                b->d_weights[t * S + s] = dw;
-            }
-        }
-    }
-
-    /* dB_e = dy_rows^T c_rows (d_out, r), the rows' dy gathered */
-    if (b->d_lora_b != NULL) {
-        const float *dyr = b->dy;
-        if (!ranks) {
-            if ((rows = moe_alloc((size_t)(n_rows * dout) + 1,
-                                  sizeof(float))) == NULL) {
-                st = MOE_STATUS_ALLOC;
-                goto done;
-            }
-            for (i = 0; i < n_rows; i++) {
-                memcpy(rows + i * dout, b->dy + g.token_index[i] * dout,
-                       sizeof(float) * (size_t)dout);
-            }
-            dyr = rows;
-        }
-        for (i = 0; i < n_b && st == MOE_STATUS_OK; i++) {
-            const int64_t r0 = ranks ? 0 : g.offsets[i];
-            const int64_t m = ranks ? T : g.offsets[i + 1] - r0;
-            st = moe_lora_wgrad(dyr + r0 * dout, c + r0 * r, m, dout, r,
-                                b->d_lora_b + i * dout * r);
-        }
-        free(rows);
-        rows = NULL;
-        if (st != MOE_STATUS_OK) {
-            goto done;
-        }
-    }
-
-    /* dA_e = dz_rows^T x_rows (r, d_in) */
-    if (b->d_lora_a != NULL) {
-        const float *xr = p->x;
-        if (per_row) {
-            if ((rows = moe_alloc((size_t)(n_z * din) + 1,
-                                  sizeof(float))) == NULL) {
-                st = MOE_STATUS_ALLOC;
-                goto done;
-            }
-            for (i = 0; i < n_z; i++) {
-                memcpy(rows + i * din, p->x + g.token_index[i] * din,
-                       sizeof(float) * (size_t)din);
-            }
-            xr = rows;
-        }
-        for (i = 0; i < n_a && st == MOE_STATUS_OK; i++) {
-            const int64_t r0 = per_row ? g.offsets[i] : 0;
-            const int64_t m = per_row ? g.offsets[i + 1] - r0 : T;
-            st = moe_lora_wgrad(dz + r0 * r, xr + r0 * din, m, r, din,
-                                b->d_lora_a + i * r * din);
-        }
-        if (st != MOE_STATUS_OK) {
-            goto done;
-        }
-    }
-
-    /* dx = W0^T dy + sum_s A_e^T dz: bank [A_0^T | A_1^T | ...] */
-    if (b->dx == NULL) {
-        goto done;
-    }
-    n_terms = per_row ? S * r : r;
-    st = MOE_STATUS_ALLOC;
     coef = moe_alloc((size_t)(T * n_terms) + 1, sizeof(float));
     index = moe_alloc((size_t)(T * n_terms) + 1, sizeof(int32_t));
-    if (!coef || !index) {
+    acat = moe_alloc((size_t)(din * n_a * r) + 1, sizeof(float));
+    if (!coef || !index || !acat) {
         goto done;
     }
     for (t = 0; t < T; t++) {
-        for (s = 0; s < (per_row ? S : 1); s++) {
-            const int64_t row = per_row ? g.position[t * S + s] : t;
-            const int32_t e = per_row ? p->ids[t * S + s] : 0;
-            float *cf = coef + (t * (per_row ? S : 1) + s) * r;
-            int32_t *ix = index + (t * (per_row ? S : 1) + s) * r;
+        for (s = 0; s < per; s++) {
+            const int32_t e = w->per_row ? p->ids[t * S + s] : 0;
+            float *cf = coef + (t * per + s) * r;
+            int32_t *ix = index + (t * per + s) * r;
+            if (w->per_row && e >= 0) {
+                moe_lora_slot(w, t, s, e, &zo, &uo, &dzo);
+            }
+            else {
+                dzo = t * r; /* SHARED_A, RANKS: the token's dz row */
+            }
             for (j = 0; j < r; j++) {
-                cf[j] = row < 0 ? 0.0f : dz[row * r + j];
-                ix[j] = row < 0 ? -1 : e * r + j;
+                cf[j] = e < 0 ? 0.0f : dz[dzo + j];
+                ix[j] = e < 0 ? -1 : e * r + j;
             }
         }
     }
-    {   /* A^T as columns: (1, d_in, n_a * r) */
-        float *acat = moe_alloc((size_t)(din * n_a * r) + 1, sizeof(float));
-        int64_t q;
-        if (acat == NULL) {
-            goto done;
+    for (q = 0; q < (int64_t)n_a * r; q++) {
+        for (i = 0; i < din; i++) {
+            acat[i * n_a * r + q] = w->b->lora_a[q * din + i];
         }
-        for (q = 0; q < (int64_t)n_a * r; q++) {
-            for (i = 0; i < din; i++) {
-                acat[i * n_a * r + q] = b->lora_a[q * din + i];
-            }
-        }
-        st = moe_lora_pack(acat, 1, din, (int64_t)n_a * r, 0, &at);
-        free(acat);
-        if (st != MOE_STATUS_OK) {
-            goto done;
-        }
+    }
+    if ((st = moe_lora_pack(acat, 1, din, (int64_t)n_a * r, 0, 0, &at)) !=
+        MOE_STATUS_OK) {
+        goto done;
     }
     lr.coef = coef;
     lr.index = index;
     lr.n_terms = n_terms;
     lr.bank = at;
     memset(&lp, 0, sizeof(lp));
-    lp.x = b->dy;
+    lp.x = w->b->dy;
     lp.n_tokens = T;
     lp.offsets = whole;
     lp.n_rows = T;
-    lp.weights = b->base_t;
+    lp.weights = w->b->base_t;
     lp.lowrank = &lr;
-    lp.out = b->dx;
-    if (b->base_t == NULL) { /* the update alone: a base without inputs */
+    lp.out = w->b->dx;
+    if (w->b->base_t == NULL) { /* the update alone: a base without inputs */
         moe_linear_pack_params zp;
         memset(&zp, 0, sizeof(zp));
-        zp.w = b->dy;
+        zp.w = w->b->dy;
         zp.dtype = MOE_DTYPE_F32;
         zp.n_groups = 1;
         zp.d_out = din;
@@ -612,16 +492,225 @@ moe_lora_backward(const moe_lora_backward_params *b)
     }
     st = moe_linear_grouped(&lp);
 done:
-    moe_lora_rows_free(&g);
-    moe_experts_free(bt);
     moe_experts_free(at);
     moe_experts_free(zero);
+    free(coef);
+    free(index);
+    free(acat);
+    return st;
+}
+
+/* Rows [0, n) of src (stride d) picked by index into a new (n, d) buffer. */
+static float *
+moe_lora_gather(const float *src, const int64_t *index, int64_t n, int64_t d)
+{
+    float *out = moe_alloc((size_t)(n * d) + 1, sizeof(float));
+    int64_t i;
+
+    for (i = 0; out != NULL && i < n; i++) {
+        memcpy(out + i * d, src + index[i] * d, sizeof(float) * (size_t)d);
+    }
+    return out;
+}
+
+/*
+ * Per slot (t, s) of adapter e, with z = A_e x_t recomputed and
+ * c = scale_e * w:  u = B_e^T dy_t,  d_w = scale_e <u, z>,  dz = c u,
+ * dB_e = sum dy_t (c z)^T,  dA_e = sum dz x_t^T,
+ * dx_t = W0^T dy_t + sum_s A_e^T dz.
+ */
+moe_status
+moe_lora_backward(const moe_lora_backward_params *b)
+{
+    const moe_lora_params *p = b->forward;
+    int64_t whole[2] = {0, 0}, T, din, dout, n_u, n_z, t, i, zo, uo, dzo;
+    int32_t r, S, E, n_a, n_b, s, j, n;
+    moe_lora_bwd w;
+    float *z = NULL, *c = NULL, *u = NULL, *dz = NULL, *rows = NULL;
+    moe_experts *at = NULL, *bt = NULL;
+    moe_linear_params lp;
+    moe_status st;
+
+    if (p == NULL || b->dy == NULL || b->lora_a == NULL || b->lora_b == NULL ||
+        p->select_k != 0) {
+        return moe_set_error(MOE_STATUS_INVALID_ARG, "LoRA backward: needs "
+                             "the forward's params (select_k 0: its selected "
+                             "ranks as ids), dy, lora_a and lora_b");
+    }
+    MOE_TRY(moe_lora_check(p));
+    T = whole[1] = p->n_tokens;
+    din = p->d_in;
+    dout = p->d_out;
+    r = p->rank;
+    S = p->n_slots;
+    E = p->n_adapters;
+    if (b->base_t != NULL) {
+        moe_experts_info bi;
+        moe_experts_get_info(b->base_t, &bi);
+        if (!bi.linear || bi.n_experts != 1 || bi.d_model != din ||
+            bi.d_ff != dout) {
+            return moe_set_error(MOE_STATUS_INVALID_ARG, "base_t must be a "
+                                 "packed linear of shape (1, d_in=%lld, "
+                                 "d_out=%lld)", (long long)din,
+                                 (long long)dout);
+        }
+    }
+    memset(&w, 0, sizeof(w));
+    w.b = b;
+    w.p = p;
+    w.ranks = p->kind == MOE_LORA_RANKS;
+    w.per_row = p->kind == MOE_LORA_ADAPTERS;
+    w.dense = w.ranks || (int64_t)E <= 4 * (int64_t)S;
+    n_a = w.per_row ? E : 1;
+    n_b = w.ranks ? 1 : E;
+    w.wa = (int64_t)n_a * r;
+    w.wb = w.ranks ? r : (int64_t)E * r;
+    if (!w.dense) {
+        MOE_TRY(moe_lora_group(p, p->ids, &w.g));
+    }
+    n_u = w.dense ? T * w.wb : w.g.n_rows * r;
+    n_z = w.dense ? T * w.wa : (w.per_row ? w.g.n_rows : T) * r;
+    st = MOE_STATUS_ALLOC;
+    z = moe_alloc((size_t)n_z + 1, sizeof(float));
+    dz = moe_alloc((size_t)n_z + 1, sizeof(float));
+    u = moe_alloc((size_t)n_u + 1, sizeof(float));
+    c = moe_alloc((size_t)n_u + 1, sizeof(float));
+    if (!z || !c || !u || !dz) {
+        goto done;
+    }
+    memset(c, 0, sizeof(float) * (size_t)n_u);
+    memset(dz, 0, sizeof(float) * (size_t)n_z);
+
+    /* z = A x: dense over all adapters (A_all (wa, d_in)), or per routed
+     * row / per token (the forward's pack) */
+    if (w.dense && w.per_row) {
+        if ((st = moe_lora_pack(b->lora_a, 1, w.wa, din, 0, 0, &at)) !=
+            MOE_STATUS_OK) {
+            goto done;
+        }
+        memset(&lp, 0, sizeof(lp));
+        lp.x = p->x;
+        lp.n_tokens = T;
+        lp.offsets = whole;
+        lp.n_rows = T;
+        lp.weights = at;
+        lp.out = z;
+        st = moe_linear_grouped(&lp);
+    }
+    else {
+        st = moe_lora_shrink(p, w.per_row && !w.dense ? &w.g : NULL, z);
+    }
+    if (st != MOE_STATUS_OK) {
+        goto done;
+    }
+
+    /* u = B^T dy: B_e^T stacked (wb, d_out) over every token, or per
+     * adapter over its rows */
+    if ((st = moe_lora_pack(b->lora_b, n_b, dout, w.ranks ? r : r, 1, w.dense,
+                            &bt)) != MOE_STATUS_OK) {
+        goto done;
+    }
+    memset(&lp, 0, sizeof(lp));
+    lp.x = b->dy;
+    lp.token_index = w.dense ? NULL : w.g.token_index;
+    lp.n_tokens = T;
+    lp.offsets = w.dense ? whole : w.g.offsets;
+    lp.n_rows = w.dense ? T : w.g.n_rows;
+    lp.weights = bt;
+    lp.out = u;
+    if ((st = moe_linear_grouped(&lp)) != MOE_STATUS_OK) {
+        goto done;
+    }
+
+    /* c, d_weights and dz, slot by slot (in slot order) */
+    for (t = 0; t < T; t++) {
+        for (s = 0; s < S; s++) {
+            const int32_t e = p->ids[t * S + s];
+            const float wt = p->weights ? p->weights[t * S + s] : 1.0f;
+            float dw = 0.0f, sc;
+            if (e >= 0) {
+                sc = w.ranks ? p->scaling : moe_lora_scale(p, e);
+                n = moe_lora_slot(&w, t, s, e, &zo, &uo, &dzo);
+                for (j = 0; j < n; j++) {
+                    c[uo + j] += sc * wt * z[zo + j];
+                    dw += u[uo + j] * z[zo + j];
+                    dz[dzo + j] += sc * wt * u[uo + j];
+                }
+                dw *= sc;
+            }
+            if (b->d_weights != NULL) {
+                b->d_weights[t * S + s] = dw;
+            }
+        }
+    }
+
+    /* dB = dy^T c: one GEMM (d_out, wb) over the tokens, or per adapter
+     * over its rows (their dy gathered) */
+    if (b->d_lora_b != NULL && w.dense && n_b == 1) {
+        st = moe_lora_wgrad(b->dy, c, T, dout, r, b->d_lora_b);
+    }
+    else if (b->d_lora_b != NULL && w.dense) {
+        float *all = moe_alloc((size_t)(dout * w.wb) + 1, sizeof(float));
+        int32_t e;
+        if (all == NULL) {
+            st = MOE_STATUS_ALLOC;
+            goto done;
+        }
+        st = moe_lora_wgrad(b->dy, c, T, dout, w.wb, all);
+        for (e = 0; e < E && st == MOE_STATUS_OK; e++) {
+            for (i = 0; i < dout; i++) {
+                memcpy(b->d_lora_b + (e * dout + i) * r, all + i * w.wb + e * r,
+                       sizeof(float) * (size_t)r);
+            }
+        }
+        free(all);
+    }
+    else if (b->d_lora_b != NULL) {
+        if ((rows = moe_lora_gather(b->dy, w.g.token_index, w.g.n_rows,
+                                    dout)) == NULL) {
+            st = MOE_STATUS_ALLOC;
+            goto done;
+        }
+        for (i = 0; i < E && st == MOE_STATUS_OK; i++) {
+            const int64_t r0 = w.g.offsets[i], m = w.g.offsets[i + 1] - r0;
+            st = moe_lora_wgrad(rows + r0 * dout, c + r0 * r, m, dout, r,
+                                b->d_lora_b + i * dout * r);
+        }
+        free(rows);
+        rows = NULL;
+    }
+    if (st != MOE_STATUS_OK) {
+        goto done;
+    }
+
+    /* dA = dz^T x: one GEMM (wa, d_in) over the tokens, or per adapter over
+     * its rows (their x gathered) */
+    if (b->d_lora_a != NULL && (w.dense || !w.per_row)) {
+        st = moe_lora_wgrad(dz, p->x, T, w.wa, din, b->d_lora_a);
+    }
+    else if (b->d_lora_a != NULL) {
+        if ((rows = moe_lora_gather(p->x, w.g.token_index, w.g.n_rows,
+                                    din)) == NULL) {
+            st = MOE_STATUS_ALLOC;
+            goto done;
+        }
+        for (i = 0; i < E && st == MOE_STATUS_OK; i++) {
+            const int64_t r0 = w.g.offsets[i], m = w.g.offsets[i + 1] - r0;
+            st = moe_lora_wgrad(dz + r0 * r, rows + r0 * din, m, r, din,
+                                b->d_lora_a + i * r * din);
+        }
+    }
+    if (st == MOE_STATUS_OK && b->dx != NULL) {
+        st = moe_lora_dx(&w, dz);
+    }
+done:
+    moe_lora_rows_free(&w.g);
+    moe_experts_free(at);
+    moe_experts_free(bt);
     free(z);
     free(c);
     free(u);
     free(dz);
     free(rows);
-    free(coef);
-    free(index);
     return st;
 }

@@ -1791,3 +1791,133 @@ def lora_backward(layer, x, dy, *, aux_coef=0.0, z_coef=0.0, scalings=None,
                                     layer.scalings, dy)
         return out(mix, lora_a=mix["a"], lora_b=mix["b"])
     raise TypeError(f"not a moe.lora layer: {name}")
+
+
+def _l2_normalize_backward(v, dn, axis):
+    """d/dv of sum(dn * _l2_normalize(v, axis)): with r = sqrt(sum v^2 + eps) along axis,
+    dv = dn / r - v * sum(dn * v) / r^3."""
+    r = np.sqrt(np.sum(v * v, axis=axis, keepdims=True) + SOFT_MOE_NORM_EPS)
+    return dn / r - v * np.sum(dn * v, axis=axis, keepdims=True) / r ** 3
+
+
+def soft_moe_backward(x, phi, w_gate, w_up, w_down, dy, *, slots_per_expert,
+                      activation="swiglu", normalize=False, scale=1.0, temperature=1.0,
+                      alpha=1.702, limit=7.0):
+    """Gradients of sum(dy * soft_moe(...)["out"]), group by group, in float64.
+
+    Per group X (m, d), with soft_moe's L, D, C, slots = D^T X and Y_slots:
+      dC = dY Y_slots^T, dY_slots = C^T dY; ffn_backward per expert -> d_slots and dW;
+      dD = X d_slots^T, dX = D d_slots; dL = D * (dD - colsum(dD * D))
+      + C * (dC - rowsum(dC * C)); then through the logits: L = X phi / T, or with
+      normalize L = scale * Xn phin / T (Xn, phin l2-normalised rows / columns), the
+      chain rule running through the norms into dX and dphi, and into scale.
+    Returns {"dx" (x's shape), "phi" (d, E*s), "w_gate" ((E, F, d) or None if not gated),
+    "w_up" (E, F, d), "w_down" (E, d, F), "scale" (float; 0.0 without normalize)}.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    phi = np.asarray(phi, dtype=np.float64)
+    dy = np.asarray(dy, dtype=np.float64)
+    one_group = x.ndim == 2
+    xg = x[None] if one_group else x
+    dyg = dy.reshape(xg.shape)
+    B, m, d = xg.shape
+    s = int(slots_per_expert)
+    w_up = np.asarray(w_up, dtype=np.float64)
+    w_down = np.asarray(w_down, dtype=np.float64)
+    E = w_up.shape[0]
+    S = E * s
+    if phi.shape != (d, S):
+        raise ValueError(f"phi must have shape (d_model={d}, n_experts * slots_per_expert="
+                         f"{S}), got {phi.shape}")
+    gated = activation in GATED
+    w_gate = np.asarray(w_gate, dtype=np.float64) if gated else None
+    T = float(temperature)
+    sc = float(scale)
+    phin = _l2_normalize(phi, 0) if normalize else None
+    dx = np.zeros((B, m, d))
+    dphi = np.zeros_like(phi)
+    dphin = np.zeros_like(phi)
+    dwg = np.zeros_like(w_gate) if gated else None
+    dwu = np.zeros_like(w_up)
+    dwd = np.zeros_like(w_down)
+    dscale = 0.0
+    for b in range(B):
+        X, dY = xg[b], dyg[b]
+        Xn = _l2_normalize(X, 1) if normalize else None
+        L = (sc * (Xn @ phin) if normalize else X @ phi) / T
+        D = softmax(L, axis=0)
+        C = softmax(L, axis=1)
+        slots = D.T @ X
+        y_slots = np.zeros((S, d))
+        d_slots = np.zeros((S, d))
+        dY_slots = C.T @ dY
+        for e in range(E):
+            rows = slice(e * s, (e + 1) * s)
+            wg = w_gate[e] if gated else None
+            y_slots[rows] = ffn(slots[rows], wg, w_up[e], w_down[e], activation,
+                                alpha=alpha, limit=limit)
+            fb = ffn_backward(slots[rows], wg, w_up[e], w_down[e], dY_slots[rows],
+                              activation, alpha=alpha, limit=limit)
+            d_slots[rows] = fb["dx"]
+            dwu[e] += fb["dw_up"]
+            dwd[e] += fb["dw_down"]
+            if gated:
+                dwg[e] += fb["dw_gate"]
+        dC = dY @ y_slots.T
+        dD = X @ d_slots.T
+        dX = D @ d_slots
+        dL = D * (dD - np.sum(dD * D, axis=0, keepdims=True)) + \
+            C * (dC - np.sum(dC * C, axis=1, keepdims=True))
+        G = dL / T  # gradient w.r.t. the logits before the temperature
+        if normalize:
+            dscale += float(np.sum(G * (Xn @ phin)))
+            dX = dX + _l2_normalize_backward(X, sc * (G @ phin.T), 1)
+            dphin += sc * (Xn.T @ G)
+        else:
+            dX = dX + G @ phi.T
+            dphi += X.T @ G
+        dx[b] = dX
+    if normalize:
+        dphi = _l2_normalize_backward(phi, dphin, 0)
+    return {"dx": dx[0] if one_group else dx, "phi": dphi, "w_gate": dwg, "w_up": dwu,
+            "w_down": dwd, "scale": dscale}
+
+
+def mixture_of_tokens_backward(x, phi, w_gate, w_up, w_down, dy, *, slots_per_expert=1,
+                               activation="swiglu", temperature=1.0, mixing=True,
+                               group_size=None, normalize=False, scale=1.0, alpha=1.702,
+                               limit=7.0):
+    """Gradients of sum(dy * mixture_of_tokens(...)["out"]): soft_moe_backward over the
+    same groups as mixture_of_tokens (mixing: position p of group_size consecutive
+    sequences; no mixing: every token alone, D = 1 constant), parameter gradients summed
+    over the chunks.  Returns soft_moe_backward's keys, "dx" in x's shape."""
+    x = np.asarray(x, dtype=np.float64)
+    dy = np.asarray(dy, dtype=np.float64)
+    x3 = x[:, None] if x.ndim == 2 else x
+    B, m, d = x3.shape
+    dy3 = dy.reshape(x3.shape)
+    kw = dict(slots_per_expert=slots_per_expert, activation=activation, normalize=normalize,
+              scale=scale, temperature=temperature, alpha=alpha, limit=limit)
+    if not mixing:
+        r = soft_moe_backward(x3.reshape(B * m, 1, d), phi, w_gate, w_up, w_down,
+                              dy3.reshape(B * m, 1, d), **kw)
+        r["dx"] = r["dx"].reshape(x.shape)
+        return r
+    g = B if group_size is None else int(group_size)
+    if g < 1 or B % g:
+        raise ValueError(f"group_size must divide the batch B={B}, got {group_size}")
+    dx = np.zeros((B, m, d))
+    total = None
+    for c in range(B // g):
+        chunk = slice(c * g, (c + 1) * g)
+        r = soft_moe_backward(x3[chunk].transpose(1, 0, 2), phi, w_gate, w_up, w_down,
+                              dy3[chunk].transpose(1, 0, 2), **kw)
+        dx[chunk] = r["dx"].transpose(1, 0, 2)
+        if total is None:
+            total = r
+        else:
+            for k in ("phi", "w_gate", "w_up", "w_down", "scale"):
+                if total[k] is not None:
+                    total[k] = total[k] + r[k]
+    total["dx"] = dx.reshape(x.shape)
+    return total

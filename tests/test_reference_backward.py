@@ -429,3 +429,105 @@ def test_lora_backward(case):
     assert set(g) == LORA_KEYS[cls_name], sorted(g)
     assert all(v.dtype == np.float64 for v in g.values())
     fd_check(lambda: _lora_loss(layer, p, dy, aux, zc, **fwd), p, g, rng, n_probe=20)
+
+
+# --------------------------------------------------------------------------- #
+# Soft MoE and Mixture of Tokens: soft_moe_backward and mixture_of_tokens_backward
+# --------------------------------------------------------------------------- #
+
+SOFT_CASES = {
+    "swiglu": dict(),
+    "gelu_normalize": dict(activation="gelu", normalize=True, scale=1.7),
+    "two_slots": dict(slots_per_expert=2),
+    "one_group_2d": dict(one_group=True),
+    "temperature": dict(temperature=0.7),
+    "normalize_two_slots_temperature": dict(normalize=True, scale=0.8, slots_per_expert=2,
+                                            temperature=0.7),
+}
+
+
+def _soft_params(rng, B, m, d, F, E, s, gated, normalize, scale):
+    w = lambda *shape: rng.standard_normal(shape) * 0.5  # noqa: E731
+    p = {"x": w(B, m, d) if B else w(m, d), "phi": w(d, E * s), "w_up": w(E, F, d),
+         "w_down": w(E, d, F)}
+    if gated:
+        p["w_gate"] = w(E, F, d)
+    if normalize:
+        p["scale"] = np.array(float(scale))  # 0-d, so fd_check perturbs it in place
+    return p
+
+
+def _soft_grads(g, p):
+    assert all(v is None or np.asarray(v).dtype == np.float64 for v in g.values())
+    return {k: (g["dx"] if k == "x" else np.asarray(g[k])) for k in p}
+
+
+@pytest.mark.parametrize("case", sorted(SOFT_CASES))
+def test_soft_moe_backward(case):
+    cfg = dict(SOFT_CASES[case])
+    rng = np.random.default_rng(len(case))
+    one_group = cfg.pop("one_group", False)
+    B, m, d, F, E = (None if one_group else 2), 4, 6, 5, 3
+    s = cfg.pop("slots_per_expert", 1)
+    act = cfg.pop("activation", "swiglu")
+    normalize = cfg.get("normalize", False)
+    p = _soft_params(rng, B, m, d, F, E, s, act in ref.GATED, normalize,
+                     cfg.pop("scale", 1.0))
+    dy = rng.standard_normal(p["x"].shape)
+
+    def call(fn, *extra):
+        kw = dict(cfg, scale=float(p["scale"])) if normalize else cfg
+        return fn(p["x"], p["phi"], p.get("w_gate"), p["w_up"], p["w_down"], *extra,
+                  slots_per_expert=s, activation=act, **kw)
+
+    def loss():
+        return float(np.sum(dy * call(ref.soft_moe)["out"]))
+
+    g = call(ref.soft_moe_backward, dy)
+    assert set(g) == {"dx", "phi", "w_gate", "w_up", "w_down", "scale"}
+    assert g["dx"].shape == p["x"].shape and g["phi"].shape == (d, E * s)
+    assert (g["w_gate"] is None) == (act not in ref.GATED)
+    assert isinstance(g["scale"], float)
+    if not normalize:
+        assert g["scale"] == 0.0
+    fd_check(loss, p, _soft_grads(g, p), rng, n_probe=16)
+
+
+MOT_CASES = {
+    "mixing_all": dict(mixing=True, group_size=None),
+    "mixing_groups_of_2": dict(mixing=True, group_size=2),
+    "no_mixing": dict(mixing=False),
+    "mixing_2d_normalize_gelu": dict(mixing=True, group_size=2, two_d=True, normalize=True,
+                                     scale=1.3, activation="gelu", temperature=0.7),
+    "no_mixing_two_slots_normalize": dict(mixing=False, slots_per_expert=2, normalize=True,
+                                          scale=1.3),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MOT_CASES))
+def test_mixture_of_tokens_backward(case):
+    cfg = dict(MOT_CASES[case])
+    rng = np.random.default_rng(len(case) + 100)
+    B, m, d, F, E = 4, 3, 6, 5, 3
+    two_d = cfg.pop("two_d", False)
+    s = cfg.pop("slots_per_expert", 1)
+    act = cfg.pop("activation", "swiglu")
+    normalize = cfg.get("normalize", False)
+    p = _soft_params(rng, B, m, d, F, E, s, act in ref.GATED, normalize,
+                     cfg.pop("scale", 1.0))
+    if two_d:
+        p["x"] = p["x"][:, 0].copy()
+    dy = rng.standard_normal(p["x"].shape)
+
+    def call(fn, *extra):
+        kw = dict(cfg, scale=float(p["scale"])) if normalize else cfg
+        return fn(p["x"], p["phi"], p.get("w_gate"), p["w_up"], p["w_down"], *extra,
+                  slots_per_expert=s, activation=act, **kw)
+
+    def loss():
+        return float(np.sum(dy * call(ref.mixture_of_tokens)["out"]))
+
+    g = call(ref.mixture_of_tokens_backward, dy)
+    assert set(g) == {"dx", "phi", "w_gate", "w_up", "w_down", "scale"}
+    assert g["dx"].shape == p["x"].shape
+    fd_check(loss, p, _soft_grads(g, p), rng, n_probe=16)

@@ -899,9 +899,39 @@ typedef struct moe_soft_moe_params {
                                       as x; sums to 1 over a group's tokens */
     float             *combine;    /* out, or NULL: (n_tokens, E*s) C; each
                                       row sums to 1                         */
+    float             *save_ys;    /* out, or NULL: the experts' outputs for
+                                      moe_soft_moe_backward, (n_ys, d_model):
+                                      n_ys = n_groups * E*s (group_size > 1)
+                                      or n_tokens * E (group_size 1)        */
 } moe_soft_moe_params;
 
 moe_status moe_soft_moe_forward(const moe_soft_moe_params *p);
+
+/*
+ * The backward of moe_soft_moe_forward: gradients of sum(dy * out) through
+ * the combine and dispatch softmaxes, the slot and combine products, the
+ * experts (gate and up recomputed, as moe_ffn_backward) and the logits
+ * (with normalize, through both l2 norms and the scale).  The forward's
+ * softmaxes and slots are recomputed (their bits); its expert outputs come
+ * from save_ys.  Same bits for any thread count.
+ */
+typedef struct moe_soft_moe_backward_params {
+    const moe_soft_moe_params *forward; /* as it ran (outputs not read)   */
+    const float *ys;          /* its save_ys                               */
+    const void  *w_gate;      /* the unpacked expert weights, in the      */
+    const void  *w_up;        /*   pack's dtype (w_gate NULL if ungated)  */
+    const void  *w_down;
+    const float *dy;          /* (n_tokens, d_model), rows as x            */
+    float       *dx;          /* out, or NULL: (n_tokens, d_model)         */
+    float       *d_phi;       /* out, or NULL: (d_model, E*s)              */
+    double      *d_scale;     /* out, or NULL: d / d scale (0 without
+                                 normalize)                                */
+    float       *d_w_gate;    /* out, or NULL: the weights' shapes         */
+    float       *d_w_up;
+    float       *d_w_down;
+} moe_soft_moe_backward_params;
+
+moe_status moe_soft_moe_backward(const moe_soft_moe_backward_params *b);
 
 /* ---- CUDA backend (loaded at run time, see cuda/moe_cuda.h) ---------- */
 

@@ -95,7 +95,12 @@ def lora_forward(x: F32, base: Optional[Packed], kind: int, lora_a: Packed, bank
 def soft_moe_forward(x: F32, phi: F32, experts: Packed, slots_per_expert: int,
                      activation: int, normalize: bool, scale: float, temperature: float, *,
                      across: bool = False, return_weights: bool = False, alpha: float = 1.702,
-                     limit: float = 7.0) -> Tuple[F32, Optional[F32], Optional[F32]]: ...
+                     limit: float = 7.0, save: bool = False
+                     ) -> Tuple[F32, Optional[F32], Optional[F32], Optional[F32]]: ...
+def soft_moe_backward(args: Tuple[Any, ...], kw: Dict[str, Any], ys: F32, dy: F32, *,
+                      w_gate: Optional[npt.NDArray[Any]] = None,
+                      w_up: npt.NDArray[Any], w_down: npt.NDArray[Any]
+                      ) -> Tuple[F32, F32, Optional[F32], F32, F32, float]: ...
 def peer_forward(x: F32, w_query: F32, sub_keys_1: F32, sub_keys_2: F32, u: F32, v: F32,
                  top_k: int, activation: int, *, return_routing: bool = False
                  ) -> Tuple[F32, Optional[I32], Optional[F32]]: ...

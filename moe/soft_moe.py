@@ -14,6 +14,7 @@ from . import _C
 from ._api import (ACTIVATIONS, GATED, WEIGHT_DTYPES, _shape_str, check_choice, check_float,
                    check_int, float_array, naming_nonfinite, refuse_resize, remember_config,
                    require_ffn_weights, saveable, stored_weight, weight_bits)
+from .train import TrainContext, check_backward_args
 
 # attribute -> shape template; names are resolved against the layer's sizes
 _WEIGHTS = {
@@ -135,21 +136,79 @@ class SoftMoE:
         object.__setattr__(self, "_packed", packed)
         return self
 
-    def _forward(self, x3, across, temperature, return_weights):
+    def _forward(self, x3, across, temperature, return_weights, keep=None, sel=None):
         """One core call on x3 (A, B, d) float32 C-contiguous: groups are its rows
-        (across=False) or its columns x3[:, b] (across=True)."""
+        (across=False) or its columns x3[:, b] (across=True).  keep (a list): the call's
+        arguments, its saved expert outputs and sel (how x3 was cut from the input, applied
+        again to dy and dx) are appended for the backward."""
         if self.phi is None:
             raise ValueError("phi is not set (the layer was made with init=False)")
         if self._packed is None:
             self.pack()
         act = check_choice(self.activation, "activation", ACTIVATIONS)
-        return _C.soft_moe_forward(x3, phi=self.phi, experts=self._packed,
-                                   slots_per_expert=self.slots_per_expert, activation=act,
-                                   normalize=self.normalize,
-                                   scale=check_float(self.scale, "scale"),
-                                   temperature=temperature, across=across,
-                                   return_weights=bool(return_weights),
-                                   alpha=self.swiglu_alpha, limit=self.swiglu_limit)
+        args = (x3, self.phi, self._packed, self.slots_per_expert, act, self.normalize,
+                check_float(self.scale, "scale"), temperature)
+        kw = dict(across=across, alpha=self.swiglu_alpha, limit=self.swiglu_limit)
+        out, D, C, ys = _C.soft_moe_forward(*args, return_weights=bool(return_weights),
+                                            save=keep is not None, **kw)
+        if keep is not None:
+            keep.append((args, kw, ys, sel))
+        return out, D, C
+
+    # ---- training ---------------------------------------------------------------------
+
+    def trainable_weights(self):
+        """Names of the weights backward returns a gradient for: phi, the expert FFN
+        weights (w_gate when gated) and, with normalize, scale."""
+        names = ("phi",) + (("w_gate",) if self.activation in GATED else ()) + \
+            ("w_up", "w_down")
+        return names + (("scale",) if self.normalize else ())
+
+    def forward_train(self, x):
+        """The forward of __call__ keeping what backward needs: returns (y, ctx).
+
+        ctx (moe.train.TrainContext) holds the input and the experts' outputs (one row per
+        slot: O(n_groups * n_slots * d)); the softmaxes and the slots are recomputed by the
+        backward, the experts' hidden activations too.  The weights must not change before
+        the backward."""
+        keep = []
+        x = float_array(x, "x")
+        out = self._run(x, False, keep)
+        ctx = TrainContext(self, out.shape[:-1], x.reshape(-1, self.d_model), None,
+                           (keep, self._packed), None, None)
+        return out, ctx
+
+    def backward(self, ctx, dy, *, retain=False):
+        """Gradients of sum(dy * y) for the forward that made ctx (layer.forward_train).
+
+        dy: the output's shape.  Returns a dict of float32 arrays: "x" (the input's shape)
+        and one entry per name of trainable_weights() in its weight's shape (float32 whatever
+        the layer's dtype; "scale" a float).  ctx is used up unless retain=True.  Bitwise
+        the same for any thread count.  Soft MoE has no router losses."""
+        dy32, _, _ = check_backward_args(self, ctx, dy, 0.0, 0.0)
+        keep, packed = ctx.saved
+        if packed is not self._packed:
+            raise RuntimeError("the layer's expert weights changed since forward_train: the "
+                               "backward needs the weights the forward ran with")
+        dy_full = dy32.reshape(ctx.lead + (self.d_model,))
+        dx = np.zeros(dy_full.shape, np.float32)
+        gated = self.activation in GATED
+        total = None
+        for args, kw, ys, sel in keep:
+            cut = (lambda a: a) if sel is None else sel
+            dy3 = np.ascontiguousarray(cut(dy_full))
+            parts = _C.soft_moe_backward(
+                args, kw, ys, dy3.reshape(args[0].shape),
+                w_gate=weight_bits(self.w_gate) if gated else None,
+                w_up=weight_bits(self.w_up), w_down=weight_bits(self.w_down))
+            cut(dx)[...] = parts[0].reshape(cut(dx).shape)
+            total = list(parts[1:]) if total is None else \
+                [t if p is None else t + p for t, p in zip(total, parts[1:])]
+        if not retain:
+            ctx.released = True
+        grads = {"x": dx, "phi": total[0], "w_gate": total[1], "w_up": total[2],
+                 "w_down": total[3], "scale": float(total[4])}
+        return {"x": dx, **{name: grads[name] for name in self.trainable_weights()}}
 
     def _input(self, x, what):
         x = float_array(x, "x")
@@ -166,9 +225,13 @@ class SoftMoE:
         D and C of shape x.shape[:-1] + (n_slots,), float32; D sums to 1 over each group's
         tokens (axis -2), C over the slots (axis -1).
         """
+        return self._run(x, return_weights)
+
+    def _run(self, x, return_weights, keep=None):
         x = self._input(x, "(batch, tokens, d_model) or (tokens, d_model)")
         x3 = x[None] if x.ndim == 2 else x
-        out, D, C = self._forward(x3, False, 1.0, return_weights)
+        sel = (lambda a: a[None]) if x.ndim == 2 else None
+        out, D, C = self._forward(x3, False, 1.0, return_weights, keep, sel)
         if x.ndim == 2:
             out, D, C = out[0], None if D is None else D[0], None if C is None else C[0]
         return (out, D, C) if return_weights else out
@@ -246,12 +309,17 @@ class MixtureOfTokens(SoftMoE):
         shape x.shape[:-1] + (n_slots,): D sums to 1 over each group's sequences (axis 0,
         within each block of group_size), C over the slots (axis -1).
         """
+        return self._run(x, return_weights)
+
+    def _run(self, x, return_weights, keep=None):
         x = self._input(x, "(batch, tokens, d_model) or (batch, d_model)")
         x3 = x[:, None] if x.ndim == 2 else x
         B, m, d = x3.shape
         temp = check_float(self.temperature, "temperature", True)
+        as3 = (lambda a: a[:, None]) if x.ndim == 2 else (lambda a: a)  # noqa: E731
         if not self.mixing:
-            out, D, C = self._forward(x3.reshape(B * m, 1, d), False, temp, return_weights)
+            out, D, C = self._forward(x3.reshape(B * m, 1, d), False, temp, return_weights,
+                                      keep, lambda a: as3(a).reshape(B * m, 1, d))
             out = out.reshape(B, m, d)
             if return_weights:
                 D, C = D.reshape(B, m, -1), C.reshape(B, m, -1)
@@ -261,10 +329,11 @@ class MixtureOfTokens(SoftMoE):
                 raise ValueError(f"the batch (x.shape[0]={B}) must be a multiple of "
                                  f"group_size={g}")
             if g == B:
-                out, D, C = self._forward(x3, True, temp, return_weights)
+                out, D, C = self._forward(x3, True, temp, return_weights, keep, as3)
             else:
                 # one call per block of g sequences: each block is a contiguous view
-                parts = [self._forward(x3[c:c + g], True, temp, return_weights)
+                parts = [self._forward(x3[c:c + g], True, temp, return_weights, keep,
+                                       lambda a, c=c: as3(a)[c:c + g])
                          for c in range(0, B, g)]
                 out = np.concatenate([p[0] for p in parts])
                 D = np.concatenate([p[1] for p in parts]) if return_weights else None

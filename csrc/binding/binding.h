@@ -195,5 +195,6 @@ MOE_KW_WRAPPER(moe_py_layer_forward);
 MOE_KW_WRAPPER(moe_py_layer_backward);
 MOE_KW_WRAPPER(moe_py_peer_forward);
 MOE_KW_WRAPPER(moe_py_soft_moe_forward);
+MOE_KW_WRAPPER(moe_py_soft_moe_backward);
 
 #endif /* MOE_BINDING_H */

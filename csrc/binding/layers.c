@@ -581,75 +581,181 @@ moe_py_peer_forward(PyObject *self, PyObject *args, PyObject *kw)
     return moe_outs_done(&o, st, NULL);
 }
 
+/* What moe_soft_parse found beyond the params. */
+typedef struct moe_soft_args {
+    npy_intp xd[3];     /* x's shape (A, B, d)                            */
+    npy_intp n_slots;   /* E * s                                          */
+    npy_intp n_ys;      /* rows of the saved expert outputs               */
+    int      want;      /* return_weights                                 */
+    int      save;      /* save (for the backward)                        */
+} moe_soft_args;
+
 /*
- * soft_moe_forward(x, phi, experts, slots_per_expert, activation, normalize,
- *                  scale, temperature, *, across, return_weights, alpha,
- *                  limit)
+ * The arguments of soft_moe_forward(x, phi, experts, slots_per_expert,
+ * activation, normalize, scale, temperature, *, across, return_weights,
+ * alpha, limit, save) into p (pointing into the argument arrays) and a;
+ * 0, or -1 with an exception set.
  * x (A, B, d): across=0: A groups of B tokens each (Soft MoE); across=1: B
- * groups of A tokens, group b = x[:, b] (Mixture of Tokens).  Returns (out
- * (A, B, d), dispatch (A, B, E*s) or None, combine (A, B, E*s) or None).
+ * groups of A tokens, group b = x[:, b] (Mixture of Tokens).
  */
-PyObject *
-moe_py_soft_moe_forward(PyObject *self, PyObject *args, PyObject *kw)
+static int
+moe_soft_parse(PyObject *args, PyObject *kw, moe_soft_moe_params *p,
+               moe_soft_args *a)
 {
     static char *kwlist[] = {"x", "phi", "experts", "slots_per_expert",
                              "activation", "normalize", "scale",
                              "temperature", "across", "return_weights",
-                             "alpha", "limit", NULL};
+                             "alpha", "limit", "save", NULL};
     PyObject *x_obj, *phi_obj, *w_obj;
     PyArrayObject *x, *phi;
-    npy_intp xd[3] = {-1, -1, -1}, pd[2];
-    int slots, activation, normalize, across = 0, want = 0;
+    npy_intp pd[2];
+    int slots, activation, normalize, across = 0;
     float alpha = 1.702f, limit = 7.0f;
     moe_experts_info info;
-    moe_outs o = MOE_OUTS(3);
-    moe_soft_moe_params p;
-    moe_status st;
 
-    memset(&p, 0, sizeof(p));
+    memset(p, 0, sizeof(*p));
+    memset(a, 0, sizeof(*a));
+    a->xd[0] = a->xd[1] = a->xd[2] = -1;
     if (!PyArg_ParseTupleAndKeywords(args, kw,
-                                     "OOOiipdd|$ppff:soft_moe_forward", kwlist,
+                                     "OOOiipdd|$ppffp:soft_moe_forward", kwlist,
                                      &x_obj, &phi_obj, &w_obj, &slots,
-                                     &activation, &normalize, &p.scale,
-                                     &p.temperature, &across, &want, &alpha,
-                                     &limit) ||
-        moe_act_arg(activation, alpha, limit, &p.act) < 0 ||
-        !(p.experts = moe_experts_arg(w_obj, "experts"))) {
-        return NULL;
+                                     &activation, &normalize, &p->scale,
+                                     &p->temperature, &across, &a->want,
+                                     &alpha, &limit, &a->save) ||
+        moe_act_arg(activation, alpha, limit, &p->act) < 0 ||
+        !(p->experts = moe_experts_arg(w_obj, "experts"))) {
+        return -1;
     }
-    moe_experts_get_info(p.experts, &info);
+    moe_experts_get_info(p->experts, &info);
     if (slots < 1 || (int64_t)info.n_experts * slots > INT32_MAX) {
         PyErr_Format(PyExc_ValueError, "slots_per_expert must be in 1..%lld "
                      "(n_experts * slots < 2^31), got %d",
                      (long long)(INT32_MAX / info.n_experts), slots);
-        return NULL;
+        return -1;
     }
-    xd[2] = info.d_model;
-    pd[1] = (npy_intp)info.n_experts * slots;
-    if (!(x = moe_arg(x_obj, "x", NPY_FLOAT32, 3, xd, 0))) {
-        return NULL;
+    a->xd[2] = info.d_model;
+    pd[1] = a->n_slots = (npy_intp)info.n_experts * slots;
+    if (!(x = moe_arg(x_obj, "x", NPY_FLOAT32, 3, a->xd, 0))) {
+        return -1;
     }
-    pd[0] = xd[2];
+    pd[0] = a->xd[2];
     if (!(phi = moe_arg(phi_obj, "phi", NPY_FLOAT32, 2, pd, 0))) {
+        return -1;
+    }
+    p->x = MOE_DATA(x, float);
+    p->n_groups = across ? a->xd[1] : a->xd[0];
+    p->group_size = across ? a->xd[0] : a->xd[1];
+    p->d_model = a->xd[2];
+    p->grouping = across ? MOE_SOFT_GROUPS_STRIDED : MOE_SOFT_GROUPS_ROWS;
+    p->phi = MOE_DATA(phi, float);
+    p->n_experts = info.n_experts;
+    p->slots_per_expert = slots;
+    p->normalize = normalize;
+    a->n_ys = p->group_size > 1 ? p->n_groups * a->n_slots
+                                : p->n_groups * p->group_size * info.n_experts;
+    return 0;
+}
+
+/* soft_moe_forward(the arguments of moe_soft_parse) -> (out (A, B, d),
+ * dispatch (A, B, E*s) or None, combine (A, B, E*s) or None, the saved
+ * expert outputs (n_ys, d) with save, else None). */
+PyObject *
+moe_py_soft_moe_forward(PyObject *self, PyObject *args, PyObject *kw)
+{
+    moe_outs o = MOE_OUTS(4);
+    moe_soft_moe_params p;
+    moe_soft_args a;
+    moe_status st;
+
+    if (moe_soft_parse(args, kw, &p, &a) < 0) {
         return NULL;
     }
-    p.x = MOE_DATA(x, float);
-    p.n_groups = across ? xd[1] : xd[0];
-    p.group_size = across ? xd[0] : xd[1];
-    p.d_model = xd[2];
-    p.grouping = across ? MOE_SOFT_GROUPS_STRIDED : MOE_SOFT_GROUPS_ROWS;
-    p.phi = MOE_DATA(phi, float);
-    p.n_experts = info.n_experts;
-    p.slots_per_expert = slots;
-    p.normalize = normalize;
-    p.out = moe_out(&o, 0, NPY_FLOAT32, 3, xd[0], xd[1], xd[2]);
-    if (want) {
-        p.dispatch = moe_out(&o, 1, NPY_FLOAT32, 3, xd[0], xd[1], pd[1]);
-        p.combine = moe_out(&o, 2, NPY_FLOAT32, 3, xd[0], xd[1], pd[1]);
+    p.out = moe_out(&o, 0, NPY_FLOAT32, 3, a.xd[0], a.xd[1], a.xd[2]);
+    if (a.want) {
+        p.dispatch = moe_out(&o, 1, NPY_FLOAT32, 3, a.xd[0], a.xd[1], a.n_slots);
+        p.combine = moe_out(&o, 2, NPY_FLOAT32, 3, a.xd[0], a.xd[1], a.n_slots);
+    }
+    if (a.save) {
+        p.save_ys = moe_out(&o, 3, NPY_FLOAT32, 2, a.n_ys, a.xd[2], 0);
     }
     if (o.failed) {
         return moe_outs_fail(&o);
     }
     MOE_COMPUTE(st, moe_soft_moe_forward(&p));
     return moe_outs_done(&o, st, NULL);
+}
+
+/*
+ * soft_moe_backward(args, kw, ys, dy, *, w_gate, w_up, w_down) -> (dx, d_phi,
+ * d_w_gate or None, d_w_up, d_w_down, d_scale): args, kw the forward's, ys
+ * its saved expert outputs, dy the output's gradient (x's shape), the
+ * unpacked expert weights in the pack's dtype (uint16 bits for bf16 / fp16).
+ */
+PyObject *
+moe_py_soft_moe_backward(PyObject *self, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"args", "kw", "ys", "dy", "w_gate", "w_up",
+                             "w_down", NULL};
+    PyObject *fargs, *fkw, *ys_obj, *dy_obj;
+    PyObject *wobj[3] = {Py_None, Py_None, Py_None};
+    npy_intp yd[2], wd[3][3];
+    void *ys, *dy, *w[3];
+    moe_experts_info info;
+    moe_soft_moe_params fp;
+    moe_soft_moe_backward_params p;
+    moe_soft_args a;
+    moe_outs o = MOE_OUTS(5);
+    double d_scale = 0.0;
+    moe_status st;
+    int m, wtype;
+
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O!O!OO|$OOO:soft_moe_backward",
+                                     kwlist, &PyTuple_Type, &fargs,
+                                     &PyDict_Type, &fkw, &ys_obj, &dy_obj,
+                                     &wobj[0], &wobj[1], &wobj[2]) ||
+        moe_soft_parse(fargs, fkw, &fp, &a) < 0) {
+        return NULL;
+    }
+    moe_experts_get_info(fp.experts, &info);
+    yd[0] = a.n_ys;
+    yd[1] = a.xd[2];
+    if (!(ys = moe_arg(ys_obj, "ys", NPY_FLOAT32, 2, yd, 0)) ||
+        !(dy = moe_arg(dy_obj, "dy", NPY_FLOAT32, 3, a.xd, 0))) {
+        return NULL;
+    }
+    wtype = info.dtype == MOE_DTYPE_F32 ? NPY_FLOAT32 : NPY_UINT16;
+    for (m = 0; m < 3; m++) {
+        wd[m][0] = info.n_experts;
+        wd[m][1] = m < 2 ? info.d_ff : info.d_model;
+        wd[m][2] = m < 2 ? info.d_model : info.d_ff;
+        if (moe_opt_arg(wobj[m], m == 0 ? "w_gate" : m == 1 ? "w_up" : "w_down",
+                        wtype, 3, wd[m], &w[m]) < 0) {
+            return NULL;
+        }
+    }
+    if ((w[0] != NULL) != info.gated || w[1] == NULL || w[2] == NULL) {
+        PyErr_SetString(PyExc_ValueError, "soft_moe_backward needs w_up, "
+                        "w_down and (gated experts only) w_gate");
+        return NULL;
+    }
+    memset(&p, 0, sizeof(p));
+    p.forward = &fp;
+    p.ys = MOE_DATA(ys, float);
+    p.w_gate = w[0];
+    p.w_up = w[1];
+    p.w_down = w[2];
+    p.dy = MOE_DATA(dy, float);
+    p.d_scale = &d_scale;
+    p.dx = moe_out(&o, 0, NPY_FLOAT32, 3, a.xd[0], a.xd[1], a.xd[2]);
+    p.d_phi = moe_out(&o, 1, NPY_FLOAT32, 2, a.xd[2], a.n_slots, 0);
+    if (info.gated) {
+        p.d_w_gate = moe_out_recycled(&o, 2, 3, wd[0][0], wd[0][1], wd[0][2]);
+    }
+    p.d_w_up = moe_out_recycled(&o, 3, 3, wd[1][0], wd[1][1], wd[1][2]);
+    p.d_w_down = moe_out_recycled(&o, 4, 3, wd[2][0], wd[2][1], wd[2][2]);
+    if (o.failed) {
+        return moe_outs_fail(&o);
+    }
+    MOE_COMPUTE(st, moe_soft_moe_backward(&p));
+    return moe_outs_done(&o, st, "(d)", d_scale);
 }

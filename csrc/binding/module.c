@@ -249,8 +249,10 @@ static PyMethodDef moe_methods[] = {
                   "biases=False", "-> dict of gradients"),
     MOE_KW_METHOD(soft_moe_forward, "x, phi, experts, slots_per_expert, "
                   "activation, normalize, scale, temperature, *, across=False, "
-                  "return_weights=False, alpha=1.702, limit=7.0",
-                  "-> (out, dispatch, combine)"),
+                  "return_weights=False, alpha=1.702, limit=7.0, save=False",
+                  "-> (out, dispatch, combine, saved ys)"),
+    MOE_KW_METHOD(soft_moe_backward, "args, kw, ys, dy, *, w_gate=None, w_up, "
+                  "w_down", "-> (dx, d_phi, d_w_gate, d_w_up, d_w_down, d_scale)"),
     {"build_info", moe_py_build_info, METH_NOARGS, "build information"},
     {"cuda_info", moe_py_cuda_info, METH_NOARGS,
      "cuda_info() -> {built, devices, reason}"},

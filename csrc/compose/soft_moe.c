@@ -311,8 +311,16 @@ moe_soft_carve(char *base, size_t *used, size_t count, size_t size)
     return at;
 }
 
+static moe_status moe_soft_backward_rest(const moe_soft_job *job,
+                                         const moe_soft_moe_backward_params *b,
+                                         const float *slots,
+                                         const int64_t *token_index,
+                                         const int64_t *offsets);
+
+/* The forward, or with b the backward (which recomputes steps 1-3). */
 static moe_status
-moe_soft_moe_run(const moe_soft_moe_params *p)
+moe_soft_moe_run(const moe_soft_moe_params *p,
+                 const moe_soft_moe_backward_params *b)
 {
     const int64_t G = p->n_groups, M = p->group_size, T = G * M;
     const int64_t d = p->d_model;
@@ -485,6 +493,9 @@ moe_soft_moe_run(const moe_soft_moe_params *p)
     for (e = 0; e <= E; e++) {
         offsets[e] = e * (n_rows / E);
     }
+    if (b != NULL) {
+        return moe_soft_backward_rest(&job, b, slots, token_index, offsets);
+    }
 
     /* 4. the expert FFNs on their rows: ys (E, G, s, d) or (E, T, d) */
     fp.token_index = token_index;
@@ -494,6 +505,9 @@ moe_soft_moe_run(const moe_soft_moe_params *p)
     fp.act = p->act;
     fp.out = ys;
     MOE_TRY(moe_ffn_grouped(&fp));
+    if (p->save_ys != NULL) {
+        memcpy(p->save_ys, ys, sizeof(float) * (size_t)(n_rows * d));
+    }
 
     /* 5. Y_g = C_g Y_slots,g (Y_slots,g's rows are B: (S, d), slot e s + q
      * of group g at ys row (e G + g) s + q); C's rows read in group order.
@@ -539,8 +553,8 @@ moe_soft_moe_run(const moe_soft_moe_params *p)
 }
 
 /* The entry point of moe.h: its arguments, then the run above. */
-moe_status
-moe_soft_moe_forward(const moe_soft_moe_params *p)
+static moe_status
+moe_soft_moe_check(const moe_soft_moe_params *p)
 {
     const int64_t G = p->n_groups, M = p->group_size, d = p->d_model;
     moe_experts_info w;
@@ -602,5 +616,313 @@ moe_soft_moe_forward(const moe_soft_moe_params *p)
         return moe_set_error(MOE_STATUS_INVALID_ARG, "temperature must be "
                              "> 0, got %g", p->temperature);
     }
-    return moe_soft_moe_run(p);
+    return MOE_STATUS_OK;
+}
+
+moe_status
+moe_soft_moe_forward(const moe_soft_moe_params *p)
+{
+    MOE_TRY(moe_soft_moe_check(p));
+    return moe_soft_moe_run(p, NULL);
+}
+
+/* ---- backward ---------------------------------------------------------- */
+
+/* c (m, n) at ldc = A (m, K) B (K, n) [+ A2 B2]: A through strides, B
+ * row-major at ldb (cpu/matmul.c). */
+static moe_status
+moe_soft_mm(const float *a, int64_t a_rs, int64_t a_cs, const float *bm,
+            int64_t ldb, int64_t K, int64_t m, int64_t n, float *c,
+            int64_t ldc)
+{
+    moe_mm_seg seg = {a, a_rs, a_cs, bm, ldb, K};
+    return moe_mm(&seg, 1, m, n, c, ldc);
+}
+
+/* (rows, cols) row-major src at stride ld -> its transpose (cols, rows). */
+static void
+moe_soft_transpose(const float *src, int64_t ld, int64_t rows, int64_t cols,
+                   float *dst)
+{
+    int64_t i, j;
+
+    for (i = 0; i < rows; i++) {
+        for (j = 0; j < cols; j++) {
+            dst[j * rows + i] = src[i * ld + j];
+        }
+    }
+}
+
+/*
+ * After the forward's steps 1-3 (logits, norms, both softmaxes, slots),
+ * with L the logits, C, D the softmaxes, Y the expert outputs (saved):
+ *   dY_slots = C^T dy, dC = dy Y^T      (per group; m == 1: per expert)
+ *   d slots, dW: the FFN's backward     (m == 1: d x rows, per expert)
+ *   dD = X d_slots^T
+ *   dL = C (dC - <C, dC>) + D (dD - sum_t D dD)   (softmax backwards)
+ *   dR = dL f phin  (R = X phi, f = [scale / |x|] / temperature)
+ *   dx = D d_slots + dR phi^T (+ the norm's term), d phi = X^T dR (+ its)
+ */
+static moe_status
+moe_soft_backward_rest(const moe_soft_job *job,
+                       const moe_soft_moe_backward_params *b,
+                       const float *slots, const int64_t *token_index,
+                       const int64_t *offsets)
+{
+    const moe_soft_moe_params *p = job->p;
+    const int64_t G = job->G, M = job->M, T = job->T, d = job->d;
+    const int32_t E = job->E, s = job->s, S = job->S;
+    const int mixing = M > 1;
+    const int64_t n_rows = mixing ? G * S : G * E;
+    const int64_t gs = job->gstride, ts = job->tstride;
+    const float *x = p->x, *dy = b->dy;
+    float *dys, *dsl, *tmp, *tr, *dc, *dd, *dr, *phit;
+    double *rowt, *colt, dscale = 0.0;
+    moe_ffn_backward_params fb;
+    moe_status st = MOE_STATUS_ALLOC;
+    int64_t g, t, i, r;
+    int32_t j, e, q;
+
+    dys = moe_alloc((size_t)(n_rows * d) + 1, sizeof(float));
+    dsl = moe_alloc((size_t)(n_rows * d) + 1, sizeof(float));
+    tmp = moe_alloc((size_t)(mixing ? G * S * d : 1), sizeof(float));
+    tr = moe_alloc((size_t)(d * S) + 1, sizeof(float));
+    dc = moe_alloc((size_t)(T * S) + 1, sizeof(float));
+    dd = moe_alloc((size_t)(mixing ? T * S : 1), sizeof(float));
+    dr = moe_alloc((size_t)(T * S) + 1, sizeof(float));
+    phit = moe_alloc((size_t)(S * d) + 1, sizeof(float));
+    rowt = moe_alloc((size_t)T + 1, sizeof(double));
+    colt = moe_alloc((size_t)S + 1, sizeof(double));
+    if (!dys || !dsl || !tmp || !tr || !dc || !dd || !dr || !phit || !rowt ||
+        !colt) {
+        goto done;
+    }
+    st = MOE_STATUS_OK;
+
+    /* dY_slots and dC */
+    if (mixing) {
+        for (g = 0; g < G && st == MOE_STATUS_OK; g++) {
+            /* tmp_g (S, d) = C_g^T dy_g */
+            st = moe_soft_mm(job->cw + g * gs * S, 1, ts * S, dy + g * gs * d,
+                             ts * d, M, S, d, tmp + g * S * d, d);
+            /* dC_g (M, S) = dy_g Y_g^T, Y_g^T (d, S) from the saved rows */
+            for (j = 0; j < S && st == MOE_STATUS_OK; j++) {
+                const float *yr = b->ys + (((int64_t)(j / s) * G + g) * s +
+                                           j % s) * d;
+                for (i = 0; i < d; i++) {
+                    tr[i * S + j] = yr[i];
+                }
+            }
+            if (st == MOE_STATUS_OK) {
+                st = moe_soft_mm(dy + g * gs * d, ts * d, 1, tr, S, d, M, S,
+                                 dc + g * gs * S, ts * S);
+            }
+        }
+        for (e = 0; e < E; e++) { /* slot order -> the FFN's rows */
+            for (g = 0; g < G; g++) {
+                memcpy(dys + (e * G + g) * s * d,
+                       tmp + (g * S + (int64_t)e * s) * d,
+                       sizeof(float) * (size_t)(s * d));
+            }
+        }
+    }
+    else {
+        for (t = 0; t < T; t++) {
+            const float *dyt = dy + t * d;
+            for (e = 0; e < E; e++) {
+                const float *yr = b->ys + (e * G + t) * d;
+                const float ce = job->cw_expert[t * E + e];
+                float *o = dys + (e * G + t) * d;
+                double dot = 0.0;
+                for (i = 0; i < d; i++) {
+                    o[i] = ce * dyt[i];
+                    dot += (double)dyt[i] * yr[i];
+                }
+                for (q = 0; q < s; q++) {
+                    dc[t * S + (int64_t)e * s + q] = (float)dot;
+                }
+            }
+        }
+    }
+    if (st != MOE_STATUS_OK) {
+        goto done;
+    }
+
+    /* the experts */
+    memset(&fb, 0, sizeof(fb));
+    fb.x = mixing ? slots : x;
+    fb.token_index = token_index;
+    fb.n_tokens = mixing ? G * S : T;
+    fb.offsets = offsets;
+    fb.n_rows = n_rows;
+    fb.experts = p->experts;
+    fb.w_gate = b->w_gate;
+    fb.w_up = b->w_up;
+    fb.w_down = b->w_down;
+    fb.act = p->act;
+    fb.dy = dys;
+    fb.dx = dsl;
+    fb.d_w_gate = b->d_w_gate;
+    fb.d_w_up = b->d_w_up;
+    fb.d_w_down = b->d_w_down;
+    if ((st = moe_ffn_backward(&fb)) != MOE_STATUS_OK) {
+        goto done;
+    }
+
+    /* dD_g (M, S) = X_g d_slots_g^T, d slots back in slot order (tmp) */
+    if (mixing) {
+        for (e = 0; e < E; e++) {
+            for (g = 0; g < G; g++) {
+                memcpy(tmp + (g * S + (int64_t)e * s) * d,
+                       dsl + (e * G + g) * s * d,
+                       sizeof(float) * (size_t)(s * d));
+            }
+        }
+        for (g = 0; g < G && st == MOE_STATUS_OK; g++) {
+            moe_soft_transpose(tmp + g * S * d, d, S, d, tr);
+            st = moe_soft_mm(x + g * gs * d, ts * d, 1, tr, S, d, M, S,
+                             dd + g * gs * S, ts * S);
+        }
+        if (st != MOE_STATUS_OK) {
+            goto done;
+        }
+    }
+
+    /* the softmaxes' backward into dR, and the norms' sums */
+    memset(rowt, 0, sizeof(double) * (size_t)T);
+    memset(colt, 0, sizeof(double) * (size_t)S);
+    {
+        double *dl = job->cbuf; /* (T, S) scratch, free after the forward */
+        for (r = 0; r < T; r++) {
+            const float *c = job->cw + r * S, *g1 = dc + r * S;
+            double dot = 0.0;
+            for (j = 0; j < S; j++) {
+                dot += (double)c[j] * g1[j];
+            }
+            for (j = 0; j < S; j++) {
+                dl[r * S + j] = (double)c[j] * ((double)g1[j] - dot);
+            }
+        }
+        for (g = 0; mixing && g < G; g++) {
+            const float *dt = job->dt + g * S * M;
+            for (j = 0; j < S; j++) {
+                double dot = 0.0;
+                for (t = 0; t < M; t++) {
+                    dot += (double)dt[j * M + t] * dd[(g * gs + t * ts) * S + j];
+                }
+                for (t = 0; t < M; t++) {
+                    r = g * gs + t * ts;
+                    dl[r * S + j] += (double)dt[j * M + t] *
+                                     ((double)dd[r * S + j] - dot);
+                }
+            }
+        }
+        for (r = 0; r < T; r++) {
+            const double f = moe_soft_row_factor(job, r);
+            for (j = 0; j < S; j++) {
+                const double ph = job->phin != NULL ? job->phin[j] : 1.0;
+                const double lg = moe_soft_logit(job, r, j, f);
+                const double g1 = dl[r * S + j];
+                dr[r * S + j] = (float)(g1 * f * ph);
+                rowt[r] += g1 * lg;
+                colt[j] += g1 * lg;
+                if (p->normalize) {
+                    dscale += g1 * (double)job->logits[r * S + j] * job->xn[r] *
+                              ph / p->temperature;
+                }
+            }
+        }
+    }
+    if (b->d_scale != NULL) {
+        *b->d_scale = dscale;
+    }
+
+    /* dx = D d_slots + dR phi^T (m == 1: the FFN's rows summed per token) */
+    moe_soft_transpose(p->phi, S, d, S, phit);
+    if (b->dx != NULL && mixing) {
+        for (g = 0; g < G && st == MOE_STATUS_OK; g++) {
+            moe_mm_seg seg[2] = {
+                {job->dt + g * S * M, 1, M, tmp + g * S * d, d, S},
+                {dr + g * gs * S, ts * S, 1, phit, d, S}};
+            st = moe_mm(seg, 2, M, d, b->dx + g * gs * d, ts * d);
+        }
+    }
+    else if (b->dx != NULL) {
+        st = moe_soft_mm(dr, S, 1, phit, d, S, T, d, b->dx, d);
+        for (t = 0; st == MOE_STATUS_OK && t < T; t++) {
+            for (e = 0; e < E; e++) {
+                const float *src = dsl + (e * G + t) * d;
+                for (i = 0; i < d; i++) {
+                    b->dx[t * d + i] += src[i];
+                }
+            }
+        }
+    }
+    if (st == MOE_STATUS_OK && b->dx != NULL && p->normalize) {
+        for (r = 0; r < T; r++) {
+            const float k = (float)(-job->xn[r] * job->xn[r] * rowt[r]);
+            for (i = 0; i < d; i++) {
+                b->dx[r * d + i] += k * x[r * d + i];
+            }
+        }
+    }
+
+    /* d phi = X^T dR (+ the norm's term) */
+    if (st == MOE_STATUS_OK && b->d_phi != NULL) {
+        st = moe_soft_mm(x, 1, d, dr, S, T, d, S, b->d_phi, S);
+        for (j = 0; st == MOE_STATUS_OK && p->normalize && j < S; j++) {
+            const float k = (float)(-job->phin[j] * job->phin[j] * colt[j]);
+            for (i = 0; i < d; i++) {
+                b->d_phi[i * S + j] += k * p->phi[i * S + j];
+            }
+        }
+    }
+done:
+    free(dys);
+    free(dsl);
+    free(tmp);
+    free(tr);
+    free(dc);
+    free(dd);
+    free(dr);
+    free(phit);
+    free(rowt);
+    free(colt);
+    return st;
+}
+
+moe_status
+moe_soft_moe_backward(const moe_soft_moe_backward_params *b)
+{
+    const moe_soft_moe_params *p = b->forward;
+
+    if (p == NULL || b->ys == NULL || b->dy == NULL || b->w_up == NULL ||
+        b->w_down == NULL) {
+        return moe_set_error(MOE_STATUS_INVALID_ARG, "soft MoE backward: "
+                             "needs the forward's params, its saved ys, dy "
+                             "and the unpacked expert weights");
+    }
+    MOE_TRY(moe_soft_moe_check(p));
+    if (p->n_groups * p->group_size == 0) { /* nothing ran: zero gradients */
+        const int64_t S = (int64_t)p->n_experts * p->slots_per_expert;
+        moe_experts_info w;
+        moe_experts_get_info(p->experts, &w);
+        if (b->d_phi != NULL) {
+            memset(b->d_phi, 0, sizeof(float) * (size_t)(p->d_model * S));
+        }
+        if (b->d_scale != NULL) {
+            *b->d_scale = 0.0;
+        }
+        if (b->d_w_gate != NULL) {
+            memset(b->d_w_gate, 0, sizeof(float) * (size_t)(w.n_experts * w.d_ff * w.d_model));
+        }
+        if (b->d_w_up != NULL) {
+            memset(b->d_w_up, 0, sizeof(float) * (size_t)(w.n_experts * w.d_ff * w.d_model));
+        }
+        if (b->d_w_down != NULL) {
+            memset(b->d_w_down, 0, sizeof(float) * (size_t)(w.n_experts * w.d_ff * w.d_model));
+        }
+        return MOE_STATUS_OK;
+    }
+    return moe_soft_moe_run(p, b);
 }

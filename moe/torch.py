@@ -25,7 +25,7 @@ from .multihead import MultiHeadMoE as _NumpyMultiHeadMoE
 
 __all__ = ["FlyLoRA", "GatedLoRA", "HydraLoRA", "MultiHeadMoE", "MultiLoRA", "Routing", "SMoRA",
            "SoftLoRA", "SparseMoE", "TopKLoRA", "from_layer", "load_peft_lora",
-           "peft_state_dict"]
+           "patch", "peft_state_dict", "unpatch"]
 
 # weights whose in-place change needs layer.pack(): the kernels read a packed copy of them
 _PACKED = frozenset(_layer_mod._EXPERT_WEIGHTS + ("b_gate", "b_up", "b_down")
@@ -1068,3 +1068,7 @@ def peft_state_dict(layer, *, index=None, prefix="", alpha=None, rank=None,
         if lay.use_bias:
             out[f"{prefix}base_layer.bias"] = torch.from_numpy(np.array(lay.base_bias))
     return out
+
+
+# ---- transformers models: patch / unpatch (moe/hf_patch.py) ---------------------------
+from .hf_patch import patch, unpatch  # noqa: E402

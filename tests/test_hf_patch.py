@@ -1,0 +1,276 @@
+"""moe.torch.patch / unpatch on tiny transformers models built locally (no download): the
+six architectures' logits, greedy generation, gradients of every parameter (with the
+model's own aux loss), the packed-weight refresh after optimizer.step, unpatch, bf16, and
+what the report says about blocks it leaves."""
+import copy
+import warnings
+
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+import moe.torch as mt  # noqa: E402
+from moe.hf_patch import PatchedMoE, PatchReport  # noqa: E402
+
+ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "gpt_oss")
+VOCAB = 96
+COMMON = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=128, head_dim=8, bos_token_id=1,
+              eos_token_id=2, pad_token_id=0)
+
+
+def _config(arch, **over):
+    t = transformers
+    if arch == "mixtral":
+        cfg = t.MixtralConfig(**COMMON, intermediate_size=24, num_local_experts=6,
+                              num_experts_per_tok=2)
+    elif arch == "qwen2_moe":
+        cfg = t.Qwen2MoeConfig(**COMMON, intermediate_size=48, moe_intermediate_size=16,
+                               shared_expert_intermediate_size=40, num_experts=8,
+                               num_experts_per_tok=2, norm_topk_prob=False)
+    elif arch == "qwen3_moe":
+        cfg = t.Qwen3MoeConfig(**COMMON, intermediate_size=48, moe_intermediate_size=16,
+                               num_experts=8, num_experts_per_tok=2, norm_topk_prob=True)
+    elif arch == "olmoe":
+        cfg = t.OlmoeConfig(**COMMON, intermediate_size=24, num_experts=8, num_experts_per_tok=2)
+    elif arch == "deepseek_v3":  # layer 0 dense, layer 1 MoE with grouped sigmoid routing
+        common = {k: v for k, v in COMMON.items() if k not in ("head_dim",
+                                                                "num_key_value_heads")}
+        cfg = t.DeepseekV3Config(
+            **common, num_key_value_heads=4, intermediate_size=48, moe_intermediate_size=16,
+            n_routed_experts=8, num_experts_per_tok=2, n_group=2, topk_group=1,
+            n_shared_experts=1, first_k_dense_replace=1, routed_scaling_factor=2.5,
+            kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8, qk_nope_head_dim=8,
+            v_head_dim=8, rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    else:
+        cfg = t.GptOssConfig(**COMMON, intermediate_size=16, num_local_experts=6,
+                             num_experts_per_tok=2, sliding_window=16,
+                             layer_types=["sliding_attention", "full_attention"])
+    for k, v in over.items():
+        setattr(cfg, k, v)
+    cfg._attn_implementation = "eager"
+    return cfg
+
+
+def _build(arch, dtype=torch.float32, **over):
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(_config(arch, **over), dtype=dtype)
+    with torch.no_grad():  # some routers start at zero: give every router a spread
+        for name, p in model.named_parameters():
+            if name.endswith(("gate.weight", "router.weight", "router.bias",
+                              "gate_up_proj_bias", "down_proj_bias")):
+                p.normal_(0, 0.5)
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.normal_(0, 0.1)
+    return model.eval()
+
+
+def _pair(arch, **kw):
+    """(reference model, patched deep copy of it, report)."""
+    ref = _build(arch, **kw)
+    model = copy.deepcopy(ref)
+    return ref, model, mt.patch(model)
+
+
+def _ids(seed=1, shape=(2, 9)):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, VOCAB, shape, generator=g)
+
+
+def _close(a, b, rtol=1e-4):
+    """|a - b| <= rtol * max|b| (elementwise against the tensor's scale)."""
+    a, b = a.detach().float(), b.detach().float()
+    err = (a - b).abs().max().item()
+    assert err <= rtol * max(b.abs().max().item(), 1e-12), (err, b.abs().max().item())
+
+
+def _moe_blocks(model):
+    return [m for m in model.modules() if isinstance(m, PatchedMoE)]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_logits_generate_and_unpatch(arch):
+    ref, model, report = _pair(arch)
+    n_moe = 1 if arch == "deepseek_v3" else 2  # DeepSeek-V3's layer 0 is dense
+    assert len(report.replaced) == n_moe and not report.left and report.reason is None
+    assert len(_moe_blocks(model)) == n_moe
+    # the state dict is the model's: same keys, same memory
+    sd_ref, sd = ref.state_dict(), model.state_dict()
+    assert list(sd) == list(sd_ref)
+    originals = {n: m.original for n, m in model.named_modules() if isinstance(m, PatchedMoE)}
+    for name, blk in originals.items():
+        patched = model.get_submodule(name)
+        for pname, p in blk.named_parameters():
+            assert patched.get_parameter(pname) is p
+    ids = _ids()
+    with torch.no_grad():
+        want, got = ref(ids).logits, model(ids).logits
+    _close(got, want)
+    out_ref = ref.generate(ids[:, :5], max_new_tokens=8, do_sample=False)
+    out = model.generate(ids[:, :5], max_new_tokens=8, do_sample=False)
+    assert torch.equal(out, out_ref)
+    # unpatch puts the very same block objects back
+    names = mt.unpatch(model)
+    assert sorted(names) == sorted(originals)
+    for name, blk in originals.items():
+        assert model.get_submodule(name) is blk
+    assert not _moe_blocks(model)
+    with torch.no_grad():
+        _close(model(ids).logits, want, rtol=1e-6)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_gradients_and_optimizer_refresh(arch):
+    ref, model, _ = _pair(arch)
+    ref.train()
+    model.train()
+    ids = _ids(2)
+    aux = getattr(ref.config, "router_aux_loss_coef", None) is not None and arch != "deepseek_v3"
+    kw = dict(labels=ids, output_router_logits=True) if aux else dict(labels=ids)
+    out_ref, out = ref(ids, **kw), model(ids, **kw)
+    _close(out.loss, out_ref.loss)
+    if aux:  # transformers' own load-balancing loss, from the recorded router logits
+        assert out.aux_loss is not None and float(out_ref.aux_loss.detach()) > 0
+        _close(out.aux_loss, out_ref.aux_loss)
+    out_ref.loss.backward()
+    out.loss.backward()
+    params = dict(model.named_parameters())
+    for name, p in ref.named_parameters():
+        q = params[name]
+        assert q.grad is not None and q.grad.dtype == q.dtype, name
+        _close(q.grad, p.grad)  # relative to the gradient's scale
+    # the optimizer steps the model's parameters; the next forward sees the new weights
+    for m in (ref, model):
+        opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
+        opt.step()
+    with torch.no_grad():
+        _close(model(ids).logits, ref(ids).logits)
+
+
+def test_bf16_model():
+    """bf16 weights stay bf16 (the packed ones too); the core computes in float32 (bf16 weights
+    widened exactly, float32 accumulation) where transformers rounds every op to bf16:
+    logits agree to 3e-2 of their scale on average, gradients are rounded to bf16."""
+    for arch in ("qwen3_moe", "gpt_oss"):
+        ref, model, report = _pair(arch, dtype=torch.bfloat16)
+        assert len(report.replaced) == 2
+        blk = _moe_blocks(model)[0]
+        assert blk.experts.gate_up_proj.dtype == torch.bfloat16
+        assert blk.to_layer().dtype == "bfloat16"
+        ids = _ids(3)
+        with torch.no_grad():
+            want, got = ref(ids).logits.float(), model(ids).logits.float()
+        assert got.dtype == want.dtype
+        assert (got - want).abs().mean() <= 3e-2 * want.abs().mean()
+        model.train()
+        model(ids, labels=ids).loss.backward()
+        gu = blk.experts.gate_up_proj
+        assert gu.grad is not None and gu.grad.dtype == torch.bfloat16
+        assert torch.isfinite(gu.grad.float()).all() and gu.grad.float().abs().sum() > 0
+
+
+def test_dense_model_is_reported_and_works():
+    cfg = transformers.LlamaConfig(**{k: v for k, v in COMMON.items()}, intermediate_size=48)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    ids = _ids()
+    with torch.no_grad():
+        want = model(ids).logits
+    report = mt.patch(model)
+    assert isinstance(report, PatchReport)
+    assert report.replaced == [] and report.left == []
+    assert report.reason == "no sparse MoE block found" and report.reason in str(report)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, want)
+    assert mt.unpatch(model) == []
+
+
+def test_unsupported_blocks_are_left_with_a_reason():
+    # a supported architecture in a configuration the core does not compute
+    ref, model, report = _pair("mixtral", router_jitter_noise=0.1)
+    assert not report.replaced and report.reason == "no supported MoE block"
+    assert [e.name for e in report.left] == ["model.layers.0.mlp", "model.layers.1.mlp"]
+    assert all("router_jitter_noise" in e.reason for e in report.left)
+    assert all(e.kind == "MixtralSparseMoeBlock" for e in report.left)
+    # an MoE block of an architecture patch() does not know
+    ref, model = _build("qwen3_moe"), None
+    model = copy.deepcopy(ref)
+
+    class CustomSparseMoeBlock(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.experts = inner.experts
+            self.gate = inner.gate
+            self.inner = inner
+
+        def forward(self, x):
+            return self.inner(x)
+
+    model.model.layers[1].mlp = CustomSparseMoeBlock(model.model.layers[1].mlp)
+    report = mt.patch(model)
+    assert [r.name for r in report.replaced] == ["model.layers.0.mlp"]
+    (left,) = report.left
+    assert left.name == "model.layers.1.mlp" and left.kind == "CustomSparseMoeBlock"
+    assert "unsupported MoE block" in left.reason and "left model.layers.1.mlp" in str(report)
+    ids = _ids()
+    with torch.no_grad():
+        _close(model(ids).logits, ref(ids).logits)
+    # patching twice leaves the patched blocks
+    again = mt.patch(model)
+    assert not again.replaced and "already patched" in [e.reason for e in again.left]
+
+
+def test_report_and_memory():
+    _, model, report = _pair("qwen2_moe")
+    r = report.replaced[0]
+    assert (r.name, r.arch) == ("model.layers.0.mlp", "qwen2_moe")
+    assert r.options["n_experts"] == 8 and r.options["d_ff"] == 16
+    assert r.options["shared_expert_gate"] and r.options["renormalize"] is False
+    # only the gate / up halves of the fused gate_up_proj are copied; the rest are views
+    assert r.copies == ["w_gate", "w_up"]
+    assert {"router_weight", "w_down", "shared_w_up", "shared_gate_weight"} <= set(r.views)
+    gu = model.model.layers[0].mlp.experts.gate_up_proj
+    assert r.copy_bytes == gu.numel() * gu.element_size()
+    assert report.copy_bytes == 2 * r.copy_bytes
+    layer = model.model.layers[0].mlp.to_layer()
+    assert layer.w_down.ctypes.data == model.model.layers[0].mlp.experts.down_proj.data_ptr()
+    assert "replaced model.layers.0.mlp (qwen2_moe)" in str(report)
+
+
+def test_replaced_part_falls_back_to_the_original_forward():
+    """A part swapped after patching (as a PEFT LoRA wrapper does) is never ignored: the
+    block runs its original forward, warning once."""
+    ref, model, _ = _pair("qwen2_moe")
+
+    class Scaled(torch.nn.Linear):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    for m in (ref, model):
+        old = m.model.layers[0].mlp.shared_expert.up_proj
+        new = Scaled(old.in_features, old.out_features, bias=False)
+        new.weight = old.weight
+        m.model.layers[0].mlp.shared_expert.up_proj = new
+    ids = _ids()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with torch.no_grad():
+            got = model(ids).logits
+    assert any("original forward" in str(w.message) for w in caught)
+    with torch.no_grad():
+        _close(got, ref(ids).logits)
+
+
+def test_load_state_dict_refreshes():
+    ref, model, _ = _pair("olmoe")
+    other = _build("olmoe")
+    with torch.no_grad():
+        for p in other.parameters():
+            p.mul_(0.9)
+    ref.load_state_dict(other.state_dict())
+    model.load_state_dict(other.state_dict())
+    ids = _ids()
+    with torch.no_grad():
+        _close(model(ids).logits, ref(ids).logits)

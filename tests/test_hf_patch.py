@@ -274,3 +274,26 @@ def test_load_state_dict_refreshes():
     ids = _ids()
     with torch.no_grad():
         _close(model(ids).logits, ref(ids).logits)
+
+
+def test_peft_lora_on_a_patched_model():
+    """A PEFT LoRA model over a patched one: the frozen base's MoE blocks run on the core,
+    the adapters' gradients (through them) match the unpatched PEFT model's."""
+    peft = pytest.importorskip("peft")
+    ref, model, _ = _pair("qwen3_moe")
+    cfg = dict(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    torch.manual_seed(0)
+    pref = peft.get_peft_model(ref, peft.LoraConfig(**cfg))
+    pmod = peft.get_peft_model(model, peft.LoraConfig(**cfg))
+    pmod.load_state_dict(pref.state_dict())
+    assert len(_moe_blocks(pmod)) == 2
+    ids = _ids()
+    pref(ids, labels=ids).loss.backward()
+    pmod(ids, labels=ids).loss.backward()
+    want = dict(pref.named_parameters())
+    trained = [(n, p) for n, p in pmod.named_parameters() if p.requires_grad]
+    assert trained and all("lora_" in n for n, _ in trained)
+    for name, p in trained:
+        _close(p.grad, want[name].grad)
+    blk = _moe_blocks(pmod)[0]
+    assert blk.experts.gate_up_proj.grad is None  # frozen: no gradient computed into it

@@ -281,11 +281,17 @@ class PatchedMoE(nn.Module):
         self._rt = None
         self._runtime(self._params())  # build (and pack) now: errors surface at patch time
 
-    # copies / pickles rebuild the runtime (its packed C handles do not pickle)
+    # copies / pickles rebuild the runtime (its packed C handles do not pickle) and the
+    # views (functions)
     def __getstate__(self):
         state = self.__dict__.copy()
         state["_rt"] = None
+        state.pop("_spec", None)
         return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._spec = _spec(self.arch, self._kw["d_ff"])
 
     def _params(self):
         return [_get(self, path) for path in self._paths]

@@ -297,3 +297,27 @@ def test_peft_lora_on_a_patched_model():
         _close(p.grad, want[name].grad)
     blk = _moe_blocks(pmod)[0]
     assert blk.experts.gate_up_proj.grad is None  # frozen: no gradient computed into it
+
+
+def test_copy_pickle_and_dtype_change():
+    """deepcopy / torch.save of a patched model rebuild the core's layer on the copy; a
+    model converted after patching (.to(bfloat16)) rebuilds it in the new dtype."""
+    import io
+    ref, model, _ = _pair("mixtral")
+    ids = _ids()
+    with torch.no_grad():
+        want = ref(ids).logits
+        twin = copy.deepcopy(model)
+        blk = twin.model.layers[0].mlp
+        assert isinstance(blk, PatchedMoE) and blk.original.experts is blk.experts
+        _close(twin(ids).logits, want)
+        buf = io.BytesIO()
+        torch.save(model, buf)
+        buf.seek(0)
+        _close(torch.load(buf, weights_only=False)(ids).logits, want)
+        model.to(torch.bfloat16)
+        got = model(ids).logits.float()
+        assert model.model.layers[0].mlp.to_layer().dtype == "bfloat16"
+        ref.to(torch.bfloat16)
+        want = ref(ids).logits.float()
+        assert (got - want).abs().mean() <= 3e-2 * want.abs().mean()

@@ -1,13 +1,14 @@
-"""moe.torch: moe.SparseMoE, moe.MultiHeadMoE and the mixture-of-LoRA layers of moe.lora
-(TopKLoRA, SoftLoRA, HydraLoRA, GatedLoRA, FlyLoRA, SMoRA, MultiLoRA) as torch.nn.Modules
-with autograd, traceable by torch.compile; plus PEFT LoRA interop (load_peft_lora,
-peft_state_dict).
+"""moe.torch: moe.SparseMoE, moe.MultiHeadMoE, moe.SoftMoE, moe.MixtureOfTokens and the
+mixture-of-LoRA layers of moe.lora (TopKLoRA, SoftLoRA, HydraLoRA, GatedLoRA, FlyLoRA, SMoRA,
+MultiLoRA) as torch.nn.Modules with autograd, traceable by torch.compile; plus PEFT LoRA
+interop (load_peft_lora, peft_state_dict).
 
 A module's parameters share memory with its NumPy layer's weights; the forward and backward
 run the C core through custom ops (torch.ops.moe.sparse_moe_forward / _backward for the two
-MoE layers, torch.ops.moe.lora_forward / _backward for every LoRA layer, with fake
-implementations) wrapped by an autograd.Function.  Importing `moe` never imports torch:
-only `import moe.torch` does.
+MoE layers, torch.ops.moe.lora_forward / _backward for every LoRA layer,
+torch.ops.moe.soft_moe_forward / _backward for the two soft layers, with fake
+implementations) wrapped by an autograd.Function.  Importing `moe` never imports torch: only
+`import moe.torch` does.
 """
 import functools
 import itertools
@@ -20,18 +21,21 @@ from torch import nn
 
 from . import layer as _layer_mod
 from . import lora as _lora_mod
+from . import soft_moe as _soft_mod
 from .layer import SparseMoE as _NumpySparseMoE
 from .multihead import MultiHeadMoE as _NumpyMultiHeadMoE
 
-__all__ = ["FlyLoRA", "GatedLoRA", "HydraLoRA", "MultiHeadMoE", "MultiLoRA", "Routing", "SMoRA",
-           "SoftLoRA", "SparseMoE", "TopKLoRA", "from_layer", "load_peft_lora",
-           "patch", "peft_state_dict", "unpatch"]
+__all__ = ["FlyLoRA", "GatedLoRA", "HydraLoRA", "MixtureOfTokens", "MultiHeadMoE", "MultiLoRA",
+           "Routing", "SMoRA", "SoftLoRA", "SoftMoE", "SparseMoE", "TopKLoRA", "from_layer",
+           "load_peft_lora", "patch", "peft_state_dict", "unpatch"]
 
 # weights whose in-place change needs layer.pack(): the kernels read a packed copy of them
 _PACKED = frozenset(_layer_mod._EXPERT_WEIGHTS + ("b_gate", "b_up", "b_down")
                     + _layer_mod._LORA_WEIGHTS)
 # ... and a MultiHeadMoE's: its two projections (its inner layer packs its own)
 _PACKED_MULTIHEAD = frozenset(("w_in", "w_merge"))
+# ... and a SoftMoE's / MixtureOfTokens's: the expert FFN weights (not phi)
+_SOFT_PACKED = frozenset(_soft_mod._EXPERT_WEIGHTS)
 # layer dtype -> the torch dtype of its FFN weights (bfloat16 is stored as uint16 bits)
 _FFN_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -61,13 +65,17 @@ class Routing(NamedTuple):
 class _Binding:
     """A layer, its weights' names in the ops' order ("moe.w_up": the w_up of layer.moe),
     those with a gradient, the layers that pack weights (the layer, and a MultiHeadMoE's
-    inner layer) and the (data_ptr, _version) of each packed weight at the last pack."""
+    inner layer), the (data_ptr, _version) of each packed weight at the last pack and the
+    `scalars`: names whose layer attribute is a Python float (a soft layer's scale), bound
+    to a 0-d tensor by value (written into the layer at every bind)."""
 
-    __slots__ = ("layer", "names", "trainable", "packers", "versions", "__weakref__")
+    __slots__ = ("layer", "names", "trainable", "packers", "versions", "scalars",
+                 "__weakref__")
 
-    def __init__(self, layer, names, trainable=_layer_mod._TRAINABLE):
+    def __init__(self, layer, names, trainable=_layer_mod._TRAINABLE, scalars=()):
         self.layer, self.names = layer, tuple(names)
         self.trainable = frozenset(self.names) & frozenset(trainable)
+        self.scalars = frozenset(self.names) & frozenset(scalars)
         self.packers = (layer, layer.moe) if isinstance(layer, _NumpyMultiHeadMoE) else (layer,)
         self.versions = {}
 
@@ -81,6 +89,8 @@ def _owner(layer, name):
 def _packed_names(layer):
     if isinstance(layer, _lora_mod._LoRALayer):  # all but the weights read on every call
         return frozenset(layer._all_weights()) - frozenset(layer._READ_EACH_CALL)
+    if isinstance(layer, _soft_mod.SoftMoE):  # the expert FFN weights, not phi
+        return _SOFT_PACKED
     return _PACKED_MULTIHEAD if isinstance(layer, _NumpyMultiHeadMoE) else _PACKED
 
 
@@ -135,10 +145,14 @@ def _bind(b, tensors):
     counter (shared with its views and detach()), so a changed (data_ptr, _version) of a
     packed weight is the sign to repack; a parameter replaced by another tensor is rebound.
     Writes that bypass the counter (through .data or NumPy) need SparseMoE.repack().
+    A scalar (b.scalars) is copied into the layer as a float every time.
     """
     stale = []  # the layers (b.packers) one of whose packed weights moved
     for name, t in zip(b.names, tensors):
         owner, attr = _owner(b.layer, name)
+        if name in b.scalars:
+            setattr(owner, attr, float(t.detach()))
+            continue
         arr = getattr(owner, attr)
         ptr = t.data_ptr()
         if arr is None or arr.ctypes.data != ptr or arr.shape != tuple(t.shape):
@@ -601,17 +615,19 @@ def _from_sparse(layer):
 
 
 def from_layer(layer):
-    """A moe.torch.SparseMoE / MultiHeadMoE / LoRA module (TopKLoRA, ...) whose parameters are
-    the NumPy layer's weights (no copy: torch.from_numpy; read-only arrays, e.g.
-    memory-mapped, are copied once)."""
+    """A moe.torch.SparseMoE / MultiHeadMoE / SoftMoE / MixtureOfTokens / LoRA module
+    (TopKLoRA, ...) whose parameters are the NumPy layer's weights (no copy:
+    torch.from_numpy; read-only arrays, e.g. memory-mapped, are copied once; a soft layer's
+    scale becomes a 0-d float32 parameter)."""
     if isinstance(layer, _NumpySparseMoE):
         return _from_sparse(layer)
-    cls = MultiHeadMoE if isinstance(layer, _NumpyMultiHeadMoE) else _LORA_MODULES.get(
-        type(layer))
+    cls = MultiHeadMoE if isinstance(layer, _NumpyMultiHeadMoE) else (
+        _SOFT_MODULES.get(type(layer)) or _LORA_MODULES.get(type(layer)))
     if cls is None:
-        raise TypeError(f"from_layer takes a moe.SparseMoE, moe.MultiHeadMoE or a moe.lora "
-                        f"layer ({', '.join(sorted(c.__name__ for c in _LORA_MODULES))}), "
-                        f"got {type(layer).__name__}")
+        raise TypeError(f"from_layer takes a moe.SparseMoE, moe.MultiHeadMoE, moe.SoftMoE, "
+                        f"moe.MixtureOfTokens or a moe.lora layer ("
+                        f"{', '.join(sorted(c.__name__ for c in _LORA_MODULES))}), got "
+                        f"{type(layer).__name__}")
     m = cls.__new__(cls)
     nn.Module.__init__(m)
     m._adopt(layer)
@@ -862,6 +878,197 @@ class MultiLoRA(_LoRAModule):
 
 _LORA_MODULES = {c._NUMPY: c for c in (TopKLoRA, SoftLoRA, HydraLoRA, GatedLoRA, FlyLoRA,
                                        SMoRA, MultiLoRA)}
+
+
+# ---- the soft layers: SoftMoE and MixtureOfTokens ---------------------------------------
+#
+# One custom-op pair for both.  x keeps its shape ((B, m, d) or 2-D, as the NumPy layer's
+# __call__ takes it): the groups depend on it.  The temperature (a MixtureOfTokens module's
+# plain attribute) is an argument of the forward op, written into the layer at each call;
+# the normalised layers' `scale` is a 0-d float32 parameter, bound by value (b.scalars).
+
+@torch.library.custom_op(
+    "moe::soft_moe_forward", mutates_args=(),
+    schema="(Tensor x, Tensor[] weights, int layer_id, float temperature, bool train) -> "
+           "(Tensor, Tensor)")
+def _soft_forward_op(x, weights, layer_id, temperature, train):
+    """x (B, m, d) or 2-D float32, weights in the binding's order -> y (x's shape) float32
+    and the handle of the training context (-1 when train is False)."""
+    layer = _bind(_binding(layer_id), weights)
+    if isinstance(layer, _soft_mod.MixtureOfTokens):
+        layer.temperature = temperature
+    xn = x.detach().contiguous().numpy()
+    if train:
+        y, ctx = layer.forward_train(xn)
+        handle = _handle_for(ctx)
+    else:
+        y = layer(xn)
+        handle = torch.tensor(-1, dtype=torch.int64)
+    return torch.from_numpy(np.ascontiguousarray(y)), handle
+
+
+@_soft_forward_op.register_fake
+def _(x, weights, layer_id, temperature, train):
+    return torch.empty_like(x, dtype=torch.float32), x.new_empty((), dtype=torch.int64)
+
+
+@torch.library.custom_op(
+    "moe::soft_moe_backward", mutates_args=(),
+    schema="(Tensor x, Tensor[] weights, Tensor handle, Tensor dy, int layer_id) -> "
+           "(Tensor, Tensor[])")
+def _soft_backward_op(x, weights, handle, dy, layer_id):
+    """Gradients of sum(dy * y): dx (x's shape) float32 and one per trainable weight
+    (binding order) in that weight's dtype (scale: 0-d float32)."""
+    b = _binding(layer_id)
+    layer = _bind(b, weights)
+    g = layer.backward(_context_of(handle), dy.detach().contiguous().numpy(), retain=True)
+    grads = [torch.tensor(g[n], dtype=w.dtype) if n in b.scalars
+             else torch.from_numpy(g[n]).to(w.dtype)
+             for n, w in zip(b.names, weights) if n in b.trainable]
+    return torch.from_numpy(np.ascontiguousarray(g["x"]).reshape(x.shape)), grads
+
+
+@_soft_backward_op.register_fake
+def _(x, weights, handle, dy, layer_id):
+    b = _binding(layer_id)
+    return (torch.empty_like(x, dtype=torch.float32),
+            [torch.empty_like(w) for n, w in zip(b.names, weights) if n in b.trainable])
+
+
+class _SoftMoEFunction(torch.autograd.Function):
+    """y of the soft layer `layer_id` (and the handle, not differentiable)."""
+
+    @staticmethod
+    def forward(ctx, x, layer_id, temperature, trainable, *weights):
+        y, handle = torch.ops.moe.soft_moe_forward(x, list(weights), layer_id, temperature,
+                                                   True)
+        ctx.mark_non_differentiable(handle)
+        # saving the weights makes autograd refuse a backward after they changed in place
+        ctx.save_for_backward(x, handle, *weights)
+        ctx.layer_id, ctx.trainable = layer_id, trainable
+        return y, handle
+
+    @staticmethod
+    def backward(ctx, dy, _):
+        x, handle, *weights = ctx.saved_tensors
+        dx, grads = torch.ops.moe.soft_moe_backward(x, weights, handle, dy, ctx.layer_id)
+        it = iter(grads)
+        return (dx, None, None, None) + tuple(next(it) if t else None for t in ctx.trainable)
+
+
+class _SoftModule(_LayerModule):
+    """What SoftMoE and MixtureOfTokens share.  A subclass sets _NUMPY (its NumPy class)."""
+
+    _NUMPY = None
+    _WHAT = "(batch, tokens, d_model) or (tokens, d_model)"
+
+    def _adopt(self, layer):
+        names = _adopt_weights(self, layer, layer._weight_names(), buffers=())
+        if layer.normalize:
+            self.register_parameter("scale", nn.Parameter(
+                torch.tensor(layer.scale, dtype=torch.float32)))
+            names.append("scale")
+        self._config = layer.config()
+        self._dtypes = {n: getattr(self, n).dtype for n in names}
+        self._set_binding(self._binding_for(layer, names))
+
+    @staticmethod
+    def _binding_for(layer, names):
+        return _Binding(layer, names, layer.trainable_weights(), scalars=("scale",))
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        layer = self._NUMPY(**self._config, init=False)
+        self._set_binding(self._binding_for(layer, state["_dtypes"]))
+
+    def _temperature(self):
+        return 1.0
+
+    def forward(self, x):
+        """x: (B, m, d_model) or 2-D (see the class) CPU float tensor -> y of x's shape and
+        dtype (computed in float32)."""
+        d = self._config["d_model"]
+        x2 = self._tokens(x, d)  # the checks of every module
+        if x.dim() not in (2, 3):
+            raise ValueError(f"x must have shape {self._WHAT} with d_model={d}, got "
+                             f"{tuple(x.shape)}")
+        x2 = x2.reshape(x.shape)
+        weights = self._weights()
+        temp = self._temperature()
+        if torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad
+                                                               for w in weights)):
+            y, _ = _SoftMoEFunction.apply(x2, self._layer_id, temp, self._trainable, *weights)
+        else:
+            y, _ = torch.ops.moe.soft_moe_forward(x2, weights, self._layer_id, temp, False)
+        return y.to(x.dtype)
+
+    def to_layer(self):
+        """The NumPy layer this module runs, its weights views of the parameters (no copy;
+        repacked if they changed; scale and temperature copied in).  After editing its
+        packed weights in place through NumPy, call layer.pack() (or m.repack())."""
+        layer = super().to_layer()
+        if isinstance(layer, _soft_mod.MixtureOfTokens):
+            layer.temperature = self._temperature()
+        return layer
+
+
+class SoftMoE(_SoftModule):
+    """moe.SoftMoE(d_model, d_ff, n_experts, slots_per_expert=1, **options) as a
+    torch.nn.Module: same constructor arguments (activation, normalize, scale, dtype, seed,
+    init, swiglu_alpha, swiglu_limit).
+
+    Parameters are named and shaped as the layer's weights: phi (d, E*s) float32; w_gate
+    (gated activations only), w_up (E, F, d) and w_down (E, d, F), float32 or, for
+    dtype="bfloat16" / "float16", torch.bfloat16 / torch.float16 parameters on the layer's
+    own storage (gradients computed in float32 and rounded to that dtype); with
+    normalize=True, `scale`, a 0-d float32 parameter (trainable; copied into the layer's
+    float scale at every forward).  They share memory with the NumPy layer (to_layer()).
+
+    m(x) -> y.  x: (B, m, d_model) B groups of m tokens, or (m, d_model) one group; CPU
+    float32 (other float dtypes computed in float32, y and the gradient of x in x's dtype).
+    With grad enabled the forward keeps what the backward needs (layer.forward_train);
+    under torch.no_grad() it runs the plain forward.  The expert weights run packed; the
+    forward repacks when their version counter moved (optimizer steps, load_state_dict);
+    after writes through .data or NumPy, call m.repack().
+    """
+
+    _NUMPY = _soft_mod.SoftMoE
+
+    def __init__(self, d_model, d_ff, n_experts, slots_per_expert=1, **options):
+        super().__init__()
+        self._adopt(_soft_mod.SoftMoE(d_model, d_ff, n_experts, slots_per_expert, **options))
+
+
+class MixtureOfTokens(_SoftModule):
+    """moe.MixtureOfTokens(d_model, d_ff, n_experts, slots_per_expert=1, **options) as a
+    torch.nn.Module: same constructor arguments (temperature, mixing, group_size and those
+    of moe.torch.SoftMoE), same parameters.
+
+    m(x) -> y.  x: (B, m, d_model) B sequences of m tokens (groups across the batch: the
+    tokens at one position of group_size consecutive sequences), or (B, d_model) one
+    position.  `temperature` is a plain attribute (a float, not trained), read at every
+    forward; mixing and group_size are fixed at construction.  Everything else as in
+    moe.torch.SoftMoE.
+    """
+
+    _NUMPY = _soft_mod.MixtureOfTokens
+    _WHAT = "(batch, tokens, d_model) or (batch, d_model)"
+
+    def __init__(self, d_model, d_ff, n_experts, slots_per_expert=1, **options):
+        super().__init__()
+        self._adopt(_soft_mod.MixtureOfTokens(d_model, d_ff, n_experts, slots_per_expert,
+                                              **options))
+
+    def _adopt(self, layer):
+        super()._adopt(layer)
+        self.temperature = layer.temperature
+
+    def _temperature(self):
+        from ._api import check_float
+        return check_float(self.temperature, "temperature", True)
+
+
+_SOFT_MODULES = {c._NUMPY: c for c in (SoftMoE, MixtureOfTokens)}
 
 
 # ---- PEFT interop ----------------------------------------------------------------------

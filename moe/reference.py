@@ -1921,3 +1921,78 @@ def mixture_of_tokens_backward(x, phi, w_gate, w_up, w_down, dy, *, slots_per_ex
                     total[k] = total[k] + r[k]
     total["dx"] = dx.reshape(x.shape)
     return total
+
+
+def peer_backward(x, w_query, sub_keys_1, sub_keys_2, u, v, dy, top_k, activation="relu"):
+    """Gradients of sum(dy * peer_forward(...)["out"]) with the top-k selection fixed.
+
+    Per token t and head h, with peer_forward's q = Wq[h] x, s1 = K1 q1, s2 = K2 q2, the
+    selected experts e_j = i_j * n + j_j, a_j = u_e . x, z_j = act(a_j), g = softmax(s):
+      dv[e_j] += g_j z_j dy, dz_j = v_e . dy; dg_j = z_j dz_j; da_j = g_j dz_j act'(a_j);
+      du[e_j] += da_j x, dx += da_j u_e; ds = g * (dg - sum(g dg)); ds1[i_j] += ds_j,
+      ds2[j_j] += ds_j; dK1 += ds1 q1^T, dK2 += ds2 q2^T (the head's keys, or the shared
+      ones); dq = (K1^T ds1, K2^T ds2); dWq[h] += dq x^T, dx += Wq[h]^T dq.
+    act' is relu: 1 above 0 (0 at 0 and below), gelu: the exact erf form, silu, identity: 1.
+    Returns float64 {"dx" (T, d), "w_query" (H, d_key, d), "sub_keys_1", "sub_keys_2" (their
+    shapes as passed: (n, d_key/2) shared or (H, n, d_key/2) per head), "u" (N, d) and
+    "v" (N, d_out), dense}.
+    """
+    if activation not in PEER_ACTIVATIONS:
+        raise ValueError(f"unknown activation {activation!r}; expected one of "
+                         f"{PEER_ACTIVATIONS}")
+    x = np.asarray(x, dtype=np.float64)
+    dy = np.asarray(dy, dtype=np.float64)
+    wq = np.asarray(w_query, dtype=np.float64)
+    k1_in = np.asarray(sub_keys_1, dtype=np.float64)
+    k2_in = np.asarray(sub_keys_2, dtype=np.float64)
+    shared = k1_in.ndim == 2
+    k1, k2 = (k1_in[None], k2_in[None]) if shared else (k1_in, k2_in)
+    u, v = np.asarray(u), np.asarray(v)
+    T = x.shape[0]
+    H, dk = wq.shape[:2]
+    half = dk // 2
+    n = k1.shape[1]
+    act = {"relu": lambda z: np.maximum(z, 0.0), "gelu": _gelu, "silu": _silu,
+           "identity": lambda z: z}[activation]
+    if activation == "identity":
+        d_act = np.ones_like
+    else:
+        d_act = lambda a: _activation_grads(activation, None, a)[1]  # noqa: E731
+    dx = np.zeros_like(x)
+    dwq = np.zeros_like(wq)
+    dk1 = np.zeros_like(k1)
+    dk2 = np.zeros_like(k2)
+    du = np.zeros(u.shape)
+    dv = np.zeros(v.shape)
+    for t in range(T):
+        for h in range(H):
+            key = 0 if shared or k1.shape[0] == 1 else h
+            q = wq[h] @ x[t]
+            s1 = k1[key] @ q[:half]
+            s2 = k2[key] @ q[half:]
+            every = (s1[:, None] + s2[None, :]).ravel()
+            order = _stable_desc_order(every)[:top_k]
+            g = softmax(every[order])
+            ue, ve = u[order].astype(np.float64), v[order].astype(np.float64)
+            a = ue @ x[t]
+            z = act(a)
+            dv[order] += np.outer(g * z, dy[t])  # the k experts of one head are distinct
+            dz = ve @ dy[t]
+            dg = z * dz
+            da = g * dz * d_act(a)
+            du[order] += np.outer(da, x[t])
+            dx[t] += da @ ue
+            ds = g * (dg - np.dot(g, dg))
+            ds1 = np.zeros(n)
+            ds2 = np.zeros(n)
+            np.add.at(ds1, order // n, ds)
+            np.add.at(ds2, order % n, ds)
+            dk1[key] += np.outer(ds1, q[:half])
+            dk2[key] += np.outer(ds2, q[half:])
+            dq = np.concatenate([k1[key].T @ ds1, k2[key].T @ ds2])
+            dwq[h] += np.outer(dq, x[t])
+            dx[t] += wq[h].T @ dq
+    if shared:
+        dk1, dk2 = dk1[0], dk2[0]
+    return {"dx": dx, "w_query": dwq, "sub_keys_1": dk1, "sub_keys_2": dk2, "u": du,
+            "v": dv}

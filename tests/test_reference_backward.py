@@ -531,3 +531,65 @@ def test_mixture_of_tokens_backward(case):
     assert set(g) == {"dx", "phi", "w_gate", "w_up", "w_down", "scale"}
     assert g["dx"].shape == p["x"].shape
     fd_check(loss, p, _soft_grads(g, p), rng, n_probe=16)
+
+
+def _peer_params(rng, per_head_keys, T=5, d=6, n=4, H=2, dk=4, d_out=5):
+    keys = (H, n, dk // 2) if per_head_keys else (n, dk // 2)
+    return {"x": rng.standard_normal((T, d)),
+            "w_query": rng.standard_normal((H, dk, d)) * 0.6,
+            "sub_keys_1": rng.standard_normal(keys), "sub_keys_2": rng.standard_normal(keys),
+            "u": rng.standard_normal((n * n, d)) * 0.5,
+            "v": rng.standard_normal((n * n, d_out)) * 0.5}
+
+
+def _peer_margins(p, top_k):
+    """(smallest gap between the k-th and (k+1)-th score, smallest |u_e . x| of a selected
+    expert) over every token and head."""
+    k1, k2 = p["sub_keys_1"], p["sub_keys_2"]
+    if k1.ndim == 2:
+        k1, k2 = k1[None], k2[None]
+    half = p["w_query"].shape[1] // 2
+    gap, ux = np.inf, np.inf
+    for t, xt in enumerate(p["x"]):
+        for h, wq in enumerate(p["w_query"]):
+            key = 0 if k1.shape[0] == 1 else h
+            q = wq @ xt
+            every = np.sort((k1[key] @ q[:half])[:, None] + (k2[key] @ q[half:])[None, :],
+                            axis=None)[::-1]
+            gap = min(gap, every[top_k - 1] - every[top_k])
+            order = ref.peer_forward(xt[None], p["w_query"], p["sub_keys_1"],
+                                     p["sub_keys_2"], p["u"], p["v"], top_k)["expert_ids"]
+            ux = min(ux, float(np.abs(p["u"][order[0, h]] @ xt).min()))
+    return gap, ux
+
+
+@pytest.mark.parametrize("per_head_keys", [True, False])
+@pytest.mark.parametrize("activation", ref.PEER_ACTIVATIONS)
+def test_peer_backward(activation, per_head_keys):
+    top_k = 3
+    rng = np.random.default_rng(2024 + 10 * per_head_keys + len(activation))
+    for _ in range(200):  # draw until the selection has no near-ties and relu no kinks
+        p = _peer_params(rng, per_head_keys)
+        gap, ux = _peer_margins(p, top_k)
+        if gap > 1e-3 and ux > 1e-3:
+            break
+    else:
+        pytest.fail("no draw without near-ties")
+    dy = rng.standard_normal((5, 5))
+    args = lambda: (p["x"], p["w_query"], p["sub_keys_1"], p["sub_keys_2"],  # noqa: E731
+                    p["u"], p["v"])
+
+    def loss():
+        return float(np.sum(dy * ref.peer_forward(*args(), top_k, activation)["out"]))
+
+    g = ref.peer_backward(*args(), dy, top_k, activation=activation)
+    assert set(g) == {"dx", "w_query", "sub_keys_1", "sub_keys_2", "u", "v"}
+    grads = {("x" if k == "dx" else k): a for k, a in g.items()}
+    for name, a in grads.items():
+        assert a.dtype == np.float64 and a.shape == p[name].shape, name
+        assert np.abs(a).max() > 1e-3, name  # every path carries gradient here
+    # rows of u, v of experts no token chose get none
+    chosen = np.unique(ref.peer_forward(*args(), top_k, activation)["expert_ids"])
+    idle = np.setdiff1d(np.arange(p["u"].shape[0]), chosen)
+    assert not grads["u"][idle].any() and not grads["v"][idle].any()
+    fd_check(loss, p, grads, rng, n_probe=1000)  # every entry

@@ -40,7 +40,6 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 from torch import nn
 

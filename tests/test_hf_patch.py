@@ -152,7 +152,8 @@ def test_gradients_and_optimizer_refresh(arch):
 def test_bf16_model():
     """bf16 weights stay bf16 (the packed ones too); the core computes in float32 (bf16 weights
     widened exactly, float32 accumulation) where transformers rounds every op to bf16:
-    logits agree to 3e-2 of their scale on average, gradients are rounded to bf16."""
+    logits agree to 1e-2 of their scale on average (measured 2e-3 to 5e-3), gradients are
+    rounded to bf16."""
     for arch in ("qwen3_moe", "gpt_oss"):
         ref, model, report = _pair(arch, dtype=torch.bfloat16)
         assert len(report.replaced) == 2
@@ -163,7 +164,7 @@ def test_bf16_model():
         with torch.no_grad():
             want, got = ref(ids).logits.float(), model(ids).logits.float()
         assert got.dtype == want.dtype
-        assert (got - want).abs().mean() <= 3e-2 * want.abs().mean()
+        assert (got - want).abs().mean() <= 1e-2 * want.abs().mean()
         model.train()
         model(ids, labels=ids).loss.backward()
         gu = blk.experts.gate_up_proj

@@ -1,10 +1,12 @@
 """Runs the example notebooks top to bottom in a fresh `python3` kernel (nbclient).
 
 examples/quickstart.ipynb is what a new user runs first, examples/train_moe.ipynb the
-training example (moe.torch), so CI executes both: any cell error fails the test, their
-plots must render, and the training run must have lowered the loss and balanced the load.
+training example (moe.torch), examples/finetune_mixlora.ipynb the fine-tuning one (MixLoRA
+experts from moe.torch.TopKLoRA in a frozen transformers decoder, against PEFT LoRA), so CI
+executes all three: any cell error fails the test, their plots must render, and the training
+runs must have lowered the loss (and train_moe's balanced the load).
 Needs nbclient, nbformat, ipykernel and matplotlib (skipped, saying which, without them);
-train_moe.ipynb needs torch too.
+train_moe.ipynb needs torch too, finetune_mixlora.ipynb torch, transformers and peft.
 """
 import ast
 import pathlib
@@ -22,6 +24,7 @@ pytest.importorskip("matplotlib", reason="the notebook plots with matplotlib")
 EXAMPLES = pathlib.Path(__file__).resolve().parents[1] / "examples"
 NOTEBOOK = EXAMPLES / "quickstart.ipynb"
 TRAIN_NOTEBOOK = EXAMPLES / "train_moe.ipynb"
+FINETUNE_NOTEBOOK = EXAMPLES / "finetune_mixlora.ipynb"
 
 
 def tagged(nb, tag):
@@ -69,6 +72,14 @@ def trained(tmp_path_factory):
     """train_moe.ipynb after a run (once for the module)."""
     pytest.importorskip("torch", reason="the training notebook needs torch")
     return run_notebook(TRAIN_NOTEBOOK, tmp_path_factory.mktemp("train_notebook"))
+
+
+@pytest.fixture(scope="module")
+def finetuned(tmp_path_factory):
+    """finetune_mixlora.ipynb after a run (once for the module)."""
+    for name in ("torch", "transformers", "peft"):
+        pytest.importorskip(name, reason=f"the fine-tuning notebook needs {name}")
+    return run_notebook(FINETUNE_NOTEBOOK, tmp_path_factory.mktemp("finetune_notebook"))
 
 
 def test_quickstart_notebook_runs(executed):
@@ -121,3 +132,27 @@ def test_training_notebook_shows_the_balancing_loss_at_work(trained):
     assert set(rows) == {"aux_coef=0.01", "aux_coef=0"}, rows
     cv_on, cv_off = rows["aux_coef=0.01"][:2], rows["aux_coef=0"][:2]
     assert sum(cv_on) < sum(cv_off), rows
+
+
+def test_finetune_notebook_lowers_the_loss(finetuned):
+    """The notebook asserts it too (last < 0.7 * first); this reads what it printed."""
+    (check,) = tagged(finetuned, "loss-check")
+    (line,) = [x for x in stdout_lines(check) if x.startswith("MixLoRA loss, mean of the first")]
+    first, last = (float(v) for v in re.findall(r"\d+\.\d+", line))
+    assert last < 0.7 * first, line
+    for tag in ("loss-plot", "load-plot", "language-plot"):
+        (cell,) = tagged(finetuned, tag)
+        assert has_png(cell), f"the cell tagged {tag} drew no figure"
+
+
+def test_finetune_notebook_compares_at_one_budget(finetuned):
+    """The PEFT baseline's trainable-parameter count is within 5% of the MixLoRA model's
+    (routers included): the comparison the notebook makes."""
+    (cell,) = tagged(finetuned, "param-count")
+    counts = {}
+    for line in stdout_lines(cell):
+        m = re.match(r"(MixLoRA|PEFT LoRA) .*?:\s+(\d+) trainable parameters", line)
+        if m:
+            counts[m.group(1)] = int(m.group(2))
+    assert set(counts) == {"MixLoRA", "PEFT LoRA"}, stdout_lines(cell)
+    assert abs(counts["PEFT LoRA"] - counts["MixLoRA"]) <= 0.05 * counts["MixLoRA"], counts

@@ -850,6 +850,36 @@ typedef struct moe_peer_params {
 
 moe_status moe_peer_forward(const moe_peer_params *p);
 
+/*
+ * The backward of moe_peer_forward, the selection held fixed: gradients flow
+ * through the selected experts' gates (their softmax), into the two sub-key
+ * scores of each, the sub-keys and the query projection, and through
+ * act(u_e . x) into u_e, v_e and x.  u and v get sparse gradients: one row
+ * per expert the batch used (moe_peer_used lists them), never (N, d).
+ * Each row, sub-key and weight gradient is summed in (token, head, slot)
+ * order: the same bits for any thread count; a token's dx depends on its
+ * own row.
+ */
+typedef struct moe_peer_backward_params {
+    const moe_peer_params *forward;   /* as it ran (its outputs not read)  */
+    const int32_t *expert_ids;        /* (n_tokens, n_heads, top_k), its ids */
+    const float   *dy;                /* (n_tokens, d_out)                   */
+    int64_t        n_used;            /* the used experts, ascending, as     */
+    const int64_t *used;              /*   moe_peer_used gives them          */
+    float *dx;                        /* out, or NULL: (n_tokens, d_model)   */
+    float *d_w_query;                 /* out, or NULL: w_query's shape       */
+    float *d_sub_keys_1;              /* out, or NULL: the sub-keys' shape   */
+    float *d_sub_keys_2;
+    float *d_u;                       /* out, or NULL: (n_used, d_model)     */
+    float *d_v;                       /* out, or NULL: (n_used, d_out)       */
+} moe_peer_backward_params;
+
+/* The distinct ids of n entries, ascending, into used (NULL: count only);
+ * *n_used: how many. */
+moe_status moe_peer_used(const int32_t *ids, int64_t n, int64_t *used,
+                         int64_t *n_used);
+moe_status moe_peer_backward(const moe_peer_backward_params *p);
+
 /* ---- Soft MoE and Mixture of Tokens (csrc/compose/soft_moe.c) ------------ */
 
 /*

@@ -185,6 +185,7 @@ moe_status moe_cpu_expert_choice_by_token(const moe_ec_tokens_params *p);
 moe_status moe_cpu_route_dynamic(const moe_route_dynamic_params *p);
 moe_status moe_cpu_route_skip(const moe_route_skip_params *p);
 moe_status moe_cpu_peer_forward(const moe_peer_params *p);
+moe_status moe_cpu_peer_backward(const moe_peer_backward_params *p);
 moe_status moe_cpu_dispatch_count(const moe_dispatch_params *p);
 moe_status moe_cpu_dispatch_build(const moe_dispatch_params *p);
 moe_status moe_cpu_dispatch_gather(const moe_gather_params *p);

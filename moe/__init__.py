@@ -20,8 +20,8 @@ from ._api import (ACTIVATIONS, SCORINGS, WEIGHT_DTYPES, Dispatch, PackedExperts
 from .routing import (DynamicRoutingResult, ExpertChoiceResult, SkipResult,
                       route_expert_choice, route_threshold, route_top_p, skip_experts)
 from .layer import NullRoutingResult, SparseMoE, prune_experts
-from .train import (TrainContext, combine_backward, dispatch_backward, expert_ffn_backward,
-                    ffn_backward, route_backward)
+from .train import (SparseRows, TrainContext, combine_backward, dispatch_backward,
+                    expert_ffn_backward, ffn_backward, route_backward)
 from .multihead import MultiHeadMoE
 from . import cuda
 from .lora import (FlyLoRA, GatedLoRA, HydraLoRA, MultiLoRA, SMoRA, SoftLoRA, TopKLoRA,
@@ -45,6 +45,6 @@ __all__ = ["SparseMoE", "route", "update_expert_bias", "dispatch", "combine", "e
            "skip_experts", "ExpertChoiceResult", "DynamicRoutingResult", "SkipResult",
            "TopKLoRA", "SoftLoRA", "GatedLoRA", "HydraLoRA", "FlyLoRA", "SMoRA", "MultiLoRA",
            "sparse_projection", "NullRoutingResult", "prune_experts", "MultiHeadMoE", "SoftMoE",
-           "MixtureOfTokens", "PEER", "PEERRouting", "TrainContext", "route_backward",
-           "combine_backward", "dispatch_backward", "expert_ffn_backward", "ffn_backward",
+           "MixtureOfTokens", "PEER", "PEERRouting", "SparseRows", "TrainContext",
+           "route_backward", "combine_backward", "dispatch_backward", "expert_ffn_backward", "ffn_backward",
            "__version__"]

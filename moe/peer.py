@@ -26,6 +26,7 @@ import numpy as np
 from . import _C
 from ._api import (_shape_str, check_choice, check_int, float_array, refuse_resize,
                    remember_config, saveable)
+from .train import SparseRows, TrainContext, check_backward_args
 
 __all__ = ["PEER", "PEERRouting", "PEER_ACTIVATIONS"]
 
@@ -154,6 +155,9 @@ class PEER:
     def __call__(self, x, return_routing=False):
         """x: (..., d_model) float -> (..., d_out) float32; with return_routing also a
         PEERRouting with ids and gates of shape (..., n_heads, top_k)."""
+        return self._call(x, return_routing)
+
+    def _call(self, x, return_routing, keep=None):
         for name in self._weight_shapes():
             if getattr(self, name) is None:
                 raise ValueError(f"{name} is not set (the layer was made with init=False)")
@@ -165,16 +169,54 @@ class PEER:
         k1, k2 = self.sub_keys_1, self.sub_keys_2
         if not self.per_head_keys:
             k1, k2 = k1[None], k2[None]
-        out, ids, gates = _C.peer_forward(x.reshape(-1, self.d_model), w_query=self.w_query,
-                                          sub_keys_1=k1, sub_keys_2=k2, u=self.u, v=self.v,
-                                          top_k=self.top_k,
-                                          activation=PEER_ACTIVATIONS.index(self.activation),
-                                          return_routing=bool(return_routing))
+        args = (x.reshape(-1, self.d_model), self.w_query, k1, k2, self.u, self.v, self.top_k,
+                PEER_ACTIVATIONS.index(self.activation))
+        routing = bool(return_routing) or keep is not None
+        out, ids, gates = _C.peer_forward(*args, return_routing=routing)
+        if keep is not None:
+            keep.update(args=args, ids=ids)
         out = out.reshape(lead + (self.d_out,))
         if not return_routing:
             return out
         shape = lead + (self.n_heads, self.top_k)
         return out, PEERRouting(ids.reshape(shape), gates.reshape(shape))
+
+    # ---- training ---------------------------------------------------------------------
+
+    def trainable_weights(self):
+        """Names of the weights backward returns a gradient for (all of them)."""
+        return ("w_query", "sub_keys_1", "sub_keys_2", "u", "v")
+
+    def forward_train(self, x):
+        """The forward of __call__ keeping what backward needs: returns (y, ctx).  ctx
+        (moe.train.TrainContext) holds the input and the retrieved expert ids
+        (ctx.routing, a PEERRouting); queries, scores and gates are recomputed by the
+        backward.  The weights must not change before it (they are read, not copied)."""
+        keep = {}
+        out, routing = self._call(x, True, keep)
+        ctx = TrainContext(self, out.shape[:-1], keep["args"][0], routing, keep, None, None)
+        return out, ctx
+
+    def backward(self, ctx, dy, *, retain=False):
+        """Gradients of sum(dy * y) for the forward that made ctx, the retrieval held fixed.
+
+        Returns a dict: "x" (the input's shape), "w_query", "sub_keys_1", "sub_keys_2"
+        (float32, their weights' shapes), and "u", "v" as moe.SparseRows: only the rows of
+        the experts the batch retrieved (ascending ids, one row each), never a dense
+        (N, d) array -- memory O(rows used).  Each sum runs in (token, head, slot) order:
+        bitwise the same for any thread count, and a token's dx depends on its row only.
+        """
+        dy32, _, _ = check_backward_args(self, ctx, dy, 0.0, 0.0, self.d_out)
+        keep = ctx.saved
+        dx, dq, dk1, dk2, used, du, dv = _C.peer_backward(keep["args"], {}, keep["ids"], dy32)
+        if not self.per_head_keys:
+            dk1, dk2 = dk1[0], dk2[0]
+        if not retain:
+            ctx.released = True
+        N = self.n_experts
+        return {"x": dx.reshape(ctx.lead + (self.d_model,)), "w_query": dq,
+                "sub_keys_1": dk1, "sub_keys_2": dk2, "u": SparseRows(used, du, N),
+                "v": SparseRows(used, dv, N)}
 
     def flops(self, n_tokens):
         """Multiply-add FLOPs (x2) of a call on n_tokens: queries, sub-key scores, experts."""

@@ -10,11 +10,30 @@ the selected gate weights and the losses, as in every peer).  expert_bias gets n
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 
 from . import _C
 from ._api import (_as_ndarray, _shape_str, check_float, expert_ffn_args, float_array,
                    int_array, route_args)
+
+
+class SparseRows(NamedTuple):
+    """A gradient that touches only some rows of a (n_rows, width) weight (PEER's u and v:
+    the experts a batch used): ``indices`` (U,) int64 ascending, ``values`` (U, width)
+    float32, row i of values the gradient of row indices[i]; every other row's gradient is
+    0.  SGD: ``w[g.indices] -= lr * g.values``; ``g.to_dense()`` forms the full array
+    (for small layers and tests only)."""
+
+    indices: np.ndarray
+    values: np.ndarray
+    n_rows: int
+
+    def to_dense(self):
+        out = np.zeros((self.n_rows,) + self.values.shape[1:], np.float32)
+        out[self.indices] = self.values
+        return out
 
 
 class TrainContext:

@@ -194,6 +194,7 @@ MOE_KW_WRAPPER(moe_py_lora_backward);
 MOE_KW_WRAPPER(moe_py_layer_forward);
 MOE_KW_WRAPPER(moe_py_layer_backward);
 MOE_KW_WRAPPER(moe_py_peer_forward);
+MOE_KW_WRAPPER(moe_py_peer_backward);
 MOE_KW_WRAPPER(moe_py_soft_moe_forward);
 MOE_KW_WRAPPER(moe_py_soft_moe_backward);
 

@@ -489,8 +489,8 @@ done:
  * heads or one per head; the expert rows u (n^2, d), v (n^2, d_out).  With
  * return_routing, also the ids and gates (T, n_heads, top_k).
  */
-PyObject *
-moe_py_peer_forward(PyObject *self, PyObject *args, PyObject *kw)
+static int
+moe_peer_parse(PyObject *args, PyObject *kw, moe_peer_params *p, int *routing)
 {
     static char *kwlist[] = {"x", "w_query", "sub_keys_1", "sub_keys_2", "u",
                              "v", "top_k", "activation", "return_routing",
@@ -499,45 +499,42 @@ moe_py_peer_forward(PyObject *self, PyObject *args, PyObject *kw)
     PyArrayObject *x, *wq, *k1, *k2, *u, *v;
     npy_intp xd[2] = {-1, -1}, qd[3] = {-1, -1, -1}, kd[3] = {-1, -1, -1};
     npy_intp ud[2], vd[2];
-    int top_k, activation, routing = 0;
-    moe_outs o = MOE_OUTS(3);
-    moe_peer_params p;
-    moe_status st;
+    int top_k, activation;
 
     if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOOOOii|$p:peer_forward",
                                      kwlist, &x_obj, &wq_obj, &k1_obj, &k2_obj,
                                      &u_obj, &v_obj, &top_k, &activation,
-                                     &routing) ||
+                                     routing) ||
         moe_check_enum(activation, MOE_PEER_ACTIVATION_COUNT,
                        "activation") < 0 ||
         !(x = moe_arg(x_obj, "x", NPY_FLOAT32, 2, xd, 0))) {
-        return NULL;
+        return -1;
     }
     qd[2] = xd[1];
     if (!(wq = moe_arg(wq_obj, "w_query", NPY_FLOAT32, 3, qd, 0))) {
-        return NULL;
+        return -1;
     }
     if (qd[0] < 1 || qd[0] > INT32_MAX || qd[1] < 2 || qd[1] % 2 != 0 ||
         qd[1] > INT32_MAX) {
         PyErr_Format(PyExc_ValueError, "w_query must have shape (n_heads >= 1,"
                      " d_key even >= 2, d_model), got (%lld, %lld, %lld)",
                      (long long)qd[0], (long long)qd[1], (long long)qd[2]);
-        return NULL;
+        return -1;
     }
     kd[2] = qd[1] / 2;
     if (!(k1 = moe_arg(k1_obj, "sub_keys_1", NPY_FLOAT32, 3, kd, 0))) {
-        return NULL;
+        return -1;
     }
     if (kd[0] != 1 && kd[0] != qd[0]) {
         PyErr_Format(PyExc_ValueError, "sub_keys_1 must have 1 (shared) or "
                      "n_heads=%lld (per head) key sets, got %lld",
                      (long long)qd[0], (long long)kd[0]);
-        return NULL;
+        return -1;
     }
     if (kd[1] < 1 || kd[1] > 46340) {
         PyErr_Format(PyExc_ValueError, "sub_keys_1 must have 1..46340 sub-keys"
                      " (n^2 experts), got %lld", (long long)kd[1]);
-        return NULL;
+        return -1;
     }
     ud[0] = kd[1] * kd[1];
     ud[1] = xd[1];
@@ -547,37 +544,119 @@ moe_py_peer_forward(PyObject *self, PyObject *args, PyObject *kw)
         !(u = moe_arg(u_obj, "u", NPY_FLOAT32, 2, ud, 0)) ||
         !(v = moe_arg(v_obj, "v", NPY_FLOAT32, 2, vd, 0)) ||
         moe_check_range(top_k, 1, kd[1], "top_k", "n_sub_keys") < 0) {
-        return NULL;
+        return -1;
     }
     if (vd[1] < 1 || xd[1] < 1) {
         PyErr_SetString(PyExc_ValueError, "d_model and d_out must be >= 1");
+        return -1;
+    }
+    memset(p, 0, sizeof(*p));
+    p->x = MOE_DATA(x, float);
+    p->n_tokens = xd[0];
+    p->d_model = xd[1];
+    p->d_out = vd[1];
+    p->n_heads = (int32_t)qd[0];
+    p->d_key = (int32_t)qd[1];
+    p->n_sub_keys = (int32_t)kd[1];
+    p->top_k = top_k;
+    p->n_key_sets = (int32_t)kd[0];
+    p->w_query = MOE_DATA(wq, float);
+    p->sub_keys_1 = MOE_DATA(k1, float);
+    p->sub_keys_2 = MOE_DATA(k2, float);
+    p->u = MOE_DATA(u, float);
+    p->v = MOE_DATA(v, float);
+    p->activation = (moe_peer_activation)activation;
+    return 0;
+}
+
+PyObject *
+moe_py_peer_forward(PyObject *self, PyObject *args, PyObject *kw)
+{
+    moe_outs o = MOE_OUTS(3);
+    moe_peer_params p;
+    moe_status st;
+    int routing = 0;
+
+    if (moe_peer_parse(args, kw, &p, &routing) < 0) {
         return NULL;
     }
-    memset(&p, 0, sizeof(p));
-    p.x = MOE_DATA(x, float);
-    p.n_tokens = xd[0];
-    p.d_model = xd[1];
-    p.d_out = vd[1];
-    p.n_heads = (int32_t)qd[0];
-    p.d_key = (int32_t)qd[1];
-    p.n_sub_keys = (int32_t)kd[1];
-    p.top_k = top_k;
-    p.n_key_sets = (int32_t)kd[0];
-    p.w_query = MOE_DATA(wq, float);
-    p.sub_keys_1 = MOE_DATA(k1, float);
-    p.sub_keys_2 = MOE_DATA(k2, float);
-    p.u = MOE_DATA(u, float);
-    p.v = MOE_DATA(v, float);
-    p.activation = (moe_peer_activation)activation;
-    p.out = moe_out(&o, 0, NPY_FLOAT32, 2, xd[0], vd[1], 0);
+    p.out = moe_out(&o, 0, NPY_FLOAT32, 2, p.n_tokens, p.d_out, 0);
     if (routing) {
-        p.expert_ids = moe_out(&o, 1, NPY_INT32, 3, xd[0], qd[0], top_k);
-        p.gates = moe_out(&o, 2, NPY_FLOAT32, 3, xd[0], qd[0], top_k);
+        p.expert_ids = moe_out(&o, 1, NPY_INT32, 3, p.n_tokens, p.n_heads,
+                               p.top_k);
+        p.gates = moe_out(&o, 2, NPY_FLOAT32, 3, p.n_tokens, p.n_heads,
+                          p.top_k);
     }
     if (o.failed) {
         return moe_outs_fail(&o);
     }
     MOE_COMPUTE(st, moe_peer_forward(&p));
+    return moe_outs_done(&o, st, NULL);
+}
+
+/*
+ * peer_backward(args, kw, expert_ids, dy) -> (dx, d_w_query, d_sub_keys_1,
+ * d_sub_keys_2, used, d_u, d_v): args, kw the forward's; its expert_ids
+ * (T, n_heads, top_k); used (U,) int64 the distinct experts, ascending, and
+ * d_u (U, d_model), d_v (U, d_out) their rows' gradients.
+ */
+PyObject *
+moe_py_peer_backward(PyObject *self, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"args", "kw", "expert_ids", "dy", NULL};
+    PyObject *fargs, *fkw, *ids_obj, *dy_obj;
+    npy_intp idd[3], dyd[2];
+    void *ids, *dy;
+    int routing = 0;
+    int64_t n_used = 0;
+    moe_peer_params fp;
+    moe_peer_backward_params p;
+    moe_outs o = MOE_OUTS(7);
+    moe_status st;
+
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O!O!OO:peer_backward", kwlist,
+                                     &PyTuple_Type, &fargs, &PyDict_Type, &fkw,
+                                     &ids_obj, &dy_obj) ||
+        moe_peer_parse(fargs, fkw, &fp, &routing) < 0) {
+        return NULL;
+    }
+    idd[0] = fp.n_tokens;
+    idd[1] = fp.n_heads;
+    idd[2] = fp.top_k;
+    dyd[0] = fp.n_tokens;
+    dyd[1] = fp.d_out;
+    if (!(ids = moe_arg(ids_obj, "expert_ids", NPY_INT32, 3, idd, 0)) ||
+        !(dy = moe_arg(dy_obj, "dy", NPY_FLOAT32, 2, dyd, 0))) {
+        return NULL;
+    }
+    memset(&p, 0, sizeof(p));
+    p.forward = &fp;
+    p.expert_ids = MOE_DATA(ids, int32_t);
+    p.dy = MOE_DATA(dy, float);
+    MOE_COMPUTE(st, moe_peer_used(p.expert_ids, fp.n_tokens * fp.n_heads *
+                                  fp.top_k, NULL, &n_used));
+    if (st != MOE_STATUS_OK) {
+        return moe_raise(st);
+    }
+    p.n_used = n_used;
+    p.dx = moe_out(&o, 0, NPY_FLOAT32, 2, fp.n_tokens, fp.d_model, 0);
+    p.d_w_query = moe_out(&o, 1, NPY_FLOAT32, 3, fp.n_heads, fp.d_key,
+                          fp.d_model);
+    p.d_sub_keys_1 = moe_out(&o, 2, NPY_FLOAT32, 3, fp.n_key_sets,
+                             fp.n_sub_keys, fp.d_key / 2);
+    p.d_sub_keys_2 = moe_out(&o, 3, NPY_FLOAT32, 3, fp.n_key_sets,
+                             fp.n_sub_keys, fp.d_key / 2);
+    p.used = moe_out(&o, 4, NPY_INT64, 1, n_used, 0, 0);
+    p.d_u = moe_out(&o, 5, NPY_FLOAT32, 2, n_used, fp.d_model, 0);
+    p.d_v = moe_out(&o, 6, NPY_FLOAT32, 2, n_used, fp.d_out, 0);
+    if (o.failed) {
+        return moe_outs_fail(&o);
+    }
+    MOE_COMPUTE(st, moe_peer_used(p.expert_ids, fp.n_tokens * fp.n_heads *
+                                  fp.top_k, (int64_t *)p.used, &n_used));
+    if (st == MOE_STATUS_OK) {
+        MOE_COMPUTE(st, moe_peer_backward(&p));
+    }
     return moe_outs_done(&o, st, NULL);
 }
 

@@ -215,6 +215,8 @@ static PyMethodDef moe_methods[] = {
     MOE_KW_METHOD(peer_forward, "x, w_query, sub_keys_1, sub_keys_2, u, v, "
                   "top_k, activation, *, return_routing=False",
                   "-> (out, expert_ids, gates)"),
+    MOE_KW_METHOD(peer_backward, "args, kw, expert_ids, dy",
+                  "-> (dx, d_w_query, d_sub_keys_1, d_sub_keys_2, used, d_u, d_v)"),
     {"set_num_threads", moe_py_set_num_threads, METH_O,
      "set_num_threads(n)"},
     {"get_num_threads", moe_py_get_num_threads, METH_NOARGS,

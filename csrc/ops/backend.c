@@ -180,8 +180,8 @@ moe_route_skip(const moe_route_skip_params *p)
     return moe_cpu_route_skip(p);
 }
 
-moe_status
-moe_peer_forward(const moe_peer_params *p)
+static moe_status
+moe_peer_forward_check(const moe_peer_params *p)
 {
     if (p->n_tokens < 0 || p->d_model < 1 || p->d_out < 1 || p->n_heads < 1) {
         return moe_set_error(MOE_STATUS_INVALID_ARG,
@@ -217,7 +217,27 @@ moe_peer_forward(const moe_peer_params *p)
                              "unknown PEER activation code %d",
                              (int)p->activation);
     }
+    return MOE_STATUS_OK;
+}
+
+moe_status
+moe_peer_forward(const moe_peer_params *p)
+{
+    MOE_TRY(moe_peer_forward_check(p));
     return moe_cpu_peer_forward(p);
+}
+
+moe_status
+moe_peer_backward(const moe_peer_backward_params *p)
+{
+    if (p->forward == NULL || p->expert_ids == NULL || p->dy == NULL ||
+        p->n_used < 0 || (p->n_used > 0 && p->used == NULL)) {
+        return moe_set_error(MOE_STATUS_INVALID_ARG, "PEER backward needs the "
+                             "forward's params, its expert_ids, dy and the "
+                             "used experts");
+    }
+    MOE_TRY(moe_peer_forward_check(p->forward));
+    return moe_cpu_peer_backward(p);
 }
 
 moe_status

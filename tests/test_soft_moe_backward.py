@@ -6,7 +6,7 @@ expert, activations, bf16 / fp16 expert weights, edge sizes, bitwise determinism
 thread counts, a group's independence from the other groups, and the errors."""
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, assume, given, settings, strategies as st
 
 import moe
 from moe import reference as ref
@@ -30,20 +30,33 @@ def reference(layer, x, dy):
     return ref.soft_moe_backward(x, layer.phi, *w, dy, **kw)
 
 
-def check(layer, x, rng, noise_scale=0.0):
+def check(layer, x, rng, conditioned=False):
+    """The layer's gradients against the reference; conditioned: allow, besides the
+    relative tolerance, 10x the reference's own change when dy moves by an ulp, and 1e-9
+    (O(1) inputs: a gradient that cancels to rounding noise, such as a softmax over tied
+    scores, is zero to float32) (a gradient
+    that cancels -- the softmaxes' backward on tiny shapes -- is no more accurate than
+    that from float32 intermediates; see test_backward.assert_grad)."""
     y, ctx = layer.forward_train(x)
     np.testing.assert_array_equal(y, layer(x))  # the same forward, bit for bit
     dy = rng.standard_normal(y.shape).astype(np.float32)
     g = layer.backward(ctx, dy)
     assert set(g) == {"x"} | set(layer.trainable_weights())
     r = reference(layer, x, dy)
+    r2 = None
+    if conditioned:
+        away = np.where(rng.standard_normal(dy.shape) < 0, -np.inf, np.inf)
+        r2 = reference(layer, x, np.nextafter(dy, away.astype(np.float32)))
     for key in g:
-        want = r["dx" if key == "x" else key]
+        name = "dx" if key == "x" else key
+        want = r[name]
+        noise = 0.0 if r2 is None else \
+            10 * np.linalg.norm(np.asarray(r2[name]) - want) + 1e-9
         if key == "scale":
             assert isinstance(g[key], float)
-            assert abs(g[key] - want) <= 1e-5 * max(1.0, abs(want)), (g[key], want)
+            assert abs(g[key] - want) <= 1e-5 * max(1.0, abs(want)) + noise, (g[key], want)
             continue
-        assert_grad(g[key], want, key, noise_scale * np.linalg.norm(want))
+        assert_grad(g[key], want, key, noise)
     return g
 
 
@@ -126,6 +139,10 @@ def test_bitwise_threads_and_groups(case):
 @given(case=st.sampled_from(sorted(CASES)), d=st.integers(1, 12), F=st.integers(1, 10),
        data=st.data())
 def test_property_shapes(case, d, F, data):
+    # d_model 1 with normalize: x / |x| is the sign, the logits do not depend on phi's
+    # size and d phi is a cancellation of O(1) terms down to the eps under the norm's
+    # root -- below float32 resolution by construction
+    assume(d > 1 or not CASES[case][1].get("normalize"))
     rng = np.random.default_rng(data.draw(st.integers(0, 2**31)))
     layer, lead = build(case, rng, d=d, F=F)
     if isinstance(layer, moe.MixtureOfTokens) and layer.group_size:
@@ -133,7 +150,7 @@ def test_property_shapes(case, d, F, data):
     else:
         lead = tuple(data.draw(st.integers(1, 6)) for _ in lead)
     x = rng.standard_normal(lead + (d,)).astype(np.float32)
-    check(layer, x, rng, noise_scale=1e-5)
+    check(layer, x, rng, conditioned=True)
 
 
 def test_errors():

@@ -29,7 +29,7 @@ typedef struct moe_peer_bwd {
     double  *q;               /* (T, H, dk) the queries                    */
     float   *dq;              /* (T, H, dk) their gradient                 */
     double  *ds;              /* (M,) d score of each entry                */
-    float   *cu, *cv;         /* (M,) d u and d v coefficients             */
+    double  *cu, *cv;         /* (M,) d u and d v coefficients             */
     int64_t *row;             /* (M,) the entry's row among the used      */
     int64_t *order;           /* (M,) entries by row, stable               */
     int64_t *offs;            /* (n_used + 1,)                             */
@@ -142,8 +142,8 @@ moe_peer_bwd_tokens(void *ctx, int64_t task)
                 dg[j] = act * cj;
                 dg[k + j] = sc[j] * cj * deriv;
                 sgd += sc[j] * dg[j];
-                w->cv[m0 + j] = (float)(sc[j] * act);
-                w->cu[m0 + j] = (float)dg[k + j];
+                w->cv[m0 + j] = sc[j] * act;
+                w->cu[m0 + j] = dg[k + j];
                 for (i = 0; i < d; i++) {
                     acc[i] += dg[k + j] * (double)u[i];
                 }
@@ -172,54 +172,60 @@ moe_peer_bwd_tokens(void *ctx, int64_t task)
 static void
 moe_peer_bwd_rows(void *ctx, int64_t task)
 {
-    const moe_peer_bwd *w = ctx;
+    moe_peer_bwd *w = ctx;
     const moe_peer_backward_params *b = w->b;
     const int64_t r1 = (task + 1) * MOE_PEER_BWD_ROWS < b->n_used
                            ? (task + 1) * MOE_PEER_BWD_ROWS : b->n_used;
     const int64_t d = w->d, dout = w->dout, per_t = (int64_t)w->H * w->k;
+    double *au = moe_alloc((size_t)(d + dout), sizeof(double)), *av;
     int64_t r, q, i;
 
+    if (au == NULL) {
+        __atomic_store_n(&w->failed, 1, __ATOMIC_RELAXED);
+        return;
+    }
+    av = au + d;
     for (r = task * MOE_PEER_BWD_ROWS; r < r1; r++) {
-        float *du = b->d_u ? b->d_u + r * d : NULL;
-        float *dv = b->d_v ? b->d_v + r * dout : NULL;
-        if (du) {
-            memset(du, 0, sizeof(float) * (size_t)d);
-        }
-        if (dv) {
-            memset(dv, 0, sizeof(float) * (size_t)dout);
-        }
+        memset(au, 0, sizeof(double) * (size_t)(d + dout));
         for (q = w->offs[r]; q < w->offs[r + 1]; q++) {
             const int64_t m = w->order[q], t = m / per_t;
-            if (du) {
-                const float c = w->cu[m], *x = w->p->x + t * d;
-                for (i = 0; i < d; i++) {
-                    du[i] += c * x[i];
-                }
+            const float *x = w->p->x + t * d, *dy = b->dy + t * dout;
+            for (i = 0; b->d_u != NULL && i < d; i++) {
+                au[i] += w->cu[m] * (double)x[i];
             }
-            if (dv) {
-                const float c = w->cv[m], *dy = b->dy + t * dout;
-                for (i = 0; i < dout; i++) {
-                    dv[i] += c * dy[i];
-                }
+            for (i = 0; b->d_v != NULL && i < dout; i++) {
+                av[i] += w->cv[m] * (double)dy[i];
             }
         }
+        for (i = 0; b->d_u != NULL && i < d; i++) {
+            b->d_u[r * d + i] = (float)au[i];
+        }
+        for (i = 0; b->d_v != NULL && i < dout; i++) {
+            b->d_v[r * dout + i] = (float)av[i];
+        }
     }
+    free(au);
 }
 
 /* Phase 2b: task 2 s + half: sub-key set s, that half. */
 static void
 moe_peer_bwd_keys(void *ctx, int64_t task)
 {
-    const moe_peer_bwd *w = ctx;
+    moe_peer_bwd *w = ctx;
     const moe_peer_params *p = w->p;
     const int32_t ks = (int32_t)(task / 2), half = (int32_t)(task % 2);
     const int32_t H = w->H, hk = w->hk, n = w->n, k = w->k, dk = w->dk;
     float *out = (half ? w->b->d_sub_keys_2 : w->b->d_sub_keys_1) +
                  (int64_t)ks * n * hk;
-    int64_t t;
+    double *acc = moe_alloc((size_t)((int64_t)n * hk) + 1, sizeof(double));
+    int64_t t, i;
     int32_t h, j, c;
 
-    memset(out, 0, sizeof(float) * (size_t)((int64_t)n * hk));
+    if (acc == NULL) {
+        __atomic_store_n(&w->failed, 1, __ATOMIC_RELAXED);
+        return;
+    }
+    memset(acc, 0, sizeof(double) * (size_t)((int64_t)n * hk));
     for (t = 0; t < w->T; t++) {
         for (h = 0; h < H; h++) {
             const int32_t *ids = w->b->expert_ids + (t * H + h) * k;
@@ -231,11 +237,15 @@ moe_peer_bwd_keys(void *ctx, int64_t task)
                 const int64_t key = half ? ids[j] % n : ids[j] / n;
                 const double dsj = w->ds[(t * H + h) * k + j];
                 for (c = 0; c < hk; c++) {
-                    out[key * hk + c] += (float)(dsj * q[c]);
+                    acc[key * hk + c] += dsj * q[c];
                 }
             }
         }
     }
+    for (i = 0; i < (int64_t)n * hk; i++) {
+        out[i] = (float)acc[i];
+    }
+    free(acc);
 }
 
 static int
@@ -350,8 +360,8 @@ moe_cpu_peer_backward(const moe_peer_backward_params *b)
     w.q = moe_alloc((size_t)(w.T * w.H * w.dk) + 1, sizeof(double));
     w.dq = moe_alloc((size_t)(w.T * w.H * w.dk) + 1, sizeof(float));
     w.ds = moe_alloc((size_t)w.M + 1, sizeof(double));
-    w.cu = moe_alloc((size_t)w.M + 1, sizeof(float));
-    w.cv = moe_alloc((size_t)w.M + 1, sizeof(float));
+    w.cu = moe_alloc((size_t)w.M + 1, sizeof(double));
+    w.cv = moe_alloc((size_t)w.M + 1, sizeof(double));
     w.row = moe_alloc((size_t)w.M + 1, sizeof(int64_t));
     w.order = moe_alloc((size_t)w.M + 1, sizeof(int64_t));
     w.offs = moe_alloc((size_t)b->n_used + 1, sizeof(int64_t));
@@ -379,6 +389,10 @@ moe_cpu_peer_backward(const moe_peer_backward_params *b)
     if (st == MOE_STATUS_OK && b->d_sub_keys_1 != NULL &&
         b->d_sub_keys_2 != NULL) {
         st = moe_pool_run(2 * (int64_t)p->n_key_sets, moe_peer_bwd_keys, &w);
+    }
+    if (st == MOE_STATUS_OK && w.failed) {
+        st = moe_set_error(MOE_STATUS_ALLOC, "PEER backward: out of memory "
+                           "for a task");
     }
     /* dW_q[h] (d_key, d) = dq_h^T X over the tokens */
     for (h = 0; st == MOE_STATUS_OK && b->d_w_query != NULL && h < w.H; h++) {

@@ -1299,67 +1299,119 @@ def _activation_grads(name, gate, up, alpha=1.702, limit=7.0):
 
 
 def ffn_backward(x, w_gate, w_up, w_down, dy, activation="swiglu", b_gate=None, b_up=None,
-                 b_down=None, alpha=1.702, limit=7.0):
+                 b_down=None, alpha=1.702, limit=7.0, lora=None, lora_scaling=1.0):
     """Gradients of ffn (one expert, float64) for output gradient dy (T, d_out).
 
     g = x W_g^T + b_g, u = x W_u^T + b_u, h = act(g, u), y = h W_d^T + b_d.
     Returns {"dx", "dw_gate" (None if ungated), "dw_up", "dw_down", "db_gate", "db_up",
     "db_down"} (bias gradients always given: they are the column sums).
+
+    lora: {"w_gate" | "w_up" | "w_down": (a (r, in), b (out, r))} as in ffn: each adds
+    s * (v a^T) b^T to its projection of v (x, or h for w_down; s = lora_scaling).  The
+    result then also holds "lora": {target: (d_a (r, in), d_b (out, r))}: with z = v a^T
+    and dp the projection's output gradient, d_b = s dp^T z, d_a = s (dp b)^T v, and v's
+    gradient gains s (dp b) a.
     """
     x = np.asarray(x, dtype=np.float64)
     dy = np.asarray(dy, dtype=np.float64)
     w_up = np.asarray(w_up, dtype=np.float64)
     w_down = np.asarray(w_down, dtype=np.float64)
     gated = activation in GATED
-    u = x @ w_up.T + (0.0 if b_up is None else np.asarray(b_up, dtype=np.float64))
+    ab = {t: tuple(np.asarray(m, dtype=np.float64) for m in pair)
+          for t, pair in (lora or {}).items() if t != "w_gate" or gated}
+
+    def delta(name, v):
+        if name not in ab:
+            return 0.0
+        a, b = ab[name]
+        return lora_scaling * ((v @ a.T) @ b.T)
+
+    def lora_grads(name, v, dp):
+        """(d_a, d_b, d v) of  sum(dp * s (v a^T) b^T)."""
+        a, b = ab[name]
+        dz = lora_scaling * (dp @ b)
+        return dz.T @ v, lora_scaling * (dp.T @ (v @ a.T)), dz @ a
+
+    u = x @ w_up.T + (0.0 if b_up is None else np.asarray(b_up, dtype=np.float64)) + \
+        delta("w_up", x)
     g = None
     if gated:
         w_gate = np.asarray(w_gate, dtype=np.float64)
-        g = x @ w_gate.T + (0.0 if b_gate is None else np.asarray(b_gate, dtype=np.float64))
+        g = x @ w_gate.T + (0.0 if b_gate is None else np.asarray(b_gate, dtype=np.float64)) \
+            + delta("w_gate", x)
     h = activate(activation, g, u, alpha, limit)
     dh = dy @ w_down
+    lg = {}
+    if "w_down" in ab:
+        da, db, dv = lora_grads("w_down", h, dy)
+        lg["w_down"] = (da, db)
+        dh = dh + dv
     dgate, dup = _activation_grads(activation, g, u, alpha, limit)
     du = dh * dup
     out = {"dw_down": dy.T @ h, "db_down": dy.sum(axis=0), "dw_up": du.T @ x,
            "db_up": du.sum(axis=0), "dx": du @ w_up, "dw_gate": None, "db_gate": None}
+    if "w_up" in ab:
+        da, db, dv = lora_grads("w_up", x, du)
+        lg["w_up"] = (da, db)
+        out["dx"] = out["dx"] + dv
     if gated:
         dg = dh * dgate
         out.update(dw_gate=dg.T @ x, db_gate=dg.sum(axis=0))
         out["dx"] = out["dx"] + dg @ w_gate
+        if "w_gate" in ab:
+            da, db, dv = lora_grads("w_gate", x, dg)
+            lg["w_gate"] = (da, db)
+            out["dx"] = out["dx"] + dv
+    if lora is not None:
+        out["lora"] = lg
     return out
 
 
 def expert_ffn_backward(x_sorted, offsets, w_gate, w_up, w_down, dy_sorted,
                         activation="swiglu", b_gate=None, b_up=None, b_down=None, alpha=1.702,
-                        limit=7.0, expert_d_ff=None):
+                        limit=7.0, expert_d_ff=None, lora=None, lora_scaling=1.0):
     """Gradients of expert_ffn: {"dx_sorted" (N, d), "dw_gate", "dw_up", "dw_down" and
     "db_*" (per expert, zero for experts with no rows and for hidden units past
-    expert_d_ff[e])}."""
+    expert_d_ff[e])}.  lora: {target: (a (E, r, in), b (E, out, r))} as in expert_ffn
+    (each expert's adapters passed whole, as the forward does); the result also holds
+    "lora_a_gate", "lora_b_gate", "lora_a_up", "lora_b_up", "lora_a_down", "lora_b_down"
+    (E-stacked like a and b, zero for experts with no rows; None for targets without
+    adapters)."""
     x_sorted = np.asarray(x_sorted, dtype=np.float64)
     w_up = np.asarray(w_up, dtype=np.float64)
     E, F, d = w_up.shape
     d_out = np.asarray(w_down).shape[1]
     gated = activation in GATED
+    lora = {t: tuple(np.asarray(m, dtype=np.float64) for m in pair)
+            for t, pair in (lora or {}).items()}
     out = {"dx_sorted": np.zeros_like(x_sorted), "dw_up": np.zeros((E, F, d)),
            "dw_down": np.zeros((E, d_out, F)), "db_up": np.zeros((E, F)),
            "db_down": np.zeros((E, d_out)),
            "dw_gate": np.zeros((E, F, d)) if gated else None,
            "db_gate": np.zeros((E, F)) if gated else None}
+    for t in ("w_gate", "w_up", "w_down"):
+        a, b = lora.get(t, (None, None))
+        out[f"lora_a_{t[2:]}"] = None if a is None else np.zeros(a.shape)
+        out[f"lora_b_{t[2:]}"] = None if b is None else np.zeros(b.shape)
     for e in range(E):
         lo, hi = int(offsets[e]), int(offsets[e + 1])
         if hi <= lo:
             continue
         f = F if expert_d_ff is None else int(expert_d_ff[e])
         cut = lambda b: None if b is None else np.asarray(b)[e][:f]  # noqa: E731
+        lora_e = {t: (a[e], b[e]) for t, (a, b) in lora.items()} if lora else None
         r = ffn_backward(x_sorted[lo:hi], np.asarray(w_gate)[e][:f] if gated else None,
                          w_up[e][:f], np.asarray(w_down)[e][:, :f], dy_sorted[lo:hi],
                          activation, cut(b_gate), cut(b_up),
-                         None if b_down is None else np.asarray(b_down)[e], alpha, limit)
+                         None if b_down is None else np.asarray(b_down)[e], alpha, limit,
+                         lora_e, lora_scaling)
         out["dx_sorted"][lo:hi] = r["dx"]
         out["dw_up"][e, :f], out["db_up"][e, :f] = r["dw_up"], r["db_up"]
         out["dw_down"][e][:, :f], out["db_down"][e] = r["dw_down"], r["db_down"]
         if gated:
             out["dw_gate"][e, :f], out["db_gate"][e, :f] = r["dw_gate"], r["db_gate"]
+        for t, (da, db) in r.get("lora", {}).items():
+            out[f"lora_a_{t[2:]}"][e], out[f"lora_b_{t[2:]}"][e] = da, db
     return out
 
 
@@ -1469,12 +1521,14 @@ def sparse_moe_backward(x, router_weight, w_gate, w_up, w_down, dy, *, top_k,
                         swiglu_limit=7.0, aux_coef=0.0, z_coef=0.0, expert_d_ff=None,
                         null_experts=(), null_values=None, skip_threshold=0.0,
                         skip_renormalize=False, router="top_k", router_p=0.5,
-                        router_threshold=0.01, k_min=1):
+                        router_threshold=0.01, k_min=1, lora=None, lora_scaling=1.0):
     """Gradients of  sum(dy * sparse_moe(x, ...)) + aux_coef * aux + z_coef * z  for the
-    layer (the options of sparse_moe above, every router and null experts included; no
-    LoRA).  Returns {"dx", "router_weight", "router_bias", "w_gate", "w_up", "w_down",
-    "b_gate", "b_up", "b_down", "shared_w_gate", "shared_w_up", "shared_w_down",
-    "shared_gate_weight", "null_values"}: None for what the layer does not have.
+    layer (the options of sparse_moe above, every router, null experts and the experts'
+    LoRA included).  Returns {"dx", "router_weight", "router_bias", "w_gate", "w_up",
+    "w_down", "b_gate", "b_up", "b_down", "shared_w_gate", "shared_w_up", "shared_w_down",
+    "shared_gate_weight", "null_values", "lora_a_gate", "lora_b_gate", "lora_a_up",
+    "lora_b_up", "lora_a_down", "lora_b_down"}: None for what the layer does not have.
+    lora: {target: (a (E, r, in), b (E, out, r))} (see expert_ffn_backward).
 
     A null expert's slot adds w * v with v = x (copy), null_values[i] (constant) or 0
     (zero): its weight's gradient is <dy, v>, and copy adds w * dy to dx, constant
@@ -1507,7 +1561,7 @@ def sparse_moe_backward(x, router_weight, w_gate, w_up, w_down, dy, *, top_k,
     ffn_args = (w_gate if gated else None, w_up, w_down)
     ffn_opts = dict(activation=activation, b_gate=b_gate if gated else None, b_up=b_up,
                     b_down=b_down, alpha=swiglu_alpha, limit=swiglu_limit,
-                    expert_d_ff=expert_d_ff)
+                    expert_d_ff=expert_d_ff, lora=lora, lora_scaling=lora_scaling)
     y_sorted = expert_ffn(disp["x_sorted"], disp["offsets"], *ffn_args, **ffn_opts)
     cb = combine_backward(y_sorted, disp["position"], routing["weights"], dy)
     fb = expert_ffn_backward(disp["x_sorted"], disp["offsets"], *ffn_args, cb["dy_sorted"],
@@ -1548,6 +1602,7 @@ def sparse_moe_backward(x, router_weight, w_gate, w_up, w_down, dy, *, top_k,
              "b_down": fb["db_down"] if b_down is not None else None,
              "shared_w_gate": None, "shared_w_up": None, "shared_w_down": None,
              "shared_gate_weight": None, "null_values": dv if n_null else None}
+    grads.update({n: fb[n] for n in fb if n.startswith("lora_")})
     if shared_w_up is not None:
         sg_w = shared_w_gate if gated else None
         shared = ffn(xf, sg_w, shared_w_up, shared_w_down, activation, alpha=swiglu_alpha,
@@ -1595,7 +1650,10 @@ def layer_backward(layer, x, dy, aux_coef=0.0, z_coef=0.0):
         null_experts=layer.null_experts, null_values=layer.null_values,
         skip_threshold=layer.skip_threshold, skip_renormalize=layer.skip_renormalize,
         router=layer.router, router_p=layer.router_p,
-        router_threshold=layer.router_threshold, k_min=layer.k_min)
+        router_threshold=layer.router_threshold, k_min=layer.k_min,
+        lora={t: (getattr(layer, f"lora_a_{t[2:]}"), getattr(layer, f"lora_b_{t[2:]}"))
+              for t in getattr(layer, "lora_targets", ()) if getattr(layer, "lora_rank", 0)},
+        lora_scaling=getattr(layer, "lora_scaling", 1.0))
 
 
 def multi_head_moe_backward(layer, x, dy, aux_coef=0.0, z_coef=0.0):

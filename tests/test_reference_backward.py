@@ -593,3 +593,88 @@ def test_peer_backward(activation, per_head_keys):
     idle = np.setdiff1d(np.arange(p["u"].shape[0]), chosen)
     assert not grads["u"][idle].any() and not grads["v"][idle].any()
     fd_check(loss, p, grads, rng, n_probe=1000)  # every entry
+
+
+# --------------------------------------------------------------------------- #
+# LoRA on the experts of a SparseMoE (lora_rank > 0): ffn_backward's and
+# layer_backward's adapter gradients
+# --------------------------------------------------------------------------- #
+
+@pytest.mark.parametrize("activation,targets", [
+    ("swiglu", ("w_gate", "w_up", "w_down")), ("gelu", ("w_up", "w_down"))])
+def test_ffn_backward_lora(activation, targets):
+    rng = np.random.default_rng(len(targets) + len(activation))
+    T, d, F, r, s = 5, 6, 7, 3, 1.7
+    gated = activation in ref.GATED
+    p = {"x": rng.standard_normal((T, d)), "w_up": rng.standard_normal((F, d)) * 0.4,
+         "w_down": rng.standard_normal((d, F)) * 0.4}
+    if gated:
+        p["w_gate"] = rng.standard_normal((F, d)) * 0.4
+    for t in targets:
+        fan_in, out = (F, d) if t == "w_down" else (d, F)
+        p[f"a_{t}"] = rng.standard_normal((r, fan_in)) * 0.5
+        p[f"b_{t}"] = rng.standard_normal((out, r)) * 0.5
+    dy = rng.standard_normal((T, d))
+    kw = dict(activation=activation, lora_scaling=s)
+
+    def lora():
+        return {t: (p[f"a_{t}"], p[f"b_{t}"]) for t in targets}
+
+    def loss():
+        return float(np.sum(dy * ref.ffn(p["x"], p.get("w_gate"), p["w_up"], p["w_down"],
+                                         lora=lora(), **kw)))
+
+    g = ref.ffn_backward(p["x"], p.get("w_gate"), p["w_up"], p["w_down"], dy, lora=lora(),
+                         **kw)
+    assert set(g["lora"]) == set(targets)
+    grads = {"x": g["dx"], "w_up": g["dw_up"], "w_down": g["dw_down"], "w_gate": g["dw_gate"]}
+    for t in targets:
+        grads[f"a_{t}"], grads[f"b_{t}"] = g["lora"][t]
+    fd_check(loss, p, grads, rng, n_probe=20)
+    # the adapters reach dx: without them the gradient differs
+    plain = ref.ffn_backward(p["x"], p.get("w_gate"), p["w_up"], p["w_down"], dy, **kw)
+    assert "lora" not in plain and not np.allclose(plain["dx"], g["dx"])
+
+
+class _Float64View:
+    """A layer seen through float64 copies of some of its weights (overrides), so that
+    layer_forward / layer_backward can be differenced in float64."""
+
+    def __init__(self, layer, overrides):
+        self._layer, self._over = layer, overrides
+
+    def __getattr__(self, name):
+        return self._over[name] if name in self._over else getattr(self._layer, name)
+
+
+@pytest.mark.parametrize("targets", [None, ("w_down",)])
+def test_layer_backward_expert_lora(targets):
+    import moe
+    rng = np.random.default_rng(5 if targets is None else 6)
+    T, d, F, E, k = 7, 6, 5, 4, 2
+    layer = moe.SparseMoE(d, F, E, k, lora_rank=2, lora_alpha=3.0, lora_targets=targets,
+                          seed=3)
+    assert layer.lora_scaling == 1.5
+    names = [f"lora_{m}_{t[2:]}" for t in layer.lora_targets for m in "ab"]
+    for n in names:  # B starts at zero: give every adapter a path
+        if n.startswith("lora_b"):
+            setattr(layer, n, rng.standard_normal(getattr(layer, n).shape) * 0.5)
+    p = {n: np.asarray(getattr(layer, n), dtype=np.float64).copy() for n in names}
+    p["x"] = rng.standard_normal((T, d))
+    view = _Float64View(layer, p)
+    dy = rng.standard_normal((T, d))
+
+    def loss():
+        return float(np.sum(dy * ref.layer_forward(view, p["x"])[0]))
+
+    ids = ref.layer_forward(view, p["x"])[1]["expert_ids"]
+    assert len(set(ids.ravel())) == E, ids  # every expert's adapters get rows
+    g = ref.layer_backward(view, p["x"], dy)
+    for t in ("w_gate", "w_up", "w_down"):
+        for m in "ab":
+            assert (g[f"lora_{m}_{t[2:]}"] is None) == (t not in layer.lora_targets)
+    fd_check(loss, p, dict(g, x=g["dx"]), rng, n_probe=24)
+    # the same layer without its adapters has another dx
+    plain = ref.sparse_moe_backward(
+        p["x"], layer.router_weight, layer.w_gate, layer.w_up, layer.w_down, dy, top_k=k)
+    assert not np.allclose(plain["dx"], g["dx"])

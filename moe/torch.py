@@ -1,14 +1,14 @@
-"""moe.torch: moe.SparseMoE, moe.MultiHeadMoE, moe.SoftMoE, moe.MixtureOfTokens and the
-mixture-of-LoRA layers of moe.lora (TopKLoRA, SoftLoRA, HydraLoRA, GatedLoRA, FlyLoRA, SMoRA,
+"""moe.torch: moe.SparseMoE, moe.MultiHeadMoE, moe.SoftMoE, moe.MixtureOfTokens, moe.PEER and
+the mixture-of-LoRA layers of moe.lora (TopKLoRA, SoftLoRA, HydraLoRA, GatedLoRA, FlyLoRA, SMoRA,
 MultiLoRA) as torch.nn.Modules with autograd, traceable by torch.compile; plus PEFT LoRA
 interop (load_peft_lora, peft_state_dict).
 
 A module's parameters share memory with its NumPy layer's weights; the forward and backward
 run the C core through custom ops (torch.ops.moe.sparse_moe_forward / _backward for the two
 MoE layers, torch.ops.moe.lora_forward / _backward for every LoRA layer,
-torch.ops.moe.soft_moe_forward / _backward for the two soft layers, with fake
-implementations) wrapped by an autograd.Function.  Importing `moe` never imports torch: only
-`import moe.torch` does.
+torch.ops.moe.soft_moe_forward / _backward for the two soft layers,
+torch.ops.moe.peer_forward / _backward for PEER, with fake implementations) wrapped by an
+autograd.Function.  Importing `moe` never imports torch: only `import moe.torch` does.
 """
 import functools
 import itertools
@@ -21,13 +21,14 @@ from torch import nn
 
 from . import layer as _layer_mod
 from . import lora as _lora_mod
+from . import peer as _peer_mod
 from . import soft_moe as _soft_mod
 from .layer import SparseMoE as _NumpySparseMoE
 from .multihead import MultiHeadMoE as _NumpyMultiHeadMoE
 
 __all__ = ["FlyLoRA", "GatedLoRA", "HydraLoRA", "MixtureOfTokens", "MultiHeadMoE", "MultiLoRA",
-           "Routing", "SMoRA", "SoftLoRA", "SoftMoE", "SparseMoE", "TopKLoRA", "from_layer",
-           "load_peft_lora", "patch", "peft_state_dict", "unpatch"]
+           "PEER", "PEERRouting", "Routing", "SMoRA", "SoftLoRA", "SoftMoE", "SparseMoE",
+           "TopKLoRA", "from_layer", "load_peft_lora", "patch", "peft_state_dict", "unpatch"]
 
 # weights whose in-place change needs layer.pack(): the kernels read a packed copy of them
 _PACKED = frozenset(_layer_mod._EXPERT_WEIGHTS + ("b_gate", "b_up", "b_down")
@@ -76,7 +77,8 @@ class _Binding:
         self.layer, self.names = layer, tuple(names)
         self.trainable = frozenset(self.names) & frozenset(trainable)
         self.scalars = frozenset(self.names) & frozenset(scalars)
-        self.packers = (layer, layer.moe) if isinstance(layer, _NumpyMultiHeadMoE) else (layer,)
+        self.packers = ((layer, layer.moe) if isinstance(layer, _NumpyMultiHeadMoE)
+                        else (layer,) if hasattr(layer, "pack") else ())  # PEER packs nothing
         self.versions = {}
 
 
@@ -91,6 +93,8 @@ def _packed_names(layer):
         return frozenset(layer._all_weights()) - frozenset(layer._READ_EACH_CALL)
     if isinstance(layer, _soft_mod.SoftMoE):  # the expert FFN weights, not phi
         return _SOFT_PACKED
+    if isinstance(layer, _peer_mod.PEER):  # reads its weights as they are
+        return frozenset()
     return _PACKED_MULTIHEAD if isinstance(layer, _NumpyMultiHeadMoE) else _PACKED
 
 
@@ -453,9 +457,10 @@ class _LayerModule(nn.Module):
         for name in self._binding.names:
             t = functools.reduce(getattr, name.split("."), self)
             if t.dtype != self._dtypes[name]:
-                raise TypeError(f"{name} is {t.dtype} but this layer (dtype="
-                                f"{self._config['dtype']!r}) needs {self._dtypes[name]}: build "
-                                "it with the dtype you want instead of converting the module")
+                dtype = self._config.get("dtype", "float32")
+                raise TypeError(f"{name} is {t.dtype} but this layer (dtype={dtype!r}) needs "
+                                f"{self._dtypes[name]}: build it with the dtype you want "
+                                "instead of converting the module")
             out.append(t)
         return out
 
@@ -615,17 +620,18 @@ def _from_sparse(layer):
 
 
 def from_layer(layer):
-    """A moe.torch.SparseMoE / MultiHeadMoE / SoftMoE / MixtureOfTokens / LoRA module
+    """A moe.torch.SparseMoE / MultiHeadMoE / SoftMoE / MixtureOfTokens / PEER / LoRA module
     (TopKLoRA, ...) whose parameters are the NumPy layer's weights (no copy:
     torch.from_numpy; read-only arrays, e.g. memory-mapped, are copied once; a soft layer's
     scale becomes a 0-d float32 parameter)."""
     if isinstance(layer, _NumpySparseMoE):
         return _from_sparse(layer)
     cls = MultiHeadMoE if isinstance(layer, _NumpyMultiHeadMoE) else (
-        _SOFT_MODULES.get(type(layer)) or _LORA_MODULES.get(type(layer)))
+        _SOFT_MODULES.get(type(layer)) or _LORA_MODULES.get(type(layer))
+        or (PEER if type(layer) is _peer_mod.PEER else None))
     if cls is None:
         raise TypeError(f"from_layer takes a moe.SparseMoE, moe.MultiHeadMoE, moe.SoftMoE, "
-                        f"moe.MixtureOfTokens or a moe.lora layer ("
+                        f"moe.MixtureOfTokens, moe.PEER or a moe.lora layer ("
                         f"{', '.join(sorted(c.__name__ for c in _LORA_MODULES))}), got "
                         f"{type(layer).__name__}")
     m = cls.__new__(cls)
@@ -1068,6 +1074,183 @@ class MixtureOfTokens(_SoftModule):
 
 
 _SOFT_MODULES = {c._NUMPY: c for c in (SoftMoE, MixtureOfTokens)}
+
+
+# ---- PEER -------------------------------------------------------------------------------
+#
+# One custom-op pair.  A custom op returns strided tensors only, so the backward op returns
+# u's and v's gradients as rows: `used` (U,) int64, the experts the batch retrieved
+# (ascending; U is data-dependent, a dynamic size in the fake op), and du (U, d_model), dv
+# (U, d_out); the autograd.Function makes them sparse COO gradients (as
+# nn.Embedding(sparse=True) does), so nothing of size (N, d) is ever formed.
+
+class PEERRouting(NamedTuple):
+    """What moe.torch.PEER(x, return_routing=True) returns beside y, without grad:
+    expert_ids (..., n_heads, top_k) int32, best first (e = i * n_sub_keys + j), and gates
+    (..., n_heads, top_k) float32 (softmax over each head's k scores)."""
+
+    expert_ids: torch.Tensor
+    gates: torch.Tensor
+
+
+@torch.library.custom_op(
+    "moe::peer_forward", mutates_args=(),
+    schema="(Tensor x, Tensor[] weights, int layer_id, bool train) -> "
+           "(Tensor, Tensor, Tensor, Tensor)")
+def _peer_forward_op(x, weights, layer_id, train):
+    """x (T, d_model) float32, weights (w_query, sub_keys_1, sub_keys_2, u, v) -> y (T, d_out)
+    float32, expert_ids (T, H, k) int32, gates (T, H, k) float32 and the handle of the
+    training context (-1 when train is False)."""
+    layer = _bind(_binding(layer_id), weights)
+    xn = x.detach().contiguous().numpy()
+    if train:
+        y, ctx = layer.forward_train(xn)
+        r, handle = ctx.routing, _handle_for(ctx)
+    else:
+        y, r = layer(xn, return_routing=True)
+        handle = torch.tensor(-1, dtype=torch.int64)
+    return (torch.from_numpy(np.ascontiguousarray(y)),
+            torch.from_numpy(np.array(r.expert_ids, np.int32)),
+            torch.from_numpy(np.array(r.gates, np.float32)), handle)
+
+
+@_peer_forward_op.register_fake
+def _(x, weights, layer_id, train):
+    layer = _binding(layer_id).layer
+    T, H, k = x.shape[0], layer.n_heads, layer.top_k
+    return (x.new_empty((T, layer.d_out), dtype=torch.float32),
+            x.new_empty((T, H, k), dtype=torch.int32),
+            x.new_empty((T, H, k), dtype=torch.float32), x.new_empty((), dtype=torch.int64))
+
+
+@torch.library.custom_op(
+    "moe::peer_backward", mutates_args=(),
+    schema="(Tensor x, Tensor[] weights, Tensor handle, Tensor dy, int layer_id) -> "
+           "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
+def _peer_backward_op(x, weights, handle, dy, layer_id):
+    """Gradients of sum(dy * y): dx (T, d_model), w_query's, sub_keys_1's, sub_keys_2's
+    (their shapes) float32, and u's and v's as rows: used (U,) int64 (the experts the batch
+    retrieved, ascending), du (U, d_model), dv (U, d_out) float32."""
+    layer = _bind(_binding(layer_id), weights)
+    g = layer.backward(_context_of(handle), dy.detach().contiguous().numpy(), retain=True)
+
+    def t(a):
+        return torch.from_numpy(np.ascontiguousarray(a))
+    return (t(g["x"]), t(g["w_query"]), t(g["sub_keys_1"]), t(g["sub_keys_2"]),
+            t(g["u"].indices), t(g["u"].values), t(g["v"].values))
+
+
+@_peer_backward_op.register_fake
+def _(x, weights, handle, dy, layer_id):
+    layer = _binding(layer_id).layer
+    U = torch.library.get_ctx().new_dynamic_size()
+    return ((torch.empty_like(x, dtype=torch.float32),)
+            + tuple(torch.empty_like(w) for w in weights[:3])
+            + (x.new_empty((U,), dtype=torch.int64),
+               x.new_empty((U, layer.d_model), dtype=torch.float32),
+               x.new_empty((U, layer.d_out), dtype=torch.float32)))
+
+
+class _PEERFunction(torch.autograd.Function):
+    """y of the PEER layer `layer_id` (routing and handle not differentiable); u and v get
+    sparse COO gradients (coalesced: one row per expert used)."""
+
+    @staticmethod
+    def forward(ctx, x, layer_id, *weights):
+        y, ids, gates, handle = torch.ops.moe.peer_forward(x, list(weights), layer_id, True)
+        ctx.mark_non_differentiable(ids, gates, handle)
+        # saving the weights makes autograd refuse a backward after they changed in place
+        ctx.save_for_backward(x, handle, *weights)
+        ctx.layer_id = layer_id
+        return y, ids, gates, handle
+
+    @staticmethod
+    def backward(ctx, dy, *_):
+        x, handle, *weights = ctx.saved_tensors
+        dx, dq, dk1, dk2, used, du, dv = torch.ops.moe.peer_backward(x, weights, handle, dy,
+                                                                     ctx.layer_id)
+
+        def rows(values, w):  # (own index views: AccumulateGrad can then keep them uncopied)
+            return torch.sparse_coo_tensor(used[None], values, w.shape, is_coalesced=True,
+                                           check_invariants=False)
+        grads = (dq, dk1, dk2, rows(du, weights[3]), rows(dv, weights[4]))
+        need = ctx.needs_input_grad
+        return ((dx if need[0] else None, None)
+                + tuple(g if n else None for g, n in zip(grads, need[2:])))
+
+
+class PEER(_LayerModule):
+    """moe.PEER(d_model, n_sub_keys, n_heads=8, top_k=16, d_key=None, activation="relu",
+    seed=0, *, d_out=None, per_head_keys=True) as a torch.nn.Module: same arguments.
+
+    Parameters (float32, named and shaped as the layer's weights, sharing memory with the
+    NumPy layer: to_layer(); state_dict keys are these names): w_query (H, d_key, d_model);
+    sub_keys_1, sub_keys_2 (H, n, d_key/2), or (n, d_key/2) with per_head_keys=False;
+    u (N, d_model); v (N, d_out); N = n_sub_keys ** 2.
+
+    m(x) -> y; m(x, return_routing=True) -> (y, PEERRouting).  x: (..., d_model) CPU float
+    tensor (other float dtypes computed in float32; y (..., d_out) and x's gradient in x's
+    dtype).  The retrieval is held fixed in the backward (gradients reach the queries and
+    sub-keys through the selected experts' gates); under torch.no_grad() the plain forward
+    runs.  Weights are read on every call: in-place updates need no repack.
+
+    Gradients: x, w_query and the sub-keys get dense ones; u and v *sparse* ones
+    (torch.sparse_coo_tensor, coalesced, one row per expert the batch retrieved -- at most
+    T * n_heads * top_k rows -- like nn.Embedding(sparse=True)): a million-expert layer
+    never forms a dense (N, d) gradient.  Train u and v with an optimizer that takes sparse
+    gradients -- torch.optim.SparseAdam (its two moment buffers are dense (N, d) each) or
+    plain torch.optim.SGD (no state) -- and the rest with a dense one (Adam / AdamW refuse
+    sparse gradients)::
+
+        sparse = [m.u, m.v]
+        dense = [p for n, p in m.named_parameters() if n not in ("u", "v")]
+        opts = [torch.optim.SparseAdam(sparse, lr=1e-3), torch.optim.AdamW(dense, lr=1e-3)]
+        loss.backward()
+        for o in opts:
+            o.step()
+            o.zero_grad()
+    """
+
+    _NUMPY = _peer_mod.PEER
+
+    def __init__(self, d_model, n_sub_keys, n_heads=8, top_k=16, d_key=None, activation="relu",
+                 seed=0, **options):
+        super().__init__()
+        self._adopt(_peer_mod.PEER(d_model, n_sub_keys, n_heads, top_k, d_key, activation, seed,
+                                   **options))
+
+    def _adopt(self, layer):
+        missing = [n for n in layer._weight_names() if getattr(layer, n) is None]
+        if missing:
+            raise ValueError(f"{', '.join(missing)} not set (the layer was made with "
+                             "init=False): assign its weights first")
+        names = _adopt_weights(self, layer, layer._weight_names(), buffers=())
+        self._config = layer.config()
+        self._dtypes = {n: getattr(self, n).dtype for n in names}
+        self._set_binding(_Binding(layer, names, layer.trainable_weights()))
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        layer = _peer_mod.PEER(**self._config, init=False)
+        self._set_binding(_Binding(layer, state["_dtypes"], layer.trainable_weights()))
+
+    def forward(self, x, return_routing=False):
+        """x: (..., d_model) CPU float tensor -> y (..., d_out) of x's dtype
+        [, PEERRouting of tensors (..., n_heads, top_k)]."""
+        layer = self._binding.layer
+        x2 = self._tokens(x, layer.d_model)
+        weights = self._weights()
+        if torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad
+                                                               for w in weights)):
+            y, ids, gates, _ = _PEERFunction.apply(x2, self._layer_id, *weights)
+        else:
+            y, ids, gates, _ = torch.ops.moe.peer_forward(x2, weights, self._layer_id, False)
+        lead = tuple(x.shape[:-1])
+        y = y.reshape(lead + (layer.d_out,)).to(x.dtype)
+        if not return_routing:
+            return y
+        shape = lead + (layer.n_heads, layer.top_k)
+        return y, PEERRouting(ids.reshape(shape), gates.reshape(shape))
 
 
 # ---- PEFT interop ----------------------------------------------------------------------

@@ -664,6 +664,13 @@ typedef struct moe_ffn_backward_params {
     float             *d_b_gate;    /* out, or NULL: (E, d_ff)              */
     float             *d_b_up;      /* out, or NULL: (E, d_ff)              */
     float             *d_b_down;    /* out, or NULL: (E, d_model)           */
+    /* Expert LoRA (the forward ran with an moe_expert_lora pack): the same
+       adapters unpacked, or NULL.  G, U and Y gain their low-rank terms;
+       the adapters' gradients go to d_lora_* (their shapes, or NULL). */
+    const moe_expert_lora_params *lora;
+    float *d_lora_a_gate, *d_lora_b_gate;
+    float *d_lora_a_up, *d_lora_b_up;
+    float *d_lora_a_down, *d_lora_b_down;
 } moe_ffn_backward_params;
 
 /* Gate and up are recomputed, never kept: memory O(n_rows * d_ff) while it
@@ -800,6 +807,12 @@ typedef struct moe_layer_backward_params {
     float *d_shared_gate;         /* (d_model,)                            */
     float *d_null_values;         /* (n_null, d_model): constant null
                                      experts' rows (the others get 0)      */
+    /* the forward's expert LoRA unpacked (required when it had one), and
+       its gradients (as moe_ffn_backward_params) */
+    const moe_expert_lora_params *lora;
+    float *d_lora_a_gate, *d_lora_b_gate;
+    float *d_lora_a_up, *d_lora_b_up;
+    float *d_lora_a_down, *d_lora_b_down;
 } moe_layer_backward_params;
 
 moe_status moe_layer_backward(const moe_layer_backward_params *p);

@@ -45,6 +45,9 @@ _WEIGHTS = {
 _TRAINABLE = ("router_weight", "router_bias", "w_gate", "w_up", "w_down", "b_gate", "b_up",
               "b_down", "shared_w_gate", "shared_w_up", "shared_w_down", "shared_gate_weight",
               "null_values")
+# frozen by expert LoRA (lora_rank > 0): the experts, routed and shared
+_FROZEN_BY_LORA = ("w_gate", "w_up", "w_down", "b_gate", "b_up", "b_down", "shared_w_gate",
+                   "shared_w_up", "shared_w_down")
 NULL_KINDS = _C.NULL_KINDS
 ROUTERS = _C.ROUTERS
 
@@ -475,8 +478,13 @@ class SparseMoE:
     # ---- training ---------------------------------------------------------------------
 
     def trainable_weights(self):
-        """Names of the weights the backward returns a gradient for (those the layer has)."""
+        """Names of the weights the backward returns a gradient for (those the layer has).
+        With expert LoRA (lora_rank > 0) the experts are frozen (routed and shared: their
+        weights and biases get no gradient, none is computed); the adapters, the router and
+        the shared-expert gate train."""
         unused = set()
+        if self.lora_rank:
+            unused.update(_FROZEN_BY_LORA)
         if self.activation not in GATED:  # (an ungated layer keeps a b_gate it never reads)
             unused.add("b_gate")
         if not self.use_expert_biases:
@@ -487,18 +495,19 @@ class SparseMoE:
             unused.add("shared_gate_weight")
         if "constant" not in self.null_experts:
             unused.add("null_values")
-        return tuple(n for n in _TRAINABLE if n not in unused and getattr(self, n) is not None)
+        lora = tuple(f"lora_{ab}_{t[2:]}" for t in self.lora_targets for ab in "ab") \
+            if self.lora_rank else ()
+        return tuple(n for n in _TRAINABLE if n not in unused and getattr(self, n) is not None) \
+            + lora
 
     def _check_trainable(self):
         why = []
-        if self.lora_rank:
-            why.append("expert LoRA (lora_rank > 0)")
         if self.compute_dtype != "float32":
             why.append(f"compute_dtype={self.compute_dtype!r}")
         if why:
             raise NotImplementedError(
                 "the backward covers every router with shared experts, biases, null "
-                "experts and skipping; not yet "
+                "experts, skipping and expert LoRA; not yet "
                 "(issue 19): " + ", ".join(why))
 
     def forward_train(self, x, *, allowed=None, groups=None):
@@ -522,8 +531,9 @@ class SparseMoE:
         dy: the output's shape (or (T, d_model)).  Returns a dict of float32 arrays: "x"
         (the input's shape) and one entry per name of trainable_weights() (router_weight,
         router_bias, w_gate, w_up, w_down, b_gate, b_up, b_down, shared_w_gate, shared_w_up,
-        shared_w_down, shared_gate_weight), each in its weight's shape (float32 whatever the
-        layer's dtype).  expert_bias gets none (it moves the selection only; update it with
+        shared_w_down, shared_gate_weight; with expert LoRA the lora_a_<t> / lora_b_<t> instead
+        of the frozen experts'), each in its weight's shape (float32 whatever the layer's
+        dtype).  expert_bias gets none (it moves the selection only; update it with
         moe.update_expert_bias).  ctx is used up unless retain=True.  Bitwise the same for
         any thread count.
         """
@@ -535,6 +545,15 @@ class SparseMoE:
         gated = self.activation in GATED
         bits = weight_bits
         ids, w = ctx.routing.expert_ids, ctx.routing.weights
+        lora = {}
+        if self.lora_rank:
+            if kw.get("lora") is not self._packed[3]:
+                raise RuntimeError("the layer's LoRA adapters changed since forward_train: "
+                                   "the backward needs the adapters the forward ran with")
+            lora = dict(lora_weights=tuple(
+                getattr(self, f"lora_{ab}_{t}") if f"w_{t}" in self.lora_targets else None
+                for t in ("gate", "up", "down") for ab in "ab"),
+                lora_rank=self.lora_rank, lora_scaling=float(self.lora_scaling), frozen=True)
         g = _C.layer_backward(
             args, kw, ids, w, logits, y, shared, dy32,
             w_gate=bits(self.w_gate) if gated else None, w_up=bits(self.w_up),
@@ -543,7 +562,7 @@ class SparseMoE:
             else None,
             shared_w_up=bits(self.shared_w_up) if self.n_shared_experts else None,
             shared_w_down=bits(self.shared_w_down) if self.n_shared_experts else None,
-            aux_coef=aux, z_coef=z, biases=self.use_expert_biases)
+            aux_coef=aux, z_coef=z, biases=self.use_expert_biases, **lora)
         if not retain:
             ctx.released = True
             ctx.saved = None

@@ -434,6 +434,15 @@ def _adopt_weights(module, layer, names, buffers=("expert_bias",), frozen=()):
     return out
 
 
+def _sparse_trainable(layer):
+    """The weights a SparseMoE's backward can return (those it has are picked by the
+    binding's names): with expert LoRA the adapters instead of the experts."""
+    if not layer.lora_rank:
+        return _layer_mod._TRAINABLE
+    return (tuple(n for n in _layer_mod._TRAINABLE if n not in _layer_mod._FROZEN_BY_LORA)
+            + _layer_mod._LORA_WEIGHTS)
+
+
 class _LayerModule(nn.Module):
     """What SparseMoE and MultiHeadMoE share: the binding to their NumPy layer, the forward
     through the custom ops, to_layer and repack.  A subclass sets _config (its layer's
@@ -538,16 +547,18 @@ class SparseMoE(_LayerModule):
         self._adopt(_NumpySparseMoE(d_model, d_ff, n_experts, top_k, **options))
 
     def _adopt(self, layer):
-        """Make the layer's weights this module's parameters / buffer, on the same memory."""
-        names = _adopt_weights(self, layer, layer._weight_names())
+        """Make the layer's weights this module's parameters / buffer, on the same memory
+        (with expert LoRA the experts are frozen parameters: requires_grad False)."""
+        frozen = _layer_mod._FROZEN_BY_LORA if layer.lora_rank else ()
+        names = _adopt_weights(self, layer, layer._weight_names(), frozen=frozen)
         self._config = layer.config()
         self._dtypes = {n: getattr(self, n).dtype for n in names}
-        self._set_binding(_Binding(layer, names))
+        self._set_binding(_Binding(layer, names, _sparse_trainable(layer)))
 
     def __setstate__(self, state):
         super().__setstate__(state)
         layer = _NumpySparseMoE(**self._config, init=False)
-        self._set_binding(_Binding(layer, state["_dtypes"]))
+        self._set_binding(_Binding(layer, state["_dtypes"], _sparse_trainable(layer)))
 
     @torch.no_grad()
     def update_expert_bias(self, counts, rate):

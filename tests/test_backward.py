@@ -277,9 +277,13 @@ def test_errors():
     layer.w_up = layer.w_up * 2  # the weights the forward ran with are gone
     with pytest.raises(RuntimeError, match="changed since forward_train"):
         layer.backward(ctx, y)
-    for cfg in (dict(lora_rank=2), dict(dtype="bfloat16", compute_dtype="bfloat16")):
-        with pytest.raises(NotImplementedError, match="issue 19"):
-            make_layer(rng, **cfg).forward_train(x)
+    with pytest.raises(NotImplementedError, match="issue 19"):
+        make_layer(rng, dtype="bfloat16", compute_dtype="bfloat16").forward_train(x)
+    lora = make_layer(rng, lora_rank=2)
+    y, ctx = lora.forward_train(x)
+    lora.lora_b_up = lora.lora_b_up + 1  # the adapters the forward ran with are gone
+    with pytest.raises(RuntimeError, match="changed since forward_train"):
+        lora.backward(ctx, y)
     with pytest.raises(ValueError, match="d_weights"):
         moe.route_backward(np.zeros((3, 4)), np.zeros((3, 2), np.int32),
                            np.zeros((3, 1), np.float32), 2)
@@ -306,3 +310,39 @@ def test_multi_head_moe_backward():
         assert_grad(g[f"moe.{name}"], r["moe"][name], f"moe.{name}")
     with pytest.raises(RuntimeError, match="already used"):
         mh.backward(ctx, dy)
+
+
+@pytest.mark.parametrize("cfg", [
+    dict(lora_rank=3, lora_alpha=6.0),
+    dict(lora_rank=2, lora_targets=("w_down",), n_shared_experts=1, shared_expert_gate=True),
+    dict(lora_rank=4, lora_targets=("w_gate", "w_up"), dtype="bfloat16",
+         null_experts=("copy",), expert_biases=True),
+    dict(lora_rank=2, activation="gelu", capacity_factor=0.8, dtype="float16"),
+], ids=["all-targets", "down-shared", "gate-up-bf16-null", "gelu-capacity-fp16"])
+def test_expert_lora(cfg):
+    """LoRA on the experts (SparseMoE(lora_rank=...)): the adapters' and the router's
+    gradients and dx against the reference; the experts (routed and shared, any storage
+    dtype) are frozen: no gradient is returned for them; bitwise across threads."""
+    rng = np.random.default_rng(len(str(cfg)))
+    layer = make_layer(rng, **cfg)
+    for t in layer.lora_targets:  # B starts at zero (PEFT): give every adapter a value
+        name = f"lora_b_{t[2:]}"
+        setattr(layer, name, rng.standard_normal(getattr(layer, name).shape)
+                .astype(np.float32))
+    assert not {"w_gate", "w_up", "w_down", "b_up", "shared_w_up"} & \
+        set(layer.trainable_weights())
+    x = rng.standard_normal((40, layer.d_model)).astype(np.float32)
+    g = check_layer(layer, x, rng)
+    assert {f"lora_a_{t[2:]}" for t in layer.lora_targets} <= set(g)
+    dy = rng.standard_normal(x.shape).astype(np.float32)
+    keep = moe.get_num_threads()
+    res = []
+    try:
+        for n in (1, 2):
+            moe.set_num_threads(n)
+            y, ctx = layer.forward_train(x)
+            res.append(layer.backward(ctx, dy, aux_coef=0.1))
+    finally:
+        moe.set_num_threads(keep)
+    for name in res[0]:
+        np.testing.assert_array_equal(res[0][name], res[1][name], err_msg=name)

@@ -269,11 +269,47 @@ def test_no_grad(rng):
     np.testing.assert_array_equal(r.counts.numpy(), ref_r.counts)
     assert r.aux_loss.item() == pytest.approx(ref_r.aux_loss, rel=1e-6)
     # and a layer the backward does not cover runs under no_grad
-    lo = mt.SparseMoE(D, FF, 4, 2, lora_rank=2)
+    lo = mt.SparseMoE(D, FF, 4, 2, dtype="bfloat16", compute_dtype="bfloat16")
     with torch.no_grad():
         assert lo(x).shape == x.shape
-    with pytest.raises(NotImplementedError, match="lora_rank"):
+    with pytest.raises(NotImplementedError, match="compute_dtype"):
         lo(x)
+
+
+def test_expert_lora_trains(rng):
+    """SparseMoE(lora_rank=...) as a module: the experts are frozen parameters, the adapters
+    and the router get the NumPy backward's gradients bitwise, and AdamW lowers a loss."""
+    m = mt.SparseMoE(D, FF, 4, 2, lora_rank=3, lora_alpha=6.0, n_shared_experts=1, seed=5)
+    with torch.no_grad():
+        m.lora_b_up.normal_()
+    frozen = {n for n, p in m.named_parameters() if not p.requires_grad}
+    assert {"w_gate", "w_up", "w_down", "shared_w_up"} <= frozen
+    assert "lora_a_gate" not in frozen and "router_weight" not in frozen
+    x = torch.from_numpy(rng.standard_normal((9, D), dtype=np.float32)).requires_grad_(True)
+    dy = rng.standard_normal((9, D), dtype=np.float32)
+    y = m(x)
+    y.backward(torch.from_numpy(dy))
+    layer = m.to_layer()
+    y2, ctx = layer.forward_train(x.detach().numpy())
+    np.testing.assert_array_equal(y.detach().numpy(), y2)
+    g = layer.backward(ctx, dy)
+    np.testing.assert_array_equal(x.grad.numpy(), g["x"])
+    for name, p in m.named_parameters():
+        if p.requires_grad:
+            np.testing.assert_array_equal(p.grad.numpy(), g[name], err_msg=name)
+        else:
+            assert p.grad is None, name
+    opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=3e-2)
+    target = torch.from_numpy(rng.standard_normal((9, D), dtype=np.float32))
+    xs = x.detach()
+    losses = []
+    for _ in range(25):
+        opt.zero_grad()
+        loss = ((m(xs) - target) ** 2).mean()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.9 * losses[0], losses
 
 
 def test_bfloat16_input(rng):

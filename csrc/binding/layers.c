@@ -327,18 +327,23 @@ moe_py_layer_backward(PyObject *self, PyObject *args, PyObject *kw)
     static char *kwlist[] = {
         "forward_args", "forward_kwargs", "expert_ids", "weights", "logits",
         "y", "shared", "dy", "w_gate", "w_up", "w_down", "shared_w_gate",
-        "shared_w_up", "shared_w_down", "aux_coef", "z_coef", "biases", NULL};
+        "shared_w_up", "shared_w_down", "aux_coef", "z_coef", "biases",
+        "lora_weights", "lora_rank", "lora_scaling", "frozen", NULL};
     PyObject *fa, *fk, *ids_obj, *w_obj, *l_obj, *y_obj, *sh_obj, *dy_obj;
     PyObject *wg_obj = Py_None, *wu_obj = Py_None, *wd_obj = Py_None;
     PyObject *swg_obj = Py_None, *swu_obj = Py_None, *swd_obj = Py_None;
+    PyObject *lw_obj = Py_None;
     PyObject *res = NULL;
-    PyArrayObject *g[14] = {NULL};
-    static const char *names[14] = {
+    PyArrayObject *g[20] = {NULL};
+    static const char *names[20] = {
         "x", "router_weight", "router_bias", "w_gate", "w_up", "w_down",
         "b_gate", "b_up", "b_down", "shared_w_gate", "shared_w_up",
-        "shared_w_down", "shared_gate_weight", "null_values"};
+        "shared_w_down", "shared_gate_weight", "null_values", "lora_a_gate",
+        "lora_b_gate", "lora_a_up", "lora_b_up", "lora_a_down", "lora_b_down"};
     double aux_coef = 0.0, z_coef = 0.0;
-    int biases = 0, i;
+    float lora_scaling = 1.0f;
+    int biases = 0, frozen = 0, lora_rank = 0, i;
+    moe_expert_lora_params lp;
     moe_experts_info info, sinfo;
     moe_layer_args a;
     moe_layer_params p;
@@ -347,20 +352,55 @@ moe_py_layer_backward(PyObject *self, PyObject *args, PyObject *kw)
     moe_status st;
 
     if (!PyArg_ParseTupleAndKeywords(
-            args, kw, "O!O!OOOOOO|$OOOOOOddp:layer_backward", kwlist,
+            args, kw, "O!O!OOOOOO|$OOOOOOddpOifp:layer_backward", kwlist,
             &PyTuple_Type, &fa, &PyDict_Type, &fk, &ids_obj, &w_obj, &l_obj,
             &y_obj, &sh_obj, &dy_obj, &wg_obj, &wu_obj, &wd_obj, &swg_obj,
-            &swu_obj, &swd_obj, &aux_coef, &z_coef, &biases) ||
+            &swu_obj, &swd_obj, &aux_coef, &z_coef, &biases, &lw_obj,
+            &lora_rank, &lora_scaling, &frozen) ||
         moe_layer_parse(fa, fk, &p, &a) < 0) {
-        return NULL;
-    }
-    if (p.lora != NULL) {
-        PyErr_SetString(PyExc_NotImplementedError, "the layer backward does not "
-                        "cover expert LoRA yet");
         return NULL;
     }
     moe_experts_get_info(p.experts, &info);
     memset(&b, 0, sizeof(b));
+    memset(&lp, 0, sizeof(lp));
+    if ((p.lora != NULL) != (lw_obj != Py_None)) {
+        PyErr_SetString(PyExc_ValueError, "lora_weights: the forward's expert "
+                        "LoRA adapters unpacked, exactly when it had them");
+        return NULL;
+    }
+    if (lw_obj != Py_None) {
+        /* (a_gate, b_gate, a_up, b_up, a_down, b_down), each None or float32 */
+        const float **dst[6] = {&lp.a_gate, &lp.b_gate, &lp.a_up, &lp.b_up,
+                                &lp.a_down, &lp.b_down};
+        static const char *lnames[6] = {"lora_a_gate", "lora_b_gate",
+                                        "lora_a_up", "lora_b_up",
+                                        "lora_a_down", "lora_b_down"};
+        npy_intp ld[6][3];
+        void *ptr;
+        if (!PyTuple_Check(lw_obj) || PyTuple_GET_SIZE(lw_obj) != 6) {
+            PyErr_SetString(PyExc_TypeError, "lora_weights must be a tuple of "
+                            "6 arrays or None");
+            return NULL;
+        }
+        if (moe_check_min(lora_rank, 1, "lora_rank") < 0) {
+            return NULL;
+        }
+        lp.rank = lora_rank;  /* (the shapes below check it) */
+        lp.scaling = lora_scaling;
+        for (i = 0; i < 6; i++) {
+            const npy_intp in = i < 4 ? info.d_model : info.d_ff;
+            const npy_intp out = i < 4 ? info.d_ff : info.d_model;
+            ld[i][0] = info.n_experts;
+            ld[i][1] = i % 2 == 0 ? lp.rank : out;
+            ld[i][2] = i % 2 == 0 ? in : lp.rank;
+            if (moe_opt_arg(PyTuple_GET_ITEM(lw_obj, i), lnames[i], NPY_FLOAT32,
+                            3, ld[i], &ptr) < 0) {
+                return NULL;
+            }
+            *dst[i] = ptr;
+        }
+        b.lora = &lp;
+    }
     {
         /* the forward's results (ids (T, width): top_k, or expert choice's
          * width) and what it saved, then dy; y holds at least T * width rows */
@@ -431,16 +471,24 @@ moe_py_layer_backward(PyObject *self, PyObject *args, PyObject *kw)
         const int sh = p.shared != NULL, sg = sh && sinfo.gated;
         const npy_intp E = info.n_experts, F = info.d_ff, d = info.d_model;
         const npy_intp SF = sh ? sinfo.d_ff : 0;
-        const struct { int ndim; npy_intp dims[3]; } shape[14] = {
+        /* frozen: the experts' weights and biases (LoRA fine-tuning) get
+         * no gradient, none is computed */
+        const int tr = !frozen, R = lp.rank;
+        const struct { int ndim; npy_intp dims[3]; } shape[20] = {
             {2, {a.n_tokens, d}}, {2, {a.n_router, d}},
             {p.router_bias != NULL, {a.n_router}},
-            {info.gated ? 3 : 0, {E, F, d}}, {3, {E, F, d}}, {3, {E, d, F}},
-            {biases && info.gated ? 2 : 0, {E, F}}, {biases ? 2 : 0, {E, F}},
-            {biases ? 2 : 0, {E, d}},
-            {sg ? 2 : 0, {SF, d}}, {sh ? 2 : 0, {SF, d}}, {sh ? 2 : 0, {d, SF}},
+            {tr && info.gated ? 3 : 0, {E, F, d}}, {tr ? 3 : 0, {E, F, d}},
+            {tr ? 3 : 0, {E, d, F}},
+            {tr && biases && info.gated ? 2 : 0, {E, F}},
+            {tr && biases ? 2 : 0, {E, F}}, {tr && biases ? 2 : 0, {E, d}},
+            {tr && sg ? 2 : 0, {SF, d}}, {tr && sh ? 2 : 0, {SF, d}},
+            {tr && sh ? 2 : 0, {d, SF}},
             {sh && p.shared_gate != NULL ? 2 : 0, {1, d}},
-            {p.null_values != NULL ? 2 : 0, {p.n_null, d}}};
-        for (i = 0; i < 14 && !PyErr_Occurred(); i++) {
+            {p.null_values != NULL ? 2 : 0, {p.n_null, d}},
+            {lp.a_gate ? 3 : 0, {E, R, d}}, {lp.b_gate ? 3 : 0, {E, F, R}},
+            {lp.a_up ? 3 : 0, {E, R, d}}, {lp.b_up ? 3 : 0, {E, F, R}},
+            {lp.a_down ? 3 : 0, {E, R, F}}, {lp.b_down ? 3 : 0, {E, d, R}}};
+        for (i = 0; i < 20 && !PyErr_Occurred(); i++) {
             if (shape[i].ndim > 0) {
                 g[i] = moe_new_recycled(shape[i].ndim, shape[i].dims);
             }
@@ -450,12 +498,15 @@ moe_py_layer_backward(PyObject *self, PyObject *args, PyObject *kw)
         goto done;
     }
     {
-        float **dst[14] = {&b.dx, &b.d_router_weight, &b.d_router_bias,
+        float **dst[20] = {&b.dx, &b.d_router_weight, &b.d_router_bias,
                            &b.d_w_gate, &b.d_w_up, &b.d_w_down, &b.d_b_gate,
                            &b.d_b_up, &b.d_b_down, &b.d_shared_w_gate,
                            &b.d_shared_w_up, &b.d_shared_w_down,
-                           &b.d_shared_gate, &b.d_null_values}; /* as names */
-        for (i = 0; i < 14; i++) {
+                           &b.d_shared_gate, &b.d_null_values,
+                           &b.d_lora_a_gate, &b.d_lora_b_gate,
+                           &b.d_lora_a_up, &b.d_lora_b_up,
+                           &b.d_lora_a_down, &b.d_lora_b_down}; /* as names */
+        for (i = 0; i < 20; i++) {
             *dst[i] = g[i] != NULL ? MOE_DATA(g[i], float) : NULL;
         }
     }
@@ -467,7 +518,7 @@ moe_py_layer_backward(PyObject *self, PyObject *args, PyObject *kw)
     if (!(res = PyDict_New())) {
         goto done;
     }
-    for (i = 0; i < 14; i++) {
+    for (i = 0; i < 20; i++) {
         PyArrayObject *arr = g[i];
         g[i] = NULL;
         if (moe_grad_item(res, names[i], arr) < 0) {
@@ -476,7 +527,7 @@ moe_py_layer_backward(PyObject *self, PyObject *args, PyObject *kw)
         }
     }
 done:
-    for (i = 0; i < 14; i++) {
+    for (i = 0; i < 20; i++) {
         Py_XDECREF(g[i]);
     }
     return res;

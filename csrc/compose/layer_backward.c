@@ -339,9 +339,10 @@ moe_layer_backward(const moe_layer_backward_params *b)
     moe_status st = MOE_STATUS_ALLOC;
     int64_t i;
 
-    if (p->lora != NULL) {
-        return moe_set_error(MOE_STATUS_UNSUPPORTED, "the layer backward does "
-                             "not cover expert LoRA yet");
+    if ((p->lora != NULL) != (b->lora != NULL)) {
+        return moe_set_error(MOE_STATUS_INVALID_ARG, "the layer backward needs "
+                             "the forward's expert LoRA unpacked (lora) exactly "
+                             "when the forward had one");
     }
     if (b->width < 1 || (p->route.router != MOE_ROUTER_EXPERT_CHOICE &&
                          b->width != p->route.top_k)) {
@@ -407,7 +408,11 @@ moe_layer_backward(const moe_layer_backward_params *b)
         .w_gate = b->w_gate, .w_up = b->w_up, .w_down = b->w_down,
         .act = p->act, .dy = dys, .dx = b->dx != NULL ? dxs : NULL,
         .d_w_gate = b->d_w_gate, .d_w_up = b->d_w_up, .d_w_down = b->d_w_down,
-        .d_b_gate = b->d_b_gate, .d_b_up = b->d_b_up, .d_b_down = b->d_b_down};
+        .d_b_gate = b->d_b_gate, .d_b_up = b->d_b_up, .d_b_down = b->d_b_down,
+        .lora = b->lora, .d_lora_a_gate = b->d_lora_a_gate,
+        .d_lora_b_gate = b->d_lora_b_gate, .d_lora_a_up = b->d_lora_a_up,
+        .d_lora_b_up = b->d_lora_b_up, .d_lora_a_down = b->d_lora_a_down,
+        .d_lora_b_down = b->d_lora_b_down};
     if ((st = moe_ffn_backward(&fb)) != MOE_STATUS_OK) {
         goto done;
     }

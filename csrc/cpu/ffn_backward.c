@@ -38,6 +38,11 @@ typedef struct moe_bwd_job {
     int64_t            n_tasks;
     int                mat;     /* phase 3: 0 gate, 1 up, 2 down, 3 biases */
     int                failed;
+    /* expert LoRA (rank r > 0), the scaling s folded into the row terms:  */
+    int32_t            r;
+    float             *zg, *zu; /* (n_rows, r) s * X A_g^T, s * X A_u^T      */
+    float             *vd;      /* (n_rows, r) s * dY B_d                   */
+    float             *bgt, *but; /* (E, r, F) B_g^T, B_u^T                  */
 } moe_bwd_job;
 
 static int64_t
@@ -131,6 +136,34 @@ moe_bwd_gather_task(void *ctx, int64_t t)
     }
 }
 
+/* The adapters' terms of row `row` (expert e) on units [f0, f0 + n) of the
+ * recomputed gate and up tile rows. */
+static void
+moe_bwd_lora_add(const moe_bwd_job *job, int64_t row, int64_t e, int64_t f0,
+                 int n, float *gate, float *up)
+{
+    const int64_t F = job->F;
+    int64_t q;
+    int j;
+
+    for (q = 0; q < job->r; q++) {
+        if (gate != NULL && job->zg != NULL) {
+            const float z = job->zg[row * job->r + q];
+            const float *b = job->bgt + (e * job->r + q) * F + f0;
+            for (j = 0; j < n; j++) {
+                gate[j] += z * b[j];
+            }
+        }
+        if (job->zu != NULL) {
+            const float z = job->zu[row * job->r + q];
+            const float *b = job->but + (e * job->r + q) * F + f0;
+            for (j = 0; j < n; j++) {
+                up[j] += z * b[j];
+            }
+        }
+    }
+}
+
 /* Phase 1: task (e, first row, first unit) -> H, dG, dU of that block. */
 static void
 moe_bwd_hidden_task(void *ctx, int64_t t)
@@ -166,6 +199,19 @@ moe_bwd_hidden_task(void *ctx, int64_t t)
         moe_bwd_fail(job);
         return;
     }
+    if (job->vd != NULL) { /* + s (dY B_d) A_d */
+        const float *ad = p->lora->a_down;
+        int64_t q;
+        for (i = 0; i < m; i++) {
+            for (q = 0; q < job->r; q++) {
+                const float v = job->vd[(r0 + i) * job->r + q];
+                const float *arow = ad + (e * job->r + q) * F + u0;
+                for (j = 0; j < nu; j++) {
+                    dh[i * MOE_BWD_UNITS + j] += v * arow[j];
+                }
+            }
+        }
+    }
     /* the rows as the forward's activation panels, (d, MR) k-major */
     for (P = 0; P < n_pan; P++) {
         for (i = 0; i < mr; i++) {
@@ -195,6 +241,11 @@ moe_bwd_hidden_task(void *ctx, int64_t t)
                     for (j = 0; j < nr; j++) {
                         tr[j] += bias[j];
                     }
+                }
+                if (job->r > 0) { /* the adapters' terms z_q B[:, q] */
+                    moe_bwd_lora_add(job, row, e, f0, n_units,
+                                     w->gated ? tr : NULL,
+                                     w->gated ? tr + width : tr);
                 }
                 kr->act_grad((int)p->act.activation,
                              w->gated ? tr : NULL, w->gated ? tr + width : tr,
@@ -364,6 +415,245 @@ moe_bwd_phase(moe_bwd_job *job, int64_t rows, int64_t rb, int64_t cols,
     return st;
 }
 
+/* (rows, cols) row-major -> (cols, rows), n_mats of them. */
+static void
+moe_bwd_transpose(const float *src, int64_t n_mats, int64_t rows, int64_t cols,
+                  float *dst)
+{
+    int64_t m, i, j;
+
+    for (m = 0; m < n_mats; m++) {
+        const float *a = src + m * rows * cols;
+        float *b = dst + m * rows * cols;
+        for (i = 0; i < rows; i++) {
+            for (j = 0; j < cols; j++) {
+                b[j * rows + i] = a[i * cols + j];
+            }
+        }
+    }
+}
+
+/* out rows [o_e, o_e+1) (n_rows, n) = s * (rows of a) @ W_e, W_e (K, n)
+ * row-major at w + e * K * n, expert by expert. */
+static moe_status
+moe_bwd_rowprod(const moe_ffn_backward_params *p, const float *a, int64_t lda,
+                const float *w, int64_t K, int64_t n, float s, float *out)
+{
+    const int64_t E = p->experts->n_experts;
+    moe_status st = MOE_STATUS_OK;
+    int64_t e, i;
+
+    for (e = 0; e < E && st == MOE_STATUS_OK; e++) {
+        const int64_t o = p->offsets[e], m = p->offsets[e + 1] - o;
+        const moe_mm_seg seg = {a + o * lda, lda, 1, w + e * K * n, n, K};
+        if (m > 0) {
+            st = moe_mm(&seg, 1, m, n, out + o * n, n);
+        }
+    }
+    for (i = 0; st == MOE_STATUS_OK && s != 1.0f && i < p->n_rows * n; i++) {
+        out[i] *= s;
+    }
+    return st;
+}
+
+/* out_e (m, n) = A_e^T B_e over expert e's rows (A rows at a + o * lda, m
+ * wide; B rows at b + o * ldb, n wide), expert by expert; 0 without rows. */
+static moe_status
+moe_bwd_wgrad(const moe_ffn_backward_params *p, const float *a, int64_t lda,
+              int64_t m, const float *b, int64_t ldb, int64_t n, float *out)
+{
+    const int64_t E = p->experts->n_experts;
+    moe_status st = MOE_STATUS_OK;
+    int64_t e;
+
+    for (e = 0; e < E && st == MOE_STATUS_OK; e++) {
+        const int64_t o = p->offsets[e], K = p->offsets[e + 1] - o;
+        const moe_mm_seg seg = {a + o * lda, 1, lda, b + o * ldb, ldb, K};
+        st = moe_mm(&seg, 1, m, n, out + e * m * n, n);
+    }
+    return st;
+}
+
+/* Before phase 1: the adapters' row terms zg, zu (s X A^T), vd (s dY B_d)
+ * and B_g^T, B_u^T for the tiles. */
+static moe_status
+moe_bwd_lora_pre(moe_bwd_job *job)
+{
+    const moe_ffn_backward_params *p = job->p;
+    const moe_expert_lora_params *l = p->lora;
+    const int64_t E = job->w->n_experts, d = job->d, F = job->F, N = p->n_rows;
+    const int64_t r = l->rank;
+    const float s = l->scaling;
+    float *at = moe_alloc((size_t)(E * r * (d > F ? d : F)) + 1, sizeof(float));
+    moe_status st = MOE_STATUS_ALLOC;
+
+    job->r = l->rank;
+    if (at == NULL) {
+        return st;
+    }
+    if (l->a_gate != NULL && job->w->gated) {
+        job->zg = moe_alloc((size_t)(N * r) + 1, sizeof(float));
+        job->bgt = moe_alloc((size_t)(E * r * F) + 1, sizeof(float));
+        if (!job->zg || !job->bgt) {
+            goto done;
+        }
+        moe_bwd_transpose(l->a_gate, E, r, d, at);
+        moe_bwd_transpose(l->b_gate, E, F, r, job->bgt);
+        if ((st = moe_bwd_rowprod(p, job->xs, d, at, d, r, s, job->zg)) !=
+            MOE_STATUS_OK) {
+            goto done;
+        }
+        st = MOE_STATUS_ALLOC;
+    }
+    if (l->a_up != NULL) {
+        job->zu = moe_alloc((size_t)(N * r) + 1, sizeof(float));
+        job->but = moe_alloc((size_t)(E * r * F) + 1, sizeof(float));
+        if (!job->zu || !job->but) {
+            goto done;
+        }
+        moe_bwd_transpose(l->a_up, E, r, d, at);
+        moe_bwd_transpose(l->b_up, E, F, r, job->but);
+        if ((st = moe_bwd_rowprod(p, job->xs, d, at, d, r, s, job->zu)) !=
+            MOE_STATUS_OK) {
+            goto done;
+        }
+        st = MOE_STATUS_ALLOC;
+    }
+    if (l->a_down != NULL) {
+        if ((job->vd = moe_alloc((size_t)(N * r) + 1, sizeof(float))) == NULL) {
+            goto done;
+        }
+        if ((st = moe_bwd_rowprod(p, p->dy, d, l->b_down, d, r, s, job->vd)) !=
+            MOE_STATUS_OK) {
+            goto done;
+        }
+    }
+    st = MOE_STATUS_OK;
+done:
+    free(at);
+    return st;
+}
+
+/*
+ * After phases 1-2: the adapters' share of dx (s (dG B_g) A_g + s (dU B_u)
+ * A_u) and their gradients, expert by expert over its rows:
+ *   dB_g = dG^T (s X A_g^T),  dA_g = (s dG B_g)^T X   (likewise up),
+ *   dB_d = dY^T (s H A_d^T),  dA_d = (s dY B_d)^T H.
+ */
+static moe_status
+moe_bwd_lora_post(moe_bwd_job *job)
+{
+    const moe_ffn_backward_params *p = job->p;
+    const moe_expert_lora_params *l = p->lora;
+    const int64_t E = job->w->n_experts, d = job->d, F = job->F, N = p->n_rows;
+    const int64_t r = l->rank;
+    const float s = l->scaling;
+    float *pg = NULL, *pu = NULL, *tmp = NULL, *zd = NULL, *adt = NULL;
+    moe_status st = MOE_STATUS_ALLOC;
+    int64_t e, i;
+
+    if (job->zg != NULL) {
+        if ((pg = moe_alloc((size_t)(N * r) + 1, sizeof(float))) == NULL ||
+            (st = moe_bwd_rowprod(p, job->dg, F, l->b_gate, F, r, s, pg)) !=
+                MOE_STATUS_OK) {
+            goto done;
+        }
+        st = MOE_STATUS_ALLOC;
+    }
+    if (job->zu != NULL) {
+        if ((pu = moe_alloc((size_t)(N * r) + 1, sizeof(float))) == NULL ||
+            (st = moe_bwd_rowprod(p, job->du, F, l->b_up, F, r, s, pu)) !=
+                MOE_STATUS_OK) {
+            goto done;
+        }
+        st = MOE_STATUS_ALLOC;
+    }
+    if (p->dx != NULL && (pg != NULL || pu != NULL)) {
+        if ((tmp = moe_alloc((size_t)(N * d) + 1, sizeof(float))) == NULL) {
+            goto done;
+        }
+        st = MOE_STATUS_OK;
+        for (e = 0; e < E && st == MOE_STATUS_OK; e++) {
+            const int64_t o = p->offsets[e], m = p->offsets[e + 1] - o;
+            moe_mm_seg seg[2];
+            int n = 0;
+            if (pg != NULL) {
+                seg[n++] = (moe_mm_seg){pg + o * r, r, 1, l->a_gate + e * r * d,
+                                        d, r};
+            }
+            if (pu != NULL) {
+                seg[n++] = (moe_mm_seg){pu + o * r, r, 1, l->a_up + e * r * d,
+                                        d, r};
+            }
+            if (m > 0) {
+                st = moe_mm(seg, n, m, d, tmp + o * d, d);
+            }
+        }
+        for (i = 0; st == MOE_STATUS_OK && i < N * d; i++) {
+            p->dx[i] += tmp[i];
+        }
+        if (st != MOE_STATUS_OK) {
+            goto done;
+        }
+    }
+    st = MOE_STATUS_OK;
+    if (pg != NULL && p->d_lora_b_gate != NULL) {
+        st = moe_bwd_wgrad(p, job->dg, F, F, job->zg, r, r, p->d_lora_b_gate);
+    }
+    if (st == MOE_STATUS_OK && pg != NULL && p->d_lora_a_gate != NULL) {
+        st = moe_bwd_wgrad(p, pg, r, r, job->xs, d, d, p->d_lora_a_gate);
+    }
+    if (st == MOE_STATUS_OK && pu != NULL && p->d_lora_b_up != NULL) {
+        st = moe_bwd_wgrad(p, job->du, F, F, job->zu, r, r, p->d_lora_b_up);
+    }
+    if (st == MOE_STATUS_OK && pu != NULL && p->d_lora_a_up != NULL) {
+        st = moe_bwd_wgrad(p, pu, r, r, job->xs, d, d, p->d_lora_a_up);
+    }
+    if (st == MOE_STATUS_OK && job->vd != NULL && p->d_lora_b_down != NULL) {
+        st = MOE_STATUS_ALLOC;
+        zd = moe_alloc((size_t)(N * r) + 1, sizeof(float));
+        adt = moe_alloc((size_t)(E * r * F) + 1, sizeof(float));
+        if (!zd || !adt) {
+            goto done;
+        }
+        moe_bwd_transpose(l->a_down, E, r, F, adt);
+        if ((st = moe_bwd_rowprod(p, job->h, F, adt, F, r, s, zd)) ==
+            MOE_STATUS_OK) {
+            st = moe_bwd_wgrad(p, p->dy, d, d, zd, r, r, p->d_lora_b_down);
+        }
+    }
+    if (st == MOE_STATUS_OK && job->vd != NULL && p->d_lora_a_down != NULL) {
+        st = moe_bwd_wgrad(p, job->vd, r, r, job->h, F, F, p->d_lora_a_down);
+    }
+done:
+    free(pg);
+    free(pu);
+    free(tmp);
+    free(zd);
+    free(adt);
+    return st;
+}
+
+/* Zero the adapters' gradients of targets without one (or without rows). */
+static void
+moe_bwd_lora_zero(const moe_ffn_backward_params *p, int64_t E, int64_t d,
+                  int64_t F)
+{
+    const moe_expert_lora_params *l = p->lora;
+    const int64_t r = l->rank;
+    float *out[6] = {p->d_lora_a_gate, p->d_lora_b_gate, p->d_lora_a_up,
+                     p->d_lora_b_up, p->d_lora_a_down, p->d_lora_b_down};
+    const int64_t n[6] = {E * r * d, E * F * r, E * r * d, E * F * r,
+                          E * r * F, E * d * r};
+    int i;
+
+    for (i = 0; i < 6; i++) {
+        if (out[i] != NULL) {
+            memset(out[i], 0, sizeof(float) * (size_t)n[i]);
+        }
+    }
+}
+
 moe_status
 moe_cpu_ffn_backward(const moe_ffn_backward_params *p)
 {
@@ -389,7 +679,21 @@ moe_cpu_ffn_backward(const moe_ffn_backward_params *p)
         if (p->d_b_gate) memset(p->d_b_gate, 0, sizeof(float) * (size_t)(E * F));
         if (p->d_b_up) memset(p->d_b_up, 0, sizeof(float) * (size_t)(E * F));
         if (p->d_b_down) memset(p->d_b_down, 0, sizeof(float) * (size_t)(E * d));
+        if (p->lora) moe_bwd_lora_zero(p, E, d, F);
         return MOE_STATUS_OK;
+    }
+    if (p->lora != NULL) {
+        const moe_expert_lora_params *l = p->lora;
+        if (l->rank < 1 || w->expert_ff != NULL ||
+            (l->a_gate != NULL) != (l->b_gate != NULL) ||
+            (l->a_up != NULL) != (l->b_up != NULL) ||
+            (l->a_down != NULL) != (l->b_down != NULL) ||
+            (l->a_gate != NULL && !w->gated)) {
+            return moe_set_error(MOE_STATUS_INVALID_ARG, "expert LoRA backward: "
+                                 "rank >= 1, experts of one size, each target "
+                                 "with both A and B (gate only when gated)");
+        }
+        moe_bwd_lora_zero(p, E, d, F); /* targets without an adapter */
     }
     if (w->dtype == MOE_DTYPE_F32) {
         job.wg = p->w_gate;
@@ -434,6 +738,9 @@ moe_cpu_ffn_backward(const moe_ffn_backward_params *p)
     job.du = hid + N * F;
     job.dg = w->gated ? hid + 2 * N * F : NULL;
 
+    if (p->lora != NULL && (st = moe_bwd_lora_pre(&job)) != MOE_STATUS_OK) {
+        goto done;
+    }
     if ((st = moe_bwd_phase(&job, 0, MOE_BWD_ROWS, 0, MOE_BWD_UNITS, 1,
                             moe_bwd_hidden_task)) != MOE_STATUS_OK) {
         goto done;
@@ -441,6 +748,9 @@ moe_cpu_ffn_backward(const moe_ffn_backward_params *p)
     if (p->dx != NULL &&
         (st = moe_bwd_phase(&job, 0, MOE_BWD_MROWS, d, MOE_BWD_MCOLS, 0,
                             moe_bwd_dx_task)) != MOE_STATUS_OK) {
+        goto done;
+    }
+    if (p->lora != NULL && (st = moe_bwd_lora_post(&job)) != MOE_STATUS_OK) {
         goto done;
     }
     for (mat = 0; mat < 3; mat++) {
@@ -466,6 +776,11 @@ moe_cpu_ffn_backward(const moe_ffn_backward_params *p)
 done:
     free(job.tasks);
     free(wide);
+    free(job.zg);
+    free(job.zu);
+    free(job.vd);
+    free(job.bgt);
+    free(job.but);
     return st;
 }
 

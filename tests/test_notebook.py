@@ -1,10 +1,10 @@
 """Runs the example notebooks top to bottom in a fresh `python3` kernel (nbclient).
 
 examples/quickstart.ipynb is what a new user runs first, examples/train_moe.ipynb the
-training example (moe.torch), examples/finetune_mixlora.ipynb the fine-tuning one (MixLoRA
-experts from moe.torch.TopKLoRA in a frozen transformers decoder, against PEFT LoRA), so CI
-executes all three: any cell error fails the test, their plots must render, and the training
-runs must have lowered the loss (and train_moe's balanced the load).
+training example (moe.torch), examples/finetune_mixlora.ipynb the fine-tuning one (MixLoRA:
+the MLPs of a frozen transformers decoder upcycled into moe.torch.SparseMoE(lora_rank=...),
+against PEFT LoRA), so CI executes all three: any cell error fails the test, their plots must
+render, and the training runs must have lowered the loss (and train_moe's balanced the load).
 Needs nbclient, nbformat, ipykernel and matplotlib (skipped, saying which, without them);
 train_moe.ipynb needs torch too, finetune_mixlora.ipynb torch, transformers and peft.
 """
@@ -143,6 +143,15 @@ def test_finetune_notebook_lowers_the_loss(finetuned):
     for tag in ("loss-plot", "load-plot", "language-plot"):
         (cell,) = tagged(finetuned, tag)
         assert has_png(cell), f"the cell tagged {tag} drew no figure"
+
+
+def test_finetune_notebook_starts_as_the_base(finetuned):
+    """Upcycled, with every lora_b at zero, the MixLoRA model's logits are the base's: the
+    check the notebook prints before training (and asserts)."""
+    lines = [x for cell in finetuned.cells if cell.cell_type == "code"
+             for x in stdout_lines(cell) if x.startswith("before training, |MixLoRA model - base|")]
+    assert len(lines) == 1, lines
+    assert float(lines[0].split("=")[1].split()[0]) < 1e-4, lines[0]
 
 
 def test_finetune_notebook_compares_at_one_budget(finetuned):

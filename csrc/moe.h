@@ -50,6 +50,8 @@ const char *moe_last_error(void);
     MOE_ENUM_ENTRY_(MOE_ACTIVATION_, name)
 #define MOE_DTYPE_ENTRY_(name, str) MOE_ENUM_ENTRY_(MOE_DTYPE_, name)
 #define MOE_ROUTER_ENTRY_(name, str) MOE_ENUM_ENTRY_(MOE_ROUTER_, name)
+#define MOE_ROUTER_GRAD_ENTRY_(name, str)                                   \
+    MOE_ENUM_ENTRY_(MOE_ROUTER_GRAD_, name)
 #define MOE_NULL_ENTRY_(name, str) MOE_ENUM_ENTRY_(MOE_NULL_, name)
 #define MOE_PEER_ACTIVATION_ENTRY_(name, str)                               \
     MOE_ENUM_ENTRY_(MOE_PEER_ACTIVATION_, name)
@@ -93,6 +95,12 @@ typedef struct moe_act_params {
     float          alpha;      /* MOE_ACTIVATION_SWIGLU_OAI's alpha        */
     float          limit;      /* and its clamp limit                      */
 } moe_act_params;
+
+/* The top-k router's gradient estimators (moe_route_backward_params). */
+typedef enum moe_router_grad {
+    MOE_ROUTER_GRAD_LIST(MOE_ROUTER_GRAD_ENTRY_)
+    MOE_ROUTER_GRAD_COUNT
+} moe_router_grad;
 
 /* Routers of a layer (moe_route_options.router, moe.SparseMoE's router=). */
 typedef enum moe_router {
@@ -721,6 +729,12 @@ moe_status moe_dispatch_backward(const moe_dispatch_backward_params *p);
  * selection itself is recomputed from the logits).
  * The aux loss's f (the selection's share per expert) is constant; its P
  * is the mean probability (softmax, or sigmoid / its sum).
+ * router_grad STRAIGHT_THROUGH also passes a gradient through the selection:
+ * the top-k mask m (1 on the selected experts) takes the derivative of the
+ * scores q it was cut from (the softmax over all E, or the sigmoid), with
+ * dL/dm_e = w_j d_weights_j for the expert of slot j (its weight as routed)
+ * and 0 for the others (their outputs were never computed): d_logits gains
+ * (dq/dlogits)^T (w * d_weights), which reaches every expert's logit.
  */
 typedef struct moe_route_backward_params {
     const double     *logits;      /* (n_tokens, n_experts), as routed     */
@@ -731,6 +745,7 @@ typedef struct moe_route_backward_params {
     const float      *d_weights;   /* (n_tokens, top_k)                    */
     double            aux_coef;
     double            z_coef;
+    moe_router_grad   router_grad; /* DEFAULT (0) or STRAIGHT_THROUGH      */
     double           *d_logits;    /* out: (n_tokens, n_experts)           */
 } moe_route_backward_params;
 
@@ -797,6 +812,7 @@ typedef struct moe_layer_backward_params {
     const float *dy;              /* (n_tokens, d_model) d out             */
     double       aux_coef;        /* d loss / d aux_loss                   */
     double       z_coef;          /* d loss / d z_loss                     */
+    moe_router_grad router_grad;  /* the top-k router's estimator          */
     /* out, or NULL: float32, the shapes of what they are the gradient of */
     float *dx;
     float *d_router_weight;

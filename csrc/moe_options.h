@@ -44,6 +44,13 @@
     X(TOP_P,         "top_p")         /* fewest experts reaching mass p    */ \
     X(THRESHOLD,     "threshold")     /* every expert with prob >= p       */
 
+/* X(NAME, name): the top-k router's gradient estimator (backward only). */
+#define MOE_ROUTER_GRAD_LIST(X)                                              \
+    X(DEFAULT,          "default")          /* through the selected weights
+                                               and the losses only         */ \
+    X(STRAIGHT_THROUGH, "straight-through") /* and the top-k mask, taken as
+                                               the scores it was cut from   */
+
 /* X(NAME, name): null experts (MoE++), never dispatched. */
 #define MOE_NULL_LIST(X)                                                     \
     X(ZERO,     "zero")     /* adds nothing                               */ \

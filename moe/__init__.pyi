@@ -141,10 +141,12 @@ class SparseMoE:
                  null_experts: Sequence[str] = ..., router: str = ...,
                  router_p: float = ..., router_threshold: float = ...,
                  k_min: int = ..., skip_threshold: float = ...,
-                 skip_renormalize: bool = ..., compute_dtype: str = ...) -> None: ...
+                 skip_renormalize: bool = ..., compute_dtype: str = ...,
+                 router_grad: str = ...) -> None: ...
     skip_threshold: float
     skip_renormalize: bool
     compute_dtype: str
+    router_grad: str
     expert_d_ff: Optional[Tuple[int, ...]]
     null_experts: Tuple[str, ...]
     n_null: int
@@ -193,7 +195,7 @@ class TrainContext:
 
 def route_backward(logits: ArrayLike, expert_ids: ArrayLike, d_weights: ArrayLike,
                    top_k: int, *, aux_coef: float = ..., z_coef: float = ...,
-                   **options: Any) -> npt.NDArray[np.float64]: ...
+                   router_grad: str = ..., **options: Any) -> npt.NDArray[np.float64]: ...
 def combine_backward(y_sorted: ArrayLike, position: ArrayLike, weights: ArrayLike,
                      d_out: ArrayLike
                      ) -> Tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]: ...

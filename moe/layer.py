@@ -50,6 +50,7 @@ _FROZEN_BY_LORA = ("w_gate", "w_up", "w_down", "b_gate", "b_up", "b_down", "shar
                    "shared_w_up", "shared_w_down")
 NULL_KINDS = _C.NULL_KINDS
 ROUTERS = _C.ROUTERS
+ROUTER_GRADS = _C.ROUTER_GRADS
 
 
 class NullRoutingResult(NamedTuple):
@@ -114,6 +115,11 @@ class SparseMoE:
     probabilities reach router_p) or "threshold" (every expert with probability >=
     router_threshold), the dynamic ones clamped to [k_min, top_k] and renormalised when
     renormalize.  routed_scaling multiplies the weights of every router.
+    router_grad (top-k router, backward only): "default" passes gradients through the
+    selected weights and the losses, as every peer; "straight-through" also through the
+    selection -- the top-k mask takes the derivative of the scores it was cut from (softmax
+    over all experts, or sigmoid), with the unselected experts' outputs taken as 0 (they
+    were never computed), so every expert's logit gets a gradient.
     skip_threshold > 0: dynamic expert skipping after any router -- slots whose weight is
     below it are emptied (their count goes into n_dropped); with skip_renormalize each
     token's kept weights are divided by their sum.  The losses of
@@ -148,7 +154,7 @@ class SparseMoE:
                  swiglu_limit=7.0, lora_rank=0, lora_alpha=None, lora_targets=None,
                  null_experts=(), router="top_k", router_p=0.5, router_threshold=0.01,
                  k_min=1, skip_threshold=0.0, skip_renormalize=False,
-                 compute_dtype="float32"):
+                 compute_dtype="float32", router_grad="default"):
         self.d_model = check_int(d_model, "d_model", 1)
         if isinstance(d_ff, (list, tuple, np.ndarray)):
             sizes = tuple(check_int(int(f) if isinstance(f, np.integer) else f,
@@ -182,6 +188,11 @@ class SparseMoE:
         if self.skip_threshold < 0:
             raise ValueError(f"skip_threshold must be >= 0, got {skip_threshold}")
         self.skip_renormalize = bool(skip_renormalize)
+        check_choice(router_grad, "router_grad", ROUTER_GRADS)
+        if router_grad != "default" and router != "top_k":
+            raise ValueError(f"router_grad={router_grad!r} is an option of the top-k router, "
+                             f"not of router={router!r}")
+        self.router_grad = router_grad
         if router != "top_k" and (n_groups != 1 or expert_bias):
             raise ValueError(f"router={router!r} takes no n_groups / expert_bias (those are "
                              "top-k options)")
@@ -562,7 +573,8 @@ class SparseMoE:
             else None,
             shared_w_up=bits(self.shared_w_up) if self.n_shared_experts else None,
             shared_w_down=bits(self.shared_w_down) if self.n_shared_experts else None,
-            aux_coef=aux, z_coef=z, biases=self.use_expert_biases, **lora)
+            aux_coef=aux, z_coef=z, biases=self.use_expert_biases,
+            router_grad=ROUTER_GRADS.index(self.router_grad), **lora)
         if not retain:
             ctx.released = True
             ctx.saved = None
@@ -590,7 +602,7 @@ class SparseMoE:
                     router_threshold=self.router_threshold, k_min=self.k_min,
                     skip_threshold=self.skip_threshold,
                     skip_renormalize=self.skip_renormalize,
-                    compute_dtype=self.compute_dtype)
+                    compute_dtype=self.compute_dtype, router_grad=self.router_grad)
 
     def save(self, path):
         """Write the layer to one safetensors file (weights + its config in the metadata);

@@ -1452,9 +1452,16 @@ def router_backward(x, router_weight, d_logits):
 
 def route_backward(logits, d_weights, top_k, *, scoring="softmax", renormalize=True,
                    routed_scaling=1.0, expert_bias=None, n_groups=1, topk_groups=1,
-                   capacity_factor=None, allowed=None, aux_coef=0.0, z_coef=0.0):
+                   capacity_factor=None, allowed=None, aux_coef=0.0, z_coef=0.0,
+                   router_grad="default"):
     """d logits of  sum(d_weights * weights) + aux_coef * aux_loss + z_coef * z_loss  for
     route(logits, top_k, ...) (the same options).
+
+    router_grad="straight-through" adds a gradient through the selection: the output is
+    sum_j m_j w_j f_j with the top-k mask m = 1 on the selected experts; m takes the
+    derivative of the scores it was cut from (softmax over all E, or sigmoid), and
+    dL/dm_e = w_j d_weights_j for the expert of slot j, 0 for the unselected (their
+    outputs f were never computed): d logits += (dq/dlogits)^T g with g = that vector.
 
     Per token, with the selection fixed: q = the selected scores (softmax or sigmoid of
     the logits; softmax-after-topk: the softmax of the selected logits), w = c q / sum(q)
@@ -1497,6 +1504,20 @@ def route_backward(logits, d_weights, top_k, *, scoring="softmax", renormalize=T
                 dl[t] += s * (ds - np.dot(ds, s))
             else:
                 dl[t] += ds * s * (1.0 - s)
+        if router_grad == "straight-through":
+            if scoring == "softmax-after-topk":
+                w = softmax(row[sel])
+            else:
+                q = (softmax(row) if scoring == "softmax" else sigmoid(row))[sel]
+                w = q / q.sum() if renormalize and q.sum() > 0 else q
+            g = np.zeros(E)
+            np.add.at(g, sel, w * dw[t])
+            if scoring == "sigmoid":
+                s = sigmoid(row)
+                dl[t] += g * s * (1.0 - s)
+            else:
+                p = softmax(row)
+                dl[t] += p * (g - np.dot(g, p))
         if aux_coef:
             dP = aux_coef * E * f / T  # d aux / d probs[t]
             if scoring == "sigmoid":
@@ -1521,7 +1542,8 @@ def sparse_moe_backward(x, router_weight, w_gate, w_up, w_down, dy, *, top_k,
                         swiglu_limit=7.0, aux_coef=0.0, z_coef=0.0, expert_d_ff=None,
                         null_experts=(), null_values=None, skip_threshold=0.0,
                         skip_renormalize=False, router="top_k", router_p=0.5,
-                        router_threshold=0.01, k_min=1, lora=None, lora_scaling=1.0):
+                        router_threshold=0.01, k_min=1, lora=None, lora_scaling=1.0,
+                        router_grad="default"):
     """Gradients of  sum(dy * sparse_moe(x, ...)) + aux_coef * aux + z_coef * z  for the
     layer (the options of sparse_moe above, every router, null experts and the experts'
     LoRA included).  Returns {"dx", "router_weight", "router_bias", "w_gate", "w_up",
@@ -1588,7 +1610,7 @@ def sparse_moe_backward(x, router_weight, w_gate, w_up, w_down, dy, *, top_k,
             d_weights = np.where(kept & (S > 0), d_weights / safe - dot / safe ** 2, 0.0)
     if router == "top_k":
         dl = route_backward(logits, d_weights, top_k, aux_coef=aux_coef, z_coef=z_coef,
-                            **opts)
+                            router_grad=router_grad, **opts)
     else:
         dl = _route_other_backward(logits, full_ids, ids >= 0, d_weights, router, scoring,
                                    renormalize, routed_scaling, aux_coef, z_coef)
@@ -1653,7 +1675,8 @@ def layer_backward(layer, x, dy, aux_coef=0.0, z_coef=0.0):
         router_threshold=layer.router_threshold, k_min=layer.k_min,
         lora={t: (getattr(layer, f"lora_a_{t[2:]}"), getattr(layer, f"lora_b_{t[2:]}"))
               for t in getattr(layer, "lora_targets", ()) if getattr(layer, "lora_rank", 0)},
-        lora_scaling=getattr(layer, "lora_scaling", 1.0))
+        lora_scaling=getattr(layer, "lora_scaling", 1.0),
+        router_grad=getattr(layer, "router_grad", "default"))
 
 
 def multi_head_moe_backward(layer, x, dy, aux_coef=0.0, z_coef=0.0):

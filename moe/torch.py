@@ -538,8 +538,9 @@ class SparseMoE(_LayerModule):
     The kernels run on a packed copy of the FFN weights; a forward repacks when a packed
     parameter's version counter moved (every in-place torch op moves it: optimizer steps,
     load_state_dict, nn.init).  After writing weights through .data or NumPy, call
-    m.repack().  Options that the backward does not cover yet (expert LoRA, bf16
-    compute) run under no_grad only.
+    m.repack().  With expert LoRA (lora_rank > 0) the experts are frozen parameters and the
+    adapters (lora_a_<t>, lora_b_<t>) and the router train.  compute_dtype="bfloat16"
+    (no backward yet) runs under no_grad only.
     """
 
     def __init__(self, d_model, d_ff, n_experts, top_k, **options):

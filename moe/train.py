@@ -15,8 +15,8 @@ from typing import NamedTuple
 import numpy as np
 
 from . import _C
-from ._api import (_as_ndarray, _shape_str, check_float, expert_ffn_args, float_array,
-                   int_array, route_args)
+from ._api import (_as_ndarray, _shape_str, check_choice, check_float, expert_ffn_args,
+                   float_array, int_array, route_args)
 
 
 class SparseRows(NamedTuple):
@@ -89,14 +89,16 @@ def check_backward_args(layer, ctx, dy, aux_coef, z_coef, d_out=None):
 # --------------------------------------------------------------------------- #
 
 def route_backward(logits, expert_ids, d_weights, top_k, *, aux_coef=0.0, z_coef=0.0,
-                   **options):
+                   router_grad="default", **options):
     """d logits of  sum(d_weights * weights) + aux_coef * aux_loss + z_coef * z_loss  for
     moe.route(logits, top_k, **options) (the same options: scoring, renormalize,
     routed_scaling, expert_bias, n_groups, topk_groups, capacity_factor, allowed,
     groups), the selection held fixed.
 
     expert_ids: the forward's (T, top_k) ids (-1 where capacity dropped a slot: that slot
-    passes no gradient); d_weights: (T, top_k).  Returns (T, E) float64.
+    passes no gradient); d_weights: (T, top_k).  router_grad: "default" or
+    "straight-through" (also through the top-k mask, see moe.SparseMoE).  Returns (T, E)
+    float64.
     """
     args, kw = route_args(logits, top_k, **options)
     T = args[0].shape[0]
@@ -105,7 +107,9 @@ def route_backward(logits, expert_ids, d_weights, top_k, *, aux_coef=0.0, z_coef
                     what=f"[0, n_experts={args[0].shape[1]}) or -1")
     dw = float_array(d_weights, "d_weights", (("n_tokens", T), ("top_k", kw["top_k"])))
     return _C.route_backward(args, kw, ids, dw, aux_coef=check_float(aux_coef, "aux_coef"),
-                             z_coef=check_float(z_coef, "z_coef"))
+                             z_coef=check_float(z_coef, "z_coef"),
+                             router_grad=check_choice(router_grad, "router_grad",
+                                                      _C.ROUTER_GRADS))
 
 
 def combine_backward(y_sorted, position, weights, d_out):

@@ -346,3 +346,59 @@ def test_expert_lora(cfg):
         moe.set_num_threads(keep)
     for name in res[0]:
         np.testing.assert_array_equal(res[0][name], res[1][name], err_msg=name)
+
+
+@pytest.mark.parametrize("cfg", [
+    dict(),
+    dict(scoring="sigmoid", n_groups=2, topk_groups=1, routed_scaling=2.0, expert_bias=True),
+    dict(scoring="softmax-after-topk", capacity_factor=0.7),
+    dict(renormalize=False, null_experts=("copy", "constant"), skip_threshold=0.2,
+         skip_renormalize=True, n_shared_experts=1),
+], ids=["softmax", "sigmoid-groups", "softmax-after-topk-capacity", "nulls-skipping"])
+def test_straight_through_router_grad(cfg):
+    """router_grad="straight-through" against the reference; only the router's gradient
+    changes, and it reaches the unselected experts' logits (default: exactly 0 there with
+    softmax and renormalize, no losses)."""
+    rng = np.random.default_rng(len(str(cfg)) + 3)
+    st_layer = make_layer(rng, E=6, router_grad="straight-through", **cfg)
+    check_layer(st_layer, rng.standard_normal((30, st_layer.d_model)).astype(np.float32), rng)
+    base = make_layer(rng, E=6, **cfg)
+    for name in base._weight_names():  # the same weights, the default estimator
+        if getattr(base, name) is not None:
+            setattr(base, name, getattr(st_layer, name))
+    x = rng.standard_normal((30, base.d_model)).astype(np.float32)
+    dy = rng.standard_normal(x.shape).astype(np.float32)
+    g_st = st_layer.backward(st_layer.forward_train(x)[1], dy, aux_coef=0.1)
+    g_df = base.backward(base.forward_train(x)[1], dy, aux_coef=0.1)
+    for name in g_st:
+        if name in ("x", "router_weight"):
+            assert not np.array_equal(g_st[name], g_df[name]), name
+        else:
+            np.testing.assert_array_equal(g_st[name], g_df[name], err_msg=name)
+
+
+def test_straight_through_staged_op():
+    """moe.route_backward(router_grad="straight-through") = the default + (dp/dlogits)^T g
+    with g the slots' w * d_weights; the unselected logits get -p_u <p, g> (default: 0)."""
+    rng = np.random.default_rng(9)
+    logits = rng.standard_normal((7, 5))
+    r = moe.route(logits, 2)
+    dw = rng.standard_normal((7, 2)).astype(np.float32)
+    d0 = moe.route_backward(logits, r.expert_ids, dw, 2)
+    d1 = moe.route_backward(logits, r.expert_ids, dw, 2, router_grad="straight-through")
+    p = ref.softmax(logits)
+    g = np.zeros((7, 5))
+    np.put_along_axis(g, r.expert_ids.astype(np.int64),
+                      r.weights.astype(np.float64) * dw, axis=1)
+    want = p * (g - (g * p).sum(axis=1, keepdims=True))
+    np.testing.assert_allclose(d1 - d0, want, rtol=1e-6, atol=1e-7)
+    unselected = np.ones((7, 5), bool)
+    np.put_along_axis(unselected, r.expert_ids.astype(np.int64), False, axis=1)
+    # default: 0 for the unselected up to rounding (renormalised weights do not depend on
+    # them); straight-through: -p_u <p, g>, nowhere near 0
+    assert np.abs(d0[unselected]).max() < 1e-12
+    assert np.abs(d1[unselected]).min() > 1e-6
+    with pytest.raises(ValueError, match="router_grad"):
+        moe.route_backward(logits, r.expert_ids, dw, 2, router_grad="sparsemixer")
+    with pytest.raises(ValueError, match="top-k router"):
+        moe.SparseMoE(8, 8, 4, 2, router="expert_choice", router_grad="straight-through")

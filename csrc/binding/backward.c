@@ -8,13 +8,14 @@
 
 /*
  * route_backward(route_args, route_kwargs, expert_ids, d_weights, *,
- *                aux_coef, z_coef) -> d_logits (T, E) float64
+ *                aux_coef, z_coef, router_grad) -> d_logits (T, E) float64
  */
 PyObject *
 moe_py_route_backward(PyObject *self, PyObject *args, PyObject *kw)
 {
     static char *kwlist[] = {"route_args", "route_kwargs", "expert_ids",
-                             "d_weights", "aux_coef", "z_coef", NULL};
+                             "d_weights", "aux_coef", "z_coef", "router_grad",
+                             NULL};
     PyObject *ra, *rk, *ids_obj, *dw_obj;
     npy_intp kd[2];
     moe_route_params rp;
@@ -22,15 +23,18 @@ moe_py_route_backward(PyObject *self, PyObject *args, PyObject *kw)
     moe_outs o = MOE_OUTS(1);
     void *tmp;
     moe_status st;
+    int grad = 0;
 
     memset(&p, 0, sizeof(p));
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "O!O!OO|$dd:route_backward",
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O!O!OO|$ddi:route_backward",
                                      kwlist, &PyTuple_Type, &ra, &PyDict_Type,
                                      &rk, &ids_obj, &dw_obj, &p.aux_coef,
-                                     &p.z_coef) ||
+                                     &p.z_coef, &grad) ||
+        moe_check_enum(grad, MOE_ROUTER_GRAD_COUNT, "router_grad") < 0 ||
         moe_route_parse(ra, rk, &rp) < 0) {
         return NULL;
     }
+    p.router_grad = (moe_router_grad)grad;
     kd[0] = rp.n_tokens;
     kd[1] = rp.opt.top_k;
     if (!(tmp = moe_arg(ids_obj, "expert_ids", NPY_INT32, 2, kd, 0))) {

@@ -328,7 +328,8 @@ moe_py_layer_backward(PyObject *self, PyObject *args, PyObject *kw)
         "forward_args", "forward_kwargs", "expert_ids", "weights", "logits",
         "y", "shared", "dy", "w_gate", "w_up", "w_down", "shared_w_gate",
         "shared_w_up", "shared_w_down", "aux_coef", "z_coef", "biases",
-        "lora_weights", "lora_rank", "lora_scaling", "frozen", NULL};
+        "lora_weights", "lora_rank", "lora_scaling", "frozen", "router_grad",
+        NULL};
     PyObject *fa, *fk, *ids_obj, *w_obj, *l_obj, *y_obj, *sh_obj, *dy_obj;
     PyObject *wg_obj = Py_None, *wu_obj = Py_None, *wd_obj = Py_None;
     PyObject *swg_obj = Py_None, *swu_obj = Py_None, *swd_obj = Py_None;
@@ -342,7 +343,7 @@ moe_py_layer_backward(PyObject *self, PyObject *args, PyObject *kw)
         "lora_b_gate", "lora_a_up", "lora_b_up", "lora_a_down", "lora_b_down"};
     double aux_coef = 0.0, z_coef = 0.0;
     float lora_scaling = 1.0f;
-    int biases = 0, frozen = 0, lora_rank = 0, i;
+    int biases = 0, frozen = 0, lora_rank = 0, router_grad = 0, i;
     moe_expert_lora_params lp;
     moe_experts_info info, sinfo;
     moe_layer_args a;
@@ -352,11 +353,12 @@ moe_py_layer_backward(PyObject *self, PyObject *args, PyObject *kw)
     moe_status st;
 
     if (!PyArg_ParseTupleAndKeywords(
-            args, kw, "O!O!OOOOOO|$OOOOOOddpOifp:layer_backward", kwlist,
+            args, kw, "O!O!OOOOOO|$OOOOOOddpOifpi:layer_backward", kwlist,
             &PyTuple_Type, &fa, &PyDict_Type, &fk, &ids_obj, &w_obj, &l_obj,
             &y_obj, &sh_obj, &dy_obj, &wg_obj, &wu_obj, &wd_obj, &swg_obj,
             &swu_obj, &swd_obj, &aux_coef, &z_coef, &biases, &lw_obj,
-            &lora_rank, &lora_scaling, &frozen) ||
+            &lora_rank, &lora_scaling, &frozen, &router_grad) ||
+        moe_check_enum(router_grad, MOE_ROUTER_GRAD_COUNT, "router_grad") < 0 ||
         moe_layer_parse(fa, fk, &p, &a) < 0) {
         return NULL;
     }
@@ -449,6 +451,7 @@ moe_py_layer_backward(PyObject *self, PyObject *args, PyObject *kw)
 
     b.aux_coef = aux_coef;
     b.z_coef = z_coef;
+    b.router_grad = (moe_router_grad)router_grad;
     {
         const void *w[3], *sw[3] = {NULL, NULL, NULL};
         if (moe_unpacked_arg(p.experts, 0, wg_obj, wu_obj, wd_obj, w) < 0 ||

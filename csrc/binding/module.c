@@ -286,6 +286,8 @@ static const char *const moe_gated_names[] = {
 static const char *const moe_scoring_names[] = {
     MOE_SCORING_LIST(MOE_NAME_2_) NULL};
 static const char *const moe_dtype_names[] = {MOE_DTYPE_LIST(MOE_NAME_2_) NULL};
+static const char *const moe_router_grad_names[] = {
+    MOE_ROUTER_GRAD_LIST(MOE_NAME_2_) NULL};
 static const char *const moe_router_names[] = {
     MOE_ROUTER_LIST(MOE_NAME_2_) NULL};
 static const char *const moe_null_names[] = {MOE_NULL_LIST(MOE_NAME_2_) NULL};
@@ -342,6 +344,8 @@ PyInit__C(void)
         moe_add_names(m, "WEIGHT_DTYPES", moe_dtype_names,
                       MOE_DTYPE_COUNT) < 0 ||
         moe_add_names(m, "ROUTERS", moe_router_names, MOE_ROUTER_COUNT) < 0 ||
+        moe_add_names(m, "ROUTER_GRADS", moe_router_grad_names,
+                      MOE_ROUTER_GRAD_COUNT) < 0 ||
         moe_add_names(m, "NULL_KINDS", moe_null_names, MOE_NULL_COUNT) < 0 ||
         moe_add_names(m, "PEER_ACTIVATIONS", moe_peer_activation_names,
                       MOE_PEER_ACTIVATION_COUNT) < 0) {

@@ -339,6 +339,11 @@ moe_layer_backward(const moe_layer_backward_params *b)
     moe_status st = MOE_STATUS_ALLOC;
     int64_t i;
 
+    if (b->router_grad != MOE_ROUTER_GRAD_DEFAULT &&
+        p->route.router != MOE_ROUTER_TOP_K) {
+        return moe_set_error(MOE_STATUS_INVALID_ARG, "router_grad other than "
+                             "the default needs the top-k router");
+    }
     if ((p->lora != NULL) != (b->lora != NULL)) {
         return moe_set_error(MOE_STATUS_INVALID_ARG, "the layer backward needs "
                              "the forward's expert LoRA unpacked (lora) exactly "
@@ -443,7 +448,8 @@ moe_layer_backward(const moe_layer_backward_params *b)
         rb = (moe_route_backward_params){
             .logits = p->save_logits, .n_tokens = T, .n_experts = E_all,
             .opt = p->route, .expert_ids = p->expert_ids, .d_weights = dws,
-            .aux_coef = b->aux_coef, .z_coef = b->z_coef, .d_logits = dl};
+            .aux_coef = b->aux_coef, .z_coef = b->z_coef,
+            .router_grad = b->router_grad, .d_logits = dl};
         st = moe_route_backward(&rb);
     }
     if (st != MOE_STATUS_OK) {

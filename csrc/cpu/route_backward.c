@@ -58,7 +58,7 @@ moe_cpu_route_backward(const moe_route_backward_params *p)
     if (T == 0) {
         return MOE_STATUS_OK;
     }
-    buf = moe_alloc((size_t)(4 * E + 2 * k), sizeof(double));
+    buf = moe_alloc((size_t)(5 * E + 2 * k), sizeof(double));
     counts = moe_alloc((size_t)E, sizeof(int64_t));
     if (buf == NULL || counts == NULL) {
         goto done;
@@ -113,6 +113,7 @@ moe_cpu_route_backward(const moe_route_backward_params *p)
         double *dw = buf + 4 * E, *w = dw + k;
         const int32_t *sel = ids + t * k;
         const double lse = moe_rb_scores(l, E, pr, sig ? s : NULL);
+        double *m = w + k; /* (E,) straight-through: d loss / d mask */
         double S = 0.0, dot = 0.0;
 
         for (j = 0; j < k; j++) {
@@ -133,6 +134,9 @@ moe_cpu_route_backward(const moe_route_backward_params *p)
             for (j = 0; j < k; j++) {
                 dl[sel[j]] += w[j] * (dw[j] - dot);
             }
+            for (j = 0; j < k; j++) { /* the weights as routed (over c) */
+                m[j] = w[j];
+            }
         }
         else {
             const double *score = sig ? s : pr;
@@ -143,6 +147,29 @@ moe_cpu_route_backward(const moe_route_backward_params *p)
             for (j = 0; j < k; j++) { /* d score of the selected experts */
                 g[sel[j]] += o->renormalize && S > 0.0
                                  ? dw[j] / S - dot / (S * S) : dw[j];
+            }
+            for (j = 0; j < k; j++) {
+                m[j] = o->renormalize && S > 0.0 ? score[sel[j]] / S
+                                                 : score[sel[j]];
+            }
+            if (sig) {
+                for (e = 0; e < E; e++) {
+                    dl[e] += g[e] * s[e] * (1.0 - s[e]);
+                }
+            }
+            else {
+                moe_softmax_backward_f64(pr, g, E, dl);
+            }
+        }
+        if (p->router_grad == MOE_ROUTER_GRAD_STRAIGHT_THROUGH) {
+            /* dL/dm_e = w_j * d_weights_j (dw holds c * d_weights, m the
+             * weights over c), through dq/dlogits */
+            for (j = 0; j < k; j++) {
+                m[j] *= dw[j];
+            }
+            memset(g, 0, sizeof(double) * (size_t)E);
+            for (j = 0; j < k; j++) {
+                g[sel[j]] += m[j];
             }
             if (sig) {
                 for (e = 0; e < E; e++) {

@@ -391,6 +391,11 @@ moe_route_backward(const moe_route_backward_params *p)
                              "routing with 1 <= top_k <= n_experts and "
                              "n_groups dividing n_experts");
     }
+    if ((int)p->router_grad < 0 ||
+        (int)p->router_grad >= (int)MOE_ROUTER_GRAD_COUNT) {
+        return moe_set_error(MOE_STATUS_INVALID_ARG, "unknown router_grad code "
+                             "%d", (int)p->router_grad);
+    }
     return moe_cpu_route_backward(p);
 }
 

@@ -436,6 +436,10 @@ typedef struct moe_lora_params {
     int32_t           *selected;   /* out with select_k: (n_tokens, select_k) */
     int64_t           *counts;     /* out, or NULL: (n_adapters,) slots per
                                       adapter; RANKS: (rank,) per rank      */
+    float             *save_z;     /* out, or NULL: the shrink for the
+                                      backward: ADAPTERS (n_tokens, n_slots,
+                                      rank), each slot's A_e x (0 for an
+                                      empty slot); else (n_tokens, rank)    */
     float             *out;        /* out: (n_tokens, d_out)                */
 } moe_lora_params;
 
@@ -461,6 +465,7 @@ typedef struct moe_lora_backward_params {
                                  ADAPTERS, else (rank, d_in)               */
     const float *lora_b;      /* unpacked B: (n_adapters, d_out, rank),
                                  RANKS: (d_out, rank)                      */
+    const float *z;           /* the forward's save_z, or NULL: recomputed */
     const float *dy;          /* (n_tokens, d_out)                         */
     float       *dx;          /* out, or NULL: (n_tokens, d_in)            */
     float       *d_lora_a;    /* out, or NULL: lora_a's shape              */

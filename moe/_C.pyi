@@ -76,8 +76,8 @@ def dispatch_backward(d_rows: F32, position: I64) -> F32: ...
 def linear_backward(x: F32, w: npt.NDArray[Any], dy: F32, dtype: int) -> Tuple[F32, F32]: ...
 def router_backward(x: F32, router_weight: F32, d_logits: F64) -> Tuple[F32, F32]: ...
 def lora_backward(args: Tuple[Any, ...], kw: Dict[str, Any], base_t: Optional[Packed],
-                  lora_a: F32, lora_b: F32, dy: F32, *, dx: bool = True,
-                  d_lora_a: bool = True, d_lora_b: bool = True, d_weights: bool = True
+                  lora_a: F32, lora_b: F32, dy: F32, *, z: Optional[F32] = None,
+                  dx: bool = True, d_lora_a: bool = True, d_lora_b: bool = True, d_weights: bool = True
                   ) -> Tuple[Optional[F32], Optional[F32], Optional[F32], Optional[F32]]: ...
 def ffn_grouped_backward(ffn_args: Tuple[Any, ...], ffn_kwargs: Dict[str, Any], dy: F32, *,
                          w_gate: Optional[npt.NDArray[Any]] = None,
@@ -94,8 +94,8 @@ def pack_expert_lora(experts: Packed, rank: int, scaling: float, *,
 def lora_forward(x: F32, base: Optional[Packed], kind: int, lora_a: Packed, bank: Packed,
                  n_adapters: int, ids: Optional[I32], weights: Optional[F32], scaling: float,
                  *, adapter_scaling: Optional[F32] = None, select_k: int = 0,
-                 select_signed: int = 0,
-                 rank_bias: Optional[F32] = None) -> Tuple[F32, Optional[I32], I64]: ...
+                 select_signed: int = 0, rank_bias: Optional[F32] = None,
+                 save_z: bool = False) -> Tuple[F32, Optional[I32], I64, Optional[F32]]: ...
 def soft_moe_forward(x: F32, phi: F32, experts: Packed, slots_per_expert: int,
                      activation: int, normalize: bool, scale: float, temperature: float, *,
                      across: bool = False, return_weights: bool = False, alpha: float = 1.702,

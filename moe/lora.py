@@ -189,14 +189,15 @@ class _LoRALayer:
         base, lora_a, bank = self._packs()
         args = (x2, base, self._KIND, lora_a, bank, n_adapters, ids, weights,
                 float(self.scaling))
-        out, sel, counts = _C.lora_forward(*args, adapter_scaling=adapter_scaling,
-                                           select_k=int(select_k),
-                                           select_signed=int(bool(signed)),
-                                           rank_bias=rank_bias)
+        out, sel, counts, z = _C.lora_forward(*args, adapter_scaling=adapter_scaling,
+                                              select_k=int(select_k),
+                                              select_signed=int(bool(signed)),
+                                              rank_bias=rank_bias, save_z=keep is not None)
         if keep is not None:
-            # the backward's view: FlyLoRA's selected ranks become plain ids
+            # the backward's view: FlyLoRA's selected ranks become plain ids; z = A x of
+            # the routed slots (O(T k r) floats), so the backward need not recompute it
             keep.update(args=args[:6] + ((sel,) if select_k else (ids,)) + args[7:],
-                        kw=dict(adapter_scaling=adapter_scaling), packed=self._packed)
+                        kw=dict(adapter_scaling=adapter_scaling), packed=self._packed, z=z)
         return out, sel, counts
 
     def __call__(self, x, *args, return_routing=False, **kwargs):
@@ -245,6 +246,7 @@ class _LoRALayer:
         train = self.trainable_weights()
         dx, da, db, dw = _C.lora_backward(
             keep["args"], keep["kw"], self._base_transposed(), self.lora_a, self.lora_b, dy32,
+            z=keep["z"],
             d_lora_a="lora_a" in train, d_weights=self._GATE_GRAD)
         grads = {"lora_a": da, "lora_b": db}
         if self._GATE_GRAD:

@@ -87,12 +87,12 @@ moe_py_pack_expert_lora(PyObject *self, PyObject *args, PyObject *kw)
  * alive); 0, or -1 with an exception set.  Outputs are left for the caller.
  */
 static int
-moe_lora_parse(PyObject *args, PyObject *kw, moe_lora_params *p)
+moe_lora_parse(PyObject *args, PyObject *kw, moe_lora_params *p, int *save_z)
 {
     static char *kwlist[] = {"x", "base", "kind", "lora_a", "bank",
                              "n_adapters", "ids", "weights", "scaling",
                              "adapter_scaling", "select_k", "select_signed",
-                             "rank_bias", NULL};
+                             "rank_bias", "save_z", NULL};
     PyObject *x_obj, *base_obj, *a_obj, *bank_obj, *ids_obj, *w_obj;
     PyObject *as_obj = Py_None, *rb_obj = Py_None;
     PyArrayObject *x;
@@ -102,11 +102,12 @@ moe_lora_parse(PyObject *args, PyObject *kw, moe_lora_params *p)
     moe_experts_info ainfo, binfo;
 
     memset(p, 0, sizeof(*p));
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOiOOiOOf|$OiiO:lora_forward",
+    *save_z = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOiOOiOOf|$OiiOp:lora_forward",
                                      kwlist, &x_obj, &base_obj, &kind, &a_obj,
                                      &bank_obj, &n_adapters, &ids_obj, &w_obj,
                                      &p->scaling, &as_obj, &select_k,
-                                     &select_signed, &rb_obj) ||
+                                     &select_signed, &rb_obj, save_z) ||
         moe_check_enum(kind, 3, "kind") < 0 ||
         !(p->lora_a = moe_packed_arg(a_obj, "lora_a", 1)) ||
         (base_obj != Py_None &&
@@ -168,16 +169,24 @@ moe_lora_parse(PyObject *args, PyObject *kw, moe_lora_params *p)
 }
 
 /* lora_forward(the arguments of moe_lora_parse)
- *   -> (out, selected or None, counts) */
+ *   -> (out, selected or None, counts, the saved z with save_z or None) */
 PyObject *
 moe_py_lora_forward(PyObject *self, PyObject *args, PyObject *kw)
 {
-    moe_outs o = MOE_OUTS(3);
+    moe_outs o = MOE_OUTS(4);
     moe_lora_params p;
     moe_status st;
+    int save_z;
 
-    if (moe_lora_parse(args, kw, &p) < 0) {
+    if (moe_lora_parse(args, kw, &p, &save_z) < 0) {
         return NULL;
+    }
+    if (save_z) {
+        p.save_z = p.kind == MOE_LORA_ADAPTERS
+                       ? moe_out(&o, 3, NPY_FLOAT32, 3, p.n_tokens,
+                                 p.select_k > 0 ? p.select_k : p.n_slots,
+                                 p.rank)
+                       : moe_out(&o, 3, NPY_FLOAT32, 2, p.n_tokens, p.rank, 0);
     }
     p.out = moe_out(&o, 0, NPY_FLOAT32, 2, p.n_tokens, p.d_out, 0);
     if (p.select_k > 0) {
@@ -193,9 +202,9 @@ moe_py_lora_forward(PyObject *self, PyObject *args, PyObject *kw)
 }
 
 /*
- * lora_backward(args, kw, base_t, lora_a, lora_b, dy, *, dx, d_lora_a,
+ * lora_backward(args, kw, base_t, lora_a, lora_b, dy, *, z, dx, d_lora_a,
  *               d_lora_b, d_weights) -> (dx, d_lora_a, d_lora_b, d_weights),
- * each None unless asked for.  args, kw: the forward's (FlyLoRA: its
+ * each None unless asked for; z: the forward's saved z, or None.  args, kw: the forward's (FlyLoRA: its
  * selected ranks as ids, select_k 0); base_t the base's transpose packed as
  * a linear (1, d_in, d_out), or None; lora_a, lora_b the unpacked adapters.
  */
@@ -203,25 +212,26 @@ PyObject *
 moe_py_lora_backward(PyObject *self, PyObject *args, PyObject *kw)
 {
     static char *kwlist[] = {"args", "kw", "base_t", "lora_a", "lora_b", "dy",
-                             "dx", "d_lora_a", "d_lora_b", "d_weights", NULL};
-    PyObject *fargs, *fkw, *bt_obj, *a_obj, *b_obj, *dy_obj;
-    int want[4] = {1, 1, 1, 1};
-    npy_intp ad[3], bd[3], dyd[2];
+                             "z", "dx", "d_lora_a", "d_lora_b", "d_weights",
+                             NULL};
+    PyObject *fargs, *fkw, *bt_obj, *a_obj, *b_obj, *dy_obj, *z_obj = Py_None;
+    int want[4] = {1, 1, 1, 1}, save_z;
+    npy_intp ad[3], bd[3], dyd[2], zd[3];
     const moe_experts *bt = NULL;
-    void *a, *b, *dy;
+    void *a, *b, *dy, *z;
     int nd_a, nd_b;
     moe_lora_params fp;
     moe_lora_backward_params p;
     moe_outs o = MOE_OUTS(4);
     moe_status st;
 
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "O!O!OOOO|$pppp:lora_backward",
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O!O!OOOO|$Opppp:lora_backward",
                                      kwlist, &PyTuple_Type, &fargs,
                                      &PyDict_Type, &fkw, &bt_obj, &a_obj,
-                                     &b_obj, &dy_obj, &want[0], &want[1],
-                                     &want[2], &want[3]) ||
+                                     &b_obj, &dy_obj, &z_obj, &want[0],
+                                     &want[1], &want[2], &want[3]) ||
         (bt_obj != Py_None && !(bt = moe_packed_arg(bt_obj, "base_t", 1))) ||
-        moe_lora_parse(fargs, fkw, &fp) < 0) {
+        moe_lora_parse(fargs, fkw, &fp, &save_z) < 0) {
         return NULL;
     }
     if (fp.select_k != 0) {
@@ -239,9 +249,14 @@ moe_py_lora_backward(PyObject *self, PyObject *args, PyObject *kw)
     bd[nd_b - 1] = fp.rank;
     dyd[0] = fp.n_tokens;
     dyd[1] = fp.d_out;
+    zd[0] = fp.n_tokens;
+    zd[1] = fp.kind == MOE_LORA_ADAPTERS ? fp.n_slots : fp.rank;
+    zd[2] = fp.rank;
     if (!(a = moe_arg(a_obj, "lora_a", NPY_FLOAT32, nd_a, ad, 0)) ||
         !(b = moe_arg(b_obj, "lora_b", NPY_FLOAT32, nd_b, bd, 0)) ||
-        !(dy = moe_arg(dy_obj, "dy", NPY_FLOAT32, 2, dyd, 0))) {
+        !(dy = moe_arg(dy_obj, "dy", NPY_FLOAT32, 2, dyd, 0)) ||
+        moe_opt_arg(z_obj, "z", NPY_FLOAT32,
+                    fp.kind == MOE_LORA_ADAPTERS ? 3 : 2, zd, &z) < 0) {
         return NULL;
     }
     memset(&p, 0, sizeof(p));
@@ -250,6 +265,7 @@ moe_py_lora_backward(PyObject *self, PyObject *args, PyObject *kw)
     p.lora_a = MOE_DATA(a, float);
     p.lora_b = MOE_DATA(b, float);
     p.dy = MOE_DATA(dy, float);
+    p.z = z;
     if (want[0]) {
         p.dx = moe_out(&o, 0, NPY_FLOAT32, 2, fp.n_tokens, fp.d_in, 0);
     }

@@ -207,10 +207,10 @@ static PyMethodDef moe_methods[] = {
                   "-> (n_rows, d_out)"),
     MOE_KW_METHOD(lora_forward, "x, base, kind, lora_a, bank, n_adapters, "
                   "ids, weights, scaling, *, adapter_scaling=None, "
-                  "select_k=0, select_signed=0, rank_bias=None",
-                  "-> (out, selected, counts)"),
+                  "select_k=0, select_signed=0, rank_bias=None, save_z=False",
+                  "-> (out, selected, counts, saved z)"),
     MOE_KW_METHOD(lora_backward, "args, kw, base_t, lora_a, lora_b, dy, *, "
-                  "dx=True, d_lora_a=True, d_lora_b=True, d_weights=True",
+                  "z=None, dx=True, d_lora_a=True, d_lora_b=True, d_weights=True",
                   "-> (dx, d_lora_a, d_lora_b, d_weights)"),
     MOE_KW_METHOD(peer_forward, "x, w_query, sub_keys_1, sub_keys_2, u, v, "
                   "top_k, activation, *, return_routing=False",

@@ -238,6 +238,17 @@ moe_lora_forward(const moe_lora_params *p)
     if (p->select_k > 0) {
         moe_lora_select(p, z);
     }
+    if (p->save_z != NULL && grouped) { /* per slot, in slot order */
+        for (t = 0; t < T * S; t++) {
+            const int64_t row = g.position[t];
+            for (i = 0; i < r; i++) {
+                p->save_z[t * r + i] = row >= 0 ? z[row * r + i] : 0.0f;
+            }
+        }
+    }
+    else if (p->save_z != NULL) {
+        memcpy(p->save_z, z, sizeof(float) * (size_t)(T * r));
+    }
 
     /* the expand's terms, slot by slot, rank by rank */
     for (t = 0; t < T; t++) {
@@ -581,9 +592,25 @@ moe_lora_backward(const moe_lora_backward_params *b)
     memset(c, 0, sizeof(float) * (size_t)n_u);
     memset(dz, 0, sizeof(float) * (size_t)n_z);
 
-    /* z = A x: dense over all adapters (A_all (wa, d_in)), or per routed
-     * row / per token (the forward's pack) */
-    if (w.dense && w.per_row) {
+    /* z = A x: the forward's (saved), or dense over all adapters (A_all
+     * (wa, d_in)), or per routed row / per token (the forward's pack) */
+    if (b->z != NULL && w.per_row) { /* only the selected entries are read */
+        for (t = 0; t < T; t++) {
+            for (s = 0; s < S; s++) {
+                const int32_t e = p->ids[t * S + s];
+                if (e >= 0) {
+                    moe_lora_slot(&w, t, s, e, &zo, &uo, &dzo);
+                    memcpy(z + zo, b->z + (t * S + s) * r, sizeof(float) * (size_t)r);
+                }
+            }
+        }
+        st = MOE_STATUS_OK;
+    }
+    else if (b->z != NULL) {
+        memcpy(z, b->z, sizeof(float) * (size_t)(T * r));
+        st = MOE_STATUS_OK;
+    }
+    else if (w.dense && w.per_row) {
         if ((st = moe_lora_pack(b->lora_a, 1, w.wa, din, 0, 0, &at)) !=
             MOE_STATUS_OK) {
             goto done;

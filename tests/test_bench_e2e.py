@@ -1,0 +1,27 @@
+"""benchmarks/bench_e2e.py --tiny on one architecture: the patched model and transformers'
+expert paths agree (its checks stop the run otherwise) and three table rows come out."""
+import os
+import sys
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+
+import bench_e2e as be  # noqa: E402
+
+
+def test_tiny_run(tmp_path):
+    before = torch.get_num_threads()
+    out = tmp_path / "e2e.md"
+    try:
+        rows = be.main(["--tiny", "--archs", "qwen3_moe", "--out", str(out)])
+    finally:
+        torch.set_num_threads(before)
+    assert len(rows) == 3
+    for row, task in zip(rows, ("prefill 64 ms", "decode 32 tok/s", "train step 64 ms")):
+        assert row.startswith(f"| qwen3_moe | {task} |") and row.count("|") == 9, row
+        assert row.rstrip(" |").endswith(("x)",)), row
+    text = out.read_text()
+    assert "greedy tokens identical" in text and "patched logits" in text

@@ -1130,6 +1130,24 @@ def _l2_normalize(v, axis):
     return v / np.sqrt(np.sum(v * v, axis=axis, keepdims=True) + SOFT_MOE_NORM_EPS)
 
 
+def _soft_moe_args(x, phi, w_gate, w_up, w_down, slots_per_expert, activation):
+    """soft_moe's inputs in float64, x as groups (B, m, d): (x, phi, w_gate (None unless
+    gated), w_up, w_down, xg, s, S = E * s, gated); phi's shape checked."""
+    x = np.asarray(x, dtype=np.float64)
+    phi = np.asarray(phi, dtype=np.float64)
+    xg = x[None] if x.ndim == 2 else x
+    s = int(slots_per_expert)
+    w_up = np.asarray(w_up, dtype=np.float64)
+    w_down = np.asarray(w_down, dtype=np.float64)
+    S = w_up.shape[0] * s
+    if phi.shape != (xg.shape[2], S):
+        raise ValueError(f"phi must have shape (d_model={xg.shape[2]}, n_experts * "
+                         f"slots_per_expert={S}), got {phi.shape}")
+    gated = activation in GATED
+    w_gate = np.asarray(w_gate, dtype=np.float64) if gated else None
+    return x, phi, w_gate, w_up, w_down, xg, s, S, gated
+
+
 def soft_moe(x, phi, w_gate, w_up, w_down, *, slots_per_expert, activation="swiglu",
              normalize=False, scale=1.0, temperature=1.0, alpha=1.702, limit=7.0):
     """Soft MoE [Puigcerver et al. 2023], group by group, in float64.
@@ -1151,21 +1169,11 @@ def soft_moe(x, phi, w_gate, w_up, w_down, *, slots_per_expert, activation="swig
     Returns a dict of float64 arrays: "out" (shape of x), "dispatch" D and "combine" C
     (x.shape[:-1] + (E*s,)), "logits" L (same shape).
     """
-    x = np.asarray(x, dtype=np.float64)
-    phi = np.asarray(phi, dtype=np.float64)
+    x, phi, w_gate, w_up, w_down, xg, s, S, gated = _soft_moe_args(
+        x, phi, w_gate, w_up, w_down, slots_per_expert, activation)
     one_group = x.ndim == 2
-    xg = x[None] if one_group else x
     B, m, d = xg.shape
-    s = int(slots_per_expert)
-    w_up = np.asarray(w_up, dtype=np.float64)
-    w_down = np.asarray(w_down, dtype=np.float64)
     E = w_up.shape[0]
-    S = E * s
-    if phi.shape != (d, S):
-        raise ValueError(f"phi must have shape (d_model={d}, n_experts * slots_per_expert="
-                         f"{S}), got {phi.shape}")
-    gated = activation in GATED
-    w_gate = np.asarray(w_gate, dtype=np.float64) if gated else None
     out = np.zeros((B, m, d))
     D = np.zeros((B, m, S))
     C = np.zeros((B, m, S))
@@ -1895,23 +1903,12 @@ def soft_moe_backward(x, phi, w_gate, w_up, w_down, dy, *, slots_per_expert,
     Returns {"dx" (x's shape), "phi" (d, E*s), "w_gate" ((E, F, d) or None if not gated),
     "w_up" (E, F, d), "w_down" (E, d, F), "scale" (float; 0.0 without normalize)}.
     """
-    x = np.asarray(x, dtype=np.float64)
-    phi = np.asarray(phi, dtype=np.float64)
-    dy = np.asarray(dy, dtype=np.float64)
+    x, phi, w_gate, w_up, w_down, xg, s, S, gated = _soft_moe_args(
+        x, phi, w_gate, w_up, w_down, slots_per_expert, activation)
     one_group = x.ndim == 2
-    xg = x[None] if one_group else x
-    dyg = dy.reshape(xg.shape)
+    dyg = np.asarray(dy, dtype=np.float64).reshape(xg.shape)
     B, m, d = xg.shape
-    s = int(slots_per_expert)
-    w_up = np.asarray(w_up, dtype=np.float64)
-    w_down = np.asarray(w_down, dtype=np.float64)
     E = w_up.shape[0]
-    S = E * s
-    if phi.shape != (d, S):
-        raise ValueError(f"phi must have shape (d_model={d}, n_experts * slots_per_expert="
-                         f"{S}), got {phi.shape}")
-    gated = activation in GATED
-    w_gate = np.asarray(w_gate, dtype=np.float64) if gated else None
     T = float(temperature)
     sc = float(scale)
     phin = _l2_normalize(phi, 0) if normalize else None

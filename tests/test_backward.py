@@ -28,6 +28,46 @@ def assert_grad(actual, expected, what, noise=0.0):
         f"{what}: |err| {err:.3g} vs |ref| {scale:.3g} (+ input noise {noise:.3g})"
 
 
+def grads_at_1_and_2_threads(layer, x, dy, *args, **kw):
+    """layer.backward of a fresh forward_train(x, *args) at 1 and at 2 threads (the pool
+    size restored after), checked bitwise equal (SparseRows by indices and values); returns
+    the 1-thread gradients.  kw goes to backward."""
+    keep = moe.get_num_threads()
+    res = []
+    try:
+        for n in (1, 2):
+            moe.set_num_threads(n)
+            y, ctx = layer.forward_train(x, *args)
+            res.append(layer.backward(ctx, dy, **kw))
+    finally:
+        moe.set_num_threads(keep)
+    for name in res[0]:
+        a, b = res[0][name], res[1][name]
+        if isinstance(a, moe.SparseRows):
+            np.testing.assert_array_equal(a.indices, b.indices, err_msg=name)
+            a, b = a.values, b.values
+        np.testing.assert_array_equal(a, b, err_msg=name)
+    return res[0]
+
+
+def check_context_errors(layer, ctx, y, bad_dy, other=None, key="x"):
+    """The errors every layer.backward shares: a dy of the wrong shape, no TrainContext,
+    (other given) another layer's context, and a context used twice (retain=True first:
+    the same gradient, named key, twice)."""
+    with pytest.raises(ValueError, match="dy must have the output's shape"):
+        layer.backward(ctx, bad_dy)
+    with pytest.raises(TypeError, match="TrainContext"):
+        layer.backward(None, y)
+    if other is not None:
+        with pytest.raises(ValueError, match="another layer"):
+            other.backward(ctx, y)
+    g1 = layer.backward(ctx, y, retain=True)
+    g2 = layer.backward(ctx, y)
+    np.testing.assert_array_equal(g1[key], g2[key])
+    with pytest.raises(RuntimeError, match="already used"):
+        layer.backward(ctx, y)
+
+
 def make_layer(rng, d=24, F=40, E=8, k=2, **cfg):
     layer = moe.SparseMoE(d, F, E, k, seed=int(rng.integers(1 << 30)), **cfg)
     if layer.use_expert_bias:
@@ -211,17 +251,7 @@ def test_bitwise_across_threads_and_batch(cfg):
     layer = make_layer(rng, d=40, F=72, E=6, k=2, **cfg)
     x = rng.standard_normal((150, layer.d_model)).astype(np.float32)
     dy = rng.standard_normal(x.shape).astype(np.float32)
-    keep = moe.get_num_threads()
-    results = []
-    try:
-        for n in (1, 2):
-            moe.set_num_threads(n)
-            y, ctx = layer.forward_train(x)
-            results.append(layer.backward(ctx, dy, aux_coef=0.1, z_coef=0.01))
-    finally:
-        moe.set_num_threads(keep)
-    for name in results[0]:
-        np.testing.assert_array_equal(results[0][name], results[1][name], err_msg=name)
+    grads_at_1_and_2_threads(layer, x, dy, aux_coef=0.1, z_coef=0.01)
     if layer.router != "top_k":
         return  # expert choice routes each token against the batch
     y, ctx = layer.forward_train(x)
@@ -262,17 +292,7 @@ def test_errors():
     layer = make_layer(rng)
     x = rng.standard_normal((6, layer.d_model)).astype(np.float32)
     y, ctx = layer.forward_train(x)
-    with pytest.raises(ValueError, match="dy must have the output's shape"):
-        layer.backward(ctx, y[:, :-1])
-    with pytest.raises(TypeError, match="TrainContext"):
-        layer.backward(None, y)
-    with pytest.raises(ValueError, match="another layer"):
-        make_layer(rng).backward(ctx, y)
-    g1 = layer.backward(ctx, y, retain=True)
-    g2 = layer.backward(ctx, y)
-    np.testing.assert_array_equal(g1["w_up"], g2["w_up"])
-    with pytest.raises(RuntimeError, match="already used"):
-        layer.backward(ctx, y)
+    check_context_errors(layer, ctx, y, y[:, :-1], make_layer(rng), "w_up")
     y, ctx = layer.forward_train(x)
     layer.w_up = layer.w_up * 2  # the weights the forward ran with are gone
     with pytest.raises(RuntimeError, match="changed since forward_train"):
@@ -334,18 +354,8 @@ def test_expert_lora(cfg):
     x = rng.standard_normal((40, layer.d_model)).astype(np.float32)
     g = check_layer(layer, x, rng)
     assert {f"lora_a_{t[2:]}" for t in layer.lora_targets} <= set(g)
-    dy = rng.standard_normal(x.shape).astype(np.float32)
-    keep = moe.get_num_threads()
-    res = []
-    try:
-        for n in (1, 2):
-            moe.set_num_threads(n)
-            y, ctx = layer.forward_train(x)
-            res.append(layer.backward(ctx, dy, aux_coef=0.1))
-    finally:
-        moe.set_num_threads(keep)
-    for name in res[0]:
-        np.testing.assert_array_equal(res[0][name], res[1][name], err_msg=name)
+    grads_at_1_and_2_threads(layer, x, rng.standard_normal(x.shape).astype(np.float32),
+                             aux_coef=0.1)
 
 
 @pytest.mark.parametrize("cfg", [

@@ -13,15 +13,16 @@ import bench_e2e as be  # noqa: E402
 
 
 def test_tiny_run(tmp_path):
-    before = torch.get_num_threads()
+    before = torch.get_num_threads(), be.moe.get_num_threads()
     out = tmp_path / "e2e.md"
     try:
         rows = be.main(["--tiny", "--archs", "qwen3_moe", "--out", str(out)])
     finally:
-        torch.set_num_threads(before)
+        torch.set_num_threads(before[0])
+        be.moe.set_num_threads(before[1])
     assert len(rows) == 3
     for row, task in zip(rows, ("prefill 64 ms", "decode 32 tok/s", "train step 64 ms")):
         assert row.startswith(f"| qwen3_moe | {task} |") and row.count("|") == 9, row
-        assert row.rstrip(" |").endswith(("x)",)), row
+        assert row.rstrip(" |").endswith("x)"), row
     text = out.read_text()
     assert "greedy tokens identical" in text and "patched logits" in text

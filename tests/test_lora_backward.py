@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, assume, given, settings, strategies as st
 
 import moe
 from moe import reference as ref
-from test_backward import assert_grad
+from test_backward import assert_grad, check_context_errors, grads_at_1_and_2_threads
 from test_reference_backward import LORA_CASES, LORA_KEYS
 
 RANKED = ("FlyLoRA", "SMoRA")
@@ -143,16 +143,8 @@ def test_bitwise_across_threads_and_batch(case):
     x = rng.standard_normal((T, layer.d_in)).astype(np.float32)
     kw = call_args(layer, call, rng, T)
     dy = rng.standard_normal((T, layer.d_out)).astype(np.float32)
-    keep = moe.get_num_threads()
-    results = []
-    try:
-        for n in (1, 2):
-            moe.set_num_threads(n)
-            results.append(run(layer, x, dy, 0.2, 0.1, kw)[1])
-    finally:
-        moe.set_num_threads(keep)
-    for key in results[0]:
-        np.testing.assert_array_equal(results[0][key], results[1][key], err_msg=key)
+    pos = [kw[k] for k in ("scalings", "adapter_ids") if k in kw]
+    grads_at_1_and_2_threads(layer, x, dy, *pos, aux_coef=0.2, z_coef=0.1)
     full = run(layer, x, dy, 0.0, 0.0, kw)[1]
     for t in (0, 64, T - 1):
         one = {k: v[t:t + 1] for k, v in kw.items()}
@@ -184,17 +176,8 @@ def test_errors():
     layer, _ = build("topk_softmax_losses", rng)
     x = rng.standard_normal((6, layer.d_in)).astype(np.float32)
     y, ctx = layer.forward_train(x)
-    with pytest.raises(ValueError, match="dy must have the output's shape"):
-        layer.backward(ctx, np.ones((6, layer.d_in), np.float32))
-    with pytest.raises(TypeError, match="TrainContext"):
-        layer.backward(None, y)
-    with pytest.raises(ValueError, match="another layer"):
-        build("topk_softmax_losses", rng)[0].backward(ctx, y)
-    g1 = layer.backward(ctx, y, retain=True)
-    g2 = layer.backward(ctx, y)
-    np.testing.assert_array_equal(g1["lora_b"], g2["lora_b"])
-    with pytest.raises(RuntimeError, match="already used"):
-        layer.backward(ctx, y)
+    check_context_errors(layer, ctx, y, np.ones((6, layer.d_in), np.float32),
+                         build("topk_softmax_losses", rng)[0], "lora_b")
     y, ctx = layer.forward_train(x)
     layer.lora_a = layer.lora_a * 2  # the adapters the forward ran with are gone
     with pytest.raises(RuntimeError, match="changed since forward_train"):

@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 import moe
 from moe import reference as ref
-from test_backward import assert_grad
+from test_backward import assert_grad, check_context_errors, grads_at_1_and_2_threads
 
 
 def check(layer, x, rng, conditioned=False):
@@ -92,25 +92,11 @@ def test_bitwise_threads_and_batch():
     layer = moe.PEER(48, 16, n_heads=4, top_k=8, d_key=16, activation="gelu", seed=2)
     x = rng.standard_normal((100, 48)).astype(np.float32)
     dy = rng.standard_normal((100, 48)).astype(np.float32)
-    keep = moe.get_num_threads()
-    res = []
-    try:
-        for n in (1, 2):
-            moe.set_num_threads(n)
-            y, ctx = layer.forward_train(x)
-            res.append(layer.backward(ctx, dy))
-    finally:
-        moe.set_num_threads(keep)
-    for key in res[0]:
-        a, b = res[0][key], res[1][key]
-        if isinstance(a, moe.SparseRows):
-            np.testing.assert_array_equal(a.indices, b.indices)
-            a, b = a.values, b.values
-        np.testing.assert_array_equal(a, b, err_msg=key)
+    g = grads_at_1_and_2_threads(layer, x, dy)
     for t in (0, 57, 99):
         y, ctx = layer.forward_train(x[t:t + 1])
         np.testing.assert_array_equal(layer.backward(ctx, dy[t:t + 1])["x"][0],
-                                      res[0]["x"][t])
+                                      g["x"][t])
 
 
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -132,13 +118,8 @@ def test_errors():
     layer = moe.PEER(10, 4, n_heads=2, top_k=2, seed=0)
     x = rng.standard_normal((3, 10)).astype(np.float32)
     y, ctx = layer.forward_train(x)
-    with pytest.raises(ValueError, match="dy must have the output's shape"):
-        layer.backward(ctx, y[:, :-1])
-    with pytest.raises(TypeError, match="TrainContext"):
-        layer.backward(None, y)
-    layer.backward(ctx, y)
-    with pytest.raises(RuntimeError, match="already used"):
-        layer.backward(ctx, y)
+    check_context_errors(layer, ctx, y, y[:, :-1], moe.PEER(10, 4, n_heads=2, top_k=2),
+                         "w_query")
     bad = dict(ctx.saved)
     with pytest.raises(ValueError, match="not an expert id"):
         moe._C.peer_backward(bad["args"], {}, np.full_like(bad["ids"], 999), y)

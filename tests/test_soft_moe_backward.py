@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, assume, given, settings, strategies as st
 
 import moe
 from moe import reference as ref
-from test_backward import assert_grad
+from test_backward import assert_grad, check_context_errors, grads_at_1_and_2_threads
 
 
 def decoded(layer, w):
@@ -118,21 +118,11 @@ def test_bitwise_threads_and_groups(case):
     B = 8 if isinstance(layer, moe.MixtureOfTokens) else 6
     x = rng.standard_normal((B, 17, layer.d_model)).astype(np.float32)
     dy = rng.standard_normal(x.shape).astype(np.float32)
-    keep = moe.get_num_threads()
-    res = []
-    try:
-        for n in (1, 2):
-            moe.set_num_threads(n)
-            y, ctx = layer.forward_train(x)
-            res.append(layer.backward(ctx, dy))
-    finally:
-        moe.set_num_threads(keep)
-    for key in res[0]:
-        np.testing.assert_array_equal(res[0][key], res[1][key], err_msg=key)
+    g = grads_at_1_and_2_threads(layer, x, dy)
     block = 2 if case == "mot_group2" else 1
     part = slice(B - block, B)  # the last group (block of sequences) alone
     y, ctx = layer.forward_train(x[part])
-    np.testing.assert_array_equal(layer.backward(ctx, dy[part])["x"], res[0]["x"][part])
+    np.testing.assert_array_equal(layer.backward(ctx, dy[part])["x"], g["x"][part])
 
 
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -158,17 +148,7 @@ def test_errors():
     layer, lead = build("soft_swiglu", rng)
     x = rng.standard_normal(lead + (layer.d_model,)).astype(np.float32)
     y, ctx = layer.forward_train(x)
-    with pytest.raises(ValueError, match="dy must have the output's shape"):
-        layer.backward(ctx, y[..., :-1])
-    with pytest.raises(TypeError, match="TrainContext"):
-        layer.backward(None, y)
-    with pytest.raises(ValueError, match="another layer"):
-        build("soft_swiglu", rng)[0].backward(ctx, y)
-    g1 = layer.backward(ctx, y, retain=True)
-    g2 = layer.backward(ctx, y)
-    np.testing.assert_array_equal(g1["phi"], g2["phi"])
-    with pytest.raises(RuntimeError, match="already used"):
-        layer.backward(ctx, y)
+    check_context_errors(layer, ctx, y, y[..., :-1], build("soft_swiglu", rng)[0], "phi")
     y, ctx = layer.forward_train(x)
     layer.w_up = layer.w_up * 2
     with pytest.raises(RuntimeError, match="changed since forward_train"):

@@ -436,33 +436,37 @@ def _compile_ok():
         (shutil.which("c++") or shutil.which("g++") or shutil.which("gcc"))
 
 
-def _compiled_matches_eager(layer, rng):
-    """A projection then `layer` (a moe.torch module), with the losses: the compiled
-    (fullgraph) forward and backward against eager, and the saved state freed.  Returns
-    (the module, its compiled form)."""
+def _compiled_matches_eager(layer, rng, d_in=8, x_shape=(5, 8), routing=True):
+    """A projection (8 -> d_in) then `layer` (a moe.torch module), with its router losses
+    when routing: the compiled (fullgraph) forward and backward against eager (the
+    parameters that train), and the saved state freed.  Returns (the module, its compiled
+    form); the module's `layer` is the layer."""
     class Net(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            self.proj = torch.nn.Linear(8, 8)
+            self.proj = torch.nn.Linear(8, d_in)
             self.layer = layer
 
         def forward(self, x):
+            if not routing:
+                return self.layer(self.proj(x)).square().mean()
             y, r = self.layer(self.proj(x), return_routing=True)
             return y.square().mean() + 0.1 * r.aux_loss + 0.01 * r.z_loss
 
     net = Net()
     before = len(mt._CONTEXTS)
-    x = torch.from_numpy(rng.standard_normal((5, 8), dtype=np.float32))
+    x = torch.from_numpy(rng.standard_normal(x_shape, dtype=np.float32))
     eager_loss = net(x)
     eager_loss.backward()
-    eager = {n: t.grad.clone() for n, t in net.named_parameters()}
+    eager = {n: t.grad.clone() for n, t in net.named_parameters() if t.requires_grad}
     net.zero_grad()
     compiled = torch.compile(net, fullgraph=True)
     loss = compiled(x)
     loss.backward()
     assert loss.item() == pytest.approx(eager_loss.item(), rel=1e-6)
-    for n, t in net.named_parameters():
-        torch.testing.assert_close(t.grad, eager[n], rtol=1e-5, atol=1e-7, msg=n)
+    params = dict(net.named_parameters())
+    for n, g in eager.items():
+        torch.testing.assert_close(params[n].grad, g, rtol=1e-5, atol=1e-7, msg=n)
     assert len(mt._CONTEXTS) == before  # the saved state went with the graph
     return net, compiled
 

@@ -6,7 +6,6 @@ torch); training, no_grad, state_dict, torch.compile; and the PEFT LoRA interop 
 real peft model.
 """
 import copy
-import shutil
 
 import numpy as np
 import pytest
@@ -15,6 +14,7 @@ torch = pytest.importorskip("torch")
 import torch.nn.functional as F
 
 import moe.torch as mt
+from test_torch import _compile_ok, _compiled_matches_eager
 
 DI, DO = 12, 10
 A, Z = 0.125, 0.015625  # the losses' coefficients (exact in float32: bitwise comparisons)
@@ -379,45 +379,16 @@ def test_update_bias(rng):
         assert np.shares_memory(m.to_layer().rank_bias, m.rank_bias.numpy())
 
 
-def _compile_ok():
-    return hasattr(torch, "compile") and torch._dynamo.is_dynamo_supported() and \
-        (shutil.which("c++") or shutil.which("g++") or shutil.which("gcc"))
-
-
 @pytest.mark.skipif(not _compile_ok(), reason="torch.compile (dynamo + a C++ compiler) "
                                                "is not available here")
 def test_torch_compile_fullgraph(rng):
     torch.manual_seed(0)
-
-    class Net(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.proj = torch.nn.Linear(8, DI)
-            self.lora = mt.TopKLoRA(DI, DO, 4, 3, top_k=2, bias=True, seed=4)
-
-        def forward(self, x):
-            y, r = self.lora(self.proj(x), return_routing=True)
-            return y.square().mean() + 0.1 * r.aux_loss + 0.01 * r.z_loss
-
-    net = Net()
+    lora = mt.TopKLoRA(DI, DO, 4, 3, top_k=2, bias=True, seed=4)
     with torch.no_grad():
-        net.lora.lora_b.normal_()
-    x = torch.from_numpy(rng.standard_normal((5, 8), dtype=np.float32))
-    before = len(mt._CONTEXTS)
-    eager_loss = net(x)
-    eager_loss.backward()
-    eager = {n: t.grad.clone() for n, t in net.named_parameters() if t.requires_grad}
-    net.zero_grad()
-    compiled = torch.compile(net, fullgraph=True)
-    loss = compiled(x)
-    loss.backward()
-    assert loss.item() == pytest.approx(eager_loss.item(), rel=1e-6)
-    for n, g in eager.items():
-        torch.testing.assert_close(dict(net.named_parameters())[n].grad, g, rtol=1e-5,
-                                   atol=1e-7, msg=n)
-    assert len(mt._CONTEXTS) == before
+        lora.lora_b.normal_()
+    net, compiled = _compiled_matches_eager(lora, rng, d_in=DI)
     with torch.no_grad():  # an in-place update the compiled graph's op must see (repack)
-        net.lora.lora_a.mul_(1.5)
+        net.layer.lora_a.mul_(1.5)
     fresh = copy.deepcopy(net)
     x = torch.from_numpy(rng.standard_normal((7, 8), dtype=np.float32))
     assert compiled(x).item() == pytest.approx(fresh(x).item(), rel=1e-6)

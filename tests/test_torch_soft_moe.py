@@ -4,7 +4,6 @@ al. 2023) written here; training (AdamW, scale trained), gradient accumulation, 
 temperature, state_dict / deepcopy / from_layer, bf16 experts, bad input, torch.compile.
 """
 import copy
-import shutil
 
 import numpy as np
 import pytest
@@ -14,6 +13,7 @@ import torch.nn.functional as F
 
 import moe
 import moe.torch as mt
+from test_torch import _compile_ok, _compiled_matches_eager
 
 D, FF = 12, 16
 
@@ -316,42 +316,16 @@ def test_bad_inputs(rng):
 
 # ---- torch.compile -----------------------------------------------------------------------
 
-def _compile_ok():
-    return hasattr(torch, "compile") and torch._dynamo.is_dynamo_supported() and \
-        (shutil.which("c++") or shutil.which("g++") or shutil.which("gcc"))
-
-
 @pytest.mark.skipif(not _compile_ok(), reason="torch.compile (dynamo + a C++ compiler) "
                                                "is not available here")
 def test_torch_compile_fullgraph(rng):
     torch.manual_seed(0)
-
-    class Net(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.proj = torch.nn.Linear(8, D)
-            self.soft = mt.SoftMoE(D, FF, 3, 2, normalize=True, scale=1.5, seed=4)
-
-        def forward(self, x):
-            return self.soft(self.proj(x)).square().mean()
-
-    net = Net()
-    x = torch.from_numpy(rng.standard_normal((2, 5, 8), dtype=np.float32))
-    before = len(mt._CONTEXTS)
-    eager_loss = net(x)
-    eager_loss.backward()
-    eager = {n: t.grad.clone() for n, t in net.named_parameters()}
-    net.zero_grad()
-    compiled = torch.compile(net, fullgraph=True)
-    loss = compiled(x)
-    loss.backward()
-    assert loss.item() == pytest.approx(eager_loss.item(), rel=1e-6)
-    for n, g in eager.items():
-        torch.testing.assert_close(dict(net.named_parameters())[n].grad, g, rtol=1e-5,
-                                   atol=1e-7, msg=n)
-    assert len(mt._CONTEXTS) == before
+    net, compiled = _compiled_matches_eager(
+        mt.SoftMoE(D, FF, 3, 2, normalize=True, scale=1.5, seed=4), rng, d_in=D,
+        x_shape=(2, 5, 8), routing=False)
     with torch.no_grad():  # in-place updates the compiled graph's op must see (repack, scale)
-        net.soft.w_up.mul_(1.5)
-        net.soft.scale.fill_(0.75)
+        net.layer.w_up.mul_(1.5)
+        net.layer.scale.fill_(0.75)
     fresh = copy.deepcopy(net)
+    x = torch.from_numpy(rng.standard_normal((2, 5, 8), dtype=np.float32))
     assert compiled(x).item() == pytest.approx(fresh(x).item(), rel=1e-6)

@@ -1008,6 +1008,17 @@ def _decode_weight(layer, w):
     return np.asarray(w, dtype=np.float64)
 
 
+def _gated_lora_slots(layer, c):
+    """GatedLoRA's slots from its scalings c (T, E): every adapter with weight c, or the
+    top_k of c (ties to the lower index), their softmax with softmax_topk: (ids, w)."""
+    if layer.top_k is None:
+        return np.tile(np.arange(layer.n_experts), (c.shape[0], 1)), c
+    ids = np.array([_stable_desc_order(row)[:layer.top_k] for row in c],
+                   dtype=np.int64).reshape(-1, layer.top_k)
+    w = np.take_along_axis(c, ids, axis=1)
+    return ids, softmax(w, axis=1) if layer.softmax_topk else w
+
+
 def lora_forward(layer, x, scalings=None, adapter_ids=None, seq_lens=None):
     """The forward pass of a moe.lora layer, from its weights and options, in float64.
 
@@ -1036,16 +1047,8 @@ def lora_forward(layer, x, scalings=None, adapter_ids=None, seq_lens=None):
         kind = "shared_a" if name == "HydraLoRA" else "adapters"
         return lora_mixture(x, w0, layer.lora_a, layer.lora_b, ids, w, s, bias, kind), ids, w
     if name == "GatedLoRA":
-        c = np.asarray(scalings, dtype=np.float32).astype(np.float64)
-        if layer.top_k is None:
-            ids = np.tile(np.arange(layer.n_experts), (T, 1))
-            w = c
-        else:
-            ids = np.array([_stable_desc_order(row)[:layer.top_k] for row in c],
-                           dtype=np.int64).reshape(-1, layer.top_k)
-            w = np.take_along_axis(c, ids, axis=1)
-            if layer.softmax_topk:
-                w = softmax(w, axis=1)
+        ids, w = _gated_lora_slots(layer, np.asarray(scalings, dtype=np.float32)
+                                   .astype(np.float64))
         return lora_mixture(x, w0, layer.lora_a, layer.lora_b, ids, w, s, bias), ids, w
     if name == "FlyLoRA":
         z = x @ np.asarray(layer.lora_a, np.float64).T
@@ -1831,16 +1834,7 @@ def lora_backward(layer, x, dy, *, aux_coef=0.0, z_coef=0.0, scalings=None,
                    lora_b=mix["b"])
     if name == "GatedLoRA":
         c_in = np.asarray(scalings, dtype=np.float64)
-        c = c_in.reshape(T, layer.n_experts)
-        if layer.top_k is None:
-            ids = np.tile(np.arange(layer.n_experts), (T, 1))
-            w = c
-        else:
-            ids = np.array([_stable_desc_order(row)[:layer.top_k] for row in c],
-                           dtype=np.int64).reshape(-1, layer.top_k)
-            w = np.take_along_axis(c, ids, axis=1)
-            if layer.softmax_topk:
-                w = softmax(w, axis=1)
+        ids, w = _gated_lora_slots(layer, c_in.reshape(T, layer.n_experts))
         mix = lora_mixture_backward(x, w0, layer.lora_a, layer.lora_b, ids, w, s, dy)
         dw = mix["weights"]
         if layer.top_k is not None and layer.softmax_topk:

@@ -568,15 +568,7 @@ class SparseMoE(_LayerModule):
         the backward of the forward that routed with the old bias."""
         if getattr(self, "expert_bias", None) is None:
             raise ValueError("update_expert_bias needs a layer built with expert_bias=True")
-        from . import update_expert_bias
-        if isinstance(counts, torch.Tensor):
-            counts = counts.detach().cpu().numpy()
-        bias = self.expert_bias.numpy().copy()
-        update_expert_bias(bias, counts, rate)
-        # through torch, so that the version counter sees it (autograd refuses a pending
-        # backward whose forward used the old bias)
-        self.expert_bias.copy_(torch.from_numpy(bias))
-        return self.expert_bias
+        return _update_bias_buffer(self.expert_bias, counts, rate)
 
 
 class MultiHeadMoE(_LayerModule):
@@ -845,16 +837,22 @@ class SMoRA(_LoRAModule):
         return _update_rank_bias(self, counts, rate)
 
 
-@torch.no_grad()
 def _update_rank_bias(module, counts, rate):
+    return _update_bias_buffer(module.rank_bias, counts, rate)
+
+
+@torch.no_grad()
+def _update_bias_buffer(buffer, counts, rate):
+    """buffer += rate * sign(mean(counts) - counts) (moe.update_expert_bias), in place
+    through torch so that the version counter sees it (autograd refuses a pending backward
+    whose forward used the old bias)."""
     from . import update_expert_bias
     if isinstance(counts, torch.Tensor):
         counts = counts.detach().cpu().numpy()
-    bias = module.rank_bias.numpy().copy()
+    bias = buffer.numpy().copy()
     update_expert_bias(bias, counts, rate)
-    # through torch, so that the version counter sees it
-    module.rank_bias.copy_(torch.from_numpy(bias))
-    return module.rank_bias
+    buffer.copy_(torch.from_numpy(bias))
+    return buffer
 
 
 class MultiLoRA(_LoRAModule):

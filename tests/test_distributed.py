@@ -213,6 +213,8 @@ def _worker(rank, world, init_method, outdir, fault):
             elapsed = time.monotonic() - t0
             assert rank != bad
             assert elapsed < FAULT_TIMEOUT + 20, elapsed
+            if fault == "raise":  # the raising rank stays alive: gloo's timeout ends it
+                assert elapsed > FAULT_TIMEOUT - 1, elapsed
             report["done"].append(f"peer fault raised after {elapsed:.1f} s: "
                                   f"{str(exc)[:120]}")
             try:
@@ -224,6 +226,8 @@ def _worker(rank, world, init_method, outdir, fault):
         except RuntimeError as exc:
             assert rank == bad and "injected" in str(exc), exc
             report["done"].append("raised the injected failure")
+            # stay alive (connections open): the others must give up by the timeout
+            time.sleep(FAULT_TIMEOUT + 4)
         else:
             raise AssertionError("the call after a peer's failure returned")
         report["ok"] = True
@@ -259,8 +263,6 @@ def _run(world, fault, tmp_path, limit=150):
 def test_expert_parallel(world, fault, tmp_path):
     ctx, reports = _run(world, fault, tmp_path)
     codes = [p.exitcode for p in ctx.processes]
-    for r in range(world):
-        print(r, codes[r], reports[r])
     for r in range(world):
         rep = reports[r]
         assert rep is not None, f"rank {r} left no report (exit code {codes[r]})"

@@ -78,12 +78,26 @@ import zlib
 import numpy as np
 
 from . import _C
-from ._api import ACTIVATIONS, GATED, check_choice, combine, dispatch, route_args, \
-    token_rows, weight_bits
-from .train import TrainContext, check_backward_args, combine_backward, dispatch_backward, \
-    route_backward
+from ._api import (
+    ACTIVATIONS,
+    GATED,
+    RoutingResult,
+    check_choice,
+    combine,
+    dispatch,
+    route_args,
+    token_rows,
+    weight_bits,
+)
+from .train import (
+    TrainContext,
+    check_backward_args,
+    combine_backward,
+    dispatch_backward,
+    route_backward,
+)
 
-__all__ = ["Transport", "TorchTransport", "ExpertParallelMoE", "ExpertParallelError"]
+__all__ = ["ExpertParallelError", "ExpertParallelMoE", "TorchTransport", "Transport"]
 
 
 class ExpertParallelError(RuntimeError):
@@ -109,11 +123,17 @@ class Transport:
     - allreduce_sum(array): the sum over the ranks in a fixed order (all-gather, then
       g_0 + g_1 + ... left to right), the same bits on every rank.
     - allgather_object(obj): the list of every rank's picklable obj.
+
+    Each call must raise (ExpertParallelError) rather than block past ``timeout``.  An MPI
+    adapter (not written yet) would map these to mpi4py's ``Alltoall`` on the counts,
+    ``Alltoallv`` on the flattened NumPy buffers with counts / displacements in elements,
+    ``Allgather`` + the rank-order sum, and ``allgather`` for objects; MPI has no per-call
+    timeout, so it would need a watchdog (or MPI_Comm_set_errhandler + abort).
     """
 
     rank: int
     world: int
-    timeout: float
+    timeout: float | None
 
     def alltoall_counts(self, counts):
         raise NotImplementedError
@@ -142,12 +162,13 @@ class TorchTransport(Transport):
     made with that timeout (a collective call: every rank must construct its transport
     together); else the group's own timeout (init_process_group's, 30 min by default)
     applies.  NumPy buffers go to torch without copies (torch.from_numpy) and are received
-    straight into NumPy arrays.  NCCL groups are untested (they need CUDA tensors: not
+    straight into one NumPy array (the per-source results are views of it); alltoallv's
+    send blocks are concatenated into one buffer first (one copy of the rows sent).  NCCL groups are untested (they need CUDA tensors: not
     done).
     """
 
     def __init__(self, group=None, timeout=None):
-        import torch  # noqa: F401  (torch only here: `import moe` must not need it)
+        import torch
         import torch.distributed as dist
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError("TorchTransport needs torch.distributed initialised "
@@ -160,7 +181,7 @@ class TorchTransport(Transport):
                                    timeout=datetime.timedelta(seconds=_seconds(timeout)))
             self.timeout = _seconds(timeout)
         else:
-            self.timeout = float("nan")  # the group's own
+            self.timeout = None  # the group's own (init_process_group's)
         self.group = group
         self.rank = dist.get_rank(group)
         self.world = dist.get_world_size(group)
@@ -171,7 +192,9 @@ class TorchTransport(Transport):
         except Exception as exc:  # gloo: timeout, connection closed by a dead peer, ...
             raise ExpertParallelError(
                 f"rank {self.rank}/{self.world}: {what} failed (a peer raised, died or "
-                f"timed out; timeout {self.timeout} s): {type(exc).__name__}: {exc}") from exc
+                f"timed out; timeout "
+                f"{'of the group' if self.timeout is None else f'{self.timeout} s'}): "
+                f"{type(exc).__name__}: {exc}") from exc
 
     def alltoall_counts(self, counts):
         counts = np.ascontiguousarray(counts, dtype=np.int64)
@@ -352,7 +375,6 @@ class ExpertParallelMoE:
         logits = _C.router_logits(x2, layer.router_weight)
         args, kw = route_args(logits, layer.top_k, **self._route_options())
         ids, w, counts, n_dropped, aux, z = _C.route(*args, **kw)
-        from ._api import RoutingResult
         return logits, RoutingResult(ids, w, counts, int(n_dropped), float(aux), float(z))
 
     def _route_options(self):
@@ -421,7 +443,7 @@ class ExpertParallelMoE:
         layer = self.layer
         if not layer.n_shared_experts:
             return None
-        routed, shared, sgate, _ = layer._checked_weights()
+        _, shared, sgate, _ = layer._checked_weights()
         T = x2.shape[0]
         act = check_choice(layer.activation, "activation", ACTIVATIONS)
         tmp = _C.ffn_grouped(x2, None, np.array([0, T], np.int64), shared, act,
@@ -561,7 +583,7 @@ class ExpertParallelMoE:
         """The shared experts' backward (the core's moe_layer_backward_shared, in NumPy
         with the same float64 sums in the same order)."""
         layer = self.layer
-        routed, packed, sgate, _ = layer._checked_weights()
+        _, packed, sgate, _ = layer._checked_weights()
         tmp, s = shared
         T = x2.shape[0]
         gated = layer.activation in GATED

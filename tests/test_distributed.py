@@ -12,7 +12,6 @@ mid-call (world 2): the others raise within the short timeout.
 """
 import json
 import os
-import socket
 import sys
 import time
 import traceback
@@ -25,7 +24,7 @@ dist = pytest.importorskip("torch.distributed")
 if not dist.is_available() or not dist.is_gloo_available():
     pytest.skip("torch.distributed with gloo is not available", allow_module_level=True)
 
-import moe  # noqa: E402
+import moe
 
 FAULT_TIMEOUT = 5.0  # seconds: the fault phase's transport timeout
 D, F = 16, 24

@@ -117,9 +117,9 @@ class Transport:
 
     - alltoall_counts(counts): (world, n) int64, row r sent to rank r -> (world, n), row s
       received from rank s.
-    - alltoallv(send, recv_rows): send a list of world C-contiguous (n_r, width) arrays of
-      one dtype (array r to rank r); recv_rows[s] the rows rank s sends here -> a list of
-      world arrays (from rank s at index s).
+    - alltoallv(send, recv_rows=None): send a list of world (n_r, width...) arrays of one
+      dtype (array r to rank r); recv_rows[s] the rows rank s sends here (None: exchanged
+      first) -> a list of world arrays (from rank s at index s).
     - allreduce_sum(array): the sum over the ranks in a fixed order (all-gather, then
       g_0 + g_1 + ... left to right), the same bits on every rank.
     - allgather_object(obj): the list of every rank's picklable obj.
@@ -138,7 +138,7 @@ class Transport:
     def alltoall_counts(self, counts):
         raise NotImplementedError
 
-    def alltoallv(self, send, recv_rows):
+    def alltoallv(self, send, recv_rows=None):
         raise NotImplementedError
 
     def allreduce_sum(self, array):
@@ -207,7 +207,10 @@ class TorchTransport(Transport):
             t.from_numpy(out), t.from_numpy(counts), group=self.group))
         return out
 
-    def alltoallv(self, send, recv_rows):
+    def alltoallv(self, send, recv_rows=None):
+        if recv_rows is None:  # one more exchange: the row counts
+            n = np.array([[np.shape(a)[0]] for a in send], np.int64)
+            recv_rows = self.alltoall_counts(n)[:, 0]
         if len(send) != self.world or len(recv_rows) != self.world:
             raise ValueError(f"alltoallv needs world={self.world} send buffers and receive "
                              "row counts")

@@ -174,6 +174,18 @@ def _worker(rank, world, init_method, outdir, fault):
                                 timeout=datetime.timedelta(seconds=60))
         tr = TorchTransport()
         assert "torch" in sys.modules
+        # the transport alone: sizes exchanged by alltoallv, the rank-order sum, objects
+        send = [np.full((r + rank, 3), 10 * rank + r, np.int64) for r in range(world)]
+        got = tr.alltoallv(send)
+        for s in range(world):
+            assert got[s].shape == (s + rank, 3) and (got[s] == 10 * s + rank).all(), s
+        a = (np.arange(5, dtype=np.float32) + rank) / 7
+        want = np.arange(5, dtype=np.float32) / 7
+        for r in range(1, world):
+            want += (np.arange(5, dtype=np.float32) + r) / 7
+        assert np.array_equal(tr.allreduce_sum(a), want)
+        assert tr.allgather_object(("r", rank)) == [("r", r) for r in range(world)]
+        report["done"].append("transport ok")
         cfgs = _configs()
         for i, (name, cfg) in enumerate(cfgs.items()):
             report["done"].append(_check_case(ExpertParallelMoE, tr, rank, world, name, cfg,
@@ -267,7 +279,7 @@ def test_expert_parallel(world, fault, tmp_path):
         assert rep is not None, f"rank {r} left no report (exit code {codes[r]})"
         if fault == "die" and r == 1:
             assert codes[r] == 3, codes
-            assert len(rep["done"]) >= 10, rep  # every check before the fault passed
+            assert len(rep["done"]) >= 11, rep  # every check before the fault passed
             continue
         assert rep["ok"], f"rank {r}: {rep.get('error')}\n{rep['done']}"
         assert codes[r] == 0, codes

@@ -48,7 +48,7 @@ const char *moe_last_error(void);
 #define MOE_SCORING_ENTRY_(name, str) MOE_ENUM_ENTRY_(MOE_SCORING_, name)
 #define MOE_ACTIVATION_ENTRY_(name, str, gated)                             \
     MOE_ENUM_ENTRY_(MOE_ACTIVATION_, name)
-#define MOE_DTYPE_ENTRY_(name, str) MOE_ENUM_ENTRY_(MOE_DTYPE_, name)
+#define MOE_DTYPE_ENTRY_(name, str, q) MOE_ENUM_ENTRY_(MOE_DTYPE_, name)
 #define MOE_ROUTER_ENTRY_(name, str) MOE_ENUM_ENTRY_(MOE_ROUTER_, name)
 #define MOE_ROUTER_GRAD_ENTRY_(name, str)                                   \
     MOE_ENUM_ENTRY_(MOE_ROUTER_GRAD_, name)
@@ -87,6 +87,18 @@ typedef enum moe_dtype {
     MOE_DTYPE_LIST(MOE_DTYPE_ENTRY_)
     MOE_DTYPE_COUNT
 } moe_dtype;
+
+/* Nonzero for the quantized storage types (moe_options.h). */
+static inline int
+moe_dtype_quantized(moe_dtype d)
+{
+    switch (d) {
+#define MOE_QUANT_CASE_(name, str, q) case MOE_DTYPE_##name: return q;
+    MOE_DTYPE_LIST(MOE_QUANT_CASE_)
+#undef MOE_QUANT_CASE_
+    default: return 0;
+    }
+}
 
 /* An activation and its constants: one struct, embedded wherever an FFN
  * runs (moe_ffn_params, moe_layer_params, moe_soft_moe_params). */
@@ -141,7 +153,14 @@ typedef struct moe_pack_params {
     const void *w_gate;    /* (n_experts, d_ff, d_model) or NULL if ungated */
     const void *w_up;      /* (n_experts, d_ff, d_model)                    */
     const void *w_down;    /* (n_experts, d_model, d_ff)                    */
-    moe_dtype   dtype;     /* element type of the three arrays and the pack */
+    moe_dtype   dtype;     /* element type of the three arrays and the pack.
+                              Quantized: a row of K weights is K int8, or
+                              ceil(K / 2) bytes of nibbles (int4, mxfp4)   */
+    const void *s_gate;    /* quantized: the scales of each weight's rows,  */
+    const void *s_up;      /*   (rows, ceil(K / group_size)) float16 bits   */
+    const void *s_down;    /*   (uint16; mxfp4: uint8 e8m0); else NULL     */
+    int64_t     group_size; /* quantized: weights per scale along k, or 0:
+                              one scale per row (mxfp4: 32); else 0        */
     int32_t     n_experts;
     int64_t     d_model;
     int64_t     d_ff;
@@ -166,6 +185,8 @@ typedef struct moe_experts_info {
     int32_t   linear;  /* a packed linear (moe_linear_pack)                */
     moe_dtype dtype;
     int32_t   bf16_compute; /* packed with moe_pack_params.bf16_compute   */
+    int64_t   group_size; /* quantized: weights per scale along k of gate */
+    int64_t   group_size_down; /* and up, and of down; else 0             */
     size_t    nbytes;  /* memory held by the pack                          */
 } moe_experts_info;
 

@@ -65,7 +65,12 @@ struct moe_experts {
     int64_t   gu_panels;   /* per expert: ceil(d_ff / (gated ? nr/2 : nr)) */
     int64_t   down_panels; /* per expert: ceil(d_model / nr)               */
     void     *gu;          /* (E, gu_panels, d_model, nr) elements         */
-    void     *down;        /* (E, down_panels, d_ff, nr) elements          */
+    void     *down;        /* (E, down_panels, d_ff, nr) elements; a
+                              quantized panel of K rows holds ceil(K / group)
+                              blocks: nr scales, then the group's rows
+                              (moe_panel_bytes, cpu/gemm.inc)              */
+    int64_t   group_gu;    /* quantized: rows per scale of the gu panels   */
+    int64_t   group_down;  /*   and of the down panels; else 0            */
     float    *gu_bias;     /* (E, gu_panels, nr) as the panel columns, or
                               NULL                                         */
     float    *down_bias;   /* (E, d_model) or NULL                         */

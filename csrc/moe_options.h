@@ -31,11 +31,21 @@
     X(SOFTMAX_AFTER_TOPK, "softmax-after-topk") /* top-k logits, softmax   */ \
     X(SIGMOID,            "sigmoid")            /* independent per expert  */
 
-/* X(NAME, name): storage of expert weights; activations are float32. */
+/*
+ * X(NAME, name, quantized): storage of expert weights; activations are
+ * float32.  The quantized ones (last) hold per-group scales besides the
+ * values, w = value * scale, groups of group_size along k (the input
+ * dimension of each weight row); only the expert FFN packs take them.
+ */
 #define MOE_DTYPE_LIST(X)                                                    \
-    X(F32,  "float32")                                                       \
-    X(BF16, "bfloat16") /* bfloat16 bits in uint16                        */ \
-    X(F16,  "float16")  /* IEEE half bits in uint16                       */
+    X(F32,   "float32",  0)                                                  \
+    X(BF16,  "bfloat16", 0) /* bfloat16 bits in uint16                    */ \
+    X(F16,   "float16",  0) /* IEEE half bits in uint16                   */ \
+    X(INT8,  "int8",     1) /* int8 q, float16 scales: w = q s            */ \
+    X(INT4,  "int4",     1) /* two per byte (low nibble: even k), nibble
+                               n is q = n - 8; float16 scales: w = q s    */ \
+    X(MXFP4, "mxfp4",    1) /* OCP MX: e2m1 nibbles as int4, e8m0 scales
+                               (uint8 e: 2^(e - 127)), groups of 32       */
 
 /* X(NAME, name): how a layer routes (moe.SparseMoE's router=). */
 #define MOE_ROUTER_LIST(X)                                                   \

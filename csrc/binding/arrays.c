@@ -357,6 +357,12 @@ moe_unpacked_arg(const moe_experts *experts, int shared, PyObject *g_obj,
     int i, typenum;
 
     moe_experts_get_info(experts, &info);
+    if (moe_dtype_quantized(info.dtype)) {
+        PyErr_SetString(PyExc_ValueError, "quantized experts have no backward "
+                        "(train float32 / bfloat16 / float16 experts, then "
+                        "quantize)");
+        return -1;
+    }
     typenum = info.dtype == MOE_DTYPE_F32 ? NPY_FLOAT32 : NPY_UINT16;
     for (i = 0; i < 3; i++) {
         /* (E, F, d) for gate and up, (E, d, F) for down; shared: no E */

@@ -193,7 +193,8 @@ static PyMethodDef moe_methods[] = {
     MOE_KW_METHOD(combine, "y, position, weights", "-> (n_tokens, d_model)"),
     MOE_KW_METHOD(pack_experts, "w_gate, w_up, w_down, dtype, *, b_gate=None, "
                   "b_up=None, b_down=None, expert_d_ff=None, "
-                  "bf16_compute=False", "-> packed experts"),
+                  "bf16_compute=False, w_gate_scales=None, w_up_scales=None, "
+                  "w_down_scales=None, group_size=0", "-> packed experts"),
     {"experts_info", moe_py_experts_info, METH_O,
      "experts_info(packed) -> dict of sizes"},
     MOE_KW_METHOD(ffn_grouped, "x, token_index, offsets, experts, activation, "
@@ -285,7 +286,12 @@ static const char *const moe_gated_names[] = {
     MOE_ACTIVATION_LIST(MOE_GATED_NAME_) NULL};
 static const char *const moe_scoring_names[] = {
     MOE_SCORING_LIST(MOE_NAME_2_) NULL};
-static const char *const moe_dtype_names[] = {MOE_DTYPE_LIST(MOE_NAME_2_) NULL};
+#define MOE_FLOAT_NAME_(name, str, q) q ? NULL : str,
+#define MOE_QUANT_NAME_(name, str, q) q ? str : NULL,
+static const char *const moe_dtype_names[] = {
+    MOE_DTYPE_LIST(MOE_FLOAT_NAME_) NULL};
+static const char *const moe_quant_names[] = {
+    MOE_DTYPE_LIST(MOE_QUANT_NAME_) NULL};
 static const char *const moe_router_grad_names[] = {
     MOE_ROUTER_GRAD_LIST(MOE_NAME_2_) NULL};
 static const char *const moe_router_names[] = {
@@ -342,6 +348,8 @@ PyInit__C(void)
         moe_add_names(m, "SCORINGS", moe_scoring_names,
                       MOE_SCORING_COUNT) < 0 ||
         moe_add_names(m, "WEIGHT_DTYPES", moe_dtype_names,
+                      MOE_DTYPE_COUNT) < 0 ||
+        moe_add_names(m, "QUANT_DTYPES", moe_quant_names,
                       MOE_DTYPE_COUNT) < 0 ||
         moe_add_names(m, "ROUTERS", moe_router_names, MOE_ROUTER_COUNT) < 0 ||
         moe_add_names(m, "ROUTER_GRADS", moe_router_grad_names,

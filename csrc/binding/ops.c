@@ -453,17 +453,93 @@ moe_py_combine(PyObject *self, PyObject *args, PyObject *kw)
 
 /* ---- packing ------------------------------------------------------------------ */
 
+/*
+ * The quantized weights of pack_experts: w_up (E, F, ku), w_down (E, d, kd)
+ * (int8 values: k = d, F; uint8 nibble pairs: ceil(d / 2), ceil(F / 2)),
+ * w_gate as w_up, and the scales of each, (E, rows, ceil(k / group_size))
+ * uint16 float16 bits (mxfp4: uint8 e8m0).  Fills p's arrays and sizes.
+ */
+static int
+moe_quantized_pack_args(moe_pack_params *p, PyObject *g_obj, PyObject *u_obj,
+                        PyObject *dn_obj, PyObject *const s_obj[3])
+{
+    static const char *names[3] = {"w_gate", "w_up", "w_down"};
+    static const char *snames[3] = {"w_gate_scales", "w_up_scales",
+                                    "w_down_scales"};
+    const int vtype = p->dtype == MOE_DTYPE_INT8 ? NPY_INT8 : NPY_UINT8;
+    const int stype = p->dtype == MOE_DTYPE_MXFP4 ? NPY_UINT8 : NPY_UINT16;
+    const int nibbles = p->dtype != MOE_DTYPE_INT8;
+    PyObject *objs[3] = {g_obj, u_obj, dn_obj};
+    npy_intp ud[3] = {-1, -1, -1}, dd[3] = {-1, -1, -1}, dims[3];
+    PyArrayObject *up, *down;
+    const void *data[3], *sc[3];
+    int64_t F, d, g = p->group_size;
+    int i;
+
+    if (g < 0 || (p->dtype == MOE_DTYPE_MXFP4 && g != 32)) {
+        PyErr_Format(PyExc_ValueError, "group_size must be %s, got %lld",
+                     p->dtype == MOE_DTYPE_MXFP4 ? "32 for mxfp4"
+                                                 : ">= 0 (0: one scale per row)",
+                     (long long)g);
+        return -1;
+    }
+    if (!(up = moe_arg(u_obj, "w_up", vtype, 3, ud, 0)) ||
+        !(down = moe_arg(dn_obj, "w_down", vtype, 3, dd, 0))) {
+        return -1;
+    }
+    if (ud[0] < 1 || ud[0] > INT32_MAX) {
+        PyErr_SetString(PyExc_ValueError, "w_up must have 1..2^31-1 experts");
+        return -1;
+    }
+    F = ud[1];
+    d = dd[1];
+    for (i = 0; i < 3; i++) {
+        const int64_t k = i < 2 ? d : F;
+        void *a, *s;
+        dims[0] = ud[0];
+        dims[1] = i < 2 ? F : d;
+        dims[2] = nibbles ? (k + 1) / 2 : k;
+        if (moe_opt_arg(objs[i], names[i], vtype, 3, dims, &a) < 0) {
+            return -1;
+        }
+        dims[2] = g ? (k + g - 1) / g : k > 0;
+        if (moe_opt_arg(s_obj[i], snames[i], stype, 3, dims, &s) < 0) {
+            return -1;
+        }
+        if ((a == NULL) != (s == NULL) || (i > 0 && a == NULL)) {
+            PyErr_Format(PyExc_ValueError, "%s needs %s (and %s needs %s)",
+                         names[i], snames[i], snames[i], names[i]);
+            return -1;
+        }
+        data[i] = a;
+        sc[i] = s;
+    }
+    p->w_gate = data[0];
+    p->w_up = data[1];
+    p->w_down = data[2];
+    p->s_gate = sc[0];
+    p->s_up = sc[1];
+    p->s_down = sc[2];
+    p->n_experts = (int32_t)ud[0];
+    p->d_model = d;
+    p->d_ff = F;
+    return 0;
+}
+
 /* pack_experts(w_gate, w_up, w_down, dtype, *, b_gate, b_up, b_down,
- *              expert_d_ff, bf16_compute) -> packed experts */
+ *              expert_d_ff, bf16_compute, w_gate_scales, w_up_scales,
+ *              w_down_scales, group_size) -> packed experts */
 PyObject *
 moe_py_pack_experts(PyObject *self, PyObject *args, PyObject *kw)
 {
     static char *kwlist[] = {"w_gate", "w_up", "w_down", "dtype", "b_gate",
                              "b_up", "b_down", "expert_d_ff", "bf16_compute",
-                             NULL};
+                             "w_gate_scales", "w_up_scales", "w_down_scales",
+                             "group_size", NULL};
     PyObject *g_obj, *u_obj, *dn_obj;
     PyObject *bg_obj = Py_None, *bu_obj = Py_None, *bd_obj = Py_None;
-    PyObject *ff_obj = Py_None;
+    PyObject *ff_obj = Py_None, *s_obj[3] = {Py_None, Py_None, Py_None};
+    long long group_size = 0;
     PyArrayObject *up, *down;
     npy_intp ud[3] = {-1, -1, -1}, dd[3], gd[3], bgd[2], bdd[2], ffd[1];
     int dtype, typenum, bf16_compute = 0;
@@ -472,11 +548,38 @@ moe_py_pack_experts(PyObject *self, PyObject *args, PyObject *kw)
     moe_experts *w = NULL;
     moe_status st;
 
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOi|$OOOOp:pack_experts",
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOi|$OOOOpOOOL:pack_experts",
                                      kwlist, &g_obj, &u_obj, &dn_obj, &dtype,
                                      &bg_obj, &bu_obj, &bd_obj, &ff_obj,
-                                     &bf16_compute) ||
+                                     &bf16_compute, &s_obj[0], &s_obj[1],
+                                     &s_obj[2], &group_size) ||
         moe_check_enum(dtype, MOE_DTYPE_COUNT, "dtype") < 0) {
+        return NULL;
+    }
+    memset(&p, 0, sizeof(p));
+    p.dtype = (moe_dtype)dtype;
+    p.group_size = group_size;
+    if (moe_dtype_quantized(p.dtype)) {
+        if (moe_quantized_pack_args(&p, g_obj, u_obj, dn_obj, s_obj) < 0) {
+            return NULL;
+        }
+        ud[0] = p.n_experts;
+        ud[1] = p.d_ff;
+        ud[2] = p.d_model;
+        gate = (void *)p.w_gate;
+        bgd[0] = bdd[0] = ffd[0] = ud[0];
+        bgd[1] = ud[1];
+        bdd[1] = ud[2];
+        if (moe_opt_arg(bg_obj, "b_gate", NPY_FLOAT32, 2, bgd, &bg) < 0 ||
+            moe_opt_arg(bu_obj, "b_up", NPY_FLOAT32, 2, bgd, &bu) < 0 ||
+            moe_opt_arg(bd_obj, "b_down", NPY_FLOAT32, 2, bdd, &bdn) < 0) {
+            return NULL;
+        }
+        goto common;
+    }
+    if (s_obj[0] != Py_None || s_obj[1] != Py_None || s_obj[2] != Py_None) {
+        PyErr_SetString(PyExc_ValueError, "scales are for quantized dtypes "
+                        "only");
         return NULL;
     }
     typenum = dtype == MOE_DTYPE_F32 ? NPY_FLOAT32 : NPY_UINT16;
@@ -503,6 +606,13 @@ moe_py_pack_experts(PyObject *self, PyObject *args, PyObject *kw)
         moe_opt_arg(bd_obj, "b_down", NPY_FLOAT32, 2, bdd, &bdn) < 0) {
         return NULL;
     }
+    p.w_gate = gate;
+    p.w_up = PyArray_DATA(up);
+    p.w_down = PyArray_DATA(down);
+    p.n_experts = (int32_t)ud[0];
+    p.d_model = ud[2];
+    p.d_ff = ud[1];
+common:
     if (bg != NULL && gate == NULL) {
         PyErr_SetString(PyExc_ValueError, "b_gate given without w_gate");
         return NULL;
@@ -512,16 +622,9 @@ moe_py_pack_experts(PyObject *self, PyObject *args, PyObject *kw)
     }
     p.expert_d_ff = ff;
     p.bf16_compute = bf16_compute;
-    p.w_gate = gate;
-    p.w_up = PyArray_DATA(up);
-    p.w_down = PyArray_DATA(down);
     p.b_gate = bg;
     p.b_up = bu;
     p.b_down = bdn;
-    p.dtype = (moe_dtype)dtype;
-    p.n_experts = (int32_t)ud[0];
-    p.d_model = ud[2];
-    p.d_ff = ud[1];
     MOE_COMPUTE(st, moe_experts_pack(&p, &w));
     return moe_experts_capsule(st, w);
 }
@@ -540,12 +643,14 @@ moe_py_experts_info(PyObject *self, PyObject *obj)
     }
     w = PyCapsule_GetPointer(obj, MOE_EXPERTS_CAPSULE);
     moe_experts_get_info(w, &info);
-    return Py_BuildValue("{s:i,s:L,s:L,s:i,s:i,s:i,s:i,s:n}", "n_experts",
-                         (int)info.n_experts, "d_model",
+    return Py_BuildValue("{s:i,s:L,s:L,s:i,s:i,s:i,s:i,s:L,s:L,s:n}",
+                         "n_experts", (int)info.n_experts, "d_model",
                          (long long)info.d_model, "d_ff",
                          (long long)info.d_ff, "gated", (int)info.gated,
                          "linear", (int)info.linear, "dtype", (int)info.dtype,
                          "bf16_compute", (int)info.bf16_compute,
+                         "group_size", (long long)info.group_size,
+                         "group_size_down", (long long)info.group_size_down,
                          "nbytes", (Py_ssize_t)info.nbytes);
 }
 

@@ -180,6 +180,179 @@ moe_pack_column(const moe_experts *w, size_t es, const void *src, int64_t K,
     return bad;
 }
 
+/* ---- quantized panels (cpu/kernels.h: moe_panel_bytes) ---- */
+
+/* Bytes of one scale and one row of a quantized panel. */
+static inline int
+moe_qscale_size(const moe_experts *w)
+{
+    return w->dtype == MOE_DTYPE_MXFP4 ? 1 : 2;
+}
+
+static inline int64_t
+moe_qrow_bytes(const moe_experts *w)
+{
+    return w->dtype == MOE_DTYPE_INT8 ? w->nr : w->nr / 2;
+}
+
+/* Where row k of a quantized panel starts. */
+static inline int64_t
+moe_qrow_at(const moe_experts *w, int64_t g, int64_t k)
+{
+    const int64_t t = k / g, sb = (int64_t)w->nr * moe_qscale_size(w);
+
+    return t * (sb + g * moe_qrow_bytes(w)) + sb +
+           (k - t * g) * moe_qrow_bytes(w);
+}
+
+/* Set element (k, j) of a quantized panel to code v (int8: the byte; 4-bit:
+ * the nibble, column j in byte j % (nr / 2), high half for j >= nr / 2). */
+static inline void
+moe_qput(const moe_experts *w, uint8_t *panel, int64_t g, int64_t k, int j,
+         unsigned v)
+{
+    uint8_t *row = panel + moe_qrow_at(w, g, k);
+    const int half = w->nr / 2;
+
+    if (w->dtype == MOE_DTYPE_INT8) {
+        row[j] = (uint8_t)v;
+    }
+    else if (j < half) {
+        row[j] = (uint8_t)((row[j] & 0xf0u) | (v & 0xfu));
+    }
+    else {
+        row[j - half] = (uint8_t)((row[j - half] & 0x0fu) | (v & 0xfu) << 4);
+    }
+}
+
+/* The code of a zero weight. */
+static inline unsigned
+moe_qzero(const moe_experts *w)
+{
+    return w->dtype == MOE_DTYPE_INT4 ? 8u : 0u;
+}
+
+/*
+ * Copy quantized row `src` (K values as the caller lays them out: K int8,
+ * or ceil(K / 2) bytes, even k in the low nibble) with its scales `scales`
+ * (ceil(K / group)) into panel column j; NULL: zeros.  Returns nonzero for
+ * a scale that is NaN / Inf (float16 all-ones exponent, e8m0 255) or an
+ * mxfp4 weight past the fp32 range.
+ */
+static int
+moe_pack_qcolumn(const moe_experts *w, int64_t g, const uint8_t *src,
+                 const uint8_t *scales, int64_t K, uint8_t *panel, int j)
+{
+    const int ss = moe_qscale_size(w);
+    const int64_t n_blocks = (K + g - 1) / g;
+    const int64_t block = (int64_t)w->nr * ss + g * moe_qrow_bytes(w);
+    int64_t k, t;
+    int bad = 0;
+
+    for (t = 0; t < n_blocks; t++) {
+        uint8_t *at = panel + t * block + (int64_t)j * ss;
+        if (scales == NULL) {
+            memset(at, 0, (size_t)ss);
+            continue;
+        }
+        memcpy(at, scales + t * ss, (size_t)ss);
+        if (ss == 2) {
+            uint16_t h;
+            memcpy(&h, at, sizeof(h));
+            bad |= (h & 0x7c00u) == 0x7c00u;
+        }
+        else {
+            bad |= scales[t] == 255;
+        }
+    }
+    for (k = 0; k < K; k++) {
+        unsigned v;
+        if (src == NULL) {
+            v = moe_qzero(w);
+        }
+        else if (w->dtype == MOE_DTYPE_INT8) {
+            v = src[k];
+        }
+        else {
+            v = (src[k / 2] >> (k & 1 ? 4 : 0)) & 0xfu;
+        }
+        /* e2m1 magnitude 2^(e - 126) (1 + m / 2) times 2^(s - 127) reaches
+         * 2^128 only for scales 253 and 254 (255 is NaN, refused above) */
+        if (w->dtype == MOE_DTYPE_MXFP4 && scales != NULL &&
+            scales[k / g] >= 253) {
+            static const float mag[8] = {0, 0.5f, 1, 1.5f, 2, 3, 4, 6};
+            bad |= ldexpf(mag[v & 7], scales[k / g] - 127) > 3.4e38f;
+        }
+        moe_qput(w, panel, g, k, j, v);
+    }
+    return bad;
+}
+
+/* Set rows [k0, k1) of quantized panel column j to zero weights. */
+static void
+moe_pack_qzero_rows(const moe_experts *w, int64_t g, uint8_t *panel, int j,
+                    int64_t k0, int64_t k1)
+{
+    int64_t k;
+
+    for (k = k0; k < k1; k++) {
+        moe_qput(w, panel, g, k, j, moe_qzero(w));
+    }
+}
+
+/* moe_pack_task for quantized weights: panel c of expert e. */
+static void
+moe_pack_qtask(moe_pack_job *job, int64_t e, int64_t c)
+{
+    const moe_pack_params *p = job->p;
+    const moe_experts *w = job->w;
+    const int64_t d = w->d_model, F = w->d_ff;
+    const int ss = moe_qscale_size(w);
+    int j, bad = 0;
+
+    if (c < w->gu_panels) {
+        /* rows of d values: ceil(d / group) scales each */
+        const int width = w->gated ? w->nr / 2 : w->nr;
+        const int64_t rb = w->dtype == MOE_DTYPE_INT8 ? d : (d + 1) / 2;
+        const int64_t g = w->group_gu, sr = (d + g - 1) / g * ss;
+        uint8_t *panel = (uint8_t *)w->gu + (e * w->gu_panels + c) *
+                         moe_panel_bytes(w->dtype, d, w->nr, g);
+        const int64_t ff = w->expert_ff ? w->expert_ff[e] : F;
+        for (j = 0; j < w->nr; j++) {
+            int is_up = !w->gated || j >= width;
+            int64_t unit = c * width + (is_up && w->gated ? j - width : j);
+            const uint8_t *src = is_up ? p->w_up : p->w_gate;
+            const uint8_t *sc = is_up ? p->s_up : p->s_gate;
+            int64_t row = e * F + unit;
+            bad |= moe_pack_qcolumn(w, g, unit < ff ? src + row * rb : NULL,
+                                    unit < ff ? sc + row * sr : NULL, d,
+                                    panel, j);
+        }
+    }
+    else {
+        const int64_t q = c - w->gu_panels;
+        const int64_t rb = w->dtype == MOE_DTYPE_INT8 ? F : (F + 1) / 2;
+        const int64_t g = w->group_down, sr = (F + g - 1) / g * ss;
+        uint8_t *panel = (uint8_t *)w->down + (e * w->down_panels + q) *
+                         moe_panel_bytes(w->dtype, F, w->nr, g);
+        const int64_t ff = w->expert_ff ? w->expert_ff[e] : F;
+        const uint8_t *src = p->w_down, *sc = p->s_down;
+        for (j = 0; j < w->nr; j++) {
+            int64_t row = q * w->nr + j;
+            bad |= moe_pack_qcolumn(w, g, row < d ? src + (e * d + row) * rb : NULL,
+                                    row < d ? sc + (e * d + row) * sr : NULL,
+                                    F, panel, j);
+            if (ff < F) {
+                /* hidden units past this expert's size: zero weights */
+                moe_pack_qzero_rows(w, g, panel, j, ff, F);
+            }
+        }
+    }
+    if (bad) {
+        __atomic_store_n(&job->nonfinite, 1, __ATOMIC_RELAXED);
+    }
+}
+
 /* Task t: one panel (gate/up panels first, then down panels) of one expert. */
 static void
 moe_pack_task(void *ctx, int64_t t)
@@ -193,6 +366,10 @@ moe_pack_task(void *ctx, int64_t t)
     const size_t es = job->es;
     int j, bad = 0;
 
+    if (moe_dtype_quantized(w->dtype)) {
+        moe_pack_qtask((moe_pack_job *)ctx, e, c);
+        return;
+    }
     if (c < w->gu_panels) {
         const int width = w->gated ? w->nr / 2 : w->nr;
         char *panel = (char *)w->gu + ((e * w->gu_panels + c) * d * w->nr) * es;
@@ -258,7 +435,7 @@ moe_pack(const moe_pack_params *p, int linear, moe_experts **out)
     const moe_kernels *kr = moe_cpu_kernels();
     moe_experts *w;
     moe_pack_job job;
-    size_t es = p->dtype == MOE_DTYPE_F32 ? 4 : 2, n_gu, n_down;
+    size_t es = p->dtype == MOE_DTYPE_F32 ? 4 : 2, gu_bytes, down_bytes;
     moe_status st;
 
     *out = NULL;
@@ -268,6 +445,13 @@ moe_pack(const moe_pack_params *p, int linear, moe_experts **out)
     }
     memset(w, 0, sizeof(*w));
     w->dtype = p->dtype;
+    if (moe_dtype_quantized(p->dtype)) {
+        /* group_size 0: one scale per row (per output channel) */
+        w->group_gu = p->group_size ? p->group_size : p->d_model;
+        w->group_down = p->group_size ? p->group_size : p->d_ff;
+        w->group_gu += w->group_gu == 0; /* an empty k: any group */
+        w->group_down += w->group_down == 0;
+    }
     w->bf16_act = !linear && p->bf16_compute;
     w->nr = kr->nr;
     w->gated = p->w_gate != NULL;
@@ -287,15 +471,24 @@ moe_pack(const moe_pack_params *p, int linear, moe_experts **out)
                sizeof(int64_t) * (size_t)p->n_experts);
     }
     w->down_panels = (p->d_model + kr->nr - 1) / kr->nr;
-    n_gu = (size_t)(p->n_experts * w->gu_panels * p->d_model * kr->nr);
-    n_down = (size_t)(p->n_experts * w->down_panels * p->d_ff * kr->nr);
-    w->gu = moe_alloc_big(n_gu, es);
-    w->down = moe_alloc_big(n_down, es);
+    gu_bytes = (size_t)(p->n_experts * w->gu_panels *
+                        moe_panel_bytes(w->dtype, p->d_model, kr->nr,
+                                        w->group_gu));
+    down_bytes = (size_t)(p->n_experts * w->down_panels *
+                          moe_panel_bytes(w->dtype, p->d_ff, kr->nr,
+                                          w->group_down));
+    w->gu = moe_alloc_big(gu_bytes, 1);
+    w->down = moe_alloc_big(down_bytes, 1);
     if (w->gu == NULL || w->down == NULL) {
         moe_experts_free(w);
         return MOE_STATUS_ALLOC;
     }
-    w->nbytes = (n_gu + n_down) * es + sizeof(*w);
+    if (moe_dtype_quantized(w->dtype)) {
+        /* nibble codes are set one at a time over the bytes they share */
+        memset(w->gu, 0, gu_bytes);
+        memset(w->down, 0, down_bytes);
+    }
+    w->nbytes = gu_bytes + down_bytes + sizeof(*w);
     if (p->b_gate != NULL || p->b_up != NULL) {
         w->gu_bias = moe_alloc((size_t)(p->n_experts * w->gu_panels * kr->nr),
                                sizeof(float));
@@ -385,6 +578,8 @@ moe_experts_get_info(const moe_experts *w, moe_experts_info *info)
     info->linear = w->linear;
     info->dtype = w->dtype;
     info->bf16_compute = w->bf16_act;
+    info->group_size = w->group_gu;
+    info->group_size_down = w->group_down;
     info->nbytes = w->nbytes;
 }
 
@@ -712,9 +907,9 @@ moe_ffn_up_task(void *ctx, int64_t t)
     const moe_expert_lora *lora = job->lora;
     const int mr = job->kr->mr, nr = w->nr;
     const int width = w->gated ? nr / 2 : nr;
-    const size_t es = w->dtype == MOE_DTYPE_F32 ? 4 : 2;
     const moe_ukr_fn ukr = job->kr->ukr[w->dtype];
     const int64_t d = w->d_model, F = w->d_ff;
+    const int64_t panel = moe_panel_bytes(w->dtype, d, nr, w->group_gu);
     float tile[MOE_MAX_MR * MOE_MAX_NR];
     float hb[MOE_MAX_MR * MOE_MAX_NR]; /* bf16 compute: h before rounding */
     int64_t c, P, r0;
@@ -726,20 +921,20 @@ moe_ffn_up_task(void *ctx, int64_t t)
      * reused from cache for every activation panel of the block. */
     for (c = task->c0; c < task->c1; c++) {
         const char *b = (const char *)w->gu +
-                        ((task->e * w->gu_panels + c) * d * nr) * es;
+                        (task->e * w->gu_panels + c) * panel;
         /* the passes over panel c bring panel c + 1 to L2 */
-        const char *next = c + 1 < task->c1 ? b + d * nr * es : NULL;
+        const char *next = c + 1 < task->c1 ? b + panel : NULL;
         for (P = task->p0; P < task->p1; P++) {
             float *h = job->hp + P * F * mr;
             const int64_t K = w->bf16_act ? d / 2 : d;
             const moe_prefetch pf = moe_prefetch_slice(
-                next, d * nr * (int64_t)es, K, P - task->p0, task->p1 - task->p0);
+                next, panel, K, P - task->p0, task->p1 - task->p0);
             moe_panel_rows(job, P, &r0, &m);
             if (w->bf16_act) {
                 job->kr->dot(job->xp + P * d * mr, b, K, m, tile, nr, pf);
             }
             else {
-                ukr(job->xp + P * d * mr, b, K, m, tile, nr, pf);
+                ukr(job->xp + P * d * mr, b, K, w->group_gu, m, tile, nr, pf);
             }
             if (lora != NULL && lora->n_gu > 0) {
                 job->kr->lowrank(tile, nr, m, nr, job->z_gu + r0 * lora->n_gu,
@@ -788,24 +983,25 @@ moe_ffn_gemm_task(void *ctx, int64_t t)
     const moe_panel_gemm *g = &job->gemm;
     const moe_experts *w = g->w;
     const int mr = job->kr->mr, nr = w->nr;
-    const size_t es = w->dtype == MOE_DTYPE_F32 ? 4 : 2;
     const moe_ukr_fn ukr = job->kr->ukr[w->dtype];
     const int64_t d = w->d_model, F = w->d_ff;
+    const int64_t panel = moe_panel_bytes(w->dtype, F, nr, w->group_down);
     /* heterogeneous experts: the units past expert_ff[e] are skipped */
     const int64_t K = w->expert_ff ? w->expert_ff[task->e] : F;
+    const int64_t k_bytes = moe_panel_bytes(w->dtype, K, nr, w->group_down);
     float tile[MOE_MAX_MR * MOE_MAX_NR];
     int64_t c, P, r0;
     int m, i, j;
 
     for (c = task->c0; c < task->c1; c++) {
         const char *b = (const char *)w->down +
-                        ((task->e * w->down_panels + c) * F * nr) * es;
+                        (task->e * w->down_panels + c) * panel;
         /* the passes over panel c bring panel c + 1 to L2 */
-        const char *next = c + 1 < task->c1 ? b + F * nr * es : NULL;
+        const char *next = c + 1 < task->c1 ? b + panel : NULL;
         for (P = task->p0; P < task->p1; P++) {
             int n_cols = d - c * nr < nr ? (int)(d - c * nr) : nr;
             const moe_prefetch pf = moe_prefetch_slice(
-                next, K * nr * (int64_t)es, w->bf16_act ? K / 2 : K, P - task->p0,
+                next, k_bytes, w->bf16_act ? K / 2 : K, P - task->p0,
                 task->p1 - task->p0);
             float *y;
             moe_panel_rows(job, P, &r0, &m);
@@ -818,10 +1014,11 @@ moe_ffn_gemm_task(void *ctx, int64_t t)
             }
             else if (n_cols == nr) {
                 /* A whole panel of columns: straight into the output rows. */
-                ukr(g->in + P * F * mr, b, K, m, y, d, pf);
+                ukr(g->in + P * F * mr, b, K, w->group_down, m, y, d, pf);
             }
             else {
-                ukr(g->in + P * F * mr, b, K, m, tile, nr, pf);
+                ukr(g->in + P * F * mr, b, K, w->group_down, m, tile, nr,
+                    pf);
             }
             if (n_cols != nr) {
                 for (i = 0; i < m; i++) {

@@ -179,7 +179,7 @@ moe_bwd_hidden_task(void *ctx, int64_t t)
     const int64_t nu = moe_bwd_clamp(ff - u0, MOE_BWD_UNITS);
     const int mr = kr->mr, nr = w->nr, width = w->gated ? nr / 2 : nr;
     const int64_t n_pan = (m + mr - 1) / mr;
-    const size_t es = w->dtype == MOE_DTYPE_F32 ? 4 : 2;
+    const int64_t panel = moe_panel_bytes(w->dtype, d, nr, w->group_gu);
     float tile[MOE_MAX_MR * MOE_MAX_NR];
     float *ap, *dh;
     moe_mm_seg seg;
@@ -224,7 +224,7 @@ moe_bwd_hidden_task(void *ctx, int64_t t)
     }
     for (c = u0 / width; c * width < u0 + nu; c++) {
         const char *b = (const char *)w->gu +
-                        ((e * w->gu_panels + c) * d * nr) * es;
+                        (e * w->gu_panels + c) * panel;
         const float *bias = w->gu_bias ? w->gu_bias +
                                 (e * w->gu_panels + c) * nr : NULL;
         const moe_prefetch none = {NULL, 0};
@@ -232,7 +232,8 @@ moe_bwd_hidden_task(void *ctx, int64_t t)
                                                    : width;
         for (P = 0; P < n_pan; P++) {
             const int rows = m - P * mr < mr ? (int)(m - P * mr) : mr;
-            kr->ukr[w->dtype](ap + P * mr * d, b, d, rows, tile, nr, none);
+            kr->ukr[w->dtype](ap + P * mr * d, b, d, w->group_gu, rows, tile, nr,
+                              none);
             for (i = 0; i < rows; i++) {
                 float *tr = tile + i * nr;
                 const int64_t row = r0 + P * mr + i;
@@ -665,6 +666,12 @@ moe_cpu_ffn_backward(const moe_ffn_backward_params *p)
     moe_status st = MOE_STATUS_ALLOC;
     int mat;
 
+    if (moe_dtype_quantized(w->dtype)) {
+        /* dx would need the weights widened from the quantized arrays */
+        return moe_set_error(MOE_STATUS_INVALID_ARG, "the FFN backward takes "
+                             "float32 / bfloat16 / float16 experts, not "
+                             "quantized ones");
+    }
     memset(&job, 0, sizeof(job));
     job.p = p;
     job.w = w;

@@ -19,13 +19,35 @@
 #define MOE_MAX_MR 12
 #define MOE_MAX_NR 32
 
-/* Weight storage types the kernels read. */
+/* Weight storage types the kernels read: moe_dtype's values. */
 enum {
-    MOE_WTYPE_F32  = 0,
-    MOE_WTYPE_BF16 = 1,
-    MOE_WTYPE_F16  = 2,
+    MOE_WTYPE_F32   = 0,
+    MOE_WTYPE_BF16  = 1,
+    MOE_WTYPE_F16   = 2,
+    MOE_WTYPE_INT8  = 3,
+    MOE_WTYPE_INT4  = 4,
+    MOE_WTYPE_MXFP4 = 5,
     MOE_WTYPE_COUNT
 };
+
+/*
+ * Bytes of a weight panel of K rows and nr columns.  Float types: K rows of
+ * nr elements.  Quantized: ceil(K / group) blocks, each nr scales (float16;
+ * mxfp4 e8m0 bytes) then its rows (nr int8, or nr / 2 bytes of nibbles:
+ * byte l holds column l low, column l + nr / 2 high).  The blocks of the
+ * first K' < K rows are a prefix of the panel.
+ */
+static inline int64_t
+moe_panel_bytes(int wtype, int64_t K, int nr, int64_t group)
+{
+    switch (wtype) {
+    case MOE_WTYPE_F32:   return K * nr * 4;
+    case MOE_WTYPE_INT8:  return (K + group - 1) / group * nr * 2 + K * nr;
+    case MOE_WTYPE_INT4:  return (K + group - 1) / group * nr * 2 + K * nr / 2;
+    case MOE_WTYPE_MXFP4: return (K + group - 1) / group * nr + K * nr / 2;
+    default:              return K * nr * 2;
+    }
+}
 
 /*
  * Memory a micro-kernel prefetches towards L2 while it runs: one 64-byte line
@@ -40,10 +62,14 @@ typedef struct moe_prefetch {
 
 /*
  * c (m, NR), row i at c + i * ldc, = first m rows of a @ b; rows >= m are not
- * written.
+ * written.  group: a quantized panel's rows per scale block (else unused).
+ * Quantized weights are dequantized in registers, exactly (value * scale
+ * is exact in fp32), so the result is the bits of the fp32 kernel on the
+ * dequantized weights.
  */
-typedef void (*moe_ukr_fn)(const float *a, const void *b, int64_t K, int m,
-                           float *c, int64_t ldc, moe_prefetch pf);
+typedef void (*moe_ukr_fn)(const float *a, const void *b, int64_t K,
+                           int64_t group, int m, float *c, int64_t ldc,
+                           moe_prefetch pf);
 
 /*
  * The bf16-compute kernel: c (m, NR) = first m rows of a @ b with b (Kp, NR,

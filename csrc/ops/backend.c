@@ -245,11 +245,20 @@ moe_experts_pack(const moe_pack_params *p, moe_experts **out)
 {
     if (out == NULL || p->w_up == NULL || p->w_down == NULL ||
         p->n_experts < 1 || p->d_model < 0 || p->d_ff < 0 ||
-        (p->dtype != MOE_DTYPE_F32 && p->dtype != MOE_DTYPE_BF16 &&
-         p->dtype != MOE_DTYPE_F16)) {
+        (int)p->dtype < 0 || p->dtype >= MOE_DTYPE_COUNT) {
         return moe_set_error(MOE_STATUS_INVALID_ARG, "moe_experts_pack: "
                              "w_up, w_down, n_experts >= 1, sizes >= 0 and "
                              "a known dtype are required");
+    }
+    if (moe_dtype_quantized(p->dtype) &&
+        (p->s_up == NULL || p->s_down == NULL ||
+         (p->w_gate != NULL) != (p->s_gate != NULL) || p->group_size < 0 ||
+         (p->dtype == MOE_DTYPE_MXFP4 && p->group_size != 32))) {
+        return moe_set_error(MOE_STATUS_INVALID_ARG, "moe_experts_pack: "
+                             "quantized weights need the scales of each "
+                             "weight and group_size >= 0 (0: one per row; "
+                             "mxfp4: 32), got group_size=%lld",
+                             (long long)p->group_size);
     }
     if (p->bf16_compute && (p->dtype != MOE_DTYPE_BF16 || p->d_model % 2 ||
                             p->d_ff % 2)) {

@@ -115,6 +115,7 @@ enum {
     MOE_WS_BWD_HIDDEN,    /* cpu/ffn_backward.c: H, dG, dU (rows, d_ff)      */
     MOE_WS_BWD_ROWS,      /* cpu/ffn_backward.c: the gathered rows           */
     MOE_WS_LAYER_BWD,     /* compose/layer_backward.c: row gradients         */
+    MOE_WS_DEQUANT,       /* cpu/ffn.c: a quantized panel widened to fp32    */
     MOE_WS_COUNT
 };
 

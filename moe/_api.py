@@ -505,6 +505,8 @@ def naming_nonfinite(dtype, **weights):
         if "MOE_STATUS_NONFINITE" not in str(exc):
             raise
         for name, a in weights.items():
+            if hasattr(a, "dequantize"):  # a moe.quant.QuantizedWeight
+                a = a.dequantize()
             if a is not None and a.dtype == np.uint16:  # bit patterns
                 a = bfloat16_to_float32(a) if dtype == "bfloat16" else a.view(np.float16)
             if a is not None:

@@ -1,6 +1,7 @@
 """Save and load a layer as one safetensors file: the weights as tensors and the layer's
 class and configuration as JSON in the file's metadata.  A round trip is bitwise: float32,
-float16 and bfloat16 (bits) weights are stored as they are.
+float16 and bfloat16 (bits) weights are stored as they are, quantized ones (moe.quant) as
+their values and scales (tensors `name` and `name.scales`).
 
 Layers: SparseMoE, SoftMoE, MixtureOfTokens, PEER and the LoRA layers of moe.lora.
 """
@@ -14,6 +15,7 @@ from . import safetensors
 from ._api import LAYER_CLASSES
 
 FORMAT = "moe.layer/2"
+_SCALES = ".scales"  # a quantized weight `w` is stored as tensors `w` and `w.scales`
 _FORMAT_V1 = "moe.SparseMoE/1"  # SparseMoE files of the first format still load
 
 
@@ -41,13 +43,15 @@ def save(layer, path) -> None:
     if _classes().get(name) is not type(layer):
         raise TypeError(f"moe.save takes {', '.join(sorted(_classes()))}; got {name}")
     tensors, dtypes = {}, {}
-    bf16 = getattr(layer, "dtype", "float32") == "bfloat16"
     for key in _weight_names(layer):
         value = getattr(layer, key)
         if value is None:
             continue
+        if hasattr(value, "dequantize"):  # a moe.quant.QuantizedWeight: two tensors
+            tensors[key], tensors[key + _SCALES] = value.values, value.scales
+            continue
         tensors[key] = np.asarray(value)
-        if bf16 and tensors[key].dtype == np.uint16:
+        if tensors[key].dtype == np.uint16:  # only bfloat16 weights are stored as bits
             dtypes[key] = "BF16"
     metadata = {"format": FORMAT, "class": name,
                 "config": json.dumps(layer.config(), sort_keys=True, default=_json_default)}
@@ -76,9 +80,18 @@ def load(path):
                              f"(the layer's arguments), got {type(config).__name__}")
         layer = cls(**config, init=False)
         names = set(_weight_names(layer))
-        for key in f.keys():
+        keys = set(f.keys())
+        for key in sorted(keys):
+            if key.endswith(_SCALES):
+                if key[:-len(_SCALES)] not in keys:
+                    raise ValueError(f"{path}: {key!r} without its weight "
+                                     f"{key[:-len(_SCALES)]!r}")
+                continue
             if key not in names:
                 raise ValueError(f"{path}: unknown tensor {key!r}")
             # copy out of the memory map: the layer owns its weights
-            setattr(layer, key, np.array(f.get(key)))
+            value = np.array(f.get(key))
+            if key + _SCALES in keys:  # quantized: (values, scales)
+                value = (value, np.array(f.get(key + _SCALES)))
+            setattr(layer, key, value)
     return layer

@@ -15,6 +15,7 @@ from ._api import (ACTIVATIONS, GATED, WEIGHT_DTYPES, RoutingResult, _as_ndarray
                    check_choice, check_finite, check_float, check_int, check_routing_options,
                    float_array, mask_args, naming_nonfinite, refuse_resize,
                    require_ffn_weights, saveable, stored_weight, token_rows, weight_bits)
+from .quant import QUANT_DTYPES, check_group_size, pack_weight_args, quantized_weight
 from .train import TrainContext, check_backward_args
 
 # attribute -> shape template; names are resolved against the layer's sizes
@@ -73,7 +74,7 @@ _EXPERT_WEIGHTS = ("w_gate", "w_up", "w_down", "shared_w_gate", "shared_w_up", "
 _FIXED = ("d_model", "d_ff", "expert_d_ff", "n_experts", "null_experts", "n_null",
           "n_shared_experts", "shared_d_ff", "shared_expert_gate", "use_expert_bias",
           "use_router_bias", "use_expert_biases", "dtype", "compute_dtype", "lora_rank",
-          "lora_targets")
+          "lora_targets", "group_size", "shared_dtype")
 
 
 @saveable
@@ -154,7 +155,8 @@ class SparseMoE:
                  swiglu_limit=7.0, lora_rank=0, lora_alpha=None, lora_targets=None,
                  null_experts=(), router="top_k", router_p=0.5, router_threshold=0.01,
                  k_min=1, skip_threshold=0.0, skip_renormalize=False,
-                 compute_dtype="float32", router_grad="default"):
+                 compute_dtype="float32", router_grad="default", group_size=None,
+                 shared_dtype=None):
         self.d_model = check_int(d_model, "d_model", 1)
         if isinstance(d_ff, (list, tuple, np.ndarray)):
             sizes = tuple(check_int(int(f) if isinstance(f, np.integer) else f,
@@ -210,8 +212,19 @@ class SparseMoE:
                                                                           "shared_d_ff", 1)
         self.shared_expert_gate = bool(shared_expert_gate)
         self.use_expert_bias = bool(expert_bias)
-        check_choice(dtype, "dtype", WEIGHT_DTYPES)
+        check_choice(dtype, "dtype", WEIGHT_DTYPES + QUANT_DTYPES)
         self.dtype = dtype
+        shared_dtype = dtype if shared_dtype is None else shared_dtype
+        check_choice(shared_dtype, "shared_dtype", WEIGHT_DTYPES + QUANT_DTYPES)
+        self.shared_dtype = shared_dtype
+        quantized = [t for t in (dtype, shared_dtype) if t in QUANT_DTYPES]
+        if not quantized and group_size is not None:
+            raise ValueError(f"group_size is an option of the quantized dtypes "
+                             f"({', '.join(QUANT_DTYPES)}), not of dtype={dtype!r}")
+        # the weights per scale along k (0: one scale per row), None without quantization
+        for t in quantized:
+            group_size = check_group_size(t, group_size)
+        self.group_size = group_size if quantized else None
         self.use_router_bias, self.use_expert_biases = bool(router_bias), bool(expert_biases)
         self.swiglu_alpha = check_float(swiglu_alpha, "swiglu_alpha", float32=True)
         self.swiglu_limit = check_float(swiglu_limit, "swiglu_limit", True, float32=True)
@@ -233,9 +246,9 @@ class SparseMoE:
         self.lora_targets = tuple(t for t in LORA_TARGETS if t in targets)
         check_choice(compute_dtype, "compute_dtype", ("float32", "bfloat16"))
         if compute_dtype == "bfloat16":
-            if dtype != "bfloat16":
+            if dtype != "bfloat16" or shared_dtype != "bfloat16":
                 raise ValueError("compute_dtype='bfloat16' needs dtype='bfloat16' weights, got "
-                                 f"dtype={dtype!r}")
+                                 f"dtype={dtype!r}, shared_dtype={shared_dtype!r}")
             sizes = {"d_model": self.d_model, "d_ff": self.d_ff}
             if self.n_shared_experts:
                 sizes["shared_d_ff"] = self.shared_d_ff
@@ -307,7 +320,10 @@ class SparseMoE:
                                  f"{name} needs a layer built with lora_rank > 0")
             shape = tuple((s, sizes[s]) for s in _WEIGHTS[name])
             if name in _EXPERT_WEIGHTS:
-                value = stored_weight(value, name, shape, self.dtype)
+                dtype = self.shared_dtype if name.startswith("shared_") else self.dtype
+                value = (quantized_weight(value, name, shape, dtype, self.group_size)
+                         if dtype in QUANT_DTYPES else
+                         stored_weight(value, name, shape, dtype))
             else:
                 value = float_array(value, name, shape)
         if name in _EXPERT_WEIGHTS or name in ("b_gate", "b_up", "b_down") + _LORA_WEIGHTS:
@@ -325,8 +341,6 @@ class SparseMoE:
         """
         require_ffn_weights(self, ("router_weight", "w_up", "w_down"))
         gated = self.activation in GATED
-        code = WEIGHT_DTYPES.index(self.dtype)
-        bits = weight_bits
 
         biases = (None, None, None)
         if self.use_expert_biases:
@@ -337,23 +351,23 @@ class SparseMoE:
         bf16 = self.compute_dtype == "bfloat16"
         with naming_nonfinite(self.dtype, w_gate=self.w_gate, w_up=self.w_up,
                               w_down=self.w_down):
-            routed = _C.pack_experts(w_gate=bits(self.w_gate) if gated else None,
-                                     w_up=bits(self.w_up), w_down=bits(self.w_down),
-                                     dtype=code, b_gate=biases[0], b_up=biases[1],
-                                     b_down=biases[2], expert_d_ff=sizes, bf16_compute=bf16)
+            routed = _C.pack_experts(**pack_weight_args(
+                self.w_gate if gated else None, self.w_up, self.w_down, self.dtype,
+                self.group_size), b_gate=biases[0], b_up=biases[1], b_down=biases[2],
+                expert_d_ff=sizes, bf16_compute=bf16)
         shared = None
         if self.n_shared_experts:
             if self.shared_w_up is None or self.shared_w_down is None or \
                     (gated and self.shared_w_gate is None):
                 raise ValueError("shared expert weights are missing (set shared_w_up, "
                                  "shared_w_down and, for gated activations, shared_w_gate)")
-            with naming_nonfinite(self.dtype, shared_w_gate=self.shared_w_gate,
+            with naming_nonfinite(self.shared_dtype, shared_w_gate=self.shared_w_gate,
                                   shared_w_up=self.shared_w_up,
                                   shared_w_down=self.shared_w_down):
-                shared = _C.pack_experts(
-                    w_gate=bits(self.shared_w_gate[None]) if gated else None,
-                    w_up=bits(self.shared_w_up[None]), w_down=bits(self.shared_w_down[None]),
-                    dtype=code, bf16_compute=bf16)
+                shared = _C.pack_experts(**pack_weight_args(
+                    self.shared_w_gate if gated else None, self.shared_w_up,
+                    self.shared_w_down, self.shared_dtype, self.group_size, one=True),
+                    bf16_compute=bf16)
         lora = None
         if self.lora_rank:
             ab = {}
@@ -515,6 +529,10 @@ class SparseMoE:
         why = []
         if self.compute_dtype != "float32":
             why.append(f"compute_dtype={self.compute_dtype!r}")
+        for name, dt in (("dtype", self.dtype), ("shared_dtype", self.shared_dtype)):
+            if dt in QUANT_DTYPES and (name == "dtype" or self.n_shared_experts):
+                why.append(f"{name}={dt!r} (quantized weights: train the float layer, then "
+                           "moe.quantize it)")
         if why:
             raise NotImplementedError(
                 "the backward covers every router with shared experts, biases, null "
@@ -602,7 +620,8 @@ class SparseMoE:
                     router_threshold=self.router_threshold, k_min=self.k_min,
                     skip_threshold=self.skip_threshold,
                     skip_renormalize=self.skip_renormalize,
-                    compute_dtype=self.compute_dtype, router_grad=self.router_grad)
+                    compute_dtype=self.compute_dtype, router_grad=self.router_grad,
+                    group_size=self.group_size, shared_dtype=self.shared_dtype)
 
     def save(self, path):
         """Write the layer to one safetensors file (weights + its config in the metadata);
@@ -640,6 +659,10 @@ class SparseMoE:
             opts.append(f"capacity_factor={self.capacity_factor}")
         if self.dtype != "float32":
             opts.append(f"dtype={self.dtype!r}")
+        if self.shared_dtype != self.dtype and self.n_shared_experts:
+            opts.append(f"shared_dtype={self.shared_dtype!r}")
+        if self.group_size is not None:
+            opts.append(f"group_size={self.group_size or 'per row'}")
         if self.lora_rank:
             opts.append(f"lora_rank={self.lora_rank}, lora_targets={self.lora_targets}")
         if self.n_null:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import _C
+from ._api import WEIGHT_DTYPES, _shape_str, weight_array, weight_bits
 
 QUANT_DTYPES = _C.QUANT_DTYPES
 # the group size each format takes by default (None: one scale per row)
@@ -277,3 +278,149 @@ def _symmetric(grouped, ratio, qmax, qmin, dtype):
     with np.errstate(divide="ignore", invalid="ignore"):
         q = np.where(s64 != 0, np.rint(grouped / np.where(s64 != 0, s64, 1.0)), 0.0)
     return s, np.clip(q, qmin, qmax)
+
+
+def dtype_code(dtype):
+    """The core's code of a storage dtype (float or quantized)."""
+    return (WEIGHT_DTYPES + QUANT_DTYPES).index(dtype)
+
+
+def quantized_weight(value, name, shape, dtype, group_size):
+    """A layer's expert weight of quantized `dtype` from what was assigned: a
+    QuantizedWeight (checked against the layer), a (values, scales) pair in the format's
+    layout, or a float array (quantized to nearest).  shape: ((size name, size), ...)."""
+    dims = tuple(n for _, n in shape)
+    if isinstance(value, QuantizedWeight):
+        if value.dtype != dtype or value.group_size != group_size or value.shape != dims:
+            raise ValueError(
+                f"{name}: the layer takes {dtype} weights of shape {dims} with group_size="
+                f"{group_size or 'per row'}, got a QuantizedWeight({value.dtype}, shape="
+                f"{value.shape}, group_size={value.group_size or 'per row'})")
+        return value
+    if isinstance(value, tuple):
+        if len(value) != 2:
+            raise ValueError(f"{name}: a quantized weight is a QuantizedWeight, a (values, "
+                             f"scales) pair or a float array; got a tuple of {len(value)}")
+        try:
+            return QuantizedWeight(value[0], value[1], dtype, dims, group_size)
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"{name}: {exc}") from None
+    return quantize_weight(weight_array(value, name, shape, "float32"), dtype, group_size,
+                           name=name)
+
+
+def pack_weight_args(w_gate, w_up, w_down, dtype, group_size, one=False):
+    """The weight keywords of _C.pack_experts for weights stored in `dtype` (one: single
+    matrices, given a leading expert axis of 1)."""
+    lead = (lambda a: a[None]) if one else (lambda a: a)
+    if dtype not in QUANT_DTYPES:
+        return dict(w_gate=None if w_gate is None else weight_bits(lead(w_gate)),
+                    w_up=weight_bits(lead(w_up)), w_down=weight_bits(lead(w_down)),
+                    dtype=dtype_code(dtype))
+    kw = dict(dtype=dtype_code(dtype), group_size=group_size)
+    for key, w in (("w_gate", w_gate), ("w_up", w_up), ("w_down", w_down)):
+        if w is None:
+            continue
+        kw[key] = lead(w.values)
+        sc = lead(w.scales)
+        kw[key + "_scales"] = sc.view(np.uint16) if sc.dtype == np.float16 else sc
+    return kw
+
+
+def _stack(parts, dtype, group_size):
+    """QuantizedWeights of one shape -> one with a leading axis over them."""
+    return QuantizedWeight(np.stack([p.values for p in parts]),
+                           np.stack([p.scales for p in parts]), dtype,
+                           (len(parts),) + parts[0].shape, group_size)
+
+
+def _float_weight(w):
+    return None if w is None else (w.dequantize() if isinstance(w, QuantizedWeight)
+                                   else np.asarray(w))
+
+
+def quantize(layer, dtype, group_size=None, *, shared_dtype=None, calibration=None):
+    """A copy of SparseMoE `layer` with its expert FFN weights quantized to `dtype`
+    ("int8", "int4" or "mxfp4"; see moe.quant): the router, biases, LoRA adapters and
+    every option are kept.  group_size: weights per scale along k (int8 default: one scale
+    per row; int4: 32; mxfp4: 32 only).  shared_dtype: storage of the shared experts
+    (default `dtype`; e.g. "bfloat16" or "int8" to keep them more precise than int4
+    routed experts).
+
+    Round to nearest by default.  calibration=x (tokens, d_model), int8 / int4 only: an
+    activation-aware variant -- each group's scale is searched over clipping ratios 1.0 ..
+    0.5 to minimise the error of the layer's outputs on these inputs, sum_k E[a_k^2]
+    (w_k - w_q,k)^2 with a the inputs the weight sees: the tokens routed to the expert
+    (gate / up) or their hidden activations (down), per expert.  Experts no token
+    reaches are rounded to nearest.  The result saves and loads bitwise (moe.save)."""
+    from .layer import SparseMoE
+    from . import reference
+    if not isinstance(layer, SparseMoE):
+        raise TypeError(f"layer must be a moe.SparseMoE, got {type(layer).__name__}")
+    if dtype not in QUANT_DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(map(repr, QUANT_DTYPES))}; got "
+                         f"{dtype!r}")
+    group_size = check_group_size(dtype, group_size)
+    shared_dtype = dtype if shared_dtype is None else shared_dtype
+    cfg = dict(layer.config(), dtype=dtype, group_size=group_size, shared_dtype=shared_dtype,
+               compute_dtype="float32")
+    out = SparseMoE(**cfg, init=False)
+    names = [n for n in layer._weight_names() if getattr(layer, n) is not None]
+    expert = ("w_gate", "w_up", "w_down", "shared_w_gate", "shared_w_up", "shared_w_down")
+    for n in names:
+        if n not in expert:
+            setattr(out, n, getattr(layer, n))
+    weights = {n: reference._decode_stored(getattr(layer, n)) for n in expert
+               if n in names}
+    imp = {}
+    if calibration is not None:
+        if dtype == "mxfp4":
+            raise ValueError("calibration= searches int8 / int4 scales; mxfp4's scales are "
+                             "fixed by the format's rule")
+        imp = _importances(layer, weights, calibration)
+    for n, w in weights.items():
+        dt = shared_dtype if n.startswith("shared_") else dtype
+        if dt not in QUANT_DTYPES:
+            setattr(out, n, w.astype(np.float32))
+            continue
+        if n.startswith("shared_"):
+            q = quantize_weight(w, dt, group_size, importance=imp.get(n), name=n)
+        else:
+            q = _stack([quantize_weight(w[e], dt, group_size, name=n,
+                                        importance=imp.get(n, {}).get(e))
+                        for e in range(w.shape[0])], dt, group_size)
+        setattr(out, n, q)
+    return out
+
+
+def _importances(layer, weights, x):
+    """E[a^2] of the inputs each expert weight sees on calibration batch x: {name:
+    {expert: (k,)}} for routed weights, {name: (k,)} for shared ones."""
+    from . import reference
+    from ._api import GATED, float_array
+    x = float_array(x, "calibration", (("tokens", None), ("d_model", layer.d_model)))
+    _, routing = layer(x, return_routing=True)
+    ids = np.asarray(routing.expert_ids)
+    gated = layer.activation in GATED
+    xd = x.astype(np.float64)
+
+    def hidden(rows, wg, wu):
+        g = rows @ wg.T if gated else None
+        return reference.activate(layer.activation, g, rows @ wu.T, layer.swiglu_alpha,
+                                  layer.swiglu_limit)
+
+    imp = {n: {} for n in ("w_gate", "w_up", "w_down")}
+    for e in range(layer.n_experts):
+        rows = xd[np.any(ids == e, axis=-1)]
+        if not len(rows):
+            continue
+        sq = np.mean(rows ** 2, axis=0)
+        imp["w_gate"][e] = imp["w_up"][e] = sq
+        h = hidden(rows, weights["w_gate"][e] if gated else None, weights["w_up"][e])
+        imp["w_down"][e] = np.mean(h ** 2, axis=0)
+    if layer.n_shared_experts and "shared_w_up" in weights:
+        sq = np.mean(xd ** 2, axis=0)
+        imp["shared_w_gate"] = imp["shared_w_up"] = sq
+        h = hidden(xd, weights.get("shared_w_gate"), weights["shared_w_up"])
+        imp["shared_w_down"] = np.mean(h ** 2, axis=0)
+    return imp

@@ -703,6 +703,51 @@ def _is_false(flag):
     return isinstance(flag, (bool, np.bool_)) and not flag
 
 
+def dequantize(values, scales, dtype, k, group_size):
+    """The float64 weights (..., k) of a quantized weight (moe.quant's formats), exactly.
+
+    int8: q = values; int4: nibble n (byte k // 2, low nibble for even k) is q = n - 8;
+    mxfp4: nibble n is the e2m1 number (-1)^s 2^(e - 1) (1 + m / 2) (e > 0) or
+    (-1)^s m / 2 (e = 0), for sign s = bit 3, exponent e = bits 2-1, mantissa m = bit 0.
+    Scales: float16 (int8, int4) or e8m0 2^(e - 127) (mxfp4; 255 is NaN), one per
+    group_size weights along k (0: one per row).  w = q * scale."""
+    values = np.asarray(values)
+    scales = np.asarray(scales)
+    if dtype == "int8":
+        q = values.astype(np.float64)
+    else:
+        b = values.astype(np.int64)
+        n = np.stack([b & 15, b >> 4], axis=-1).reshape(b.shape[:-1] + (-1,))[..., :k]
+        if dtype == "int4":
+            q = n - 8.0
+        elif dtype == "mxfp4":
+            sign = np.where(n & 8, -1.0, 1.0)
+            e, m = (n >> 1) & 3, n & 1
+            q = sign * np.where(e == 0, m / 2.0, 2.0 ** (e - 1.0) * (1.0 + m / 2.0))
+        else:
+            raise ValueError(f"unknown quantized dtype {dtype!r}")
+    if dtype == "mxfp4":
+        s = np.where(scales == 255, np.nan, 2.0 ** (scales.astype(np.float64) - 127.0))
+    else:
+        s = scales.astype(np.float64)
+    g = group_size if group_size else max(k, 1)
+    return q * np.repeat(s, g, axis=-1)[..., :k]
+
+
+def _decode_stored(a):
+    """An expert weight as a layer stores it -> float64: quantized weights (moe.quant's
+    QuantizedWeight) dequantized, uint16 arrays as bfloat16 bits (the top half of a
+    float32), anything else as it is."""
+    if a is None:
+        return None
+    if hasattr(a, "dequantize"):
+        return dequantize(a.values, a.scales, a.dtype, a.shape[-1], a.group_size)
+    if np.asarray(a).dtype == np.uint16:
+        bits = np.asarray(a, dtype=np.uint16).astype(np.uint32) << 16
+        return bits.view(np.float32).astype(np.float64)
+    return a
+
+
 def layer_forward(layer, x, allowed=None):
     """Run sparse_moe() with the parameters and options of a SparseMoE-like object.
 
@@ -743,16 +788,7 @@ def layer_forward(layer, x, allowed=None):
     if activation not in GATED:
         shared_w_gate = None
 
-    # bfloat16 layers store their FFN weights as uint16 bits (the top half of a float32)
-    if getattr(layer, "dtype", "float32") == "bfloat16":
-        def decode(a):
-            if a is None:
-                return None
-            bits = np.asarray(a, dtype=np.uint16).astype(np.uint32) << 16
-            return bits.view(np.float32).astype(np.float64)
-    else:
-        def decode(a):
-            return a
+    decode = _decode_stored
     w_gate, shared_w_gate = decode(w_gate), decode(shared_w_gate)
     shared_w_up, shared_w_down = decode(shared_w_up), decode(shared_w_down)
 

@@ -897,6 +897,19 @@ moe_prefetch_slice(const char *next, int64_t bytes, int64_t K, int64_t p,
     return pf;
 }
 
+/* A fp32 panel of K rows to widen task's quantized weight panels into when
+ * it has several activation panels (else, or out of memory, NULL: the
+ * kernels dequantize in registers, to the same values). */
+static float *
+moe_wide_panel(const moe_kernels *kr, const moe_experts *w,
+               const moe_ffn_task *task, int64_t K)
+{
+    if (kr->dequant[w->dtype] == NULL || task->p1 - task->p0 < 2) {
+        return NULL;
+    }
+    return moe_workspace(MOE_WS_DEQUANT, (size_t)(K * w->nr), sizeof(float));
+}
+
 /* Phase 1: gate/up panels (+ LoRA) -> activation -> hidden panels (hp). */
 static void
 moe_ffn_up_task(void *ctx, int64_t t)
@@ -916,12 +929,21 @@ moe_ffn_up_task(void *ctx, int64_t t)
     int m, n_units;
 
     const int64_t ff = w->expert_ff ? w->expert_ff[task->e] : F;
+    /* quantized weights serving several activation panels: widened once
+     * (same values, so the same bits) for the fp32 kernel */
+    float *wide = moe_wide_panel(job->kr, w, task, d);
+    const moe_ukr_fn run = wide ? job->kr->ukr[MOE_WTYPE_F32] : ukr;
 
     /* The weight panel outside: it is read from memory once per task and
      * reused from cache for every activation panel of the block. */
     for (c = task->c0; c < task->c1; c++) {
         const char *b = (const char *)w->gu +
                         (task->e * w->gu_panels + c) * panel;
+        const void *bk = b;
+        if (wide != NULL) {
+            job->kr->dequant[w->dtype](b, d, w->group_gu, wide);
+            bk = wide;
+        }
         /* the passes over panel c bring panel c + 1 to L2 */
         const char *next = c + 1 < task->c1 ? b + panel : NULL;
         for (P = task->p0; P < task->p1; P++) {
@@ -934,7 +956,7 @@ moe_ffn_up_task(void *ctx, int64_t t)
                 job->kr->dot(job->xp + P * d * mr, b, K, m, tile, nr, pf);
             }
             else {
-                ukr(job->xp + P * d * mr, b, K, w->group_gu, m, tile, nr, pf);
+                run(job->xp + P * d * mr, bk, K, w->group_gu, m, tile, nr, pf);
             }
             if (lora != NULL && lora->n_gu > 0) {
                 job->kr->lowrank(tile, nr, m, nr, job->z_gu + r0 * lora->n_gu,
@@ -989,6 +1011,8 @@ moe_ffn_gemm_task(void *ctx, int64_t t)
     /* heterogeneous experts: the units past expert_ff[e] are skipped */
     const int64_t K = w->expert_ff ? w->expert_ff[task->e] : F;
     const int64_t k_bytes = moe_panel_bytes(w->dtype, K, nr, w->group_down);
+    float *wide = moe_wide_panel(job->kr, w, task, K);
+    const moe_ukr_fn run = wide ? job->kr->ukr[MOE_WTYPE_F32] : ukr;
     float tile[MOE_MAX_MR * MOE_MAX_NR];
     int64_t c, P, r0;
     int m, i, j;
@@ -998,6 +1022,11 @@ moe_ffn_gemm_task(void *ctx, int64_t t)
                         (task->e * w->down_panels + c) * panel;
         /* the passes over panel c bring panel c + 1 to L2 */
         const char *next = c + 1 < task->c1 ? b + panel : NULL;
+        const void *bk = b;
+        if (wide != NULL) {
+            job->kr->dequant[w->dtype](b, K, w->group_down, wide);
+            bk = wide;
+        }
         for (P = task->p0; P < task->p1; P++) {
             int n_cols = d - c * nr < nr ? (int)(d - c * nr) : nr;
             const moe_prefetch pf = moe_prefetch_slice(
@@ -1014,10 +1043,10 @@ moe_ffn_gemm_task(void *ctx, int64_t t)
             }
             else if (n_cols == nr) {
                 /* A whole panel of columns: straight into the output rows. */
-                ukr(g->in + P * F * mr, b, K, w->group_down, m, y, d, pf);
+                run(g->in + P * F * mr, bk, K, w->group_down, m, y, d, pf);
             }
             else {
-                ukr(g->in + P * F * mr, b, K, w->group_down, m, tile, nr,
+                run(g->in + P * F * mr, bk, K, w->group_down, m, tile, nr,
                     pf);
             }
             if (n_cols != nr) {

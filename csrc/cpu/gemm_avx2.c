@@ -4,6 +4,8 @@
 #include <immintrin.h>
 #define MOE_K_CVTPH(p) _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p)))
 #define MOE_K_WIDEN(p) _mm256_cvtps_pd(_mm_loadu_ps(p))
+#define MOE_K_U8TOI32(p) _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(p)))
+#define MOE_K_S8TOI32(p) _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(p)))
 #define MOE_K_NAME moe_kernels_avx2
 #define MOE_K_ISA  "avx2"
 #define MOE_K_VL   8

@@ -4,6 +4,8 @@
 #include <immintrin.h>
 #define MOE_K_CVTPH(p) _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(p)))
 #define MOE_K_WIDEN(p) _mm512_cvtps_pd(_mm256_loadu_ps(p))
+#define MOE_K_U8TOI32(p) _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(p)))
+#define MOE_K_S8TOI32(p) _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(p)))
 #define MOE_K_NAME moe_kernels_avx512
 #define MOE_K_ISA  "avx512"
 #define MOE_K_VL   16

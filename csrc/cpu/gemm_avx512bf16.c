@@ -7,6 +7,8 @@
 #define MOE_K_DPBF16(acc, a, b)                                              \
     ((moe_vf)_mm512_dpbf16_ps((__m512)(acc), (__m512bh)(a), (__m512bh)(b)))
 #define MOE_K_WIDEN(p) _mm512_cvtps_pd(_mm256_loadu_ps(p))
+#define MOE_K_U8TOI32(p) _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(p)))
+#define MOE_K_S8TOI32(p) _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(p)))
 #define MOE_K_NAME moe_kernels_avx512bf16
 #define MOE_K_ISA  "avx512bf16"
 #define MOE_K_VL   16

@@ -125,12 +125,18 @@ typedef void (*moe_act_grad_fn)(int act, const float *g, const float *u,
                                 const float *dh, int n, float alpha,
                                 float limit, float *h, float *dg, float *du);
 
+/* A quantized panel's first K rows as fp32, (K, NR) row-major: the values
+ * ukr computes with (NULL for the float types). */
+typedef void (*moe_dequant_fn)(const void *b, int64_t K, int64_t group,
+                               float *out);
+
 typedef struct moe_kernels {
     const char    *name;  /* "avx512bf16", "avx512", "avx2", "scalar"
                              (portable), "avx512sim" (tests)              */
     int            mr;    /* rows per activation panel                     */
     int            nr;    /* columns per weight panel (2 vectors)          */
     moe_ukr_fn     ukr[MOE_WTYPE_COUNT];
+    moe_dequant_fn dequant[MOE_WTYPE_COUNT];
     moe_dot_fn     dot;   /* bf16 weights x bf16 activations               */
     int            dot_pairs; /* dot reads a as bf16 pairs (1) or fp32 (0) */
     moe_router_fn  router;

@@ -3,7 +3,8 @@
 Reads `config.json` and the (possibly sharded) safetensors files of a model directory,
 memory-mapped, and maps each architecture's routing semantics and weight names onto the
 layer: Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V3 and gpt-oss (router bias, expert
-biases, clamped SwiGLU).  Per-expert keys and fused 3-D expert tensors both load.
+biases, clamped SwiGLU).  Per-expert keys and fused 3-D expert tensors both load, and so do
+gpt-oss's native MXFP4 experts (`*_blocks` / `*_scales`), kept as mxfp4 without widening.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import numpy as np
 from . import safetensors
 from ._api import check_float, check_int
 from .layer import SparseMoE
+from .quant import QuantizedWeight
 
 ARCHITECTURES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "gpt_oss")
 
@@ -208,6 +210,43 @@ def _gpt_oss_experts(ck, prefix, E, F, d):
             down.transpose(0, 2, 1))
 
 
+_FLOAT_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _gpt_oss_mxfp4(ck, prefix, E, F, d):
+    """gpt-oss's native MXFP4 experts as (values, scales) pairs for w_gate, w_up and w_down,
+    copied out of the file.  The checkpoint holds, per OUTPUT row (the nn.Linear layout),
+    blocks (E, rows, k/32, 16) uint8 -- 32 e2m1 nibbles per block, element k in byte k // 2,
+    the low nibble first -- and e8m0 scales (E, rows, k/32): gate_up_proj rows 2F over k = d,
+    the gate the even rows and up the odd ones (interleaved like gate_up_proj_bias), and
+    down_proj rows d over k = F.  Merging the last two axes of the blocks is moe's mxfp4
+    layout (transformers' convert_moe_packed_tensors dequantizes the same bytes, then
+    transposes to its (E, d, 2F) / (E, F, d) parameters)."""
+    gu, dn = prefix + "experts.gate_up_proj", prefix + "experts.down_proj"
+    groups = lambda n: (f"{n[0]}/32", -(-n[1] // 32))  # noqa: E731
+    block = ("bytes per block", 16)
+    F2 = (f"2*{F[0]}", 2 * F[1])
+    for key, dims, label in (
+            (gu + "_blocks", (E, F2, groups(d), block), "MXFP4 gate and up projections"),
+            (gu + "_scales", (E, F2, groups(d)), "e8m0 scales of the gate and up projections"),
+            (dn + "_blocks", (E, d, groups(F), block), "MXFP4 down projections"),
+            (dn + "_scales", (E, d, groups(F)), "e8m0 scales of the down projections")):
+        _check_shape(ck, key, dims, label)
+        if ck.dtype(key) != "U8":
+            raise TypeError(f"{key} ({label}) in the checkpoint is {ck.dtype(key)}, expected U8")
+    for field, size in (d, F):
+        if size % 32:
+            raise ValueError(f"config.json: {field}={size}: gpt-oss MXFP4 experts need a "
+                             "multiple of 32 (whole blocks of 32 values per row)")
+    n_e, n_f, n_d = E[1], F[1], d[1]
+    gu_values = ck.get(gu + "_blocks").reshape(n_e, 2 * n_f, n_d // 2)
+    gu_scales = ck.get(gu + "_scales")
+    return ((np.array(gu_values[:, 0::2]), np.array(gu_scales[:, 0::2])),
+            (np.array(gu_values[:, 1::2]), np.array(gu_scales[:, 1::2])),
+            (np.array(ck.get(dn + "_blocks").reshape(n_e, n_d, n_f // 2)),
+             np.array(ck.get(dn + "_scales"))))
+
+
 def _file_dtype(ck, key):
     dt = ck.dtype(key)
     return {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}.get(dt, dt)
@@ -229,7 +268,15 @@ def from_hf(path, layer, *, dtype=None, progress=None) -> SparseMoE:
     path: a folder with config.json and model.safetensors (or shards listed in
     model.safetensors.index.json), read memory-mapped.  dtype: storage of the expert FFN
     weights: None keeps the checkpoint's (float32, bfloat16 or float16), or "float32" /
-    "bfloat16" / "float16" converts (bfloat16 -> float32 is exact).  progress: a callable
+    "bfloat16" / "float16" converts (bfloat16 -> float32 is exact); "int8" / "int4" /
+    "mxfp4" quantize a float checkpoint's experts to nearest (see moe.quant).
+
+    gpt-oss checkpoints with native MXFP4 experts (experts.gate_up_proj_blocks / _scales,
+    down_proj_blocks / _scales): dtype None or "mxfp4" keeps the file's bytes (a layer of
+    dtype "mxfp4", group_size 32, gate and up de-interleaved by rows); "float32" /
+    "bfloat16" dequantizes exactly (float16 exactly within its range; a weight past it
+    is refused as Inf); "int8" / "int4" raise ValueError rather than quantize twice --
+    load as "float32" and call moe.quantize to choose that explicitly.  progress: a callable
     (i, n_files, filename), default a bar on stderr for multi-file checkpoints; False for
     none.  Routing semantics come from the config (softmax/sigmoid, norm_topk_prob,
     routed_scaling_factor, n_group/topk_group, e_score_correction_bias, shared experts and
@@ -248,15 +295,32 @@ def from_hf(path, layer, *, dtype=None, progress=None) -> SparseMoE:
                            f"{arch} MoE block here")
         E, F, d = ((fields[k], kw[k]) for k in ("n_experts", "d_ff", "d_model"))
         _check_shape(ck, router_key, (E, d), "router")
-        if arch == "gpt_oss":
+        mxfp4 = arch == "gpt_oss" and prefix + "experts.gate_up_proj_blocks" in ck
+        if mxfp4:
+            if dtype in ("int8", "int4"):
+                raise ValueError(f"dtype={dtype!r}: this gpt-oss checkpoint's experts are "
+                                 "MXFP4; re-quantizing them would round twice.  Load with "
+                                 "dtype=None (mxfp4) or 'float32', then moe.quantize(layer, "
+                                 f"{dtype!r}) to choose that explicitly")
+            if dtype not in (None, "mxfp4") + _FLOAT_DTYPES:
+                raise ValueError(f"dtype must be None, 'mxfp4', 'float32', 'bfloat16' or "
+                                 f"'float16' for MXFP4 gpt-oss experts, got {dtype!r}")
+            wg, wu, wd = _gpt_oss_mxfp4(ck, prefix, E, F, d)
+            file_dtype = "mxfp4"
+            dtype = dtype or "mxfp4"
+            if dtype != "mxfp4":  # exact float32, rounded by the layer only for float16
+                wg, wu, wd = [QuantizedWeight(v, s, "mxfp4", v.shape[:-1] + (2 * v.shape[-1],),
+                                              32).dequantize() for v, s in (wg, wu, wd)]
+        elif arch == "gpt_oss":
             wg, wu, wd = _gpt_oss_experts(ck, prefix, E, F, d)
         else:
             wg, wu, wd = _expert_weights(ck, prefix, E, F, d, style)
-        key0 = (prefix + "experts.gate_up_proj" if prefix + "experts.gate_up_proj" in ck
-                else f"{prefix}experts.0.{style[1]}.weight")
-        file_dtype = _file_dtype(ck, key0)
+        if not mxfp4:
+            key0 = (prefix + "experts.gate_up_proj" if prefix + "experts.gate_up_proj" in ck
+                    else f"{prefix}experts.0.{style[1]}.weight")
+            file_dtype = _file_dtype(ck, key0)
         if dtype is None:
-            dtype = file_dtype if file_dtype in ("float32", "bfloat16", "float16") else "float32"
+            dtype = file_dtype if file_dtype in _FLOAT_DTYPES else "float32"
         convert = file_dtype != dtype
         if file_dtype == "bfloat16" and convert:
             # the layer takes float arrays for a conversion: widen bfloat16 bits exactly
@@ -284,5 +348,6 @@ def from_hf(path, layer, *, dtype=None, progress=None) -> SparseMoE:
             moe_layer.shared_w_gate, moe_layer.shared_w_up, moe_layer.shared_w_down = sw
             if gate_key is not None:
                 moe_layer.shared_gate_weight = _float32(ck, prefix + gate_key)
-        moe_layer.pack()  # copies out of the memory map before it closes
+        moe_layer.pack()  # copies out of the memory map before it closes (mxfp4 values and
+        # scales were copied by _gpt_oss_mxfp4: the layer keeps them)
     return moe_layer

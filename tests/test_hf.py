@@ -7,6 +7,8 @@ Also bf16 and sharded checkpoints, the errors, and a bitwise save/load round tri
 """
 import json
 import os
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -256,3 +258,158 @@ def test_config_sizes_checked_against_the_file(field, value, tmp_path):
 def test_bad_config_fields_are_named(config, error, message, tmp_path):
     with pytest.raises(error, match=r"config\.json: " + message):
         moe.from_hf(tiny_mixtral(tmp_path, **config), 0)
+
+
+# gpt-oss's native MXFP4 experts: per output row (nn.Linear layout), blocks (E, rows, k/32,
+# 16) uint8 and e8m0 scales (E, rows, k/32); gate_up_proj rows interleave gate (even) and up
+# (odd).  transformers dequantizes them with convert_moe_packed_tensors to its (E, d, 2F) and
+# (E, F, d) parameters.
+MX = dict(hidden_size=64, intermediate_size=64, num_local_experts=4, num_experts_per_tok=2)
+
+
+@pytest.fixture(scope="module")
+def mxfp4_gpt_oss(tmp_path_factory):
+    """(folder, the file's tensors, a float transformers gpt-oss model whose experts are the
+    checkpoint's MXFP4 experts as dequantized by transformers' convert_moe_packed_tensors)."""
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+    folder = tmp_path_factory.mktemp("gpt_oss_mxfp4")
+    torch.manual_seed(7)
+    cfg = T.GptOssConfig(**dict(COMMON, **MX), head_dim=8,
+                         layer_types=["full_attention", "full_attention"])
+    model = T.GptOssForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.2)
+        for layer in model.model.layers:  # scales spread over a few binades
+            ex = layer.mlp.experts
+            ex.gate_up_proj.mul_(torch.exp2(torch.randint(-3, 4, ex.gate_up_proj.shape[:2]))
+                                 [..., None])
+    model.save_pretrained(folder)
+    path = str(folder / "model.safetensors")
+    tensors = {k: np.array(v) for k, v in safetensors.load_file(path).items()}
+    for i, layer in enumerate(model.model.layers):
+        prefix = f"model.layers.{i}.mlp.experts."
+        ex = layer.mlp.experts
+        for name, param in (("gate_up_proj", ex.gate_up_proj), ("down_proj", ex.down_proj)):
+            del tensors[prefix + name]
+            # (E, d, 2F) / (E, F, d) -> rows = outputs: (E, 2F, d) with gate/up rows
+            # interleaved (0::2 / 1::2, like the bias), (E, d, F)
+            w = param.detach().numpy().transpose(0, 2, 1)
+            q = moe.quant.quantize_weight(w, "mxfp4")
+            rows, k = w.shape[1:]
+            blocks = q.values.reshape(len(w), rows, k // 32, 16)
+            tensors[prefix + name + "_blocks"] = blocks
+            tensors[prefix + name + "_scales"] = q.scales
+            deq = convert_moe_packed_tensors(torch.from_numpy(blocks),
+                                             torch.from_numpy(q.scales), dtype=torch.float32)
+            assert tuple(deq.shape) == tuple(param.shape)
+            with torch.no_grad():
+                param.copy_(deq)
+    safetensors.save_file(tensors, path)
+    return str(folder), tensors, model
+
+
+def test_gpt_oss_mxfp4_keeps_the_files_bytes(mxfp4_gpt_oss):
+    folder, tensors, _ = mxfp4_gpt_oss
+    layer = moe.from_hf(folder, MOE_LAYER)
+    E, F, d = MX["num_local_experts"], MX["intermediate_size"], MX["hidden_size"]
+    assert layer.dtype == "mxfp4" and layer.group_size == 32
+    prefix = f"model.layers.{MOE_LAYER}.mlp.experts."
+    gu = tensors[prefix + "gate_up_proj_blocks"].reshape(E, 2 * F, d // 2)
+    gus = tensors[prefix + "gate_up_proj_scales"]
+    expected = {"w_gate": (gu[:, 0::2], gus[:, 0::2]), "w_up": (gu[:, 1::2], gus[:, 1::2]),
+                "w_down": (tensors[prefix + "down_proj_blocks"].reshape(E, d, F // 2),
+                           tensors[prefix + "down_proj_scales"])}
+    for name, (values, scales) in expected.items():
+        w = getattr(layer, name)
+        assert isinstance(w, moe.QuantizedWeight) and w.dtype == "mxfp4", name
+        assert w.values.dtype == np.uint8 and np.array_equal(w.values, values), name
+        assert w.scales.dtype == np.uint8 and np.array_equal(w.scales, scales), name
+        assert w.values.flags.owndata and w.scales.flags.owndata, name  # not the file's map
+    assert layer.w_gate.shape == (E, F, d) and layer.w_down.shape == (E, d, F)
+    gub = tensors[prefix + "gate_up_proj_bias"]
+    assert np.array_equal(layer.b_gate, gub[:, 0::2]) and np.array_equal(layer.b_up, gub[:, 1::2])
+    assert np.array_equal(layer.b_down, tensors[prefix + "down_proj_bias"])
+
+
+def test_gpt_oss_mxfp4_matches_transformers(mxfp4_gpt_oss, rng):
+    """The layer against transformers' gpt-oss block on transformers' own dequantization of
+    the same blocks and scales (convert_moe_packed_tensors): the weights bitwise, the output
+    to float32 rounding, the same experts."""
+    folder, _, model = mxfp4_gpt_oss
+    layer = moe.from_hf(folder, MOE_LAYER)
+    ex = block(model).experts
+    gate_up = ex.gate_up_proj.detach().numpy()  # (E, d, 2F), gate the even columns
+    assert np.array_equal(layer.w_gate.dequantize(), gate_up[..., 0::2].transpose(0, 2, 1))
+    assert np.array_equal(layer.w_up.dequantize(), gate_up[..., 1::2].transpose(0, 2, 1))
+    assert np.array_equal(layer.w_down.dequantize(),
+                          ex.down_proj.detach().numpy().transpose(0, 2, 1))
+    x = (rng.standard_normal((3, 11, MX["hidden_size"])) * 2).astype(np.float32)
+    y, routing = layer(x, return_routing=True)
+    ref64, _ = moe.reference.layer_forward(layer, x)
+    assert_close(y, ref64, what="mxfp4 gpt-oss vs moe.reference")
+    ref = hf_forward(model, x)
+    err = float(np.max(np.abs(y - ref)) / np.max(np.abs(ref)))
+    assert err <= 1e-5, f"relative error {err:.2e} against transformers"
+    ids = hf_expert_ids("gpt_oss", model, x)
+    assert np.array_equal(np.sort(routing.expert_ids, axis=1), np.sort(ids, axis=1))
+
+
+def test_gpt_oss_mxfp4_dequantized_loads(mxfp4_gpt_oss, rng):
+    folder, _, _ = mxfp4_gpt_oss
+    kept = moe.from_hf(folder, MOE_LAYER)
+    explicit = moe.from_hf(folder, MOE_LAYER, dtype="mxfp4")
+    wide = moe.from_hf(folder, MOE_LAYER, dtype="float32")
+    bf16 = moe.from_hf(folder, MOE_LAYER, dtype="bfloat16")
+    f16 = moe.from_hf(folder, MOE_LAYER, dtype="float16")
+    assert explicit.dtype == "mxfp4" and wide.dtype == "float32" and bf16.dtype == "bfloat16"
+    for name in ("w_gate", "w_up", "w_down"):
+        deq = getattr(kept, name).dequantize()
+        assert np.array_equal(getattr(explicit, name).values, getattr(kept, name).values)
+        w = getattr(wide, name)
+        assert w.dtype == np.float32 and np.array_equal(w.view(np.uint32), deq.view(np.uint32))
+        # e2m1 times a power of two is exact in bfloat16
+        bits = getattr(bf16, name).astype(np.uint32) << 16
+        assert np.array_equal(bits, deq.view(np.uint32)), name
+        # and in float16 within its range (these scales are)
+        assert np.array_equal(getattr(f16, name).astype(np.float32), deq), name
+    # the quantized kernels are bitwise the float32 ones on the dequantized weights
+    x = rng.standard_normal((2, 9, MX["hidden_size"])).astype(np.float32)
+    assert np.array_equal(kept(x), wide(x)) and np.array_equal(kept(x), bf16(x))
+    assert np.array_equal(kept(x), f16(x))
+    for dtype in ("int8", "int4"):
+        with pytest.raises(ValueError, match=rf"dtype='{dtype}': this gpt-oss checkpoint's "
+                                             r"experts are MXFP4"):
+            moe.from_hf(folder, MOE_LAYER, dtype=dtype)
+    with pytest.raises(ValueError, match=r"dtype must be None, 'mxfp4', .* got 'fp4'"):
+        moe.from_hf(folder, MOE_LAYER, dtype="fp4")
+
+
+@pytest.mark.parametrize("name, shape", [
+    ("gate_up_proj_blocks", (4, 64, 2, 16)),    # rows: intermediate_size, not 2*
+    ("gate_up_proj_blocks", (4, 128, 2, 8)),    # half blocks
+    ("gate_up_proj_scales", (4, 128, 1)),       # k/32 of hidden_size
+    ("down_proj_blocks", (4, 64, 4, 16)),       # intermediate_size/32
+    ("down_proj_scales", (4, 32, 2)),           # rows: hidden_size
+])
+def test_gpt_oss_mxfp4_shapes_checked(name, shape, mxfp4_gpt_oss, tmp_path):
+    """A blocks or scales tensor of the wrong shape fails on the header, naming it."""
+    folder, tensors, _ = mxfp4_gpt_oss
+    key = f"model.layers.{MOE_LAYER}.mlp.experts.{name}"
+    bad = dict(tensors, **{key: np.zeros(shape, np.uint8)})
+    safetensors.save_file(bad, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text((Path(folder) / "config.json").read_text())
+    with pytest.raises(ValueError, match=re.escape(key) + r" \(.*\) in the checkpoint has "
+                                         + re.escape(f"shape {shape}, expected")):
+        moe.from_hf(str(tmp_path), MOE_LAYER)
+
+
+def test_gpt_oss_mxfp4_blocks_must_be_bytes(mxfp4_gpt_oss, tmp_path):
+    folder, tensors, _ = mxfp4_gpt_oss
+    key = f"model.layers.{MOE_LAYER}.mlp.experts.down_proj_scales"
+    bad = dict(tensors, **{key: tensors[key].astype(np.int8)})
+    safetensors.save_file(bad, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text((Path(folder) / "config.json").read_text())
+    with pytest.raises(TypeError, match=re.escape(key) + r" \(.*\) in the checkpoint is I8, "
+                                        r"expected U8"):
+        moe.from_hf(str(tmp_path), MOE_LAYER)

@@ -25,6 +25,7 @@ from . import peer as _peer_mod
 from . import soft_moe as _soft_mod
 from .layer import SparseMoE as _NumpySparseMoE
 from .multihead import MultiHeadMoE as _NumpyMultiHeadMoE
+from .quant import QUANT_DTYPES as _QUANT_DTYPES
 
 __all__ = ["FlyLoRA", "GatedLoRA", "HydraLoRA", "MixtureOfTokens", "MultiHeadMoE", "MultiLoRA",
            "PEER", "PEERRouting", "Routing", "SMoRA", "SoftLoRA", "SoftMoE", "SparseMoE",
@@ -550,6 +551,14 @@ class SparseMoE(_LayerModule):
     def _adopt(self, layer):
         """Make the layer's weights this module's parameters / buffer, on the same memory
         (with expert LoRA the experts are frozen parameters: requires_grad False)."""
+        quantized = [f"{n}={getattr(layer, n)!r}" for n in ("dtype", "shared_dtype")
+                     if getattr(layer, n) in _QUANT_DTYPES]
+        if quantized:
+            raise TypeError("moe.torch.SparseMoE holds float weights as parameters; a "
+                            f"quantized layer ({', '.join(quantized)}) runs as moe.SparseMoE "
+                            "(NumPy / DLPack inputs, e.g. torch tensors through "
+                            "np.from_dlpack); train the float module, then moe.quantize "
+                            "its to_layer()")
         frozen = _layer_mod._FROZEN_BY_LORA if layer.lora_rank else ()
         names = _adopt_weights(self, layer, layer._weight_names(), frozen=frozen)
         self._config = layer.config()

@@ -1,0 +1,161 @@
+"""Quantized experts: decode and prefill speed of int8 / int4 / mxfp4 layers against our
+fp32 and bf16 layers, the read bandwidth, and each format's error.
+
+For each CPU shape of shared/bench/shapes.json: the fp32 layer, its bf16 twin and
+moe.quantize(layer, fmt) for int8 (one scale per row), int4 (groups of 32) and mxfp4.
+Every layer is first checked against moe.reference (its own dequantized weights, rtol
+1e-5 of the largest output).  Then, per token count, all are timed in interleaved rounds
+(benchmarks/_common.interleaved); for 1-8 tokens every timed call starts with the caches
+flushed (a read of twice the L3, as bench_cpu.py does) and the read bandwidth is measured
+in every round.  GB/s counts the bytes a call actually reads: the active experts' values
+and scales, the shared experts and the router.  Ratios are medians of per-round ratios.
+The error table gives each format's output error against the fp32 layer on 256 random
+tokens (relative Frobenius norm), round to nearest and, for int8 / int4, with
+calibration= (the activation-aware scale search) on another 256 tokens.
+
+    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/bench_quant.py
+        [--configs mixtral-small ...] [--tokens 1 8 512] [--budget 8] [--out FILE.md]
+"""
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+
+import numpy as np
+
+import moe
+from _common import (cache_flusher, check, interleaved, per_round,  # noqa: E402
+                     read_bandwidth, spread)
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SHAPES = os.path.join(HERE, "shapes.json")
+FORMATS = (("int8", None), ("int4", 32), ("mxfp4", 32))
+
+
+def expert_bytes(layer, name, e=None):
+    """Bytes of weight `name` (of expert e) as the layer stores it."""
+    w = getattr(layer, name)
+    if w is None:
+        return 0
+    if isinstance(w, moe.QuantizedWeight):
+        return (w.values[e].nbytes + w.scales[e].nbytes) if e is not None else w.nbytes
+    return w[e].nbytes if e is not None else w.nbytes
+
+
+def read_bytes(layer, routing):
+    """Bytes a forward reads: the routed experts' weights, the shared experts', the router."""
+    used = np.unique(routing.expert_ids[routing.expert_ids >= 0])
+    b = sum(expert_bytes(layer, n, int(e)) for e in used for n in ("w_gate", "w_up", "w_down"))
+    b += sum(expert_bytes(layer, n) for n in ("shared_w_gate", "shared_w_up", "shared_w_down"))
+    return b + layer.router_weight.nbytes
+
+
+def rel_fro(y, ref):
+    return float(np.linalg.norm(y - ref) / np.linalg.norm(ref))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--configs", nargs="+", default=["mixtral-small", "qwen3-small",
+                                                     "deepseek-small"])
+    ap.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 512])
+    ap.add_argument("--budget", type=float, default=8.0)
+    ap.add_argument("--out", default=os.path.join(HERE, "results_quant.md"))
+    args = ap.parse_args()
+
+    with open(SHAPES) as f:
+        shapes = json.load(f)["cpu"]
+    threads = moe.get_num_threads()
+    info = moe._C.build_info()
+    head = [
+        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+        f"cpu features: {info['cpu_features']}",
+        f"moe {info['version']}: kernels {info['isa']}, {threads} threads",
+        "",
+        "| shape | tokens | fp32 ms | bf16 ms | format | ms | vs fp32 | vs bf16 | GB/s read "
+        "(% of bandwidth) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    print("\n".join(head), flush=True)
+    rows, errors = [], []
+    rng = np.random.default_rng(0)
+    flush = cache_flusher(threads)
+    for name in args.configs:
+        cfg = {k: v for k, v in shapes[name].items() if k != "n_tokens"}
+        layer = moe.SparseMoE(**cfg)
+        if layer.use_expert_bias:
+            layer.expert_bias[:] = rng.standard_normal(layer.n_experts) * 0.01
+        bf16 = moe.SparseMoE(**cfg, dtype="bfloat16", init=False)
+        for n in layer._weight_names():
+            if getattr(layer, n) is not None:
+                setattr(bf16, n, getattr(layer, n))
+        quant = {fmt: moe.quantize(layer, fmt, g) for fmt, g in FORMATS}
+        # correctness first: each quantized layer against the float64 reference
+        x = rng.standard_normal((8, layer.d_model)).astype(np.float32)
+        for fmt, q in quant.items():
+            ref, _ = moe.reference.layer_forward(q, x)
+            check(f"{name} {fmt}", q(x), ref, rtol=1e-5)
+        # each format's error against the fp32 layer (random weights and inputs)
+        xe = rng.standard_normal((256, layer.d_model)).astype(np.float32)
+        xc = rng.standard_normal((256, layer.d_model)).astype(np.float32)
+        y32 = layer(xe)
+        err = {"bf16": rel_fro(bf16(xe), y32)}
+        for fmt, g in FORMATS:
+            err[fmt] = rel_fro(quant[fmt](xe), y32)
+            if fmt != "mxfp4":
+                cal = moe.quantize(layer, fmt, g, calibration=xc)
+                err[fmt + " calibrated"] = rel_fro(cal(xe), y32)
+        errors.append((name, err))
+        for T in args.tokens:
+            x = rng.standard_normal((T, layer.d_model)).astype(np.float32)
+            _, routing = layer(x, return_routing=True)
+            cold = flush if T <= 8 else None
+            impls = [("fp32", layer), ("bf16", bf16)] + list(quant.items())
+            bw = []
+            times = interleaved([((lambda m=m: m(x)), cold) for _, m in impls],
+                                budget=args.budget,
+                                each_round=(lambda: bw.append(read_bandwidth(threads, 256)))
+                                if T <= 8 else None)
+            t32, t16 = times[0], times[1]
+            ms = lambda t: "%.2f (%.2f-%.2f)" % tuple(v * 1e3 for v in spread(t))  # noqa: E731
+            for (fmt, q), t in zip(impls[2:], times[2:]):
+                gbs = "-"
+                if T <= 8:
+                    nb = read_bytes(q, routing)
+                    gb = [nb / s / 1e9 for s in t]
+                    frac = statistics.median(g / r for g, r in zip(gb, bw))
+                    gbs = (f"{statistics.median(gb):.1f} ({100 * frac:.0f}% of "
+                           f"{statistics.median(bw):.1f})")
+                row = (f"| {name} | {T} | {ms(t32)} | {ms(t16)} | {fmt} | {ms(t)} | "
+                       f"{per_round(t32, t):.2f}x | {per_round(t16, t):.2f}x | {gbs} |")
+                rows.append(row)
+                print(row, flush=True)
+    err_head = ["", "Output error against the fp32 layer (relative Frobenius norm, 256 random "
+                "tokens; random Gaussian weights, not a trained checkpoint's):", "",
+                "| shape | " + " | ".join(errors[0][1]) + " |",
+                "| --- " * (len(errors[0][1]) + 1) + "|"]
+    err_rows = [f"| {n} | " + " | ".join(f"{v:.2e}" for v in e.values()) + " |"
+                for n, e in errors]
+    print("\n".join(err_head + err_rows), flush=True)
+    notes = [
+        "",
+        "Every layer of a row is timed in rounds, one call each per round in rotating order "
+        f"(each after an untimed call of its own), for {args.budget:.0f} s (3-15 rounds): "
+        "times are medians (min-max) over rounds and the ratios medians of per-round "
+        "ratios.  For 1-8 tokens every timed call starts with the caches flushed, and GB/s "
+        "is the bytes the call reads (the active experts' values and scales, shared experts, "
+        "router) over its time, against the read bandwidth measured in the same rounds.  "
+        "int8: one float16 scale per row; int4: float16 scales per 32; mxfp4: e8m0 per 32.  "
+        "The kernels dequantize exactly (a quantized layer's output is bitwise the fp32 "
+        "layer's on the dequantized weights): in registers when a weight panel serves one "
+        "activation panel (decode), widened once per task into an fp32 panel otherwise.",
+    ]
+    with open(args.out, "w") as f:
+        f.write("\n".join(head + rows + err_head + err_rows + notes) + "\n")
+    print(f"\nwritten to {args.out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -222,6 +222,8 @@ class SparseMoE:
             raise ValueError(f"group_size is an option of the quantized dtypes "
                              f"({', '.join(QUANT_DTYPES)}), not of dtype={dtype!r}")
         # the weights per scale along k (0: one scale per row), None without quantization
+        if group_size is None and "mxfp4" in quantized:
+            group_size = 32  # the one group size of mxfp4 serves the other format too
         for t in quantized:
             group_size = check_group_size(t, group_size)
         self.group_size = group_size if quantized else None

@@ -122,7 +122,8 @@ class QuantizedWeight:
                                self.shape[1:], self.group_size)
 
     def dequantize(self):
-        """The weight as float32 (exact)."""
+        """The weight as float32: exact (mxfp4 weights past float32's range, which layers
+        refuse, become inf; e8m0 scale 255 is NaN)."""
         return dequantize(self.values, self.scales, self.dtype, self.shape[-1],
                           self.group_size)
 
@@ -178,8 +179,9 @@ def dequantize(values, scales, dtype, k, group_size):
         q = _nibbles(values, k).astype(np.float32) - 8.0
     else:
         q = E2M1_VALUES[_nibbles(values, k)]
-    if dtype == "mxfp4":
-        s = np.ldexp(np.float32(1.0), scales.astype(np.int32) - 127).astype(np.float32)
+    if dtype == "mxfp4":  # e8m0 255 is NaN
+        s = np.where(scales == 255, np.float32(np.nan),
+                     np.ldexp(np.float32(1.0), scales.astype(np.int32) - 127)).astype(np.float32)
     else:
         s = scales.astype(np.float32)
     return q * _per_element(s, k, group_size)
@@ -259,6 +261,10 @@ def quantize_weight(w, dtype, group_size=None, *, importance=None, name="w"):
         best_s = np.where(better, s, best_s)
         best_q = np.where(better[..., None], q, best_q)
         best_err = np.where(better, err, best_err)
+    if not np.all(np.isfinite(best_s)):
+        raise ValueError(f"{name}: a group's scale overflows float16 (|w| up to "
+                         f"{float(np.max(np.abs(w))):.3g}; {dtype} reaches "
+                         f"{65504.0 * -qmin:.3g}): scale the weights down first")
     q = best_q.reshape(best_q.shape[:-2] + (-1,))[..., :k]
     values = q.astype(np.int8) if dtype == "int8" else _pack_nibbles((q + 8).astype(np.uint8))
     return QuantizedWeight(values, best_s, dtype, w.shape, group_size)
@@ -317,7 +323,7 @@ def pack_weight_args(w_gate, w_up, w_down, dtype, group_size, one=False):
         return dict(w_gate=None if w_gate is None else weight_bits(lead(w_gate)),
                     w_up=weight_bits(lead(w_up)), w_down=weight_bits(lead(w_down)),
                     dtype=dtype_code(dtype))
-    kw = dict(dtype=dtype_code(dtype), group_size=group_size)
+    kw = dict(w_gate=None, dtype=dtype_code(dtype), group_size=group_size)
     for key, w in (("w_gate", w_gate), ("w_up", w_up), ("w_down", w_down)):
         if w is None:
             continue

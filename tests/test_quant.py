@@ -33,17 +33,9 @@ FORMAT_IDS = [f"{dt}-g{g or 'row'}" for dt, g in FORMATS]
 OCP_E2M1 = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0,
             -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0]
 
-UNGATED_BUG = ("quantized layers with an ungated activation cannot run: "
-               "moe.quant.pack_weight_args leaves out the w_gate keyword when w_gate is None, "
-               "and _C.pack_experts takes w_gate as a required argument -> TypeError "
-               "\"pack_experts() missing required argument 'w_gate' (pos 1)\"")
-
 
 def activation_param(act):
-    if act in GATED:
-        return act
-    return pytest.param(act, marks=pytest.mark.xfail(strict=True, raises=TypeError,
-                                                     reason=UNGATED_BUG))
+    return act
 
 
 @pytest.fixture
@@ -572,10 +564,6 @@ def test_quantize_bad_arguments(make):
         quantize_weight(np.ones(4), "int4")
 
 
-@pytest.mark.xfail(strict=True, reason="quantize_weight turns finite weights past the float16 "
-                   "scale range (|w| > 65504 * 127 for int8, 65504 * 8 for int4) into inf "
-                   "scales (a weight that dequantizes to NaN) instead of raising ValueError; "
-                   "the layer only refuses it later, saying the weight holds NaN")
 @pytest.mark.parametrize("dtype", ["int8", "int4"])
 def test_quantize_weight_past_float16_scale_range(dtype):
     with np.errstate(over="ignore"), pytest.raises(ValueError, match="w_big"):

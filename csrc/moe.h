@@ -185,8 +185,8 @@ typedef struct moe_experts_info {
     int32_t   linear;  /* a packed linear (moe_linear_pack)                */
     moe_dtype dtype;
     int32_t   bf16_compute; /* packed with moe_pack_params.bf16_compute   */
-    int64_t   group_size; /* quantized: weights per scale along k of gate */
-    int64_t   group_size_down; /* and up, and of down; else 0             */
+    int64_t   group_size; /* quantized: weights per scale along k (0: one
+                             per row), as packed; else 0                  */
     size_t    nbytes;  /* memory held by the pack                          */
 } moe_experts_info;
 

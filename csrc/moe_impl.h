@@ -71,6 +71,7 @@ struct moe_experts {
                               (moe_panel_bytes, cpu/gemm.inc)              */
     int64_t   group_gu;    /* quantized: rows per scale of the gu panels   */
     int64_t   group_down;  /*   and of the down panels; else 0            */
+    int64_t   group_size;  /* as packed (moe_pack_params.group_size)        */
     float    *gu_bias;     /* (E, gu_panels, nr) as the panel columns, or
                               NULL                                         */
     float    *down_bias;   /* (E, d_model) or NULL                         */

@@ -555,14 +555,16 @@ class PackedExperts:
     """
 
     __slots__ = ("capsule", "n_experts", "d_model", "d_ff", "gated", "dtype",
-                 "compute_dtype", "nbytes", "activation", "isa")
+                 "compute_dtype", "nbytes", "activation", "isa", "group_size")
 
     def __init__(self, capsule, activation):
         info = _C.experts_info(capsule)
         self.capsule = capsule
         self.n_experts, self.d_model, self.d_ff = info["n_experts"], info["d_model"], info["d_ff"]
         self.gated, self.nbytes = bool(info["gated"]), info["nbytes"]
-        self.dtype = WEIGHT_DTYPES[info["dtype"]]
+        self.dtype = (WEIGHT_DTYPES + _C.QUANT_DTYPES)[info["dtype"]]
+        # quantized: weights per scale along k (0: one per row); None for float weights
+        self.group_size = info["group_size"] if self.dtype in _C.QUANT_DTYPES else None
         self.compute_dtype = "bfloat16" if info["bf16_compute"] else "float32"
         self.activation = activation
         self.isa = _C.build_info()["isa"]
@@ -575,19 +577,31 @@ class PackedExperts:
 
 
 def pack_experts(w_gate, w_up, w_down, activation="swiglu", dtype=None, *, b_gate=None,
-                 b_up=None, b_down=None, compute_dtype="float32") -> PackedExperts:
+                 b_up=None, b_down=None, compute_dtype="float32",
+                 group_size=None) -> PackedExperts:
     """Pack expert weights once for the CPU kernels.
 
     w_gate, w_up: (E, F, d); w_down: (E, d, F) (nn.Linear layout; w_gate None for
     non-gated activations).  dtype: the storage type, "float32", "bfloat16" or
     "float16" (default: float16 / bfloat16 inputs keep theirs, anything else float32);
-    compute is float32 with float32 accumulation.  b_gate, b_up: (E, F) and
+    compute is float32 with float32 accumulation.  Quantized experts: moe.QuantizedWeight
+    weights (one format and group size), or float weights with dtype "int8" / "int4" /
+    "mxfp4" and group_size (rounded to nearest; see moe.quant).  b_gate, b_up: (E, F) and
     b_down: (E, d) optional float32 biases (gpt-oss).  compute_dtype="bfloat16" (bfloat16
     weights, even d and F): the FFN rounds its inputs and hidden activations to bfloat16
     (see SparseMoE).
     """
     check_choice(compute_dtype, "compute_dtype", ("float32", "bfloat16"))
     check_choice(activation, "activation", ACTIVATIONS)
+    if dtype in _C.QUANT_DTYPES or any(hasattr(w, "dequantize") for w in (w_gate, w_up, w_down)):
+        if compute_dtype != "float32":
+            raise ValueError("compute_dtype='bfloat16' needs bfloat16 weights, not quantized "
+                             "ones")
+        return _pack_quantized(w_gate, w_up, w_down, activation, dtype, group_size,
+                               (b_gate, b_up, b_down))
+    if group_size is not None:
+        raise ValueError(f"group_size is an option of the quantized dtypes "
+                         f"({', '.join(_C.QUANT_DTYPES)}), not of dtype={dtype!r}")
     dtype = _guess_dtype(w_gate, w_up, w_down) if dtype is None else dtype
     code = check_choice(dtype, "dtype", WEIGHT_DTYPES)
     up_probe = _as_ndarray(w_up, "w_up") if _bf16_source(w_up) is None else _bf16_source(w_up)
@@ -610,6 +624,55 @@ def pack_experts(w_gate, w_up, w_down, activation="swiglu", dtype=None, *, b_gat
         capsule = _C.pack_experts(w_gate=g, w_up=u, w_down=dn, dtype=code, b_gate=biases[0],
                                   b_up=biases[1], b_down=biases[2],
                                   bf16_compute=compute_dtype == "bfloat16")
+    return PackedExperts(capsule, activation)
+
+
+def _pack_quantized(w_gate, w_up, w_down, activation, dtype, group_size, biases):
+    """pack_experts for quantized experts: QuantizedWeights, or float weights quantized to
+    `dtype` (round to nearest)."""
+    from .quant import QuantizedWeight, check_group_size, pack_weight_args, quantize_weight
+    names = ("w_gate", "w_up", "w_down")
+    if activation in GATED and w_gate is None:
+        raise ValueError(f"w_gate is required by activation {activation!r}")
+    ws = [w_gate if activation in GATED else None, w_up, w_down]
+    given = [w for w in ws if w is not None]
+    if all(isinstance(w, QuantizedWeight) for w in given):
+        fmt, g = given[0].dtype, given[0].group_size
+        if dtype is not None and dtype != fmt:
+            raise ValueError(f"dtype={dtype!r} but the weights are {fmt} QuantizedWeights")
+        if group_size is not None and check_group_size(fmt, group_size) != g:
+            raise ValueError(f"group_size={group_size} but the weights have group_size={g}")
+        for name, w in zip(names, ws):
+            if w is not None and (w.dtype, w.group_size) != (fmt, g):
+                raise ValueError(f"{name} is a {w.dtype} weight with group_size "
+                                 f"{w.group_size}; the others are {fmt} with {g}")
+    elif any(isinstance(w, QuantizedWeight) for w in given):
+        raise TypeError("pass all expert weights as moe.QuantizedWeight or all as float "
+                        "arrays (quantized with dtype= and group_size=)")
+    else:
+        fmt = dtype
+        g = check_group_size(fmt, group_size)
+        ws = [None if w is None else quantize_weight(float_array(w, name), fmt, g, name=name)
+              for name, w in zip(names, ws)]
+    for name, w in zip(names, ws):
+        if w is not None and w.ndim != 3:
+            raise ValueError(f"{name} must have shape (n_experts, rows, k), got "
+                             f"{_shape_str(w.shape)}")
+    E, F, d = ws[1].shape
+    want = {"w_gate": (E, F, d), "w_down": (E, d, F)}
+    for name, w in zip(names, ws):
+        if w is not None and name in want and w.shape != want[name]:
+            raise ValueError(f"{name} must have shape {_shape_str(want[name])} (w_up is "
+                             f"{_shape_str(ws[1].shape)}), got {_shape_str(w.shape)}")
+    b = [None if v is None else float_array(v, name, shape) for v, name, shape in
+         ((biases[0], "b_gate", (("n_experts", E), ("d_ff", F))),
+          (biases[1], "b_up", (("n_experts", E), ("d_ff", F))),
+          (biases[2], "b_down", (("n_experts", E), ("d_model", d))))]
+    if b[0] is not None and ws[0] is None:
+        raise ValueError(f"b_gate is given but activation {activation!r} has no gate")
+    with naming_nonfinite(fmt, w_gate=ws[0], w_up=ws[1], w_down=ws[2]):
+        capsule = _C.pack_experts(**pack_weight_args(*ws, fmt, g), b_gate=b[0], b_up=b[1],
+                                  b_down=b[2])
     return PackedExperts(capsule, activation)
 
 
@@ -648,6 +711,13 @@ def expert_ffn_args(x_sorted, offsets, w_gate, w_up=None, w_down=None, activatio
         packed = w_gate
         if w_up is not None or w_down is not None:
             raise ValueError("pass either a PackedExperts or (w_gate, w_up, w_down), not both")
+    elif dtype in _C.QUANT_DTYPES or any(hasattr(w, "dequantize")
+                                         for w in (w_gate, w_up, w_down)):
+        if keep is not None:
+            raise ValueError("quantized experts have no backward (train float weights, "
+                             "then quantize)")
+        packed = pack_experts(w_gate, w_up, w_down, activation, dtype, b_gate=b_gate,
+                              b_up=b_up, b_down=b_down)
     else:
         dtype = _guess_dtype(w_gate, w_up, w_down) if dtype is None else dtype
         code = check_choice(dtype, "dtype", WEIGHT_DTYPES)

@@ -757,3 +757,45 @@ def test_repr_config_copies(make, fmt):
     w = copy.deepcopy(layer.w_down)
     assert np.array_equal(w.dequantize(), layer.w_down.dequantize())
     assert w.nbytes == layer.w_down.values.nbytes + layer.w_down.scales.nbytes
+
+
+# ---- 9. pack_experts / expert_ffn with quantized weights ------------------------------------
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=FORMAT_IDS)
+def test_pack_experts_and_expert_ffn(rng, fmt):
+    dtype, g = fmt
+    E, F, d = 4, 40, 33
+    w = [rng.standard_normal(s).astype(np.float32) for s in ((E, F, d), (E, F, d), (E, d, F))]
+    q = [quantize_weight(a, dtype, g) for a in w]
+    x = rng.standard_normal((10, d)).astype(np.float32)
+    off = np.array([0, 3, 3, 7, 10])
+    packed = moe.pack_experts(*q)
+    assert (packed.dtype, packed.group_size) == (dtype, g)
+    y = moe.expert_ffn(x, off, packed)
+    deq = [a.dequantize() for a in q]
+    assert_same_bits(moe.expert_ffn(x, off, *deq), y, "the float32 experts")
+    assert_same_bits(moe.expert_ffn(x, off, *q), y, "packing on the call")
+    # float weights with a quantized dtype are rounded to nearest, as quantize_weight does
+    assert_same_bits(moe.expert_ffn(x, off, moe.pack_experts(*w, dtype=dtype, group_size=g)),
+                     y, "float weights quantized by pack_experts")
+    ref = reference.expert_ffn(x, off, *[reference.dequantize(a.values, a.scales, dtype,
+                                                               a.shape[-1], g) for a in q])
+    np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+
+
+def test_pack_experts_quantized_errors(rng):
+    E, F, d = 2, 8, 16
+    w = [rng.standard_normal(s).astype(np.float32) for s in ((E, F, d), (E, F, d), (E, d, F))]
+    q = [quantize_weight(a, "int4", 16) for a in w]
+    with pytest.raises(TypeError, match="QuantizedWeight"):
+        moe.pack_experts(q[0], w[1], q[2])
+    with pytest.raises(ValueError, match="dtype='int8'"):
+        moe.pack_experts(*q, dtype="int8")
+    with pytest.raises(ValueError, match="w_down.*group_size"):
+        moe.pack_experts(q[0], q[1], quantize_weight(w[2], "int4", 8))
+    with pytest.raises(ValueError, match="w_down must have shape"):
+        moe.pack_experts(q[0], q[1], quantize_weight(w[2][:, :, :4], "int4", 16))
+    with pytest.raises(ValueError, match="group_size"):
+        moe.pack_experts(*w, dtype="float32", group_size=32)
+    with pytest.raises(ValueError, match="compute_dtype"):
+        moe.pack_experts(*q, compute_dtype="bfloat16")

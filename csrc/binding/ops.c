@@ -643,14 +643,13 @@ moe_py_experts_info(PyObject *self, PyObject *obj)
     }
     w = PyCapsule_GetPointer(obj, MOE_EXPERTS_CAPSULE);
     moe_experts_get_info(w, &info);
-    return Py_BuildValue("{s:i,s:L,s:L,s:i,s:i,s:i,s:i,s:L,s:L,s:n}",
+    return Py_BuildValue("{s:i,s:L,s:L,s:i,s:i,s:i,s:i,s:L,s:n}",
                          "n_experts", (int)info.n_experts, "d_model",
                          (long long)info.d_model, "d_ff",
                          (long long)info.d_ff, "gated", (int)info.gated,
                          "linear", (int)info.linear, "dtype", (int)info.dtype,
                          "bf16_compute", (int)info.bf16_compute,
                          "group_size", (long long)info.group_size,
-                         "group_size_down", (long long)info.group_size_down,
                          "nbytes", (Py_ssize_t)info.nbytes);
 }
 

@@ -446,6 +446,7 @@ moe_pack(const moe_pack_params *p, int linear, moe_experts **out)
     memset(w, 0, sizeof(*w));
     w->dtype = p->dtype;
     if (moe_dtype_quantized(p->dtype)) {
+        w->group_size = p->group_size;
         /* group_size 0: one scale per row (per output channel) */
         w->group_gu = p->group_size ? p->group_size : p->d_model;
         w->group_down = p->group_size ? p->group_size : p->d_ff;
@@ -578,8 +579,7 @@ moe_experts_get_info(const moe_experts *w, moe_experts_info *info)
     info->linear = w->linear;
     info->dtype = w->dtype;
     info->bf16_compute = w->bf16_act;
-    info->group_size = w->group_gu;
-    info->group_size_down = w->group_down;
+    info->group_size = w->group_size;
     info->nbytes = w->nbytes;
 }
 

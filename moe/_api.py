@@ -505,7 +505,7 @@ def naming_nonfinite(dtype, **weights):
         if "MOE_STATUS_NONFINITE" not in str(exc):
             raise
         for name, a in weights.items():
-            if hasattr(a, "dequantize"):  # a moe.quant.QuantizedWeight
+            if _any_quantized(a):
                 a = a.dequantize()
             if a is not None and a.dtype == np.uint16:  # bit patterns
                 a = bfloat16_to_float32(a) if dtype == "bfloat16" else a.view(np.float16)
@@ -593,7 +593,7 @@ def pack_experts(w_gate, w_up, w_down, activation="swiglu", dtype=None, *, b_gat
     """
     check_choice(compute_dtype, "compute_dtype", ("float32", "bfloat16"))
     check_choice(activation, "activation", ACTIVATIONS)
-    if dtype in _C.QUANT_DTYPES or any(hasattr(w, "dequantize") for w in (w_gate, w_up, w_down)):
+    if dtype in _C.QUANT_DTYPES or _any_quantized(w_gate, w_up, w_down):
         if compute_dtype != "float32":
             raise ValueError("compute_dtype='bfloat16' needs bfloat16 weights, not quantized "
                              "ones")
@@ -625,6 +625,13 @@ def pack_experts(w_gate, w_up, w_down, activation="swiglu", dtype=None, *, b_gat
                                   b_up=biases[1], b_down=biases[2],
                                   bf16_compute=compute_dtype == "bfloat16")
     return PackedExperts(capsule, activation)
+
+
+def _any_quantized(*weights):
+    """Whether any of weights is a moe.QuantizedWeight (torch tensors have a dequantize()
+    method too: the type decides)."""
+    from .quant import QuantizedWeight
+    return any(isinstance(w, QuantizedWeight) for w in weights)
 
 
 def _pack_quantized(w_gate, w_up, w_down, activation, dtype, group_size, biases):
@@ -711,8 +718,7 @@ def expert_ffn_args(x_sorted, offsets, w_gate, w_up=None, w_down=None, activatio
         packed = w_gate
         if w_up is not None or w_down is not None:
             raise ValueError("pass either a PackedExperts or (w_gate, w_up, w_down), not both")
-    elif dtype in _C.QUANT_DTYPES or any(hasattr(w, "dequantize")
-                                         for w in (w_gate, w_up, w_down)):
+    elif dtype in _C.QUANT_DTYPES or _any_quantized(w_gate, w_up, w_down):
         if keep is not None:
             raise ValueError("quantized experts have no backward (train float weights, "
                              "then quantize)")

@@ -13,6 +13,7 @@ import numpy as np
 
 from . import safetensors
 from ._api import LAYER_CLASSES
+from .quant import QuantizedWeight
 
 FORMAT = "moe.layer/2"
 _SCALES = ".scales"  # a quantized weight `w` is stored as tensors `w` and `w.scales`
@@ -47,7 +48,7 @@ def save(layer, path) -> None:
         value = getattr(layer, key)
         if value is None:
             continue
-        if hasattr(value, "dequantize"):  # a moe.quant.QuantizedWeight: two tensors
+        if isinstance(value, QuantizedWeight):  # two tensors
             tensors[key], tensors[key + _SCALES] = value.values, value.scales
             continue
         tensors[key] = np.asarray(value)

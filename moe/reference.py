@@ -740,7 +740,7 @@ def _decode_stored(a):
     float32), anything else as it is."""
     if a is None:
         return None
-    if hasattr(a, "dequantize"):
+    if type(a).__name__ == "QuantizedWeight":  # moe.quant's (this module imports no moe)
         return dequantize(a.values, a.scales, a.dtype, a.shape[-1], a.group_size)
     if np.asarray(a).dtype == np.uint16:
         bits = np.asarray(a, dtype=np.uint16).astype(np.uint32) << 16

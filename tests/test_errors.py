@@ -716,7 +716,9 @@ def test_c_functions_reject_bad_values(make):
             r"^token_index must be in \[0, n_tokens=9\)")
     bad("ffn_grouped", {"token_index": np.zeros(4, np.int64)},
         r"^offsets must start at 0 and end at n_rows=4")
-    bad("pack_experts", {"dtype": 3}, r"^dtype code must be in 0\.\.2")
+    bad("pack_experts", {"dtype": 6}, r"^dtype code must be in 0\.\.5")
+    bad("pack_experts", {"dtype": 3}, r"^w_up must have dtype int8", TypeError)
+    bad("pack_experts", {"dtype": 5, "group_size": 64}, r"^group_size must be 32 for mxfp4")
     bad("pack_experts", {"w_gate": None, "dtype": 1}, r"^w_up must have dtype uint16", TypeError)
 
     ro = calls["update_expert_bias"][0]["bias"].copy()

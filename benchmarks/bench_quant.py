@@ -44,10 +44,16 @@ def expert_bytes(layer, name, e=None):
     return w[e].nbytes if e is not None else w.nbytes
 
 
+def routed_bytes(layer, routing):
+    """Bytes of the weights of the experts this routing uses."""
+    used = np.unique(routing.expert_ids[routing.expert_ids >= 0])
+    return sum(expert_bytes(layer, n, int(e)) for e in used
+               for n in ("w_gate", "w_up", "w_down"))
+
+
 def read_bytes(layer, routing):
     """Bytes a forward reads: the routed experts' weights, the shared experts', the router."""
-    used = np.unique(routing.expert_ids[routing.expert_ids >= 0])
-    b = sum(expert_bytes(layer, n, int(e)) for e in used for n in ("w_gate", "w_up", "w_down"))
+    b = routed_bytes(layer, routing)
     b += sum(expert_bytes(layer, n) for n in ("shared_w_gate", "shared_w_up", "shared_w_down"))
     return b + layer.router_weight.nbytes
 
@@ -75,8 +81,8 @@ def main():
         f"moe {info['version']}: kernels {info['isa']}, {threads} threads",
         "",
         "| shape | tokens | fp32 ms | bf16 ms | format | ms | vs fp32 | vs bf16 | GB/s read "
-        "(% of bandwidth) |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "(% of bandwidth) | FFN only: ms, vs fp32, vs bf16, GB/s (% of bandwidth) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     print("\n".join(head), flush=True)
     rows, errors = [], []
@@ -113,23 +119,40 @@ def main():
             _, routing = layer(x, return_routing=True)
             cold = flush if T <= 8 else None
             impls = [("fp32", layer), ("bf16", bf16)] + list(quant.items())
+            fns = [((lambda m=m: m(x)), cold) for _, m in impls]
+            if T <= 8:
+                # the routed experts' FFN alone (no router, dispatch, shared experts or
+                # combine), on the rows this routing sends them: the kernels' own speed
+                d = moe.dispatch(x, routing.expert_ids, layer.n_experts)
+                act = moe.ACTIVATIONS.index(layer.activation)
+                for _, m in impls:
+                    m.pack()
+                    fns.append(((lambda m=m: moe._C.ffn_grouped(
+                        d.x_sorted, None, d.offsets, m._packed[0], act)), cold))
             bw = []
-            times = interleaved([((lambda m=m: m(x)), cold) for _, m in impls],
-                                budget=args.budget,
+            times = interleaved(fns, budget=args.budget,
                                 each_round=(lambda: bw.append(read_bandwidth(threads, 256)))
                                 if T <= 8 else None)
+            ffn = times[len(impls):]
             t32, t16 = times[0], times[1]
             ms = lambda t: "%.2f (%.2f-%.2f)" % tuple(v * 1e3 for v in spread(t))  # noqa: E731
-            for (fmt, q), t in zip(impls[2:], times[2:]):
-                gbs = "-"
+            def gbs(nb, t):
+                gb = [nb / s / 1e9 for s in t]
+                frac = statistics.median(g / r for g, r in zip(gb, bw))
+                return (f"{statistics.median(gb):.1f} ({100 * frac:.0f}% of "
+                        f"{statistics.median(bw):.1f})")
+
+            for i, ((fmt, q), t) in enumerate(zip(impls[2:], times[2:len(impls)])):
+                read, alone = "-", "-"
                 if T <= 8:
-                    nb = read_bytes(q, routing)
-                    gb = [nb / s / 1e9 for s in t]
-                    frac = statistics.median(g / r for g, r in zip(gb, bw))
-                    gbs = (f"{statistics.median(gb):.1f} ({100 * frac:.0f}% of "
-                           f"{statistics.median(bw):.1f})")
+                    read = gbs(read_bytes(q, routing), t)
+                    f = ffn[2 + i]
+                    alone = (f"{statistics.median(f) * 1e3:.2f}, "
+                             f"{per_round(ffn[0], f):.2f}x, {per_round(ffn[1], f):.2f}x, "
+                             f"{gbs(routed_bytes(q, routing), f)}")
                 row = (f"| {name} | {T} | {ms(t32)} | {ms(t16)} | {fmt} | {ms(t)} | "
-                       f"{per_round(t32, t):.2f}x | {per_round(t16, t):.2f}x | {gbs} |")
+                       f"{per_round(t32, t):.2f}x | {per_round(t16, t):.2f}x | {read} | "
+                       f"{alone} |")
                 rows.append(row)
                 print(row, flush=True)
     err_head = ["", "Output error against the fp32 layer (relative Frobenius norm, 256 random "
@@ -146,7 +169,11 @@ def main():
         "times are medians (min-max) over rounds and the ratios medians of per-round "
         "ratios.  For 1-8 tokens every timed call starts with the caches flushed, and GB/s "
         "is the bytes the call reads (the active experts' values and scales, shared experts, "
-        "router) over its time, against the read bandwidth measured in the same rounds.  "
+        "router) over its time, against the read bandwidth measured in the same rounds; "
+        "'FFN only' times the routed experts' grouped FFN alone (moe._C.ffn_grouped on the "
+        "layer's packed experts and the rows this routing sends them, caches flushed), "
+        "its ratios against the fp32 and bf16 FFNs and its GB/s over the routed experts' "
+        "bytes.  "
         "int8: one float16 scale per row; int4: float16 scales per 32; mxfp4: e8m0 per 32.  "
         "The kernels dequantize exactly (a quantized layer's output is bitwise the fp32 "
         "layer's on the dequantized weights): in registers when a weight panel serves one "

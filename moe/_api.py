@@ -641,6 +641,9 @@ def _pack_quantized(w_gate, w_up, w_down, activation, dtype, group_size, biases)
     names = ("w_gate", "w_up", "w_down")
     if activation in GATED and w_gate is None:
         raise ValueError(f"w_gate is required by activation {activation!r}")
+    for name, w in (("w_up", w_up), ("w_down", w_down)):
+        if w is None:
+            raise ValueError(f"{name} is required (a QuantizedWeight or a float array)")
     ws = [w_gate if activation in GATED else None, w_up, w_down]
     given = [w for w in ws if w is not None]
     if all(isinstance(w, QuantizedWeight) for w in given):

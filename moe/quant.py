@@ -59,7 +59,7 @@ def check_group_size(dtype, group_size, name="group_size"):
 
 def n_groups(k, group_size):
     """Scales per row of k weights (group_size 0: one per row)."""
-    return (1 if k else 0) if group_size == 0 else -(-k // group_size)
+    return (1 if k else 0) if group_size == 0 or group_size >= k else -(-k // group_size)
 
 
 def value_shape(dtype, shape):
@@ -82,7 +82,7 @@ class QuantizedWeight:
 
     def __init__(self, values, scales, dtype, shape, group_size=None):
         group_size = check_group_size(dtype, group_size)
-        shape = tuple(int(s) for s in shape)
+        shape = _check_shape_arg(shape)
         vtype = np.int8 if dtype == "int8" else np.uint8
         stype = np.uint8 if dtype == "mxfp4" else np.float16
         values = _exact_array(values, "values", vtype, value_shape(dtype, shape), dtype)
@@ -133,6 +133,20 @@ class QuantizedWeight:
                 f"{self.nbytes / 2**20:.2f} MiB)")
 
 
+def _check_shape_arg(shape):
+    """shape: the float weight's shape, >= 2 sizes >= 0, as a tuple of ints."""
+    try:
+        dims = tuple(shape)
+    except TypeError:
+        raise TypeError(f"shape must be a sequence of sizes, got {type(shape).__name__}") \
+            from None
+    if len(dims) < 2 or not all(isinstance(s, (int, np.integer)) and not isinstance(
+            s, (bool, np.bool_)) and s >= 0 for s in dims):
+        raise ValueError(f"shape must be the float weight's shape, 2 or more sizes >= 0 "
+                         f"(..., rows, k), got {shape!r}")
+    return tuple(int(s) for s in dims)
+
+
 def _exact_array(a, name, dtype, shape, fmt):
     try:
         arr = np.asarray(a)
@@ -167,7 +181,7 @@ def _pack_nibbles(n):
 
 def _per_element(scales, k, group_size):
     """(.., groups) scales -> (.., k), each weight's scale."""
-    g = group_size or max(k, 1)
+    g = min(group_size, k) if group_size and k else max(k, 1)
     return np.repeat(scales, g, axis=-1)[..., :k]
 
 
@@ -190,7 +204,8 @@ def dequantize(values, scales, dtype, k, group_size):
 def _group_view(w, group_size):
     """(.., k) float64 -> (.., groups, g) padded with zeros, and g."""
     k = w.shape[-1]
-    g = group_size or max(k, 1)
+    # a group as long as the row or longer is the row (no padding past it)
+    g = min(group_size, k) if group_size and k else max(k, 1)
     n = n_groups(k, group_size)
     pad = n * g - k
     if pad:

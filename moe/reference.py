@@ -730,7 +730,7 @@ def dequantize(values, scales, dtype, k, group_size):
         s = np.where(scales == 255, np.nan, 2.0 ** (scales.astype(np.float64) - 127.0))
     else:
         s = scales.astype(np.float64)
-    g = group_size if group_size else max(k, 1)
+    g = min(group_size, k) if group_size and k else max(k, 1)
     return q * np.repeat(s, g, axis=-1)[..., :k]
 
 

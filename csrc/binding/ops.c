@@ -502,7 +502,7 @@ moe_quantized_pack_args(moe_pack_params *p, PyObject *g_obj, PyObject *u_obj,
         if (moe_opt_arg(objs[i], names[i], vtype, 3, dims, &a) < 0) {
             return -1;
         }
-        dims[2] = g ? (k + g - 1) / g : k > 0;
+        dims[2] = g == 0 || g >= k ? k > 0 : (k - 1) / g + 1;
         if (moe_opt_arg(s_obj[i], snames[i], stype, 3, dims, &s) < 0) {
             return -1;
         }

@@ -448,8 +448,11 @@ moe_pack(const moe_pack_params *p, int linear, moe_experts **out)
     if (moe_dtype_quantized(p->dtype)) {
         w->group_size = p->group_size;
         /* group_size 0: one scale per row (per output channel) */
-        w->group_gu = p->group_size ? p->group_size : p->d_model;
-        w->group_down = p->group_size ? p->group_size : p->d_ff;
+        /* group_size 0, or one as long as the row or longer: the row */
+        w->group_gu = p->group_size && p->group_size < p->d_model
+                          ? p->group_size : p->d_model;
+        w->group_down = p->group_size && p->group_size < p->d_ff ? p->group_size
+                                                                 : p->d_ff;
         w->group_gu += w->group_gu == 0; /* an empty k: any group */
         w->group_down += w->group_down == 0;
     }

@@ -34,7 +34,11 @@ Packed = Any  # a capsule holding moe_experts
 def pack_experts(w_gate: Optional[npt.NDArray[Any]], w_up: npt.NDArray[Any],
                  w_down: npt.NDArray[Any], dtype: int, *, b_gate: Optional[F32] = None,
                  b_up: Optional[F32] = None, b_down: Optional[F32] = None,
-                 expert_d_ff: Optional[I64] = None, bf16_compute: bool = False) -> Packed: ...
+                 expert_d_ff: Optional[I64] = None, bf16_compute: bool = False,
+                 w_gate_scales: Optional[npt.NDArray[Any]] = None,
+                 w_up_scales: Optional[npt.NDArray[Any]] = None,
+                 w_down_scales: Optional[npt.NDArray[Any]] = None,
+                 group_size: int = 0) -> Packed: ...
 def experts_info(packed: Packed) -> Dict[str, int]: ...
 def ffn_grouped(x: F32, token_index: Optional[I64], offsets: I64, experts: Packed,
                 activation: int, *, alpha: float = 1.702, limit: float = 7.0,

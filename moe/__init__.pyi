@@ -8,6 +8,7 @@ from . import reference as reference
 from . import cuda as cuda
 from . import lora as lora
 from . import safetensors as safetensors
+from . import quant as quant
 
 ArrayLike = Any  # NumPy arrays, array-likes, or CPU objects with __dlpack__
 
@@ -69,6 +70,22 @@ def route_threshold(logits: ArrayLike, threshold: float, *, k_min: int = ...,
 def skip_experts(expert_ids: ArrayLike, weights: ArrayLike, threshold: float, *,
                  renormalize: bool = ...) -> SkipResult: ...
 WEIGHT_DTYPES: Tuple[str, ...]
+QUANT_DTYPES: Tuple[str, ...]
+
+class QuantizedWeight:
+    values: npt.NDArray[Any]   # int8, or uint8 nibble pairs (int4, mxfp4)
+    scales: npt.NDArray[Any]   # float16, or uint8 e8m0 (mxfp4)
+    dtype: str
+    group_size: int            # 0: one scale per row
+    shape: Tuple[int, ...]     # of the float weight it stands for
+    def __init__(self, values: ArrayLike, scales: ArrayLike, dtype: str,
+                 shape: Sequence[int], group_size: Optional[int] = ...) -> None: ...
+    @property
+    def nbytes(self) -> int: ...
+    @property
+    def ndim(self) -> int: ...
+    def __getitem__(self, index: int) -> "QuantizedWeight": ...
+    def dequantize(self) -> npt.NDArray[np.float32]: ...
 
 class PackedExperts:
     n_experts: int
@@ -80,12 +97,16 @@ class PackedExperts:
     nbytes: int
     activation: str
     isa: str
+    group_size: Optional[int]
 
-def pack_experts(w_gate: Optional[ArrayLike], w_up: ArrayLike, w_down: ArrayLike,
+def pack_experts(w_gate: Union[ArrayLike, QuantizedWeight, None],
+                 w_up: Union[ArrayLike, QuantizedWeight],
+                 w_down: Union[ArrayLike, QuantizedWeight],
                  activation: str = ..., dtype: Optional[str] = ..., *,
                  b_gate: Optional[ArrayLike] = ..., b_up: Optional[ArrayLike] = ...,
                  b_down: Optional[ArrayLike] = ...,
-                 compute_dtype: str = ...) -> PackedExperts: ...
+                 compute_dtype: str = ...,
+                 group_size: Optional[int] = ...) -> PackedExperts: ...
 def expert_ffn(x_sorted: ArrayLike, offsets: ArrayLike,
                w_gate: Union[ArrayLike, PackedExperts, None],
                w_up: Optional[ArrayLike] = ..., w_down: Optional[ArrayLike] = ...,
@@ -116,15 +137,18 @@ class SparseMoE:
     shared_expert_gate: bool
     use_expert_bias: bool
     dtype: str
+    shared_dtype: str
+    group_size: Optional[int]
     router_weight: npt.NDArray[np.float32]
-    # FFN weights: float32, float16, or uint16 bfloat16 bits, by `dtype`
-    w_gate: Optional[npt.NDArray[Any]]
-    w_up: npt.NDArray[Any]
-    w_down: npt.NDArray[Any]
+    # FFN weights: float32, float16, or uint16 bfloat16 bits, by `dtype`; QuantizedWeight
+    # for the quantized dtypes
+    w_gate: Union[npt.NDArray[Any], QuantizedWeight, None]
+    w_up: Union[npt.NDArray[Any], QuantizedWeight]
+    w_down: Union[npt.NDArray[Any], QuantizedWeight]
     expert_bias: Optional[npt.NDArray[np.float32]]
-    shared_w_gate: Optional[npt.NDArray[Any]]
-    shared_w_up: Optional[npt.NDArray[Any]]
-    shared_w_down: Optional[npt.NDArray[Any]]
+    shared_w_gate: Union[npt.NDArray[Any], QuantizedWeight, None]
+    shared_w_up: Union[npt.NDArray[Any], QuantizedWeight, None]
+    shared_w_down: Union[npt.NDArray[Any], QuantizedWeight, None]
     shared_gate_weight: Optional[npt.NDArray[np.float32]]
     def __init__(self, d_model: int, d_ff: Union[int, Sequence[int]], n_experts: int,
                  top_k: int, *,
@@ -142,7 +166,8 @@ class SparseMoE:
                  router_p: float = ..., router_threshold: float = ...,
                  k_min: int = ..., skip_threshold: float = ...,
                  skip_renormalize: bool = ..., compute_dtype: str = ...,
-                 router_grad: str = ...) -> None: ...
+                 router_grad: str = ..., group_size: Optional[int] = ...,
+                 shared_dtype: Optional[str] = ...) -> None: ...
     skip_threshold: float
     skip_renormalize: bool
     compute_dtype: str
@@ -480,3 +505,6 @@ class PEER:
     # "x", "w_query", "sub_keys_1", "sub_keys_2" arrays; "u", "v" SparseRows
     def backward(self, ctx: "TrainContext", dy: ArrayLike, *,
                  retain: bool = ...) -> Dict[str, Any]: ...
+def quantize(layer: SparseMoE, dtype: str, group_size: Optional[int] = ..., *,
+             shared_dtype: Optional[str] = ...,
+             calibration: Optional[ArrayLike] = ...) -> SparseMoE: ...

@@ -73,6 +73,8 @@ implement the same five methods of ``Transport``; it is not written yet.
 from __future__ import annotations
 
 import datetime
+import pickle
+import time
 import zlib
 
 import numpy as np
@@ -97,7 +99,8 @@ from .train import (
     route_backward,
 )
 
-__all__ = ["ExpertParallelError", "ExpertParallelMoE", "TorchTransport", "Transport"]
+__all__ = ["ExpertParallelError", "ExpertParallelMoE", "MPITransport", "TorchTransport",
+           "Transport"]
 
 
 class ExpertParallelError(RuntimeError):
@@ -113,7 +116,7 @@ class Transport:
     """The collectives an ExpertParallelMoE needs; engine-independent (NumPy in and out).
 
     rank, world: this process's rank and the group size.  timeout: seconds every
-    collective may take before it raises ExpertParallelError.  Subclasses implement:
+    collective may take before it raises ExpertParallelError.  The five methods:
 
     - alltoall_counts(counts): (world, n) int64, row r sent to rank r -> (world, n), row s
       received from rank s.
@@ -124,11 +127,16 @@ class Transport:
       g_0 + g_1 + ... left to right), the same bits on every rank.
     - allgather_object(obj): the list of every rank's picklable obj.
 
-    Each call must raise (ExpertParallelError) rather than block past ``timeout``.  An MPI
-    adapter (not written yet) would map these to mpi4py's ``Alltoall`` on the counts,
-    ``Alltoallv`` on the flattened NumPy buffers with counts / displacements in elements,
-    ``Allgather`` + the rank-order sum, and ``allgather`` for objects; MPI has no per-call
-    timeout, so it would need a watchdog (or MPI_Comm_set_errhandler + abort).
+    Each call must raise (ExpertParallelError) rather than block past ``timeout``.
+
+    The base class implements alltoallv and allreduce_sum on two engine primitives, so an
+    engine only moves flat buffers: ``_alltoallv_flat(out, flat, out_counts, in_counts)``
+    (one flat send buffer, the blocks for rank 0, 1, ... back to back; one flat receive
+    buffer; counts in elements) and ``_allgather_array(out, a)`` (out: (world,) + a.shape,
+    row r from rank r).  The send blocks are concatenated into one buffer (one copy of the
+    rows sent); the per-source results are views of the one receive buffer; the sum runs
+    left to right in the arrays' dtype.  A subclass may instead override the public
+    methods.
     """
 
     rank: int
@@ -138,14 +146,52 @@ class Transport:
     def alltoall_counts(self, counts):
         raise NotImplementedError
 
-    def alltoallv(self, send, recv_rows=None):
-        raise NotImplementedError
-
-    def allreduce_sum(self, array):
-        raise NotImplementedError
-
     def allgather_object(self, obj):
         raise NotImplementedError
+
+    def _alltoallv_flat(self, out, flat, out_counts, in_counts):
+        raise NotImplementedError
+
+    def _allgather_array(self, out, a):
+        raise NotImplementedError
+
+    def _check_counts(self, counts):
+        counts = np.ascontiguousarray(counts, dtype=np.int64)
+        if counts.ndim != 2 or counts.shape[0] != self.world:
+            raise ValueError(f"counts must have shape (world={self.world}, n), got "
+                             f"{counts.shape}")
+        return counts
+
+    def alltoallv(self, send, recv_rows=None):
+        if recv_rows is None:  # one more exchange: the row counts
+            n = np.array([[np.shape(a)[0]] for a in send], np.int64)
+            recv_rows = self.alltoall_counts(n)[:, 0]
+        if len(send) != self.world or len(recv_rows) != self.world:
+            raise ValueError(f"alltoallv needs world={self.world} send buffers and receive "
+                             "row counts")
+        send = [np.ascontiguousarray(a) for a in send]
+        width, dtype = send[0].shape[1:], send[0].dtype
+        row = int(np.prod(width, dtype=np.int64))
+        flat = np.concatenate([a.reshape(-1) for a in send]) if self.world > 1 \
+            else send[0].reshape(-1)
+        recv_rows = [int(n) for n in recv_rows]
+        out = np.empty(sum(recv_rows) * row, dtype)
+        self._alltoallv_flat(out, flat, [n * row for n in recv_rows],
+                             [a.shape[0] * row for a in send])
+        parts, start = [], 0
+        for n in recv_rows:
+            parts.append(out[start * row:(start + n) * row].reshape((n,) + width))
+            start += n
+        return parts
+
+    def allreduce_sum(self, array):
+        a = np.ascontiguousarray(array)
+        bufs = np.empty((self.world,) + a.shape, a.dtype)
+        self._allgather_array(bufs, a)
+        total = bufs[0].copy()
+        for b in bufs[1:]:
+            total += b
+        return total
 
 
 def _seconds(timeout):
@@ -163,8 +209,8 @@ class TorchTransport(Transport):
     together); else the group's own timeout (init_process_group's, 30 min by default)
     applies.  NumPy buffers go to torch without copies (torch.from_numpy) and are received
     straight into one NumPy array (the per-source results are views of it); alltoallv's
-    send blocks are concatenated into one buffer first (one copy of the rows sent).  NCCL groups are untested (they need CUDA tensors: not
-    done).
+    send blocks are concatenated into one buffer first (one copy of the rows sent).  NCCL
+    groups are untested (they need CUDA tensors: not done).
     """
 
     def __init__(self, group=None, timeout=None):
@@ -197,57 +243,162 @@ class TorchTransport(Transport):
                 f"{type(exc).__name__}: {exc}") from exc
 
     def alltoall_counts(self, counts):
-        counts = np.ascontiguousarray(counts, dtype=np.int64)
-        if counts.ndim != 2 or counts.shape[0] != self.world:
-            raise ValueError(f"counts must have shape (world={self.world}, n), got "
-                             f"{counts.shape}")
+        counts = self._check_counts(counts)
         out = np.empty_like(counts)
         t = self._torch
         self._call("alltoall_counts", lambda: self._dist.all_to_all_single(
             t.from_numpy(out), t.from_numpy(counts), group=self.group))
         return out
 
-    def alltoallv(self, send, recv_rows=None):
-        if recv_rows is None:  # one more exchange: the row counts
-            n = np.array([[np.shape(a)[0]] for a in send], np.int64)
-            recv_rows = self.alltoall_counts(n)[:, 0]
-        if len(send) != self.world or len(recv_rows) != self.world:
-            raise ValueError(f"alltoallv needs world={self.world} send buffers and receive "
-                             "row counts")
-        send = [np.ascontiguousarray(a) for a in send]
-        width, dtype = send[0].shape[1:], send[0].dtype
-        row = int(np.prod(width, dtype=np.int64))
-        flat = np.concatenate([a.reshape(-1) for a in send]) if self.world > 1 \
-            else send[0].reshape(-1)
-        recv_rows = [int(n) for n in recv_rows]
-        out = np.empty(sum(recv_rows) * row, dtype)
+    def _alltoallv_flat(self, out, flat, out_counts, in_counts):
         t = self._torch
         self._call("alltoallv", lambda: self._dist.all_to_all_single(
-            t.from_numpy(out), t.from_numpy(flat),
-            output_split_sizes=[n * row for n in recv_rows],
-            input_split_sizes=[a.shape[0] * row for a in send], group=self.group))
-        parts, start = [], 0
-        for n in recv_rows:
-            parts.append(out[start * row:(start + n) * row].reshape((n,) + width))
-            start += n
-        return parts
+            t.from_numpy(out), t.from_numpy(flat), output_split_sizes=out_counts,
+            input_split_sizes=in_counts, group=self.group))
 
-    def allreduce_sum(self, array):
-        a = np.ascontiguousarray(array)
+    def _allgather_array(self, out, a):
         t = self._torch
-        bufs = [np.empty_like(a) for _ in range(self.world)]
         self._call("allreduce_sum (all_gather)", lambda: self._dist.all_gather(
-            [t.from_numpy(b) for b in bufs], t.from_numpy(a), group=self.group))
-        total = bufs[0].copy()
-        for b in bufs[1:]:
-            total += b
-        return total
+            [t.from_numpy(b) for b in out], t.from_numpy(a), group=self.group))
 
     def allgather_object(self, obj):
         out = [None] * self.world
         self._call("allgather_object", lambda: self._dist.all_gather_object(
             out, obj, group=self.group))
         return out
+
+
+class MPITransport(Transport):
+    """MPI collectives (mpi4py) on the NumPy buffers themselves, with a timeout.
+
+    comm: an mpi4py communicator (default ``MPI.COMM_WORLD``); the transport works on a
+    duplicate of it (``Idup``, made under the timeout: a collective call, every rank of
+    ``comm`` must construct its transport together), so its messages never mix with the
+    caller's.  timeout: seconds (or a timedelta) per collective; None waits forever (plain
+    MPI semantics: a peer that raised or hangs then hangs the others too).
+
+    Mapping: ``alltoall_counts`` -> ``Ialltoall`` on the int64 counts; ``alltoallv`` ->
+    ``Ialltoallv`` on one flat send buffer (the blocks concatenated) into one flat receive
+    buffer, counts and displacements in elements (the per-source results are views of
+    it); ``allreduce_sum`` -> ``Iallgather`` into a (world, ...) array, then the
+    rank-order sum (the same bits on every rank); ``allgather_object`` -> pickle, then
+    ``Iallgather`` of the sizes and ``Iallgatherv`` of the bytes (the nonblocking form of
+    mpi4py's lowercase ``allgather``, so that it too honours the timeout).
+
+    Timeouts: MPI has no per-call timeout, so every collective is started nonblocking and
+    its request polled (``Test``, with a short sleep between polls, at most 1 ms) until
+    the deadline.  On expiry, or when MPI reports an error, the call raises
+    ExpertParallelError and the transport is *broken*: later calls raise at once.  MPI
+    cannot cancel a started collective, so the abandoned request and its buffers are kept
+    (``_abandoned``) for as long as the transport lives, and the communicator is unusable
+    (the peers are at different collectives).  What the caller should do then is end the
+    job: ``comm.Abort(1)`` (``MPI_Abort``: the launcher kills every rank).  Do not let
+    the process reach ``MPI_Finalize`` normally (mpi4py calls it at exit): with requests
+    pending and a peer gone it may block; ``Abort`` or ``os._exit`` end it.  Whether the
+    others ever see a dead peer depends on the launcher: MPICH's ``mpiexec`` (hydra), by
+    default, kills the whole job as soon as one rank exits without ``MPI_Finalize`` (so
+    the survivors are killed, not raised in); with ``mpiexec -disable-auto-cleanup`` they
+    live on and raise within the timeout.
+
+    mpi4py is imported here (importing ``mpi4py.MPI`` initialises MPI); it is not a
+    dependency of moe (``pip install moe[mpi]``: mpi4py and the MPICH wheel).
+    """
+
+    _MAX_PAUSE = 1e-3  # seconds between polls, at most
+
+    def __init__(self, comm=None, timeout=None):
+        from mpi4py import MPI
+        self._MPI = MPI
+        self.timeout = None if timeout is None else _seconds(timeout)
+        self._broken = None
+        self._abandoned = []
+        base = MPI.COMM_WORLD if comm is None else comm
+        self.rank, self.world = base.Get_rank(), base.Get_size()
+        # errors as exceptions on the duplicate (mpi4py sets ERRORS_RETURN on COMM_WORLD;
+        # a duplicate inherits the parent's handler, so set it explicitly)
+        dup = [None]
+
+        def start():
+            dup[0], req = base.Idup()
+            return req
+
+        self._wait("construction (Idup)", start)
+        self.comm = dup[0]
+        self.comm.Set_errhandler(MPI.ERRORS_RETURN)
+
+    def _wait(self, what, start, *keep):
+        """Start a nonblocking collective (start() -> Request) and wait for it, at most
+        ``timeout`` seconds; keep: its buffers (held if the request is abandoned)."""
+        if self._broken is not None:
+            raise ExpertParallelError(
+                f"rank {self.rank}/{self.world}: MPITransport is broken by an earlier "
+                f"failure ({self._broken}); end the job (comm.Abort())")
+        req = None
+        try:
+            req = start()
+            if self.timeout is None:
+                req.Wait()
+                return
+            deadline = time.monotonic() + self.timeout
+            pause = 0.0
+            while not req.Test():
+                if time.monotonic() >= deadline:
+                    raise TimeoutError(f"not complete after {self.timeout} s")
+                time.sleep(pause)
+                pause = min(2 * pause or 1e-5, self._MAX_PAUSE)
+        except BaseException as exc:
+            self._broken = f"{what}: {type(exc).__name__}: {exc}"
+            if req is not None:
+                self._abandoned.append((req, keep))
+            if not isinstance(exc, Exception):  # KeyboardInterrupt, SystemExit
+                raise
+            raise ExpertParallelError(
+                f"rank {self.rank}/{self.world}: {what} failed (a peer raised, died or "
+                f"hangs; timeout "
+                f"{'none' if self.timeout is None else f'{self.timeout} s'}): "
+                f"{type(exc).__name__}: {exc}; the communicator is unusable now: end the "
+                "job (comm.Abort())") from exc
+
+    def _spec(self, a, counts=None):
+        """A buffer spec for mpi4py: element datatype when it has one, else bytes."""
+        from mpi4py.util import dtlib
+        try:
+            mpitype, scale = dtlib.from_numpy_dtype(a.dtype), 1
+        except (KeyError, ValueError, TypeError):
+            mpitype, scale = self._MPI.BYTE, a.dtype.itemsize
+            a = a.view(np.uint8)
+        if counts is None:
+            return [a, mpitype]
+        counts = np.asarray(counts, np.int64) * scale
+        displs = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+        return [a, (counts.tolist(), displs.tolist()), mpitype]
+
+    def alltoall_counts(self, counts):
+        counts = self._check_counts(counts)
+        out = np.empty_like(counts)
+        self._wait("alltoall_counts (Ialltoall)", lambda: self.comm.Ialltoall(
+            [counts, self._MPI.INT64_T], [out, self._MPI.INT64_T]), counts, out)
+        return out
+
+    def _alltoallv_flat(self, out, flat, out_counts, in_counts):
+        self._wait("alltoallv (Ialltoallv)", lambda: self.comm.Ialltoallv(
+            self._spec(flat, in_counts), self._spec(out, out_counts)), flat, out)
+
+    def _allgather_array(self, out, a):
+        self._wait("allreduce_sum (Iallgather)", lambda: self.comm.Iallgather(
+            self._spec(a.reshape(-1)), self._spec(out.reshape(-1))), a, out)
+
+    def allgather_object(self, obj):
+        data = np.frombuffer(pickle.dumps(obj, pickle.HIGHEST_PROTOCOL), np.uint8)
+        n = np.array([data.size], np.int64)
+        sizes = np.empty(self.world, np.int64)
+        self._wait("allgather_object (Iallgather of the sizes)", lambda: self.comm.Iallgather(
+            [n, self._MPI.INT64_T], [sizes, self._MPI.INT64_T]), n, sizes)
+        buf = np.empty(int(sizes.sum()), np.uint8)
+        self._wait("allgather_object (Iallgatherv)", lambda: self.comm.Iallgatherv(
+            self._spec(data), self._spec(buf, sizes)), data, buf)
+        cuts = np.concatenate([[0], np.cumsum(sizes)])
+        return [pickle.loads(buf[cuts[r]:cuts[r + 1]].tobytes()) for r in range(self.world)]
 
 
 # --------------------------------------------------------------------------- #

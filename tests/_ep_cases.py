@@ -158,7 +158,7 @@ def check_transport(tr, rank, world):
 
 
 def run_checks(ep_cls, tr, rank, world, done):
-    """Every check before the faults; appends to `done` as they pass (11 + 3 entries)."""
+    """Every check before the faults; appends to `done` as they pass (11 entries)."""
     done.append(check_transport(tr, rank, world))
     cfgs = configs()
     for i, (name, cfg) in enumerate(cfgs.items()):

@@ -10,6 +10,11 @@
     y, ctx = ep.forward_train(x_local)
     g = ep.backward(ctx, dy_local, aux_coef=0.01)     # g["w_up"]: this rank's experts only
 
+or, under ``mpiexec -n 4 python script.py`` (mpi4py; ``pip install moe[mpi]``)::
+
+    from moe.distributed import ExpertParallelMoE, MPITransport
+    ep = ExpertParallelMoE(layer, MPITransport(timeout=60))   # MPI.COMM_WORLD by default
+
 Every rank holds the full layer *config* and the replicated weights (router, expert_bias,
 shared experts); of the routed experts it keeps and computes only its own
 (``ep.local_experts``: contiguous slices by default -- ``E % world`` need not be 0 -- or
@@ -50,9 +55,12 @@ shared experts, shared gate) are summed over the ranks (data parallel: the gradi
 sum of the ranks' losses) in a fixed order: all-gathered, then added in rank order
 (``g_0 + g_1 + ...`` in float32), so every rank gets the same bits on every run.
 
-Faults: every collective runs under the transport's timeout (gloo's: a peer that raised,
-died or hangs makes the others raise ``ExpertParallelError`` within it, never a hang, never
-a partial result).  After an error the layer refuses further calls.  A config mismatch
+Faults: every collective runs under the transport's timeout (gloo's, or MPITransport's
+polling deadline: a peer that raised, died or hangs makes the others raise
+``ExpertParallelError`` within it, never a hang, never a partial result).  After an error
+the layer refuses further calls.  With MPI the communicator is then unusable (a collective
+is left pending): end the job with ``comm.Abort()``; MPICH's ``mpiexec`` by default kills
+the whole job at once when a rank dies (see MPITransport).  A config mismatch
 (n_experts, top_k, d_model, d_ff, weight shapes, routing options, the replicated weights'
 values, the expert map) raises ``ValueError`` at construction on every rank, naming the
 field.
@@ -65,10 +73,11 @@ drop the other experts' weights from ``layer`` (e.g. build it with ``init=False`
 assign only what this rank needs -- the routed experts' arrays must still have the full
 shape, so zeros for the remote ones).
 
-Transports: ``TorchTransport`` (torch.distributed; gloo on CPU tested, NCCL untested --
-the buffers are CPU NumPy arrays).  An MPI adapter (mpi4py ``Alltoallv`` on the same NumPy
-buffers, ``allgather`` for objects, ``Allgather`` + rank-order sum for the reduction) can
-implement the same five methods of ``Transport``; it is not written yet.
+Transports (the five methods of ``Transport``; the layer does not depend on the engine):
+``TorchTransport`` (torch.distributed; gloo on CPU tested, NCCL untested -- the buffers are
+CPU NumPy arrays) and ``MPITransport`` (mpi4py nonblocking collectives on the NumPy
+buffers, polled against the timeout; tested with the MPICH wheel's ``mpiexec`` on one
+host, 2 and 4 processes).  Both give the same bits.
 """
 from __future__ import annotations
 

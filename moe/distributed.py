@@ -194,7 +194,7 @@ class Transport:
         return parts
 
     def allreduce_sum(self, array):
-        a = np.ascontiguousarray(array)
+        a = np.ascontiguousarray(array).reshape(np.shape(array))  # 0-d stays 0-d
         bufs = np.empty((self.world,) + a.shape, a.dtype)
         self._allgather_array(bufs, a)
         total = bufs[0].copy()
@@ -268,7 +268,8 @@ class TorchTransport(Transport):
     def _allgather_array(self, out, a):
         t = self._torch
         self._call("allreduce_sum (all_gather)", lambda: self._dist.all_gather(
-            [t.from_numpy(b) for b in out], t.from_numpy(a), group=self.group))
+            [t.from_numpy(out[r, ...]) for r in range(self.world)], t.from_numpy(a),
+            group=self.group))
 
     def allgather_object(self, obj):
         out = [None] * self.world
@@ -323,8 +324,8 @@ class MPITransport(Transport):
         self._abandoned = []
         base = MPI.COMM_WORLD if comm is None else comm
         self.rank, self.world = base.Get_rank(), base.Get_size()
-        # errors as exceptions on the duplicate (mpi4py sets ERRORS_RETURN on COMM_WORLD;
-        # a duplicate inherits the parent's handler, so set it explicitly)
+        # MPI errors as exceptions on the duplicate (it inherits comm's error handler,
+        # which may be ERRORS_ARE_FATAL; mpi4py's COMM_WORLD has ERRORS_RETURN)
         dup = [None]
 
         def start():
@@ -361,9 +362,10 @@ class MPITransport(Transport):
                 self._abandoned.append((req, keep))
             if not isinstance(exc, Exception):  # KeyboardInterrupt, SystemExit
                 raise
+            cause = "could not start (" if req is None else \
+                "failed (a peer raised, died or hangs; "
             raise ExpertParallelError(
-                f"rank {self.rank}/{self.world}: {what} failed (a peer raised, died or "
-                f"hangs; timeout "
+                f"rank {self.rank}/{self.world}: {what} {cause}timeout "
                 f"{'none' if self.timeout is None else f'{self.timeout} s'}): "
                 f"{type(exc).__name__}: {exc}; the communicator is unusable now: end the "
                 "job (comm.Abort())") from exc

@@ -49,6 +49,7 @@ const char *moe_last_error(void);
 #define MOE_ACTIVATION_ENTRY_(name, str, gated)                             \
     MOE_ENUM_ENTRY_(MOE_ACTIVATION_, name)
 #define MOE_DTYPE_ENTRY_(name, str, q) MOE_ENUM_ENTRY_(MOE_DTYPE_, name)
+#define MOE_COMPUTE_ENTRY_(name, str) MOE_ENUM_ENTRY_(MOE_COMPUTE_, name)
 #define MOE_ROUTER_ENTRY_(name, str) MOE_ENUM_ENTRY_(MOE_ROUTER_, name)
 #define MOE_ROUTER_GRAD_ENTRY_(name, str)                                   \
     MOE_ENUM_ENTRY_(MOE_ROUTER_GRAD_, name)
@@ -87,6 +88,12 @@ typedef enum moe_dtype {
     MOE_DTYPE_LIST(MOE_DTYPE_ENTRY_)
     MOE_DTYPE_COUNT
 } moe_dtype;
+
+/* What the expert FFN computes in (moe_options.h). */
+typedef enum moe_compute {
+    MOE_COMPUTE_LIST(MOE_COMPUTE_ENTRY_)
+    MOE_COMPUTE_COUNT
+} moe_compute;
 
 /* Nonzero for the quantized storage types (moe_options.h). */
 static inline int
@@ -170,11 +177,14 @@ typedef struct moe_pack_params {
     const int64_t *expert_d_ff; /* (n_experts,) each expert's hidden size in
                               [0, d_ff] (rows past it are ignored), or NULL:
                               every expert has d_ff (heterogeneous experts) */
-    int32_t     bf16_compute; /* 1: the FFN rounds its inputs (the routed rows
-                              and the hidden activations) to bf16 and runs
-                              the bf16 x bf16 kernel, VDPBF16PS where the CPU
-                              has it; needs dtype bf16, even d_model, d_ff
-                              and expert_d_ff.  0: fp32 activations       */
+    moe_compute compute;   /* FLOAT32: fp32 activations.  BFLOAT16: the FFN
+                              rounds its inputs (the routed rows and the
+                              hidden activations) to bf16 and runs the bf16
+                              x bf16 kernel, VDPBF16PS where the CPU has it;
+                              needs dtype bf16, even d_model, d_ff and
+                              expert_d_ff.  INT8: quantized dtypes only;
+                              the inputs quantized to int8 per row and
+                              block (cpu/kernels.h), integer dot products */
 } moe_pack_params;
 
 typedef struct moe_experts_info {
@@ -184,7 +194,7 @@ typedef struct moe_experts_info {
     int32_t   gated;   /* packed with w_gate                               */
     int32_t   linear;  /* a packed linear (moe_linear_pack)                */
     moe_dtype dtype;
-    int32_t   bf16_compute; /* packed with moe_pack_params.bf16_compute   */
+    moe_compute compute; /* packed with moe_pack_params.compute           */
     int64_t   group_size; /* quantized: weights per scale along k (0: one
                              per row), as packed; else 0                  */
     size_t    nbytes;  /* memory held by the pack                          */

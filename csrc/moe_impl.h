@@ -78,9 +78,12 @@ struct moe_experts {
     int64_t  *expert_ff;   /* (E,) hidden size of each expert (<= d_ff), or
                               NULL: all d_ff.  Panels stay d_ff-sized; the
                               forward skips the units past expert_ff[e]     */
-    int       bf16_act;    /* bf16 compute (moe_pack_params.bf16_compute):
-                              bf16 panels hold pairs of k, (K / 2, nr, 2),
-                              for the kernel sets' dot kernel               */
+    moe_compute compute;   /* moe_pack_params.compute                      */
+    int       bf16_act;    /* compute BFLOAT16: bf16 panels hold pairs of k,
+                              (K / 2, nr, 2), for the kernel sets' dot
+                              kernel                                       */
+    int       q8_act;      /* compute INT8: quantized panels in the layout
+                              of cpu/kernels.h's moe_q8_* (quads of k)     */
     size_t    nbytes;
 };
 
@@ -117,6 +120,7 @@ enum {
     MOE_WS_BWD_ROWS,      /* cpu/ffn_backward.c: the gathered rows           */
     MOE_WS_LAYER_BWD,     /* compose/layer_backward.c: row gradients         */
     MOE_WS_DEQUANT,       /* cpu/ffn.c: a quantized panel widened to fp32    */
+    MOE_WS_PANEL_Q,       /* cpu/ffn.c: int8 compute: quantized hidden panels */
     MOE_WS_COUNT
 };
 

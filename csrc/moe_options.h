@@ -47,6 +47,20 @@
     X(MXFP4, "mxfp4",    1) /* OCP MX: e2m1 nibbles as int4, e8m0 scales
                                (uint8 e: 2^(e - 127)), groups of 32       */
 
+/*
+ * X(NAME, name): what the expert FFN multiplies in (the pack's compute,
+ * moe.SparseMoE's compute_dtype).
+ */
+#define MOE_COMPUTE_LIST(X)                                                  \
+    X(FLOAT32,  "float32")  /* fp32 activations times the weights as
+                               stored (quantized ones dequantized exactly) */ \
+    X(BFLOAT16, "bfloat16") /* bf16 weights; the rows and the hidden
+                               activations rounded to bf16                 */ \
+    X(INT8,     "int8")     /* quantized weights; the rows and the hidden
+                               activations quantized to int8 per row and
+                               block (cpu/kernels.h: moe_q8_*), integer
+                               dot products (VPDPBUSD where the CPU has it) */
+
 /* X(NAME, name): how a layer routes (moe.SparseMoE's router=). */
 #define MOE_ROUTER_LIST(X)                                                   \
     X(TOP_K,         "top_k")         /* token choice                      */ \

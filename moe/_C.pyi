@@ -34,7 +34,7 @@ Packed = Any  # a capsule holding moe_experts
 def pack_experts(w_gate: Optional[npt.NDArray[Any]], w_up: npt.NDArray[Any],
                  w_down: npt.NDArray[Any], dtype: int, *, b_gate: Optional[F32] = None,
                  b_up: Optional[F32] = None, b_down: Optional[F32] = None,
-                 expert_d_ff: Optional[I64] = None, bf16_compute: bool = False,
+                 expert_d_ff: Optional[I64] = None, compute: int = 0,
                  w_gate_scales: Optional[npt.NDArray[Any]] = None,
                  w_up_scales: Optional[npt.NDArray[Any]] = None,
                  w_down_scales: Optional[npt.NDArray[Any]] = None,

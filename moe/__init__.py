@@ -31,13 +31,14 @@ from . import safetensors
 from .hf import from_hf
 from .io import load, save
 from .quant import QUANT_DTYPES, QuantizedWeight, quantize
+COMPUTE_DTYPES = _C.COMPUTE_DTYPES
 from .stats import RoutingStats, routing_stats
 from .upcycle import upcycle
 from .soft_moe import MixtureOfTokens, SoftMoE
 
 __version__ = "0.1.0"
 
-__all__ = ["SparseMoE", "quantize", "QuantizedWeight", "QUANT_DTYPES", "route", "update_expert_bias", "dispatch", "combine", "expert_ffn",
+__all__ = ["SparseMoE", "quantize", "QuantizedWeight", "QUANT_DTYPES", "COMPUTE_DTYPES", "route", "update_expert_bias", "dispatch", "combine", "expert_ffn",
            "ffn", "pack_experts", "PackedExperts", "set_num_threads", "get_num_threads",
            "float32_to_bfloat16", "bfloat16_to_float32", "RoutingResult", "Dispatch",
            "show_config", "cuda_available", "reference", "SCORINGS", "ACTIVATIONS",

@@ -71,6 +71,7 @@ def skip_experts(expert_ids: ArrayLike, weights: ArrayLike, threshold: float, *,
                  renormalize: bool = ...) -> SkipResult: ...
 WEIGHT_DTYPES: Tuple[str, ...]
 QUANT_DTYPES: Tuple[str, ...]
+COMPUTE_DTYPES: Tuple[str, ...]
 
 class QuantizedWeight:
     values: npt.NDArray[Any]   # int8, or uint8 nibble pairs (int4, mxfp4)
@@ -507,4 +508,5 @@ class PEER:
                  retain: bool = ...) -> Dict[str, Any]: ...
 def quantize(layer: SparseMoE, dtype: str, group_size: Optional[int] = ..., *,
              shared_dtype: Optional[str] = ...,
-             calibration: Optional[ArrayLike] = ...) -> SparseMoE: ...
+             calibration: Optional[ArrayLike] = ...,
+             compute_dtype: str = ...) -> SparseMoE: ...

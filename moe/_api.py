@@ -565,7 +565,7 @@ class PackedExperts:
         self.dtype = (WEIGHT_DTYPES + _C.QUANT_DTYPES)[info["dtype"]]
         # quantized: weights per scale along k (0: one per row); None for float weights
         self.group_size = info["group_size"] if self.dtype in _C.QUANT_DTYPES else None
-        self.compute_dtype = "bfloat16" if info["bf16_compute"] else "float32"
+        self.compute_dtype = _C.COMPUTE_DTYPES[info["compute"]]
         self.activation = activation
         self.isa = _C.build_info()["isa"]
 
@@ -587,18 +587,22 @@ def pack_experts(w_gate, w_up, w_down, activation="swiglu", dtype=None, *, b_gat
     compute is float32 with float32 accumulation.  Quantized experts: moe.QuantizedWeight
     weights (one format and group size), or float weights with dtype "int8" / "int4" /
     "mxfp4" and group_size (rounded to nearest; see moe.quant).  b_gate, b_up: (E, F) and
-    b_down: (E, d) optional float32 biases (gpt-oss).  compute_dtype="bfloat16" (bfloat16
-    weights, even d and F): the FFN rounds its inputs and hidden activations to bfloat16
-    (see SparseMoE).
+    b_down: (E, d) optional float32 biases (gpt-oss).  compute_dtype (moe.COMPUTE_DTYPES):
+    "bfloat16" (bfloat16 weights, even d and F): the FFN rounds its inputs and hidden
+    activations to bfloat16; "int8" (quantized weights): it quantizes them to int8 per row
+    and block and multiplies integers (see SparseMoE).
     """
-    check_choice(compute_dtype, "compute_dtype", ("float32", "bfloat16"))
+    compute = check_choice(compute_dtype, "compute_dtype", _C.COMPUTE_DTYPES)
     check_choice(activation, "activation", ACTIVATIONS)
     if dtype in _C.QUANT_DTYPES or _any_quantized(w_gate, w_up, w_down):
-        if compute_dtype != "float32":
+        if compute_dtype == "bfloat16":
             raise ValueError("compute_dtype='bfloat16' needs bfloat16 weights, not quantized "
                              "ones")
         return _pack_quantized(w_gate, w_up, w_down, activation, dtype, group_size,
-                               (b_gate, b_up, b_down))
+                               (b_gate, b_up, b_down), compute)
+    if compute_dtype == "int8":
+        raise ValueError(f"compute_dtype='int8' needs quantized weights (dtype one of "
+                         f"{', '.join(_C.QUANT_DTYPES)}), got dtype={dtype!r}")
     if group_size is not None:
         raise ValueError(f"group_size is an option of the quantized dtypes "
                          f"({', '.join(_C.QUANT_DTYPES)}), not of dtype={dtype!r}")
@@ -623,7 +627,7 @@ def pack_experts(w_gate, w_up, w_down, activation="swiglu", dtype=None, *, b_gat
     with naming_nonfinite(dtype, w_gate=g, w_up=u, w_down=dn):
         capsule = _C.pack_experts(w_gate=g, w_up=u, w_down=dn, dtype=code, b_gate=biases[0],
                                   b_up=biases[1], b_down=biases[2],
-                                  bf16_compute=compute_dtype == "bfloat16")
+                                  compute=compute)
     return PackedExperts(capsule, activation)
 
 
@@ -634,7 +638,7 @@ def _any_quantized(*weights):
     return any(isinstance(w, QuantizedWeight) for w in weights)
 
 
-def _pack_quantized(w_gate, w_up, w_down, activation, dtype, group_size, biases):
+def _pack_quantized(w_gate, w_up, w_down, activation, dtype, group_size, biases, compute):
     """pack_experts for quantized experts: QuantizedWeights, or float weights quantized to
     `dtype` (round to nearest)."""
     from .quant import QuantizedWeight, check_group_size, pack_weight_args, quantize_weight
@@ -682,7 +686,7 @@ def _pack_quantized(w_gate, w_up, w_down, activation, dtype, group_size, biases)
         raise ValueError(f"b_gate is given but activation {activation!r} has no gate")
     with naming_nonfinite(fmt, w_gate=ws[0], w_up=ws[1], w_down=ws[2]):
         capsule = _C.pack_experts(**pack_weight_args(*ws, fmt, g), b_gate=b[0], b_up=b[1],
-                                  b_down=b[2])
+                                  b_down=b[2], compute=compute)
     return PackedExperts(capsule, activation)
 
 

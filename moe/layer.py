@@ -136,6 +136,15 @@ class SparseMoE:
     (nearest even) and multiply bf16 pairs with float32 accumulation: VDPBF16PS on CPUs with
     AVX512-BF16 (about twice the fp32 FMA rate), two exact FMAs per pair elsewhere (no faster
     than float32 there).  Routing, combine and the output stay float32.
+    compute_dtype="int8" (with quantized weights, dtype "int8" / "int4" / "mxfp4"): the
+    expert FFNs quantize their inputs -- the routed rows and the hidden activations -- to
+    int8, symmetric, one float32 scale per row and block (the weights' group, cut in blocks
+    of at most 256), and multiply integers with exact int32 sums per block (VPDPBUSD on
+    AVX512-VNNI CPUs; VPMADDUBSW on AVX2 for the 4-bit formats; portable C elsewhere),
+    then one float32 FMA per block with the two scales.  The activations' rounding makes it
+    approximate (moe.reference.ffn(..., compute_dtype="int8") computes the same
+    quantization); it is what llama.cpp does for its quantized formats, and much faster for
+    decode.  Shared experts stored as float keep float32 compute.
 
     Weights (writable, nn.Linear layout [out, in]):
       router_weight (E, d); w_gate, w_up (E, F, d); w_down (E, d, F); expert_bias (E,) or
@@ -246,7 +255,15 @@ class SparseMoE:
         if self.lora_rank and self.expert_d_ff is not None:
             raise ValueError("expert LoRA (lora_rank > 0) needs experts of one size (d_ff)")
         self.lora_targets = tuple(t for t in LORA_TARGETS if t in targets)
-        check_choice(compute_dtype, "compute_dtype", ("float32", "bfloat16"))
+        check_choice(compute_dtype, "compute_dtype", _C.COMPUTE_DTYPES)
+        if compute_dtype == "int8":
+            if dtype not in _C.QUANT_DTYPES:
+                raise ValueError("compute_dtype='int8' needs quantized expert weights (dtype "
+                                 f"one of {', '.join(map(repr, _C.QUANT_DTYPES))}), got "
+                                 f"dtype={dtype!r}")
+            if self.lora_rank:
+                raise ValueError("compute_dtype='int8' does not support expert LoRA "
+                                 "(lora_rank > 0)")
         if compute_dtype == "bfloat16":
             if dtype != "bfloat16" or shared_dtype != "bfloat16":
                 raise ValueError("compute_dtype='bfloat16' needs dtype='bfloat16' weights, got "
@@ -350,13 +367,16 @@ class SparseMoE:
             if any(b is None for b in biases[1:]) or (gated and biases[0] is None):
                 raise ValueError("expert biases are missing (set b_gate, b_up and b_down)")
         sizes = None if self.expert_d_ff is None else np.array(self.expert_d_ff, np.int64)
-        bf16 = self.compute_dtype == "bfloat16"
+        compute = _C.COMPUTE_DTYPES.index(self.compute_dtype)
+        # int8 compute: the quantized packs only (float shared experts stay float32)
+        shared_compute = compute if self.compute_dtype != "int8" or \
+            self.shared_dtype in _C.QUANT_DTYPES else 0
         with naming_nonfinite(self.dtype, w_gate=self.w_gate, w_up=self.w_up,
                               w_down=self.w_down):
             routed = _C.pack_experts(**pack_weight_args(
                 self.w_gate if gated else None, self.w_up, self.w_down, self.dtype,
                 self.group_size), b_gate=biases[0], b_up=biases[1], b_down=biases[2],
-                expert_d_ff=sizes, bf16_compute=bf16)
+                expert_d_ff=sizes, compute=compute)
         shared = None
         if self.n_shared_experts:
             if self.shared_w_up is None or self.shared_w_down is None or \
@@ -369,7 +389,7 @@ class SparseMoE:
                 shared = _C.pack_experts(**pack_weight_args(
                     self.shared_w_gate if gated else None, self.shared_w_up,
                     self.shared_w_down, self.shared_dtype, self.group_size, one=True),
-                    bf16_compute=bf16)
+                    compute=shared_compute)
         lora = None
         if self.lora_rank:
             ab = {}

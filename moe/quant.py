@@ -360,7 +360,8 @@ def _float_weight(w):
                                    else np.asarray(w))
 
 
-def quantize(layer, dtype, group_size=None, *, shared_dtype=None, calibration=None):
+def quantize(layer, dtype, group_size=None, *, shared_dtype=None, calibration=None,
+             compute_dtype="float32"):
     """A copy of SparseMoE `layer` with its expert FFN weights quantized to `dtype`
     ("int8", "int4" or "mxfp4"; see moe.quant): the router, biases, LoRA adapters and
     every option are kept.  group_size: weights per scale along k (int8 default: one scale
@@ -373,7 +374,9 @@ def quantize(layer, dtype, group_size=None, *, shared_dtype=None, calibration=No
     0.5 to minimise the error of the layer's outputs on these inputs, sum_k E[a_k^2]
     (w_k - w_q,k)^2 with a the inputs the weight sees: the tokens routed to the expert
     (gate / up) or their hidden activations (down), per expert.  Experts no token
-    reaches are rounded to nearest.  The result saves and loads bitwise (moe.save)."""
+    reaches are rounded to nearest.  compute_dtype: the new layer's ("float32": exact
+    dequantization; "int8": activations quantized too, see SparseMoE).  The result saves
+    and loads bitwise (moe.save)."""
     from .layer import SparseMoE
     from . import reference
     if not isinstance(layer, SparseMoE):
@@ -384,7 +387,7 @@ def quantize(layer, dtype, group_size=None, *, shared_dtype=None, calibration=No
     group_size = check_group_size(dtype, group_size)
     shared_dtype = dtype if shared_dtype is None else shared_dtype
     cfg = dict(layer.config(), dtype=dtype, group_size=group_size, shared_dtype=shared_dtype,
-               compute_dtype="float32")
+               compute_dtype=compute_dtype)
     out = SparseMoE(**cfg, init=False)
     names = [n for n in layer._weight_names() if getattr(layer, n) is not None]
     expert = ("w_gate", "w_up", "w_down", "shared_w_gate", "shared_w_up", "shared_w_down")

@@ -40,7 +40,7 @@ __all__ = [
 ]
 
 # The names come from the core's lists; the formulas below are this file's own.
-from ._C import ACTIVATIONS, PEER_ACTIVATIONS, SCORINGS  # noqa: E402
+from ._C import ACTIVATIONS, PEER_ACTIVATIONS, QUANT_DTYPES, SCORINGS  # noqa: E402
 from ._C import GATED_ACTIVATIONS as GATED  # noqa: E402
 
 
@@ -437,8 +437,44 @@ def round_bfloat16(a):
     return rounded.view(np.float32).astype(np.float64)
 
 
+Q8_BLOCK = 256  # int8 compute: the most rows of one activation scale (cpu/kernels.h)
+
+
+def quantize_activations(x, group_size=None):
+    """int8 compute's rounding of activations x (T, K): q * s as float64, exactly the
+    kernels' q and s.
+
+    Per row, per block of group_size values along k (None / 0, or >= K: the whole row),
+    each cut in sub-blocks of at most Q8_BLOCK: amax = max |v| (float32),
+    q = round-half-even(v * min(127 / amax, FLT_MAX)) clipped to +-127 (0 when amax is 0),
+    s = amax / 127, all in float32.  A NaN or Inf value makes its sub-block NaN.
+    """
+    x = np.asarray(x, dtype=np.float32)
+    T, K = x.shape
+    g = K if not group_size or group_size >= K else int(group_size)
+    out = np.empty((T, K), dtype=np.float64)
+    big = np.float32(np.finfo(np.float32).max)
+    for k0 in range(0, K, max(g, 1)):
+        k1 = min(K, k0 + g)
+        for s0 in range(k0, k1, Q8_BLOCK):
+            v = x[:, s0:min(k1, s0 + Q8_BLOCK)]
+            finite = np.isfinite(v)
+            bad = ~finite.all(axis=1)
+            amax = np.where(finite, np.abs(v), np.float32(0)).max(axis=1)
+            with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
+                inv = np.where(amax > 0, np.minimum(np.float32(127) / amax, big),
+                               np.float32(0)).astype(np.float32)
+                q = np.clip(np.rint(v * inv[:, None]), -127, 127)
+            s = (amax / np.float32(127)).astype(np.float32)
+            blk = q.astype(np.float64) * s.astype(np.float64)[:, None]
+            blk[bad] = np.nan
+            out[:, s0:s0 + v.shape[1]] = blk
+    return out
+
+
 def ffn(x, w_gate, w_up, w_down, activation="swiglu", b_gate=None, b_up=None, b_down=None,
-        alpha=1.702, limit=7.0, lora=None, lora_scaling=1.0, compute_dtype="float32"):
+        alpha=1.702, limit=7.0, lora=None, lora_scaling=1.0, compute_dtype="float32",
+        group_size=None):
     """Dense feed-forward block in the nn.Linear weight layout.
 
     Args:
@@ -454,11 +490,16 @@ def ffn(x, w_gate, w_up, w_down, activation="swiglu", b_gate=None, b_up=None, b_
     lora_scaling * (v @ a.T) @ b.T to that projection of its input v (x, or h for w_down).
     compute_dtype "bfloat16": x and h are rounded to bfloat16 (round_bfloat16) before the
     matmuls that read them (the layers' bf16 compute); the sums stay exact.
+    compute_dtype "int8": x and h (as float32) go through quantize_activations with the
+    weights' group_size (the layers' int8 compute); the sums stay exact.
     """
     x = np.asarray(x, dtype=np.float64)
     bf16 = compute_dtype == "bfloat16"
+    q8 = compute_dtype == "int8"
     if bf16:
         x = round_bfloat16(x)
+    if q8:
+        x = quantize_activations(x, group_size)
     w_up = np.asarray(w_up, dtype=np.float64)
     w_down = np.asarray(w_down, dtype=np.float64)
 
@@ -480,12 +521,14 @@ def ffn(x, w_gate, w_up, w_down, activation="swiglu", b_gate=None, b_up=None, b_
     h = activate(activation, gate, x @ w_up.T + bias(b_up) + delta("w_up", x), alpha, limit)
     if bf16:
         h = round_bfloat16(h)
+    if q8:
+        h = quantize_activations(h, group_size)
     return h @ w_down.T + bias(b_down) + delta("w_down", h)
 
 
 def expert_ffn(x_sorted, offsets, w_gate, w_up, w_down, activation="swiglu", b_gate=None,
                b_up=None, b_down=None, alpha=1.702, limit=7.0, lora=None, lora_scaling=1.0,
-               expert_d_ff=None, compute_dtype="float32"):
+               expert_d_ff=None, compute_dtype="float32", group_size=None):
     """Run each expert's FFN on its contiguous block of dispatched rows.
 
     Args:
@@ -498,7 +541,7 @@ def expert_ffn(x_sorted, offsets, w_gate, w_up, w_down, activation="swiglu", b_g
 
     lora: {target: (a (E, r, in), b (E, out, r))} per-expert adapters (see ffn).
     expert_d_ff: (E,) sizes; expert e uses its first expert_d_ff[e] hidden units.
-    compute_dtype: see ffn.
+    compute_dtype, group_size: see ffn.
 
     Returns (N, d) float64.
     """
@@ -523,7 +566,7 @@ def expert_ffn(x_sorted, offsets, w_gate, w_up, w_down, activation="swiglu", b_g
         lora_e = {t: (a[e], b[e]) for t, (a, b) in (lora or {}).items()}
         out[lo:hi] = ffn(x_sorted[lo:hi], g, w_up[e][:f], w_down[e][:, :f], activation,
                          cut(b_gate), cut(b_up), pick(b_down), alpha, limit, lora_e,
-                         lora_scaling, compute_dtype)
+                         lora_scaling, compute_dtype, group_size)
     return out
 
 
@@ -612,7 +655,8 @@ def sparse_moe(x, router_weight, w_gate, w_up, w_down, *, top_k, activation="swi
                b_down=None, swiglu_alpha=1.702, swiglu_limit=7.0, lora=None,
                lora_scaling=1.0, null_experts=(), null_values=None, allowed=None,
                expert_d_ff=None, router="top_k", router_p=0.5, router_threshold=0.01,
-               k_min=1, skip_threshold=0.0, skip_renormalize=False, compute_dtype="float32"):
+               k_min=1, skip_threshold=0.0, skip_renormalize=False, compute_dtype="float32",
+               group_size=None, shared_compute_dtype=None):
     """Full sparse MoE forward: route, dispatch, expert FFNs, combine, shared experts.
 
     Args:
@@ -631,6 +675,9 @@ def sparse_moe(x, router_weight, w_gate, w_up, w_down, *, top_k, activation="swi
         E..E+n_null-1 (router_weight has E + n_null rows): never dispatched; zero adds 0,
         copy adds w * x, constant adds w * null_values[i]; routing["n_real"] counts each
         token's real experts.
+
+      compute_dtype, group_size: the routed experts' (see ffn); shared_compute_dtype
+        the shared experts' (default compute_dtype).
 
     Returns (out, routing): out is float64 with the shape of ``x``; routing is the
     dict from route() plus key "dispatch" holding the dict from dispatch().
@@ -666,7 +713,7 @@ def sparse_moe(x, router_weight, w_gate, w_up, w_down, *, top_k, activation="swi
     y_sorted = expert_ffn(disp["x_sorted"], disp["offsets"], gate_w, w_up, w_down,
                           activation, b_gate if activation in GATED else None, b_up, b_down,
                           swiglu_alpha, swiglu_limit, lora, lora_scaling, expert_d_ff,
-                          compute_dtype)
+                          compute_dtype, group_size)
     out = combine(y_sorted, disp["position"], routing["weights"])
     for t in range(xf.shape[0]):
         for j, e in enumerate(ids_all[t]):
@@ -678,7 +725,9 @@ def sparse_moe(x, router_weight, w_gate, w_up, w_down, *, top_k, activation="swi
     if shared_w_up is not None:
         sg = shared_w_gate if activation in GATED else None
         shared = ffn(xf, sg, shared_w_up, shared_w_down, activation, alpha=swiglu_alpha,
-                     limit=swiglu_limit, compute_dtype=compute_dtype)
+                     limit=swiglu_limit,
+                     compute_dtype=compute_dtype if shared_compute_dtype is None
+                     else shared_compute_dtype, group_size=group_size)
         if shared_gate_weight is not None:
             gw = np.asarray(shared_gate_weight, dtype=np.float64).reshape(d)
             shared = shared * sigmoid(xf @ gw)[:, None]
@@ -827,7 +876,17 @@ def layer_forward(layer, x, allowed=None):
         skip_threshold=getattr(layer, "skip_threshold", 0.0),
         skip_renormalize=getattr(layer, "skip_renormalize", False),
         compute_dtype=getattr(layer, "compute_dtype", "float32"),
+        group_size=getattr(layer, "group_size", None),
+        shared_compute_dtype=_shared_compute(layer),
     )
+
+
+def _shared_compute(layer):
+    """The shared experts' compute: int8 only when they are stored quantized."""
+    c = getattr(layer, "compute_dtype", "float32")
+    if c == "int8" and getattr(layer, "shared_dtype", None) not in QUANT_DTYPES:
+        return "float32"
+    return c
 
 
 # --------------------------------------------------------------------------- #

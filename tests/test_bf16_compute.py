@@ -171,8 +171,8 @@ def test_bf16_compute_differs_from_fp32_activations():
     b = moe.SparseMoE(64, 96, 8, 2, **kw)
     x = np.random.default_rng(1).standard_normal((20, 64)).astype(np.float32)
     assert not np.array_equal(a(x), b(x))
-    assert moe._C.experts_info(a.pack()._packed[0])["bf16_compute"] == 1
-    assert moe._C.experts_info(b.pack()._packed[0])["bf16_compute"] == 0
+    assert moe._C.experts_info(a.pack()._packed[0])["compute"] == moe.COMPUTE_DTYPES.index("bfloat16")
+    assert moe._C.experts_info(b.pack()._packed[0])["compute"] == moe.COMPUTE_DTYPES.index("float32")
 
 
 def test_bf16_compute_round_trips_through_save(tmp_path):
@@ -210,8 +210,9 @@ def test_pack_experts_checks_bf16_compute():
     g = np.zeros((2, 4, 6), np.float32)
     dn = np.zeros((2, 6, 4), np.float32)
     with pytest.raises(ValueError, match="bf16 compute needs bfloat16 weights"):
-        moe._C.pack_experts(w_gate=g, w_up=g, w_down=dn, dtype=0, bf16_compute=True)
+        moe._C.pack_experts(w_gate=g, w_up=g, w_down=dn, dtype=0,
+                            compute=moe.COMPUTE_DTYPES.index("bfloat16"))
     gb = np.zeros((2, 4, 5), np.uint16)
     with pytest.raises(ValueError, match="even d_model"):
         moe._C.pack_experts(w_gate=gb, w_up=gb, w_down=np.zeros((2, 5, 4), np.uint16), dtype=1,
-                            bf16_compute=True)
+                            compute=moe.COMPUTE_DTYPES.index("bfloat16"))

@@ -193,7 +193,7 @@ static PyMethodDef moe_methods[] = {
     MOE_KW_METHOD(combine, "y, position, weights", "-> (n_tokens, d_model)"),
     MOE_KW_METHOD(pack_experts, "w_gate, w_up, w_down, dtype, *, b_gate=None, "
                   "b_up=None, b_down=None, expert_d_ff=None, "
-                  "bf16_compute=False, w_gate_scales=None, w_up_scales=None, "
+                  "compute=0, w_gate_scales=None, w_up_scales=None, "
                   "w_down_scales=None, group_size=0", "-> packed experts"),
     {"experts_info", moe_py_experts_info, METH_O,
      "experts_info(packed) -> dict of sizes"},
@@ -292,6 +292,8 @@ static const char *const moe_dtype_names[] = {
     MOE_DTYPE_LIST(MOE_FLOAT_NAME_) NULL};
 static const char *const moe_quant_names[] = {
     MOE_DTYPE_LIST(MOE_QUANT_NAME_) NULL};
+static const char *const moe_compute_names[] = {
+    MOE_COMPUTE_LIST(MOE_NAME_2_) NULL};
 static const char *const moe_router_grad_names[] = {
     MOE_ROUTER_GRAD_LIST(MOE_NAME_2_) NULL};
 static const char *const moe_router_names[] = {
@@ -351,6 +353,8 @@ PyInit__C(void)
                       MOE_DTYPE_COUNT) < 0 ||
         moe_add_names(m, "QUANT_DTYPES", moe_quant_names,
                       MOE_DTYPE_COUNT) < 0 ||
+        moe_add_names(m, "COMPUTE_DTYPES", moe_compute_names,
+                      MOE_COMPUTE_COUNT) < 0 ||
         moe_add_names(m, "ROUTERS", moe_router_names, MOE_ROUTER_COUNT) < 0 ||
         moe_add_names(m, "ROUTER_GRADS", moe_router_grad_names,
                       MOE_ROUTER_GRAD_COUNT) < 0 ||

@@ -527,13 +527,13 @@ moe_quantized_pack_args(moe_pack_params *p, PyObject *g_obj, PyObject *u_obj,
 }
 
 /* pack_experts(w_gate, w_up, w_down, dtype, *, b_gate, b_up, b_down,
- *              expert_d_ff, bf16_compute, w_gate_scales, w_up_scales,
+ *              expert_d_ff, compute, w_gate_scales, w_up_scales,
  *              w_down_scales, group_size) -> packed experts */
 PyObject *
 moe_py_pack_experts(PyObject *self, PyObject *args, PyObject *kw)
 {
     static char *kwlist[] = {"w_gate", "w_up", "w_down", "dtype", "b_gate",
-                             "b_up", "b_down", "expert_d_ff", "bf16_compute",
+                             "b_up", "b_down", "expert_d_ff", "compute",
                              "w_gate_scales", "w_up_scales", "w_down_scales",
                              "group_size", NULL};
     PyObject *g_obj, *u_obj, *dn_obj;
@@ -542,18 +542,19 @@ moe_py_pack_experts(PyObject *self, PyObject *args, PyObject *kw)
     long long group_size = 0;
     PyArrayObject *up, *down;
     npy_intp ud[3] = {-1, -1, -1}, dd[3], gd[3], bgd[2], bdd[2], ffd[1];
-    int dtype, typenum, bf16_compute = 0;
+    int dtype, typenum, compute = 0;
     void *gate, *bg, *bu, *bdn, *ff;
     moe_pack_params p;
     moe_experts *w = NULL;
     moe_status st;
 
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOi|$OOOOpOOOL:pack_experts",
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOi|$OOOOiOOOL:pack_experts",
                                      kwlist, &g_obj, &u_obj, &dn_obj, &dtype,
                                      &bg_obj, &bu_obj, &bd_obj, &ff_obj,
-                                     &bf16_compute, &s_obj[0], &s_obj[1],
+                                     &compute, &s_obj[0], &s_obj[1],
                                      &s_obj[2], &group_size) ||
-        moe_check_enum(dtype, MOE_DTYPE_COUNT, "dtype") < 0) {
+        moe_check_enum(dtype, MOE_DTYPE_COUNT, "dtype") < 0 ||
+        moe_check_enum(compute, MOE_COMPUTE_COUNT, "compute") < 0) {
         return NULL;
     }
     memset(&p, 0, sizeof(p));
@@ -621,7 +622,7 @@ common:
         return NULL;
     }
     p.expert_d_ff = ff;
-    p.bf16_compute = bf16_compute;
+    p.compute = (moe_compute)compute;
     p.b_gate = bg;
     p.b_up = bu;
     p.b_down = bdn;
@@ -648,7 +649,7 @@ moe_py_experts_info(PyObject *self, PyObject *obj)
                          (long long)info.d_model, "d_ff",
                          (long long)info.d_ff, "gated", (int)info.gated,
                          "linear", (int)info.linear, "dtype", (int)info.dtype,
-                         "bf16_compute", (int)info.bf16_compute,
+                         "compute", (int)info.compute,
                          "group_size", (long long)info.group_size,
                          "nbytes", (Py_ssize_t)info.nbytes);
 }

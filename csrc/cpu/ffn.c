@@ -13,6 +13,7 @@
 #include "moe_impl.h"
 #include "cpu/kernels.h"
 
+#include <float.h>
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -58,7 +59,8 @@ moe_cpu_kernels(void)
                      moe_has_feature("f16c");
     const int avx512 = moe_has_feature("avx512f") && moe_has_feature("f16c") &&
                        moe_has_feature("fma");
-    if (avx512 && moe_has_feature("avx512bf16")) {
+    if (avx512 && moe_has_feature("avx512bf16") &&
+        moe_has_feature("avx512bw") && moe_has_feature("avx512vnni")) {
         best = &moe_kernels_avx512bf16;
     }
     else if (avx512) {
@@ -195,33 +197,59 @@ moe_qrow_bytes(const moe_experts *w)
     return w->dtype == MOE_DTYPE_INT8 ? w->nr : w->nr / 2;
 }
 
-/* Where row k of a quantized panel starts. */
+/* Bytes of a whole block (scales and rows) of a quantized panel. */
 static inline int64_t
-moe_qrow_at(const moe_experts *w, int64_t g, int64_t k)
+moe_qblock_bytes(const moe_experts *w, int64_t g)
 {
-    const int64_t t = k / g, sb = (int64_t)w->nr * moe_qscale_size(w);
+    const int64_t sb = (int64_t)w->nr * moe_qscale_size(w);
 
-    return t * (sb + g * moe_qrow_bytes(w)) + sb +
-           (k - t * g) * moe_qrow_bytes(w);
+    return w->q8_act ? sb + (g + 3) / 4 * moe_q8_quad_bytes(w->dtype, w->nr)
+                     : sb + g * moe_qrow_bytes(w);
 }
 
-/* Set element (k, j) of a quantized panel to code v (int8: the byte; 4-bit:
- * the nibble, column j in byte j % (nr / 2), high half for j >= nr / 2). */
+/* Bytes of a weight panel of K rows (cpu/kernels.h). */
+static inline int64_t
+moe_weight_panel_bytes(const moe_experts *w, int64_t K, int64_t g)
+{
+    return w->q8_act ? moe_q8_panel_bytes(w->dtype, K, w->nr, g)
+                     : moe_panel_bytes(w->dtype, K, w->nr, g);
+}
+
+/*
+ * Set element (k, j) of a quantized panel to code v (int8: the byte; 4-bit:
+ * the nibble, column j in byte j % (nr / 2), high half for j >= nr / 2; int8
+ * compute: in quads, int8 codes + 128, cpu/kernels.h: moe_q8_*).
+ */
 static inline void
 moe_qput(const moe_experts *w, uint8_t *panel, int64_t g, int64_t k, int j,
          unsigned v)
 {
-    uint8_t *row = panel + moe_qrow_at(w, g, k);
+    const int64_t t = k / g, r = k - t * g;
+    const int64_t sb = (int64_t)w->nr * moe_qscale_size(w);
     const int half = w->nr / 2;
+    uint8_t *at = panel + t * moe_qblock_bytes(w, g) + sb;
+    int col = j < half ? j : j - half;
 
-    if (w->dtype == MOE_DTYPE_INT8) {
-        row[j] = (uint8_t)v;
-    }
-    else if (j < half) {
-        row[j] = (uint8_t)((row[j] & 0xf0u) | (v & 0xfu));
+    if (w->q8_act) {
+        at += r / 4 * moe_q8_quad_bytes(w->dtype, w->nr) + r % 4;
+        if (w->dtype == MOE_DTYPE_INT8) {
+            at[4 * j] = (uint8_t)(v ^ 0x80u);
+            return;
+        }
+        at += 3 * col; /* byte 4 col + r % 4 */
     }
     else {
-        row[j - half] = (uint8_t)((row[j - half] & 0x0fu) | (v & 0xfu) << 4);
+        at += r * moe_qrow_bytes(w);
+        if (w->dtype == MOE_DTYPE_INT8) {
+            at[j] = (uint8_t)v;
+            return;
+        }
+    }
+    if (j < half) {
+        at[col] = (uint8_t)((at[col] & 0xf0u) | (v & 0xfu));
+    }
+    else {
+        at[col] = (uint8_t)((at[col] & 0x0fu) | (v & 0xfu) << 4);
     }
 }
 
@@ -245,7 +273,7 @@ moe_pack_qcolumn(const moe_experts *w, int64_t g, const uint8_t *src,
 {
     const int ss = moe_qscale_size(w);
     const int64_t n_blocks = (K + g - 1) / g;
-    const int64_t block = (int64_t)w->nr * ss + g * moe_qrow_bytes(w);
+    const int64_t block = moe_qblock_bytes(w, g);
     int64_t k, t;
     int bad = 0;
 
@@ -316,7 +344,7 @@ moe_pack_qtask(moe_pack_job *job, int64_t e, int64_t c)
         const int64_t rb = w->dtype == MOE_DTYPE_INT8 ? d : (d + 1) / 2;
         const int64_t g = w->group_gu, sr = (d + g - 1) / g * ss;
         uint8_t *panel = (uint8_t *)w->gu + (e * w->gu_panels + c) *
-                         moe_panel_bytes(w->dtype, d, w->nr, g);
+                         moe_weight_panel_bytes(w, d, g);
         const int64_t ff = w->expert_ff ? w->expert_ff[e] : F;
         for (j = 0; j < w->nr; j++) {
             int is_up = !w->gated || j >= width;
@@ -334,7 +362,7 @@ moe_pack_qtask(moe_pack_job *job, int64_t e, int64_t c)
         const int64_t rb = w->dtype == MOE_DTYPE_INT8 ? F : (F + 1) / 2;
         const int64_t g = w->group_down, sr = (F + g - 1) / g * ss;
         uint8_t *panel = (uint8_t *)w->down + (e * w->down_panels + q) *
-                         moe_panel_bytes(w->dtype, F, w->nr, g);
+                         moe_weight_panel_bytes(w, F, g);
         const int64_t ff = w->expert_ff ? w->expert_ff[e] : F;
         const uint8_t *src = p->w_down, *sc = p->s_down;
         for (j = 0; j < w->nr; j++) {
@@ -456,7 +484,9 @@ moe_pack(const moe_pack_params *p, int linear, moe_experts **out)
         w->group_gu += w->group_gu == 0; /* an empty k: any group */
         w->group_down += w->group_down == 0;
     }
-    w->bf16_act = !linear && p->bf16_compute;
+    w->compute = linear ? MOE_COMPUTE_FLOAT32 : p->compute;
+    w->bf16_act = w->compute == MOE_COMPUTE_BFLOAT16;
+    w->q8_act = w->compute == MOE_COMPUTE_INT8;
     w->nr = kr->nr;
     w->gated = p->w_gate != NULL;
     w->linear = linear;
@@ -476,11 +506,9 @@ moe_pack(const moe_pack_params *p, int linear, moe_experts **out)
     }
     w->down_panels = (p->d_model + kr->nr - 1) / kr->nr;
     gu_bytes = (size_t)(p->n_experts * w->gu_panels *
-                        moe_panel_bytes(w->dtype, p->d_model, kr->nr,
-                                        w->group_gu));
+                        moe_weight_panel_bytes(w, p->d_model, w->group_gu));
     down_bytes = (size_t)(p->n_experts * w->down_panels *
-                          moe_panel_bytes(w->dtype, p->d_ff, kr->nr,
-                                          w->group_down));
+                          moe_weight_panel_bytes(w, p->d_ff, w->group_down));
     w->gu = moe_alloc_big(gu_bytes, 1);
     w->down = moe_alloc_big(down_bytes, 1);
     if (w->gu == NULL || w->down == NULL) {
@@ -581,7 +609,7 @@ moe_experts_get_info(const moe_experts *w, moe_experts_info *info)
     info->gated = w->gated;
     info->linear = w->linear;
     info->dtype = w->dtype;
-    info->bf16_compute = w->bf16_act;
+    info->compute = w->compute;
     info->group_size = w->group_size;
     info->nbytes = w->nbytes;
 }
@@ -725,6 +753,7 @@ typedef struct moe_ffn_task {
  */
 typedef struct moe_panel_gemm {
     const float       *in;       /* (n_panels, K, MR)                      */
+    const uint8_t     *in_q;     /* int8 compute: the quantized panels     */
     const moe_experts *w;
     float             *out;      /* (n_rows, N)                            */
     const float       *coef;     /* (n_rows, ld_coef) or NULL: no update   */
@@ -755,6 +784,9 @@ typedef struct moe_ffn_job {
     int64_t               n_panels;
     float                *xp;        /* (n_panels, d_model, MR); linear: hp */
     float                *hp;        /* (n_panels, d_ff, MR)               */
+    uint8_t              *hq;        /* int8 compute: hp quantized         */
+    int64_t               xq_bytes;  /* int8 compute: bytes per panel of   */
+    int64_t               hq_bytes;  /*   xp and of hq (cpu/kernels.h)     */
     moe_ffn_task         *tasks;
     int64_t               n_tasks;
 } moe_ffn_job;
@@ -815,6 +847,66 @@ moe_bf16_pair(float lo, float hi)
     return (uint32_t)moe_bf16_round(lo) | (uint32_t)moe_bf16_round(hi) << 16;
 }
 
+/* The unsigned codes' offset of the int8-compute weights (cpu/kernels.h). */
+static inline int32_t
+moe_q8_offset(const moe_experts *w)
+{
+    return w->dtype == MOE_DTYPE_INT8 ? 128 : w->dtype == MOE_DTYPE_INT4 ? 8
+                                                                          : 12;
+}
+
+/*
+ * Quantize rows i < m (value k of row i at src[i][k * sk], k < K) into an
+ * int8-compute activation panel of mr rows for weights of this group
+ * (cpu/kernels.h: moe_q8_*); rows >= m are zeros.  Per row and sub-block:
+ * amax = max |v|, q = round_even(v * min(127 / amax, FLT_MAX)) (0 if amax
+ * is 0), s = amax / 127 (times 0.5 for mxfp4: its codes are 2 v); a NaN or
+ * Inf value makes s NaN (the row's outputs NaN) and its codes 0.
+ * moe/reference.py: quantize_activations computes the same q and s.
+ */
+static void
+moe_q8_pack(const moe_experts *w, int64_t K, int64_t group,
+            const float *const *src, int64_t sk, int m, int mr, uint8_t *dst)
+{
+    const int32_t off = moe_q8_offset(w);
+    const float mult = w->dtype == MOE_DTYPE_MXFP4 ? 0.5f : 1.0f;
+    int64_t k0, s0, k;
+    int i;
+
+    memset(dst, 0, (size_t)moe_q8_act_bytes(K, group, mr));
+    for (k0 = 0; k0 < K; k0 += group) {
+        const int64_t rows = K - k0 < group ? K - k0 : group;
+        for (s0 = 0; s0 < rows; s0 += MOE_Q8_BLOCK) {
+            const int64_t n = rows - s0 < MOE_Q8_BLOCK ? rows - s0
+                                                       : MOE_Q8_BLOCK;
+            float *sa = (float *)dst;
+            int32_t *corr = (int32_t *)dst + mr;
+            int8_t *codes = (int8_t *)((int32_t *)dst + 2 * mr);
+            for (i = 0; i < m; i++) {
+                const float *v = src[i] + (k0 + s0) * sk;
+                float amax = 0.0f, inv;
+                int32_t sum = 0;
+                int bad = 0;
+                for (k = 0; k < n; k++) {
+                    const float a = fabsf(v[k * sk]);
+                    bad |= !(a <= FLT_MAX);
+                    amax = a > amax ? a : amax;
+                }
+                inv = amax > 0.0f ? fminf(127.0f / amax, FLT_MAX) : 0.0f;
+                for (k = 0; k < n && !bad; k++) {
+                    float q = nearbyintf(v[k * sk] * inv);
+                    q = q > 127.0f ? 127.0f : q < -127.0f ? -127.0f : q;
+                    codes[((k / 4) * mr + i) * 4 + k % 4] = (int8_t)q;
+                    sum += (int32_t)q;
+                }
+                sa[i] = bad ? NAN : amax / 127.0f * mult;
+                corr[i] = bad ? 0 : off * sum;
+            }
+            dst += (8 + 4 * ((n + 3) / 4)) * mr;
+        }
+    }
+}
+
 /*
  * Phase 0: gather the rows of panel P into xp, k-major, zero padded (a
  * linear's rows go straight to hp, the input of its one GEMM).  bf16
@@ -836,6 +928,11 @@ moe_ffn_pack_rows(void *ctx, int64_t P)
     for (i = 0; i < MOE_MAX_MR; i++) {
         int64_t r = r0 + (i < m ? i : 0);
         src[i] = job->x + (job->token_index ? job->token_index[r] : r) * d;
+    }
+    if (job->w->q8_act) {
+        moe_q8_pack(job->w, d, job->w->group_gu, src, 1, m, mr,
+                    (uint8_t *)job->xp + P * job->xq_bytes);
+        return;
     }
     if (job->w->bf16_act && job->kr->dot_pairs) {
         uint32_t *pairs = (uint32_t *)dst;
@@ -907,10 +1004,33 @@ static float *
 moe_wide_panel(const moe_kernels *kr, const moe_experts *w,
                const moe_ffn_task *task, int64_t K)
 {
-    if (kr->dequant[w->dtype] == NULL || task->p1 - task->p0 < 2) {
+    if (kr->dequant[w->dtype] == NULL || w->q8_act ||
+        task->p1 - task->p0 < 2) {
         return NULL;
     }
     return moe_workspace(MOE_WS_DEQUANT, (size_t)(K * w->nr), sizeof(float));
+}
+
+/* Int8 compute, between phases 1 and 2: hidden panel P quantized into hq
+ * (over the expert's own units). */
+static void
+moe_ffn_quantize_hidden(void *ctx, int64_t P)
+{
+    const moe_ffn_job *job = ctx;
+    const moe_experts *w = job->w;
+    const int mr = job->kr->mr;
+    const float *h = job->hp + P * w->d_ff * mr;
+    const float *src[MOE_MAX_MR];
+    const int32_t e = job->panel_e[P];
+    int64_t r0;
+    int m, i;
+
+    moe_panel_rows(job, P, &r0, &m);
+    for (i = 0; i < mr; i++) {
+        src[i] = h + i;
+    }
+    moe_q8_pack(w, w->expert_ff ? w->expert_ff[e] : w->d_ff, w->group_down,
+                src, mr, m, mr, job->hq + P * job->hq_bytes);
 }
 
 /* Phase 1: gate/up panels (+ LoRA) -> activation -> hidden panels (hp). */
@@ -925,7 +1045,7 @@ moe_ffn_up_task(void *ctx, int64_t t)
     const int width = w->gated ? nr / 2 : nr;
     const moe_ukr_fn ukr = job->kr->ukr[w->dtype];
     const int64_t d = w->d_model, F = w->d_ff;
-    const int64_t panel = moe_panel_bytes(w->dtype, d, nr, w->group_gu);
+    const int64_t panel = moe_weight_panel_bytes(w, d, w->group_gu);
     float tile[MOE_MAX_MR * MOE_MAX_NR];
     float hb[MOE_MAX_MR * MOE_MAX_NR]; /* bf16 compute: h before rounding */
     int64_t c, P, r0;
@@ -953,9 +1073,15 @@ moe_ffn_up_task(void *ctx, int64_t t)
             float *h = job->hp + P * F * mr;
             const int64_t K = w->bf16_act ? d / 2 : d;
             const moe_prefetch pf = moe_prefetch_slice(
-                next, panel, K, P - task->p0, task->p1 - task->p0);
+                next, panel, w->q8_act ? (d + 3) / 4 : K, P - task->p0,
+                task->p1 - task->p0);
             moe_panel_rows(job, P, &r0, &m);
-            if (w->bf16_act) {
+            if (w->q8_act) {
+                job->kr->q8[w->dtype]((const uint8_t *)job->xp +
+                                          P * job->xq_bytes,
+                                      b, d, w->group_gu, m, tile, nr, pf);
+            }
+            else if (w->bf16_act) {
                 job->kr->dot(job->xp + P * d * mr, b, K, m, tile, nr, pf);
             }
             else {
@@ -1010,10 +1136,10 @@ moe_ffn_gemm_task(void *ctx, int64_t t)
     const int mr = job->kr->mr, nr = w->nr;
     const moe_ukr_fn ukr = job->kr->ukr[w->dtype];
     const int64_t d = w->d_model, F = w->d_ff;
-    const int64_t panel = moe_panel_bytes(w->dtype, F, nr, w->group_down);
+    const int64_t panel = moe_weight_panel_bytes(w, F, w->group_down);
     /* heterogeneous experts: the units past expert_ff[e] are skipped */
     const int64_t K = w->expert_ff ? w->expert_ff[task->e] : F;
-    const int64_t k_bytes = moe_panel_bytes(w->dtype, K, nr, w->group_down);
+    const int64_t k_bytes = moe_weight_panel_bytes(w, K, w->group_down);
     float *wide = moe_wide_panel(job->kr, w, task, K);
     const moe_ukr_fn run = wide ? job->kr->ukr[MOE_WTYPE_F32] : ukr;
     float tile[MOE_MAX_MR * MOE_MAX_NR];
@@ -1033,12 +1159,19 @@ moe_ffn_gemm_task(void *ctx, int64_t t)
         for (P = task->p0; P < task->p1; P++) {
             int n_cols = d - c * nr < nr ? (int)(d - c * nr) : nr;
             const moe_prefetch pf = moe_prefetch_slice(
-                next, k_bytes, w->bf16_act ? K / 2 : K, P - task->p0,
-                task->p1 - task->p0);
+                next, k_bytes, w->bf16_act ? K / 2 : w->q8_act ? (K + 3) / 4
+                                                               : K,
+                P - task->p0, task->p1 - task->p0);
             float *y;
             moe_panel_rows(job, P, &r0, &m);
             y = g->out + r0 * d + c * nr;
-            if (w->bf16_act) {
+            if (w->q8_act) {
+                job->kr->q8[w->dtype](g->in_q + P * job->hq_bytes, b, K,
+                                      w->group_down, m,
+                                      n_cols == nr ? y : tile,
+                                      n_cols == nr ? d : nr, pf);
+            }
+            else if (w->bf16_act) {
                 /* bf16 compute: the hidden panel as the dot kernel reads it */
                 job->kr->dot(g->in + P * F * mr, b, K / 2,
                              m, n_cols == nr ? y : tile, n_cols == nr ? d : nr,
@@ -1218,7 +1351,19 @@ moe_ffn_run(moe_ffn_job *job, moe_panel_gemm *final, int64_t n_rows)
         }
     }
     job->panel_e = moe_alloc((size_t)job->n_panels, sizeof(int32_t));
+    if (w->q8_act) {
+        /* int8 compute: xp holds the quantized rows; hq the hidden ones */
+        job->xq_bytes = moe_q8_act_bytes(w->d_model, w->group_gu, job->kr->mr);
+        job->hq_bytes = moe_q8_act_bytes(w->d_ff, w->group_down, job->kr->mr);
+        job->hq = moe_workspace(MOE_WS_PANEL_Q,
+                                (size_t)(job->n_panels * job->hq_bytes), 1);
+        if (job->hq == NULL) {
+            goto done;
+        }
+    }
     job->xp = w->linear ? NULL
+        : w->q8_act ? moe_workspace(MOE_WS_PANEL_X,
+                                    (size_t)(job->n_panels * job->xq_bytes), 1)
         : moe_workspace(MOE_WS_PANEL_X,
                         (size_t)(job->n_panels * w->d_model * job->kr->mr),
                         sizeof(float));
@@ -1276,6 +1421,13 @@ moe_ffn_run(moe_ffn_job *job, moe_panel_gemm *final, int64_t n_rows)
         }
     }
     final->in = job->hp;
+    if (w->q8_act) {
+        if ((st = moe_pool_run(job->n_panels, moe_ffn_quantize_hidden, job)) !=
+            MOE_STATUS_OK) {
+            goto done;
+        }
+        final->in_q = job->hq;
+    }
     st = moe_ffn_gemm(job, final);
 done:
     free(job->panel_off);

@@ -3,6 +3,10 @@
 #pragma GCC target("avx2,fma,f16c")
 #include <immintrin.h>
 #define MOE_K_CVTPH(p) _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p)))
+#define MOE_K_MADDUBS(u, a)                                                  \
+    _mm256_madd_epi16(_mm256_maddubs_epi16((__m256i)(u), (__m256i)(a)),     \
+                      _mm256_set1_epi16(1))
+#define MOE_K_SHUFB(t, n) _mm256_shuffle_epi8((__m256i)(t), (__m256i)(n))
 #define MOE_K_WIDEN(p) _mm256_cvtps_pd(_mm_loadu_ps(p))
 #define MOE_K_U8TOI32(p) _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(p)))
 #define MOE_K_S8TOI32(p) _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(p)))

@@ -50,6 +50,68 @@ moe_panel_bytes(int wtype, int64_t K, int nr, int64_t group)
 }
 
 /*
+ * int8 compute (moe_pack_params.compute INT8): integer dot products of
+ * quantized weights and activations quantized to int8.
+ *
+ * Weight panel of K rows: ceil(K / group) blocks of `group` rows (the last
+ * one fewer), each nr scales (as moe_panel_bytes) then ceil(rows / 4)
+ * quads; quad q holds the block's rows 4q .. 4q + 3 (zero codes past its
+ * rows) as 32-bit lanes of 4 unsigned bytes, one per row:
+ *   int8:  nr * 4 bytes, byte 4 j + r = code(4q + r, j) + 128;
+ *   4-bit: nr * 2 bytes, byte 4 l + r = row 4q + r's byte l (nibbles:
+ *          column l low, column l + nr / 2 high), used as n (int4: n - 8
+ *          is the value) or through the e2m1 table (mxfp4: u = 2 v + 12).
+ * The value is (u - off) * mult * scale: off 128 / 8 / 12, mult 1 / 1 / 0.5.
+ *
+ * Activation panel of mr rows for the same K and group: every block cut in
+ * sub-blocks of MOE_Q8_BLOCK rows (the last fewer), each
+ *   mr float scales s_a (row i's values are q * s_a; mxfp4: times 0.5
+ *   folded in), mr int32 corrections off * sum(q), then ceil(rows / 4) * mr
+ *   int32 quads (4 int8 codes of rows 4t .. 4t + 3 of row i at [t * mr + i],
+ *   zeros past the sub-block).
+ * c(i, j) = sum over sub-blocks, in order, of one FMA each:
+ *   c = fma((float)(sum_k u * q - corr_i), s_a_i * s_w_j, c)
+ * (the integer sum is exact; |sum| < 2^24 so its conversion too).
+ */
+#define MOE_Q8_BLOCK 256
+
+/* Bytes of one quad of a panel (nr columns x 4 rows). */
+static inline int64_t
+moe_q8_quad_bytes(int wtype, int nr)
+{
+    return wtype == MOE_WTYPE_INT8 ? (int64_t)nr * 4 : (int64_t)nr * 2;
+}
+
+/* Bytes of an int8-compute weight panel of K rows. */
+static inline int64_t
+moe_q8_panel_bytes(int wtype, int64_t K, int nr, int64_t group)
+{
+    const int64_t sb = (int64_t)nr * (wtype == MOE_WTYPE_MXFP4 ? 1 : 2);
+    const int64_t qb = moe_q8_quad_bytes(wtype, nr), rest = K % group;
+
+    return K / group * (sb + (group + 3) / 4 * qb) +
+           (rest ? sb + (rest + 3) / 4 * qb : 0);
+}
+
+/* Bytes of the activation sub-blocks of one block of `rows` rows. */
+static inline int64_t
+moe_q8_block_act_bytes(int64_t rows, int mr)
+{
+    const int64_t full = rows / MOE_Q8_BLOCK, rest = rows % MOE_Q8_BLOCK;
+
+    return (full * (8 + MOE_Q8_BLOCK) + (rest ? 8 + (rest + 3) / 4 * 4 : 0)) *
+           mr;
+}
+
+/* Bytes of an int8-compute activation panel of K rows, mr rows. */
+static inline int64_t
+moe_q8_act_bytes(int64_t K, int64_t group, int mr)
+{
+    return K / group * moe_q8_block_act_bytes(group, mr) +
+           moe_q8_block_act_bytes(K % group, mr);
+}
+
+/*
  * Memory a micro-kernel prefetches towards L2 while it runs: one 64-byte line
  * every `every` k steps, from `at` on (NULL: none).  The FFN driver spreads
  * the next weight panel over the calls on the current one, so that panel
@@ -125,6 +187,13 @@ typedef void (*moe_act_grad_fn)(int act, const float *g, const float *u,
                                 const float *dh, int n, float alpha,
                                 float limit, float *h, float *dg, float *du);
 
+/* The int8-compute kernel: c (m, NR) = the first m rows of a @ b, with a
+ * an activation panel and b a weight panel of K rows (moe_q8_*, above); c
+ * row i at c + i * ldc; pf as for moe_ukr_fn. */
+typedef void (*moe_q8_fn)(const void *a, const void *b, int64_t K,
+                          int64_t group, int m, float *c, int64_t ldc,
+                          moe_prefetch pf);
+
 /* A quantized panel's first K rows as fp32, (K, NR) row-major: the values
  * ukr computes with (NULL for the float types). */
 typedef void (*moe_dequant_fn)(const void *b, int64_t K, int64_t group,
@@ -137,6 +206,7 @@ typedef struct moe_kernels {
     int            nr;    /* columns per weight panel (2 vectors)          */
     moe_ukr_fn     ukr[MOE_WTYPE_COUNT];
     moe_dequant_fn dequant[MOE_WTYPE_COUNT];
+    moe_q8_fn      q8[MOE_WTYPE_COUNT]; /* int8 compute (quantized types) */
     moe_dot_fn     dot;   /* bf16 weights x bf16 activations               */
     int            dot_pairs; /* dot reads a as bf16 pairs (1) or fp32 (0) */
     moe_router_fn  router;

@@ -260,8 +260,16 @@ moe_experts_pack(const moe_pack_params *p, moe_experts **out)
                              "mxfp4: 32), got group_size=%lld",
                              (long long)p->group_size);
     }
-    if (p->bf16_compute && (p->dtype != MOE_DTYPE_BF16 || p->d_model % 2 ||
-                            p->d_ff % 2)) {
+    if ((int)p->compute < 0 || p->compute >= MOE_COMPUTE_COUNT ||
+        (p->compute == MOE_COMPUTE_INT8 && !moe_dtype_quantized(p->dtype))) {
+        return moe_set_error(MOE_STATUS_INVALID_ARG,
+                             "moe_experts_pack: compute %d needs a known "
+                             "compute and, for int8, a quantized dtype "
+                             "(int8, int4, mxfp4), got dtype %d",
+                             (int)p->compute, (int)p->dtype);
+    }
+    if (p->compute == MOE_COMPUTE_BFLOAT16 &&
+        (p->dtype != MOE_DTYPE_BF16 || p->d_model % 2 || p->d_ff % 2)) {
         return moe_set_error(MOE_STATUS_INVALID_ARG,
                              "bf16 compute needs bfloat16 weights and even "
                              "d_model and d_ff, got dtype %d, d_model=%lld, "
@@ -272,11 +280,13 @@ moe_experts_pack(const moe_pack_params *p, moe_experts **out)
         int32_t e;
         for (e = 0; e < p->n_experts; e++) {
             if (p->expert_d_ff[e] < 0 || p->expert_d_ff[e] > p->d_ff ||
-                (p->bf16_compute && p->expert_d_ff[e] % 2)) {
+                (p->compute == MOE_COMPUTE_BFLOAT16 &&
+                 p->expert_d_ff[e] % 2)) {
                 return moe_set_error(MOE_STATUS_INVALID_ARG,
                                      "expert_d_ff must be in [0, d_ff=%lld]%s, "
                                      "got %lld for expert %d", (long long)p->d_ff,
-                                     p->bf16_compute ? " and even (bf16 compute)"
+                                     p->compute == MOE_COMPUTE_BFLOAT16
+                                         ? " and even (bf16 compute)"
                                                      : "",
                                      (long long)p->expert_d_ff[e], e);
             }
@@ -373,10 +383,10 @@ moe_ffn_backward(const moe_ffn_backward_params *p)
     const moe_experts *w = p->experts;
 
     MOE_TRY(moe_check_pack(w, 0, "experts"));
-    if (w->bf16_act) {
-        return moe_set_error(MOE_STATUS_UNSUPPORTED, "the backward of a bf16-"
-                             "compute pack (bf16_compute=1) is not "
-                             "implemented: pack with bf16_compute=0");
+    if (w->compute != MOE_COMPUTE_FLOAT32) {
+        return moe_set_error(MOE_STATUS_UNSUPPORTED, "the backward of a "
+                             "bfloat16- or int8-compute pack is not "
+                             "implemented: pack with compute float32");
     }
     if (moe_activation_gated(p->act.activation) != w->gated ||
         (w->gated && p->w_gate == NULL) || p->w_up == NULL ||
@@ -427,9 +437,9 @@ moe_expert_lora_pack(const moe_expert_lora_params *p,
         return moe_set_error(MOE_STATUS_UNSUPPORTED, "LoRA on experts of "
                              "different sizes (expert_d_ff) is not supported");
     }
-    if (experts->bf16_act) {
+    if (experts->compute != MOE_COMPUTE_FLOAT32) {
         return moe_set_error(MOE_STATUS_UNSUPPORTED, "LoRA on experts packed "
-                             "for bf16 compute is not supported");
+                             "for bfloat16 or int8 compute is not supported");
     }
     if (p->a_gate != NULL && !experts->gated) {
         return moe_set_error(MOE_STATUS_INVALID_ARG, "a LoRA on w_gate needs "

@@ -76,8 +76,8 @@ shape, so zeros for the remote ones).
 Transports (the five methods of ``Transport``; the layer does not depend on the engine):
 ``TorchTransport`` (torch.distributed; gloo on CPU tested, NCCL untested -- the buffers are
 CPU NumPy arrays) and ``MPITransport`` (mpi4py nonblocking collectives on the NumPy
-buffers, polled against the timeout; tested with the MPICH wheel's ``mpiexec`` on one
-host, 2 and 4 processes).  Both give the same bits.
+buffers, polled against the timeout; tested with the MPICH wheel's ``mpiexec``, and the
+Open MPI wheel's, on one host, 2 and 4 processes).  Both give the same bits.
 """
 from __future__ import annotations
 

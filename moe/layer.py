@@ -685,6 +685,8 @@ class SparseMoE:
             opts.append(f"shared_dtype={self.shared_dtype!r}")
         if self.group_size is not None:
             opts.append(f"group_size={self.group_size or 'per row'}")
+        if self.compute_dtype != "float32":
+            opts.append(f"compute_dtype={self.compute_dtype!r}")
         if self.lora_rank:
             opts.append(f"lora_rank={self.lora_rank}, lora_targets={self.lora_targets}")
         if self.n_null:

@@ -78,7 +78,9 @@ CALLS = [
                                dtype=f.PickValueInList([None, "float32", "bfloat16",
                                                         "float16", "int8", "int4", "mxfp4",
                                                         "int3"]),
-                               group_size=value(f) if f.ConsumeBool() else None),
+                               group_size=value(f) if f.ConsumeBool() else None,
+                               compute_dtype=f.PickValueInList(list(moe.COMPUTE_DTYPES) +
+                                                               ["int4"])),
     lambda f: moe.QuantizedWeight(value(f), value(f), f.PickValueInList(
         ["int8", "int4", "mxfp4", "x"]), value(f), value(f) if f.ConsumeBool() else None),
     lambda f: moe.quant.quantize_weight(value(f), f.PickValueInList(["int8", "int4", "mxfp4"]),
@@ -86,7 +88,8 @@ CALLS = [
     lambda f: moe.SparseMoE(f.ConsumeIntInRange(1, 12), f.ConsumeIntInRange(1, 12),
                             f.ConsumeIntInRange(1, 6), 1,
                             dtype=f.PickValueInList(["int8", "int4", "mxfp4"]),
-                            group_size=value(f) if f.ConsumeBool() else None)(value(f)),
+                            group_size=value(f) if f.ConsumeBool() else None,
+                            compute_dtype=f.PickValueInList(["float32", "int8"]))(value(f)),
     lambda f: moe.update_expert_bias(value(f), value(f), value(f)),
     lambda f: moe.SparseMoE(f.ConsumeIntInRange(-1, 12), f.ConsumeIntInRange(-1, 12),
                             f.ConsumeIntInRange(-1, 9), f.ConsumeIntInRange(-1, 9),

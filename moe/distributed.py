@@ -151,6 +151,27 @@ class Transport:
     rank: int
     world: int
     timeout: float | None
+    _closed = False
+
+    def close(self):
+        """Release what the transport holds (MPITransport: its duplicate communicator;
+        TorchTransport: the group it made for its timeout).  Where the engine's release is
+        collective (``MPI_Comm_free``), every rank closes together, after its last call.
+        Later calls raise ExpertParallelError; closing twice does nothing.  A transport
+        is also a context manager that closes on exit (``with MPITransport() as tr:``)."""
+        self._closed = True
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+    def _check_open(self):
+        if self._closed:
+            raise ExpertParallelError(
+                f"rank {self.rank}/{self.world}: {type(self).__name__} is closed")
 
     def alltoall_counts(self, counts):
         raise NotImplementedError
@@ -237,11 +258,20 @@ class TorchTransport(Transport):
             self.timeout = _seconds(timeout)
         else:
             self.timeout = None  # the group's own (init_process_group's)
+        self._own_group = timeout is not None
         self.group = group
         self.rank = dist.get_rank(group)
         self.world = dist.get_world_size(group)
 
+    def close(self):
+        """Destroys the group made for the timeout (not a group the caller passed or the
+        default one); see Transport.close."""
+        if not self._closed and self._own_group:
+            self._dist.destroy_process_group(self.group)
+        self._closed = True
+
     def _call(self, what, fn):
+        self._check_open()
         try:
             return fn()
         except Exception as exc:  # gloo: timeout, connection closed by a dead peer, ...
@@ -336,9 +366,18 @@ class MPITransport(Transport):
         self.comm = dup[0]
         self.comm.Set_errhandler(MPI.ERRORS_RETURN)
 
+    def close(self):
+        """Frees the duplicate communicator (``MPI_Comm_free``, collective: every rank
+        closes together); a broken transport keeps it, with its abandoned requests (the
+        peers are at other collectives: end the job instead).  See Transport.close."""
+        if not self._closed and self._broken is None:
+            self.comm.Free()
+        self._closed = True
+
     def _wait(self, what, start, *keep):
         """Start a nonblocking collective (start() -> Request) and wait for it, at most
         ``timeout`` seconds; keep: its buffers (held if the request is abandoned)."""
+        self._check_open()
         if self._broken is not None:
             raise ExpertParallelError(
                 f"rank {self.rank}/{self.world}: MPITransport is broken by an earlier "

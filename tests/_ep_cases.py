@@ -157,6 +157,23 @@ def check_transport(tr, rank, world):
     return "transport ok"
 
 
+def check_close(make, rank, world):
+    """close(), on a transport of its own (every rank together): the context manager
+    closes on exit; a closed transport raises; closing twice does nothing."""
+    with make() as tr:
+        assert tr.allgather_object(rank) == list(range(world))
+    for call in (lambda: tr.allgather_object(rank), lambda: tr.allreduce_sum(np.ones(2)),
+                 lambda: tr.alltoall_counts(np.zeros((world, 1), np.int64))):
+        try:
+            call()
+        except ExpertParallelError as exc:
+            assert "is closed" in str(exc), exc
+        else:
+            raise AssertionError("a closed transport took a call")
+    tr.close()
+    return "close ok"
+
+
 def run_checks(ep_cls, tr, rank, world, done):
     """Every check before the faults; appends to `done` as they pass (11 entries)."""
     done.append(check_transport(tr, rank, world))

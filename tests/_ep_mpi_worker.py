@@ -55,8 +55,10 @@ def main(outdir, fault, phases):
     try:
         assert "torch" not in sys.modules
         if phases == "all":
-            tr = MPITransport()  # no timeout: the blocking path (Wait)
-            cases.run_checks(ExpertParallelMoE, tr, rank, world, report["done"])
+            with MPITransport() as tr:  # no timeout: the blocking path (Wait)
+                cases.run_checks(ExpertParallelMoE, tr, rank, world, report["done"])
+            report["done"].append(cases.check_close(lambda: MPITransport(timeout=30), rank,
+                                                    world))
             save()
 
         def linger():  # the raising rank takes no further part until the others are done

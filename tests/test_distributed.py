@@ -51,6 +51,8 @@ def _worker(rank, world, init_method, outdir, fault):
         tr = TorchTransport()
         assert "torch" in sys.modules
         cases.run_checks(ExpertParallelMoE, tr, rank, world, report["done"])
+        report["done"].append(cases.check_close(lambda: TorchTransport(timeout=30), rank,
+                                                world))
         save()
 
         # faults, last (they leave the group unusable)

@@ -39,7 +39,8 @@ from _ep_mpi_worker import ABORT_CODE
 from childproc import child_env
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_ep_mpi_worker.py")
-N_CHECKS = 11  # run_checks' entries: transport, 4 configs, map, no-tokens, starved, 3 mismatches
+N_CHECKS = 12  # run_checks' entries (transport, 4 configs, map, no-tokens, starved, 3
+# mismatches), then check_close
 
 
 def _mpiexec():

@@ -24,6 +24,14 @@ def _base_seed():
 
 
 @pytest.fixture
+def threads():
+    """moe.set_num_threads, with the thread count restored after the test."""
+    before = moe.get_num_threads()
+    yield moe.set_num_threads
+    moe.set_num_threads(before)
+
+
+@pytest.fixture
 def rng(request):
     """np.random.Generator seeded from the test id (and MOE_TEST_SEED)."""
     seed = (zlib.crc32(request.node.nodeid.encode()) + 1_000_003 * _base_seed()) % 2**32

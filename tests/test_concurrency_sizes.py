@@ -25,14 +25,6 @@ DEEPSEEK = dict(scoring="sigmoid", renormalize=True, expert_bias=True, n_groups=
                 topk_groups=2, routed_scaling=2.5, n_shared_experts=1)
 
 
-@pytest.fixture
-def threads():
-    """moe.set_num_threads, with the thread count restored afterwards."""
-    before = moe.get_num_threads()
-    yield moe.set_num_threads
-    moe.set_num_threads(before)
-
-
 def run_child(code, *args, timeout=180):
     """Run code in a fresh Python that imports this moe; (returncode, stdout, stderr)."""
     try:

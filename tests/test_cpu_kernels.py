@@ -189,14 +189,6 @@ def check_pool(pool, what):
     assert_within_naive(*(list(col) for col in zip(*pool)), what=what)
 
 
-@pytest.fixture
-def threads():
-    """moe.set_num_threads, with the thread count restored after the test."""
-    before = moe.get_num_threads()
-    yield moe.set_num_threads
-    moe.set_num_threads(before)
-
-
 # ---- 1. every ISA variant against the reference -------------------------------------------
 
 _ISA_CHILD = textwrap.dedent("""

@@ -38,14 +38,6 @@ def activation_param(act):
     return act
 
 
-@pytest.fixture
-def threads():
-    """Restores the thread count a test changes."""
-    keep = moe.get_num_threads()
-    yield
-    moe.set_num_threads(keep)
-
-
 def quant_layer(make, d, F, E, k, dtype, group_size, activation="swiglu", **options):
     """A quantized SparseMoE from the test's rng; gpt-oss style (expert biases) for
     swiglu-oai; random (not zero) expert biases when there are any."""
@@ -230,7 +222,12 @@ def test_nan_input(make, fmt):
 def test_token_alone_equals_token_in_batch(make, threads, fmt):
     dtype, g = fmt
     layer = quant_layer(make, 40, 36, 8, 2, dtype, g, "swiglu", n_shared_experts=1)
-    x = make.normal(64, 40)
+    assert_batch_invariant(layer, make.normal(64, 40), make.rng)
+
+
+def assert_batch_invariant(layer, x, rng):
+    """The same bits on 1 and 2 threads, for a token alone, the first 5 tokens and a
+    permuted batch as in the whole batch x (64 tokens)."""
     moe.set_num_threads(1)
     full1 = layer(x)
     moe.set_num_threads(2)
@@ -239,7 +236,7 @@ def test_token_alone_equals_token_in_batch(make, threads, fmt):
     for i in (0, 17, 63):
         assert_same_bits(layer(x[i]), full2[i], f"token {i} alone vs in a batch of 64")
     assert_same_bits(layer(x[:5]), full2[:5], "the first 5 tokens as a batch")
-    perm = make.rng.permutation(64)
+    perm = rng.permutation(64)
     assert_same_bits(layer(x[perm]), full2[perm], "a permuted batch")
 
 

@@ -32,27 +32,15 @@ from moe._C import ACTIVATIONS
 from moe._C import GATED_ACTIVATIONS as GATED
 from moe.quant import quantize_weight
 from test_cpu_kernels import available_isas
+from test_quant import assert_batch_invariant, assert_same_bits, quant_layer
 
 FORMATS = [("int8", 0), ("int8", 32), ("int4", 32), ("int4", 64), ("mxfp4", 32)]
 FORMAT_IDS = [f"{dt}-g{g or 'row'}" for dt, g in FORMATS]
 
 
-@pytest.fixture
-def threads():
-    keep = moe.get_num_threads()
-    yield
-    moe.set_num_threads(keep)
-
-
 def q8_layer(make, d, F, E, k, dtype, group_size, activation="swiglu", **options):
-    if activation == "swiglu-oai":
-        options.setdefault("expert_biases", True)
-    layer = make.layer(d, F, E, k, activation=activation, dtype=dtype, group_size=group_size,
+    return quant_layer(make, d, F, E, k, dtype, group_size, activation,
                        compute_dtype="int8", **options)
-    if layer.use_expert_biases:
-        for name in ("b_gate", "b_up", "b_down"):
-            setattr(layer, name, make.normal(*getattr(layer, name).shape, scale=0.1))
-    return layer
 
 
 def as_compute(layer, compute_dtype):
@@ -146,13 +134,6 @@ def assert_q8_close(y, ref, exact, bound, what="", max_rows=None):
         assert rms[worst] <= 0.8 * gap[worst] + tight, (
             f"{what}: row {worst}: rms error {rms[worst]:.3g} vs the int8 rounding's own "
             f"effect {gap[worst]:.3g}")
-
-
-def assert_same_bits(a, b, what=""):
-    a, b = np.asarray(a), np.asarray(b)
-    assert a.shape == b.shape and a.dtype == b.dtype == np.float32, what
-    assert np.array_equal(a.view(np.uint32), b.view(np.uint32)), (
-        f"{what}: {int((a.view(np.uint32) != b.view(np.uint32)).sum())} of {a.size} differ")
 
 
 def check_layer(layer, x, what="", exact_layer=None):
@@ -314,16 +295,7 @@ def test_nan_input_refused_like_float_compute(make):
 def test_token_alone_equals_token_in_batch(make, threads, fmt):
     dtype, g = fmt
     layer = q8_layer(make, 40, 36, 8, 2, dtype, g, n_shared_experts=1, shared_dtype=dtype)
-    x = make.normal(64, 40)
-    moe.set_num_threads(1)
-    full1 = layer(x)
-    moe.set_num_threads(2)
-    full2 = layer(x)
-    assert_same_bits(full1, full2, "1 vs 2 threads")
-    for i in (0, 17, 63):
-        assert_same_bits(layer(x[i]), full2[i], f"token {i} alone vs in a batch")
-    perm = make.rng.permutation(64)
-    assert_same_bits(layer(x[perm]), full2[perm], "a permuted batch")
+    assert_batch_invariant(layer, make.normal(64, 40), make.rng)
 
 
 _ISA_CHILD = textwrap.dedent("""

@@ -11,6 +11,39 @@ import time
 import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+SHAPES = os.path.join(HERE, "shapes.json")
+LAYER_SHAPES = ["mixtral-small", "qwen3-small", "deepseek-small"]
+
+
+def layer_args(ap, out, tokens=(1, 8, 512), budget=None):
+    """The layer benchmarks' common options on the ArgumentParser ap: --configs (names in
+    shapes.json's "cpu" table), --tokens, --budget (seconds per row; only when a default
+    is given) and --out (default: benchmarks/<out>)."""
+    ap.add_argument("--configs", nargs="+", default=list(LAYER_SHAPES))
+    ap.add_argument("--tokens", type=int, nargs="+",
+                    default=None if tokens is None else list(tokens))
+    if budget is not None:
+        ap.add_argument("--budget", type=float, default=budget)
+    ap.add_argument("--out", default=os.path.join(HERE, out))
+    return ap
+
+
+def cpu_shape(name):
+    """The SparseMoE kwargs of shapes.json's "cpu" shape `name` (without n_tokens)."""
+    import json
+    with open(SHAPES) as f:
+        shape = json.load(f)["cpu"][name]
+    return {k: v for k, v in shape.items() if k != "n_tokens"}
+
+
+def bf16_twin(layer):
+    """A bfloat16-weight SparseMoE holding `layer`'s weights (rounded to bf16)."""
+    import moe
+    twin = moe.SparseMoE(**dict(layer.config(), dtype="bfloat16"), init=False)
+    for name in layer._weight_names():
+        if getattr(layer, name) is not None:
+            setattr(twin, name, getattr(layer, name))
+    return twin
 
 
 _EXE = []

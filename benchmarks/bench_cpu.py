@@ -23,7 +23,7 @@ import numpy as np
 
 import moe
 from _common import (cache_flusher, ceilings, fma_peak, interleaved,  # noqa: E402
-                     optional_torch, per_round, read_bandwidth, spread)
+                     layer_args, optional_torch, per_round, read_bandwidth, spread)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SHAPES = os.path.join(HERE, "shapes.json")
@@ -131,11 +131,8 @@ def active_bytes(layer, routing, bytes_per):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--configs", nargs="+", default=["mixtral-small", "qwen3-small",
-                                                     "deepseek-small"])
-    ap.add_argument("--tokens", type=int, nargs="+", default=None)
+    layer_args(ap, "results_cpu.md", tokens=None)
     ap.add_argument("--no-torch", action="store_true")
-    ap.add_argument("--out", default=os.path.join(HERE, "results_cpu.md"))
     args = ap.parse_args()
 
     with open(SHAPES) as f:

@@ -16,10 +16,8 @@ f32 output is checked against float64 NumPy on the same weights first.
 """
 import argparse
 import ctypes
-import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -27,10 +25,9 @@ import tempfile
 import numpy as np
 
 import moe
-from _common import cache_flusher, interleaved, spread
+from _common import bf16_twin, cache_flusher, cpu_shape, interleaved, layer_args, spread
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SHAPES = os.path.join(HERE, "shapes.json")
 # (label, moe dtype, group size, compute dtype)
 OURS = (("fp32", "float32", None, "float32"), ("bf16", "bfloat16", None, "float32"),
         ("int8+i8", "int8", None, "int8"), ("int4+i8", "int4", 32, "int8"),
@@ -93,16 +90,9 @@ def check_ggml(so, layer, x, ids, threads):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ggml", required=True, help="a ggml checkout with build/src/*.so")
-    ap.add_argument("--configs", nargs="+", default=["mixtral-small", "qwen3-small",
-                                                     "deepseek-small"])
-    ap.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 512])
-    ap.add_argument("--budget", type=float, default=6.0)
-    ap.add_argument("--out", default=os.path.join(HERE, "results_ggml.md"))
-    args = ap.parse_args()
+    args = layer_args(ap, "results_ggml.md", budget=6.0).parse_args()
     so = build(args.ggml)
     threads = moe.get_num_threads()
-    with open(SHAPES) as f:
-        shapes = json.load(f)["cpu"]
     rev = subprocess.run(["git", "-C", args.ggml, "rev-parse", "--short", "HEAD"],
                          capture_output=True, text=True).stdout.strip() or "unknown"
     info = moe._C.build_info()
@@ -118,17 +108,11 @@ def main():
     flush = cache_flusher(threads)
     rng = np.random.default_rng(0)
     for name in args.configs:
-        cfg = {k: v for k, v in shapes[name].items() if k != "n_tokens"}
-        layer = moe.SparseMoE(**cfg)
+        layer = moe.SparseMoE(**cpu_shape(name))
         ours = {}
         for lab, dt, g, c in OURS:
-            q = layer if dt == "float32" else moe.SparseMoE(
-                **cfg, dtype="bfloat16", init=False) if dt == "bfloat16" else \
+            q = layer if dt == "float32" else bf16_twin(layer) if dt == "bfloat16" else \
                 moe.quantize(layer, dt, g, compute_dtype=c)
-            if dt == "bfloat16":
-                for n in layer._weight_names():
-                    if getattr(layer, n) is not None:
-                        setattr(q, n, getattr(layer, n))
             q.pack()
             ours[lab] = q
         act = moe.ACTIVATIONS.index(layer.activation)

@@ -17,7 +17,6 @@ calibration= (the activation-aware scale search) on another 256 tokens.
         [--configs mixtral-small ...] [--tokens 1 8 512] [--budget 8] [--out FILE.md]
 """
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -26,11 +25,9 @@ import sys
 import numpy as np
 
 import moe
-from _common import (cache_flusher, check, interleaved, per_round,  # noqa: E402
-                     read_bandwidth, spread)
+from _common import (bf16_twin, cache_flusher, check, cpu_shape,  # noqa: E402
+                     interleaved, layer_args, per_round, read_bandwidth, spread)
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-SHAPES = os.path.join(HERE, "shapes.json")
 # (label, format, group size, compute dtype): "+i8" rows quantize the activations too
 # (compute_dtype="int8": integer dot products, reference.quantize_activations)
 FORMATS = (("int8", "int8", None, "float32"), ("int4", "int4", 32, "float32"),
@@ -68,15 +65,7 @@ def rel_fro(y, ref):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--configs", nargs="+", default=["mixtral-small", "qwen3-small",
-                                                     "deepseek-small"])
-    ap.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 512])
-    ap.add_argument("--budget", type=float, default=8.0)
-    ap.add_argument("--out", default=os.path.join(HERE, "results_quant.md"))
-    args = ap.parse_args()
-
-    with open(SHAPES) as f:
-        shapes = json.load(f)["cpu"]
+    args = layer_args(ap, "results_quant.md", budget=8.0).parse_args()
     threads = moe.get_num_threads()
     info = moe._C.build_info()
     head = [
@@ -93,14 +82,10 @@ def main():
     rng = np.random.default_rng(0)
     flush = cache_flusher(threads)
     for name in args.configs:
-        cfg = {k: v for k, v in shapes[name].items() if k != "n_tokens"}
-        layer = moe.SparseMoE(**cfg)
+        layer = moe.SparseMoE(**cpu_shape(name))
         if layer.use_expert_bias:
             layer.expert_bias[:] = rng.standard_normal(layer.n_experts) * 0.01
-        bf16 = moe.SparseMoE(**cfg, dtype="bfloat16", init=False)
-        for n in layer._weight_names():
-            if getattr(layer, n) is not None:
-                setattr(bf16, n, getattr(layer, n))
+        bf16 = bf16_twin(layer)
         quant = {lab: moe.quantize(layer, fmt, g, compute_dtype=c)
                  for lab, fmt, g, c in FORMATS}
         # correctness first: each quantized layer against the float64 reference

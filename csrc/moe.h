@@ -156,10 +156,23 @@ void moe_interrupt_watch(int on);
  */
 typedef struct moe_experts moe_experts;
 
+/*
+ * Where element (e, r, c) of a float expert weight array lies: e * expert +
+ * r * row + c * col elements from its start (strides >= 0).  All zero, as in
+ * a zeroed params struct: dense row-major.  So a view needs no copy: the
+ * gate or up half of a fused (E, 2F, d) gate_up array (expert 2F * d), a
+ * transposed or column-interleaved one.  Quantized weights are dense.
+ */
+typedef struct moe_wstrides {
+    int64_t expert, row, col;
+} moe_wstrides;
+
 typedef struct moe_pack_params {
     const void *w_gate;    /* (n_experts, d_ff, d_model) or NULL if ungated */
     const void *w_up;      /* (n_experts, d_ff, d_model)                    */
     const void *w_down;    /* (n_experts, d_model, d_ff)                    */
+    moe_wstrides gate_strides, up_strides, down_strides; /* of the three
+                              arrays: all zero for dense                   */
     moe_dtype   dtype;     /* element type of the three arrays and the pack.
                               Quantized: a row of K weights is K int8, or
                               ceil(K / 2) bytes of nibbles (int4, mxfp4)   */
@@ -697,6 +710,8 @@ typedef struct moe_ffn_backward_params {
                                        ungated                              */
     const void        *w_up;        /* (E, d_ff, d_model)                   */
     const void        *w_down;      /* (E, d_model, d_ff)                   */
+    moe_wstrides       gate_strides, up_strides, down_strides; /* as
+                                       moe_pack_params: zero for dense      */
     moe_act_params     act;
     const float       *dy;          /* (n_rows, d_model) d out              */
     float             *dx;          /* out, or NULL: (n_rows, d_model), the
@@ -842,6 +857,8 @@ typedef struct moe_layer_backward_params {
     const void  *w_gate;          /* the routed experts' unpacked weights, */
     const void  *w_up;            /*   as moe_ffn_backward_params          */
     const void  *w_down;
+    moe_wstrides gate_strides, up_strides, down_strides; /* of the three:
+                                     zero for dense (moe_pack_params)      */
     const void  *shared_w_gate;   /* (shared_d_ff, d_model) or NULL        */
     const void  *shared_w_up;     /* (shared_d_ff, d_model)                */
     const void  *shared_w_down;   /* (d_model, shared_d_ff)                */

@@ -40,6 +40,25 @@ double moe_softmax_f64(const double *logit, int32_t n, double *prob);
 void   moe_softmax_backward_f64(const double *p, const double *g, int32_t n,
                                 double *dl);
 
+/* A weight's strides (moe_wstrides) with all zero read as dense rows x
+ * cols, so every user indexes through them. */
+static inline moe_wstrides
+moe_wst(moe_wstrides s, int64_t rows, int64_t cols)
+{
+    if (s.expert == 0 && s.row == 0 && s.col == 0) {
+        s.expert = rows * cols;
+        s.row = cols;
+        s.col = 1;
+    }
+    return s;
+}
+
+/* Strides a core entry point takes: none negative, and (with quantized
+ * weights, whose rows are byte streams) dense.  MOE_STATUS_OK or an error
+ * naming `op`. */
+moe_status moe_check_wstrides(const char *op, moe_dtype dtype,
+                              const moe_wstrides *s, int n);
+
 /* ---- thread pool (csrc/runtime/pool.c) ---- */
 
 /* One task of a parallel job; tasks of a job must be independent. */

@@ -452,14 +452,28 @@ def _bf16_source(obj):
     return np.asarray(obj).view(np.uint16)
 
 
-def weight_array(obj, name, shape, dtype):
-    """Expert weights as a C-contiguous array for storage type `dtype`.
+def _view_layout(arr, dtype):
+    """arr itself when the core can read it in place as a strided expert weight: dtype
+    already, aligned, 3-d, every stride a positive whole number of elements (a view that
+    overlaps nothing: e.g. the gate or up half of a fused gate_up array, a transposed
+    one); else an aligned C-contiguous copy."""
+    if (arr.dtype == dtype and arr.ndim == 3 and arr.flags.aligned and
+            all(n <= 1 or (s > 0 and s % arr.itemsize == 0)
+                for n, s in zip(arr.shape, arr.strides))):
+        return arr
+    return _c_layout(arr, dtype)
+
+
+def weight_array(obj, name, shape, dtype, strided=False):
+    """Expert weights as a C-contiguous array for storage type `dtype` (strided: a view
+    with positive strides already in that type is kept as it is, see _view_layout).
 
     dtype "float32": any float array, cast.  "float16": float16 arrays as they are, other
     floats rounded to half; uint16 arrays are taken as half bits.  "bfloat16": torch /
     ml_dtypes bfloat16 arrays and uint16 arrays are taken as bfloat16 bits, float arrays
     rounded to nearest even.  Returns float32 or uint16 arrays (the bits).
     """
+    layout = _view_layout if strided else _c_layout
     check_choice(dtype, "dtype", WEIGHT_DTYPES)
     bf = _bf16_source(obj)
     arr = bf if bf is not None else _as_ndarray(obj, name)
@@ -470,22 +484,22 @@ def weight_array(obj, name, shape, dtype):
                         + f", got dtype {arr.dtype if bf is None else 'bfloat16'}")
     _check_shape(arr, name, shape)
     if dtype == "float32":
-        return _c_layout(bfloat16_to_float32(arr) if kind == "bf16" else arr, np.float32)
+        return layout(bfloat16_to_float32(arr) if kind == "bf16" else arr, np.float32)
     if dtype == "float16":
         if kind == "bf16":
             arr = bfloat16_to_float32(arr)
         if arr.dtype == np.uint16:
-            return _c_layout(arr, np.uint16)
-        return _c_layout(arr.astype(np.float16, copy=False), np.float16).view(np.uint16)
+            return layout(arr, np.uint16)
+        return layout(arr.astype(np.float16, copy=False), np.float16).view(np.uint16)
     if kind == "bf16" or arr.dtype == np.uint16:
-        return _c_layout(arr, np.uint16)
+        return layout(arr, np.uint16)
     return float32_to_bfloat16(arr)
 
 
-def stored_weight(obj, name, shape, dtype):
+def stored_weight(obj, name, shape, dtype, strided=False):
     """weight_array(...) as a layer stores it: float16 weights as np.float16, the others as
     float32 or bfloat16 uint16 bits."""
-    value = weight_array(obj, name, shape, dtype)
+    value = weight_array(obj, name, shape, dtype, strided)
     return value.view(np.float16) if dtype == "float16" else value
 
 

@@ -66,10 +66,12 @@ class NullRoutingResult(NamedTuple):
     aux_loss: float
     z_loss: float
     n_real: np.ndarray
-LORA_TARGETS = ("w_gate", "w_up", "w_down")
+# the routed experts' weights: what expert LoRA can target, and what the layer may keep
+# as strided views
+_ROUTED = LORA_TARGETS = ("w_gate", "w_up", "w_down")
 _LORA_WEIGHTS = tuple(f"lora_{ab}_{t[2:]}" for t in LORA_TARGETS for ab in "ab")
 # the FFN weights, stored in the layer's dtype and packed for the kernels
-_EXPERT_WEIGHTS = ("w_gate", "w_up", "w_down", "shared_w_gate", "shared_w_up", "shared_w_down")
+_EXPERT_WEIGHTS = _ROUTED + ("shared_w_gate", "shared_w_up", "shared_w_down")
 # read-only after __init__: the weights' shapes and storage follow from them
 _FIXED = ("d_model", "d_ff", "expert_d_ff", "n_experts", "null_experts", "n_null",
           "n_shared_experts", "shared_d_ff", "shared_expert_gate", "use_expert_bias",
@@ -151,7 +153,9 @@ class SparseMoE:
       None; shared_w_gate, shared_w_up (S*Fs, d); shared_w_down (d, S*Fs);
       shared_gate_weight (1, d) or None.  The FFN weights are in `dtype`, the rest float32.
     Assigning an array checks its shape and stores it C-contiguous (without a copy when it
-    already is), and the next call repacks the experts.  The kernels run on a packed copy of
+    already is; w_gate, w_up and w_down also as any view with positive strides that is in
+    the layer's dtype, e.g. the halves of a fused (E, 2F, d) gate_up array: the core reads
+    them through their strides), and the next call repacks the experts.  The kernels run on a packed copy of
     the FFN weights: after editing them *in place*, call layer.pack() (router_weight,
     expert_bias and shared_gate_weight are read on every call, edits to them need nothing).
     """
@@ -342,7 +346,7 @@ class SparseMoE:
                 dtype = self.shared_dtype if name.startswith("shared_") else self.dtype
                 value = (quantized_weight(value, name, shape, dtype, self.group_size)
                          if dtype in QUANT_DTYPES else
-                         stored_weight(value, name, shape, dtype))
+                         stored_weight(value, name, shape, dtype, name in _ROUTED))
             else:
                 value = float_array(value, name, shape)
         if name in _EXPERT_WEIGHTS or name in ("b_gate", "b_up", "b_down") + _LORA_WEIGHTS:

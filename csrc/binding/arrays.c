@@ -13,9 +13,11 @@
 
 /* ---- arrays in ------------------------------------------------------------ */
 
-PyArrayObject *
-moe_arg(PyObject *obj, const char *name, int typenum, int ndim, npy_intp *dims,
-        int writable)
+/* moe_arg, and with st != NULL a 3-d array of any non-negative strides that
+ * are whole elements (their element counts go to *st). */
+static PyArrayObject *
+moe_arg_strided(PyObject *obj, const char *name, int typenum, int ndim,
+                npy_intp *dims, int writable, moe_wstrides *st)
 {
     PyArrayObject *arr;
     int i, ok = 1;
@@ -33,10 +35,31 @@ moe_arg(PyObject *obj, const char *name, int typenum, int ndim, npy_intp *dims,
         Py_XDECREF(want);
         return NULL;
     }
-    if (!PyArray_ISCARRAY_RO(arr) || (writable && !PyArray_ISWRITEABLE(arr))) {
-        PyErr_Format(PyExc_ValueError, "%s must be a C-contiguous, aligned%s"
-                     " array", name, writable ? ", writable" : "");
+    if (st != NULL && PyArray_NDIM(arr) == 3 && PyArray_ISALIGNED(arr) &&
+        !PyArray_ISCARRAY_RO(arr)) {
+        const npy_intp es = PyArray_ITEMSIZE(arr);
+        npy_intp el[3];
+        for (i = 0; i < 3; i++) {
+            const npy_intp b = PyArray_STRIDE(arr, i);
+            if (b < 0 || b % es != 0) {
+                PyErr_Format(PyExc_ValueError, "%s must have non-negative "
+                             "strides of whole elements, got %lld bytes in "
+                             "dimension %d", name, (long long)b, i);
+                return NULL;
+            }
+            el[i] = b / es;
+        }
+        *st = (moe_wstrides){el[0], el[1], el[2]};
+    }
+    else if (!PyArray_ISCARRAY_RO(arr) ||
+             (writable && !PyArray_ISWRITEABLE(arr))) {
+        PyErr_Format(PyExc_ValueError, "%s must be a C-contiguous%s, aligned%s"
+                     " array", name, st ? " (or strided 3-d)" : "",
+                     writable ? ", writable" : "");
         return NULL;
+    }
+    else if (st != NULL) {
+        *st = (moe_wstrides){0, 0, 0}; /* dense */
     }
     if (PyArray_NDIM(arr) != ndim) {
         PyErr_Format(PyExc_ValueError, "%s must have %d dimensions, got %d",
@@ -65,6 +88,32 @@ moe_arg(PyObject *obj, const char *name, int typenum, int ndim, npy_intp *dims,
         dims[i] = PyArray_DIM(arr, i);
     }
     return arr;
+}
+
+PyArrayObject *
+moe_arg(PyObject *obj, const char *name, int typenum, int ndim, npy_intp *dims,
+        int writable)
+{
+    return moe_arg_strided(obj, name, typenum, ndim, dims, writable, NULL);
+}
+
+int
+moe_weight_arg(PyObject *obj, const char *name, int typenum, npy_intp *dims,
+               void **data, moe_wstrides *st)
+{
+    PyArrayObject *arr;
+
+    *data = NULL;
+    *st = (moe_wstrides){0, 0, 0};
+    if (obj == Py_None) {
+        return 0;
+    }
+    arr = moe_arg_strided(obj, name, typenum, 3, dims, 0, st);
+    if (arr == NULL) {
+        return -1;
+    }
+    *data = PyArray_DATA(arr);
+    return 0;
 }
 
 int
@@ -345,7 +394,8 @@ moe_out(moe_outs *o, int i, int typenum, int ndim, npy_intp d0, npy_intp d1,
 
 int
 moe_unpacked_arg(const moe_experts *experts, int shared, PyObject *g_obj,
-                 PyObject *u_obj, PyObject *d_obj, const void **w)
+                 PyObject *u_obj, PyObject *d_obj, const void **w,
+                 moe_wstrides *st)
 {
     static const char *names[2][3] = {
         {"w_gate", "w_up", "w_down"},
@@ -371,8 +421,10 @@ moe_unpacked_arg(const moe_experts *experts, int shared, PyObject *g_obj,
         dims[0] = shared ? rows : info.n_experts;
         dims[1] = shared ? cols : rows;
         dims[2] = cols;
-        if (moe_opt_arg(objs[i], names[shared != 0][i], typenum, shared ? 2 : 3,
-                        dims, &data) < 0) {
+        if ((st != NULL ? moe_weight_arg(objs[i], names[shared != 0][i],
+                                         typenum, dims, &data, &st[i])
+                        : moe_opt_arg(objs[i], names[shared != 0][i], typenum,
+                                      shared ? 2 : 3, dims, &data)) < 0) {
             return -1;
         }
         if (data == NULL && (i > 0 || info.gated)) {

@@ -215,12 +215,16 @@ moe_py_ffn_grouped_backward(PyObject *self, PyObject *args, PyObject *kw)
     p.dy = MOE_DATA(tmp, float);
     {
         const void *w[3];
-        if (moe_unpacked_arg(fp.experts, 0, wg_obj, wu_obj, wd_obj, w) < 0) {
+        moe_wstrides ws[3];
+        if (moe_unpacked_arg(fp.experts, 0, wg_obj, wu_obj, wd_obj, w, ws) < 0) {
             return NULL;
         }
         p.w_gate = w[0];
         p.w_up = w[1];
         p.w_down = w[2];
+        p.gate_strides = ws[0];
+        p.up_strides = ws[1];
+        p.down_strides = ws[2];
     }
     p.x = fp.x;
     p.token_index = fp.token_index;

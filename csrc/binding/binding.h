@@ -65,6 +65,11 @@ void moe_sigint_end(int installed);
 PyArrayObject *moe_arg(PyObject *obj, const char *name, int typenum,
                        int ndim, npy_intp *dims, int writable);
 /* Like moe_arg, but None gives *data = NULL and is not an error: 0 or -1. */
+/* An expert weight (n_experts, rows, cols), or None (*data NULL): as
+ * moe_arg, but any non-negative whole-element strides are taken (a view:
+ * no copy), their element counts in *st (all 0 for C-contiguous). */
+int moe_weight_arg(PyObject *obj, const char *name, int typenum,
+                   npy_intp *dims, void **data, moe_wstrides *st);
 int moe_opt_arg(PyObject *obj, const char *name, int typenum, int ndim,
                 npy_intp *dims, void **data);
 /* Router logits: (n_tokens, n_experts) float64 with 1..2^31-1 experts. */
@@ -107,9 +112,12 @@ int moe_lora_arg(PyObject *obj, const moe_expert_lora **lora);
 /* The unpacked weights a pack was made from, for a backward: gate (NULL if
  * ungated), up, down into w[0..2], checked against the pack's dtype (uint16
  * bits for bf16 / fp16) and shapes; shared: a shared expert's (no leading
- * expert axis, the names shared_w_*).  0, or -1 with an exception set. */
+ * expert axis, the names shared_w_*).  With st (routed only): strided
+ * views too, their strides into st[0..2] (moe_weight_arg).  0, or -1 with
+ * an exception set. */
 int moe_unpacked_arg(const moe_experts *experts, int shared, PyObject *g_obj,
-                     PyObject *u_obj, PyObject *d_obj, const void **w);
+                     PyObject *u_obj, PyObject *d_obj, const void **w,
+                     moe_wstrides *st);
 /* The ending of a pack: raise for st, else w in a new capsule (w is freed
  * when that fails). */
 PyObject *moe_experts_capsule(moe_status st, moe_experts *w);

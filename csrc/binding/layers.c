@@ -454,14 +454,19 @@ moe_py_layer_backward(PyObject *self, PyObject *args, PyObject *kw)
     b.router_grad = (moe_router_grad)router_grad;
     {
         const void *w[3], *sw[3] = {NULL, NULL, NULL};
-        if (moe_unpacked_arg(p.experts, 0, wg_obj, wu_obj, wd_obj, w) < 0 ||
+        moe_wstrides ws[3];
+        if (moe_unpacked_arg(p.experts, 0, wg_obj, wu_obj, wd_obj, w, ws) < 0 ||
             (p.shared != NULL &&
-             moe_unpacked_arg(p.shared, 1, swg_obj, swu_obj, swd_obj, sw) < 0)) {
+             moe_unpacked_arg(p.shared, 1, swg_obj, swu_obj, swd_obj, sw,
+                              NULL) < 0)) {
             return NULL;
         }
         b.w_gate = w[0];
         b.w_up = w[1];
         b.w_down = w[2];
+        b.gate_strides = ws[0];
+        b.up_strides = ws[1];
+        b.down_strides = ws[2];
         b.shared_w_gate = sw[0];
         b.shared_w_up = sw[1];
         b.shared_w_down = sw[2];

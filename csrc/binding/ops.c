@@ -540,10 +540,9 @@ moe_py_pack_experts(PyObject *self, PyObject *args, PyObject *kw)
     PyObject *bg_obj = Py_None, *bu_obj = Py_None, *bd_obj = Py_None;
     PyObject *ff_obj = Py_None, *s_obj[3] = {Py_None, Py_None, Py_None};
     long long group_size = 0;
-    PyArrayObject *up, *down;
     npy_intp ud[3] = {-1, -1, -1}, dd[3], gd[3], bgd[2], bdd[2], ffd[1];
     int dtype, typenum, compute = 0;
-    void *gate, *bg, *bu, *bdn, *ff;
+    void *gate, *wu, *wd, *bg, *bu, *bdn, *ff;
     moe_pack_params p;
     moe_experts *w = NULL;
     moe_status st;
@@ -584,7 +583,12 @@ moe_py_pack_experts(PyObject *self, PyObject *args, PyObject *kw)
         return NULL;
     }
     typenum = dtype == MOE_DTYPE_F32 ? NPY_FLOAT32 : NPY_UINT16;
-    if (!(up = moe_arg(u_obj, "w_up", typenum, 3, ud, 0))) {
+    if (u_obj == Py_None) {
+        PyErr_SetString(PyExc_TypeError, "w_up must be a numpy.ndarray, got "
+                        "NoneType");
+        return NULL;
+    }
+    if (moe_weight_arg(u_obj, "w_up", typenum, ud, &wu, &p.up_strides) < 0) {
         return NULL;
     }
     if (ud[0] < 1 || ud[0] > INT32_MAX) {
@@ -600,16 +604,21 @@ moe_py_pack_experts(PyObject *self, PyObject *args, PyObject *kw)
     bdd[0] = ud[0];
     bdd[1] = ud[2];
     ffd[0] = ud[0];
-    if (moe_opt_arg(g_obj, "w_gate", typenum, 3, gd, &gate) < 0 ||
-        !(down = moe_arg(dn_obj, "w_down", typenum, 3, dd, 0)) ||
+    if (dn_obj == Py_None) {
+        PyErr_SetString(PyExc_TypeError, "w_down must be a numpy.ndarray, got "
+                        "NoneType");
+        return NULL;
+    }
+    if (moe_weight_arg(g_obj, "w_gate", typenum, gd, &gate, &p.gate_strides) < 0 ||
+        moe_weight_arg(dn_obj, "w_down", typenum, dd, &wd, &p.down_strides) < 0 ||
         moe_opt_arg(bg_obj, "b_gate", NPY_FLOAT32, 2, bgd, &bg) < 0 ||
         moe_opt_arg(bu_obj, "b_up", NPY_FLOAT32, 2, bgd, &bu) < 0 ||
         moe_opt_arg(bd_obj, "b_down", NPY_FLOAT32, 2, bdd, &bdn) < 0) {
         return NULL;
     }
     p.w_gate = gate;
-    p.w_up = PyArray_DATA(up);
-    p.w_down = PyArray_DATA(down);
+    p.w_up = wu;
+    p.w_down = wd;
     p.n_experts = (int32_t)ud[0];
     p.d_model = ud[2];
     p.d_ff = ud[1];

@@ -152,7 +152,7 @@ moe_pack_zero_rows(const moe_experts *w, size_t es, void *panel, int j,
  */
 static int
 moe_pack_column(const moe_experts *w, size_t es, const void *src, int64_t K,
-                void *panel, int j)
+                int64_t cs, void *panel, int j)
 {
     int64_t k;
     int bad = 0;
@@ -165,8 +165,8 @@ moe_pack_column(const moe_experts *w, size_t es, const void *src, int64_t K,
         const float *s = src;
         uint32_t u;
         for (k = 0; k < K; k++) {
-            dst[moe_pack_at(w, k, j)] = s[k];
-            memcpy(&u, s + k, sizeof(u));
+            dst[moe_pack_at(w, k, j)] = s[k * cs];
+            memcpy(&u, s + k * cs, sizeof(u));
             bad |= (u & 0x7f800000u) == 0x7f800000u;
         }
     }
@@ -175,8 +175,8 @@ moe_pack_column(const moe_experts *w, size_t es, const void *src, int64_t K,
         uint16_t *dst = panel;
         const uint16_t *s = src;
         for (k = 0; k < K; k++) {
-            dst[moe_pack_at(w, k, j)] = s[k];
-            bad |= (s[k] & exp) == exp;
+            dst[moe_pack_at(w, k, j)] = s[k * cs];
+            bad |= (s[k * cs] & exp) == exp;
         }
     }
     return bad;
@@ -401,28 +401,33 @@ moe_pack_task(void *ctx, int64_t t)
     if (c < w->gu_panels) {
         const int width = w->gated ? w->nr / 2 : w->nr;
         char *panel = (char *)w->gu + ((e * w->gu_panels + c) * d * w->nr) * es;
-        const char *up = (const char *)p->w_up + (size_t)(e * F * d) * es;
+        const moe_wstrides su = moe_wst(p->up_strides, F, d);
+        const moe_wstrides sg = moe_wst(p->gate_strides, F, d);
+        const char *up = (const char *)p->w_up + (size_t)(e * su.expert) * es;
         const char *gate = p->w_gate
-            ? (const char *)p->w_gate + (size_t)(e * F * d) * es : NULL;
+            ? (const char *)p->w_gate + (size_t)(e * sg.expert) * es : NULL;
         const int64_t ff = w->expert_ff ? w->expert_ff[e] : F;
         for (j = 0; j < w->nr; j++) {
             int is_up = !w->gated || j >= width;
             int64_t unit = c * width + (is_up && w->gated ? j - width : j);
+            const moe_wstrides *s = is_up ? &su : &sg;
             const char *src = is_up ? up : gate;
-            bad |= moe_pack_column(w, es, unit < ff ? src + (size_t)(unit * d) * es
-                                                    : NULL, d, panel, j);
+            bad |= moe_pack_column(w, es, unit < ff
+                                              ? src + (size_t)(unit * s->row) * es
+                                              : NULL, d, s->col, panel, j);
         }
     }
     else {
         const int64_t q = c - w->gu_panels;
         char *panel = (char *)w->down +
                       ((e * w->down_panels + q) * F * w->nr) * es;
-        const char *down = (const char *)p->w_down + (size_t)(e * d * F) * es;
+        const moe_wstrides sd = moe_wst(p->down_strides, d, F);
+        const char *down = (const char *)p->w_down + (size_t)(e * sd.expert) * es;
         const int64_t ff = w->expert_ff && !w->linear ? w->expert_ff[e] : F;
         for (j = 0; j < w->nr; j++) {
             int64_t row = q * w->nr + j;
-            bad |= moe_pack_column(w, es, row < d ? down + (size_t)(row * F) * es
-                                                  : NULL, F, panel, j);
+            bad |= moe_pack_column(w, es, row < d ? down + (size_t)(row * sd.row) * es
+                                                  : NULL, F, sd.col, panel, j);
             if (ff < F) {
                 /* hidden units past this expert's size: zero weights */
                 moe_pack_zero_rows(w, es, panel, j, ff, F);

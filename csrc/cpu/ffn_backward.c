@@ -32,6 +32,10 @@ typedef struct moe_bwd_job {
     int64_t            d, F;
     const float       *xs;      /* (n_rows, d) the rows, gathered          */
     const float       *wg, *wu, *wd; /* fp32 weights (E, F, d), (E, d, F)  */
+    int64_t            wes[3], wld[3]; /* their expert and row strides
+                                    (gate, up, down; columns dense)         */
+    moe_wstrides       src[3];  /* the caller's arrays' strides, resolved   */
+    int                copy[3]; /* matrix m read from a dense fp32 copy     */
     float             *h, *dg, *du;  /* (n_rows, F)                         */
     struct moe_bwd_task { int64_t e, r, c; } *tasks; /* a phase's tasks:
                                     (expert, first row, first column)       */
@@ -83,31 +87,36 @@ moe_bwd_half(uint16_t h)
     return f;
 }
 
-/* n bf16 (or fp16) weights -> fp32. */
+/* n weights of dtype `dt` at stride cs -> fp32 (bf16 / fp16 widened
+ * exactly). */
 static void
-moe_bwd_widen(const uint16_t *s, int bf16, int64_t n, float *o)
+moe_bwd_widen(const void *src, moe_dtype dt, int64_t cs, int64_t n, float *o)
 {
+    const uint16_t *s = src;
     int64_t i;
 
     for (i = 0; i < n; i++) {
-        if (bf16) {
-            uint32_t u = (uint32_t)s[i] << 16;
+        if (dt == MOE_DTYPE_F32) {
+            o[i] = ((const float *)src)[i * cs];
+        }
+        else if (dt == MOE_DTYPE_BF16) {
+            uint32_t u = (uint32_t)s[i * cs] << 16;
             memcpy(&o[i], &u, sizeof(u));
         }
         else {
-            o[i] = moe_bwd_half(s[i]);
+            o[i] = moe_bwd_half(s[i * cs]);
         }
     }
 }
 
-/* Widen expert e's three weights (task e) to fp32. */
+/* Expert e's weights that are read from a copy (job->copy): to dense fp32
+ * (task e). */
 static void
 moe_bwd_widen_task(void *ctx, int64_t e)
 {
     moe_bwd_job *job = ctx;
     const moe_ffn_backward_params *p = job->p;
-    const int64_t n = job->F * job->d;
-    const int bf16 = job->w->dtype == MOE_DTYPE_BF16;
+    const size_t es = job->w->dtype == MOE_DTYPE_F32 ? 4 : 2;
     const void *src[3] = {p->w_gate, p->w_up, p->w_down};
     float *dst[3] = {(float *)job->wg, (float *)job->wu, (float *)job->wd};
     int m;
@@ -116,8 +125,16 @@ moe_bwd_widen_task(void *ctx, int64_t e)
         return; /* no rows: its weights are never read */
     }
     for (m = 0; m < 3; m++) {
-        if (src[m] != NULL && dst[m] != NULL) {
-            moe_bwd_widen((const uint16_t *)src[m] + e * n, bf16, n, dst[m] + e * n);
+        const moe_wstrides st = job->src[m];
+        const int64_t rows = m < 2 ? job->F : job->d, cols = m < 2 ? job->d : job->F;
+        int64_t r;
+        if (src[m] == NULL || !job->copy[m]) {
+            continue;
+        }
+        for (r = 0; r < rows; r++) {
+            moe_bwd_widen((const char *)src[m] + (size_t)(e * st.expert + r * st.row) * es,
+                          job->w->dtype, st.col, cols,
+                          dst[m] + (e * rows + r) * cols);
         }
     }
 }
@@ -194,7 +211,8 @@ moe_bwd_hidden_task(void *ctx, int64_t t)
     }
     dh = ap + n_pan * mr * d;
     /* dH (m, nu) = dY rows @ W_d[:, u0:u0+nu] */
-    seg = (moe_mm_seg){p->dy + r0 * d, d, 1, job->wd + e * d * F + u0, F, d};
+    seg = (moe_mm_seg){p->dy + r0 * d, d, 1, job->wd + e * job->wes[2] + u0,
+                        job->wld[2], d};
     if (moe_mm_block(&seg, 1, m, nu, dh, MOE_BWD_UNITS) != MOE_STATUS_OK) {
         moe_bwd_fail(job);
         return;
@@ -267,11 +285,12 @@ moe_bwd_dx_task(void *ctx, int64_t t)
     moe_bwd_job *job = ctx;
     const struct moe_bwd_task tk = job->tasks[t];
     const int64_t d = job->d, F = job->F, ff = moe_bwd_ff(job->w, tk.e);
-    const int64_t E0 = tk.e * F * d;
     /* gated: the chain runs over dG's units, then dU's */
     const moe_mm_seg segs[2] = {
-        {job->dg + tk.r * F, F, 1, job->wg + E0 + tk.c, d, ff},
-        {job->du + tk.r * F, F, 1, job->wu + E0 + tk.c, d, ff}};
+        {job->dg + tk.r * F, F, 1,
+         job->wg ? job->wg + tk.e * job->wes[0] + tk.c : NULL, job->wld[0], ff},
+        {job->du + tk.r * F, F, 1, job->wu + tk.e * job->wes[1] + tk.c,
+         job->wld[1], ff}};
     const int gated = job->w->gated;
 
     if (moe_mm_block(segs + !gated, 1 + gated,
@@ -702,24 +721,41 @@ moe_cpu_ffn_backward(const moe_ffn_backward_params *p)
         }
         moe_bwd_lora_zero(p, E, d, F); /* targets without an adapter */
     }
-    if (w->dtype == MOE_DTYPE_F32) {
-        job.wg = p->w_gate;
-        job.wu = p->w_up;
-        job.wd = p->w_down;
-    }
-    else {
-        const size_t n = (size_t)(E * F * d);
-        wide = moe_alloc((w->gated ? 3 : 2) * n, sizeof(float));
-        if (wide == NULL) {
-            goto done;
+    {
+        /* fp32 weights with dense columns are read in place (through their
+         * expert and row strides); the others are widened / gathered into a
+         * dense fp32 copy for this call */
+        const void *src[3] = {w->gated ? p->w_gate : NULL, p->w_up, p->w_down};
+        const moe_wstrides given[3] = {p->gate_strides, p->up_strides,
+                                       p->down_strides};
+        const float **dst[3] = {&job.wg, &job.wu, &job.wd};
+        size_t n_copy = 0, at = 0;
+        for (mat = 0; mat < 3; mat++) {
+            const int64_t rows = mat < 2 ? F : d, cols = mat < 2 ? d : F;
+            job.src[mat] = moe_wst(given[mat], rows, cols);
+            job.copy[mat] = src[mat] != NULL &&
+                            (w->dtype != MOE_DTYPE_F32 || job.src[mat].col != 1);
+            n_copy += job.copy[mat] ? (size_t)(E * F * d) : 0;
+            job.wes[mat] = job.copy[mat] ? rows * cols : job.src[mat].expert;
+            job.wld[mat] = job.copy[mat] ? cols : job.src[mat].row;
+            *dst[mat] = job.copy[mat] ? NULL : (const float *)src[mat];
         }
-        job.wu = wide;
-        job.wd = wide + n;
-        job.wg = w->gated ? wide + 2 * n : NULL;
-        if ((st = moe_pool_run(E, moe_bwd_widen_task, &job)) != MOE_STATUS_OK) {
-            goto done;
+        if (n_copy > 0) {
+            wide = moe_alloc(n_copy, sizeof(float));
+            if (wide == NULL) {
+                goto done;
+            }
+            for (mat = 0; mat < 3; mat++) {
+                if (job.copy[mat]) {
+                    *dst[mat] = wide + at;
+                    at += (size_t)(E * F * d);
+                }
+            }
+            if ((st = moe_pool_run(E, moe_bwd_widen_task, &job)) != MOE_STATUS_OK) {
+                goto done;
+            }
+            st = MOE_STATUS_ALLOC;
         }
-        st = MOE_STATUS_ALLOC;
     }
     if (p->token_index != NULL) {
         xs = moe_workspace(MOE_WS_BWD_ROWS, (size_t)(N * d), sizeof(float));
@@ -849,7 +885,7 @@ moe_cpu_linear_backward(const moe_linear_backward_params *p)
         if ((wide = moe_alloc((size_t)(G * dout * din) + 1, sizeof(float))) == NULL) {
             return MOE_STATUS_ALLOC;
         }
-        moe_bwd_widen(p->w, p->dtype == MOE_DTYPE_BF16, G * dout * din, wide);
+        moe_bwd_widen(p->w, p->dtype, 1, G * dout * din, wide);
         w = wide;
     }
     if (p->token_index != NULL && p->d_w != NULL) { /* gather the rows */

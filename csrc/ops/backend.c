@@ -241,6 +241,26 @@ moe_peer_backward(const moe_peer_backward_params *p)
 }
 
 moe_status
+moe_check_wstrides(const char *op, moe_dtype dtype, const moe_wstrides *s,
+                   int n)
+{
+    int i;
+
+    for (i = 0; i < n; i++) {
+        const int dense = s[i].expert == 0 && s[i].row == 0 && s[i].col == 0;
+        if (s[i].expert < 0 || s[i].row < 0 || s[i].col < 0 ||
+            (!dense && moe_dtype_quantized(dtype))) {
+            return moe_set_error(MOE_STATUS_INVALID_ARG, "%s: weight strides "
+                                 "must be >= 0, and all 0 (dense) for "
+                                 "quantized weights, got (%lld, %lld, %lld)",
+                                 op, (long long)s[i].expert,
+                                 (long long)s[i].row, (long long)s[i].col);
+        }
+    }
+    return MOE_STATUS_OK;
+}
+
+moe_status
 moe_experts_pack(const moe_pack_params *p, moe_experts **out)
 {
     if (out == NULL || p->w_up == NULL || p->w_down == NULL ||
@@ -259,6 +279,11 @@ moe_experts_pack(const moe_pack_params *p, moe_experts **out)
                              "weight and group_size >= 0 (0: one per row; "
                              "mxfp4: 32), got group_size=%lld",
                              (long long)p->group_size);
+    }
+    {
+        const moe_wstrides st[3] = {p->gate_strides, p->up_strides,
+                                    p->down_strides};
+        MOE_TRY(moe_check_wstrides("moe_experts_pack", p->dtype, st, 3));
     }
     if ((int)p->compute < 0 || p->compute >= MOE_COMPUTE_COUNT ||
         (p->compute == MOE_COMPUTE_INT8 && !moe_dtype_quantized(p->dtype))) {
@@ -394,6 +419,11 @@ moe_ffn_backward(const moe_ffn_backward_params *p)
         return moe_set_error(MOE_STATUS_INVALID_ARG, "ffn backward needs dy, "
                              "w_up, w_down and (gated activations, packed "
                              "with w_gate) w_gate");
+    }
+    {
+        const moe_wstrides st[3] = {p->gate_strides, p->up_strides,
+                                    p->down_strides};
+        MOE_TRY(moe_check_wstrides("ffn backward", w->dtype, st, 3));
     }
     MOE_TRY(moe_check_rows(p->offsets, w->n_experts, p->n_rows,
                            p->token_index, p->n_tokens));

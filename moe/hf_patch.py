@@ -10,23 +10,20 @@ table), the activation / clamp constants are read from the block.
 Parameter sharing.  A PatchedMoE registers the block's own children (router, experts,
 shared experts) under their own names, so the model's parameters stay the very same
 tensors: state_dict keys and values, the optimizer's references, requires_grad flags and
-gradients all stay the model's.  The C core wants C-contiguous (E, F, d) weights in one
-dtype, so each weight the layer reads is either
+gradients all stay the model's.  Each weight the layer reads is either
 
-- a view of the parameter (no copy) when the parameter already has that layout and dtype:
-  down_proj (E, d, F), the shared experts' weights, and in float32 models the router weight
-  and biases; or
-- a contiguous copy in the layer's dtype, refreshed in place when the parameter's
-  (data_ptr, _version) moves (optimizer.step, load_state_dict, nn.init all bump it): the
-  gate and up halves of transformers' fused gate_up_proj (E, 2F, d) -- a half of it is not
-  contiguous as (E, F, d) and the core takes C-contiguous arrays only --, gpt-oss's
-  transposed / interleaved (E, d, 2F) and (E, F, d) tensors, and the small float32 router
-  weight / biases of bf16 / fp16 models.
+- a view of the parameter (no copy): every expert weight -- the gate and up halves of
+  transformers' fused gate_up_proj (E, 2F, d), down_proj (E, d, F), gpt-oss's transposed /
+  interleaved (E, d, 2F) and (E, F, d) tensors (the core reads routed expert weights
+  through their strides: moe_wstrides), the shared experts' weights --, and in float32
+  models the router weight and biases; or
+- a float32 copy, refreshed in place when the parameter's (data_ptr, _version) moves
+  (optimizer.step, load_state_dict, nn.init all bump it): small tensors only, gpt-oss's
+  interleaved expert biases and the router weight / biases of bf16 / fp16 models.
 
 Besides, the kernels run on their packed copy of the expert weights (as any moe layer).
-Gradients computed by the core for those copies are mapped back through the views
-(torch.cat of the gate and up halves, the interleave / transpose of gpt-oss, the dtype
-cast) into the model's parameters' .grad.
+Gradients computed by the core are mapped back through the views (the gate and up halves,
+the interleave / transpose of gpt-oss, the dtype cast) into the model's parameters' .grad.
 
 Router logits for the aux loss: transformers records them with a forward hook on the
 router module (OutputRecorder(<Arch>TopKRouter, index=0)) when output_router_logits=True.
@@ -46,7 +43,7 @@ from torch import nn
 from . import torch as _mt
 from .hf import _layer_plan
 from .layer import SparseMoE as _NumpySparseMoE
-from .layer import _EXPERT_WEIGHTS, _WEIGHTS
+from .layer import _EXPERT_WEIGHTS, _ROUTED, _WEIGHTS
 
 _COLLECTOR = []  # [transformers' output-recording collector or None], looked up once
 
@@ -135,6 +132,12 @@ def _get(root, path):
     return obj
 
 
+def _readable_view(t):
+    """Whether the core reads the routed expert weight view t in place (SparseMoE keeps
+    3-d views with positive strides: moe._api._view_layout)."""
+    return t.dim() == 3 and all(n <= 1 or s > 0 for n, s in zip(t.shape, t.stride()))
+
+
 def _version(t):
     try:
         return t._version
@@ -143,7 +146,7 @@ def _version(t):
 
 
 class _Runtime:
-    """The NumPy layer of one PatchedMoE, its binding and the contiguous copies of the
+    """The NumPy layer of one PatchedMoE, its binding and the float32 copies of the small
     parameters that cannot be viewed (refreshed when the parameter moves)."""
 
     def __init__(self, kw, spec, params, paths):
@@ -156,7 +159,7 @@ class _Runtime:
                            else torch.float32) for n in self.names}
         self.binding = _mt._Binding(self.layer, self.names)
         self.layer_id = _mt._register(self.binding)
-        self.copies = {}   # name -> contiguous tensor in the layer's dtype
+        self.copies = {}   # name -> a contiguous copy in the target dtype
         self.keys = {}     # name -> the parameter's (data_ptr, _version) at the last copy
         self.signature = self._signature(params)
         self.shared, self.copied = [], []
@@ -175,7 +178,8 @@ class _Runtime:
             path, view = self.spec[n]
             p = params[self.paths.index(path)].detach()
             v = view(p)
-            if n not in self.copies and v.dtype == self.target[n] and v.is_contiguous():
+            if n not in self.copies and v.dtype == self.target[n] and (
+                    v.is_contiguous() or (n in _ROUTED and _readable_view(v))):
                 out.append(v)
                 continue
             buf = self.copies.get(n)
@@ -368,7 +372,7 @@ class PatchedMoE(nn.Module):
 class Replaced:
     """A block patch() replaced: its module path, architecture, the moe.SparseMoE options
     it runs with, the layer weights that are views of the model's parameters and those
-    kept as contiguous copies (with their bytes)."""
+    kept as float32 copies (small tensors only; with their bytes)."""
 
     name: str
     arch: str
@@ -398,8 +402,8 @@ class PatchReport:
 
     @property
     def copy_bytes(self):
-        """Bytes of the contiguous copies the replaced blocks keep (beside the packed
-        weights of the kernels)."""
+        """Bytes of the copies the replaced blocks keep (small float32 tensors: gpt-oss's
+        expert biases, bf16 models' router weights; beside the kernels' packed weights)."""
         return sum(r.copy_bytes for r in self.replaced)
 
     def __str__(self):

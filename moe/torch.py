@@ -160,7 +160,8 @@ def _bind(b, tensors):
             continue
         arr = getattr(owner, attr)
         ptr = t.data_ptr()
-        if arr is None or arr.ctypes.data != ptr or arr.shape != tuple(t.shape):
+        if (arr is None or arr.ctypes.data != ptr or arr.shape != tuple(t.shape) or
+                arr.strides != tuple(st * t.element_size() for st in t.stride())):
             setattr(owner, attr, _numpy_view(t, name))  # checks the shape
         if attr in _packed_names(owner):
             key = (ptr, _version(t))

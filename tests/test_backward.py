@@ -412,3 +412,89 @@ def test_straight_through_staged_op():
         moe.route_backward(logits, r.expert_ids, dw, 2, router_grad="sparsemixer")
     with pytest.raises(ValueError, match="top-k router"):
         moe.SparseMoE(8, 8, 4, 2, router="expert_choice", router_grad="straight-through")
+
+
+def _fused_views(layer, mode):
+    """layer's routed weights rearranged as transformers stores them, and views of that
+    storage in the layer's layout: "halves" the gate and up halves of one (E, 2F, d) array;
+    "interleaved" gpt-oss's (E, d, 2F) with gate / up on even / odd columns and a transposed
+    (E, F, d) down."""
+    gate, up, down = layer.w_gate, layer.w_up, layer.w_down
+    F = up.shape[1]
+    if mode == "halves":
+        store = np.concatenate([gate if gate is not None else up, up], axis=1)
+        views = {"w_up": store[:, F:], "w_down": down}
+        if gate is not None:
+            views["w_gate"] = store[:, :F]
+        return store, views
+    store = np.empty((up.shape[0], up.shape[2], 2 * F), up.dtype)
+    store[:, :, 1::2] = up.transpose(0, 2, 1)
+    if gate is not None:
+        store[:, :, 0::2] = gate.transpose(0, 2, 1)
+    down_t = np.ascontiguousarray(down.transpose(0, 2, 1))
+    views = {"w_up": store[:, :, 1::2].transpose(0, 2, 1), "w_down": down_t.transpose(0, 2, 1)}
+    if gate is not None:
+        views["w_gate"] = store[:, :, 0::2].transpose(0, 2, 1)
+    return store, views
+
+
+@pytest.mark.parametrize("mode", ["halves", "interleaved"])
+@pytest.mark.parametrize("dtype,kw", [
+    ("float32", {}),
+    ("float32", dict(expert_biases=True, n_shared_experts=1, shared_d_ff=16)),
+    ("float32", dict(activation="gelu")),
+    ("float32", dict(d_ff=[40, 0, 24, 40, 8, 40])),
+    ("bfloat16", dict(expert_biases=True)),
+    ("float16", {}),
+])
+def test_strided_expert_weights(mode, dtype, kw):
+    """w_gate / w_up / w_down assigned as views of a fused store (transformers' gate_up_proj
+    halves, gpt-oss's interleaved transposed tensors) are kept as views -- no copy -- and
+    the forward and every gradient are the same bits as with contiguous copies."""
+    rng = np.random.default_rng(7)
+    E, d, T = 6, 24, 50
+    kw = dict(kw)
+    F = kw.pop("d_ff", 40)
+    dense = moe.SparseMoE(d, F, E, 2, dtype=dtype, seed=3, **kw)
+    store, views = _fused_views(dense, mode)
+    strided = moe.SparseMoE(d, F, E, 2, dtype=dtype, seed=3, **kw)
+    for name, v in views.items():
+        setattr(strided, name, v)
+        assert getattr(strided, name) is v or np.shares_memory(getattr(strided, name), v), name
+        assert (getattr(strided, name).flags.c_contiguous ==
+                (name == "w_down" and mode == "halves")), name
+    x = rng.standard_normal((T, d)).astype(np.float32)
+    dy = rng.standard_normal((T, d)).astype(np.float32)
+    np.testing.assert_array_equal(strided(x), dense(x))
+    y0, c0 = dense.forward_train(x)
+    g0 = dense.backward(c0, dy, aux_coef=0.01)
+    g1 = grads_at_1_and_2_threads(strided, x, dy, aux_coef=0.01)
+    assert sorted(g0) == sorted(g1)
+    for name in g0:
+        np.testing.assert_array_equal(g1[name], g0[name], err_msg=name)
+    # in-place edits of the store reach the layer (after pack(), as for any weight)
+    view = views["w_up"]
+    view[0, 0, 0] += 1
+    strided.pack()
+    dense.w_up = np.array(view)
+    np.testing.assert_array_equal(strided(x), dense(x))
+
+
+def test_strided_expert_weight_errors():
+    """Views the core cannot read in place are copied (zero / negative strides) or
+    refused by the binding with the argument's name."""
+    layer = moe.SparseMoE(8, 6, 4, 2, seed=0)
+    up = layer.w_up
+    layer.w_up = np.broadcast_to(up[:1], up.shape)  # stride 0: a C-contiguous copy
+    assert layer.w_up.flags.c_contiguous and layer.w_up.strides[0] > 0
+    layer.w_up = up[::-1][::-1]
+    layer.w_gate = layer.w_gate[::-1]  # negative strides: copied too
+    assert layer.w_gate.flags.c_contiguous
+    packed = dict(w_gate=None, w_up=up, w_down=layer.w_down, dtype=0)
+    with pytest.raises(ValueError, match=r"^w_up must have non-negative strides"):
+        moe._C.pack_experts(**dict(packed, w_up=up[::-1]))
+    with pytest.raises(ValueError, match=r"^w_down must be a C-contiguous, aligned array"):
+        moe._C.pack_experts(**dict(packed, w_down=layer.w_down.astype(">f4")))
+    odd = np.lib.stride_tricks.as_strided(up, strides=(up.strides[0], up.strides[1], 6))
+    with pytest.raises(ValueError, match=r"^w_up must be a C-contiguous, aligned array"):
+        moe._C.pack_experts(**dict(packed, w_up=odd))  # not whole elements: unaligned

@@ -229,15 +229,41 @@ def test_report_and_memory():
     assert (r.name, r.arch) == ("model.layers.0.mlp", "qwen2_moe")
     assert r.options["n_experts"] == 8 and r.options["d_ff"] == 16
     assert r.options["shared_expert_gate"] and r.options["renormalize"] is False
-    # only the gate / up halves of the fused gate_up_proj are copied; the rest are views
-    assert r.copies == ["w_gate", "w_up"]
-    assert {"router_weight", "w_down", "shared_w_up", "shared_gate_weight"} <= set(r.views)
-    gu = model.model.layers[0].mlp.experts.gate_up_proj
-    assert r.copy_bytes == gu.numel() * gu.element_size()
-    assert report.copy_bytes == 2 * r.copy_bytes
+    # nothing is copied: the gate / up halves of the fused gate_up_proj are strided views
+    assert r.copies == [] and r.copy_bytes == 0 and report.copy_bytes == 0
+    assert {"router_weight", "w_gate", "w_up", "w_down", "shared_w_up",
+            "shared_gate_weight"} <= set(r.views)
+    experts = model.model.layers[0].mlp.experts
+    gu, F, d = experts.gate_up_proj, r.options["d_ff"], r.options["d_model"]
     layer = model.model.layers[0].mlp.to_layer()
-    assert layer.w_down.ctypes.data == model.model.layers[0].mlp.experts.down_proj.data_ptr()
+    assert layer.w_down.ctypes.data == experts.down_proj.data_ptr()
+    assert layer.w_gate.ctypes.data == gu.data_ptr()
+    assert layer.w_up.ctypes.data == gu.data_ptr() + F * d * gu.element_size()
+    assert layer.w_gate.strides[0] == 2 * F * d * gu.element_size()
     assert "replaced model.layers.0.mlp (qwen2_moe)" in str(report)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpt_oss_expert_weights_are_views(dtype):
+    """gpt-oss's transposed, interleaved gate_up_proj (E, d, 2F) and down_proj (E, F, d)
+    are read in place; only the small biases (interleaved: 2-d strided) and, in bf16
+    models, the float32 router weight are copied."""
+    _, model, report = _pair("gpt_oss", dtype=dtype)
+    for r in report.replaced:
+        assert {"w_gate", "w_up", "w_down"} <= set(r.views), r.copies
+        want = {"b_gate", "b_up"} | ({"router_weight", "router_bias", "b_down"}
+                                     if dtype == torch.bfloat16 else set())
+        assert set(r.copies) == want
+        block = model.get_submodule(r.name)
+        experts, layer = block.experts, block.to_layer()
+        es = experts.gate_up_proj.element_size()
+        assert layer.w_gate.ctypes.data == experts.gate_up_proj.data_ptr()
+        assert layer.w_up.ctypes.data == experts.gate_up_proj.data_ptr() + es
+        assert layer.w_down.ctypes.data == experts.down_proj.data_ptr()
+        E, F, d = (r.options[k] for k in ("n_experts", "d_ff", "d_model"))
+        sizes = {"b_gate": E * F, "b_up": E * F, "b_down": E * d, "router_weight": E * d,
+                 "router_bias": E}
+        assert r.copy_bytes == 4 * sum(sizes[n] for n in want)  # float32 copies
 
 
 def test_replaced_part_falls_back_to_the_original_forward():

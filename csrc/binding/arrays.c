@@ -36,7 +36,7 @@ moe_arg_strided(PyObject *obj, const char *name, int typenum, int ndim,
         return NULL;
     }
     if (st != NULL && PyArray_NDIM(arr) == 3 && PyArray_ISALIGNED(arr) &&
-        !PyArray_ISCARRAY_RO(arr)) {
+        PyArray_ISNOTSWAPPED(arr) && !PyArray_ISCARRAY_RO(arr)) {
         const npy_intp es = PyArray_ITEMSIZE(arr);
         npy_intp el[3];
         for (i = 0; i < 3; i++) {
@@ -53,9 +53,9 @@ moe_arg_strided(PyObject *obj, const char *name, int typenum, int ndim,
     }
     else if (!PyArray_ISCARRAY_RO(arr) ||
              (writable && !PyArray_ISWRITEABLE(arr))) {
-        PyErr_Format(PyExc_ValueError, "%s must be a C-contiguous%s, aligned%s"
-                     " array", name, st ? " (or strided 3-d)" : "",
-                     writable ? ", writable" : "");
+        PyErr_Format(PyExc_ValueError, "%s must be a C-contiguous, aligned%s"
+                     " array%s", name, writable ? ", writable" : "",
+                     st ? " (or an aligned 3-d view in native byte order)" : "");
         return NULL;
     }
     else if (st != NULL) {

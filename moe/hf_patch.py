@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from . import torch as _mt
+from ._api import check_choice
 from .hf import _layer_plan
 from .layer import SparseMoE as _NumpySparseMoE
 from .layer import _EXPERT_WEIGHTS, _ROUTED, _WEIGHTS
@@ -138,6 +139,27 @@ def _readable_view(t):
     return t.dim() == 3 and all(n <= 1 or s > 0 for n, s in zip(t.shape, t.stride()))
 
 
+INFERENCE_COMPUTE = ("auto", "float32", "bfloat16")
+
+
+def _inference_compute(choice, dtype, kw):
+    """What no-grad forwards of a block with weights in `dtype` compute in: "bfloat16" (the
+    bf16 x bf16 kernels: inputs and hidden activations rounded to bf16, float32 sums --
+    what the bf16 model itself computes) or "float32".  "auto": bfloat16 for bf16 weights
+    where the CPU has bf16 dot products (kernel set avx512bf16) and the sizes are even."""
+    check_choice(choice, "inference_compute", INFERENCE_COMPUTE)
+    fits = dtype == "bfloat16" and kw["d_model"] % 2 == 0 and kw["d_ff"] % 2 == 0
+    if choice == "bfloat16" and not fits:
+        raise ValueError("inference_compute='bfloat16' needs a bf16 model with even "
+                         f"d_model and d_ff, got {dtype}, d_model={kw['d_model']}, "
+                         f"d_ff={kw['d_ff']}")
+    if choice == "auto":
+        from . import _C
+        choice = "bfloat16" if fits and _C.build_info()["isa"] == "avx512bf16" else \
+            "float32"
+    return choice
+
+
 def _version(t):
     try:
         return t._version
@@ -149,12 +171,16 @@ class _Runtime:
     """The NumPy layer of one PatchedMoE, its binding and the float32 copies of the small
     parameters that cannot be viewed (refreshed when the parameter moves)."""
 
-    def __init__(self, kw, spec, params, paths):
+    def __init__(self, kw, spec, params, paths, inference="auto"):
         self.spec, self.paths = spec, paths
         experts = params[paths.index(spec["w_up"][0])]
         self.dtype = _LAYER_DTYPES[experts.dtype]
         self.layer = _NumpySparseMoE(**kw, dtype=self.dtype, init=False)
         self.names = tuple(spec)
+        # no-grad calls of bf16 models: a bf16-compute twin on the same views, packed on
+        # its first call (_inference_compute says when)
+        self.kw, self.twin_id = kw, None
+        self.inference = _inference_compute(inference, self.dtype, kw)
         self.target = {n: (_mt._FFN_DTYPES[self.dtype] if n in _EXPERT_WEIGHTS
                            else torch.float32) for n in self.names}
         self.binding = _mt._Binding(self.layer, self.names)
@@ -165,6 +191,18 @@ class _Runtime:
         self.shared, self.copied = [], []
         for n, t in zip(self.names, self.tensors(params)):
             (self.copied if n in self.copies else self.shared).append(n)
+
+    def inference_id(self):
+        """The layer id no-grad forwards run on: the bf16-compute twin (built now if
+        needed) when self.inference is "bfloat16", else the layer's own."""
+        if self.inference != "bfloat16":
+            return self.layer_id
+        if self.twin_id is None:
+            twin = _NumpySparseMoE(**self.kw, dtype="bfloat16", compute_dtype="bfloat16",
+                                   init=False)
+            self.twin = _mt._Binding(twin, self.names)  # (the registry holds it weakly)
+            self.twin_id = _mt._register(self.twin)
+        return self.twin_id
 
     @staticmethod
     def _signature(params):
@@ -265,7 +303,7 @@ class PatchedMoE(nn.Module):
     once): never a result that ignores the change.
     """
 
-    def __init__(self, block, arch, kw, name=""):
+    def __init__(self, block, arch, kw, name="", inference_compute="auto"):
         super().__init__()
         for n, child in block.named_children():
             self.add_module(n, child)
@@ -281,6 +319,7 @@ class PatchedMoE(nn.Module):
         self._parts = {path: type(_get(self, path)) for path in _PARTS[arch]}
         self._router = "router" if arch == "gpt_oss" else "gate"
         self._warned = False
+        self._inference = inference_compute
         self._rt = None
         self._runtime(self._params())  # build (and pack) now: errors surface at patch time
 
@@ -302,7 +341,8 @@ class PatchedMoE(nn.Module):
     def _runtime(self, params):
         rt = self._rt
         if rt is None or rt.signature != _Runtime._signature(params):
-            rt = self._rt = _Runtime(self._kw, self._spec, params, self._paths)
+            rt = self._rt = _Runtime(self._kw, self._spec, params, self._paths,
+                                     self.__dict__.get("_inference", "auto"))
         return rt
 
     def _intact(self, params):
@@ -351,7 +391,7 @@ class PatchedMoE(nn.Module):
             y, w = _PatchedFunction.apply(x32, rt, *params)
         else:
             y, _aux, _z, _ids, w, _counts, _h = torch.ops.moe.sparse_moe_forward(
-                x32, rt.tensors(params), rt.layer_id, False)
+                x32, rt.tensors(params), rt.inference_id(), False)
         y = y.reshape(x.shape).to(x.dtype)
         return (y, w.to(x.dtype)) if self.arch == "gpt_oss" else y
 
@@ -480,7 +520,7 @@ def _looks_like_moe(module):
             any(s in name for s in ("moe", "sparse", "mlp", "expert")))
 
 
-def patch(model):
+def patch(model, *, inference_compute="auto"):
     """Replace every supported sparse MoE block of a transformers model by a PatchedMoE (in
     place) and return a PatchReport of what was replaced and what was left, and why.
 
@@ -489,7 +529,15 @@ def patch(model):
     other architectures, or of a supported one in a configuration the core does not
     compute (e.g. Mixtral's router_jitter_noise > 0), are left as they are.  Already
     patched blocks are left ("already patched").  moe.torch.unpatch(model) restores them.
+
+    inference_compute: what forwards without autograd (prefill, decode) compute in --
+    "float32" (the bf16 / fp16 weights widened exactly, float32 activations), "bfloat16"
+    (bf16 models only: the bf16 x bf16 kernels, inputs and hidden activations rounded to
+    bf16 with float32 sums, as the bf16 model computes), or "auto": bfloat16 for bf16 models
+    on CPUs with bf16 dot products (AVX512-BF16), float32 otherwise.  Training forwards
+    always compute in float32.
     """
+    check_choice(inference_compute, "inference_compute", INFERENCE_COMPUTE)
     config = _text_config(model)
     report = PatchReport()
     replaced_roots = []
@@ -511,7 +559,7 @@ def patch(model):
         replaced_roots.append(name)
         try:
             kw = _plan(module, arch, config)
-            patched = PatchedMoE(module, arch, kw, name)
+            patched = PatchedMoE(module, arch, kw, name, inference_compute)
         except (ValueError, TypeError, NotImplementedError) as exc:
             report.left.append(Left(name, kind, str(exc)))
             continue

@@ -10,6 +10,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+import moe  # noqa: E402
 import moe.torch as mt  # noqa: E402
 from moe.hf_patch import PatchedMoE, PatchReport  # noqa: E402
 
@@ -170,6 +171,52 @@ def test_bf16_model():
         gu = blk.experts.gate_up_proj
         assert gu.grad is not None and gu.grad.dtype == torch.bfloat16
         assert torch.isfinite(gu.grad.float()).all() and gu.grad.float().abs().sum() > 0
+
+
+@pytest.mark.parametrize("compute", ["float32", "bfloat16", "auto"])
+def test_bf16_inference_compute(compute):
+    """inference_compute picks what no-grad forwards of a bf16 model compute in: the block
+    gives exactly what moe.SparseMoE computes with that compute_dtype (float32: bf16 weights
+    widened; bfloat16: the bf16 x bf16 kernels), "auto" is bfloat16 where the CPU has bf16
+    dot products; training forwards compute in float32 either way."""
+    if compute == "auto":
+        want_compute = ("bfloat16" if moe._C.build_info()["isa"] == "avx512bf16"
+                        else "float32")
+    else:
+        want_compute = compute
+    ref = _build("mixtral", dtype=torch.bfloat16)
+    model = copy.deepcopy(ref)
+    report = mt.patch(model, inference_compute=compute)
+    assert len(report.replaced) == 2
+    blk = _moe_blocks(model)[0]
+    seen = {}
+    hook = blk.register_forward_hook(lambda m, a, out: seen.update(x=a[0], y=out))
+    ids = _ids(3)
+    with torch.no_grad():
+        got = model(ids).logits.float()
+        want = ref(ids).logits.float()
+    hook.remove()
+    assert (got - want).abs().mean() <= 1e-2 * want.abs().mean()
+    layer = blk.to_layer()
+    twin = moe.SparseMoE(layer.d_model, layer.d_ff, layer.n_experts, layer.top_k,
+                         dtype="bfloat16", compute_dtype=want_compute, init=False)
+    for name in ("router_weight", "w_gate", "w_up", "w_down"):
+        setattr(twin, name, getattr(layer, name))
+    x = seen["x"].reshape(-1, layer.d_model).float().numpy()
+    expect = torch.from_numpy(twin(x)).to(torch.bfloat16)
+    assert torch.equal(seen["y"].reshape(expect.shape), expect)
+    # a training step after it runs the float32-compute layer (its gradients finite)
+    model.train()
+    model(ids, labels=ids).loss.backward()
+    assert torch.isfinite(blk.experts.gate_up_proj.grad.float()).all()
+
+
+def test_inference_compute_errors():
+    with pytest.raises(ValueError, match="inference_compute must be one of"):
+        mt.patch(_build("mixtral"), inference_compute="fp8")
+    report = mt.patch(_build("mixtral"), inference_compute="bfloat16")  # a float32 model
+    assert not report.replaced and len(report.left) == 2
+    assert "needs a bf16 model" in report.left[0].reason
 
 
 def test_dense_model_is_reported_and_works():

@@ -18,6 +18,10 @@
 #include "cpu/kernels.h"
 
 #include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <time.h>
+static double tnow(void){struct timespec t;clock_gettime(CLOCK_MONOTONIC,&t);return t.tv_sec+1e-9*t.tv_nsec;}
 #include <string.h>
 
 #define MOE_BWD_ROWS   192 /* rows per phase-1 task (a multiple of MR)    */
@@ -784,10 +788,12 @@ moe_cpu_ffn_backward(const moe_ffn_backward_params *p)
     if (p->lora != NULL && (st = moe_bwd_lora_pre(&job)) != MOE_STATUS_OK) {
         goto done;
     }
+    double T0 = tnow(), T1, T2;
     if ((st = moe_bwd_phase(&job, 0, MOE_BWD_ROWS, 0, MOE_BWD_UNITS, 1,
                             moe_bwd_hidden_task)) != MOE_STATUS_OK) {
         goto done;
     }
+    T1 = tnow();
     if (p->dx != NULL &&
         (st = moe_bwd_phase(&job, 0, MOE_BWD_MROWS, d, MOE_BWD_MCOLS, 0,
                             moe_bwd_dx_task)) != MOE_STATUS_OK) {
@@ -796,6 +802,7 @@ moe_cpu_ffn_backward(const moe_ffn_backward_params *p)
     if (p->lora != NULL && (st = moe_bwd_lora_post(&job)) != MOE_STATUS_OK) {
         goto done;
     }
+    T2 = tnow();
     for (mat = 0; mat < 3; mat++) {
         const float *want = mat == 0 ? (w->gated ? p->d_w_gate : NULL)
                           : mat == 1 ? p->d_w_up : p->d_w_down;
@@ -809,6 +816,7 @@ moe_cpu_ffn_backward(const moe_ffn_backward_params *p)
             goto done;
         }
     }
+    if (getenv("MOE_BWD_TIME")) fprintf(stderr, "bwd N=%lld hidden %.1f ms dx %.1f ms dw %.1f ms\n", (long long)N, (T1-T0)*1e3, (T2-T1)*1e3, (tnow()-T2)*1e3);
     if (p->d_b_gate || p->d_b_up || p->d_b_down) {
         st = moe_pool_run(E, moe_bwd_bias_task, &job);
         if (st == MOE_STATUS_OK && job.failed) {

@@ -377,6 +377,14 @@ typedef struct moe_ffn_params {
     moe_act_params     act;         /* gated iff the pack has w_gate        */
     const moe_expert_lora *lora;    /* adapters on the experts, or NULL     */
     float             *out;         /* out: (n_rows, d_model), sorted rows  */
+    float             *save_gu;     /* out, or NULL (float32 compute): each
+                                       row's pre-activations as the
+                                       activation reads them (bias and LoRA
+                                       terms in), (n_rows, 2 * d_ff) gate
+                                       then up, ungated (n_rows, d_ff) up;
+                                       units past expert_d_ff[e] unwritten.
+                                       moe_ffn_backward reads them instead
+                                       of recomputing: the same bits       */
 } moe_ffn_params;
 
 /* Work is O(n_rows * d_ff * d_model): only routed rows are computed. */
@@ -670,6 +678,10 @@ typedef struct moe_layer_params {
                                          experts' outputs, dispatch order   */
     float             *save_shared;   /* (n_tokens, d_model) the shared
                                          experts' output before their gate  */
+    float             *save_gu;       /* or NULL: the routed experts'
+                                         moe_ffn_params.save_gu, room for
+                                         n_tokens * width rows; the
+                                         backward then recomputes nothing  */
 } moe_layer_params;
 
 /*
@@ -713,6 +725,8 @@ typedef struct moe_ffn_backward_params {
     moe_wstrides       gate_strides, up_strides, down_strides; /* as
                                        moe_pack_params: zero for dense      */
     moe_act_params     act;
+    const float       *gu;          /* the forward's save_gu, or NULL: gate
+                                       and up recomputed from the pack      */
     const float       *dy;          /* (n_rows, d_model) d out              */
     float             *dx;          /* out, or NULL: (n_rows, d_model), the
                                        sorted rows' gradient

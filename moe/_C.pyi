@@ -56,9 +56,10 @@ def layer_forward(x: F32, router_weight: F32, experts: Packed, top_k: int, activ
                   groups: Optional[I32] = None, want_out_norm: bool = False,
                   router: int = 0, router_p: float = 0.0, k_min: int = 1,
                   skip_threshold: float = 0.0, skip_renormalize: bool = False,
-                  save: bool = False
+                  save: bool = False, save_hidden: bool = False
                   ) -> Tuple[F32, I32, F32, I64, int, float, float, Optional[I32],
-                             Optional[F64], Optional[Tuple[F64, F32, Optional[F32]]]]: ...
+                             Optional[F64],
+                             Optional[Tuple[F64, F32, Optional[F32], Optional[F32]]]]: ...
 # the backward of a forward takes that forward's own (args, kwargs)
 def layer_backward(forward_args: Tuple[Any, ...], forward_kwargs: Dict[str, Any],
                    expert_ids: I32, weights: F32, logits: F64, y: F32, shared: Optional[F32],
@@ -71,7 +72,8 @@ def layer_backward(forward_args: Tuple[Any, ...], forward_kwargs: Dict[str, Any]
                    z_coef: float = 0.0, biases: bool = False,
                    lora_weights: Optional[Tuple[Optional[F32], ...]] = None,
                    lora_rank: int = 0, lora_scaling: float = 1.0, frozen: bool = False,
-                   router_grad: int = 0) -> Dict[str, Optional[F32]]: ...
+                   router_grad: int = 0, hidden: Optional[F32] = None
+                   ) -> Dict[str, Optional[F32]]: ...
 def route_backward(route_args: Tuple[Any, ...], route_kwargs: Dict[str, Any], expert_ids: I32,
                    d_weights: F32, *, aux_coef: float = 0.0, z_coef: float = 0.0,
                    router_grad: int = 0) -> F64: ...

@@ -171,11 +171,12 @@ class _Runtime:
     """The NumPy layer of one PatchedMoE, its binding and the float32 copies of the small
     parameters that cannot be viewed (refreshed when the parameter moves)."""
 
-    def __init__(self, kw, spec, params, paths, inference="auto"):
+    def __init__(self, kw, spec, params, paths, inference="auto", recompute_hidden=True):
         self.spec, self.paths = spec, paths
         experts = params[paths.index(spec["w_up"][0])]
         self.dtype = _LAYER_DTYPES[experts.dtype]
         self.layer = _NumpySparseMoE(**kw, dtype=self.dtype, init=False)
+        self.layer.recompute_hidden = recompute_hidden
         self.names = tuple(spec)
         # no-grad calls of bf16 models: a bf16-compute twin on the same views, packed on
         # its first call (_inference_compute says when)
@@ -303,7 +304,8 @@ class PatchedMoE(nn.Module):
     once): never a result that ignores the change.
     """
 
-    def __init__(self, block, arch, kw, name="", inference_compute="auto"):
+    def __init__(self, block, arch, kw, name="", inference_compute="auto",
+                 recompute_hidden=True):
         super().__init__()
         for n, child in block.named_children():
             self.add_module(n, child)
@@ -320,6 +322,7 @@ class PatchedMoE(nn.Module):
         self._router = "router" if arch == "gpt_oss" else "gate"
         self._warned = False
         self._inference = inference_compute
+        self._recompute_hidden = bool(recompute_hidden)
         self._rt = None
         self._runtime(self._params())  # build (and pack) now: errors surface at patch time
 
@@ -342,7 +345,8 @@ class PatchedMoE(nn.Module):
         rt = self._rt
         if rt is None or rt.signature != _Runtime._signature(params):
             rt = self._rt = _Runtime(self._kw, self._spec, params, self._paths,
-                                     self.__dict__.get("_inference", "auto"))
+                                     self.__dict__.get("_inference", "auto"),
+                                     self.__dict__.get("_recompute_hidden", True))
         return rt
 
     def _intact(self, params):
@@ -520,7 +524,7 @@ def _looks_like_moe(module):
             any(s in name for s in ("moe", "sparse", "mlp", "expert")))
 
 
-def patch(model, *, inference_compute="auto"):
+def patch(model, *, inference_compute="auto", recompute_hidden=True):
     """Replace every supported sparse MoE block of a transformers model by a PatchedMoE (in
     place) and return a PatchReport of what was replaced and what was left, and why.
 
@@ -536,6 +540,10 @@ def patch(model, *, inference_compute="auto"):
     bf16 with float32 sums, as the bf16 model computes), or "auto": bfloat16 for bf16 models
     on CPUs with bf16 dot products (AVX512-BF16), float32 otherwise.  Training forwards
     always compute in float32.
+
+    recompute_hidden: True (default) the backward recomputes the expert rows' gate / up
+    pre-activations; False the training forward keeps them (8 bytes per routed row and
+    d_ff unit more activation memory, a 10-15% faster MoE step, the same gradients).
     """
     check_choice(inference_compute, "inference_compute", INFERENCE_COMPUTE)
     config = _text_config(model)
@@ -559,7 +567,8 @@ def patch(model, *, inference_compute="auto"):
         replaced_roots.append(name)
         try:
             kw = _plan(module, arch, config)
-            patched = PatchedMoE(module, arch, kw, name, inference_compute)
+            patched = PatchedMoE(module, arch, kw, name, inference_compute,
+                                 recompute_hidden)
         except (ValueError, TypeError, NotImplementedError) as exc:
             report.left.append(Left(name, kind, str(exc)))
             continue

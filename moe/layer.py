@@ -160,6 +160,11 @@ class SparseMoE:
     expert_bias and shared_gate_weight are read on every call, edits to them need nothing).
     """
 
+    # training: forward_train's default (True: the backward recomputes the gate / up
+    # pre-activations; False: the forward keeps them, more memory, a faster backward).  A
+    # plain attribute, not saved with the layer.
+    recompute_hidden = True
+
     def __init__(self, d_model, d_ff, n_experts, top_k, *, activation="swiglu",
                  scoring="softmax", renormalize=True, routed_scaling=1.0, n_groups=1,
                  topk_groups=1, expert_bias=False, n_shared_experts=0, shared_d_ff=None,
@@ -468,13 +473,14 @@ class SparseMoE:
             mask = np.ascontiguousarray(m)
         object.__setattr__(self, "_expert_mask", mask)
 
-    def _forward(self, x, allowed, groups, want_norm, save=False):
+    def _forward(self, x, allowed, groups, want_norm, save=False, save_hidden=False):
         """(out, routing, per-expert gate * ||output|| sums or None); with save also
-        (the call's args, kwargs, what the forward saved) for the backward."""
+        (the call's args, kwargs, what the forward saved) for the backward; save_hidden:
+        that includes the routed rows' gate / up pre-activations."""
         lead, x2 = token_rows(x, self.d_model)
         args, kw = self._forward_args(x2, allowed, groups, want_norm)
         out, ids, w, counts, n_dropped, aux, z, n_real, norm, saved = _C.layer_forward(
-            *args, **kw, save=save)
+            *args, **kw, save=save, save_hidden=save_hidden)
         out = out.reshape(lead + (self.d_model,))
         if self.n_null:
             routing = NullRoutingResult(ids, w, counts, int(n_dropped), float(aux), float(z),
@@ -565,17 +571,24 @@ class SparseMoE:
                 "experts, skipping and expert LoRA; not yet "
                 "(issue 19): " + ", ".join(why))
 
-    def forward_train(self, x, *, allowed=None, groups=None):
+    def forward_train(self, x, *, allowed=None, groups=None, recompute_hidden=None):
         """The forward of __call__ keeping what backward needs: returns (y, ctx).
 
         ctx (moe.train.TrainContext) holds the input, the float64 router logits, the routing
         (ctx.routing, a RoutingResult with aux_loss and z_loss), the experts' outputs and the
-        shared experts' output: O(T k d) floats; the (T k, d_ff) hidden activations are
-        recomputed by the backward.  The weights must not change before the backward.
+        shared experts' output: O(T k d) floats.  recompute_hidden (default: the layer's
+        attribute recompute_hidden, True): the backward recomputes the routed rows' gate / up
+        pre-activations, (T k, d_ff) each, from the packed weights; False keeps them in ctx
+        instead (4 T k d_ff bytes each more memory, 2 of the backward's 8 (T k, d_ff, d)
+        products less).  The gradients are the same bits either way.  The weights must not
+        change before the backward.
         """
         self._check_trainable()
+        if recompute_hidden is None:
+            recompute_hidden = self.recompute_hidden
         lead, x2 = token_rows(x, self.d_model)
-        out, routing, (args, kw, saved) = self._forward(x2, allowed, groups, False, save=True)
+        out, routing, (args, kw, saved) = self._forward(
+            x2, allowed, groups, False, save=True, save_hidden=not recompute_hidden)
         ctx = TrainContext(self, lead, x2, routing, (args, kw, saved), allowed, groups)
         return out.reshape(lead + (self.d_model,)), ctx
 
@@ -593,7 +606,7 @@ class SparseMoE:
         any thread count.
         """
         dy32, aux, z = check_backward_args(self, ctx, dy, aux_coef, z_coef)
-        args, kw, (logits, y, shared) = ctx.saved
+        args, kw, (logits, y, shared, hidden) = ctx.saved
         if args[2] is not self._checked_weights()[0]:
             raise RuntimeError("the layer's FFN weights changed since forward_train: the "
                                "backward needs the weights the forward ran with")
@@ -618,7 +631,7 @@ class SparseMoE:
             shared_w_up=bits(self.shared_w_up) if self.n_shared_experts else None,
             shared_w_down=bits(self.shared_w_down) if self.n_shared_experts else None,
             aux_coef=aux, z_coef=z, biases=self.use_expert_biases,
-            router_grad=ROUTER_GRADS.index(self.router_grad), **lora)
+            router_grad=ROUTER_GRADS.index(self.router_grad), hidden=hidden, **lora)
         if not retain:
             ctx.released = True
             ctx.saved = None

@@ -453,6 +453,8 @@ class _LayerModule(nn.Module):
     def _set_binding(self, binding):
         self._binding = binding
         self._layer_id = _register(binding)
+        if hasattr(binding.layer, "recompute_hidden"):
+            binding.layer.recompute_hidden = self.__dict__.get("_recompute_hidden", True)
         self._trainable = tuple(n in binding.trainable for n in binding.names)
 
     # a NumPy layer holds packed weights that do not pickle: copies and pickles rebuild the
@@ -542,8 +544,21 @@ class SparseMoE(_LayerModule):
     load_state_dict, nn.init).  After writing weights through .data or NumPy, call
     m.repack().  With expert LoRA (lora_rank > 0) the experts are frozen parameters and the
     adapters (lora_a_<t>, lora_b_<t>) and the router train.  compute_dtype="bfloat16"
-    (no backward yet) runs under no_grad only.
+    (no backward yet) runs under no_grad only.  m.recompute_hidden = False makes training
+    forwards keep the gate / up pre-activations (more memory, a faster backward, the same
+    gradients; moe.SparseMoE.forward_train).
     """
+
+    @property
+    def recompute_hidden(self):
+        """True (default): the backward recomputes the routed rows' gate / up
+        pre-activations; False: the training forward keeps them (4 T k d_ff bytes each)."""
+        return self.__dict__.get("_recompute_hidden", True)
+
+    @recompute_hidden.setter
+    def recompute_hidden(self, value):
+        self.__dict__["_recompute_hidden"] = bool(value)
+        self._binding.layer.recompute_hidden = bool(value)
 
     def __init__(self, d_model, d_ff, n_experts, top_k, **options):
         super().__init__()

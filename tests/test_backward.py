@@ -498,3 +498,64 @@ def test_strided_expert_weight_errors():
     odd = np.lib.stride_tricks.as_strided(up, strides=(up.strides[0], up.strides[1], 6))
     with pytest.raises(ValueError, match=r"^w_up must be a C-contiguous, aligned array"):
         moe._C.pack_experts(**dict(packed, w_up=odd))  # not whole elements: unaligned
+
+
+@pytest.mark.parametrize("kw", [
+    {},
+    dict(expert_biases=True, n_shared_experts=1, shared_d_ff=16, activation="swiglu-oai"),
+    dict(activation="gelu"),
+    dict(d_ff=[40, 0, 24, 40, 8, 40]),
+    dict(dtype="bfloat16", capacity_factor=0.5),
+    dict(null_experts=("zero", "copy"), scoring="sigmoid", n_groups=2, topk_groups=1),
+    dict(lora_rank=4),
+])
+def test_recompute_hidden_off_keeps_the_gradients(kw):
+    """recompute_hidden=False: the forward keeps the routed rows' gate / up pre-activations
+    ((T k, 2 d_ff) float32) and the backward reads them instead of recomputing: the same
+    gradients (the same bits; with expert LoRA the forward's own sums, which the
+    recomputation reassociates: within 1e-6), at 1 and 2 threads."""
+    rng = np.random.default_rng(11)
+    kw = dict(kw)
+    F = kw.pop("d_ff", 40)
+    layer = moe.SparseMoE(24, F, 6, 2, seed=5, **kw)
+    for t in ("gate", "up", "down") if layer.lora_rank else ():
+        b = getattr(layer, f"lora_b_{t}")
+        setattr(layer, f"lora_b_{t}", (0.1 * rng.standard_normal(b.shape)).astype(np.float32))
+    x = rng.standard_normal((50, 24)).astype(np.float32)
+    dy = rng.standard_normal((50, 24)).astype(np.float32)
+    y0, c0 = layer.forward_train(x)
+    assert c0.saved[2][3] is None
+    g0 = layer.backward(c0, dy, aux_coef=0.01, z_coef=0.001)
+    y1, c1 = layer.forward_train(x, recompute_hidden=False)
+    hidden = c1.saved[2][3]
+    gated = layer.activation in moe.layer.GATED
+    assert hidden.shape == (50 * c1.routing.expert_ids.shape[1], (2 if gated else 1) * layer.d_ff)
+    np.testing.assert_array_equal(y1, y0)
+    layer.backward(c1, dy)  # consumed like any context
+    layer.recompute_hidden = False  # the attribute is forward_train's default
+    g1 = grads_at_1_and_2_threads(layer, x, dy, aux_coef=0.01, z_coef=0.001)
+    assert sorted(g1) == sorted(g0)
+    for name in g0:
+        if layer.lora_rank:
+            assert_grad(g1[name], g0[name], name, noise=1e-6 * np.linalg.norm(g0[name]))
+        else:
+            np.testing.assert_array_equal(g1[name], g0[name], err_msg=name)
+
+
+def test_kept_hidden_errors():
+    layer = moe.SparseMoE(8, 6, 4, 2, seed=0)
+    x = np.random.default_rng(0).standard_normal((5, 8)).astype(np.float32)
+    y, ctx = layer.forward_train(x, recompute_hidden=False)
+    args, kw, (logits, ys, shared, hidden) = ctx.saved
+    call = dict(w_gate=layer.w_gate, w_up=layer.w_up, w_down=layer.w_down)
+    ids, w = ctx.routing.expert_ids, ctx.routing.weights
+    with pytest.raises(ValueError, match=r"^hidden must have shape \(-1, 12\)"):
+        moe._C.layer_backward(args, kw, ids, w, logits, ys, shared, y, **call,
+                              hidden=hidden[:, :6].copy())
+    with pytest.raises(ValueError, match=r"^hidden must have at least n_tokens \* width"):
+        moe._C.layer_backward(args, kw, ids, w, logits, ys, shared, y, **call,
+                              hidden=hidden[:4].copy())
+    bf = moe.SparseMoE(8, 6, 4, 2, seed=0, dtype="bfloat16", compute_dtype="bfloat16")
+    bargs, bkw = bf._forward_args(x, None, None, False)
+    with pytest.raises(ValueError, match="save_gu needs a float32-compute pack"):
+        moe._C.layer_forward(*bargs, **bkw, save=True, save_hidden=True)

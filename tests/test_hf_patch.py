@@ -270,6 +270,22 @@ def test_unsupported_blocks_are_left_with_a_reason():
     assert not again.replaced and "already patched" in [e.reason for e in again.left]
 
 
+def test_recompute_hidden_off_same_gradients():
+    """patch(model, recompute_hidden=False): training forwards keep the gate / up
+    pre-activations; the gradients are the same bits as with the default."""
+    base = _build("qwen3_moe").train()
+    grads = []
+    for recompute in (True, False):
+        model = copy.deepcopy(base)
+        mt.patch(model, recompute_hidden=recompute)
+        assert all(b._rt.layer.recompute_hidden is recompute for b in _moe_blocks(model))
+        ids = _ids(2)
+        model(ids, labels=ids, output_router_logits=True).loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    for n, g in grads[0].items():
+        assert torch.equal(g, grads[1][n]), n
+
+
 def test_report_and_memory():
     _, model, report = _pair("qwen2_moe")
     r = report.replaced[0]

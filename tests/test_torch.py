@@ -242,6 +242,29 @@ def test_grad_accumulates_and_retain_graph(rng):
         torch.testing.assert_close(single[n], 2 * t.grad, rtol=1e-6, atol=1e-7)
 
 
+def test_recompute_hidden_off(rng):
+    """m.recompute_hidden = False: the same gradients (bits), the setting kept by copies."""
+    m = mt.SparseMoE(D, FF, 4, 2, seed=2, n_shared_experts=1, shared_d_ff=8)
+    x = torch.from_numpy(rng.standard_normal((6, D), dtype=np.float32)).requires_grad_(True)
+    grads = []
+    for keep in (False, True):
+        m.zero_grad()
+        x.grad = None
+        m.recompute_hidden = not keep
+        assert m.to_layer().recompute_hidden is (not keep)
+        y, r = m(x, return_routing=True)
+        (y.square().sum() + 0.1 * r.aux_loss).backward()
+        grads.append({"x": x.grad.clone(), **{n: t.grad.clone() for n, t in
+                                              m.named_parameters()}})
+    for n in grads[0]:
+        assert torch.equal(grads[0][n], grads[1][n]), n
+    m.recompute_hidden = False
+    c = copy.deepcopy(m)
+    assert c.recompute_hidden is False
+    c(x).sum().backward()
+    assert c.to_layer().recompute_hidden is False
+
+
 def test_saved_state_is_freed(rng):
     m = mt.SparseMoE(D, FF, 4, 2)
     x = torch.from_numpy(rng.standard_normal((6, D), dtype=np.float32)).requires_grad_(True)

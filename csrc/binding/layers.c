@@ -163,29 +163,37 @@ moe_layer_parse(PyObject *args, PyObject *kw, moe_layer_params *p,
  *               save=False)
  * -> (out, ids, weights, counts, n_dropped, aux, z, n_real, out_norm, saved).
  * The options are keyword-only; absent ones are the plain top-k layer's.
- * save: saved = (logits, y, shared or None), what layer_backward reads
- * (else None).
+ * save: saved = (logits, y, shared or None, gu or None), what
+ * layer_backward reads (else None); save_hidden (with save): gu, the routed
+ * rows' gate / up pre-activations (moe_ffn_params.save_gu, room for
+ * n_tokens * width rows), so the backward recomputes nothing.
  */
 PyObject *
 moe_py_layer_forward(PyObject *self, PyObject *args, PyObject *kw)
 {
     PyArrayObject *out = NULL, *ids = NULL, *weights = NULL, *counts = NULL;
     PyArrayObject *n_real = NULL, *out_norm = NULL;
-    PyArrayObject *s_logits = NULL, *s_y = NULL, *s_shared = NULL;
+    PyArrayObject *s_logits = NULL, *s_y = NULL, *s_shared = NULL, *s_gu = NULL;
     PyObject *saved = NULL, *kw2 = NULL, *save_obj = NULL;
     double aux = 0.0, z = 0.0;
     int64_t n_dropped = 0, n_skipped = 0;
     long long n_dropped_ll;
-    int width = 0, save = 0;
+    int width = 0, save = 0, save_hidden = 0, s;
+    static const char *own[2] = {"save", "save_hidden"};
+    int *flag[2] = {&save, &save_hidden};
     moe_layer_args a;
     moe_layer_params p;
     moe_status st;
 
-    /* save is this wrapper's own keyword: take it out before the parse */
-    if (kw != NULL && (save_obj = PyDict_GetItemString(kw, "save")) != NULL) {
-        if ((save = PyObject_IsTrue(save_obj)) < 0 ||
-            !(kw2 = PyDict_Copy(kw)) ||
-            PyDict_DelItemString(kw2, "save") < 0) {
+    /* save and save_hidden are this wrapper's own keywords: take them out
+     * before the parse */
+    for (s = 0; s < 2 && kw != NULL; s++) {
+        if ((save_obj = PyDict_GetItemString(kw, own[s])) == NULL) {
+            continue;
+        }
+        if ((*flag[s] = PyObject_IsTrue(save_obj)) < 0 ||
+            (kw2 == NULL && !(kw2 = PyDict_Copy(kw))) ||
+            PyDict_DelItemString(kw2, own[s]) < 0) {
             Py_XDECREF(kw2);
             return NULL;
         }
@@ -228,6 +236,15 @@ moe_py_layer_forward(PyObject *self, PyObject *args, PyObject *kw)
                 goto fail;
             }
             p.save_shared = MOE_DATA(s_shared, float);
+        }
+        if (save_hidden) {
+            moe_experts_info info;
+            moe_experts_get_info(p.experts, &info);
+            if (!(s_gu = moe_new(2, a.n_tokens * (npy_intp)width,
+                                 (info.gated ? 2 : 1) * info.d_ff, NPY_FLOAT32))) {
+                goto fail;
+            }
+            p.save_gu = MOE_DATA(s_gu, float);
         }
     }
     p.width = &width;
@@ -273,8 +290,12 @@ moe_py_layer_forward(PyObject *self, PyObject *args, PyObject *kw)
             Py_INCREF(Py_None);
             s_shared = (PyArrayObject *)Py_None;
         }
-        saved = Py_BuildValue("NNN", s_logits, s_y, s_shared);
-        s_logits = s_y = s_shared = NULL;
+        if (s_gu == NULL) {
+            Py_INCREF(Py_None);
+            s_gu = (PyArrayObject *)Py_None;
+        }
+        saved = Py_BuildValue("NNNN", s_logits, s_y, s_shared, s_gu);
+        s_logits = s_y = s_shared = s_gu = NULL;
         if (saved == NULL) {
             goto fail;
         }
@@ -297,6 +318,7 @@ fail:
     Py_XDECREF(s_logits);
     Py_XDECREF(s_y);
     Py_XDECREF(s_shared);
+    Py_XDECREF(s_gu);
     return NULL;
 }
 
@@ -312,13 +334,14 @@ moe_grad_item(PyObject *dict, const char *name, PyArrayObject *arr)
 /*
  * layer_backward(forward_args, forward_kwargs, expert_ids, weights, logits,
  *                y, shared, dy, *, w_gate, w_up, w_down, shared_w_gate,
- *                shared_w_up, shared_w_down, aux_coef, z_coef, biases)
+ *                shared_w_up, shared_w_down, aux_coef, z_coef, biases,
+ *                hidden)
  * -> dict of float32 gradients: "x", "router_weight", "router_bias", "w_gate",
  * "w_up", "w_down", "b_gate", "b_up", "b_down", "shared_w_gate",
  * "shared_w_up", "shared_w_down", "shared_gate_weight", "null_values" (None
  * for what the layer has not).  forward_args / forward_kwargs: exactly what
- * layer_forward got; expert_ids, weights and the saved (logits, y, shared)
- * are its results.  The unpacked FFN weights come in the pack's dtype
+ * layer_forward got; expert_ids, weights and the saved (logits, y, shared,
+ * hidden: its gu, or None to recompute it) are its results.  The unpacked FFN weights come in the pack's dtype
  * (uint16 bits for bf16 / fp16); biases: the layer has expert biases.
  */
 PyObject *
@@ -329,8 +352,9 @@ moe_py_layer_backward(PyObject *self, PyObject *args, PyObject *kw)
         "y", "shared", "dy", "w_gate", "w_up", "w_down", "shared_w_gate",
         "shared_w_up", "shared_w_down", "aux_coef", "z_coef", "biases",
         "lora_weights", "lora_rank", "lora_scaling", "frozen", "router_grad",
-        NULL};
+        "hidden", NULL};
     PyObject *fa, *fk, *ids_obj, *w_obj, *l_obj, *y_obj, *sh_obj, *dy_obj;
+    PyObject *gu_obj = Py_None;
     PyObject *wg_obj = Py_None, *wu_obj = Py_None, *wd_obj = Py_None;
     PyObject *swg_obj = Py_None, *swu_obj = Py_None, *swd_obj = Py_None;
     PyObject *lw_obj = Py_None;
@@ -353,11 +377,11 @@ moe_py_layer_backward(PyObject *self, PyObject *args, PyObject *kw)
     moe_status st;
 
     if (!PyArg_ParseTupleAndKeywords(
-            args, kw, "O!O!OOOOOO|$OOOOOOddpOifpi:layer_backward", kwlist,
+            args, kw, "O!O!OOOOOO|$OOOOOOddpOifpiO:layer_backward", kwlist,
             &PyTuple_Type, &fa, &PyDict_Type, &fk, &ids_obj, &w_obj, &l_obj,
             &y_obj, &sh_obj, &dy_obj, &wg_obj, &wu_obj, &wd_obj, &swg_obj,
             &swu_obj, &swd_obj, &aux_coef, &z_coef, &biases, &lw_obj,
-            &lora_rank, &lora_scaling, &frozen, &router_grad) ||
+            &lora_rank, &lora_scaling, &frozen, &router_grad, &gu_obj) ||
         moe_check_enum(router_grad, MOE_ROUTER_GRAD_COUNT, "router_grad") < 0 ||
         moe_layer_parse(fa, fk, &p, &a) < 0) {
         return NULL;
@@ -446,6 +470,21 @@ moe_py_layer_backward(PyObject *self, PyObject *args, PyObject *kw)
                 return NULL;
             }
         }
+    }
+    if (gu_obj != Py_None) {
+        /* the forward's save_gu: room for n_tokens * width rows */
+        npy_intp gd[2] = {-1, (info.gated ? 2 : 1) * info.d_ff};
+        if (!(tmp = moe_arg(gu_obj, "hidden", NPY_FLOAT32, 2, gd, 0))) {
+            return NULL;
+        }
+        if (gd[0] < a.n_tokens * (npy_intp)b.width) {
+            PyErr_Format(PyExc_ValueError, "hidden must have at least n_tokens * "
+                         "width = %lld rows, got %lld",
+                         (long long)(a.n_tokens * (npy_intp)b.width),
+                         (long long)gd[0]);
+            return NULL;
+        }
+        p.save_gu = MOE_DATA(tmp, float);
     }
     b.forward = &p;
 

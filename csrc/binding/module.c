@@ -230,7 +230,7 @@ static PyMethodDef moe_methods[] = {
                   "limit=7.0, lora=None, null_kinds=None, null_values=None, "
                   "allowed=None, groups=None, want_out_norm=False, router=0, "
                   "router_p=0.0, k_min=1, skip_threshold=0.0, "
-                  "skip_renormalize=False, save=False",
+                  "skip_renormalize=False, save=False, save_hidden=False",
                   "-> (out, expert_ids, weights, counts, n_dropped, aux_loss, "
                   "z_loss, n_real, out_norm, saved)"),
     MOE_KW_METHOD(route_backward, "route_args, route_kwargs, expert_ids, "
@@ -249,7 +249,7 @@ static PyMethodDef moe_methods[] = {
                   "weights, logits, y, shared, dy, *, w_gate=None, w_up=None, "
                   "w_down=None, shared_w_gate=None, shared_w_up=None, "
                   "shared_w_down=None, aux_coef=0.0, z_coef=0.0, "
-                  "biases=False", "-> dict of gradients"),
+                  "biases=False, hidden=None", "-> dict of gradients"),
     MOE_KW_METHOD(soft_moe_forward, "x, phi, experts, slots_per_expert, "
                   "activation, normalize, scale, temperature, *, across=False, "
                   "return_weights=False, alpha=1.702, limit=7.0, save=False",

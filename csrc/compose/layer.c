@@ -427,6 +427,7 @@ moe_layer_forward(const moe_layer_params *p)
     fp.act = p->act;
     fp.lora = p->lora;
     fp.out = ys;
+    fp.save_gu = p->save_gu;
     if ((st = moe_ffn_grouped(&fp)) != MOE_STATUS_OK) {
         goto done;
     }

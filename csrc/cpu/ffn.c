@@ -783,6 +783,7 @@ typedef struct moe_ffn_job {
     moe_act_params        act;
     const moe_expert_lora *lora;       /* or NULL                          */
     float                *z_gu;        /* (n_rows, lora->n_gu)             */
+    float                *save_gu;     /* moe_ffn_params.save_gu, or NULL  */
     moe_panel_gemm        gemm;        /* the GEMM phase running now       */
     int64_t              *panel_off; /* (E+1,) first panel of expert e     */
     int32_t              *panel_e;   /* (n_panels,) expert of each panel   */
@@ -1038,6 +1039,31 @@ moe_ffn_quantize_hidden(void *ctx, int64_t P)
                 src, mr, m, mr, job->hq + P * job->hq_bytes);
 }
 
+/* The pre-activations of tile rows [r0, r0 + m), units c * width + j (j <
+ * n_units), into save_gu: the tile plus the bias, as the activation (and the
+ * backward) sees them. */
+static void
+moe_ffn_save_gu(const moe_ffn_job *job, const float *tile, int m, int64_t r0,
+                int64_t c, int n_units, const float *bias)
+{
+    const moe_experts *w = job->w;
+    const int nr = w->nr, width = w->gated ? nr / 2 : nr;
+    const int64_t F = w->d_ff, ld = w->gated ? 2 * F : F;
+    int i, j, half;
+
+    for (i = 0; i < m; i++) {
+        float *row = job->save_gu + (r0 + i) * ld + c * width;
+        for (half = 0; half < (w->gated ? 2 : 1); half++) {
+            const float *t = tile + i * nr + half * width;
+            const float *b = bias ? bias + half * width : NULL;
+            float *o = row + half * F;
+            for (j = 0; j < n_units; j++) {
+                o[j] = b ? t[j] + b[j] : t[j];
+            }
+        }
+    }
+}
+
 /* Phase 1: gate/up panels (+ LoRA) -> activation -> hidden panels (hp). */
 static void
 moe_ffn_up_task(void *ctx, int64_t t)
@@ -1099,6 +1125,11 @@ moe_ffn_up_task(void *ctx, int64_t t)
                                      lora->n_gu * nr, nr);
             }
             n_units = ff - c * width < width ? (int)(ff - c * width) : width;
+            if (job->save_gu != NULL) {
+                moe_ffn_save_gu(job, tile, m, r0, c, n_units,
+                                w->gu_bias ? w->gu_bias +
+                                    (task->e * w->gu_panels + c) * nr : NULL);
+            }
             job->kr->epilogue((int)job->act.activation, w->gated, tile, m,
                               n_units,
                               w->gu_bias ? w->gu_bias +
@@ -1457,6 +1488,7 @@ moe_cpu_ffn_grouped(const moe_ffn_params *p)
     job.offsets = p->offsets;
     job.act = p->act;
     job.lora = p->lora;
+    job.save_gu = p->save_gu;
     down.w = p->experts;
     down.out = p->out;
     return moe_ffn_run(&job, &down, p->n_rows);

@@ -18,10 +18,6 @@
 #include "cpu/kernels.h"
 
 #include <math.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <time.h>
-static double tnow(void){struct timespec t;clock_gettime(CLOCK_MONOTONIC,&t);return t.tv_sec+1e-9*t.tv_nsec;}
 #include <string.h>
 
 #define MOE_BWD_ROWS   192 /* rows per phase-1 task (a multiple of MR)    */
@@ -206,14 +202,16 @@ moe_bwd_hidden_task(void *ctx, int64_t t)
     moe_mm_seg seg;
     int64_t c, P, i, j;
 
-    ap = moe_workspace(MOE_WS_BWD_TASK, (size_t)(n_pan * mr * d +
-                                                 m * MOE_BWD_UNITS),
+    /* saved pre-activations (p->gu): no row panels to multiply */
+    const int64_t n_ap = p->gu != NULL ? 0 : n_pan * mr * d;
+
+    ap = moe_workspace(MOE_WS_BWD_TASK, (size_t)(n_ap + m * MOE_BWD_UNITS),
                        sizeof(float));
     if (ap == NULL) {
         moe_bwd_fail(job);
         return;
     }
-    dh = ap + n_pan * mr * d;
+    dh = ap + n_ap;
     /* dH (m, nu) = dY rows @ W_d[:, u0:u0+nu] */
     seg = (moe_mm_seg){p->dy + r0 * d, d, 1, job->wd + e * job->wes[2] + u0,
                         job->wld[2], d};
@@ -235,7 +233,7 @@ moe_bwd_hidden_task(void *ctx, int64_t t)
         }
     }
     /* the rows as the forward's activation panels, (d, MR) k-major */
-    for (P = 0; P < n_pan; P++) {
+    for (P = 0; P < (p->gu != NULL ? 0 : n_pan); P++) {
         for (i = 0; i < mr; i++) {
             const int64_t r = r0 + P * mr + i;
             for (j = 0; j < d; j++) {
@@ -254,18 +252,27 @@ moe_bwd_hidden_task(void *ctx, int64_t t)
                                                    : width;
         for (P = 0; P < n_pan; P++) {
             const int rows = m - P * mr < mr ? (int)(m - P * mr) : mr;
-            kr->ukr[w->dtype](ap + P * mr * d, b, d, w->group_gu, rows, tile, nr,
-                              none);
+            if (p->gu == NULL) {
+                kr->ukr[w->dtype](ap + P * mr * d, b, d, w->group_gu, rows, tile,
+                                  nr, none);
+            }
             for (i = 0; i < rows; i++) {
                 float *tr = tile + i * nr;
                 const int64_t row = r0 + P * mr + i;
                 const int64_t f0 = c * width;
-                if (bias != NULL) {
+                if (p->gu != NULL) { /* the forward's values, bias and LoRA in */
+                    const float *s = p->gu + row * (w->gated ? 2 * F : F) + f0;
+                    memcpy(tr, s, sizeof(float) * (size_t)n_units);
+                    if (w->gated) {
+                        memcpy(tr + width, s + F, sizeof(float) * (size_t)n_units);
+                    }
+                }
+                else if (bias != NULL) {
                     for (j = 0; j < nr; j++) {
                         tr[j] += bias[j];
                     }
                 }
-                if (job->r > 0) { /* the adapters' terms z_q B[:, q] */
+                if (job->r > 0 && p->gu == NULL) { /* adapters' z_q B[:, q] */
                     moe_bwd_lora_add(job, row, e, f0, n_units,
                                      w->gated ? tr : NULL,
                                      w->gated ? tr + width : tr);
@@ -788,12 +795,10 @@ moe_cpu_ffn_backward(const moe_ffn_backward_params *p)
     if (p->lora != NULL && (st = moe_bwd_lora_pre(&job)) != MOE_STATUS_OK) {
         goto done;
     }
-    double T0 = tnow(), T1, T2;
     if ((st = moe_bwd_phase(&job, 0, MOE_BWD_ROWS, 0, MOE_BWD_UNITS, 1,
                             moe_bwd_hidden_task)) != MOE_STATUS_OK) {
         goto done;
     }
-    T1 = tnow();
     if (p->dx != NULL &&
         (st = moe_bwd_phase(&job, 0, MOE_BWD_MROWS, d, MOE_BWD_MCOLS, 0,
                             moe_bwd_dx_task)) != MOE_STATUS_OK) {
@@ -802,7 +807,6 @@ moe_cpu_ffn_backward(const moe_ffn_backward_params *p)
     if (p->lora != NULL && (st = moe_bwd_lora_post(&job)) != MOE_STATUS_OK) {
         goto done;
     }
-    T2 = tnow();
     for (mat = 0; mat < 3; mat++) {
         const float *want = mat == 0 ? (w->gated ? p->d_w_gate : NULL)
                           : mat == 1 ? p->d_w_up : p->d_w_down;
@@ -816,7 +820,6 @@ moe_cpu_ffn_backward(const moe_ffn_backward_params *p)
             goto done;
         }
     }
-    if (getenv("MOE_BWD_TIME")) fprintf(stderr, "bwd N=%lld hidden %.1f ms dx %.1f ms dw %.1f ms\n", (long long)N, (T1-T0)*1e3, (T2-T1)*1e3, (tnow()-T2)*1e3);
     if (p->d_b_gate || p->d_b_up || p->d_b_down) {
         st = moe_pool_run(E, moe_bwd_bias_task, &job);
         if (st == MOE_STATUS_OK && job.failed) {

@@ -397,6 +397,10 @@ moe_ffn_grouped(const moe_ffn_params *p)
         return moe_set_error(MOE_STATUS_INVALID_ARG, "the expert LoRA was "
                              "packed for other experts: pack it again");
     }
+    if (p->save_gu != NULL && w->compute != MOE_COMPUTE_FLOAT32) {
+        return moe_set_error(MOE_STATUS_INVALID_ARG, "save_gu needs a float32-"
+                             "compute pack (the backward's)");
+    }
     MOE_TRY(moe_check_rows(p->offsets, w->n_experts, p->n_rows,
                            p->token_index, p->n_tokens));
     return moe_cpu_ffn_grouped(p);

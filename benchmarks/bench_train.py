@@ -9,7 +9,9 @@ Qwen3MoeSparseMoeBlock, DeepseekV3MoE) with experts_implementation="grouped_mm" 
 per-expert nn.Linear loop, both under autograd.  The loss is sum(y * dy) + 0.01 * aux_loss
 wherever the block has a load-balancing loss (transformers' DeepseekV3MoE has none).  Every
 implementation is checked against ours (output, input and weight gradients) before it is
-timed; the three are timed in interleaved rounds; medians (min-max) over rounds.
+timed; (a) also runs with recompute_hidden=False (the forward keeps the gate / up
+pre-activations: the same gradients, more memory); the four are timed in interleaved
+rounds; medians (min-max) over rounds.
 
     python benchmarks/bench_train.py [--shapes mixtral-small ...] [--tokens 512 2048]
         [--rounds N] [--quick] [--out FILE.md]
@@ -63,6 +65,16 @@ class Ours:
     def grads(self):
         return {"router_weight": self.module.router_weight.grad,
                 "w_down": self.module.w_down.grad}
+
+
+class OursKept(Ours):
+    """Ours with recompute_hidden=False: the forward keeps the gate / up pre-activations
+    (same weights, same gradients; more memory, less backward work)."""
+    name = "moe.torch (recompute_hidden=False)"
+
+    def __init__(self, cfg, seed=0):
+        super().__init__(cfg, seed)
+        self.module.recompute_hidden = False
 
 
 def _hf_config(arch, cfg):
@@ -328,10 +340,11 @@ def saved_bytes(impl, x):
 
 # ---- main ---------------------------------------------------------------------------------
 
-def row(name, cfg, impls, tokens, rounds, measure_peak=True):
-    """Time impls (ours first) on `tokens` tokens in interleaved rounds; returns the table
-    row (markdown) and the raw figures.  measure_peak: the FMA peak is measured at the start
-    of every round too, and our % of it taken round by round (the machine is shared)."""
+def row(name, cfg, impls, tokens, rounds, measure_peak=True, n_ours=1):
+    """Time impls (our n_ours variants first) on `tokens` tokens in interleaved rounds;
+    returns the table row (markdown) and the raw figures.  measure_peak: the FMA peak is
+    measured at the start of every round too, and our (first variant's) % of it taken
+    round by round (the machine is shared)."""
     gen = torch.Generator().manual_seed(tokens)
     x = torch.randn(tokens, cfg["d_model"], generator=gen).requires_grad_(True)
     dy = torch.randn(tokens, cfg["d_model"], generator=gen)
@@ -344,7 +357,7 @@ def row(name, cfg, impls, tokens, rounds, measure_peak=True):
     peak_now = (lambda: fma.append(fma_peak(THREADS, 0.2)[0])) if measure_peak else None
     times = interleaved(fns, min_rounds=rounds, max_rounds=rounds, warmup=1,
                         each_round=peak_now)
-    ours, others = times[0], times[1:]
+    ours, others = times[0], times[n_ours:]
     best = [min(ts) for ts in zip(*others)]  # the faster baseline, round by round
     flops = 3 * moe.SparseMoE(**cfg, init=False).flops(tokens)  # forward + 2x for backward
     gf = [flops / t / 1e9 for t in ours]
@@ -353,9 +366,9 @@ def row(name, cfg, impls, tokens, rounds, measure_peak=True):
     peak = (f" ({100 * statistics.median(g / f for g, f in zip(gf, fma)):.0f}% of "
             f"{statistics.median(fma):.0f})" if fma else "")
     cells = [name, str(tokens), ms(ours), f"{statistics.median(gf):.0f}{peak}"]
-    cells += [ms(t) for t in others]
-    cells += [f"{per_round(best, ours):.2f}x", mib(mem[0])]
-    cells += [f"{mib(m)} ({m / mem[0]:.1f}x)" for m in mem[1:]]
+    cells += [ms(t) for t in times[1:]]
+    cells += [f"{per_round(best, t):.2f}x" for t in times[:n_ours]]
+    cells += [mib(mem[0])] + [f"{mib(m)} ({m / mem[0]:.1f}x)" for m in mem[1:]]
     return "| " + " | ".join(cells) + " |", times, mem
 
 
@@ -388,21 +401,23 @@ def main(argv=None):
         f"At the start: FMA peak {fma:.0f} GFLOP/s ({fma_isa}, {THREADS} threads), load "
         f"average {load0[0]:.2f} {load0[1]:.2f} {load0[2]:.2f}; {args.rounds} round(s)",
         "",
-        "| shape | tokens | moe.torch ms | GFLOP/s (% peak) | transformers grouped_mm ms | "
-        "nn.Linear loop ms | speed-up vs the faster | moe.torch saved MiB | "
+        "| shape | tokens | moe.torch ms | GFLOP/s (% peak) | moe.torch, hidden kept ms | "
+        "transformers grouped_mm ms | nn.Linear loop ms | speed-up vs the faster | "
+        "hidden kept: speed-up | moe.torch saved MiB | hidden kept: saved MiB | "
         "grouped_mm saved MiB | loop saved MiB |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     print("\n".join(head), flush=True)
     rows = []
     for name in args.shapes:
         cfg = {k: v for k, v in shapes[name].items() if k != "n_tokens"}
         ours = Ours(cfg)
-        impls = [ours, HFBlock(name.split("-")[0], cfg, ours), Loop(cfg, ours)]
-        for other in impls[1:]:
+        impls = [ours, OursKept(cfg), HFBlock(name.split("-")[0], cfg, ours),
+                 Loop(cfg, ours)]
+        for other in impls[2:]:
             check_against_ours(ours, other, cfg)
         for T in args.tokens:
-            line, _, _ = row(name, cfg, impls, T, args.rounds)
+            line, _, _ = row(name, cfg, impls, T, args.rounds, n_ours=2)
             rows.append(line)
             print(line, flush=True)
         del impls, ours
@@ -412,7 +427,9 @@ def main(argv=None):
         f"Load average at the end: {load1[0]:.2f} {load1[1]:.2f} {load1[2]:.2f}.",
         "A step: forward, loss = sum(y * dy) + 0.01 * aux_loss (transformers' DeepseekV3MoE "
         "has no auxiliary loss: sum(y * dy) there), backward to x and every weight, from "
-        "fresh (None) gradients. The three run in interleaved rounds (one step each per round, "
+        "fresh (None) gradients. 'Hidden kept': ours with recompute_hidden=False (the forward "
+        "keeps the gate / up pre-activations; the same gradients). The four run in "
+        "interleaved rounds (one step each per round, "
         "rotating order, a 0.15 s pause after each): medians (min-max) over rounds; the "
         "speed-up is the median over rounds of min(grouped_mm, loop) / ours. GFLOP/s: 3x the "
         "forward's multiply-adds x 2 (routed and shared experts, router) per step; % of the "

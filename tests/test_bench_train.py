@@ -50,6 +50,18 @@ def test_tiny_row(arch, monkeypatch):
     assert all(m > 4 * T * d for m in mem[1:]), mem
 
 
+def test_tiny_row_with_the_kept_hidden_variant(monkeypatch):
+    """main()'s layout: ours, ours with recompute_hidden=False, then the two baselines; the
+    kept variant holds the (T k, 2 d_ff) pre-activations more."""
+    monkeypatch.setattr(bt, "SETTLE", 0.0)
+    cfg, T = TINY["mixtral"], 64
+    ours = bt.Ours(cfg)
+    impls = [ours, bt.OursKept(cfg), bt.HFBlock("mixtral", cfg, ours), bt.Loop(cfg, ours)]
+    line, times, mem = bt.row("tiny", cfg, impls, T, rounds=2, measure_peak=False, n_ours=2)
+    assert line.count("|") == 14 and [len(t) for t in times] == [2] * 4, line
+    assert mem[1] - mem[0] == 4 * T * cfg["top_k"] * 2 * cfg["d_ff"], mem
+
+
 def test_saved_bytes_counts_activations_not_weights():
     class Linear:
         module = torch.nn.Linear(32, 16, bias=False)

@@ -734,6 +734,10 @@ typedef struct moe_ffn_backward_params {
     float             *d_w_gate;    /* out, or NULL: the weights' shapes;   */
     float             *d_w_up;      /*  experts without rows and units past */
     float             *d_w_down;    /*  expert_d_ff[e] get 0                */
+    int64_t            d_gu_stride; /* floats from one expert's d_w_gate /
+                                       d_w_up to the next, or 0: d_ff *
+                                       d_model (2 * that: the halves of one
+                                       fused (E, 2 d_ff, d_model) gradient) */
     float             *d_b_gate;    /* out, or NULL: (E, d_ff)              */
     float             *d_b_up;      /* out, or NULL: (E, d_ff)              */
     float             *d_b_down;    /* out, or NULL: (E, d_model)           */
@@ -885,6 +889,7 @@ typedef struct moe_layer_backward_params {
     float *d_router_weight;
     float *d_router_bias;
     float *d_w_gate, *d_w_up, *d_w_down;
+    int64_t d_gu_stride;          /* as moe_ffn_backward_params            */
     float *d_b_gate, *d_b_up, *d_b_down;
     float *d_shared_w_gate, *d_shared_w_up, *d_shared_w_down;
     float *d_shared_gate;         /* (d_model,)                            */

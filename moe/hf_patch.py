@@ -160,6 +160,26 @@ def _inference_compute(choice, dtype, kw):
     return choice
 
 
+def _fused_grad(halves, shape):
+    """The (E, 2F, d) gradient whose halves [:, :F], [:, F:] are `halves` (the core's
+    gradients of the fused gate_up_proj's views, moe_gu_grads), or None when they are not
+    one array's halves."""
+    if len(halves) != 2 or len(shape) != 3:
+        return None
+    a, b = halves
+    E, F2, d = shape
+    if (a.shape != (E, F2 // 2, d) or b.shape != a.shape or a.stride() != (F2 * d, d, 1)
+            or b.stride() != a.stride()
+            or a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr()
+            or b.storage_offset() != a.storage_offset() + F2 // 2 * d
+            or a.untyped_storage().nbytes() < (a.storage_offset() + E * F2 * d) * 4):
+        return None
+    # a tensor of its own on that storage (not a view: autograd can take it as .grad
+    # without copying)
+    return torch.empty(0, dtype=a.dtype).set_(a.untyped_storage(), a.storage_offset(),
+                                              shape, (F2 * d, d, 1))
+
+
 def _version(t):
     try:
         return t._version
@@ -247,6 +267,10 @@ class _Runtime:
             if len(parts) == 1 and parts[0][1] is _identity:
                 out.append(by_name[parts[0][0]].to(p.dtype))
                 continue
+            fused = _fused_grad([by_name[n] for n, _ in parts], p.shape)
+            if fused is not None:  # the core wrote gate_up_proj's gradient in place
+                out.append(fused.to(p.dtype))
+                continue
             g = torch.zeros(p.shape, dtype=torch.float32)
             for n, view in parts:
                 view(g).copy_(by_name[n])
@@ -274,8 +298,10 @@ class _PatchedFunction(torch.autograd.Function):
         x, handle, *tensors = ctx.saved_tensors
         rt = ctx.rt
         zero = torch.zeros((), dtype=torch.float32)  # transformers adds its own aux loss
-        dx, grads = torch.ops.moe.sparse_moe_backward(x, tensors, handle, dy.contiguous(),
-                                                      zero, zero, rt.layer_id)
+        # the op's work without its no-aliasing rule: gate_up_proj's gradient comes back
+        # as one fused array (its halves are the w_gate / w_up gradients)
+        dx, grads = _mt.layer_backward(x, tensors, handle, dy.contiguous(), zero, zero,
+                                       rt.layer_id)
         return (dx, None) + rt.param_grads(grads, ctx.params, ctx.needs_input_grad[2:])
 
 

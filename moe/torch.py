@@ -258,13 +258,43 @@ def _(x, weights, layer_id, train):
 def _backward_op(x, weights, handle, dy, aux_coef, z_coef, layer_id):
     """Gradients of sum(dy * y) + aux_coef * aux + z_coef * z: dx (T, d) float32 and one per
     trainable weight (binding order), in that weight's dtype."""
+    dx, grads = layer_backward(x, weights, handle, dy, aux_coef, z_coef, layer_id)
+    out, seen = [], set()
+    for g, w in zip(grads, (w for n, w in zip(_binding(layer_id).names, weights)
+                            if n in _binding(layer_id).trainable)):
+        g = g.to(w.dtype)
+        if g.untyped_storage().data_ptr() in seen:  # a custom op's outputs alias nothing
+            g = g.clone()
+        seen.add(g.untyped_storage().data_ptr())
+        out.append(g)
+    return dx, out
+
+
+def layer_backward(x, weights, handle, dy, aux_coef, z_coef, layer_id):
+    """The work of sparse_moe_backward: dx and the trainable weights' gradients (binding
+    order), float32 tensors on the core's arrays -- the gradients of weights that are the
+    gate / up halves of one fused array are the halves of one fused gradient (views of one
+    storage: moe.hf_patch assembles gate_up_proj's gradient without a copy)."""
     b = _binding(layer_id)
     layer = _bind(b, weights)
     g = layer.backward(_context_of(handle), dy.detach().contiguous().numpy(),
                        aux_coef=float(aux_coef), z_coef=float(z_coef), retain=True)
-    grads = [torch.from_numpy(g[n]).to(w.dtype)
-             for n, w in zip(b.names, weights) if n in b.trainable]
+    bases = {}
+    grads = [_shared_tensor(g[n], bases) for n in b.names if n in b.trainable]
     return torch.from_numpy(g["x"]), grads
+
+
+def _shared_tensor(arr, bases):
+    """torch.from_numpy(arr), except that views of one C-contiguous base array become views
+    of one tensor on it (bases: id -> that tensor), so they keep sharing a storage."""
+    base = arr.base
+    if not isinstance(base, np.ndarray) or not base.flags.c_contiguous or \
+            base.dtype != arr.dtype:
+        return torch.from_numpy(arr)
+    t = bases.setdefault(id(base), (base, torch.from_numpy(base)))[1]
+    size = arr.itemsize
+    offset = (arr.__array_interface__["data"][0] - base.__array_interface__["data"][0])
+    return t.as_strided(arr.shape, tuple(s // size for s in arr.strides), offset // size)
 
 
 @_backward_op.register_fake

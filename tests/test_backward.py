@@ -472,6 +472,11 @@ def test_strided_expert_weights(mode, dtype, kw):
     assert sorted(g0) == sorted(g1)
     for name in g0:
         np.testing.assert_array_equal(g1[name], g0[name], err_msg=name)
+    if mode == "halves" and "w_gate" in views:  # gradients laid out as the weights: one
+        fused = g1["w_gate"].base                 # (E, 2F, d) array, gate then up
+        assert fused is not None and fused is g1["w_up"].base
+        assert fused.shape == store.shape and np.shares_memory(fused, g1["w_up"])
+        np.testing.assert_array_equal(fused, np.concatenate([g0["w_gate"], g0["w_up"]], 1))
     # in-place edits of the store reach the layer (after pack(), as for any weight)
     view = views["w_up"]
     view[0, 0, 0] += 1

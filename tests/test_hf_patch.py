@@ -12,7 +12,7 @@ transformers = pytest.importorskip("transformers")
 
 import moe  # noqa: E402
 import moe.torch as mt  # noqa: E402
-from moe.hf_patch import PatchedMoE, PatchReport  # noqa: E402
+from moe.hf_patch import PatchedMoE, PatchReport, _fused_grad  # noqa: E402
 
 ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "gpt_oss")
 VOCAB = 96
@@ -304,6 +304,37 @@ def test_report_and_memory():
     assert layer.w_up.ctypes.data == gu.data_ptr() + F * d * gu.element_size()
     assert layer.w_gate.strides[0] == 2 * F * d * gu.element_size()
     assert "replaced model.layers.0.mlp (qwen2_moe)" in str(report)
+
+
+def test_fused_gate_up_gradient_is_not_copied():
+    """The core writes gate_up_proj's gradient as one (E, 2F, d) array (its w_gate / w_up
+    gradients are the halves); the patched block hands that array to autograd as is."""
+    _, model, _ = _pair("qwen3_moe")
+    blk = _moe_blocks(model)[0]
+    rt, params = blk._rt, blk._params()
+    seen = []
+    orig = mt.layer_backward
+
+    def spy(*args):
+        dx, grads = orig(*args)
+        seen.append(grads)
+        return dx, grads
+
+    ids = _ids(2)
+    try:
+        mt.layer_backward = spy
+        model.train()
+        model(ids, labels=ids).loss.backward()
+    finally:
+        mt.layer_backward = orig
+    names = [n for n in rt.names if n in rt.binding.trainable]
+    g = dict(zip(names, seen[0]))
+    assert g["w_gate"].untyped_storage().data_ptr() == g["w_up"].untyped_storage().data_ptr()
+    fused = _fused_grad([g["w_gate"], g["w_up"]], blk.experts.gate_up_proj.shape)
+    assert fused is not None and fused.data_ptr() == g["w_gate"].data_ptr()
+    assert _fused_grad([g["w_gate"], g["w_gate"]], blk.experts.gate_up_proj.shape) is None
+    assert _fused_grad([g["w_up"], g["w_gate"]], blk.experts.gate_up_proj.shape) is None
+    del params
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

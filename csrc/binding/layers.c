@@ -322,6 +322,53 @@ fail:
     return NULL;
 }
 
+/*
+ * Whether w_gate and w_up (strides sg, su, element size es) are the two
+ * halves of one fused (E, 2F, d) array -- transformers' gate_up_proj: their
+ * gradients then go to one (E, 2F, d) array too (moe_gu_grads).
+ */
+static int
+moe_fused_halves(const void *gate, const void *up, moe_wstrides sg,
+                 moe_wstrides su, npy_intp F, npy_intp d, size_t es)
+{
+    const npy_intp half = F * d;
+
+    return gate != NULL && half > 0 &&
+           (const char *)up == (const char *)gate + (size_t)half * es &&
+           sg.expert == 2 * half && sg.row == d && sg.col == 1 &&
+           su.expert == 2 * half && su.row == d && su.col == 1;
+}
+
+/* One (E, 2F, d) gradient and views of its halves [:, :F] and [:, F:] into
+ * g[0], g[1]: 0, or -1 with an exception set. */
+static int
+moe_gu_grads(npy_intp E, npy_intp F, npy_intp d, PyArrayObject **g)
+{
+    const npy_intp dims[3] = {E, 2 * F, d};
+    PyArrayObject *fused = moe_new_recycled(3, dims);
+    PyObject *all = PySlice_New(NULL, NULL, NULL);
+    int i, rc = fused != NULL && all != NULL ? 0 : -1;
+
+    for (i = 0; i < 2 && rc == 0; i++) {
+        PyObject *lo = PyLong_FromSsize_t(i * F);
+        PyObject *hi = PyLong_FromSsize_t((i + 1) * F);
+        PyObject *rows = lo && hi ? PySlice_New(lo, hi, NULL) : NULL;
+        PyObject *idx = rows ? PyTuple_Pack(3, all, rows, all) : NULL;
+        PyObject *view = idx ? PyObject_GetItem((PyObject *)fused, idx) : NULL;
+        Py_XDECREF(lo);
+        Py_XDECREF(hi);
+        Py_XDECREF(rows);
+        Py_XDECREF(idx);
+        if (view == NULL) {
+            rc = -1;
+        }
+        g[i] = (PyArrayObject *)view;
+    }
+    Py_XDECREF(all);
+    Py_XDECREF(fused);
+    return rc;
+}
+
 /* dst[name] = arr (a new array) or None; -1 with an exception set. */
 static int
 moe_grad_item(PyObject *dict, const char *name, PyArrayObject *arr)
@@ -535,8 +582,16 @@ moe_py_layer_backward(PyObject *self, PyObject *args, PyObject *kw)
             {lp.a_gate ? 3 : 0, {E, R, d}}, {lp.b_gate ? 3 : 0, {E, F, R}},
             {lp.a_up ? 3 : 0, {E, R, d}}, {lp.b_up ? 3 : 0, {E, F, R}},
             {lp.a_down ? 3 : 0, {E, R, F}}, {lp.b_down ? 3 : 0, {E, d, R}}};
+        /* gate and up as the halves of one fused array (gate_up_proj): so
+         * are their gradients, one (E, 2F, d) array */
+        const int fused = shape[3].ndim == 3 &&
+            moe_fused_halves(b.w_gate, b.w_up, b.gate_strides, b.up_strides, F,
+                             d, info.dtype == MOE_DTYPE_F32 ? 4 : 2);
+        if (fused && moe_gu_grads(E, F, d, &g[3]) == 0) {
+            b.d_gu_stride = 2 * F * d;
+        }
         for (i = 0; i < 20 && !PyErr_Occurred(); i++) {
-            if (shape[i].ndim > 0) {
+            if (shape[i].ndim > 0 && g[i] == NULL) {
                 g[i] = moe_new_recycled(shape[i].ndim, shape[i].dims);
             }
         }

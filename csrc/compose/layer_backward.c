@@ -415,6 +415,7 @@ moe_layer_backward(const moe_layer_backward_params *b)
         .down_strides = b->down_strides, .act = p->act, .gu = p->save_gu,
         .dy = dys, .dx = b->dx != NULL ? dxs : NULL,
         .d_w_gate = b->d_w_gate, .d_w_up = b->d_w_up, .d_w_down = b->d_w_down,
+        .d_gu_stride = b->d_gu_stride,
         .d_b_gate = b->d_b_gate, .d_b_up = b->d_b_up, .d_b_down = b->d_b_down,
         .lora = b->lora, .d_lora_a_gate = b->d_lora_a_gate,
         .d_lora_b_gate = b->d_lora_b_gate, .d_lora_a_up = b->d_lora_a_up,

@@ -336,7 +336,8 @@ moe_bwd_dw_task(void *ctx, int64_t t)
     const int64_t n_in = down ? moe_bwd_clamp(ff - j0, n) : n;
     float *out = (job->mat == 0 ? p->d_w_gate : job->mat == 1 ? p->d_w_up
                                                              : p->d_w_down) +
-                 e * F * d + i0 * cols + j0;
+                 e * (down || p->d_gu_stride == 0 ? F * d : p->d_gu_stride) +
+                 i0 * cols + j0;
     /* A: dY^T (down) or dG^T / dU^T, read transposed; B: H or X rows */
     const moe_mm_seg seg = down
         ? (moe_mm_seg){p->dy + lo * d + i0, 1, d, job->h + lo * F + j0, F, n_e}
@@ -709,9 +710,13 @@ moe_cpu_ffn_backward(const moe_ffn_backward_params *p)
     job.d = d;
     job.F = F;
     if (N == 0 || d == 0 || F == 0) { /* nothing flows: zero gradients */
+        int64_t e;
         if (p->dx) memset(p->dx, 0, sizeof(float) * (size_t)(N * d));
-        if (p->d_w_gate) memset(p->d_w_gate, 0, sizeof(float) * (size_t)(E * F * d));
-        if (p->d_w_up) memset(p->d_w_up, 0, sizeof(float) * (size_t)(E * F * d));
+        for (e = 0; e < E; e++) { /* d_w_gate / d_w_up: whole experts */
+            const int64_t at = e * (p->d_gu_stride ? p->d_gu_stride : F * d);
+            if (p->d_w_gate) memset(p->d_w_gate + at, 0, sizeof(float) * (size_t)(F * d));
+            if (p->d_w_up) memset(p->d_w_up + at, 0, sizeof(float) * (size_t)(F * d));
+        }
         if (p->d_w_down) memset(p->d_w_down, 0, sizeof(float) * (size_t)(E * F * d));
         if (p->d_b_gate) memset(p->d_b_gate, 0, sizeof(float) * (size_t)(E * F));
         if (p->d_b_up) memset(p->d_b_up, 0, sizeof(float) * (size_t)(E * F));

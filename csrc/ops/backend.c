@@ -429,6 +429,12 @@ moe_ffn_backward(const moe_ffn_backward_params *p)
                                     p->down_strides};
         MOE_TRY(moe_check_wstrides("ffn backward", w->dtype, st, 3));
     }
+    if (p->d_gu_stride != 0 && p->d_gu_stride < w->d_ff * w->d_model) {
+        return moe_set_error(MOE_STATUS_INVALID_ARG, "ffn backward: d_gu_stride "
+                             "must be 0 or >= d_ff * d_model = %lld, got %lld",
+                             (long long)(w->d_ff * w->d_model),
+                             (long long)p->d_gu_stride);
+    }
     MOE_TRY(moe_check_rows(p->offsets, w->n_experts, p->n_rows,
                            p->token_index, p->n_tokens));
     return moe_cpu_ffn_backward(p);

@@ -601,7 +601,8 @@ class SparseMoE:
         router_bias, w_gate, w_up, w_down, b_gate, b_up, b_down, shared_w_gate, shared_w_up,
         shared_w_down, shared_gate_weight; with expert LoRA the lora_a_<t> / lora_b_<t> instead
         of the frozen experts'), each in its weight's shape (float32 whatever the layer's
-        dtype).  expert_bias gets none (it moves the selection only; update it with
+        dtype; when w_gate and w_up are the two halves of one (E, 2F, d) array, their
+        gradients are the halves of one such array too).  expert_bias gets none (it moves the selection only; update it with
         moe.update_expert_bias).  ctx is used up unless retain=True.  Bitwise the same for
         any thread count.
         """

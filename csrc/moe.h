@@ -1086,8 +1086,12 @@ const char *moe_cuda_error(void);
 const char *moe_build_compiler(void);
 /* Space-separated CPU features found by cpuid ("avx2 fma avx512f ..."). */
 const char *moe_cpu_features(void);
-/* The CPU kernel variant in use: "avx512", "avx2" or "scalar". */
+/* The CPU kernel set in use: "amx", "avx512bf16", "avx512", "avx2" or
+ * "scalar". */
 const char *moe_cpu_isa(void);
+/* What its bf16-compute kernel multiplies with: "amx" (tiles), "vdpbf16ps"
+ * or "fma" (bf16 values widened to fp32, two FMAs per pair). */
+const char *moe_cpu_bf16_dot(void);
 
 #ifdef __cplusplus
 }

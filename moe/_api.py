@@ -798,6 +798,13 @@ def get_num_threads() -> int:
     return _C.get_num_threads()
 
 
+_BF16_DOT = {
+    "amx": "AMX tiles (TDPBF16PS)",
+    "vdpbf16ps": "VDPBF16PS",
+    "fma": "bf16 values widened to float32, two FMAs a pair",
+}
+
+
 def show_config(file=None):
     """Print the version, compiler, CPU features, kernel ISA, thread count and CUDA support."""
     info = _C.build_info()
@@ -805,7 +812,8 @@ def show_config(file=None):
         f"moe {info['version']}",
         f"  compiler:     {info['compiler']}",
         f"  cpu features: {info['cpu_features'] or '(none detected)'}",
-        f"  cpu kernels:  {info['isa']} (MOE_ISA=scalar|avx2|avx512 lowers the choice; avx512sim: the AVX-512 tiles on AVX2, for tests)",
+        f"  cpu kernels:  {info['isa']} (MOE_ISA=scalar|avx2|avx512|avx512bf16 lowers the choice; avx512sim: the AVX-512 tiles on AVX2, for tests)",
+        f"  bf16 compute: {_BF16_DOT[info['bf16_dot']]}",
         f"  threads:      {info['threads']} (MOE_NUM_THREADS / moe.set_num_threads)",
         f"  cuda:         {_cuda_line()}",
         f"  numpy:        {np.__version__}",

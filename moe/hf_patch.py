@@ -146,7 +146,8 @@ def _inference_compute(choice, dtype, kw):
     """What no-grad forwards of a block with weights in `dtype` compute in: "bfloat16" (the
     bf16 x bf16 kernels: inputs and hidden activations rounded to bf16, float32 sums --
     what the bf16 model itself computes) or "float32".  "auto": bfloat16 for bf16 weights
-    where the CPU has bf16 dot products (kernel set avx512bf16) and the sizes are even."""
+    where the kernels multiply bf16 natively (build_info()["bf16_dot"]: AMX tiles or
+    VDPBF16PS; not the FMA emulation, no faster than float32) and the sizes are even."""
     check_choice(choice, "inference_compute", INFERENCE_COMPUTE)
     fits = dtype == "bfloat16" and kw["d_model"] % 2 == 0 and kw["d_ff"] % 2 == 0
     if choice == "bfloat16" and not fits:
@@ -155,8 +156,8 @@ def _inference_compute(choice, dtype, kw):
                          f"d_ff={kw['d_ff']}")
     if choice == "auto":
         from . import _C
-        choice = "bfloat16" if fits and _C.build_info()["isa"] == "avx512bf16" else \
-            "float32"
+        native = _C.build_info()["bf16_dot"] in ("amx", "vdpbf16ps")
+        choice = "bfloat16" if fits and native else "float32"
     return choice
 
 

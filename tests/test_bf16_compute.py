@@ -20,7 +20,8 @@ from tolerances import assert_within_naive
 from moe._C import GATED_ACTIVATIONS as GATED  # noqa: E402
 
 # (name, d_model, d_ff, n_experts, top_k, n_tokens, options): small and odd-shaped cases --
-# E = 1, top_k = E, one token, d_model = 2, a many-expert layer, shared experts, biases.
+# E = 1, top_k = E, one token, d_model = 2, a many-expert layer, shared experts, biases,
+# expert groups of more than 32 rows.
 CASES = [
     ("swiglu", 64, 96, 8, 2, 37, {}),
     ("one-token", 32, 48, 4, 2, 1, {}),
@@ -34,6 +35,10 @@ CASES = [
                                      "n_groups": 4, "topk_groups": 2, "routed_scaling": 2.5,
                                      "n_shared_experts": 1, "shared_d_ff": 32}),
     ("many-experts", 16, 8, 256, 2, 64, {}),
+    # ~100 rows an expert: whole 32-row AMX panels (tiles stored straight into the output),
+    # a part one of more than 16 rows, and k in whole tiles
+    ("tiles", 64, 128, 4, 2, 200, {}),
+    ("tiles-tail", 80, 72, 3, 2, 150, {"activation": "geglu"}),
 ]
 
 _CHILD = r"""
@@ -101,7 +106,7 @@ def naive_layer_bf16(layer, x, routing):
     return out
 
 
-@pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512", "avx512bf16", "avx512sim"])
+@pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512", "avx512bf16", "avx512sim", "amx"])
 def test_bf16_compute_matches_reference(tmp_path, isa):
     if isa not in available_isas():
         pytest.skip(f"this CPU cannot run the {isa} kernels")

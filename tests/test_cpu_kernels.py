@@ -64,6 +64,8 @@ def available_isas():
         isas.append("avx512bf16")
     if {"avx2", "fma", "f16c"} <= feats:
         isas.append("avx512sim")  # the AVX-512 tiles and layouts, built for AVX2
+    if {"amx-bf16", "amx-tile", "avx512bf16"} <= feats and moe._C.build_info()["isa"] == "amx":
+        isas.append("amx")  # (cpuid and the Linux permission: ffn.c asks at import)
     return isas
 
 
@@ -292,7 +294,7 @@ def _isa_cases(make):
     return cases
 
 
-@pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512", "avx512bf16", "avx512sim"])
+@pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512", "avx512bf16", "avx512sim", "amx"])
 def test_isa_variant_matches_reference(make, tmp_path, isa):
     if isa not in available_isas():
         pytest.skip(f"this CPU cannot run the {isa} kernels "

@@ -180,7 +180,7 @@ def test_bf16_inference_compute(compute):
     widened; bfloat16: the bf16 x bf16 kernels), "auto" is bfloat16 where the CPU has bf16
     dot products; training forwards compute in float32 either way."""
     if compute == "auto":
-        want_compute = ("bfloat16" if moe._C.build_info()["isa"] == "avx512bf16"
+        want_compute = ("bfloat16" if moe._C.build_info()["bf16_dot"] in ("amx", "vdpbf16ps")
                         else "float32")
     else:
         want_compute = compute

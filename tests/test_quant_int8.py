@@ -315,7 +315,7 @@ _ISA_CHILD = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512sim", "avx512", "avx512bf16"])
+@pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512sim", "avx512", "avx512bf16", "amx"])
 def test_every_kernel_set(make, tmp_path, isa):
     # avx512bf16 runs VPDPBUSD, avx2 VPMADDUBSW for the 4-bit formats, the rest portable C;
     # d 300 and F 70: a 256 block and a tail block along k, per-row and grouped scales

@@ -39,10 +39,43 @@ moe_has_feature(const char *name)
     return 0;
 }
 
+#ifdef MOE_HAVE_X86_KERNELS
+#include <cpuid.h>
+
+/* cpuid's vendor is Intel. */
+static int
+moe_cpu_is_intel(void)
+{
+    unsigned a, b, c, d;
+
+    return __get_cpuid(0, &a, &b, &c, &d) && b == 0x756e6547u /* Genu */ &&
+           d == 0x49656e69u /* ineI */ && c == 0x6c65746eu /* ntel */;
+}
+
+/* base with the bf16-compute kernel of `dot` (the rest unchanged). */
+static const moe_kernels *
+moe_with_dot(moe_kernels *slot, const moe_kernels *base,
+             const moe_kernels *dot)
+{
+    *slot = *base;
+    slot->dot = dot->dot;
+    slot->dot_layout = dot->dot_layout;
+    slot->dot_mr = dot->dot_mr;
+    slot->dot_name = dot->dot_name;
+    return slot;
+}
+#endif
+
 /*
  * The best set this CPU runs, lowered (never raised) by MOE_ISA, or the
  * test set avx512sim on any AVX2 CPU.  Decided once: the first call comes
- * from the module's init, under the GIL.
+ * from the module's init, under the GIL.  Two sets are composed here:
+ *   - avx512bf16 on Intel keeps the FMA emulation for bf16 compute: there
+ *     VDPBF16PS runs at half the FMA's flop rate (Sapphire Rapids: 111 vs
+ *     221 GFLOP/s a core, issue 22), while on AMD Zen 4 it has twice it;
+ *   - amx: that set with the tile kernel (cpu/gemm_amx.c) for bf16
+ *     compute, where cpuid has AMX-BF16 and Linux grants the tile state
+ *     (asked only when no MOE_ISA rules the set out; refused: avx512bf16).
  */
 const moe_kernels *
 moe_cpu_kernels(void)
@@ -54,14 +87,31 @@ moe_cpu_kernels(void)
     if (chosen != NULL) {
         return chosen;
     }
+    want = getenv("MOE_ISA");
 #ifdef MOE_HAVE_X86_KERNELS
+    static moe_kernels bf16_intel, amx;
     const int avx2 = moe_has_feature("avx2") && moe_has_feature("fma") &&
                      moe_has_feature("f16c");
     const int avx512 = moe_has_feature("avx512f") && moe_has_feature("f16c") &&
                        moe_has_feature("fma");
     if (avx512 && moe_has_feature("avx512bf16") &&
         moe_has_feature("avx512bw") && moe_has_feature("avx512vnni")) {
-        best = &moe_kernels_avx512bf16;
+        best = moe_cpu_is_intel()
+            ? moe_with_dot(&bf16_intel, &moe_kernels_avx512bf16,
+                           &moe_kernels_avx512)
+            : &moe_kernels_avx512bf16;
+        if (moe_has_feature("amx-bf16") && moe_has_feature("amx-tile") &&
+            (want == NULL || strcmp(want, "amx") == 0) && moe_amx_request()) {
+            amx = *best;
+            amx.name = "amx";
+            amx.dot = moe_dot_amx;
+            amx.dot_layout = MOE_DOT_ROWS;
+            amx.dot_mr = MOE_AMX_MR;
+            amx.dot_name = "amx";
+            amx.tile_begin = moe_amx_begin;
+            amx.tile_end = moe_amx_end;
+            best = &amx;
+        }
     }
     else if (avx512) {
         best = &moe_kernels_avx512;
@@ -70,7 +120,6 @@ moe_cpu_kernels(void)
         best = &moe_kernels_avx2;
     }
 #endif
-    want = getenv("MOE_ISA");
     if (want != NULL) {
         if (strcmp(want, "scalar") == 0 || strcmp(want, "generic") == 0) {
             best = &moe_kernels_generic;
@@ -80,7 +129,8 @@ moe_cpu_kernels(void)
             best = &moe_kernels_avx2;
         }
         else if (strcmp(want, "avx512") == 0 &&
-                 best == &moe_kernels_avx512bf16) {
+                 strcmp(best->name, "avx512bf16") == 0) {
+            /* (amx is never chosen under another MOE_ISA) */
             best = &moe_kernels_avx512;
         }
         else if (strcmp(want, "avx512sim") == 0 && avx2) {
@@ -97,6 +147,12 @@ const char *
 moe_cpu_isa(void)
 {
     return moe_cpu_kernels()->name;
+}
+
+const char *
+moe_cpu_bf16_dot(void)
+{
+    return moe_cpu_kernels()->dot_name;
 }
 
 /* ---- packing ------------------------------------------------------------ */
@@ -757,7 +813,8 @@ typedef struct moe_ffn_task {
  * low-rank update of bank rows (laid out in column panels like w's).
  */
 typedef struct moe_panel_gemm {
-    const float       *in;       /* (n_panels, K, MR)                      */
+    const float       *in;       /* n_panels activation panels of K        */
+    int64_t            in_panel; /* floats per panel of in                 */
     const uint8_t     *in_q;     /* int8 compute: the quantized panels     */
     const moe_experts *w;
     float             *out;      /* (n_rows, N)                            */
@@ -785,6 +842,12 @@ typedef struct moe_ffn_job {
     float                *z_gu;        /* (n_rows, lora->n_gu)             */
     float                *save_gu;     /* moe_ffn_params.save_gu, or NULL  */
     moe_panel_gemm        gemm;        /* the GEMM phase running now       */
+    int                   mr;        /* rows per activation panel: dot_mr
+                                        for bf16 compute, else kr->mr      */
+    int64_t               x_panel;   /* floats per panel of xp, of hp      */
+    int64_t               h_panel;
+    int64_t               lda_x;     /* MOE_DOT_ROWS: pairs per row of an  */
+    int64_t               lda_h;     /*   xp panel, of an hp panel         */
     int64_t              *panel_off; /* (E+1,) first panel of expert e     */
     int32_t              *panel_e;   /* (n_panels,) expert of each panel   */
     int64_t               n_panels;
@@ -804,8 +867,8 @@ moe_panel_rows(const moe_ffn_job *job, int64_t P, int64_t *r0, int *m)
     const int32_t e = job->panel_e[P];
     const int64_t end = job->offsets[e + 1];
 
-    *r0 = job->offsets[e] + (P - job->panel_off[e]) * job->kr->mr;
-    *m = (int)(end - *r0 < job->kr->mr ? end - *r0 : job->kr->mr);
+    *r0 = job->offsets[e] + (P - job->panel_off[e]) * job->mr;
+    *m = (int)(end - *r0 < job->mr ? end - *r0 : job->mr);
 }
 
 /* dst (d, mr) k-major from mr full rows src[i] (d,). */
@@ -916,16 +979,17 @@ moe_q8_pack(const moe_experts *w, int64_t K, int64_t group,
 /*
  * Phase 0: gather the rows of panel P into xp, k-major, zero padded (a
  * linear's rows go straight to hp, the input of its one GEMM).  bf16
- * compute: the values rounded to bf16, as (d / 2, mr) pairs (the panel's
- * first half) for a kernel set with dot_pairs, else as fp32.
+ * compute: the values rounded to bf16, laid out as the set's dot kernel
+ * reads them (moe_dot_layout).
  */
 static void
 moe_ffn_pack_rows(void *ctx, int64_t P)
 {
     const moe_ffn_job *job = ctx;
-    const int mr = job->kr->mr;
+    const int mr = job->mr;
     const int64_t d = job->w->linear ? job->w->d_ff : job->w->d_model;
-    float *dst = (job->w->linear ? job->hp : job->xp) + P * d * mr;
+    float *dst = job->w->linear ? job->hp + P * job->h_panel
+                                : job->xp + P * job->x_panel;
     const float *src[MOE_MAX_MR];
     int64_t r0, k;
     int m, i;
@@ -940,7 +1004,21 @@ moe_ffn_pack_rows(void *ctx, int64_t P)
                     (uint8_t *)job->xp + P * job->xq_bytes);
         return;
     }
-    if (job->w->bf16_act && job->kr->dot_pairs) {
+    if (job->w->bf16_act && job->kr->dot_layout == MOE_DOT_ROWS) {
+        /* row-major rows (tiles); rows past m zero */
+        for (i = 0; i < mr; i++) {
+            uint32_t *row = (uint32_t *)dst + i * job->lda_x;
+            if (i >= m) {
+                memset(row, 0, sizeof(uint32_t) * (size_t)(d / 2));
+                continue;
+            }
+            for (k = 0; k < d; k += 2) {
+                row[k / 2] = moe_bf16_pair(src[i][k], src[i][k + 1]);
+            }
+        }
+        return;
+    }
+    if (job->w->bf16_act && job->kr->dot_layout == MOE_DOT_PAIRS) {
         uint32_t *pairs = (uint32_t *)dst;
         for (k = 0; k < d; k += 2) {
             for (i = 0; i < mr; i++) {
@@ -1024,8 +1102,8 @@ moe_ffn_quantize_hidden(void *ctx, int64_t P)
 {
     const moe_ffn_job *job = ctx;
     const moe_experts *w = job->w;
-    const int mr = job->kr->mr;
-    const float *h = job->hp + P * w->d_ff * mr;
+    const int mr = job->mr;
+    const float *h = job->hp + P * job->h_panel;
     const float *src[MOE_MAX_MR];
     const int32_t e = job->panel_e[P];
     int64_t r0;
@@ -1072,9 +1150,10 @@ moe_ffn_up_task(void *ctx, int64_t t)
     const moe_ffn_task *task = &job->tasks[t];
     const moe_experts *w = job->w;
     const moe_expert_lora *lora = job->lora;
-    const int mr = job->kr->mr, nr = w->nr;
+    const int mr = job->mr, nr = w->nr;
     const int width = w->gated ? nr / 2 : nr;
     const moe_ukr_fn ukr = job->kr->ukr[w->dtype];
+    const int layout = w->bf16_act ? job->kr->dot_layout : -1;
     const int64_t d = w->d_model, F = w->d_ff;
     const int64_t panel = moe_weight_panel_bytes(w, d, w->group_gu);
     float tile[MOE_MAX_MR * MOE_MAX_NR];
@@ -1088,6 +1167,9 @@ moe_ffn_up_task(void *ctx, int64_t t)
     float *wide = moe_wide_panel(job->kr, w, task, d);
     const moe_ukr_fn run = wide ? job->kr->ukr[MOE_WTYPE_F32] : ukr;
 
+    if (w->bf16_act && job->kr->tile_begin != NULL) {
+        job->kr->tile_begin();
+    }
     /* The weight panel outside: it is read from memory once per task and
      * reused from cache for every activation panel of the block. */
     for (c = task->c0; c < task->c1; c++) {
@@ -1101,7 +1183,8 @@ moe_ffn_up_task(void *ctx, int64_t t)
         /* the passes over panel c bring panel c + 1 to L2 */
         const char *next = c + 1 < task->c1 ? b + panel : NULL;
         for (P = task->p0; P < task->p1; P++) {
-            float *h = job->hp + P * F * mr;
+            float *h = job->hp + P * job->h_panel;
+            const float *xp = job->xp + P * job->x_panel;
             const int64_t K = w->bf16_act ? d / 2 : d;
             const moe_prefetch pf = moe_prefetch_slice(
                 next, panel, w->q8_act ? (d + 3) / 4 : K, P - task->p0,
@@ -1113,10 +1196,10 @@ moe_ffn_up_task(void *ctx, int64_t t)
                                       b, d, w->group_gu, m, tile, nr, pf);
             }
             else if (w->bf16_act) {
-                job->kr->dot(job->xp + P * d * mr, b, K, m, tile, nr, pf);
+                job->kr->dot(xp, b, K, m, tile, nr, job->lda_x, pf);
             }
             else {
-                run(job->xp + P * d * mr, bk, K, w->group_gu, m, tile, nr, pf);
+                run(xp, bk, K, w->group_gu, m, tile, nr, pf);
             }
             if (lora != NULL && lora->n_gu > 0) {
                 job->kr->lowrank(tile, nr, m, nr, job->z_gu + r0 * lora->n_gu,
@@ -1135,9 +1218,22 @@ moe_ffn_up_task(void *ctx, int64_t t)
                               w->gu_bias ? w->gu_bias +
                                   (task->e * w->gu_panels + c) * nr : NULL,
                               job->act.alpha, job->act.limit,
-                              w->bf16_act && job->kr->dot_pairs
+                              layout == MOE_DOT_PAIRS ||
+                                      layout == MOE_DOT_ROWS
                                   ? hb : h + c * width * mr, mr);
-            if (w->bf16_act) {
+            if (layout == MOE_DOT_ROWS) {
+                /* units c * width + j rounded to bf16, as pairs of rows
+                 * (width and n_units even) */
+                uint32_t *rows = (uint32_t *)h + c * width / 2;
+                int i, j;
+                for (i = 0; i < m; i++) {
+                    for (j = 0; j < n_units; j += 2) {
+                        rows[i * job->lda_h + j / 2] = moe_bf16_pair(
+                            hb[j * mr + i], hb[(j + 1) * mr + i]);
+                    }
+                }
+            }
+            else if (w->bf16_act) {
                 /* units c * width + j rounded to bf16: as pairs (width and
                  * n_units even) or in place as fp32 values */
                 uint32_t *pairs = (uint32_t *)h + (c * width / 2) * mr;
@@ -1145,7 +1241,7 @@ moe_ffn_up_task(void *ctx, int64_t t)
                 int i, j;
                 for (j = 0; j < n_units; j += 2) {
                     for (i = 0; i < m; i++) {
-                        if (job->kr->dot_pairs) {
+                        if (layout == MOE_DOT_PAIRS) {
                             pairs[(j / 2) * mr + i] = moe_bf16_pair(
                                 hb[j * mr + i], hb[(j + 1) * mr + i]);
                         }
@@ -1159,6 +1255,9 @@ moe_ffn_up_task(void *ctx, int64_t t)
             }
         }
     }
+    if (w->bf16_act && job->kr->tile_end != NULL) {
+        job->kr->tile_end();
+    }
 }
 
 /* The GEMM phases: activation panels times down panels -> sorted rows. */
@@ -1169,7 +1268,7 @@ moe_ffn_gemm_task(void *ctx, int64_t t)
     const moe_ffn_task *task = &job->tasks[t];
     const moe_panel_gemm *g = &job->gemm;
     const moe_experts *w = g->w;
-    const int mr = job->kr->mr, nr = w->nr;
+    const int nr = w->nr;
     const moe_ukr_fn ukr = job->kr->ukr[w->dtype];
     const int64_t d = w->d_model, F = w->d_ff;
     const int64_t panel = moe_weight_panel_bytes(w, F, w->group_down);
@@ -1182,6 +1281,9 @@ moe_ffn_gemm_task(void *ctx, int64_t t)
     int64_t c, P, r0;
     int m, i, j;
 
+    if (w->bf16_act && job->kr->tile_begin != NULL) {
+        job->kr->tile_begin();
+    }
     for (c = task->c0; c < task->c1; c++) {
         const char *b = (const char *)w->down +
                         (task->e * w->down_panels + c) * panel;
@@ -1198,6 +1300,7 @@ moe_ffn_gemm_task(void *ctx, int64_t t)
                 next, k_bytes, w->bf16_act ? K / 2 : w->q8_act ? (K + 3) / 4
                                                                : K,
                 P - task->p0, task->p1 - task->p0);
+            const float *in = g->in + P * g->in_panel;
             float *y;
             moe_panel_rows(job, P, &r0, &m);
             y = g->out + r0 * d + c * nr;
@@ -1209,17 +1312,15 @@ moe_ffn_gemm_task(void *ctx, int64_t t)
             }
             else if (w->bf16_act) {
                 /* bf16 compute: the hidden panel as the dot kernel reads it */
-                job->kr->dot(g->in + P * F * mr, b, K / 2,
-                             m, n_cols == nr ? y : tile, n_cols == nr ? d : nr,
-                             pf);
+                job->kr->dot(in, b, K / 2, m, n_cols == nr ? y : tile,
+                             n_cols == nr ? d : nr, job->lda_h, pf);
             }
             else if (n_cols == nr) {
                 /* A whole panel of columns: straight into the output rows. */
-                run(g->in + P * F * mr, bk, K, w->group_down, m, y, d, pf);
+                run(in, bk, K, w->group_down, m, y, d, pf);
             }
             else {
-                run(g->in + P * F * mr, bk, K, w->group_down, m, tile, nr,
-                    pf);
+                run(in, bk, K, w->group_down, m, tile, nr, pf);
             }
             if (n_cols != nr) {
                 for (i = 0; i < m; i++) {
@@ -1245,6 +1346,9 @@ moe_ffn_gemm_task(void *ctx, int64_t t)
             }
         }
     }
+    if (w->bf16_act && job->kr->tile_end != NULL) {
+        job->kr->tile_end();
+    }
 }
 
 /* Cut every expert's (panels x weight panels) grid into tasks; col_panels
@@ -1252,7 +1356,7 @@ moe_ffn_gemm_task(void *ctx, int64_t t)
 static int64_t
 moe_ffn_plan(moe_ffn_job *job, int64_t col_panels, moe_ffn_task *tasks)
 {
-    const int64_t rows_per = (MOE_TASK_ROWS + job->kr->mr - 1) / job->kr->mr;
+    const int64_t rows_per = (MOE_TASK_ROWS + job->mr - 1) / job->mr;
     int64_t n = 0, p0, c0;
     int32_t e;
 
@@ -1331,6 +1435,25 @@ moe_ffn_bias_rows(const moe_ffn_job *job, const moe_panel_gemm *g)
 }
 
 /*
+ * Floats per activation panel of K values a row (job->mr rows), and into
+ * *lda the row stride in pairs of a MOE_DOT_ROWS panel: K / 2 rounded up to
+ * whole 64-byte lines, an odd number of them, so that a tile's 16 rows fall
+ * in different cache sets (an even stride of 2 KiB put them in two).
+ */
+static int64_t
+moe_act_panel(const moe_ffn_job *job, int64_t K, int64_t *lda)
+{
+    *lda = 0;
+    if (job->w->bf16_act && job->kr->dot_layout == MOE_DOT_ROWS) {
+        int64_t lines = (K / 2 + 15) / 16;
+        lines += (lines % 2 == 0);
+        *lda = lines * 16;
+        return job->mr * *lda;
+    }
+    return K * job->mr;
+}
+
+/*
  * The phases: pack rows; [LoRA shrink of x]; gate/up + activation;
  * [LoRA shrink of h]; down (a linear runs only its one GEMM).  final: the
  * spec of the last GEMM (its in, w and update are filled in here for the
@@ -1355,6 +1478,9 @@ moe_ffn_run(moe_ffn_job *job, moe_panel_gemm *final, int64_t n_rows)
         return MOE_STATUS_OK;
     }
     job->kr = moe_cpu_kernels();
+    job->mr = w->bf16_act ? job->kr->dot_mr : job->kr->mr;
+    job->x_panel = moe_act_panel(job, w->d_model, &job->lda_x);
+    job->h_panel = moe_act_panel(job, w->d_ff, &job->lda_h);
     job->panel_off = moe_alloc((size_t)w->n_experts + 1, sizeof(int64_t));
     if (job->panel_off == NULL) {
         goto done;
@@ -1363,7 +1489,7 @@ moe_ffn_run(moe_ffn_job *job, moe_panel_gemm *final, int64_t n_rows)
     for (e = 0; e < w->n_experts; e++) {
         int64_t rows = job->offsets[e + 1] - job->offsets[e];
         job->panel_off[e + 1] = job->panel_off[e] +
-                                (rows + job->kr->mr - 1) / job->kr->mr;
+                                (rows + job->mr - 1) / job->mr;
     }
     job->n_panels = job->panel_off[w->n_experts];
     n_up = w->linear ? 0 : moe_ffn_plan(job, -1, NULL);
@@ -1400,11 +1526,10 @@ moe_ffn_run(moe_ffn_job *job, moe_panel_gemm *final, int64_t n_rows)
     job->xp = w->linear ? NULL
         : w->q8_act ? moe_workspace(MOE_WS_PANEL_X,
                                     (size_t)(job->n_panels * job->xq_bytes), 1)
-        : moe_workspace(MOE_WS_PANEL_X,
-                        (size_t)(job->n_panels * w->d_model * job->kr->mr),
+        : moe_workspace(MOE_WS_PANEL_X, (size_t)(job->n_panels * job->x_panel),
                         sizeof(float));
     job->hp = moe_workspace(MOE_WS_PANEL_H,
-                            (size_t)(job->n_panels * w->d_ff * job->kr->mr),
+                            (size_t)(job->n_panels * job->h_panel),
                             sizeof(float));
     job->tasks = moe_alloc((size_t)(n_up > n_down ? n_up : n_down),
                            sizeof(moe_ffn_task));
@@ -1427,6 +1552,7 @@ moe_ffn_run(moe_ffn_job *job, moe_panel_gemm *final, int64_t n_rows)
         if (lora != NULL && lora->n_gu > 0) {
             memset(&shrink, 0, sizeof(shrink));
             shrink.in = job->xp;
+            shrink.in_panel = job->x_panel;
             shrink.w = lora->a_gu;
             shrink.out = job->z_gu;
             if ((st = moe_ffn_gemm(job, &shrink)) != MOE_STATUS_OK) {
@@ -1441,6 +1567,7 @@ moe_ffn_run(moe_ffn_job *job, moe_panel_gemm *final, int64_t n_rows)
         if (z_down != NULL) {
             memset(&shrink, 0, sizeof(shrink));
             shrink.in = job->hp;
+            shrink.in_panel = job->h_panel;
             shrink.w = lora->a_down;
             shrink.out = z_down;
             if ((st = moe_ffn_gemm(job, &shrink)) != MOE_STATUS_OK) {
@@ -1457,6 +1584,7 @@ moe_ffn_run(moe_ffn_job *job, moe_panel_gemm *final, int64_t n_rows)
         }
     }
     final->in = job->hp;
+    final->in_panel = job->h_panel;
     if (w->q8_act) {
         if ((st = moe_pool_run(job->n_panels, moe_ffn_quantize_hidden, job)) !=
             MOE_STATUS_OK) {

@@ -15,8 +15,8 @@
 
 #include <stdint.h>
 
-/* Largest MR and NR of any kernel set (sizes stack tiles). */
-#define MOE_MAX_MR 12
+/* Largest MR (also dot_mr) and NR of any kernel set (sizes stack tiles). */
+#define MOE_MAX_MR 32
 #define MOE_MAX_NR 32
 
 /* Weight storage types the kernels read: moe_dtype's values. */
@@ -135,13 +135,22 @@ typedef void (*moe_ukr_fn)(const float *a, const void *b, int64_t K,
 
 /*
  * The bf16-compute kernel: c (m, NR) = first m rows of a @ b with b (Kp, NR,
- * 2) bf16 weights (pairs of k) and a the activations rounded to bf16: as
- * (Kp, MR) uint32 pairs (k = 2 kp low half, 2 kp + 1 high half) if the set's
- * dot_pairs is 1, else as (2 Kp, MR) fp32 values; pf as for moe_ukr_fn.
- * See cpu/gemm.inc.
+ * 2) bf16 weights (pairs of k) and a the dot_mr activation rows rounded to
+ * bf16, laid out by the set's dot_layout (moe_dot_layout); lda: a's row
+ * stride in pairs (MOE_DOT_ROWS only); pf as for moe_ukr_fn.  See
+ * cpu/gemm.inc and cpu/gemm_amx.c.
  */
 typedef void (*moe_dot_fn)(const void *a, const void *b, int64_t Kp, int m,
-                           float *c, int64_t ldc, moe_prefetch pf);
+                           float *c, int64_t ldc, int64_t lda,
+                           moe_prefetch pf);
+
+/* How the bf16-compute kernel reads its activation panel. */
+typedef enum moe_dot_layout {
+    MOE_DOT_VALUES = 0, /* (2 Kp, dot_mr) fp32 values, k-major            */
+    MOE_DOT_PAIRS  = 1, /* (Kp, dot_mr) uint32 pairs (k = 2 kp low half,
+                           2 kp + 1 high half), k-major                   */
+    MOE_DOT_ROWS   = 2  /* (dot_mr, lda) uint32 pairs, row-major: tiles   */
+} moe_dot_layout;
 
 /* out (n_x, n_w) = x (n_x, d) @ w (n_w, d)^T in float64 from float32 x and w
  * (see cpu/gemm.inc). */
@@ -200,15 +209,21 @@ typedef void (*moe_dequant_fn)(const void *b, int64_t K, int64_t group,
                                float *out);
 
 typedef struct moe_kernels {
-    const char    *name;  /* "avx512bf16", "avx512", "avx2", "scalar"
-                             (portable), "avx512sim" (tests)              */
+    const char    *name;  /* "amx", "avx512bf16", "avx512", "avx2",
+                             "scalar" (portable), "avx512sim" (tests)     */
     int            mr;    /* rows per activation panel                     */
     int            nr;    /* columns per weight panel (2 vectors)          */
     moe_ukr_fn     ukr[MOE_WTYPE_COUNT];
     moe_dequant_fn dequant[MOE_WTYPE_COUNT];
     moe_q8_fn      q8[MOE_WTYPE_COUNT]; /* int8 compute (quantized types) */
     moe_dot_fn     dot;   /* bf16 weights x bf16 activations               */
-    int            dot_pairs; /* dot reads a as bf16 pairs (1) or fp32 (0) */
+    int            dot_layout; /* its activation panel (moe_dot_layout)    */
+    int            dot_mr;    /* rows per activation panel of dot          */
+    const char    *dot_name;  /* "vdpbf16ps", "fma" or "amx" (build_info)  */
+    /* Tile sets: dot needs the tile configuration tile_begin loads in the
+     * calling thread (once per task); tile_end releases it.  NULL else. */
+    void         (*tile_begin)(void);
+    void         (*tile_end)(void);
     moe_router_fn  router;
     moe_epilogue_fn epilogue;
     moe_lowrank_fn lowrank;
@@ -223,6 +238,16 @@ extern const moe_kernels moe_kernels_avx2;
 extern const moe_kernels moe_kernels_avx512;
 extern const moe_kernels moe_kernels_avx512bf16;
 extern const moe_kernels moe_kernels_avx512sim; /* tests: MOE_ISA=avx512sim */
+
+/* cpu/gemm_amx.c: the AMX-BF16 dot kernel (MOE_DOT_ROWS, MOE_AMX_MR rows)
+ * and its tile hooks; moe_amx_request asks Linux for the tile state once
+ * per process and says whether tiles may be used (cpuid checked first). */
+#define MOE_AMX_MR 32
+void moe_dot_amx(const void *a, const void *b, int64_t Kp, int m, float *c,
+                 int64_t ldc, int64_t lda, moe_prefetch pf);
+void moe_amx_begin(void);
+void moe_amx_end(void);
+int moe_amx_request(void);
 #endif
 
 /* The kernel set in use (cpuid, lowered by MOE_ISA). */

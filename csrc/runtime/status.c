@@ -156,13 +156,16 @@ moe_cpu_features(void)
     {
         unsigned a, b, c, d;
         unsigned b7 = 0, c7 = 0, d7 = 0, a71 = 0;
-        int os_avx = 0, os_avx512 = 0;
+        int os_avx = 0, os_avx512 = 0, os_amx = 0;
 
         if (__get_cpuid(1, &a, &b, &c, &d)) {
             if (c & (1u << 27)) { /* OSXSAVE */
                 uint64_t xcr0 = moe_xgetbv0();
                 os_avx = (xcr0 & 0x6) == 0x6;
                 os_avx512 = (xcr0 & 0xe6) == 0xe6;
+                /* XTILECFG and XTILEDATA (Linux still wants a permission
+                 * request before the first tile instruction: gemm_amx.c) */
+                os_amx = (xcr0 & 0x60000) == 0x60000;
             }
             if (d & (1u << 26)) strcat(buf, "sse2 ");
             if (os_avx && (c & (1u << 28))) strcat(buf, "avx ");
@@ -179,7 +182,8 @@ moe_cpu_features(void)
                 (a71 & (1u << 5))) {
                 strcat(buf, "avx512bf16 ");
             }
-            if (d7 & (1u << 22)) strcat(buf, "amx-bf16 ");
+            if (os_amx && (d7 & (1u << 22))) strcat(buf, "amx-bf16 ");
+            if (os_amx && (d7 & (1u << 24))) strcat(buf, "amx-tile ");
         }
     }
 #elif defined(__aarch64__)

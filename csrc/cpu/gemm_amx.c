@@ -1,0 +1,194 @@
+/*
+ * cpu/gemm_amx.c - the bf16-compute kernel on AMX tiles (AMX-BF16), for the
+ * "amx" kernel set: the avx512bf16 set with this dot (cpu/ffn.c composes it).
+ *
+ * c (m <= 32, 32) = a @ b over Kp pairs of k, fp32 accumulation in tiles:
+ *   a: MOE_DOT_ROWS, 32 rows of lda uint32 bf16 pairs (row-major),
+ *   b: the packed (Kp, 32, 2) bf16 weight panel: a tile's 16 pair rows of
+ *      16 columns are 64 of every 128 bytes (stride 128), as TDPBF16PS
+ *      reads its second operand, so the forward's packing serves as is.
+ * Tiles 0-3 hold the (2 x 16 rows, 2 x 16 columns) accumulators, 4-5 the
+ * activation rows, 6-7 the weight columns; one step takes 16 pairs (32 k).
+ * A part step at the end (Kp % 16) runs on AVX-512 FMAs, k then k + 1.
+ * Each element is one chain over k in order, the same for any tiling,
+ * batch or thread count; TDPBF16PS adds a pair of products per step with
+ * its own internal rounding (and flushes denormals), so bits may differ
+ * from the avx512bf16 set's VDPBF16PS and from the FMA emulation.
+ */
+#include "moe.h"
+#include "cpu/kernels.h"
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#pragma GCC target("amx-tile,amx-bf16,avx512f,avx512bw,avx2,fma")
+#include <immintrin.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+/* The 64-byte tile configuration LDTILECFG reads (palette 1). */
+typedef struct moe_tilecfg {
+    uint8_t  palette;
+    uint8_t  start_row;
+    uint8_t  reserved[14];
+    uint16_t colsb[16];
+    uint8_t  rows[16];
+} moe_tilecfg;
+
+/* Eight 16 x 64-byte tiles.  A constant: GCC 12 drops the stores into a
+ * local configuration (it does not see LDTILECFG read them).  Loaded once
+ * per task (44 ns here: too dear per call), since another library may have
+ * configured or released this thread's tiles in between. */
+static const moe_tilecfg moe_amx_cfg __attribute__((aligned(64))) = {
+    1, 0, {0},
+    {64, 64, 64, 64, 64, 64, 64, 64, 0, 0, 0, 0, 0, 0, 0, 0},
+    {16, 16, 16, 16, 16, 16, 16, 16, 0, 0, 0, 0, 0, 0, 0, 0},
+};
+
+void
+moe_amx_begin(void)
+{
+    _tile_loadconfig(&moe_amx_cfg);
+}
+
+/* Back to the init state: a context switch need not save 8 KiB of tiles. */
+void
+moe_amx_end(void)
+{
+    _tile_release();
+}
+
+#define MOE_ARCH_GET_XCOMP_PERM 0x1022
+#define MOE_ARCH_REQ_XCOMP_PERM 0x1023
+#define MOE_XFEATURE_XTILEDATA  18
+
+/* Linux grants the tile state per process, on request (5.16 and later);
+ * without the grant the first tile instruction kills the process. */
+int
+moe_amx_request(void)
+{
+    unsigned long mask = 0;
+
+    if (syscall(SYS_arch_prctl, MOE_ARCH_REQ_XCOMP_PERM,
+                MOE_XFEATURE_XTILEDATA) != 0) {
+        return 0;
+    }
+    if (syscall(SYS_arch_prctl, MOE_ARCH_GET_XCOMP_PERM, &mask) != 0) {
+        return 0;
+    }
+    return (mask >> MOE_XFEATURE_XTILEDATA) & 1;
+}
+
+/* Pairs of bf16 as two fp32 vectors: the even k (low halves), the odd. */
+static inline __m512
+moe_amx_lo(__m512i u)
+{
+    return _mm512_castsi512_ps(_mm512_slli_epi32(u, 16));
+}
+
+static inline __m512
+moe_amx_hi(__m512i u)
+{
+    return _mm512_castsi512_ps(
+        _mm512_and_si512(u, _mm512_set1_epi32((int)0xffff0000u)));
+}
+
+/* c rows i < m += pairs [k0, Kp) of a @ b, two FMAs per pair (k, k + 1). */
+static void
+moe_amx_tail(const uint32_t *a, const uint32_t *b, int64_t k0, int64_t Kp,
+             int m, float *c, int64_t ldc, int64_t lda)
+{
+    int i;
+
+    for (i = 0; i < m; i++) {
+        __m512 c0 = _mm512_loadu_ps(c + i * ldc);
+        __m512 c1 = _mm512_loadu_ps(c + i * ldc + 16);
+        int64_t k;
+        for (k = k0; k < Kp; k++) {
+            const __m512i av = _mm512_set1_epi32((int)a[i * lda + k]);
+            const __m512i b0 = _mm512_loadu_si512(b + k * 32);
+            const __m512i b1 = _mm512_loadu_si512(b + k * 32 + 16);
+            const __m512 alo = moe_amx_lo(av), ahi = moe_amx_hi(av);
+            c0 = _mm512_fmadd_ps(alo, moe_amx_lo(b0), c0);
+            c1 = _mm512_fmadd_ps(alo, moe_amx_lo(b1), c1);
+            c0 = _mm512_fmadd_ps(ahi, moe_amx_hi(b0), c0);
+            c1 = _mm512_fmadd_ps(ahi, moe_amx_hi(b1), c1);
+        }
+        _mm512_storeu_ps(c + i * ldc, c0);
+        _mm512_storeu_ps(c + i * ldc + 16, c1);
+    }
+}
+
+/* One 16-pair step's prefetches (moe_prefetch pacing, one count per pair). */
+#define MOE_AMX_PREFETCH()                                                   \
+    do {                                                                     \
+        if (pf_at != NULL) {                                                 \
+            int s_;                                                          \
+            for (s_ = 0; s_ < 16; s_++) {                                    \
+                if (--pf_count == 0) {                                       \
+                    pf_count = pf.every;                                     \
+                    __builtin_prefetch(pf_at, 0, 2);                         \
+                    pf_at += 64;                                             \
+                }                                                            \
+            }                                                                \
+        }                                                                    \
+    } while (0)
+
+void
+moe_dot_amx(const void *a_panel, const void *b_panel, int64_t Kp, int m,
+            float *c, int64_t ldc, int64_t lda, moe_prefetch pf)
+{
+    const uint32_t *a = a_panel, *b = b_panel;
+    const int64_t Kt = Kp & ~(int64_t)15, sa = lda * 4;
+    const int two = m > 16;
+    /* whole tiles straight into c; else through buf (stride 32 floats) */
+    const int direct = Kt == Kp && (m == 16 || m == 32);
+    float buf[32 * 32] __attribute__((aligned(64)));
+    float *o = direct ? c : buf;
+    const int64_t so = direct ? ldc * 4 : 128, ro = direct ? 16 * ldc : 16 * 32;
+    const char *pf_at = pf.at;
+    int pf_count = pf.every;
+    int64_t k;
+    int i;
+
+    _tile_zero(0);
+    _tile_zero(1);
+    if (two) {
+        _tile_zero(2);
+        _tile_zero(3);
+        for (k = 0; k < Kt; k += 16) {
+            _tile_loadd(6, b + k * 32, 128);
+            _tile_loadd(7, b + k * 32 + 16, 128);
+            _tile_loadd(4, a + k, sa);
+            _tile_loadd(5, a + 16 * lda + k, sa);
+            _tile_dpbf16ps(0, 4, 6);
+            _tile_dpbf16ps(1, 4, 7);
+            _tile_dpbf16ps(2, 5, 6);
+            _tile_dpbf16ps(3, 5, 7);
+            MOE_AMX_PREFETCH();
+        }
+        _tile_stored(2, o + ro, so);
+        _tile_stored(3, o + ro + 16, so);
+    }
+    else {
+        for (k = 0; k < Kt; k += 16) {
+            _tile_loadd(6, b + k * 32, 128);
+            _tile_loadd(7, b + k * 32 + 16, 128);
+            _tile_loadd(4, a + k, sa);
+            _tile_dpbf16ps(0, 4, 6);
+            _tile_dpbf16ps(1, 4, 7);
+            MOE_AMX_PREFETCH();
+        }
+    }
+    _tile_stored(0, o, so);
+    _tile_stored(1, o + 16, so);
+    if (direct) {
+        return;
+    }
+    moe_amx_tail(a, b, Kt, Kp, m, buf, 32, lda);
+    for (i = 0; i < m; i++) {
+        memcpy(c + i * ldc, buf + i * 32, 32 * sizeof(float));
+    }
+}
+#else
+typedef int moe_cpu_gemm_amx_unused;
+#endif

@@ -72,6 +72,13 @@ def read_bandwidth(threads, mib=1024):
                                 capture_output=True, text=True, check=True).stdout.split()[0])
 
 
+def amx_peak(threads, seconds=1.0):
+    """AMX-BF16 GFLOP/s of benchmarks/ceilings.c's tile loop (operands in tiles), or 0.0
+    where the CPU has no AMX or Linux does not grant the tile state."""
+    return float(subprocess.run([_ceilings_exe(), "amx", str(threads), str(seconds)],
+                                capture_output=True, text=True, check=True).stdout.split()[0])
+
+
 def ceilings(threads):
     """(FMA GFLOP/s fp32, its ISA, read GB/s) measured by benchmarks/ceilings.c."""
     fma, isa = fma_peak(threads)

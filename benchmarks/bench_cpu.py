@@ -22,7 +22,7 @@ import time
 import numpy as np
 
 import moe
-from _common import (cache_flusher, ceilings, fma_peak, interleaved,  # noqa: E402
+from _common import (amx_peak, cache_flusher, ceilings, fma_peak, interleaved,  # noqa: E402
                      layer_args, optional_torch, per_round, read_bandwidth, spread)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -140,6 +140,7 @@ def main():
     threads = moe.get_num_threads()
     fma, fma_isa, read = ceilings(threads)
     fma1, _, _ = ceilings(1)
+    amx = amx_peak(threads)  # 0.0: no AMX (then torch's bf16 loop is slow: timed alone)
     torch = optional_torch(threads, args.no_torch)
     try:
         from threadpoolctl import threadpool_info
@@ -158,13 +159,15 @@ def main():
         f"{os.environ.get('OPENBLAS_CORETYPE', '(unset)')}; torch "
         f"{torch.__version__ if torch else '(not run)'}",
         f"Ceilings (same run): FMA peak {fma:.0f} GFLOP/s ({fma_isa}, {threads} threads; "
-        f"{fma1:.0f} on 1 thread), read bandwidth {read:.1f} GB/s ({threads} threads)",
+        f"{fma1:.0f} on 1 thread), read bandwidth {read:.1f} GB/s ({threads} threads)"
+        + (f", AMX-BF16 tile peak {amx:.0f} GFLOP/s ({threads} threads)" if amx else ""),
         "",
         "| shape | tokens | moe fp32 ms | GFLOP/s | % peak | GB/s (% read) | moe bf16 ms | "
-        "bf16/fp32 | moe bf16 compute ms | bf16c/fp32 | moe fp32 1 thread ms | numpy ms | "
-        "torch fp32 ms | torch bf16 ms | vs numpy | vs torch fp32 |",
+        "bf16/fp32 | moe bf16 compute ms | bf16c/fp32 | bf16c GFLOP/s (% AMX) | "
+        "moe fp32 1 thread ms | numpy ms | torch fp32 ms | torch bf16 ms | vs numpy | "
+        "vs torch fp32 | bf16c vs torch bf16 |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- "
-        "| --- | --- |",
+        "| --- | --- | --- | --- |",
     ]
     print("\n".join(head), flush=True)
     rows = []
@@ -238,14 +241,16 @@ def main():
 
             if torch:
                 xt = torch.from_numpy(x)
+                xb = xt.to(torch.bfloat16)
                 fns.append((lambda: tb32(xt), cold, settle))
+                if amx:  # oneDNN runs it on the tiles: fast enough for the rounds
+                    fns.append((lambda: tb16(xb), cold, settle))
             times = interleaved(fns, budget=8.0, pre=1, each_round=ceilings_now)
             ours, ours16, ours16c, ours1, npy = times[:5]
-            t32 = times[-1] if torch else None
-            t16 = None
-            if torch:
-                # torch's bf16 loop is slow (seconds at 2048 tokens): timed on its own
-                xb = xt.to(torch.bfloat16)
+            t32 = times[5] if torch else None
+            t16 = times[6] if torch and amx else None
+            if torch and not amx:
+                # without AMX torch's bf16 loop is slow (seconds at 2048 tokens): alone
                 t16 = interleaved([(lambda: tb16(xb), cold)], budget=1.0, min_rounds=2)[0]
             gf = [flops / t / 1e9 for t in ours]
             gflops = statistics.median(gf)
@@ -258,20 +263,30 @@ def main():
                        f"{statistics.median(read_r):.1f})")
             ms = lambda t: "%.2f (%.2f-%.2f)" % tuple(v * 1e3 for v in spread(t))  # noqa: E731
             x_ = lambda num: f"{per_round(num, ours):.2f}x"  # noqa: E731
+            gf16c = statistics.median(flops / t / 1e9 for t in ours16c)
+            amx_col = f"{gf16c:.0f} ({100 * gf16c / amx:.0f}%)" if amx else f"{gf16c:.0f} (-)"
+            if t16 is None:
+                vs16 = "-"
+            elif amx:
+                vs16 = f"{per_round(t16, ours16c):.2f}x"
+            else:  # timed apart: the ratio of medians
+                vs16 = f"{statistics.median(t16) / statistics.median(ours16c):.2f}x"
+
             row = (f"| {name} | {T} | {ms(ours)} | {gflops:.1f} | "
                    f"{100 * peak:.0f}% of {statistics.median(fma_r):.0f} | "
                    f"{gbs} | {ms(ours16)} | {per_round(ours, ours16):.2f}x | "
-                   f"{ms(ours16c)} | {per_round(ours, ours16c):.2f}x | "
+                   f"{ms(ours16c)} | {per_round(ours, ours16c):.2f}x | {amx_col} | "
                    f"{statistics.median(ours1) * 1e3:.2f} ({x_(ours1)}) | {ms(npy)} | "
                    f"{ms(t32) if t32 else '-'} | {ms(t16) if t16 else '-'} | "
-                   f"{x_(npy)} | {x_(t32) if t32 else '-'} |")
+                   f"{x_(npy)} | {x_(t32) if t32 else '-'} | {vs16} |")
             rows.append(row)
             print(row, flush=True)
     notes = [
         "",
         "Every implementation of a row is timed in rounds, one call each per round in "
         "rotating order (each after an untimed call of its own; a 0.15 s pause after a NumPy "
-        "or torch call), for 8 s (3-15 rounds; torch bf16 alone after them): times are "
+        "or torch call), for 8 s (3-15 rounds; torch bf16 in the rounds where the CPU has "
+        "AMX, else alone after them): times are "
         "medians (min-max) over rounds, and every ratio (% peak, % read, bf16/fp32, the 1 "
         "thread speed-up, vs numpy, vs torch) is the median over rounds of that round's "
         "ratio, so that the machine's drift (it is shared) cancels. % peak and % read: "
@@ -281,8 +296,11 @@ def main():
         "implementation's timed calls start with the caches flushed (a read of twice the L3), "
         "so the weights come from memory. bf16/fp32: our bf16-weight speed over our fp32 speed (activations "
         "fp32). moe bf16 compute: bf16 weights and compute_dtype='bfloat16' (inputs and "
-        f"hidden activations rounded to bf16), kernel set {info['isa']}: VDPBF16PS only "
-        "with avx512bf16, two FMAs per bf16 pair otherwise.",
+        f"hidden activations rounded to bf16), kernel set {info['isa']}, bf16 products by "
+        f"{info['bf16_dot']} (amx: TDPBF16PS tiles; vdpbf16ps; fma: two FMAs a pair); "
+        "% AMX: of the tile loop's peak (benchmarks/ceilings.c amx, operands already in "
+        "tiles). bf16c vs torch bf16: torch's bf16 loop time over ours (oneDNN picks its "
+        "AMX kernels where there are tiles).",
     ]
     with open(args.out, "w") as f:
         f.write("\n".join(head + rows + notes) + "\n")

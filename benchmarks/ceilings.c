@@ -2,6 +2,8 @@
  * ceilings.c - the machine's own limits, measured for the benchmarks:
  *   ./ceilings fma  THREADS SECONDS   register-only FMA loop -> GFLOP/s
  *   ./ceilings read THREADS MIB       streaming read of a buffer -> GB/s
+ *   ./ceilings amx  THREADS SECONDS   register-only AMX-BF16 tile loop -> GFLOP/s
+ *                                     ("0 none" without AMX or the Linux grant)
  * The FMA loop uses AVX-512 or AVX2+FMA when the CPU has them (checked at
  * run time), with twelve independent accumulators to cover FMA latency.
  * The read runs all threads at once (a barrier before and after each pass,
@@ -9,7 +11,10 @@
  * with 32-byte loads into four accumulators where AVX2 is there: summing
  * each thread's own best pass instead counts passes that ran while the
  * other threads were idle, and a plain C loop (SSE2 loads) reads ~25% slower
- * than the memory system allows on one core.
+ * than the memory system allows on one core.  The tile loop runs TDPBF16PS
+ * on four independent accumulator tiles (16 x 16 fp32, 16 x 32 bf16 inputs:
+ * 16 384 flops each) with operands already in tiles: the tile unit's own
+ * rate, which no GEMM reaches (its operands come from L1 at best).
  * Build: cc -O3 -pthread ceilings.c -o ceilings
  */
 #include <pthread.h>
@@ -19,6 +24,8 @@
 #include <time.h>
 #if defined(__x86_64__)
 #include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 #endif
 
 static double
@@ -96,10 +103,64 @@ fma256(long n, float seed)
 }
 #endif
 
+#if defined(__x86_64__)
+/* Linux's grant of the tile state (ARCH_REQ_XCOMP_PERM, XTILEDATA). */
+static int
+amx_granted(void)
+{
+    unsigned long mask = 0;
+    return syscall(SYS_arch_prctl, 0x1023, 18) == 0 &&
+           syscall(SYS_arch_prctl, 0x1022, &mask) == 0 && (mask >> 18) & 1;
+}
+
+/* n rounds of four TDPBF16PS on tiles 0-3 from tiles 4-7 (palette 1, all
+ * 16 rows x 64 bytes); returns a sum of the accumulators. */
+__attribute__((target("amx-tile,amx-bf16"))) static double
+amx_loop(long n)
+{
+    static const struct {
+        unsigned char palette, start, reserved[14];
+        unsigned short colsb[16];
+        unsigned char rows[16];
+    } cfg __attribute__((aligned(64))) = {
+        1, 0, {0}, {64, 64, 64, 64, 64, 64, 64, 64},
+        {16, 16, 16, 16, 16, 16, 16, 16}};
+    static unsigned short in[512] __attribute__((aligned(64)));
+    static float out[4][256] __attribute__((aligned(64)));
+    double s = 0;
+    for (int i = 0; i < 512; i++) in[i] = 0x3c00; /* bf16 2^-7 */
+    _tile_loadconfig(&cfg);
+    _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+    _tile_loadd(4, in, 64); _tile_loadd(5, in, 64);
+    _tile_loadd(6, in, 64); _tile_loadd(7, in, 64);
+    for (long k = 0; k < n; k++) {
+        _tile_dpbf16ps(0, 4, 6); _tile_dpbf16ps(1, 4, 7);
+        _tile_dpbf16ps(2, 5, 6); _tile_dpbf16ps(3, 5, 7);
+    }
+    _tile_stored(0, out[0], 64); _tile_stored(1, out[1], 64);
+    _tile_stored(2, out[2], 64); _tile_stored(3, out[3], 64);
+    _tile_release();
+    for (int i = 0; i < 4; i++) s += out[i][0];
+    return s;
+}
+#endif
+
 static void *
 run(void *arg)
 {
     job_t *j = arg;
+    if (j->mode == 2) {
+#if defined(__x86_64__)
+        long n = 100000, total = 0;
+        double t0 = now(), sink = 0;
+        while (now() - t0 < j->seconds) {
+            sink += amx_loop(n);
+            total += n;
+        }
+        j->result = 4.0 * 16384 * total / (now() - t0) / 1e9 + 0 * sink;
+#endif
+        return NULL;
+    }
     if (j->mode == 0) {
         long n = 1000000, total = 0;
         double t0 = now(), sink = 0;
@@ -141,10 +202,11 @@ int
 main(int argc, char **argv)
 {
     if (argc < 4) {
-        fprintf(stderr, "usage: %s fma|read THREADS SECONDS|MIB\n", argv[0]);
+        fprintf(stderr, "usage: %s fma|read|amx THREADS SECONDS|MIB\n", argv[0]);
         return 2;
     }
-    int mode = strcmp(argv[1], "read") == 0, nt = atoi(argv[2]), lanes = 8;
+    int mode = strcmp(argv[1], "read") == 0 ? 1 : strcmp(argv[1], "amx") == 0 ? 2 : 0;
+    int nt = atoi(argv[2]), lanes = 8;
 #if defined(__x86_64__)
     __builtin_cpu_init();
     if (__builtin_cpu_supports("avx512f")) lanes = 16;
@@ -153,6 +215,17 @@ main(int argc, char **argv)
     lanes = 0;
 #endif
     if (mode == 0 && lanes == 0) { printf("0 none\n"); return 0; }
+    if (mode == 2) {
+#if defined(__x86_64__)
+        if (!__builtin_cpu_supports("amx-bf16") || !amx_granted()) {
+            printf("0 none\n");
+            return 0;
+        }
+#else
+        printf("0 none\n");
+        return 0;
+#endif
+    }
     if (nt < 1 || nt > 256) { fprintf(stderr, "THREADS: 1 to 256\n"); return 2; }
     pthread_barrier_init(&pass_barrier, NULL, (unsigned)nt);
     pthread_t th[256];
@@ -163,6 +236,7 @@ main(int argc, char **argv)
     }
     double total = 0;
     for (int i = 0; i < nt; i++) { pthread_join(th[i], NULL); total += jobs[i].result; }
-    printf("%.2f %s\n", total, mode ? "read" : (lanes == 16 ? "avx512" : "avx2"));
+    printf("%.2f %s\n", total, mode == 1 ? "read" : mode == 2 ? "amx"
+                                : lanes == 16 ? "avx512" : "avx2");
     return 0;
 }

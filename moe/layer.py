@@ -135,9 +135,10 @@ class SparseMoE:
     accumulation either way; bfloat16 halves the memory the kernels stream.
     compute_dtype="bfloat16" (with dtype="bfloat16" and even d_model / d_ff): the expert
     FFNs also round their inputs -- the routed rows and the hidden activations -- to bfloat16
-    (nearest even) and multiply bf16 pairs with float32 accumulation: VDPBF16PS on CPUs with
-    AVX512-BF16 (about twice the fp32 FMA rate), two exact FMAs per pair elsewhere (no faster
-    than float32 there).  Routing, combine and the output stay float32.
+    (nearest even) and multiply bf16 pairs with float32 accumulation: AMX tiles on Xeons with
+    AMX-BF16, VDPBF16PS on AMD CPUs with AVX512-BF16 (about twice the fp32 FMA rate), two
+    exact FMAs per pair elsewhere (no faster than float32 there); moe.show_config() says
+    which.  Routing, combine and the output stay float32.
     compute_dtype="int8" (with quantized weights, dtype "int8" / "int4" / "mxfp4"): the
     expert FFNs quantize their inputs -- the routed rows and the hidden activations -- to
     int8, symmetric, one float32 scale per row and block (the weights' group, cut in blocks

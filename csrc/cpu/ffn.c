@@ -105,7 +105,7 @@ moe_cpu_kernels(void)
             amx = *best;
             amx.name = "amx";
             amx.dot = moe_dot_amx;
-            amx.dot_layout = MOE_DOT_ROWS;
+            amx.dot_layout = MOE_DOT_TILES;
             amx.dot_mr = MOE_AMX_MR;
             amx.dot_name = "amx";
             amx.tile_begin = moe_amx_begin;
@@ -846,8 +846,6 @@ typedef struct moe_ffn_job {
                                         for bf16 compute, else kr->mr      */
     int64_t               x_panel;   /* floats per panel of xp, of hp      */
     int64_t               h_panel;
-    int64_t               lda_x;     /* MOE_DOT_ROWS: pairs per row of an  */
-    int64_t               lda_h;     /*   xp panel, of an hp panel         */
     int64_t              *panel_off; /* (E+1,) first panel of expert e     */
     int32_t              *panel_e;   /* (n_panels,) expert of each panel   */
     int64_t               n_panels;
@@ -1004,16 +1002,13 @@ moe_ffn_pack_rows(void *ctx, int64_t P)
                     (uint8_t *)job->xp + P * job->xq_bytes);
         return;
     }
-    if (job->w->bf16_act && job->kr->dot_layout == MOE_DOT_ROWS) {
-        /* row-major rows (tiles); rows past m zero */
-        for (i = 0; i < mr; i++) {
-            uint32_t *row = (uint32_t *)dst + i * job->lda_x;
-            if (i >= m) {
-                memset(row, 0, sizeof(uint32_t) * (size_t)(d / 2));
-                continue;
-            }
-            for (k = 0; k < d; k += 2) {
-                row[k / 2] = moe_bf16_pair(src[i][k], src[i][k + 1]);
+    if (job->w->bf16_act && job->kr->dot_layout == MOE_DOT_TILES) {
+        /* blocks of 16 pairs of the mr rows (rows past m zero) */
+        uint32_t *pairs = (uint32_t *)dst;
+        for (k = 0; k < d; k += 2) {
+            for (i = 0; i < mr; i++) {
+                pairs[moe_tile_pair(k / 2, i, mr)] =
+                    i < m ? moe_bf16_pair(src[i][k], src[i][k + 1]) : 0;
             }
         }
         return;
@@ -1196,7 +1191,7 @@ moe_ffn_up_task(void *ctx, int64_t t)
                                       b, d, w->group_gu, m, tile, nr, pf);
             }
             else if (w->bf16_act) {
-                job->kr->dot(xp, b, K, m, tile, nr, job->lda_x, pf);
+                job->kr->dot(xp, b, K, m, tile, nr, pf);
             }
             else {
                 run(xp, bk, K, w->group_gu, m, tile, nr, pf);
@@ -1213,27 +1208,25 @@ moe_ffn_up_task(void *ctx, int64_t t)
                                 w->gu_bias ? w->gu_bias +
                                     (task->e * w->gu_panels + c) * nr : NULL);
             }
+            if (layout == MOE_DOT_TILES) {
+                /* units c * width + j rounded to bf16, as pairs in their
+                 * tile block (width and n_units even) */
+                job->kr->epilogue_tiles(
+                    (int)job->act.activation, w->gated, tile, m, n_units,
+                    w->gu_bias ? w->gu_bias + (task->e * w->gu_panels + c) * nr
+                               : NULL,
+                    job->act.alpha, job->act.limit,
+                    (uint32_t *)h + moe_tile_pair(c * width / 2, 0, mr));
+                continue;
+            }
             job->kr->epilogue((int)job->act.activation, w->gated, tile, m,
                               n_units,
                               w->gu_bias ? w->gu_bias +
                                   (task->e * w->gu_panels + c) * nr : NULL,
                               job->act.alpha, job->act.limit,
-                              layout == MOE_DOT_PAIRS ||
-                                      layout == MOE_DOT_ROWS
-                                  ? hb : h + c * width * mr, mr);
-            if (layout == MOE_DOT_ROWS) {
-                /* units c * width + j rounded to bf16, as pairs of rows
-                 * (width and n_units even) */
-                uint32_t *rows = (uint32_t *)h + c * width / 2;
-                int i, j;
-                for (i = 0; i < m; i++) {
-                    for (j = 0; j < n_units; j += 2) {
-                        rows[i * job->lda_h + j / 2] = moe_bf16_pair(
-                            hb[j * mr + i], hb[(j + 1) * mr + i]);
-                    }
-                }
-            }
-            else if (w->bf16_act) {
+                              layout == MOE_DOT_PAIRS ? hb : h + c * width * mr,
+                              mr);
+            if (w->bf16_act) {
                 /* units c * width + j rounded to bf16: as pairs (width and
                  * n_units even) or in place as fp32 values */
                 uint32_t *pairs = (uint32_t *)h + (c * width / 2) * mr;
@@ -1313,7 +1306,7 @@ moe_ffn_gemm_task(void *ctx, int64_t t)
             else if (w->bf16_act) {
                 /* bf16 compute: the hidden panel as the dot kernel reads it */
                 job->kr->dot(in, b, K / 2, m, n_cols == nr ? y : tile,
-                             n_cols == nr ? d : nr, job->lda_h, pf);
+                             n_cols == nr ? d : nr, pf);
             }
             else if (n_cols == nr) {
                 /* A whole panel of columns: straight into the output rows. */
@@ -1434,21 +1427,12 @@ moe_ffn_bias_rows(const moe_ffn_job *job, const moe_panel_gemm *g)
     }
 }
 
-/*
- * Floats per activation panel of K values a row (job->mr rows), and into
- * *lda the row stride in pairs of a MOE_DOT_ROWS panel: K / 2 rounded up to
- * whole 64-byte lines, an odd number of them, so that a tile's 16 rows fall
- * in different cache sets (an even stride of 2 KiB put them in two).
- */
+/* Floats per activation panel of K values a row (job->mr rows). */
 static int64_t
-moe_act_panel(const moe_ffn_job *job, int64_t K, int64_t *lda)
+moe_act_panel(const moe_ffn_job *job, int64_t K)
 {
-    *lda = 0;
-    if (job->w->bf16_act && job->kr->dot_layout == MOE_DOT_ROWS) {
-        int64_t lines = (K / 2 + 15) / 16;
-        lines += (lines % 2 == 0);
-        *lda = lines * 16;
-        return job->mr * *lda;
+    if (job->w->bf16_act && job->kr->dot_layout == MOE_DOT_TILES) {
+        return moe_tile_panel_pairs(K / 2, job->mr);
     }
     return K * job->mr;
 }
@@ -1479,8 +1463,8 @@ moe_ffn_run(moe_ffn_job *job, moe_panel_gemm *final, int64_t n_rows)
     }
     job->kr = moe_cpu_kernels();
     job->mr = w->bf16_act ? job->kr->dot_mr : job->kr->mr;
-    job->x_panel = moe_act_panel(job, w->d_model, &job->lda_x);
-    job->h_panel = moe_act_panel(job, w->d_ff, &job->lda_h);
+    job->x_panel = moe_act_panel(job, w->d_model);
+    job->h_panel = moe_act_panel(job, w->d_ff);
     job->panel_off = moe_alloc((size_t)w->n_experts + 1, sizeof(int64_t));
     if (job->panel_off == NULL) {
         goto done;

@@ -3,7 +3,7 @@
  * "amx" kernel set: the avx512bf16 set with this dot (cpu/ffn.c composes it).
  *
  * c (m <= 32, 32) = a @ b over Kp pairs of k, fp32 accumulation in tiles:
- *   a: MOE_DOT_ROWS, 32 rows of lda uint32 bf16 pairs (row-major),
+ *   a: MOE_DOT_TILES, blocks of 16 pairs of the 32 rows (a tile's rows),
  *   b: the packed (Kp, 32, 2) bf16 weight panel: a tile's 16 pair rows of
  *      16 columns are 64 of every 128 bytes (stride 128), as TDPBF16PS
  *      reads its second operand, so the forward's packing serves as is.
@@ -92,11 +92,13 @@ moe_amx_hi(__m512i u)
         _mm512_and_si512(u, _mm512_set1_epi32((int)0xffff0000u)));
 }
 
-/* c rows i < m += pairs [k0, Kp) of a @ b, two FMAs per pair (k, k + 1). */
+/* c rows i < m += pairs [k0, Kp) of a @ b (k0 a multiple of 16, so one
+ * tile block), two FMAs per pair (k, k + 1). */
 static void
 moe_amx_tail(const uint32_t *a, const uint32_t *b, int64_t k0, int64_t Kp,
-             int m, float *c, int64_t ldc, int64_t lda)
+             int m, float *c, int64_t ldc)
 {
+    const uint32_t *blk = a + k0 * MOE_AMX_MR;
     int i;
 
     for (i = 0; i < m; i++) {
@@ -104,7 +106,7 @@ moe_amx_tail(const uint32_t *a, const uint32_t *b, int64_t k0, int64_t Kp,
         __m512 c1 = _mm512_loadu_ps(c + i * ldc + 16);
         int64_t k;
         for (k = k0; k < Kp; k++) {
-            const __m512i av = _mm512_set1_epi32((int)a[i * lda + k]);
+            const __m512i av = _mm512_set1_epi32((int)blk[i * 16 + k - k0]);
             const __m512i b0 = _mm512_loadu_si512(b + k * 32);
             const __m512i b1 = _mm512_loadu_si512(b + k * 32 + 16);
             const __m512 alo = moe_amx_lo(av), ahi = moe_amx_hi(av);
@@ -133,12 +135,15 @@ moe_amx_tail(const uint32_t *a, const uint32_t *b, int64_t k0, int64_t Kp,
         }                                                                    \
     } while (0)
 
+/* A step's activation block: 32 rows of 16 pairs, 2 KiB, read as two tiles
+ * (stride 64 bytes); its weights: 16 pair rows of 32 columns, 2 KiB, read
+ * as two tiles of 16 columns (stride 128).  Both streams are sequential. */
 void
 moe_dot_amx(const void *a_panel, const void *b_panel, int64_t Kp, int m,
-            float *c, int64_t ldc, int64_t lda, moe_prefetch pf)
+            float *c, int64_t ldc, moe_prefetch pf)
 {
     const uint32_t *a = a_panel, *b = b_panel;
-    const int64_t Kt = Kp & ~(int64_t)15, sa = lda * 4;
+    const int64_t Kt = Kp & ~(int64_t)15;
     const int two = m > 16;
     /* whole tiles straight into c; else through buf (stride 32 floats) */
     const int direct = Kt == Kp && (m == 16 || m == 32);
@@ -156,12 +161,13 @@ moe_dot_amx(const void *a_panel, const void *b_panel, int64_t Kp, int m,
         _tile_zero(2);
         _tile_zero(3);
         for (k = 0; k < Kt; k += 16) {
+            const uint32_t *ak = a + k * MOE_AMX_MR;
+            _tile_loadd(4, ak, 64);
             _tile_loadd(6, b + k * 32, 128);
-            _tile_loadd(7, b + k * 32 + 16, 128);
-            _tile_loadd(4, a + k, sa);
-            _tile_loadd(5, a + 16 * lda + k, sa);
             _tile_dpbf16ps(0, 4, 6);
+            _tile_loadd(7, b + k * 32 + 16, 128);
             _tile_dpbf16ps(1, 4, 7);
+            _tile_loadd(5, ak + 16 * 16, 64);
             _tile_dpbf16ps(2, 5, 6);
             _tile_dpbf16ps(3, 5, 7);
             MOE_AMX_PREFETCH();
@@ -171,9 +177,9 @@ moe_dot_amx(const void *a_panel, const void *b_panel, int64_t Kp, int m,
     }
     else {
         for (k = 0; k < Kt; k += 16) {
+            _tile_loadd(4, a + k * MOE_AMX_MR, 64);
             _tile_loadd(6, b + k * 32, 128);
             _tile_loadd(7, b + k * 32 + 16, 128);
-            _tile_loadd(4, a + k, sa);
             _tile_dpbf16ps(0, 4, 6);
             _tile_dpbf16ps(1, 4, 7);
             MOE_AMX_PREFETCH();
@@ -184,7 +190,7 @@ moe_dot_amx(const void *a_panel, const void *b_panel, int64_t Kp, int m,
     if (direct) {
         return;
     }
-    moe_amx_tail(a, b, Kt, Kp, m, buf, 32, lda);
+    moe_amx_tail(a, b, Kt, Kp, m, buf, 32);
     for (i = 0; i < m; i++) {
         memcpy(c + i * ldc, buf + i * 32, 32 * sizeof(float));
     }

@@ -136,21 +136,34 @@ typedef void (*moe_ukr_fn)(const float *a, const void *b, int64_t K,
 /*
  * The bf16-compute kernel: c (m, NR) = first m rows of a @ b with b (Kp, NR,
  * 2) bf16 weights (pairs of k) and a the dot_mr activation rows rounded to
- * bf16, laid out by the set's dot_layout (moe_dot_layout); lda: a's row
- * stride in pairs (MOE_DOT_ROWS only); pf as for moe_ukr_fn.  See
- * cpu/gemm.inc and cpu/gemm_amx.c.
+ * bf16, laid out by the set's dot_layout (moe_dot_layout); pf as for
+ * moe_ukr_fn.  See cpu/gemm.inc and cpu/gemm_amx.c.
  */
 typedef void (*moe_dot_fn)(const void *a, const void *b, int64_t Kp, int m,
-                           float *c, int64_t ldc, int64_t lda,
-                           moe_prefetch pf);
+                           float *c, int64_t ldc, moe_prefetch pf);
 
 /* How the bf16-compute kernel reads its activation panel. */
 typedef enum moe_dot_layout {
     MOE_DOT_VALUES = 0, /* (2 Kp, dot_mr) fp32 values, k-major            */
     MOE_DOT_PAIRS  = 1, /* (Kp, dot_mr) uint32 pairs (k = 2 kp low half,
                            2 kp + 1 high half), k-major                   */
-    MOE_DOT_ROWS   = 2  /* (dot_mr, lda) uint32 pairs, row-major: tiles   */
+    MOE_DOT_TILES  = 2  /* blocks of 16 pairs: (ceil(Kp / 16), dot_mr, 16)
+                           uint32 pairs, each block's rows one tile's      */
 } moe_dot_layout;
+
+/* MOE_DOT_TILES: where pair kp of row i goes in a panel of mr rows, and the
+ * panel's size in pairs (the last block's pairs past Kp unused). */
+static inline int64_t
+moe_tile_pair(int64_t kp, int i, int mr)
+{
+    return ((kp >> 4) * mr + i) * 16 + (kp & 15);
+}
+
+static inline int64_t
+moe_tile_panel_pairs(int64_t Kp, int mr)
+{
+    return (Kp + 15) / 16 * 16 * mr;
+}
 
 /* out (n_x, n_w) = x (n_x, d) @ w (n_w, d)^T in float64 from float32 x and w
  * (see cpu/gemm.inc). */
@@ -166,6 +179,15 @@ typedef void (*moe_router_fn)(const float *x, int64_t n_x, const float *w,
 typedef void (*moe_epilogue_fn)(int act, int gated, const float *tile, int m,
                                 int n_units, const float *bias, float alpha,
                                 float limit, float *h, int mr);
+
+/*
+ * The epilogue into a MOE_DOT_TILES panel: the same hidden values rounded to
+ * bf16 (nearest even), units j < n_units (even, within one 16-pair block)
+ * of row i < m as pairs at h + i * 16 + j / 2.
+ */
+typedef void (*moe_epilogue_tiles_fn)(int act, int gated, const float *tile,
+                                      int m, int n_units, const float *bias,
+                                      float alpha, float limit, uint32_t *h);
 
 /*
  * Low-rank update of an output tile: for rows i < m,
@@ -226,6 +248,7 @@ typedef struct moe_kernels {
     void         (*tile_end)(void);
     moe_router_fn  router;
     moe_epilogue_fn epilogue;
+    moe_epilogue_tiles_fn epilogue_tiles;
     moe_lowrank_fn lowrank;
     moe_ukr_acc_fn ukr_acc;
     moe_act_grad_fn act_grad;
@@ -239,12 +262,12 @@ extern const moe_kernels moe_kernels_avx512;
 extern const moe_kernels moe_kernels_avx512bf16;
 extern const moe_kernels moe_kernels_avx512sim; /* tests: MOE_ISA=avx512sim */
 
-/* cpu/gemm_amx.c: the AMX-BF16 dot kernel (MOE_DOT_ROWS, MOE_AMX_MR rows)
+/* cpu/gemm_amx.c: the AMX-BF16 dot kernel (MOE_DOT_TILES, MOE_AMX_MR rows)
  * and its tile hooks; moe_amx_request asks Linux for the tile state once
  * per process and says whether tiles may be used (cpuid checked first). */
 #define MOE_AMX_MR 32
 void moe_dot_amx(const void *a, const void *b, int64_t Kp, int m, float *c,
-                 int64_t ldc, int64_t lda, moe_prefetch pf);
+                 int64_t ldc, moe_prefetch pf);
 void moe_amx_begin(void);
 void moe_amx_end(void);
 int moe_amx_request(void);

@@ -135,31 +135,22 @@ moe_amx_tail(const uint32_t *a, const uint32_t *b, int64_t k0, int64_t Kp,
         }                                                                    \
     } while (0)
 
-/* A step's activation block: 32 rows of 16 pairs, 2 KiB, read as two tiles
- * (stride 64 bytes); its weights: 16 pair rows of 32 columns, 2 KiB, read
- * as two tiles of 16 columns (stride 128).  Both streams are sequential. */
-void
-moe_dot_amx(const void *a_panel, const void *b_panel, int64_t Kp, int m,
-            float *c, int64_t ldc, moe_prefetch pf)
+/*
+ * The whole 16-pair steps of a @ b added into tiles 0-1 (rows 0-15) and,
+ * when two, 2-3 (rows 16-31).  A step's activation block: 32 rows of 16
+ * pairs, 2 KiB, read as two tiles (stride 64 bytes); its weights: 16 pair
+ * rows of 32 columns, 2 KiB, read as two tiles of 16 columns (stride 128).
+ * Both streams are sequential.
+ */
+static inline __attribute__((always_inline)) void
+moe_amx_steps(const uint32_t *a, const uint32_t *b, int64_t Kt, int two,
+              moe_prefetch pf)
 {
-    const uint32_t *a = a_panel, *b = b_panel;
-    const int64_t Kt = Kp & ~(int64_t)15;
-    const int two = m > 16;
-    /* whole tiles straight into c; else through buf (stride 32 floats) */
-    const int direct = Kt == Kp && (m == 16 || m == 32);
-    float buf[32 * 32] __attribute__((aligned(64)));
-    float *o = direct ? c : buf;
-    const int64_t so = direct ? ldc * 4 : 128, ro = direct ? 16 * ldc : 16 * 32;
     const char *pf_at = pf.at;
     int pf_count = pf.every;
     int64_t k;
-    int i;
 
-    _tile_zero(0);
-    _tile_zero(1);
     if (two) {
-        _tile_zero(2);
-        _tile_zero(3);
         for (k = 0; k < Kt; k += 16) {
             const uint32_t *ak = a + k * MOE_AMX_MR;
             _tile_loadd(4, ak, 64);
@@ -172,8 +163,6 @@ moe_dot_amx(const void *a_panel, const void *b_panel, int64_t Kp, int m,
             _tile_dpbf16ps(3, 5, 7);
             MOE_AMX_PREFETCH();
         }
-        _tile_stored(2, o + ro, so);
-        _tile_stored(3, o + ro + 16, so);
     }
     else {
         for (k = 0; k < Kt; k += 16) {
@@ -185,12 +174,52 @@ moe_dot_amx(const void *a_panel, const void *b_panel, int64_t Kp, int m,
             MOE_AMX_PREFETCH();
         }
     }
-    _tile_stored(0, o, so);
-    _tile_stored(1, o + 16, so);
-    if (direct) {
-        return;
+}
+
+void
+moe_dot_amx_acc(const void *a_panel, const void *b_panel, int64_t Kp, int m,
+                float *c, int64_t ldc, int load_c, moe_prefetch pf)
+{
+    const uint32_t *a = a_panel, *b = b_panel;
+    const int64_t Kt = Kp & ~(int64_t)15, sc = ldc * 4;
+    const int two = m > 16;
+
+    if (load_c) {
+        _tile_loadd(0, c, sc);
+        _tile_loadd(1, c + 16, sc);
+        if (two) {
+            _tile_loadd(2, c + 16 * ldc, sc);
+            _tile_loadd(3, c + 16 * ldc + 16, sc);
+        }
     }
-    moe_amx_tail(a, b, Kt, Kp, m, buf, 32);
+    else {
+        _tile_zero(0);
+        _tile_zero(1);
+        if (two) {
+            _tile_zero(2);
+            _tile_zero(3);
+        }
+    }
+    moe_amx_steps(a, b, Kt, two, pf);
+    _tile_stored(0, c, sc);
+    _tile_stored(1, c + 16, sc);
+    if (two) {
+        _tile_stored(2, c + 16 * ldc, sc);
+        _tile_stored(3, c + 16 * ldc + 16, sc);
+    }
+    if (Kt < Kp) {
+        moe_amx_tail(a, b, Kt, Kp, m, c, ldc);
+    }
+}
+
+void
+moe_dot_amx(const void *a_panel, const void *b_panel, int64_t Kp, int m,
+            float *c, int64_t ldc, moe_prefetch pf)
+{
+    float buf[32 * 32] __attribute__((aligned(64)));
+    int i;
+
+    moe_dot_amx_acc(a_panel, b_panel, Kp, m, buf, 32, 0, pf);
     for (i = 0; i < m; i++) {
         memcpy(c + i * ldc, buf + i * 32, 32 * sizeof(float));
     }

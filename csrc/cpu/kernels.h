@@ -142,6 +142,17 @@ typedef void (*moe_ukr_fn)(const float *a, const void *b, int64_t K,
 typedef void (*moe_dot_fn)(const void *a, const void *b, int64_t Kp, int m,
                            float *c, int64_t ldc, moe_prefetch pf);
 
+/*
+ * The bf16-compute kernel in k blocks (tile sets): c (rows of ldc floats) =
+ * (load_c ? c : 0) + a @ b over Kp pairs, a and b at the block's first
+ * pair; continuing from c gives the bits of one call over all the blocks
+ * (the accumulators are fp32 either way).  c has 16 rows for m <= 16, else
+ * 32 (all read and written: rows past m hold garbage).
+ */
+typedef void (*moe_dot_acc_fn)(const void *a, const void *b, int64_t Kp,
+                               int m, float *c, int64_t ldc, int load_c,
+                               moe_prefetch pf);
+
 /* How the bf16-compute kernel reads its activation panel. */
 typedef enum moe_dot_layout {
     MOE_DOT_VALUES = 0, /* (2 Kp, dot_mr) fp32 values, k-major            */
@@ -246,6 +257,7 @@ typedef struct moe_kernels {
      * calling thread (once per task); tile_end releases it.  NULL else. */
     void         (*tile_begin)(void);
     void         (*tile_end)(void);
+    moe_dot_acc_fn dot_acc; /* tile sets: dot in k blocks (NULL: none)    */
     moe_router_fn  router;
     moe_epilogue_fn epilogue;
     moe_epilogue_tiles_fn epilogue_tiles;
@@ -268,6 +280,8 @@ extern const moe_kernels moe_kernels_avx512sim; /* tests: MOE_ISA=avx512sim */
 #define MOE_AMX_MR 32
 void moe_dot_amx(const void *a, const void *b, int64_t Kp, int m, float *c,
                  int64_t ldc, moe_prefetch pf);
+void moe_dot_amx_acc(const void *a, const void *b, int64_t Kp, int m,
+                     float *c, int64_t ldc, int load_c, moe_prefetch pf);
 void moe_amx_begin(void);
 void moe_amx_end(void);
 int moe_amx_request(void);

@@ -221,3 +221,28 @@ def test_pack_experts_checks_bf16_compute():
     with pytest.raises(ValueError, match="even d_model"):
         moe._C.pack_experts(w_gate=gb, w_up=gb, w_down=np.zeros((2, 5, 4), np.uint16), dtype=1,
                             compute=moe.COMPUTE_DTYPES.index("bfloat16"))
+
+
+def test_bf16_compute_exact_sums_are_bitwise():
+    """Inputs whose products and sums are exact in float32 (small integers, halves): every
+    kernel set's order of additions gives the same sums, so the output equals the reference
+    bit for bit.  The shape runs the tile kernel's k blocks (d = 288: 128 + 16 pairs; d_ff =
+    400: 128 + 72, a part step of 8 pairs) on whole and part 32-row panels, an empty expert
+    and biases."""
+    rng = np.random.default_rng(5)
+    E, d, F = 3, 288, 400
+    halves = np.array([-1.0, -0.5, 0.0, 0.5, 1.0], np.float32)
+    w_up = moe.float32_to_bfloat16(rng.choice(halves, (E, F, d)))
+    w_down = moe.float32_to_bfloat16(rng.choice(halves, (E, d, F)))
+    b_up = rng.integers(-8, 9, (E, F)).astype(np.float32) / 2
+    b_down = rng.integers(-8, 9, (E, d)).astype(np.float32) / 2
+    offsets = [0, 70, 70, 120]
+    x = rng.integers(-2, 3, (120, d)).astype(np.float32)
+    packed = moe.pack_experts(None, w_up, w_down, activation="relu", dtype="bfloat16",
+                              compute_dtype="bfloat16", b_up=b_up, b_down=b_down)
+    y = moe.expert_ffn(x, offsets, packed, activation="relu")
+    ref = reference.expert_ffn(x, offsets, None, decoded(w_up, "bfloat16"),
+                               decoded(w_down, "bfloat16"), activation="relu", b_up=b_up,
+                               b_down=b_down, compute_dtype="bfloat16")
+    assert np.abs(ref).max() > 256  # the hidden values needed rounding to bf16
+    np.testing.assert_array_equal(y, ref.astype(np.float32))

@@ -1144,8 +1144,9 @@ moe_ffn_save_gu(const moe_ffn_job *job, const float *tile, int m, int64_t r0,
  * blocks of MOE_TILE_KB pairs, every panel per block, so that the block of
  * b (16 KiB) is read from L2 once and from L1 for the other panels; the
  * calls bring `next` (bytes long) to L2 as moe_prefetch_slice spreads it.
- * out (or NULL): whole panels (MOE_AMX_MR rows) accumulate there instead,
- * at row r0 of ld_out floats (the down GEMM's output rows).
+ * The tiles stay in acc (rows of nr floats) between blocks: accumulating in
+ * the output rows instead (rows of d floats, 4 KiB apart at d 1024: one
+ * cache set) made the down GEMM 1.2-1.4x slower on qwen3 / deepseek-small.
  * Measured, one core, 6 panels of 512 pairs (d 1024) from L2: 1.65
  * TFLOP/s in one pass over k, 2.3 in blocks of 128 pairs (64: 1.8).
  */
@@ -1156,8 +1157,7 @@ moe_ffn_save_gu(const moe_ffn_job *job, const float *tile, int m, int64_t r0,
 static void
 moe_tiles_gemm(const moe_ffn_job *job, const moe_ffn_task *task,
                const float *in, int64_t in_panel, const void *b, int64_t Kp,
-               float *acc, float *out, int64_t ld_out, const char *next,
-               int64_t next_bytes)
+               float *acc, const char *next, int64_t next_bytes)
 {
     const int64_t n = task->p1 - task->p0;
     const int64_t nkb = (Kp + MOE_TILE_KB - 1) / MOE_TILE_KB;
@@ -1171,15 +1171,12 @@ moe_tiles_gemm(const moe_ffn_job *job, const moe_ffn_task *task,
         for (P = task->p0; P < task->p1; P++) {
             const moe_prefetch pf = moe_prefetch_slice(
                 next, next_bytes, len, kb * n + P - task->p0, nkb * n);
-            int whole;
             moe_panel_rows(job, P, &r0, &m);
-            whole = out != NULL && m == MOE_AMX_MR;
             job->kr->dot_acc((const uint32_t *)(in + P * in_panel) +
                                  k0 * job->mr,
                              (const uint32_t *)b + k0 * nr, len, m,
-                             whole ? out + r0 * ld_out
-                                   : acc + (P - task->p0) * MOE_AMX_MR * nr,
-                             whole ? ld_out : nr, kb > 0, pf);
+                             acc + (P - task->p0) * MOE_AMX_MR * nr, nr,
+                             kb > 0, pf);
         }
     }
 }
@@ -1229,7 +1226,7 @@ moe_ffn_up_task(void *ctx, int64_t t)
         const char *next = c + 1 < task->c1 ? b + panel : NULL;
         if (tiles) {
             moe_tiles_gemm(job, task, job->xp, job->x_panel, b, d / 2, acc,
-                           NULL, 0, next, panel);
+                           next, panel);
         }
         for (P = task->p0; P < task->p1; P++) {
             float *h = job->hp + P * job->h_panel;
@@ -1350,8 +1347,7 @@ moe_ffn_gemm_task(void *ctx, int64_t t)
             bk = wide;
         }
         if (tiles) {
-            moe_tiles_gemm(job, task, g->in, g->in_panel, b, K / 2, acc,
-                           c * nr + nr <= d ? g->out + c * nr : NULL, d, next,
+            moe_tiles_gemm(job, task, g->in, g->in_panel, b, K / 2, acc, next,
                            k_bytes);
         }
         for (P = task->p0; P < task->p1; P++) {
@@ -1361,14 +1357,12 @@ moe_ffn_gemm_task(void *ctx, int64_t t)
                                                                : K,
                 P - task->p0, task->p1 - task->p0);
             const float *in = g->in + P * g->in_panel;
-            /* whole panels of columns go straight into the output rows
-             * (the tile sets': of whole panels of rows); the rest through
-             * a tile */
-            int direct;
+            /* whole panels of columns go straight into the output rows;
+             * the rest (and the tile sets' tiles) through a tile */
+            const int direct = n_cols == nr && !tiles;
             float *y, *tile = tiles ? acc + (P - task->p0) * MOE_AMX_MR * nr
                                     : one;
             moe_panel_rows(job, P, &r0, &m);
-            direct = n_cols == nr && (!tiles || m == MOE_AMX_MR);
             y = g->out + r0 * d + c * nr;
             if (tiles) {
                 /* computed above */

@@ -1005,13 +1005,7 @@ moe_ffn_pack_rows(void *ctx, int64_t P)
     }
     if (job->w->bf16_act && job->kr->dot_layout == MOE_DOT_TILES) {
         /* blocks of 16 pairs of the mr rows (rows past m zero) */
-        uint32_t *pairs = (uint32_t *)dst;
-        for (k = 0; k < d; k += 2) {
-            for (i = 0; i < mr; i++) {
-                pairs[moe_tile_pair(k / 2, i, mr)] =
-                    i < m ? moe_bf16_pair(src[i][k], src[i][k + 1]) : 0;
-            }
-        }
+        job->kr->pack_tiles(src, m, mr, d, (uint32_t *)dst);
         return;
     }
     if (job->w->bf16_act && job->kr->dot_layout == MOE_DOT_PAIRS) {

@@ -201,6 +201,14 @@ typedef void (*moe_epilogue_tiles_fn)(int act, int gated, const float *tile,
                                       float alpha, float limit, uint32_t *h);
 
 /*
+ * A MOE_DOT_TILES activation panel of mr rows from rows i < m (src[i], d
+ * values, d even) rounded to bf16 (nearest even; NaN quieted): pair kp of
+ * row i at moe_tile_pair(kp, i, mr); rows m .. mr - 1 zero.
+ */
+typedef void (*moe_pack_tiles_fn)(const float *const *src, int m, int mr,
+                                  int64_t d, uint32_t *dst);
+
+/*
  * Low-rank update of an output tile: for rows i < m,
  *   c[i * ldc + j] += sum_q coef[i * ld_coef + q] * bank[index[i * ld_index + q] * ld_bank + j]
  * for columns j < n_cols, q in order (index -1: skipped).  bank points at
@@ -261,6 +269,7 @@ typedef struct moe_kernels {
     moe_router_fn  router;
     moe_epilogue_fn epilogue;
     moe_epilogue_tiles_fn epilogue_tiles;
+    moe_pack_tiles_fn pack_tiles;
     moe_lowrank_fn lowrank;
     moe_ukr_acc_fn ukr_acc;
     moe_act_grad_fn act_grad;

@@ -1141,6 +1141,9 @@ moe_ffn_save_gu(const moe_ffn_job *job, const float *tile, int m, int64_t r0,
  * The tiles stay in acc (rows of nr floats) between blocks: accumulating in
  * the output rows instead (rows of d floats, 4 KiB apart at d 1024: one
  * cache set) made the down GEMM 1.2-1.4x slower on qwen3 / deepseek-small.
+ * out (or NULL): the last block of a whole panel (MOE_AMX_MR rows) stores
+ * there, at row r0 of ld_out floats, instead of in acc (a copy from acc
+ * took 15-23% of qwen3-small's forward at 2048 tokens).
  * Measured, one core, 6 panels of 512 pairs (d 1024) from L2: 1.65
  * TFLOP/s in one pass over k, 2.3 in blocks of 128 pairs (64: 1.8).
  */
@@ -1151,7 +1154,8 @@ moe_ffn_save_gu(const moe_ffn_job *job, const float *tile, int m, int64_t r0,
 static void
 moe_tiles_gemm(const moe_ffn_job *job, const moe_ffn_task *task,
                const float *in, int64_t in_panel, const void *b, int64_t Kp,
-               float *acc, const char *next, int64_t next_bytes)
+               float *acc, float *out, int64_t ld_out, const char *next,
+               int64_t next_bytes)
 {
     const int64_t n = task->p1 - task->p0;
     const int64_t nkb = (Kp + MOE_TILE_KB - 1) / MOE_TILE_KB;
@@ -1165,12 +1169,16 @@ moe_tiles_gemm(const moe_ffn_job *job, const moe_ffn_task *task,
         for (P = task->p0; P < task->p1; P++) {
             const moe_prefetch pf = moe_prefetch_slice(
                 next, next_bytes, len, kb * n + P - task->p0, nkb * n);
+            float *t = acc + (P - task->p0) * MOE_AMX_MR * nr;
+            int direct;
             moe_panel_rows(job, P, &r0, &m);
+            direct = out != NULL && m == MOE_AMX_MR && kb == nkb - 1;
             job->kr->dot_acc((const uint32_t *)(in + P * in_panel) +
                                  k0 * job->mr,
                              (const uint32_t *)b + k0 * nr, len, m,
-                             acc + (P - task->p0) * MOE_AMX_MR * nr, nr,
-                             kb > 0, pf);
+                             kb > 0 ? t : NULL,
+                             direct ? out + r0 * ld_out : t,
+                             direct ? ld_out : nr, pf);
         }
     }
 }
@@ -1220,7 +1228,7 @@ moe_ffn_up_task(void *ctx, int64_t t)
         const char *next = c + 1 < task->c1 ? b + panel : NULL;
         if (tiles) {
             moe_tiles_gemm(job, task, job->xp, job->x_panel, b, d / 2, acc,
-                           next, panel);
+                           NULL, 0, next, panel);
         }
         for (P = task->p0; P < task->p1; P++) {
             float *h = job->hp + P * job->h_panel;
@@ -1341,7 +1349,8 @@ moe_ffn_gemm_task(void *ctx, int64_t t)
             bk = wide;
         }
         if (tiles) {
-            moe_tiles_gemm(job, task, g->in, g->in_panel, b, K / 2, acc, next,
+            moe_tiles_gemm(job, task, g->in, g->in_panel, b, K / 2, acc,
+                           c * nr + nr <= d ? g->out + c * nr : NULL, d, next,
                            k_bytes);
         }
         for (P = task->p0; P < task->p1; P++) {
@@ -1351,12 +1360,14 @@ moe_ffn_gemm_task(void *ctx, int64_t t)
                                                                : K,
                 P - task->p0, task->p1 - task->p0);
             const float *in = g->in + P * g->in_panel;
-            /* whole panels of columns go straight into the output rows;
-             * the rest (and the tile sets' tiles) through a tile */
-            const int direct = n_cols == nr && !tiles;
+            /* whole panels of columns go straight into the output rows
+             * (the tile sets': of whole panels of rows, moe_tiles_gemm);
+             * the rest through a tile */
+            int direct;
             float *y, *tile = tiles ? acc + (P - task->p0) * MOE_AMX_MR * nr
                                     : one;
             moe_panel_rows(job, P, &r0, &m);
+            direct = n_cols == nr && (!tiles || m == MOE_AMX_MR);
             y = g->out + r0 * d + c * nr;
             if (tiles) {
                 /* computed above */

@@ -178,18 +178,18 @@ moe_amx_steps(const uint32_t *a, const uint32_t *b, int64_t Kt, int two,
 
 void
 moe_dot_amx_acc(const void *a_panel, const void *b_panel, int64_t Kp, int m,
-                float *c, int64_t ldc, int load_c, moe_prefetch pf)
+                const float *c_in, float *c, int64_t ldc, moe_prefetch pf)
 {
     const uint32_t *a = a_panel, *b = b_panel;
     const int64_t Kt = Kp & ~(int64_t)15, sc = ldc * 4;
     const int two = m > 16;
 
-    if (load_c) {
-        _tile_loadd(0, c, sc);
-        _tile_loadd(1, c + 16, sc);
+    if (c_in != NULL) {
+        _tile_loadd(0, c_in, 128);
+        _tile_loadd(1, c_in + 16, 128);
         if (two) {
-            _tile_loadd(2, c + 16 * ldc, sc);
-            _tile_loadd(3, c + 16 * ldc + 16, sc);
+            _tile_loadd(2, c_in + 16 * 32, 128);
+            _tile_loadd(3, c_in + 16 * 32 + 16, 128);
         }
     }
     else {
@@ -219,7 +219,7 @@ moe_dot_amx(const void *a_panel, const void *b_panel, int64_t Kp, int m,
     float buf[32 * 32] __attribute__((aligned(64)));
     int i;
 
-    moe_dot_amx_acc(a_panel, b_panel, Kp, m, buf, 32, 0, pf);
+    moe_dot_amx_acc(a_panel, b_panel, Kp, m, NULL, buf, 32, pf);
     for (i = 0; i < m; i++) {
         memcpy(c + i * ldc, buf + i * 32, 32 * sizeof(float));
     }

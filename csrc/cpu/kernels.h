@@ -144,14 +144,15 @@ typedef void (*moe_dot_fn)(const void *a, const void *b, int64_t Kp, int m,
 
 /*
  * The bf16-compute kernel in k blocks (tile sets): c (rows of ldc floats) =
- * (load_c ? c : 0) + a @ b over Kp pairs, a and b at the block's first
- * pair; continuing from c gives the bits of one call over all the blocks
- * (the accumulators are fp32 either way).  c has 16 rows for m <= 16, else
- * 32 (all read and written: rows past m hold garbage).
+ * c_in (rows of 32 floats; NULL: 0) + a @ b over Kp pairs, a and b at the
+ * block's first pair; continuing from the previous block's c gives the bits
+ * of one call over all the blocks (the accumulators are fp32 either way).
+ * c and c_in have 16 rows for m <= 16, else 32 (all read and written: rows
+ * past m hold garbage).
  */
 typedef void (*moe_dot_acc_fn)(const void *a, const void *b, int64_t Kp,
-                               int m, float *c, int64_t ldc, int load_c,
-                               moe_prefetch pf);
+                               int m, const float *c_in, float *c,
+                               int64_t ldc, moe_prefetch pf);
 
 /* How the bf16-compute kernel reads its activation panel. */
 typedef enum moe_dot_layout {
@@ -290,7 +291,8 @@ extern const moe_kernels moe_kernels_avx512sim; /* tests: MOE_ISA=avx512sim */
 void moe_dot_amx(const void *a, const void *b, int64_t Kp, int m, float *c,
                  int64_t ldc, moe_prefetch pf);
 void moe_dot_amx_acc(const void *a, const void *b, int64_t Kp, int m,
-                     float *c, int64_t ldc, int load_c, moe_prefetch pf);
+                     const float *c_in, float *c, int64_t ldc,
+                     moe_prefetch pf);
 void moe_amx_begin(void);
 void moe_amx_end(void);
 int moe_amx_request(void);

@@ -71,8 +71,8 @@ moe_with_dot(moe_kernels *slot, const moe_kernels *base,
  * test set avx512sim on any AVX2 CPU.  Decided once: the first call comes
  * from the module's init, under the GIL.  Two sets are composed here:
  *   - avx512bf16 on Intel keeps the FMA emulation for bf16 compute: there
- *     VDPBF16PS runs at half the FMA's flop rate (Sapphire Rapids: 111 vs
- *     221 GFLOP/s a core, issue 22), while on AMD Zen 4 it has twice it;
+ *     VDPBF16PS runs at half the FMA's flop rate (Xeons with AMX, register
+ *     loops: 111-120 vs 221-240 GFLOP/s a core), on AMD Zen 4 twice it;
  *   - amx: that set with the tile kernel (cpu/gemm_amx.c) for bf16
  *     compute, where cpuid has AMX-BF16 and Linux grants the tile state
  *     (asked only when no MOE_ISA rules the set out; refused: avx512bf16).

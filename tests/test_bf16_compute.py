@@ -133,11 +133,13 @@ def test_bf16_compute_matches_reference(tmp_path, isa):
     assert_within_naive(*pool, what=f"MOE_ISA={isa} bf16 compute")
 
 
-@pytest.mark.parametrize("T", [1, 13, 300])
-def test_bf16_compute_bitwise_for_any_thread_count(T):
-    layer = moe.SparseMoE(64, 96, 8, 2, dtype="bfloat16", compute_dtype="bfloat16", seed=3,
+@pytest.mark.parametrize("T, d, F", [(1, 64, 96), (13, 64, 96), (300, 64, 96),
+                                     (300, 288, 400)])
+def test_bf16_compute_bitwise_for_any_thread_count(T, d, F):
+    # (288, 400: the amx set's k blocks, several per panel)
+    layer = moe.SparseMoE(d, F, 8, 2, dtype="bfloat16", compute_dtype="bfloat16", seed=3,
                           n_shared_experts=1)
-    x = np.random.default_rng(T).standard_normal((T, 64)).astype(np.float32)
+    x = np.random.default_rng(T).standard_normal((T, d)).astype(np.float32)
     outs = []
     before = moe.get_num_threads()
     try:

@@ -377,7 +377,8 @@ typedef struct moe_ffn_params {
     moe_act_params     act;         /* gated iff the pack has w_gate        */
     const moe_expert_lora *lora;    /* adapters on the experts, or NULL     */
     float             *out;         /* out: (n_rows, d_model), sorted rows  */
-    float             *save_gu;     /* out, or NULL (float32 compute): each
+    float             *save_gu;     /* out, or NULL (float32 or bfloat16
+                                       compute): each
                                        row's pre-activations as the
                                        activation reads them (bias and LoRA
                                        terms in), (n_rows, 2 * d_ff) gate
@@ -751,7 +752,11 @@ typedef struct moe_ffn_backward_params {
 } moe_ffn_backward_params;
 
 /* Gate and up are recomputed, never kept: memory O(n_rows * d_ff) while it
- * runs, nothing between the forward and the backward. */
+ * runs, nothing between the forward and the backward.  A bfloat16-compute
+ * pack: the products read bf16-rounded operands (dy, dG, dU, the rows, H,
+ * the weights) with float32 sums, on AMX tiles where the amx set runs;
+ * the activation's backward and the bias sums stay float32 (moe/reference.py
+ * ffn_backward, compute_dtype).  int8-compute packs have no backward. */
 moe_status moe_ffn_backward(const moe_ffn_backward_params *p);
 
 /* Combine: d_y[position[t, j]] = weights[t, j] * d_out[t] and

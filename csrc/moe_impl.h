@@ -183,6 +183,10 @@ typedef struct moe_mm_seg {
  */
 moe_status moe_mm_block(const moe_mm_seg *segs, int n_segs, int64_t m,
                         int64_t n, float *c, int64_t ldc);
+/* moe_mm_block with A and B rounded to bf16 (nearest even) as they are
+ * read, fp32 sums: the bf16-compute backward's products. */
+moe_status moe_mm_block_bf16(const moe_mm_seg *segs, int n_segs, int64_t m,
+                             int64_t n, float *c, int64_t ldc);
 moe_status moe_mm(const moe_mm_seg *segs, int n_segs, int64_t m, int64_t n,
                   float *c, int64_t ldc);
 

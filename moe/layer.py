@@ -560,8 +560,8 @@ class SparseMoE:
 
     def _check_trainable(self):
         why = []
-        if self.compute_dtype != "float32":
-            why.append(f"compute_dtype={self.compute_dtype!r}")
+        if self.compute_dtype == "int8":
+            why.append("compute_dtype='int8'")
         for name, dt in (("dtype", self.dtype), ("shared_dtype", self.shared_dtype)):
             if dt in QUANT_DTYPES and (name == "dtype" or self.n_shared_experts):
                 why.append(f"{name}={dt!r} (quantized weights: train the float layer, then "
@@ -569,8 +569,7 @@ class SparseMoE:
         if why:
             raise NotImplementedError(
                 "the backward covers every router with shared experts, biases, null "
-                "experts, skipping and expert LoRA; not yet "
-                "(issue 19): " + ", ".join(why))
+                "experts, skipping, expert LoRA and bf16 compute; not: " + ", ".join(why))
 
     def forward_train(self, x, *, allowed=None, groups=None, recompute_hidden=None):
         """The forward of __call__ keeping what backward needs: returns (y, ctx).

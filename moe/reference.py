@@ -1405,7 +1405,8 @@ def _activation_grads(name, gate, up, alpha=1.702, limit=7.0):
 
 
 def ffn_backward(x, w_gate, w_up, w_down, dy, activation="swiglu", b_gate=None, b_up=None,
-                 b_down=None, alpha=1.702, limit=7.0, lora=None, lora_scaling=1.0):
+                 b_down=None, alpha=1.702, limit=7.0, lora=None, lora_scaling=1.0,
+                 compute_dtype="float32"):
     """Gradients of ffn (one expert, float64) for output gradient dy (T, d_out).
 
     g = x W_g^T + b_g, u = x W_u^T + b_u, h = act(g, u), y = h W_d^T + b_d.
@@ -1417,8 +1418,17 @@ def ffn_backward(x, w_gate, w_up, w_down, dy, activation="swiglu", b_gate=None, 
     result then also holds "lora": {target: (d_a (r, in), d_b (out, r))}: with z = v a^T
     and dp the projection's output gradient, d_b = s dp^T z, d_a = s (dp b)^T v, and v's
     gradient gains s (dp b) a.
+
+    compute_dtype "bfloat16" (ffn's bf16 compute, bf16 weights): the forward's x and h are
+    rounded (round_bfloat16) as in ffn, and every product of the backward reads its two
+    operands rounded to bfloat16 -- dy, dg and du (the activation's backward stays exact),
+    and x, h and the weights -- with exact sums: dh = r(dy) W_d, dW_d = r(dy)^T r(h),
+    dW_g = r(dg)^T r(x), dW_u = r(du)^T r(x), dx = r(dg) W_g + r(du) W_u.  The bias
+    gradients are sums of the unrounded dg, du, dy (mixed-precision training's rule).
     """
-    x = np.asarray(x, dtype=np.float64)
+    bf16 = compute_dtype == "bfloat16"
+    rb = round_bfloat16 if bf16 else (lambda a: a)  # noqa: E731
+    x = rb(np.asarray(x, dtype=np.float64))
     dy = np.asarray(dy, dtype=np.float64)
     w_up = np.asarray(w_up, dtype=np.float64)
     w_down = np.asarray(w_down, dtype=np.float64)
@@ -1446,7 +1456,7 @@ def ffn_backward(x, w_gate, w_up, w_down, dy, activation="swiglu", b_gate=None, 
         g = x @ w_gate.T + (0.0 if b_gate is None else np.asarray(b_gate, dtype=np.float64)) \
             + delta("w_gate", x)
     h = activate(activation, g, u, alpha, limit)
-    dh = dy @ w_down
+    dh = rb(dy) @ w_down
     lg = {}
     if "w_down" in ab:
         da, db, dv = lora_grads("w_down", h, dy)
@@ -1454,16 +1464,16 @@ def ffn_backward(x, w_gate, w_up, w_down, dy, activation="swiglu", b_gate=None, 
         dh = dh + dv
     dgate, dup = _activation_grads(activation, g, u, alpha, limit)
     du = dh * dup
-    out = {"dw_down": dy.T @ h, "db_down": dy.sum(axis=0), "dw_up": du.T @ x,
-           "db_up": du.sum(axis=0), "dx": du @ w_up, "dw_gate": None, "db_gate": None}
+    out = {"dw_down": rb(dy).T @ rb(h), "db_down": dy.sum(axis=0), "dw_up": rb(du).T @ x,
+           "db_up": du.sum(axis=0), "dx": rb(du) @ w_up, "dw_gate": None, "db_gate": None}
     if "w_up" in ab:
         da, db, dv = lora_grads("w_up", x, du)
         lg["w_up"] = (da, db)
         out["dx"] = out["dx"] + dv
     if gated:
         dg = dh * dgate
-        out.update(dw_gate=dg.T @ x, db_gate=dg.sum(axis=0))
-        out["dx"] = out["dx"] + dg @ w_gate
+        out.update(dw_gate=rb(dg).T @ x, db_gate=dg.sum(axis=0))
+        out["dx"] = out["dx"] + rb(dg) @ w_gate
         if "w_gate" in ab:
             da, db, dv = lora_grads("w_gate", x, dg)
             lg["w_gate"] = (da, db)
@@ -1475,14 +1485,15 @@ def ffn_backward(x, w_gate, w_up, w_down, dy, activation="swiglu", b_gate=None, 
 
 def expert_ffn_backward(x_sorted, offsets, w_gate, w_up, w_down, dy_sorted,
                         activation="swiglu", b_gate=None, b_up=None, b_down=None, alpha=1.702,
-                        limit=7.0, expert_d_ff=None, lora=None, lora_scaling=1.0):
+                        limit=7.0, expert_d_ff=None, lora=None, lora_scaling=1.0,
+                        compute_dtype="float32"):
     """Gradients of expert_ffn: {"dx_sorted" (N, d), "dw_gate", "dw_up", "dw_down" and
     "db_*" (per expert, zero for experts with no rows and for hidden units past
     expert_d_ff[e])}.  lora: {target: (a (E, r, in), b (E, out, r))} as in expert_ffn
     (each expert's adapters passed whole, as the forward does); the result also holds
     "lora_a_gate", "lora_b_gate", "lora_a_up", "lora_b_up", "lora_a_down", "lora_b_down"
     (E-stacked like a and b, zero for experts with no rows; None for targets without
-    adapters)."""
+    adapters).  compute_dtype: see ffn_backward."""
     x_sorted = np.asarray(x_sorted, dtype=np.float64)
     w_up = np.asarray(w_up, dtype=np.float64)
     E, F, d = w_up.shape
@@ -1510,7 +1521,7 @@ def expert_ffn_backward(x_sorted, offsets, w_gate, w_up, w_down, dy_sorted,
                          w_up[e][:f], np.asarray(w_down)[e][:, :f], dy_sorted[lo:hi],
                          activation, cut(b_gate), cut(b_up),
                          None if b_down is None else np.asarray(b_down)[e], alpha, limit,
-                         lora_e, lora_scaling)
+                         lora_e, lora_scaling, compute_dtype)
         out["dx_sorted"][lo:hi] = r["dx"]
         out["dw_up"][e, :f], out["db_up"][e, :f] = r["dw_up"], r["db_up"]
         out["dw_down"][e][:, :f], out["db_down"][e] = r["dw_down"], r["db_down"]
@@ -1649,7 +1660,7 @@ def sparse_moe_backward(x, router_weight, w_gate, w_up, w_down, dy, *, top_k,
                         null_experts=(), null_values=None, skip_threshold=0.0,
                         skip_renormalize=False, router="top_k", router_p=0.5,
                         router_threshold=0.01, k_min=1, lora=None, lora_scaling=1.0,
-                        router_grad="default"):
+                        router_grad="default", compute_dtype="float32"):
     """Gradients of  sum(dy * sparse_moe(x, ...)) + aux_coef * aux + z_coef * z  for the
     layer (the options of sparse_moe above, every router, null experts and the experts'
     LoRA included).  Returns {"dx", "router_weight", "router_bias", "w_gate", "w_up",
@@ -1657,6 +1668,7 @@ def sparse_moe_backward(x, router_weight, w_gate, w_up, w_down, dy, *, top_k,
     "shared_gate_weight", "null_values", "lora_a_gate", "lora_b_gate", "lora_a_up",
     "lora_b_up", "lora_a_down", "lora_b_down"}: None for what the layer does not have.
     lora: {target: (a (E, r, in), b (E, out, r))} (see expert_ffn_backward).
+    compute_dtype: the routed and shared experts' (see ffn_backward).
 
     A null expert's slot adds w * v with v = x (copy), null_values[i] (constant) or 0
     (zero): its weight's gradient is <dy, v>, and copy adds w * dy to dx, constant
@@ -1690,10 +1702,11 @@ def sparse_moe_backward(x, router_weight, w_gate, w_up, w_down, dy, *, top_k,
     ffn_opts = dict(activation=activation, b_gate=b_gate if gated else None, b_up=b_up,
                     b_down=b_down, alpha=swiglu_alpha, limit=swiglu_limit,
                     expert_d_ff=expert_d_ff, lora=lora, lora_scaling=lora_scaling)
-    y_sorted = expert_ffn(disp["x_sorted"], disp["offsets"], *ffn_args, **ffn_opts)
+    y_sorted = expert_ffn(disp["x_sorted"], disp["offsets"], *ffn_args, **ffn_opts,
+                          compute_dtype=compute_dtype)
     cb = combine_backward(y_sorted, disp["position"], routing["weights"], dy)
     fb = expert_ffn_backward(disp["x_sorted"], disp["offsets"], *ffn_args, cb["dy_sorted"],
-                             **ffn_opts)
+                             **ffn_opts, compute_dtype=compute_dtype)
     dx = dispatch_backward(fb["dx_sorted"], disp["token_index"], T)
     d_weights = cb["d_weights"]
     dv = None if null_values is None else np.zeros(np.shape(null_values))
@@ -1734,7 +1747,7 @@ def sparse_moe_backward(x, router_weight, w_gate, w_up, w_down, dy, *, top_k,
     if shared_w_up is not None:
         sg_w = shared_w_gate if gated else None
         shared = ffn(xf, sg_w, shared_w_up, shared_w_down, activation, alpha=swiglu_alpha,
-                     limit=swiglu_limit)
+                     limit=swiglu_limit, compute_dtype=compute_dtype)
         d_shared = dy
         if shared_gate_weight is not None:
             gw = np.asarray(shared_gate_weight, dtype=np.float64).reshape(d)
@@ -1744,7 +1757,7 @@ def sparse_moe_backward(x, router_weight, w_gate, w_up, w_down, dy, *, top_k,
             dx = dx + ds[:, None] * gw[None, :]
             d_shared = dy * s[:, None]
         sb = ffn_backward(xf, sg_w, shared_w_up, shared_w_down, d_shared, activation,
-                          alpha=swiglu_alpha, limit=swiglu_limit)
+                          alpha=swiglu_alpha, limit=swiglu_limit, compute_dtype=compute_dtype)
         dx = dx + sb["dx"]
         grads.update(shared_w_gate=sb["dw_gate"], shared_w_up=sb["dw_up"],
                      shared_w_down=sb["dw_down"])
@@ -1782,7 +1795,8 @@ def layer_backward(layer, x, dy, aux_coef=0.0, z_coef=0.0):
         lora={t: (getattr(layer, f"lora_a_{t[2:]}"), getattr(layer, f"lora_b_{t[2:]}"))
               for t in getattr(layer, "lora_targets", ()) if getattr(layer, "lora_rank", 0)},
         lora_scaling=getattr(layer, "lora_scaling", 1.0),
-        router_grad=getattr(layer, "router_grad", "default"))
+        router_grad=getattr(layer, "router_grad", "default"),
+        compute_dtype=getattr(layer, "compute_dtype", "float32"))
 
 
 def multi_head_moe_backward(layer, x, dy, aux_coef=0.0, z_coef=0.0):

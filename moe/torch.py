@@ -574,7 +574,7 @@ class SparseMoE(_LayerModule):
     load_state_dict, nn.init).  After writing weights through .data or NumPy, call
     m.repack().  With expert LoRA (lora_rank > 0) the experts are frozen parameters and the
     adapters (lora_a_<t>, lora_b_<t>) and the router train.  compute_dtype="bfloat16"
-    (no backward yet) runs under no_grad only.  m.recompute_hidden = False makes training
+    trains too (moe.SparseMoE.backward: bf16 products, float32 gradients).  m.recompute_hidden = False makes training
     forwards keep the gate / up pre-activations (more memory, a faster backward, the same
     gradients; moe.SparseMoE.forward_train).
     """

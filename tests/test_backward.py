@@ -297,8 +297,9 @@ def test_errors():
     layer.w_up = layer.w_up * 2  # the weights the forward ran with are gone
     with pytest.raises(RuntimeError, match="changed since forward_train"):
         layer.backward(ctx, y)
-    with pytest.raises(NotImplementedError, match="issue 19"):
-        make_layer(rng, dtype="bfloat16", compute_dtype="bfloat16").forward_train(x)
+    with pytest.raises(NotImplementedError, match="compute_dtype='int8'"):
+        moe.SparseMoE(layer.d_model, 16, 4, 2, dtype="int8", compute_dtype="int8",
+                      seed=0).forward_train(x)
     lora = make_layer(rng, lora_rank=2)
     y, ctx = lora.forward_train(x)
     lora.lora_b_up = lora.lora_b_up + 1  # the adapters the forward ran with are gone
@@ -560,7 +561,7 @@ def test_kept_hidden_errors():
     with pytest.raises(ValueError, match=r"^hidden must have at least n_tokens \* width"):
         moe._C.layer_backward(args, kw, ids, w, logits, ys, shared, y, **call,
                               hidden=hidden[:4].copy())
-    bf = moe.SparseMoE(8, 6, 4, 2, seed=0, dtype="bfloat16", compute_dtype="bfloat16")
+    bf = moe.SparseMoE(8, 6, 4, 2, seed=0, dtype="int8", compute_dtype="int8")
     bargs, bkw = bf._forward_args(x, None, None, False)
-    with pytest.raises(ValueError, match="save_gu needs a float32-compute pack"):
+    with pytest.raises(ValueError, match="save_gu needs a float32- or bfloat16-compute"):
         moe._C.layer_forward(*bargs, **bkw, save=True, save_hidden=True)

@@ -884,37 +884,6 @@ moe_pack_panel(float *dst, const float *const *src, int64_t d, int mr)
     }
 }
 
-/* fp32 -> bf16, round to nearest even; NaN stays NaN (quieted). */
-static inline uint16_t
-moe_bf16_round(float f)
-{
-    uint32_t u;
-
-    memcpy(&u, &f, sizeof(u));
-    if ((u & 0x7fffffffu) > 0x7f800000u) {
-        return (uint16_t)((u >> 16) | 0x40u);
-    }
-    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-}
-
-/* f rounded to bf16, as an fp32 value (exact). */
-static inline float
-moe_bf16_value(float f)
-{
-    const uint32_t u = (uint32_t)moe_bf16_round(f) << 16;
-    float v;
-
-    memcpy(&v, &u, sizeof(v));
-    return v;
-}
-
-/* Two fp32 values as one bf16 pair (lo: the even k) for the dot kernel. */
-static inline uint32_t
-moe_bf16_pair(float lo, float hi)
-{
-    return (uint32_t)moe_bf16_round(lo) | (uint32_t)moe_bf16_round(hi) << 16;
-}
-
 /* The unsigned codes' offset of the int8-compute weights (cpu/kernels.h). */
 static inline int32_t
 moe_q8_offset(const moe_experts *w)
@@ -976,6 +945,43 @@ moe_q8_pack(const moe_experts *w, int64_t K, int64_t group,
 }
 
 /*
+ * Rows src[i] (i < m, d values, d even) rounded to bf16 into an activation
+ * panel of mr rows as the set's dot kernel reads it (moe_dot_layout), rows
+ * past m zero: the bf16-compute forward's panels, and the backward's when
+ * it recomputes gate and up.
+ */
+void
+moe_pack_dot_panel(const moe_kernels *kr, const float *const *src, int m,
+                   int mr, int64_t d, void *dst)
+{
+    int64_t k;
+    int i;
+
+    if (kr->dot_layout == MOE_DOT_TILES) {
+        /* blocks of 16 pairs of the mr rows */
+        kr->pack_tiles(src, m, mr, d, (uint32_t *)dst);
+        return;
+    }
+    if (kr->dot_layout == MOE_DOT_PAIRS) {
+        uint32_t *pairs = dst;
+        for (k = 0; k < d; k += 2) {
+            for (i = 0; i < mr; i++) {
+                pairs[(k / 2) * mr + i] =
+                    i < m ? moe_bf16_pair(src[i][k], src[i][k + 1]) : 0;
+            }
+        }
+        return;
+    }
+    /* the emulated dot kernel: values rounded to bf16, kept as fp32 */
+    for (k = 0; k < d; k++) {
+        for (i = 0; i < mr; i++) {
+            ((float *)dst)[k * mr + i] = i < m ? moe_bf16_value(src[i][k])
+                                               : 0.0f;
+        }
+    }
+}
+
+/*
  * Phase 0: gather the rows of panel P into xp, k-major, zero padded (a
  * linear's rows go straight to hp, the input of its one GEMM).  bf16
  * compute: the values rounded to bf16, laid out as the set's dot kernel
@@ -1003,28 +1009,8 @@ moe_ffn_pack_rows(void *ctx, int64_t P)
                     (uint8_t *)job->xp + P * job->xq_bytes);
         return;
     }
-    if (job->w->bf16_act && job->kr->dot_layout == MOE_DOT_TILES) {
-        /* blocks of 16 pairs of the mr rows (rows past m zero) */
-        job->kr->pack_tiles(src, m, mr, d, (uint32_t *)dst);
-        return;
-    }
-    if (job->w->bf16_act && job->kr->dot_layout == MOE_DOT_PAIRS) {
-        uint32_t *pairs = (uint32_t *)dst;
-        for (k = 0; k < d; k += 2) {
-            for (i = 0; i < mr; i++) {
-                pairs[(k / 2) * mr + i] =
-                    i < m ? moe_bf16_pair(src[i][k], src[i][k + 1]) : 0;
-            }
-        }
-        return;
-    }
     if (job->w->bf16_act) {
-        /* the emulated dot kernel: values rounded to bf16, kept as fp32 */
-        for (k = 0; k < d; k++) {
-            for (i = 0; i < mr; i++) {
-                dst[k * mr + i] = i < m ? moe_bf16_value(src[i][k]) : 0.0f;
-            }
-        }
+        moe_pack_dot_panel(job->kr, src, m, mr, d, dst);
         return;
     }
     if (m == mr) {
@@ -1180,6 +1166,31 @@ moe_tiles_gemm(const moe_ffn_job *job, const moe_ffn_task *task,
                              direct ? out + r0 * ld_out : t,
                              direct ? ld_out : nr, pf);
         }
+    }
+}
+
+/*
+ * c (m rows of nr floats) = activation panel a (Kp pairs, the set's dot
+ * layout) times weight panel b: tile sets in the k blocks of
+ * moe_tiles_gemm, each continuing from c (the forward's order, so its
+ * bits; the caller has loaded the tile configuration), else one dot call.
+ */
+void
+moe_dot_panel(const moe_kernels *kr, const void *a, const void *b,
+              int64_t Kp, int m, int nr, float *c)
+{
+    const moe_prefetch none = {NULL, 0};
+    int64_t k0;
+
+    if (kr->dot_acc == NULL) {
+        kr->dot(a, b, Kp, m, c, nr, none);
+        return;
+    }
+    for (k0 = 0; k0 < Kp; k0 += MOE_TILE_KB) {
+        const int64_t len = Kp - k0 < MOE_TILE_KB ? Kp - k0 : MOE_TILE_KB;
+        kr->dot_acc((const uint32_t *)a + k0 * kr->dot_mr,
+                    (const uint32_t *)b + k0 * nr, len, m, k0 > 0 ? c : NULL,
+                    c, nr, none);
     }
 }
 

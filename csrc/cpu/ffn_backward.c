@@ -9,7 +9,13 @@
  *   3. dW_d = dY^T H, dW_g = dG^T X, dW_u = dU^T X over the expert's rows,
  *      and the bias gradients, column sums in row order.
  * The products run on cpu/matmul.c (B read in place from the unpacked
- * weights; weights stored as bf16 / fp16 are widened to fp32 first).  Each
+ * weights; weights stored as bf16 / fp16 are widened to fp32 first).
+ * A bf16-compute pack (the forward rounded X and H to bf16): gate and up
+ * are recomputed with the forward's dot kernel on its panels (its bits),
+ * and every product of steps 1-3 rounds both operands to bf16 with fp32
+ * sums (moe_mm_block_bf16: dY, dG, dU, X, H and the weights, which are
+ * bf16 already); the activation's backward and the bias sums stay fp32,
+ * as in mixed-precision training.  Each
  * output element is computed by one task as one chain in a fixed order:
  * the same bits for any thread count, and a row's dX depends on that row
  * alone.
@@ -41,6 +47,7 @@ typedef struct moe_bwd_job {
                                     (expert, first row, first column)       */
     int64_t            n_tasks;
     int                mat;     /* phase 3: 0 gate, 1 up, 2 down, 3 biases */
+    int                bf16;    /* a bf16-compute pack: products in bf16    */
     int                failed;
     /* expert LoRA (rank r > 0), the scaling s folded into the row terms:  */
     int32_t            r;
@@ -194,16 +201,19 @@ moe_bwd_hidden_task(void *ctx, int64_t t)
     const int64_t d = job->d, F = job->F, ff = moe_bwd_ff(w, e);
     const int64_t m = moe_bwd_clamp(p->offsets[e + 1] - r0, MOE_BWD_ROWS);
     const int64_t nu = moe_bwd_clamp(ff - u0, MOE_BWD_UNITS);
-    const int mr = kr->mr, nr = w->nr, width = w->gated ? nr / 2 : nr;
+    const int mr = job->bf16 ? kr->dot_mr : kr->mr, nr = w->nr;
+    const int width = w->gated ? nr / 2 : nr;
     const int64_t n_pan = (m + mr - 1) / mr;
     const int64_t panel = moe_panel_bytes(w->dtype, d, nr, w->group_gu);
+    /* an activation panel's floats (bf16: room for any dot layout) */
+    const int64_t ap_size = job->bf16 ? mr * d + 16 * mr : mr * d;
     float tile[MOE_MAX_MR * MOE_MAX_NR];
     float *ap, *dh;
     moe_mm_seg seg;
     int64_t c, P, i, j;
 
     /* saved pre-activations (p->gu): no row panels to multiply */
-    const int64_t n_ap = p->gu != NULL ? 0 : n_pan * mr * d;
+    const int64_t n_ap = p->gu != NULL ? 0 : n_pan * ap_size;
 
     ap = moe_workspace(MOE_WS_BWD_TASK, (size_t)(n_ap + m * MOE_BWD_UNITS),
                        sizeof(float));
@@ -215,7 +225,8 @@ moe_bwd_hidden_task(void *ctx, int64_t t)
     /* dH (m, nu) = dY rows @ W_d[:, u0:u0+nu] */
     seg = (moe_mm_seg){p->dy + r0 * d, d, 1, job->wd + e * job->wes[2] + u0,
                         job->wld[2], d};
-    if (moe_mm_block(&seg, 1, m, nu, dh, MOE_BWD_UNITS) != MOE_STATUS_OK) {
+    if ((job->bf16 ? moe_mm_block_bf16 : moe_mm_block)(
+            &seg, 1, m, nu, dh, MOE_BWD_UNITS) != MOE_STATUS_OK) {
         moe_bwd_fail(job);
         return;
     }
@@ -232,8 +243,20 @@ moe_bwd_hidden_task(void *ctx, int64_t t)
             }
         }
     }
-    /* the rows as the forward's activation panels, (d, MR) k-major */
-    for (P = 0; P < (p->gu != NULL ? 0 : n_pan); P++) {
+    /* the rows as the forward's activation panels, (d, MR) k-major (bf16:
+     * the dot kernel's) */
+    for (P = 0; job->bf16 && p->gu == NULL && P < n_pan; P++) {
+        const float *src[MOE_MAX_MR];
+        const int rows = m - P * mr < mr ? (int)(m - P * mr) : mr;
+        for (i = 0; i < mr; i++) {
+            src[i] = job->xs + (r0 + P * mr + (i < rows ? i : 0)) * d;
+        }
+        moe_pack_dot_panel(kr, src, rows, mr, d, ap + P * ap_size);
+    }
+    if (job->bf16 && p->gu == NULL && kr->tile_begin != NULL) {
+        kr->tile_begin();
+    }
+    for (P = 0; !job->bf16 && p->gu == NULL && P < n_pan; P++) {
         for (i = 0; i < mr; i++) {
             const int64_t r = r0 + P * mr + i;
             for (j = 0; j < d; j++) {
@@ -252,9 +275,12 @@ moe_bwd_hidden_task(void *ctx, int64_t t)
                                                    : width;
         for (P = 0; P < n_pan; P++) {
             const int rows = m - P * mr < mr ? (int)(m - P * mr) : mr;
-            if (p->gu == NULL) {
-                kr->ukr[w->dtype](ap + P * mr * d, b, d, w->group_gu, rows, tile,
-                                  nr, none);
+            if (p->gu == NULL && job->bf16) {
+                moe_dot_panel(kr, ap + P * ap_size, b, d / 2, rows, nr, tile);
+            }
+            else if (p->gu == NULL) {
+                kr->ukr[w->dtype](ap + P * ap_size, b, d, w->group_gu, rows,
+                                  tile, nr, none);
             }
             for (i = 0; i < rows; i++) {
                 float *tr = tile + i * nr;
@@ -287,6 +313,9 @@ moe_bwd_hidden_task(void *ctx, int64_t t)
             }
         }
     }
+    if (job->bf16 && p->gu == NULL && kr->tile_end != NULL) {
+        kr->tile_end();
+    }
 }
 
 /* Phase 2: task (e, first row, first column) of dX = dG W_g + dU W_u. */
@@ -304,7 +333,7 @@ moe_bwd_dx_task(void *ctx, int64_t t)
          job->wld[1], ff}};
     const int gated = job->w->gated;
 
-    if (moe_mm_block(segs + !gated, 1 + gated,
+    if ((job->bf16 ? moe_mm_block_bf16 : moe_mm_block)(segs + !gated, 1 + gated,
                      moe_bwd_clamp(job->p->offsets[tk.e + 1] - tk.r,
                                    MOE_BWD_MROWS),
                      moe_bwd_clamp(d - tk.c, MOE_BWD_MCOLS),
@@ -346,7 +375,8 @@ moe_bwd_dw_task(void *ctx, int64_t t)
     int64_t i;
 
     if (m_in > 0 && n_in > 0) {
-        if (moe_mm_block(&seg, 1, m_in, n_in, out, cols) != MOE_STATUS_OK) {
+        if ((job->bf16 ? moe_mm_block_bf16 : moe_mm_block)(
+                &seg, 1, m_in, n_in, out, cols) != MOE_STATUS_OK) {
             moe_bwd_fail(job);
             return;
         }
@@ -709,6 +739,7 @@ moe_cpu_ffn_backward(const moe_ffn_backward_params *p)
     job.kr = moe_cpu_kernels();
     job.d = d;
     job.F = F;
+    job.bf16 = w->bf16_act;
     if (N == 0 || d == 0 || F == 0) { /* nothing flows: zero gradients */
         int64_t e;
         if (p->dx) memset(p->dx, 0, sizeof(float) * (size_t)(N * d));

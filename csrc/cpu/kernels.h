@@ -14,6 +14,7 @@
 #define MOE_CPU_KERNELS_H
 
 #include <stdint.h>
+#include <string.h>
 
 /* Largest MR (also dot_mr) and NR of any kernel set (sizes stack tiles). */
 #define MOE_MAX_MR 32
@@ -109,6 +110,37 @@ moe_q8_act_bytes(int64_t K, int64_t group, int mr)
 {
     return K / group * moe_q8_block_act_bytes(group, mr) +
            moe_q8_block_act_bytes(K % group, mr);
+}
+
+/* fp32 -> bf16, round to nearest even; NaN stays NaN (quieted). */
+static inline uint16_t
+moe_bf16_round(float f)
+{
+    uint32_t u;
+
+    memcpy(&u, &f, sizeof(u));
+    if ((u & 0x7fffffffu) > 0x7f800000u) {
+        return (uint16_t)((u >> 16) | 0x40u);
+    }
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+/* f rounded to bf16, as an fp32 value (exact). */
+static inline float
+moe_bf16_value(float f)
+{
+    const uint32_t u = (uint32_t)moe_bf16_round(f) << 16;
+    float v;
+
+    memcpy(&v, &u, sizeof(v));
+    return v;
+}
+
+/* Two fp32 values as one bf16 pair (lo: the even k) for the dot kernel. */
+static inline uint32_t
+moe_bf16_pair(float lo, float hi)
+{
+    return (uint32_t)moe_bf16_round(lo) | (uint32_t)moe_bf16_round(hi) << 16;
 }
 
 /*
@@ -300,5 +332,12 @@ int moe_amx_request(void);
 
 /* The kernel set in use (cpuid, lowered by MOE_ISA). */
 const moe_kernels *moe_cpu_kernels(void);
+
+/* cpu/ffn.c, for the backward too: an activation panel in the set's dot
+ * layout, and a dot over one weight panel in the forward's order. */
+void moe_pack_dot_panel(const moe_kernels *kr, const float *const *src, int m,
+                        int mr, int64_t d, void *dst);
+void moe_dot_panel(const moe_kernels *kr, const void *a, const void *b,
+                   int64_t Kp, int m, int nr, float *c);
 
 #endif /* MOE_CPU_KERNELS_H */

@@ -18,11 +18,13 @@
 #define MOE_MM_PACK_MIN 6 /* row panels from which B is packed            */
 #define MOE_MM_ROWS 96  /* rows per task of moe_mm (a multiple of MR)     */
 #define MOE_MM_COLS 256 /* columns per task of moe_mm                     */
+#define MOE_MM_TILE_KB 128 /* bf16 on tiles: pairs of k per block (16 KiB
+                              of B, reused from L1 by every row panel)   */
 
 /* a (K, MR) k-major from rows [0, m) of A, zero rows past m. */
 static void
 moe_mm_pack_a(const moe_mm_seg *s, int64_t i0, int m, int mr, int64_t k0,
-              int64_t kb, float *a)
+              int64_t kb, int bf16, float *a)
 {
     int64_t k;
     int i;
@@ -37,7 +39,7 @@ moe_mm_pack_a(const moe_mm_seg *s, int64_t i0, int m, int mr, int64_t k0,
                 continue;
             }
             for (k = 0; k < kb; k++) {
-                a[k * mr + i] = src[k];
+                a[k * mr + i] = bf16 ? moe_bf16_value(src[k]) : src[k];
             }
         }
         return;
@@ -45,7 +47,8 @@ moe_mm_pack_a(const moe_mm_seg *s, int64_t i0, int m, int mr, int64_t k0,
     for (k = 0; k < kb; k++) {
         const float *src = s->a + i0 * s->a_rs + (k0 + k) * s->a_cs;
         for (i = 0; i < mr; i++) {
-            a[k * mr + i] = i < m ? src[i * s->a_rs] : 0.0f;
+            const float v = i < m ? src[i * s->a_rs] : 0.0f;
+            a[k * mr + i] = bf16 ? moe_bf16_value(v) : v;
         }
     }
 }
@@ -54,7 +57,7 @@ moe_mm_pack_a(const moe_mm_seg *s, int64_t i0, int m, int mr, int64_t k0,
  * past n; each row of b is read once, contiguously. */
 static void
 moe_mm_pack_b(const float *b, int64_t ldb, int64_t kb, int64_t n, int nr,
-              float *out)
+              int bf16, float *out)
 {
     const int64_t n_full = n / nr * nr;
     int64_t k, j, q;
@@ -64,21 +67,22 @@ moe_mm_pack_b(const float *b, int64_t ldb, int64_t kb, int64_t n, int nr,
         for (j = 0; j < n_full; j += nr) {
             float *dst = out + j * kb + k * nr;
             for (q = 0; q < nr; q++) {
-                dst[q] = src[j + q];
+                dst[q] = bf16 ? moe_bf16_value(src[j + q]) : src[j + q];
             }
         }
         if (n_full < n) {
             float *dst = out + n_full * kb + k * nr;
             for (q = 0; q < nr; q++) {
-                dst[q] = n_full + q < n ? src[n_full + q] : 0.0f;
+                const float v = n_full + q < n ? src[n_full + q] : 0.0f;
+                dst[q] = bf16 ? moe_bf16_value(v) : v;
             }
         }
     }
 }
 
-moe_status
-moe_mm_block(const moe_mm_seg *segs, int n_segs, int64_t m, int64_t n,
-             float *c, int64_t ldc)
+static moe_status
+moe_mm_run(const moe_mm_seg *segs, int n_segs, int64_t m, int64_t n,
+           float *c, int64_t ldc, int bf16)
 {
     const moe_kernels *kr = moe_cpu_kernels();
     const int mr = kr->mr, nr = kr->nr;
@@ -88,7 +92,7 @@ moe_mm_block(const moe_mm_seg *segs, int n_segs, int64_t m, int64_t n,
     /* Copying B into panels pays off when enough row panels reuse it; with
      * few (a small expert's rows against its weights) the kernel reads B in
      * place, row by row. */
-    const int pack_b = n_pan >= MOE_MM_PACK_MIN;
+    const int pack_b = bf16 || n_pan >= MOE_MM_PACK_MIN;
     float *buf, *ap, *bp, *edge;
     int64_t i, j, p, k0;
     int first = 1, s;
@@ -111,14 +115,15 @@ moe_mm_block(const moe_mm_seg *segs, int n_segs, int64_t m, int64_t n,
             const int64_t kb = g->K - k0 < MOE_MM_KB ? g->K - k0 : MOE_MM_KB;
             for (p = 0; p < n_pan; p++) {
                 const int rows = m - p * mr < mr ? (int)(m - p * mr) : mr;
-                moe_mm_pack_a(g, p * mr, rows, mr, k0, kb, ap + p * kb * mr);
+                moe_mm_pack_a(g, p * mr, rows, mr, k0, kb, bf16,
+                              ap + p * kb * mr);
             }
             if (pack_b) {
-                moe_mm_pack_b(g->b + k0 * g->ldb, g->ldb, kb, n, nr, bp);
+                moe_mm_pack_b(g->b + k0 * g->ldb, g->ldb, kb, n, nr, bf16, bp);
             }
             else if (n % nr != 0) { /* only the partial panel, zero-padded */
                 moe_mm_pack_b(g->b + k0 * g->ldb + n / nr * nr, g->ldb, kb,
-                              n % nr, nr, bp + n / nr * nr * kb);
+                              n % nr, nr, 0, bp + n / nr * nr * kb);
             }
             for (j = 0; j < n; j += nr) {
                 /* full panels accumulate in c itself, the last partial one
@@ -151,6 +156,20 @@ moe_mm_block(const moe_mm_seg *segs, int n_segs, int64_t m, int64_t n,
         }
     }
     return MOE_STATUS_OK;
+}
+
+moe_status
+moe_mm_block(const moe_mm_seg *segs, int n_segs, int64_t m, int64_t n,
+             float *c, int64_t ldc)
+{
+    return moe_mm_run(segs, n_segs, m, n, c, ldc, 0);
+}
+
+moe_status
+moe_mm_block_bf16(const moe_mm_seg *segs, int n_segs, int64_t m, int64_t n,
+                  float *c, int64_t ldc)
+{
+    return moe_mm_run(segs, n_segs, m, n, c, ldc, 1);
 }
 
 typedef struct moe_mm_job {

@@ -397,9 +397,9 @@ moe_ffn_grouped(const moe_ffn_params *p)
         return moe_set_error(MOE_STATUS_INVALID_ARG, "the expert LoRA was "
                              "packed for other experts: pack it again");
     }
-    if (p->save_gu != NULL && w->compute != MOE_COMPUTE_FLOAT32) {
-        return moe_set_error(MOE_STATUS_INVALID_ARG, "save_gu needs a float32-"
-                             "compute pack (the backward's)");
+    if (p->save_gu != NULL && w->compute == MOE_COMPUTE_INT8) {
+        return moe_set_error(MOE_STATUS_INVALID_ARG, "save_gu needs a float32- "
+                             "or bfloat16-compute pack (the backward's)");
     }
     MOE_TRY(moe_check_rows(p->offsets, w->n_experts, p->n_rows,
                            p->token_index, p->n_tokens));
@@ -412,10 +412,10 @@ moe_ffn_backward(const moe_ffn_backward_params *p)
     const moe_experts *w = p->experts;
 
     MOE_TRY(moe_check_pack(w, 0, "experts"));
-    if (w->compute != MOE_COMPUTE_FLOAT32) {
-        return moe_set_error(MOE_STATUS_UNSUPPORTED, "the backward of a "
-                             "bfloat16- or int8-compute pack is not "
-                             "implemented: pack with compute float32");
+    if (w->compute == MOE_COMPUTE_INT8) {
+        return moe_set_error(MOE_STATUS_UNSUPPORTED, "the backward of an "
+                             "int8-compute pack is not implemented: train the "
+                             "float layer");
     }
     if (moe_activation_gated(p->act.activation) != w->gated ||
         (w->gated && p->w_gate == NULL) || p->w_up == NULL ||

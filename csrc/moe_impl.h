@@ -137,6 +137,7 @@ enum {
     MOE_WS_BWD_TASK,      /* cpu/ffn_backward.c: a task's tiles and panels   */
     MOE_WS_BWD_HIDDEN,    /* cpu/ffn_backward.c: H, dG, dU (rows, d_ff)      */
     MOE_WS_BWD_ROWS,      /* cpu/ffn_backward.c: the gathered rows           */
+    MOE_WS_BWD_TILES,     /* cpu/ffn_backward.c: bf16 operands for the tiles */
     MOE_WS_LAYER_BWD,     /* compose/layer_backward.c: row gradients         */
     MOE_WS_DEQUANT,       /* cpu/ffn.c: a quantized panel widened to fp32    */
     MOE_WS_PANEL_Q,       /* cpu/ffn.c: int8 compute: quantized hidden panels */
@@ -183,6 +184,23 @@ typedef struct moe_mm_seg {
  */
 moe_status moe_mm_block(const moe_mm_seg *segs, int n_segs, int64_t m,
                         int64_t n, float *c, int64_t ldc);
+/* A bf16 product term on tiles (moe_tmm_block): A (m, Kp pairs) as
+ * activation panels of 32 rows (MOE_DOT_TILES: rows past the matrix
+ * readable), a_panel uint32 apart; B (Kp, n) as (Kp, 32) pair panels of 32
+ * columns, b_panel apart (columns up to n rounded up to 32 readable). */
+typedef struct moe_tmm_seg {
+    const uint32_t *a;
+    int64_t         a_panel;
+    const uint32_t *b;
+    int64_t         b_panel;
+    int64_t         Kp;
+} moe_tmm_seg;
+
+/* c (m, n) = sum_s A_s @ B_s on the set's tiles (kernel sets with dot_acc
+ * only), each element one chain over the segments' pairs in order, in k
+ * blocks of MOE_MM_TILE_KB; runs on the calling thread. */
+moe_status moe_tmm_block(const moe_tmm_seg *segs, int n_segs, int64_t m,
+                         int64_t n, float *c, int64_t ldc);
 /* moe_mm_block with A and B rounded to bf16 (nearest even) as they are
  * read, fp32 sums: the bf16-compute backward's products. */
 moe_status moe_mm_block_bf16(const moe_mm_seg *segs, int n_segs, int64_t m,

@@ -48,6 +48,26 @@ typedef struct moe_bwd_job {
     int64_t            n_tasks;
     int                mat;     /* phase 3: 0 gate, 1 up, 2 down, 3 biases */
     int                bf16;    /* a bf16-compute pack: products in bf16    */
+    /* bf16 on tiles (a tile set): every product's operands packed once
+     * (rounded to bf16), A as activation panels of 32 rows (MOE_DOT_TILES),
+     * B as (pairs of k, 32 columns) panels; expert e's rows r in [lo, hi),
+     * n_e of them, q_e = ceil(n_e / 2) pairs of rows:                       */
+    int                tiles;
+    int64_t            dp, Fp;  /* d, F rounded up to 32 (B's columns)      */
+    int64_t           *po;      /* (E + 1,) offsets of the experts' 32-row
+                                   panels                                   */
+    int64_t           *oq;      /* (E + 1,) offsets of q_e                  */
+    int64_t           *ob;      /* (E + 1,) offsets of ceil(q_e / 16)       */
+    uint32_t          *dyb;     /* A, dY rows: panel po[e] + i / 32, k d/2  */
+    uint32_t          *dgb, *dub; /* A, dG / dU rows: as dyb, k F / 2      */
+    uint32_t          *dyt;     /* A, dY^T of expert e: dp / 32 panels of
+                                   q_e pairs at ob[e] * 512 * (dp / 32)     */
+    uint32_t          *dgt, *dut; /* A, dG^T / dU^T: as dyt, Fp / 32 panels */
+    uint32_t          *xv;      /* B, pairs of X rows: dp / 32 panels of q_e
+                                   pair rows at oq[e] * dp                  */
+    uint32_t          *hv;      /* B, pairs of H rows: as xv, Fp            */
+    uint32_t          *wv[3];   /* B, W_g, W_u (F / 2 pairs, dp) and W_d
+                                   (d / 2, Fp) of expert e at e * their size */
     int                failed;
     /* expert LoRA (rank r > 0), the scaling s folded into the row terms:  */
     int32_t            r;
@@ -146,6 +166,229 @@ moe_bwd_widen_task(void *ctx, int64_t e)
     }
 }
 
+/* Words of an activation panel of 32 rows and Kp pairs. */
+static int64_t
+moe_bwd_tp(int64_t Kp)
+{
+    return (Kp + 15) / 16 * 16 * 32;
+}
+
+/* A, transposed: element (j, kp) = (v[2 i][j], v[2 i + 1][j]), i = kp -
+ * kp0, for pair rows kp in [kp0, kp0 + nq) (v's rows ld floats apart, n of
+ * them: the high half 0 past them) and columns j in [j0, j1) -> panels of
+ * 32 columns-as-rows, `panel` words apart. */
+static void
+moe_bwd_pack_at(const float *v, int64_t ld, int64_t n, int64_t kp0,
+                int64_t nq, int64_t j0, int64_t j1, uint32_t *a, int64_t panel)
+{
+    int64_t kp, j;
+
+    for (kp = kp0; kp < kp0 + nq; kp++) {
+        const int64_t i = 2 * (kp - kp0);
+        const float *r0 = v + i * ld, *r1 = i + 1 < n ? r0 + ld : NULL;
+        for (j = j0; j < j1; j++) {
+            a[(j / 32) * panel + moe_tile_pair(kp, (int)(j % 32), 32)] =
+                moe_bf16_pair(r0[j], r1 ? r1[j] : 0.0f);
+        }
+    }
+}
+
+/* B: pair rows kp as moe_bwd_pack_at, columns [j0, j1) -> panels of (q
+ * pair rows, 32 columns), q * 32 words apart. */
+static void
+moe_bwd_pack_b(const float *v, int64_t ld, int64_t n, int64_t kp0, int64_t nq,
+               int64_t j0, int64_t j1, uint32_t *b, int64_t q)
+{
+    int64_t kp, j;
+
+    for (kp = kp0; kp < kp0 + nq; kp++) {
+        const int64_t i = 2 * (kp - kp0);
+        const float *r0 = v + i * ld, *r1 = i + 1 < n ? r0 + ld : NULL;
+        for (j = j0; j < j1; j++) {
+            b[(j / 32) * q * 32 + kp * 32 + j % 32] =
+                moe_bf16_pair(r0[j], r1 ? r1[j] : 0.0f);
+        }
+    }
+}
+
+/* Tiles, before phase 1, task e: expert e's weights as B panels (bf16
+ * bits as they are; columns past the matrix 0), its rows of dY (A, and A
+ * transposed: rows past d 0) and of X (B pair rows, columns past d 0), and
+ * the rows past the expert's in the last dG / dU row panels (0). */
+static void
+moe_bwd_tiles_prep(void *ctx, int64_t e)
+{
+    moe_bwd_job *job = ctx;
+    const moe_ffn_backward_params *p = job->p;
+    const int64_t d = job->d, F = job->F, lo = p->offsets[e];
+    const int64_t n = p->offsets[e + 1] - lo, q = job->oq[e + 1] - job->oq[e];
+    const int64_t pan = job->po[e + 1] - job->po[e];
+    const int64_t tq = (job->ob[e + 1] - job->ob[e]) * 512;
+    const void *src[3] = {job->w->gated ? p->w_gate : NULL, p->w_up, p->w_down};
+    uint32_t *dyt = job->dyt + job->ob[e] * 512 * (job->dp / 32);
+    uint32_t *xv = job->xv + job->oq[e] * job->dp;
+    const float *rows[32];
+    int64_t P, i, j;
+    int m;
+
+    if (n == 0) {
+        return; /* no rows: nothing reads them */
+    }
+    for (m = 0; m < 3; m++) {
+        const moe_wstrides st = job->src[m];
+        const int64_t R = m < 2 ? F : d, C = m < 2 ? d : F;
+        const int64_t Cp = m < 2 ? job->dp : job->Fp;
+        const uint16_t *w = src[m];
+        uint32_t *o = job->wv[m] + e * (R / 2) * Cp;
+        if (w == NULL) {
+            continue;
+        }
+        w += e * st.expert;
+        for (i = 0; i < R; i += 2) {
+            const uint16_t *w0 = w + i * st.row, *w1 = w0 + st.row;
+            for (P = 0; P < Cp; P += 32) { /* one 32-column panel's row */
+                uint32_t *oi = o + P * (R / 2) + (i / 2) * 32;
+                const int64_t cn = C - P < 32 ? C - P : 32;
+                int jj;
+                if (st.col == 1 && cn == 32) {
+                    for (jj = 0; jj < 32; jj++) {
+                        oi[jj] = (uint32_t)w0[P + jj] | (uint32_t)w1[P + jj] << 16;
+                    }
+                    continue;
+                }
+                for (jj = 0; jj < 32; jj++) {
+                    oi[jj] = jj < cn ? (uint32_t)w0[(P + jj) * st.col] |
+                                           (uint32_t)w1[(P + jj) * st.col] << 16
+                                     : 0u;
+                }
+            }
+        }
+    }
+    for (P = 0; P < pan; P++) {
+        const int rn = n - P * 32 < 32 ? (int)(n - P * 32) : 32;
+        const int64_t at = job->po[e] + P;
+        for (i = 0; i < 32; i++) {
+            rows[i] = p->dy + (lo + P * 32 + (i < rn ? i : 0)) * d;
+        }
+        job->kr->pack_tiles(rows, rn, 32, d, job->dyb + at * moe_bwd_tp(d / 2));
+        for (m = 0; m < 2 && rn < 32; m++) {
+            uint32_t *g = m == 0 ? job->dgb : job->dub;
+            int64_t kp;
+            if (g == NULL) {
+                continue;
+            }
+            g += at * moe_bwd_tp(F / 2);
+            for (kp = 0; kp < F / 2; kp++) {
+                for (i = rn; i < 32; i++) {
+                    g[moe_tile_pair(kp, (int)i, 32)] = 0;
+                }
+            }
+        }
+    }
+    moe_bwd_pack_at(p->dy + lo * d, d, n, 0, q, 0, d, dyt, tq);
+    moe_bwd_pack_b(job->xs + lo * d, d, n, 0, q, 0, d, xv, q);
+    for (i = d; i < job->dp; i++) {
+        for (j = 0; j < q; j++) {
+            dyt[(i / 32) * tq + moe_tile_pair(j, (int)(i % 32), 32)] = 0;
+            xv[(i / 32) * q * 32 + j * 32 + i % 32] = 0;
+        }
+    }
+}
+
+/* Tiles, phase 1: block rows [r0, r0 + m) x units [u0, u0 + nu) of dG, dU
+ * (rows, and transposed) and H (pair rows) of expert e into their panels.
+ * (Units past the expert's d_ff and columns past F are never written:
+ * only the output rows / columns the backward drops read them.) */
+static void
+moe_bwd_tiles_hidden(const moe_bwd_job *job, int64_t e, int64_t r0, int64_t m,
+                     int64_t u0, int64_t nu)
+{
+    const int64_t F = job->F, lo = job->p->offsets[e];
+    const int64_t q = job->oq[e + 1] - job->oq[e];
+    const int64_t tq = (job->ob[e + 1] - job->ob[e]) * 512;
+    const int64_t i0 = r0 - lo; /* a multiple of 32 (MOE_BWD_ROWS) */
+    int64_t r, u;
+    int t;
+
+    for (t = 0; t < 2; t++) {
+        const float *g = t == 0 ? job->dg : job->du;
+        uint32_t *rows = t == 0 ? job->dgb : job->dub;
+        uint32_t *at = t == 0 ? job->dgt : job->dut;
+        if (g == NULL) {
+            continue;
+        }
+        for (r = 0; r < m; r++) {
+            const float *gr = g + (r0 + r) * F;
+            uint32_t *o = rows + (job->po[e] + (i0 + r) / 32) * moe_bwd_tp(F / 2);
+            for (u = u0; u < u0 + nu; u += 2) {
+                o[moe_tile_pair(u / 2, (int)((i0 + r) % 32), 32)] =
+                    moe_bf16_pair(gr[u], gr[u + 1]);
+            }
+        }
+        moe_bwd_pack_at(g + r0 * F, F, m, i0 / 2, (m + 1) / 2, u0, u0 + nu,
+                        at + job->ob[e] * 512 * (job->Fp / 32), tq);
+    }
+    moe_bwd_pack_b(job->h + r0 * F, F, m, i0 / 2, (m + 1) / 2, u0, u0 + nu,
+                   job->hv + job->oq[e] * job->Fp, q);
+}
+
+/* Tiles: the packed operands' memory, then expert by expert the parts
+ * packed before phase 1 (moe_bwd_tiles_prep). */
+static moe_status
+moe_bwd_tiles_alloc(moe_bwd_job *job)
+{
+    const moe_ffn_backward_params *p = job->p;
+    const int64_t E = job->w->n_experts, d = job->d, F = job->F;
+    const int gated = job->w->gated;
+    int64_t e, np, nq, nb;
+
+    job->dp = (d + 31) / 32 * 32;
+    job->Fp = (F + 31) / 32 * 32;
+    job->po = moe_alloc((size_t)(3 * (E + 1)), sizeof(int64_t));
+    if (job->po == NULL) {
+        return MOE_STATUS_ALLOC;
+    }
+    job->oq = job->po + E + 1;
+    job->ob = job->oq + E + 1;
+    job->po[0] = job->oq[0] = job->ob[0] = 0;
+    for (e = 0; e < E; e++) {
+        const int64_t n = p->offsets[e + 1] - p->offsets[e];
+        job->po[e + 1] = job->po[e] + (n + 31) / 32;
+        job->oq[e + 1] = job->oq[e] + (n + 1) / 2;
+        job->ob[e + 1] = job->ob[e] + ((n + 1) / 2 + 15) / 16;
+    }
+    np = job->po[E];
+    nq = job->oq[E];
+    nb = job->ob[E] * 512;
+    {
+        /* one workspace (kept between calls: no page faults per step) */
+        uint32_t **dst[11] = {&job->dyb, &job->dub, &job->dgb, &job->dyt,
+                              &job->dut, &job->dgt, &job->xv, &job->hv,
+                              &job->wv[0], &job->wv[1], &job->wv[2]};
+        const int64_t size[11] = {
+            np * moe_bwd_tp(d / 2), np * moe_bwd_tp(F / 2),
+            gated ? np * moe_bwd_tp(F / 2) : 0, nb * (job->dp / 32),
+            nb * (job->Fp / 32), gated ? nb * (job->Fp / 32) : 0,
+            nq * job->dp, nq * job->Fp, gated ? E * (F / 2) * job->dp : 0,
+            E * (F / 2) * job->dp, E * (d / 2) * job->Fp};
+        int64_t total = 0;
+        uint32_t *ws;
+        int b;
+        for (b = 0; b < 11; b++) {
+            total += (size[b] + 15) / 16 * 16; /* 64-byte aligned parts */
+        }
+        if ((ws = moe_workspace(MOE_WS_BWD_TILES, (size_t)total + 16, 4)) == NULL) {
+            return MOE_STATUS_ALLOC;
+        }
+        ws += (16 - ((uintptr_t)ws / 4) % 16) % 16;
+        for (b = 0; b < 11; b++) {
+            *dst[b] = size[b] > 0 ? ws : NULL;
+            ws += (size[b] + 15) / 16 * 16;
+        }
+    }
+    return moe_pool_run(E, moe_bwd_tiles_prep, job);
+}
+
 /* Phase 0: row r of xs is x[token_index[r]] (tasks of 64 rows). */
 static void
 moe_bwd_gather_task(void *ctx, int64_t t)
@@ -188,6 +431,20 @@ moe_bwd_lora_add(const moe_bwd_job *job, int64_t row, int64_t e, int64_t f0,
     }
 }
 
+/* c (m, n) = the segments' product: on tiles from the packed operands
+ * (ts), else moe_mm_block (bf16: operands rounded as read). */
+static moe_status
+moe_bwd_product(const moe_bwd_job *job, const moe_mm_seg *segs,
+                const moe_tmm_seg *ts, int n_segs, int64_t m, int64_t n,
+                float *c, int64_t ldc)
+{
+    if (job->tiles) {
+        return moe_tmm_block(ts, n_segs, m, n, c, ldc);
+    }
+    return (job->bf16 ? moe_mm_block_bf16 : moe_mm_block)(segs, n_segs, m, n,
+                                                          c, ldc);
+}
+
 /* Phase 1: task (e, first row, first unit) -> H, dG, dU of that block. */
 static void
 moe_bwd_hidden_task(void *ctx, int64_t t)
@@ -210,6 +467,7 @@ moe_bwd_hidden_task(void *ctx, int64_t t)
     float tile[MOE_MAX_MR * MOE_MAX_NR];
     float *ap, *dh;
     moe_mm_seg seg;
+    moe_tmm_seg ts = {NULL, 0, NULL, 0, 0};
     int64_t c, P, i, j;
 
     /* saved pre-activations (p->gu): no row panels to multiply */
@@ -223,10 +481,18 @@ moe_bwd_hidden_task(void *ctx, int64_t t)
     }
     dh = ap + n_ap;
     /* dH (m, nu) = dY rows @ W_d[:, u0:u0+nu] */
-    seg = (moe_mm_seg){p->dy + r0 * d, d, 1, job->wd + e * job->wes[2] + u0,
+    seg = (moe_mm_seg){p->dy + r0 * d, d, 1,
+                        job->wd ? job->wd + e * job->wes[2] + u0 : NULL,
                         job->wld[2], d};
-    if ((job->bf16 ? moe_mm_block_bf16 : moe_mm_block)(
-            &seg, 1, m, nu, dh, MOE_BWD_UNITS) != MOE_STATUS_OK) {
+    if (job->tiles) {
+        const int64_t ta = moe_bwd_tp(d / 2);
+        ts = (moe_tmm_seg){
+            job->dyb + (job->po[e] + (r0 - p->offsets[e]) / 32) * ta, ta,
+            job->wv[2] + e * (d / 2) * job->Fp + (u0 / 32) * (d / 2) * 32,
+            (d / 2) * 32, d / 2};
+    }
+    if (moe_bwd_product(job, &seg, &ts, 1, m, nu, dh, MOE_BWD_UNITS) !=
+        MOE_STATUS_OK) {
         moe_bwd_fail(job);
         return;
     }
@@ -316,6 +582,9 @@ moe_bwd_hidden_task(void *ctx, int64_t t)
     if (job->bf16 && p->gu == NULL && kr->tile_end != NULL) {
         kr->tile_end();
     }
+    if (job->tiles) {
+        moe_bwd_tiles_hidden(job, e, r0, m, u0, nu);
+    }
 }
 
 /* Phase 2: task (e, first row, first column) of dX = dG W_g + dU W_u. */
@@ -329,11 +598,22 @@ moe_bwd_dx_task(void *ctx, int64_t t)
     const moe_mm_seg segs[2] = {
         {job->dg + tk.r * F, F, 1,
          job->wg ? job->wg + tk.e * job->wes[0] + tk.c : NULL, job->wld[0], ff},
-        {job->du + tk.r * F, F, 1, job->wu + tk.e * job->wes[1] + tk.c,
-         job->wld[1], ff}};
+        {job->du + tk.r * F, F, 1,
+         job->wu ? job->wu + tk.e * job->wes[1] + tk.c : NULL, job->wld[1], ff}};
+    /* tiles: A the rows' panels, B the weights' column panels */
+    const int64_t ta = moe_bwd_tp(F / 2);
+    const int64_t ra = job->tiles ? (job->po[tk.e] +
+                                     (tk.r - job->p->offsets[tk.e]) / 32) * ta
+                                  : 0;
+    const int64_t wb = tk.e * (F / 2) * job->dp + (tk.c / 32) * (F / 2) * 32;
+    const moe_tmm_seg ts[2] = {
+        {job->dgb ? job->dgb + ra : NULL, ta,
+         job->wv[0] ? job->wv[0] + wb : NULL, (F / 2) * 32, ff / 2},
+        {job->dub ? job->dub + ra : NULL, ta,
+         job->wv[1] ? job->wv[1] + wb : NULL, (F / 2) * 32, ff / 2}};
     const int gated = job->w->gated;
 
-    if ((job->bf16 ? moe_mm_block_bf16 : moe_mm_block)(segs + !gated, 1 + gated,
+    if (moe_bwd_product(job, segs + !gated, ts + !gated, 1 + gated,
                      moe_bwd_clamp(job->p->offsets[tk.e + 1] - tk.r,
                                    MOE_BWD_MROWS),
                      moe_bwd_clamp(d - tk.c, MOE_BWD_MCOLS),
@@ -372,11 +652,24 @@ moe_bwd_dw_task(void *ctx, int64_t t)
         ? (moe_mm_seg){p->dy + lo * d + i0, 1, d, job->h + lo * F + j0, F, n_e}
         : (moe_mm_seg){(job->mat == 0 ? job->dg : job->du) + lo * F + i0, 1, F,
                        job->xs + lo * d + j0, d, n_e};
+    /* tiles: A dY^T / dG^T / dU^T rows, B pairs of H / X rows */
+    const int64_t q = job->tiles ? job->oq[e + 1] - job->oq[e] : 0;
+    const int64_t tq = job->tiles ? (job->ob[e + 1] - job->ob[e]) * 512 : 0;
+    const moe_tmm_seg ts = !job->tiles ? (moe_tmm_seg){NULL, 0, NULL, 0, 0}
+        : down ? (moe_tmm_seg){job->dyt + job->ob[e] * 512 * (job->dp / 32) +
+                                   (i0 / 32) * tq, tq,
+                               job->hv + job->oq[e] * job->Fp + (j0 / 32) * q * 32,
+                               q * 32, q}
+               : (moe_tmm_seg){(job->mat == 0 ? job->dgt : job->dut) +
+                                   job->ob[e] * 512 * (job->Fp / 32) +
+                                   (i0 / 32) * tq, tq,
+                               job->xv + job->oq[e] * job->dp + (j0 / 32) * q * 32,
+                               q * 32, q};
     int64_t i;
 
     if (m_in > 0 && n_in > 0) {
-        if ((job->bf16 ? moe_mm_block_bf16 : moe_mm_block)(
-                &seg, 1, m_in, n_in, out, cols) != MOE_STATUS_OK) {
+        if (moe_bwd_product(job, &seg, &ts, 1, m_in, n_in, out, cols) !=
+            MOE_STATUS_OK) {
             moe_bwd_fail(job);
             return;
         }
@@ -740,6 +1033,7 @@ moe_cpu_ffn_backward(const moe_ffn_backward_params *p)
     job.d = d;
     job.F = F;
     job.bf16 = w->bf16_act;
+    job.tiles = job.bf16 && job.kr->dot_acc != NULL && p->lora == NULL;
     if (N == 0 || d == 0 || F == 0) { /* nothing flows: zero gradients */
         int64_t e;
         if (p->dx) memset(p->dx, 0, sizeof(float) * (size_t)(N * d));
@@ -768,7 +1062,14 @@ moe_cpu_ffn_backward(const moe_ffn_backward_params *p)
         }
         moe_bwd_lora_zero(p, E, d, F); /* targets without an adapter */
     }
-    {
+    if (job.tiles) { /* the weights' strides, for moe_bwd_tiles_prep */
+        const moe_wstrides given[3] = {p->gate_strides, p->up_strides,
+                                       p->down_strides};
+        for (mat = 0; mat < 3; mat++) {
+            job.src[mat] = moe_wst(given[mat], mat < 2 ? F : d, mat < 2 ? d : F);
+        }
+    }
+    else {
         /* fp32 weights with dense columns are read in place (through their
          * expert and row strides); the others are widened / gathered into a
          * dense fp32 copy for this call */
@@ -827,6 +1128,9 @@ moe_cpu_ffn_backward(const moe_ffn_backward_params *p)
     job.h = hid;
     job.du = hid + N * F;
     job.dg = w->gated ? hid + 2 * N * F : NULL;
+    if (job.tiles && (st = moe_bwd_tiles_alloc(&job)) != MOE_STATUS_OK) {
+        goto done;
+    }
 
     if (p->lora != NULL && (st = moe_bwd_lora_pre(&job)) != MOE_STATUS_OK) {
         goto done;
@@ -866,6 +1170,8 @@ moe_cpu_ffn_backward(const moe_ffn_backward_params *p)
 done:
     free(job.tasks);
     free(wide);
+    free(job.po);
+
     free(job.zg);
     free(job.zu);
     free(job.vd);

@@ -325,6 +325,11 @@ void moe_dot_amx(const void *a, const void *b, int64_t Kp, int m, float *c,
 void moe_dot_amx_acc(const void *a, const void *b, int64_t Kp, int m,
                      const float *c_in, float *c, int64_t ldc,
                      moe_prefetch pf);
+/* moe_dot_amx_acc with c_in NULL (0) or c itself (rows ldc floats apart):
+ * a an activation panel (MOE_DOT_TILES, 32 rows), b a (Kp, 32) pair panel;
+ * c rows up to 16 (m <= 16) or 32 are written.  Tiles configured. */
+void moe_gemm_amx(const uint32_t *a, const uint32_t *b, int64_t Kp, int m,
+                  const float *c_in, float *c, int64_t ldc);
 void moe_amx_begin(void);
 void moe_amx_end(void);
 int moe_amx_request(void);

@@ -172,6 +172,80 @@ moe_mm_block_bf16(const moe_mm_seg *segs, int n_segs, int64_t m, int64_t n,
     return moe_mm_run(segs, n_segs, m, n, c, ldc, 1);
 }
 
+moe_status
+moe_tmm_block(const moe_tmm_seg *segs, int n_segs, int64_t m, int64_t n,
+              float *c, int64_t ldc)
+{
+#if defined(MOE_HAVE_X86_KERNELS)
+    const moe_kernels *kr = moe_cpu_kernels();
+    const int64_t n_pan = (m + 31) / 32, n_cp = (n + 31) / 32;
+    const int64_t np = n_cp * 32;
+    const int part_rows = (int)(m % 32), part = part_rows != 0 || n % 32 != 0;
+    /* whole 32 x 32 blocks accumulate in c; the others in edge (n_pan * 32,
+     * np), copied out at the end */
+    const size_t edge_n = part ? (size_t)(n_pan * 32 * np) : 0;
+    float *edge;
+    int64_t i, j, p, k0;
+    int first = 1, s;
+
+    if (m <= 0 || n <= 0) {
+        return MOE_STATUS_OK;
+    }
+    if (kr->tile_begin == NULL) {
+        return moe_set_error(MOE_STATUS_INTERNAL, "moe_tmm_block: the %s "
+                             "kernels have no tiles", kr->name);
+    }
+    edge = moe_workspace(MOE_WS_MM, edge_n, sizeof(float));
+    if (edge == NULL) {
+        return MOE_STATUS_ALLOC;
+    }
+    kr->tile_begin();
+    for (s = 0; s < n_segs; s++) {
+        const moe_tmm_seg *g = &segs[s];
+        for (k0 = 0; k0 < g->Kp; k0 += MOE_MM_TILE_KB) {
+            const int64_t len = g->Kp - k0 < MOE_MM_TILE_KB ? g->Kp - k0
+                                                            : MOE_MM_TILE_KB;
+            for (j = 0; j < n_cp; j++) {
+                for (p = 0; p < n_pan; p++) {
+                    const int rows = p < n_pan - 1 || !part_rows ? 32 : part_rows;
+                    const int whole = rows == 32 && (j + 1) * 32 <= n;
+                    float *cp = whole ? c + p * 32 * ldc + j * 32
+                                      : edge + p * 32 * np + j * 32;
+                    moe_gemm_amx(g->a + p * g->a_panel + k0 * 32,
+                                 g->b + j * g->b_panel + k0 * 32, len, rows,
+                                 first ? NULL : cp, cp, whole ? ldc : np);
+                }
+            }
+            first = 0;
+        }
+    }
+    kr->tile_end();
+    if (first) { /* no k at all: the empty sum */
+        for (i = 0; i < m; i++) {
+            memset(c + i * ldc, 0, sizeof(float) * (size_t)n);
+        }
+        return MOE_STATUS_OK;
+    }
+    for (p = 0; part && p < n_pan; p++) { /* the blocks kept in edge */
+        const int64_t rows = m - p * 32 < 32 ? m - p * 32 : 32;
+        for (j = 0; j < n_cp; j++) {
+            const int64_t cols = n - j * 32 < 32 ? n - j * 32 : 32;
+            if (rows == 32 && cols == 32) {
+                continue;
+            }
+            for (i = 0; i < rows; i++) {
+                memcpy(c + (p * 32 + i) * ldc + j * 32,
+                       edge + (p * 32 + i) * np + j * 32,
+                       sizeof(float) * (size_t)cols);
+            }
+        }
+    }
+    return MOE_STATUS_OK;
+#else
+    return moe_set_error(MOE_STATUS_INTERNAL, "moe_tmm_block: no tiles here");
+#endif
+}
+
 typedef struct moe_mm_job {
     const moe_mm_seg *segs;
     int               n_segs;

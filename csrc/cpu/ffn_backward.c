@@ -59,6 +59,8 @@ typedef struct moe_bwd_job {
     int64_t           *oq;      /* (E + 1,) offsets of q_e                  */
     int64_t           *ob;      /* (E + 1,) offsets of ceil(q_e / 16)       */
     uint32_t          *dyb;     /* A, dY rows: panel po[e] + i / 32, k d/2  */
+    uint32_t          *xb;      /* A, X rows as dyb (the gate / up recompute:
+                                   the forward's panels), or NULL with gu   */
     uint32_t          *dgb, *dub; /* A, dG / dU rows: as dyb, k F / 2      */
     uint32_t          *dyt;     /* A, dY^T of expert e: dp / 32 panels of
                                    q_e pairs at ob[e] * 512 * (dp / 32)     */
@@ -271,6 +273,12 @@ moe_bwd_tiles_prep(void *ctx, int64_t e)
             rows[i] = p->dy + (lo + P * 32 + (i < rn ? i : 0)) * d;
         }
         job->kr->pack_tiles(rows, rn, 32, d, job->dyb + at * moe_bwd_tp(d / 2));
+        if (job->xb != NULL) {
+            for (i = 0; i < 32; i++) {
+                rows[i] = job->xs + (lo + P * 32 + (i < rn ? i : 0)) * d;
+            }
+            job->kr->pack_tiles(rows, rn, 32, d, job->xb + at * moe_bwd_tp(d / 2));
+        }
         for (m = 0; m < 2 && rn < 32; m++) {
             uint32_t *g = m == 0 ? job->dgb : job->dub;
             int64_t kp;
@@ -362,26 +370,27 @@ moe_bwd_tiles_alloc(moe_bwd_job *job)
     nb = job->ob[E] * 512;
     {
         /* one workspace (kept between calls: no page faults per step) */
-        uint32_t **dst[11] = {&job->dyb, &job->dub, &job->dgb, &job->dyt,
+        uint32_t **dst[12] = {&job->dyb, &job->dub, &job->dgb, &job->dyt,
                               &job->dut, &job->dgt, &job->xv, &job->hv,
-                              &job->wv[0], &job->wv[1], &job->wv[2]};
-        const int64_t size[11] = {
+                              &job->wv[0], &job->wv[1], &job->wv[2], &job->xb};
+        const int64_t size[12] = {
             np * moe_bwd_tp(d / 2), np * moe_bwd_tp(F / 2),
             gated ? np * moe_bwd_tp(F / 2) : 0, nb * (job->dp / 32),
             nb * (job->Fp / 32), gated ? nb * (job->Fp / 32) : 0,
             nq * job->dp, nq * job->Fp, gated ? E * (F / 2) * job->dp : 0,
-            E * (F / 2) * job->dp, E * (d / 2) * job->Fp};
+            E * (F / 2) * job->dp, E * (d / 2) * job->Fp,
+            p->gu == NULL ? np * moe_bwd_tp(d / 2) : 0};
         int64_t total = 0;
         uint32_t *ws;
         int b;
-        for (b = 0; b < 11; b++) {
+        for (b = 0; b < 12; b++) {
             total += (size[b] + 15) / 16 * 16; /* 64-byte aligned parts */
         }
         if ((ws = moe_workspace(MOE_WS_BWD_TILES, (size_t)total + 16, 4)) == NULL) {
             return MOE_STATUS_ALLOC;
         }
         ws += (16 - ((uintptr_t)ws / 4) % 16) % 16;
-        for (b = 0; b < 11; b++) {
+        for (b = 0; b < 12; b++) {
             *dst[b] = size[b] > 0 ? ws : NULL;
             ws += (size[b] + 15) / 16 * 16;
         }
@@ -471,7 +480,7 @@ moe_bwd_hidden_task(void *ctx, int64_t t)
     int64_t c, P, i, j;
 
     /* saved pre-activations (p->gu): no row panels to multiply */
-    const int64_t n_ap = p->gu != NULL ? 0 : n_pan * ap_size;
+    const int64_t n_ap = p->gu != NULL || job->xb != NULL ? 0 : n_pan * ap_size;
 
     ap = moe_workspace(MOE_WS_BWD_TASK, (size_t)(n_ap + m * MOE_BWD_UNITS),
                        sizeof(float));
@@ -511,7 +520,8 @@ moe_bwd_hidden_task(void *ctx, int64_t t)
     }
     /* the rows as the forward's activation panels, (d, MR) k-major (bf16:
      * the dot kernel's) */
-    for (P = 0; job->bf16 && p->gu == NULL && P < n_pan; P++) {
+    for (P = 0; job->bf16 && job->xb == NULL && p->gu == NULL && P < n_pan;
+         P++) {
         const float *src[MOE_MAX_MR];
         const int rows = m - P * mr < mr ? (int)(m - P * mr) : mr;
         for (i = 0; i < mr; i++) {
@@ -542,7 +552,12 @@ moe_bwd_hidden_task(void *ctx, int64_t t)
         for (P = 0; P < n_pan; P++) {
             const int rows = m - P * mr < mr ? (int)(m - P * mr) : mr;
             if (p->gu == NULL && job->bf16) {
-                moe_dot_panel(kr, ap + P * ap_size, b, d / 2, rows, nr, tile);
+                /* tiles: the rows' panels packed once (moe_bwd_tiles_prep) */
+                moe_dot_panel(kr, job->xb != NULL
+                                  ? job->xb + (job->po[e] + (r0 - p->offsets[e]) / 32 +
+                                               P) * moe_bwd_tp(d / 2)
+                                  : (const void *)(ap + P * ap_size),
+                              b, d / 2, rows, nr, tile);
             }
             else if (p->gu == NULL) {
                 kr->ukr[w->dtype](ap + P * ap_size, b, d, w->group_gu, rows,

@@ -72,3 +72,20 @@ def test_saved_bytes_counts_activations_not_weights():
     x = torch.randn(8, 32)
     # a linear layer saves its input (and its weight, which is held anyway)
     assert bt.saved_bytes(Linear(), x) == 8 * 32 * 4
+
+
+@pytest.mark.parametrize("arch", sorted(TINY))
+def test_tiny_row_bfloat16(arch, monkeypatch):
+    """--dtype bfloat16: ours in bf16 compute, torch's cast to bf16; the check passes (at its
+    bf16 tolerance) and a row comes out."""
+    monkeypatch.setattr(bt, "SETTLE", 0.0)
+    monkeypatch.setattr(bt, "DTYPE", torch.bfloat16)
+    cfg, T = TINY[arch], 64
+    ours = bt.Ours(cfg)
+    assert ours.module.to_layer().compute_dtype == "bfloat16"
+    impls = [ours, bt.HFBlock(arch, cfg, ours), bt.Loop(cfg, ours)]
+    assert all(p.dtype == torch.bfloat16 for p in impls[2].module.experts.parameters())
+    for other in impls[1:]:
+        bt.check_against_ours(ours, other, cfg)
+    line, times, _ = bt.row(f"tiny-{arch}", cfg, impls, T, rounds=2, measure_peak=False)
+    assert line.startswith(f"| tiny-{arch} | {T} |") and [len(t) for t in times] == [2] * 3

@@ -254,7 +254,10 @@ class Loop:
 
     def grads(self):
         return {"router_weight": self.module.router.weight.grad,
-                "w_down": torch.stack([ex.down_proj.weight.grad for ex in self.module.experts])}
+                "w_down": torch.stack([ex.down_proj.weight.grad
+                                       if ex.down_proj.weight.grad is not None
+                                       else torch.zeros_like(ex.down_proj.weight)
+                                       for ex in self.module.experts])}  # (no rows: 0)
 
 
 # ---- one training step, its check and its saved memory ---------------------------------

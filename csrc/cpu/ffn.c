@@ -1145,6 +1145,14 @@ moe_ffn_save_gu(const moe_ffn_job *job, const float *tile, int m, int64_t r0,
  * TFLOP/s in one pass over k, 2.3 in blocks of 128 pairs (64: 1.8).
  */
 #define MOE_TILE_KB  128
+
+/* Whether a GEMM of job on weights w runs as tile sets (bf16 compute on a
+ * dot_acc set). */
+static inline int
+moe_ffn_tiles(const moe_ffn_job *job, const moe_experts *w)
+{
+    return w->bf16_act && job->kr->dot_acc != NULL;
+}
 #define MOE_TILE_ACC(rows) (((rows) + MOE_AMX_MR - 1) / MOE_AMX_MR * \
                             MOE_AMX_MR * MOE_MAX_NR)
 
@@ -1222,7 +1230,7 @@ moe_ffn_up_task(void *ctx, int64_t t)
     float one[MOE_MAX_MR * MOE_MAX_NR];
     float hb[MOE_MAX_MR * MOE_MAX_NR]; /* bf16 compute: h before rounding */
     /* tile sets: every activation panel's tile, computed in k blocks */
-    const int tiles = w->bf16_act && job->kr->dot_acc != NULL;
+    const int tiles = moe_ffn_tiles(job, w);
     float acc[MOE_TILE_ACC(MOE_TILE_UP_ROWS)] __attribute__((aligned(64)));
     int64_t c, P, r0;
     int m, n_units;
@@ -1352,7 +1360,7 @@ moe_ffn_gemm_task(void *ctx, int64_t t)
     const moe_ukr_fn run = wide ? job->kr->ukr[MOE_WTYPE_F32] : ukr;
     float one[MOE_MAX_MR * MOE_MAX_NR];
     /* tile sets: every activation panel's tile, computed in k blocks */
-    const int tiles = w->bf16_act && job->kr->dot_acc != NULL;
+    const int tiles = moe_ffn_tiles(job, w);
     float acc[MOE_TILE_ACC(MOE_TASK_ROWS)] __attribute__((aligned(64)));
     int64_t c, P, r0;
     int m, i, j;
@@ -1446,7 +1454,7 @@ moe_ffn_plan(moe_ffn_job *job, int64_t col_panels, moe_ffn_task *tasks)
     int64_t rows_per;
     int32_t e;
 
-    if (col_panels < 0 && job->w->bf16_act && job->kr->dot_acc != NULL) {
+    if (col_panels < 0 && moe_ffn_tiles(job, job->w)) {
         /* tile sets' gate/up: bf16 rows of d_model, 2 bytes each */
         const int64_t fit = MOE_TILE_UP_BYTES /
                             (2 * (job->w->d_model > 0 ? job->w->d_model : 1));

@@ -1097,6 +1097,10 @@ const char *moe_cpu_isa(void);
 /* What its bf16-compute kernel multiplies with: "amx" (tiles), "vdpbf16ps"
  * or "fma" (bf16 values widened to fp32, two FMAs per pair). */
 const char *moe_cpu_bf16_dot(void);
+/* What its int8-compute kernels (quantized weights) sum with: "amx"
+ * (AMX-INT8 tiles, from 16 rows an expert; VPDPBUSD below), "vpdpbusd",
+ * "vpmaddubsw" (4-bit weights; int8 weights portable) or "portable". */
+const char *moe_cpu_int8_dot(void);
 
 #ifdef __cplusplus
 }

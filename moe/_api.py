@@ -804,6 +804,13 @@ _BF16_DOT = {
     "fma": "bf16 values widened to float32, two FMAs a pair",
 }
 
+_INT8_DOT = {
+    "amx": "AMX-INT8 tiles (TDPBSUD) from 16 rows an expert, VPDPBUSD below",
+    "vpdpbusd": "VPDPBUSD",
+    "vpmaddubsw": "VPMADDUBSW for 4-bit weights, portable C for int8",
+    "portable": "portable C",
+}
+
 
 def show_config(file=None):
     """Print the version, compiler, CPU features, kernel ISA, thread count and CUDA support."""
@@ -814,6 +821,7 @@ def show_config(file=None):
         f"  cpu features: {info['cpu_features'] or '(none detected)'}",
         f"  cpu kernels:  {info['isa']} (MOE_ISA=scalar|avx2|avx512|avx512bf16 lowers the choice; avx512sim: the AVX-512 tiles on AVX2, for tests)",
         f"  bf16 compute: {_BF16_DOT[info['bf16_dot']]}",
+        f"  int8 compute: {_INT8_DOT[info['int8_dot']]}",
         f"  threads:      {info['threads']} (MOE_NUM_THREADS / moe.set_num_threads)",
         f"  cuda:         {_cuda_line()}",
         f"  numpy:        {np.__version__}",

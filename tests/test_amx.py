@@ -3,7 +3,10 @@ Linux grants the tile state, the avx512bf16 set's bf16 kernel by vendor (VDPBF16
 the FMA emulation on Intel, where VDPBF16PS runs at half the FMA rate), MOE_ISA lowering
 (and then no tile request at all), and the tiles living beside another library's (torch's
 oneDNN configures and releases them in the same threads).  Correctness of the amx kernel
-against the reference: test_bf16_compute (run on every set this CPU has)."""
+against the reference: test_bf16_compute (run on every set this CPU has).  int8 compute on
+AMX-INT8 tiles: bitwise the avx512bf16 set's VPDPBUSD kernel (both sum integers exactly and
+scale in the same order), on every format, odd sizes and groups, part tiles, NaN rows;
+against the reference: test_quant_int8."""
 import json
 import platform
 
@@ -63,6 +66,66 @@ def test_bf16_dot_is_named_and_consistent():
     assert (info["isa"] == "amx") == (info["bf16_dot"] == "amx")
     if info["isa"] in ("scalar", "avx2", "avx512", "avx512sim"):
         assert info["bf16_dot"] == "fma"
+
+
+def test_int8_dot_is_named_and_consistent():
+    info = moe._C.build_info()
+    assert info["int8_dot"] in ("amx", "vpdpbusd", "vpmaddubsw", "portable")
+    if info["int8_dot"] == "amx":
+        assert info["isa"] == "amx" and "amx-int8" in _features()
+    if info["isa"] == "amx" and "amx-int8" in _features():
+        assert info["int8_dot"] == "amx"
+    if info["isa"] == "avx512bf16":
+        assert info["int8_dot"] == "vpdpbusd"
+
+
+# Outputs of int8-compute layers, one line of hex digests a case: formats x groups (per
+# row, 32, an odd 40, one longer than a sub-block) x sizes (k tails of 1-3 values, part
+# 16-quad steps, panels of fewer than 16 rows), activations, heterogeneous and empty
+# experts, zero / subnormal / tiny / NaN / Inf rows; enough rows for the tiles (16 an expert) and a decode batch (fewer:
+# VPDPBUSD on both sets).
+_INT8_CASES = r"""
+import hashlib, numpy as np, moe
+rng = np.random.default_rng(7)
+def digest(a):
+    return hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()[:16]
+cases = [("int8", 0, 64, 96, 300), ("int8", 32, 100, 70, 257), ("int8", 40, 130, 90, 200),
+         ("int8", 300, 1000, 64, 150), ("int4", 32, 64, 96, 300), ("int4", 64, 130, 70, 90),
+         ("int4", 0, 258, 110, 170), ("mxfp4", 32, 96, 64, 300), ("mxfp4", 32, 160, 288, 41)]
+for i, (dt, g, d, F, T) in enumerate(cases):
+    act = ("swiglu", "gelu", "relu")[i % 3]
+    sizes = [F, F // 2, 0, F - 6] if i == 4 else F
+    layer = moe.SparseMoE(d, sizes, 4, 2, dtype="float32", activation=act, seed=i,
+                          router_bias=True)
+    if i == 6:
+        layer.router_bias = np.array([30, 30, 30, -30], np.float32)  # expert 3 empty
+    q = moe.quantize(layer, dt, group_size=g or None, compute_dtype="int8")
+    x = rng.standard_normal((T, d)).astype(np.float32)
+    x[T // 3] = 0.0
+    x[T // 4] = np.float32(3e-41)
+    x[T // 5] *= np.float32(2e-38)
+    print(dt, g, d, F, T, digest(q(x)), digest(q(x[:5])))
+# NaN and Inf rows (expert_ffn: the layer refuses them in its router)
+w = [rng.standard_normal(s).astype(np.float32) for s in ((2, 24, 40), (2, 24, 40), (2, 40, 24))]
+packed = moe.pack_experts(*w, dtype="int4", group_size=16, compute_dtype="int8")
+x = rng.standard_normal((90, 40)).astype(np.float32)
+x[1, 20] = np.nan
+x[50, 3] = np.inf
+y = moe.expert_ffn(x, [0, 40, 90], packed)
+print("nan", np.isnan(y).all(axis=1).nonzero()[0].tolist(), digest(y))
+"""
+
+
+def test_int8_compute_tiles_equal_vpdpbusd_bits():
+    if moe._C.build_info()["int8_dot"] != "amx":
+        pytest.skip("int8 compute does not run on AMX-INT8 tiles here")
+    tiles = childproc.python(_INT8_CASES, env=child_env(MOE_ISA=None))
+    vnni = childproc.python(_INT8_CASES, env=child_env(MOE_ISA="avx512bf16"))
+    assert tiles.returncode == 0, tiles.stderr
+    assert vnni.returncode == 0, vnni.stderr
+    assert tiles.stdout.splitlines() == vnni.stdout.splitlines()
+    assert len(tiles.stdout.splitlines()) == 10
+    assert tiles.stdout.splitlines()[-1].startswith("nan [1, 50] ")
 
 
 def test_default_set_follows_the_rule():

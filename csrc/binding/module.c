@@ -139,10 +139,11 @@ moe_py_get_num_threads(PyObject *self, PyObject *noargs)
 static PyObject *
 moe_py_build_info(PyObject *self, PyObject *noargs)
 {
-    return Py_BuildValue("{s:s,s:s,s:s,s:s,s:s,s:i,s:O}", "version",
+    return Py_BuildValue("{s:s,s:s,s:s,s:s,s:s,s:s,s:i,s:O}", "version",
                          MOE_VERSION, "compiler", moe_build_compiler(),
                          "cpu_features", moe_cpu_features(), "isa",
                          moe_cpu_isa(), "bf16_dot", moe_cpu_bf16_dot(),
+                         "int8_dot", moe_cpu_int8_dot(),
                          "threads", moe_get_num_threads(), "cuda",
                          moe_cuda_built() ? Py_True : Py_False);
 }

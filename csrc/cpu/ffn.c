@@ -21,6 +21,9 @@
 /* Rows (activation panels) and weight panels per task: see phase 1. */
 #define MOE_TASK_ROWS   192
 #define MOE_TASK_PANELS 4
+/* int8 compute runs on tiles (kr->q8_tiles) from this many rows an expert,
+ * on average. */
+#define MOE_Q8_TILE_ROWS 16
 /* The tile sets' gate/up tasks: up to this many rows, while their bf16
  * activation panels fit MOE_TILE_UP_BYTES (the 2 MiB L2 of every AMX core so
  * far), so that an expert's gate/up weights are read once per 1024 rows, not
@@ -86,7 +89,8 @@ moe_with_dot(moe_kernels *slot, const moe_kernels *base,
  *     loops: 111-120 vs 221-240 GFLOP/s a core), on AMD Zen 4 twice it;
  *   - amx: that set with the tile kernel (cpu/gemm_amx.c) for bf16
  *     compute, where cpuid has AMX-BF16 and Linux grants the tile state
- *     (asked only when no MOE_ISA rules the set out; refused: avx512bf16).
+ *     (asked only when no MOE_ISA rules the set out; refused: avx512bf16),
+ *     and with AMX-INT8 the int8-compute tile kernels (q8_tiles).
  */
 const moe_kernels *
 moe_cpu_kernels(void)
@@ -122,6 +126,11 @@ moe_cpu_kernels(void)
             amx.tile_begin = moe_amx_begin;
             amx.tile_end = moe_amx_end;
             amx.dot_acc = moe_dot_amx_acc;
+            if (moe_has_feature("amx-int8")) {
+                amx.q8_tiles[MOE_WTYPE_INT8] = moe_q8_amx_int8;
+                amx.q8_tiles[MOE_WTYPE_INT4] = moe_q8_amx_int4;
+                amx.q8_tiles[MOE_WTYPE_MXFP4] = moe_q8_amx_mxfp4;
+            }
             best = &amx;
         }
     }
@@ -165,6 +174,25 @@ const char *
 moe_cpu_bf16_dot(void)
 {
     return moe_cpu_kernels()->dot_name;
+}
+
+const char *
+moe_cpu_int8_dot(void)
+{
+    const moe_kernels *kr = moe_cpu_kernels();
+
+    if (kr->q8_tiles[MOE_WTYPE_INT8] != NULL) {
+        return "amx";
+    }
+#ifdef MOE_HAVE_X86_KERNELS
+    if (kr->q8[MOE_WTYPE_INT8] == moe_kernels_avx512bf16.q8[MOE_WTYPE_INT8]) {
+        return "vpdpbusd";
+    }
+    if (kr == &moe_kernels_avx2) {
+        return "vpmaddubsw";
+    }
+#endif
+    return "portable";
 }
 
 /* ---- packing ------------------------------------------------------------ */
@@ -855,7 +883,9 @@ typedef struct moe_ffn_job {
     float                *save_gu;     /* moe_ffn_params.save_gu, or NULL  */
     moe_panel_gemm        gemm;        /* the GEMM phase running now       */
     int                   mr;        /* rows per activation panel: dot_mr
-                                        for bf16 compute, else kr->mr      */
+                                        for bf16 compute, MOE_AMX_MR for
+                                        q8_tiles, else kr->mr              */
+    int                   q8_tiles;  /* int8 compute on kr->q8_tiles      */
     int64_t               x_panel;   /* floats per panel of xp, of hp      */
     int64_t               h_panel;
     int64_t              *panel_off; /* (E+1,) first panel of expert e     */
@@ -914,7 +944,8 @@ moe_q8_offset(const moe_experts *w)
  */
 static void
 moe_q8_pack(const moe_experts *w, int64_t K, int64_t group,
-            const float *const *src, int64_t sk, int m, int mr, uint8_t *dst)
+            const float *const *src, int64_t sk, int m, int mr, int rowmajor,
+            uint8_t *dst)
 {
     const int32_t off = moe_q8_offset(w);
     const float mult = w->dtype == MOE_DTYPE_MXFP4 ? 0.5f : 1.0f;
@@ -930,6 +961,7 @@ moe_q8_pack(const moe_experts *w, int64_t K, int64_t group,
             float *sa = (float *)dst;
             int32_t *corr = (int32_t *)dst + mr;
             int8_t *codes = (int8_t *)((int32_t *)dst + 2 * mr);
+            const int64_t n4 = (n + 3) / 4 * 4;
             for (i = 0; i < m; i++) {
                 const float *v = src[i] + (k0 + s0) * sk;
                 float amax = 0.0f, inv;
@@ -944,7 +976,9 @@ moe_q8_pack(const moe_experts *w, int64_t K, int64_t group,
                 for (k = 0; k < n && !bad; k++) {
                     float q = nearbyintf(v[k * sk] * inv);
                     q = q > 127.0f ? 127.0f : q < -127.0f ? -127.0f : q;
-                    codes[((k / 4) * mr + i) * 4 + k % 4] = (int8_t)q;
+                    codes[rowmajor ? i * n4 + k
+                                   : ((k / 4) * mr + i) * 4 + k % 4] =
+                        (int8_t)q;
                     sum += (int32_t)q;
                 }
                 sa[i] = bad ? NAN : amax / 127.0f * mult;
@@ -1016,7 +1050,7 @@ moe_ffn_pack_rows(void *ctx, int64_t P)
         src[i] = job->x + (job->token_index ? job->token_index[r] : r) * d;
     }
     if (job->w->q8_act) {
-        moe_q8_pack(job->w, d, job->w->group_gu, src, 1, m, mr,
+        moe_q8_pack(job->w, d, job->w->group_gu, src, 1, m, mr, job->q8_tiles,
                     (uint8_t *)job->xp + P * job->xq_bytes);
         return;
     }
@@ -1101,7 +1135,7 @@ moe_ffn_quantize_hidden(void *ctx, int64_t P)
         src[i] = h + i;
     }
     moe_q8_pack(w, w->expert_ff ? w->expert_ff[e] : w->d_ff, w->group_down,
-                src, mr, m, mr, job->hq + P * job->hq_bytes);
+                src, mr, m, mr, job->q8_tiles, job->hq + P * job->hq_bytes);
 }
 
 /* The pre-activations of tile rows [r0, r0 + m), units c * width + j (j <
@@ -1152,6 +1186,13 @@ static inline int
 moe_ffn_tiles(const moe_ffn_job *job, const moe_experts *w)
 {
     return w->bf16_act && job->kr->dot_acc != NULL;
+}
+/* The int8-compute kernel of job on weights w (NULL: not int8 compute). */
+static inline moe_q8_fn
+moe_ffn_q8(const moe_ffn_job *job, const moe_experts *w)
+{
+    return !w->q8_act ? NULL
+         : job->q8_tiles ? job->kr->q8_tiles[w->dtype] : job->kr->q8[w->dtype];
 }
 #define MOE_TILE_ACC(rows) (((rows) + MOE_AMX_MR - 1) / MOE_AMX_MR * \
                             MOE_AMX_MR * MOE_MAX_NR)
@@ -1240,8 +1281,9 @@ moe_ffn_up_task(void *ctx, int64_t t)
      * (same values, so the same bits) for the fp32 kernel */
     float *wide = moe_wide_panel(job->kr, w, task, d);
     const moe_ukr_fn run = wide ? job->kr->ukr[MOE_WTYPE_F32] : ukr;
+    const moe_q8_fn q8 = moe_ffn_q8(job, w);
 
-    if (w->bf16_act && job->kr->tile_begin != NULL) {
+    if ((w->bf16_act || job->q8_tiles) && job->kr->tile_begin != NULL) {
         job->kr->tile_begin();
     }
     /* The weight panel outside: it is read from memory once per task and
@@ -1274,9 +1316,8 @@ moe_ffn_up_task(void *ctx, int64_t t)
                 /* computed above */
             }
             else if (w->q8_act) {
-                job->kr->q8[w->dtype]((const uint8_t *)job->xp +
-                                          P * job->xq_bytes,
-                                      b, d, w->group_gu, m, tile, nr, pf);
+                q8((const uint8_t *)job->xp + P * job->xq_bytes, b, d,
+                   w->group_gu, m, tile, nr, pf);
             }
             else if (w->bf16_act) {
                 job->kr->dot(xp, b, K, m, tile, nr, pf);
@@ -1336,7 +1377,7 @@ moe_ffn_up_task(void *ctx, int64_t t)
             }
         }
     }
-    if (w->bf16_act && job->kr->tile_end != NULL) {
+    if ((w->bf16_act || job->q8_tiles) && job->kr->tile_end != NULL) {
         job->kr->tile_end();
     }
 }
@@ -1358,6 +1399,7 @@ moe_ffn_gemm_task(void *ctx, int64_t t)
     const int64_t k_bytes = moe_weight_panel_bytes(w, K, w->group_down);
     float *wide = moe_wide_panel(job->kr, w, task, K);
     const moe_ukr_fn run = wide ? job->kr->ukr[MOE_WTYPE_F32] : ukr;
+    const moe_q8_fn q8 = moe_ffn_q8(job, w);
     float one[MOE_MAX_MR * MOE_MAX_NR];
     /* tile sets: every activation panel's tile, computed in k blocks */
     const int tiles = moe_ffn_tiles(job, w);
@@ -1365,7 +1407,7 @@ moe_ffn_gemm_task(void *ctx, int64_t t)
     int64_t c, P, r0;
     int m, i, j;
 
-    if (w->bf16_act && job->kr->tile_begin != NULL) {
+    if ((w->bf16_act || job->q8_tiles) && job->kr->tile_begin != NULL) {
         job->kr->tile_begin();
     }
     for (c = task->c0; c < task->c1; c++) {
@@ -1403,9 +1445,8 @@ moe_ffn_gemm_task(void *ctx, int64_t t)
                 /* computed above */
             }
             else if (w->q8_act) {
-                job->kr->q8[w->dtype](g->in_q + P * job->hq_bytes, b, K,
-                                      w->group_down, m, direct ? y : tile,
-                                      direct ? d : nr, pf);
+                q8(g->in_q + P * job->hq_bytes, b, K, w->group_down, m,
+                   direct ? y : tile, direct ? d : nr, pf);
             }
             else if (w->bf16_act) {
                 /* bf16 compute: the hidden panel as the dot kernel reads it */
@@ -1440,7 +1481,7 @@ moe_ffn_gemm_task(void *ctx, int64_t t)
             }
         }
     }
-    if (w->bf16_act && job->kr->tile_end != NULL) {
+    if ((w->bf16_act || job->q8_tiles) && job->kr->tile_end != NULL) {
         job->kr->tile_end();
     }
 }
@@ -1572,7 +1613,13 @@ moe_ffn_run(moe_ffn_job *job, moe_panel_gemm *final, int64_t n_rows)
         return MOE_STATUS_OK;
     }
     job->kr = moe_cpu_kernels();
-    job->mr = w->bf16_act ? job->kr->dot_mr : job->kr->mr;
+    /* int8 compute on tiles where the set has them and the experts average
+     * MOE_Q8_TILE_ROWS rows (fewer: decode, bound by the weights' bytes,
+     * where 32-row tiles would mostly multiply zeros) */
+    job->q8_tiles = w->q8_act && job->kr->q8_tiles[w->dtype] != NULL &&
+                    n_rows >= MOE_Q8_TILE_ROWS * w->n_experts;
+    job->mr = w->bf16_act ? job->kr->dot_mr
+            : job->q8_tiles ? MOE_AMX_MR : job->kr->mr;
     job->x_panel = moe_act_panel(job, w->d_model);
     job->h_panel = moe_act_panel(job, w->d_ff);
     job->panel_off = moe_alloc((size_t)w->n_experts + 1, sizeof(int64_t));
@@ -1609,17 +1656,20 @@ moe_ffn_run(moe_ffn_job *job, moe_panel_gemm *final, int64_t n_rows)
     job->panel_e = moe_alloc((size_t)job->n_panels, sizeof(int32_t));
     if (w->q8_act) {
         /* int8 compute: xp holds the quantized rows; hq the hidden ones */
-        job->xq_bytes = moe_q8_act_bytes(w->d_model, w->group_gu, job->kr->mr);
-        job->hq_bytes = moe_q8_act_bytes(w->d_ff, w->group_down, job->kr->mr);
+        job->xq_bytes = moe_q8_act_bytes(w->d_model, w->group_gu, job->mr);
+        job->hq_bytes = moe_q8_act_bytes(w->d_ff, w->group_down, job->mr);
+        /* (+ 64: a tile's rows may read up to 64 bytes past the last) */
         job->hq = moe_workspace(MOE_WS_PANEL_Q,
-                                (size_t)(job->n_panels * job->hq_bytes), 1);
+                                (size_t)(job->n_panels * job->hq_bytes) + 64,
+                                1);
         if (job->hq == NULL) {
             goto done;
         }
     }
     job->xp = w->linear ? NULL
         : w->q8_act ? moe_workspace(MOE_WS_PANEL_X,
-                                    (size_t)(job->n_panels * job->xq_bytes), 1)
+                                    (size_t)(job->n_panels * job->xq_bytes) +
+                                        64, 1)
         : moe_workspace(MOE_WS_PANEL_X, (size_t)(job->n_panels * job->x_panel),
                         sizeof(float));
     job->hp = moe_workspace(MOE_WS_PANEL_H,

@@ -15,12 +15,14 @@
  * batch or thread count; TDPBF16PS adds a pair of products per step with
  * its own internal rounding (and flushes denormals), so bits may differ
  * from the avx512bf16 set's VDPBF16PS and from the FMA emulation.
+ *
+ * The int8-compute kernels (moe_q8_amx_*, AMX-INT8) are at the end.
  */
 #include "moe.h"
 #include "cpu/kernels.h"
 
 #if defined(__x86_64__) && defined(__GNUC__)
-#pragma GCC target("amx-tile,amx-bf16,avx512f,avx512bw,avx2,fma")
+#pragma GCC target("amx-tile,amx-bf16,amx-int8,avx512f,avx512bw,avx2,fma,f16c")
 #include <immintrin.h>
 #include <string.h>
 #include <sys/syscall.h>
@@ -264,6 +266,196 @@ moe_dot_amx(const void *a_panel, const void *b_panel, int64_t Kp, int m,
     for (i = 0; i < m; i++) {
         memcpy(c + i * ldc, buf + i * 32, 32 * sizeof(float));
     }
+}
+
+/*
+ * int8 compute on AMX-INT8 tiles (cpu/kernels.h: moe_q8_*): c (m <= 32,
+ * 32) = a @ b, a an activation panel of MOE_AMX_MR rows in the row layout
+ * (moe_q8_pack: each sub-block's codes row-major, row i's n4 = 4 ceil(n / 4)
+ * codes at i * n4), b an int8-compute weight panel as every set packs it.
+ * A quad row of b (4 k of 32 columns, 4 bytes a column) is what TDPBSUD
+ * reads as its second operand: 16 quads of 16 columns make a tile, so int8
+ * panels are read in place (stride 128); a sub-block's last part step
+ * (fewer than 16 quads) and every 4-bit quad go through a 2 x 1 KiB copy
+ * (4-bit codes widened to the bytes the other sets' VPMADDUBSW reads, e2m1
+ * through the same table), zero past its quads, so the activations' bytes
+ * read past a row (the next row's, or the panel's 64-byte slack) multiply
+ * zeros.  Per sub-block each tile sums 64 k at a step, exactly in int32;
+ * then c = fma((float)(sum - corr_i), s_w_j * s_a_i, c) as in the other
+ * sets: the integer sums are exact and the float steps the same, so the
+ * bits equal the avx512bf16 set's VPDPBUSD kernel (cpu/gemm.inc).
+ */
+static inline __attribute__((always_inline)) void
+moe_q8_amx_scales(const uint8_t *p, int wtype, __m512 sw[2])
+{
+    int j;
+
+    for (j = 0; j < 2; j++) {
+        if (wtype == MOE_WTYPE_MXFP4) {
+            /* e8m0: 2^(e - 127), 2^-127 for e = 0 (gemm.inc's rule) */
+            const __m512i e = _mm512_cvtepu8_epi32(
+                _mm_loadu_si128((const __m128i *)(p + 16 * j)));
+            const __mmask16 zero = _mm512_cmpeq_epi32_mask(
+                e, _mm512_setzero_si512());
+            const __m512i bits = _mm512_slli_epi32(e, 23);
+            sw[j] = _mm512_castsi512_ps(_mm512_mask_or_epi32(
+                bits, zero, bits, _mm512_set1_epi32(0x00400000)));
+        }
+        else {
+            sw[j] = _mm512_cvtph_ps(
+                _mm256_loadu_si256((const __m256i *)(p + 32 * j)));
+        }
+    }
+}
+
+/* Quads [0, n) of q (qb bytes each) into bt[0] (columns 0-15) and bt[1]
+ * (16-31), 64 bytes a quad, quads n .. 15 zero. */
+static inline __attribute__((always_inline)) void
+moe_q8_amx_copy(const uint8_t *q, int n, int wtype, uint8_t bt[2][16 * 64])
+{
+    const __m512i low = _mm512_set1_epi8(0x0f);
+    /* e2m1 nibble -> 2 v + 12 (cpu/gemm.inc: moe_e2m1_u8), per 16 bytes */
+    const __m512i e2m1 = _mm512_broadcast_i32x4(_mm_setr_epi8(
+        12, 13, 14, 15, 16, 18, 20, 24, 12, 11, 10, 9, 8, 6, 4, 0));
+    int t;
+
+    for (t = 0; t < n; t++) {
+        __m512i lo, hi;
+        if (wtype == MOE_WTYPE_INT8) {
+            lo = _mm512_loadu_si512(q + t * 128);
+            hi = _mm512_loadu_si512(q + t * 128 + 64);
+        }
+        else {
+            const __m512i v = _mm512_loadu_si512(q + t * 64);
+            lo = _mm512_and_si512(v, low);
+            hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+            if (wtype == MOE_WTYPE_MXFP4) {
+                lo = _mm512_shuffle_epi8(e2m1, lo);
+                hi = _mm512_shuffle_epi8(e2m1, hi);
+            }
+        }
+        _mm512_store_si512(bt[0] + t * 64, lo);
+        _mm512_store_si512(bt[1] + t * 64, hi);
+    }
+    for (; t < 16; t++) {
+        _mm512_store_si512(bt[0] + t * 64, _mm512_setzero_si512());
+        _mm512_store_si512(bt[1] + t * 64, _mm512_setzero_si512());
+    }
+}
+
+static inline __attribute__((always_inline)) void
+moe_q8_amx(const void *a, const void *b, int64_t K, int64_t group, int m,
+           float *c, int64_t ldc, moe_prefetch pf, const int wtype)
+{
+    const int64_t qb = wtype == MOE_WTYPE_INT8 ? 128 : 64;
+    const int64_t sb = wtype == MOE_WTYPE_MXFP4 ? 32 : 64;
+    const int two = m > 16;
+    const char *pf_at = pf.at;
+    int pf_count = pf.every;
+    float acc[32 * 32] __attribute__((aligned(64)));
+    int32_t isum[32 * 32] __attribute__((aligned(64)));
+    uint8_t bt[2][16 * 64] __attribute__((aligned(64)));
+    const uint8_t *q = b, *ap = a;
+    int64_t k0, s0, t;
+    int i, j;
+
+    memset(acc, 0, sizeof(float) * 32 * (size_t)m);
+    for (k0 = 0; k0 < K; k0 += group) {
+        const int64_t rows = K - k0 < group ? K - k0 : group;
+        __m512 sw[2];
+        moe_q8_amx_scales(q, wtype, sw);
+        q += sb;
+        for (s0 = 0; s0 < rows; s0 += MOE_Q8_BLOCK) {
+            const int64_t n = rows - s0 < MOE_Q8_BLOCK ? rows - s0
+                                                       : MOE_Q8_BLOCK;
+            const int64_t nq = (n + 3) / 4;
+            const int lda = (int)(nq * 4);
+            const float *sa = (const float *)ap;
+            const int32_t *corr = (const int32_t *)ap + MOE_AMX_MR;
+            const uint8_t *codes = ap + 8 * MOE_AMX_MR;
+            _tile_zero(0);
+            _tile_zero(1);
+            if (two) {
+                _tile_zero(2);
+                _tile_zero(3);
+            }
+            for (t = 0; t < nq; t += 16) {
+                const int nt = nq - t < 16 ? (int)(nq - t) : 16;
+                const uint8_t *b0 = q + t * qb, *b1 = b0 + 64;
+                int bs = (int)qb;
+                if (wtype != MOE_WTYPE_INT8 || nt < 16) {
+                    moe_q8_amx_copy(q + t * qb, nt, wtype, bt);
+                    b0 = bt[0];
+                    b1 = bt[1];
+                    bs = 64;
+                }
+                _tile_loadd(4, codes + t * 4, lda);
+                _tile_loadd(6, b0, bs);
+                _tile_dpbsud(0, 4, 6);
+                _tile_loadd(7, b1, bs);
+                _tile_dpbsud(1, 4, 7);
+                if (two) {
+                    _tile_loadd(5, codes + 16 * lda + t * 4, lda);
+                    _tile_dpbsud(2, 5, 6);
+                    _tile_dpbsud(3, 5, 7);
+                }
+                if (pf_at != NULL) {
+                    int s_;
+                    for (s_ = 0; s_ < nt; s_++) {
+                        if (--pf_count == 0) {
+                            pf_count = pf.every;
+                            __builtin_prefetch(pf_at, 0, 2);
+                            pf_at += 64;
+                        }
+                    }
+                }
+            }
+            _tile_stored(0, isum, 128);
+            _tile_stored(1, isum + 16, 128);
+            if (two) {
+                _tile_stored(2, isum + 16 * 32, 128);
+                _tile_stored(3, isum + 16 * 32 + 16, 128);
+            }
+            for (i = 0; i < m; i++) {
+                const __m512i ci = _mm512_set1_epi32(corr[i]);
+                const __m512 si = _mm512_set1_ps(sa[i]);
+                for (j = 0; j < 2; j++) {
+                    const __m512 d = _mm512_cvtepi32_ps(_mm512_sub_epi32(
+                        _mm512_load_si512(isum + i * 32 + 16 * j), ci));
+                    _mm512_store_ps(acc + i * 32 + 16 * j,
+                                    _mm512_fmadd_ps(
+                                        d, _mm512_mul_ps(sw[j], si),
+                                        _mm512_load_ps(acc + i * 32 + 16 * j)));
+                }
+            }
+            q += nq * qb;
+            ap += (8 + 4 * nq) * MOE_AMX_MR;
+        }
+    }
+    for (i = 0; i < m; i++) {
+        memcpy(c + i * ldc, acc + i * 32, 32 * sizeof(float));
+    }
+}
+
+void
+moe_q8_amx_int8(const void *a, const void *b, int64_t K, int64_t group, int m,
+                float *c, int64_t ldc, moe_prefetch pf)
+{
+    moe_q8_amx(a, b, K, group, m, c, ldc, pf, MOE_WTYPE_INT8);
+}
+
+void
+moe_q8_amx_int4(const void *a, const void *b, int64_t K, int64_t group, int m,
+                float *c, int64_t ldc, moe_prefetch pf)
+{
+    moe_q8_amx(a, b, K, group, m, c, ldc, pf, MOE_WTYPE_INT4);
+}
+
+void
+moe_q8_amx_mxfp4(const void *a, const void *b, int64_t K, int64_t group,
+                 int m, float *c, int64_t ldc, moe_prefetch pf)
+{
+    moe_q8_amx(a, b, K, group, m, c, ldc, pf, MOE_WTYPE_MXFP4);
 }
 #else
 typedef int moe_cpu_gemm_amx_unused;

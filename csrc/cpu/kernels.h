@@ -69,7 +69,9 @@ moe_panel_bytes(int wtype, int64_t K, int nr, int64_t group)
  *   mr float scales s_a (row i's values are q * s_a; mxfp4: times 0.5
  *   folded in), mr int32 corrections off * sum(q), then ceil(rows / 4) * mr
  *   int32 quads (4 int8 codes of rows 4t .. 4t + 3 of row i at [t * mr + i],
- *   zeros past the sub-block).
+ *   zeros past the sub-block); the tile sets' kernels (q8_tiles) read the
+ *   codes in the row layout instead: row i's 4 ceil(rows / 4) codes
+ *   (zeros past the sub-block) at byte i * 4 ceil(rows / 4), same size.
  * c(i, j) = sum over sub-blocks, in order, of one FMA each:
  *   c = fma((float)(sum_k u * q - corr_i), s_a_i * s_w_j, c)
  * (the integer sum is exact; |sum| < 2^24 so its conversion too).
@@ -290,6 +292,9 @@ typedef struct moe_kernels {
     moe_ukr_fn     ukr[MOE_WTYPE_COUNT];
     moe_dequant_fn dequant[MOE_WTYPE_COUNT];
     moe_q8_fn      q8[MOE_WTYPE_COUNT]; /* int8 compute (quantized types) */
+    /* Tile sets: int8 compute on MOE_AMX_MR-row activation panels in the
+     * row layout (moe_q8_pack), the tile configuration loaded; NULL: none */
+    moe_q8_fn      q8_tiles[MOE_WTYPE_COUNT];
     moe_dot_fn     dot;   /* bf16 weights x bf16 activations               */
     int            dot_layout; /* its activation panel (moe_dot_layout)    */
     int            dot_mr;    /* rows per activation panel of dot          */
@@ -330,6 +335,13 @@ void moe_dot_amx_acc(const void *a, const void *b, int64_t Kp, int m,
  * c rows up to 16 (m <= 16) or 32 are written.  Tiles configured. */
 void moe_gemm_amx(const uint32_t *a, const uint32_t *b, int64_t Kp, int m,
                   const float *c_in, float *c, int64_t ldc);
+/* The int8-compute kernels on AMX-INT8 tiles (moe_kernels.q8_tiles). */
+void moe_q8_amx_int8(const void *a, const void *b, int64_t K, int64_t group,
+                     int m, float *c, int64_t ldc, moe_prefetch pf);
+void moe_q8_amx_int4(const void *a, const void *b, int64_t K, int64_t group,
+                     int m, float *c, int64_t ldc, moe_prefetch pf);
+void moe_q8_amx_mxfp4(const void *a, const void *b, int64_t K, int64_t group,
+                      int m, float *c, int64_t ldc, moe_prefetch pf);
 void moe_amx_begin(void);
 void moe_amx_end(void);
 int moe_amx_request(void);

@@ -184,6 +184,7 @@ moe_cpu_features(void)
             }
             if (os_amx && (d7 & (1u << 22))) strcat(buf, "amx-bf16 ");
             if (os_amx && (d7 & (1u << 24))) strcat(buf, "amx-tile ");
+            if (os_amx && (d7 & (1u << 25))) strcat(buf, "amx-int8 ");
         }
     }
 #elif defined(__aarch64__)

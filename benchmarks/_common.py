@@ -36,10 +36,11 @@ def cpu_shape(name):
     return {k: v for k, v in shape.items() if k != "n_tokens"}
 
 
-def bf16_twin(layer):
+def bf16_twin(layer, compute_dtype="float32"):
     """A bfloat16-weight SparseMoE holding `layer`'s weights (rounded to bf16)."""
     import moe
-    twin = moe.SparseMoE(**dict(layer.config(), dtype="bfloat16"), init=False)
+    twin = moe.SparseMoE(**dict(layer.config(), dtype="bfloat16", compute_dtype=compute_dtype),
+                         init=False)
     for name in layer._weight_names():
         if getattr(layer, name) is not None:
             setattr(twin, name, getattr(layer, name))

@@ -73,9 +73,10 @@ def main():
         f"cpu features: {info['cpu_features']}",
         f"moe {info['version']}: kernels {info['isa']}, {threads} threads",
         "",
-        "| shape | tokens | fp32 ms | bf16 ms | format | ms | vs fp32 | vs bf16 | GB/s read "
-        "(% of bandwidth) | FFN only: ms, vs fp32, vs bf16, GB/s (% of bandwidth) |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| shape | tokens | fp32 ms | bf16 ms | bf16c ms | format | ms | vs fp32 | vs bf16 | "
+        "vs bf16c | GB/s read (% of bandwidth) | FFN only: ms, vs fp32, vs bf16, GB/s (% of "
+        "bandwidth) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     print("\n".join(head), flush=True)
     rows, errors = [], []
@@ -86,6 +87,7 @@ def main():
         if layer.use_expert_bias:
             layer.expert_bias[:] = rng.standard_normal(layer.n_experts) * 0.01
         bf16 = bf16_twin(layer)
+        bf16c = bf16_twin(layer, compute_dtype="bfloat16")
         quant = {lab: moe.quantize(layer, fmt, g, compute_dtype=c)
                  for lab, fmt, g, c in FORMATS}
         # correctness first: each quantized layer against the float64 reference
@@ -110,7 +112,7 @@ def main():
             x = rng.standard_normal((T, layer.d_model)).astype(np.float32)
             _, routing = layer(x, return_routing=True)
             cold = flush if T <= 8 else None
-            impls = [("fp32", layer), ("bf16", bf16)] + list(quant.items())
+            impls = [("fp32", layer), ("bf16", bf16), ("bf16c", bf16c)] + list(quant.items())
             fns = [((lambda m=m: m(x)), cold) for _, m in impls]
             if T <= 8:
                 # the routed experts' FFN alone (no router, dispatch, shared experts or
@@ -126,7 +128,7 @@ def main():
                                 each_round=(lambda: bw.append(read_bandwidth(threads, 256)))
                                 if T <= 8 else None)
             ffn = times[len(impls):]
-            t32, t16 = times[0], times[1]
+            t32, t16, t16c = times[0], times[1], times[2]
             ms = lambda t: "%.2f (%.2f-%.2f)" % tuple(v * 1e3 for v in spread(t))  # noqa: E731
             def gbs(nb, t):
                 gb = [nb / s / 1e9 for s in t]
@@ -134,17 +136,17 @@ def main():
                 return (f"{statistics.median(gb):.1f} ({100 * frac:.0f}% of "
                         f"{statistics.median(bw):.1f})")
 
-            for i, ((fmt, q), t) in enumerate(zip(impls[2:], times[2:len(impls)])):
+            for i, ((fmt, q), t) in enumerate(zip(impls[3:], times[3:len(impls)])):
                 read, alone = "-", "-"
                 if T <= 8:
                     read = gbs(read_bytes(q, routing), t)
-                    f = ffn[2 + i]
+                    f = ffn[3 + i]
                     alone = (f"{statistics.median(f) * 1e3:.2f}, "
                              f"{per_round(ffn[0], f):.2f}x, {per_round(ffn[1], f):.2f}x, "
                              f"{gbs(routed_bytes(q, routing), f)}")
-                row = (f"| {name} | {T} | {ms(t32)} | {ms(t16)} | {fmt} | {ms(t)} | "
-                       f"{per_round(t32, t):.2f}x | {per_round(t16, t):.2f}x | {read} | "
-                       f"{alone} |")
+                row = (f"| {name} | {T} | {ms(t32)} | {ms(t16)} | {ms(t16c)} | {fmt} | "
+                       f"{ms(t)} | {per_round(t32, t):.2f}x | {per_round(t16, t):.2f}x | "
+                       f"{per_round(t16c, t):.2f}x | {read} | {alone} |")
                 rows.append(row)
                 print(row, flush=True)
     err_head = ["", "Output error against the fp32 layer (relative Frobenius norm, 256 random "
@@ -166,6 +168,8 @@ def main():
         "layer's packed experts and the rows this routing sends them, caches flushed), "
         "its ratios against the fp32 and bf16 FFNs and its GB/s over the routed experts' "
         "bytes.  "
+        "bf16: bf16 weights, float32 compute; bf16c: bf16 weights and compute_dtype="
+        "'bfloat16' (AMX tiles on the amx set).  "
         "int8: one float16 scale per row; int4: float16 scales per 32; mxfp4: e8m0 per 32.  "
         "The kernels dequantize exactly (a quantized layer's output is bitwise the fp32 "
         "layer's on the dequantized weights): in registers when a weight panel serves one "

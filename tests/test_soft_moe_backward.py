@@ -32,7 +32,9 @@ def reference(layer, x, dy):
 
 def check(layer, x, rng, conditioned=False):
     """The layer's gradients against the reference; conditioned: allow, besides the
-    relative tolerance, 10x the reference's own change when dy moves by an ulp, and 1e-9
+    relative tolerance, 10x the reference's own change when dy, and when x, moves by an ulp
+    (one token of d_model 1: dx cancels to ~100 float32 ulps, which an ulp of x moves by
+    about half), and 1e-9
     (O(1) inputs: a gradient that cancels to rounding noise, such as a softmax over tied
     scores, is zero to float32) (a gradient
     that cancels -- the softmaxes' backward on tiny shapes -- is no more accurate than
@@ -43,15 +45,17 @@ def check(layer, x, rng, conditioned=False):
     g = layer.backward(ctx, dy)
     assert set(g) == {"x"} | set(layer.trainable_weights())
     r = reference(layer, x, dy)
-    r2 = None
+    moved = []
     if conditioned:
         away = np.where(rng.standard_normal(dy.shape) < 0, -np.inf, np.inf)
-        r2 = reference(layer, x, np.nextafter(dy, away.astype(np.float32)))
+        moved.append(reference(layer, x, np.nextafter(dy, away.astype(np.float32))))
+        away = np.where(rng.standard_normal(x.shape) < 0, -np.inf, np.inf)
+        moved.append(reference(layer, np.nextafter(x, away.astype(np.float32)), dy))
     for key in g:
         name = "dx" if key == "x" else key
         want = r[name]
-        noise = 0.0 if r2 is None else \
-            10 * np.linalg.norm(np.asarray(r2[name]) - want) + 1e-9
+        noise = 0.0 if not moved else \
+            10 * sum(np.linalg.norm(np.asarray(m[name]) - want) for m in moved) + 1e-9
         if key == "scale":
             assert isinstance(g[key], float)
             assert abs(g[key] - want) <= 1e-5 * max(1.0, abs(want)) + noise, (g[key], want)

@@ -37,10 +37,13 @@ def cpu_shape(name):
 
 
 def bf16_twin(layer, compute_dtype="float32"):
-    """A bfloat16-weight SparseMoE holding `layer`'s weights (rounded to bf16)."""
+    """A bfloat16-weight SparseMoE holding `layer`'s weights (rounded to bf16); with
+    compute_dtype="bfloat16" its shared experts are bf16 too (bf16 compute needs that)."""
     import moe
-    twin = moe.SparseMoE(**dict(layer.config(), dtype="bfloat16", compute_dtype=compute_dtype),
-                         init=False)
+    cfg = dict(layer.config(), dtype="bfloat16", compute_dtype=compute_dtype)
+    if compute_dtype == "bfloat16" and cfg.get("shared_dtype") is not None:
+        cfg["shared_dtype"] = "bfloat16"
+    twin = moe.SparseMoE(**cfg, init=False)
     for name in layer._weight_names():
         if getattr(layer, name) is not None:
             setattr(twin, name, getattr(layer, name))

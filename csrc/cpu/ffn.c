@@ -934,22 +934,25 @@ moe_q8_offset(const moe_experts *w)
 }
 
 /*
- * Quantize rows i < m (value k of row i at src[i][k * sk], k < K) into an
- * int8-compute activation panel of mr rows for weights of this group
- * (cpu/kernels.h: moe_q8_*); rows >= m are zeros.  Per row and sub-block:
- * amax = max |v|, q = round_even(v * min(127 / amax, FLT_MAX)) (0 if amax
- * is 0), s = amax / 127 (times 0.5 for mxfp4: its codes are 2 v); a NaN or
- * Inf value makes s NaN (the row's outputs NaN) and its codes 0.
+ * Quantize rows i < m (value k of row i at src[i][k * sk], k < K; sk > 1:
+ * a panel's rows, src[i] = src[0] + i) into an int8-compute activation
+ * panel of mr rows for weights of this group, in the quad layout or
+ * (rowmajor, the tile kernels') the row layout (cpu/kernels.h: moe_q8_*);
+ * rows >= m are zeros.  Per row and sub-block (kr->q8_quant): amax =
+ * max |v|, q = round_even(v * min(127 / amax, FLT_MAX)) (0 if amax is 0),
+ * s = amax / 127 (times 0.5 for mxfp4: its codes are 2 v); a NaN or Inf
+ * value makes s NaN (the row's outputs NaN) and its codes 0.
  * moe/reference.py: quantize_activations computes the same q and s.
  */
 static void
-moe_q8_pack(const moe_experts *w, int64_t K, int64_t group,
-            const float *const *src, int64_t sk, int m, int mr, int rowmajor,
-            uint8_t *dst)
+moe_q8_pack(const moe_kernels *kr, const moe_experts *w, int64_t K,
+            int64_t group, const float *const *src, int64_t sk, int m, int mr,
+            int rowmajor, uint8_t *dst)
 {
     const int32_t off = moe_q8_offset(w);
     const float mult = w->dtype == MOE_DTYPE_MXFP4 ? 0.5f : 1.0f;
-    int64_t k0, s0, k;
+    const float *at[MOE_MAX_MR];
+    int64_t k0, s0;
     int i;
 
     memset(dst, 0, (size_t)moe_q8_act_bytes(K, group, mr));
@@ -958,32 +961,10 @@ moe_q8_pack(const moe_experts *w, int64_t K, int64_t group,
         for (s0 = 0; s0 < rows; s0 += MOE_Q8_BLOCK) {
             const int64_t n = rows - s0 < MOE_Q8_BLOCK ? rows - s0
                                                        : MOE_Q8_BLOCK;
-            float *sa = (float *)dst;
-            int32_t *corr = (int32_t *)dst + mr;
-            int8_t *codes = (int8_t *)((int32_t *)dst + 2 * mr);
-            const int64_t n4 = (n + 3) / 4 * 4;
             for (i = 0; i < m; i++) {
-                const float *v = src[i] + (k0 + s0) * sk;
-                float amax = 0.0f, inv;
-                int32_t sum = 0;
-                int bad = 0;
-                for (k = 0; k < n; k++) {
-                    const float a = fabsf(v[k * sk]);
-                    bad |= !(a <= FLT_MAX);
-                    amax = a > amax ? a : amax;
-                }
-                inv = amax > 0.0f ? fminf(127.0f / amax, FLT_MAX) : 0.0f;
-                for (k = 0; k < n && !bad; k++) {
-                    float q = nearbyintf(v[k * sk] * inv);
-                    q = q > 127.0f ? 127.0f : q < -127.0f ? -127.0f : q;
-                    codes[rowmajor ? i * n4 + k
-                                   : ((k / 4) * mr + i) * 4 + k % 4] =
-                        (int8_t)q;
-                    sum += (int32_t)q;
-                }
-                sa[i] = bad ? NAN : amax / 127.0f * mult;
-                corr[i] = bad ? 0 : off * sum;
+                at[i] = src[i] + (k0 + s0) * sk;
             }
+            kr->q8_quant(at, sk, m, mr, n, mult, off, rowmajor, dst);
             dst += (8 + 4 * ((n + 3) / 4)) * mr;
         }
     }
@@ -1050,8 +1031,8 @@ moe_ffn_pack_rows(void *ctx, int64_t P)
         src[i] = job->x + (job->token_index ? job->token_index[r] : r) * d;
     }
     if (job->w->q8_act) {
-        moe_q8_pack(job->w, d, job->w->group_gu, src, 1, m, mr, job->q8_tiles,
-                    (uint8_t *)job->xp + P * job->xq_bytes);
+        moe_q8_pack(job->kr, job->w, d, job->w->group_gu, src, 1, m, mr,
+                    job->q8_tiles, (uint8_t *)job->xp + P * job->xq_bytes);
         return;
     }
     if (job->w->bf16_act) {
@@ -1134,8 +1115,9 @@ moe_ffn_quantize_hidden(void *ctx, int64_t P)
     for (i = 0; i < mr; i++) {
         src[i] = h + i;
     }
-    moe_q8_pack(w, w->expert_ff ? w->expert_ff[e] : w->d_ff, w->group_down,
-                src, mr, m, mr, job->q8_tiles, job->hq + P * job->hq_bytes);
+    moe_q8_pack(job->kr, w, w->expert_ff ? w->expert_ff[e] : w->d_ff,
+                w->group_down, src, mr, m, mr, job->q8_tiles,
+                job->hq + P * job->hq_bytes);
 }
 
 /* The pre-activations of tile rows [r0, r0 + m), units c * width + j (j <

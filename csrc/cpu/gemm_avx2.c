@@ -10,6 +10,9 @@
 #define MOE_K_WIDEN(p) _mm256_cvtps_pd(_mm_loadu_ps(p))
 #define MOE_K_U8TOI32(p) _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(p)))
 #define MOE_K_S8TOI32(p) _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(p)))
+#define MOE_K_RINT(v)                                                       \
+    _mm256_round_ps((__m256)(v),                          \
+                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
 #define MOE_K_NAME moe_kernels_avx2
 #define MOE_K_ISA  "avx2"
 #define MOE_K_VL   8

@@ -6,6 +6,9 @@
 #define MOE_K_WIDEN(p) _mm512_cvtps_pd(_mm256_loadu_ps(p))
 #define MOE_K_U8TOI32(p) _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(p)))
 #define MOE_K_S8TOI32(p) _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(p)))
+#define MOE_K_RINT(v)                                                       \
+    _mm512_roundscale_ps((__m512)(v),                          \
+                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
 #define MOE_K_NAME moe_kernels_avx512
 #define MOE_K_ISA  "avx512"
 #define MOE_K_VL   16

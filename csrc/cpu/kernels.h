@@ -279,6 +279,13 @@ typedef void (*moe_q8_fn)(const void *a, const void *b, int64_t K,
                           int64_t group, int m, float *c, int64_t ldc,
                           moe_prefetch pf);
 
+/* One sub-block of an int8-compute activation panel (cpu/gemm.inc:
+ * moe_q8_quant): rows i < m, value k < n at src[i][k * sk] (sk > 1: a
+ * panel's rows, src[i] = src[0] + i), the quad or (rowmajor) row layout. */
+typedef void (*moe_q8_quant_fn)(const float *const *src, int64_t sk, int m,
+                                int mr, int64_t n, float mult, int32_t off,
+                                int rowmajor, uint8_t *dst);
+
 /* A quantized panel's first K rows as fp32, (K, NR) row-major: the values
  * ukr computes with (NULL for the float types). */
 typedef void (*moe_dequant_fn)(const void *b, int64_t K, int64_t group,
@@ -311,6 +318,7 @@ typedef struct moe_kernels {
     moe_lowrank_fn lowrank;
     moe_ukr_acc_fn ukr_acc;
     moe_act_grad_fn act_grad;
+    moe_q8_quant_fn q8_quant; /* int8 compute: one activation sub-block  */
 } moe_kernels;
 
 extern const moe_kernels moe_kernels_generic;

@@ -1098,7 +1098,8 @@ const char *moe_cpu_isa(void);
  * or "fma" (bf16 values widened to fp32, two FMAs per pair). */
 const char *moe_cpu_bf16_dot(void);
 /* What its int8-compute kernels (quantized weights) sum with: "amx"
- * (AMX-INT8 tiles, from 16 rows an expert; VPDPBUSD below), "vpdpbusd",
+ * (AMX-INT8 tiles from 4 rows an expert for int8 weights, 16 for 4-bit;
+ * VPDPBUSD below), "vpdpbusd",
  * "vpmaddubsw" (4-bit weights; int8 weights portable) or "portable". */
 const char *moe_cpu_int8_dot(void);
 

@@ -805,7 +805,8 @@ _BF16_DOT = {
 }
 
 _INT8_DOT = {
-    "amx": "AMX-INT8 tiles (TDPBSUD) from 16 rows an expert, VPDPBUSD below",
+    "amx": "AMX-INT8 tiles (TDPBSUD) from 4 rows an expert (int8 weights) or 16 "
+           "(4-bit), VPDPBUSD below",
     "vpdpbusd": "VPDPBUSD",
     "vpmaddubsw": "VPMADDUBSW for 4-bit weights, portable C for int8",
     "portable": "portable C",

@@ -82,7 +82,8 @@ def test_int8_dot_is_named_and_consistent():
 # Outputs of int8-compute layers, one line of hex digests a case: formats x groups (per
 # row, 32, an odd 40, one longer than a sub-block) x sizes (k tails of 1-3 values, part
 # 16-quad steps, panels of fewer than 16 rows), activations, heterogeneous and empty
-# experts, zero / subnormal / tiny / NaN / Inf rows; enough rows for the tiles (16 an expert) and a decode batch (fewer:
+# experts, zero / subnormal / tiny / NaN / Inf rows; enough rows for the tiles (4 an expert for
+# int8 weights, 16 for 4-bit) and a decode batch (fewer:
 # VPDPBUSD on both sets).
 _INT8_CASES = r"""
 import hashlib, numpy as np, moe

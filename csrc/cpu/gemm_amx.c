@@ -277,13 +277,14 @@ moe_dot_amx(const void *a_panel, const void *b_panel, int64_t Kp, int m,
  * reads as its second operand: 16 quads of 16 columns make a tile, so int8
  * panels are read in place (stride 128); a sub-block's last part step
  * (fewer than 16 quads) and every 4-bit quad go through a 2 x 1 KiB copy
- * (4-bit codes widened to the bytes the other sets' VPMADDUBSW reads, e2m1
- * through the same table), zero past its quads, so the activations' bytes
- * read past a row (the next row's, or the panel's 64-byte slack) multiply
- * zeros.  Per sub-block each tile sums 64 k at a step, exactly in int32;
- * then c = fma((float)(sum - corr_i), s_w_j * s_a_i, c) as in the other
- * sets: the integer sums are exact and the float steps the same, so the
- * bits equal the avx512bf16 set's VPDPBUSD kernel (cpu/gemm.inc).
+ * (4-bit codes widened to signed bytes, int4 n - 8 and mxfp4 2 v, summed
+ * by TDPBSSD with no offset to correct), zero past its quads, so the
+ * activations' bytes read past a row (the next row's, or the panel's
+ * 64-byte slack) multiply zeros.  Per sub-block each tile sums 64 k at a
+ * step, exactly in int32; then c = fma((float)sum, s_w_j * s_a_i, c) (int8:
+ * sum - corr_i) as in the other sets: the integer sums are exact and the
+ * float steps the same, so the bits equal the avx512bf16 set's VPDPBUSD
+ * kernel (cpu/gemm.inc).
  */
 static inline __attribute__((always_inline)) void
 moe_q8_amx_scales(const uint8_t *p, int wtype, __m512 sw[2])
@@ -309,14 +310,19 @@ moe_q8_amx_scales(const uint8_t *p, int wtype, __m512 sw[2])
 }
 
 /* Quads [0, n) of q (qb bytes each) into bt[0] (columns 0-15) and bt[1]
- * (16-31), 64 bytes a quad, quads n .. 15 zero. */
+ * (16-31), 64 bytes a quad, quads n .. 15 zero: int8 codes as they are
+ * (code + 128), 4-bit ones as their signed values (int4 n - 8, mxfp4 2 v),
+ * so that TDPBSSD sums the products without the offset's correction.
+ * *dirty: quads [*dirty, 16) of bt are known zero (a part step zeroes only
+ * the quads the last copy wrote past n; a memset each time took 11%). */
 static inline __attribute__((always_inline)) void
-moe_q8_amx_copy(const uint8_t *q, int n, int wtype, uint8_t bt[2][16 * 64])
+moe_q8_amx_copy(const uint8_t *q, int n, int wtype, uint8_t bt[2][16 * 64],
+                int *dirty)
 {
-    const __m512i low = _mm512_set1_epi8(0x0f);
-    /* e2m1 nibble -> 2 v + 12 (cpu/gemm.inc: moe_e2m1_u8), per 16 bytes */
+    const __m512i low = _mm512_set1_epi8(0x0f), eight = _mm512_set1_epi8(8);
+    /* e2m1 nibble -> 2 v (signed), per 16 bytes */
     const __m512i e2m1 = _mm512_broadcast_i32x4(_mm_setr_epi8(
-        12, 13, 14, 15, 16, 18, 20, 24, 12, 11, 10, 9, 8, 6, 4, 0));
+        0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12));
     int t;
 
     for (t = 0; t < n; t++) {
@@ -333,14 +339,19 @@ moe_q8_amx_copy(const uint8_t *q, int n, int wtype, uint8_t bt[2][16 * 64])
                 lo = _mm512_shuffle_epi8(e2m1, lo);
                 hi = _mm512_shuffle_epi8(e2m1, hi);
             }
+            else {
+                lo = _mm512_sub_epi8(lo, eight);
+                hi = _mm512_sub_epi8(hi, eight);
+            }
         }
         _mm512_store_si512(bt[0] + t * 64, lo);
         _mm512_store_si512(bt[1] + t * 64, hi);
     }
-    for (; t < 16; t++) {
+    for (; t < *dirty; t++) {
         _mm512_store_si512(bt[0] + t * 64, _mm512_setzero_si512());
         _mm512_store_si512(bt[1] + t * 64, _mm512_setzero_si512());
     }
+    *dirty = n;
 }
 
 static inline __attribute__((always_inline)) void
@@ -357,7 +368,7 @@ moe_q8_amx(const void *a, const void *b, int64_t K, int64_t group, int m,
     uint8_t bt[2][16 * 64] __attribute__((aligned(64)));
     const uint8_t *q = b, *ap = a;
     int64_t k0, s0, t;
-    int i, j;
+    int i, j, dirty = 16;
 
     memset(acc, 0, sizeof(float) * 32 * (size_t)m);
     for (k0 = 0; k0 < K; k0 += group) {
@@ -384,20 +395,32 @@ moe_q8_amx(const void *a, const void *b, int64_t K, int64_t group, int m,
                 const uint8_t *b0 = q + t * qb, *b1 = b0 + 64;
                 int bs = (int)qb;
                 if (wtype != MOE_WTYPE_INT8 || nt < 16) {
-                    moe_q8_amx_copy(q + t * qb, nt, wtype, bt);
+                    moe_q8_amx_copy(q + t * qb, nt, wtype, bt, &dirty);
                     b0 = bt[0];
                     b1 = bt[1];
                     bs = 64;
                 }
                 _tile_loadd(4, codes + t * 4, lda);
                 _tile_loadd(6, b0, bs);
-                _tile_dpbsud(0, 4, 6);
                 _tile_loadd(7, b1, bs);
-                _tile_dpbsud(1, 4, 7);
+                if (wtype == MOE_WTYPE_INT8) {
+                    _tile_dpbsud(0, 4, 6);
+                    _tile_dpbsud(1, 4, 7);
+                }
+                else {
+                    _tile_dpbssd(0, 4, 6);
+                    _tile_dpbssd(1, 4, 7);
+                }
                 if (two) {
                     _tile_loadd(5, codes + 16 * lda + t * 4, lda);
-                    _tile_dpbsud(2, 5, 6);
-                    _tile_dpbsud(3, 5, 7);
+                    if (wtype == MOE_WTYPE_INT8) {
+                        _tile_dpbsud(2, 5, 6);
+                        _tile_dpbsud(3, 5, 7);
+                    }
+                    else {
+                        _tile_dpbssd(2, 5, 6);
+                        _tile_dpbssd(3, 5, 7);
+                    }
                 }
                 if (pf_at != NULL) {
                     int s_;
@@ -417,11 +440,14 @@ moe_q8_amx(const void *a, const void *b, int64_t K, int64_t group, int m,
                 _tile_stored(3, isum + 16 * 32 + 16, 128);
             }
             for (i = 0; i < m; i++) {
-                const __m512i ci = _mm512_set1_epi32(corr[i]);
+                /* (4-bit: the sums are already of the signed values) */
+                const __m512i ci = _mm512_set1_epi32(
+                    wtype == MOE_WTYPE_INT8 ? corr[i] : 0);
                 const __m512 si = _mm512_set1_ps(sa[i]);
                 for (j = 0; j < 2; j++) {
-                    const __m512 d = _mm512_cvtepi32_ps(_mm512_sub_epi32(
-                        _mm512_load_si512(isum + i * 32 + 16 * j), ci));
+                    const __m512i v = _mm512_load_si512(isum + i * 32 + 16 * j);
+                    const __m512 d = _mm512_cvtepi32_ps(
+                        wtype == MOE_WTYPE_INT8 ? _mm512_sub_epi32(v, ci) : v);
                     _mm512_store_ps(acc + i * 32 + 16 * j,
                                     _mm512_fmadd_ps(
                                         d, _mm512_mul_ps(sw[j], si),

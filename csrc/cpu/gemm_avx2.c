@@ -13,6 +13,8 @@
 #define MOE_K_RINT(v)                                                       \
     _mm256_round_ps((__m256)(v),                          \
                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
+#define MOE_K_FMA(a, b, c)                                                   \
+    _mm256_fmadd_ps((__m256)(a), (__m256)(b), (__m256)(c))
 #define MOE_K_NAME moe_kernels_avx2
 #define MOE_K_ISA  "avx2"
 #define MOE_K_VL   8

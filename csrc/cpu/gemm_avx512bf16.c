@@ -17,6 +17,8 @@
 #define MOE_K_RINT(v)                                                       \
     _mm512_roundscale_ps((__m512)(v),                          \
                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
+#define MOE_K_FMA(a, b, c)                                                   \
+    _mm512_fmadd_ps((__m512)(a), (__m512)(b), (__m512)(c))
 #define MOE_K_NAME moe_kernels_avx512bf16
 #define MOE_K_ISA  "avx512bf16"
 #define MOE_K_VL   16

@@ -354,6 +354,18 @@ moe_q8_amx_copy(const uint8_t *q, int n, int wtype, uint8_t bt[2][16 * 64],
     *dirty = n;
 }
 
+/* Tile C += A (signed codes) x B: int8 weights' bytes are unsigned (code +
+ * 128, TDPBSUD), the 4-bit copies' signed (TDPBSSD).  wtype a constant. */
+#define MOE_Q8_AMX_DP(C, A, B)                                               \
+    do {                                                                     \
+        if (wtype == MOE_WTYPE_INT8) {                                       \
+            _tile_dpbsud(C, A, B);                                           \
+        }                                                                    \
+        else {                                                               \
+            _tile_dpbssd(C, A, B);                                           \
+        }                                                                    \
+    } while (0)
+
 static inline __attribute__((always_inline)) void
 moe_q8_amx(const void *a, const void *b, int64_t K, int64_t group, int m,
            float *c, int64_t ldc, moe_prefetch pf, const int wtype)
@@ -403,24 +415,12 @@ moe_q8_amx(const void *a, const void *b, int64_t K, int64_t group, int m,
                 _tile_loadd(4, codes + t * 4, lda);
                 _tile_loadd(6, b0, bs);
                 _tile_loadd(7, b1, bs);
-                if (wtype == MOE_WTYPE_INT8) {
-                    _tile_dpbsud(0, 4, 6);
-                    _tile_dpbsud(1, 4, 7);
-                }
-                else {
-                    _tile_dpbssd(0, 4, 6);
-                    _tile_dpbssd(1, 4, 7);
-                }
+                MOE_Q8_AMX_DP(0, 4, 6);
+                MOE_Q8_AMX_DP(1, 4, 7);
                 if (two) {
                     _tile_loadd(5, codes + 16 * lda + t * 4, lda);
-                    if (wtype == MOE_WTYPE_INT8) {
-                        _tile_dpbsud(2, 5, 6);
-                        _tile_dpbsud(3, 5, 7);
-                    }
-                    else {
-                        _tile_dpbssd(2, 5, 6);
-                        _tile_dpbssd(3, 5, 7);
-                    }
+                    MOE_Q8_AMX_DP(2, 5, 6);
+                    MOE_Q8_AMX_DP(3, 5, 7);
                 }
                 if (pf_at != NULL) {
                     int s_;

@@ -336,6 +336,7 @@ class SparseMoE:
     # Weight attributes are checked and converted when assigned.
     def __setattr__(self, name, value):
         refuse_resize(self, name, _FIXED)
+        self.__dict__.pop("_call_args", None)  # any option or weight may change a call's args
         if name in _WEIGHTS and value is not None:
             sizes = {"n_experts": self.n_experts, "d_model": self.d_model, "d_ff": self.d_ff,
                      "shared_hidden": self.n_shared_experts * self.shared_d_ff, "one": 1,
@@ -361,7 +362,9 @@ class SparseMoE:
 
     def __getstate__(self):
         """Pickle / deepcopy without the packed copies (repacked on the next call)."""
-        return dict(self.__dict__, _packed=None)
+        state = dict(self.__dict__, _packed=None)
+        state.pop("_call_args", None)
+        return state
 
     def pack(self):
         """Pack the expert FFN weights for the kernels now (call after in-place edits).
@@ -501,6 +504,24 @@ class SparseMoE:
                 allowed, groups = self.expert_mask[None], np.zeros(T, np.int32)
             else:
                 allowed = np.ascontiguousarray(allowed & self.expert_mask)
+        # The rest is checked once and kept until an attribute is assigned (__setattr__)
+        # or the layer repacks: a decode call's Python time is mostly these checks.
+        # In-place edits of the arrays are seen (they are passed by reference); the C
+        # core checks what they may hold (a non-finite expert_bias).
+        cached = self.__dict__.get("_call_args")
+        if cached is None or cached[0] is not self._packed:
+            cached = self._call_options()
+            object.__setattr__(self, "_call_args", cached)
+        _, args, kw = cached
+        if self.router != "top_k" and allowed is not None:
+            raise ValueError(f"allowed / groups / expert_mask need router='top_k', got "
+                             f"{self.router!r}")
+        return (x2,) + args, dict(kw, allowed=allowed, groups=groups,
+                                  want_out_norm=bool(want_norm))
+
+    def _call_options(self):
+        """(the packed experts, the args after x, the kwargs but the call's own) of
+        _C.layer_forward, checked."""
         routed, shared, sgate, lora = self._checked_weights()
         top_k, code, n_groups, topk_groups, scaling, cf = check_routing_options(
             self.n_router, self.top_k, self.scoring, self.n_groups, self.topk_groups,
@@ -514,13 +535,10 @@ class SparseMoE:
                     raise ValueError("null_values is None but a null expert is 'constant'")
                 values = self.null_values
         router = ROUTERS.index(self.router)
-        if self.router != "top_k" and allowed is not None:
-            raise ValueError(f"allowed / groups / expert_mask need router='top_k', got "
-                             f"{self.router!r}")
         if self.router == "expert_choice":  # each expert takes ceil(cf * T / E) tokens
             cf = 1.0 if self.capacity_factor is None else self.capacity_factor
         router_p = self.router_threshold if self.router == "threshold" else self.router_p
-        args = (x2, self.router_weight, routed, top_k, act)
+        args = (self.router_weight, routed, top_k, act)
         kw = dict(
             expert_bias=self.expert_bias if self.use_expert_bias else None, scoring=code,
             renormalize=self.renormalize, routed_scaling=scaling, n_groups=n_groups,
@@ -528,10 +546,9 @@ class SparseMoE:
             shared_gate_weight=sgate,
             router_bias=self.router_bias if self.use_router_bias else None,
             alpha=self.swiglu_alpha, limit=self.swiglu_limit, lora=lora, null_kinds=kinds,
-            null_values=values, allowed=allowed, groups=groups, want_out_norm=bool(want_norm),
-            router=router, router_p=router_p, k_min=min(self.k_min, top_k),
+            null_values=values, router=router, router_p=router_p, k_min=min(self.k_min, top_k),
             skip_threshold=self.skip_threshold, skip_renormalize=self.skip_renormalize)
-        return args, kw
+        return self._packed, args, kw
 
     # ---- training ---------------------------------------------------------------------
 

@@ -235,6 +235,37 @@ def test_in_place_edits_take_effect(make):
     assert layer.w_up is w
 
 
+
+def test_changing_an_option_takes_effect(make):
+    """A call keeps its checked options until an attribute is assigned: every assignment
+    (and a repack) is seen by the next call, and a bad value still raises."""
+    d, E = 32, 8
+    layer = make.layer(d, 24, E, 2, **DEEPSEEK | {"n_groups": 4, "topk_groups": 2})
+    x = make.normal(40, d)
+    before, _, _, _ = check_layer(layer, x)
+    for name, value in (("top_k", 3), ("routed_scaling", 1.0), ("renormalize", False),
+                        ("scoring", "softmax"), ("capacity_factor", 0.5),
+                        ("activation", "geglu"), ("topk_groups", 3)):
+        setattr(layer, name, value)
+        after, _, _, _ = check_layer(layer, x)
+        assert not np.array_equal(after, before), name
+        before = after
+    layer.top_k = E + 1
+    with pytest.raises(ValueError, match="top_k"):
+        layer(x)
+    layer.top_k = 2
+    check_layer(layer, x)
+    # in-place edits of an option array are seen; the core checks the values
+    layer.expert_bias[3] = np.nan
+    with pytest.raises(ValueError, match=r"^expert_bias must be finite"):
+        layer(x)
+    layer.expert_bias[3] = 0.0
+    check_layer(layer, x)
+    # a copy (pickle / deepcopy) calls the same
+    import copy
+    assert np.array_equal(copy.deepcopy(layer)(x), layer(x))
+
+
 WEIGHT_NAMES = ("router_weight", "w_gate", "w_up", "w_down", "expert_bias", "shared_w_gate",
                 "shared_w_up", "shared_w_down", "shared_gate_weight")
 

@@ -18,6 +18,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 from torch import nn
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from . import layer as _layer_mod
 from . import lora as _lora_mod
@@ -71,7 +72,7 @@ class _Binding:
     `scalars`: names whose layer attribute is a Python float (a soft layer's scale), bound
     to a 0-d tensor by value (written into the layer at every bind)."""
 
-    __slots__ = ("layer", "names", "trainable", "packers", "versions", "scalars",
+    __slots__ = ("layer", "names", "trainable", "packers", "versions", "scalars", "bound",
                  "__weakref__")
 
     def __init__(self, layer, names, trainable=_layer_mod._TRAINABLE, scalars=()):
@@ -81,6 +82,9 @@ class _Binding:
         self.packers = ((layer, layer.moe) if isinstance(layer, _NumpyMultiHeadMoE)
                         else (layer,) if hasattr(layer, "pack") else ())  # PEER packs nothing
         self.versions = {}
+        # name -> (the layer's array, data_ptr, shape, strides of the tensor) at the last
+        # bind that checked them: a call whose tensors and arrays are those skips the check
+        self.bound = {}
 
 
 def _owner(layer, name):
@@ -159,10 +163,15 @@ def _bind(b, tensors):
             setattr(owner, attr, float(t.detach()))
             continue
         arr = getattr(owner, attr)
-        ptr = t.data_ptr()
-        if (arr is None or arr.ctypes.data != ptr or arr.shape != tuple(t.shape) or
-                arr.strides != tuple(st * t.element_size() for st in t.stride())):
-            setattr(owner, attr, _numpy_view(t, name))  # checks the shape
+        ptr, shape, stride = t.data_ptr(), t.shape, t.stride()
+        seen = b.bound.get(name)
+        if (seen is None or seen[0] is not arr or seen[1] != ptr or seen[2] != shape or
+                seen[3] != stride):
+            if (arr is None or arr.ctypes.data != ptr or arr.shape != tuple(shape) or
+                    arr.strides != tuple(st * t.element_size() for st in stride)):
+                setattr(owner, attr, _numpy_view(t, name))  # checks the shape
+                arr = getattr(owner, attr)
+            b.bound[name] = (arr, ptr, shape, stride)
         if attr in _packed_names(owner):
             key = (ptr, _version(t))
             if key[1] is None or b.versions.get(name) != key:
@@ -222,6 +231,21 @@ def _forward_op(x, weights, layer_id, train):
     (0-d float32), expert_ids (R, k) int32, weights (R, k) float32, counts (E,) int64 and
     the handle of the training context (-1 when train is False).  R is T, or T * n_heads
     sub-tokens for a MultiHeadMoE (the routing is its inner layer's)."""
+    return _forward_impl(x, weights, layer_id, train)
+
+
+def _sparse_forward(x, weights, layer_id, train):
+    """torch.ops.moe.sparse_moe_forward(x, weights, layer_id, train), its function called in
+    eager mode on a plain tensor (the op's dispatch costs ~40 us a call, a large part of a
+    decode step), through the op while torch.compile traces, for tensor subclasses (fake
+    tensors) and under a dispatch mode."""
+    if (type(x) is not torch.Tensor or torch.compiler.is_compiling() or
+            _get_current_dispatch_mode() is not None):
+        return torch.ops.moe.sparse_moe_forward(x, weights, layer_id, train)
+    return _forward_impl(x, weights, layer_id, train)
+
+
+def _forward_impl(x, weights, layer_id, train):
     layer = _bind(_binding(layer_id), weights)
     xn = x.detach().contiguous().numpy()
     if train:
@@ -311,7 +335,7 @@ class _SparseMoEFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, layer_id, trainable, *weights):
-        y, aux, z, ids, w, counts, handle = torch.ops.moe.sparse_moe_forward(
+        y, aux, z, ids, w, counts, handle = _sparse_forward(
             x, list(weights), layer_id, True)
         ctx.mark_non_differentiable(ids, w, counts, handle)
         # saving the weights makes autograd refuse a backward after they changed in place
@@ -530,8 +554,7 @@ class _LayerModule(nn.Module):
             y, aux, z, ids, w, counts, _ = _SparseMoEFunction.apply(
                 x2, self._layer_id, self._trainable, *weights)
         else:
-            y, aux, z, ids, w, counts, _ = torch.ops.moe.sparse_moe_forward(
-                x2, weights, self._layer_id, False)
+            y, aux, z, ids, w, counts, _ = _sparse_forward(x2, weights, self._layer_id, False)
         y = y.reshape(x.shape[:-1] + (d,)).to(x.dtype)
         return (y, Routing(ids, w, counts, aux, z)) if return_routing else y
 

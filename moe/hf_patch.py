@@ -286,8 +286,8 @@ class _PatchedFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, rt, *params):
         tensors = rt.tensors(params)
-        y, _aux, _z, _ids, w, _counts, handle = _mt._sparse_forward(
-            x, tensors, rt.layer_id, True)
+        y, _aux, _z, _ids, w, _counts, handle = _mt._call(
+            "sparse_moe_forward", x, tensors, rt.layer_id, True)
         ctx.mark_non_differentiable(w, handle)
         # saving the layer's weights makes autograd refuse a backward after they changed
         ctx.save_for_backward(x, handle, *tensors)
@@ -421,8 +421,8 @@ class PatchedMoE(nn.Module):
                                                                for p in params)):
             y, w = _PatchedFunction.apply(x32, rt, *params)
         else:
-            y, _aux, _z, _ids, w, _counts, _h = _mt._sparse_forward(
-                x32, rt.tensors(params), rt.inference_id(), False)
+            y, _aux, _z, _ids, w, _counts, _h = _mt._call(
+                "sparse_moe_forward", x32, rt.tensors(params), rt.inference_id(), False)
         y = y.reshape(x.shape).to(x.dtype)
         return (y, w.to(x.dtype)) if self.arch == "gpt_oss" else y
 

@@ -221,31 +221,41 @@ def _context_of(handle):
 
 
 # ---- the custom ops --------------------------------------------------------------------
+#
+# Each op's function is also kept in _DIRECT: in eager mode on a plain tensor _call runs it
+# directly, since the op's dispatch costs ~40 us a call (a large part of a decode step); while
+# torch.compile traces, for tensor subclasses (fake tensors) and under a dispatch mode it goes
+# through torch.ops.moe.<name>.
+
+_DIRECT = {}
+
+
+def _direct(name):
+    """Decorator (under torch.library.custom_op): keep fn as op `name`'s direct call."""
+    def keep(fn):
+        _DIRECT[name] = fn
+        return fn
+    return keep
+
+
+def _call(name, x, *args):
+    """torch.ops.moe.<name>(x, *args), called directly where nothing needs the dispatch."""
+    if (type(x) is not torch.Tensor or torch.compiler.is_compiling() or
+            _get_current_dispatch_mode() is not None):
+        return getattr(torch.ops.moe, name)(x, *args)
+    return _DIRECT[name](x, *args)
+
 
 @torch.library.custom_op(
     "moe::sparse_moe_forward", mutates_args=(),
     schema="(Tensor x, Tensor[] weights, int layer_id, bool train) -> "
            "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
+@_direct("sparse_moe_forward")
 def _forward_op(x, weights, layer_id, train):
     """x (T, d_model) float32, weights in the binding's order -> y (T, d) float32, aux, z
     (0-d float32), expert_ids (R, k) int32, weights (R, k) float32, counts (E,) int64 and
     the handle of the training context (-1 when train is False).  R is T, or T * n_heads
     sub-tokens for a MultiHeadMoE (the routing is its inner layer's)."""
-    return _forward_impl(x, weights, layer_id, train)
-
-
-def _sparse_forward(x, weights, layer_id, train):
-    """torch.ops.moe.sparse_moe_forward(x, weights, layer_id, train), its function called in
-    eager mode on a plain tensor (the op's dispatch costs ~40 us a call, a large part of a
-    decode step), through the op while torch.compile traces, for tensor subclasses (fake
-    tensors) and under a dispatch mode."""
-    if (type(x) is not torch.Tensor or torch.compiler.is_compiling() or
-            _get_current_dispatch_mode() is not None):
-        return torch.ops.moe.sparse_moe_forward(x, weights, layer_id, train)
-    return _forward_impl(x, weights, layer_id, train)
-
-
-def _forward_impl(x, weights, layer_id, train):
     layer = _bind(_binding(layer_id), weights)
     xn = x.detach().contiguous().numpy()
     if train:
@@ -279,6 +289,7 @@ def _(x, weights, layer_id, train):
     "moe::sparse_moe_backward", mutates_args=(),
     schema="(Tensor x, Tensor[] weights, Tensor handle, Tensor dy, Tensor aux_coef, "
            "Tensor z_coef, int layer_id) -> (Tensor, Tensor[])")
+@_direct("sparse_moe_backward")
 def _backward_op(x, weights, handle, dy, aux_coef, z_coef, layer_id):
     """Gradients of sum(dy * y) + aux_coef * aux + z_coef * z: dx (T, d) float32 and one per
     trainable weight (binding order), in that weight's dtype."""
@@ -335,8 +346,8 @@ class _SparseMoEFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, layer_id, trainable, *weights):
-        y, aux, z, ids, w, counts, handle = _sparse_forward(
-            x, list(weights), layer_id, True)
+        y, aux, z, ids, w, counts, handle = _call("sparse_moe_forward", x, list(weights),
+                                                  layer_id, True)
         ctx.mark_non_differentiable(ids, w, counts, handle)
         # saving the weights makes autograd refuse a backward after they changed in place
         ctx.save_for_backward(x, handle, *weights)
@@ -346,7 +357,7 @@ class _SparseMoEFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy, daux, dz, *_):
         x, handle, *weights = ctx.saved_tensors
-        dx, grads = torch.ops.moe.sparse_moe_backward(x, weights, handle, dy, daux, dz,
+        dx, grads = _call("sparse_moe_backward", x, weights, handle, dy, daux, dz,
                                                       ctx.layer_id)
         it = iter(grads)
         return (dx, None, None) + tuple(next(it) if t else None for t in ctx.trainable)
@@ -382,6 +393,7 @@ def _lora_call_args(layer, extra, n_tokens):
     "moe::lora_forward", mutates_args=(),
     schema="(Tensor x, Tensor extra, Tensor[] weights, int layer_id, bool train) -> "
            "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
+@_direct("lora_forward")
 def _lora_forward_op(x, extra, weights, layer_id, train):
     """x (T, d_in) float32, extra (see above), weights in the binding's order -> y (T, d_out)
     float32, aux, z (0-d float32), expert_ids (T, k) int32, weights (T, k) float32, counts
@@ -419,6 +431,7 @@ def _(x, extra, weights, layer_id, train):
     "moe::lora_backward", mutates_args=(),
     schema="(Tensor x, Tensor extra, Tensor[] weights, Tensor handle, Tensor dy, "
            "Tensor aux_coef, Tensor z_coef, int layer_id) -> (Tensor, Tensor, Tensor[])")
+@_direct("lora_backward")
 def _lora_backward_op(x, extra, weights, handle, dy, aux_coef, z_coef, layer_id):
     """Gradients of sum(dy * y) + aux_coef * aux + z_coef * z: dx (T, d_in) float32, d extra
     (GatedLoRA: the scalings' (T, E) float32; others: an empty tensor) and one per trainable
@@ -450,8 +463,8 @@ class _LoRAFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, extra, layer_id, trainable, *weights):
-        y, aux, z, ids, w, counts, handle = torch.ops.moe.lora_forward(
-            x, extra, list(weights), layer_id, True)
+        y, aux, z, ids, w, counts, handle = _call(
+            "lora_forward", x, extra, list(weights), layer_id, True)
         ctx.mark_non_differentiable(ids, w, counts, handle)
         ctx.save_for_backward(x, extra, handle, *weights)
         ctx.layer_id, ctx.trainable = layer_id, trainable
@@ -460,7 +473,7 @@ class _LoRAFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy, daux, dz, *_):
         x, extra, handle, *weights = ctx.saved_tensors
-        dx, d_extra, grads = torch.ops.moe.lora_backward(x, extra, weights, handle, dy, daux,
+        dx, d_extra, grads = _call("lora_backward", x, extra, weights, handle, dy, daux,
                                                          dz, ctx.layer_id)
         it = iter(grads)
         return ((dx, d_extra if ctx.needs_input_grad[1] else None, None, None)
@@ -554,7 +567,8 @@ class _LayerModule(nn.Module):
             y, aux, z, ids, w, counts, _ = _SparseMoEFunction.apply(
                 x2, self._layer_id, self._trainable, *weights)
         else:
-            y, aux, z, ids, w, counts, _ = _sparse_forward(x2, weights, self._layer_id, False)
+            y, aux, z, ids, w, counts, _ = _call("sparse_moe_forward", x2, weights,
+                                                         self._layer_id, False)
         y = y.reshape(x.shape[:-1] + (d,)).to(x.dtype)
         return (y, Routing(ids, w, counts, aux, z)) if return_routing else y
 
@@ -770,8 +784,8 @@ class _LoRAModule(_LayerModule):
             y, aux, z, ids, w, counts, _ = _LoRAFunction.apply(
                 x2, extra, self._layer_id, self._trainable, *weights)
         else:
-            y, aux, z, ids, w, counts, _ = torch.ops.moe.lora_forward(
-                x2, extra, weights, self._layer_id, False)
+            y, aux, z, ids, w, counts, _ = _call(
+                "lora_forward", x2, extra, weights, self._layer_id, False)
         y = y.reshape(x.shape[:-1] + (d_out,)).to(x.dtype)
         return (y, Routing(ids, w, counts, aux, z)) if return_routing else y
 
@@ -985,6 +999,7 @@ _LORA_MODULES = {c._NUMPY: c for c in (TopKLoRA, SoftLoRA, HydraLoRA, GatedLoRA,
     "moe::soft_moe_forward", mutates_args=(),
     schema="(Tensor x, Tensor[] weights, int layer_id, float temperature, bool train) -> "
            "(Tensor, Tensor)")
+@_direct("soft_moe_forward")
 def _soft_forward_op(x, weights, layer_id, temperature, train):
     """x (B, m, d) or 2-D float32, weights in the binding's order -> y (x's shape) float32
     and the handle of the training context (-1 when train is False)."""
@@ -1010,6 +1025,7 @@ def _(x, weights, layer_id, temperature, train):
     "moe::soft_moe_backward", mutates_args=(),
     schema="(Tensor x, Tensor[] weights, Tensor handle, Tensor dy, int layer_id) -> "
            "(Tensor, Tensor[])")
+@_direct("soft_moe_backward")
 def _soft_backward_op(x, weights, handle, dy, layer_id):
     """Gradients of sum(dy * y): dx (x's shape) float32 and one per trainable weight
     (binding order) in that weight's dtype (scale: 0-d float32)."""
@@ -1034,7 +1050,7 @@ class _SoftMoEFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, layer_id, temperature, trainable, *weights):
-        y, handle = torch.ops.moe.soft_moe_forward(x, list(weights), layer_id, temperature,
+        y, handle = _call("soft_moe_forward", x, list(weights), layer_id, temperature,
                                                    True)
         ctx.mark_non_differentiable(handle)
         # saving the weights makes autograd refuse a backward after they changed in place
@@ -1045,7 +1061,7 @@ class _SoftMoEFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy, _):
         x, handle, *weights = ctx.saved_tensors
-        dx, grads = torch.ops.moe.soft_moe_backward(x, weights, handle, dy, ctx.layer_id)
+        dx, grads = _call("soft_moe_backward", x, weights, handle, dy, ctx.layer_id)
         it = iter(grads)
         return (dx, None, None, None) + tuple(next(it) if t else None for t in ctx.trainable)
 
@@ -1093,7 +1109,7 @@ class _SoftModule(_LayerModule):
                                                                for w in weights)):
             y, _ = _SoftMoEFunction.apply(x2, self._layer_id, temp, self._trainable, *weights)
         else:
-            y, _ = torch.ops.moe.soft_moe_forward(x2, weights, self._layer_id, temp, False)
+            y, _ = _call("soft_moe_forward", x2, weights, self._layer_id, temp, False)
         return y.to(x.dtype)
 
     def to_layer(self):
@@ -1185,6 +1201,7 @@ class PEERRouting(NamedTuple):
     "moe::peer_forward", mutates_args=(),
     schema="(Tensor x, Tensor[] weights, int layer_id, bool train) -> "
            "(Tensor, Tensor, Tensor, Tensor)")
+@_direct("peer_forward")
 def _peer_forward_op(x, weights, layer_id, train):
     """x (T, d_model) float32, weights (w_query, sub_keys_1, sub_keys_2, u, v) -> y (T, d_out)
     float32, expert_ids (T, H, k) int32, gates (T, H, k) float32 and the handle of the
@@ -1215,6 +1232,7 @@ def _(x, weights, layer_id, train):
     "moe::peer_backward", mutates_args=(),
     schema="(Tensor x, Tensor[] weights, Tensor handle, Tensor dy, int layer_id) -> "
            "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
+@_direct("peer_backward")
 def _peer_backward_op(x, weights, handle, dy, layer_id):
     """Gradients of sum(dy * y): dx (T, d_model), w_query's, sub_keys_1's, sub_keys_2's
     (their shapes) float32, and u's and v's as rows: used (U,) int64 (the experts the batch
@@ -1245,7 +1263,7 @@ class _PEERFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, layer_id, *weights):
-        y, ids, gates, handle = torch.ops.moe.peer_forward(x, list(weights), layer_id, True)
+        y, ids, gates, handle = _call("peer_forward", x, list(weights), layer_id, True)
         ctx.mark_non_differentiable(ids, gates, handle)
         # saving the weights makes autograd refuse a backward after they changed in place
         ctx.save_for_backward(x, handle, *weights)
@@ -1255,7 +1273,7 @@ class _PEERFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy, *_):
         x, handle, *weights = ctx.saved_tensors
-        dx, dq, dk1, dk2, used, du, dv = torch.ops.moe.peer_backward(x, weights, handle, dy,
+        dx, dq, dk1, dk2, used, du, dv = _call("peer_backward", x, weights, handle, dy,
                                                                      ctx.layer_id)
 
         def rows(values, w):  # (own index views: AccumulateGrad can then keep them uncopied)
@@ -1332,7 +1350,7 @@ class PEER(_LayerModule):
                                                                for w in weights)):
             y, ids, gates, _ = _PEERFunction.apply(x2, self._layer_id, *weights)
         else:
-            y, ids, gates, _ = torch.ops.moe.peer_forward(x2, weights, self._layer_id, False)
+            y, ids, gates, _ = _call("peer_forward", x2, weights, self._layer_id, False)
         lead = tuple(x.shape[:-1])
         y = y.reshape(lead + (layer.d_out,)).to(x.dtype)
         if not return_routing:

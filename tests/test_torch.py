@@ -295,9 +295,9 @@ def test_no_grad(rng):
 
 
 def test_eager_calls_skip_the_op_dispatch_with_the_same_bits(rng):
-    """In eager mode the forward calls the op's function directly (moe.torch._call; the dispatch costs ~40 us
-    a decode call); under a dispatch mode (and fake tensors, torch.compile) it goes through
-    torch.ops.moe.sparse_moe_forward -- the same values either way."""
+    """In eager mode the forward calls the op's function directly (moe.torch._call: the
+    dispatch costs ~40 us a decode call); under a dispatch mode (and fake tensors,
+    torch.compile) it goes through torch.ops.moe.sparse_moe_forward -- the same values."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Seen(TorchDispatchMode):

@@ -199,6 +199,31 @@ moe_lora_shrink(const moe_lora_params *p, const moe_lora_rows *g, float *z)
     return moe_linear_grouped(&lp);
 }
 
+/* Whether each token's slots name every adapter exactly once (not RANKS). */
+static int
+moe_lora_every_adapter(const moe_lora_params *p, const int32_t *ids)
+{
+    const int32_t S = p->n_slots;
+    uint64_t seen;
+    int64_t t;
+    int32_t s;
+
+    if (p->kind == MOE_LORA_RANKS || S != p->n_adapters || S > 64) {
+        return 0;
+    }
+    for (t = 0; t < p->n_tokens; t++) {
+        seen = 0;
+        for (s = 0; s < S; s++) {
+            const int32_t e = ids[t * S + s];
+            if (e < 0 || e >= S || (seen >> e & 1u)) {
+                return 0;
+            }
+            seen |= (uint64_t)1 << e;
+        }
+    }
+    return 1;
+}
+
 moe_status
 moe_lora_forward(const moe_lora_params *p)
 {
@@ -210,6 +235,7 @@ moe_lora_forward(const moe_lora_params *p)
     int64_t whole[2] = {0, T}, n_rows = T, t;
     float *z = NULL, *coef = NULL;
     int32_t *index = NULL, s, i;
+    int by_adapter;
     moe_lora_rows g;
     moe_linear_params lp;
     moe_lowrank lr;
@@ -250,13 +276,17 @@ moe_lora_forward(const moe_lora_params *p)
         memcpy(p->save_z, z, sizeof(float) * (size_t)(T * r));
     }
 
-    /* the expand's terms, slot by slot, rank by rank */
+    /* the expand's terms, slot by slot, rank by rank; where every token
+     * uses every adapter once (a dense mixture), in adapter order instead,
+     * so that all rows share one index row (the GEMM-like update) */
+    by_adapter = moe_lora_every_adapter(p, ids);
     for (t = 0; t < T; t++) {
         for (s = 0; s < S; s++) {
             const int32_t e = ids[t * S + s];
             const float w = p->weights ? p->weights[t * S + s] : 1.0f;
-            float *c = coef + (t * S + s) * per_slot;
-            int32_t *x = index + (t * S + s) * per_slot;
+            const int64_t at = t * S + (by_adapter ? e : s);
+            float *c = coef + at * per_slot;
+            int32_t *x = index + at * per_slot;
             if (e < 0) {
                 for (i = 0; i < per_slot; i++) {
                     c[i] = 0.0f;

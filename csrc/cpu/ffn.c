@@ -1755,6 +1755,21 @@ moe_cpu_ffn_grouped(const moe_ffn_params *p)
     return moe_ffn_run(&job, &down, p->n_rows);
 }
 
+/* Whether rows [0, n) of index (n_terms each) are not all row 0. */
+static int
+moe_rows_differ(const int32_t *index, int64_t n, int32_t n_terms)
+{
+    int64_t r;
+
+    for (r = 1; r < n; r++) {
+        if (memcmp(index + r * n_terms, index,
+                   sizeof(int32_t) * (size_t)n_terms) != 0) {
+            return 1;
+        }
+    }
+    return 0;
+}
+
 moe_status
 moe_cpu_linear_grouped(const moe_linear_params *p)
 {
@@ -1773,7 +1788,10 @@ moe_cpu_linear_grouped(const moe_linear_params *p)
         g.coef = p->lowrank->coef;
         g.ld_coef = p->lowrank->n_terms;
         g.index = p->lowrank->index;
-        g.ld_index = p->lowrank->n_terms;
+        /* one shared index row (0) when every row's terms are the same */
+        g.ld_index = moe_rows_differ(p->lowrank->index, p->n_rows,
+                                     p->lowrank->n_terms)
+                         ? p->lowrank->n_terms : 0;
         g.n_terms = p->lowrank->n_terms;
         if (g.n_terms > 0) {
             g.bank = p->lowrank->bank->down;

@@ -134,6 +134,7 @@ enum {
     MOE_WS_PEER,          /* cpu/peer.c: float64 query and sub-key weights   */
     MOE_WS_PEER_TASK,     /* cpu/peer.c: one block's queries, scores, ids    */
     MOE_WS_MM,            /* cpu/matmul.c: A panels, an edge B panel, C      */
+    MOE_WS_MM_SHARED,     /* cpu/matmul.c: moe_mm's A and B packed once      */
     MOE_WS_BWD_TASK,      /* cpu/ffn_backward.c: a task's tiles and panels   */
     MOE_WS_BWD_HIDDEN,    /* cpu/ffn_backward.c: H, dG, dU (rows, d_ff)      */
     MOE_WS_BWD_ROWS,      /* cpu/ffn_backward.c: the gathered rows           */

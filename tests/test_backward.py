@@ -333,6 +333,28 @@ def test_multi_head_moe_backward():
         mh.backward(ctx, dy)
 
 
+def test_multi_head_moe_backward_large_projections(threads):
+    """Projections big enough that their GEMMs pack A and B once for several row and
+    column blocks (odd sizes: a partial row panel and a partial column panel): the
+    reference's gradients, and the same bits on 1 and 2 threads."""
+    rng = np.random.default_rng(22)
+    mh = moe.MultiHeadMoE(300, 4, 40, 4, 2, seed=5)
+    x = rng.standard_normal((131, 300)).astype(np.float32)
+    dy = rng.standard_normal((131, 300)).astype(np.float32)
+    grads = []
+    for n in (1, 2):
+        threads(n)
+        y, ctx = mh.forward_train(x)
+        grads.append(mh.backward(ctx, dy))
+    r = ref.multi_head_moe_backward(mh, x, dy, 0.0, 0.0)
+    assert_grad(grads[1]["x"], r["dx"], "x")
+    assert_grad(grads[1]["w_in"], r["w_in"], "w_in")
+    assert_grad(grads[1]["w_merge"], r["w_merge"], "w_merge")
+    for name in grads[0]:
+        np.testing.assert_array_equal(grads[0][name].view(np.uint32),
+                                      grads[1][name].view(np.uint32), err_msg=name)
+
+
 @pytest.mark.parametrize("cfg", [
     dict(lora_rank=3, lora_alpha=6.0),
     dict(lora_rank=2, lora_targets=("w_down",), n_shared_experts=1, shared_expert_gate=True),

@@ -64,8 +64,11 @@ moe_alloc(size_t count, size_t size)
                       "overflows size_t", count, size);
         return NULL;
     }
-    /* malloc(0) may return NULL legitimately: always ask for a byte. */
-    ptr = malloc(count * size != 0 ? count * size : 1);
+    /* 64-byte aligned (a cache line: the kernels' vector loads of packed
+     * panels never straddle two); always at least a byte. */
+    if (posix_memalign(&ptr, 64, count * size != 0 ? count * size : 1) != 0) {
+        ptr = NULL;
+    }
     if (ptr == NULL) {
         moe_set_error(MOE_STATUS_ALLOC, "out of memory allocating %zu bytes",
                       count * size);

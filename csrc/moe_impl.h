@@ -208,6 +208,9 @@ moe_status moe_mm_block_bf16(const moe_mm_seg *segs, int n_segs, int64_t m,
                              int64_t n, float *c, int64_t ldc);
 moe_status moe_mm(const moe_mm_seg *segs, int n_segs, int64_t m, int64_t n,
                   float *c, int64_t ldc);
+/* (rows, cols) row-major -> (cols, rows), n_mats of them (cpu/matmul.c). */
+void moe_transpose(const float *src, int64_t n_mats, int64_t rows,
+                   int64_t cols, float *dst);
 
 /* ---- the CUDA backend, loaded at run time (csrc/runtime/cuda_loader.c) --- */
 

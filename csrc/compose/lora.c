@@ -369,22 +369,13 @@ moe_lora_pack(const float *w, int32_t n_groups, int64_t d_out, int64_t d_in,
     moe_linear_pack_params pp;
     float *t = NULL;
     moe_status st;
-    int64_t g, i, j;
 
     if (transpose) {
         if ((t = moe_alloc((size_t)(n_groups * d_out * d_in) + 1,
                            sizeof(float))) == NULL) {
             return MOE_STATUS_ALLOC;
         }
-        for (g = 0; g < n_groups; g++) {
-            const float *src = w + g * d_out * d_in;
-            float *dst = t + g * d_out * d_in;
-            for (i = 0; i < d_out; i++) {
-                for (j = 0; j < d_in; j++) {
-                    dst[j * d_out + i] = src[i * d_in + j];
-                }
-            }
-        }
+        moe_transpose(w, n_groups, d_out, d_in, t);
     }
     memset(&pp, 0, sizeof(pp));
     pp.w = transpose ? t : w;
@@ -466,7 +457,7 @@ moe_lora_dx(const moe_lora_bwd *w, const float *dz)
     const int32_t r = p->rank, S = p->n_slots;
     const int32_t n_a = w->per_row ? p->n_adapters : 1;
     const int32_t per = w->per_row ? S : 1, n_terms = per * r;
-    int64_t whole[2] = {0, T}, t, i, q, zo, uo, dzo;
+    int64_t whole[2] = {0, T}, t, zo, uo, dzo;
     float *coef, *acat;
     int32_t *index, s, j;
     moe_experts *at = NULL, *zero = NULL;
@@ -497,11 +488,7 @@ moe_lora_dx(const moe_lora_bwd *w, const float *dz)
             }
         }
     }
-    for (q = 0; q < (int64_t)n_a * r; q++) {
-        for (i = 0; i < din; i++) {
-            acat[i * n_a * r + q] = w->b->lora_a[q * din + i];
-        }
-    }
+    moe_transpose(w->b->lora_a, 1, (int64_t)n_a * r, din, acat);
     if ((st = moe_lora_pack(acat, 1, din, (int64_t)n_a * r, 0, 0, &at)) !=
         MOE_STATUS_OK) {
         goto done;

@@ -785,24 +785,6 @@ moe_bwd_phase(moe_bwd_job *job, int64_t rows, int64_t rb, int64_t cols,
     return st;
 }
 
-/* (rows, cols) row-major -> (cols, rows), n_mats of them. */
-static void
-moe_bwd_transpose(const float *src, int64_t n_mats, int64_t rows, int64_t cols,
-                  float *dst)
-{
-    int64_t m, i, j;
-
-    for (m = 0; m < n_mats; m++) {
-        const float *a = src + m * rows * cols;
-        float *b = dst + m * rows * cols;
-        for (i = 0; i < rows; i++) {
-            for (j = 0; j < cols; j++) {
-                b[j * rows + i] = a[i * cols + j];
-            }
-        }
-    }
-}
-
 /* out rows [o_e, o_e+1) (n_rows, n) = s * (rows of a) @ W_e, W_e (K, n)
  * row-major at w + e * K * n, expert by expert. */
 static moe_status
@@ -867,8 +849,8 @@ moe_bwd_lora_pre(moe_bwd_job *job)
         if (!job->zg || !job->bgt) {
             goto done;
         }
-        moe_bwd_transpose(l->a_gate, E, r, d, at);
-        moe_bwd_transpose(l->b_gate, E, F, r, job->bgt);
+        moe_transpose(l->a_gate, E, r, d, at);
+        moe_transpose(l->b_gate, E, F, r, job->bgt);
         if ((st = moe_bwd_rowprod(p, job->xs, d, at, d, r, s, job->zg)) !=
             MOE_STATUS_OK) {
             goto done;
@@ -881,8 +863,8 @@ moe_bwd_lora_pre(moe_bwd_job *job)
         if (!job->zu || !job->but) {
             goto done;
         }
-        moe_bwd_transpose(l->a_up, E, r, d, at);
-        moe_bwd_transpose(l->b_up, E, F, r, job->but);
+        moe_transpose(l->a_up, E, r, d, at);
+        moe_transpose(l->b_up, E, F, r, job->but);
         if ((st = moe_bwd_rowprod(p, job->xs, d, at, d, r, s, job->zu)) !=
             MOE_STATUS_OK) {
             goto done;
@@ -986,7 +968,7 @@ moe_bwd_lora_post(moe_bwd_job *job)
         if (!zd || !adt) {
             goto done;
         }
-        moe_bwd_transpose(l->a_down, E, r, F, adt);
+        moe_transpose(l->a_down, E, r, F, adt);
         if ((st = moe_bwd_rowprod(p, job->h, F, adt, F, r, s, zd)) ==
             MOE_STATUS_OK) {
             st = moe_bwd_wgrad(p, p->dy, d, d, zd, r, r, p->d_lora_b_down);

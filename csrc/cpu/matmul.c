@@ -468,3 +468,28 @@ moe_mm(const moe_mm_seg *segs, int n_segs, int64_t m, int64_t n, float *c,
     }
     return st;
 }
+
+/* (rows, cols) row-major -> (cols, rows), n_mats of them, in 16 x 16 blocks
+ * (a row of a block is one cache line, read or written whole). */
+void
+moe_transpose(const float *src, int64_t n_mats, int64_t rows, int64_t cols,
+              float *dst)
+{
+    int64_t m, i0, j0, i, j;
+
+    for (m = 0; m < n_mats; m++) {
+        const float *a = src + m * rows * cols;
+        float *b = dst + m * rows * cols;
+        for (i0 = 0; i0 < rows; i0 += 16) {
+            const int64_t i1 = i0 + 16 < rows ? i0 + 16 : rows;
+            for (j0 = 0; j0 < cols; j0 += 16) {
+                const int64_t j1 = j0 + 16 < cols ? j0 + 16 : cols;
+                for (j = j0; j < j1; j++) {
+                    for (i = i0; i < i1; i++) {
+                        b[j * rows + i] = a[i * cols + j];
+                    }
+                }
+            }
+        }
+    }
+}

@@ -370,24 +370,8 @@ moe_mm_shared_task(void *ctx, int64_t task)
         for (p = p0; p < p1; p++) {
             const int64_t rows = job->m - p * mr < mr ? job->m - p * mr : mr;
             for (i = 0; i < rows; i++) {
-                float *dst = job->c + (p * mr + i) * job->ldc + j0;
-                if (first) { /* no k at all: the empty sum */
-                    memset(dst, 0, sizeof(float) * (size_t)cols);
-                }
-                else {
-                    memcpy(dst, edge + ((p - p0) * mr + i) * nr,
-                           sizeof(float) * (size_t)cols);
-                }
-            }
-        }
-    }
-    if (first) {
-        for (p = p0; p < p1; p++) {
-            const int64_t rows = job->m - p * mr < mr ? job->m - p * mr : mr;
-            const int64_t cols = (q1 * nr < job->n ? q1 * nr : job->n / nr * nr)
-                                 - q0 * nr;
-            for (i = 0; cols > 0 && i < rows; i++) {
-                memset(job->c + (p * mr + i) * job->ldc + q0 * nr, 0,
+                memcpy(job->c + (p * mr + i) * job->ldc + j0,
+                       edge + ((p - p0) * mr + i) * nr,
                        sizeof(float) * (size_t)cols);
             }
         }
@@ -439,6 +423,7 @@ moe_mm(const moe_mm_seg *segs, int n_segs, int64_t m, int64_t n, float *c,
 {
     moe_mm_job job;
     moe_status st;
+    int s;
 
     if (n_segs < 0 || n_segs > MOE_MM_MAX_SEGS) {
         return moe_set_error(MOE_STATUS_INTERNAL, "moe_mm: %d segments",
@@ -456,9 +441,12 @@ moe_mm(const moe_mm_seg *segs, int n_segs, int64_t m, int64_t n, float *c,
     job.col_tasks = (n + MOE_MM_COLS - 1) / MOE_MM_COLS;
     job.st = MOE_STATUS_OK;
     job.kr = moe_cpu_kernels();
-    /* several row and column blocks: shared packing (else each block
-     * packs its own A and B: measured no slower there) */
-    if (m > MOE_MM_ROWS && job.col_tasks > 1) {
+    /* several row and column blocks and some k: shared packing (else each
+     * block packs its own A and B, measured no slower there, and an empty
+     * sum is written as zeros by moe_mm_block) */
+    for (s = 0; s < n_segs && segs[s].K == 0; s++) {
+    }
+    if (m > MOE_MM_ROWS && job.col_tasks > 1 && s < n_segs) {
         return moe_mm_shared(&job);
     }
     st = moe_pool_run((m + MOE_MM_ROWS - 1) / MOE_MM_ROWS * job.col_tasks,

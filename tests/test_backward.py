@@ -4,10 +4,11 @@ test_reference_backward.py): every option of the top-k layer, the edge cases, bi
 determinism across thread counts and batches, and the errors."""
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import given, strategies as st
 
 import moe
 from moe import reference as ref
+from test_properties import _settings  # fixed examples unless MOE_TEST_SEED
 
 # gradients are compared relative to their norm (the issue's acceptance: rtol 1e-5)
 GRAD_RTOL = 1e-5
@@ -261,7 +262,7 @@ def test_bitwise_across_threads_and_batch(cfg):
         np.testing.assert_array_equal(layer.backward(c1, dy[t:t + 1])["x"][0], full[t])
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@_settings(25)
 @given(T=st.integers(0, 40), E=st.integers(1, 9), d=st.integers(1, 20),
        F=st.integers(1, 20), data=st.data())
 def test_property_shapes(T, E, d, F, data):

@@ -5,10 +5,11 @@ option, frozen bf16 / fp16 bases, empty slots, one token, no tokens, bitwise det
 across thread counts and batches, and the errors."""
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, assume, given, settings, strategies as st
+from hypothesis import assume, given, strategies as st
 
 import moe
 from moe import reference as ref
+from test_properties import _settings  # fixed examples unless MOE_TEST_SEED
 from test_backward import assert_grad, check_context_errors, grads_at_1_and_2_threads
 from test_reference_backward import LORA_CASES, LORA_KEYS
 
@@ -154,7 +155,7 @@ def test_bitwise_across_threads_and_batch(case):
             np.testing.assert_array_equal(g1["scalings"][0], full["scalings"][t])
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@_settings(25)
 @given(case=st.sampled_from(sorted(LORA_CASES)), T=st.integers(0, 30),
        d_in=st.integers(1, 19), d_out=st.integers(1, 19), data=st.data())
 def test_property_shapes(case, T, d_in, d_out, data):

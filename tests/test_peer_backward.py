@@ -5,10 +5,11 @@ sparse expert-row gradients (only the rows used, never (N, d)), bitwise determin
 thread counts and batches, edge sizes and errors."""
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import given, strategies as st
 
 import moe
 from moe import reference as ref
+from test_properties import _settings  # fixed examples unless MOE_TEST_SEED
 from test_backward import assert_grad, check_context_errors, grads_at_1_and_2_threads
 
 
@@ -99,7 +100,7 @@ def test_bitwise_threads_and_batch():
                                       g["x"][t])
 
 
-@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@_settings(20)
 @given(T=st.integers(0, 12), d=st.integers(1, 10), n=st.integers(1, 6), H=st.integers(1, 3),
        data=st.data())
 def test_property_shapes(T, d, n, H, data):

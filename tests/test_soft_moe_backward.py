@@ -6,10 +6,11 @@ expert, activations, bf16 / fp16 expert weights, edge sizes, bitwise determinism
 thread counts, a group's independence from the other groups, and the errors."""
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, assume, given, settings, strategies as st
+from hypothesis import assume, given, strategies as st
 
 import moe
 from moe import reference as ref
+from test_properties import _settings  # fixed examples unless MOE_TEST_SEED
 from test_backward import assert_grad, check_context_errors, grads_at_1_and_2_threads
 
 
@@ -129,7 +130,7 @@ def test_bitwise_threads_and_groups(case):
     np.testing.assert_array_equal(layer.backward(ctx, dy[part])["x"], g["x"][part])
 
 
-@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@_settings(20)
 @given(case=st.sampled_from(sorted(CASES)), d=st.integers(1, 12), F=st.integers(1, 10),
        data=st.data())
 def test_property_shapes(case, d, F, data):

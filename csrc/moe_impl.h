@@ -166,13 +166,16 @@ moe_status moe_layer_route(const moe_layer_params *p, const double *logits,
 /* ---- the backward's GEMM (csrc/cpu/matmul.c) ---- */
 
 /* One product term: A (m, K) with element (i, k) at a[i * a_rs + k * a_cs],
- * B (K, n) fp32 row-major, element (k, j) at b[k * ldb + j]. */
+ * B (K, n) fp32 row-major, element (k, j) at b[k * ldb + j], or with b_rows
+ * at b[b_rows[k] * ldb + j] (rows picked from a larger matrix, gathered as
+ * they are packed: a token-indexed weight gradient needs no copy). */
 typedef struct moe_mm_seg {
-    const float *a;
-    int64_t      a_rs, a_cs;
-    const float *b;
-    int64_t      ldb;
-    int64_t      K;
+    const float   *a;
+    int64_t        a_rs, a_cs;
+    const float   *b;
+    int64_t        ldb;
+    int64_t        K;
+    const int64_t *b_rows; /* NULL: row k is row k */
 } moe_mm_seg;
 
 #define MOE_MM_MAX_SEGS 2

@@ -358,6 +358,7 @@ LORA_CASES = {
     "topk_softmax_losses": ("TopKLoRA", dict(top_k=2, bias=True), dict(aux=0.3, zc=0.1)),
     "topk_softmax_after_topk": ("TopKLoRA", dict(top_k=2, scoring="softmax-after-topk",
                                                  dtype="bfloat16"), dict(aux=0.5, zc=0.2)),
+    # 3 slots of 5 adapters: the C backward's dense layout; 1 or 2 slots: its sparse one
     "topk_sigmoid": ("TopKLoRA", dict(top_k=3, scoring="sigmoid", dtype="float16"),
                      dict(aux=0.4, zc=0.05)),
     "topk_sigmoid_plain": ("TopKLoRA", dict(top_k=2, scoring="sigmoid", renormalize=False),
@@ -369,7 +370,6 @@ LORA_CASES = {
                                dict(aux=0.2, zc=0.1, seq_lens=[3, 1, 3])),
     "hydra_dense": ("HydraLoRA", dict(bias=True), dict(zc=0.1)),
     "hydra_top2": ("HydraLoRA", dict(top_k=2, dtype="bfloat16"), dict(aux=0.3, zc=0.1)),
-    # one slot of 5 adapters: the C backward's sparse (per routed row) layout
     "hydra_top1": ("HydraLoRA", dict(top_k=1), dict(aux=0.2, zc=0.1)),
     "topk_top1": ("TopKLoRA", dict(top_k=1, scoring="sigmoid"), dict(aux=0.2, zc=0.1)),
     "gated_dense": ("GatedLoRA", dict(), dict()),

@@ -492,7 +492,7 @@ moe_bwd_hidden_task(void *ctx, int64_t t)
     /* dH (m, nu) = dY rows @ W_d[:, u0:u0+nu] */
     seg = (moe_mm_seg){p->dy + r0 * d, d, 1,
                         job->wd ? job->wd + e * job->wes[2] + u0 : NULL,
-                        job->wld[2], d};
+                        job->wld[2], d, NULL};
     if (job->tiles) {
         const int64_t ta = moe_bwd_tp(d / 2);
         ts = (moe_tmm_seg){
@@ -612,9 +612,11 @@ moe_bwd_dx_task(void *ctx, int64_t t)
     /* gated: the chain runs over dG's units, then dU's */
     const moe_mm_seg segs[2] = {
         {job->dg + tk.r * F, F, 1,
-         job->wg ? job->wg + tk.e * job->wes[0] + tk.c : NULL, job->wld[0], ff},
+         job->wg ? job->wg + tk.e * job->wes[0] + tk.c : NULL, job->wld[0], ff,
+         NULL},
         {job->du + tk.r * F, F, 1,
-         job->wu ? job->wu + tk.e * job->wes[1] + tk.c : NULL, job->wld[1], ff}};
+         job->wu ? job->wu + tk.e * job->wes[1] + tk.c : NULL, job->wld[1], ff,
+         NULL}};
     /* tiles: A the rows' panels, B the weights' column panels */
     const int64_t ta = moe_bwd_tp(F / 2);
     const int64_t ra = job->tiles ? (job->po[tk.e] +
@@ -664,9 +666,10 @@ moe_bwd_dw_task(void *ctx, int64_t t)
                  i0 * cols + j0;
     /* A: dY^T (down) or dG^T / dU^T, read transposed; B: H or X rows */
     const moe_mm_seg seg = down
-        ? (moe_mm_seg){p->dy + lo * d + i0, 1, d, job->h + lo * F + j0, F, n_e}
+        ? (moe_mm_seg){p->dy + lo * d + i0, 1, d, job->h + lo * F + j0, F, n_e,
+                       NULL}
         : (moe_mm_seg){(job->mat == 0 ? job->dg : job->du) + lo * F + i0, 1, F,
-                       job->xs + lo * d + j0, d, n_e};
+                       job->xs + lo * d + j0, d, n_e, NULL};
     /* tiles: A dY^T / dG^T / dU^T rows, B pairs of H / X rows */
     const int64_t q = job->tiles ? job->oq[e + 1] - job->oq[e] : 0;
     const int64_t tq = job->tiles ? (job->ob[e + 1] - job->ob[e]) * 512 : 0;
@@ -797,7 +800,8 @@ moe_bwd_rowprod(const moe_ffn_backward_params *p, const float *a, int64_t lda,
 
     for (e = 0; e < E && st == MOE_STATUS_OK; e++) {
         const int64_t o = p->offsets[e], m = p->offsets[e + 1] - o;
-        const moe_mm_seg seg = {a + o * lda, lda, 1, w + e * K * n, n, K};
+        const moe_mm_seg seg = {a + o * lda, lda, 1, w + e * K * n, n, K,
+                                NULL};
         if (m > 0) {
             st = moe_mm(&seg, 1, m, n, out + o * n, n);
         }
@@ -820,7 +824,8 @@ moe_bwd_wgrad(const moe_ffn_backward_params *p, const float *a, int64_t lda,
 
     for (e = 0; e < E && st == MOE_STATUS_OK; e++) {
         const int64_t o = p->offsets[e], K = p->offsets[e + 1] - o;
-        const moe_mm_seg seg = {a + o * lda, 1, lda, b + o * ldb, ldb, K};
+        const moe_mm_seg seg = {a + o * lda, 1, lda, b + o * ldb, ldb, K,
+                                NULL};
         st = moe_mm(&seg, 1, m, n, out + e * m * n, n);
     }
     return st;
@@ -931,11 +936,11 @@ moe_bwd_lora_post(moe_bwd_job *job)
             int n = 0;
             if (pg != NULL) {
                 seg[n++] = (moe_mm_seg){pg + o * r, r, 1, l->a_gate + e * r * d,
-                                        d, r};
+                                        d, r, NULL};
             }
             if (pu != NULL) {
                 seg[n++] = (moe_mm_seg){pu + o * r, r, 1, l->a_up + e * r * d,
-                                        d, r};
+                                        d, r, NULL};
             }
             if (m > 0) {
                 st = moe_mm(seg, n, m, d, tmp + o * d, d);
@@ -1224,9 +1229,9 @@ moe_cpu_linear_backward(const moe_linear_backward_params *p)
     const int64_t whole[2] = {0, p->n_tokens};
     const int64_t *off = p->offsets ? p->offsets : whole;
     const int32_t G = p->offsets ? p->n_groups : 1;
-    const float *w = p->w, *xs = p->x;
-    float *wide = NULL, *rows = NULL;
-    int64_t n_rows = 0, g, r;
+    const float *w = p->w;
+    float *wide = NULL;
+    int64_t n_rows = 0, g;
     moe_mm_seg seg;
     moe_status st = MOE_STATUS_OK;
 
@@ -1238,31 +1243,23 @@ moe_cpu_linear_backward(const moe_linear_backward_params *p)
         moe_bwd_widen(p->w, p->dtype, 1, G * dout * din, wide);
         w = wide;
     }
-    if (p->token_index != NULL && p->d_w != NULL) { /* gather the rows */
-        if ((rows = moe_alloc((size_t)(n_rows * din) + 1, sizeof(float))) == NULL) {
-            free(wide);
-            return MOE_STATUS_ALLOC;
-        }
-        for (r = 0; r < n_rows; r++) {
-            memcpy(rows + r * din, p->x + p->token_index[r] * din,
-                   sizeof(float) * (size_t)din);
-        }
-        xs = rows;
-    }
     for (g = 0; g < G && st == MOE_STATUS_OK; g++) {
         const int64_t r0 = off[g], m = off[g + 1] - off[g];
         if (p->dx != NULL && m > 0) { /* dx (m, d_in) = dy (m, d_out) @ W_g */
             seg = (moe_mm_seg){p->dy + r0 * dout, dout, 1, w + g * dout * din,
-                               din, dout};
+                               din, dout, NULL};
             st = moe_mm(&seg, 1, m, din, p->dx + r0 * din, din);
         }
         if (st == MOE_STATUS_OK && p->d_w != NULL) { /* dW_g = dy^T @ x */
-            seg = (moe_mm_seg){p->dy + r0 * dout, 1, dout, xs + r0 * din, din,
-                               m};
+            /* a group's x rows picked by token_index as they are packed */
+            seg = p->token_index
+                ? (moe_mm_seg){p->dy + r0 * dout, 1, dout, p->x, din, m,
+                               p->token_index + r0}
+                : (moe_mm_seg){p->dy + r0 * dout, 1, dout, p->x + r0 * din,
+                               din, m, NULL};
             st = moe_mm(&seg, 1, dout, din, p->d_w + g * dout * din, din);
         }
     }
     free(wide);
-    free(rows);
     return st;
 }

@@ -66,17 +66,19 @@ moe_mm_pack_a(const moe_mm_seg *s, int64_t i0, int m, int mr, int64_t k0,
     }
 }
 
-/* b (kb, n) row-major at ldb -> column panels (n_pad / nr, kb, nr), zero
- * past n; each row of b is read once, contiguously. */
+/* B's rows [k0, k0 + kb) and columns [j0, j0 + n) -> column panels
+ * (n_pad / nr, kb, nr), zero past n; each row of B is read once,
+ * contiguously (through g->b_rows where the rows are picked). */
 static void
-moe_mm_pack_b(const float *b, int64_t ldb, int64_t kb, int64_t n, int nr,
-              int bf16, float *out)
+moe_mm_pack_b(const moe_mm_seg *g, int64_t k0, int64_t j0, int64_t kb,
+              int64_t n, int nr, int bf16, float *out)
 {
     const int64_t n_full = n / nr * nr;
     int64_t k, j, q;
 
     for (k = 0; k < kb; k++) {
-        const float *src = b + k * ldb;
+        const float *src = g->b + j0 +
+                           (g->b_rows ? g->b_rows[k0 + k] : k0 + k) * g->ldb;
         for (j = 0; j < n_full; j += nr) {
             float *dst = out + j * kb + k * nr;
             if (!bf16) {
@@ -97,6 +99,20 @@ moe_mm_pack_b(const float *b, int64_t ldb, int64_t kb, int64_t n, int nr,
     }
 }
 
+/* Whether some segment picks its B rows (b_rows). */
+static int
+moe_mm_picks(const moe_mm_seg *segs, int n_segs)
+{
+    int s;
+
+    for (s = 0; s < n_segs; s++) {
+        if (segs[s].b_rows != NULL) {
+            return 1;
+        }
+    }
+    return 0;
+}
+
 static moe_status
 moe_mm_run(const moe_mm_seg *segs, int n_segs, int64_t m, int64_t n,
            float *c, int64_t ldc, int bf16)
@@ -108,8 +124,9 @@ moe_mm_run(const moe_mm_seg *segs, int n_segs, int64_t m, int64_t n,
     const int64_t b_size = n_pad * MOE_MM_KB;
     /* Copying B into panels pays off when enough row panels reuse it; with
      * few (a small expert's rows against its weights) the kernel reads B in
-     * place, row by row. */
-    const int pack_b = bf16 || n_pan >= MOE_MM_PACK_MIN;
+     * place, row by row (picked rows are always packed). */
+    const int pack_b = bf16 || n_pan >= MOE_MM_PACK_MIN ||
+                       moe_mm_picks(segs, n_segs);
     float *buf, *ap, *bp, *edge;
     int64_t i, j, p, k0;
     int first = 1, s;
@@ -136,11 +153,11 @@ moe_mm_run(const moe_mm_seg *segs, int n_segs, int64_t m, int64_t n,
                               ap + p * kb * mr);
             }
             if (pack_b) {
-                moe_mm_pack_b(g->b + k0 * g->ldb, g->ldb, kb, n, nr, bf16, bp);
+                moe_mm_pack_b(g, k0, 0, kb, n, nr, bf16, bp);
             }
             else if (n % nr != 0) { /* only the partial panel, zero-padded */
-                moe_mm_pack_b(g->b + k0 * g->ldb + n / nr * nr, g->ldb, kb,
-                              n % nr, nr, 0, bp + n / nr * nr * kb);
+                moe_mm_pack_b(g, k0, n / nr * nr, kb, n % nr, nr, 0,
+                              bp + n / nr * nr * kb);
             }
             for (j = 0; j < n; j += nr) {
                 /* full panels accumulate in c itself, the last partial one
@@ -318,7 +335,7 @@ moe_mm_pack_task(void *ctx, int64_t t)
     else {
         const int64_t j0 = (q - job->n_pan) * nr;
         const int64_t cols = job->n - j0 < nr ? job->n - j0 : nr;
-        moe_mm_pack_b(g->b + j0, g->ldb, g->K, cols, nr, 0,
+        moe_mm_pack_b(g, 0, j0, g->K, cols, nr, 0,
                       job->pb[s] + (q - job->n_pan) * g->K * nr);
     }
 }

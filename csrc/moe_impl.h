@@ -166,9 +166,10 @@ moe_status moe_layer_route(const moe_layer_params *p, const double *logits,
 /* ---- the backward's GEMM (csrc/cpu/matmul.c) ---- */
 
 /* One product term: A (m, K) with element (i, k) at a[i * a_rs + k * a_cs],
- * B (K, n) fp32 row-major, element (k, j) at b[k * ldb + j], or with b_rows
- * at b[b_rows[k] * ldb + j] (rows picked from a larger matrix, gathered as
- * they are packed: a token-indexed weight gradient needs no copy). */
+ * B (K, n) fp32 row-major, element (k, j) at b[k * ldb + j].  With b_rows,
+ * B's row k is at b + b_rows[k] * ldb; with a_rows, A's row i at a +
+ * a_rows[i] * a_rs (rows picked from a larger matrix as they are packed: a
+ * token-indexed product needs no gathered copy). */
 typedef struct moe_mm_seg {
     const float   *a;
     int64_t        a_rs, a_cs;
@@ -176,7 +177,17 @@ typedef struct moe_mm_seg {
     int64_t        ldb;
     int64_t        K;
     const int64_t *b_rows; /* NULL: row k is row k */
+    const int64_t *a_rows; /* NULL: row i is row i */
 } moe_mm_seg;
+
+/* A term without picked rows. */
+static inline moe_mm_seg
+moe_mm_term(const float *a, int64_t a_rs, int64_t a_cs, const float *b,
+            int64_t ldb, int64_t K)
+{
+    moe_mm_seg s = {a, a_rs, a_cs, b, ldb, K, NULL, NULL};
+    return s;
+}
 
 #define MOE_MM_MAX_SEGS 2
 
@@ -211,6 +222,17 @@ moe_status moe_mm_block_bf16(const moe_mm_seg *segs, int n_segs, int64_t m,
                              int64_t n, float *c, int64_t ldc);
 moe_status moe_mm(const moe_mm_seg *segs, int n_segs, int64_t m, int64_t n,
                   float *c, int64_t ldc);
+/* Several independent products on the pool in one job (small per-adapter
+ * products: one dispatch, their blocks spread over the threads); each as
+ * moe_mm, so the same bits. */
+typedef struct moe_mm_prob {
+    const moe_mm_seg *segs;
+    int               n_segs;
+    int64_t           m, n;
+    float            *c;
+    int64_t           ldc;
+} moe_mm_prob;
+moe_status moe_mm_many(const moe_mm_prob *probs, int n_probs);
 /* (rows, cols) row-major -> (cols, rows), n_mats of them (cpu/matmul.c). */
 void moe_transpose(const float *src, int64_t n_mats, int64_t rows,
                    int64_t cols, float *dst);

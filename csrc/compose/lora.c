@@ -388,31 +388,14 @@ moe_lora_pack(const float *w, int32_t n_groups, int64_t d_out, int64_t d_in,
     return st;
 }
 
-/* c (m, n) = A^T B over K rows, A (K, m) and B (K, n) row-major fp32; with
- * g (the rows grouped by adapter): per adapter e, c_e (m, n) = A_e^T B_e
- * over its rows, A's rows in group order and B's picked by token
- * (g->token_index, no copy), c_e at c + e * m * n. */
+/* c (m, n) = A^T B over K rows, A (K, m) and B (K, n) row-major fp32. */
 static moe_status
 moe_lora_wgrad(const float *a, const float *b, int64_t K, int64_t m, int64_t n,
-               const moe_lora_rows *g, int32_t n_groups, float *c)
+               float *c)
 {
-    moe_linear_backward_params lb;
+    const moe_mm_seg seg = moe_mm_term(a, 1, m, b, n, K);
 
-    /* dW = dy^T x with dy = a, x = b: a linear backward */
-    memset(&lb, 0, sizeof(lb));
-    lb.x = b;
-    lb.dtype = MOE_DTYPE_F32;
-    lb.n_tokens = K;
-    lb.d_in = n;
-    lb.d_out = m;
-    lb.dy = a;
-    lb.d_w = c;
-    if (g != NULL) {
-        lb.offsets = g->offsets;
-        lb.n_groups = n_groups;
-        lb.token_index = g->token_index;
-    }
-    return moe_linear_backward(&lb);
+    return moe_mm(&seg, 1, m, n, c, n);
 }
 
 /*
@@ -541,6 +524,157 @@ done:
     return st;
 }
 
+/* u = B^T dy: dense, dy against [B_0 | B_1 | ...] (d_out, wb) over every
+ * token; sparse, adapter by adapter over its rows (dy's rows picked as
+ * they are packed).  B is read in place: nothing to pack. */
+static moe_status
+moe_lora_u(const moe_lora_bwd *w, float *u)
+{
+    const moe_lora_params *p = w->p;
+    const float *lb = w->b->lora_b, *dy = w->b->dy;
+    const int64_t T = p->n_tokens, dout = p->d_out;
+    const int32_t r = p->rank, E = p->n_adapters;
+    moe_mm_seg *segs;
+    moe_mm_prob *probs;
+    moe_status st;
+    float *cat;
+    int64_t o;
+    int32_t e;
+
+    if (w->dense && w->ranks) {
+        const moe_mm_seg seg = moe_mm_term(dy, dout, 1, lb, r, dout);
+        return moe_mm(&seg, 1, T, r, u, r);
+    }
+    if (w->dense) {
+        moe_mm_seg seg;
+        if ((cat = moe_alloc((size_t)(dout * w->wb) + 1, sizeof(float))) == NULL) {
+            return MOE_STATUS_ALLOC;
+        }
+        for (o = 0; o < dout; o++) {
+            for (e = 0; e < E; e++) {
+                memcpy(cat + o * w->wb + (int64_t)e * r, lb + (e * dout + o) * r,
+                       sizeof(float) * (size_t)r);
+            }
+        }
+        seg = moe_mm_term(dy, dout, 1, cat, w->wb, dout);
+        st = moe_mm(&seg, 1, T, w->wb, u, w->wb);
+        free(cat);
+        return st;
+    }
+    segs = moe_alloc((size_t)E, sizeof(*segs));
+    probs = moe_alloc((size_t)E, sizeof(*probs));
+    if (segs == NULL || probs == NULL) {
+        free(segs);
+        free(probs);
+        return MOE_STATUS_ALLOC;
+    }
+    for (e = 0; e < E; e++) {
+        const int64_t r0 = w->g.offsets[e];
+        segs[e] = moe_mm_term(dy, dout, 1, lb + e * dout * r, r, dout);
+        segs[e].a_rows = w->g.token_index + r0;
+        probs[e] = (moe_mm_prob){&segs[e], 1, w->g.offsets[e + 1] - r0, r,
+                                 u + r0 * r, r};
+    }
+    st = moe_mm_many(probs, E);
+    free(segs);
+    free(probs);
+    return st;
+}
+
+/* Dense: dB = dy^T c, one GEMM (d_out, wb) split into the adapters' (d_out,
+ * r), and dA = dz^T x, one GEMM (wa, d_in). */
+static moe_status
+moe_lora_dense_wgrads(const moe_lora_bwd *w, const float *c, const float *dz)
+{
+    const moe_lora_backward_params *b = w->b;
+    const moe_lora_params *p = w->p;
+    const int64_t T = p->n_tokens, dout = p->d_out;
+    const int32_t r = p->rank, E = p->n_adapters;
+    moe_status st = MOE_STATUS_OK;
+    float *all;
+    int64_t i;
+    int32_t e;
+
+    if (b->d_lora_b != NULL && w->ranks) {
+        st = moe_lora_wgrad(b->dy, c, T, dout, r, b->d_lora_b);
+    }
+    else if (b->d_lora_b != NULL) {
+        if ((all = moe_alloc((size_t)(dout * w->wb) + 1, sizeof(float))) == NULL) {
+            return MOE_STATUS_ALLOC;
+        }
+        st = moe_lora_wgrad(b->dy, c, T, dout, w->wb, all);
+        for (e = 0; e < E && st == MOE_STATUS_OK; e++) {
+            for (i = 0; i < dout; i++) {
+                memcpy(b->d_lora_b + (e * dout + i) * r, all + i * w->wb + e * r,
+                       sizeof(float) * (size_t)r);
+            }
+        }
+        free(all);
+    }
+    if (st == MOE_STATUS_OK && b->d_lora_a != NULL) {
+        st = moe_lora_wgrad(dz, p->x, T, w->wa, p->d_in, b->d_lora_a);
+    }
+    return st;
+}
+
+/* Sparse: per adapter over its rows, in one pool job, dB_e^T = c_e^T dy_e
+ * (transposed into dB_e after) and dA_e = dz_e^T x_e (x's and dy's rows
+ * picked as they are packed); SHARED_A's one A: dA = dz^T x over the
+ * tokens. */
+static moe_status
+moe_lora_sparse_wgrads(const moe_lora_bwd *w, const float *c, const float *dz)
+{
+    const moe_lora_backward_params *b = w->b;
+    const moe_lora_params *p = w->p;
+    const int64_t dout = p->d_out, din = p->d_in;
+    const int32_t r = p->rank, E = p->n_adapters;
+    const int dA = b->d_lora_a != NULL && w->per_row, dB = b->d_lora_b != NULL;
+    moe_mm_seg *segs;
+    moe_mm_prob *probs;
+    float *bt = NULL;
+    moe_status st = MOE_STATUS_ALLOC;
+    int n = 0;
+    int32_t e;
+
+    segs = moe_alloc((size_t)(2 * E), sizeof(*segs));
+    probs = moe_alloc((size_t)(2 * E), sizeof(*probs));
+    if (dB) {
+        bt = moe_alloc((size_t)(E * r * dout) + 1, sizeof(float));
+    }
+    if (segs == NULL || probs == NULL || (dB && bt == NULL)) {
+        goto done;
+    }
+    for (e = 0; e < E; e++) {
+        const int64_t r0 = w->g.offsets[e], m = w->g.offsets[e + 1] - r0;
+        if (dB) {
+            segs[n] = moe_mm_term(c + r0 * r, 1, r, b->dy, dout, m);
+            segs[n].b_rows = w->g.token_index + r0;
+            probs[n] = (moe_mm_prob){&segs[n], 1, r, dout, bt + e * r * dout,
+                                     dout};
+            n++;
+        }
+        if (dA) {
+            segs[n] = moe_mm_term(dz + r0 * r, 1, r, p->x, din, m);
+            segs[n].b_rows = w->g.token_index + r0;
+            probs[n] = (moe_mm_prob){&segs[n], 1, r, din,
+                                     b->d_lora_a + e * r * din, din};
+            n++;
+        }
+    }
+    st = moe_mm_many(probs, n);
+    if (st == MOE_STATUS_OK && dB) {
+        moe_transpose(bt, E, r, dout, b->d_lora_b);
+    }
+    if (st == MOE_STATUS_OK && b->d_lora_a != NULL && !w->per_row) {
+        st = moe_lora_wgrad(dz, p->x, p->n_tokens, w->wa, din, b->d_lora_a);
+    }
+done:
+    free(segs);
+    free(probs);
+    free(bt);
+    return st;
+}
+
 /*
  * Per slot (t, s) of adapter e, with z = A_e x_t recomputed and
  * c = scale_e * w:  u = B_e^T dy_t,  d_w = scale_e <u, z>,  dz = c u,
@@ -551,11 +685,11 @@ moe_status
 moe_lora_backward(const moe_lora_backward_params *b)
 {
     const moe_lora_params *p = b->forward;
-    int64_t whole[2] = {0, 0}, T, din, dout, n_u, n_z, t, i, zo, uo, dzo;
-    int32_t r, S, E, n_a, n_b, s, j, n;
+    int64_t whole[2] = {0, 0}, T, din, dout, n_u, n_z, t, zo, uo, dzo;
+    int32_t r, S, E, n_a, s, j, n;
     moe_lora_bwd w;
     float *z = NULL, *c = NULL, *u = NULL, *dz = NULL;
-    moe_experts *at = NULL, *bt = NULL;
+    moe_experts *at = NULL;
     moe_linear_params lp;
     moe_status st;
 
@@ -590,7 +724,6 @@ moe_lora_backward(const moe_lora_backward_params *b)
     w.per_row = p->kind == MOE_LORA_ADAPTERS;
     w.dense = w.ranks || (int64_t)E <= 2 * (int64_t)S;
     n_a = w.per_row ? E : 1;
-    n_b = w.ranks ? 1 : E;
     w.wa = (int64_t)n_a * r;
     w.wb = w.ranks ? r : (int64_t)E * r;
     if (!w.dense) {
@@ -648,21 +781,7 @@ moe_lora_backward(const moe_lora_backward_params *b)
         goto done;
     }
 
-    /* u = B^T dy: B_e^T stacked (wb, d_out) over every token, or per
-     * adapter over its rows */
-    if ((st = moe_lora_pack(b->lora_b, n_b, dout, w.ranks ? r : r, 1, w.dense,
-                            &bt)) != MOE_STATUS_OK) {
-        goto done;
-    }
-    memset(&lp, 0, sizeof(lp));
-    lp.x = b->dy;
-    lp.token_index = w.dense ? NULL : w.g.token_index;
-    lp.n_tokens = T;
-    lp.offsets = w.dense ? whole : w.g.offsets;
-    lp.n_rows = w.dense ? T : w.g.n_rows;
-    lp.weights = bt;
-    lp.out = u;
-    if ((st = moe_linear_grouped(&lp)) != MOE_STATUS_OK) {
+    if ((st = moe_lora_u(&w, u)) != MOE_STATUS_OK) {
         goto done;
     }
 
@@ -688,44 +807,13 @@ moe_lora_backward(const moe_lora_backward_params *b)
         }
     }
 
-    /* dB = dy^T c: one GEMM (d_out, wb) over the tokens, or per adapter
-     * dB_e^T = c_e^T dy_e over its rows (dy's rows picked as packed) */
-    if (b->d_lora_b != NULL && w.dense && n_b == 1) {
-        st = moe_lora_wgrad(b->dy, c, T, dout, r, NULL, 1, b->d_lora_b);
+    /* dB = dy^T c and dA = dz^T x: single GEMMs over the tokens (dense),
+     * or per adapter over its rows (sparse) */
+    if (w.dense) {
+        st = moe_lora_dense_wgrads(&w, c, dz);
     }
-    else if (b->d_lora_b != NULL) {
-        const int64_t n_all = w.dense ? dout * w.wb : (int64_t)E * r * dout;
-        float *all = moe_alloc((size_t)n_all + 1, sizeof(float));
-        int32_t e;
-        if (all == NULL) {
-            st = MOE_STATUS_ALLOC;
-            goto done;
-        }
-        if (w.dense) { /* (d_out, E r) -> each adapter's (d_out, r) */
-            st = moe_lora_wgrad(b->dy, c, T, dout, w.wb, NULL, 1, all);
-            for (e = 0; e < E && st == MOE_STATUS_OK; e++) {
-                for (i = 0; i < dout; i++) {
-                    memcpy(b->d_lora_b + (e * dout + i) * r,
-                           all + i * w.wb + e * r, sizeof(float) * (size_t)r);
-                }
-            }
-        }
-        else if ((st = moe_lora_wgrad(c, b->dy, T, r, dout, &w.g, E, all)) ==
-                 MOE_STATUS_OK) {
-            moe_transpose(all, E, r, dout, b->d_lora_b);
-        }
-        free(all);
-    }
-    if (st != MOE_STATUS_OK) {
-        goto done;
-    }
-
-    /* dA = dz^T x: one GEMM (wa, d_in) over the tokens, or per adapter over
-     * its rows (x's rows picked as packed) */
-    if (b->d_lora_a != NULL) {
-        const int grouped = !w.dense && w.per_row;
-        st = moe_lora_wgrad(dz, p->x, T, grouped ? r : w.wa, din,
-                            grouped ? &w.g : NULL, E, b->d_lora_a);
+    else if (b->d_lora_a != NULL || b->d_lora_b != NULL) {
+        st = moe_lora_sparse_wgrads(&w, c, dz);
     }
     if (st == MOE_STATUS_OK && b->dx != NULL) {
         st = moe_lora_dx(&w, dz);
@@ -733,7 +821,6 @@ moe_lora_backward(const moe_lora_backward_params *b)
 done:
     moe_lora_rows_free(&w.g);
     moe_experts_free(at);
-    moe_experts_free(bt);
     free(z);
     free(c);
     free(u);

@@ -635,7 +635,7 @@ moe_soft_mm(const float *a, int64_t a_rs, int64_t a_cs, const float *bm,
             int64_t ldb, int64_t K, int64_t m, int64_t n, float *c,
             int64_t ldc)
 {
-    moe_mm_seg seg = {a, a_rs, a_cs, bm, ldb, K, NULL};
+    moe_mm_seg seg = moe_mm_term(a, a_rs, a_cs, bm, ldb, K);
     return moe_mm(&seg, 1, m, n, c, ldc);
 }
 
@@ -842,8 +842,8 @@ moe_soft_backward_rest(const moe_soft_job *job,
     if (b->dx != NULL && mixing) {
         for (g = 0; g < G && st == MOE_STATUS_OK; g++) {
             moe_mm_seg seg[2] = {
-                {job->dt + g * S * M, 1, M, tmp + g * S * d, d, S, NULL},
-                {dr + g * gs * S, ts * S, 1, phit, d, S, NULL}};
+                moe_mm_term(job->dt + g * S * M, 1, M, tmp + g * S * d, d, S),
+                moe_mm_term(dr + g * gs * S, ts * S, 1, phit, d, S)};
             st = moe_mm(seg, 2, M, d, b->dx + g * gs * d, ts * d);
         }
     }

@@ -490,9 +490,9 @@ moe_bwd_hidden_task(void *ctx, int64_t t)
     }
     dh = ap + n_ap;
     /* dH (m, nu) = dY rows @ W_d[:, u0:u0+nu] */
-    seg = (moe_mm_seg){p->dy + r0 * d, d, 1,
+    seg = moe_mm_term(p->dy + r0 * d, d, 1,
                         job->wd ? job->wd + e * job->wes[2] + u0 : NULL,
-                        job->wld[2], d, NULL};
+                        job->wld[2], d);
     if (job->tiles) {
         const int64_t ta = moe_bwd_tp(d / 2);
         ts = (moe_tmm_seg){
@@ -611,12 +611,12 @@ moe_bwd_dx_task(void *ctx, int64_t t)
     const int64_t d = job->d, F = job->F, ff = moe_bwd_ff(job->w, tk.e);
     /* gated: the chain runs over dG's units, then dU's */
     const moe_mm_seg segs[2] = {
-        {job->dg + tk.r * F, F, 1,
-         job->wg ? job->wg + tk.e * job->wes[0] + tk.c : NULL, job->wld[0], ff,
-         NULL},
-        {job->du + tk.r * F, F, 1,
-         job->wu ? job->wu + tk.e * job->wes[1] + tk.c : NULL, job->wld[1], ff,
-         NULL}};
+        moe_mm_term(job->dg + tk.r * F, F, 1,
+                    job->wg ? job->wg + tk.e * job->wes[0] + tk.c : NULL,
+                    job->wld[0], ff),
+        moe_mm_term(job->du + tk.r * F, F, 1,
+                    job->wu ? job->wu + tk.e * job->wes[1] + tk.c : NULL,
+                    job->wld[1], ff)};
     /* tiles: A the rows' panels, B the weights' column panels */
     const int64_t ta = moe_bwd_tp(F / 2);
     const int64_t ra = job->tiles ? (job->po[tk.e] +
@@ -666,10 +666,9 @@ moe_bwd_dw_task(void *ctx, int64_t t)
                  i0 * cols + j0;
     /* A: dY^T (down) or dG^T / dU^T, read transposed; B: H or X rows */
     const moe_mm_seg seg = down
-        ? (moe_mm_seg){p->dy + lo * d + i0, 1, d, job->h + lo * F + j0, F, n_e,
-                       NULL}
-        : (moe_mm_seg){(job->mat == 0 ? job->dg : job->du) + lo * F + i0, 1, F,
-                       job->xs + lo * d + j0, d, n_e, NULL};
+        ? moe_mm_term(p->dy + lo * d + i0, 1, d, job->h + lo * F + j0, F, n_e)
+        : moe_mm_term((job->mat == 0 ? job->dg : job->du) + lo * F + i0, 1, F,
+                      job->xs + lo * d + j0, d, n_e);
     /* tiles: A dY^T / dG^T / dU^T rows, B pairs of H / X rows */
     const int64_t q = job->tiles ? job->oq[e + 1] - job->oq[e] : 0;
     const int64_t tq = job->tiles ? (job->ob[e + 1] - job->ob[e]) * 512 : 0;
@@ -800,8 +799,8 @@ moe_bwd_rowprod(const moe_ffn_backward_params *p, const float *a, int64_t lda,
 
     for (e = 0; e < E && st == MOE_STATUS_OK; e++) {
         const int64_t o = p->offsets[e], m = p->offsets[e + 1] - o;
-        const moe_mm_seg seg = {a + o * lda, lda, 1, w + e * K * n, n, K,
-                                NULL};
+        const moe_mm_seg seg = moe_mm_term(a + o * lda, lda, 1, w + e * K * n,
+                                           n, K);
         if (m > 0) {
             st = moe_mm(&seg, 1, m, n, out + o * n, n);
         }
@@ -824,8 +823,8 @@ moe_bwd_wgrad(const moe_ffn_backward_params *p, const float *a, int64_t lda,
 
     for (e = 0; e < E && st == MOE_STATUS_OK; e++) {
         const int64_t o = p->offsets[e], K = p->offsets[e + 1] - o;
-        const moe_mm_seg seg = {a + o * lda, 1, lda, b + o * ldb, ldb, K,
-                                NULL};
+        const moe_mm_seg seg = moe_mm_term(a + o * lda, 1, lda, b + o * ldb,
+                                           ldb, K);
         st = moe_mm(&seg, 1, m, n, out + e * m * n, n);
     }
     return st;
@@ -935,12 +934,12 @@ moe_bwd_lora_post(moe_bwd_job *job)
             moe_mm_seg seg[2];
             int n = 0;
             if (pg != NULL) {
-                seg[n++] = (moe_mm_seg){pg + o * r, r, 1, l->a_gate + e * r * d,
-                                        d, r, NULL};
+                seg[n++] = moe_mm_term(pg + o * r, r, 1, l->a_gate + e * r * d,
+                                       d, r);
             }
             if (pu != NULL) {
-                seg[n++] = (moe_mm_seg){pu + o * r, r, 1, l->a_up + e * r * d,
-                                        d, r, NULL};
+                seg[n++] = moe_mm_term(pu + o * r, r, 1, l->a_up + e * r * d,
+                                       d, r);
             }
             if (m > 0) {
                 st = moe_mm(seg, n, m, d, tmp + o * d, d);
@@ -1246,17 +1245,15 @@ moe_cpu_linear_backward(const moe_linear_backward_params *p)
     for (g = 0; g < G && st == MOE_STATUS_OK; g++) {
         const int64_t r0 = off[g], m = off[g + 1] - off[g];
         if (p->dx != NULL && m > 0) { /* dx (m, d_in) = dy (m, d_out) @ W_g */
-            seg = (moe_mm_seg){p->dy + r0 * dout, dout, 1, w + g * dout * din,
-                               din, dout, NULL};
+            seg = moe_mm_term(p->dy + r0 * dout, dout, 1, w + g * dout * din,
+                              din, dout);
             st = moe_mm(&seg, 1, m, din, p->dx + r0 * din, din);
         }
         if (st == MOE_STATUS_OK && p->d_w != NULL) { /* dW_g = dy^T @ x */
             /* a group's x rows picked by token_index as they are packed */
-            seg = p->token_index
-                ? (moe_mm_seg){p->dy + r0 * dout, 1, dout, p->x, din, m,
-                               p->token_index + r0}
-                : (moe_mm_seg){p->dy + r0 * dout, 1, dout, p->x + r0 * din,
-                               din, m, NULL};
+            seg = moe_mm_term(p->dy + r0 * dout, 1, dout,
+                              p->x + (p->token_index ? 0 : r0 * din), din, m);
+            seg.b_rows = p->token_index ? p->token_index + r0 : NULL;
             st = moe_mm(&seg, 1, dout, din, p->d_w + g * dout * din, din);
         }
     }

@@ -27,17 +27,22 @@
 #define MOE_MM_TILE_KB 128 /* bf16 on tiles: pairs of k per block (16 KiB
                               of B, reused from L1 by every row panel)   */
 
-/* a (K, MR) k-major from rows [0, m) of A, zero rows past m. */
+/* a (K, MR) k-major from rows [i0, i0 + m) of A (picked through a_rows
+ * where set), zero rows past m. */
 static void
 moe_mm_pack_a(const moe_mm_seg *s, int64_t i0, int m, int mr, int64_t k0,
               int64_t kb, int bf16, float *a)
 {
+    const float *row[MOE_MAX_MR];
     int64_t k;
     int i;
 
+    for (i = 0; i < m; i++) {
+        row[i] = s->a + (s->a_rows ? s->a_rows[i0 + i] : i0 + i) * s->a_rs +
+                 k0 * s->a_cs;
+    }
     if (s->a_cs == 1) {
         for (i = 0; i < mr; i++) {
-            const float *src = s->a + (i0 + i) * s->a_rs + k0;
             if (i >= m) {
                 for (k = 0; k < kb; k++) {
                     a[k * mr + i] = 0.0f;
@@ -45,22 +50,21 @@ moe_mm_pack_a(const moe_mm_seg *s, int64_t i0, int m, int mr, int64_t k0,
                 continue;
             }
             for (k = 0; k < kb; k++) {
-                a[k * mr + i] = bf16 ? moe_bf16_value(src[k]) : src[k];
+                a[k * mr + i] = bf16 ? moe_bf16_value(row[i][k]) : row[i][k];
             }
         }
         return;
     }
-    if (!bf16 && s->a_rs == 1 && m == mr) { /* rows side by side: a copy */
+    if (!bf16 && s->a_rs == 1 && m == mr && s->a_rows == NULL) {
+        /* rows side by side: a copy */
         for (k = 0; k < kb; k++) {
-            memcpy(a + k * mr, s->a + i0 + (k0 + k) * s->a_cs,
-                   sizeof(float) * (size_t)mr);
+            memcpy(a + k * mr, row[0] + k * s->a_cs, sizeof(float) * (size_t)mr);
         }
         return;
     }
     for (k = 0; k < kb; k++) {
-        const float *src = s->a + i0 * s->a_rs + (k0 + k) * s->a_cs;
         for (i = 0; i < mr; i++) {
-            const float v = i < m ? src[i * s->a_rs] : 0.0f;
+            const float v = i < m ? row[i][k * s->a_cs] : 0.0f;
             a[k * mr + i] = bf16 ? moe_bf16_value(v) : v;
         }
     }
@@ -293,24 +297,47 @@ typedef struct moe_mm_job {
     float            *pa[MOE_MM_MAX_SEGS], *pb[MOE_MM_MAX_SEGS];
 } moe_mm_job;
 
+/* Block `task` (row block, column block) of the product job->segs: each
+ * block packs its own operands (moe_mm_block). */
+static moe_status
+moe_mm_block_task(const moe_mm_seg *job_segs, int n_segs, int64_t m_all,
+                  int64_t n_all, float *c, int64_t ldc, int64_t task)
+{
+    const int64_t col_tasks = (n_all + MOE_MM_COLS - 1) / MOE_MM_COLS;
+    const int64_t i0 = task / col_tasks * MOE_MM_ROWS;
+    const int64_t j0 = task % col_tasks * MOE_MM_COLS;
+    const int64_t m = m_all - i0 < MOE_MM_ROWS ? m_all - i0 : MOE_MM_ROWS;
+    const int64_t n = n_all - j0 < MOE_MM_COLS ? n_all - j0 : MOE_MM_COLS;
+    moe_mm_seg segs[MOE_MM_MAX_SEGS];
+    int s;
+
+    for (s = 0; s < n_segs; s++) {
+        segs[s] = job_segs[s];
+        if (segs[s].a_rows != NULL) {
+            segs[s].a_rows += i0;
+        }
+        else {
+            segs[s].a += i0 * segs[s].a_rs;
+        }
+        segs[s].b += j0;
+    }
+    return moe_mm_block(segs, n_segs, m, n, c + i0 * ldc + j0, ldc);
+}
+
+static int64_t
+moe_mm_tasks(int64_t m, int64_t n)
+{
+    return m <= 0 || n <= 0 ? 0 : (m + MOE_MM_ROWS - 1) / MOE_MM_ROWS *
+                                  ((n + MOE_MM_COLS - 1) / MOE_MM_COLS);
+}
+
 static void
 moe_mm_task(void *ctx, int64_t task)
 {
     moe_mm_job *job = ctx;
-    const int64_t i0 = task / job->col_tasks * MOE_MM_ROWS;
-    const int64_t j0 = task % job->col_tasks * MOE_MM_COLS;
-    const int64_t m = job->m - i0 < MOE_MM_ROWS ? job->m - i0 : MOE_MM_ROWS;
-    const int64_t n = job->n - j0 < MOE_MM_COLS ? job->n - j0 : MOE_MM_COLS;
-    moe_mm_seg segs[MOE_MM_MAX_SEGS];
-    int s;
 
-    for (s = 0; s < job->n_segs; s++) {
-        segs[s] = job->segs[s];
-        segs[s].a += i0 * segs[s].a_rs;
-        segs[s].b += j0;
-    }
-    if (moe_mm_block(segs, job->n_segs, m, n, job->c + i0 * job->ldc + j0,
-                     job->ldc) != MOE_STATUS_OK) {
+    if (moe_mm_block_task(job->segs, job->n_segs, job->m, job->n, job->c,
+                          job->ldc, task) != MOE_STATUS_OK) {
         __atomic_store_n(&job->st, MOE_STATUS_ALLOC, __ATOMIC_RELAXED);
     }
 }
@@ -466,10 +493,76 @@ moe_mm(const moe_mm_seg *segs, int n_segs, int64_t m, int64_t n, float *c,
     if (m > MOE_MM_ROWS && job.col_tasks > 1 && s < n_segs) {
         return moe_mm_shared(&job);
     }
-    st = moe_pool_run((m + MOE_MM_ROWS - 1) / MOE_MM_ROWS * job.col_tasks,
-                      moe_mm_task, &job);
+    st = moe_pool_run(moe_mm_tasks(m, n), moe_mm_task, &job);
     if (st == MOE_STATUS_OK && job.st != MOE_STATUS_OK) {
         return moe_set_error(job.st, "moe_mm: out of memory for a task");
+    }
+    return st;
+}
+
+typedef struct moe_mm_many_job {
+    const moe_mm_prob *probs;
+    const int64_t     *first; /* (n_probs + 1,) first task of each product */
+    int                n_probs;
+    moe_status         st;
+} moe_mm_many_job;
+
+static void
+moe_mm_many_task(void *ctx, int64_t task)
+{
+    moe_mm_many_job *job = ctx;
+    int lo = 0, hi = job->n_probs - 1;
+    const moe_mm_prob *q;
+
+    while (lo < hi) { /* the last product whose first task is <= task */
+        const int mid = (lo + hi + 1) / 2;
+        if (job->first[mid] <= task) {
+            lo = mid;
+        }
+        else {
+            hi = mid - 1;
+        }
+    }
+    q = &job->probs[lo];
+    if (moe_mm_block_task(q->segs, q->n_segs, q->m, q->n, q->c, q->ldc,
+                          task - job->first[lo]) != MOE_STATUS_OK) {
+        __atomic_store_n(&job->st, MOE_STATUS_ALLOC, __ATOMIC_RELAXED);
+    }
+}
+
+moe_status
+moe_mm_many(const moe_mm_prob *probs, int n_probs)
+{
+    moe_mm_many_job job;
+    int64_t *first;
+    moe_status st;
+    int i;
+
+    if (n_probs == 1) {
+        return moe_mm(probs[0].segs, probs[0].n_segs, probs[0].m, probs[0].n,
+                      probs[0].c, probs[0].ldc);
+    }
+    for (i = 0; i < n_probs; i++) {
+        if (probs[i].n_segs < 0 || probs[i].n_segs > MOE_MM_MAX_SEGS) {
+            return moe_set_error(MOE_STATUS_INTERNAL, "moe_mm_many: %d "
+                                 "segments", probs[i].n_segs);
+        }
+    }
+    if ((first = moe_alloc((size_t)n_probs + 1, sizeof(int64_t))) == NULL) {
+        return MOE_STATUS_ALLOC;
+    }
+    first[0] = 0;
+    for (i = 0; i < n_probs; i++) {
+        first[i + 1] = first[i] + moe_mm_tasks(probs[i].m, probs[i].n);
+    }
+    job.probs = probs;
+    job.first = first;
+    job.n_probs = n_probs;
+    job.st = MOE_STATUS_OK;
+    st = moe_pool_run(first[n_probs], moe_mm_many_task, &job);
+    free(first);
+    if (st == MOE_STATUS_OK && job.st != MOE_STATUS_OK) {
+        return moe_set_error(job.st, "moe_mm_many: out of memory for a task");
     }
     return st;
 }

@@ -396,15 +396,15 @@ moe_cpu_peer_backward(const moe_peer_backward_params *b)
     }
     /* dW_q[h] (d_key, d) = dq_h^T X over the tokens */
     for (h = 0; st == MOE_STATUS_OK && b->d_w_query != NULL && h < w.H; h++) {
-        seg = (moe_mm_seg){w.dq + (int64_t)h * w.dk, 1, (int64_t)w.H * w.dk,
-                           p->x, w.d, w.T, NULL};
+        seg = moe_mm_term(w.dq + (int64_t)h * w.dk, 1, (int64_t)w.H * w.dk,
+                          p->x, w.d, w.T);
         st = moe_mm(&seg, 1, w.dk, w.d, b->d_w_query + (int64_t)h * w.dk * w.d,
                     w.d);
     }
     /* dx = dQ W_q (heads' queries side by side) + the u part */
     if (st == MOE_STATUS_OK && b->dx != NULL) {
-        seg = (moe_mm_seg){w.dq, (int64_t)w.H * w.dk, 1, p->w_query, w.d,
-                           (int64_t)w.H * w.dk, NULL};
+        seg = moe_mm_term(w.dq, (int64_t)w.H * w.dk, 1, p->w_query, w.d,
+                          (int64_t)w.H * w.dk);
         st = moe_mm(&seg, 1, w.T, w.d, b->dx, w.d);
         for (i = 0; st == MOE_STATUS_OK && i < w.T * w.d; i++) {
             b->dx[i] += w.dxu[i];

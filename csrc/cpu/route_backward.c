@@ -228,11 +228,11 @@ moe_cpu_router_backward(const moe_router_backward_params *p)
         dl[i] = (float)p->d_logits[i];
     }
     if (p->dx != NULL) { /* dx (T, d) = dL (T, E) @ W (E, d) */
-        seg = (moe_mm_seg){dl, E, 1, p->weight, d, E, NULL};
+        seg = moe_mm_term(dl, E, 1, p->weight, d, E);
         st = moe_mm(&seg, 1, T, d, p->dx, d);
     }
     if (st == MOE_STATUS_OK && p->d_weight != NULL) { /* dL^T (E, T) @ x */
-        seg = (moe_mm_seg){dl, 1, E, p->x, d, T, NULL};
+        seg = moe_mm_term(dl, 1, E, p->x, d, T);
         st = moe_mm(&seg, 1, E, d, p->d_weight, d);
     }
     if (st == MOE_STATUS_OK && p->d_bias != NULL) {

@@ -134,6 +134,7 @@ class _LoRALayer:
         """Pickle / deepcopy without the packed copies (repacked on the next call)."""
         state = dict(self.__dict__, _packed=None)
         state.pop("_base_t", None)
+        state.pop("_base_pack", None)
         return state
 
     # ---- packing ----------------------------------------------------------------------
@@ -148,9 +149,16 @@ class _LoRALayer:
         u = np.ascontiguousarray(b.transpose(1, 0, 2)).reshape(self.d_out, -1)
         return _C.pack_linear(u[None], dtype=0)
 
-    def pack(self):
+    _BASE = ("base_weight", "base_bias")
+
+    def pack(self, changed=None):
         """Pack the base weight and the adapters for the kernels now (call after in-place
-        edits).  Done automatically on the first call and after a weight is assigned."""
+        edits).  Done automatically on the first call and after a weight is assigned.
+
+        changed: the names of the weights edited in place since the last pack, or None
+        (all).  The frozen base's packed copy (and the backward's transposed one) is kept
+        unless a base weight is named or was assigned: a training step that moves only the
+        adapters repacks only them."""
         for name in self._all_weights():
             if name in ("base_bias",) + self._OPTIONAL:
                 continue
@@ -158,21 +166,30 @@ class _LoRALayer:
                 raise ValueError(f"{name} is not set (the layer was made with init=False)")
         if self.use_bias and self.base_bias is None:
             raise ValueError("base_bias is None but the layer was built with bias=True")
+        isa = _C.build_info()["isa"]
+        key = (self.base_weight, self.base_bias, isa)
+        kept = self.__dict__.get("_base_pack")
+        if changed is None or set(changed) & set(self._BASE) or kept is None or \
+                kept[0][0] is not key[0] or kept[0][1] is not key[1] or kept[0][2] != isa:
+            kept = None
+            self.__dict__.pop("_base_t", None)
         with naming_nonfinite(self.dtype, base_weight=self.base_weight, lora_a=self.lora_a,
                               lora_b=self.lora_b):
-            base = _C.pack_linear(weight_bits(self.base_weight)[None],
-                                  dtype=WEIGHT_DTYPES.index(self.dtype),
-                                  bias=self.base_bias[None] if self.use_bias else None)
+            if kept is None:
+                kept = (key, _C.pack_linear(
+                    weight_bits(self.base_weight)[None], dtype=WEIGHT_DTYPES.index(self.dtype),
+                    bias=self.base_bias[None] if self.use_bias else None))
             lora_a = _C.pack_linear(self._a_for_pack(), dtype=0)
             bank = self._bank()
-        object.__setattr__(self, "_packed", (base, lora_a, bank, _C.build_info()["isa"]))
+        object.__setattr__(self, "_base_pack", kept)
+        object.__setattr__(self, "_packed", (kept[1], lora_a, bank, isa))
         return self
 
     _OPTIONAL: tuple = ()
 
     def _packs(self):
         if self._packed is None or self._packed[3] != _C.build_info()["isa"]:
-            self.pack()
+            self.pack(changed=())  # after an assignment: a new base is a new object
         return self._packed[:3]
 
     # ---- the call ---------------------------------------------------------------------

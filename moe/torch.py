@@ -156,7 +156,7 @@ def _bind(b, tensors):
     Writes that bypass the counter (through .data or NumPy) need SparseMoE.repack().
     A scalar (b.scalars) is copied into the layer as a float every time.
     """
-    stale = []  # the layers (b.packers) one of whose packed weights moved
+    stale = {}  # id of a layer (b.packers) -> the names of its packed weights that moved
     for name, t in zip(b.names, tensors):
         owner, attr = _owner(b.layer, name)
         if name in b.scalars:
@@ -175,12 +175,15 @@ def _bind(b, tensors):
         if attr in _packed_names(owner):
             key = (ptr, _version(t))
             if key[1] is None or b.versions.get(name) != key:
-                stale.append(owner)
+                stale.setdefault(id(owner), []).append(attr)
                 b.versions[name] = key
     # (assigning a packed weight drops its layer's pack: _packed is None)
     for layer in b.packers:
-        if layer._packed is None or any(o is layer for o in stale):
-            layer.pack()
+        if layer._packed is None or id(layer) in stale:
+            if isinstance(layer, _lora_mod._LoRALayer):  # the frozen base stays packed
+                layer.pack(changed=stale.get(id(layer), ()))
+            else:
+                layer.pack()
     return b.layer
 
 

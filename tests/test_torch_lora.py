@@ -13,6 +13,7 @@ import pytest
 torch = pytest.importorskip("torch")
 import torch.nn.functional as F
 
+import moe
 import moe.torch as mt
 from test_torch import _compile_ok, _compiled_matches_eager
 
@@ -281,6 +282,62 @@ def test_adamw_reduces_a_loss(name, rng):
             assert torch.equal(t, frozen[n]), n
     if name == "gated":  # the scaling head trained through the scalings' gradient
         assert m.head.weight.grad is not None and m.head.weight.grad.abs().sum() > 0
+
+
+def test_optimizer_step_repacks_the_adapters_not_the_frozen_base(rng):
+    """A step that moves only the adapters keeps the base's packed copy; an in-place edit
+    of the base repacks it (forward and the backward's transposed copy), and every output
+    and gradient is the fresh NumPy layer's."""
+    m = mt.TopKLoRA(DI, DO, 4, 3, top_k=2, bias=True, seed=4)
+    layer = m._binding.layer
+    x = torch.from_numpy(rng.standard_normal((9, DI), dtype=np.float32)).requires_grad_()
+    dy = torch.from_numpy(rng.standard_normal((9, DO), dtype=np.float32))
+
+    def step_matches_fresh_layer():
+        y = m(x)
+        x.grad = None
+        y.backward(dy)
+        fresh = m.to_layer()
+        yn, ctx = fresh.forward_train(x.detach().numpy())
+        np.testing.assert_array_equal(y.detach().numpy(), yn)
+        np.testing.assert_array_equal(x.grad.numpy(), fresh.backward(ctx, dy.numpy())["x"])
+
+    step_matches_fresh_layer()
+    base = layer._packed[0]
+    opt = torch.optim.SGD([t for t in m.parameters() if t.requires_grad], lr=0.1)
+    opt.step()  # lora_a, lora_b and the router move
+    step_matches_fresh_layer()
+    assert layer._packed[0] is base
+    with torch.no_grad():
+        m.base_weight.mul_(2.0)  # the frozen base edited in place: repacked
+    step_matches_fresh_layer()
+    assert layer._packed[0] is not base
+
+
+def test_numpy_layer_keeps_the_base_pack_until_the_base_changes(rng):
+    layer = moe.TopKLoRA(DI, DO, 4, 3, top_k=2, seed=5)
+    x = rng.standard_normal((7, DI), dtype=np.float32)
+    dy = rng.standard_normal((7, DO), dtype=np.float32)
+    layer(x)
+    base = layer._packed[0]
+    layer.lora_b = rng.standard_normal(layer.lora_b.shape, dtype=np.float32)
+    layer(x)
+    assert layer._packed[0] is base  # an adapter assigned: the base pack kept
+    _, ctx = layer.forward_train(x)
+    layer.backward(ctx, dy)
+    layer.base_weight *= 3.0  # in place, then pack(): everything repacked
+    layer.pack()
+    assert layer._packed[0] is not base
+    fresh = moe.TopKLoRA(DI, DO, 4, 3, top_k=2, init=False)
+    for name in layer._weight_names():
+        setattr(fresh, name, None if getattr(layer, name) is None
+                else getattr(layer, name).copy())
+    y, ctx = layer.forward_train(x)
+    yf, ctxf = fresh.forward_train(x)
+    np.testing.assert_array_equal(y, yf)
+    g, gf = layer.backward(ctx, dy), fresh.backward(ctxf, dy)
+    for key in g:
+        np.testing.assert_array_equal(g[key], gf[key], err_msg=key)
 
 
 # ---- no_grad, state, layers --------------------------------------------------------------
